@@ -1,0 +1,24 @@
+//! godwit: the command line. `godwit run` is one VM in this process; the other commands
+//! talk to a running godwit through its API socket, or measure.
+
+mod bench;
+mod cli;
+mod run;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GODWIT_LOG").unwrap_or_else(|_| cli.log_level.clone().into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match cli.command {
+        cli::Command::Run(args) => run::run(args),
+        cli::Command::Info(a) => run::api_call(&a.api_socket, "GET", "vm.info"),
+        cli::Command::Pause(a) => run::api_call(&a.api_socket, "PUT", "vm.pause"),
+        cli::Command::Resume(a) => run::api_call(&a.api_socket, "PUT", "vm.resume"),
+        cli::Command::Shutdown(a) => run::api_call(&a.api_socket, "PUT", "vm.shutdown"),
+        cli::Command::Guests(g) => run::guests(g),
+        cli::Command::Bench(b) => bench::bench(b),
+    }
+}

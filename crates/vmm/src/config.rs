@@ -1,0 +1,72 @@
+//! What a user asks for: memory, vCPUs, what to boot, where the console goes.
+
+use crate::error::{Error, Result};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// What the VM boots.
+#[derive(Clone, Debug)]
+pub enum Payload {
+    /// One of godwit's ring-3 guest images (built-in or from a file) and its arguments.
+    Guest { name: String, image: Vec<u8>, args: String },
+    /// A Linux kernel (ELF vmlinux or bzImage).
+    Linux {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+}
+
+pub enum Console {
+    Stdout,
+    File(PathBuf),
+    Null,
+    /// Anything else (tests collect output in memory this way).
+    Writer(Box<dyn Write + Send>),
+}
+
+impl Console {
+    pub fn describe(&self) -> String {
+        match self {
+            Console::Stdout => "stdout".into(),
+            Console::File(p) => format!("file:{}", p.display()),
+            Console::Null => "null".into(),
+            Console::Writer(_) => "writer".into(),
+        }
+    }
+
+    pub fn open(self) -> Result<Box<dyn Write + Send>> {
+        Ok(match self {
+            Console::Stdout => Box::new(std::io::stdout()),
+            Console::File(p) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&p)
+                    .map_err(Error::Console)?,
+            ),
+            Console::Null => Box::new(std::io::sink()),
+            Console::Writer(w) => w,
+        })
+    }
+}
+
+pub struct VmConfig {
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub payload: Payload,
+    pub console: Console,
+}
+
+impl VmConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.vcpus == 0 || self.vcpus > crate::arch::ring3::MAX_VCPUS {
+            return Err(Error::Config(format!(
+                "vCPU count must be 1 to {} (got {})",
+                crate::arch::ring3::MAX_VCPUS,
+                self.vcpus
+            )));
+        }
+        Ok(())
+    }
+}

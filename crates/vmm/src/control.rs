@@ -1,0 +1,205 @@
+//! Who decides whether vCPUs run: the API (pause, resume, shutdown), the guest (exit, a
+//! crash) and the vCPU threads themselves meet here. vCPU threads check in at every exit
+//! from KVM_RUN; a thread inside KVM_RUN is kicked out with a signal.
+
+use serde::Serialize;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+/// Why the VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest asked to exit with this code.
+    Guest(i32),
+    /// Shut down through the API.
+    Shutdown,
+    /// The guest crashed (unhandled exception, triple fault, KVM could not run it).
+    Crash(String),
+    /// The VMM failed.
+    Error(String),
+}
+
+struct Inner {
+    want: RunState,
+    /// vCPU threads alive / parked in a pause.
+    active: u32,
+    parked: u32,
+    exit: Option<VmExit>,
+    threads: Vec<libc::pthread_t>,
+}
+
+pub struct Control {
+    m: Mutex<Inner>,
+    cv: Condvar,
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler; KVM_RUN then returns EINTR on a kick.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Control {
+    pub fn new() -> Self {
+        Control {
+            m: Mutex::new(Inner {
+                want: RunState::Created,
+                active: 0,
+                parked: 0,
+                exit: None,
+                threads: Vec::new(),
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn state(&self) -> RunState {
+        let s = self.lock();
+        if s.exit.is_some() {
+            RunState::Stopped
+        } else {
+            s.want
+        }
+    }
+
+    /// A vCPU thread starts: registers itself for kicks.
+    pub fn vcpu_started(&self) {
+        let mut s = self.lock();
+        s.active += 1;
+        // SAFETY: pthread_self has no preconditions.
+        s.threads.push(unsafe { libc::pthread_self() });
+        if s.want == RunState::Created {
+            s.want = RunState::Running;
+        }
+    }
+
+    pub fn vcpu_stopped(&self) {
+        let mut s = self.lock();
+        s.active -= 1;
+        // SAFETY: as above.
+        let me = unsafe { libc::pthread_self() };
+        s.threads.retain(|t| *t != me);
+        self.cv.notify_all();
+    }
+
+    /// Called by a vCPU thread before each KVM_RUN. Parks while paused; false = stop.
+    pub fn vcpu_checkpoint(&self) -> bool {
+        let mut s = self.lock();
+        if s.exit.is_some() {
+            return false;
+        }
+        if s.want == RunState::Paused {
+            s.parked += 1;
+            self.cv.notify_all();
+            while s.want == RunState::Paused && s.exit.is_none() {
+                s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            s.parked -= 1;
+        }
+        s.exit.is_none()
+    }
+
+    /// Blocks a vCPU thread for up to `d`, ending early if the VMM needs the thread.
+    pub fn vcpu_sleep(&self, d: Duration) {
+        let end = Instant::now() + d;
+        let mut s = self.lock();
+        while s.exit.is_none() && s.want != RunState::Paused {
+            let now = Instant::now();
+            if now >= end {
+                return;
+            }
+            s = self.cv.wait_timeout(s, end - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    fn kick(s: &Inner) {
+        for &t in &s.threads {
+            // SAFETY: the thread is registered only while it runs (removed under the same
+            // lock before it exits), so the handle is valid.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Stops the VM for good; the first reason given wins.
+    pub fn request_exit(&self, why: VmExit) {
+        let mut s = self.lock();
+        if s.exit.is_none() {
+            s.exit = Some(why);
+        }
+        Self::kick(&s);
+        self.cv.notify_all();
+    }
+
+    /// Pauses every vCPU and returns once all are parked (or the VM stopped).
+    pub fn pause(&self) -> Result<(), &'static str> {
+        let mut s = self.lock();
+        match (s.exit.is_some(), s.want) {
+            (true, _) | (_, RunState::Stopped) => return Err("the VM has stopped"),
+            (_, RunState::Paused) => return Err("the VM is already paused"),
+            (_, RunState::Created) => return Err("the VM has not started"),
+            _ => {}
+        }
+        s.want = RunState::Paused;
+        self.cv.notify_all();
+        // A kick can land just before a thread enters KVM_RUN; kick again until all park.
+        while s.parked < s.active && s.exit.is_none() {
+            Self::kick(&s);
+            s = self.cv.wait_timeout(s, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        if s.exit.is_some() {
+            return Err("the VM stopped while pausing");
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<(), &'static str> {
+        let mut s = self.lock();
+        if s.exit.is_some() {
+            return Err("the VM has stopped");
+        }
+        if s.want != RunState::Paused {
+            return Err("the VM is not paused");
+        }
+        s.want = RunState::Running;
+        self.cv.notify_all();
+        Ok(())
+    }
+
+    /// Waits until the VM has stopped and every vCPU thread has left.
+    pub fn wait_exit(&self) -> VmExit {
+        let mut s = self.lock();
+        while s.exit.is_none() || s.active > 0 {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.exit.clone().expect("checked")
+    }
+
+    pub fn exit_reason(&self) -> Option<VmExit> {
+        self.lock().exit.clone()
+    }
+}

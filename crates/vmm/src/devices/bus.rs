@@ -1,0 +1,101 @@
+//! Address-range dispatch for port I/O and MMIO exits. Accesses that hit no device read
+//! as all ones and are otherwise ignored, as on real hardware.
+
+use std::sync::{Arc, Mutex};
+
+pub trait BusDevice: Send {
+    /// `offset` is relative to the start of the device's range.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+struct Range {
+    base: u64,
+    len: u64,
+    dev: Arc<Mutex<dyn BusDevice>>,
+}
+
+#[derive(Default)]
+pub struct Bus {
+    ranges: Vec<Range>,
+}
+
+impl Bus {
+    /// Adds a device; refuses a range that overlaps another.
+    pub fn insert(&mut self, base: u64, len: u64, dev: Arc<Mutex<dyn BusDevice>>) -> Result<(), String> {
+        if len == 0 || base.checked_add(len).is_none() {
+            return Err(format!("bad range {base:#x}+{len:#x}"));
+        }
+        if self.ranges.iter().any(|r| base < r.base + r.len && r.base < base + len) {
+            return Err(format!("range {base:#x}+{len:#x} overlaps another device"));
+        }
+        let at = self.ranges.partition_point(|r| r.base < base);
+        self.ranges.insert(at, Range { base, len, dev });
+        Ok(())
+    }
+
+    fn find(&self, addr: u64, size: usize) -> Option<(&Range, u64)> {
+        let i = self.ranges.partition_point(|r| r.base <= addr);
+        let r = self.ranges.get(i.checked_sub(1)?)?;
+        let off = addr - r.base;
+        (off + size as u64 <= r.len).then_some((r, off))
+    }
+
+    /// Returns false if no device claims the access.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr, data.len()) {
+            Some((r, off)) => {
+                r.dev.lock().unwrap().read(off, data);
+                true
+            }
+            None => {
+                data.fill(0xff);
+                false
+            }
+        }
+    }
+
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr, data.len()) {
+            Some((r, off)) => {
+                r.dev.lock().unwrap().write(off, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo(Vec<(u64, Vec<u8>)>);
+    impl BusDevice for Echo {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.0.push((offset, data.to_vec()));
+        }
+    }
+
+    #[test]
+    fn dispatches_by_range_and_rejects_overlaps() {
+        let mut bus = Bus::default();
+        let a = Arc::new(Mutex::new(Echo(vec![])));
+        bus.insert(0x100, 0x10, a.clone()).unwrap();
+        bus.insert(0x200, 0x10, Arc::new(Mutex::new(Echo(vec![])))).unwrap();
+        assert!(bus.insert(0x10f, 2, a.clone()).is_err());
+        assert!(bus.insert(u64::MAX, 2, a.clone()).is_err());
+        let mut d = [0u8; 2];
+        assert!(bus.read(0x104, &mut d));
+        assert_eq!(d, [4, 4]);
+        // Straddling the end of a device, or in a gap: nobody answers.
+        assert!(!bus.read(0x10f, &mut d));
+        assert_eq!(d, [0xff, 0xff]);
+        assert!(!bus.write(0x150, &[1]));
+        assert!(bus.write(0x10e, &[7, 8]));
+        assert_eq!(a.lock().unwrap().0, vec![(0xe, vec![7, 8])]);
+    }
+}

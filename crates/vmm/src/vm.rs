@@ -1,0 +1,327 @@
+//! A VM: KVM objects, memory, devices, vCPU threads, and its state image.
+
+use crate::arch::{cpu, linux, ring3};
+use crate::config::{Payload, VmConfig};
+use crate::control::{Control, RunState, VmExit};
+use crate::devices::pci::{Ecam, LegacyConfig, PciBus, LEGACY_PORT};
+use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT};
+use crate::devices::Bus;
+use crate::error::{Error, KvmContext, Result};
+use crate::memory::{self, GuestMemory, RamRegion};
+use crate::state::{DeviceStates, GuestKind, IrqchipState, VmShape, VmState, STATE_VERSION};
+use crate::vcpu::{self, Vcpu, VcpuContext, VcpuStats};
+use kvm_bindings::{kvm_irqchip, kvm_mp_state, kvm_pit_config, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use serde::Serialize;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Static facts about a VM, for `vm.info`.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmDescription {
+    pub guest: String,
+    pub kind: GuestKind,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub ram: Vec<RamRegion>,
+    pub console: String,
+    pub tsc_khz: u32,
+}
+
+/// What other threads (the API) may touch of a running VM.
+#[derive(Clone)]
+pub struct VmHandle {
+    pub ctl: Arc<Control>,
+    pub desc: Arc<VmDescription>,
+    pub stats: Arc<Vec<Arc<VcpuStats>>>,
+    pub started: Instant,
+}
+
+impl VmHandle {
+    pub fn state(&self) -> RunState {
+        self.ctl.state()
+    }
+}
+
+pub struct Vm {
+    _kvm: Kvm,
+    fd: VmFd,
+    mem: GuestMemory,
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    ctx: VcpuContext,
+    serial: Arc<Mutex<SerialDevice>>,
+    pci: Arc<Mutex<PciBus>>,
+    handle: VmHandle,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn open_kvm() -> Result<Kvm> {
+    let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+    let v = kvm.get_api_version();
+    if v != 12 {
+        return Err(Error::KvmVersion(v));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::KvmCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+impl Vm {
+    /// Builds the VM up to the point where its vCPUs could run. Nothing runs yet.
+    pub fn create(cfg: VmConfig) -> Result<Vm> {
+        cfg.validate()?;
+        let kvm = open_kvm()?;
+        let fd = kvm.create_vm().kvm("KVM_CREATE_VM")?;
+        let bytes = cfg.memory_mib.checked_mul(memory::MIB).ok_or_else(|| Error::Config("memory size overflows".into()))?;
+        let mem = memory::create(bytes)?;
+        let ram = memory::layout(bytes);
+        memory::register(&fd, &mem, 0)?;
+
+        fd.set_tss_address(0xfffb_d000).kvm("KVM_SET_TSS_ADDR")?;
+        fd.create_irq_chip().kvm("KVM_CREATE_IRQCHIP")?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .kvm("KVM_CREATE_PIT2")?;
+
+        let console = cfg.console.describe();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Memory(e.to_string()))?;
+        fd.register_irqfd(&irq, COM1_IRQ).kvm("KVM_IRQFD")?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(irq, cfg.console.open()?)));
+        let pci = Arc::new(Mutex::new(PciBus::new()));
+        let mut pio = Bus::default();
+        let mut mmio = Bus::default();
+        pio.insert(COM1_PORT, 8, serial.clone()).map_err(Error::Config)?;
+        pio.insert(LEGACY_PORT, 8, Arc::new(Mutex::new(LegacyConfig { bus: pci.clone(), address: 0 })))
+            .map_err(Error::Config)?;
+        mmio.insert(memory::ECAM_BASE, memory::ECAM_SIZE, Arc::new(Mutex::new(Ecam(pci.clone()))))
+            .map_err(Error::Config)?;
+
+        let base_cpuid = cpu::supported_cpuid(&kvm)?;
+        let mut vcpu_fds = Vec::new();
+        for i in 0..cfg.vcpus {
+            let v = fd.create_vcpu(i as u64).kvm("KVM_CREATE_VCPU")?;
+            v.set_cpuid2(&cpu::cpuid_for(&base_cpuid, i, cfg.vcpus)).kvm("KVM_SET_CPUID2")?;
+            vcpu_fds.push(v);
+        }
+        let tsc_khz = vcpu_fds[0].get_tsc_khz().kvm("KVM_GET_TSC_KHZ")?;
+        let msr_list = Arc::new(cpu::savable_msrs(&kvm, &vcpu_fds[0])?);
+
+        let (kind, guest) = match &cfg.payload {
+            Payload::Guest { name, image, args } => {
+                let (entry, end) = crate::loader::load_guest(&mem, &ram, name, image)?;
+                ring3::setup_memory(&mem, &ram, cfg.vcpus, tsc_khz, end, args)?;
+                for (i, v) in vcpu_fds.iter().enumerate() {
+                    let i = i as u32;
+                    let base = v.get_sregs().kvm("KVM_GET_SREGS")?;
+                    v.set_sregs(&ring3::sregs(&base, i)).kvm("KVM_SET_SREGS")?;
+                    v.set_regs(&ring3::regs(entry, i)).kvm("KVM_SET_REGS")?;
+                    cpu::reset_fpu(v)?;
+                    cpu::setup_lapic_lints(v)?;
+                    // With the in-kernel irqchip, APs would wait for INIT/SIPI forever.
+                    v.set_mp_state(kvm_mp_state {
+                        mp_state: KVM_MP_STATE_RUNNABLE,
+                    })
+                    .kvm("KVM_SET_MP_STATE")?;
+                }
+                (GuestKind::Godwit, name.clone())
+            }
+            Payload::Linux { kernel, initrd, cmdline } => {
+                let k = linux::load(&mem, &ram, kernel, initrd.as_deref(), cmdline)?;
+                for (i, v) in vcpu_fds.iter().enumerate() {
+                    cpu::reset_fpu(v)?;
+                    cpu::setup_lapic_lints(v)?;
+                    if i == 0 {
+                        let base = v.get_sregs().kvm("KVM_GET_SREGS")?;
+                        v.set_sregs(&linux::sregs(&base)).kvm("KVM_SET_SREGS")?;
+                        v.set_regs(&linux::regs(k.entry)).kvm("KVM_SET_REGS")?;
+                    }
+                }
+                (GuestKind::Linux, format!("linux:{} ({:?})", kernel.display(), k.format))
+            }
+        };
+
+        let vcpus: Vec<Arc<Mutex<Vcpu>>> = vcpu_fds
+            .into_iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                Arc::new(Mutex::new(Vcpu {
+                    index: i as u32,
+                    fd,
+                    msr_list: msr_list.clone(),
+                }))
+            })
+            .collect();
+        let ctl = Arc::new(Control::new());
+        let desc = VmDescription {
+            guest,
+            kind: kind.clone(),
+            memory_mib: cfg.memory_mib,
+            vcpus: cfg.vcpus,
+            ram,
+            console,
+            tsc_khz,
+        };
+        let stats = (0..cfg.vcpus).map(|_| Arc::new(VcpuStats::default())).collect();
+        Ok(Vm {
+            _kvm: kvm,
+            fd,
+            ctx: VcpuContext {
+                mem: mem.clone(),
+                pio: Arc::new(pio),
+                mmio: Arc::new(mmio),
+                serial: serial.clone(),
+                ctl: ctl.clone(),
+                kind,
+            },
+            mem,
+            vcpus,
+            serial,
+            pci,
+            handle: VmHandle {
+                ctl,
+                desc: Arc::new(desc),
+                stats: Arc::new(stats),
+                started: Instant::now(),
+            },
+            threads: Vec::new(),
+        })
+    }
+
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(&mut self) -> Result<()> {
+        if !self.threads.is_empty() {
+            return Err(Error::State("the VM is already started".into()));
+        }
+        crate::control::install_kick_handler().map_err(Error::Thread)?;
+        for (i, v) in self.vcpus.iter().enumerate() {
+            let (v, ctx, stats) = (v.clone(), self.ctx.clone(), self.handle.stats[i].clone());
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu::run(v, ctx, stats));
+            match t {
+                Ok(t) => self.threads.push(t),
+                Err(e) => {
+                    // Never leave a half-started VM: stop the vCPUs already running.
+                    self.handle.ctl.request_exit(VmExit::Error(format!("cannot start vCPU {i}: {e}")));
+                    return Err(Error::Thread(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the VM to stop and all vCPU threads to end.
+    pub fn wait(&mut self) -> VmExit {
+        let why = self.handle.ctl.wait_exit();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        why
+    }
+
+    pub fn shape(&self) -> VmShape {
+        VmShape {
+            ram: self.handle.desc.ram.clone(),
+            vcpus: self.handle.desc.vcpus,
+            kind: self.handle.desc.kind.clone(),
+            pci: self.pci.lock().unwrap().state().into_iter().map(|s| (s.slot, s.name)).collect(),
+        }
+    }
+
+    fn irqchip(&self, id: u32) -> Result<Box<kvm_irqchip>> {
+        let mut c = Box::new(kvm_irqchip {
+            chip_id: id,
+            ..Default::default()
+        });
+        self.fd.get_irqchip(&mut c).kvm("KVM_GET_IRQCHIP")?;
+        Ok(c)
+    }
+
+    /// The VM's state, less memory. The vCPUs must not be running (paused, or not started).
+    pub fn save_state(&self) -> Result<VmState> {
+        if self.handle.ctl.state() == RunState::Running {
+            return Err(Error::State("pause the VM before saving its state".into()));
+        }
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).save())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(VmState {
+            version: STATE_VERSION,
+            shape: self.shape(),
+            clock: self.fd.get_clock().kvm("KVM_GET_CLOCK")?,
+            irqchip: IrqchipState {
+                pic_master: self.irqchip(0)?,
+                pic_slave: self.irqchip(1)?,
+                ioapic: self.irqchip(2)?,
+                pit: self.fd.get_pit2().kvm("KVM_GET_PIT2")?,
+            },
+            vcpus,
+            devices: DeviceStates {
+                serial: self.serial.lock().unwrap().state(),
+                pci: self.pci.lock().unwrap().state(),
+            },
+        })
+    }
+
+    /// Loads a saved state into this (not yet started) VM of the same shape.
+    pub fn restore_state(&self, s: &VmState) -> Result<()> {
+        if s.version != STATE_VERSION {
+            return Err(Error::State(format!("state version {} (this godwit reads {STATE_VERSION})", s.version)));
+        }
+        let shape = self.shape();
+        if s.shape != shape {
+            return Err(Error::State(format!("saved VM {:?} does not match this VM {:?}", s.shape, shape)));
+        }
+        if !self.threads.is_empty() {
+            return Err(Error::State("cannot restore into a started VM".into()));
+        }
+        let mut clock = s.clock;
+        clock.flags = 0;
+        self.fd.set_clock(&clock).kvm("KVM_SET_CLOCK")?;
+        for c in [&s.irqchip.pic_master, &s.irqchip.pic_slave, &s.irqchip.ioapic] {
+            self.fd.set_irqchip(c).kvm("KVM_SET_IRQCHIP")?;
+        }
+        self.fd.set_pit2(&s.irqchip.pit).kvm("KVM_SET_PIT2")?;
+        for (v, st) in self.vcpus.iter().zip(&s.vcpus) {
+            v.lock().unwrap().restore(st)?;
+        }
+        self.pci.lock().unwrap().restore(&s.devices.pci).map_err(Error::State)?;
+        let mut serial = self.serial.lock().unwrap();
+        let out = std::mem::replace(serial.uart.writer_mut(), Box::new(std::io::sink()));
+        let irq = serial.uart.interrupt_evt().0.try_clone().map_err(|e| Error::State(e.to_string()))?;
+        *serial = SerialDevice::from_state(&s.devices.serial, irq, out).map_err(Error::State)?;
+        Ok(())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.handle.ctl.request_exit(VmExit::Shutdown);
+            self.wait();
+        }
+    }
+}
