@@ -1,1 +1,190 @@
-pub fn bench(_b: crate::cli::BenchCmd) -> std::process::ExitCode { std::process::ExitCode::SUCCESS }
+//! `godwit bench ...`: measurements, side by side with QEMU in the same run.
+
+use crate::cli::{BenchCmd, BootBenchArgs};
+use serde::Serialize;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The guest's first console line starts with this.
+const BANNER: &str = "godwit-rt:";
+const BANNER_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Serialize, Clone, Copy)]
+pub struct Summary {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+pub fn summary(samples: &[f64]) -> Summary {
+    let mut s = samples.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
+    Summary {
+        min: s[0],
+        median,
+        max: s[n - 1],
+    }
+}
+
+/// Milliseconds from spawning `cmd` to a complete stdout line containing the banner.
+fn time_to_banner(mut cmd: Command) -> Result<f64, String> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    let out = child.stdout.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            match line {
+                Ok(l) if l.contains(BANNER) => {
+                    let _ = tx.send(Ok(t0.elapsed()));
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(Err("the guest printed no banner".into()));
+    });
+    let r = rx.recv_timeout(BANNER_TIMEOUT).map_err(|_| "timed out waiting for the banner".to_string());
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(r??.as_secs_f64() * 1e3)
+}
+
+fn qemu_version(qemu: &str) -> Option<String> {
+    let out = Command::new(qemu).arg("--version").output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_string)
+}
+
+#[derive(Serialize)]
+struct BootReport {
+    bench: &'static str,
+    guest: &'static str,
+    runs: usize,
+    memory_mib: u64,
+    godwit_ms: Summary,
+    godwit_samples_ms: Vec<f64>,
+    qemu: Option<String>,
+    qemu_ms: Option<Summary>,
+    qemu_samples_ms: Option<Vec<f64>>,
+    /// QEMU's time over godwit's, per statistic.
+    qemu_over_godwit: Option<Summary>,
+}
+
+fn boot(a: BootBenchArgs) -> Result<BootReport, String> {
+    if a.runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let qemu = if a.no_qemu {
+        None
+    } else {
+        Some(qemu_version(&a.qemu).ok_or_else(|| {
+            format!("{} not found: install qemu-system-x86 or pass --no-qemu", a.qemu)
+        })?)
+    };
+    let dir = std::env::temp_dir().join(format!("godwit-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let image = dir.join("heartbeat.elf");
+    std::fs::write(&image, godwit_guest::image("heartbeat").expect("built in")).map_err(|e| e.to_string())?;
+
+    let godwit_cmd = || {
+        let mut c = Command::new(&exe);
+        c.args(["run", "--memory", &a.memory.to_string(), "heartbeat", "--", "count=1"]);
+        c
+    };
+    let qemu_cmd = || {
+        let mut c = Command::new(&a.qemu);
+        c.args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", &a.memory.to_string()]);
+        c.args(["-nodefaults", "-nographic", "-serial", "stdio", "-monitor", "none"]);
+        c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-append", "count=1", "-kernel"]);
+        c.arg(&image);
+        c
+    };
+    // One unmeasured run each warms the page cache.
+    time_to_banner(godwit_cmd())?;
+    if qemu.is_some() {
+        time_to_banner(qemu_cmd())?;
+    }
+    let (mut g, mut q) = (Vec::new(), Vec::new());
+    for i in 0..a.runs {
+        g.push(time_to_banner(godwit_cmd())?);
+        if qemu.is_some() {
+            q.push(time_to_banner(qemu_cmd())?);
+        }
+        if !a.json {
+            eprint!("\rrun {}/{}", i + 1, a.runs);
+        }
+    }
+    if !a.json {
+        eprintln!();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let gs = summary(&g);
+    let qs = qemu.as_ref().map(|_| summary(&q));
+    Ok(BootReport {
+        bench: "boot",
+        guest: "heartbeat",
+        runs: a.runs,
+        memory_mib: a.memory,
+        godwit_ms: gs,
+        godwit_samples_ms: g,
+        qemu_over_godwit: qs.map(|q| Summary {
+            min: q.min / gs.min,
+            median: q.median / gs.median,
+            max: q.max / gs.max,
+        }),
+        qemu,
+        qemu_ms: qs,
+        qemu_samples_ms: qs.map(|_| q),
+    })
+}
+
+pub fn bench(cmd: BenchCmd) -> ExitCode {
+    match cmd {
+        BenchCmd::Boot(a) => {
+            let json = a.json;
+            match boot(a) {
+                Ok(r) if json => {
+                    println!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    println!("time from process start to the guest's first console line ({} runs, {} MiB):", r.runs, r.memory_mib);
+                    println!("{:<8} {:>10} {:>10} {:>10}", "", "min ms", "median ms", "max ms");
+                    let row = |n: &str, s: &Summary| println!("{n:<8} {:>10.1} {:>10.1} {:>10.1}", s.min, s.median, s.max);
+                    row("godwit", &r.godwit_ms);
+                    if let (Some(q), Some(ratio)) = (&r.qemu_ms, &r.qemu_over_godwit) {
+                        row("qemu", q);
+                        println!("qemu/godwit: median {:.0}x (min {:.0}x, max {:.0}x)", ratio.median, ratio.min, ratio.max);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("godwit: bench boot: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_takes_min_median_max() {
+        let s = summary(&[5.0, 1.0, 3.0]);
+        assert_eq!((s.min, s.median, s.max), (1.0, 3.0, 5.0));
+        assert_eq!(summary(&[4.0, 1.0, 2.0, 3.0]).median, 2.5);
+    }
+}
