@@ -22,7 +22,11 @@ pub fn summary(samples: &[f64]) -> Summary {
     let mut s = samples.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     let n = s.len();
-    let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
     Summary {
         min: s[0],
         median,
@@ -32,9 +36,13 @@ pub fn summary(samples: &[f64]) -> Summary {
 
 /// Milliseconds from spawning `cmd` to a complete stdout line containing the banner.
 fn time_to_banner(mut cmd: Command) -> Result<f64, String> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     let t0 = Instant::now();
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
     let out = child.stdout.take().expect("piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -53,7 +61,9 @@ fn time_to_banner(mut cmd: Command) -> Result<f64, String> {
         }
         let _ = tx.send(Err("the guest printed no banner".into()));
     });
-    let r = rx.recv_timeout(BANNER_TIMEOUT).map_err(|_| "timed out waiting for the banner".to_string());
+    let r = rx
+        .recv_timeout(BANNER_TIMEOUT)
+        .map_err(|_| "timed out waiting for the banner".to_string());
     let _ = child.kill();
     let _ = child.wait();
     Ok(r??.as_secs_f64() * 1e3)
@@ -61,7 +71,10 @@ fn time_to_banner(mut cmd: Command) -> Result<f64, String> {
 
 fn qemu_version(qemu: &str) -> Option<String> {
     let out = Command::new(qemu).arg("--version").output().ok()?;
-    String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_string)
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_string)
 }
 
 #[derive(Serialize)]
@@ -88,24 +101,54 @@ fn boot(a: BootBenchArgs) -> Result<BootReport, String> {
         None
     } else {
         Some(qemu_version(&a.qemu).ok_or_else(|| {
-            format!("{} not found: install qemu-system-x86 or pass --no-qemu", a.qemu)
+            format!(
+                "{} not found: install qemu-system-x86 or pass --no-qemu",
+                a.qemu
+            )
         })?)
     };
     let dir = std::env::temp_dir().join(format!("godwit-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let image = dir.join("heartbeat.elf");
-    std::fs::write(&image, godwit_guest::image("heartbeat").expect("built in")).map_err(|e| e.to_string())?;
+    std::fs::write(&image, godwit_guest::image("heartbeat").expect("built in"))
+        .map_err(|e| e.to_string())?;
 
     let godwit_cmd = || {
         let mut c = Command::new(&exe);
-        c.args(["run", "--memory", &a.memory.to_string(), "heartbeat", "--", "count=1"]);
+        c.args([
+            "run",
+            "--memory",
+            &a.memory.to_string(),
+            "heartbeat",
+            "--",
+            "count=1",
+        ]);
         c
     };
     let qemu_cmd = || {
         let mut c = Command::new(&a.qemu);
-        c.args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", &a.memory.to_string()]);
-        c.args(["-nodefaults", "-nographic", "-serial", "stdio", "-monitor", "none"]);
-        c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-append", "count=1", "-kernel"]);
+        c.args([
+            "-enable-kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-m",
+            &a.memory.to_string(),
+        ]);
+        c.args([
+            "-nodefaults",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+        ]);
+        c.args([
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-append",
+            "count=1",
+            "-kernel",
+        ]);
         c.arg(&image);
         c
     };
@@ -159,12 +202,20 @@ pub fn bench(cmd: BenchCmd) -> ExitCode {
                 }
                 Ok(r) => {
                     println!("time from process start to the guest's first console line ({} runs, {} MiB):", r.runs, r.memory_mib);
-                    println!("{:<8} {:>10} {:>10} {:>10}", "", "min ms", "median ms", "max ms");
-                    let row = |n: &str, s: &Summary| println!("{n:<8} {:>10.1} {:>10.1} {:>10.1}", s.min, s.median, s.max);
+                    println!(
+                        "{:<8} {:>10} {:>10} {:>10}",
+                        "", "min ms", "median ms", "max ms"
+                    );
+                    let row = |n: &str, s: &Summary| {
+                        println!("{n:<8} {:>10.1} {:>10.1} {:>10.1}", s.min, s.median, s.max)
+                    };
                     row("godwit", &r.godwit_ms);
                     if let (Some(q), Some(ratio)) = (&r.qemu_ms, &r.qemu_over_godwit) {
                         row("qemu", q);
-                        println!("qemu/godwit: median {:.0}x (min {:.0}x, max {:.0}x)", ratio.median, ratio.min, ratio.max);
+                        println!(
+                            "qemu/godwit: median {:.0}x (min {:.0}x, max {:.0}x)",
+                            ratio.median, ratio.min, ratio.max
+                        );
                     }
                     ExitCode::SUCCESS
                 }

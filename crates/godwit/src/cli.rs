@@ -4,7 +4,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "godwit", version, about = "A VMM for live migration of GPU virtual machines")]
+#[command(
+    name = "godwit",
+    version,
+    about = "A VMM for live migration of GPU virtual machines"
+)]
 pub struct Cli {
     /// Log level for godwit's own messages on stderr (error, warn, info, debug, trace);
     /// GODWIT_LOG overrides it.
@@ -55,7 +59,11 @@ pub struct RunArgs {
     #[arg(long, requires = "kernel")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line for --kernel.
-    #[arg(long, requires = "kernel", default_value = "console=ttyS0 earlycon=uart8250,io,0x3f8 reboot=k panic=-1")]
+    #[arg(
+        long,
+        requires = "kernel",
+        default_value = "console=ttyS0 earlycon=uart8250,io,0x3f8 reboot=k panic=-1"
+    )]
     pub cmdline: String,
     /// Where the serial console goes: stdout, file:PATH or null.
     #[arg(long, default_value = "stdout")]

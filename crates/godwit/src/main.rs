@@ -10,8 +10,12 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GODWIT_LOG").unwrap_or_else(|_| cli.log_level.clone().into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GODWIT_LOG")
+        .unwrap_or_else(|_| cli.log_level.clone().into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match cli.command {
         cli::Command::Run(args) => run::run(args),
         cli::Command::Info(a) => run::api_call(&a.api_socket, "GET", "vm.info"),

@@ -22,7 +22,9 @@ fn console(spec: &str) -> Result<Console, String> {
         "null" => Ok(Console::Null),
         s => match s.strip_prefix("file:") {
             Some(p) if !p.is_empty() => Ok(Console::File(p.into())),
-            _ => Err(format!("--console must be stdout, null or file:PATH (got {s:?})")),
+            _ => Err(format!(
+                "--console must be stdout, null or file:PATH (got {s:?})"
+            )),
         },
     }
 }
@@ -52,7 +54,8 @@ fn payload(a: &RunArgs) -> Result<Payload, String> {
             names.join(", ")
         ));
     }
-    let image = std::fs::read(path).map_err(|e| format!("cannot read image {}: {e}", path.display()))?;
+    let image =
+        std::fs::read(path).map_err(|e| format!("cannot read image {}: {e}", path.display()))?;
     if !godwit_vmm::loader::is_godwit_guest(&image) {
         return Err(format!(
             "{} is not a godwit guest image (for a Linux kernel use --kernel)",

@@ -31,7 +31,10 @@ fn pause_resume_info_and_shutdown() {
         .spawn()
         .unwrap();
     let mut vm = Reaper(child);
-    assert!(wait_for(Duration::from_secs(10), || (beats(&log) >= 5).then_some(())).is_some(), "no heartbeat");
+    assert!(
+        wait_for(Duration::from_secs(10), || (beats(&log) >= 5).then_some(())).is_some(),
+        "no heartbeat"
+    );
 
     let o = cli(s, "info");
     assert!(o.status.success(), "{}", stderr(&o));
@@ -57,7 +60,9 @@ fn pause_resume_info_and_shutdown() {
 
     assert!(cli(s, "resume").status.success());
     assert!(
-        wait_for(Duration::from_secs(10), || (beats(&log) >= n + 5).then_some(())).is_some(),
+        wait_for(Duration::from_secs(10), || (beats(&log) >= n + 5)
+            .then_some(()))
+        .is_some(),
         "no heartbeat after resume"
     );
     let o = cli(s, "resume");
@@ -65,18 +70,24 @@ fn pause_resume_info_and_shutdown() {
 
     // A second godwit on the same socket must refuse before creating a VM, and must not
     // disturb the first.
-    let o = run(&["run", "--api-socket", s, "heartbeat"], Duration::from_secs(30));
+    let o = run(
+        &["run", "--api-socket", s, "heartbeat"],
+        Duration::from_secs(30),
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("already in use"), "{}", stderr(&o));
     assert!(stdout(&o).is_empty(), "a duplicate VM started");
     assert!(cli(s, "info").status.success());
 
     assert!(cli(s, "shutdown").status.success());
-    let status = wait_for(Duration::from_secs(10), || vm.0.try_wait().unwrap()).expect("godwit did not exit");
+    let status = wait_for(Duration::from_secs(10), || vm.0.try_wait().unwrap())
+        .expect("godwit did not exit");
     assert!(status.success());
     assert!(!sock.exists(), "socket left behind");
     // The console shows whole lines only.
-    assert!(read(&log).lines().all(|l| l.starts_with("heartbeat seq=") || l.starts_with("godwit-rt:")));
+    assert!(read(&log)
+        .lines()
+        .all(|l| l.starts_with("heartbeat seq=") || l.starts_with("godwit-rt:")));
 }
 
 #[test]
@@ -90,10 +101,23 @@ fn api_errors_are_clear() {
     // Nobody listening.
     let o = cli(s, "info");
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("cannot connect to the API socket"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot connect to the API socket"),
+        "{}",
+        stderr(&o)
+    );
 
     let child = godwit()
-        .args(["run", "--api-socket", s, "--console", "null", "heartbeat", "--", "count=0"])
+        .args([
+            "run",
+            "--api-socket",
+            s,
+            "--console",
+            "null",
+            "heartbeat",
+            "--",
+            "count=0",
+        ])
         .spawn()
         .unwrap();
     let _vm = Reaper(child);
@@ -109,7 +133,16 @@ fn api_errors_are_clear() {
     let stale = dir.path("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     let o = run(
-        &["run", "--api-socket", stale.to_str().unwrap(), "--console", "null", "heartbeat", "--", "count=1"],
+        &[
+            "run",
+            "--api-socket",
+            stale.to_str().unwrap(),
+            "--console",
+            "null",
+            "heartbeat",
+            "--",
+            "count=1",
+        ],
         Duration::from_secs(30),
     );
     assert!(o.status.success(), "{}", stderr(&o));

@@ -11,7 +11,10 @@ fn fails_with(args: &[&str], code: i32, needle: &str) {
     let o = run(args, LIMIT);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(code), "godwit {args:?}: {err}");
-    assert!(err.contains(needle), "godwit {args:?}: expected {needle:?} in:\n{err}");
+    assert!(
+        err.contains(needle),
+        "godwit {args:?}: expected {needle:?} in:\n{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -20,11 +23,19 @@ fn bad_arguments() {
     if !kvm_available() {
         return;
     }
-    fails_with(&["run", "no-such-guest"], 1, "no built-in guest or file named \"no-such-guest\"");
+    fails_with(
+        &["run", "no-such-guest"],
+        1,
+        "no built-in guest or file named \"no-such-guest\"",
+    );
     fails_with(&["run", "--vcpus", "0"], 1, "vCPU count must be 1 to 8");
     fails_with(&["run", "--vcpus", "9"], 1, "vCPU count must be 1 to 8");
     fails_with(&["run", "--memory", "8"], 1, "at least 16 MiB");
-    fails_with(&["run", "--console", "tty"], 1, "--console must be stdout, null or file:PATH");
+    fails_with(
+        &["run", "--console", "tty"],
+        1,
+        "--console must be stdout, null or file:PATH",
+    );
     fails_with(&["run", "--memory", "lots"], 2, "invalid value");
     fails_with(&["run", "--initrd", "/x"], 2, "--kernel");
 }
@@ -45,7 +56,11 @@ fn more_memory_than_the_host_has() {
     if host_mib + 1024 <= 60 * 1024 {
         fails_with(&["run", "--memory", &ask], 1, "but this host has only");
     }
-    fails_with(&["run", "--memory", "1000000"], 1, "more than godwit supports");
+    fails_with(
+        &["run", "--memory", "1000000"],
+        1,
+        "more than godwit supports",
+    );
 }
 
 #[test]
@@ -58,11 +73,23 @@ fn missing_and_malformed_images() {
     std::fs::write(&junk, vec![0x5a; 100_000]).unwrap();
     let j = junk.to_str().unwrap();
     fails_with(&["run", j], 1, "is not a godwit guest image");
-    fails_with(&["run", "--kernel", j], 1, "neither an ELF vmlinux nor a bzImage");
-    fails_with(&["run", "--kernel", "/nonexistent/vmlinux"], 1, "cannot read image /nonexistent/vmlinux");
+    fails_with(
+        &["run", "--kernel", j],
+        1,
+        "neither an ELF vmlinux nor a bzImage",
+    );
+    fails_with(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        1,
+        "cannot read image /nonexistent/vmlinux",
+    );
     let empty = dir.path("empty");
     std::fs::write(&empty, b"").unwrap();
-    fails_with(&["run", "--kernel", empty.to_str().unwrap()], 1, "too short");
+    fails_with(
+        &["run", "--kernel", empty.to_str().unwrap()],
+        1,
+        "too short",
+    );
     // A godwit image cut in half: recognised by its note, refused by the loader.
     let img = godwit_guest::image("heartbeat").unwrap();
     let cut = dir.path("cut.elf");
@@ -88,7 +115,11 @@ fn guest_faults_end_the_vm_with_a_report() {
         fails_with(&["run", "fault", "--", &arg], 125, what);
     }
     let o = run(&["run", "fault", "--", "kind=pf"], LIMIT);
-    assert!(stderr(&o).contains("address=0x4000000000"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("address=0x4000000000"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Runs godwit in a private mount namespace where /dev/kvm is missing, then as a user who
@@ -99,8 +130,16 @@ fn no_kvm_device_or_no_permission() {
         return;
     }
     let exe = env!("CARGO_BIN_EXE_godwit");
-    let has = |tool: &str| std::process::Command::new("which").arg(tool).output().is_ok_and(|o| o.status.success());
-    assert!(has("unshare") && has("setpriv"), "util-linux (unshare, setpriv) is needed for this test");
+    let has = |tool: &str| {
+        std::process::Command::new("which")
+            .arg(tool)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(
+        has("unshare") && has("setpriv"),
+        "util-linux (unshare, setpriv) is needed for this test"
+    );
     let o = std::process::Command::new("unshare")
         .args(["--mount", "sh", "-c"])
         .arg(format!("mount -t tmpfs none /dev && exec {exe} run"))
@@ -108,13 +147,25 @@ fn no_kvm_device_or_no_permission() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("cannot open /dev/kvm") && err.contains("No such file"), "{err}");
+    assert!(
+        err.contains("cannot open /dev/kvm") && err.contains("No such file"),
+        "{err}"
+    );
 
     let o = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", exe, "run"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            exe,
+            "run",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("cannot open /dev/kvm") && err.contains("ermission denied"), "{err}");
+    assert!(
+        err.contains("cannot open /dev/kvm") && err.contains("ermission denied"),
+        "{err}"
+    );
 }

@@ -14,10 +14,19 @@ fn heartbeat_reaches_n_beats_in_order() {
     let o = run(&["run", "heartbeat", "--", "period=20", "count=12"], LIMIT);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(out.starts_with("godwit-rt: heartbeat starting (platform=godwit vcpus=1 ram=256MiB"), "{out}");
+    assert!(
+        out.starts_with("godwit-rt: heartbeat starting (platform=godwit vcpus=1 ram=256MiB"),
+        "{out}"
+    );
     let seqs: Vec<u64> = out
         .lines()
-        .filter_map(|l| l.strip_prefix("heartbeat seq=")?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.strip_prefix("heartbeat seq=")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     assert_eq!(seqs, (1..=12).collect::<Vec<_>>());
     // Guest time advances by about one period per beat.
@@ -26,7 +35,10 @@ fn heartbeat_reaches_n_beats_in_order() {
         .filter_map(|l| l.split("guest_ms=").nth(1)?.parse().ok())
         .collect();
     let span = times.last().unwrap() - times[0];
-    assert!((200.0..2000.0).contains(&span), "11 periods of 20 ms took {span} ms of guest time");
+    assert!(
+        (200.0..2000.0).contains(&span),
+        "11 periods of 20 ms took {span} ms of guest time"
+    );
 }
 
 #[test]
@@ -35,13 +47,29 @@ fn dirtier_verifies_all_of_its_memory() {
         return;
     }
     let o = run(
-        &["run", "--memory", "256", "dirtier", "--", "wss=32", "rate=flat", "seconds=2", "verify-every=1"],
+        &[
+            "run",
+            "--memory",
+            "256",
+            "dirtier",
+            "--",
+            "wss=32",
+            "rate=flat",
+            "seconds=2",
+            "verify-every=1",
+        ],
         LIMIT,
     );
     let out = stdout(&o);
     assert!(o.status.success(), "{out}\n{}", stderr(&o));
-    assert!(out.contains("dirtier: touched wss=32MiB pages=8192"), "{out}");
-    assert!(out.matches("dirtier: verify ok pages=8192").count() >= 2, "{out}");
+    assert!(
+        out.contains("dirtier: touched wss=32MiB pages=8192"),
+        "{out}"
+    );
+    assert!(
+        out.matches("dirtier: verify ok pages=8192").count() >= 2,
+        "{out}"
+    );
     assert!(out.contains("result=ok"), "{out}");
 }
 
@@ -50,15 +78,28 @@ fn dirtier_rate_limit_holds() {
     if !kvm_available() {
         return;
     }
-    let o = run(&["run", "dirtier", "--", "wss=16", "rate=50", "seconds=2"], LIMIT);
+    let o = run(
+        &["run", "dirtier", "--", "wss=16", "rate=50", "seconds=2"],
+        LIMIT,
+    );
     let out = stdout(&o);
     assert!(o.status.success(), "{out}");
     let rates: Vec<u64> = out
         .lines()
-        .filter_map(|l| l.split("rate_mibs=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.split("rate_mibs=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     assert!(!rates.is_empty(), "{out}");
-    assert!(rates.iter().all(|r| (40..=60).contains(r)), "asked 50 MiB/s, saw {rates:?}");
+    assert!(
+        rates.iter().all(|r| (40..=60).contains(r)),
+        "asked 50 MiB/s, saw {rates:?}"
+    );
 }
 
 #[test]
@@ -66,7 +107,10 @@ fn dirtier_refuses_a_working_set_larger_than_memory() {
     if !kvm_available() {
         return;
     }
-    let o = run(&["run", "--memory", "64", "dirtier", "--", "wss=128"], LIMIT);
+    let o = run(
+        &["run", "--memory", "64", "dirtier", "--", "wss=128"],
+        LIMIT,
+    );
     assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
     assert!(stdout(&o).contains("not enough guest memory for wss=128MiB"));
 }
@@ -91,7 +135,10 @@ fn pci_enumeration_finds_the_host_bridge_through_ecam() {
     let o = run(&["run", "pci-scan"], LIMIT);
     let out = stdout(&o);
     assert!(o.status.success(), "{out}");
-    assert!(out.contains("pci: 00:00.0 vendor=8086 device=0d57 class=060000 header=0"), "{out}");
+    assert!(
+        out.contains("pci: 00:00.0 vendor=8086 device=0d57 class=060000 header=0"),
+        "{out}"
+    );
     assert!(out.contains("pci: 1 functions"), "{out}");
 }
 
@@ -103,7 +150,18 @@ fn console_goes_to_a_file_and_exit_codes_pass_through() {
     let dir = TempDir::new("console");
     let log = dir.path("console.log");
     let spec = format!("file:{}", log.display());
-    let o = run(&["run", "--console", &spec, "heartbeat", "--", "count=3", "period=1"], LIMIT);
+    let o = run(
+        &[
+            "run",
+            "--console",
+            &spec,
+            "heartbeat",
+            "--",
+            "count=3",
+            "period=1",
+        ],
+        LIMIT,
+    );
     assert!(o.status.success());
     assert!(stdout(&o).is_empty());
     assert_eq!(read(&log).matches("heartbeat seq=").count(), 3);
@@ -119,10 +177,16 @@ fn guest_images_can_be_exported_and_booted_from_a_file() {
         return;
     }
     let dir = TempDir::new("export");
-    let o = run(&["guests", "export", "--out", dir.0.to_str().unwrap()], LIMIT);
+    let o = run(
+        &["guests", "export", "--out", dir.0.to_str().unwrap()],
+        LIMIT,
+    );
     assert!(o.status.success());
     let img = dir.path("heartbeat.elf");
-    let o = run(&["run", img.to_str().unwrap(), "--", "count=2", "period=1"], LIMIT);
+    let o = run(
+        &["run", img.to_str().unwrap(), "--", "count=2", "period=1"],
+        LIMIT,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o).matches("heartbeat seq=").count(), 2);
 }

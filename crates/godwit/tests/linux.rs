@@ -13,16 +13,23 @@ fn debian_kernel() -> PathBuf {
     let mut k: Vec<PathBuf> = std::fs::read_dir("/boot")
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();
-    k.retain(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")));
+    k.retain(|p| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+    });
     k.sort();
-    k.pop().expect("no /boot/vmlinuz-*: install linux-image-amd64 (the README's test command does)")
+    k.pop()
+        .expect("no /boot/vmlinuz-*: install linux-image-amd64 (the README's test command does)")
 }
 
 /// The uncompressed vmlinux inside a bzImage: the xz stream after the setup code.
 fn extract_vmlinux(bz: &std::path::Path, out: &std::path::Path) {
     let data = std::fs::read(bz).unwrap();
     let magic = b"\xfd7zXZ\x00";
-    let at = data.windows(magic.len()).position(|w| w == magic).expect("the kernel is not xz-compressed");
+    let at = data
+        .windows(magic.len())
+        .position(|w| w == magic)
+        .expect("the kernel is not xz-compressed");
     let mut xz = std::process::Command::new("xz")
         .args(["-dc", "--single-stream"])
         .stdin(Stdio::piped())
@@ -66,15 +73,26 @@ fn debian_kernel_prints_its_banner() {
         if let Some(status) = vm.0.try_wait().unwrap() {
             panic!("godwit exited early ({status}):\n{text}");
         }
-        let banner = text.lines().find(|l| l.contains("Linux version ") && l.contains("debian"))?;
-        text.contains("Command line: console=ttyS0").then(|| banner.to_string())
+        let banner = text
+            .lines()
+            .find(|l| l.contains("Linux version ") && l.contains("debian"))?;
+        text.contains("Command line: console=ttyS0")
+            .then(|| banner.to_string())
     });
     let banner = found.unwrap_or_else(|| panic!("no Linux banner within 240 s:\n{}", read(&log)));
     eprintln!("banner after {:?}: {banner}", t0.elapsed());
     // The VM answers its API while Linux runs, and stops cleanly.
-    let o = run(&["info", "--api-socket", sock.to_str().unwrap()], Duration::from_secs(30));
+    let o = run(
+        &["info", "--api-socket", sock.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
     assert!(stdout(&o).contains("\"kind\": \"Linux\""), "{}", stdout(&o));
-    assert!(run(&["shutdown", "--api-socket", sock.to_str().unwrap()], Duration::from_secs(30)).status.success());
+    assert!(run(
+        &["shutdown", "--api-socket", sock.to_str().unwrap()],
+        Duration::from_secs(30)
+    )
+    .status
+    .success());
     assert!(wait_for(Duration::from_secs(10), || vm.0.try_wait().unwrap()).is_some());
 }
 
@@ -99,10 +117,19 @@ fn debian_bzimage_loads_and_starts() {
     assert!(wait_for(Duration::from_secs(10), || sock.exists().then_some(())).is_some());
     std::thread::sleep(Duration::from_secs(3));
     assert!(vm.0.try_wait().unwrap().is_none(), "godwit stopped");
-    let o = run(&["info", "--api-socket", sock.to_str().unwrap()], Duration::from_secs(30));
+    let o = run(
+        &["info", "--api-socket", sock.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
     assert!(stdout(&o).contains("BzImage"), "{}", stdout(&o));
     assert!(stdout(&o).contains("\"state\": \"running\""));
-    assert!(run(&["shutdown", "--api-socket", sock.to_str().unwrap()], Duration::from_secs(30)).status.success());
-    let status = wait_for(Duration::from_secs(10), || vm.0.try_wait().unwrap()).expect("did not stop");
+    assert!(run(
+        &["shutdown", "--api-socket", sock.to_str().unwrap()],
+        Duration::from_secs(30)
+    )
+    .status
+    .success());
+    let status =
+        wait_for(Duration::from_secs(10), || vm.0.try_wait().unwrap()).expect("did not stop");
     assert!(status.success());
 }

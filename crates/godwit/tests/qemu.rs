@@ -8,9 +8,30 @@ use std::time::Duration;
 
 fn qemu(image: &std::path::Path, append: &str) -> std::process::Output {
     let out = Command::new("timeout")
-        .args(["120", "qemu-system-x86_64", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "256"])
-        .args(["-nodefaults", "-nographic", "-serial", "stdio", "-monitor", "none"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-append", append, "-kernel"])
+        .args([
+            "120",
+            "qemu-system-x86_64",
+            "-enable-kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-m",
+            "256",
+        ])
+        .args([
+            "-nodefaults",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+        ])
+        .args([
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-append",
+            append,
+            "-kernel",
+        ])
         .arg(image)
         .output()
         .expect("qemu-system-x86_64 (apt qemu-system-x86; the README's test command installs it)");
@@ -24,13 +45,21 @@ fn guest_images_boot_under_qemu_too() {
         return;
     }
     let dir = TempDir::new("qemu");
-    assert!(run(&["guests", "export", "--out", dir.0.to_str().unwrap()], Duration::from_secs(30)).status.success());
+    assert!(run(
+        &["guests", "export", "--out", dir.0.to_str().unwrap()],
+        Duration::from_secs(30)
+    )
+    .status
+    .success());
 
     let o = qemu(&dir.path("heartbeat.elf"), "period=20 count=5");
     let out = stdout(&o);
     // isa-debug-exit: QEMU's status is (guest code << 1) | 1.
     assert_eq!(o.status.code(), Some(1), "{out}\n{}", stderr(&o));
-    assert!(out.contains("godwit-rt: heartbeat starting (platform=pvh"), "{out}");
+    assert!(
+        out.contains("godwit-rt: heartbeat starting (platform=pvh"),
+        "{out}"
+    );
     assert!(out.contains("heartbeat seq=5 "), "{out}");
 
     let o = qemu(&dir.path("dirtier.elf"), "wss=16 rate=flat seconds=1");
@@ -38,7 +67,11 @@ fn guest_images_boot_under_qemu_too() {
     assert!(stdout(&o).contains("result=ok"));
 
     let o = qemu(&dir.path("pci-scan.elf"), "");
-    assert!(stdout(&o).contains("pci: 00:00.0 vendor=8086"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("pci: 00:00.0 vendor=8086"),
+        "{}",
+        stdout(&o)
+    );
 
     // A crash is reported through the PVH fault stubs: exit code 0x80 + vector.
     let o = qemu(&dir.path("fault.elf"), "kind=ud");

@@ -94,7 +94,11 @@ fn main() -> i32 {
 
     let npages = (wss as usize) << 8;
     let (Some(pages), Some(gens)) = (mem::alloc(wss << 20), mem::alloc(npages as u64 * 4)) else {
-        println!("dirtier: not enough guest memory for wss={}MiB (free {}MiB)", wss, mem::free_bytes() >> 20);
+        println!(
+            "dirtier: not enough guest memory for wss={}MiB (free {}MiB)",
+            wss,
+            mem::free_bytes() >> 20
+        );
         return 2;
     };
     // SAFETY: `gens` is page aligned and exactly npages * 4 bytes (rounded up).
@@ -116,11 +120,23 @@ fn main() -> i32 {
     );
 
     // ns per chunk at the requested rate.
-    let chunk_ns = if rate == 0 { 0 } else { (CHUNK * PAGE) as u64 * 1_000_000_000 / (rate << 20) };
+    let chunk_ns = if rate == 0 {
+        0
+    } else {
+        (CHUNK * PAGE) as u64 * 1_000_000_000 / (rate << 20)
+    };
     let start = time::now_ns();
-    let end = if seconds == 0 { u64::MAX } else { start + seconds * 1_000_000_000 };
+    let end = if seconds == 0 {
+        u64::MAX
+    } else {
+        start + seconds * 1_000_000_000
+    };
     let mut next_report = start + report_ns;
-    let mut next_verify = if verify_every_ns == 0 { u64::MAX } else { start + verify_every_ns };
+    let mut next_verify = if verify_every_ns == 0 {
+        u64::MAX
+    } else {
+        start + verify_every_ns
+    };
     let mut cursor = 0usize;
     let mut chunks = 0u64;
     let mut written_pages = 0u64;
@@ -184,7 +200,11 @@ fn main() -> i32 {
         max_gap_ns / 1000,
         if ok { "ok" } else { "CORRUPT" }
     );
-    if ok { 0 } else { 1 }
+    if ok {
+        0
+    } else {
+        1
+    }
 }
 
 godwit_rt::entry!("dirtier", main);

@@ -20,7 +20,9 @@ fn main() -> i32 {
             "gp" => {
                 let _ = core::ptr::read_volatile(0x8000_0000_0000u64 as *const u64);
             }
-            "div" => core::arch::asm!("xor edx, edx", "xor eax, eax", "xor ecx, ecx", "div ecx", out("eax") _, out("edx") _, out("ecx") _),
+            "div" => {
+                core::arch::asm!("xor edx, edx", "xor eax, eax", "xor ecx, ecx", "div ecx", out("eax") _, out("edx") _, out("ecx") _)
+            }
             // Break the IDT (guest memory is writable from ring 3 here), then fault: the
             // CPU cannot deliver the exception, then not the double fault: triple fault.
             "triple" => {

@@ -13,7 +13,12 @@ fn main() -> i32 {
     loop {
         seq += 1;
         let now = time::now_ns();
-        println!("heartbeat seq={} guest_ms={}.{:03}", seq, now / 1_000_000, now / 1000 % 1000);
+        println!(
+            "heartbeat seq={} guest_ms={}.{:03}",
+            seq,
+            now / 1_000_000,
+            now / 1000 % 1000
+        );
         if count != 0 && seq >= count {
             return 0;
         }

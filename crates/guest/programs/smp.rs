@@ -51,8 +51,17 @@ fn main() -> i32 {
             concurrent += 1;
         }
     }
-    println!("smp: vcpus={} concurrent={} result={}", n, concurrent, if concurrent == n { "ok" } else { "FAILED" });
-    if concurrent == n { 0 } else { 1 }
+    println!(
+        "smp: vcpus={} concurrent={} result={}",
+        n,
+        concurrent,
+        if concurrent == n { "ok" } else { "FAILED" }
+    );
+    if concurrent == n {
+        0
+    } else {
+        1
+    }
 }
 
 godwit_rt::entry!("smp", main);

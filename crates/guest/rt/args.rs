@@ -8,7 +8,8 @@ pub fn cmdline() -> &'static str {
         return "";
     }
     // SAFETY: the VMM (or PVH loader) placed cmdline_len bytes there; identity mapped.
-    let b = unsafe { core::slice::from_raw_parts(i.cmdline_addr as *const u8, i.cmdline_len as usize) };
+    let b =
+        unsafe { core::slice::from_raw_parts(i.cmdline_addr as *const u8, i.cmdline_len as usize) };
     core::str::from_utf8(b).unwrap_or("")
 }
 

@@ -43,7 +43,9 @@ pub fn alloc(bytes: u64) -> Option<&'static mut [u8]> {
             USED.store(offset + skip + bytes, Ordering::Relaxed);
             // SAFETY: [start+skip, +bytes) is RAM that nothing else uses (bump allocator),
             // identity mapped.
-            return Some(unsafe { core::slice::from_raw_parts_mut((start + skip) as *mut u8, bytes as usize) });
+            return Some(unsafe {
+                core::slice::from_raw_parts_mut((start + skip) as *mut u8, bytes as usize)
+            });
         }
         // Not enough left here: abandon the rest of this region.
         offset += size;

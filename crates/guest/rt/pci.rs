@@ -19,11 +19,18 @@ impl core::fmt::Display for Bdf {
 
 fn ecam_addr(b: Bdf, off: u16) -> u64 {
     env::get().ecam_base
-        + ((b.bus as u64) << 20 | (b.dev as u64) << 15 | (b.func as u64) << 12 | (off & 0xffc) as u64)
+        + ((b.bus as u64) << 20
+            | (b.dev as u64) << 15
+            | (b.func as u64) << 12
+            | (off & 0xffc) as u64)
 }
 
 fn legacy_addr(b: Bdf, off: u16) -> u32 {
-    0x8000_0000 | (b.bus as u32) << 16 | (b.dev as u32) << 11 | (b.func as u32) << 8 | (off & 0xfc) as u32
+    0x8000_0000
+        | (b.bus as u32) << 16
+        | (b.dev as u32) << 11
+        | (b.func as u32) << 8
+        | (off & 0xfc) as u32
 }
 
 pub fn read32(b: Bdf, off: u16) -> u32 {
@@ -65,7 +72,11 @@ pub fn enumerate(mut f: impl FnMut(Device)) {
     for bus in 0..buses {
         for dev in 0..32u8 {
             for func in 0..8u8 {
-                let bdf = Bdf { bus: bus as u8, dev, func };
+                let bdf = Bdf {
+                    bus: bus as u8,
+                    dev,
+                    func,
+                };
                 let id = read32(bdf, 0);
                 if id & 0xffff == 0xffff {
                     if func == 0 {

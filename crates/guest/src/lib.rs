@@ -43,7 +43,10 @@ mod tests {
             pci_mmio_base: 0xc000_0000,
             ..Default::default()
         };
-        info.ram[1] = abi::RamRegion { start: 1 << 32, size: 1 << 30 };
+        info.ram[1] = abi::RamRegion {
+            start: 1 << 32,
+            size: 1 << 30,
+        };
         let enc = info.encode();
         assert_eq!(abi::BootInfo::decode(&enc), Some(info));
         let mut bad = enc;

@@ -61,11 +61,17 @@ pub fn info(h: &VmHandle) -> VmInfo {
 /// (status, JSON body) for one request.
 pub fn route(h: &VmHandle, method: &str, url: &str) -> (u16, serde_json::Value) {
     let Some(endpoint) = url.strip_prefix(PREFIX) else {
-        return (404, json!({"error": format!("unknown path {url} (endpoints live under {PREFIX})")}));
+        return (
+            404,
+            json!({"error": format!("unknown path {url} (endpoints live under {PREFIX})")}),
+        );
     };
     let err = |code, m: &str| (code, json!({ "error": m }));
     match (method, endpoint) {
-        ("GET", "vmm.ping") => (200, json!({"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id()})),
+        ("GET", "vmm.ping") => (
+            200,
+            json!({"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id()}),
+        ),
         ("GET", "vm.info") => (200, serde_json::to_value(info(h)).unwrap_or_default()),
         ("PUT", "vm.pause") => match h.ctl.pause() {
             Ok(()) => (200, json!({"state": "paused"})),
@@ -101,9 +107,12 @@ fn claim_socket(path: &Path) -> Result<()> {
     };
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
-            return Err(fail("already in use by a running process (another godwit?)".into()));
+            return Err(fail(
+                "already in use by a running process (another godwit?)".into(),
+            ));
         }
-        std::fs::remove_file(path).map_err(|e| fail(format!("stale socket cannot be removed: {e}")))?;
+        std::fs::remove_file(path)
+            .map_err(|e| fail(format!("stale socket cannot be removed: {e}")))?;
     }
     Ok(())
 }
@@ -111,10 +120,12 @@ fn claim_socket(path: &Path) -> Result<()> {
 impl ApiServer {
     pub fn bind(path: &Path) -> Result<Arc<tiny_http::Server>> {
         claim_socket(path)?;
-        tiny_http::Server::http_unix(path).map(Arc::new).map_err(|e| Error::ApiSocket {
-            path: path.into(),
-            msg: e.to_string(),
-        })
+        tiny_http::Server::http_unix(path)
+            .map(Arc::new)
+            .map_err(|e| Error::ApiSocket {
+                path: path.into(),
+                msg: e.to_string(),
+            })
     }
 
     pub fn start(server: Arc<tiny_http::Server>, path: &Path, h: VmHandle) -> Result<ApiServer> {
@@ -129,7 +140,10 @@ impl ApiServer {
                     let (code, body) = route(&h, req.method().as_str(), req.url());
                     let resp = tiny_http::Response::from_string(body.to_string())
                         .with_status_code(code)
-                        .with_header(tiny_http::Header::from_bytes("Content-Type", "application/json").expect("static header"));
+                        .with_header(
+                            tiny_http::Header::from_bytes("Content-Type", "application/json")
+                                .expect("static header"),
+                        );
                     let _ = req.respond(resp);
                 }
             })
@@ -153,19 +167,32 @@ impl Drop for ApiServer {
 }
 
 /// A client call: returns (status, body). Errors say what to check.
-pub fn call(socket: &Path, method: &str, endpoint: &str) -> std::result::Result<(u16, String), String> {
+pub fn call(
+    socket: &Path,
+    method: &str,
+    endpoint: &str,
+) -> std::result::Result<(u16, String), String> {
     let mut s = UnixStream::connect(socket).map_err(|e| {
-        format!("cannot connect to the API socket {}: {e} (is godwit running with --api-socket?)", socket.display())
+        format!(
+            "cannot connect to the API socket {}: {e} (is godwit running with --api-socket?)",
+            socket.display()
+        )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
     let req = format!("{method} {PREFIX}{endpoint} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).map_err(|e| format!("API request: {e}"))?;
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("API request: {e}"))?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| format!("API response: {e}"))?;
+    s.read_to_end(&mut raw)
+        .map_err(|e| format!("API response: {e}"))?;
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(&raw) {
-        Ok(httparse::Status::Complete(n)) => Ok((resp.code.unwrap_or(0), String::from_utf8_lossy(&raw[n..]).into_owned())),
+        Ok(httparse::Status::Complete(n)) => Ok((
+            resp.code.unwrap_or(0),
+            String::from_utf8_lossy(&raw[n..]).into_owned(),
+        )),
         _ => Err(format!("malformed API response ({} bytes)", raw.len())),
     }
 }

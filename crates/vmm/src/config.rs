@@ -8,7 +8,11 @@ use std::path::PathBuf;
 #[derive(Clone, Debug)]
 pub enum Payload {
     /// One of godwit's ring-3 guest images (built-in or from a file) and its arguments.
-    Guest { name: String, image: Vec<u8>, args: String },
+    Guest {
+        name: String,
+        image: Vec<u8>,
+        args: String,
+    },
     /// A Linux kernel (ELF vmlinux or bzImage).
     Linux {
         kernel: PathBuf,

@@ -51,7 +51,8 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 
 /// Installs the (empty) kick handler; KVM_RUN then returns EINTR on a kick.
 pub fn install_kick_handler() -> std::io::Result<()> {
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
 impl Default for Control {
@@ -133,7 +134,11 @@ impl Control {
             if now >= end {
                 return;
             }
-            s = self.cv.wait_timeout(s, end - now).unwrap_or_else(|e| e.into_inner()).0;
+            s = self
+                .cv
+                .wait_timeout(s, end - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -169,7 +174,11 @@ impl Control {
         // A kick can land just before a thread enters KVM_RUN; kick again until all park.
         while s.parked < s.active && s.exit.is_none() {
             Self::kick(&s);
-            s = self.cv.wait_timeout(s, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner()).0;
+            s = self
+                .cv
+                .wait_timeout(s, Duration::from_millis(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         if s.exit.is_some() {
             return Err("the VM stopped while pausing");

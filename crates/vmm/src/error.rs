@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open /dev/kvm: {0} (is the kvm module loaded, and may this user open /dev/kvm?)")]
+    #[error(
+        "cannot open /dev/kvm: {0} (is the kvm module loaded, and may this user open /dev/kvm?)"
+    )]
     KvmOpen(#[source] kvm_ioctls::Error),
     #[error("KVM API version {0} is not supported (need 12)")]
     KvmVersion(i32),

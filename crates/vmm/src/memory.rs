@@ -42,7 +42,10 @@ impl RamRegion {
 /// Where `bytes` of RAM go.
 pub fn layout(bytes: u64) -> Vec<RamRegion> {
     let low = bytes.min(MMIO_HOLE_START);
-    let mut v = vec![RamRegion { start: 0, size: low }];
+    let mut v = vec![RamRegion {
+        start: 0,
+        size: low,
+    }];
     if bytes > low {
         v.push(RamRegion {
             start: MMIO_HOLE_END,
@@ -62,7 +65,7 @@ fn host_memory_mib() -> Option<u64> {
 
 /// Checks the size and maps the memory (lazily: pages are allocated when first touched).
 pub fn create(bytes: u64) -> Result<GuestMemory> {
-    if bytes < 16 * MIB || bytes % MIB != 0 {
+    if bytes < 16 * MIB || !bytes.is_multiple_of(MIB) {
         return Err(Error::Config(format!(
             "memory must be a whole number of MiB, at least 16 MiB (got {bytes} bytes)"
         )));
@@ -115,10 +118,28 @@ mod tests {
 
     #[test]
     fn layout_splits_around_the_hole() {
-        assert_eq!(layout(GIB), vec![RamRegion { start: 0, size: GIB }]);
+        assert_eq!(
+            layout(GIB),
+            vec![RamRegion {
+                start: 0,
+                size: GIB
+            }]
+        );
         let l = layout(4 * GIB);
-        assert_eq!(l[0], RamRegion { start: 0, size: 3 * GIB });
-        assert_eq!(l[1], RamRegion { start: 4 * GIB, size: GIB });
+        assert_eq!(
+            l[0],
+            RamRegion {
+                start: 0,
+                size: 3 * GIB
+            }
+        );
+        assert_eq!(
+            l[1],
+            RamRegion {
+                start: 4 * GIB,
+                size: GIB
+            }
+        );
         assert_eq!(l.iter().map(|r| r.size).sum::<u64>(), 4 * GIB);
     }
 

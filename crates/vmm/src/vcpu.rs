@@ -38,7 +38,10 @@ impl Vcpu {
         .map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
         let n = fd.get_msrs(&mut msrs).kvm("KVM_GET_MSRS")?;
         if n != self.msr_list.len() {
-            return Err(Error::State(format!("read {n} of {} MSRs", self.msr_list.len())));
+            return Err(Error::State(format!(
+                "read {n} of {} MSRs",
+                self.msr_list.len()
+            )));
         }
         Ok(VcpuState {
             index: self.index,
@@ -46,7 +49,14 @@ impl Vcpu {
             sregs: fd.get_sregs().kvm("KVM_GET_SREGS")?,
             xsave: Box::new(fd.get_xsave().kvm("KVM_GET_XSAVE")?),
             xcrs: fd.get_xcrs().kvm("KVM_GET_XCRS")?,
-            msrs: msrs.as_slice().iter().map(|e| MsrValue { index: e.index, data: e.data }).collect(),
+            msrs: msrs
+                .as_slice()
+                .iter()
+                .map(|e| MsrValue {
+                    index: e.index,
+                    data: e.data,
+                })
+                .collect(),
             lapic: Box::new(fd.get_lapic().kvm("KVM_GET_LAPIC")?),
             mp_state: fd.get_mp_state().kvm("KVM_GET_MP_STATE")?,
             events: fd.get_vcpu_events().kvm("KVM_GET_VCPU_EVENTS")?,
@@ -60,7 +70,10 @@ impl Vcpu {
     pub fn restore(&self, s: &VcpuState) -> Result<()> {
         let fd = &self.fd;
         if s.index != self.index {
-            return Err(Error::State(format!("state of vCPU {} given to vCPU {}", s.index, self.index)));
+            return Err(Error::State(format!(
+                "state of vCPU {} given to vCPU {}",
+                s.index, self.index
+            )));
         }
         if let Ok(here) = fd.get_tsc_khz() {
             if here != s.tsc_khz && s.tsc_khz != 0 {
@@ -81,7 +94,8 @@ impl Vcpu {
                 ..Default::default()
             })
             .collect();
-        let msrs = Msrs::from_entries(&entries).map_err(|e| Error::State(format!("MSRs: {e:?}")))?;
+        let msrs =
+            Msrs::from_entries(&entries).map_err(|e| Error::State(format!("MSRs: {e:?}")))?;
         let n = fd.set_msrs(&msrs).kvm("KVM_SET_MSRS")?;
         if n != entries.len() {
             return Err(Error::State(format!(
@@ -231,14 +245,24 @@ fn sysdev_write(v: &Vcpu, ctx: &VcpuContext, stats: &VcpuStats, reg: u64, value:
             let len = (value >> sysdev::CONSOLE_LEN_SHIFT) as usize;
             let mut buf = vec![0u8; len];
             match ctx.mem.read_slice(&mut buf, GuestAddress(addr)) {
-                Ok(()) => ctx.serial.lock().unwrap_or_else(|e| e.into_inner()).write_text(&buf),
-                Err(_) => tracing::warn!(vcpu = v.index, addr, len, "console buffer outside guest RAM, ignored"),
+                Ok(()) => ctx
+                    .serial
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write_text(&buf),
+                Err(_) => tracing::warn!(
+                    vcpu = v.index,
+                    addr,
+                    len,
+                    "console buffer outside guest RAM, ignored"
+                ),
             }
             Step::Continue
         }
         sysdev::SLEEP_NS => {
             stats.sleeps.fetch_add(1, Ordering::Relaxed);
-            ctx.ctl.vcpu_sleep(Duration::from_nanos(value).min(MAX_SLEEP));
+            ctx.ctl
+                .vcpu_sleep(Duration::from_nanos(value).min(MAX_SLEEP));
             Step::Continue
         }
         sysdev::FAULT => Step::Stop(VmExit::Crash(fault_report(v, ctx, value as u32))),
@@ -254,8 +278,12 @@ fn fault_report(v: &Vcpu, ctx: &VcpuContext, vector: u32) -> String {
         vector,
         ring3::vector_name(vector)
     );
-    let Ok(regs) = v.fd.get_regs() else { return msg };
-    if let Some((code, [rip, _cs, _rflags, rsp])) = ring3::exception_frame(&ctx.mem, regs.rsp, vector) {
+    let Ok(regs) = v.fd.get_regs() else {
+        return msg;
+    };
+    if let Some((code, [rip, _cs, _rflags, rsp])) =
+        ring3::exception_frame(&ctx.mem, regs.rsp, vector)
+    {
         msg += &format!(" at rip={rip:#x} rsp={rsp:#x}");
         if let Some(c) = code {
             msg += &format!(" error_code={c:#x}");

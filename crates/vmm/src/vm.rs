@@ -10,7 +10,9 @@ use crate::error::{Error, KvmContext, Result};
 use crate::memory::{self, GuestMemory, RamRegion};
 use crate::state::{DeviceStates, GuestKind, IrqchipState, VmShape, VmState, STATE_VERSION};
 use crate::vcpu::{self, Vcpu, VcpuContext, VcpuStats};
-use kvm_bindings::{kvm_irqchip, kvm_mp_state, kvm_pit_config, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_irqchip, kvm_mp_state, kvm_pit_config, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
@@ -83,7 +85,10 @@ impl Vm {
         cfg.validate()?;
         let kvm = open_kvm()?;
         let fd = kvm.create_vm().kvm("KVM_CREATE_VM")?;
-        let bytes = cfg.memory_mib.checked_mul(memory::MIB).ok_or_else(|| Error::Config("memory size overflows".into()))?;
+        let bytes = cfg
+            .memory_mib
+            .checked_mul(memory::MIB)
+            .ok_or_else(|| Error::Config("memory size overflows".into()))?;
         let mem = memory::create(bytes)?;
         let ram = memory::layout(bytes);
         memory::register(&fd, &mem, 0)?;
@@ -103,17 +108,30 @@ impl Vm {
         let pci = Arc::new(Mutex::new(PciBus::new()));
         let mut pio = Bus::default();
         let mut mmio = Bus::default();
-        pio.insert(COM1_PORT, 8, serial.clone()).map_err(Error::Config)?;
-        pio.insert(LEGACY_PORT, 8, Arc::new(Mutex::new(LegacyConfig { bus: pci.clone(), address: 0 })))
+        pio.insert(COM1_PORT, 8, serial.clone())
             .map_err(Error::Config)?;
-        mmio.insert(memory::ECAM_BASE, memory::ECAM_SIZE, Arc::new(Mutex::new(Ecam(pci.clone()))))
-            .map_err(Error::Config)?;
+        pio.insert(
+            LEGACY_PORT,
+            8,
+            Arc::new(Mutex::new(LegacyConfig {
+                bus: pci.clone(),
+                address: 0,
+            })),
+        )
+        .map_err(Error::Config)?;
+        mmio.insert(
+            memory::ECAM_BASE,
+            memory::ECAM_SIZE,
+            Arc::new(Mutex::new(Ecam(pci.clone()))),
+        )
+        .map_err(Error::Config)?;
 
         let base_cpuid = cpu::supported_cpuid(&kvm)?;
         let mut vcpu_fds = Vec::new();
         for i in 0..cfg.vcpus {
             let v = fd.create_vcpu(i as u64).kvm("KVM_CREATE_VCPU")?;
-            v.set_cpuid2(&cpu::cpuid_for(&base_cpuid, i, cfg.vcpus)).kvm("KVM_SET_CPUID2")?;
+            v.set_cpuid2(&cpu::cpuid_for(&base_cpuid, i, cfg.vcpus))
+                .kvm("KVM_SET_CPUID2")?;
             vcpu_fds.push(v);
         }
         let tsc_khz = vcpu_fds[0].get_tsc_khz().kvm("KVM_GET_TSC_KHZ")?;
@@ -138,7 +156,11 @@ impl Vm {
                 }
                 (GuestKind::Godwit, name.clone())
             }
-            Payload::Linux { kernel, initrd, cmdline } => {
+            Payload::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
                 let k = linux::load(&mem, &ram, kernel, initrd.as_deref(), cmdline)?;
                 for (i, v) in vcpu_fds.iter().enumerate() {
                     cpu::reset_fpu(v)?;
@@ -149,7 +171,10 @@ impl Vm {
                         v.set_regs(&linux::regs(k.entry)).kvm("KVM_SET_REGS")?;
                     }
                 }
-                (GuestKind::Linux, format!("linux:{} ({:?})", kernel.display(), k.format))
+                (
+                    GuestKind::Linux,
+                    format!("linux:{} ({:?})", kernel.display(), k.format),
+                )
             }
         };
 
@@ -174,7 +199,9 @@ impl Vm {
             console,
             tsc_khz,
         };
-        let stats = (0..cfg.vcpus).map(|_| Arc::new(VcpuStats::default())).collect();
+        let stats = (0..cfg.vcpus)
+            .map(|_| Arc::new(VcpuStats::default()))
+            .collect();
         Ok(Vm {
             _kvm: kvm,
             fd,
@@ -223,7 +250,9 @@ impl Vm {
                 Ok(t) => self.threads.push(t),
                 Err(e) => {
                     // Never leave a half-started VM: stop the vCPUs already running.
-                    self.handle.ctl.request_exit(VmExit::Error(format!("cannot start vCPU {i}: {e}")));
+                    self.handle
+                        .ctl
+                        .request_exit(VmExit::Error(format!("cannot start vCPU {i}: {e}")));
                     return Err(Error::Thread(e));
                 }
             }
@@ -245,7 +274,14 @@ impl Vm {
             ram: self.handle.desc.ram.clone(),
             vcpus: self.handle.desc.vcpus,
             kind: self.handle.desc.kind.clone(),
-            pci: self.pci.lock().unwrap().state().into_iter().map(|s| (s.slot, s.name)).collect(),
+            pci: self
+                .pci
+                .lock()
+                .unwrap()
+                .state()
+                .into_iter()
+                .map(|s| (s.slot, s.name))
+                .collect(),
         }
     }
 
@@ -289,11 +325,17 @@ impl Vm {
     /// Loads a saved state into this (not yet started) VM of the same shape.
     pub fn restore_state(&self, s: &VmState) -> Result<()> {
         if s.version != STATE_VERSION {
-            return Err(Error::State(format!("state version {} (this godwit reads {STATE_VERSION})", s.version)));
+            return Err(Error::State(format!(
+                "state version {} (this godwit reads {STATE_VERSION})",
+                s.version
+            )));
         }
         let shape = self.shape();
         if s.shape != shape {
-            return Err(Error::State(format!("saved VM {:?} does not match this VM {:?}", s.shape, shape)));
+            return Err(Error::State(format!(
+                "saved VM {:?} does not match this VM {:?}",
+                s.shape, shape
+            )));
         }
         if !self.threads.is_empty() {
             return Err(Error::State("cannot restore into a started VM".into()));
@@ -301,17 +343,30 @@ impl Vm {
         let mut clock = s.clock;
         clock.flags = 0;
         self.fd.set_clock(&clock).kvm("KVM_SET_CLOCK")?;
-        for c in [&s.irqchip.pic_master, &s.irqchip.pic_slave, &s.irqchip.ioapic] {
+        for c in [
+            &s.irqchip.pic_master,
+            &s.irqchip.pic_slave,
+            &s.irqchip.ioapic,
+        ] {
             self.fd.set_irqchip(c).kvm("KVM_SET_IRQCHIP")?;
         }
         self.fd.set_pit2(&s.irqchip.pit).kvm("KVM_SET_PIT2")?;
         for (v, st) in self.vcpus.iter().zip(&s.vcpus) {
             v.lock().unwrap().restore(st)?;
         }
-        self.pci.lock().unwrap().restore(&s.devices.pci).map_err(Error::State)?;
+        self.pci
+            .lock()
+            .unwrap()
+            .restore(&s.devices.pci)
+            .map_err(Error::State)?;
         let mut serial = self.serial.lock().unwrap();
         let out = std::mem::replace(serial.uart.writer_mut(), Box::new(std::io::sink()));
-        let irq = serial.uart.interrupt_evt().0.try_clone().map_err(|e| Error::State(e.to_string()))?;
+        let irq = serial
+            .uart
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| Error::State(e.to_string()))?;
         *serial = SerialDevice::from_state(&s.devices.serial, irq, out).map_err(Error::State)?;
         Ok(())
     }

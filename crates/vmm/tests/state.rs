@@ -29,7 +29,11 @@ impl Sink {
 }
 
 fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(_) if std::env::var("GODWIT_SKIP_KVM_TESTS").as_deref() == Ok("1") => false,
         Err(e) => panic!("/dev/kvm: {e}; set GODWIT_SKIP_KVM_TESTS=1 to skip KVM tests"),
@@ -64,15 +68,25 @@ fn wait_until(limit: Duration, f: impl Fn() -> bool) -> bool {
 fn copy_memory(from: &Vm, to: &Vm) {
     for r in &from.handle().desc.ram {
         let mut buf = vec![0u8; r.size as usize];
-        from.memory().read_slice(&mut buf, GuestAddress(r.start)).unwrap();
-        to.memory().write_slice(&buf, GuestAddress(r.start)).unwrap();
+        from.memory()
+            .read_slice(&mut buf, GuestAddress(r.start))
+            .unwrap();
+        to.memory()
+            .write_slice(&buf, GuestAddress(r.start))
+            .unwrap();
     }
 }
 
 fn last_seq(text: &str) -> u64 {
     text.lines()
-        .filter_map(|l| l.strip_prefix("heartbeat seq=")?.split_whitespace().next()?.parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| {
+            l.strip_prefix("heartbeat seq=")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
@@ -85,7 +99,9 @@ fn a_restored_vm_continues_where_the_saved_one_stopped() {
     let a_out = Sink::default();
     let mut a = vm("heartbeat", "period=5 count=40", 2, 64, &a_out);
     a.start().unwrap();
-    assert!(wait_until(Duration::from_secs(10), || last_seq(&a_out.text()) >= 10));
+    assert!(wait_until(Duration::from_secs(10), || last_seq(
+        &a_out.text()
+    ) >= 10));
     a.handle().ctl.pause().unwrap();
     let saved = a.save_state().unwrap();
     let seq_at_pause = last_seq(&a_out.text());
@@ -95,7 +111,10 @@ fn a_restored_vm_continues_where_the_saved_one_stopped() {
     let back: VmState = serde_json::from_slice(&json).unwrap();
     assert_eq!(back.vcpus.len(), 2);
     assert!(back.vcpus[0].msrs.len() > 10, "MSRs are saved");
-    assert_eq!(back.vcpus[0].sregs.cs.dpl, 3, "vCPU 0 was stopped in ring 3");
+    assert_eq!(
+        back.vcpus[0].sregs.cs.dpl, 3,
+        "vCPU 0 was stopped in ring 3"
+    );
 
     let b_out = Sink::default();
     let mut b = vm("heartbeat", "period=5 count=40", 2, 64, &b_out);
@@ -110,7 +129,13 @@ fn a_restored_vm_continues_where_the_saved_one_stopped() {
     let text = b_out.text();
     let seqs: Vec<u64> = text
         .lines()
-        .filter_map(|l| l.strip_prefix("heartbeat seq=")?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.strip_prefix("heartbeat seq=")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     // No banner: the copy did not boot, it resumed; and no beat is lost or repeated.
     assert!(!text.contains("godwit-rt:"), "{text}");
@@ -126,7 +151,9 @@ fn a_dirtier_restored_mid_write_verifies_all_of_its_memory() {
     let args = "wss=16 rate=flat seconds=3 report-every=100";
     let mut a = vm("dirtier", args, 1, 64, &a_out);
     a.start().unwrap();
-    assert!(wait_until(Duration::from_secs(10), || a_out.text().contains("written_mib=")));
+    assert!(wait_until(Duration::from_secs(10), || a_out
+        .text()
+        .contains("written_mib=")));
     a.handle().ctl.pause().unwrap();
     let saved = a.save_state().unwrap();
     let b_out = Sink::default();
@@ -137,7 +164,11 @@ fn a_dirtier_restored_mid_write_verifies_all_of_its_memory() {
     a.wait();
     b.start().unwrap();
     assert_eq!(b.wait(), VmExit::Guest(0), "{}", b_out.text());
-    assert!(b_out.text().contains("verify ok pages=4096"), "{}", b_out.text());
+    assert!(
+        b_out.text().contains("verify ok pages=4096"),
+        "{}",
+        b_out.text()
+    );
 }
 
 #[test]
@@ -167,7 +198,9 @@ fn saving_a_running_vm_is_refused() {
     let out = Sink::default();
     let mut a = vm("heartbeat", "period=10 count=0", 1, 64, &out);
     a.start().unwrap();
-    assert!(wait_until(Duration::from_secs(10), || last_seq(&out.text()) >= 1));
+    assert!(wait_until(Duration::from_secs(10), || last_seq(
+        &out.text()
+    ) >= 1));
     assert!(a.save_state().is_err());
     a.handle().ctl.request_exit(VmExit::Shutdown);
     a.wait();

@@ -22,7 +22,8 @@ pub fn cpuid_for(base: &CpuId, index: u32, count: u32) -> CpuId {
 }
 
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).kvm("KVM_GET_SUPPORTED_CPUID")
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .kvm("KVM_GET_SUPPORTED_CPUID")
 }
 
 /// FPU at reset, with SSE exceptions masked.

@@ -20,10 +20,7 @@ pub const USER_CODE64: u64 = descriptor(0xfa, 0xa, 0, 0xfffff);
 
 /// A 64-bit available TSS descriptor: two GDT slots.
 pub fn tss_descriptor(base: u64, limit: u32) -> [u64; 2] {
-    [
-        descriptor(0x89, 0, base as u32, limit),
-        base >> 32,
-    ]
+    [descriptor(0x89, 0, base as u32, limit), base >> 32]
 }
 
 /// The KVM segment register image of a descriptor loaded with `selector`.
@@ -35,7 +32,11 @@ pub fn segment(selector: u16, desc: u64) -> kvm_segment {
     let g = flags >> 3 & 1;
     kvm_segment {
         base,
-        limit: if g == 1 { (raw_limit << 12 | 0xfff) as u32 } else { raw_limit as u32 },
+        limit: if g == 1 {
+            (raw_limit << 12 | 0xfff) as u32
+        } else {
+            raw_limit as u32
+        },
         selector,
         type_: access & 0xf,
         present: access >> 7,
@@ -76,7 +77,10 @@ mod tests {
     #[test]
     fn segments_decode() {
         let cs = segment(0x23, USER_CODE64);
-        assert_eq!((cs.dpl, cs.l, cs.db, cs.g, cs.s, cs.type_, cs.present), (3, 1, 0, 1, 1, 0xa, 1));
+        assert_eq!(
+            (cs.dpl, cs.l, cs.db, cs.g, cs.s, cs.type_, cs.present),
+            (3, 1, 0, 1, 1, 0xa, 1)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let [lo, hi] = tss_descriptor(0x1234_5678_9abc, 0x2067);
         let tr = segment(0x28, lo);

@@ -8,7 +8,7 @@ use super::gdt::{self, segment};
 use crate::error::{Error, Result};
 use crate::memory::{GuestMemory, RamRegion};
 use kvm_bindings::{kvm_regs, kvm_sregs};
-use linux_loader::bootparam::{boot_params, boot_e820_entry};
+use linux_loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -62,9 +62,11 @@ pub fn load(
 ) -> Result<LoadedKernel> {
     let mut f = open(kernel)?;
     let mut magic = [0u8; 4];
-    std::io::Read::read_exact(&mut f, &mut magic).map_err(|_| bad(kernel, "file too short to be a kernel"))?;
+    std::io::Read::read_exact(&mut f, &mut magic)
+        .map_err(|_| bad(kernel, "file too short to be a kernel"))?;
     let (loaded, format) = if magic == *b"\x7fELF" {
-        let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM))).map_err(|e| bad(kernel, format!("not a loadable vmlinux: {e}")))?;
+        let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM)))
+            .map_err(|e| bad(kernel, format!("not a loadable vmlinux: {e}")))?;
         (r, KernelFormat::Elf)
     } else {
         let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM)))
@@ -87,7 +89,8 @@ pub fn load(
     params.hdr.kernel_alignment = 0x0100_0000;
 
     let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| Error::Config(e.to_string()))?;
-    cl.insert_str(cmdline).map_err(|e| Error::Config(format!("kernel command line: {e}")))?;
+    cl.insert_str(cmdline)
+        .map_err(|e| Error::Config(format!("kernel command line: {e}")))?;
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE), &cl)
         .map_err(|e| Error::Config(format!("kernel command line: {e}")))?;
     params.hdr.cmd_line_ptr = CMDLINE as u32;
@@ -101,9 +104,16 @@ pub fn load(
         })?;
         let at = low_end.saturating_sub(data.len() as u64) & !0xfff;
         if at < loaded.kernel_end {
-            return Err(bad(path, format!("initrd of {} bytes does not fit in guest memory", data.len())));
+            return Err(bad(
+                path,
+                format!(
+                    "initrd of {} bytes does not fit in guest memory",
+                    data.len()
+                ),
+            ));
         }
-        mem.write_slice(&data, GuestAddress(at)).map_err(|e| Error::Memory(e.to_string()))?;
+        mem.write_slice(&data, GuestAddress(at))
+            .map_err(|e| Error::Memory(e.to_string()))?;
         params.hdr.ramdisk_image = at as u32;
         params.hdr.ramdisk_size = data.len() as u32;
     }
@@ -118,15 +128,25 @@ pub fn load(
         };
     }
     params.e820_entries = e820.len() as u8;
-    LinuxBootConfigurator::write_bootparams::<GuestMemory>(&BootParams::new(&params, GuestAddress(ZERO_PAGE)), mem)
-        .map_err(|e| Error::Memory(format!("zero page: {e}")))?;
+    LinuxBootConfigurator::write_bootparams::<GuestMemory>(
+        &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
+        mem,
+    )
+    .map_err(|e| Error::Memory(format!("zero page: {e}")))?;
 
-    let gdt: Vec<u8> = [0u64, gdt::KERNEL_CODE64, gdt::KERNEL_DATA, gdt::descriptor(0x8b, 0x8, 0, 0xfffff)]
-        .iter()
-        .flat_map(|d| d.to_le_bytes())
-        .collect();
-    mem.write_slice(&gdt, GuestAddress(GDT)).map_err(|e| Error::Memory(e.to_string()))?;
-    mem.write_obj(0u64, GuestAddress(IDT)).map_err(|e| Error::Memory(e.to_string()))?;
+    let gdt: Vec<u8> = [
+        0u64,
+        gdt::KERNEL_CODE64,
+        gdt::KERNEL_DATA,
+        gdt::descriptor(0x8b, 0x8, 0, 0xfffff),
+    ]
+    .iter()
+    .flat_map(|d| d.to_le_bytes())
+    .collect();
+    mem.write_slice(&gdt, GuestAddress(GDT))
+        .map_err(|e| Error::Memory(e.to_string()))?;
+    mem.write_obj(0u64, GuestAddress(IDT))
+        .map_err(|e| Error::Memory(e.to_string()))?;
     super::paging::identity_map(mem, PML4, super::ring3::mapped_bytes(ram), false)?;
     Ok(LoadedKernel { entry, format })
 }

@@ -50,7 +50,13 @@ fn tss_selector(i: u32) -> u16 {
 
 /// The gdt as 8-byte slots.
 fn gdt(vcpus: u32) -> Vec<u64> {
-    let mut g = vec![0, gdt::KERNEL_CODE64, gdt::KERNEL_DATA, gdt::USER_DATA, gdt::USER_CODE64];
+    let mut g = vec![
+        0,
+        gdt::KERNEL_CODE64,
+        gdt::KERNEL_DATA,
+        gdt::USER_DATA,
+        gdt::USER_CODE64,
+    ];
     for i in 0..vcpus {
         g.extend(gdt::tss_descriptor(TSS + TSS_STRIDE * i as u64, TSS_LIMIT));
     }
@@ -101,10 +107,14 @@ pub fn setup_memory(
     cmdline: &str,
 ) -> Result<()> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
-        return Err(Error::Config(format!("godwit guests support 1 to {MAX_VCPUS} vCPUs")));
+        return Err(Error::Config(format!(
+            "godwit guests support 1 to {MAX_VCPUS} vCPUs"
+        )));
     }
     if cmdline.len() > CMDLINE_MAX {
-        return Err(Error::Config(format!("guest arguments longer than {CMDLINE_MAX} bytes")));
+        return Err(Error::Config(format!(
+            "guest arguments longer than {CMDLINE_MAX} bytes"
+        )));
     }
     let top = mapped_bytes(ram);
     let tables_end = super::paging::identity_map(mem, PML4, top, true)?;
@@ -115,7 +125,11 @@ pub fn setup_memory(
     let mut idt = Vec::with_capacity(4096);
     let mut stubs = Vec::with_capacity(4096);
     for v in 0..256u32 {
-        idt.extend(gdt::interrupt_gate(STUBS + STUB_SIZE * v as u64, KERNEL_CS, 0));
+        idt.extend(gdt::interrupt_gate(
+            STUBS + STUB_SIZE * v as u64,
+            KERNEL_CS,
+            0,
+        ));
         stubs.extend(stub(v));
     }
     put(mem, IDT, &idt)?;
@@ -158,7 +172,10 @@ pub fn sregs(base: &kvm_sregs, i: u32) -> kvm_sregs {
     s.fs = ds;
     s.gs = ds;
     s.ss = ds;
-    s.tr = segment(tss_selector(i), gdt::tss_descriptor(TSS + TSS_STRIDE * i as u64, TSS_LIMIT)[0]);
+    s.tr = segment(
+        tss_selector(i),
+        gdt::tss_descriptor(TSS + TSS_STRIDE * i as u64, TSS_LIMIT)[0],
+    );
     s.tr.type_ = 0xb; // busy
     s.ldt.unusable = 1;
     s.ldt.present = 0;
@@ -190,7 +207,11 @@ pub fn regs(entry: u64, i: u32) -> kvm_regs {
 
 /// What the ring-0 stub of `vector` left on vCPU `i`'s ring-0 stack, read back for a
 /// report: (error code if the vector has one, rip, cs, rflags, rsp).
-pub fn exception_frame(mem: &GuestMemory, rsp: u64, vector: u32) -> Option<(Option<u64>, [u64; 4])> {
+pub fn exception_frame(
+    mem: &GuestMemory,
+    rsp: u64,
+    vector: u32,
+) -> Option<(Option<u64>, [u64; 4])> {
     let has_code = matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30);
     let mut at = rsp;
     let mut next = || {
@@ -204,7 +225,13 @@ pub fn exception_frame(mem: &GuestMemory, rsp: u64, vector: u32) -> Option<(Opti
 
 /// The identity map covers this much guest-physical space.
 pub fn mapped_bytes(ram: &[RamRegion]) -> u64 {
-    ram.iter().map(|r| r.end()).max().unwrap_or(0).max(memory::MMIO_HOLE_END).div_ceil(GIB) * GIB
+    ram.iter()
+        .map(|r| r.end())
+        .max()
+        .unwrap_or(0)
+        .max(memory::MMIO_HOLE_END)
+        .div_ceil(GIB)
+        * GIB
 }
 
 pub fn vector_name(v: u32) -> &'static str {
@@ -244,14 +271,20 @@ mod tests {
         assert!(open(0x3f8) && open(0x3ff) && open(0xcfc));
         assert!(!open(0x3f7) && !open(0x400) && !open(0x60) && !open(0xcf7));
         assert_eq!(*map.last().unwrap(), 0xff, "terminator");
-        assert_eq!(u64::from_le_bytes(t[4..12].try_into().unwrap()), STACK0 + 0x2000);
+        assert_eq!(
+            u64::from_le_bytes(t[4..12].try_into().unwrap()),
+            STACK0 + 0x2000
+        );
     }
 
     #[test]
     fn stubs_report_their_vector() {
         let s = stub(14);
         assert_eq!(s[0], 0xb8);
-        assert_eq!(u32::from_le_bytes(s[1..5].try_into().unwrap()) as u64, memory::SYSDEV_BASE + sysdev::FAULT);
+        assert_eq!(
+            u32::from_le_bytes(s[1..5].try_into().unwrap()) as u64,
+            memory::SYSDEV_BASE + sysdev::FAULT
+        );
         assert_eq!(u32::from_le_bytes(s[7..11].try_into().unwrap()), 14);
     }
 
@@ -276,7 +309,8 @@ mod tests {
         let info = abi::BootInfo::decode(&raw).unwrap();
         assert_eq!((info.vcpus, info.tsc_khz, info.nr_ram), (2, 2_000_000, 1));
         let mut cmd = [0u8; 5];
-        mem.read_slice(&mut cmd, GuestAddress(info.cmdline_addr)).unwrap();
+        mem.read_slice(&mut cmd, GuestAddress(info.cmdline_addr))
+            .unwrap();
         assert_eq!(&cmd, b"wss=8");
         assert!(setup_memory(&mem, &ram, 9, 1, 0, "").is_err());
     }

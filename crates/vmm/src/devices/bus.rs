@@ -22,11 +22,20 @@ pub struct Bus {
 
 impl Bus {
     /// Adds a device; refuses a range that overlaps another.
-    pub fn insert(&mut self, base: u64, len: u64, dev: Arc<Mutex<dyn BusDevice>>) -> Result<(), String> {
+    pub fn insert(
+        &mut self,
+        base: u64,
+        len: u64,
+        dev: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), String> {
         if len == 0 || base.checked_add(len).is_none() {
             return Err(format!("bad range {base:#x}+{len:#x}"));
         }
-        if self.ranges.iter().any(|r| base < r.base + r.len && r.base < base + len) {
+        if self
+            .ranges
+            .iter()
+            .any(|r| base < r.base + r.len && r.base < base + len)
+        {
             return Err(format!("range {base:#x}+{len:#x} overlaps another device"));
         }
         let at = self.ranges.partition_point(|r| r.base < base);
@@ -85,7 +94,8 @@ mod tests {
         let mut bus = Bus::default();
         let a = Arc::new(Mutex::new(Echo(vec![])));
         bus.insert(0x100, 0x10, a.clone()).unwrap();
-        bus.insert(0x200, 0x10, Arc::new(Mutex::new(Echo(vec![])))).unwrap();
+        bus.insert(0x200, 0x10, Arc::new(Mutex::new(Echo(vec![]))))
+            .unwrap();
         assert!(bus.insert(0x10f, 2, a.clone()).is_err());
         assert!(bus.insert(u64::MAX, 2, a.clone()).is_err());
         let mut d = [0u8; 2];

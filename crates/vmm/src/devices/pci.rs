@@ -53,7 +53,14 @@ impl PciConfig {
     }
 
     /// Declares memory BAR `index` of `size` bytes (a power of two, at least 16) at `addr`.
-    pub fn add_bar(&mut self, index: usize, kind: BarKind, size: u64, addr: u64, prefetchable: bool) {
+    pub fn add_bar(
+        &mut self,
+        index: usize,
+        kind: BarKind,
+        size: u64,
+        addr: u64,
+        prefetchable: bool,
+    ) {
         assert!(size.is_power_of_two() && size >= 16 && index < 6);
         let off = 0x10 + index * 4;
         let flags = match kind {
@@ -76,7 +83,8 @@ impl PciConfig {
         let lo = u32::from_le_bytes(self.bytes[off..off + 4].try_into().unwrap());
         let mut a = (lo & !0xf) as u64;
         if lo & 0x6 == 0x4 && index < 5 {
-            a |= (u32::from_le_bytes(self.bytes[off + 4..off + 8].try_into().unwrap()) as u64) << 32;
+            a |=
+                (u32::from_le_bytes(self.bytes[off + 4..off + 8].try_into().unwrap()) as u64) << 32;
         }
         a
     }
@@ -233,11 +241,21 @@ pub struct Ecam(pub Arc<Mutex<PciBus>>);
 
 impl BusDevice for Ecam {
     fn read(&mut self, off: u64, data: &mut [u8]) {
-        let (b, s, f, r) = ((off >> 20) as u8, (off >> 15 & 0x1f) as u8, (off >> 12 & 7) as u8, (off & 0xfff) as usize);
+        let (b, s, f, r) = (
+            (off >> 20) as u8,
+            (off >> 15 & 0x1f) as u8,
+            (off >> 12 & 7) as u8,
+            (off & 0xfff) as usize,
+        );
         self.0.lock().unwrap().config_read(b, s, f, r, data);
     }
     fn write(&mut self, off: u64, data: &[u8]) {
-        let (b, s, f, r) = ((off >> 20) as u8, (off >> 15 & 0x1f) as u8, (off >> 12 & 7) as u8, (off & 0xfff) as usize);
+        let (b, s, f, r) = (
+            (off >> 20) as u8,
+            (off >> 15 & 0x1f) as u8,
+            (off >> 12 & 7) as u8,
+            (off & 0xfff) as usize,
+        );
         self.0.lock().unwrap().config_write(b, s, f, r, data);
     }
 }
@@ -327,7 +345,14 @@ mod tests {
         e.write(dev1 + 0x10, &0xffff_ffffu32.to_le_bytes());
         assert_eq!(read32(&mut e, dev1 + 0x10), 0xffff_f000);
         e.write(dev1 + 0x10, &0xc001_0000u32.to_le_bytes());
-        assert_eq!(bus.lock().unwrap().slots[1].as_ref().unwrap().config().bar_addr(0), 0xc001_0000);
+        assert_eq!(
+            bus.lock().unwrap().slots[1]
+                .as_ref()
+                .unwrap()
+                .config()
+                .bar_addr(0),
+            0xc001_0000
+        );
         // 64-bit prefetchable BAR of 4 GiB.
         e.write(dev1 + 0x18, &0xffff_ffffu32.to_le_bytes());
         e.write(dev1 + 0x1c, &0xffff_ffffu32.to_le_bytes());
@@ -344,7 +369,10 @@ mod tests {
     #[test]
     fn legacy_ports_reach_the_same_bus_and_state_round_trips() {
         let bus = Arc::new(Mutex::new(PciBus::new()));
-        let mut l = LegacyConfig { bus: bus.clone(), address: 0 };
+        let mut l = LegacyConfig {
+            bus: bus.clone(),
+            address: 0,
+        };
         l.write(0, &0x8000_0000u32.to_le_bytes());
         let mut d = [0u8; 4];
         l.read(4, &mut d);
@@ -362,7 +390,11 @@ mod tests {
         let saved = bus.lock().unwrap().state();
         let json = serde_json::to_string(&saved).unwrap();
         let other = Arc::new(Mutex::new(PciBus::new()));
-        other.lock().unwrap().restore(&serde_json::from_str::<Vec<PciSlotState>>(&json).unwrap()).unwrap();
+        other
+            .lock()
+            .unwrap()
+            .restore(&serde_json::from_str::<Vec<PciSlotState>>(&json).unwrap())
+            .unwrap();
         assert_eq!(other.lock().unwrap().state(), saved);
         let mut with_extra = PciBus::new();
         with_extra.add(Box::new(Dummy(PciConfig::new(1, 2, 3, 4))));

@@ -48,7 +48,11 @@ impl SerialDevice {
         }
     }
 
-    pub fn from_state(state: &SerialDeviceState, irq: EventFd, out: Box<dyn Write + Send>) -> Result<Self, String> {
+    pub fn from_state(
+        state: &SerialDeviceState,
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, String> {
         let s = SerialState {
             baud_divisor_low: state.baud_divisor_low,
             baud_divisor_high: state.baud_divisor_high,
@@ -61,7 +65,8 @@ impl SerialDevice {
             scratch: state.scratch,
             in_buffer: state.in_buffer.clone(),
         };
-        let uart = Serial::from_state(&s, IrqTrigger(irq), NoEvents, out).map_err(|e| format!("serial state: {e:?}"))?;
+        let uart = Serial::from_state(&s, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("serial state: {e:?}"))?;
         Ok(SerialDevice { uart })
     }
 
@@ -140,7 +145,9 @@ mod tests {
         let st = s.state();
         let json = serde_json::to_string(&st).unwrap();
         let back: SerialDeviceState = serde_json::from_str(&json).unwrap();
-        let mut r = SerialDevice::from_state(&back, EventFd::new(0).unwrap(), Box::new(sink.clone())).unwrap();
+        let mut r =
+            SerialDevice::from_state(&back, EventFd::new(0).unwrap(), Box::new(sink.clone()))
+                .unwrap();
         let mut d = [0u8];
         r.read(7, &mut d);
         assert_eq!(d[0], 0x5a);

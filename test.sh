@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# godwit's whole test suite, from a fresh Debian 12 machine: installs what the tests need
+# (QEMU 7.2 as the peer VMM, Debian's kernel for the Linux test, xz, util-linux), then
+# checks formatting and lints and runs every test. Real guests run under /dev/kvm.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-amd64)
+command -v xz >/dev/null || need+=(xz-utils)
+{ command -v unshare && command -v setpriv; } >/dev/null || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    echo "== installing ${need[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+
+echo "== format"
+cargo fmt --all -- --check
+rustfmt --edition 2021 --check crates/guest/rt/lib.rs crates/guest/programs/*.rs
+echo "== lint"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== test"
+cargo test --workspace --locked
