@@ -1,10 +1,9 @@
 //! Secondary vCPUs. They start at the same entry as vCPU 0, wait for the runtime to be
 //! ready, then for work from `run_on_aps`; idle APs sleep instead of spinning.
 
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 static AP_FN: AtomicUsize = AtomicUsize::new(0);
-static AP_DONE: AtomicU32 = AtomicU32::new(0);
 
 pub fn vcpus() -> u32 {
     crate::env::get().vcpus
@@ -15,11 +14,6 @@ pub fn run_on_aps(f: fn(u32)) {
     AP_FN.store(f as usize, Ordering::Release);
 }
 
-/// How many APs have returned from the function given to `run_on_aps`.
-pub fn aps_done() -> u32 {
-    AP_DONE.load(Ordering::Acquire)
-}
-
 pub(crate) fn ap_loop(index: u32) -> ! {
     crate::env::wait_ready();
     loop {
@@ -28,7 +22,6 @@ pub(crate) fn ap_loop(index: u32) -> ! {
             // SAFETY: only `run_on_aps` stores here, always a valid `fn(u32)`.
             let f: fn(u32) = unsafe { core::mem::transmute::<usize, fn(u32)>(f) };
             f(index);
-            AP_DONE.fetch_add(1, Ordering::AcqRel);
             loop {
                 crate::sys::sleep_ns(100_000_000);
             }

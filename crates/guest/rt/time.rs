@@ -17,10 +17,6 @@ pub fn ticks_to_ns(ticks: u64) -> u64 {
     (ticks as u128 * 1_000_000 / tsc_khz() as u128) as u64
 }
 
-pub fn ns_to_ticks(ns: u64) -> u64 {
-    (ns as u128 * tsc_khz() as u128 / 1_000_000) as u64
-}
-
 /// Nanoseconds since the runtime started.
 pub fn now_ns() -> u64 {
     ticks_to_ns(rdtsc().wrapping_sub(env::tsc0()))

@@ -207,8 +207,4 @@ impl Control {
         }
         s.exit.clone().expect("checked")
     }
-
-    pub fn exit_reason(&self) -> Option<VmExit> {
-        self.lock().exit.clone()
-    }
 }

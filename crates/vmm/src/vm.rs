@@ -50,10 +50,8 @@ impl VmHandle {
 pub struct Vm {
     _kvm: Kvm,
     fd: VmFd,
-    mem: GuestMemory,
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
     ctx: VcpuContext,
-    serial: Arc<Mutex<SerialDevice>>,
     pci: Arc<Mutex<PciBus>>,
     handle: VmHandle,
     threads: Vec<JoinHandle<()>>,
@@ -206,16 +204,14 @@ impl Vm {
             _kvm: kvm,
             fd,
             ctx: VcpuContext {
-                mem: mem.clone(),
+                mem,
                 pio: Arc::new(pio),
                 mmio: Arc::new(mmio),
-                serial: serial.clone(),
+                serial,
                 ctl: ctl.clone(),
                 kind,
             },
-            mem,
             vcpus,
-            serial,
             pci,
             handle: VmHandle {
                 ctl,
@@ -232,7 +228,7 @@ impl Vm {
     }
 
     pub fn memory(&self) -> &GuestMemory {
-        &self.mem
+        &self.ctx.mem
     }
 
     /// Starts one thread per vCPU.
@@ -316,7 +312,7 @@ impl Vm {
             },
             vcpus,
             devices: DeviceStates {
-                serial: self.serial.lock().unwrap().state(),
+                serial: self.ctx.serial.lock().unwrap().state(),
                 pci: self.pci.lock().unwrap().state(),
             },
         })
@@ -359,7 +355,7 @@ impl Vm {
             .unwrap()
             .restore(&s.devices.pci)
             .map_err(Error::State)?;
-        let mut serial = self.serial.lock().unwrap();
+        let mut serial = self.ctx.serial.lock().unwrap();
         let out = std::mem::replace(serial.uart.writer_mut(), Box::new(std::io::sink()));
         let irq = serial
             .uart
