@@ -193,6 +193,7 @@ fn boot(a: BootBenchArgs) -> Result<BootReport, String> {
 
 pub fn bench(cmd: BenchCmd) -> ExitCode {
     match cmd {
+        BenchCmd::Migrate(a) => crate::bench_migrate::run(a),
         BenchCmd::Boot(a) => {
             let json = a.json;
             match boot(a) {

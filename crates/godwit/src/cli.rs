@@ -30,6 +30,10 @@ pub enum Command {
     Resume(ApiArgs),
     /// Stop a VM.
     Shutdown(ApiArgs),
+    /// Live-migrate a running VM to a godwit started with --incoming, or save it to a file.
+    Migrate(MigrateArgs),
+    /// Cancel the migration in progress (the VM keeps running where it is).
+    MigrateCancel(ApiArgs),
     /// The built-in guest images.
     #[command(subcommand)]
     Guests(GuestsCmd),
@@ -40,18 +44,24 @@ pub enum Command {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// A built-in guest (see `godwit guests list`) or the path of a godwit guest image.
-    #[arg(default_value = "heartbeat", conflicts_with = "kernel")]
-    pub guest: String,
+    /// A built-in guest (see `godwit guests list`) or the path of a godwit guest image
+    /// [default: heartbeat].
+    #[arg(conflicts_with_all = ["kernel", "incoming"])]
+    pub guest: Option<String>,
     /// Guest arguments (key=value words), after `--`.
     #[arg(last = true)]
     pub guest_args: Vec<String>,
-    /// Guest memory in MiB.
-    #[arg(long, short = 'm', default_value_t = 256)]
-    pub memory: u64,
-    /// Number of vCPUs (one host thread each).
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
+    /// Guest memory in MiB [default: 256; with --incoming: the source's].
+    #[arg(long, short = 'm')]
+    pub memory: Option<u64>,
+    /// Number of vCPUs, one host thread each [default: 1; with --incoming: the source's].
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Receive the VM from a migration instead of booting one: wait on tcp:HOST:PORT or
+    /// unix:PATH for a source, or restore a snapshot from file:PATH. --memory and
+    /// --vcpus, when given, must match the source's.
+    #[arg(long, conflicts_with = "kernel")]
+    pub incoming: Option<String>,
     /// Boot a Linux kernel (ELF vmlinux or bzImage) instead of a godwit guest.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -80,6 +90,29 @@ pub struct ApiArgs {
     pub api_socket: PathBuf,
 }
 
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// The API socket of the godwit whose VM moves.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+    /// Where to: tcp:HOST:PORT or unix:PATH (a godwit run --incoming there), or file:PATH.
+    #[arg(long)]
+    pub to: String,
+    /// Longest acceptable pause of the guest, in ms.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// Bandwidth cap over all connections, bytes per second (suffixes K, M, G: KiB, MiB,
+    /// GiB per second).
+    #[arg(long)]
+    pub max_bandwidth: Option<String>,
+    /// TCP or Unix connections carrying pages in parallel.
+    #[arg(long, default_value_t = 1)]
+    pub connections: u32,
+    /// Print the final report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Subcommand)]
 pub enum GuestsCmd {
     /// List the built-in guest programs.
@@ -95,6 +128,39 @@ pub enum GuestsCmd {
 pub enum BenchCmd {
     /// Time from process start to the guest's first console line, godwit vs QEMU.
     Boot(BootBenchArgs),
+    /// Live migration of the same guest by godwit and by QEMU, side by side.
+    Migrate(MigrateBenchArgs),
+}
+
+#[derive(Args)]
+pub struct MigrateBenchArgs {
+    /// Repetitions per cell.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// A small subset for development: 1 GiB, idle and 512 MiB at 1 GiB/s, 300 ms, 1 run.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// QEMU binary to compare with.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: String,
+    /// Measure godwit only.
+    #[arg(long)]
+    pub no_qemu: bool,
+    /// Guest RAM sizes in MiB (comma separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1024u64, 4096])]
+    pub memory: Vec<u64>,
+    /// Downtime limits in ms (comma separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [300u64, 50])]
+    pub downtime_ms: Vec<u64>,
+    /// Workloads (comma separated): idle, 64m@100m, 512m@1g.
+    #[arg(long, value_delimiter = ',', default_values_t = ["idle".to_string(), "64m@100m".to_string(), "512m@1g".to_string()])]
+    pub workloads: Vec<String>,
+    /// godwit's page connections.
+    #[arg(long, default_value_t = 1)]
+    pub connections: u32,
 }
 
 #[derive(Args)]

@@ -2,7 +2,9 @@
 //! talk to a running godwit through its API socket, or measure.
 
 mod bench;
+mod bench_migrate;
 mod cli;
+mod migrate;
 mod run;
 
 use clap::Parser;
@@ -22,6 +24,8 @@ fn main() -> ExitCode {
         cli::Command::Pause(a) => run::api_call(&a.api_socket, "PUT", "vm.pause"),
         cli::Command::Resume(a) => run::api_call(&a.api_socket, "PUT", "vm.resume"),
         cli::Command::Shutdown(a) => run::api_call(&a.api_socket, "PUT", "vm.shutdown"),
+        cli::Command::Migrate(a) => migrate::migrate(a),
+        cli::Command::MigrateCancel(a) => run::api_call(&a.api_socket, "PUT", "vm.migrate-cancel"),
         cli::Command::Guests(g) => run::guests(g),
         cli::Command::Bench(b) => bench::bench(b),
     }

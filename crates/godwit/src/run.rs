@@ -1,17 +1,22 @@
 //! `godwit run` and the API client commands.
 
 use crate::cli::{GuestsCmd, RunArgs};
-use godwit_vmm::api::ApiServer;
+use godwit_migration::api::MigrationApi;
+use godwit_migration::{Expect, Incoming, Listener, Target};
+use godwit_vmm::api::{ApiServer, Extension};
 use godwit_vmm::{Console, Payload, Vm, VmConfig, VmExit};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+const DEFAULT_MEMORY_MIB: u64 = 256;
 
 /// Exit status when the guest crashed (its own codes are 0..=255 and pass through).
 pub const EXIT_GUEST_CRASH: u8 = 125;
 /// Exit status when godwit itself failed.
 pub const EXIT_VMM_ERROR: u8 = 1;
 
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
+pub fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("godwit: error: {msg}");
     ExitCode::from(EXIT_VMM_ERROR)
 }
@@ -38,19 +43,19 @@ fn payload(a: &RunArgs) -> Result<Payload, String> {
         });
     }
     let args = a.guest_args.join(" ");
-    if let Some(image) = godwit_guest::image(&a.guest) {
+    let guest = a.guest.as_deref().unwrap_or("heartbeat");
+    if let Some(image) = godwit_guest::image(guest) {
         return Ok(Payload::Guest {
-            name: a.guest.clone(),
+            name: guest.to_string(),
             image: image.to_vec(),
             args,
         });
     }
-    let path = Path::new(&a.guest);
+    let path = Path::new(guest);
     if !path.exists() {
         let names: Vec<_> = godwit_guest::names().collect();
         return Err(format!(
-            "no built-in guest or file named {:?} (built-in: {})",
-            a.guest,
+            "no built-in guest or file named {guest:?} (built-in: {})",
             names.join(", ")
         ));
     }
@@ -69,10 +74,35 @@ fn payload(a: &RunArgs) -> Result<Payload, String> {
     })
 }
 
+/// Removes the API socket if this process claimed it and fails before serving it.
+struct SocketGuard<'a>(Option<&'a Path>);
+
+impl Drop for SocketGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 pub fn run(a: RunArgs) -> ExitCode {
-    let (payload, console) = match (payload(&a), console(&a.console)) {
-        (Ok(p), Ok(c)) => (p, c),
-        (Err(e), _) | (_, Err(e)) => return fail(e),
+    let console = match console(&a.console) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let incoming = match a.incoming.as_deref().map(Target::parse).transpose() {
+        Ok(t) => t,
+        Err(e) => return fail(format!("--incoming: {e}")),
+    };
+    if incoming.is_some() && !a.guest_args.is_empty() {
+        return fail("guest arguments come from the source with --incoming");
+    }
+    let payload = match &incoming {
+        Some(_) => None,
+        None => match payload(&a) {
+            Ok(p) => Some(p),
+            Err(e) => return fail(e),
+        },
     };
     // Claim the API socket before building anything: a second godwit on the same socket
     // must fail before it creates a VM.
@@ -83,41 +113,86 @@ pub fn run(a: RunArgs) -> ExitCode {
         },
         None => None,
     };
-    let cfg = VmConfig {
-        memory_mib: a.memory,
-        vcpus: a.vcpus,
-        payload,
-        console,
+    let guard = SocketGuard(a.api_socket.as_deref());
+    let pending = match (incoming, payload) {
+        (Some(t), _) => receive(&t, &a, console).map(Pending::Incoming),
+        (None, Some(payload)) => Vm::create(VmConfig {
+            memory_mib: a.memory.unwrap_or(DEFAULT_MEMORY_MIB),
+            vcpus: a.vcpus.unwrap_or(1),
+            payload,
+            console,
+        })
+        .map(Pending::Booted)
+        .map_err(|e| e.to_string()),
+        (None, None) => Err("nothing to run".into()),
     };
-    let mut vm = match Vm::create(cfg) {
-        Ok(vm) => vm,
-        Err(e) => {
-            if let Some(p) = &a.api_socket {
-                let _ = std::fs::remove_file(p);
-            }
-            return fail(e);
-        }
+    let pending = match pending {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let handle = match &pending {
+        Pending::Booted(vm) => vm.handle(),
+        Pending::Incoming(inc) => inc.vm.handle(),
     };
     let _api = match (server, &a.api_socket) {
-        (Some(s), Some(p)) => match ApiServer::start(s, p, vm.handle()) {
-            Ok(api) => Some(api),
-            Err(e) => return fail(e),
-        },
+        (Some(s), Some(p)) => {
+            let ext: Arc<dyn Extension> = Arc::new(MigrationApi::default());
+            match ApiServer::start(s, p, handle, Some(ext)) {
+                Ok(api) => Some(api),
+                Err(e) => return fail(e),
+            }
+        }
         _ => None,
     };
-    if let Err(e) = vm.start() {
-        vm.wait();
-        return fail(e);
-    }
+    // The server owns the socket from here, and removes it when it stops.
+    std::mem::forget(guard);
+    let mut vm = match pending {
+        Pending::Booted(mut vm) => match vm.start() {
+            Ok(()) => vm,
+            Err(e) => {
+                vm.wait();
+                return fail(e);
+            }
+        },
+        Pending::Incoming(inc) => match inc.start() {
+            Ok(vm) => vm,
+            Err(e) => return fail(e),
+        },
+    };
     match vm.wait() {
         VmExit::Guest(code) => ExitCode::from(code as u8),
         VmExit::Shutdown => ExitCode::SUCCESS,
+        VmExit::Migrated(to) => {
+            eprintln!("godwit: the VM moved to {to}");
+            ExitCode::SUCCESS
+        }
         VmExit::Crash(m) => {
             eprintln!("godwit: guest crashed: {m}");
             ExitCode::from(EXIT_GUEST_CRASH)
         }
         VmExit::Error(m) => fail(m),
     }
+}
+
+/// A VM built but not started: booted from a payload, or received from a source.
+enum Pending {
+    Booted(Vm),
+    Incoming(Incoming),
+}
+
+/// Waits on `t` for a source and loads the VM it sends.
+fn receive(t: &Target, a: &RunArgs, console: Console) -> Result<Incoming, String> {
+    let l = Listener::bind(t).map_err(|e| format!("--incoming {t}: {e}"))?;
+    if !t.is_file() {
+        eprintln!("godwit: waiting for a migration on {}", l.local());
+    }
+    let expect = Expect {
+        memory_mib: a.memory,
+        vcpus: a.vcpus,
+    };
+    let inc = godwit_migration::receive(&l, &expect, console).map_err(|e| e.to_string())?;
+    tracing::info!(guest = inc.source_guest, ms = inc.receive_ms, "VM received");
+    Ok(inc)
 }
 
 pub fn api_call(socket: &Path, method: &str, endpoint: &str) -> ExitCode {

@@ -2,7 +2,8 @@
 //! MiB/s (0 or `flat` = as fast as it can). Every 8-byte word of page i holds
 //! f(i, generation of page i, word index), so all of memory can be checked at any time.
 //! It also reports the largest gap between two of its own loop iterations beyond any
-//! sleep it asked for: a guest-side witness of how long the VM was stopped.
+//! sleep it asked for, overall and since the previous report line: a guest-side witness
+//! of how long the VM was stopped, and when.
 //!
 //! Arguments: wss=MiB (64), rate=MiB/s (100), seconds=S (run time, 0 = forever; 5),
 //! verify-every=S (0 = only at the end; 0), report-every=MS (1000).
@@ -141,6 +142,8 @@ fn main() -> i32 {
     let mut chunks = 0u64;
     let mut written_pages = 0u64;
     let mut max_gap_ns = 0u64;
+    // The largest gap since the last report: places a pause in time.
+    let mut window_gap_ns = 0u64;
     let mut last = start;
     let mut slept = 0u64;
     let mut ok = true;
@@ -153,18 +156,22 @@ fn main() -> i32 {
         chunks += 1;
 
         let now = time::now_ns();
-        max_gap_ns = max_gap_ns.max(now.saturating_sub(last).saturating_sub(slept));
+        let gap = now.saturating_sub(last).saturating_sub(slept);
+        max_gap_ns = max_gap_ns.max(gap);
+        window_gap_ns = window_gap_ns.max(gap);
         slept = 0;
         if now >= next_report {
             let secs = (now - start) as f64 / 1e9;
             let mib = (written_pages as f64 * PAGE as f64) / (1u64 << 20) as f64;
             println!(
-                "dirtier: t_ms={} written_mib={} rate_mibs={} max_gap_us={}",
+                "dirtier: t_ms={} written_mib={} rate_mibs={} max_gap_us={} window_gap_us={}",
                 (now - t0) / 1_000_000,
                 mib as u64,
                 (mib / secs) as u64,
-                max_gap_ns / 1000
+                max_gap_ns / 1000,
+                window_gap_ns / 1000
             );
+            window_gap_ns = 0;
             next_report += report_ns;
         }
         if now >= next_verify {

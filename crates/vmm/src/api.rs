@@ -58,8 +58,31 @@ pub fn info(h: &VmHandle) -> VmInfo {
     }
 }
 
+/// Endpoints served by another part of godwit (migration), plugged in by the CLI.
+pub trait Extension: Send + Sync {
+    /// The endpoints it serves (under /api/v1/).
+    fn endpoints(&self) -> &'static [&'static str];
+    /// Handles a request for one of them; may block (each request has its own thread).
+    fn route(
+        &self,
+        h: &VmHandle,
+        method: &str,
+        endpoint: &str,
+        body: &[u8],
+    ) -> (u16, serde_json::Value);
+}
+
+/// The largest request body accepted.
+const MAX_BODY: u64 = 1 << 16;
+
 /// (status, JSON body) for one request.
-pub fn route(h: &VmHandle, method: &str, url: &str) -> (u16, serde_json::Value) {
+pub fn route(
+    h: &VmHandle,
+    ext: Option<&dyn Extension>,
+    method: &str,
+    url: &str,
+    body: &[u8],
+) -> (u16, serde_json::Value) {
     let Some(endpoint) = url.strip_prefix(PREFIX) else {
         return (
             404,
@@ -67,12 +90,21 @@ pub fn route(h: &VmHandle, method: &str, url: &str) -> (u16, serde_json::Value) 
         );
     };
     let err = |code, m: &str| (code, json!({ "error": m }));
+    if let Some(x) = ext.filter(|x| x.endpoints().contains(&endpoint)) {
+        return x.route(h, method, endpoint, body);
+    }
+    let owner = || {
+        h.ctl
+            .owner()
+            .map(|o| err(409, &format!("{o} is in progress")))
+    };
     match (method, endpoint) {
         ("GET", "vmm.ping") => (
             200,
             json!({"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id()}),
         ),
         ("GET", "vm.info") => (200, serde_json::to_value(info(h)).unwrap_or_default()),
+        ("PUT", "vm.pause" | "vm.resume") if owner().is_some() => owner().expect("checked"),
         ("PUT", "vm.pause") => match h.ctl.pause() {
             Ok(()) => (200, json!({"state": "paused"})),
             Err(m) => err(409, m),
@@ -92,11 +124,22 @@ pub fn route(h: &VmHandle, method: &str, url: &str) -> (u16, serde_json::Value) 
     }
 }
 
-/// The API server thread. Dropping it stops the server and removes the socket.
+/// The API server thread. Dropping it stops the server, waits for requests in flight
+/// (so a last answer, such as a migration report, still goes out) and removes the socket.
 pub struct ApiServer {
     server: Arc<tiny_http::Server>,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
+}
+
+fn respond(req: tiny_http::Request, code: u16, body: serde_json::Value) {
+    let resp = tiny_http::Response::from_string(body.to_string())
+        .with_status_code(code)
+        .with_header(
+            tiny_http::Header::from_bytes("Content-Type", "application/json")
+                .expect("static header"),
+        );
+    let _ = req.respond(resp);
 }
 
 /// Refuses a socket that another live process answers on; removes a stale one.
@@ -128,23 +171,51 @@ impl ApiServer {
             })
     }
 
-    pub fn start(server: Arc<tiny_http::Server>, path: &Path, h: VmHandle) -> Result<ApiServer> {
+    pub fn start(
+        server: Arc<tiny_http::Server>,
+        path: &Path,
+        h: VmHandle,
+        ext: Option<Arc<dyn Extension>>,
+    ) -> Result<ApiServer> {
         let s = server.clone();
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                // One thread per request: a migration request blocks until it is done,
+                // and progress and cancel requests must be served meanwhile.
+                let mut inflight: Vec<JoinHandle<()>> = Vec::new();
                 for mut req in s.incoming_requests() {
-                    // Bodies are not used by these endpoints; drain what was sent.
-                    let mut sink = Vec::new();
-                    let _ = req.as_reader().take(1 << 16).read_to_end(&mut sink);
-                    let (code, body) = route(&h, req.method().as_str(), req.url());
-                    let resp = tiny_http::Response::from_string(body.to_string())
-                        .with_status_code(code)
-                        .with_header(
-                            tiny_http::Header::from_bytes("Content-Type", "application/json")
-                                .expect("static header"),
+                    inflight.retain(|t| !t.is_finished());
+                    let mut body = Vec::new();
+                    if req
+                        .as_reader()
+                        .take(MAX_BODY + 1)
+                        .read_to_end(&mut body)
+                        .is_err()
+                        || body.len() as u64 > MAX_BODY
+                    {
+                        respond(
+                            req,
+                            413,
+                            json!({"error": "request body too large or unreadable"}),
                         );
-                    let _ = req.respond(resp);
+                        continue;
+                    }
+                    let (h, ext) = (h.clone(), ext.clone());
+                    let t = std::thread::Builder::new()
+                        .name("api-request".into())
+                        .spawn(move || {
+                            let (code, out) =
+                                route(&h, ext.as_deref(), req.method().as_str(), req.url(), &body);
+                            respond(req, code, out);
+                        });
+                    match t {
+                        Ok(t) => inflight.push(t),
+                        Err(e) => tracing::error!("API: cannot start a request thread: {e}"),
+                    }
+                }
+                for t in inflight {
+                    let _ = t.join();
                 }
             })
             .map_err(Error::Thread)?;
@@ -172,15 +243,29 @@ pub fn call(
     method: &str,
     endpoint: &str,
 ) -> std::result::Result<(u16, String), String> {
+    call_with(socket, method, endpoint, "", Some(Duration::from_secs(30)))
+}
+
+/// A client call with a JSON body, waiting up to `timeout` for the answer (None = as long
+/// as it takes, for a migration).
+pub fn call_with(
+    socket: &Path,
+    method: &str,
+    endpoint: &str,
+    body: &str,
+    timeout: Option<Duration>,
+) -> std::result::Result<(u16, String), String> {
     let mut s = UnixStream::connect(socket).map_err(|e| {
         format!(
             "cannot connect to the API socket {}: {e} (is godwit running with --api-socket?)",
             socket.display()
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    let req = format!("{method} {PREFIX}{endpoint} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    s.set_read_timeout(timeout).map_err(|e| e.to_string())?;
+    let req = format!(
+        "{method} {PREFIX}{endpoint} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     s.write_all(req.as_bytes())
         .map_err(|e| format!("API request: {e}"))?;
     let mut raw = Vec::new();

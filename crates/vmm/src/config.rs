@@ -19,6 +19,11 @@ pub enum Payload {
         initrd: Option<PathBuf>,
         cmdline: String,
     },
+    /// Nothing: memory and state will arrive from a migration stream or snapshot.
+    Incoming {
+        kind: crate::state::GuestKind,
+        guest: String,
+    },
 }
 
 pub enum Console {

@@ -26,6 +26,8 @@ pub enum VmExit {
     Crash(String),
     /// The VMM failed.
     Error(String),
+    /// The VM now runs elsewhere (live migration or a snapshot file took it).
+    Migrated(String),
 }
 
 struct Inner {
@@ -35,6 +37,10 @@ struct Inner {
     parked: u32,
     exit: Option<VmExit>,
     threads: Vec<libc::pthread_t>,
+    /// vCPUs wait at their next checkpoint until then (auto-converge throttling).
+    hold_until: Option<Instant>,
+    /// Who owns pause/resume for now (a migration), refusing them to the API.
+    owner: Option<String>,
 }
 
 pub struct Control {
@@ -70,6 +76,8 @@ impl Control {
                 parked: 0,
                 exit: None,
                 threads: Vec::new(),
+                hold_until: None,
+                owner: None,
             }),
             cv: Condvar::new(),
         }
@@ -122,7 +130,52 @@ impl Control {
             }
             s.parked -= 1;
         }
+        while let Some(until) = s.hold_until {
+            let now = Instant::now();
+            if now >= until || s.exit.is_some() || s.want == RunState::Paused {
+                break;
+            }
+            s = self
+                .cv
+                .wait_timeout(s, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
         s.exit.is_none()
+    }
+
+    /// True while the VMM wants the vCPUs out of the guest (pause or exit): a vCPU thread
+    /// then completes any I/O the guest has in flight before it parks, so a state saved
+    /// while paused never holds a half-done instruction.
+    pub fn stopping(&self) -> bool {
+        let s = self.lock();
+        s.exit.is_some() || s.want == RunState::Paused
+    }
+
+    /// Reserves pause/resume for `who` (None releases them); fails if already taken.
+    pub fn set_owner(&self, who: Option<&str>) -> Result<(), String> {
+        let mut s = self.lock();
+        match (&s.owner, who) {
+            (Some(o), Some(_)) => Err(format!("{o} is in progress")),
+            _ => {
+                s.owner = who.map(String::from);
+                Ok(())
+            }
+        }
+    }
+
+    /// Who holds pause/resume, if anyone (the API refuses them meanwhile).
+    pub fn owner(&self) -> Option<String> {
+        self.lock().owner.clone()
+    }
+
+    /// Keeps every vCPU out of the guest for `d` from now (they are kicked out of
+    /// KVM_RUN and wait at their checkpoint). Throttling slows a guest that dirties
+    /// memory faster than a migration can carry it.
+    pub fn hold(&self, d: Duration) {
+        let mut s = self.lock();
+        s.hold_until = Some(Instant::now() + d);
+        Self::kick(&s);
     }
 
     /// Blocks a vCPU thread for up to `d`, ending early if the VMM needs the thread.

@@ -11,7 +11,7 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsrValue {
@@ -71,6 +71,11 @@ pub struct DeviceStates {
 pub struct VmState {
     pub version: u32,
     pub shape: VmShape,
+    /// What the VM runs (for `vm.info` on the side that restores it).
+    pub guest: String,
+    /// When the state was read (CLOCK_REALTIME): the restoring side advances the guest's
+    /// clocks by the time since.
+    pub saved_at_unix_ns: u64,
     pub clock: kvm_clock_data,
     pub irqchip: IrqchipState,
     pub vcpus: Vec<VcpuState>,

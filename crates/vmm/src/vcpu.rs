@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 
+const MSR_IA32_TSC: u32 = 0x10;
+
 pub struct Vcpu {
     pub index: u32,
     pub fd: VcpuFd,
@@ -65,9 +67,9 @@ impl Vcpu {
         })
     }
 
-    /// Loads a state image. The order matters: special registers before MSRs and the
-    /// LAPIC, pending events last.
-    pub fn restore(&self, s: &VcpuState) -> Result<()> {
+    /// Loads a state image, with the guest TSC moved on by `tsc_advance` ticks. The
+    /// order matters: special registers before MSRs and the LAPIC, pending events last.
+    pub fn restore(&self, s: &VcpuState, tsc_advance: u64) -> Result<()> {
         let fd = &self.fd;
         if s.index != self.index {
             return Err(Error::State(format!(
@@ -90,7 +92,11 @@ impl Vcpu {
             .iter()
             .map(|m| kvm_msr_entry {
                 index: m.index,
-                data: m.data,
+                data: if m.index == MSR_IA32_TSC {
+                    m.data.wrapping_add(tsc_advance)
+                } else {
+                    m.data
+                },
                 ..Default::default()
             })
             .collect();
@@ -148,7 +154,11 @@ pub fn run(vcpu: Arc<Mutex<Vcpu>>, ctx: VcpuContext, stats: Arc<VcpuStats>) {
         let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
         stats.exits.fetch_add(1, Ordering::Relaxed);
         match step(&mut v, &ctx, &stats) {
-            Step::Continue => {}
+            Step::Continue => {
+                if ctx.ctl.stopping() {
+                    complete_pending_io(&mut v);
+                }
+            }
             Step::Stop(why) => {
                 ctx.ctl.request_exit(why);
                 break;
@@ -156,6 +166,15 @@ pub fn run(vcpu: Arc<Mutex<Vcpu>>, ctx: VcpuContext, stats: Arc<VcpuStats>) {
         }
     }
     ctx.ctl.vcpu_stopped();
+}
+
+/// Finishes the instruction behind the last I/O exit without running further guest code
+/// (KVM_RUN with immediate_exit set returns EINTR right after completing it), so that
+/// state saved now resumes after the access rather than repeating it.
+fn complete_pending_io(v: &mut Vcpu) {
+    v.fd.set_kvm_immediate_exit(1);
+    let _ = v.fd.run();
+    v.fd.set_kvm_immediate_exit(0);
 }
 
 fn step(v: &mut Vcpu, ctx: &VcpuContext, stats: &VcpuStats) -> Step {

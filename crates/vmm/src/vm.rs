@@ -32,13 +32,14 @@ pub struct VmDescription {
     pub tsc_khz: u32,
 }
 
-/// What other threads (the API) may touch of a running VM.
+/// What other threads (the API, a migration) may touch of a running VM.
 #[derive(Clone)]
 pub struct VmHandle {
     pub ctl: Arc<Control>,
     pub desc: Arc<VmDescription>,
     pub stats: Arc<Vec<Arc<VcpuStats>>>,
     pub started: Instant,
+    pub machine: Arc<Machine>,
 }
 
 impl VmHandle {
@@ -47,12 +48,22 @@ impl VmHandle {
     }
 }
 
-pub struct Vm {
+/// The KVM objects and devices of a VM: shared by the thread that owns the VM and the
+/// threads that pause, save or migrate it.
+pub struct Machine {
     _kvm: Kvm,
     fd: VmFd,
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
     ctx: VcpuContext,
     pci: Arc<Mutex<PciBus>>,
+    desc: Arc<VmDescription>,
+    /// Whether KVM re-protects pages only when told (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).
+    manual_dirty_protect: bool,
+    dirty_logging: Mutex<bool>,
+}
+
+pub struct Vm {
+    m: Arc<Machine>,
     handle: VmHandle,
     threads: Vec<JoinHandle<()>>,
 }
@@ -174,7 +185,9 @@ impl Vm {
                     format!("linux:{} ({:?})", kernel.display(), k.format),
                 )
             }
+            Payload::Incoming { kind, guest } => (kind.clone(), guest.clone()),
         };
+        let manual_dirty_protect = memory::enable_manual_dirty_protect(&fd);
 
         let vcpus: Vec<Arc<Mutex<Vcpu>>> = vcpu_fds
             .into_iter()
@@ -188,7 +201,7 @@ impl Vm {
             })
             .collect();
         let ctl = Arc::new(Control::new());
-        let desc = VmDescription {
+        let desc = Arc::new(VmDescription {
             guest,
             kind: kind.clone(),
             memory_mib: cfg.memory_mib,
@@ -196,11 +209,11 @@ impl Vm {
             ram,
             console,
             tsc_khz,
-        };
+        });
         let stats = (0..cfg.vcpus)
             .map(|_| Arc::new(VcpuStats::default()))
             .collect();
-        Ok(Vm {
+        let m = Arc::new(Machine {
             _kvm: kvm,
             fd,
             ctx: VcpuContext {
@@ -213,12 +226,19 @@ impl Vm {
             },
             vcpus,
             pci,
+            desc: desc.clone(),
+            manual_dirty_protect,
+            dirty_logging: Mutex::new(false),
+        });
+        Ok(Vm {
             handle: VmHandle {
                 ctl,
-                desc: Arc::new(desc),
+                desc,
                 stats: Arc::new(stats),
                 started: Instant::now(),
+                machine: m.clone(),
             },
+            m,
             threads: Vec::new(),
         })
     }
@@ -227,8 +247,12 @@ impl Vm {
         self.handle.clone()
     }
 
+    pub fn machine(&self) -> &Arc<Machine> {
+        &self.m
+    }
+
     pub fn memory(&self) -> &GuestMemory {
-        &self.ctx.mem
+        self.m.memory()
     }
 
     /// Starts one thread per vCPU.
@@ -237,8 +261,8 @@ impl Vm {
             return Err(Error::State("the VM is already started".into()));
         }
         crate::control::install_kick_handler().map_err(Error::Thread)?;
-        for (i, v) in self.vcpus.iter().enumerate() {
-            let (v, ctx, stats) = (v.clone(), self.ctx.clone(), self.handle.stats[i].clone());
+        for (i, v) in self.m.vcpus.iter().enumerate() {
+            let (v, ctx, stats) = (v.clone(), self.m.ctx.clone(), self.handle.stats[i].clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || vcpu::run(v, ctx, stats));
@@ -266,10 +290,52 @@ impl Vm {
     }
 
     pub fn shape(&self) -> VmShape {
+        self.m.shape()
+    }
+
+    pub fn save_state(&self) -> Result<VmState> {
+        self.m.save_state()
+    }
+
+    /// Loads a saved state into this (not yet started) VM of the same shape.
+    pub fn restore_state(&self, s: &VmState) -> Result<()> {
+        if !self.threads.is_empty() {
+            return Err(Error::State("cannot restore into a started VM".into()));
+        }
+        self.m.restore_state(s)
+    }
+}
+
+/// Wall-clock time, for carrying real time across a migration or a snapshot.
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Machine {
+    pub fn memory(&self) -> &GuestMemory {
+        &self.ctx.mem
+    }
+
+    pub fn manual_dirty_protect(&self) -> bool {
+        self.manual_dirty_protect
+    }
+
+    pub fn control(&self) -> &Arc<Control> {
+        &self.ctx.ctl
+    }
+
+    pub fn description(&self) -> &VmDescription {
+        &self.desc
+    }
+
+    pub fn shape(&self) -> VmShape {
         VmShape {
-            ram: self.handle.desc.ram.clone(),
-            vcpus: self.handle.desc.vcpus,
-            kind: self.handle.desc.kind.clone(),
+            ram: self.desc.ram.clone(),
+            vcpus: self.desc.vcpus,
+            kind: self.desc.kind.clone(),
             pci: self
                 .pci
                 .lock()
@@ -279,6 +345,59 @@ impl Vm {
                 .map(|s| (s.slot, s.name))
                 .collect(),
         }
+    }
+
+    /// Starts logging guest writes to memory (every page reads clean from now on).
+    pub fn start_dirty_log(&self) -> Result<()> {
+        let mut on = self.dirty_logging.lock().unwrap();
+        memory::register(
+            &self.fd,
+            &self.ctx.mem,
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+        )?;
+        *on = true;
+        Ok(())
+    }
+
+    pub fn stop_dirty_log(&self) -> Result<()> {
+        let mut on = self.dirty_logging.lock().unwrap();
+        if *on {
+            memory::register(&self.fd, &self.ctx.mem, 0)?;
+            *on = false;
+        }
+        Ok(())
+    }
+
+    /// The pages written since the last call (or since logging started), one bitmap per
+    /// RAM region (bit i = page i of the region), and resets them.
+    pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>> {
+        if !*self.dirty_logging.lock().unwrap() {
+            return Err(Error::State("dirty logging is off".into()));
+        }
+        self.desc
+            .ram
+            .iter()
+            .enumerate()
+            .map(|(slot, r)| {
+                memory::take_dirty_log(&self.fd, slot as u32, r.size, self.manual_dirty_protect)
+            })
+            .collect()
+    }
+
+    /// The pages written since the last `take_dirty_pages`, leaving them marked: only
+    /// with manual dirty protection (None otherwise). A sender skips such pages, since
+    /// the next round sends them anyway.
+    pub fn peek_dirty_pages(&self) -> Result<Option<Vec<Vec<u64>>>> {
+        if !self.manual_dirty_protect || !*self.dirty_logging.lock().unwrap() {
+            return Ok(None);
+        }
+        self.desc
+            .ram
+            .iter()
+            .enumerate()
+            .map(|(slot, r)| memory::peek_dirty_log(&self.fd, slot as u32, r.size))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     fn irqchip(&self, id: u32) -> Result<Box<kvm_irqchip>> {
@@ -292,7 +411,7 @@ impl Vm {
 
     /// The VM's state, less memory. The vCPUs must not be running (paused, or not started).
     pub fn save_state(&self) -> Result<VmState> {
-        if self.handle.ctl.state() == RunState::Running {
+        if self.ctx.ctl.state() == RunState::Running {
             return Err(Error::State("pause the VM before saving its state".into()));
         }
         let vcpus = self
@@ -303,6 +422,8 @@ impl Vm {
         Ok(VmState {
             version: STATE_VERSION,
             shape: self.shape(),
+            guest: self.desc.guest.clone(),
+            saved_at_unix_ns: unix_ns(),
             clock: self.fd.get_clock().kvm("KVM_GET_CLOCK")?,
             irqchip: IrqchipState {
                 pic_master: self.irqchip(0)?,
@@ -318,8 +439,8 @@ impl Vm {
         })
     }
 
-    /// Loads a saved state into this (not yet started) VM of the same shape.
-    pub fn restore_state(&self, s: &VmState) -> Result<()> {
+    /// Checks that a state image fits this VM (version and shape), touching nothing.
+    pub fn check_state(&self, s: &VmState) -> Result<()> {
         if s.version != STATE_VERSION {
             return Err(Error::State(format!(
                 "state version {} (this godwit reads {STATE_VERSION})",
@@ -333,11 +454,25 @@ impl Vm {
                 s.shape, shape
             )));
         }
-        if !self.threads.is_empty() {
-            return Err(Error::State("cannot restore into a started VM".into()));
+        if s.vcpus.len() != self.vcpus.len() {
+            return Err(Error::State(format!(
+                "state holds {} vCPUs, the VM has {}",
+                s.vcpus.len(),
+                self.vcpus.len()
+            )));
         }
+        Ok(())
+    }
+
+    /// Loads a saved state into this VM, whose vCPUs must not have run. The guest's
+    /// clocks move on by the wall time since the state was saved, as they do while a VM
+    /// is paused: the guest sees how long it was stopped.
+    fn restore_state(&self, s: &VmState) -> Result<()> {
+        self.check_state(s)?;
+        let elapsed_ns = unix_ns().saturating_sub(s.saved_at_unix_ns);
         let mut clock = s.clock;
         clock.flags = 0;
+        clock.clock = clock.clock.wrapping_add(elapsed_ns);
         self.fd.set_clock(&clock).kvm("KVM_SET_CLOCK")?;
         for c in [
             &s.irqchip.pic_master,
@@ -348,7 +483,8 @@ impl Vm {
         }
         self.fd.set_pit2(&s.irqchip.pit).kvm("KVM_SET_PIT2")?;
         for (v, st) in self.vcpus.iter().zip(&s.vcpus) {
-            v.lock().unwrap().restore(st)?;
+            let ticks = (elapsed_ns as u128 * st.tsc_khz as u128 / 1_000_000) as u64;
+            v.lock().unwrap().restore(st, ticks)?;
         }
         self.pci
             .lock()

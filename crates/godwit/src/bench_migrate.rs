@@ -1,0 +1,632 @@
+//! `godwit bench migrate`: the dirtier guest migrated by godwit and by QEMU 7.2 side by
+//! side (each to a second process on this machine over TCP loopback, same downtime limit,
+//! QEMU's bandwidth cap lifted), over RAM sizes x workloads x downtime limits.
+//!
+//! Per run: total time, the VMM's downtime, the guest's own largest gap around the
+//! switchover (the dirtier's window_gap_us on the destination's first report lines), and
+//! bytes sent.
+
+use crate::bench::{summary, Summary};
+use crate::cli::MigrateBenchArgs;
+use godwit_migration::{Options, Report};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+const STEADY_TIMEOUT: Duration = Duration::from_secs(90);
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Clone, Debug)]
+struct Workload {
+    name: String,
+    wss_mib: u64,
+    rate_mib_s: u64,
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.to_ascii_lowercase();
+    let (n, m) = match s.chars().last()? {
+        'm' => (&s[..s.len() - 1], 1),
+        'g' => (&s[..s.len() - 1], 1024),
+        _ => (&s[..], 1),
+    };
+    n.parse::<u64>().ok().map(|n| n * m)
+}
+
+fn workload(s: &str) -> Result<Workload, String> {
+    if s == "idle" {
+        // A 1 MiB working set rewritten at 1 MiB/s: no real dirtying, but the loop that
+        // measures the guest's gaps runs.
+        return Ok(Workload {
+            name: s.into(),
+            wss_mib: 1,
+            rate_mib_s: 1,
+        });
+    }
+    let (w, r) = s
+        .split_once('@')
+        .ok_or_else(|| format!("workload {s:?}: use idle or WSS@RATE, e.g. 512m@1g"))?;
+    match (parse_size(w), parse_size(r)) {
+        (Some(wss_mib), Some(rate_mib_s)) if wss_mib > 0 && rate_mib_s > 0 => Ok(Workload {
+            name: s.into(),
+            wss_mib,
+            rate_mib_s,
+        }),
+        _ => Err(format!(
+            "workload {s:?}: use idle or WSS@RATE, e.g. 512m@1g"
+        )),
+    }
+}
+
+#[derive(Serialize, Clone, Debug)]
+struct Sample {
+    total_ms: f64,
+    downtime_ms: f64,
+    guest_gap_ms: f64,
+    bytes: u64,
+    rounds: Option<u32>,
+    throttled: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct Side {
+    total_ms: Summary,
+    downtime_ms: Summary,
+    guest_gap_ms: Summary,
+    bytes: Summary,
+    samples: Vec<Sample>,
+}
+
+#[derive(Serialize)]
+struct Cell {
+    memory_mib: u64,
+    workload: String,
+    downtime_limit_ms: u64,
+    godwit: Side,
+    qemu: Option<Side>,
+    /// QEMU's figure over godwit's (above 1: godwit is better), per statistic.
+    qemu_over_godwit: Option<Value>,
+    /// godwit's median downtime within the limit, and median total time, downtime and
+    /// bytes at or below QEMU's.
+    godwit_meets_goal: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct BenchReport {
+    bench: &'static str,
+    runs: usize,
+    qemu: Option<String>,
+    connections: u32,
+    cells: Vec<Cell>,
+}
+
+fn side(samples: Vec<Sample>) -> Side {
+    let f = |g: fn(&Sample) -> f64| summary(&samples.iter().map(g).collect::<Vec<_>>());
+    Side {
+        total_ms: f(|s| s.total_ms),
+        downtime_ms: f(|s| s.downtime_ms),
+        guest_gap_ms: f(|s| s.guest_gap_ms),
+        bytes: f(|s| s.bytes as f64),
+        samples,
+    }
+}
+
+fn ratio(q: &Summary, g: &Summary) -> Value {
+    let r = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    json!({"min": r(q.min, g.min), "median": r(q.median, g.median), "max": r(q.max, g.max)})
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+/// Kills the processes of one run whatever happens.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<bool>,
+) -> Result<(), String> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        match f() {
+            Some(true) => return Ok(()),
+            None => return Err(format!("{what}: a process ended early")),
+            Some(false) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    Err(format!("timed out waiting for {what}"))
+}
+
+fn alive(p: &mut Procs) -> bool {
+    p.0.iter_mut().all(|c| matches!(c.try_wait(), Ok(None)))
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+fn report_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("window_gap_us="))
+        .collect()
+}
+
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.parse().ok())
+}
+
+/// The source guest is in its steady state: working set touched and one report out.
+fn steady(log: &Path) -> bool {
+    let s = read(log);
+    s.contains("touched") && !report_lines(&s).is_empty()
+}
+
+/// The guest's largest gap in the destination's first two report windows, in ms.
+fn guest_gap(dst_log: &Path, procs: &mut Procs) -> Result<f64, String> {
+    wait_for(
+        "the guest's reports after migration",
+        Duration::from_secs(30),
+        || {
+            if !alive(procs) {
+                return None;
+            }
+            Some(report_lines(&read(dst_log)).len() >= 2)
+        },
+    )?;
+    let s = read(dst_log);
+    Ok(report_lines(&s)
+        .iter()
+        .take(2)
+        .filter_map(|l| field(l, "window_gap_us="))
+        .max()
+        .unwrap_or(0) as f64
+        / 1e3)
+}
+
+fn dirtier_args(w: &Workload) -> String {
+    format!(
+        "wss={} rate={} seconds=0 report-every=100",
+        w.wss_mib, w.rate_mib_s
+    )
+}
+
+fn godwit_run(
+    dir: &Path,
+    mem: u64,
+    w: &Workload,
+    limit: u64,
+    conns: u32,
+) -> Result<Sample, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let (src_log, dst_log, sock) = (
+        dir.join("g-src.log"),
+        dir.join("g-dst.log"),
+        dir.join("g-src.sock"),
+    );
+    for p in [&src_log, &dst_log, &sock] {
+        let _ = std::fs::remove_file(p);
+    }
+    let port = free_port()?;
+    let spawn = |args: Vec<String>| {
+        Command::new(&exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start godwit: {e}"))
+    };
+    let mut procs = Procs(vec![]);
+    procs.0.push(spawn(vec![
+        "run".into(),
+        "--incoming".into(),
+        format!("tcp:127.0.0.1:{port}"),
+        "--console".into(),
+        format!("file:{}", dst_log.display()),
+    ])?);
+    let mut src = vec![
+        "run".into(),
+        "--memory".into(),
+        mem.to_string(),
+        "--api-socket".into(),
+        sock.display().to_string(),
+        "--console".into(),
+        format!("file:{}", src_log.display()),
+        "dirtier".into(),
+        "--".into(),
+    ];
+    src.extend(dirtier_args(w).split(' ').map(String::from));
+    procs.0.push(spawn(src)?);
+    wait_for("the godwit source guest", STEADY_TIMEOUT, || {
+        alive(&mut procs).then(|| steady(&src_log))
+    })?;
+    let o = Options {
+        to: format!("tcp:127.0.0.1:{port}"),
+        downtime_ms: limit,
+        max_bandwidth: None,
+        connections: conns,
+    };
+    let body = serde_json::to_string(&o).expect("plain data");
+    let (code, out) =
+        godwit_vmm::api::call_with(&sock, "PUT", "vm.migrate", &body, Some(MIGRATE_TIMEOUT))?;
+    if code != 200 {
+        return Err(format!("godwit migration failed (HTTP {code}): {out}"));
+    }
+    let r: Report = serde_json::from_str(&out).map_err(|e| format!("report: {e}"))?;
+    // The source process has ended by design; keep only the destination.
+    let _ = procs.0[1].wait();
+    procs.0.truncate(1);
+    let gap = guest_gap(&dst_log, &mut procs)?;
+    Ok(Sample {
+        total_ms: r.total_ms,
+        downtime_ms: r.downtime_ms,
+        guest_gap_ms: gap,
+        bytes: r.bytes.total,
+        rounds: Some(r.round_count),
+        throttled: Some(r.throttled),
+    })
+}
+
+/// A QMP connection (QEMU's JSON monitor).
+struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Qmp {
+    fn connect(p: &Path) -> Result<Qmp, String> {
+        let end = Instant::now() + Duration::from_secs(30);
+        let s = loop {
+            match UnixStream::connect(p) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > end => return Err(format!("QMP {}: {e}", p.display())),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        let mut q = Qmp {
+            r: BufReader::new(s.try_clone().map_err(|e| e.to_string())?),
+            w: s,
+        };
+        q.line()?; // greeting
+        q.cmd("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn line(&mut self) -> Result<Value, String> {
+        let mut l = String::new();
+        self.r.read_line(&mut l).map_err(|e| format!("QMP: {e}"))?;
+        if l.is_empty() {
+            return Err("QMP: QEMU closed the monitor".into());
+        }
+        serde_json::from_str(&l).map_err(|e| format!("QMP: {e}: {l}"))
+    }
+
+    fn cmd(&mut self, name: &str, args: Value) -> Result<Value, String> {
+        let msg = json!({"execute": name, "arguments": args});
+        writeln!(self.w, "{msg}").map_err(|e| format!("QMP: {e}"))?;
+        loop {
+            let v = self.line()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(format!("QMP {name}: {e}"));
+            }
+            // An asynchronous event: skip it.
+        }
+    }
+}
+
+fn qemu_run(
+    dir: &Path,
+    qemu: &str,
+    image: &Path,
+    mem: u64,
+    w: &Workload,
+    limit: u64,
+) -> Result<Sample, String> {
+    let (src_log, dst_log) = (dir.join("q-src.log"), dir.join("q-dst.log"));
+    let (src_qmp, dst_qmp) = (dir.join("q-src.qmp"), dir.join("q-dst.qmp"));
+    for p in [&src_log, &dst_log, &src_qmp, &dst_qmp] {
+        let _ = std::fs::remove_file(p);
+    }
+    let port = free_port()?;
+    let spawn = |log: &Path, qmp: &Path, incoming: Option<u16>| {
+        let mut c = Command::new(qemu);
+        c.args([
+            "-enable-kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-m",
+            &mem.to_string(),
+        ]);
+        c.args(["-nodefaults", "-nographic", "-monitor", "none"]);
+        c.arg("-serial").arg(format!("file:{}", log.display()));
+        c.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+        c.arg("-append").arg(dirtier_args(w));
+        c.arg("-kernel").arg(image);
+        if let Some(p) = incoming {
+            c.arg("-incoming").arg(format!("tcp:127.0.0.1:{p}"));
+        }
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c.spawn().map_err(|e| format!("cannot start {qemu}: {e}"))
+    };
+    let mut procs = Procs(vec![
+        spawn(&src_log, &src_qmp, None)?,
+        spawn(&dst_log, &dst_qmp, Some(port))?,
+    ]);
+    let mut sq = Qmp::connect(&src_qmp)?;
+    let mut dq = Qmp::connect(&dst_qmp)?;
+    // Every capability set explicitly on both sides; auto-converge on, as godwit's.
+    let caps = json!({"capabilities": [
+        {"capability": "xbzrle", "state": false},
+        {"capability": "auto-converge", "state": true},
+        {"capability": "postcopy-ram", "state": false},
+        {"capability": "multifd", "state": false},
+        {"capability": "zero-blocks", "state": false},
+        {"capability": "events", "state": false},
+    ]});
+    sq.cmd("migrate-set-capabilities", caps.clone())?;
+    dq.cmd("migrate-set-capabilities", caps)?;
+    sq.cmd(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 100u64 << 30, "downtime-limit": limit}),
+    )?;
+    wait_for("the QEMU source guest", STEADY_TIMEOUT, || {
+        alive(&mut procs).then(|| steady(&src_log))
+    })?;
+    sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
+    let end = Instant::now() + MIGRATE_TIMEOUT;
+    let info = loop {
+        let v = sq.cmd("query-migrate", json!({}))?;
+        match v["status"].as_str() {
+            Some("completed") => break v,
+            Some("failed") | Some("cancelled") => return Err(format!("QEMU migration: {v}")),
+            _ if Instant::now() > end => return Err("QEMU migration timed out".into()),
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    drop(sq);
+    let mut src = procs.0.remove(0);
+    let _ = src.kill();
+    let _ = src.wait();
+    let gap = guest_gap(&dst_log, &mut procs)?;
+    drop(dq);
+    Ok(Sample {
+        total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
+        downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+        guest_gap_ms: gap,
+        bytes: info["ram"]["total"]
+            .as_u64()
+            .map(|_| info["ram"]["transferred"].as_u64().unwrap_or(0))
+            .unwrap_or(0),
+        rounds: info["ram"]["dirty-sync-count"].as_u64().map(|n| n as u32),
+        throttled: info["cpu-throttle-percentage"].as_u64().map(|p| p > 0),
+    })
+}
+
+fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
+    let (mems, limits, workloads, runs) = if a.quick {
+        (
+            vec![1024],
+            vec![300],
+            vec!["idle".to_string(), "512m@1g".to_string()],
+            1,
+        )
+    } else {
+        (
+            a.memory.clone(),
+            a.downtime_ms.clone(),
+            a.workloads.clone(),
+            a.runs,
+        )
+    };
+    if runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    let workloads = workloads
+        .iter()
+        .map(|w| workload(w))
+        .collect::<Result<Vec<_>, _>>()?;
+    let qemu = if a.no_qemu {
+        None
+    } else {
+        let out = Command::new(&a.qemu)
+            .arg("--version")
+            .output()
+            .map_err(|_| {
+                format!(
+                    "{} not found: install qemu-system-x86 or pass --no-qemu",
+                    a.qemu
+                )
+            })?;
+        Some(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        )
+    };
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("godwit-bench-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let image = dir.join("dirtier.elf");
+    std::fs::write(&image, godwit_guest::image("dirtier").expect("built in"))
+        .map_err(|e| e.to_string())?;
+    let mut cells = Vec::new();
+    let total = mems.len() * workloads.len() * limits.len();
+    for &mem in &mems {
+        for w in &workloads {
+            if w.wss_mib + 64 > mem {
+                return Err(format!("workload {} does not fit {mem} MiB", w.name));
+            }
+            for &limit in &limits {
+                let (mut g, mut q) = (Vec::new(), Vec::new());
+                for i in 0..runs {
+                    if !a.json {
+                        eprint!(
+                            "\rcell {}/{total}: {mem} MiB, {}, {limit} ms, run {}/{runs}   ",
+                            cells.len() + 1,
+                            w.name,
+                            i + 1
+                        );
+                    }
+                    // Alternate which VMM goes first, against drift in the host's state.
+                    let order = if i % 2 == 0 {
+                        [true, false]
+                    } else {
+                        [false, true]
+                    };
+                    for godwit_turn in order {
+                        if godwit_turn {
+                            g.push(godwit_run(&dir, mem, w, limit, a.connections)?);
+                        } else if qemu.is_some() {
+                            q.push(qemu_run(&dir, &a.qemu, &image, mem, w, limit)?);
+                        }
+                    }
+                }
+                let gs = side(g);
+                let qs = qemu.as_ref().map(|_| side(q));
+                let ratios = qs.as_ref().map(|q| {
+                    json!({
+                        "total_ms": ratio(&q.total_ms, &gs.total_ms),
+                        "downtime_ms": ratio(&q.downtime_ms, &gs.downtime_ms),
+                        "guest_gap_ms": ratio(&q.guest_gap_ms, &gs.guest_gap_ms),
+                        "bytes": ratio(&q.bytes, &gs.bytes),
+                    })
+                });
+                let goal = qs.as_ref().map(|q| {
+                    gs.downtime_ms.median <= limit as f64
+                        && gs.downtime_ms.median <= q.downtime_ms.median
+                        && gs.total_ms.median <= q.total_ms.median
+                        && gs.bytes.median <= q.bytes.median
+                });
+                cells.push(Cell {
+                    memory_mib: mem,
+                    workload: w.name.clone(),
+                    downtime_limit_ms: limit,
+                    godwit: gs,
+                    qemu: qs,
+                    qemu_over_godwit: ratios,
+                    godwit_meets_goal: goal,
+                });
+            }
+        }
+    }
+    if !a.json {
+        eprintln!();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(BenchReport {
+        bench: "migrate",
+        runs,
+        qemu,
+        connections: a.connections,
+        cells,
+    })
+}
+
+fn print_table(r: &BenchReport) {
+    println!(
+        "live migration over TCP loopback, dirtier guest, {} run(s) per cell; min/median/max",
+        r.runs
+    );
+    println!(
+        "{:>6} {:>9} {:>6} {:>7} | {:>20} {:>20} {:>20} {:>9}",
+        "MiB", "workload", "limit", "vmm", "total ms", "downtime ms", "guest gap ms", "MiB sent"
+    );
+    let s3 = |s: &Summary| format!("{:.0}/{:.0}/{:.0}", s.min, s.median, s.max);
+    let s3f = |s: &Summary| format!("{:.1}/{:.1}/{:.1}", s.min, s.median, s.max);
+    for c in &r.cells {
+        let row = |name: &str, s: &Side| {
+            println!(
+                "{:>6} {:>9} {:>6} {:>7} | {:>20} {:>20} {:>20} {:>9.0}",
+                c.memory_mib,
+                c.workload,
+                c.downtime_limit_ms,
+                name,
+                s3(&s.total_ms),
+                s3f(&s.downtime_ms),
+                s3f(&s.guest_gap_ms),
+                s.bytes.median / (1 << 20) as f64
+            )
+        };
+        row("godwit", &c.godwit);
+        if let Some(q) = &c.qemu {
+            row("qemu", q);
+        }
+        if let Some(x) = &c.qemu_over_godwit {
+            println!(
+                "{:>33} qemu/godwit medians: total {:.2}x, downtime {:.2}x, guest gap {:.2}x, bytes {:.2}x{}",
+                "",
+                x["total_ms"]["median"].as_f64().unwrap_or(f64::NAN),
+                x["downtime_ms"]["median"].as_f64().unwrap_or(f64::NAN),
+                x["guest_gap_ms"]["median"].as_f64().unwrap_or(f64::NAN),
+                x["bytes"]["median"].as_f64().unwrap_or(f64::NAN),
+                match c.godwit_meets_goal {
+                    Some(true) => "  (goal met)",
+                    Some(false) => "  (goal NOT met)",
+                    None => "",
+                }
+            );
+        }
+    }
+}
+
+pub fn run(a: MigrateBenchArgs) -> ExitCode {
+    let json = a.json;
+    match bench(a) {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
+            } else {
+                print_table(&r);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("godwit: bench migrate: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workloads_parse() {
+        let w = workload("512m@1g").unwrap();
+        assert_eq!((w.wss_mib, w.rate_mib_s), (512, 1024));
+        assert_eq!(workload("idle").unwrap().wss_mib, 1);
+        assert!(workload("512m").is_err());
+        assert!(workload("0@1").is_err());
+    }
+}

@@ -1,0 +1,300 @@
+//! Where a migration goes: `tcp:HOST:PORT`, `unix:PATH` or `file:PATH`, and the byte
+//! streams that carry it. Nothing here knows about frames or policy.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Tcp(String),
+    Unix(PathBuf),
+    File(PathBuf),
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Result<Target, String> {
+        let bad = || {
+            format!("{s:?} is not a migration address (use tcp:HOST:PORT, unix:PATH or file:PATH)")
+        };
+        let (scheme, rest) = s.split_once(':').ok_or_else(bad)?;
+        if rest.is_empty() {
+            return Err(bad());
+        }
+        match scheme {
+            "tcp" => {
+                let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+                if host.is_empty() || port.parse::<u16>().is_err() {
+                    return Err(bad());
+                }
+                Ok(Target::Tcp(rest.to_string()))
+            }
+            "unix" => Ok(Target::Unix(rest.into())),
+            "file" => Ok(Target::File(rest.into())),
+            _ => Err(bad()),
+        }
+    }
+
+    pub fn is_file(&self) -> bool {
+        matches!(self, Target::File(_))
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Tcp(a) => write!(f, "tcp:{a}"),
+            Target::Unix(p) => write!(f, "unix:{}", p.display()),
+            Target::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+/// One byte stream of a migration.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    /// A snapshot file, written or read once from start to end.
+    File(io::BufWriter<File>),
+    FileIn(io::BufReader<File>),
+}
+
+impl Stream {
+    /// Connects to a destination (a file is created, or replaced).
+    pub fn connect(t: &Target, timeout: Duration) -> io::Result<Stream> {
+        match t {
+            Target::Tcp(a) => {
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+                for addr in a.to_socket_addrs()? {
+                    match TcpStream::connect_timeout(&addr, timeout) {
+                        Ok(s) => {
+                            s.set_nodelay(true)?;
+                            return Ok(Stream::Tcp(s));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+            Target::Unix(p) => UnixStream::connect(p).map(Stream::Unix),
+            Target::File(p) => {
+                File::create(p).map(|f| Stream::File(io::BufWriter::with_capacity(1 << 20, f)))
+            }
+        }
+    }
+
+    /// How long a read may wait (None = forever); files never wait.
+    pub fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(d),
+            Stream::Unix(s) => s.set_read_timeout(d),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes a blocked write give up after `d` (a stalled peer).
+    pub fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(d),
+            Stream::Unix(s) => s.set_write_timeout(d),
+            _ => Ok(()),
+        }
+    }
+
+    /// A second handle on the same socket (None for files).
+    pub fn try_clone(&self) -> Option<Stream> {
+        match self {
+            Stream::Tcp(s) => s.try_clone().ok().map(Stream::Tcp),
+            Stream::Unix(s) => s.try_clone().ok().map(Stream::Unix),
+            _ => None,
+        }
+    }
+
+    /// Makes a read blocked on this socket (in any thread) return end-of-stream.
+    pub fn shutdown_read(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Read),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Read),
+            _ => Ok(()),
+        };
+    }
+
+    /// Ends the stream: data is flushed, and for a file made durable.
+    pub fn finish(&mut self) -> io::Result<()> {
+        match self {
+            Stream::File(f) => {
+                f.flush()?;
+                f.get_ref().sync_all()
+            }
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+            Stream::FileIn(_) => Ok(()),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(b),
+            Stream::Unix(s) => s.read(b),
+            Stream::FileIn(f) => f.read(b),
+            Stream::File(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a snapshot being written is not read",
+            )),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(b),
+            Stream::Unix(s) => s.write(b),
+            Stream::File(f) => f.write(b),
+            Stream::FileIn(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a snapshot being read is not written",
+            )),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+            Stream::File(f) => f.flush(),
+            Stream::FileIn(_) => Ok(()),
+        }
+    }
+}
+
+/// The destination's end: a listening socket, or a snapshot to read.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+    File(PathBuf),
+}
+
+impl Listener {
+    pub fn bind(t: &Target) -> io::Result<Listener> {
+        match t {
+            Target::Tcp(a) => TcpListener::bind(a.as_str()).map(Listener::Tcp),
+            Target::Unix(p) => {
+                // A stale socket from a dead process is replaced; a live one is not.
+                if p.exists() && UnixStream::connect(p).is_err() {
+                    std::fs::remove_file(p)?;
+                }
+                UnixListener::bind(p).map(|l| Listener::Unix(l, p.clone()))
+            }
+            Target::File(p) => {
+                File::open(p)?;
+                Ok(Listener::File(p.clone()))
+            }
+        }
+    }
+
+    /// The address a source should use (with the real port when asked for port 0).
+    pub fn local(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| format!("tcp:{a}"))
+                .unwrap_or_default(),
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+            Listener::File(p) => format!("file:{}", p.display()),
+        }
+    }
+
+    /// The next connection, waiting at most `timeout` (None = forever).
+    pub fn accept(&self, timeout: Option<Duration>) -> io::Result<Stream> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let wait = |nonblocking: &dyn Fn(bool) -> io::Result<()>| -> io::Result<()> {
+            nonblocking(deadline.is_some())
+        };
+        loop {
+            let r = match self {
+                Listener::Tcp(l) => {
+                    wait(&|b| l.set_nonblocking(b))?;
+                    l.accept().map(|(s, _)| {
+                        let _ = s.set_nodelay(true);
+                        Stream::Tcp(s)
+                    })
+                }
+                Listener::Unix(l, _) => {
+                    wait(&|b| l.set_nonblocking(b))?;
+                    l.accept().map(|(s, _)| Stream::Unix(s))
+                }
+                Listener::File(p) => {
+                    return File::open(p)
+                        .map(|f| Stream::FileIn(io::BufReader::with_capacity(1 << 20, f)))
+                }
+            };
+            match r {
+                Ok(s) => {
+                    // Accepted sockets may inherit non-blocking mode: undo it.
+                    match &s {
+                        Stream::Tcp(t) => t.set_nonblocking(false)?,
+                        Stream::Unix(u) => u.set_nonblocking(false)?,
+                        _ => {}
+                    }
+                    return Ok(s);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no connection came in time",
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(
+            Target::parse("tcp:127.0.0.1:4444").unwrap(),
+            Target::Tcp("127.0.0.1:4444".into())
+        );
+        assert_eq!(
+            Target::parse("unix:/tmp/x").unwrap(),
+            Target::Unix("/tmp/x".into())
+        );
+        assert_eq!(
+            Target::parse("file:/tmp/snap").unwrap(),
+            Target::File("/tmp/snap".into())
+        );
+        for bad in [
+            "",
+            "tcp:",
+            "tcp:host",
+            "tcp:host:99999",
+            "udp:x:1",
+            "file:",
+            "x",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

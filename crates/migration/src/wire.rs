@@ -1,0 +1,523 @@
+//! The migration stream's wire format: frames, each a fixed 16-byte header and a payload
+//! protected by a CRC32. Everything read from the network is hostile: every length,
+//! count and kind is checked here before anything uses it, and a bad frame is an error,
+//! never a panic or an allocation the sender chose.
+//!
+//! Header (little endian): magic u32 "GDWM", kind u8, 3 reserved bytes (zero), payload
+//! length u32, CRC32 (IEEE) of the payload u32.
+//!
+//! A stream: the source sends HELLO (its VM's shape and versions); the destination answers
+//! ACCEPT or REFUSE. Extra data connections open with JOIN. Then PAGES and ZERO frames
+//! (pre-copy rounds); at switchover END on every data connection, then STATE and COMPLETE
+//! on the main one. The destination answers READY once it holds and has loaded the whole
+//! state; the source then gives the VM up with GO, and the destination answers STARTED
+//! once its vCPUs run. ABORT (either way) ends a migration with a reason. A snapshot file
+//! is the same stream without the answers.
+
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read, Write};
+
+pub const MAGIC: u32 = u32::from_le_bytes(*b"GDWM");
+/// Bumped on any incompatible change; a destination refuses any other.
+pub const WIRE_VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 16;
+pub const PAGE_SIZE: usize = 4096;
+/// Pages carried by one PAGES frame.
+pub const PAGES_PER_FRAME: usize = 64;
+/// The largest payload a receiver accepts (a VM state image is far smaller).
+pub const MAX_PAYLOAD: usize = 8 << 20;
+/// The most zero runs one ZERO frame may carry.
+pub const MAX_ZERO_RUNS: usize = 65536;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    Accept = 2,
+    Refuse = 3,
+    Join = 4,
+    Pages = 5,
+    Zero = 6,
+    End = 7,
+    State = 8,
+    Complete = 9,
+    Ready = 10,
+    Go = 11,
+    Started = 12,
+    Abort = 13,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match b {
+            1 => Hello,
+            2 => Accept,
+            3 => Refuse,
+            4 => Join,
+            5 => Pages,
+            6 => Zero,
+            7 => End,
+            8 => State,
+            9 => Complete,
+            10 => Ready,
+            11 => Go,
+            12 => Started,
+            13 => Abort,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection closed")]
+    Closed,
+    #[error("stream truncated inside a frame")]
+    Truncated,
+    #[error("timed out waiting for the peer")]
+    Timeout,
+    #[error("I/O: {0}")]
+    Io(#[source] io::Error),
+    #[error("not a godwit migration stream (bad magic {0:#010x})")]
+    BadMagic(u32),
+    #[error("unknown frame kind {0}")]
+    BadKind(u8),
+    #[error("frame of {0} bytes is larger than the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(u32),
+    #[error("{kind:?} frame is corrupt: CRC {got:#010x}, expected {want:#010x}")]
+    BadCrc { kind: Kind, got: u32, want: u32 },
+    #[error("malformed {0:?} frame: {1}")]
+    Malformed(Kind, String),
+}
+
+fn io_err(e: io::Error) -> WireError {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => WireError::Truncated,
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => WireError::Timeout,
+        _ => WireError::Io(e),
+    }
+}
+
+/// What the source tells the destination first.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Hello {
+    pub wire_version: u32,
+    pub state_version: u32,
+    pub shape: godwit_vmm::state::VmShape,
+    pub guest: String,
+    pub memory_mib: u64,
+    /// Data connections, the main one included.
+    pub connections: u32,
+    /// Ties the extra connections to this migration.
+    pub session: u64,
+    /// Whether this is a file (no answers will come).
+    pub snapshot: bool,
+}
+
+/// Totals the sender counts and the receiver checks (END and COMPLETE).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Totals {
+    pub pages: u64,
+    pub zero_pages: u64,
+}
+
+/// A decoded frame, borrowing its payload from the read buffer.
+#[derive(Debug, PartialEq)]
+pub enum Frame<'a> {
+    Hello(Hello),
+    Accept,
+    Refuse(String),
+    Join {
+        session: u64,
+        index: u32,
+    },
+    /// Guest-physical addresses (validated only as numbers here) and their pages.
+    Pages {
+        gpas: Vec<u64>,
+        data: &'a [u8],
+    },
+    /// Runs of zero pages: (first guest-physical address, page count).
+    Zero(Vec<(u64, u32)>),
+    End(Totals),
+    /// A serialised `VmState`, parsed by the receiver after its own checks.
+    State(&'a [u8]),
+    Complete(Totals),
+    Ready,
+    Go,
+    Started,
+    Abort(String),
+}
+
+impl Frame<'_> {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Frame::Hello(_) => Kind::Hello,
+            Frame::Accept => Kind::Accept,
+            Frame::Refuse(_) => Kind::Refuse,
+            Frame::Join { .. } => Kind::Join,
+            Frame::Pages { .. } => Kind::Pages,
+            Frame::Zero(_) => Kind::Zero,
+            Frame::End(_) => Kind::End,
+            Frame::State(_) => Kind::State,
+            Frame::Complete(_) => Kind::Complete,
+            Frame::Ready => Kind::Ready,
+            Frame::Go => Kind::Go,
+            Frame::Started => Kind::Started,
+            Frame::Abort(_) => Kind::Abort,
+        }
+    }
+}
+
+fn header(kind: Kind, payload: &[u8]) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4] = kind as u8;
+    h[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    h
+}
+
+/// Writes one frame whose payload is already encoded.
+pub fn write_raw(w: &mut impl Write, kind: Kind, payload: &[u8]) -> io::Result<()> {
+    debug_assert!(payload.len() <= MAX_PAYLOAD);
+    w.write_all(&header(kind, payload))?;
+    w.write_all(payload)
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("plain data serialises")
+}
+
+/// Encodes and writes a frame (PAGES frames are built with `PagesFrame` instead).
+pub fn write_frame(w: &mut impl Write, f: &Frame) -> io::Result<()> {
+    let payload: Vec<u8> = match f {
+        Frame::Hello(h) => json(h),
+        Frame::Accept | Frame::Ready | Frame::Go | Frame::Started => Vec::new(),
+        Frame::Refuse(m) | Frame::Abort(m) => m.as_bytes().to_vec(),
+        Frame::Join { session, index } => {
+            let mut p = session.to_le_bytes().to_vec();
+            p.extend_from_slice(&index.to_le_bytes());
+            p
+        }
+        Frame::Pages { gpas, data } => {
+            let mut p = (gpas.len() as u32).to_le_bytes().to_vec();
+            for g in gpas {
+                p.extend_from_slice(&g.to_le_bytes());
+            }
+            p.extend_from_slice(data);
+            p
+        }
+        Frame::Zero(runs) => {
+            let mut p = (runs.len() as u32).to_le_bytes().to_vec();
+            for (g, n) in runs {
+                p.extend_from_slice(&g.to_le_bytes());
+                p.extend_from_slice(&n.to_le_bytes());
+            }
+            p
+        }
+        Frame::End(t) | Frame::Complete(t) => json(t),
+        Frame::State(s) => s.to_vec(),
+    };
+    write_raw(w, f.kind(), &payload)
+}
+
+/// Builds a PAGES frame in one reusable buffer: header, count, addresses, then data, so
+/// that it goes out in a single write.
+pub struct PagesFrame {
+    buf: Vec<u8>,
+    count: usize,
+}
+
+impl Default for PagesFrame {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PagesFrame {
+    const ADDRS: usize = HEADER_LEN + 4;
+    const DATA: usize = Self::ADDRS + 8 * PAGES_PER_FRAME;
+
+    pub fn new() -> Self {
+        PagesFrame {
+            buf: vec![0u8; Self::DATA + PAGES_PER_FRAME * PAGE_SIZE],
+            count: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.count == PAGES_PER_FRAME
+    }
+
+    /// The slot for the next page's data; `commit` keeps it, anything else reuses it.
+    pub fn next_slot(&mut self) -> &mut [u8] {
+        let at = Self::DATA + self.count * PAGE_SIZE;
+        &mut self.buf[at..at + PAGE_SIZE]
+    }
+
+    pub fn commit(&mut self, gpa: u64) {
+        let at = Self::ADDRS + 8 * self.count;
+        self.buf[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
+        self.count += 1;
+    }
+
+    /// Writes the frame (addresses packed against the data) and empties it. Returns the
+    /// bytes written.
+    pub fn flush(&mut self, w: &mut impl Write) -> io::Result<usize> {
+        let n = self.count;
+        if n == 0 {
+            return Ok(0);
+        }
+        // Close the gap between the used address slots and the data.
+        let addr_end = Self::ADDRS + 8 * n;
+        let start = Self::DATA - addr_end;
+        self.buf
+            .copy_within(Self::ADDRS..addr_end, start + Self::ADDRS);
+        let payload_start = start + HEADER_LEN;
+        let end = Self::DATA + n * PAGE_SIZE;
+        self.buf[payload_start..payload_start + 4].copy_from_slice(&(n as u32).to_le_bytes());
+        let h = header(Kind::Pages, &self.buf[payload_start..end]);
+        self.buf[start..payload_start].copy_from_slice(&h);
+        w.write_all(&self.buf[start..end])?;
+        self.count = 0;
+        Ok(end - start)
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Reads one frame into `buf` and decodes it. A clean end of stream before a header is
+/// `Closed`; anything cut short is `Truncated`.
+pub fn read_frame<'a>(r: &mut impl Read, buf: &'a mut Vec<u8>) -> Result<Frame<'a>, WireError> {
+    let mut h = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut h[got..]) {
+            Ok(0) if got == 0 => return Err(WireError::Closed),
+            Ok(0) => return Err(WireError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+    let magic = u32_at(&h, 0);
+    if magic != MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    let kind = Kind::from_u8(h[4]).ok_or(WireError::BadKind(h[4]))?;
+    if h[5..8] != [0, 0, 0] {
+        return Err(WireError::Malformed(
+            kind,
+            "reserved header bytes set".into(),
+        ));
+    }
+    let len = u32_at(&h, 8);
+    if len as usize > MAX_PAYLOAD {
+        return Err(WireError::TooLarge(len));
+    }
+    let want = u32_at(&h, 12);
+    buf.clear();
+    buf.resize(len as usize, 0);
+    r.read_exact(buf).map_err(io_err)?;
+    let got = crc32fast::hash(buf);
+    if got != want {
+        return Err(WireError::BadCrc { kind, got, want });
+    }
+    decode(kind, buf)
+}
+
+/// Decodes a payload whose length and CRC have been checked.
+pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
+    let bad = |m: String| WireError::Malformed(kind, m);
+    let empty = |f: Frame<'static>| {
+        if p.is_empty() {
+            Ok(f)
+        } else {
+            Err(WireError::Malformed(kind, "unexpected payload".into()))
+        }
+    };
+    let text = || {
+        std::str::from_utf8(p)
+            .map(|s| s.chars().take(1000).collect::<String>())
+            .map_err(|_| WireError::Malformed(kind, "text is not UTF-8".into()))
+    };
+    let counted = |item: usize| -> Result<usize, WireError> {
+        if p.len() < 4 {
+            return Err(WireError::Malformed(kind, "no count".into()));
+        }
+        let n = u32_at(p, 0) as usize;
+        let need = n.checked_mul(item).and_then(|b| b.checked_add(4));
+        if need != Some(p.len()) {
+            return Err(WireError::Malformed(
+                kind,
+                format!("{n} entries do not fit {} bytes", p.len()),
+            ));
+        }
+        Ok(n)
+    };
+    match kind {
+        Kind::Hello => serde_json::from_slice(p)
+            .map(Frame::Hello)
+            .map_err(|e| bad(e.to_string())),
+        Kind::Accept => empty(Frame::Accept),
+        Kind::Ready => empty(Frame::Ready),
+        Kind::Go => empty(Frame::Go),
+        Kind::Started => empty(Frame::Started),
+        Kind::Refuse => Ok(Frame::Refuse(text()?)),
+        Kind::Abort => Ok(Frame::Abort(text()?)),
+        Kind::Join => {
+            if p.len() != 12 {
+                return Err(bad(format!("{} bytes, expected 12", p.len())));
+            }
+            Ok(Frame::Join {
+                session: u64_at(p, 0),
+                index: u32_at(p, 8),
+            })
+        }
+        Kind::Pages => {
+            let n = counted(8 + PAGE_SIZE)?;
+            if n == 0 || n > PAGES_PER_FRAME {
+                return Err(bad(format!("{n} pages (1 to {PAGES_PER_FRAME} allowed)")));
+            }
+            let gpas = (0..n).map(|i| u64_at(p, 4 + 8 * i)).collect();
+            Ok(Frame::Pages {
+                gpas,
+                data: &p[4 + 8 * n..],
+            })
+        }
+        Kind::Zero => {
+            let n = counted(12)?;
+            if n == 0 || n > MAX_ZERO_RUNS {
+                return Err(bad(format!("{n} runs (1 to {MAX_ZERO_RUNS} allowed)")));
+            }
+            Ok(Frame::Zero(
+                (0..n)
+                    .map(|i| (u64_at(p, 4 + 12 * i), u32_at(p, 12 + 12 * i)))
+                    .collect(),
+            ))
+        }
+        Kind::End => serde_json::from_slice(p)
+            .map(Frame::End)
+            .map_err(|e| bad(e.to_string())),
+        Kind::Complete => serde_json::from_slice(p)
+            .map(Frame::Complete)
+            .map_err(|e| bad(e.to_string())),
+        Kind::State => Ok(Frame::State(p)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(f: &Frame) {
+        let mut out = Vec::new();
+        write_frame(&mut out, f).unwrap();
+        let mut buf = Vec::new();
+        let got = read_frame(&mut out.as_slice(), &mut buf).unwrap();
+        assert_eq!(&got, f);
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let data = vec![7u8; 2 * PAGE_SIZE];
+        roundtrip(&Frame::Pages {
+            gpas: vec![0, 4096 * 9],
+            data: &data,
+        });
+        roundtrip(&Frame::Zero(vec![(0, 3), (1 << 32, 100)]));
+        roundtrip(&Frame::Join {
+            session: 42,
+            index: 3,
+        });
+        roundtrip(&Frame::Abort("no".into()));
+        roundtrip(&Frame::Go);
+        roundtrip(&Frame::End(Totals {
+            pages: 5,
+            zero_pages: 6,
+        }));
+    }
+
+    #[test]
+    fn pages_frame_builder_matches_the_decoder() {
+        let mut f = PagesFrame::new();
+        for i in 0..3u64 {
+            f.next_slot().fill(i as u8 + 1);
+            f.commit(i * 8192);
+        }
+        // A slot filled but not committed is not sent.
+        f.next_slot().fill(0xee);
+        let mut out = Vec::new();
+        let n = f.flush(&mut out).unwrap();
+        assert_eq!(n, out.len());
+        assert!(f.is_empty());
+        let mut buf = Vec::new();
+        match read_frame(&mut out.as_slice(), &mut buf).unwrap() {
+            Frame::Pages { gpas, data } => {
+                assert_eq!(gpas, vec![0, 8192, 16384]);
+                assert_eq!(data.len(), 3 * PAGE_SIZE);
+                assert!(data[..PAGE_SIZE].iter().all(|b| *b == 1));
+                assert!(data[2 * PAGE_SIZE..].iter().all(|b| *b == 3));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let mut out = Vec::new();
+        write_frame(&mut out, &Frame::Abort("hello".into())).unwrap();
+        let mut buf = Vec::new();
+        // Flipped payload byte.
+        let mut c = out.clone();
+        *c.last_mut().unwrap() ^= 1;
+        assert!(matches!(
+            read_frame(&mut c.as_slice(), &mut buf),
+            Err(WireError::BadCrc { .. })
+        ));
+        // Cut short.
+        assert!(matches!(
+            read_frame(&mut &out[..out.len() - 1], &mut buf),
+            Err(WireError::Truncated)
+        ));
+        assert!(matches!(
+            read_frame(&mut &out[..5], &mut buf),
+            Err(WireError::Truncated)
+        ));
+        assert!(matches!(
+            read_frame(&mut &[][..], &mut buf),
+            Err(WireError::Closed)
+        ));
+        // A huge length is refused before anything is allocated.
+        let mut c = out.clone();
+        c[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            read_frame(&mut c.as_slice(), &mut buf),
+            Err(WireError::TooLarge(_))
+        ));
+        // A count that does not match the length.
+        let mut p = 1000u32.to_le_bytes().to_vec();
+        p.extend_from_slice(&[0; 12]);
+        let mut c = Vec::new();
+        write_raw(&mut c, Kind::Zero, &p).unwrap();
+        assert!(matches!(
+            read_frame(&mut c.as_slice(), &mut buf),
+            Err(WireError::Malformed(Kind::Zero, _))
+        ));
+    }
+}
