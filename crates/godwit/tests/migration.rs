@@ -1,0 +1,738 @@
+//! Live migration between real godwit processes over real sockets: guests keep their
+//! memory and state, and every failure leaves the source running.
+
+mod common;
+
+use common::*;
+use godwit_migration::wire::{self, Frame, Kind};
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+struct Vm {
+    proc: Reaper,
+    log: PathBuf,
+    err: PathBuf,
+    sock: PathBuf,
+}
+
+fn spawn(args: &[String], log: &Path, err: &Path) -> Reaper {
+    let mut a = args.to_vec();
+    a.push("--console".into());
+    a.push(format!("file:{}", log.display()));
+    // Guest arguments go last, after `--`.
+    if let Some(i) = args.iter().position(|x| x == "--") {
+        a = args[..i].to_vec();
+        a.push("--console".into());
+        a.push(format!("file:{}", log.display()));
+        a.extend_from_slice(&args[i..]);
+    }
+    Reaper(
+        godwit()
+            .args(&a)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(err).unwrap())
+            .spawn()
+            .expect("spawn godwit"),
+    )
+}
+
+/// A source VM with an API socket.
+fn source(dir: &TempDir, name: &str, args: &[&str]) -> Vm {
+    let (log, err, sock) = (
+        dir.path(&format!("{name}.log")),
+        dir.path(&format!("{name}.err")),
+        dir.path(&format!("{name}.sock")),
+    );
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        "--api-socket".into(),
+        sock.display().to_string(),
+    ];
+    a.extend(args.iter().map(|s| s.to_string()));
+    let proc = spawn(&a, &log, &err);
+    assert!(
+        wait_for(LIMIT, || sock.exists().then_some(())).is_some(),
+        "no API socket: {}",
+        read(&err)
+    );
+    Vm {
+        proc,
+        log,
+        err,
+        sock,
+    }
+}
+
+/// A destination waiting on a TCP port of its choosing; returns it and its address.
+fn destination(dir: &TempDir, name: &str, extra: &[&str]) -> (Vm, String) {
+    let (log, err, sock) = (
+        dir.path(&format!("{name}.log")),
+        dir.path(&format!("{name}.err")),
+        dir.path(&format!("{name}.sock")),
+    );
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        "--incoming".into(),
+        "tcp:127.0.0.1:0".into(),
+        "--api-socket".into(),
+        sock.display().to_string(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    let proc = spawn(&a, &log, &err);
+    let addr = wait_for(LIMIT, || {
+        read(&err).lines().find_map(|l| {
+            l.strip_prefix("godwit: waiting for a migration on ")
+                .map(String::from)
+        })
+    })
+    .unwrap_or_else(|| panic!("destination did not listen: {}", read(&err)));
+    (
+        Vm {
+            proc,
+            log,
+            err,
+            sock,
+        },
+        addr,
+    )
+}
+
+fn migrate(src: &Vm, to: &str, extra: &[&str]) -> (Output, Value) {
+    let mut a = vec![
+        "migrate",
+        "--api-socket",
+        src.sock.to_str().unwrap(),
+        "--to",
+        to,
+        "--json",
+    ];
+    a.extend_from_slice(extra);
+    let out = run(&a, Duration::from_secs(120));
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+    (out, v)
+}
+
+fn exit_code(vm: &mut Vm, limit: Duration) -> i32 {
+    let c = &mut vm.proc.0;
+    wait_for(limit, || c.try_wait().unwrap())
+        .expect("process did not end")
+        .code()
+        .unwrap_or(-1)
+}
+
+fn wait_log(p: &Path, what: &str) {
+    assert!(
+        wait_for(LIMIT, || read(p).contains(what).then_some(())).is_some(),
+        "{what:?} never appeared in {}:\n{}",
+        p.display(),
+        read(p)
+    );
+}
+
+fn seqs(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| {
+            l.strip_prefix("heartbeat seq=")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn info(vm: &Vm) -> Value {
+    let out = run(&["info", "--api-socket", vm.sock.to_str().unwrap()], LIMIT);
+    serde_json::from_str(&stdout(&out)).unwrap_or_default()
+}
+
+/// The source still runs its guest: state running and the heartbeat still advancing.
+fn assert_source_runs(vm: &Vm) {
+    assert_eq!(info(vm)["state"], "running", "{}", read(&vm.err));
+    let n = seqs(&read(&vm.log)).len();
+    assert!(
+        wait_for(Duration::from_secs(5), || (seqs(&read(&vm.log)).len()
+            > n + 2)
+            .then_some(()))
+        .is_some(),
+        "the source guest stopped beating"
+    );
+}
+
+#[test]
+fn a_dirtier_migrated_while_dirtying_verifies_all_its_memory_on_the_destination() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-dirtier");
+    let mut src = source(
+        &dir,
+        "src",
+        &[
+            "-m",
+            "512",
+            "dirtier",
+            "--",
+            "wss=96",
+            "rate=300",
+            "seconds=5",
+            "report-every=250",
+        ],
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    wait_log(&src.log, "rate_mibs=");
+    let (out, r) = migrate(&src, &addr, &["--downtime-ms", "100"]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(r["status"], "completed");
+    assert!(r["downtime_ms"].as_f64().unwrap() > 0.0);
+    assert!(r["round_count"].as_u64().unwrap() >= 2, "{r}");
+    assert!(
+        r["bytes"]["memory_data"].as_u64().unwrap() >= 96 << 20,
+        "{r}"
+    );
+    assert!(r["bytes"]["zero_pages"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["bytes"]["state"].as_u64().unwrap() > 0);
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert!(read(&src.err).contains("the VM moved to"));
+    assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
+    let log = read(&dst.log);
+    assert!(log.contains("verify ok pages=24576"), "{log}");
+    assert!(log.contains("result=ok"), "{log}");
+    // The guest's own clock saw the pause: the gap it measured is at least the downtime.
+    let gap_us: f64 = log
+        .lines()
+        .rev()
+        .find_map(|l| {
+            l.split("max_gap_us=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    assert!(
+        gap_us / 1e3 + 1.0 >= r["downtime"]["final_pages_ms"].as_f64().unwrap(),
+        "{log}"
+    );
+}
+
+#[test]
+fn the_heartbeat_carries_on_across_migrations_back_and_forth() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-hops");
+    let mut cur = source(&dir, "hop0", &["heartbeat", "--", "period=20", "count=0"]);
+    let mut logs = vec![cur.log.clone()];
+    for hop in 1..=3 {
+        wait_log(&cur.log, "seq=");
+        std::thread::sleep(Duration::from_millis(200));
+        let (next, addr) = destination(&dir, &format!("hop{hop}"), &[]);
+        // Alternate the transport: TCP, then a Unix socket, then TCP with 3 connections.
+        let (out, r) = if hop == 2 {
+            drop(next);
+            let usock = dir.path("mig.sock");
+            let (log, err) = (dir.path("hop2.log"), dir.path("hop2.err"));
+            let a: Vec<String> = vec![
+                "run".into(),
+                "--incoming".into(),
+                format!("unix:{}", usock.display()),
+                "--api-socket".into(),
+                dir.path("hop2.sock").display().to_string(),
+            ];
+            let proc = spawn(&a, &log, &err);
+            wait_for(LIMIT, || usock.exists().then_some(())).unwrap();
+            let m = migrate(&cur, &format!("unix:{}", usock.display()), &[]);
+            assert_eq!(exit_code(&mut cur, LIMIT), 0);
+            cur = Vm {
+                proc,
+                log,
+                err,
+                sock: dir.path("hop2.sock"),
+            };
+            m
+        } else {
+            let conns = if hop == 3 { "3" } else { "1" };
+            let m = migrate(&cur, &addr, &["--connections", conns]);
+            assert_eq!(exit_code(&mut cur, LIMIT), 0);
+            cur = next;
+            m
+        };
+        assert!(out.status.success(), "hop {hop}: {}", stderr(&out));
+        assert_eq!(r["status"], "completed");
+        logs.push(cur.log.clone());
+        wait_log(&cur.log, "seq=");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    run(
+        &["shutdown", "--api-socket", cur.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    // One unbroken sequence over the four processes: nothing lost, nothing repeated.
+    let all: Vec<u64> = logs.iter().flat_map(|l| seqs(&read(l))).collect();
+    assert!(all.len() > 20, "{all:?}");
+    for (i, s) in all.iter().enumerate() {
+        assert_eq!(*s, i as u64 + 1, "sequence broken at {i}: {all:?}");
+    }
+}
+
+#[test]
+fn a_two_vcpu_guest_runs_on_after_migration() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-smp");
+    let mut src = source(&dir, "src", &["--vcpus", "2", "smp", "--", "ms=2500"]);
+    let (mut dst, addr) = destination(&dir, "dst", &["--vcpus", "2"]);
+    wait_log(&src.log, "vcpu 1 online");
+    std::thread::sleep(Duration::from_millis(500));
+    let (out, r) = migrate(&src, &addr, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(r["status"], "completed");
+    assert_eq!(exit_code(&mut src, LIMIT), 0);
+    // Both vCPUs were mid-loop: the guest finishes on the destination with both counting.
+    assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.log));
+    assert!(read(&dst.log).contains("vcpus=2 concurrent=2 result=ok"));
+}
+
+#[test]
+fn auto_converge_throttles_a_guest_that_outpaces_the_bandwidth_limit() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-converge");
+    let mut src = source(
+        &dir,
+        "src",
+        &[
+            "-m",
+            "256",
+            "dirtier",
+            "--",
+            "wss=32",
+            "rate=0",
+            "seconds=0",
+            "report-every=500",
+        ],
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    wait_log(&src.log, "rate_mibs=");
+    let (out, r) = migrate(
+        &src,
+        &addr,
+        &["--max-bandwidth", "48M", "--downtime-ms", "30"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["throttled"], true, "{r}");
+    assert!(r["max_throttle_pct"].as_u64().unwrap() >= 20);
+    assert!(r["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["throttle_pct"].as_u64() > Some(0)));
+    assert_eq!(exit_code(&mut src, LIMIT), 0);
+    // The guest runs on, unthrottled, and its memory is intact.
+    wait_log(&dst.log, "window_gap_us");
+    run(
+        &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    exit_code(&mut dst, LIMIT);
+}
+
+#[test]
+fn a_snapshot_file_restores_the_vm_where_it_stopped() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-file");
+    let snap = dir.path("vm.snap");
+    let mut src = source(&dir, "src", &["heartbeat", "--", "period=20", "count=60"]);
+    wait_log(&src.log, "seq=10 ");
+    let (out, r) = migrate(&src, &format!("file:{}", snap.display()), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(r["status"], "completed");
+    assert_eq!(exit_code(&mut src, LIMIT), 0);
+    let o = run(
+        &[
+            "run",
+            "--incoming",
+            &format!("file:{}", snap.display()),
+            "--console",
+            "stdout",
+        ],
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let all: Vec<u64> = seqs(&read(&src.log))
+        .into_iter()
+        .chain(seqs(&stdout(&o)))
+        .collect();
+    assert_eq!(all, (1..=60).collect::<Vec<_>>());
+    // A damaged snapshot is refused with a clear error, and nothing runs.
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x55;
+    std::fs::write(&snap, &bytes).unwrap();
+    let o = run(
+        &["run", "--incoming", &format!("file:{}", snap.display())],
+        LIMIT,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("corrupt"), "{}", stderr(&o));
+    assert!(seqs(&stdout(&o)).is_empty());
+}
+
+#[test]
+fn a_refused_configuration_leaves_the_source_running() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-refuse");
+    let src = source(
+        &dir,
+        "src",
+        &["-m", "256", "heartbeat", "--", "period=20", "count=0"],
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &["--memory", "128"]);
+    wait_log(&src.log, "seq=");
+    let (out, r) = migrate(&src, &addr, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(r["status"], "failed");
+    assert_eq!(r["source_running"], true);
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains("refused") && e.contains("--memory 128"), "{e}");
+    assert_eq!(exit_code(&mut dst, LIMIT), 1);
+    assert!(read(&dst.err).contains("256 MiB"), "{}", read(&dst.err));
+    assert_source_runs(&src);
+}
+
+#[test]
+fn a_destination_killed_mid_stream_leaves_the_source_running_and_intact() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-kill");
+    let mut src = source(
+        &dir,
+        "src",
+        &[
+            "-m",
+            "256",
+            "dirtier",
+            "--",
+            "wss=48",
+            "rate=50",
+            "seconds=0",
+            "verify-every=1",
+        ],
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    wait_log(&src.log, "touched");
+    let sock = src.sock.clone();
+    let m = std::thread::spawn(move || {
+        run(
+            &[
+                "migrate",
+                "--api-socket",
+                sock.to_str().unwrap(),
+                "--to",
+                &addr,
+                "--max-bandwidth",
+                "8M",
+                "--json",
+            ],
+            Duration::from_secs(60),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = dst.proc.0.kill();
+    let out = m.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(r["status"], "failed");
+    assert_eq!(r["source_running"], true);
+    // Dirty logging and the throttle are gone and the guest verifies its memory again.
+    let before = read(&src.log).matches("verify ok").count();
+    assert!(
+        wait_for(Duration::from_secs(10), || (read(&src.log)
+            .matches("verify ok")
+            .count()
+            >= before + 2)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        read(&src.log)
+    );
+    assert!(!read(&src.log).contains("FAILED"));
+    assert_eq!(info(&src)["state"], "running");
+    run(
+        &["shutdown", "--api-socket", src.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    assert_eq!(exit_code(&mut src, LIMIT), 0);
+}
+
+#[test]
+fn a_migration_can_be_cancelled_through_the_api() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-cancel");
+    let src = source(
+        &dir,
+        "src",
+        &[
+            "-m",
+            "256",
+            "dirtier",
+            "--",
+            "wss=64",
+            "rate=20",
+            "seconds=0",
+        ],
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    wait_log(&src.log, "touched");
+    let sock = src.sock.clone();
+    let m = std::thread::spawn(move || {
+        run(
+            &[
+                "migrate",
+                "--api-socket",
+                sock.to_str().unwrap(),
+                "--to",
+                &addr,
+                "--max-bandwidth",
+                "8M",
+                "--json",
+            ],
+            Duration::from_secs(60),
+        )
+    });
+    // While it runs, the API reports progress, and refuses pause and a second migration.
+    let sock = src.sock.to_str().unwrap();
+    wait_for(LIMIT, || {
+        let o = run(&["info", "--api-socket", sock], LIMIT);
+        let _ = o;
+        let (c, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").ok()?;
+        let v: Value = serde_json::from_str(&b).ok()?;
+        (c == 200 && v["active"] == true && v["progress"]["bytes_sent"].as_u64()? > 0).then_some(())
+    })
+    .expect("no progress");
+    let (c, _) = godwit_vmm::api::call(&src.sock, "PUT", "vm.pause").unwrap();
+    assert_eq!(c, 409);
+    let o = run(
+        &["migrate", "--api-socket", sock, "--to", "tcp:127.0.0.1:1"],
+        LIMIT,
+    );
+    assert!(stderr(&o).contains("already running"), "{}", stderr(&o));
+    let o = run(&["migrate-cancel", "--api-socket", sock], LIMIT);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert_eq!(r["source_running"], true);
+    assert_eq!(exit_code(&mut dst, LIMIT), 1);
+    assert!(read(&dst.err).contains("aborted"), "{}", read(&dst.err));
+    assert_eq!(info(&src)["state"], "running");
+    let (c, _) = godwit_vmm::api::call(&src.sock, "PUT", "vm.migrate-cancel").unwrap();
+    assert_eq!(c, 409);
+}
+
+/// A man in the middle that forwards the first `keep` bytes from source to destination
+/// and then damages the stream as `how` says; the other direction passes untouched.
+fn proxy(to: String, keep: usize, how: &'static str) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (mut a, _) = l.accept().unwrap();
+        let mut b = TcpStream::connect(to.strip_prefix("tcp:").unwrap()).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = b2.read(&mut buf) {
+                if n == 0 || a2.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut buf = vec![0u8; 65536];
+        let mut passed = 0usize;
+        loop {
+            let n = match a.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let chunk = &mut buf[..n];
+            if passed + n > keep {
+                let at = keep.saturating_sub(passed);
+                match how {
+                    "flip" => {
+                        chunk[at] ^= 0x40;
+                        let _ = b.write_all(chunk);
+                        passed += n;
+                        // Keep forwarding the rest unchanged.
+                        continue;
+                    }
+                    _ => {
+                        let _ = b.write_all(&chunk[..at]);
+                        break;
+                    }
+                }
+            }
+            if b.write_all(chunk).is_err() {
+                break;
+            }
+            passed += n;
+        }
+        let _ = a.shutdown(std::net::Shutdown::Both);
+        let _ = b.shutdown(std::net::Shutdown::Both);
+    });
+    addr
+}
+
+#[test]
+fn corrupt_and_truncated_streams_are_refused_and_the_source_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-mitm");
+    let src = source(
+        &dir,
+        "src",
+        &[
+            "-m",
+            "128",
+            "dirtier",
+            "--",
+            "wss=32",
+            "rate=10",
+            "seconds=0",
+            "verify-every=1",
+        ],
+    );
+    wait_log(&src.log, "touched");
+    for (i, (how, keep, want)) in [
+        ("flip", 3 << 20, "corrupt"),
+        ("cut", 2 << 20, "closed"),
+        ("cut", 100, "closed"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (mut dst, addr) = destination(&dir, &format!("dst{i}"), &[]);
+        let via = proxy(addr, keep, how);
+        let (out, r) = migrate(&src, &via, &[]);
+        assert_eq!(out.status.code(), Some(1), "{how}: {}", stdout(&out));
+        assert_eq!(r["status"], "failed");
+        assert_eq!(r["source_running"], true);
+        assert_eq!(exit_code(&mut dst, LIMIT), 1, "{how}");
+        let e = read(&dst.err);
+        assert!(e.contains(want) || e.contains("truncated"), "{how}: {e}");
+        assert!(!e.contains("panicked"), "{e}");
+        assert_eq!(info(&src)["state"], "running");
+    }
+    let n = read(&src.log).matches("verify ok").count();
+    wait_for(Duration::from_secs(10), || {
+        (read(&src.log).matches("verify ok").count() > n).then_some(())
+    })
+    .expect("the source guest stopped verifying");
+    assert!(!read(&src.log).contains("FAILED"));
+}
+
+/// A destination that takes everything and never confirms: the source must take its VM
+/// back; and one that confirms, then vanishes before GO is answered.
+#[test]
+fn without_the_destination_s_confirmation_the_source_resumes() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-noready");
+    let src = source(&dir, "src", &["heartbeat", "--", "period=20", "count=0"]);
+    wait_log(&src.log, "seq=");
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", l.local_addr().unwrap());
+    let fake = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut buf = Vec::new();
+        let mut kinds = Vec::new();
+        loop {
+            match wire::read_frame(&mut c, &mut buf) {
+                Ok(Frame::Hello(_)) => {
+                    wire::write_frame(&mut c, &Frame::Accept).unwrap();
+                    kinds.push(Kind::Hello);
+                }
+                Ok(f) => {
+                    let k = f.kind();
+                    kinds.push(k);
+                    if k == Kind::Complete {
+                        break;
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        drop(c); // no READY
+        kinds
+    });
+    let (out, r) = migrate(&src, &addr, &[]);
+    let kinds = fake.join().unwrap();
+    assert!(kinds.contains(&Kind::State), "{kinds:?}");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(r["status"], "failed");
+    assert_eq!(r["source_running"], true, "{r}");
+    assert_source_runs(&src);
+}
+
+#[test]
+fn hostile_input_on_the_destination_is_a_clear_error() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-hostile");
+    let hello = |version: u32| {
+        let mut v: Value = serde_json::json!({
+            "wire_version": version, "state_version": 2, "guest": "x", "memory_mib": 256,
+            "connections": 1, "session": 1, "snapshot": false,
+            "shape": {"ram": [{"start": 0, "size": 268435456u64}], "vcpus": 1, "kind": "Godwit", "pci": [[0, "host-bridge"]]}
+        });
+        v["wire_version"] = version.into();
+        let mut out = Vec::new();
+        wire::write_raw(&mut out, Kind::Hello, v.to_string().as_bytes()).unwrap();
+        out
+    };
+    let mut garbage = vec![0u8; 64];
+    garbage[..4].copy_from_slice(b"HTTP");
+    let mut page_outside = hello(wire::WIRE_VERSION);
+    let mut p = 1u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    p.extend_from_slice(&[0xaa; 4096]);
+    wire::write_raw(&mut page_outside, Kind::Pages, &p).unwrap();
+    for (name, bytes, want) in [
+        ("garbage", garbage, "not a godwit migration stream"),
+        ("version", hello(99), "wire version 99"),
+        ("outside", page_outside, "not a page of guest RAM"),
+    ] {
+        let (mut dst, addr) = destination(&dir, &format!("dst-{name}"), &[]);
+        let mut c = TcpStream::connect(addr.strip_prefix("tcp:").unwrap()).unwrap();
+        c.write_all(&bytes).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut sink = Vec::new();
+        let _ = c.read_to_end(&mut sink);
+        assert_eq!(exit_code(&mut dst, LIMIT), 1, "{name}");
+        let e = read(&dst.err);
+        assert!(e.contains(want), "{name}: {e}");
+        assert!(!e.contains("panicked"), "{e}");
+        assert!(read(&dst.log).is_empty(), "{name}: a guest ran");
+    }
+}
