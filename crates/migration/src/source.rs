@@ -31,6 +31,8 @@ const THROTTLE_MAX: u32 = 99;
 /// Rounds at full throttle after which the driver switches over even above the limit.
 const ROUNDS_AT_MAX_THROTTLE: u32 = 5;
 const MAX_ROUNDS: u32 = 200;
+/// An expected downtime this small ends pre-copy at once.
+const SMALL_DOWNTIME_MS: f64 = 5.0;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Options {
@@ -376,7 +378,12 @@ impl Session<'_> {
                 skipped_redirtied: skipped,
             };
             todo = dirty;
-            let reason = if expected <= limit {
+            // Fitting the limit is enough to stop, but while a round still halves the
+            // dirty set another one is cheap and shortens the pause; below a few ms the
+            // fixed costs dominate and further rounds gain nothing.
+            let shrinking = n * 2 <= sent.pages + sent.zero_pages + skipped;
+            let good_enough = expected <= (limit / 4.0).max(SMALL_DOWNTIME_MS);
+            let reason = if expected <= limit && (good_enough || !shrinking) {
                 Some(format!(
                     "expected downtime {expected:.1} ms fits the {limit} ms limit"
                 ))
