@@ -383,7 +383,9 @@ impl Session<'_> {
             // fixed costs dominate and further rounds gain nothing.
             let shrinking = n * 2 <= sent.pages + sent.zero_pages + skipped;
             let good_enough = expected <= (limit / 4.0).max(SMALL_DOWNTIME_MS);
-            let reason = if expected <= limit && (good_enough || !shrinking) {
+            let reason = if n == 0 {
+                Some("no dirty pages left".into())
+            } else if expected <= limit && (good_enough || !shrinking) {
                 Some(format!(
                     "expected downtime {expected:.1} ms fits the {limit} ms limit"
                 ))

@@ -133,7 +133,9 @@ pub struct ApiServer {
 }
 
 fn respond(req: tiny_http::Request, code: u16, body: serde_json::Value) {
+    // A plain Content-Length body (never chunked): clients read to the end.
     let resp = tiny_http::Response::from_string(body.to_string())
+        .with_chunked_threshold(usize::MAX)
         .with_status_code(code)
         .with_header(
             tiny_http::Header::from_bytes("Content-Type", "application/json")
