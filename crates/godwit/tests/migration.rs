@@ -119,6 +119,25 @@ fn migrate(src: &Vm, to: &str, extra: &[&str]) -> (Output, Value) {
     (out, v)
 }
 
+/// A migration capped at 8 MiB/s (several seconds for these guests), in the background.
+fn slow_migration(src: &Vm, to: String) -> std::thread::JoinHandle<Output> {
+    let sock = src.sock.clone();
+    std::thread::spawn(move || {
+        let s = sock.to_str().unwrap();
+        let a = [
+            "migrate",
+            "--api-socket",
+            s,
+            "--to",
+            &to,
+            "--max-bandwidth",
+            "8M",
+            "--json",
+        ];
+        run(&a, Duration::from_secs(60))
+    })
+}
+
 fn exit_code(vm: &mut Vm, limit: Duration) -> i32 {
     let c = &mut vm.proc.0;
     wait_for(limit, || c.try_wait().unwrap())
@@ -438,22 +457,7 @@ fn a_destination_killed_mid_stream_leaves_the_source_running_and_intact() {
     );
     let (mut dst, addr) = destination(&dir, "dst", &[]);
     wait_log(&src.log, "touched");
-    let sock = src.sock.clone();
-    let m = std::thread::spawn(move || {
-        run(
-            &[
-                "migrate",
-                "--api-socket",
-                sock.to_str().unwrap(),
-                "--to",
-                &addr,
-                "--max-bandwidth",
-                "8M",
-                "--json",
-            ],
-            Duration::from_secs(60),
-        )
-    });
+    let m = slow_migration(&src, addr);
     std::thread::sleep(Duration::from_millis(1500));
     let _ = dst.proc.0.kill();
     let out = m.join().unwrap();
@@ -503,22 +507,7 @@ fn a_migration_can_be_cancelled_through_the_api() {
     );
     let (mut dst, addr) = destination(&dir, "dst", &[]);
     wait_log(&src.log, "touched");
-    let sock = src.sock.clone();
-    let m = std::thread::spawn(move || {
-        run(
-            &[
-                "migrate",
-                "--api-socket",
-                sock.to_str().unwrap(),
-                "--to",
-                &addr,
-                "--max-bandwidth",
-                "8M",
-                "--json",
-            ],
-            Duration::from_secs(60),
-        )
-    });
+    let m = slow_migration(&src, addr);
     // While it runs, the API reports progress, and refuses pause and a second migration.
     let sock = src.sock.to_str().unwrap();
     wait_for(LIMIT, || {
