@@ -22,16 +22,12 @@ struct Vm {
 }
 
 fn spawn(args: &[String], log: &Path, err: &Path) -> Reaper {
-    let mut a = args.to_vec();
+    // The console option goes before any guest arguments (which follow `--`).
+    let i = args.iter().position(|x| x == "--").unwrap_or(args.len());
+    let mut a = args[..i].to_vec();
     a.push("--console".into());
     a.push(format!("file:{}", log.display()));
-    // Guest arguments go last, after `--`.
-    if let Some(i) = args.iter().position(|x| x == "--") {
-        a = args[..i].to_vec();
-        a.push("--console".into());
-        a.push(format!("file:{}", log.display()));
-        a.extend_from_slice(&args[i..]);
-    }
+    a.extend_from_slice(&args[i..]);
     Reaper(
         godwit()
             .args(&a)
@@ -511,8 +507,6 @@ fn a_migration_can_be_cancelled_through_the_api() {
     // While it runs, the API reports progress, and refuses pause and a second migration.
     let sock = src.sock.to_str().unwrap();
     wait_for(LIMIT, || {
-        let o = run(&["info", "--api-socket", sock], LIMIT);
-        let _ = o;
         let (c, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").ok()?;
         let v: Value = serde_json::from_str(&b).ok()?;
         (c == 200 && v["active"] == true && v["progress"]["bytes_sent"].as_u64()? > 0).then_some(())

@@ -165,7 +165,6 @@ impl Session<'_> {
     fn connect(&mut self) -> Result<(), Fail> {
         let m = &self.h.machine;
         let session = (std::process::id() as u64) << 32
-            ^ Instant::now().elapsed().as_nanos() as u64
             ^ std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
@@ -331,12 +330,11 @@ impl Session<'_> {
     }
 
     fn learn_bandwidth(&mut self, sent: &Sent, d: Duration) {
-        // Small rounds say more about latency than bandwidth.
+        // Small rounds say more about latency than bandwidth; the floor keeps a tiny
+        // first round from promising nothing can ever fit.
         if sent.bytes >= 4 << 20 || self.bandwidth == 0.0 {
             let bw = sent.bytes as f64 / d.as_secs_f64().max(1e-6);
-            if sent.bytes >= 1 << 20 || self.bandwidth == 0.0 {
-                self.bandwidth = bw.max(64.0 * (1 << 20) as f64);
-            }
+            self.bandwidth = bw.max(64.0 * (1 << 20) as f64);
         }
     }
 

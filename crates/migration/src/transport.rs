@@ -213,22 +213,19 @@ impl Listener {
     /// The next connection, waiting at most `timeout` (None = forever).
     pub fn accept(&self, timeout: Option<Duration>) -> io::Result<Stream> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
-        let wait = |nonblocking: &dyn Fn(bool) -> io::Result<()>| -> io::Result<()> {
-            nonblocking(deadline.is_some())
-        };
+        // With a deadline, poll a non-blocking listener; without one, block.
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(deadline.is_some())?,
+            Listener::Unix(l, _) => l.set_nonblocking(deadline.is_some())?,
+            Listener::File(_) => {}
+        }
         loop {
             let r = match self {
-                Listener::Tcp(l) => {
-                    wait(&|b| l.set_nonblocking(b))?;
-                    l.accept().map(|(s, _)| {
-                        let _ = s.set_nodelay(true);
-                        Stream::Tcp(s)
-                    })
-                }
-                Listener::Unix(l, _) => {
-                    wait(&|b| l.set_nonblocking(b))?;
-                    l.accept().map(|(s, _)| Stream::Unix(s))
-                }
+                Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                    let _ = s.set_nodelay(true);
+                    Stream::Tcp(s)
+                }),
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
                 Listener::File(p) => {
                     return File::open(p)
                         .map(|f| Stream::FileIn(io::BufReader::with_capacity(1 << 20, f)))
