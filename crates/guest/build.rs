@@ -31,7 +31,7 @@ fn main() {
     for d in ["rt", "programs"] {
         println!("cargo:rerun-if-changed={}", dir.join(d).display());
     }
-    for f in ["abi.rs", "guest.ld"] {
+    for f in ["abi.rs", "guest.ld", "../gpu/src/abi.rs"] {
         println!("cargo:rerun-if-changed={}", dir.join(f).display());
     }
     let out_s = out.to_str().unwrap();

@@ -194,6 +194,7 @@ fn boot(a: BootBenchArgs) -> Result<BootReport, String> {
 pub fn bench(cmd: BenchCmd) -> ExitCode {
     match cmd {
         BenchCmd::Migrate(a) => crate::bench_migrate::run(a),
+        BenchCmd::Gpu(a) => crate::bench_gpu::run(a),
         BenchCmd::Boot(a) => {
             let json = a.json;
             match boot(a) {

@@ -37,6 +37,9 @@ pub enum Command {
     /// The built-in guest images.
     #[command(subcommand)]
     Guests(GuestsCmd),
+    /// The host's virtual GPUs: profiles, status, scheduling policy.
+    #[command(subcommand)]
+    Gpu(GpuCmd),
     /// Benchmarks (side by side with QEMU where there is a peer).
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -81,6 +84,67 @@ pub struct RunArgs {
     /// Serve the HTTP/JSON API on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    /// Attach a virtual GPU function of this profile (see `godwit gpu profiles`).
+    #[arg(long, conflicts_with = "incoming")]
+    pub gpu: Option<String>,
+    #[command(flatten)]
+    pub gpu_dir: GpuDirArg,
+}
+
+#[derive(Args, Clone)]
+pub struct GpuDirArg {
+    /// The host's GPU manager directory, shared by every godwit on the host
+    /// [default: $GODWIT_GPU_DIR or /run/godwit/gpu].
+    #[arg(long)]
+    pub gpu_dir: Option<PathBuf>,
+}
+
+impl GpuDirArg {
+    pub fn dir(&self) -> PathBuf {
+        self.gpu_dir
+            .clone()
+            .unwrap_or_else(godwit_gpu::Manager::default_dir)
+    }
+}
+
+#[derive(Subcommand)]
+pub enum GpuCmd {
+    /// The vGPU profiles: frame buffer, instances per GPU, fixed scheduling share.
+    Profiles {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Each GPU, its VFs, which VM holds them, VRAM, engine time per VF.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dir: GpuDirArg,
+    },
+    /// Set a GPU's scheduling policy: best-effort, equal-share or fixed-share.
+    Policy {
+        gpu: usize,
+        policy: String,
+        #[command(flatten)]
+        dir: GpuDirArg,
+    },
+    /// (Re)define the host's GPUs; refused while any VF is in use.
+    Init {
+        /// Number of GPUs.
+        #[arg(long, default_value_t = 2)]
+        gpus: usize,
+        /// GPU model (see `godwit gpu profiles`).
+        #[arg(long, default_value = "GW-8")]
+        model: String,
+        /// breadth-first (spread, for performance) or depth-first (pack, for density).
+        #[arg(long, default_value = "breadth-first")]
+        placement: String,
+        /// Scheduling policy of every GPU.
+        #[arg(long, default_value = "best-effort")]
+        policy: String,
+        #[command(flatten)]
+        dir: GpuDirArg,
+    },
 }
 
 #[derive(Args)]
@@ -130,6 +194,25 @@ pub enum BenchCmd {
     Boot(BootBenchArgs),
     /// Live migration of the same guest by godwit and by QEMU, side by side.
     Migrate(MigrateBenchArgs),
+    /// The virtual GPU from a guest: copy bandwidth, kernel throughput, fence latency,
+    /// and the engine share of two busy VFs under each scheduling policy.
+    Gpu(GpuBenchArgs),
+}
+
+#[derive(Args)]
+pub struct GpuBenchArgs {
+    /// Repetitions of each guest measurement.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Seconds each scheduling-policy measurement lasts.
+    #[arg(long, default_value_t = 4)]
+    pub seconds: u64,
+    /// Skip the scheduling-share measurements.
+    #[arg(long)]
+    pub no_shares: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

@@ -2,8 +2,10 @@
 //! talk to a running godwit through its API socket, or measure.
 
 mod bench;
+mod bench_gpu;
 mod bench_migrate;
 mod cli;
+mod gpu;
 mod migrate;
 mod run;
 
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
         cli::Command::Migrate(a) => migrate::migrate(a),
         cli::Command::MigrateCancel(a) => run::api_call(&a.api_socket, "PUT", "vm.migrate-cancel"),
         cli::Command::Guests(g) => run::guests(g),
+        cli::Command::Gpu(g) => gpu::gpu(g),
         cli::Command::Bench(b) => bench::bench(b),
     }
 }

@@ -121,6 +121,17 @@ pub fn run(a: RunArgs) -> ExitCode {
             vcpus: a.vcpus.unwrap_or(1),
             payload,
             console,
+            gpu: a
+                .gpu
+                .as_ref()
+                .map(|profile| godwit_vmm::config::GpuRequest {
+                    profile: profile.clone(),
+                    manager_dir: a.gpu_dir.dir(),
+                    vm_name: match &a.api_socket {
+                        Some(p) => format!("{} (pid {})", p.display(), std::process::id()),
+                        None => format!("pid {}", std::process::id()),
+                    },
+                }),
         })
         .map(Pending::Booted)
         .map_err(|e| e.to_string()),

@@ -11,6 +11,10 @@ pub mod args;
 pub mod console;
 mod entry;
 mod env;
+pub mod gpu;
+/// The virtual GPU's register, command and page-table layout, shared with the device.
+#[path = "../../gpu/src/abi.rs"]
+pub mod gpu_abi;
 mod intrinsics;
 pub mod mem;
 pub mod pci;

@@ -9,6 +9,11 @@ pub fn mmio_write64(addr: u64, v: u64) {
     unsafe { core::ptr::write_volatile(addr as *mut u64, v) }
 }
 
+pub fn mmio_read64(addr: u64) -> u64 {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(addr as *const u64) }
+}
+
 pub fn mmio_read32(addr: u64) -> u32 {
     // SAFETY: as above.
     unsafe { core::ptr::read_volatile(addr as *const u32) }

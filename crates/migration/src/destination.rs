@@ -244,6 +244,7 @@ pub fn receive(l: &Listener, expect: &Expect, console: Console) -> Result<Incomi
             guest: hello.guest.clone(),
         },
         console,
+        gpu: None,
     }) {
         Ok(vm) => vm,
         Err(e) => {

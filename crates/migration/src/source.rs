@@ -561,6 +561,13 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
             return report;
         }
     };
+    if let Some(g) = &m.description().gpu {
+        report.error = Some(format!(
+            "this VM has a GPU ({} VF on gpu{}); migrating GPU state is not supported yet",
+            g.profile, g.gpu
+        ));
+        return report;
+    }
     match h.state() {
         RunState::Running | RunState::Paused => {}
         s => {

@@ -60,11 +60,23 @@ impl Console {
     }
 }
 
+/// A virtual GPU function to attach.
+#[derive(Clone, Debug)]
+pub struct GpuRequest {
+    /// A vGPU profile (see `godwit gpu profiles`).
+    pub profile: String,
+    /// The host's GPU manager directory.
+    pub manager_dir: PathBuf,
+    /// How the VM is named in `godwit gpu status`.
+    pub vm_name: String,
+}
+
 pub struct VmConfig {
     pub memory_mib: u64,
     pub vcpus: u32,
     pub payload: Payload,
     pub console: Console,
+    pub gpu: Option<GpuRequest>,
 }
 
 impl VmConfig {

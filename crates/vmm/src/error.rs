@@ -42,6 +42,8 @@ pub enum Error {
     State(String),
     #[error("the VM is not running")]
     NotRunning,
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -3,6 +3,7 @@
 use crate::arch::{cpu, linux, ring3};
 use crate::config::{Payload, VmConfig};
 use crate::control::{Control, RunState, VmExit};
+use crate::devices::gpu::{self, AttachedGpu};
 use crate::devices::pci::{Ecam, LegacyConfig, PciBus, LEGACY_PORT};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::devices::Bus;
@@ -30,6 +31,7 @@ pub struct VmDescription {
     pub ram: Vec<RamRegion>,
     pub console: String,
     pub tsc_khz: u32,
+    pub gpu: Option<crate::devices::gpu::GpuInfo>,
 }
 
 /// What other threads (the API, a migration) may touch of a running VM.
@@ -60,6 +62,7 @@ pub struct Machine {
     /// Whether KVM re-protects pages only when told (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).
     manual_dirty_protect: bool,
     dirty_logging: Mutex<bool>,
+    gpu: Option<AttachedGpu>,
 }
 
 pub struct Vm {
@@ -135,6 +138,38 @@ impl Vm {
         )
         .map_err(Error::Config)?;
 
+        let ctl = Arc::new(Control::new());
+        let ram_end = ram.iter().map(|r| r.end()).max().unwrap_or(0);
+        let gpu = match &cfg.gpu {
+            None => None,
+            Some(req) => {
+                let gpu::Parts {
+                    gpu: g,
+                    function,
+                    regs,
+                } = gpu::attach(
+                    req,
+                    gpu::Slots {
+                        fd: &fd,
+                        mem: &mem,
+                        ram_end,
+                        ctl: &ctl,
+                    },
+                )?;
+                mmio.insert(gpu::REGS_BASE, godwit_gpu::abi::REGS_SIZE, regs)
+                    .map_err(Error::Config)?;
+                pci.lock()
+                    .unwrap()
+                    .add(function)
+                    .ok_or_else(|| Error::Config("no free PCI slot".into()))?;
+                Some(g)
+            }
+        };
+        let map_top = gpu
+            .as_ref()
+            .map(|g| g.info.vram_bar + g.info.framebuffer)
+            .unwrap_or(0);
+
         let base_cpuid = cpu::supported_cpuid(&kvm)?;
         let mut vcpu_fds = Vec::new();
         for i in 0..cfg.vcpus {
@@ -149,7 +184,7 @@ impl Vm {
         let (kind, guest) = match &cfg.payload {
             Payload::Guest { name, image, args } => {
                 let (entry, end) = crate::loader::load_guest(&mem, &ram, name, image)?;
-                ring3::setup_memory(&mem, &ram, cfg.vcpus, tsc_khz, end, args)?;
+                ring3::setup_memory(&mem, &ram, cfg.vcpus, tsc_khz, end, args, map_top)?;
                 for (i, v) in vcpu_fds.iter().enumerate() {
                     let i = i as u32;
                     let base = v.get_sregs().kvm("KVM_GET_SREGS")?;
@@ -200,7 +235,6 @@ impl Vm {
                 }))
             })
             .collect();
-        let ctl = Arc::new(Control::new());
         let desc = Arc::new(VmDescription {
             guest,
             kind: kind.clone(),
@@ -209,6 +243,7 @@ impl Vm {
             ram,
             console,
             tsc_khz,
+            gpu: gpu.as_ref().map(|g| g.info.clone()),
         });
         let stats = (0..cfg.vcpus)
             .map(|_| Arc::new(VcpuStats::default()))
@@ -229,6 +264,7 @@ impl Vm {
             desc: desc.clone(),
             manual_dirty_protect,
             dirty_logging: Mutex::new(false),
+            gpu,
         });
         Ok(Vm {
             handle: VmHandle {
@@ -327,6 +363,11 @@ impl Machine {
         &self.ctx.ctl
     }
 
+    /// The attached GPU function, if any.
+    pub fn gpu(&self) -> Option<&AttachedGpu> {
+        self.gpu.as_ref()
+    }
+
     pub fn description(&self) -> &VmDescription {
         &self.desc
     }
@@ -413,6 +454,11 @@ impl Machine {
     pub fn save_state(&self) -> Result<VmState> {
         if self.ctx.ctl.state() == RunState::Running {
             return Err(Error::State("pause the VM before saving its state".into()));
+        }
+        if self.gpu.is_some() {
+            return Err(Error::State(
+                "this VM has a GPU, and saving or migrating GPU state is not supported yet".into(),
+            ));
         }
         let vcpus = self
             .vcpus

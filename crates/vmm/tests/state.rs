@@ -50,6 +50,7 @@ fn vm(program: &str, args: &str, vcpus: u32, memory_mib: u64, sink: &Sink) -> Vm
             args: args.into(),
         },
         console: Console::Writer(Box::new(sink.clone())),
+        gpu: None,
     })
     .unwrap()
 }

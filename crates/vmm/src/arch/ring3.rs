@@ -105,6 +105,7 @@ pub fn setup_memory(
     tsc_khz: u32,
     image_end: u64,
     cmdline: &str,
+    map_top: u64,
 ) -> Result<()> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(Error::Config(format!(
@@ -116,7 +117,15 @@ pub fn setup_memory(
             "guest arguments longer than {CMDLINE_MAX} bytes"
         )));
     }
-    let top = mapped_bytes(ram);
+    // Device memory above RAM (a GPU's VRAM aperture) is mapped too.
+    let top = mapped_bytes(ram).max(map_top.div_ceil(GIB) * GIB);
+    if PML4 + 0x2000 + top.div_ceil(GIB) * 0x1000 > CMDLINE {
+        return Err(Error::Config(format!(
+            "guest memory and device apertures reach {} GiB; godwit guests map at most {} GiB",
+            top / GIB,
+            (CMDLINE - PML4 - 0x2000) / 0x1000
+        )));
+    }
     let tables_end = super::paging::identity_map(mem, PML4, top, true)?;
     debug_assert!(tables_end <= CMDLINE);
 
@@ -303,7 +312,7 @@ mod tests {
     fn boot_info_lands_where_the_runtime_reads_it() {
         let mem = crate::memory::create(64 << 20).unwrap();
         let ram = crate::memory::layout(64 << 20);
-        setup_memory(&mem, &ram, 2, 2_000_000, 0x20_0000, "wss=8").unwrap();
+        setup_memory(&mem, &ram, 2, 2_000_000, 0x20_0000, "wss=8", 0).unwrap();
         let mut raw = [0u8; abi::BOOT_INFO_SIZE];
         mem.read_slice(&mut raw, GuestAddress(BOOT_INFO)).unwrap();
         let info = abi::BootInfo::decode(&raw).unwrap();
@@ -312,6 +321,7 @@ mod tests {
         mem.read_slice(&mut cmd, GuestAddress(info.cmdline_addr))
             .unwrap();
         assert_eq!(&cmd, b"wss=8");
-        assert!(setup_memory(&mem, &ram, 9, 1, 0, "").is_err());
+        assert!(setup_memory(&mem, &ram, 9, 1, 0, "", 0).is_err());
+        assert!(setup_memory(&mem, &ram, 1, 1, 0, "", 66 * GIB).is_err());
     }
 }

@@ -3,16 +3,37 @@
 
 use std::sync::{Arc, Mutex};
 
+/// A device with plain mutable state: the bus serialises its accesses (through a Mutex).
 pub trait BusDevice: Send {
     /// `offset` is relative to the start of the device's range.
     fn read(&mut self, offset: u64, data: &mut [u8]);
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// What the bus calls: a device that handles its own locking, so that an access that
+/// blocks (a GPU fence wait) does not hold up other vCPUs reaching the same device.
+pub trait SharedDevice: Send + Sync {
+    fn read(&self, offset: u64, data: &mut [u8]);
+    fn write(&self, offset: u64, data: &[u8]);
+}
+
+impl<T: BusDevice> SharedDevice for Mutex<T> {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(offset, data)
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(offset, data)
+    }
+}
+
 struct Range {
     base: u64,
     len: u64,
-    dev: Arc<Mutex<dyn BusDevice>>,
+    dev: Arc<dyn SharedDevice>,
 }
 
 #[derive(Default)]
@@ -26,7 +47,7 @@ impl Bus {
         &mut self,
         base: u64,
         len: u64,
-        dev: Arc<Mutex<dyn BusDevice>>,
+        dev: Arc<dyn SharedDevice>,
     ) -> Result<(), String> {
         if len == 0 || base.checked_add(len).is_none() {
             return Err(format!("bad range {base:#x}+{len:#x}"));
@@ -54,7 +75,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((r, off)) => {
-                r.dev.lock().unwrap().read(off, data);
+                r.dev.read(off, data);
                 true
             }
             None => {
@@ -67,7 +88,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((r, off)) => {
-                r.dev.lock().unwrap().write(off, data);
+                r.dev.write(off, data);
                 true
             }
             None => false,

@@ -1,0 +1,275 @@
+//! The CPU backend: VRAM is an anonymous host mapping (also mapped into the guest as the
+//! aperture), kernels run on the VF's engine thread.
+
+use crate::backend::{Acc, Aperture, Backend, OutOfRange};
+use crate::command::Kernel;
+use crate::kernels;
+use std::ops::Range;
+
+pub struct CpuBackend {
+    ptr: *mut u8,
+    len: u64,
+}
+
+// SAFETY: the mapping is owned by this struct for its whole life and only reached
+// through bounds-checked copies; concurrent access from the guest (through the aperture)
+// is the same race a real GPU's VRAM has, and never unsafe for the host: every access
+// copies bytes and never forms references that outlive one copy.
+unsafe impl Send for CpuBackend {}
+// SAFETY: as above.
+unsafe impl Sync for CpuBackend {}
+
+impl CpuBackend {
+    /// Maps `len` bytes of VRAM (lazily: pages exist once touched).
+    pub fn new(len: u64) -> std::io::Result<CpuBackend> {
+        if len == 0 || !len.is_multiple_of(4096) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "VRAM size must be a non-zero multiple of 4 KiB",
+            ));
+        }
+        // SAFETY: a fresh anonymous mapping; nothing else refers to that range.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: advice on the mapping just made; failure is harmless.
+        unsafe { libc::madvise(p, len as usize, libc::MADV_HUGEPAGE) };
+        Ok(CpuBackend {
+            ptr: p as *mut u8,
+            len,
+        })
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<usize, OutOfRange> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(offset as usize),
+            _ => Err(OutOfRange { offset, len }),
+        }
+    }
+
+    fn read_f32(&self, offset: u64, n: usize, out: &mut Vec<f32>) -> Result<(), OutOfRange> {
+        let o = self.check(offset, n as u64 * 4)?;
+        out.clear();
+        out.reserve(n);
+        // SAFETY: [o, o + 4n) is inside the mapping (checked); `out` has room for n
+        // floats and every bit pattern is a valid f32.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.add(o), out.as_mut_ptr() as *mut u8, n * 4);
+            out.set_len(n);
+        }
+        Ok(())
+    }
+
+    fn write_f32(&self, offset: u64, v: &[f32]) -> Result<(), OutOfRange> {
+        let o = self.check(offset, v.len() as u64 * 4)?;
+        // SAFETY: inside the mapping (checked); `v` is a separate host buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(v.as_ptr() as *const u8, self.ptr.add(o), v.len() * 4)
+        };
+        Ok(())
+    }
+}
+
+impl Drop for CpuBackend {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len as usize) };
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 4]> = std::cell::RefCell::new(Default::default());
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn vram_size(&self) -> u64 {
+        self.len
+    }
+
+    fn aperture(&self) -> Option<Aperture> {
+        Some(Aperture {
+            host: self.ptr as u64,
+            len: self.len,
+        })
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), OutOfRange> {
+        let o = self.check(offset, buf.len() as u64)?;
+        // SAFETY: inside the mapping (checked); `buf` is a separate host buffer.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(o), buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), OutOfRange> {
+        let o = self.check(offset, data.len() as u64)?;
+        // SAFETY: as in `read`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(o), data.len()) };
+        Ok(())
+    }
+
+    fn fill(&self, offset: u64, len: u64, pattern: u32) -> Result<(), OutOfRange> {
+        let o = self.check(offset, len)?;
+        if pattern == 0 {
+            // SAFETY: inside the mapping (checked).
+            unsafe { std::ptr::write_bytes(self.ptr.add(o), 0, len as usize) };
+            return Ok(());
+        }
+        let block: Vec<u8> = std::iter::repeat_n(pattern.to_le_bytes(), 1024)
+            .flatten()
+            .collect();
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(block.len() as u64) as usize;
+            // SAFETY: [o + at, + n) is inside the checked range.
+            unsafe {
+                std::ptr::copy_nonoverlapping(block.as_ptr(), self.ptr.add(o + at as usize), n)
+            };
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn copy(&self, dst: u64, src: u64, len: u64) -> Result<(), OutOfRange> {
+        let d = self.check(dst, len)?;
+        let s = self.check(src, len)?;
+        // SAFETY: both ranges inside the mapping (checked); `copy` allows overlap.
+        unsafe { std::ptr::copy(self.ptr.add(s), self.ptr.add(d), len as usize) };
+        Ok(())
+    }
+
+    fn kernel(&self, k: &Kernel, units: Range<u64>, acc: &mut Acc) -> Result<(), OutOfRange> {
+        SCRATCH.with(|s| {
+            let [a, b, c, d] = &mut *s.borrow_mut();
+            let n = (units.end - units.start) as usize;
+            let at = |base: u64, i: u64| base + 4 * i;
+            match *k {
+                Kernel::VecAdd { x, y, z, .. } | Kernel::VecMul { x, y, z, .. } => {
+                    self.read_f32(at(x, units.start), n, a)?;
+                    self.read_f32(at(y, units.start), n, b)?;
+                    if matches!(k, Kernel::VecAdd { .. }) {
+                        kernels::vec_add(a, b, c);
+                    } else {
+                        kernels::vec_mul(a, b, c);
+                    }
+                    self.write_f32(at(z, units.start), c)
+                }
+                Kernel::Axpy { x, y, a: alpha, .. } => {
+                    self.read_f32(at(x, units.start), n, a)?;
+                    self.read_f32(at(y, units.start), n, b)?;
+                    kernels::axpy(alpha, a, b);
+                    self.write_f32(at(y, units.start), b)
+                }
+                Kernel::Relu { x, out, .. } => {
+                    self.read_f32(at(x, units.start), n, a)?;
+                    kernels::relu(a);
+                    self.write_f32(at(out, units.start), a)
+                }
+                Kernel::ReduceSum { x, .. } => {
+                    self.read_f32(at(x, units.start), n, a)?;
+                    acc.f = kernels::sum(acc.f, a);
+                    Ok(())
+                }
+                Kernel::Dot { x, y, .. } => {
+                    self.read_f32(at(x, units.start), n, a)?;
+                    self.read_f32(at(y, units.start), n, b)?;
+                    acc.f = kernels::dot(acc.f, a, b);
+                    Ok(())
+                }
+                Kernel::Sgemm {
+                    a: pa,
+                    b: pb,
+                    c: pc,
+                    n: cols,
+                    k: inner,
+                    alpha,
+                    beta,
+                    ..
+                } => {
+                    self.read_f32(at(pa, units.start * inner), n * inner as usize, a)?;
+                    self.read_f32(pb, (inner * cols) as usize, b)?;
+                    self.read_f32(at(pc, units.start * cols), n * cols as usize, c)?;
+                    kernels::sgemm_rows(a, b, c, cols as usize, inner as usize, alpha, beta, d);
+                    self.write_f32(at(pc, units.start * cols), c)
+                }
+                Kernel::Stencil {
+                    input,
+                    out,
+                    f,
+                    w,
+                    h,
+                    ..
+                } => {
+                    // Rows units.start..units.end, with one halo row either side.
+                    let lo = units.start.saturating_sub(1);
+                    let hi = (units.end + 1).min(h);
+                    self.read_f32(at(input, lo * w), ((hi - lo) * w) as usize, a)?;
+                    self.read_f32(at(f, units.start * w), n * w as usize, b)?;
+                    acc.f = kernels::stencil_rows(
+                        a,
+                        (units.start - lo) as usize,
+                        b,
+                        c,
+                        w as usize,
+                        h as usize,
+                        units.start as usize,
+                        acc.f,
+                    );
+                    self.write_f32(at(out, units.start * w), c)
+                }
+                Kernel::Hash { src, .. } => {
+                    let bytes = n * 8;
+                    let o = self.check(src + units.start * 8, bytes as u64)?;
+                    let mut buf = vec![0u8; bytes];
+                    // SAFETY: inside the mapping (checked).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(self.ptr.add(o), buf.as_mut_ptr(), bytes)
+                    };
+                    acc.u = kernels::hash(acc.u, &buf);
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    fn scrub(&self) {
+        // SAFETY: the whole mapping; private anonymous pages read as zero afterwards.
+        unsafe {
+            libc::madvise(
+                self.ptr as *mut libc::c_void,
+                self.len as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+    }
+
+    fn resident_bytes(&self) -> u64 {
+        let pages = self.len.div_ceil(4096) as usize;
+        let mut v = vec![0u8; pages];
+        // SAFETY: the mapping and a vector of one byte per page.
+        let r = unsafe {
+            libc::mincore(
+                self.ptr as *mut libc::c_void,
+                self.len as usize,
+                v.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return 0;
+        }
+        v.iter().filter(|&&b| b & 1 != 0).count() as u64 * 4096
+    }
+}

@@ -1,0 +1,520 @@
+//! The host's GPU manager, shared by every godwit process on the host without a daemon:
+//! a directory (default /run/godwit/gpu, or $GODWIT_GPU_DIR) holding
+//! - `host.json`: the GPUs (model), the placement rule and each GPU's policy;
+//! - `manager.lock`: flock'd around every placement, so two VMs never take one VF;
+//! - `gpuG.shm`: each GPU's shared scheduler page (see `shm`, `sched`);
+//! - `gpuG-vfS.lock`/`.json`: a VF lease. The owning process holds an flock on the lock
+//!   file for as long as it lives; the kernel drops it when the process exits or
+//!   crashes, so a dead VM's VF is free at once with nothing to clean up (a stale .json
+//!   beside an unlocked .lock is ignored and overwritten).
+
+use crate::profile::{self, Profile};
+use crate::sched::{self, Policy, Seat};
+use crate::shm::{GpuShm, MAX_VFS};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::{Relaxed, Release};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown GPU profile {0:?} (see `godwit gpu profiles`)")]
+    UnknownProfile(String),
+    #[error("no GPU can take a {profile} VF: {why}")]
+    NoCapacity { profile: String, why: String },
+    #[error("GPU manager directory {dir}: {err}")]
+    Io { dir: PathBuf, err: std::io::Error },
+    #[error("GPU manager: {0}")]
+    Config(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Placement {
+    /// Spread VFs over GPUs: the least loaded GPU first (performance).
+    #[default]
+    BreadthFirst,
+    /// Fill one GPU before the next: the most loaded GPU with room first (density).
+    DepthFirst,
+}
+
+impl Placement {
+    pub fn parse(s: &str) -> Option<Placement> {
+        match s {
+            "breadth-first" | "breadth" => Some(Placement::BreadthFirst),
+            "depth-first" | "depth" => Some(Placement::DepthFirst),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct GpuSpec {
+    pub model: String,
+    pub policy: Policy,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HostConfig {
+    pub gpus: Vec<GpuSpec>,
+    pub placement: Placement,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            gpus: (0..2)
+                .map(|_| GpuSpec {
+                    model: "GW-8".into(),
+                    policy: Policy::BestEffort,
+                })
+                .collect(),
+            placement: Placement::BreadthFirst,
+        }
+    }
+}
+
+/// Who holds a VF (written into its lease for `godwit gpu status`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Holder {
+    pub pid: u32,
+    pub vm: String,
+    pub profile: String,
+    pub since_unix: u64,
+}
+
+pub struct Manager {
+    dir: PathBuf,
+    cfg: HostConfig,
+}
+
+/// A VF held by this process; dropping it (or dying) frees the VF.
+pub struct Lease {
+    pub gpu: usize,
+    pub slot: usize,
+    pub profile: &'static Profile,
+    shm: Arc<GpuShm>,
+    json: PathBuf,
+    _lock: File,
+}
+
+impl Lease {
+    /// This VF's seat at its GPU's scheduler. Dropping the seat marks it detached.
+    pub fn seat(&self) -> Seat {
+        Seat {
+            shm: self.shm.clone(),
+            slot: self.slot,
+        }
+    }
+
+    /// Where this VF's slice starts in its GPU's VRAM.
+    pub fn vram_offset(&self) -> u64 {
+        self.slot as u64 * self.profile.framebuffer
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.json);
+        self.shm.page().vf[self.slot].attached.store(0, Release);
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VfStatus {
+    pub slot: usize,
+    pub vram_offset: u64,
+    pub framebuffer: u64,
+    pub holder: Holder,
+    pub engine_ms: f64,
+    /// Share of the engine time used by this GPU's VFs since they attached.
+    pub engine_share: f64,
+    pub commands: u64,
+    pub errors: u64,
+    pub vram_resident: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GpuStatus {
+    pub id: usize,
+    pub model: String,
+    pub vram: u64,
+    pub policy: Policy,
+    pub profile: Option<String>,
+    pub vram_allocated: u64,
+    pub vfs: Vec<VfStatus>,
+}
+
+fn flock(f: &File, how: i32) -> std::io::Result<bool> {
+    // SAFETY: flock on an fd this process owns.
+    if unsafe { libc::flock(f.as_raw_fd(), how) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Manager {
+    pub fn default_dir() -> PathBuf {
+        std::env::var_os("GODWIT_GPU_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/godwit/gpu"))
+    }
+
+    fn io(&self, err: std::io::Error) -> Error {
+        Error::Io {
+            dir: self.dir.clone(),
+            err,
+        }
+    }
+
+    /// Opens the manager in `dir`, creating a default host (two GW-8 GPUs) on first use.
+    pub fn open(dir: &Path) -> Result<Manager> {
+        let mut m = Manager {
+            dir: dir.to_path_buf(),
+            cfg: HostConfig::default(),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| m.io(e))?;
+        let _g = m.global_lock()?;
+        let path = dir.join("host.json");
+        match std::fs::read(&path) {
+            Ok(b) => {
+                m.cfg = serde_json::from_slice(&b)
+                    .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => m.save()?,
+            Err(e) => return Err(m.io(e)),
+        }
+        for (g, spec) in m.cfg.gpus.iter().enumerate() {
+            if profile::model(&spec.model).is_none() {
+                return Err(Error::Config(format!(
+                    "GPU {g}: unknown model {:?}",
+                    spec.model
+                )));
+            }
+            m.shm(g)?.page().policy.store(spec.policy.code(), Relaxed);
+        }
+        Ok(m)
+    }
+
+    /// Rewrites the host's GPU set; refused while any VF is held.
+    pub fn init(dir: &Path, cfg: HostConfig) -> Result<Manager> {
+        if cfg.gpus.is_empty() || cfg.gpus.len() > 64 {
+            return Err(Error::Config("a host has 1 to 64 GPUs".into()));
+        }
+        for s in &cfg.gpus {
+            if profile::model(&s.model).is_none() {
+                return Err(Error::Config(format!("unknown GPU model {:?}", s.model)));
+            }
+        }
+        let mut m = Manager::open(dir)?;
+        let _g = m.global_lock()?;
+        for g in 0..m.cfg.gpus.len().max(cfg.gpus.len()) {
+            if !m.live(g)?.is_empty() {
+                return Err(Error::Config(format!("GPU {g} has VFs in use")));
+            }
+        }
+        m.cfg = cfg;
+        m.save()?;
+        for (g, spec) in m.cfg.gpus.iter().enumerate() {
+            m.shm(g)?.page().policy.store(spec.policy.code(), Relaxed);
+        }
+        Ok(m)
+    }
+
+    pub fn config(&self) -> &HostConfig {
+        &self.cfg
+    }
+
+    fn save(&self) -> Result<()> {
+        let tmp = self.dir.join("host.json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&self.cfg).expect("plain data"),
+        )
+        .and_then(|_| std::fs::rename(&tmp, self.dir.join("host.json")))
+        .map_err(|e| self.io(e))
+    }
+
+    fn global_lock(&self) -> Result<File> {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join("manager.lock"))
+            .map_err(|e| self.io(e))?;
+        flock(&f, libc::LOCK_EX).map_err(|e| self.io(e))?;
+        Ok(f)
+    }
+
+    fn shm(&self, g: usize) -> Result<GpuShm> {
+        GpuShm::open(&self.dir.join(format!("gpu{g}.shm"))).map_err(|e| self.io(e))
+    }
+
+    fn lease_paths(&self, g: usize, s: usize) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join(format!("gpu{g}-vf{s}.lock")),
+            self.dir.join(format!("gpu{g}-vf{s}.json")),
+        )
+    }
+
+    /// The held VFs of GPU `g`: (slot, holder).
+    fn live(&self, g: usize) -> Result<Vec<(usize, Holder)>> {
+        let mut out = Vec::new();
+        for s in 0..MAX_VFS {
+            let (lock, json) = self.lease_paths(g, s);
+            let Ok(f) = File::open(&lock) else { continue };
+            if flock(&f, libc::LOCK_SH | libc::LOCK_NB).map_err(|e| self.io(e))? {
+                continue; // nobody holds it
+            }
+            let holder = std::fs::read(&json)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Holder>(&b).ok())
+                .unwrap_or(Holder {
+                    pid: 0,
+                    vm: "?".into(),
+                    profile: "?".into(),
+                    since_unix: 0,
+                });
+            out.push((s, holder));
+        }
+        Ok(out)
+    }
+
+    /// Places a VF of `profile` by the host's placement rule and takes it.
+    pub fn allocate(&self, profile_name: &str, vm: &str) -> Result<Lease> {
+        let p = profile::profile(profile_name)
+            .ok_or_else(|| Error::UnknownProfile(profile_name.into()))?;
+        let _g = self.global_lock()?;
+        let mut candidates = Vec::new();
+        let mut why = Vec::new();
+        for (g, spec) in self.cfg.gpus.iter().enumerate() {
+            if spec.model != p.model {
+                why.push(format!("GPU {g} is a {}", spec.model));
+                continue;
+            }
+            let live = self.live(g)?;
+            if let Some((_, h)) = live.iter().find(|(_, h)| h.profile != p.name) {
+                why.push(format!("GPU {g} runs {} VFs", h.profile));
+                continue;
+            }
+            if live.len() >= p.max_instances as usize {
+                why.push(format!(
+                    "GPU {g} is full ({} of {})",
+                    live.len(),
+                    p.max_instances
+                ));
+                continue;
+            }
+            candidates.push((g, live));
+        }
+        let chosen = match self.cfg.placement {
+            Placement::BreadthFirst => candidates.iter().min_by_key(|(g, l)| (l.len(), *g)),
+            Placement::DepthFirst => candidates
+                .iter()
+                .max_by_key(|(g, l)| (l.len(), std::cmp::Reverse(*g))),
+        };
+        let Some((g, live)) = chosen else {
+            return Err(Error::NoCapacity {
+                profile: p.name.into(),
+                why: if why.is_empty() {
+                    "no GPUs".into()
+                } else {
+                    why.join("; ")
+                },
+            });
+        };
+        let g = *g;
+        let slot = (0..p.max_instances as usize)
+            .find(|s| !live.iter().any(|(l, _)| l == s))
+            .expect("a GPU with room has a free slot");
+        let (lock, json) = self.lease_paths(g, slot);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+            .map_err(|e| self.io(e))?;
+        if !flock(&f, libc::LOCK_EX | libc::LOCK_NB).map_err(|e| self.io(e))? {
+            return Err(Error::Config(format!(
+                "GPU {g} VF {slot} was taken meanwhile"
+            )));
+        }
+        let holder = Holder {
+            pid: std::process::id(),
+            vm: vm.into(),
+            profile: p.name.into(),
+            since_unix: unix_now(),
+        };
+        std::fs::write(&json, serde_json::to_vec(&holder).expect("plain data"))
+            .map_err(|e| self.io(e))?;
+        let shm = Arc::new(self.shm(g)?);
+        let page = shm.page();
+        page.max_vfs.store(p.max_instances, Relaxed);
+        page.policy.store(self.cfg.gpus[g].policy.code(), Relaxed);
+        let v = &page.vf[slot];
+        for c in [&v.engine_ns, &v.commands, &v.errors, &v.resident] {
+            c.store(0, Relaxed);
+        }
+        v.pid.store(holder.pid, Relaxed);
+        v.heartbeat_ns.store(sched::now_ns(), Relaxed);
+        v.attached_at_ns.store(sched::now_ns(), Relaxed);
+        v.attached.store(1, Release);
+        Ok(Lease {
+            gpu: g,
+            slot,
+            profile: p,
+            shm,
+            json,
+            _lock: f,
+        })
+    }
+
+    pub fn set_policy(&mut self, g: usize, policy: Policy) -> Result<()> {
+        let _l = self.global_lock()?;
+        let n = self.cfg.gpus.len();
+        let spec = self
+            .cfg
+            .gpus
+            .get_mut(g)
+            .ok_or_else(|| Error::Config(format!("no GPU {g} (this host has {n})")))?;
+        spec.policy = policy;
+        self.save()?;
+        self.shm(g)?.page().policy.store(policy.code(), Relaxed);
+        Ok(())
+    }
+
+    pub fn status(&self) -> Result<Vec<GpuStatus>> {
+        let mut out = Vec::new();
+        for (g, spec) in self.cfg.gpus.iter().enumerate() {
+            let model = profile::model(&spec.model).expect("checked on open");
+            let shm = self.shm(g)?;
+            let page = shm.page();
+            let live = self.live(g)?;
+            let total: u64 = live
+                .iter()
+                .map(|(s, _)| page.vf[*s].engine_ns.load(Relaxed))
+                .sum();
+            let mut vfs = Vec::new();
+            let mut profile_name = None;
+            let mut allocated = 0;
+            for (s, h) in live {
+                let v = &page.vf[s];
+                let p = profile::profile(&h.profile);
+                let fb = p.map(|p| p.framebuffer).unwrap_or(0);
+                allocated += fb;
+                profile_name.get_or_insert(h.profile.clone());
+                let ns = v.engine_ns.load(Relaxed);
+                vfs.push(VfStatus {
+                    slot: s,
+                    vram_offset: s as u64 * fb,
+                    framebuffer: fb,
+                    holder: h,
+                    engine_ms: ns as f64 / 1e6,
+                    engine_share: if total > 0 {
+                        ns as f64 / total as f64
+                    } else {
+                        0.0
+                    },
+                    commands: v.commands.load(Relaxed),
+                    errors: v.errors.load(Relaxed),
+                    vram_resident: v.resident.load(Relaxed),
+                });
+            }
+            out.push(GpuStatus {
+                id: g,
+                model: spec.model.clone(),
+                vram: model.vram,
+                policy: Policy::from_code(page.policy.load(Relaxed)),
+                profile: profile_name,
+                vram_allocated: allocated,
+                vfs,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Engine time of every VF of GPU `g` now (ns, by slot), for measuring shares.
+    pub fn engine_ns(&self, g: usize) -> Result<Vec<u64>> {
+        let shm = self.shm(g)?;
+        Ok(shm
+            .page()
+            .vf
+            .iter()
+            .map(|v| v.engine_ns.load(Relaxed))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("godwit-gpu-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn places_by_rule_keeps_one_profile_per_gpu_and_frees_on_drop() {
+        let d = tmpdir("place");
+        let m = Manager::open(&d).unwrap();
+        assert_eq!(m.config().gpus.len(), 2);
+        // Breadth-first: two VFs land on two GPUs.
+        let a = m.allocate("GW8-2C", "a").unwrap();
+        let b = m.allocate("GW8-2C", "b").unwrap();
+        assert_ne!(a.gpu, b.gpu);
+        // A different profile needs an empty GPU: there is none.
+        let e = m.allocate("GW8-4C", "c").err().unwrap();
+        assert!(matches!(e, Error::NoCapacity { .. }), "{e}");
+        assert!(e.to_string().contains("runs GW8-2C VFs"), "{e}");
+        assert!(matches!(
+            m.allocate("nope", "x"),
+            Err(Error::UnknownProfile(_))
+        ));
+        let st = m.status().unwrap();
+        assert_eq!(st[a.gpu].vfs.len(), 1);
+        assert_eq!(st[a.gpu].profile.as_deref(), Some("GW8-2C"));
+        assert_eq!(st[a.gpu].vfs[0].holder.vm, "a");
+        drop(b);
+        let st = m.status().unwrap();
+        assert_eq!(st.iter().map(|g| g.vfs.len()).sum::<usize>(), 1);
+        // Now a GPU is empty, and takes the other profile.
+        let c = m.allocate("GW8-4C", "c").unwrap();
+        assert_ne!(c.gpu, a.gpu);
+        drop((a, c));
+        // Depth-first fills GPU 0 before GPU 1.
+        let mut cfg = m.config().clone();
+        cfg.placement = Placement::DepthFirst;
+        let m = Manager::init(&d, cfg).unwrap();
+        let v: Vec<Lease> = (0..5)
+            .map(|i| m.allocate("GW8-2C", &format!("d{i}")).unwrap())
+            .collect();
+        assert_eq!(v.iter().map(|l| l.gpu).collect::<Vec<_>>(), [0, 0, 0, 0, 1]);
+        assert_eq!(
+            v.iter().map(|l| l.slot).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 0]
+        );
+        assert_eq!(v[3].vram_offset(), 6 << 30);
+        // Reconfiguring is refused while VFs are held.
+        assert!(Manager::init(&d, HostConfig::default()).is_err());
+        drop(v);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

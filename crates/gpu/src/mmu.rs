@@ -1,0 +1,204 @@
+//! The VF's GPU address space: page tables that the guest driver writes into its own
+//! VRAM, walked by the engine for every access. Every table pointer and every leaf is
+//! checked against this VF's VRAM and its VM's RAM; anything else is a GPU fault on the
+//! VA, reported to the guest, never a host error.
+
+use crate::abi::pte;
+use crate::backend::Backend;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+pub type GuestRam = vm_memory::GuestMemoryMmap<()>;
+
+const PAGE: u64 = 4096;
+const HUGE_PAGE: u64 = 2 << 20;
+
+/// Where a VA lands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Vram(u64),
+    System(u64),
+}
+
+/// A run of bytes that is contiguous both in VA and in its target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub target: Target,
+    pub len: u64,
+}
+
+/// A fault: the VA at which translation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub va: u64,
+}
+
+pub struct Mmu<'a> {
+    pub backend: &'a dyn Backend,
+    pub ram: &'a GuestRam,
+    /// VRAM offset of the L2 table.
+    pub root: u64,
+}
+
+impl Mmu<'_> {
+    fn entry(&self, table: u64, index: u64, va: u64) -> Result<u64, Fault> {
+        let mut b = [0u8; 8];
+        self.backend
+            .read(table + index * 8, &mut b)
+            .map_err(|_| Fault { va })?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// The next-level table an entry points at: valid, in VRAM, inside this VF's VRAM.
+    fn table(&self, e: u64, va: u64) -> Result<u64, Fault> {
+        let t = e & pte::ADDR_MASK;
+        if e & pte::VALID == 0 || e & pte::SYSTEM != 0 || t + PAGE > self.backend.vram_size() {
+            return Err(Fault { va });
+        }
+        Ok(t)
+    }
+
+    /// Translates one VA: its target and the bytes left in its page.
+    pub fn translate(&self, va: u64, write: bool) -> Result<(Target, u64), Fault> {
+        if va >> pte::VA_BITS != 0 || self.root.saturating_add(PAGE) > self.backend.vram_size() {
+            return Err(Fault { va });
+        }
+        let l2 = self.entry(self.root, va >> 30 & 0x1ff, va)?;
+        let l1t = self.table(l2, va)?;
+        let l1 = self.entry(l1t, va >> 21 & 0x1ff, va)?;
+        let (leaf, size) = if l1 & pte::HUGE != 0 {
+            (l1, HUGE_PAGE)
+        } else {
+            let l0t = self.table(l1, va)?;
+            (self.entry(l0t, va >> 12 & 0x1ff, va)?, PAGE)
+        };
+        if leaf & pte::VALID == 0 || (write && leaf & pte::WRITE == 0) {
+            return Err(Fault { va });
+        }
+        let base = leaf & pte::ADDR_MASK & !(size - 1);
+        let within = va & (size - 1);
+        let left = size - within;
+        let target = if leaf & pte::SYSTEM != 0 {
+            // The whole page must be this VM's RAM (one region: regions are GiB-aligned).
+            if !self.ram.check_range(GuestAddress(base), size as usize) {
+                return Err(Fault { va });
+            }
+            Target::System(base + within)
+        } else {
+            if base + size > self.backend.vram_size() {
+                return Err(Fault { va });
+            }
+            Target::Vram(base + within)
+        };
+        Ok((target, left))
+    }
+
+    /// The segments of [va, va + len), merged where contiguous. A range that wraps or
+    /// leaves the address space faults at its first bad byte.
+    pub fn segments(&self, va: u64, len: u64, write: bool) -> Result<Vec<Segment>, Fault> {
+        let mut out: Vec<Segment> = Vec::new();
+        let mut at = va;
+        let end = va.checked_add(len).ok_or(Fault { va })?;
+        while at < end {
+            let (target, left) = self.translate(at, write)?;
+            let n = left.min(end - at);
+            let joined = out.last_mut().is_some_and(|s| {
+                let next = match (s.target, target) {
+                    (Target::Vram(a), Target::Vram(b)) => a + s.len == b,
+                    (Target::System(a), Target::System(b)) => a + s.len == b,
+                    _ => false,
+                };
+                if next {
+                    s.len += n;
+                }
+                next
+            });
+            if !joined {
+                out.push(Segment { target, len: n });
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// The VRAM offset of [va, va + len), which must be one contiguous VRAM run (what
+    /// the compute engine needs). A system-memory or split range faults at its start.
+    pub fn vram_range(&self, va: u64, len: u64, write: bool) -> Result<Option<u64>, Fault> {
+        let segs = self.segments(va, len, write)?;
+        Ok(match segs.as_slice() {
+            [Segment {
+                target: Target::Vram(off),
+                ..
+            }] => Some(*off),
+            _ => None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::CpuBackend;
+
+    fn put(b: &dyn Backend, off: u64, v: u64) {
+        b.write(off, &v.to_le_bytes()).unwrap();
+    }
+
+    #[test]
+    fn walks_huge_and_small_pages_and_faults_on_everything_else() {
+        let b = CpuBackend::new(8 << 20).unwrap();
+        let ram = GuestRam::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        // Root at 7 MiB, L1 at +4K, L0 at +8K.
+        let (root, l1, l0) = (7 << 20, (7 << 20) + 4096, (7 << 20) + 8192);
+        put(&b, root, l1 | pte::VALID);
+        // VA 0: 2 MiB VRAM page at 2 MiB, writable.
+        put(&b, l1, (2 << 20) | pte::VALID | pte::WRITE | pte::HUGE);
+        // VA 2 MiB: small pages; page 0 -> guest RAM 0x3000 read-only, page 1 -> VRAM 0x5000.
+        put(&b, l1 + 8, l0 | pte::VALID);
+        put(&b, l0, 0x3000 | pte::VALID | pte::SYSTEM);
+        put(&b, l0 + 8, 0x5000 | pte::VALID | pte::WRITE);
+        // VA 4 MiB: a huge page past the end of VRAM; VA 6 MiB: guest RAM beyond RAM.
+        put(&b, l1 + 16, (8 << 20) | pte::VALID | pte::HUGE);
+        put(&b, l0 + 16, (16 << 20) | pte::VALID | pte::SYSTEM);
+        let m = Mmu {
+            backend: &b,
+            ram: &ram,
+            root,
+        };
+        assert_eq!(
+            m.translate(0x1234, true).unwrap(),
+            (Target::Vram((2 << 20) + 0x1234), (2 << 20) - 0x1234)
+        );
+        assert_eq!(
+            m.translate((2 << 20) + 5, false).unwrap(),
+            (Target::System(0x3005), 4091)
+        );
+        assert_eq!(
+            m.translate((2 << 20) + 5, true),
+            Err(Fault { va: (2 << 20) + 5 })
+        );
+        assert_eq!(m.translate(4 << 20, false), Err(Fault { va: 4 << 20 }));
+        assert_eq!(
+            m.translate((2 << 20) + 0x2000, false),
+            Err(Fault {
+                va: (2 << 20) + 0x2000
+            })
+        );
+        assert_eq!(m.translate(1 << 39, false), Err(Fault { va: 1 << 39 }));
+        // Unmapped L2 slot.
+        assert_eq!(m.translate(1 << 30, false), Err(Fault { va: 1 << 30 }));
+        // A range crossing from VRAM into the read-only system page: two segments, and a
+        // write to it faults where the read-only page starts.
+        let segs = m.segments((2 << 20) - 16, 32, false).unwrap();
+        assert_eq!(segs.len(), 2);
+        assert_eq!(
+            m.segments((2 << 20) - 16, 32, true),
+            Err(Fault { va: 2 << 20 })
+        );
+        assert_eq!(m.vram_range(0, 4096, true).unwrap(), Some(2 << 20));
+        assert_eq!(m.vram_range((2 << 20) - 16, 32, false).unwrap(), None);
+        assert!(m.segments(u64::MAX - 4, 8, false).is_err());
+        // A table pointer outside VRAM faults, too.
+        put(&b, root + 8, (64 << 20) | pte::VALID);
+        assert_eq!(m.translate(1 << 30, false), Err(Fault { va: 1 << 30 }));
+    }
+}

@@ -1,0 +1,392 @@
+//! The VF device model driven from the host: engines, page tables, errors, preemption.
+
+mod common;
+
+use common::*;
+use godwit_gpu::abi::{control, err, kernel, op, pte, reg, status};
+use godwit_gpu::cpu::CpuBackend;
+use godwit_gpu::mmu::GuestRam;
+use godwit_gpu::sched::Unshared;
+use godwit_gpu::Vf;
+use vm_memory::{Bytes, GuestAddress};
+
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) % 1000)
+        .map(|v| v as f32 / 100.0 - 5.0)
+        .collect()
+}
+
+#[test]
+fn copies_fills_and_kernels_give_the_expected_results() {
+    let mut d = Driver::new();
+    let n = 300_000usize; // more than one chunk
+    let (x, y) = (data(n, 1), data(n, 2));
+    d.put_f32(0x20_0000, &x);
+    d.put_f32(0x40_0000, &y);
+    let bytes = n as u64 * 4;
+    // RAM -> VRAM (x at 0, y at 2 MiB), VRAM -> VRAM, fill.
+    d.run(op::COPY, [0, SYS + 0x20_0000, bytes, 0, 0, 0])
+        .unwrap();
+    d.run(op::COPY, [2 << 20, SYS + 0x40_0000, bytes, 0, 0, 0])
+        .unwrap();
+    d.run(op::FILL, [8 << 20, 4096, 0x3f80_0000, 0, 0, 0])
+        .unwrap();
+    assert!(d.vram_f32(8 << 20, 1024).iter().all(|&v| v == 1.0));
+    // z = x + y at 4 MiB; y = 2x + y in place; relu; dot; sum; hash.
+    d.run(
+        op::KERNEL,
+        [kernel::VEC_ADD, 0, 2 << 20, 4 << 20, n as u64, 0],
+    )
+    .unwrap();
+    let z = d.vram_f32(4 << 20, n);
+    assert!((0..n).all(|i| z[i] == x[i] + y[i]));
+    d.run(
+        op::KERNEL,
+        [
+            kernel::AXPY,
+            0,
+            2 << 20,
+            n as u64,
+            2.0f32.to_bits() as u64,
+            0,
+        ],
+    )
+    .unwrap();
+    let y2 = d.vram_f32(2 << 20, n);
+    assert!((0..n).all(|i| y2[i] == y[i] + 2.0 * x[i]));
+    d.run(op::KERNEL, [kernel::DOT, 0, 2 << 20, n as u64, 12 << 20, 0])
+        .unwrap();
+    let mut b = [0u8; 8];
+    d.vf.backend().read(12 << 20, &mut b).unwrap();
+    let want = (0..n).fold(0f64, |s, i| s + x[i] as f64 * y2[i] as f64);
+    assert_eq!(f64::from_le_bytes(b), want);
+    d.run(
+        op::KERNEL,
+        [kernel::REDUCE_SUM, 0, n as u64, 12 << 20, 0, 0],
+    )
+    .unwrap();
+    d.vf.backend().read(12 << 20, &mut b).unwrap();
+    assert_eq!(
+        f64::from_le_bytes(b),
+        x.iter().fold(0f64, |s, &v| s + v as f64)
+    );
+    // The hash of x, computed by the engine and the ABI's word function.
+    d.run(op::KERNEL, [kernel::HASH, 0, bytes, 12 << 20, 0, 0])
+        .unwrap();
+    let raw: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let want = raw
+        .chunks_exact(8)
+        .fold(godwit_gpu::abi::HASH_SEED, |h, w| {
+            godwit_gpu::abi::hash_word(h, u64::from_le_bytes(w.try_into().unwrap()))
+        });
+    d.vf.backend().read(12 << 20, &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), want);
+    // SGEMM 40x50x30 and back to RAM through a VRAM -> RAM copy.
+    let (m, nn, k) = (40usize, 50usize, 30usize);
+    let (a, bm) = (data(m * k, 3), data(k * nn, 4));
+    d.put_f32(0x60_0000, &a);
+    d.put_f32(0x70_0000, &bm);
+    d.run(
+        op::COPY,
+        [16 << 20, SYS + 0x60_0000, (m * k * 4) as u64, 0, 0, 0],
+    )
+    .unwrap();
+    d.run(
+        op::COPY,
+        [18 << 20, SYS + 0x70_0000, (k * nn * 4) as u64, 0, 0, 0],
+    )
+    .unwrap();
+    d.run(op::FILL, [20 << 20, (m * nn * 4) as u64, 0, 0, 0, 0])
+        .unwrap();
+    let dims = m as u64 | (nn as u64) << 21 | (k as u64) << 42;
+    d.run(
+        op::KERNEL,
+        [
+            kernel::SGEMM,
+            16 << 20,
+            18 << 20,
+            20 << 20,
+            dims,
+            1.0f32.to_bits() as u64,
+        ],
+    )
+    .unwrap();
+    d.run(
+        op::COPY,
+        [SYS + 0x80_0000, 20 << 20, (m * nn * 4) as u64, 0, 0, 0],
+    )
+    .unwrap();
+    let c = d.get_f32(0x80_0000, m * nn);
+    for i in 0..m {
+        for j in 0..nn {
+            let mut s = 0f32;
+            for p in 0..k {
+                s += a[i * k + p] * bm[p * nn + j];
+            }
+            assert_eq!(c[i * nn + j], s, "C[{i},{j}]");
+        }
+    }
+    // Timestamps move forward; WRITE lands in guest RAM.
+    d.run(op::TIMESTAMP, [SYS + 0x1000, 0, 0, 0, 0, 0]).unwrap();
+    d.run(op::WRITE, [SYS + 0x1008, 0xfeed, 0, 0, 0, 0])
+        .unwrap();
+    let t: u64 = d.ram.read_obj(GuestAddress(0x1000)).unwrap();
+    assert!(t > 0 && t <= r(&d.vf, reg::TIMESTAMP));
+    assert_eq!(d.ram.read_obj::<u64>(GuestAddress(0x1008)).unwrap(), 0xfeed);
+    assert_eq!(r(&d.vf, reg::COMPLETED), 15);
+    assert!(r(&d.vf, reg::ENGINE_NS) > 0);
+    // The engine's DMA writes are reported for migration.
+    assert!(d.vf.take_dma_dirty().contains(&1));
+}
+
+/// Submits a bad command, checks the error, clears it, and checks the VF still works.
+fn contained(d: &mut Driver, opcode: u16, args: [u64; 6], code: u32, addr: Option<u64>) {
+    let f = d.submit(opcode, args);
+    let (e, a) = d.wait(f).expect_err("the bad command must fail");
+    assert_eq!(e as u32, code, "error code for {opcode} {args:?}");
+    assert_eq!(e >> 32, (d.tail + RING_SIZE - 1) % RING_SIZE, "ring index");
+    if let Some(want) = addr {
+        assert_eq!(a, want);
+    }
+    assert_ne!(r(&d.vf, reg::STATUS) & status::ERROR, 0);
+    w(&d.vf, reg::CONTROL, control::CLEAR_ERROR);
+    assert_eq!(r(&d.vf, reg::ERROR), 0);
+    d.run(op::WRITE, [SYS + 0x2000, f, 0, 0, 0, 0]).unwrap();
+    assert_eq!(d.ram.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), f);
+}
+
+#[test]
+fn bad_commands_set_an_error_and_touch_nothing_else() {
+    let mut d = Driver::new();
+    d.run(op::FILL, [0, 4096, 0x1111_1111, 0, 0, 0]).unwrap();
+    contained(&mut d, 77, [0; 6], err::BAD_OPCODE, None);
+    contained(&mut d, op::COPY, [0, 4096, 0, 0, 0, 0], err::BAD_ARGS, None);
+    // Unmapped VA, and a VA beyond the 39-bit space.
+    contained(
+        &mut d,
+        op::COPY,
+        [0, 1 << 30, 64, 0, 0, 0],
+        err::GPU_FAULT,
+        Some(1 << 30),
+    );
+    contained(
+        &mut d,
+        op::FILL,
+        [1 << 40, 64, 0, 0, 0, 0],
+        err::GPU_FAULT,
+        Some(1 << 40),
+    );
+    // Guest RAM beyond the VM's RAM (mapped by a PTE the guest wrote).
+    let l1_sys = PT + 0x2000;
+    put(
+        &d.vf,
+        l1_sys + 40 * 8,
+        (200 << 20) | pte::VALID | pte::WRITE | pte::HUGE | pte::SYSTEM,
+    );
+    contained(
+        &mut d,
+        op::WRITE,
+        [SYS + (80 << 20), 1, 0, 0, 0, 0],
+        err::GPU_FAULT,
+        Some(SYS + (80 << 20)),
+    );
+    // A leaf beyond this VF's VRAM (what another VF's slice would be).
+    put(
+        &d.vf,
+        PT + 0x1000 + 31 * 8,
+        (VRAM) | pte::VALID | pte::WRITE | pte::HUGE,
+    );
+    contained(
+        &mut d,
+        op::COPY,
+        [SYS, 31 << 21, 64, 0, 0, 0],
+        err::GPU_FAULT,
+        Some(31 << 21),
+    );
+    // A copy that ends on a read-only page faults where it starts to be read-only.
+    put(
+        &d.vf,
+        PT + 0x1000 + 30 * 8,
+        (30 << 21) | pte::VALID | pte::HUGE,
+    );
+    contained(
+        &mut d,
+        op::FILL,
+        [(30 << 21) - 64, 128, 0, 0, 0, 0],
+        err::GPU_FAULT,
+        Some(30 << 21),
+    );
+    // Kernel operands: unknown kernel, system memory, overlapping output, and
+    // overlapping copy.
+    contained(
+        &mut d,
+        op::KERNEL,
+        [99, 0, 0, 0, 0, 0],
+        err::BAD_KERNEL,
+        None,
+    );
+    contained(
+        &mut d,
+        op::KERNEL,
+        [kernel::VEC_ADD, SYS, 0, 4096, 16, 0],
+        err::BAD_OPERAND,
+        Some(SYS),
+    );
+    contained(
+        &mut d,
+        op::KERNEL,
+        [kernel::VEC_ADD, 0, 4096, 8, 1024, 0],
+        err::BAD_OPERAND,
+        None,
+    );
+    contained(&mut d, op::COPY, [0, 8, 64, 0, 0, 0], err::BAD_ARGS, None);
+    // Nothing above touched the data at VRAM 0.
+    let mut b = [0u8; 4096];
+    d.vf.backend().read(0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0x11));
+    // A tail outside the ring, and configuration writes while enabled.
+    w(&d.vf, reg::RING_TAIL, RING_SIZE);
+    assert_eq!(r(&d.vf, reg::ERROR) as u32, err::BAD_TAIL);
+    w(&d.vf, reg::CONTROL, control::CLEAR_ERROR);
+    w(&d.vf, reg::RING_BASE, 0);
+    assert_eq!(r(&d.vf, reg::ERROR) as u32, err::BUSY_WRITE);
+    assert_eq!(r(&d.vf, reg::RING_BASE), RING);
+    w(&d.vf, reg::CONTROL, control::CLEAR_ERROR);
+    d.run(op::NOP, [0; 6]).unwrap();
+    // Odd-sized or out-of-range register accesses are ignored.
+    d.vf.mmio_write(reg::RING_TAIL, &[1, 2], &|| false);
+    d.vf.mmio_write(0x5000, &[0; 8], &|| false);
+    let mut one = [0u8; 3];
+    d.vf.mmio_read(0, &mut one);
+    assert_eq!(one, [0; 3]);
+}
+
+#[test]
+fn enable_checks_the_ring_and_root() {
+    let ram = GuestRam::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let vf = Vf::new(
+        Box::new(CpuBackend::new(VRAM).unwrap()),
+        ram.clone(),
+        Box::new(Unshared),
+    );
+    let d = Driver::with(vf, ram, false);
+    for (base, size, root) in [
+        (RAM - 4096, 128, PT), // ring runs past RAM
+        (RING + 8, 64, PT),    // unaligned
+        (RING, 48, PT),        // not a power of two
+        (RING, 8192, PT),      // too large
+        (RING, 64, VRAM),      // root outside VRAM
+        (!0xfff, 64, PT),
+    ] {
+        w(&d.vf, reg::RING_BASE, base);
+        w(&d.vf, reg::RING_SIZE, size);
+        w(&d.vf, reg::PT_ROOT, root);
+        w(&d.vf, reg::CONTROL, control::ENABLE);
+        assert_eq!(
+            r(&d.vf, reg::ERROR) as u32,
+            err::BAD_RING,
+            "{base:#x} {size} {root:#x}"
+        );
+        assert_eq!(r(&d.vf, reg::STATUS) & status::ENABLED, 0);
+        w(&d.vf, reg::CONTROL, control::CLEAR_ERROR);
+    }
+    // 32-bit halves compose a 64-bit register.
+    d.vf.mmio_write(reg::RING_BASE, &0x20_0000u32.to_le_bytes(), &|| false);
+    d.vf.mmio_write(reg::RING_BASE + 4, &0u32.to_le_bytes(), &|| false);
+    assert_eq!(r(&d.vf, reg::RING_BASE), 0x20_0000);
+    let mut hi = [0u8; 4];
+    d.vf.mmio_read(reg::ID + 4, &mut hi);
+    assert_eq!(u32::from_le_bytes(hi) as u64, godwit_gpu::abi::VERSION);
+}
+
+#[test]
+fn preempted_commands_resume_with_nothing_lost_or_repeated() {
+    // y = a*x + y in place is not idempotent: a repeated chunk would show.
+    let n = 4_000_000u64; // 16 chunks
+    let x = data(n as usize, 7);
+    let y = data(n as usize, 8);
+    let run = |pause_every: Option<std::time::Duration>| -> (Vec<f32>, u64, u32) {
+        let mut d = Driver::new();
+        d.put_f32(0, &x);
+        d.put_f32(n * 4, &y);
+        d.run(op::COPY, [0, SYS, n * 4, 0, 0, 0]).unwrap();
+        d.run(op::COPY, [n * 4, SYS + n * 4, n * 4, 0, 0, 0])
+            .unwrap();
+        let mut fence = 0;
+        for _ in 0..3 {
+            fence = d.submit(
+                op::KERNEL,
+                [kernel::AXPY, 0, n * 4, n, 0.5f32.to_bits() as u64, 0],
+            );
+        }
+        fence = fence.max(d.submit(op::KERNEL, [kernel::HASH, n * 4, n * 4, 32 << 20, 0, 0]));
+        let mut mid = 0;
+        let mut vf = d.vf.clone();
+        let mut ram = d.ram.clone();
+        if let Some(every) = pause_every {
+            let mut hops = 0;
+            while r(&vf, reg::FENCE) < fence {
+                std::thread::sleep(every);
+                vf.pause();
+                let st = vf.save_state();
+                if let Some(f) = &st.in_flight {
+                    if f.done > 0 {
+                        mid += 1;
+                    }
+                }
+                // Move to a fresh VF: copy VRAM (the part in use), restore the state.
+                let fresh = Vf::new(
+                    Box::new(CpuBackend::new(VRAM).unwrap()),
+                    ram.clone(),
+                    Box::new(Unshared),
+                );
+                let mut buf = vec![0u8; 33 << 20];
+                vf.backend().read(0, &mut buf).unwrap();
+                fresh.backend().write(0, &buf).unwrap();
+                let mut pt = vec![0u8; 1 << 20];
+                vf.backend().read(PT, &mut pt).unwrap();
+                fresh.backend().write(PT, &pt).unwrap();
+                fresh.restore_state(&st).unwrap();
+                let next = Driver::with(fresh, ram.clone(), false);
+                let (t, f) = (d.tail, d.fence);
+                d = next;
+                (d.tail, d.fence) = (t, f);
+                vf = d.vf.clone();
+                ram = d.ram.clone();
+                hops += 1;
+                assert!(hops < 10_000);
+            }
+        }
+        d.wait(fence).unwrap();
+        let mut h = [0u8; 8];
+        d.vf.backend().read(32 << 20, &mut h).unwrap();
+        assert!(r(&d.vf, reg::COMPLETED) >= 4);
+        (d.vram_f32(n * 4, n as usize), u64::from_le_bytes(h), mid)
+    };
+    let (straight, h1, _) = run(None);
+    let (hopped, h2, mid) = run(Some(std::time::Duration::from_millis(3)));
+    assert!(mid > 0, "no pause landed mid-command");
+    assert_eq!(h1, h2);
+    assert!(straight == hopped);
+    for i in (0..n as usize).step_by(9973) {
+        assert_eq!(straight[i], y[i] + 0.5 * x[i] + 0.5 * x[i] + 0.5 * x[i]);
+    }
+}
+
+#[test]
+fn reset_drops_work_and_fence_waits_end_on_error() {
+    let mut d = Driver::new();
+    let f = d.submit(op::COPY, [0, 1 << 30, 64, 0, 0, 0]);
+    let t = std::time::Instant::now();
+    w(&d.vf, reg::WAIT_FENCE, f);
+    assert!(t.elapsed() < std::time::Duration::from_millis(50));
+    assert_eq!(r(&d.vf, reg::ERROR) as u32, err::GPU_FAULT);
+    w(&d.vf, reg::CONTROL, control::RESET);
+    assert_eq!(r(&d.vf, reg::STATUS), 0);
+    assert_eq!((r(&d.vf, reg::RING_HEAD), r(&d.vf, reg::FENCE)), (0, 0));
+    w(&d.vf, reg::CONTROL, control::ENABLE);
+    d.tail = 0;
+    d.fence = 0;
+    d.run(op::NOP, [0; 6]).unwrap();
+}

@@ -1,0 +1,175 @@
+//! A virtual GPU function in the VM: its PCI function (ids, a register BAR, a VRAM
+//! aperture BAR), the register BAR's MMIO handler, and the aperture mapped straight into
+//! the guest as a KVM memory slot (the guest's loads and stores never exit). The device
+//! model itself is godwit-gpu's `Vf`; the VF comes from the host's GPU manager.
+
+use super::bus::SharedDevice;
+use super::pci::{BarKind, PciConfig, PciDevice};
+use crate::config::GpuRequest;
+use crate::control::Control;
+use crate::error::{Error, KvmContext, Result};
+use crate::memory::{self, GuestMemory, GIB};
+use godwit_gpu::abi;
+use godwit_gpu::cpu::CpuBackend;
+use godwit_gpu::{Lease, Manager, Vf};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use serde::Serialize;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// KVM slot of the VRAM aperture (RAM uses slots 0 and 1).
+pub const APERTURE_SLOT: u32 = 8;
+/// The register BAR: the first page of the 32-bit PCI window.
+pub const REGS_BASE: u64 = memory::PCI_MMIO_BASE;
+
+/// What `vm.info` shows of the GPU.
+#[derive(Clone, Debug, Serialize)]
+pub struct GpuInfo {
+    pub gpu: usize,
+    pub vf: usize,
+    pub profile: String,
+    pub framebuffer: u64,
+    pub vram_offset: u64,
+    pub backend: String,
+    pub regs_bar: u64,
+    pub vram_bar: u64,
+}
+
+/// Where the aperture goes: the first address above RAM (and 4 GiB) aligned to its size,
+/// as firmware places 64-bit BARs.
+pub fn aperture_base(ram_end: u64, size: u64) -> u64 {
+    ram_end.max(memory::MMIO_HOLE_END).div_ceil(size) * size
+}
+
+struct Function {
+    config: PciConfig,
+}
+
+impl PciDevice for Function {
+    fn name(&self) -> &str {
+        "gpu-vf"
+    }
+    fn config(&self) -> &PciConfig {
+        &self.config
+    }
+    fn config_mut(&mut self) -> &mut PciConfig {
+        &mut self.config
+    }
+}
+
+struct Registers {
+    vf: Arc<Vf>,
+    ctl: Arc<Control>,
+}
+
+impl SharedDevice for Registers {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.vf.mmio_read(offset, data);
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        // A fence wait blocks this vCPU, but gives way as soon as the VMM needs it.
+        self.vf.mmio_write(offset, data, &|| self.ctl.stopping());
+    }
+}
+
+/// A VF attached to this VM: dropping it stops the engine and gives the VF back.
+pub struct AttachedGpu {
+    pub info: GpuInfo,
+    pub vf: Arc<Vf>,
+    engine: Option<JoinHandle<()>>,
+    _lease: Lease,
+}
+
+impl Drop for AttachedGpu {
+    fn drop(&mut self) {
+        self.vf.shutdown();
+        if let Some(t) = self.engine.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The parts of a VM a GPU is plugged into.
+pub struct Slots<'a> {
+    pub fd: &'a VmFd,
+    pub mem: &'a GuestMemory,
+    pub ram_end: u64,
+    pub ctl: &'a Arc<Control>,
+}
+
+/// A built device and what the caller plugs into its buses.
+pub struct Parts {
+    pub gpu: AttachedGpu,
+    pub function: Box<dyn PciDevice>,
+    /// The register BAR's handler, for the MMIO bus at REGS_BASE.
+    pub regs: Arc<dyn SharedDevice>,
+}
+
+/// Takes a VF from the host's manager and builds the device.
+pub fn attach(req: &GpuRequest, at: Slots) -> Result<Parts> {
+    let mgr = Manager::open(&req.manager_dir).map_err(|e| Error::Gpu(e.to_string()))?;
+    let lease = mgr
+        .allocate(&req.profile, &req.vm_name)
+        .map_err(|e| Error::Gpu(e.to_string()))?;
+    let fb = lease.profile.framebuffer;
+    let vram_bar = aperture_base(at.ram_end, fb);
+    if vram_bar + fb > 64 * GIB {
+        return Err(Error::Config(format!(
+            "a {} GiB VRAM aperture above {} GiB of guest RAM does not fit under 64 GiB",
+            fb / GIB,
+            at.ram_end.div_ceil(GIB)
+        )));
+    }
+    let backend = CpuBackend::new(fb).map_err(|e| Error::Gpu(format!("VRAM: {e}")))?;
+    let ap = godwit_gpu::backend::Backend::aperture(&backend)
+        .ok_or_else(|| Error::Gpu("the backend cannot map VRAM into the guest".into()))?;
+    let region = kvm_userspace_memory_region {
+        slot: APERTURE_SLOT,
+        flags: 0,
+        guest_phys_addr: vram_bar,
+        memory_size: ap.len,
+        userspace_addr: ap.host,
+    };
+    let vf = Vf::new(Box::new(backend), at.mem.clone(), Box::new(lease.seat()));
+    // SAFETY: the aperture mapping is owned by the backend inside `vf`, which the VM keeps
+    // (in AttachedGpu) for as long as the VM and its KVM fd exist.
+    unsafe { at.fd.set_user_memory_region(region) }.kvm("KVM_SET_USER_MEMORY_REGION (VRAM)")?;
+    let mut config = PciConfig::new(abi::VENDOR_ID, abi::DEVICE_ID_VF, abi::CLASS, abi::REVISION);
+    config.add_bar(
+        abi::BAR_REGS,
+        BarKind::Mem32,
+        abi::REGS_SIZE,
+        REGS_BASE,
+        false,
+    );
+    config.add_bar(abi::BAR_VRAM, BarKind::Mem64, fb, vram_bar, true);
+    let engine = vf
+        .start(&format!("gpu{}-vf{}", lease.gpu, lease.slot))
+        .map_err(Error::Thread)?;
+    let info = GpuInfo {
+        gpu: lease.gpu,
+        vf: lease.slot,
+        profile: lease.profile.name.into(),
+        framebuffer: fb,
+        vram_offset: lease.vram_offset(),
+        backend: "cpu".into(),
+        regs_bar: REGS_BASE,
+        vram_bar,
+    };
+    tracing::info!(?info, "GPU VF attached");
+    let regs = Arc::new(Registers {
+        vf: vf.clone(),
+        ctl: at.ctl.clone(),
+    });
+    Ok(Parts {
+        gpu: AttachedGpu {
+            info,
+            vf,
+            engine: Some(engine),
+            _lease: lease,
+        },
+        function: Box::new(Function { config }),
+        regs,
+    })
+}
