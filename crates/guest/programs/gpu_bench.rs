@@ -34,10 +34,19 @@ fn timed(reps: usize, out: &mut [u64], mut f: impl FnMut()) {
 
 fn report(name: &str, unit: &str, scale: f64, ns: &[u64]) {
     // Throughput: the fastest run is the max; latency: as measured.
-    let v = |t: u64| if scale > 0.0 { scale / (t as f64 / 1e9) } else { t as f64 / 1000.0 };
+    let v = |t: u64| {
+        if scale > 0.0 {
+            scale / (t as f64 / 1e9)
+        } else {
+            t as f64 / 1000.0
+        }
+    };
     let (a, m, b) = (v(ns[0]), v(ns[ns.len() / 2]), v(ns[ns.len() - 1]));
     let (min, max) = if a < b { (a, b) } else { (b, a) };
-    println!("bench: {} unit={} min={:.1} median={:.1} max={:.1}", name, unit, min, m, max);
+    println!(
+        "bench: {} unit={} min={:.1} median={:.1} max={:.1}",
+        name, unit, min, m, max
+    );
 }
 
 fn measure(g: &mut Gpu) {
@@ -53,23 +62,39 @@ fn measure(g: &mut Gpu) {
     let mbs = bytes as f64 / (1 << 20) as f64;
     // Touch the VRAM once so page faults do not count.
     g.run(op::FILL, [0, 2 * bytes, 0, 0, 0, 0]).unwrap();
-    timed(reps, &mut ns, || g.run(op::COPY, [0, hva, bytes, 0, 0, 0]).unwrap());
+    timed(reps, &mut ns, || {
+        g.run(op::COPY, [0, hva, bytes, 0, 0, 0]).unwrap()
+    });
     report("copy_ram_to_vram", "MiB/s", mbs, &ns[..reps]);
-    timed(reps, &mut ns, || g.run(op::COPY, [hva, 0, bytes, 0, 0, 0]).unwrap());
+    timed(reps, &mut ns, || {
+        g.run(op::COPY, [hva, 0, bytes, 0, 0, 0]).unwrap()
+    });
     report("copy_vram_to_ram", "MiB/s", mbs, &ns[..reps]);
-    timed(reps, &mut ns, || g.run(op::COPY, [bytes, 0, bytes, 0, 0, 0]).unwrap());
+    timed(reps, &mut ns, || {
+        g.run(op::COPY, [bytes, 0, bytes, 0, 0, 0]).unwrap()
+    });
     report("copy_vram_to_vram", "MiB/s", mbs, &ns[..reps]);
     let n = 256u64;
     let mb = n * n * 4;
     g.run(op::FILL, [0, 3 * mb, 0x3f80_0000, 0, 0, 0]).unwrap();
     let one = 1.0f32.to_bits() as u64;
     timed(reps, &mut ns, || {
-        g.run(op::KERNEL, [kernel::SGEMM, 0, mb, 2 * mb, dims(n, n, n), one]).unwrap()
+        g.run(
+            op::KERNEL,
+            [kernel::SGEMM, 0, mb, 2 * mb, dims(n, n, n), one],
+        )
+        .unwrap()
     });
-    report("sgemm_256", "GFLOP/s", 2.0 * (n * n * n) as f64 / 1e9, &ns[..reps]);
+    report(
+        "sgemm_256",
+        "GFLOP/s",
+        2.0 * (n * n * n) as f64 / 1e9,
+        &ns[..reps],
+    );
     let elems = bytes / 8;
     timed(reps, &mut ns, || {
-        g.run(op::KERNEL, [kernel::AXPY, 0, elems * 4, elems, one, 0]).unwrap()
+        g.run(op::KERNEL, [kernel::AXPY, 0, elems * 4, elems, one, 0])
+            .unwrap()
     });
     report("axpy", "GB/s", (elems * 12) as f64 / 1e9, &ns[..reps]);
     let lat_reps = 64;
@@ -88,7 +113,17 @@ fn busy(g: &mut Gpu) {
     while time::now_ns() - t0 < seconds * 1_000_000_000 {
         let mut last = 0;
         for _ in 0..8 {
-            last = g.queue(op::KERNEL, [kernel::SGEMM, 0, mb, 2 * mb, dims(n, n, n), 1.0f32.to_bits() as u64]);
+            last = g.queue(
+                op::KERNEL,
+                [
+                    kernel::SGEMM,
+                    0,
+                    mb,
+                    2 * mb,
+                    dims(n, n, n),
+                    1.0f32.to_bits() as u64,
+                ],
+            );
         }
         g.kick();
         g.wait(last).unwrap();

@@ -29,7 +29,13 @@ fn open() -> Gpu {
 }
 
 /// Expects `code` after `f`; clears it and checks the VF still works.
-fn expect(g: &mut Gpu, name: &str, code: u32, mark: &mut u64, f: impl FnOnce(&mut Gpu) -> Option<u64>) -> bool {
+fn expect(
+    g: &mut Gpu,
+    name: &str,
+    code: u32,
+    mark: &mut u64,
+    f: impl FnOnce(&mut Gpu) -> Option<u64>,
+) -> bool {
     let fence = f(g);
     if let Some(fe) = fence {
         let _ = g.wait(fe);
@@ -37,7 +43,12 @@ fn expect(g: &mut Gpu, name: &str, code: u32, mark: &mut u64, f: impl FnOnce(&mu
     let e = g.error();
     let ok = e.map(|e| e.code) == Some(code);
     match e {
-        Some(e) => println!("gpu-probe: {} -> {}{}", name, e, if ok { "" } else { " UNEXPECTED" }),
+        Some(e) => println!(
+            "gpu-probe: {} -> {}{}",
+            name,
+            e,
+            if ok { "" } else { " UNEXPECTED" }
+        ),
         None => println!("gpu-probe: {} -> no error UNEXPECTED", name),
     }
     g.clear_error();
@@ -71,32 +82,60 @@ fn hostile() -> i32 {
             ok += 1;
         }
     };
-    t(&mut g, "bad opcode", err::BAD_OPCODE, &|g| Some(g.submit(0x77, [0; 6])));
-    t(&mut g, "zero-length copy", err::BAD_ARGS, &|g| Some(g.submit(op::COPY, [0, 4096, 0, 0, 0, 0])));
-    t(&mut g, "unaligned fill", err::BAD_ARGS, &|g| Some(g.submit(op::FILL, [2, 6, 0, 0, 0, 0])));
-    t(&mut g, "unmapped VA", err::GPU_FAULT, &|g| Some(g.submit(op::COPY, [0, 1 << 37, 64, 0, 0, 0])));
-    t(&mut g, "VA beyond 39 bits", err::GPU_FAULT, &|g| Some(g.submit(op::FILL, [1 << 45, 64, 0, 0, 0, 0])));
+    t(&mut g, "bad opcode", err::BAD_OPCODE, &|g| {
+        Some(g.submit(0x77, [0; 6]))
+    });
+    t(&mut g, "zero-length copy", err::BAD_ARGS, &|g| {
+        Some(g.submit(op::COPY, [0, 4096, 0, 0, 0, 0]))
+    });
+    t(&mut g, "unaligned fill", err::BAD_ARGS, &|g| {
+        Some(g.submit(op::FILL, [2, 6, 0, 0, 0, 0]))
+    });
+    t(&mut g, "unmapped VA", err::GPU_FAULT, &|g| {
+        Some(g.submit(op::COPY, [0, 1 << 37, 64, 0, 0, 0]))
+    });
+    t(&mut g, "VA beyond 39 bits", err::GPU_FAULT, &|g| {
+        Some(g.submit(op::FILL, [1 << 45, 64, 0, 0, 0, 0]))
+    });
     t(&mut g, "write to own page tables", err::GPU_FAULT, &|g| {
         let pt = g.usable();
         Some(g.submit(op::FILL, [pt, 4096, 0xffff_ffff, 0, 0, 0]))
     });
-    t(&mut g, "PTE past own VRAM (another VF's slice)", err::GPU_FAULT, &|g| {
-        g.set_leaf_2m(SCRATCH_VA, vram | pte::VALID | pte::WRITE | pte::HUGE);
-        Some(g.submit(op::COPY, [bva, SCRATCH_VA, 64, 0, 0, 0]))
-    });
+    t(
+        &mut g,
+        "PTE past own VRAM (another VF's slice)",
+        err::GPU_FAULT,
+        &|g| {
+            g.set_leaf_2m(SCRATCH_VA, vram | pte::VALID | pte::WRITE | pte::HUGE);
+            Some(g.submit(op::COPY, [bva, SCRATCH_VA, 64, 0, 0, 0]))
+        },
+    );
     t(&mut g, "PTE past the VM's RAM", err::GPU_FAULT, &|g| {
         let beyond = (mem::ram_end() + (1 << 30)) & !((2 << 20) - 1);
-        g.set_leaf_2m(SCRATCH_VA + (2 << 20), beyond | pte::VALID | pte::WRITE | pte::HUGE | pte::SYSTEM);
+        g.set_leaf_2m(
+            SCRATCH_VA + (2 << 20),
+            beyond | pte::VALID | pte::WRITE | pte::HUGE | pte::SYSTEM,
+        );
         Some(g.submit(op::WRITE, [SCRATCH_VA + (2 << 20), 1, 0, 0, 0, 0]))
     });
-    t(&mut g, "unknown kernel", err::BAD_KERNEL, &|g| Some(g.submit(op::KERNEL, [99, 0, 0, 0, 0, 0])));
-    t(&mut g, "kernel operand in system memory", err::BAD_OPERAND, &|g| {
-        Some(g.submit(op::KERNEL, [kernel::VEC_ADD, bva, 0, 8192, 16, 0]))
+    t(&mut g, "unknown kernel", err::BAD_KERNEL, &|g| {
+        Some(g.submit(op::KERNEL, [99, 0, 0, 0, 0, 0]))
     });
-    t(&mut g, "overlapping kernel output", err::BAD_OPERAND, &|g| {
-        Some(g.submit(op::KERNEL, [kernel::VEC_ADD, 0, 8192, 8, 1024, 0]))
+    t(
+        &mut g,
+        "kernel operand in system memory",
+        err::BAD_OPERAND,
+        &|g| Some(g.submit(op::KERNEL, [kernel::VEC_ADD, bva, 0, 8192, 16, 0])),
+    );
+    t(
+        &mut g,
+        "overlapping kernel output",
+        err::BAD_OPERAND,
+        &|g| Some(g.submit(op::KERNEL, [kernel::VEC_ADD, 0, 8192, 8, 1024, 0])),
+    );
+    t(&mut g, "overlapping copy", err::BAD_ARGS, &|g| {
+        Some(g.submit(op::COPY, [8, 0, 4096, 0, 0, 0]))
     });
-    t(&mut g, "overlapping copy", err::BAD_ARGS, &|g| Some(g.submit(op::COPY, [8, 0, 4096, 0, 0, 0])));
     t(&mut g, "huge SGEMM", err::BAD_ARGS, &|g| {
         Some(g.submit(op::KERNEL, [kernel::SGEMM, 0, 0, 0, u64::MAX >> 1, 0]))
     });
@@ -137,7 +176,12 @@ fn secret() -> i32 {
     }
     let want = s as u64 | (s as u64) << 32;
     let ok = (0..len / (1 << 20)).all(|i| g.vram_u64(i << 20) == want);
-    println!("gpu-probe: secret {:#x} written over {} MiB ({})", s, len >> 20, if ok { "verified" } else { "NOT VERIFIED" });
+    println!(
+        "gpu-probe: secret {:#x} written over {} MiB ({})",
+        s,
+        len >> 20,
+        if ok { "verified" } else { "NOT VERIFIED" }
+    );
     let t0 = time::now_ms();
     while seconds == 0 || time::now_ms() - t0 < seconds * 1000 {
         time::sleep_until_ns(time::now_ns() + 200_000_000);
@@ -158,12 +202,27 @@ fn scan() -> i32 {
         }
         at += 8;
     }
-    println!("gpu-probe: scanned {} MiB of VRAM: {} non-zero words (first at {:#x})", len >> 20, nonzero, if nonzero > 0 { first } else { 0 });
+    println!(
+        "gpu-probe: scanned {} MiB of VRAM: {} non-zero words (first at {:#x})",
+        len >> 20,
+        nonzero,
+        if nonzero > 0 { first } else { 0 }
+    );
     let dst = mem::alloc(4096).unwrap();
     g.set_leaf_2m(SCRATCH_VA, g.vram_size | pte::VALID | pte::HUGE);
-    let r = g.run(op::COPY, [SYS_VA + dst.as_ptr() as u64, SCRATCH_VA, 4096, 0, 0, 0]);
+    let r = g.run(
+        op::COPY,
+        [SYS_VA + dst.as_ptr() as u64, SCRATCH_VA, 4096, 0, 0, 0],
+    );
     let fault = matches!(r, Err(e) if e.code == err::GPU_FAULT);
-    println!("gpu-probe: VRAM beyond this VF: {}", if fault { "unreachable (GPU fault)" } else { "REACHED" });
+    println!(
+        "gpu-probe: VRAM beyond this VF: {}",
+        if fault {
+            "unreachable (GPU fault)"
+        } else {
+            "REACHED"
+        }
+    );
     if nonzero == 0 && fault {
         0
     } else {

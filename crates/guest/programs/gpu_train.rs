@@ -36,7 +36,10 @@ fn main() -> i32 {
     g.queue(op::FILL, [u0, nb, 0, 0, 0, 0]);
     g.queue(op::FILL, [u1, nb, 0, 0, 0, 0]);
     g.queue(op::FILL, [f, nb, SOURCE.to_bits() as u64, 0, 0, 0]);
-    println!("gpu-train: jacobi grid={}x{} tol=1e-{} max-iters={}", w, w, tol_exp, max_iters);
+    println!(
+        "gpu-train: jacobi grid={}x{} tol=1e-{} max-iters={}",
+        w, w, tol_exp, max_iters
+    );
     let t0 = time::now_ms();
     let mut iters = 0u64;
     let mut change;
@@ -45,7 +48,10 @@ fn main() -> i32 {
         for k in 0..CHECK_EVERY {
             let (src, dst) = if iters % 2 == 0 { (u0, u1) } else { (u1, u0) };
             let report = if k == CHECK_EVERY - 1 { s } else { 0 };
-            last = g.queue(op::KERNEL, [kernel::STENCIL, src, dst, f, w | w << 32, report]);
+            last = g.queue(
+                op::KERNEL,
+                [kernel::STENCIL, src, dst, f, w | w << 32, report],
+            );
             iters += 1;
         }
         g.kick();
@@ -55,7 +61,12 @@ fn main() -> i32 {
         }
         change = f64::from_bits(g.vram_u64(s));
         if iters % 2000 == 0 {
-            println!("gpu-train: iteration {} change={:e} t_ms={}", iters, change, time::now_ms() - t0);
+            println!(
+                "gpu-train: iteration {} change={:e} t_ms={}",
+                iters,
+                change,
+                time::now_ms() - t0
+            );
         }
         if change < tol || iters >= max_iters {
             break;

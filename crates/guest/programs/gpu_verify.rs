@@ -96,7 +96,11 @@ fn main() -> i32 {
         g.vram_size >> 20,
         n
     );
-    let (hx, hy, hz) = (alloc_f32(n as usize), alloc_f32(n as usize), alloc_f32(n as usize));
+    let (hx, hy, hz) = (
+        alloc_f32(n as usize),
+        alloc_f32(n as usize),
+        alloc_f32(n as usize),
+    );
     let (x, y, z, w, s) = (0, nb, 2 * nb, 3 * nb, 4 * nb);
     let small = s + 4096;
     const M: usize = 48;
@@ -104,7 +108,10 @@ fn main() -> i32 {
     let (ha, hb) = (alloc_f32(M * M), alloc_f32(M * M));
     let hs = alloc_f32((SG * SG) as usize);
     let t0 = time::now_ms();
-    let mut c = Checker { round: 0, checks: 0 };
+    let mut c = Checker {
+        round: 0,
+        checks: 0,
+    };
     let mut r = 0;
     while rounds == 0 || r < rounds {
         c.round = r;
@@ -151,7 +158,9 @@ fn main() -> i32 {
             gpu_failed(e);
         }
         c.eq_f32("vram copy", vram_f32(&g, w, n as usize), |i| hx[i]);
-        c.eq_f32("fill", vram_f32(&g, z, n as usize), |_| f32::from_bits(pattern));
+        c.eq_f32("fill", vram_f32(&g, z, n as usize), |_| {
+            f32::from_bits(pattern)
+        });
 
         // SGEMM: C = 1.5 A B + 0.5 C, C starting at 1.0.
         for i in 0..M * M {
@@ -164,7 +173,17 @@ fn main() -> i32 {
         g.queue(op::COPY, [pb, sv(hb.as_ptr()), mb, 0, 0, 0]);
         g.queue(op::FILL, [pc, mb, 1.0f32.to_bits() as u64, 0, 0, 0]);
         let ab = 1.5f32.to_bits() as u64 | (0.5f32.to_bits() as u64) << 32;
-        let f = g.submit(op::KERNEL, [kernel::SGEMM, pa, pb, pc, dims(M as u64, M as u64, M as u64), ab]);
+        let f = g.submit(
+            op::KERNEL,
+            [
+                kernel::SGEMM,
+                pa,
+                pb,
+                pc,
+                dims(M as u64, M as u64, M as u64),
+                ab,
+            ],
+        );
         if let Err(e) = g.wait(f) {
             gpu_failed(e);
         }
@@ -185,7 +204,10 @@ fn main() -> i32 {
         }
         g.queue(op::COPY, [pin, sv(hs.as_ptr()), gb, 0, 0, 0]);
         g.queue(op::FILL, [pf, gb, 0.25f32.to_bits() as u64, 0, 0, 0]);
-        let f = g.submit(op::KERNEL, [kernel::STENCIL, pin, pout, pf, SG | SG << 32, s + 32]);
+        let f = g.submit(
+            op::KERNEL,
+            [kernel::STENCIL, pin, pout, pf, SG | SG << 32, s + 32],
+        );
         if let Err(e) = g.wait(f) {
             gpu_failed(e);
         }

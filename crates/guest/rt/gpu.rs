@@ -96,7 +96,8 @@ impl Gpu {
             return Err("the GPU function has too little VRAM");
         }
         g.write(reg::CONTROL, control::RESET);
-        let ring = mem::alloc(RING_ENTRIES * abi::ENTRY_SIZE as u64).ok_or("no memory for the ring")?;
+        let ring =
+            mem::alloc(RING_ENTRIES * abi::ENTRY_SIZE as u64).ok_or("no memory for the ring")?;
         ring.fill(0);
         g.ring = ring.as_ptr() as u64;
         // Page tables: root, then tables as needed, from the bottom of the reserve.
@@ -140,7 +141,10 @@ impl Gpu {
 
     fn alloc_table(&mut self) -> u64 {
         let t = self.pt_next;
-        assert!(t + PAGE <= self.vram_size, "GPU page-table reserve exhausted");
+        assert!(
+            t + PAGE <= self.vram_size,
+            "GPU page-table reserve exhausted"
+        );
         self.pt_next += PAGE;
         for i in 0..512 {
             self.set_vram_u64(t + i * 8, 0);
@@ -166,11 +170,17 @@ impl Gpu {
             let (v, t) = (va + off, target + off);
             let l1 = self.next_table(self.root, v >> 30 & 0x1ff);
             if v % (2 << 20) == 0 && t % (2 << 20) == 0 && len - off >= 2 << 20 {
-                self.set_vram_u64(l1 + (v >> 21 & 0x1ff) * 8, t | flags | pte::VALID | pte::HUGE);
+                self.set_vram_u64(
+                    l1 + (v >> 21 & 0x1ff) * 8,
+                    t | flags | pte::VALID | pte::HUGE,
+                );
                 off += 2 << 20;
             } else {
                 let l0 = self.next_table(l1, v >> 21 & 0x1ff);
-                self.set_vram_u64(l0 + (v >> 12 & 0x1ff) * 8, (t & pte::ADDR_MASK) | flags | pte::VALID);
+                self.set_vram_u64(
+                    l0 + (v >> 12 & 0x1ff) * 8,
+                    (t & pte::ADDR_MASK) | flags | pte::VALID,
+                );
                 off += PAGE;
             }
         }

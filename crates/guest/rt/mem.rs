@@ -57,5 +57,9 @@ pub fn alloc(bytes: u64) -> Option<&'static mut [u8]> {
 /// The first guest-physical address above all RAM.
 pub fn ram_end() -> u64 {
     let i = env::get();
-    i.ram[..i.nr_ram as usize].iter().map(|r| r.start + r.size).max().unwrap_or(0)
+    i.ram[..i.nr_ram as usize]
+        .iter()
+        .map(|r| r.start + r.size)
+        .max()
+        .unwrap_or(0)
 }
