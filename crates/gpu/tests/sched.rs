@@ -18,6 +18,10 @@ use vm_memory::GuestAddress;
 /// Engine share of each of two VFs over a one-second window; the first `busy` of them
 /// run SGEMMs flat out, the others stay attached and idle.
 fn shares(tag: &str, policy: Policy, busy: usize) -> Vec<f64> {
+    // One measurement at a time: the tests of this file would otherwise compete for the
+    // same two host cores.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = std::env::temp_dir().join(format!("godwit-sched-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let cfg = HostConfig {
