@@ -73,6 +73,13 @@ fn finish(vm: &mut Reaper, limit: Duration) -> (Option<i32>, String) {
     }
 }
 
+/// `godwit run --gpu PROFILE --gpu-dir DIR ARGS...` to completion.
+fn run_vm(dir: &str, profile: &str, args: &[&str], secs: u64) -> std::process::Output {
+    let mut all = vec!["run", "--gpu", profile, "--gpu-dir", dir];
+    all.extend(args);
+    run(&all, Duration::from_secs(secs))
+}
+
 fn status(d: &TempDir) -> serde_json::Value {
     let o = run(
         &["gpu", "status", "--json", "--gpu-dir", &gpu_dir(d)],
@@ -136,20 +143,7 @@ fn gpu_verify_and_gpu_train_pass_with_the_known_answer() {
     }
     let d = host("gpu-run", 1, &[]);
     let g = gpu_dir(&d);
-    let o = run(
-        &[
-            "run",
-            "--gpu",
-            "GW8-1C",
-            "--gpu-dir",
-            &g,
-            "gpu-verify",
-            "--",
-            "rounds=4",
-            "mib=4",
-        ],
-        Duration::from_secs(60),
-    );
+    let o = run_vm(&g, "GW8-1C", &["gpu-verify", "--", "rounds=4", "mib=4"], 60);
     let out = stdout(&o);
     assert_eq!(o.status.code(), Some(0), "{out}\n{}", stderr(&o));
     assert!(
@@ -157,19 +151,11 @@ fn gpu_verify_and_gpu_train_pass_with_the_known_answer() {
         "{out}"
     );
 
-    let o = run(
-        &[
-            "run",
-            "--gpu",
-            "gw8-2c",
-            "--gpu-dir",
-            &g,
-            "gpu-train",
-            "--",
-            "grid=48",
-            "tol-exp=9",
-        ],
-        Duration::from_secs(60),
+    let o = run_vm(
+        &g,
+        "gw8-2c",
+        &["gpu-train", "--", "grid=48", "tol-exp=9"],
+        60,
     );
     let out = stdout(&o);
     assert_eq!(o.status.code(), Some(0), "{out}\n{}", stderr(&o));
@@ -224,18 +210,11 @@ fn two_vms_share_one_gpu_both_pass_and_cannot_see_each_other() {
         "{}",
         read(&la)
     );
-    let o = run(
-        &[
-            "run",
-            "--gpu",
-            "GW8-1C",
-            "--gpu-dir",
-            &gpu_dir(&d),
-            "gpu-probe",
-            "--",
-            "mode=scan",
-        ],
-        Duration::from_secs(60),
+    let o = run_vm(
+        &gpu_dir(&d),
+        "GW8-1C",
+        &["gpu-probe", "--", "mode=scan"],
+        60,
     );
     let out = stdout(&o);
     assert_eq!(o.status.code(), Some(0), "{out}\n{}", stderr(&o));
@@ -256,18 +235,11 @@ fn bad_commands_are_contained_while_a_neighbour_computes() {
     }
     let d = host("gpu-hostile", 1, &[]);
     let (mut good, lg) = spawn(&d, "good", "GW8-1C", "gpu-verify", &["rounds=20", "mib=4"]);
-    let o = run(
-        &[
-            "run",
-            "--gpu",
-            "GW8-1C",
-            "--gpu-dir",
-            &gpu_dir(&d),
-            "gpu-probe",
-            "--",
-            "mode=hostile",
-        ],
-        Duration::from_secs(60),
+    let o = run_vm(
+        &gpu_dir(&d),
+        "GW8-1C",
+        &["gpu-probe", "--", "mode=hostile"],
+        60,
     );
     let out = stdout(&o);
     assert_eq!(o.status.code(), Some(0), "{out}\n{}", stderr(&o));
@@ -289,34 +261,14 @@ fn a_crashed_vm_frees_its_vf_and_a_full_gpu_refuses_clearly() {
         .contains("verified")
         .then_some(()))
     .is_some());
-    let o = run(
-        &[
-            "run",
-            "--gpu",
-            "GW8-8C",
-            "--gpu-dir",
-            &gpu_dir(&d),
-            "gpu-verify",
-        ],
-        Duration::from_secs(30),
-    );
+    let o = run_vm(&gpu_dir(&d), "GW8-8C", &["gpu-verify"], 30);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         stderr(&o).contains("no GPU can take a GW8-8C VF: GPU 0 is full (1 of 1)"),
         "{}",
         stderr(&o)
     );
-    let o = run(
-        &[
-            "run",
-            "--gpu",
-            "GW8-1C",
-            "--gpu-dir",
-            &gpu_dir(&d),
-            "gpu-verify",
-        ],
-        Duration::from_secs(30),
-    );
+    let o = run_vm(&gpu_dir(&d), "GW8-1C", &["gpu-verify"], 30);
     assert!(
         stderr(&o).contains("GPU 0 runs GW8-8C VFs"),
         "{}",
@@ -332,18 +284,11 @@ fn a_crashed_vm_frees_its_vf_and_a_full_gpu_refuses_clearly() {
     a.0.kill().unwrap();
     a.0.wait().unwrap();
     assert_eq!(status(&d)[0]["vfs"].as_array().unwrap().len(), 0);
-    let o = run(
-        &[
-            "run",
-            "--gpu",
-            "GW8-8C",
-            "--gpu-dir",
-            &gpu_dir(&d),
-            "gpu-probe",
-            "--",
-            "mode=scan",
-        ],
-        Duration::from_secs(120),
+    let o = run_vm(
+        &gpu_dir(&d),
+        "GW8-8C",
+        &["gpu-probe", "--", "mode=scan"],
+        120,
     );
     let out = stdout(&o);
     assert_eq!(o.status.code(), Some(0), "{out}\n{}", stderr(&o));
