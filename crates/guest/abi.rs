@@ -112,6 +112,18 @@ impl BootInfo {
     }
 }
 
+/// Device interrupts in godwit guests. The VMM software-enables each vCPU's LAPIC (LINT0
+/// masked, so no legacy PIC interrupts) and points vectors FIRST_VECTOR..=255 at a ring-0
+/// stub that adds one to the vector's 64-bit counter at `COUNTS + 8 * (vector -
+/// FIRST_VECTOR)`, writes the LAPIC's EOI and returns with interrupts disabled. Ring 3
+/// reads the counters and waits with `sysdev::WAIT_IRQ`. MSIs address the LAPIC of the
+/// vCPU with APIC id = vCPU index (`0xfee0_0000 | index << 12`).
+pub mod irq {
+    pub const FIRST_VECTOR: u32 = 32;
+    pub const COUNTS: u64 = 0x4800;
+    pub const LAPIC_BASE: u64 = 0xfee0_0000;
+}
+
 /// Registers of the godwit system device (MMIO, 8-byte writes).
 pub mod sysdev {
     /// Write: the guest exits with this code.
@@ -122,6 +134,11 @@ pub mod sysdev {
     pub const SLEEP_NS: u64 = 0x10;
     /// Written by the ring-0 exception stubs: the vector of an exception the guest took.
     pub const FAULT: u64 = 0x18;
+    /// Write (any value): halt this vCPU with interrupts enabled until an interrupt is
+    /// delivered, as `sti; hlt` would (ring 3 cannot do either). The interrupt's stub
+    /// returns after this write with interrupts disabled again. One already pending ends
+    /// the wait at once, so check, then wait, never loses a wake-up.
+    pub const WAIT_IRQ: u64 = 0x20;
     pub const SIZE: u64 = 0x1000;
     pub const CONSOLE_LEN_SHIFT: u32 = 48;
     pub const CONSOLE_MAX: u64 = 0xffff;

@@ -256,7 +256,7 @@ pub fn run(a: GpuBenchArgs) -> ExitCode {
         Ok(v) => {
             println!("virtual GPU ({PROFILE}, cpu backend), measured in the guest; host-native reference in the same run");
             println!(
-                "{:<26} {:>8} {:>10} {:>10} {:>10} {:>12}",
+                "{:<28} {:>8} {:>10} {:>10} {:>10} {:>12}",
                 "", "unit", "min", "median", "max", "host median"
             );
             let host = &v["host_native"];
@@ -267,10 +267,11 @@ pub fn run(a: GpuBenchArgs) -> ExitCode {
                 ("sgemm_256", "sgemm_256"),
                 ("axpy", "axpy"),
                 ("submit_to_fence_latency", ""),
+                ("submit_to_fence_latency_irq", ""),
             ] {
                 let g = &v["guest"][k];
                 println!(
-                    "{:<26} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>12}",
+                    "{:<28} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>12}",
                     k,
                     g["unit"].as_str().unwrap_or(""),
                     g["min"].as_f64().unwrap_or(f64::NAN),

@@ -373,3 +373,58 @@ fn gpu_cli_profiles_status_policy_and_migration_refusal() {
     .is_some());
     assert!(!read(&log).contains("MISMATCH"));
 }
+
+#[test]
+fn vf_interrupts_wake_halted_vcpus_and_survive_pause() {
+    if !kvm_available() {
+        return;
+    }
+    let d = host("gpu-irq", 1, &[]);
+    let g = gpu_dir(&d);
+    // MSI off, masked, unmasked while pending, turned off again; fences and errors wake.
+    let o = run_vm(&g, "GW8-1C", &["gpu-probe", "--", "mode=irq"], 60);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{}", stderr(&o));
+    assert!(out.contains("gpu-probe: irq 6/6 ok"), "{out}");
+
+    // A whole workload on interrupts, paused and resumed while it waits on them: no
+    // wake-up is lost (the guest would hang) and every result still checks.
+    let (mut vm, log) = spawn(
+        &d,
+        "v",
+        "GW8-1C",
+        "gpu-verify",
+        &["rounds=150", "mib=2", "irq=200", "report-every=5"],
+    );
+    let sock = d.path("v.sock");
+    let sock = sock.to_str().unwrap();
+    assert!(wait_for(Duration::from_secs(30), || read(&log)
+        .contains("round 5 ok")
+        .then_some(()))
+    .is_some());
+    for _ in 0..8 {
+        let o = run(&["pause", "--api-socket", sock], Duration::from_secs(10));
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::thread::sleep(Duration::from_millis(30));
+        let o = run(&["resume", "--api-socket", sock], Duration::from_secs(10));
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !read(&log).contains("done rounds"),
+        "the guest finished before the pauses ended: make it run longer"
+    );
+    let (code, err) = finish(&mut vm, Duration::from_secs(60));
+    let out = read(&log);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let irqs: u64 = out
+        .split("errors=0 interrupts=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no interrupt count: {out}"));
+    assert!(
+        out.contains("done rounds=150 checks=1800") && irqs >= 150,
+        "{out}"
+    );
+}

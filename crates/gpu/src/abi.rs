@@ -17,7 +17,7 @@ pub const REGS_SIZE: u64 = 0x1000;
 
 /// "GDWF" and the interface version (major << 16 | minor), in one 64-bit register.
 pub const MAGIC: u64 = 0x4657_4447;
-pub const VERSION: u64 = 0x0001_0000;
+pub const VERSION: u64 = 0x0001_0001;
 
 /// Registers: 64 bits each, 8-byte aligned; 4-byte accesses read or write one half.
 pub mod reg {
@@ -54,7 +54,26 @@ pub mod reg {
     pub const ENGINE_NS: u64 = 0x070;
     /// R: commands completed since the VF was enabled.
     pub const COMPLETED: u64 = 0x078;
+    /// R: `irq::*` causes raised since they were last cleared. W: 1s clear those bits.
+    pub const INT_STATUS: u64 = 0x080;
+    /// RW: the causes that send the VF's MSI (none after power-on; kept across RESET).
+    pub const INT_MASK: u64 = 0x088;
 }
+
+/// Interrupt causes. The VF has one MSI vector (a 64-bit MSI capability at `MSI_CAP` in
+/// its config space, no INTx). A message is sent when a cause enabled in INT_MASK becomes
+/// pending, and when INT_MASK enables a cause that is already pending, so a driver that
+/// clears INT_STATUS, re-checks FENCE and then waits can never miss a wake-up.
+pub mod irq {
+    /// A command with the FENCE flag completed.
+    pub const FENCE: u64 = 1 << 0;
+    /// ERROR went from clear to set.
+    pub const ERROR: u64 = 1 << 1;
+    pub const ALL: u64 = FENCE | ERROR;
+}
+
+/// Config-space offset of the MSI capability (the only one in the list).
+pub const MSI_CAP: u16 = 0x40;
 
 pub mod status {
     pub const ENABLED: u64 = 1 << 0;

@@ -18,4 +18,4 @@ pub mod shm;
 pub mod vf;
 
 pub use manager::{Lease, Manager};
-pub use vf::{Vf, VfState};
+pub use vf::{IrqLine, Vf, VfState};

@@ -6,7 +6,7 @@
 //! chunks, and parks at a chunk boundary when paused. Everything the guest can influence
 //! is checked; a bad command sets ERROR on this VF and stops its ring at that entry.
 
-use crate::abi::{self, control, err, reg, status, ENTRY_SIZE};
+use crate::abi::{self, control, err, irq, reg, status, ENTRY_SIZE};
 use crate::backend::{Acc, Backend};
 use crate::command::{self, Command, Entry, Kernel};
 use crate::mmu::{GuestRam, Mmu, Target};
@@ -36,6 +36,25 @@ pub struct Regs {
     pub pt_root: u64,
     pub engine_ns: u64,
     pub completed: u64,
+    #[serde(default)]
+    pub int_status: u64,
+    #[serde(default)]
+    pub int_mask: u64,
+}
+
+impl Regs {
+    /// Makes `cause` pending; true when that must send a message (see `abi::irq`).
+    fn raise(&mut self, cause: u64) -> bool {
+        let new = cause & self.int_mask & !self.int_status;
+        self.int_status |= cause;
+        new != 0
+    }
+}
+
+/// Where a VF's interrupt goes: the VMM turns it into an MSI as the guest programmed it
+/// (or drops it while MSI is off). Called from the engine and vCPU threads.
+pub trait IrqLine: Send + Sync {
+    fn raise(&self);
 }
 
 /// A command the engine has started and not finished: enough to go on at the next chunk
@@ -70,6 +89,8 @@ struct Inner {
     shutdown: bool,
     /// Bumped by a reset, so a chunk that ran across one is dropped.
     generation: u64,
+    /// An interrupt to send once the lock is dropped.
+    irq_due: bool,
 }
 
 pub struct Vf {
@@ -85,6 +106,7 @@ pub struct Vf {
     clock_offset_ns: Mutex<u64>,
     /// Guest pages the engine wrote (DMA): KVM's dirty log does not see them.
     dma_dirty: Mutex<BTreeSet<u64>>,
+    irq: Mutex<Option<Arc<dyn IrqLine>>>,
 }
 
 /// Why a command stopped early.
@@ -103,6 +125,7 @@ impl Vf {
                 parked: false,
                 shutdown: false,
                 generation: 0,
+                irq_due: false,
             }),
             work: Condvar::new(),
             done: Condvar::new(),
@@ -112,7 +135,23 @@ impl Vf {
             clock0: Instant::now(),
             clock_offset_ns: Mutex::new(0),
             dma_dirty: Mutex::new(BTreeSet::new()),
+            irq: Mutex::new(None),
         })
+    }
+
+    /// Connects the VF's interrupt output (before the guest runs).
+    pub fn connect_irq(&self, line: Arc<dyn IrqLine>) {
+        *self.irq.lock().unwrap_or_else(|e| e.into_inner()) = Some(line);
+    }
+
+    /// Sends the interrupt a state change made due. Called without the state lock, so
+    /// the VMM's delivery never runs under it.
+    fn deliver_irq(&self) {
+        if std::mem::take(&mut self.lock().irq_due) {
+            if let Some(line) = &*self.irq.lock().unwrap_or_else(|e| e.into_inner()) {
+                line.raise();
+            }
+        }
     }
 
     /// Starts the engine thread. It holds a reference until `shutdown`.
@@ -177,6 +216,8 @@ impl Vf {
             reg::TIMESTAMP => self.clock_ns(),
             reg::ENGINE_NS => i.regs.engine_ns,
             reg::COMPLETED => i.regs.completed,
+            reg::INT_STATUS => i.regs.int_status,
+            reg::INT_MASK => i.regs.int_mask,
             _ => 0,
         }
     }
@@ -197,6 +238,11 @@ impl Vf {
 
     /// A register write. `stop` tells a blocking WAIT_FENCE that the vCPU is needed.
     pub fn mmio_write(&self, offset: u64, data: &[u8], stop: &dyn Fn() -> bool) {
+        self.write_reg(offset, data, stop);
+        self.deliver_irq();
+    }
+
+    fn write_reg(&self, offset: u64, data: &[u8], stop: &dyn Fn() -> bool) {
         let n = data.len();
         if !matches!(n, 4 | 8) || !offset.is_multiple_of(n as u64) || offset >= abi::REGS_SIZE {
             return;
@@ -212,10 +258,19 @@ impl Vf {
             }
             reg::CONTROL if !high => self.control(v),
             reg::RING_TAIL if !high => self.set_tail(v),
+            reg::INT_STATUS if !high => self.lock().regs.int_status &= !v,
+            reg::INT_MASK if !high => {
+                let mut i = self.lock();
+                let pending_before = i.regs.int_status & i.regs.int_mask;
+                i.regs.int_mask = v & irq::ALL;
+                if i.regs.int_status & i.regs.int_mask & !pending_before != 0 {
+                    i.irq_due = true;
+                }
+            }
             reg::RING_BASE | reg::RING_SIZE | reg::PT_ROOT => {
                 let mut i = self.lock();
                 if i.regs.enabled {
-                    Self::set_error(&mut i.regs, err::BUSY_WRITE, u64::MAX, r);
+                    Self::set_error(&mut i, err::BUSY_WRITE, u64::MAX, r);
                     return;
                 }
                 let field = match r {
@@ -234,10 +289,12 @@ impl Vf {
     }
 
     /// Records the first error since the last clear.
-    fn set_error(r: &mut Regs, code: u32, index: u64, addr: u64) {
+    fn set_error(i: &mut Inner, code: u32, index: u64, addr: u64) {
+        let r = &mut i.regs;
         if r.error == 0 {
             r.error = code as u64 | (index & 0xffff_ffff) << 32;
             r.error_addr = addr;
+            i.irq_due |= r.raise(irq::ERROR);
         }
     }
 
@@ -249,6 +306,7 @@ impl Vf {
                 i.regs.ring_size,
                 i.regs.pt_root,
                 i.regs.engine_ns,
+                i.regs.int_mask,
             );
             i.regs = Regs::default();
             (
@@ -256,6 +314,7 @@ impl Vf {
                 i.regs.ring_size,
                 i.regs.pt_root,
                 i.regs.engine_ns,
+                i.regs.int_mask,
             ) = keep;
             i.in_flight = None;
             i.resolved = None;
@@ -292,7 +351,7 @@ impl Vf {
                 i.regs.tail = 0;
             } else {
                 let addr = if ring_ok { r.pt_root } else { r.ring_base };
-                Self::set_error(&mut i.regs, err::BAD_RING, u64::MAX, addr);
+                Self::set_error(&mut i, err::BAD_RING, u64::MAX, addr);
             }
         }
         drop(i);
@@ -303,7 +362,7 @@ impl Vf {
     fn set_tail(&self, v: u64) {
         let mut i = self.lock();
         if !i.regs.enabled || v >= i.regs.ring_size {
-            Self::set_error(&mut i.regs, err::BAD_TAIL, u64::MAX, v);
+            Self::set_error(&mut i, err::BAD_TAIL, u64::MAX, v);
             return;
         }
         i.regs.tail = v;
@@ -436,6 +495,7 @@ impl Vf {
             loop {
                 let t0 = Instant::now();
                 let more = self.step();
+                self.deliver_irq();
                 let dt = t0.elapsed().as_nanos() as u64;
                 self.arbiter.used(dt);
                 self.lock().regs.engine_ns += dt;
@@ -461,7 +521,7 @@ impl Vf {
                 let mut e = [0u8; ENTRY_SIZE];
                 let at = i.regs.ring_base + index * ENTRY_SIZE as u64;
                 if self.ram.read_slice(&mut e, GuestAddress(at)).is_err() {
-                    Self::set_error(&mut i.regs, err::BAD_RING, index, at);
+                    Self::set_error(&mut i, err::BAD_RING, index, at);
                     self.arbiter.count(false, true);
                     self.done.notify_all();
                     return false;
@@ -480,7 +540,7 @@ impl Vf {
                         i.resolved = None;
                     }
                     Err(d) => {
-                        Self::set_error(&mut i.regs, d.code, index, d.value);
+                        Self::set_error(&mut i, d.code, index, d.value);
                         self.arbiter.count(false, true);
                         self.done.notify_all();
                         return false;
@@ -511,6 +571,7 @@ impl Vf {
                 if finished {
                     if let Some(f) = fl.entry.fence {
                         i.regs.fence = f;
+                        i.irq_due |= i.regs.raise(irq::FENCE);
                     }
                     i.regs.completed += 1;
                     i.regs.head = (i.regs.head + 1) % i.regs.ring_size;
@@ -525,7 +586,7 @@ impl Vf {
                 true
             }
             Err(Stop::Error(code, addr)) => {
-                Self::set_error(&mut i.regs, code, fl.index, addr);
+                Self::set_error(&mut i, code, fl.index, addr);
                 i.in_flight = None;
                 i.resolved = None;
                 self.arbiter.count(false, true);

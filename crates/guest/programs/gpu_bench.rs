@@ -101,6 +101,12 @@ fn measure(g: &mut Gpu) {
     let mut lat = [0u64; 64];
     timed(lat_reps, &mut lat, || g.run(op::NOP, [0; 6]).unwrap());
     report("submit_to_fence_latency", "us", 0.0, &lat[..lat_reps]);
+    // The same wait on the VF's MSI (the vCPU halts until the interrupt).
+    if g.use_interrupts(0x41, 0).is_ok() {
+        timed(lat_reps, &mut lat, || g.run(op::NOP, [0; 6]).unwrap());
+        report("submit_to_fence_latency_irq", "us", 0.0, &lat[..lat_reps]);
+        g.stop_interrupts();
+    }
 }
 
 fn busy(g: &mut Gpu) {

@@ -9,11 +9,14 @@
 //!   and holds it.
 //! mode=scan: reads all of its VRAM (it must be zero: nothing of another VM shows), and
 //!   tries to reach VRAM beyond its own (it must fault).
+//! mode=irq: the VF's interrupt end to end: nothing is delivered while MSI is off, the
+//!   cause is masked, or after MSI is turned off again; with MSI on, fences and errors
+//!   wake a halted vCPU, and the vector's counter moves by at most one per fence.
 #![no_std]
 #![no_main]
 
 use godwit_rt::gpu::{Gpu, SYS_VA};
-use godwit_rt::gpu_abi::{err, kernel, op, pte, reg};
+use godwit_rt::gpu_abi::{err, irq, kernel, op, pte, reg};
 use godwit_rt::{args, mem, println, sys, time};
 
 const SCRATCH_VA: u64 = 1 << 36;
@@ -230,9 +233,141 @@ fn scan() -> i32 {
     }
 }
 
+/// Halts until `vector`'s counter passes `before`. Interrupts of earlier steps may still
+/// be pending (an MSI that lands between a driver's last check and its halt waits in the
+/// LAPIC), so each step uses its own vector and this tolerates a few other wake-ups; if
+/// the expected interrupt never comes, the guest hangs and its test times out.
+fn drain(vector: u8, before: u64) -> u64 {
+    for _ in 0..4 {
+        if sys::irq_count(vector) > before {
+            break;
+        }
+        sys::wait_irq();
+    }
+    sys::irq_count(vector) - before
+}
+
+fn interrupts() -> i32 {
+    let mut g = open();
+    let v = args::get_u64("vector", 0x41).clamp(32, 252) as u8;
+    let (mut ok, mut total) = (0, 0);
+    let mut check = |name: &str, good: bool, detail: u64| {
+        total += 1;
+        ok += good as u32;
+        println!(
+            "gpu-probe: irq {} ({}) {}",
+            name,
+            detail,
+            if good { "ok" } else { "FAILED" }
+        );
+    };
+    // A fill long enough (milliseconds) that the waiter really halts.
+    const BIG: u64 = 16 << 20;
+    let block = |g: &Gpu, f: u64| {
+        while g.read(reg::FENCE) < f && g.error().is_none() {
+            g.write(reg::WAIT_FENCE, f);
+        }
+    };
+    let vector = |g: &mut Gpu, v: u8| {
+        if let Err(e) = g.use_interrupts(v, 0) {
+            println!("gpu-probe: {}", e);
+            sys::exit(2);
+        }
+    };
+
+    // MSI off, causes unmasked: the status bit is set, nothing is delivered.
+    g.write(reg::INT_MASK, irq::ALL);
+    let f = g.submit(op::FILL, [0, BIG, 1, 0, 0, 0]);
+    block(&g, f);
+    let st = g.read(reg::INT_STATUS);
+    check(
+        "status set, no MSI while MSI is off",
+        st & irq::FENCE != 0 && sys::irq_count(v) == 0,
+        sys::irq_count(v),
+    );
+
+    // MSI on: the waits below halt the vCPU until the VF's interrupt.
+    vector(&mut g, v);
+    let before = sys::irq_count(v);
+    let t0 = time::now_ns();
+    for i in 0..20 {
+        let f = g.submit(op::FILL, [0, BIG, i, 0, 0, 0]);
+        if g.wait(f).is_err() {
+            break;
+        }
+    }
+    let n = sys::irq_count(v) - before;
+    check(
+        "20 fence waits woken by interrupts",
+        (1..=20).contains(&n) && g.vram_u64(BIG - 8) == 19 | 19 << 32,
+        n,
+    );
+    println!(
+        "gpu-probe: irq 20 waits took {} us",
+        (time::now_ns() - t0) / 1000
+    );
+
+    // An error wakes the waiter too: with only ERROR enabled, the waiter halts through a
+    // long fill and the bad entry after it is the one thing that can wake it.
+    let v1 = v + 1;
+    vector(&mut g, v1);
+    g.write(reg::INT_MASK, irq::ERROR);
+    let before = sys::irq_count(v1);
+    g.queue(op::FILL, [0, BIG, 4, 0, 0, 0]);
+    let f = g.submit(0x7777, [0; 6]);
+    let e = g.wait(f);
+    let n = drain(v1, before);
+    check(
+        "an error sends exactly one interrupt",
+        matches!(e, Err(e) if e.code == err::BAD_OPCODE) && n == 1,
+        n,
+    );
+    g.clear_error();
+
+    // Masked causes send nothing; unmasking a pending one sends it (so a driver cannot
+    // lose it).
+    let v2 = v + 2;
+    vector(&mut g, v2);
+    g.write(reg::INT_MASK, 0);
+    g.write(reg::INT_STATUS, irq::ALL);
+    let before = sys::irq_count(v2);
+    let f = g.submit(op::FILL, [0, BIG, 2, 0, 0, 0]);
+    block(&g, f);
+    sys::sleep_ns(2_000_000);
+    check(
+        "nothing while masked",
+        sys::irq_count(v2) == before && g.read(reg::INT_STATUS) == irq::FENCE,
+        sys::irq_count(v2) - before,
+    );
+    g.write(reg::INT_MASK, irq::ALL);
+    let n = drain(v2, before);
+    check("unmasking a pending cause sends it", n == 1, n);
+
+    // MSI off again: nothing more.
+    g.stop_interrupts();
+    g.write(reg::INT_MASK, irq::ALL);
+    g.write(reg::INT_STATUS, irq::ALL);
+    let before = sys::irq_count(v2);
+    let f = g.submit(op::FILL, [0, BIG, 3, 0, 0, 0]);
+    block(&g, f);
+    sys::sleep_ns(2_000_000);
+    check(
+        "nothing after MSI is turned off",
+        sys::irq_count(v2) == before,
+        sys::irq_count(v2) - before,
+    );
+    println!("gpu-probe: irq {}/{} ok", ok, total);
+    if ok == total {
+        0
+    } else {
+        1
+    }
+}
+
 fn main() -> i32 {
     match args::get("mode").unwrap_or("hostile") {
         "hostile" => hostile(),
+        "irq" => interrupts(),
         "secret" => secret(),
         "scan" => scan(),
         m => {

@@ -31,6 +31,10 @@ fn main() -> i32 {
             return 2;
         }
     };
+    if let Err(e) = g.interrupts_from_args() {
+        println!("gpu-train: {}", e);
+        return 2;
+    }
     let nb = w * w * 4;
     let (u0, u1, f, s) = (0, nb, 2 * nb, 3 * nb);
     g.queue(op::FILL, [u0, nb, 0, 0, 0, 0]);
@@ -79,13 +83,14 @@ fn main() -> i32 {
     }
     let center = f32::from_bits(g.vram_u64(solution + (w / 2 * w + w / 2) * 4) as u32);
     println!(
-        "gpu-train: {} iterations={} change={:e} center={} hash={:#018x} t_ms={}",
+        "gpu-train: {} iterations={} change={:e} center={} hash={:#018x} t_ms={} interrupts={}",
         if change < tol { "converged" } else { "stopped" },
         iters,
         change,
         center,
         g.vram_u64(s + 8),
-        time::now_ms() - t0
+        time::now_ms() - t0,
+        g.interrupts()
     );
     if change < tol {
         0

@@ -83,6 +83,10 @@ fn main() -> i32 {
             return 2;
         }
     };
+    if let Err(e) = g.interrupts_from_args() {
+        println!("gpu-verify: {}", e);
+        return 2;
+    }
     let n = (mib << 20) / 4;
     let nb = n * 4;
     if 5 * nb + (1 << 20) > g.usable() {
@@ -239,7 +243,12 @@ fn main() -> i32 {
             );
         }
     }
-    println!("gpu-verify: done rounds={} checks={} errors=0", r, c.checks);
+    println!(
+        "gpu-verify: done rounds={} checks={} errors=0 interrupts={}",
+        r,
+        c.checks,
+        g.interrupts()
+    );
     0
 }
 

@@ -1,7 +1,8 @@
 //! The driver for godwit's virtual GPU function: finds the VF over PCI, maps its BARs
 //! (identity mapped: the VMM's page tables cover the aperture), builds the GPU page
-//! tables in the VF's own VRAM, owns the command ring, and waits on fences by asking the
-//! device to block the vCPU (WAIT_FENCE), so a waiting guest burns no host core.
+//! tables in the VF's own VRAM, owns the command ring, and waits on fences without
+//! burning a host core: by default the device blocks the vCPU (WAIT_FENCE, one exit);
+//! after `use_interrupts` the vCPU halts until the VF's MSI arrives (FENCE or ERROR).
 //!
 //! GPU virtual address space set up by `open`:
 //! - [0, usable) -> VRAM [0, usable), 2 MiB pages, writable;
@@ -9,7 +10,7 @@
 //! - the page tables themselves (the last PT_RESERVE bytes of VRAM) are not mapped, so no
 //!   command can rewrite them.
 
-use crate::gpu_abi::{self as abi, control, pte, reg};
+use crate::gpu_abi::{self as abi, control, irq, pte, reg};
 use crate::{env, mem, pci};
 
 /// Where guest RAM appears in the GPU's address space.
@@ -51,6 +52,8 @@ pub struct Gpu {
     /// Next free page-table page (VRAM offset).
     pt_next: u64,
     root: u64,
+    /// The vector the VF's MSI arrives on, once `use_interrupts` set it up.
+    irq_vector: Option<u8>,
 }
 
 impl Gpu {
@@ -87,6 +90,7 @@ impl Gpu {
             fence: 0,
             pt_next: 0,
             root: 0,
+            irq_vector: None,
         };
         if g.read(reg::ID) != abi::MAGIC | abi::VERSION << 32 {
             return Err("the GPU function's ID register is not godwit's");
@@ -249,7 +253,76 @@ impl Gpu {
         self.read(reg::FENCE)
     }
 
-    /// Waits for `fence` (blocking in the device, not spinning).
+    /// Config-space offset of the VF's MSI capability.
+    fn msi_cap(&self) -> Option<u16> {
+        if pci::read32(self.bdf, 0x04) >> 16 & 0x10 == 0 {
+            return None;
+        }
+        let mut p = (pci::read32(self.bdf, 0x34) & 0xfc) as u16;
+        for _ in 0..48 {
+            if p < 0x40 {
+                return None;
+            }
+            let h = pci::read32(self.bdf, p);
+            if h & 0xff == 0x05 {
+                return Some(p);
+            }
+            p = (h >> 8 & 0xfc) as u16;
+        }
+        None
+    }
+
+    /// Routes the VF's MSI to `vector` on vCPU `cpu` (APIC id = index), unmasks FENCE
+    /// and ERROR, and makes `wait` sleep until the interrupt.
+    pub fn use_interrupts(&mut self, vector: u8, cpu: u32) -> Result<(), &'static str> {
+        if (vector as u32) < crate::abi::irq::FIRST_VECTOR {
+            return Err("interrupt vectors below 32 are exceptions");
+        }
+        let p = self
+            .msi_cap()
+            .ok_or("the GPU function has no MSI capability")?;
+        pci::write32(
+            self.bdf,
+            p + 4,
+            (crate::abi::irq::LAPIC_BASE | (cpu as u64) << 12) as u32,
+        );
+        pci::write32(self.bdf, p + 8, 0);
+        pci::write32(self.bdf, p + 12, vector as u32);
+        pci::write32(self.bdf, p, pci::read32(self.bdf, p) | 1 << 16);
+        self.irq_vector = Some(vector);
+        self.write(reg::INT_MASK, irq::ALL);
+        Ok(())
+    }
+
+    /// Back to WAIT_FENCE waits; the VF sends nothing more.
+    pub fn stop_interrupts(&mut self) {
+        self.write(reg::INT_MASK, 0);
+        if let Some(p) = self.msi_cap() {
+            pci::write32(self.bdf, p, pci::read32(self.bdf, p) & !(1 << 16));
+        }
+        self.irq_vector = None;
+    }
+
+    pub fn irq_vector(&self) -> Option<u8> {
+        self.irq_vector
+    }
+
+    /// `irq=VECTOR` (32 to 255) on the command line: wait on interrupts sent to vCPU 0.
+    pub fn interrupts_from_args(&mut self) -> Result<(), &'static str> {
+        match crate::args::get_u64("irq", 0) {
+            0 => Ok(()),
+            v if v <= 255 => self.use_interrupts(v as u8, 0),
+            _ => Err("irq= takes a vector from 32 to 255"),
+        }
+    }
+
+    /// Interrupts taken on this GPU's vector so far.
+    pub fn interrupts(&self) -> u64 {
+        self.irq_vector.map(crate::sys::irq_count).unwrap_or(0)
+    }
+
+    /// Waits for `fence` without spinning: blocked in the device, or halted until the
+    /// VF's interrupt.
     pub fn wait(&self, fence: u64) -> Result<(), GpuError> {
         loop {
             if self.read(reg::FENCE) >= fence {
@@ -258,7 +331,16 @@ impl Gpu {
             if let Some(e) = self.error() {
                 return Err(e);
             }
-            self.write(reg::WAIT_FENCE, fence);
+            if self.irq_vector.is_none() {
+                self.write(reg::WAIT_FENCE, fence);
+                continue;
+            }
+            // Clear, re-check, then halt: a fence that lands in between raises the cause
+            // again, and its MSI stays pending in the LAPIC until the halt takes it.
+            self.write(reg::INT_STATUS, irq::ALL);
+            if self.read(reg::FENCE) < fence && self.read(reg::ERROR) == 0 {
+                crate::sys::wait_irq();
+            }
         }
     }
 

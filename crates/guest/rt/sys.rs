@@ -1,6 +1,6 @@
 //! Talking to the VMM: exit, sleep, raw MMIO.
 
-use crate::abi::sysdev;
+use crate::abi::{irq, sysdev};
 use crate::env::{self, Platform};
 
 pub fn mmio_write64(addr: u64, v: u64) {
@@ -56,4 +56,21 @@ pub fn sleep_ns(ns: u64) {
             }
         }
     }
+}
+
+/// Halts this vCPU until an interrupt is delivered (godwit only: `abi::irq`). Returns at
+/// once if one is already pending; the interrupt's stub leaves interrupts off again.
+pub fn wait_irq() {
+    sysdev_write(sysdev::WAIT_IRQ, 0);
+}
+
+/// Interrupts delivered on `vector` so far, by any vCPU (godwit only).
+pub fn irq_count(vector: u8) -> u64 {
+    if (vector as u32) < irq::FIRST_VECTOR || env::platform() != Platform::Godwit {
+        return 0;
+    }
+    let at = irq::COUNTS + 8 * (vector as u32 - irq::FIRST_VECTOR) as u64;
+    // SAFETY: the counters are identity-mapped guest RAM the VMM reserved for them; only
+    // the interrupt stubs write them.
+    unsafe { core::ptr::read_volatile(at as *const u64) }
 }

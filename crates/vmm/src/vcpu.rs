@@ -253,7 +253,7 @@ fn where_(v: &Vcpu) -> String {
 
 /// A write to godwit's system device. Every value is guest-controlled: checked, and a bad
 /// one fails only this request.
-fn sysdev_write(v: &Vcpu, ctx: &VcpuContext, stats: &VcpuStats, reg: u64, value: u64) -> Step {
+fn sysdev_write(v: &mut Vcpu, ctx: &VcpuContext, stats: &VcpuStats, reg: u64, value: u64) -> Step {
     if ctx.kind != GuestKind::Godwit {
         return Step::Continue;
     }
@@ -285,9 +285,30 @@ fn sysdev_write(v: &Vcpu, ctx: &VcpuContext, stats: &VcpuStats, reg: u64, value:
             Step::Continue
         }
         sysdev::FAULT => Step::Stop(VmExit::Crash(fault_report(v, ctx, value as u32))),
+        sysdev::WAIT_IRQ => match halt_for_interrupt(v) {
+            Ok(()) => Step::Continue,
+            Err(e) => Step::Stop(VmExit::Error(format!("vCPU {}: {e}", v.index))),
+        },
         _ => Step::Continue,
     }
 }
+
+/// `sti; hlt` on behalf of ring 3: finish the write that asked for it (so the guest
+/// resumes after it), set IF, and let KVM hold the vCPU halted until an interrupt is
+/// deliverable. A halted vCPU is plain vCPU state (MP state, RFLAGS): pausing, saving and
+/// migrating it need nothing special.
+fn halt_for_interrupt(v: &mut Vcpu) -> Result<()> {
+    complete_pending_io(v);
+    let mut regs = v.fd.get_regs().kvm("KVM_GET_REGS")?;
+    regs.rflags |= RFLAGS_IF;
+    v.fd.set_regs(&regs).kvm("KVM_SET_REGS")?;
+    v.fd.set_mp_state(kvm_bindings::kvm_mp_state {
+        mp_state: kvm_bindings::KVM_MP_STATE_HALTED,
+    })
+    .kvm("KVM_SET_MP_STATE")
+}
+
+const RFLAGS_IF: u64 = 1 << 9;
 
 /// Describes the exception whose ring-0 stub reported `vector`.
 fn fault_report(v: &Vcpu, ctx: &VcpuContext, vector: u32) -> String {

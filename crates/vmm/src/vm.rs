@@ -54,7 +54,7 @@ impl VmHandle {
 /// threads that pause, save or migrate it.
 pub struct Machine {
     _kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
     ctx: VcpuContext,
     pci: Arc<Mutex<PciBus>>,
@@ -96,7 +96,8 @@ impl Vm {
     pub fn create(cfg: VmConfig) -> Result<Vm> {
         cfg.validate()?;
         let kvm = open_kvm()?;
-        let fd = kvm.create_vm().kvm("KVM_CREATE_VM")?;
+        // Shared with devices that signal interrupts from their own threads.
+        let fd = Arc::new(kvm.create_vm().kvm("KVM_CREATE_VM")?);
         let bytes = cfg
             .memory_mib
             .checked_mul(memory::MIB)
@@ -191,7 +192,7 @@ impl Vm {
                     v.set_sregs(&ring3::sregs(&base, i)).kvm("KVM_SET_SREGS")?;
                     v.set_regs(&ring3::regs(entry, i)).kvm("KVM_SET_REGS")?;
                     cpu::reset_fpu(v)?;
-                    cpu::setup_lapic_lints(v)?;
+                    cpu::enable_lapic(v)?;
                     // With the in-kernel irqchip, APs would wait for INIT/SIPI forever.
                     v.set_mp_state(kvm_mp_state {
                         mp_state: KVM_MP_STATE_RUNNABLE,

@@ -56,6 +56,27 @@ pub fn setup_lapic_lints(vcpu: &VcpuFd) -> Result<()> {
     vcpu.set_lapic(&lapic).kvm("KVM_SET_LAPIC")
 }
 
+/// For godwit's ring-3 guests, which have no kernel to do it: the LAPIC software-enabled
+/// (spurious vector 0xff), task priority 0, LINT0 masked (no legacy PIC interrupts),
+/// LINT1 as NMI. Device MSIs then reach the vectors of `godwit_guest::abi::irq`.
+pub fn enable_lapic(vcpu: &VcpuFd) -> Result<()> {
+    const TPR: usize = 0x80;
+    const SVR: usize = 0xf0;
+    const LVT_LINT0: usize = 0x350;
+    const LVT_LINT1: usize = 0x360;
+    let mut lapic = vcpu.get_lapic().kvm("KVM_GET_LAPIC")?;
+    let mut set = |off: usize, v: u32| {
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[off + i] = *b as i8;
+        }
+    };
+    set(TPR, 0);
+    set(SVR, 0x1ff);
+    set(LVT_LINT0, 1 << 16);
+    set(LVT_LINT1, 0x4 << 8);
+    vcpu.set_lapic(&lapic).kvm("KVM_SET_LAPIC")
+}
+
 /// The MSRs KVM lists that this vCPU can actually read: what a save must capture.
 pub fn savable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
     let list = kvm.get_msr_index_list().kvm("KVM_GET_MSR_INDEX_LIST")?;

@@ -2,14 +2,17 @@
 //! under PVM ring-0 code is emulated, ring-3 code runs natively).
 //!
 //! The VMM writes what a kernel would have set up: GDT with user segments and one TSS per
-//! vCPU (whose I/O bitmap opens COM1 and PCI config ports), an IDT whose 256 gates point at
-//! one-instruction ring-0 stubs that report the vector to the system device, user-
-//! accessible identity page tables, and the boot-info block. Guest-physical layout:
+//! vCPU (whose I/O bitmap opens COM1 and PCI config ports), an IDT whose exception gates
+//! (0..32) point at one-instruction ring-0 stubs that report the vector to the system
+//! device and whose interrupt gates (32..256) count the interrupt for ring 3 (see
+//! `godwit_guest::abi::irq`), user-accessible identity page tables, and the boot-info
+//! block. Guest-physical layout:
 //!
-//! | 0x1000  | GDT                 | 0x5000  | PML4, PDPT, PDs (<= 64) |
-//! | 0x2000  | IDT (256 gates)     | 0x48000 | command line (4 KiB)    |
-//! | 0x3000  | fault stubs         | 0x50000 | TSS i at +0x3000 * i    |
-//! | 0x4000  | boot info           | 0x70000 | ring-0 stacks           |
+//! | 0x1000  | GDT                 | 0x4800  | interrupt counters      |
+//! | 0x2000  | IDT (256 gates)     | 0x5000  | PML4, PDPT, PDs (<= 64) |
+//! | 0x3000  | a stub per vector   | 0x48000 | command line (4 KiB)    |
+//! | 0x4000  | boot info           | 0x50000 | TSS i at +0x3000 * i    |
+//! | 0x4400  | interrupt handler   | 0x70000 | ring-0 stacks           |
 //! | 0x100000 and up: the image    |         |                         |
 
 use super::gdt::{self, segment};
@@ -23,6 +26,10 @@ pub const GDT: u64 = 0x1000;
 pub const IDT: u64 = 0x2000;
 pub const STUBS: u64 = 0x3000;
 pub const BOOT_INFO: u64 = 0x4000;
+pub const IRQ_HANDLER: u64 = 0x4400;
+const _: () = assert!(BOOT_INFO + abi::BOOT_INFO_SIZE as u64 <= IRQ_HANDLER);
+const _: () = assert!(IRQ_HANDLER + 64 <= abi::irq::COUNTS);
+const _: () = assert!(abi::irq::COUNTS + 8 * (256 - abi::irq::FIRST_VECTOR as u64) <= PML4);
 pub const PML4: u64 = 0x5000;
 pub const CMDLINE: u64 = 0x48000;
 pub const CMDLINE_MAX: usize = 4096;
@@ -75,6 +82,38 @@ fn stub(vector: u32) -> [u8; STUB_SIZE as usize] {
     s[11] = 0xeb;
     s[12] = 0xfe;
     s
+}
+
+/// Interrupt stub: `push rax; mov eax, vector; jmp IRQ_HANDLER`. Under PVM ring-0 code is
+/// emulated, so the whole path is kept to nine instructions.
+fn irq_stub(vector: u32) -> [u8; STUB_SIZE as usize] {
+    let at = STUBS + STUB_SIZE * vector as u64;
+    let mut s = [0x90u8; STUB_SIZE as usize];
+    s[0] = 0x50;
+    s[1] = 0xb8;
+    s[2..6].copy_from_slice(&vector.to_le_bytes());
+    s[6] = 0xe9;
+    let rel = IRQ_HANDLER as i64 - (at as i64 + 11);
+    s[7..11].copy_from_slice(&(rel as i32).to_le_bytes());
+    s
+}
+
+/// The common interrupt handler (vector in eax, the guest's rax pushed):
+/// `lock inc qword [rax*8 + COUNTS - 8*FIRST]; mov eax, LAPIC_EOI; mov dword [rax], 0;
+/// pop rax; and word [rsp+16], ~IF; iretq`. Clearing IF in the saved RFLAGS means ring 3
+/// gets interrupts only inside a WAIT_IRQ, never in the middle of its own code.
+fn irq_handler() -> Vec<u8> {
+    let counts = (abi::irq::COUNTS - 8 * abi::irq::FIRST_VECTOR as u64) as u32;
+    let eoi = (abi::irq::LAPIC_BASE + 0xb0) as u32;
+    let mut h = vec![0xf0, 0x48, 0xff, 0x04, 0xc5];
+    h.extend(counts.to_le_bytes());
+    h.push(0xb8);
+    h.extend(eoi.to_le_bytes());
+    h.extend([0xc7, 0x00, 0, 0, 0, 0]);
+    h.push(0x58);
+    h.extend([0x66, 0x81, 0x64, 0x24, 0x10, 0xff, 0xfd]);
+    h.extend([0x48, 0xcf]);
+    h
 }
 
 fn tss(i: u32) -> Vec<u8> {
@@ -139,10 +178,20 @@ pub fn setup_memory(
             KERNEL_CS,
             0,
         ));
-        stubs.extend(stub(v));
+        if v < abi::irq::FIRST_VECTOR {
+            stubs.extend(stub(v));
+        } else {
+            stubs.extend(irq_stub(v));
+        }
     }
     put(mem, IDT, &idt)?;
     put(mem, STUBS, &stubs)?;
+    put(mem, IRQ_HANDLER, &irq_handler())?;
+    put(
+        mem,
+        abi::irq::COUNTS,
+        &[0u8; 8 * (256 - abi::irq::FIRST_VECTOR as usize)],
+    )?;
     for i in 0..vcpus {
         put(mem, TSS + TSS_STRIDE * i as u64, &tss(i))?;
     }

@@ -1,6 +1,7 @@
 //! A virtual GPU function in the VM: its PCI function (ids, a register BAR, a VRAM
-//! aperture BAR), the register BAR's MMIO handler, and the aperture mapped straight into
-//! the guest as a KVM memory slot (the guest's loads and stores never exit). The device
+//! aperture BAR, an MSI capability), the register BAR's MMIO handler, the VF's interrupt
+//! as an MSI, and the aperture mapped straight into the guest as a KVM memory slot (the
+//! guest's loads and stores never exit). The device
 //! model itself is godwit-gpu's `Vf`; the VF comes from the host's GPU manager.
 
 use super::bus::SharedDevice;
@@ -11,11 +12,11 @@ use crate::error::{Error, KvmContext, Result};
 use crate::memory::{self, GuestMemory, GIB};
 use godwit_gpu::abi;
 use godwit_gpu::cpu::CpuBackend;
-use godwit_gpu::{Lease, Manager, Vf};
-use kvm_bindings::kvm_userspace_memory_region;
+use godwit_gpu::{IrqLine, Lease, Manager, Vf};
+use kvm_bindings::{kvm_msi, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
 use serde::Serialize;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// KVM slot of the VRAM aperture (RAM uses slots 0 and 1).
@@ -42,8 +43,28 @@ pub fn aperture_base(ram_end: u64, size: u64) -> u64 {
     ram_end.max(memory::MMIO_HOLE_END).div_ceil(size) * size
 }
 
+/// The VF's interrupt: an MSI with the message the guest last programmed (kept current
+/// by config-space writes), sent with KVM_SIGNAL_MSI into the in-kernel LAPICs.
+struct Msi {
+    fd: Arc<VmFd>,
+    message: Mutex<Option<kvm_msi>>,
+}
+
+impl IrqLine for Msi {
+    fn raise(&self) {
+        let m = *self.message.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = m {
+            // A message to no LAPIC is dropped, as on real hardware.
+            if let Err(e) = self.fd.signal_msi(m) {
+                tracing::debug!(error = %e, "KVM_SIGNAL_MSI");
+            }
+        }
+    }
+}
+
 struct Function {
     config: PciConfig,
+    msi: Arc<Msi>,
 }
 
 impl PciDevice for Function {
@@ -55,6 +76,19 @@ impl PciDevice for Function {
     }
     fn config_mut(&mut self) -> &mut PciConfig {
         &mut self.config
+    }
+    fn config_changed(&mut self) {
+        // Only messages to the LAPIC window are interrupts; anything else would be a DMA
+        // write to that address, which this VF does not make: it sends nothing.
+        let lapic = |a: u64| a >> 20 == 0xfee;
+        let m = self.config.msi_message().filter(|&(a, _)| lapic(a));
+        let m = m.map(|(address, data)| kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        });
+        *self.msi.message.lock().unwrap_or_else(|e| e.into_inner()) = m;
     }
 }
 
@@ -92,7 +126,7 @@ impl Drop for AttachedGpu {
 
 /// The parts of a VM a GPU is plugged into.
 pub struct Slots<'a> {
-    pub fd: &'a VmFd,
+    pub fd: &'a Arc<VmFd>,
     pub mem: &'a GuestMemory,
     pub ram_end: u64,
     pub ctl: &'a Arc<Control>,
@@ -144,6 +178,12 @@ pub fn attach(req: &GpuRequest, at: Slots) -> Result<Parts> {
         false,
     );
     config.add_bar(abi::BAR_VRAM, BarKind::Mem64, fb, vram_bar, true);
+    config.add_msi(abi::MSI_CAP as usize);
+    let msi = Arc::new(Msi {
+        fd: at.fd.clone(),
+        message: Mutex::new(None),
+    });
+    vf.connect_irq(msi.clone());
     let engine = vf
         .start(&format!("gpu{}-vf{}", lease.gpu, lease.slot))
         .map_err(Error::Thread)?;
@@ -169,7 +209,7 @@ pub fn attach(req: &GpuRequest, at: Slots) -> Result<Parts> {
             engine: Some(engine),
             _lease: lease,
         },
-        function: Box::new(Function { config }),
+        function: Box::new(Function { config, msi }),
         regs,
     })
 }

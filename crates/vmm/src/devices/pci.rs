@@ -9,6 +9,10 @@ pub const CONFIG_SIZE: usize = 256;
 pub const SLOTS: usize = 32;
 pub const LEGACY_PORT: u64 = 0xcf8;
 
+const CAP_MSI: u8 = 0x05;
+const MSI_ENABLE: u16 = 1 << 0;
+const MSI_64BIT: u16 = 1 << 7;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BarKind {
     Mem32,
@@ -77,6 +81,60 @@ impl PciConfig {
         }
     }
 
+    /// Adds a 64-bit MSI capability (one vector, no per-vector masking) at `off` as the
+    /// only entry of the capability list.
+    pub fn add_msi(&mut self, off: usize) {
+        assert!((0x40..CONFIG_SIZE - 14).contains(&off) && off.is_multiple_of(4));
+        self.bytes[0x06] |= 0x10;
+        self.bytes[0x34] = off as u8;
+        self.bytes[off] = CAP_MSI;
+        self.bytes[off + 1] = 0;
+        self.set16(off + 2, MSI_64BIT);
+        self.write_mask[off + 2] = MSI_ENABLE as u8;
+        self.write_mask[off + 4..off + 8].copy_from_slice(&[0xfc, 0xff, 0xff, 0xff]);
+        self.write_mask[off + 8..off + 14].fill(0xff);
+    }
+
+    fn get16(&self, off: usize) -> u16 {
+        u16::from_le_bytes([self.bytes[off], self.bytes[off + 1]])
+    }
+
+    fn get32(&self, off: usize) -> u32 {
+        u32::from_le_bytes(self.bytes[off..off + 4].try_into().expect("4 bytes"))
+    }
+
+    /// The MSI message (address, data) the function sends, if software enabled MSI and
+    /// bus mastering (an MSI is a memory write by the device).
+    pub fn msi_message(&self) -> Option<(u64, u32)> {
+        if self.bytes[0x04] & 0x04 == 0 || self.bytes[0x06] & 0x10 == 0 {
+            return None;
+        }
+        let mut p = (self.bytes[0x34] & 0xfc) as usize;
+        // The list lives in read-only bytes, but bound the walk anyway.
+        for _ in 0..48 {
+            if !(0x40..=CONFIG_SIZE - 14).contains(&p) {
+                return None;
+            }
+            if self.bytes[p] == CAP_MSI {
+                let ctl = self.get16(p + 2);
+                if ctl & MSI_ENABLE == 0 {
+                    return None;
+                }
+                let lo = self.get32(p + 4) as u64;
+                return Some(if ctl & MSI_64BIT != 0 {
+                    (
+                        lo | (self.get32(p + 8) as u64) << 32,
+                        self.get16(p + 12) as u32,
+                    )
+                } else {
+                    (lo, self.get16(p + 8) as u32)
+                });
+            }
+            p = (self.bytes[p + 1] & 0xfc) as usize;
+        }
+        None
+    }
+
     /// Current guest-programmed address of memory BAR `index`.
     pub fn bar_addr(&self, index: usize) -> u64 {
         let off = 0x10 + index * 4;
@@ -114,6 +172,8 @@ pub trait PciDevice: Send {
     fn name(&self) -> &str;
     fn config(&self) -> &PciConfig;
     fn config_mut(&mut self) -> &mut PciConfig;
+    /// Called after software wrote the config space or a saved one was loaded.
+    fn config_changed(&mut self) {}
 }
 
 /// Device 00:00.0.
@@ -200,6 +260,7 @@ impl PciBus {
     pub fn config_write(&mut self, bus: u8, slot: u8, func: u8, off: usize, data: &[u8]) {
         if let Some(d) = self.dev(bus, slot, func) {
             d.config_mut().write(off, data);
+            d.config_changed();
         }
     }
 
@@ -231,6 +292,7 @@ impl PciBus {
                 return Err(format!("PCI {}: config space of wrong size", s.name));
             }
             *d.config_mut() = s.config.clone();
+            d.config_changed();
         }
         Ok(())
     }
@@ -399,5 +461,35 @@ mod tests {
         let mut with_extra = PciBus::new();
         with_extra.add(Box::new(Dummy(PciConfig::new(1, 2, 3, 4))));
         assert!(with_extra.restore(&saved).is_err());
+    }
+
+    #[test]
+    fn msi_capability_is_found_and_programmed_like_hardware() {
+        let mut c = PciConfig::new(1, 2, 3, 4);
+        c.add_msi(0x40);
+        let mut b = [0u8; 4];
+        c.read(0x34, &mut b[..1]);
+        assert_eq!(b[0], 0x40);
+        c.read(0x40, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x0080_0005);
+        c.write(0x44, &0xfee0_1003u32.to_le_bytes());
+        c.write(0x48, &0u32.to_le_bytes());
+        c.write(0x4c, &0x0041u32.to_le_bytes());
+        c.read(0x44, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0xfee0_1000, "address bits 1:0 are 0");
+        // Not enabled, then no bus mastering: no message.
+        assert_eq!(c.msi_message(), None);
+        c.write(0x42, &[0x71, 0xff]);
+        assert_eq!(c.msi_message(), None);
+        c.read(0x40, &mut b);
+        assert_eq!(
+            u32::from_le_bytes(b) >> 16,
+            0x81,
+            "only the enable bit is writable"
+        );
+        c.write(0x04, &[0x06]);
+        assert_eq!(c.msi_message(), Some((0xfee0_1000, 0x41)));
+        c.write(0x42, &[0x00]);
+        assert_eq!(c.msi_message(), None);
     }
 }
