@@ -268,6 +268,8 @@ pub fn run(a: GpuBenchArgs) -> ExitCode {
                 ("axpy", "axpy"),
                 ("submit_to_fence_latency", ""),
                 ("submit_to_fence_latency_irq", ""),
+                ("fill_4m_wait_fence", ""),
+                ("fill_4m_wait_irq", ""),
             ] {
                 let g = &v["guest"][k];
                 println!(

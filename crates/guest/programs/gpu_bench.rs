@@ -99,12 +99,19 @@ fn measure(g: &mut Gpu) {
     report("axpy", "GB/s", (elems * 12) as f64 / 1e9, &ns[..reps]);
     let lat_reps = 64;
     let mut lat = [0u64; 64];
+    // A NOP is done before the driver first looks; a 4 MiB fill (a few hundred us) makes
+    // the driver really wait, so the wake-up path shows.
+    let fill = [0, 4 << 20, 7, 0, 0, 0];
     timed(lat_reps, &mut lat, || g.run(op::NOP, [0; 6]).unwrap());
     report("submit_to_fence_latency", "us", 0.0, &lat[..lat_reps]);
-    // The same wait on the VF's MSI (the vCPU halts until the interrupt).
+    timed(lat_reps, &mut lat, || g.run(op::FILL, fill).unwrap());
+    report("fill_4m_wait_fence", "us", 0.0, &lat[..lat_reps]);
+    // The same waits on the VF's MSI (the vCPU halts until the interrupt).
     if g.use_interrupts(0x41, 0).is_ok() {
         timed(lat_reps, &mut lat, || g.run(op::NOP, [0; 6]).unwrap());
         report("submit_to_fence_latency_irq", "us", 0.0, &lat[..lat_reps]);
+        timed(lat_reps, &mut lat, || g.run(op::FILL, fill).unwrap());
+        report("fill_4m_wait_irq", "us", 0.0, &lat[..lat_reps]);
         g.stop_interrupts();
     }
 }
