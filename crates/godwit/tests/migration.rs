@@ -685,7 +685,7 @@ fn hostile_input_on_the_destination_is_a_clear_error() {
     let dir = TempDir::new("mig-hostile");
     let hello = |version: u32| {
         let mut v: Value = serde_json::json!({
-            "wire_version": version, "state_version": 2, "guest": "x", "memory_mib": 256,
+            "wire_version": version, "state_version": godwit_vmm::state::STATE_VERSION, "guest": "x", "memory_mib": 256,
             "connections": 1, "session": 1, "snapshot": false,
             "shape": {"ram": [{"start": 0, "size": 268435456u64}], "vcpus": 1, "kind": "Godwit", "pci": [[0, "host-bridge"]]}
         });

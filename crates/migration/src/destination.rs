@@ -144,6 +144,17 @@ pub fn drain(
     ram: &[RamRegion],
     until: Kind,
 ) -> Result<(Totals, Option<Vec<u8>>), String> {
+    drain_with(r, mem, ram, until, &mut |_| Ok(()))
+}
+
+/// `drain`, calling `on_state` as soon as STATE arrives; an error from it ends the drain.
+pub fn drain_with(
+    r: &mut impl std::io::Read,
+    mem: &GuestMemory,
+    ram: &[RamRegion],
+    until: Kind,
+    on_state: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+) -> Result<(Totals, Option<Vec<u8>>), String> {
     let mut buf = Vec::new();
     let mut got = Totals::default();
     let mut state = None;
@@ -155,6 +166,7 @@ pub fn drain(
         match f {
             Frame::Pages { .. } | Frame::Zero(_) => apply(mem, ram, &f, &mut got)?,
             Frame::State(s) if until == Kind::Complete && state.is_none() => {
+                on_state(s)?;
                 state = Some(s.to_vec())
             }
             Frame::End(t) | Frame::Complete(t) if f.kind() == until => {
@@ -236,7 +248,7 @@ pub fn receive(l: &Listener, expect: &Expect, console: Console) -> Result<Incomi
     if let Err(why) = check_hello(&hello, expect) {
         return Err(refuse(&mut main, snapshot, why));
     }
-    let vm = match Vm::create(VmConfig {
+    let mut vm = match Vm::create(VmConfig {
         memory_mib: hello.memory_mib,
         vcpus: hello.shape.vcpus,
         payload: Payload::Incoming {
@@ -262,6 +274,15 @@ pub fn receive(l: &Listener, expect: &Expect, console: Console) -> Result<Incomi
             vm.shape()
         );
         return Err(refuse(&mut main, snapshot, why));
+    }
+    // The vCPU threads exist from here on, parked: starting them is not on the
+    // switchover's critical path. Dropping the VM on any failure below ends them unrun.
+    if let Err(e) = vm.start_paused() {
+        return Err(refuse(
+            &mut main,
+            snapshot,
+            format!("cannot create the vCPU threads: {e}"),
+        ));
     }
     if !snapshot {
         wire::write_frame(&mut main, &Frame::Accept)
@@ -309,7 +330,14 @@ pub fn receive(l: &Listener, expect: &Expect, console: Console) -> Result<Incomi
                 })
             })
             .collect();
-        let main_result = drain(&mut main, vm.memory(), &ram, Kind::Complete);
+        // The source sends the state before its last pages: load it now, on this thread,
+        // while the source is still reading its dirty log and sending them (a helper
+        // thread would only wait for a core on a small host).
+        let main_result = drain_with(&mut main, vm.memory(), &ram, Kind::Complete, &mut |bytes| {
+            let state = VmState::decode(bytes)?;
+            vm.restore_state(&state)
+                .map_err(|e| format!("cannot load the VM state: {e}"))
+        });
         let mut first_err = None;
         for w in workers {
             match w.join() {
@@ -324,27 +352,11 @@ pub fn receive(l: &Listener, expect: &Expect, console: Console) -> Result<Incomi
         }
         match (first_err, main_result) {
             (Some(e), _) => Err(e),
-            (None, r) => r,
+            (None, r) => r.map(|_| ()),
         }
     });
-    let state_bytes = match received {
-        Ok((_, Some(s))) => s,
-        Ok((_, None)) => return Err(abort(&mut main, snapshot, "no VM state".into())),
-        Err(e) => return Err(abort(&mut main, snapshot, e)),
-    };
-    let state: VmState = serde_json::from_slice(&state_bytes).map_err(|e| {
-        abort(
-            &mut main,
-            snapshot,
-            format!("the VM state does not parse: {e}"),
-        )
-    })?;
-    if let Err(e) = vm.restore_state(&state) {
-        return Err(abort(
-            &mut main,
-            snapshot,
-            format!("cannot load the VM state: {e}"),
-        ));
+    if let Err(e) = received {
+        return Err(abort(&mut main, snapshot, e));
     }
     if !snapshot {
         wire::write_frame(&mut main, &Frame::Ready)
@@ -377,7 +389,7 @@ impl Incoming {
                 }
             }
         }
-        if let Err(e) = self.vm.start() {
+        if let Err(e) = self.vm.release() {
             // An explicit refusal: the source knows the VM is not running here and
             // takes it back.
             let why = format!("cannot start the VM: {e}");

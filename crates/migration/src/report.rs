@@ -45,10 +45,10 @@ pub struct Bytes {
 pub struct Downtime {
     /// Stopping the vCPUs.
     pub pause_ms: f64,
-    /// The last dirty pages.
+    /// The last dirty pages (sent after the state, while the destination loads it).
     pub final_pages_ms: f64,
     pub final_pages: u64,
-    /// Reading and sending the VM state.
+    /// Reading and sending the VM state (sent first).
     pub state_ms: f64,
     /// Until the destination confirmed it holds and has loaded everything.
     pub confirm_ms: f64,

@@ -31,8 +31,10 @@ const THROTTLE_MAX: u32 = 99;
 /// Rounds at full throttle after which the driver switches over even above the limit.
 const ROUNDS_AT_MAX_THROTTLE: u32 = 5;
 const MAX_ROUNDS: u32 = 200;
-/// An expected downtime this small ends pre-copy at once.
-const SMALL_DOWNTIME_MS: f64 = 5.0;
+/// Below this expected downtime another round gains nothing: the fixed costs dominate.
+const SMALL_DOWNTIME_MS: f64 = 2.0;
+/// The switchover's fixed part (pause, state, handshake) measured here: about 0.7 ms.
+const FIXED_DOWNTIME_MS: f64 = 1.0;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Options {
@@ -326,7 +328,9 @@ impl Session<'_> {
 
     /// Downtime if the VM stopped now with `dirty` pages left.
     fn expected_ms(&self, dirty: u64) -> f64 {
-        dirty as f64 * PAGE_SIZE as f64 / self.bandwidth_cap() * 1e3 + 1.5 + 2.0 * ms(self.rtt)
+        dirty as f64 * PAGE_SIZE as f64 / self.bandwidth_cap() * 1e3
+            + FIXED_DOWNTIME_MS
+            + 2.0 * ms(self.rtt)
     }
 
     fn learn_bandwidth(&mut self, sent: &Sent, d: Duration) {
@@ -377,10 +381,11 @@ impl Session<'_> {
             };
             todo = dirty;
             // Fitting the limit is enough to stop, but while a round still halves the
-            // dirty set another one is cheap and shortens the pause; below a few ms the
-            // fixed costs dominate and further rounds gain nothing.
+            // dirty set another one is cheap and shortens the pause (the limit is a
+            // ceiling, not a target); below a couple of ms the fixed costs dominate and
+            // further rounds gain nothing.
             let shrinking = n * 2 <= sent.pages + sent.zero_pages + skipped;
-            let good_enough = expected <= (limit / 4.0).max(SMALL_DOWNTIME_MS);
+            let good_enough = expected <= SMALL_DOWNTIME_MS;
             let reason = if n == 0 {
                 Some("no dirty pages left".into())
             } else if expected <= limit && (good_enough || !shrinking) {
@@ -465,39 +470,43 @@ impl Session<'_> {
         }
         let dt = &mut self.report.downtime;
         dt.pause_ms = ms(tp.elapsed());
+        // The state first, then the last pages: the destination loads the state while
+        // the pages arrive.
         let t = Instant::now();
-        pages::union(&mut todo, &self.take_dirty()?);
-        let all = 0..pages::words(&todo);
-        let sent = self.send(&todo, false, all)?;
-        self.report.downtime.final_pages = sent.pages + sent.zero_pages;
-        self.report.downtime.final_pages_ms = ms(t.elapsed());
-        let t = Instant::now();
-        for i in 1..self.conns.len() {
-            let end = Frame::End(self.totals[i]);
-            if let Err(e) = wire::write_frame(&mut self.conns[i], &end) {
-                return Err(self.explain(e));
-            }
-        }
         let state = m
             .save_state()
             .map_err(|e| fail(format!("cannot save the VM state: {e}")))?;
-        let bytes = serde_json::to_vec(&state).map_err(|e| fail(e.to_string()))?;
+        let bytes = state.encode().map_err(fail)?;
         if bytes.len() > wire::MAX_PAYLOAD {
             return Err(fail(format!(
                 "VM state of {} bytes is too large",
                 bytes.len()
             )));
         }
+        if let Err(e) = wire::write_frame(&mut self.conns[0], &Frame::State(&bytes)) {
+            return Err(self.explain(e));
+        }
+        self.report.downtime.state_ms = ms(t.elapsed());
+        let t = Instant::now();
+        pages::union(&mut todo, &self.take_dirty()?);
+        let all = 0..pages::words(&todo);
+        let sent = self.send(&todo, false, all)?;
+        self.report.downtime.final_pages = sent.pages + sent.zero_pages;
+        for i in 1..self.conns.len() {
+            let end = Frame::End(self.totals[i]);
+            if let Err(e) = wire::write_frame(&mut self.conns[i], &end) {
+                return Err(self.explain(e));
+            }
+        }
         let complete = Frame::Complete(self.totals[0]);
-        let r = wire::write_frame(&mut self.conns[0], &Frame::State(&bytes))
-            .and_then(|_| wire::write_frame(&mut self.conns[0], &complete))
-            .and_then(|_| self.conns[0].finish());
+        let r =
+            wire::write_frame(&mut self.conns[0], &complete).and_then(|_| self.conns[0].finish());
         if let Err(e) = r {
             return Err(self.explain(e));
         }
+        self.report.downtime.final_pages_ms = ms(t.elapsed());
         self.report.bytes.state = bytes.len() as u64;
         self.report.bytes.total += bytes.len() as u64 + 2 * wire::HEADER_LEN as u64 + 64;
-        self.report.downtime.state_ms = ms(t.elapsed());
         if self.target.is_file() {
             self.report.downtime_ms = ms(tp.elapsed());
             return Ok(());

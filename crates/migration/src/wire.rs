@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"GDWM");
 /// Bumped on any incompatible change; a destination refuses any other.
-pub const WIRE_VERSION: u32 = 1;
+pub const WIRE_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 16;
 pub const PAGE_SIZE: usize = 4096;
 /// Pages carried by one PAGES frame.

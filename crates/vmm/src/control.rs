@@ -213,6 +213,22 @@ impl Control {
         self.cv.notify_all();
     }
 
+    /// Makes vCPU threads started from now on park at their first checkpoint, so they
+    /// can be created ahead of time (a migration destination does this before the state
+    /// arrives); `resume` lets them run.
+    pub fn stage(&self) {
+        let mut s = self.lock();
+        if s.want == RunState::Created {
+            s.want = RunState::Paused;
+        }
+    }
+
+    /// True once every vCPU thread is parked (or there are none).
+    pub fn all_parked(&self) -> bool {
+        let s = self.lock();
+        s.parked == s.active
+    }
+
     /// Pauses every vCPU and returns once all are parked (or the VM stopped).
     pub fn pause(&self) -> Result<(), &'static str> {
         let mut s = self.lock();

@@ -11,7 +11,7 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 
-pub const STATE_VERSION: u32 = 2;
+pub const STATE_VERSION: u32 = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsrValue {
@@ -80,4 +80,40 @@ pub struct VmState {
     pub irqchip: IrqchipState,
     pub vcpus: Vec<VcpuState>,
     pub devices: DeviceStates,
+}
+
+impl VmState {
+    /// The state as bytes: the version (u32, little endian), then the fields in postcard's
+    /// compact binary form. It is read inside the downtime window, where the JSON form
+    /// cost about 0.1 ms to write and as much again to parse.
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
+        let mut out = STATE_VERSION.to_le_bytes().to_vec();
+        postcard::to_io(self, &mut out).map_err(|e| format!("encoding the VM state: {e}"))?;
+        Ok(out)
+    }
+
+    /// Reads `encode`'s bytes; a foreign version or any malformed input is an error.
+    pub fn decode(bytes: &[u8]) -> Result<VmState, String> {
+        let (v, rest) = bytes
+            .split_first_chunk::<4>()
+            .ok_or("the VM state is truncated")?;
+        let v = u32::from_le_bytes(*v);
+        if v != STATE_VERSION {
+            return Err(format!(
+                "VM state version {v}; this godwit reads version {STATE_VERSION}"
+            ));
+        }
+        let (s, left): (VmState, _) = postcard::take_from_bytes(rest)
+            .map_err(|e| format!("the VM state is malformed: {e}"))?;
+        if !left.is_empty() {
+            return Err(format!("{} stray bytes after the VM state", left.len()));
+        }
+        if s.version != STATE_VERSION {
+            return Err(format!(
+                "VM state version field {} does not match",
+                s.version
+            ));
+        }
+        Ok(s)
+    }
 }

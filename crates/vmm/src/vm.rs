@@ -317,6 +317,27 @@ impl Vm {
         Ok(())
     }
 
+    /// Creates the vCPU threads now but keeps them parked until `resume` (see
+    /// `Control::stage`); the state may still be restored meanwhile.
+    pub fn start_paused(&mut self) -> Result<()> {
+        self.handle.ctl.stage();
+        self.start()?;
+        // Wait for them to park, so a restore never races a thread's first steps.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !self.handle.ctl.all_parked() || self.handle.ctl.state() != RunState::Paused {
+            if std::time::Instant::now() > end {
+                return Err(Error::State("vCPU threads did not park".into()));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        Ok(())
+    }
+
+    /// Lets vCPU threads created by `start_paused` run.
+    pub fn release(&self) -> Result<()> {
+        self.handle.ctl.resume().map_err(|e| Error::State(e.into()))
+    }
+
     /// Waits for the VM to stop and all vCPU threads to end.
     pub fn wait(&mut self) -> VmExit {
         let why = self.handle.ctl.wait_exit();
@@ -336,8 +357,9 @@ impl Vm {
 
     /// Loads a saved state into this (not yet started) VM of the same shape.
     pub fn restore_state(&self, s: &VmState) -> Result<()> {
-        if !self.threads.is_empty() {
-            return Err(Error::State("cannot restore into a started VM".into()));
+        // Parked vCPU threads (start_paused) hold no vCPU: restoring under them is safe.
+        if !self.threads.is_empty() && self.handle.ctl.state() != RunState::Paused {
+            return Err(Error::State("cannot restore into a running VM".into()));
         }
         self.m.restore_state(s)
     }
