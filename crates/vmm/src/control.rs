@@ -223,10 +223,23 @@ impl Control {
         }
     }
 
-    /// True once every vCPU thread is parked (or there are none).
-    pub fn all_parked(&self) -> bool {
-        let s = self.lock();
-        s.parked == s.active
+    /// Waits until `n` vCPU threads are parked (parking notifies); false after `limit`
+    /// or if the VM stopped.
+    pub fn wait_parked(&self, n: u32, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        let mut s = self.lock();
+        while s.parked < n && s.exit.is_none() {
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            s = self
+                .cv
+                .wait_timeout(s, end - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        s.exit.is_none()
     }
 
     /// Pauses every vCPU and returns once all are parked (or the VM stopped).

@@ -322,13 +322,15 @@ impl Vm {
     pub fn start_paused(&mut self) -> Result<()> {
         self.handle.ctl.stage();
         self.start()?;
-        // Wait for them to park, so a restore never races a thread's first steps.
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !self.handle.ctl.all_parked() || self.handle.ctl.state() != RunState::Paused {
-            if std::time::Instant::now() > end {
-                return Err(Error::State("vCPU threads did not park".into()));
-            }
-            std::thread::sleep(std::time::Duration::from_micros(100));
+        // Every thread parks before it touches its vCPU; waiting for all of them keeps a
+        // slow thread start from showing up later, inside the switchover.
+        let n = self.m.vcpus.len() as u32;
+        if !self
+            .handle
+            .ctl
+            .wait_parked(n, std::time::Duration::from_secs(5))
+        {
+            return Err(Error::State("vCPU threads did not park".into()));
         }
         Ok(())
     }

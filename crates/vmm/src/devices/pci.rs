@@ -138,11 +138,10 @@ impl PciConfig {
     /// Current guest-programmed address of memory BAR `index`.
     pub fn bar_addr(&self, index: usize) -> u64 {
         let off = 0x10 + index * 4;
-        let lo = u32::from_le_bytes(self.bytes[off..off + 4].try_into().unwrap());
+        let lo = self.get32(off);
         let mut a = (lo & !0xf) as u64;
         if lo & 0x6 == 0x4 && index < 5 {
-            a |=
-                (u32::from_le_bytes(self.bytes[off + 4..off + 8].try_into().unwrap()) as u64) << 32;
+            a |= (self.get32(off + 4) as u64) << 32;
         }
         a
     }
