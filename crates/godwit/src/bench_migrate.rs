@@ -4,11 +4,13 @@
 //!
 //! Per run: total time, the VMM's downtime, the guest's own largest gap around the
 //! switchover (the dirtier's window_gap_us on the destination's first report lines), and
-//! bytes sent.
+//! bytes sent. godwit can run once per dirty-tracking mode (`--dirty-log bitmap,ring`):
+//! the modes then sit side by side, with the time spent reading the dirty log.
 
 use crate::bench::{summary, Summary};
 use crate::cli::MigrateBenchArgs;
 use godwit_migration::{Options, Report};
+use godwit_vmm::dirty::DirtyLogMode;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
@@ -70,6 +72,14 @@ struct Sample {
     bytes: u64,
     rounds: Option<u32>,
     throttled: Option<bool>,
+    /// godwit only: reading the dirty log at the end of a round (median over the
+    /// migration's rounds), the last read at the switchover, and full dirty rings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dirty_log_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_dirty_log_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ring_full_exits: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -78,7 +88,18 @@ struct Side {
     downtime_ms: Summary,
     guest_gap_ms: Summary,
     bytes: Summary,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dirty_log_us: Option<Summary>,
     samples: Vec<Sample>,
+}
+
+/// godwit with another dirty-tracking mode, against the first.
+#[derive(Serialize)]
+struct Alternative {
+    dirty_log: String,
+    side: Side,
+    /// The first mode's figure over this one's (above 1: this one is better).
+    first_over_this: Value,
 }
 
 #[derive(Serialize)]
@@ -86,7 +107,10 @@ struct Cell {
     memory_mib: u64,
     workload: String,
     downtime_limit_ms: u64,
+    godwit_dirty_log: String,
     godwit: Side,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    godwit_alternatives: Vec<Alternative>,
     qemu: Option<Side>,
     /// QEMU's figure over godwit's (above 1: godwit is better), per statistic.
     qemu_over_godwit: Option<Value>,
@@ -111,8 +135,22 @@ fn side(samples: Vec<Sample>) -> Side {
         downtime_ms: f(|s| s.downtime_ms),
         guest_gap_ms: f(|s| s.guest_gap_ms),
         bytes: f(|s| s.bytes as f64),
+        dirty_log_us: samples
+            .iter()
+            .map(|s| s.dirty_log_us)
+            .collect::<Option<Vec<_>>>()
+            .map(|v| summary(&v)),
         samples,
     }
+}
+
+fn ratios(q: &Side, g: &Side) -> Value {
+    json!({
+        "total_ms": ratio(&q.total_ms, &g.total_ms),
+        "downtime_ms": ratio(&q.downtime_ms, &g.downtime_ms),
+        "guest_gap_ms": ratio(&q.guest_gap_ms, &g.guest_gap_ms),
+        "bytes": ratio(&q.bytes, &g.bytes),
+    })
 }
 
 fn ratio(q: &Summary, g: &Summary) -> Value {
@@ -215,6 +253,7 @@ fn godwit_run(
     w: &Workload,
     limit: u64,
     conns: u32,
+    dirty_log: DirtyLogMode,
 ) -> Result<Sample, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let (src_log, dst_log, sock) = (
@@ -242,6 +281,8 @@ fn godwit_run(
         format!("tcp:127.0.0.1:{port}"),
         "--console".into(),
         format!("file:{}", dst_log.display()),
+        "--dirty-log".into(),
+        dirty_log.to_string(),
     ])?);
     let mut src = vec![
         "run".into(),
@@ -251,6 +292,8 @@ fn godwit_run(
         sock.display().to_string(),
         "--console".into(),
         format!("file:{}", src_log.display()),
+        "--dirty-log".into(),
+        dirty_log.to_string(),
         "dirtier".into(),
         "--".into(),
     ];
@@ -283,6 +326,18 @@ fn godwit_run(
         bytes: r.bytes.total,
         rounds: Some(r.round_count),
         throttled: Some(r.throttled),
+        dirty_log_us: Some(
+            summary(
+                &r.rounds
+                    .iter()
+                    .map(|x| x.dirty_log_us)
+                    .chain(std::iter::once(0.0).filter(|_| r.rounds.is_empty()))
+                    .collect::<Vec<_>>(),
+            )
+            .median,
+        ),
+        last_dirty_log_us: Some(r.downtime.dirty_log_ms * 1e3),
+        ring_full_exits: Some(r.ring_full_exits),
     })
 }
 
@@ -427,6 +482,9 @@ fn qemu_run(
             .unwrap_or(0),
         rounds: info["ram"]["dirty-sync-count"].as_u64().map(|n| n as u32),
         throttled: info["cpu-throttle-percentage"].as_u64().map(|p| p > 0),
+        dirty_log_us: None,
+        last_dirty_log_us: None,
+        ring_full_exits: None,
     })
 }
 
@@ -448,6 +506,9 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
     };
     if runs == 0 {
         return Err("--runs must be at least 1".into());
+    }
+    if a.dirty_log.is_empty() {
+        return Err("--dirty-log needs at least one mode".into());
     }
     let workloads = workloads
         .iter()
@@ -487,7 +548,10 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                 return Err(format!("workload {} does not fit {mem} MiB", w.name));
             }
             for &limit in &limits {
-                let (mut g, mut q) = (Vec::new(), Vec::new());
+                // One list of samples per godwit mode, and QEMU's.
+                let mut g: Vec<Vec<Sample>> = a.dirty_log.iter().map(|_| Vec::new()).collect();
+                let mut q = Vec::new();
+                let sides = a.dirty_log.len() + usize::from(qemu.is_some());
                 for i in 0..runs {
                     if !a.json {
                         eprint!(
@@ -497,30 +561,29 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                             i + 1
                         );
                     }
-                    // Alternate which VMM goes first, against drift in the host's state.
-                    let order = if i % 2 == 0 {
-                        [true, false]
-                    } else {
-                        [false, true]
-                    };
-                    for godwit_turn in order {
-                        if godwit_turn {
-                            g.push(godwit_run(&dir, mem, w, limit, a.connections)?);
-                        } else if qemu.is_some() {
-                            q.push(qemu_run(&dir, &a.qemu, &image, mem, w, limit)?);
+                    // Rotate which side goes first, against drift in the host's state.
+                    for k in 0..sides {
+                        let turn = (k + i) % sides;
+                        match a.dirty_log.get(turn) {
+                            Some(&mode) => {
+                                g[turn].push(godwit_run(&dir, mem, w, limit, a.connections, mode)?)
+                            }
+                            None => q.push(qemu_run(&dir, &a.qemu, &image, mem, w, limit)?),
                         }
                     }
                 }
-                let gs = side(g);
-                let qs = qemu.as_ref().map(|_| side(q));
-                let ratios = qs.as_ref().map(|q| {
-                    json!({
-                        "total_ms": ratio(&q.total_ms, &gs.total_ms),
-                        "downtime_ms": ratio(&q.downtime_ms, &gs.downtime_ms),
-                        "guest_gap_ms": ratio(&q.guest_gap_ms, &gs.guest_gap_ms),
-                        "bytes": ratio(&q.bytes, &gs.bytes),
+                let mut g = g.into_iter().map(side);
+                let gs = g.next().expect("at least one mode");
+                let alternatives = g
+                    .zip(&a.dirty_log[1..])
+                    .map(|(side, mode)| Alternative {
+                        dirty_log: mode.to_string(),
+                        first_over_this: ratios(&gs, &side),
+                        side,
                     })
-                });
+                    .collect();
+                let qs = qemu.as_ref().map(|_| side(q));
+                let ratios = qs.as_ref().map(|q| ratios(q, &gs));
                 let goal = qs.as_ref().map(|q| {
                     gs.downtime_ms.median <= limit as f64
                         && gs.downtime_ms.median <= q.downtime_ms.median
@@ -531,7 +594,9 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                     memory_mib: mem,
                     workload: w.name.clone(),
                     downtime_limit_ms: limit,
+                    godwit_dirty_log: a.dirty_log[0].to_string(),
                     godwit: gs,
+                    godwit_alternatives: alternatives,
                     qemu: qs,
                     qemu_over_godwit: ratios,
                     godwit_meets_goal: goal,
@@ -558,15 +623,24 @@ fn print_table(r: &BenchReport) {
         r.runs
     );
     println!(
-        "{:>6} {:>9} {:>6} {:>7} | {:>20} {:>20} {:>20} {:>9}",
-        "MiB", "workload", "limit", "vmm", "total ms", "downtime ms", "guest gap ms", "MiB sent"
+        "{:>6} {:>9} {:>6} {:>12} | {:>20} {:>20} {:>20} {:>9} {:>12}",
+        "MiB",
+        "workload",
+        "limit",
+        "vmm",
+        "total ms",
+        "downtime ms",
+        "guest gap ms",
+        "MiB sent",
+        "log read us"
     );
     let s3 = |s: &Summary| format!("{:.0}/{:.0}/{:.0}", s.min, s.median, s.max);
     let s3f = |s: &Summary| format!("{:.1}/{:.1}/{:.1}", s.min, s.median, s.max);
+    let med = |x: &Value, k: &str| x[k]["median"].as_f64().unwrap_or(f64::NAN);
     for c in &r.cells {
         let row = |name: &str, s: &Side| {
             println!(
-                "{:>6} {:>9} {:>6} {:>7} | {:>20} {:>20} {:>20} {:>9.0}",
+                "{:>6} {:>9} {:>6} {:>12} | {:>20} {:>20} {:>20} {:>9.0} {:>12}",
                 c.memory_mib,
                 c.workload,
                 c.downtime_limit_ms,
@@ -574,21 +648,43 @@ fn print_table(r: &BenchReport) {
                 s3(&s.total_ms),
                 s3f(&s.downtime_ms),
                 s3f(&s.guest_gap_ms),
-                s.bytes.median / (1 << 20) as f64
+                s.bytes.median / (1 << 20) as f64,
+                s.dirty_log_us
+                    .as_ref()
+                    .map_or(String::new(), |d| format!("{:.0}", d.median))
             )
         };
-        row("godwit", &c.godwit);
+        let first = if c.godwit_alternatives.is_empty() {
+            "godwit".to_string()
+        } else {
+            format!("g-{}", c.godwit_dirty_log)
+        };
+        row(&first, &c.godwit);
+        for alt in &c.godwit_alternatives {
+            row(&format!("g-{}", alt.dirty_log), &alt.side);
+            let x = &alt.first_over_this;
+            println!(
+                "{:>38} {}/{} medians: total {:.2}x, downtime {:.2}x, guest gap {:.2}x, bytes {:.2}x",
+                "",
+                c.godwit_dirty_log,
+                alt.dirty_log,
+                med(x, "total_ms"),
+                med(x, "downtime_ms"),
+                med(x, "guest_gap_ms"),
+                med(x, "bytes"),
+            );
+        }
         if let Some(q) = &c.qemu {
             row("qemu", q);
         }
         if let Some(x) = &c.qemu_over_godwit {
             println!(
-                "{:>33} qemu/godwit medians: total {:.2}x, downtime {:.2}x, guest gap {:.2}x, bytes {:.2}x{}",
+                "{:>38} qemu/godwit medians: total {:.2}x, downtime {:.2}x, guest gap {:.2}x, bytes {:.2}x{}",
                 "",
-                x["total_ms"]["median"].as_f64().unwrap_or(f64::NAN),
-                x["downtime_ms"]["median"].as_f64().unwrap_or(f64::NAN),
-                x["guest_gap_ms"]["median"].as_f64().unwrap_or(f64::NAN),
-                x["bytes"]["median"].as_f64().unwrap_or(f64::NAN),
+                med(x, "total_ms"),
+                med(x, "downtime_ms"),
+                med(x, "guest_gap_ms"),
+                med(x, "bytes"),
                 match c.godwit_meets_goal {
                     Some(true) => "  (goal met)",
                     Some(false) => "  (goal NOT met)",

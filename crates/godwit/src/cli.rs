@@ -1,6 +1,7 @@
 //! Command-line arguments.
 
 use clap::{Args, Parser, Subcommand};
+use godwit_vmm::dirty::DirtyLogMode;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -89,6 +90,11 @@ pub struct RunArgs {
     pub gpu: Option<String>,
     #[command(flatten)]
     pub gpu_dir: GpuDirArg,
+    /// How guest writes are tracked when this VM migrates: bitmap (KVM's dirty bitmap,
+    /// manual re-protect) or ring[:ENTRIES] (KVM's per-vCPU dirty ring, power of two,
+    /// 256 to 65536 entries, 16 bytes each). A host-local choice: both ends may differ.
+    #[arg(long, default_value = "bitmap")]
+    pub dirty_log: DirtyLogMode,
 }
 
 #[derive(Args, Clone)]
@@ -244,6 +250,11 @@ pub struct MigrateBenchArgs {
     /// godwit's page connections.
     #[arg(long, default_value_t = 1)]
     pub connections: u32,
+    /// godwit's dirty tracking, one side per mode (comma separated): bitmap, ring,
+    /// ring:ENTRIES. The first is the one held against QEMU; the others are compared
+    /// with it.
+    #[arg(long, value_delimiter = ',', default_values_t = [DirtyLogMode::default()])]
+    pub dirty_log: Vec<DirtyLogMode>,
 }
 
 #[derive(Args)]

@@ -74,8 +74,17 @@ pub fn print_report(r: &Report) {
         b.state
     );
     println!(
-        "  {} rounds, {:.0} MiB/s, {} connection(s), dirty log {}, switched over: {}",
-        r.round_count, r.throughput_mib_s, r.connections, r.dirty_log, r.switchover_reason
+        "  {} rounds, {:.0} MiB/s, {} connection(s), dirty log {}{}, switched over: {}",
+        r.round_count,
+        r.throughput_mib_s,
+        r.connections,
+        r.dirty_log,
+        if r.dirty_log == "ring" {
+            format!(" ({} full-ring exits)", r.ring_full_exits)
+        } else {
+            String::new()
+        },
+        r.switchover_reason
     );
     if r.throttled {
         println!(
@@ -84,7 +93,7 @@ pub fn print_report(r: &Report) {
         );
     }
     println!(
-        "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>9} {:>12}",
+        "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>9} {:>12} {:>12}",
         "round",
         "pages",
         "zero",
@@ -93,11 +102,12 @@ pub fn print_report(r: &Report) {
         "dirty MiB/s",
         "ms",
         "throttle",
-        "expected ms"
+        "expected ms",
+        "log read us"
     );
     for x in &r.rounds {
         println!(
-            "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>12.0} {:>10.1} {:>8}% {:>12.1}",
+            "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>12.0} {:>10.1} {:>8}% {:>12.1} {:>12.0}",
             x.index,
             x.pages_sent,
             x.zero_pages,
@@ -106,7 +116,8 @@ pub fn print_report(r: &Report) {
             x.dirty_rate_mib_s,
             x.duration_ms,
             x.throttle_pct,
-            x.expected_downtime_ms
+            x.expected_downtime_ms,
+            x.dirty_log_us
         );
     }
     if r.status != "completed" {

@@ -132,6 +132,7 @@ pub fn run(a: RunArgs) -> ExitCode {
                         None => format!("pid {}", std::process::id()),
                     },
                 }),
+            dirty_log: a.dirty_log,
         })
         .map(Pending::Booted)
         .map_err(|e| e.to_string()),
@@ -200,6 +201,7 @@ fn receive(t: &Target, a: &RunArgs, console: Console) -> Result<Incoming, String
     let expect = Expect {
         memory_mib: a.memory,
         vcpus: a.vcpus,
+        dirty_log: a.dirty_log,
     };
     let inc = godwit_migration::receive(&l, &expect, console).map_err(|e| e.to_string())?;
     tracing::info!(guest = inc.source_guest, ms = inc.receive_ms, "VM received");

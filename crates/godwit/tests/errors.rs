@@ -38,6 +38,16 @@ fn bad_arguments() {
     );
     fails_with(&["run", "--memory", "lots"], 2, "invalid value");
     fails_with(&["run", "--initrd", "/x"], 2, "--kernel");
+    fails_with(
+        &["run", "--dirty-log", "rings"],
+        2,
+        "use bitmap, ring or ring:ENTRIES",
+    );
+    fails_with(
+        &["run", "--dirty-log", "ring:1000"],
+        2,
+        "must be a power of two",
+    );
 }
 
 #[test]

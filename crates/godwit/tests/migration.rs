@@ -239,6 +239,53 @@ fn a_dirtier_migrated_while_dirtying_verifies_all_its_memory_on_the_destination(
     );
 }
 
+/// The dirty ring instead of the bitmap, with a ring small enough to fill many times a
+/// round, then on to a host that uses the bitmap: the tracking is each host's own choice.
+#[test]
+fn a_dirtier_tracked_by_a_dirty_ring_verifies_all_its_memory_across_hosts() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-ring");
+    let mut src = source(
+        &dir,
+        "src",
+        &[
+            "-m",
+            "512",
+            "--dirty-log",
+            "ring:512",
+            "dirtier",
+            "--",
+            "wss=96",
+            "rate=300",
+            "seconds=6",
+            "report-every=250",
+        ],
+    );
+    let (mut mid, addr) = destination(&dir, "mid", &["--dirty-log", "bitmap"]);
+    wait_log(&src.log, "rate_mibs=");
+    let (out, r) = migrate(&src, &addr, &["--downtime-ms", "100"]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(r["status"], "completed");
+    assert_eq!(r["dirty_log"], "ring", "{r}");
+    assert!(r["ring_full_exits"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["round_count"].as_u64().unwrap() >= 2, "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+
+    // And back onto a ring, from the bitmap.
+    let (mut end, addr) = destination(&dir, "end", &["--dirty-log", "ring"]);
+    wait_log(&mid.log, "rate_mibs=");
+    let (out, r) = migrate(&mid, &addr, &["--downtime-ms", "100"]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(r["dirty_log"], "manual-protect", "{r}");
+    assert_eq!(exit_code(&mut mid, LIMIT), 0, "{}", read(&mid.err));
+    assert_eq!(exit_code(&mut end, LIMIT), 0, "{}", read(&end.err));
+    let log = read(&end.log);
+    assert!(log.contains("verify ok pages=24576"), "{log}");
+    assert!(log.contains("result=ok"), "{log}");
+}
+
 #[test]
 fn the_heartbeat_carries_on_across_migrations_back_and_forth() {
     if !kvm_available() {

@@ -23,6 +23,9 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Expect {
     pub memory_mib: Option<u64>,
     pub vcpus: Option<u32>,
+    /// How this host tracks the VM's writes once it runs here (not checked against the
+    /// source: it is this host's choice).
+    pub dirty_log: godwit_vmm::dirty::DirtyLogMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +260,7 @@ pub fn receive(l: &Listener, expect: &Expect, console: Console) -> Result<Incomi
         },
         console,
         gpu: None,
+        dirty_log: expect.dirty_log,
     }) {
         Ok(vm) => vm,
         Err(e) => {

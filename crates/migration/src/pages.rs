@@ -2,6 +2,7 @@
 //! at a bounded rate.
 
 use crate::wire::{self, Frame, PagesFrame, PAGE_SIZE};
+use godwit_vmm::dirty::Written;
 use godwit_vmm::memory::{GuestMemory, RamRegion};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,6 +22,56 @@ pub fn count(bitmaps: &[Bitmap]) -> u64 {
         .flatten()
         .map(|w| w.count_ones() as u64)
         .sum()
+}
+
+/// Clears from `todo` the pages a look at the dirty log found, in words from `from` on
+/// (flat index across regions); returns how many were cleared.
+pub fn drop_written(todo: &mut [Bitmap], written: &Written, from: usize) -> u64 {
+    match written {
+        Written::Since(b) => drop_dirty(todo, b, from),
+        Written::New(list) => {
+            let mut n = 0;
+            for &(region, page) in list {
+                let r = region as usize;
+                let Some(base) = todo.get(..r).map(words) else {
+                    continue;
+                };
+                let w = (page / 64) as usize;
+                if base + w < from {
+                    continue;
+                }
+                if let Some(x) = todo[r].get_mut(w) {
+                    let bit = 1u64 << (page % 64);
+                    if *x & bit != 0 {
+                        *x &= !bit;
+                        n += 1;
+                    }
+                }
+            }
+            n
+        }
+    }
+}
+
+/// The end (in words) of the slice that starts at word `from` and holds at least
+/// `pages` pages of `todo`, or the end of `todo`.
+pub fn slice_end(todo: &[Bitmap], from: usize, pages: u64) -> usize {
+    let mut n = 0;
+    let mut at = 0;
+    for b in todo {
+        if at + b.len() <= from {
+            at += b.len();
+            continue;
+        }
+        for (i, w) in b.iter().enumerate().skip(from.saturating_sub(at)) {
+            n += w.count_ones() as u64;
+            if n >= pages {
+                return at + i + 1;
+            }
+        }
+        at += b.len();
+    }
+    at
 }
 
 /// Clears from `todo` the pages set in `dirty`, in words from `from` on (flat index across
@@ -259,6 +310,41 @@ pub fn send(w: &mut impl Write, job: &Job, frame: &mut PagesFrame) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_look_at_the_log_drops_only_pages_not_yet_sent() {
+        // Two regions of 128 pages, all to send.
+        let all = || vec![vec![u64::MAX; 2], vec![u64::MAX; 2]];
+        let mut todo = all();
+        // Seen rewritten: page 3 (word 0, already sent), page 70 (word 1), region 1
+        // page 5 (flat word 2), and one out of range.
+        let new = Written::New(vec![(0, 3), (0, 70), (1, 5), (1, 999), (7, 1)]);
+        assert_eq!(drop_written(&mut todo, &new, 1), 2);
+        assert_eq!(todo[0][0], u64::MAX);
+        assert_eq!(todo[0][1], !(1 << 6));
+        assert_eq!(todo[1][0], !(1 << 5));
+        // Seen again: nothing more to drop. The same set as bitmaps drops the same.
+        assert_eq!(drop_written(&mut todo, &new, 1), 0);
+        let mut other = all();
+        let mut since = vec![vec![0u64; 2], vec![0u64; 2]];
+        since[0][0] = 1 << 3;
+        since[0][1] = 1 << 6;
+        since[1][0] = 1 << 5;
+        assert_eq!(drop_written(&mut other, &Written::Since(since), 1), 2);
+        assert_eq!(other, todo);
+    }
+
+    #[test]
+    fn slices_hold_a_number_of_pages_not_of_addresses() {
+        let mut todo = vec![vec![0u64; 100], vec![0u64; 100]];
+        todo[0][10] = 0b111;
+        todo[1][50] = u64::MAX;
+        assert_eq!(slice_end(&todo, 0, 3), 11);
+        assert_eq!(slice_end(&todo, 0, 4), 151);
+        assert_eq!(slice_end(&todo, 11, 64), 151);
+        assert_eq!(slice_end(&todo, 151, 1), 200);
+        assert_eq!(slice_end(&todo, 0, 1000), 200);
+    }
 
     #[test]
     fn zero_pages_are_recognised() {

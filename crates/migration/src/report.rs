@@ -25,6 +25,12 @@ pub struct Round {
     /// Pages of the round not sent because the guest had written them again meanwhile
     /// (the next round sends them).
     pub skipped_redirtied: u64,
+    /// Reading (and re-protecting) the dirty log at the end of the round.
+    #[serde(default)]
+    pub dirty_log_us: f64,
+    /// Looking at the dirty log during the round to find re-written pages, in all.
+    #[serde(default)]
+    pub peek_us: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -48,6 +54,9 @@ pub struct Downtime {
     /// The last dirty pages (sent after the state, while the destination loads it).
     pub final_pages_ms: f64,
     pub final_pages: u64,
+    /// The last read of the dirty log (part of final_pages_ms).
+    #[serde(default)]
+    pub dirty_log_ms: f64,
     /// Reading and sending the VM state (sent first).
     pub state_ms: f64,
     /// Until the destination confirmed it holds and has loaded everything.
@@ -66,8 +75,14 @@ pub struct Report {
     pub downtime_limit_ms: u64,
     pub max_bandwidth: Option<u64>,
     pub memory_mib: u64,
-    /// Dirty tracking used: "manual-protect" or "classic".
+    /// Dirty tracking used: "ring", "manual-protect" or "classic".
     pub dirty_log: String,
+    /// Turning dirty logging on (KVM write-protects all of guest memory).
+    #[serde(default)]
+    pub dirty_log_start_ms: f64,
+    /// Times a vCPU stopped because its dirty ring was full (ring only).
+    #[serde(default)]
+    pub ring_full_exits: u64,
     pub total_ms: f64,
     /// Source vCPUs stopped to destination vCPUs running (as seen by the source: it
     /// includes one network hop back).

@@ -3,7 +3,8 @@
 //! would), then the switchover handshake that leaves exactly one side running the VM.
 //!
 //! The VM takes part only through narrow calls: dirty-page reports
-//! (`Machine::{start_dirty_log, take_dirty_pages, stop_dirty_log}`), pause/resume and
+//! (`Machine::{start_dirty_log, take_dirty_pages, peek_dirty_pages, stop_dirty_log}`,
+//! the same whether KVM's bitmap or its dirty ring is behind them), pause/resume and
 //! hold (`Control`), and save of a plain state struct (`Machine::save_state`). Post-copy
 //! would add a phase after `switchover` that starts the destination before all pages
 //! have moved and serves the rest on demand; the rounds and the handshake stay.
@@ -107,6 +108,14 @@ fn fail(msg: impl Into<String>) -> Fail {
         cancelled: false,
         ambiguous: false,
     }
+}
+
+/// What one pre-copy round sent, and what it learned on the way.
+struct RoundSent {
+    sent: Sent,
+    /// Pages left for the next round because the guest wrote them again meanwhile.
+    skipped: u64,
+    peek_time: Duration,
 }
 
 struct Session<'a> {
@@ -224,28 +233,38 @@ impl Session<'_> {
     /// has written again since the round began are dropped from the rest of the round:
     /// they stay marked in the dirty log, so the next round (or the switchover) carries
     /// their newer content, and sending them now would be wasted bandwidth.
-    fn send_round(&mut self, todo: &mut [Bitmap], fresh: bool) -> Result<(Sent, u64), Fail> {
-        const SLICE_WORDS: usize = 256; // 16384 pages, 64 MiB
+    fn send_round(&mut self, todo: &mut [Bitmap], fresh: bool) -> Result<RoundSent, Fail> {
+        // A look at the log per 64 MiB sent: rarer costs bandwidth on pages rewritten
+        // meanwhile, more often costs the look itself (with the bitmap, in proportion to
+        // guest memory whatever was written).
+        const SLICE_PAGES: u64 = 16384;
         let total = pages::words(todo);
         let mut all = Sent::default();
         let mut skipped = 0;
+        let mut peek_time = Duration::ZERO;
         let mut at = 0;
         while at < total {
             if at > 0 {
+                let t = Instant::now();
                 let peek = self
                     .h
                     .machine
                     .peek_dirty_pages()
                     .map_err(|e| fail(format!("dirty log: {e}")))?;
-                if let Some(d) = peek {
-                    skipped += pages::drop_dirty(todo, &d, at);
+                if let Some(w) = peek {
+                    skipped += pages::drop_written(todo, &w, at);
                 }
+                peek_time += t.elapsed();
             }
-            let end = (at + SLICE_WORDS).min(total);
+            let end = pages::slice_end(todo, at, SLICE_PAGES);
             all += self.send(todo, fresh, at..end)?;
             at = end;
         }
-        Ok((all, skipped))
+        Ok(RoundSent {
+            sent: all,
+            skipped,
+            peek_time,
+        })
     }
 
     /// Sends the given pages over every connection in parallel.
@@ -357,11 +376,17 @@ impl Session<'_> {
             let pct = throttle.get();
             self.progress("precopy", pages::count(&todo), 0.0, pct);
             let t = Instant::now();
-            let (sent, skipped) = self.send_round(&mut todo, fresh)?;
+            let RoundSent {
+                sent,
+                skipped,
+                peek_time,
+            } = self.send_round(&mut todo, fresh)?;
             let d = t.elapsed();
             fresh = false;
             self.learn_bandwidth(&sent, d);
+            let t = Instant::now();
             let dirty = self.take_dirty()?;
+            let dirty_log_us = t.elapsed().as_secs_f64() * 1e6;
             let since = last_sync.elapsed();
             last_sync = Instant::now();
             let n = pages::count(&dirty);
@@ -378,6 +403,8 @@ impl Session<'_> {
                 throttle_pct: pct,
                 expected_downtime_ms: expected,
                 skipped_redirtied: skipped,
+                dirty_log_us,
+                peek_us: peek_time.as_secs_f64() * 1e6,
             };
             todo = dirty;
             // Fitting the limit is enough to stop, but while a round still halves the
@@ -488,7 +515,11 @@ impl Session<'_> {
         }
         self.report.downtime.state_ms = ms(t.elapsed());
         let t = Instant::now();
-        pages::union(&mut todo, &self.take_dirty()?);
+        let last = m
+            .take_last_dirty_pages()
+            .map_err(|e| fail(format!("dirty log: {e}")))?;
+        self.report.downtime.dirty_log_ms = ms(t.elapsed());
+        pages::union(&mut todo, &last);
         let all = 0..pages::words(&todo);
         let sent = self.send(&todo, false, all)?;
         self.report.downtime.final_pages = sent.pages + sent.zero_pages;
@@ -554,12 +585,7 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
         downtime_limit_ms: o.downtime_ms,
         max_bandwidth: o.max_bandwidth,
         memory_mib: m.description().memory_mib,
-        dirty_log: if m.manual_dirty_protect() {
-            "manual-protect"
-        } else {
-            "classic"
-        }
-        .into(),
+        dirty_log: m.dirty_log_kind().into(),
         source_running: true,
         ..Default::default()
     };
@@ -600,12 +626,15 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
         paused_by_us: false,
     };
     status.live_bytes.store(0, Ordering::Relaxed);
+    let ring_full_before = m.dirty_stats().ring_full_exits;
     s.progress("setup", 0, 0.0, 0);
     let result = (|| {
         s.connect()?;
         s.report.setup_ms = ms(t0.elapsed());
+        let t = Instant::now();
         m.start_dirty_log()
             .map_err(|e| fail(format!("cannot log dirty pages: {e}")))?;
+        s.report.dirty_log_start_ms = ms(t.elapsed());
         let throttle =
             Throttle::start(m.control().clone()).map_err(|e| fail(format!("throttle: {e}")))?;
         let todo = s.precopy(&throttle)?;
@@ -615,6 +644,7 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
     })();
     let _ = m.stop_dirty_log();
     let mut report = std::mem::take(&mut s.report);
+    report.ring_full_exits = m.dirty_stats().ring_full_exits - ring_full_before;
     report.total_ms = ms(t0.elapsed());
     report.round_count = report.rounds.len() as u32;
     let precopy_ms: f64 = report.rounds.iter().map(|r| r.duration_ms).sum();

@@ -77,6 +77,8 @@ pub struct VmConfig {
     pub payload: Payload,
     pub console: Console,
     pub gpu: Option<GpuRequest>,
+    /// How guest writes are tracked while the VM migrates.
+    pub dirty_log: crate::dirty::DirtyLogMode,
 }
 
 impl VmConfig {

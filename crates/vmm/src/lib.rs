@@ -6,6 +6,7 @@ pub mod arch;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod dirty;
 pub mod error;
 pub mod loader;
 pub mod memory;

@@ -4,6 +4,7 @@ use crate::arch::ring3;
 use crate::control::{Control, VmExit};
 use crate::devices::serial::SerialDevice;
 use crate::devices::Bus;
+use crate::dirty::DirtyLog;
 use crate::error::{Error, KvmContext, Result};
 use crate::memory::{GuestMemory, SYSDEV_BASE};
 use crate::state::{GuestKind, MsrValue, VcpuState};
@@ -136,6 +137,8 @@ pub struct VcpuContext {
     pub serial: Arc<Mutex<SerialDevice>>,
     pub ctl: Arc<Control>,
     pub kind: GuestKind,
+    /// Emptied by the vCPU itself when its dirty ring fills.
+    pub dirty: Arc<Mutex<DirtyLog>>,
 }
 
 /// Longest single sleep a guest can ask for; it loops for longer ones.
@@ -224,6 +227,14 @@ fn step(v: &mut Vcpu, ctx: &VcpuContext, stats: &VcpuStats) -> Step {
             Step::Continue
         }
         VcpuExit::Intr => Step::Continue,
+        VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
+            // KVM refuses to run this vCPU until its ring has room again.
+            let r = ctx.dirty.lock().unwrap_or_else(|e| e.into_inner()).ring_full();
+            match r {
+                Ok(()) => Step::Continue,
+                Err(e) => Step::Stop(VmExit::Error(format!("vCPU {index}: dirty ring full: {e}"))),
+            }
+        }
         VcpuExit::Hlt => Step::Stop(VmExit::Crash(format!("vCPU {index} halted with interrupts off"))),
         VcpuExit::Shutdown => Step::Stop(VmExit::Crash(format!(
             "vCPU {index}: triple fault (KVM_EXIT_SHUTDOWN){}",

@@ -7,6 +7,7 @@ use crate::devices::gpu::{self, AttachedGpu};
 use crate::devices::pci::{Ecam, LegacyConfig, PciBus, LEGACY_PORT};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::devices::Bus;
+use crate::dirty::{DirtyLog, DirtyStats, Written};
 use crate::error::{Error, KvmContext, Result};
 use crate::memory::{self, GuestMemory, RamRegion};
 use crate::state::{DeviceStates, GuestKind, IrqchipState, VmShape, VmState, STATE_VERSION};
@@ -59,9 +60,6 @@ pub struct Machine {
     ctx: VcpuContext,
     pci: Arc<Mutex<PciBus>>,
     desc: Arc<VmDescription>,
-    /// Whether KVM re-protects pages only when told (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).
-    manual_dirty_protect: bool,
-    dirty_logging: Mutex<bool>,
     gpu: Option<AttachedGpu>,
 }
 
@@ -172,11 +170,13 @@ impl Vm {
             .unwrap_or(0);
 
         let base_cpuid = cpu::supported_cpuid(&kvm)?;
+        let mut dirty = DirtyLog::new(fd.clone(), cfg.dirty_log, &ram)?;
         let mut vcpu_fds = Vec::new();
         for i in 0..cfg.vcpus {
             let v = fd.create_vcpu(i as u64).kvm("KVM_CREATE_VCPU")?;
             v.set_cpuid2(&cpu::cpuid_for(&base_cpuid, i, cfg.vcpus))
                 .kvm("KVM_SET_CPUID2")?;
+            dirty.add_vcpu(&v)?;
             vcpu_fds.push(v);
         }
         let tsc_khz = vcpu_fds[0].get_tsc_khz().kvm("KVM_GET_TSC_KHZ")?;
@@ -223,8 +223,6 @@ impl Vm {
             }
             Payload::Incoming { kind, guest } => (kind.clone(), guest.clone()),
         };
-        let manual_dirty_protect = memory::enable_manual_dirty_protect(&fd);
-
         let vcpus: Vec<Arc<Mutex<Vcpu>>> = vcpu_fds
             .into_iter()
             .enumerate()
@@ -259,12 +257,11 @@ impl Vm {
                 serial,
                 ctl: ctl.clone(),
                 kind,
+                dirty: Arc::new(Mutex::new(dirty)),
             },
             vcpus,
             pci,
             desc: desc.clone(),
-            manual_dirty_protect,
-            dirty_logging: Mutex::new(false),
             gpu,
         });
         Ok(Vm {
@@ -380,10 +377,6 @@ impl Machine {
         &self.ctx.mem
     }
 
-    pub fn manual_dirty_protect(&self) -> bool {
-        self.manual_dirty_protect
-    }
-
     pub fn control(&self) -> &Arc<Control> {
         &self.ctx.ctl
     }
@@ -413,23 +406,39 @@ impl Machine {
         }
     }
 
+    fn dirty(&self) -> std::sync::MutexGuard<'_, DirtyLog> {
+        self.ctx.dirty.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How this VM tracks guest writes, for reports: "ring", "manual-protect", "classic".
+    pub fn dirty_log_kind(&self) -> &'static str {
+        self.dirty().describe()
+    }
+
+    pub fn dirty_stats(&self) -> DirtyStats {
+        self.dirty().stats()
+    }
+
     /// Starts logging guest writes to memory (every page reads clean from now on).
     pub fn start_dirty_log(&self) -> Result<()> {
-        let mut on = self.dirty_logging.lock().unwrap();
-        memory::register(
+        let mut log = self.dirty();
+        log.set_on(true)?;
+        if let Err(e) = memory::register(
             &self.fd,
             &self.ctx.mem,
             kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
-        )?;
-        *on = true;
+        ) {
+            let _ = log.set_on(false);
+            return Err(e);
+        }
         Ok(())
     }
 
     pub fn stop_dirty_log(&self) -> Result<()> {
-        let mut on = self.dirty_logging.lock().unwrap();
-        if *on {
+        let mut log = self.dirty();
+        if log.is_on() {
             memory::register(&self.fd, &self.ctx.mem, 0)?;
-            *on = false;
+            log.set_on(false)?;
         }
         Ok(())
     }
@@ -437,33 +446,20 @@ impl Machine {
     /// The pages written since the last call (or since logging started), one bitmap per
     /// RAM region (bit i = page i of the region), and resets them.
     pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>> {
-        if !*self.dirty_logging.lock().unwrap() {
-            return Err(Error::State("dirty logging is off".into()));
-        }
-        self.desc
-            .ram
-            .iter()
-            .enumerate()
-            .map(|(slot, r)| {
-                memory::take_dirty_log(&self.fd, slot as u32, r.size, self.manual_dirty_protect)
-            })
-            .collect()
+        self.dirty().take()
     }
 
-    /// The pages written since the last `take_dirty_pages`, leaving them marked: only
-    /// with manual dirty protection (None otherwise). A sender skips such pages, since
-    /// the next round sends them anyway.
-    pub fn peek_dirty_pages(&self) -> Result<Option<Vec<Vec<u64>>>> {
-        if !self.manual_dirty_protect || !*self.dirty_logging.lock().unwrap() {
-            return Ok(None);
-        }
-        self.desc
-            .ram
-            .iter()
-            .enumerate()
-            .map(|(slot, r)| memory::peek_dirty_log(&self.fd, slot as u32, r.size))
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+    /// The last read before logging stops, with the vCPUs stopped: as
+    /// `take_dirty_pages`, without re-protecting pages nobody will track any more.
+    pub fn take_last_dirty_pages(&self) -> Result<Vec<Vec<u64>>> {
+        self.dirty().take_last()
+    }
+
+    /// A look at the pages written since the last `take_dirty_pages` (or, with the ring,
+    /// since the last look), leaving them marked (None where the kernel cannot). A
+    /// sender skips such pages, since the next round sends them anyway.
+    pub fn peek_dirty_pages(&self) -> Result<Option<Written>> {
+        self.dirty().peek()
     }
 
     fn irqchip(&self, id: u32) -> Result<Box<kvm_irqchip>> {

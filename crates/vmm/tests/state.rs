@@ -2,69 +2,13 @@
 //! irqchip, clock, devices) and its memory, load both into a brand-new VM, and the guest
 //! carries on exactly where it stopped, on every vCPU.
 
+mod common;
+
+use common::{kvm_available, vm, wait_until, Sink};
 use godwit_vmm::state::VmState;
-use godwit_vmm::{Console, Payload, Vm, VmConfig, VmExit};
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use godwit_vmm::{Vm, VmExit};
+use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
-
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Sink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Sink {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(_) if std::env::var("GODWIT_SKIP_KVM_TESTS").as_deref() == Ok("1") => false,
-        Err(e) => panic!("/dev/kvm: {e}; set GODWIT_SKIP_KVM_TESTS=1 to skip KVM tests"),
-    }
-}
-
-fn vm(program: &str, args: &str, vcpus: u32, memory_mib: u64, sink: &Sink) -> Vm {
-    Vm::create(VmConfig {
-        memory_mib,
-        vcpus,
-        payload: Payload::Guest {
-            name: program.into(),
-            image: godwit_guest::image(program).unwrap().to_vec(),
-            args: args.into(),
-        },
-        console: Console::Writer(Box::new(sink.clone())),
-        gpu: None,
-    })
-    .unwrap()
-}
-
-fn wait_until(limit: Duration, f: impl Fn() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    false
-}
 
 fn copy_memory(from: &Vm, to: &Vm) {
     for r in &from.handle().desc.ram {
