@@ -34,6 +34,8 @@ const ROUNDS_AT_MAX_THROTTLE: u32 = 5;
 const MAX_ROUNDS: u32 = 200;
 /// Below this expected downtime another round gains nothing: the fixed costs dominate.
 const SMALL_DOWNTIME_MS: f64 = 2.0;
+/// Rounds that leave at most this share of the dirty set are worth another round.
+const CONVERGING: f64 = 0.75;
 /// The switchover's fixed part (pause, state, handshake) measured here: about 0.7 ms.
 const FIXED_DOWNTIME_MS: f64 = 1.0;
 
@@ -407,11 +409,14 @@ impl Session<'_> {
                 peek_us: peek_time.as_secs_f64() * 1e6,
             };
             todo = dirty;
-            // Fitting the limit is enough to stop, but while a round still halves the
-            // dirty set another one is cheap and shortens the pause (the limit is a
+            // Fitting the limit is enough to stop, but while rounds still shrink the
+            // dirty set well another one is cheap and shortens the pause (the limit is a
             // ceiling, not a target); below a couple of ms the fixed costs dominate and
-            // further rounds gain nothing.
-            let shrinking = n * 2 <= sent.pages + sent.zero_pages + skipped;
+            // further rounds gain nothing. The next round lasts about n pages /
+            // bandwidth and the guest dirties at its rate meanwhile, so each round
+            // leaves rate / bandwidth of the set before it.
+            let rate = n as f64 * PAGE_SIZE as f64 / since.as_secs_f64().max(1e-6);
+            let shrinking = rate <= self.bandwidth_cap() * CONVERGING;
             let good_enough = expected <= SMALL_DOWNTIME_MS;
             let reason = if n == 0 {
                 Some("no dirty pages left".into())
@@ -433,7 +438,6 @@ impl Session<'_> {
                 // rounds alone will not converge. Throttle it, at once to the share that
                 // should bring its dirty rate under half the bandwidth (its unthrottled
                 // rate estimated from the throttled one), and higher each further round.
-                let rate = n as f64 * PAGE_SIZE as f64 / since.as_secs_f64().max(1e-6);
                 let bw = self.bandwidth_cap();
                 if rate > bw / 2.0 {
                     let free = rate / (1.0 - pct as f64 / 100.0).max(0.01);
