@@ -265,6 +265,7 @@ fn a_dirtier_tracked_by_a_dirty_ring_verifies_all_its_memory_across_hosts() {
     );
     let (mut mid, addr) = destination(&dir, "mid", &["--dirty-log", "bitmap"]);
     wait_log(&src.log, "rate_mibs=");
+    assert_eq!(info(&src)["dirty_log"], "ring:512");
     let (out, r) = migrate(&src, &addr, &["--downtime-ms", "100"]);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_eq!(r["status"], "completed");
@@ -279,6 +280,7 @@ fn a_dirtier_tracked_by_a_dirty_ring_verifies_all_its_memory_across_hosts() {
     let (out, r) = migrate(&mid, &addr, &["--downtime-ms", "100"]);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_eq!(r["dirty_log"], "manual-protect", "{r}");
+    assert_eq!(info(&end)["dirty_log"], "ring:65536");
     assert_eq!(exit_code(&mut mid, LIMIT), 0, "{}", read(&mid.err));
     assert_eq!(exit_code(&mut end, LIMIT), 0, "{}", read(&end.err));
     let log = read(&end.log);

@@ -33,6 +33,8 @@ pub struct VmDescription {
     pub console: String,
     pub tsc_khz: u32,
     pub gpu: Option<crate::devices::gpu::GpuInfo>,
+    /// How guest writes are tracked for migration: bitmap or ring:ENTRIES.
+    pub dirty_log: String,
 }
 
 /// What other threads (the API, a migration) may touch of a running VM.
@@ -243,6 +245,7 @@ impl Vm {
             console,
             tsc_khz,
             gpu: gpu.as_ref().map(|g| g.info.clone()),
+            dirty_log: dirty.mode().to_string(),
         });
         let stats = (0..cfg.vcpus)
             .map(|_| Arc::new(VcpuStats::default()))
