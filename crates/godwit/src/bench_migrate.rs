@@ -326,16 +326,11 @@ fn godwit_run(
         bytes: r.bytes.total,
         rounds: Some(r.round_count),
         throttled: Some(r.throttled),
-        dirty_log_us: Some(
-            summary(
-                &r.rounds
-                    .iter()
-                    .map(|x| x.dirty_log_us)
-                    .chain(std::iter::once(0.0).filter(|_| r.rounds.is_empty()))
-                    .collect::<Vec<_>>(),
-            )
-            .median,
-        ),
+        dirty_log_us: Some(if r.rounds.is_empty() {
+            0.0
+        } else {
+            summary(&r.rounds.iter().map(|x| x.dirty_log_us).collect::<Vec<_>>()).median
+        }),
         last_dirty_log_us: Some(r.downtime.dirty_log_ms * 1e3),
         ring_full_exits: Some(r.ring_full_exits),
     })
