@@ -32,7 +32,8 @@ const THROTTLE_MAX: u32 = 99;
 /// Rounds at full throttle after which the driver switches over even above the limit.
 const ROUNDS_AT_MAX_THROTTLE: u32 = 5;
 const MAX_ROUNDS: u32 = 200;
-/// Below this expected downtime another round gains nothing: the fixed costs dominate.
+/// Below this expected downtime (less the round trips, which no round shortens) another
+/// round gains nothing: the fixed costs dominate.
 const SMALL_DOWNTIME_MS: f64 = 2.0;
 /// Rounds that leave at most this share of the dirty set are worth another round.
 const CONVERGING: f64 = 0.75;
@@ -347,11 +348,14 @@ impl Session<'_> {
         }
     }
 
+    /// Time to carry `dirty` pages: the part of the downtime more rounds can shrink.
+    fn transfer_ms(&self, dirty: u64) -> f64 {
+        dirty as f64 * PAGE_SIZE as f64 / self.bandwidth_cap() * 1e3
+    }
+
     /// Downtime if the VM stopped now with `dirty` pages left.
     fn expected_ms(&self, dirty: u64) -> f64 {
-        dirty as f64 * PAGE_SIZE as f64 / self.bandwidth_cap() * 1e3
-            + FIXED_DOWNTIME_MS
-            + 2.0 * ms(self.rtt)
+        self.transfer_ms(dirty) + FIXED_DOWNTIME_MS + 2.0 * ms(self.rtt)
     }
 
     fn learn_bandwidth(&mut self, sent: &Sent, d: Duration) {
@@ -416,8 +420,16 @@ impl Session<'_> {
             // bandwidth and the guest dirties at its rate meanwhile, so each round
             // leaves rate / bandwidth of the set before it.
             let rate = n as f64 * PAGE_SIZE as f64 / since.as_secs_f64().max(1e-6);
-            let shrinking = rate <= self.bandwidth_cap() * CONVERGING;
-            let good_enough = expected <= SMALL_DOWNTIME_MS;
+            // A set that did not shrink since the last round (a few pages the guest
+            // writes all the time) will not shrink in the next one either.
+            let shrank = self
+                .report
+                .rounds
+                .last()
+                .is_none_or(|prev| n < prev.dirty_pages);
+            let shrinking = shrank && rate <= self.bandwidth_cap() * CONVERGING;
+            // Rounds shrink only the transfer; the fixed part and the round trips stay.
+            let good_enough = self.transfer_ms(n) <= SMALL_DOWNTIME_MS - FIXED_DOWNTIME_MS;
             let reason = if n == 0 {
                 Some("no dirty pages left".into())
             } else if expected <= limit && (good_enough || !shrinking) {
