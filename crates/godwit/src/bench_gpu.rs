@@ -93,16 +93,17 @@ fn host_baseline(reps: usize) -> Map<String, Value> {
     let mut c = vec![1.0f32; n * n];
     let mut tmp = Vec::new();
     let t = times(&mut || {
-        godwit_gpu::kernels::sgemm_rows(
-            &a,
-            std::hint::black_box(&b),
-            &mut c,
-            n,
-            n,
-            1.0,
-            1.0,
-            &mut tmp,
-        )
+        for (i, row) in c.chunks_exact_mut(n).enumerate() {
+            godwit_gpu::kernels::sgemm_piece(
+                &a[i * n..(i + 1) * n],
+                std::hint::black_box(&b),
+                n,
+                row,
+                1.0,
+                1.0,
+                &mut tmp,
+            )
+        }
     });
     m.insert(
         "sgemm_256".into(),

@@ -85,7 +85,9 @@ pub struct RunArgs {
     /// Serve the HTTP/JSON API on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
-    /// Attach a virtual GPU function of this profile (see `godwit gpu profiles`).
+    /// Attach a virtual GPU function of this profile (see `godwit gpu profiles`). With
+    /// --incoming the profile comes from the source, and a free VF of it is leased from
+    /// this host's GPU manager (--gpu-dir).
     #[arg(long, conflicts_with = "incoming")]
     pub gpu: Option<String>,
     #[command(flatten)]

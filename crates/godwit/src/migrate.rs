@@ -3,7 +3,7 @@
 
 use crate::cli::MigrateArgs;
 use crate::run::fail;
-use godwit_migration::{Options, Progress, Report};
+use godwit_migration::{Options, Outcome, Progress, Report};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -50,6 +50,10 @@ fn show(bar: &ProgressBar, p: &Progress) {
     ));
 }
 
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
 pub fn print_report(r: &Report) {
     println!("migration to {}: {}", r.to, r.status);
     if let Some(e) = &r.error {
@@ -61,18 +65,58 @@ pub fn print_report(r: &Report) {
     );
     let d = &r.downtime;
     println!(
-        "  downtime: pause {:.2} ms, last {} pages {:.2} ms, state {:.2} ms, confirm {:.2} ms, start {:.2} ms",
-        d.pause_ms, d.final_pages, d.final_pages_ms, d.state_ms, d.confirm_ms, d.start_ms
+        "  downtime: stop {:.2} ms, states {:.2} ms, last dirty log {:.2} ms, last {} pages {:.2} ms, confirm {:.2} ms (restore {:.2} ms), start {:.2} ms",
+        d.pause_ms,
+        d.state_ms,
+        d.dirty_log_ms,
+        d.final_pages,
+        d.final_pages_ms,
+        d.confirm_ms,
+        d.restore_ms,
+        d.start_ms
     );
+    for name in &r.sections {
+        let Some(p) = d.components.get(name) else {
+            continue;
+        };
+        let extra: Vec<String> = p.extra.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!(
+            "    {name:<9} stop {:.2} ms, state {} bytes in {:.2} ms, last dirty log {:.2} ms, last pages {}{}",
+            p.stop_ms,
+            p.state_bytes,
+            p.state_ms,
+            p.dirty_log_ms,
+            p.final_pages,
+            if extra.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", extra.join(", "))
+            }
+        );
+    }
     let b = &r.bytes;
     println!(
-        "  sent {:.1} MiB: {} pages of data ({:.1} MiB), {} zero pages not sent as data, state {} bytes",
-        b.total as f64 / (1 << 20) as f64,
+        "  sent {:.1} MiB: {} pages of data ({:.1} MiB), {} zero pages not sent as data, states {} bytes",
+        mib(b.total),
         b.pages_sent,
-        b.memory_data as f64 / (1 << 20) as f64,
+        mib(b.memory_data),
         b.zero_pages,
         b.state
     );
+    for name in &r.sections {
+        if let Some(c) = b
+            .components
+            .get(name)
+            .filter(|c| c.pages_sent + c.zero_pages > 0)
+        {
+            println!(
+                "    {name:<9} {:.1} MiB in {} pages, {} zero pages",
+                mib(c.page_bytes),
+                c.pages_sent,
+                c.zero_pages
+            );
+        }
+    }
     println!(
         "  {} rounds, {:.0} MiB/s, {} connection(s), dirty log {}{}, switched over: {}",
         r.round_count,
@@ -87,10 +131,7 @@ pub fn print_report(r: &Report) {
         r.switchover_reason
     );
     if r.throttled {
-        println!(
-            "  auto-converge throttled the vCPUs up to {}%",
-            r.max_throttle_pct
-        );
+        println!("  auto-converge throttled up to {}%", r.max_throttle_pct);
     }
     println!(
         "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>9} {:>12} {:>12}",
@@ -119,8 +160,28 @@ pub fn print_report(r: &Report) {
             x.expected_downtime_ms,
             x.dirty_log_us
         );
+        // Each memory's share when more than one moved (RAM and a GPU's VRAM).
+        if x.components.len() > 1 {
+            for (name, p) in &x.components {
+                let extra: Vec<String> = p.extra.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                println!(
+                    "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>12.0}   {name}{}",
+                    "",
+                    p.pages_sent,
+                    p.zero_pages,
+                    p.skipped_redirtied,
+                    p.dirty_pages,
+                    p.dirty_rate_mib_s,
+                    if extra.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", extra.join(", "))
+                    }
+                );
+            }
+        }
     }
-    if r.status != "completed" {
+    if r.status != Outcome::Completed {
         println!(
             "  the VM {}",
             if r.source_running {
@@ -188,7 +249,7 @@ pub fn migrate(a: MigrateArgs) -> ExitCode {
             } else {
                 print_report(&r);
             }
-            if r.status == "completed" {
+            if r.status == Outcome::Completed {
                 ExitCode::SUCCESS
             } else {
                 fail(format!(

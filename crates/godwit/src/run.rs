@@ -2,7 +2,7 @@
 
 use crate::cli::{GuestsCmd, RunArgs};
 use godwit_migration::api::MigrationApi;
-use godwit_migration::{Expect, Incoming, Listener, Target};
+use godwit_migration::{Host, Incoming, Listener, Target};
 use godwit_vmm::api::{ApiServer, Extension};
 use godwit_vmm::{Console, Payload, Vm, VmConfig, VmExit};
 use std::path::Path;
@@ -127,10 +127,7 @@ pub fn run(a: RunArgs) -> ExitCode {
                 .map(|profile| godwit_vmm::config::GpuRequest {
                     profile: profile.clone(),
                     manager_dir: a.gpu_dir.dir(),
-                    vm_name: match &a.api_socket {
-                        Some(p) => format!("{} (pid {})", p.display(), std::process::id()),
-                        None => format!("pid {}", std::process::id()),
-                    },
+                    vm_name: vm_name(&a),
                 }),
             dirty_log: a.dirty_log,
         })
@@ -186,6 +183,14 @@ pub fn run(a: RunArgs) -> ExitCode {
     }
 }
 
+/// How this process's VM is named in `godwit gpu status`.
+fn vm_name(a: &RunArgs) -> String {
+    match &a.api_socket {
+        Some(p) => format!("{} (pid {})", p.display(), std::process::id()),
+        None => format!("pid {}", std::process::id()),
+    }
+}
+
 /// A VM built but not started: booted from a payload, or received from a source.
 enum Pending {
     Booted(Vm),
@@ -198,12 +203,14 @@ fn receive(t: &Target, a: &RunArgs, console: Console) -> Result<Incoming, String
     if !t.is_file() {
         eprintln!("godwit: waiting for a migration on {}", l.local());
     }
-    let expect = Expect {
+    let host = Host {
         memory_mib: a.memory,
         vcpus: a.vcpus,
         dirty_log: a.dirty_log,
+        gpu_dir: Some(a.gpu_dir.dir()),
+        name: vm_name(a),
     };
-    let inc = godwit_migration::receive(&l, &expect, console).map_err(|e| e.to_string())?;
+    let inc = godwit_migration::receive(&l, &host, console).map_err(|e| e.to_string())?;
     tracing::info!(guest = inc.source_guest, ms = inc.receive_ms, "VM received");
     Ok(inc)
 }

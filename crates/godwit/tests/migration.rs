@@ -3,170 +3,13 @@
 
 mod common;
 
+use common::mig::*;
 use common::*;
-use godwit_migration::wire::{self, Frame, Kind};
+use godwit_migration::wire::{self, Kind};
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::net::TcpStream;
 use std::time::Duration;
-
-const LIMIT: Duration = Duration::from_secs(60);
-
-struct Vm {
-    proc: Reaper,
-    log: PathBuf,
-    err: PathBuf,
-    sock: PathBuf,
-}
-
-fn spawn(args: &[String], log: &Path, err: &Path) -> Reaper {
-    // The console option goes before any guest arguments (which follow `--`).
-    let i = args.iter().position(|x| x == "--").unwrap_or(args.len());
-    let mut a = args[..i].to_vec();
-    a.push("--console".into());
-    a.push(format!("file:{}", log.display()));
-    a.extend_from_slice(&args[i..]);
-    Reaper(
-        godwit()
-            .args(&a)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(err).unwrap())
-            .spawn()
-            .expect("spawn godwit"),
-    )
-}
-
-/// A source VM with an API socket.
-fn source(dir: &TempDir, name: &str, args: &[&str]) -> Vm {
-    let (log, err, sock) = (
-        dir.path(&format!("{name}.log")),
-        dir.path(&format!("{name}.err")),
-        dir.path(&format!("{name}.sock")),
-    );
-    let mut a: Vec<String> = vec![
-        "run".into(),
-        "--api-socket".into(),
-        sock.display().to_string(),
-    ];
-    a.extend(args.iter().map(|s| s.to_string()));
-    let proc = spawn(&a, &log, &err);
-    assert!(
-        wait_for(LIMIT, || sock.exists().then_some(())).is_some(),
-        "no API socket: {}",
-        read(&err)
-    );
-    Vm {
-        proc,
-        log,
-        err,
-        sock,
-    }
-}
-
-/// A destination waiting on a TCP port of its choosing; returns it and its address.
-fn destination(dir: &TempDir, name: &str, extra: &[&str]) -> (Vm, String) {
-    let (log, err, sock) = (
-        dir.path(&format!("{name}.log")),
-        dir.path(&format!("{name}.err")),
-        dir.path(&format!("{name}.sock")),
-    );
-    let mut a: Vec<String> = vec![
-        "run".into(),
-        "--incoming".into(),
-        "tcp:127.0.0.1:0".into(),
-        "--api-socket".into(),
-        sock.display().to_string(),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    let proc = spawn(&a, &log, &err);
-    let addr = wait_for(LIMIT, || {
-        read(&err).lines().find_map(|l| {
-            l.strip_prefix("godwit: waiting for a migration on ")
-                .map(String::from)
-        })
-    })
-    .unwrap_or_else(|| panic!("destination did not listen: {}", read(&err)));
-    (
-        Vm {
-            proc,
-            log,
-            err,
-            sock,
-        },
-        addr,
-    )
-}
-
-fn migrate(src: &Vm, to: &str, extra: &[&str]) -> (Output, Value) {
-    let mut a = vec![
-        "migrate",
-        "--api-socket",
-        src.sock.to_str().unwrap(),
-        "--to",
-        to,
-        "--json",
-    ];
-    a.extend_from_slice(extra);
-    let out = run(&a, Duration::from_secs(120));
-    let v: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
-    (out, v)
-}
-
-/// A migration capped at 8 MiB/s (several seconds for these guests), in the background.
-fn slow_migration(src: &Vm, to: String) -> std::thread::JoinHandle<Output> {
-    let sock = src.sock.clone();
-    std::thread::spawn(move || {
-        let s = sock.to_str().unwrap();
-        let a = [
-            "migrate",
-            "--api-socket",
-            s,
-            "--to",
-            &to,
-            "--max-bandwidth",
-            "8M",
-            "--json",
-        ];
-        run(&a, Duration::from_secs(60))
-    })
-}
-
-fn exit_code(vm: &mut Vm, limit: Duration) -> i32 {
-    let c = &mut vm.proc.0;
-    wait_for(limit, || c.try_wait().unwrap())
-        .expect("process did not end")
-        .code()
-        .unwrap_or(-1)
-}
-
-fn wait_log(p: &Path, what: &str) {
-    assert!(
-        wait_for(LIMIT, || read(p).contains(what).then_some(())).is_some(),
-        "{what:?} never appeared in {}:\n{}",
-        p.display(),
-        read(p)
-    );
-}
-
-fn seqs(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| {
-            l.strip_prefix("heartbeat seq=")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-fn info(vm: &Vm) -> Value {
-    let out = run(&["info", "--api-socket", vm.sock.to_str().unwrap()], LIMIT);
-    serde_json::from_str(&stdout(&out)).unwrap_or_default()
-}
 
 /// The source still runs its guest: state running and the heartbeat still advancing.
 fn assert_source_runs(vm: &Vm) {
@@ -581,58 +424,6 @@ fn a_migration_can_be_cancelled_through_the_api() {
     assert_eq!(c, 409);
 }
 
-/// A man in the middle that forwards the first `keep` bytes from source to destination
-/// and then damages the stream as `how` says; the other direction passes untouched.
-fn proxy(to: String, keep: usize, how: &'static str) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = format!("tcp:{}", l.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let (mut a, _) = l.accept().unwrap();
-        let mut b = TcpStream::connect(to.strip_prefix("tcp:").unwrap()).unwrap();
-        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = b2.read(&mut buf) {
-                if n == 0 || a2.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut buf = vec![0u8; 65536];
-        let mut passed = 0usize;
-        loop {
-            let n = match a.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let chunk = &mut buf[..n];
-            if passed + n > keep {
-                let at = keep.saturating_sub(passed);
-                match how {
-                    "flip" => {
-                        chunk[at] ^= 0x40;
-                        let _ = b.write_all(chunk);
-                        passed += n;
-                        // Keep forwarding the rest unchanged.
-                        continue;
-                    }
-                    _ => {
-                        let _ = b.write_all(&chunk[..at]);
-                        break;
-                    }
-                }
-            }
-            if b.write_all(chunk).is_err() {
-                break;
-            }
-            passed += n;
-        }
-        let _ = a.shutdown(std::net::Shutdown::Both);
-        let _ = b.shutdown(std::net::Shutdown::Both);
-    });
-    addr
-}
-
 #[test]
 fn corrupt_and_truncated_streams_are_refused_and_the_source_runs_on() {
     if !kvm_available() {
@@ -692,31 +483,7 @@ fn without_the_destination_s_confirmation_the_source_resumes() {
     let dir = TempDir::new("mig-noready");
     let src = source(&dir, "src", &["heartbeat", "--", "period=20", "count=0"]);
     wait_log(&src.log, "seq=");
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = format!("tcp:{}", l.local_addr().unwrap());
-    let fake = std::thread::spawn(move || {
-        let (mut c, _) = l.accept().unwrap();
-        let mut buf = Vec::new();
-        let mut kinds = Vec::new();
-        loop {
-            match wire::read_frame(&mut c, &mut buf) {
-                Ok(Frame::Hello(_)) => {
-                    wire::write_frame(&mut c, &Frame::Accept).unwrap();
-                    kinds.push(Kind::Hello);
-                }
-                Ok(f) => {
-                    let k = f.kind();
-                    kinds.push(k);
-                    if k == Kind::Complete {
-                        break;
-                    }
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-        drop(c); // no READY
-        kinds
-    });
+    let (addr, fake) = unconfirming_destination();
     let (out, r) = migrate(&src, &addr, &[]);
     let kinds = fake.join().unwrap();
     assert!(kinds.contains(&Kind::State), "{kinds:?}");
@@ -733,12 +500,14 @@ fn hostile_input_on_the_destination_is_a_clear_error() {
     }
     let dir = TempDir::new("mig-hostile");
     let hello = |version: u32| {
-        let mut v: Value = serde_json::json!({
-            "wire_version": version, "state_version": godwit_vmm::state::STATE_VERSION, "guest": "x", "memory_mib": 256,
-            "connections": 1, "session": 1, "snapshot": false,
-            "shape": {"ram": [{"start": 0, "size": 268435456u64}], "vcpus": 1, "kind": "Godwit", "pci": [[0, "host-bridge"]]}
+        let v: Value = serde_json::json!({
+            "wire_version": version, "guest": "x", "connections": 1, "session": 1, "snapshot": false,
+            "sections": [
+                {"name": "vcpus", "version": 1, "needs": {"count": "1"}},
+                {"name": "ram", "version": 1, "needs": {"memory_mib": "256", "layout": "0x0+0x10000000"}},
+                {"name": "platform", "version": 1, "needs": {"guest": "godwit", "pci": "0:host-bridge"}}
+            ]
         });
-        v["wire_version"] = version.into();
         let mut out = Vec::new();
         wire::write_raw(&mut out, Kind::Hello, v.to_string().as_bytes()).unwrap();
         out
@@ -746,14 +515,15 @@ fn hostile_input_on_the_destination_is_a_clear_error() {
     let mut garbage = vec![0u8; 64];
     garbage[..4].copy_from_slice(b"HTTP");
     let mut page_outside = hello(wire::WIRE_VERSION);
-    let mut p = 1u32.to_le_bytes().to_vec();
+    let mut p = 1u32.to_le_bytes().to_vec(); // section 1: ram
+    p.extend_from_slice(&1u32.to_le_bytes());
     p.extend_from_slice(&(1u64 << 40).to_le_bytes());
     p.extend_from_slice(&[0xaa; 4096]);
     wire::write_raw(&mut page_outside, Kind::Pages, &p).unwrap();
     for (name, bytes, want) in [
         ("garbage", garbage, "not a godwit migration stream"),
         ("version", hello(99), "wire version 99"),
-        ("outside", page_outside, "not a page of guest RAM"),
+        ("outside", page_outside, "not inside guest RAM"),
     ] {
         let (mut dst, addr) = destination(&dir, &format!("dst-{name}"), &[]);
         let mut c = TcpStream::connect(addr.strip_prefix("tcp:").unwrap()).unwrap();

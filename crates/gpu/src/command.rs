@@ -365,7 +365,8 @@ fn result(va: u64) -> Operand {
 }
 
 impl Kernel {
-    /// The units a kernel is cut into: elements, rows of C or of the grid, hash words.
+    /// The units a kernel is cut into: elements (of the vectors, of C, of the grid) or
+    /// hash words.
     pub fn units(&self) -> u64 {
         match *self {
             Kernel::VecAdd { n, .. }
@@ -374,20 +375,36 @@ impl Kernel {
             | Kernel::Relu { n, .. }
             | Kernel::ReduceSum { n, .. }
             | Kernel::Dot { n, .. } => n,
-            Kernel::Sgemm { m, .. } => m,
-            Kernel::Stencil { h, .. } => h,
+            Kernel::Sgemm { m, n, .. } => m * n,
+            Kernel::Stencil { w, h, .. } => w * h,
             Kernel::Hash { bytes, .. } => bytes / 8,
         }
     }
 
-    /// Units per chunk: about a quarter of a million element operations, well under a
-    /// millisecond here, so the engine can switch VFs at fine grain.
+    /// Units per chunk: about a quarter of a million element operations (an SGEMM
+    /// element costs k of them), a fraction of a millisecond here. The chunk is the
+    /// engine's preemption point, so it is bounded in work whatever shape the guest
+    /// gives a kernel: an SGEMM with k at its 2^21 maximum still stops after each
+    /// element of C, and a grid row of any width is cut.
     pub fn chunk(&self) -> u64 {
         const OPS: u64 = 1 << 18;
         match *self {
-            Kernel::Sgemm { n, k, .. } => (OPS * 8 / (n * k)).max(1),
-            Kernel::Stencil { w, .. } => (OPS / w).max(1),
+            Kernel::Sgemm { k, .. } => (OPS * 8 / k).max(1),
             _ => OPS,
+        }
+    }
+
+    /// The VRAM byte ranges that units `units` of this kernel (with resolved operands)
+    /// write, apart from a reduction's 8-byte result (written once, at the end).
+    pub fn written(&self, units: std::ops::Range<u64>) -> Option<(u64, u64)> {
+        let at = |base: u64| (base + 4 * units.start, 4 * (units.end - units.start));
+        match *self {
+            Kernel::VecAdd { z, .. } | Kernel::VecMul { z, .. } => Some(at(z)),
+            Kernel::Axpy { y, .. } => Some(at(y)),
+            Kernel::Relu { out, .. } => Some(at(out)),
+            Kernel::Sgemm { c, .. } => Some(at(c)),
+            Kernel::Stencil { out, .. } => Some(at(out)),
+            Kernel::ReduceSum { .. } | Kernel::Dot { .. } | Kernel::Hash { .. } => None,
         }
     }
 

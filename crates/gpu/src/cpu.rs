@@ -70,6 +70,41 @@ impl CpuBackend {
         Ok(())
     }
 
+    /// `rows` runs of `width` floats, the first at `offset` and each `stride` bytes after
+    /// the last: a block of columns of a row-major matrix, packed.
+    fn gather_f32(
+        &self,
+        offset: u64,
+        stride: u64,
+        rows: usize,
+        width: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), OutOfRange> {
+        if rows == 0 {
+            out.clear();
+            return Ok(());
+        }
+        let span = stride * (rows as u64 - 1) + width as u64 * 4;
+        let o = self.check(offset, span)?;
+        out.clear();
+        out.reserve(rows * width);
+        let dst = out.as_mut_ptr() as *mut u8;
+        for r in 0..rows {
+            // SAFETY: every run lies inside [o, o + span), checked above; `out` has room
+            // for rows * width floats and any bits are a valid f32.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.ptr.add(o + r * stride as usize),
+                    dst.add(r * width * 4),
+                    width * 4,
+                )
+            };
+        }
+        // SAFETY: all rows * width floats were written above.
+        unsafe { out.set_len(rows * width) };
+        Ok(())
+    }
+
     fn write_f32(&self, offset: u64, v: &[f32]) -> Result<(), OutOfRange> {
         let o = self.check(offset, v.len() as u64 * 4)?;
         // SAFETY: inside the mapping (checked); `v` is a separate host buffer.
@@ -88,7 +123,7 @@ impl Drop for CpuBackend {
 }
 
 thread_local! {
-    static SCRATCH: std::cell::RefCell<[Vec<f32>; 4]> = std::cell::RefCell::new(Default::default());
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 5]> = std::cell::RefCell::new(Default::default());
 }
 
 impl Backend for CpuBackend {
@@ -153,7 +188,7 @@ impl Backend for CpuBackend {
 
     fn kernel(&self, k: &Kernel, units: Range<u64>, acc: &mut Acc) -> Result<(), OutOfRange> {
         SCRATCH.with(|s| {
-            let [a, b, c, d] = &mut *s.borrow_mut();
+            let [a, b, c, d, e] = &mut *s.borrow_mut();
             let n = (units.end - units.start) as usize;
             let at = |base: u64, i: u64| base + 4 * i;
             match *k {
@@ -199,11 +234,32 @@ impl Backend for CpuBackend {
                     beta,
                     ..
                 } => {
-                    self.read_f32(at(pa, units.start * inner), n * inner as usize, a)?;
-                    self.read_f32(pb, (inner * cols) as usize, b)?;
-                    self.read_f32(at(pc, units.start * cols), n * cols as usize, c)?;
-                    kernels::sgemm_rows(a, b, c, cols as usize, inner as usize, alpha, beta, d);
-                    self.write_f32(at(pc, units.start * cols), c)
+                    // Elements units.start..units.end of C, row by row. All of B is read
+                    // once when the piece spans a row (then k * n is at most a chunk's
+                    // work); otherwise only the columns the piece needs.
+                    let (n, k) = (cols, inner as usize);
+                    let whole_b = units.end - units.start >= n;
+                    if whole_b {
+                        self.read_f32(pb, k * n as usize, b)?;
+                    }
+                    let mut el = units.start;
+                    while el < units.end {
+                        let (i, j0) = (el / n, el % n);
+                        let j1 = (j0 + (units.end - el)).min(n);
+                        let width = (j1 - j0) as usize;
+                        self.read_f32(at(pa, i * inner), k, a)?;
+                        let (ldb, boff) = if whole_b {
+                            (n as usize, j0 as usize)
+                        } else {
+                            self.gather_f32(at(pb, j0), 4 * n, k, width, b)?;
+                            (width, 0)
+                        };
+                        self.read_f32(at(pc, el), width, c)?;
+                        kernels::sgemm_piece(a, &b[boff..], ldb, c, alpha, beta, d);
+                        self.write_f32(at(pc, el), c)?;
+                        el += j1 - j0;
+                    }
+                    Ok(())
                 }
                 Kernel::Stencil {
                     input,
@@ -213,22 +269,35 @@ impl Backend for CpuBackend {
                     h,
                     ..
                 } => {
-                    // Rows units.start..units.end, with one halo row either side.
-                    let lo = units.start.saturating_sub(1);
-                    let hi = (units.end + 1).min(h);
-                    self.read_f32(at(input, lo * w), ((hi - lo) * w) as usize, a)?;
-                    self.read_f32(at(f, units.start * w), n * w as usize, b)?;
-                    acc.f = kernels::stencil_rows(
-                        a,
-                        (units.start - lo) as usize,
-                        b,
-                        c,
+                    // Elements units.start..units.end with their neighbours: the piece
+                    // and one element either side, and the same span one row up and
+                    // one row down (never whole rows, however wide).
+                    let (e0, e1, total) = (units.start, units.end, w * h);
+                    let (mid_at, mid_end) = (e0.saturating_sub(1), (e1 + 1).min(total));
+                    let (up_at, up_end) = (e0.max(w) - w, e1.max(w) - w);
+                    let (down_at, down_end) = ((e0 + w).min(total), (e1 + w).min(total));
+                    self.read_f32(at(input, mid_at), (mid_end - mid_at) as usize, a)?;
+                    self.read_f32(at(input, up_at), (up_end - up_at) as usize, b)?;
+                    self.read_f32(at(input, down_at), (down_end - down_at) as usize, c)?;
+                    self.read_f32(at(f, e0), n, e)?;
+                    let i = kernels::StencilInput {
+                        mid: a,
+                        mid_at: mid_at as usize,
+                        up: b,
+                        up_at: up_at as usize,
+                        down: c,
+                        down_at: down_at as usize,
+                    };
+                    acc.f = kernels::stencil_piece(
+                        &i,
+                        e,
+                        d,
                         w as usize,
                         h as usize,
-                        units.start as usize,
+                        e0 as usize,
                         acc.f,
                     );
-                    self.write_f32(at(out, units.start * w), c)
+                    self.write_f32(at(out, e0), d)
                 }
                 Kernel::Hash { src, .. } => {
                     let bytes = n * 8;

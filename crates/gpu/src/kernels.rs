@@ -34,70 +34,78 @@ pub fn dot(acc: f64, x: &[f32], y: &[f32]) -> f64 {
         .fold(acc, |s, (&a, &b)| s + a as f64 * b as f64)
 }
 
-/// Rows of C = alpha * A * B + beta * C. `a` holds those rows of A (rows x k), `b` all of
-/// B (k x n), `c` those rows of C (rows x n). For each (i, j) the products are summed in
-/// order of p, then alpha and beta applied.
-#[allow(clippy::too_many_arguments)]
-pub fn sgemm_rows(
-    a: &[f32],
+/// Columns `j0..j0 + c.len()` of one row of C = alpha * A * B + beta * C. `arow` is that
+/// row of A (k values); `b` holds the same columns of every row of B, row p at
+/// `b[p * ldb..]`; `c` those elements of C, updated in place. For each element the
+/// products are summed in order of p, then alpha and beta applied, so any cut of C into
+/// pieces gives the same bits.
+pub fn sgemm_piece(
+    arow: &[f32],
     b: &[f32],
+    ldb: usize,
     c: &mut [f32],
-    n: usize,
-    k: usize,
     alpha: f32,
     beta: f32,
     tmp: &mut Vec<f32>,
 ) {
-    let rows = c.len() / n;
+    let width = c.len();
     tmp.clear();
-    tmp.resize(n, 0.0);
-    for i in 0..rows {
-        tmp.fill(0.0);
-        let arow = &a[i * k..(i + 1) * k];
-        for (p, &aip) in arow.iter().enumerate() {
-            let brow = &b[p * n..(p + 1) * n];
-            for (t, &bpj) in tmp.iter_mut().zip(brow) {
-                *t += aip * bpj;
-            }
+    tmp.resize(width, 0.0);
+    for (p, &aip) in arow.iter().enumerate() {
+        let brow = &b[p * ldb..p * ldb + width];
+        for (t, &bpj) in tmp.iter_mut().zip(brow) {
+            *t += aip * bpj;
         }
-        for (cij, &t) in c[i * n..(i + 1) * n].iter_mut().zip(tmp.iter()) {
-            *cij = alpha * t + beta * *cij;
-        }
+    }
+    for (cij, &t) in c.iter_mut().zip(tmp.iter()) {
+        *cij = alpha * t + beta * *cij;
     }
 }
 
-/// Rows `row0..row0 + f.len() / w` of one Jacobi step. `input` holds the input rows from
-/// `row0 - first` on (so `first` is the index in `input` of row0); `f` the same rows of
-/// the right-hand side. Writes `out` and returns `acc` plus the squared change, summed
-/// row by row in order.
-#[allow(clippy::too_many_arguments)]
-pub fn stencil_rows(
-    input: &[f32],
-    first: usize,
+/// The input a piece of a Jacobi step reads, around elements `e0..e1` of a W x H grid:
+/// `mid` from element `mid_at` (the piece and one element either side), `up` from
+/// `up_at` (the elements one row above the piece, where they exist) and `down` from
+/// `down_at` (one row below). Only these are read, however wide a row is.
+pub struct StencilInput<'a> {
+    pub mid: &'a [f32],
+    pub mid_at: usize,
+    pub up: &'a [f32],
+    pub up_at: usize,
+    pub down: &'a [f32],
+    pub down_at: usize,
+}
+
+/// Elements `e0..e0 + f.len()` of one Jacobi step of the 5-point Laplacian on a W x H
+/// grid (`f`: the same elements of the right-hand side). Writes `out` and returns `acc`
+/// plus the squared change, summed in element order, so any cut of the grid into pieces
+/// gives the same bits.
+pub fn stencil_piece(
+    i: &StencilInput,
     f: &[f32],
     out: &mut Vec<f32>,
     w: usize,
     h: usize,
-    row0: usize,
+    e0: usize,
     mut acc: f64,
 ) -> f64 {
-    let rows = f.len() / w;
     out.clear();
-    out.resize(rows * w, 0.0);
-    for r in 0..rows {
-        let y = row0 + r;
-        let at = |dy: isize, x: usize| input[((first + r) as isize + dy) as usize * w + x];
-        for x in 0..w {
-            let old = at(0, x);
-            let v = if y == 0 || y == h - 1 || x == 0 || x == w - 1 {
-                old
-            } else {
-                0.25 * (at(-1, x) + at(1, x) + at(0, x - 1) + at(0, x + 1) + f[r * w + x])
-            };
-            out[r * w + x] = v;
-            let d = (v - old) as f64;
-            acc += d * d;
-        }
+    out.reserve(f.len());
+    for (k, &fk) in f.iter().enumerate() {
+        let e = e0 + k;
+        let (y, x) = (e / w, e % w);
+        let old = i.mid[e - i.mid_at];
+        let v = if y == 0 || y == h - 1 || x == 0 || x == w - 1 {
+            old
+        } else {
+            0.25 * (i.up[e - w - i.up_at]
+                + i.down[e + w - i.down_at]
+                + i.mid[e - 1 - i.mid_at]
+                + i.mid[e + 1 - i.mid_at]
+                + fk)
+        };
+        out.push(v);
+        let d = (v - old) as f64;
+        acc += d * d;
     }
     acc
 }
@@ -115,14 +123,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sgemm_matches_the_textbook_formula() {
+    fn sgemm_in_pieces_matches_the_textbook_formula() {
         let (m, n, k) = (5, 7, 3);
         let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.5 - 3.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 - 1.5).collect();
-        let mut c: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
-        let c0 = c.clone();
+        let c0: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
+        let mut c = c0.clone();
         let mut tmp = Vec::new();
-        sgemm_rows(&a, &b, &mut c, n, k, 2.0, 0.5, &mut tmp);
+        // Row 1 in two pieces (columns 0..3 and 3..7), the other rows whole.
+        for i in 0..m {
+            let pieces: &[(usize, usize)] = if i == 1 { &[(0, 3), (3, 7)] } else { &[(0, 7)] };
+            for &(j0, j1) in pieces {
+                let block: Vec<f32> = (0..k)
+                    .flat_map(|p| b[p * n + j0..p * n + j1].to_vec())
+                    .collect();
+                let row = &mut c[i * n + j0..i * n + j1];
+                sgemm_piece(
+                    &a[i * k..(i + 1) * k],
+                    &block,
+                    j1 - j0,
+                    row,
+                    2.0,
+                    0.5,
+                    &mut tmp,
+                );
+            }
+        }
         for i in 0..m {
             for j in 0..n {
                 let mut s = 0.0f32;
@@ -134,34 +160,53 @@ mod tests {
         }
     }
 
+    /// One pass over the grid, with the neighbours read straight from it.
+    fn stencil_reference(input: &[f32], f: &[f32], w: usize, h: usize) -> (Vec<f32>, f64) {
+        let mut out = vec![0f32; w * h];
+        let mut acc = 0f64;
+        for y in 0..h {
+            for x in 0..w {
+                let e = y * w + x;
+                let v = if y == 0 || y == h - 1 || x == 0 || x == w - 1 {
+                    input[e]
+                } else {
+                    0.25 * (input[e - w] + input[e + w] + input[e - 1] + input[e + 1] + f[e])
+                };
+                out[e] = v;
+                acc += ((v - input[e]) as f64).powi(2);
+            }
+        }
+        (out, acc)
+    }
+
     #[test]
-    fn stencil_in_row_chunks_equals_one_pass() {
+    fn stencil_in_pieces_equals_one_pass() {
         let (w, h) = (6, 5);
-        let input: Vec<f32> = (0..w * h).map(|i| (i * 7 % 11) as f32).collect();
-        let f: Vec<f32> = (0..w * h).map(|i| (i % 3) as f32).collect();
-        let mut whole = Vec::new();
-        let acc = stencil_rows(&input, 0, &f, &mut whole, w, h, 0, 0.0);
+        let total = w * h;
+        let input: Vec<f32> = (0..total).map(|i| (i * 7 % 11) as f32).collect();
+        let f: Vec<f32> = (0..total).map(|i| (i % 3) as f32).collect();
+        let (whole, acc) = stencil_reference(&input, &f, w, h);
+        // Pieces that start and end mid-row, and one of a single element.
         let mut parts = Vec::new();
         let mut acc2 = 0.0;
-        for (r0, r1) in [(0usize, 2usize), (2, 3), (3, 5)] {
-            let lo = r0.saturating_sub(1);
-            let hi = (r1 + 1).min(h);
+        for (e0, e1) in [(0usize, 4usize), (4, 5), (5, 17), (17, 30)] {
+            let (mid_at, mid_end) = (e0.saturating_sub(1), (e1 + 1).min(total));
+            let (up_at, up_end) = (e0.max(w) - w, e1.max(w) - w);
+            let (down_at, down_end) = ((e0 + w).min(total), (e1 + w).min(total));
+            let i = StencilInput {
+                mid: &input[mid_at..mid_end],
+                mid_at,
+                up: &input[up_at..up_end],
+                up_at,
+                down: &input[down_at..down_end],
+                down_at,
+            };
             let mut out = Vec::new();
-            acc2 = stencil_rows(
-                &input[lo * w..hi * w],
-                r0 - lo,
-                &f[r0 * w..r1 * w],
-                &mut out,
-                w,
-                h,
-                r0,
-                acc2,
-            );
+            acc2 = stencil_piece(&i, &f[e0..e1], &mut out, w, h, e0, acc2);
             parts.extend(out);
         }
         assert_eq!(whole, parts);
         assert_eq!(acc, acc2);
-        // Interior point (2, 2) by hand; boundary copied.
         let at = |x: usize, y: usize| input[y * w + x];
         assert_eq!(
             whole[2 * w + 2],

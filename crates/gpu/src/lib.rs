@@ -9,6 +9,7 @@ pub mod abi;
 pub mod backend;
 pub mod command;
 pub mod cpu;
+pub mod dirty;
 pub mod kernels;
 pub mod manager;
 pub mod mmu;
@@ -18,4 +19,4 @@ pub mod shm;
 pub mod vf;
 
 pub use manager::{Lease, Manager};
-pub use vf::{IrqLine, Vf, VfState};
+pub use vf::{Hold, IrqLine, Vf, VfState};

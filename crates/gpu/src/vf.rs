@@ -3,23 +3,34 @@
 //!
 //! Threads: vCPU threads call `mmio_read`/`mmio_write` (and block in `WAIT_FENCE`); the
 //! engine thread takes entries from the ring, holds the shared engine only while it runs
-//! chunks, and parks at a chunk boundary when paused. Everything the guest can influence
+//! chunks, and parks at a chunk boundary when held. Everything the guest can influence
 //! is checked; a bad command sets ERROR on this VF and stops its ring at that entry.
+//!
+//! For migration the model itself records what the engine writes (`dirty`): VRAM pages
+//! and guest pages (DMA), at the point where it has translated a range and written it,
+//! so a backend on a real GPU is tracked the same way. Its state (`VfState`) is plain
+//! data, and restoring one re-checks it like fresh guest input.
 
 use crate::abi::{self, control, err, irq, reg, status, ENTRY_SIZE};
 use crate::backend::{Acc, Backend};
-use crate::command::{self, Command, Entry, Kernel};
+use crate::command::{self, Command, Entry, Kernel, Operand};
+use crate::dirty::Tracking;
 use crate::mmu::{GuestRam, Mmu, Target};
 use crate::sched::{self, Arbiter};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Bytes a copy or fill moves per chunk.
 pub const COPY_CHUNK: u64 = 256 << 10;
+/// Page translations one engine step makes while it checks a kernel's operands: a
+/// fraction of a millisecond, so even an operand of millions of 4 KiB pages is checked
+/// across many preemptible steps.
+const RESOLVE_PAGES_PER_STEP: u64 = 8192;
+/// The version of `VfState`'s encoding.
+pub const STATE_VERSION: u32 = 1;
 
 /// The registers, as software sees them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,9 +47,7 @@ pub struct Regs {
     pub pt_root: u64,
     pub engine_ns: u64,
     pub completed: u64,
-    #[serde(default)]
     pub int_status: u64,
-    #[serde(default)]
     pub int_mask: u64,
 }
 
@@ -57,25 +66,111 @@ pub trait IrqLine: Send + Sync {
     fn raise(&self);
 }
 
-/// A command the engine has started and not finished: enough to go on at the next chunk
-/// boundary, here or (for the migration issue) in another process.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct InFlight {
-    pub index: u64,
-    pub entry: Entry,
+/// Who holds the engine parked. Each holds it independently: a migration that stops a
+/// VM the user had paused leaves it paused when it gives the engine back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// The VM is paused (`vm.pause`).
+    User = 1,
+    /// A migration or snapshot has stopped the device.
+    Migration = 2,
+}
+
+/// A command the engine has started and not finished.
+#[derive(Clone, Debug, PartialEq)]
+struct InFlight {
+    index: u64,
+    /// The entry as the guest wrote it: what a saved state carries, so that a restore
+    /// decodes it with the same checks as a fresh command.
+    raw: [u8; ENTRY_SIZE],
+    entry: Entry,
     /// Bytes (copy, fill) or units (kernels) done.
+    done: u64,
+    acc: Acc,
+}
+
+/// The in-flight command in a saved state: the raw entry and how far it got.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InFlightState {
+    pub index: u64,
+    /// The 64-byte ring entry, as eight little-endian words.
+    pub entry: [u64; 8],
     pub done: u64,
     pub acc: Acc,
 }
 
-/// Everything about a VF except its VRAM contents.
+/// Everything about a VF except its VRAM contents: enough to go on at the next chunk
+/// boundary in another process.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VfState {
     pub regs: Regs,
-    pub in_flight: Option<InFlight>,
+    pub in_flight: Option<InFlightState>,
     /// The GPU clock when saved.
     pub clock_ns: u64,
     pub vram_size: u64,
+}
+
+impl VfState {
+    /// The state as bytes: the version (u32, little endian), then postcard.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = STATE_VERSION.to_le_bytes().to_vec();
+        postcard::to_io(self, &mut out).expect("plain data encodes into a Vec");
+        out
+    }
+
+    /// Reads `encode`'s bytes; a foreign version or malformed input is an error. What
+    /// the values mean is checked by `Vf::restore_state`.
+    pub fn decode(bytes: &[u8]) -> Result<VfState, String> {
+        let (v, rest) = bytes
+            .split_first_chunk::<4>()
+            .ok_or("the GPU state is truncated")?;
+        let v = u32::from_le_bytes(*v);
+        if v != STATE_VERSION {
+            return Err(format!(
+                "GPU state version {v}; this godwit reads version {STATE_VERSION}"
+            ));
+        }
+        let (s, left): (VfState, _) = postcard::take_from_bytes(rest)
+            .map_err(|e| format!("the GPU state is malformed: {e}"))?;
+        if !left.is_empty() {
+            return Err(format!("{} stray bytes after the GPU state", left.len()));
+        }
+        Ok(s)
+    }
+}
+
+fn entry_words(raw: &[u8; ENTRY_SIZE]) -> [u64; 8] {
+    core::array::from_fn(|i| u64::from_le_bytes(raw[8 * i..8 * i + 8].try_into().expect("8")))
+}
+
+fn entry_bytes(words: &[u64; 8]) -> [u8; ENTRY_SIZE] {
+    let mut raw = [0u8; ENTRY_SIZE];
+    for (i, w) in words.iter().enumerate() {
+        raw[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    raw
+}
+
+/// The amount of work in a command: bytes for copies and fills, units for kernels, and
+/// None for commands that finish in one step (never in flight at a chunk boundary).
+fn work(e: &Entry) -> Option<u64> {
+    match e.cmd {
+        Command::Copy { bytes, .. } | Command::Fill { bytes, .. } => Some(bytes),
+        Command::Kernel(k) => Some(k.units()),
+        _ => None,
+    }
+}
+
+/// A kernel's operands being checked and translated, a bounded number of pages per
+/// engine step. Transient: a restored command starts its check again.
+#[derive(Clone, Debug)]
+struct Resolving {
+    ops: Vec<Operand>,
+    /// VRAM offset of each operand checked so far.
+    offs: Vec<u64>,
+    op: usize,
+    /// Bytes of operand `op` found contiguous so far.
+    at: u64,
 }
 
 struct Inner {
@@ -84,8 +179,11 @@ struct Inner {
     /// Operand addresses of the in-flight kernel, translated (not part of the state:
     /// recomputed after a restore).
     resolved: Option<Kernel>,
-    pause: bool,
+    resolving: Option<Resolving>,
+    /// `Hold` bits; the engine parks while any is set.
+    holds: u8,
     parked: bool,
+    started: bool,
     shutdown: bool,
     /// Bumped by a reset, so a chunk that ran across one is dropped.
     generation: u64,
@@ -104,8 +202,8 @@ pub struct Vf {
     arbiter: Box<dyn Arbiter>,
     clock0: Instant,
     clock_offset_ns: Mutex<u64>,
-    /// Guest pages the engine wrote (DMA): KVM's dirty log does not see them.
-    dma_dirty: Mutex<BTreeSet<u64>>,
+    /// What the engine wrote while a migration watches (KVM's dirty log sees none of it).
+    dirty: Tracking,
     irq: Mutex<Option<Arc<dyn IrqLine>>>,
 }
 
@@ -116,13 +214,19 @@ enum Stop {
 
 impl Vf {
     pub fn new(backend: Box<dyn Backend>, ram: GuestRam, arbiter: Box<dyn Arbiter>) -> Arc<Vf> {
+        let dirty = Tracking::new(
+            backend.vram_size(),
+            ram.iter().map(|r| (r.start_addr().0, r.len())),
+        );
         Arc::new(Vf {
             inner: Mutex::new(Inner {
                 regs: Regs::default(),
                 in_flight: None,
                 resolved: None,
-                pause: false,
+                resolving: None,
+                holds: 0,
                 parked: false,
+                started: false,
                 shutdown: false,
                 generation: 0,
                 irq_due: false,
@@ -134,7 +238,7 @@ impl Vf {
             arbiter,
             clock0: Instant::now(),
             clock_offset_ns: Mutex::new(0),
-            dma_dirty: Mutex::new(BTreeSet::new()),
+            dirty,
             irq: Mutex::new(None),
         })
     }
@@ -157,9 +261,11 @@ impl Vf {
     /// Starts the engine thread. It holds a reference until `shutdown`.
     pub fn start(self: &Arc<Vf>, name: &str) -> std::io::Result<JoinHandle<()>> {
         let vf = self.clone();
+        self.lock().started = true;
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || vf.engine())
+            .inspect_err(|_| self.lock().started = false)
     }
 
     /// Stops the engine thread for good.
@@ -178,7 +284,11 @@ impl Vf {
     }
 
     pub fn clock_ns(&self) -> u64 {
-        *self.clock_offset_ns.lock().unwrap() + self.clock0.elapsed().as_nanos() as u64
+        *self
+            .clock_offset_ns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            + self.clock0.elapsed().as_nanos() as u64
     }
 
     pub fn regs(&self) -> Regs {
@@ -298,6 +408,22 @@ impl Vf {
         }
     }
 
+    /// Whether ENABLE would take this ring and page-table root: (ring ok, root ok).
+    fn config_ok(&self, r: &Regs) -> (bool, bool) {
+        let ring_bytes = r.ring_size.saturating_mul(ENTRY_SIZE as u64);
+        let ring_ok = r.ring_size.is_power_of_two()
+            && (abi::RING_MIN..=abi::RING_MAX).contains(&r.ring_size)
+            && r.ring_base.is_multiple_of(4096)
+            && self
+                .ram
+                .check_range(GuestAddress(r.ring_base), ring_bytes as usize);
+        let root_ok = r.pt_root.is_multiple_of(4096)
+            && r.pt_root
+                .checked_add(4096)
+                .is_some_and(|e| e <= self.backend.vram_size());
+        (ring_ok, root_ok)
+    }
+
     fn control(&self, v: u64) {
         let mut i = self.lock();
         if v & control::RESET != 0 {
@@ -318,6 +444,7 @@ impl Vf {
             ) = keep;
             i.in_flight = None;
             i.resolved = None;
+            i.resolving = None;
             i.generation += 1;
         }
         if v & control::CLEAR_ERROR != 0 && i.regs.error != 0 {
@@ -333,24 +460,17 @@ impl Vf {
             }
         }
         if v & control::ENABLE != 0 && !i.regs.enabled {
-            let r = &i.regs;
-            let ring_bytes = r.ring_size.saturating_mul(ENTRY_SIZE as u64);
-            let ring_ok = r.ring_size.is_power_of_two()
-                && (abi::RING_MIN..=abi::RING_MAX).contains(&r.ring_size)
-                && r.ring_base.is_multiple_of(4096)
-                && self
-                    .ram
-                    .check_range(GuestAddress(r.ring_base), ring_bytes as usize);
-            let root_ok = r.pt_root.is_multiple_of(4096)
-                && r.pt_root
-                    .checked_add(4096)
-                    .is_some_and(|e| e <= self.backend.vram_size());
+            let (ring_ok, root_ok) = self.config_ok(&i.regs);
             if ring_ok && root_ok {
                 i.regs.enabled = true;
                 i.regs.head = 0;
                 i.regs.tail = 0;
             } else {
-                let addr = if ring_ok { r.pt_root } else { r.ring_base };
+                let addr = if ring_ok {
+                    i.regs.pt_root
+                } else {
+                    i.regs.ring_base
+                };
                 Self::set_error(&mut i, err::BAD_RING, u64::MAX, addr);
             }
         }
@@ -389,35 +509,57 @@ impl Vf {
         }
     }
 
-    /// Pauses the engine at the next chunk boundary and returns once it is parked. A
-    /// command in flight stays in flight (see `save_state`).
-    pub fn pause(&self) {
+    /// Holds the engine at the next chunk boundary for `who` and returns once it is
+    /// parked: from then on it fetches nothing, writes no memory and raises no
+    /// interrupt. A command in flight stays in flight (see `save_state`).
+    pub fn pause(&self, who: Hold) {
         let mut i = self.lock();
-        i.pause = true;
+        i.holds |= who as u8;
         self.work.notify_all();
-        while !i.parked && !i.shutdown {
+        while i.started && !i.parked && !i.shutdown {
             i = self.done.wait(i).unwrap_or_else(|e| e.into_inner());
         }
     }
 
-    pub fn resume(&self) {
-        self.lock().pause = false;
+    /// Releases `who`'s hold; the engine runs again once nobody holds it.
+    pub fn resume(&self, who: Hold) {
+        self.lock().holds &= !(who as u8);
         self.work.notify_all();
     }
 
-    /// The VF's state. Only meaningful while paused (or before the engine started).
-    pub fn save_state(&self) -> VfState {
-        let i = self.lock();
-        VfState {
-            regs: i.regs.clone(),
-            in_flight: i.in_flight.clone(),
-            clock_ns: self.clock_ns(),
-            vram_size: self.backend.vram_size(),
-        }
+    /// Whether `who` holds the engine.
+    pub fn held_by(&self, who: Hold) -> bool {
+        self.lock().holds & who as u8 != 0
     }
 
-    /// Loads a saved state (paused, or before the engine started); VRAM is the caller's.
-    pub fn restore_state(&self, s: &VfState) -> Result<(), String> {
+    fn quiet(i: &Inner) -> Result<(), String> {
+        if i.started && !i.parked && !i.shutdown {
+            return Err("the GPU engine is running: hold it first".into());
+        }
+        Ok(())
+    }
+
+    /// The VF's state. Only while the engine is held (or not started), so it is final.
+    pub fn save_state(&self) -> Result<VfState, String> {
+        let i = self.lock();
+        Self::quiet(&i)?;
+        Ok(VfState {
+            regs: i.regs.clone(),
+            in_flight: i.in_flight.as_ref().map(|f| InFlightState {
+                index: f.index,
+                entry: entry_words(&f.raw),
+                done: f.done,
+                acc: f.acc,
+            }),
+            clock_ns: self.clock_ns(),
+            vram_size: self.backend.vram_size(),
+        })
+    }
+
+    /// Checks a saved state as hostile input, with the checks a guest's own register
+    /// writes and commands get: the result is what the VF may hold, or why not.
+    fn check_state(&self, s: &VfState) -> Result<(Regs, Option<InFlight>), String> {
+        let r = &s.regs;
         if s.vram_size != self.backend.vram_size() {
             return Err(format!(
                 "saved VF has {} bytes of VRAM, this one {}",
@@ -425,11 +567,92 @@ impl Vf {
                 self.backend.vram_size()
             ));
         }
+        let code = (r.error & 0xffff_ffff) as u32;
+        if code > err::BUSY_WRITE {
+            return Err(format!("error register holds unknown code {code}"));
+        }
+        if (r.int_status | r.int_mask) & !irq::ALL != 0 {
+            return Err("interrupt registers hold undefined causes".into());
+        }
+        if r.enabled {
+            let (ring_ok, root_ok) = self.config_ok(r);
+            if !ring_ok {
+                return Err(format!(
+                    "ring of {} entries at {:#x} is not one this VM's VF could enable",
+                    r.ring_size, r.ring_base
+                ));
+            }
+            if !root_ok {
+                return Err(format!("page-table root {:#x} is outside VRAM", r.pt_root));
+            }
+            if r.head >= r.ring_size || r.tail >= r.ring_size {
+                return Err(format!(
+                    "ring head {} or tail {} outside a ring of {}",
+                    r.head, r.tail, r.ring_size
+                ));
+            }
+        } else if r.head != 0 || r.tail != 0 {
+            return Err("a disabled VF has a non-empty ring".into());
+        }
+        let Some(f) = &s.in_flight else {
+            return Ok((r.clone(), None));
+        };
+        if !r.enabled || r.error != 0 {
+            return Err(
+                "a command in flight on a VF that is disabled or stopped by an error".into(),
+            );
+        }
+        if f.index != r.head {
+            return Err(format!(
+                "the command in flight is entry {}, the ring head {}",
+                f.index, r.head
+            ));
+        }
+        let raw = entry_bytes(&f.entry);
+        let entry = command::decode(&raw).map_err(|e| {
+            format!(
+                "the command in flight does not decode: {} (value {:#x})",
+                err::name(e.code),
+                e.value
+            )
+        })?;
+        let total = work(&entry).ok_or("a single-step command cannot be in flight")?;
+        let aligned = match entry.cmd {
+            Command::Fill { .. } => f.done.is_multiple_of(4),
+            _ => true,
+        };
+        if f.done > total || !aligned {
+            return Err(format!(
+                "the command in flight has done {} of {total}",
+                f.done
+            ));
+        }
+        Ok((
+            r.clone(),
+            Some(InFlight {
+                index: f.index,
+                raw,
+                entry,
+                done: f.done,
+                acc: f.acc,
+            }),
+        ))
+    }
+
+    /// Loads a saved state (engine held, or not started); VRAM is the caller's. The
+    /// state is checked whole first: a bad one is refused and changes nothing.
+    pub fn restore_state(&self, s: &VfState) -> Result<(), String> {
+        let (regs, in_flight) = self.check_state(s)?;
         let mut i = self.lock();
-        i.regs = s.regs.clone();
-        i.in_flight = s.in_flight.clone();
+        Self::quiet(&i)?;
+        i.regs = regs;
+        i.in_flight = in_flight;
         i.resolved = None;
-        *self.clock_offset_ns.lock().unwrap() = s
+        i.resolving = None;
+        *self
+            .clock_offset_ns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = s
             .clock_ns
             .saturating_sub(self.clock0.elapsed().as_nanos() as u64);
         drop(i);
@@ -437,11 +660,43 @@ impl Vf {
         Ok(())
     }
 
-    /// Guest pages the engine has written since the last call.
-    pub fn take_dma_dirty(&self) -> Vec<u64> {
-        std::mem::take(&mut *self.dma_dirty.lock().unwrap())
-            .into_iter()
-            .collect()
+    /// Starts recording the VRAM pages the engine writes, from none.
+    pub fn start_vram_tracking(&self) {
+        self.dirty.start_vram();
+    }
+
+    pub fn stop_vram_tracking(&self) {
+        self.dirty.stop_vram();
+    }
+
+    /// Starts recording the guest pages the engine writes (DMA), from none.
+    pub fn start_dma_tracking(&self) {
+        self.dirty.start_ram();
+    }
+
+    pub fn stop_dma_tracking(&self) {
+        self.dirty.stop_ram();
+    }
+
+    /// VRAM pages the engine wrote since the last take (bit i = page i), now cleared.
+    pub fn take_vram_dirty(&self) -> Vec<u64> {
+        self.dirty.vram.take()
+    }
+
+    /// The same without clearing.
+    pub fn peek_vram_dirty(&self) -> Vec<u64> {
+        self.dirty.vram.peek()
+    }
+
+    /// Guest pages the engine wrote (DMA) since the last take, one bitmap per region of
+    /// its VM's RAM in order, now cleared.
+    pub fn take_dma_dirty(&self) -> Vec<Vec<u64>> {
+        self.dirty.ram.iter().map(|r| r.bits.take()).collect()
+    }
+
+    /// The same without clearing.
+    pub fn peek_dma_dirty(&self) -> Vec<Vec<u64>> {
+        self.dirty.ram.iter().map(|r| r.bits.peek()).collect()
     }
 
     fn has_work(i: &Inner) -> bool {
@@ -460,7 +715,7 @@ impl Vf {
                         self.done.notify_all();
                         return;
                     }
-                    if i.pause {
+                    if i.holds != 0 {
                         if !i.parked {
                             i.parked = true;
                             self.done.notify_all();
@@ -486,12 +741,12 @@ impl Vf {
             }
             let stop = || {
                 let i = self.lock();
-                i.pause || i.shutdown || !Self::has_work(&i)
+                i.holds != 0 || i.shutdown || !Self::has_work(&i)
             };
             let Some(slice) = self.arbiter.acquire(&stop) else {
                 continue;
             };
-            // Run chunks until the slice ends, the work runs out, or a pause.
+            // Run chunks until the slice ends, the work runs out, or a hold.
             loop {
                 let t0 = Instant::now();
                 let more = self.step();
@@ -511,25 +766,26 @@ impl Vf {
     /// Runs one chunk of the current command (taking the next entry if none is in
     /// flight). Returns whether there may be more to do.
     fn step(&self) -> bool {
-        let (mut fl, resolved, root, generation) = {
+        let (mut fl, mut resolved, mut resolving, root, generation) = {
             let mut i = self.lock();
-            if !Self::has_work(&i) || i.pause {
+            if !Self::has_work(&i) || i.holds != 0 {
                 return false;
             }
             if i.in_flight.is_none() {
                 let index = i.regs.head;
-                let mut e = [0u8; ENTRY_SIZE];
+                let mut raw = [0u8; ENTRY_SIZE];
                 let at = i.regs.ring_base + index * ENTRY_SIZE as u64;
-                if self.ram.read_slice(&mut e, GuestAddress(at)).is_err() {
+                if self.ram.read_slice(&mut raw, GuestAddress(at)).is_err() {
                     Self::set_error(&mut i, err::BAD_RING, index, at);
                     self.arbiter.count(false, true);
                     self.done.notify_all();
                     return false;
                 }
-                match command::decode(&e) {
+                match command::decode(&raw) {
                     Ok(entry) => {
                         i.in_flight = Some(InFlight {
                             index,
+                            raw,
                             acc: match entry.cmd {
                                 Command::Kernel(k) => k.initial_acc(),
                                 _ => Acc::default(),
@@ -538,6 +794,7 @@ impl Vf {
                             done: 0,
                         });
                         i.resolved = None;
+                        i.resolving = None;
                     }
                     Err(d) => {
                         Self::set_error(&mut i, d.code, index, d.value);
@@ -550,6 +807,7 @@ impl Vf {
             (
                 i.in_flight.clone().expect("set above"),
                 i.resolved,
+                i.resolving.clone(),
                 i.regs.pt_root,
                 i.generation,
             )
@@ -559,8 +817,7 @@ impl Vf {
             ram: &self.ram,
             root,
         };
-        let mut resolved = resolved;
-        let result = self.run_chunk(&mmu, &mut fl, &mut resolved);
+        let result = self.run_chunk(&mmu, &mut fl, &mut resolved, &mut resolving);
         let mut i = self.lock();
         if i.generation != generation || i.in_flight.is_none() {
             // Reset while the chunk ran: drop its result.
@@ -577,11 +834,13 @@ impl Vf {
                     i.regs.head = (i.regs.head + 1) % i.regs.ring_size;
                     i.in_flight = None;
                     i.resolved = None;
+                    i.resolving = None;
                     self.arbiter.count(true, false);
                     self.done.notify_all();
                 } else {
                     i.in_flight = Some(fl);
                     i.resolved = resolved;
+                    i.resolving = resolving;
                 }
                 true
             }
@@ -589,6 +848,7 @@ impl Vf {
                 Self::set_error(&mut i, code, fl.index, addr);
                 i.in_flight = None;
                 i.resolved = None;
+                i.resolving = None;
                 self.arbiter.count(false, true);
                 self.done.notify_all();
                 false
@@ -602,6 +862,7 @@ impl Vf {
         mmu: &Mmu,
         fl: &mut InFlight,
         resolved: &mut Option<Kernel>,
+        resolving: &mut Option<Resolving>,
     ) -> Result<bool, Stop> {
         let fault = |f: crate::mmu::Fault| Stop::Error(err::GPU_FAULT, f.va);
         let broken = |_: crate::backend::OutOfRange| Stop::Error(err::GPU_FAULT, u64::MAX);
@@ -630,9 +891,7 @@ impl Vf {
                 let n = (bytes - fl.done).min(COPY_CHUNK);
                 for seg in mmu.segments(dst + fl.done, n, true).map_err(fault)? {
                     match seg.target {
-                        Target::Vram(o) => {
-                            self.backend.fill(o, seg.len, pattern).map_err(broken)?
-                        }
+                        Target::Vram(o) => self.vram_fill(o, seg.len, pattern).map_err(broken)?,
                         Target::System(g) => {
                             let buf: Vec<u8> = (0..seg.len)
                                 .map(|k| pattern.to_le_bytes()[(k % 4) as usize])
@@ -655,19 +914,28 @@ impl Vf {
                 Ok(true)
             }
             Command::Kernel(k) => {
-                let r = match resolved {
-                    Some(r) => *r,
-                    None => {
-                        let r = Self::resolve(mmu, &k)?;
-                        *resolved = Some(r);
-                        r
+                let Some(r) = *resolved else {
+                    // Check the operands a bounded part at a time; compute once done.
+                    let state = resolving.get_or_insert_with(|| Resolving {
+                        ops: k.operands(),
+                        offs: Vec::new(),
+                        op: 0,
+                        at: 0,
+                    });
+                    if Self::resolve_some(mmu, state)? {
+                        *resolved = Some(Self::check_overlap(&k, state)?);
+                        *resolving = None;
                     }
+                    return Ok(false);
                 };
                 let units = k.units();
                 let end = (fl.done + k.chunk()).min(units);
                 self.backend
                     .kernel(&r, fl.done..end, &mut fl.acc)
                     .map_err(broken)?;
+                if let Some((off, len)) = r.written(fl.done..end) {
+                    self.dirty.vram_written(off, len);
+                }
                 fl.done = end;
                 if end == units {
                     if let Some(bytes) = r.result_bytes(&fl.acc) {
@@ -676,7 +944,7 @@ impl Vf {
                             .last()
                             .map(|o| &o.va)
                             .expect("reductions have a result");
-                        self.backend.write(dst, &bytes).map_err(broken)?;
+                        self.vram_write(dst, &bytes).map_err(broken)?;
                     }
                     return Ok(true);
                 }
@@ -685,24 +953,48 @@ impl Vf {
         }
     }
 
-    /// Translates a kernel's operands: each must be one contiguous VRAM run, and what it
-    /// writes must not overlap what it reads (unless an element-wise kernel works in
-    /// place on exactly the same range).
-    fn resolve(mmu: &Mmu, k: &Kernel) -> Result<Kernel, Stop> {
-        let ops = k.operands();
-        let mut offs = Vec::with_capacity(ops.len());
-        for o in &ops {
-            match mmu.vram_range(o.va, o.bytes, o.write) {
-                Ok(Some(off)) => offs.push(off),
-                Ok(None) => return Err(Stop::Error(err::BAD_OPERAND, o.va)),
-                Err(f) => return Err(Stop::Error(err::GPU_FAULT, f.va)),
+    /// Checks more of a kernel's operands: each must be one contiguous, accessible VRAM
+    /// run. Returns true once all are checked.
+    fn resolve_some(mmu: &Mmu, s: &mut Resolving) -> Result<bool, Stop> {
+        let mut budget = RESOLVE_PAGES_PER_STEP;
+        while s.op < s.ops.len() {
+            let o = s.ops[s.op];
+            while s.at < o.bytes {
+                if budget == 0 {
+                    return Ok(false);
+                }
+                budget -= 1;
+                let va =
+                    o.va.checked_add(s.at)
+                        .ok_or(Stop::Error(err::GPU_FAULT, o.va))?;
+                let (t, left) = mmu
+                    .translate(va, o.write)
+                    .map_err(|f| Stop::Error(err::GPU_FAULT, f.va))?;
+                let Target::Vram(off) = t else {
+                    return Err(Stop::Error(err::BAD_OPERAND, o.va));
+                };
+                if s.at == 0 {
+                    s.offs.push(off);
+                } else if off != s.offs[s.op] + s.at {
+                    return Err(Stop::Error(err::BAD_OPERAND, o.va));
+                }
+                s.at += left.min(o.bytes - s.at);
             }
+            s.op += 1;
+            s.at = 0;
         }
-        for (w, ow) in ops.iter().zip(&offs) {
+        Ok(true)
+    }
+
+    /// With every operand translated: what a kernel writes must not overlap what it
+    /// reads (unless an element-wise kernel works in place on exactly the same range).
+    fn check_overlap(k: &Kernel, s: &Resolving) -> Result<Kernel, Stop> {
+        let (ops, offs) = (&s.ops, &s.offs);
+        for (w, ow) in ops.iter().zip(offs) {
             if !w.write || w.result {
                 continue;
             }
-            for (r, or) in ops.iter().zip(&offs) {
+            for (r, or) in ops.iter().zip(offs) {
                 if r.write {
                     continue;
                 }
@@ -713,17 +1005,40 @@ impl Vf {
                 }
             }
         }
-        Ok(k.with_operands(&offs))
+        Ok(k.with_operands(offs))
+    }
+
+    /// Every write the engine makes goes through these four, which record it after it
+    /// landed (so a migration that clears the record and then copies a page either sees
+    /// the new bytes or sees the page again).
+    fn vram_write(&self, off: u64, data: &[u8]) -> Result<(), crate::backend::OutOfRange> {
+        self.backend.write(off, data)?;
+        self.dirty.vram_written(off, data.len() as u64);
+        Ok(())
+    }
+
+    fn vram_fill(
+        &self,
+        off: u64,
+        len: u64,
+        pattern: u32,
+    ) -> Result<(), crate::backend::OutOfRange> {
+        self.backend.fill(off, len, pattern)?;
+        self.dirty.vram_written(off, len);
+        Ok(())
+    }
+
+    fn vram_copy(&self, dst: u64, src: u64, len: u64) -> Result<(), crate::backend::OutOfRange> {
+        self.backend.copy(dst, src, len)?;
+        self.dirty.vram_written(dst, len);
+        Ok(())
     }
 
     fn write_guest(&self, gpa: u64, data: &[u8]) -> Result<(), ()> {
         self.ram
             .write_slice(data, GuestAddress(gpa))
             .map_err(|_| ())?;
-        let mut d = self.dma_dirty.lock().unwrap();
-        for p in gpa / 4096..(gpa + data.len() as u64).div_ceil(4096) {
-            d.insert(p);
-        }
+        self.dirty.ram_written(gpa, data.len() as u64);
         Ok(())
     }
 
@@ -732,7 +1047,7 @@ impl Vf {
         for seg in mmu.segments(va, data.len() as u64, true)? {
             let part = &data[at..at + seg.len as usize];
             let ok = match seg.target {
-                Target::Vram(o) => self.backend.write(o, part).is_ok(),
+                Target::Vram(o) => self.vram_write(o, part).is_ok(),
                 Target::System(g) => self.write_guest(g, part).is_ok(),
             };
             if !ok {
@@ -758,7 +1073,7 @@ impl Vf {
                 Target::System(g) => Target::System(g + off),
             };
             match (at(dst[di].target, doff), at(src[si].target, soff)) {
-                (Target::Vram(d), Target::Vram(s)) => self.backend.copy(d, s, n).map_err(|_| ())?,
+                (Target::Vram(d), Target::Vram(s)) => self.vram_copy(d, s, n).map_err(|_| ())?,
                 (d, s) => {
                     bounce.resize(n as usize, 0);
                     match s {
@@ -769,7 +1084,7 @@ impl Vf {
                             .map_err(|_| ())?,
                     }
                     match d {
-                        Target::Vram(o) => self.backend.write(o, &bounce).map_err(|_| ())?,
+                        Target::Vram(o) => self.vram_write(o, &bounce).map_err(|_| ())?,
                         Target::System(g) => self.write_guest(g, &bounce)?,
                     }
                 }

@@ -136,3 +136,92 @@ fn hostile_rings_are_contained_to_the_vf() {
     assert_eq!(f64::from_le_bytes(s), 1024.0);
     assert_eq!(r(&d.vf, reg::ERROR) as u32, err::NONE);
 }
+
+/// Saved VF states from a hostile migration stream: bytes flipped in the encoding and
+/// fields set to random or edge values. Each is refused with an error, or restores into
+/// a state the engine then runs without panicking (and which RESET clears).
+#[test]
+fn hostile_saved_states_never_crash_the_engine() {
+    use godwit_gpu::{Hold, VfState};
+    let mut rng = Rng(0x0bad_5eed_cafe_f00d);
+    let mut d = Driver::new();
+    // A state with a command in flight: a long AXPY paused mid-way.
+    let n = 4_000_000u64;
+    d.submit(op::KERNEL, [kernel::AXPY, 0, n * 4, n, 0x3f00_0000, 0]);
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    d.vf.pause(Hold::Migration);
+    let good = d.vf.save_state().unwrap();
+    let bytes = good.encode();
+    let edge = |rng: &mut Rng| match rng.next() % 6 {
+        0 => 0,
+        1 => u64::MAX,
+        2 => rng.next() % 128,
+        3 => 1 << (rng.next() % 64),
+        4 => VRAM - 4096 + rng.next() % 8192,
+        _ => rng.next(),
+    };
+    let (mut refused, mut taken) = (0, 0);
+    for i in 0..iters(20_000) / 10 {
+        let s = if i % 2 == 0 {
+            let mut b = bytes.clone();
+            for _ in 0..1 + rng.next() % 4 {
+                let at = (rng.next() % b.len() as u64) as usize;
+                b[at] ^= 1 << (rng.next() % 8);
+            }
+            match VfState::decode(&b) {
+                Ok(s) => s,
+                Err(_) => {
+                    refused += 1;
+                    continue;
+                }
+            }
+        } else {
+            let mut s = good.clone();
+            let r = &mut s.regs;
+            match rng.next() % 9 {
+                0 => r.ring_size = edge(&mut rng),
+                1 => r.ring_base = edge(&mut rng),
+                2 => r.head = edge(&mut rng),
+                3 => r.pt_root = edge(&mut rng),
+                4 => r.error = edge(&mut rng),
+                5 => r.enabled = !r.enabled,
+                _ => {
+                    let f = s.in_flight.as_mut().expect("in flight");
+                    match rng.next() % 3 {
+                        0 => f.done = edge(&mut rng),
+                        1 => f.entry[(rng.next() % 8) as usize] = edge(&mut rng),
+                        _ => f.index = edge(&mut rng),
+                    }
+                }
+            }
+            s
+        };
+        match d.vf.restore_state(&s) {
+            Err(_) => refused += 1,
+            Ok(()) => {
+                taken += 1;
+                // Let the engine take whatever this is for a moment, then drop it.
+                d.vf.resume(Hold::Migration);
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                w(&d.vf, reg::CONTROL, control::RESET);
+                d.vf.pause(Hold::Migration);
+            }
+        }
+        assert!(
+            !d.thread.as_ref().unwrap().is_finished(),
+            "the engine thread died on case {i}"
+        );
+    }
+    assert!(
+        refused > 100 && taken > 10,
+        "{refused} refused, {taken} taken"
+    );
+    // The VF still works from a clean state.
+    d.vf.restore_state(&good).unwrap();
+    w(&d.vf, reg::CONTROL, control::RESET);
+    w(&d.vf, reg::CONTROL, control::ENABLE);
+    d.vf.resume(Hold::Migration);
+    d.tail = 0;
+    d.run(op::FILL, [0, 4096, 0x3f80_0000, 0, 0, 0]).unwrap();
+    assert_eq!(r(&d.vf, reg::ERROR) as u32, err::NONE);
+}

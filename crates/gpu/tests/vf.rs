@@ -7,7 +7,7 @@ use godwit_gpu::abi::{control, err, kernel, op, pte, reg, status};
 use godwit_gpu::cpu::CpuBackend;
 use godwit_gpu::mmu::GuestRam;
 use godwit_gpu::sched::Unshared;
-use godwit_gpu::Vf;
+use godwit_gpu::{Hold, Vf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
@@ -129,7 +129,9 @@ fn copies_fills_and_kernels_give_the_expected_results() {
             assert_eq!(c[i * nn + j], s, "C[{i},{j}]");
         }
     }
-    // Timestamps move forward; WRITE lands in guest RAM.
+    // Timestamps move forward; WRITE lands in guest RAM, and while a migration watches,
+    // such DMA is recorded per guest page.
+    d.vf.start_dma_tracking();
     d.run(op::TIMESTAMP, [SYS + 0x1000, 0, 0, 0, 0, 0]).unwrap();
     d.run(op::WRITE, [SYS + 0x1008, 0xfeed, 0, 0, 0, 0])
         .unwrap();
@@ -138,8 +140,8 @@ fn copies_fills_and_kernels_give_the_expected_results() {
     assert_eq!(d.ram.read_obj::<u64>(GuestAddress(0x1008)).unwrap(), 0xfeed);
     assert_eq!(r(&d.vf, reg::COMPLETED), 15);
     assert!(r(&d.vf, reg::ENGINE_NS) > 0);
-    // The engine's DMA writes are reported for migration.
-    assert!(d.vf.take_dma_dirty().contains(&1));
+    assert_eq!(d.vf.take_dma_dirty()[0][0], 1 << 1);
+    assert!(d.vf.take_dma_dirty()[0].iter().all(|w| *w == 0));
 }
 
 /// Submits a bad command, checks the error, clears it, and checks the VF still works.
@@ -330,8 +332,8 @@ fn preempted_commands_resume_with_nothing_lost_or_repeated() {
             let mut hops = 0;
             while r(&vf, reg::FENCE) < fence {
                 std::thread::sleep(every);
-                vf.pause();
-                let st = vf.save_state();
+                vf.pause(Hold::Migration);
+                let st = vf.save_state().unwrap();
                 if let Some(f) = &st.in_flight {
                     if f.done > 0 {
                         mid += 1;
@@ -467,6 +469,232 @@ fn interrupts_follow_the_mask_and_are_never_lost() {
     assert_eq!(r(&d.vf, reg::INT_MASK), irq::FENCE);
 
     // The state a migration carries includes both registers.
-    let s = d.vf.save_state();
+    d.vf.pause(Hold::Migration);
+    let s = d.vf.save_state().unwrap();
     assert_eq!((s.regs.int_status, s.regs.int_mask), (0, irq::FENCE));
+}
+
+/// Every page the engine changes, in VRAM and in guest RAM, is in its record: copies
+/// both ways, fills, kernels (chunked and with results), writes and timestamps.
+#[test]
+fn every_engine_write_is_recorded() {
+    let mut d = Driver::new();
+    let n = 300_000usize;
+    d.put_f32(0x20_0000, &data(n, 3));
+    d.put_f32(0x40_0000, &data(n, 4));
+    let snap = |d: &Driver| {
+        let mut v = vec![0u8; VRAM as usize];
+        d.vf.backend().read(0, &mut v).unwrap();
+        let mut g = vec![0u8; RAM as usize];
+        d.ram.read_slice(&mut g, GuestAddress(0)).unwrap();
+        (v, g)
+    };
+    let (v0, g0) = snap(&d);
+    d.vf.start_vram_tracking();
+    d.vf.start_dma_tracking();
+    let bytes = n as u64 * 4;
+    let (x, y, z) = (0u64, 2 << 20, 4 << 20);
+    d.run(op::COPY, [x, SYS + 0x20_0000, bytes, 0, 0, 0])
+        .unwrap();
+    d.run(op::COPY, [y, SYS + 0x40_0000, bytes, 0, 0, 0])
+        .unwrap();
+    d.run(op::KERNEL, [kernel::VEC_ADD, x, y, z, n as u64, 0])
+        .unwrap();
+    d.run(
+        op::KERNEL,
+        [kernel::AXPY, x, y, n as u64, 2.0f32.to_bits() as u64, 0],
+    )
+    .unwrap();
+    d.run(op::KERNEL, [kernel::RELU, z, 6 << 20, n as u64, 0, 0])
+        .unwrap();
+    d.run(op::KERNEL, [kernel::DOT, x, y, n as u64, 12 << 20, 0])
+        .unwrap();
+    d.run(
+        op::KERNEL,
+        [kernel::HASH, x, bytes, (12 << 20) + 4096, 0, 0],
+    )
+    .unwrap();
+    let dims = 64 | 64 << 21 | 64 << 42;
+    d.run(
+        op::KERNEL,
+        [kernel::SGEMM, x, y, 14 << 20, dims, 0x3f80_0000],
+    )
+    .unwrap();
+    d.run(
+        op::KERNEL,
+        [
+            kernel::STENCIL,
+            x,
+            16 << 20,
+            y,
+            500 | 600 << 32,
+            (12 << 20) + 8192,
+        ],
+    )
+    .unwrap();
+    d.run(op::FILL, [20 << 20, 3 << 20, 0x1234_5678, 0, 0, 0])
+        .unwrap();
+    d.run(op::COPY, [24 << 20, 20 << 20, 1 << 20, 0, 0, 0])
+        .unwrap();
+    d.run(op::FILL, [SYS + (8 << 20), 64 << 10, 0x9999_9999, 0, 0, 0])
+        .unwrap();
+    d.run(op::COPY, [SYS + (10 << 20), z, 1 << 20, 0, 0, 0])
+        .unwrap();
+    d.run(op::WRITE, [30 << 20, 77, 0, 0, 0, 0]).unwrap();
+    d.run(op::TIMESTAMP, [SYS + (12 << 20), 0, 0, 0, 0, 0])
+        .unwrap();
+    let (v1, g1) = snap(&d);
+    let (vd, gd) = (d.vf.take_vram_dirty(), d.vf.take_dma_dirty());
+    let bit = |b: &[u64], p: usize| b[p / 64] & (1 << (p % 64)) != 0;
+    let mut changed = (0, 0);
+    for (p, (a, b)) in v0.chunks(4096).zip(v1.chunks(4096)).enumerate() {
+        if a != b {
+            changed.0 += 1;
+            assert!(bit(&vd, p), "VRAM page {p} changed but was not recorded");
+        }
+    }
+    // The ring is written by the driver (the guest's CPU), not the engine.
+    let ring = (RING / 4096) as usize..(RING + RING_SIZE * 64).div_ceil(4096) as usize;
+    for (p, (a, b)) in g0.chunks(4096).zip(g1.chunks(4096)).enumerate() {
+        if a != b && !ring.contains(&p) {
+            changed.1 += 1;
+            assert!(
+                bit(&gd[0], p),
+                "guest page {p} changed but was not recorded"
+            );
+        }
+    }
+    assert!(changed.0 > 1000 && changed.1 > 200, "{changed:?}");
+    // Only what the engine wrote: guest pages it only read are not in the record.
+    assert!(!bit(&gd[0], 0x20_0000 / 4096));
+    d.vf.stop_vram_tracking();
+    d.run(op::FILL, [0, 4096, 1, 0, 0, 0]).unwrap();
+    assert!(d.vf.take_vram_dirty().iter().all(|w| *w == 0));
+}
+
+/// A saved state is hostile input: each of these is refused with a reason, and the VF
+/// keeps the state it had and goes on working.
+#[test]
+fn hostile_saved_states_are_refused_and_change_nothing() {
+    use godwit_gpu::command::encode;
+    let mut d = Driver::new();
+    d.run(op::FILL, [0, 4096, 7, 0, 0, 0]).unwrap();
+    d.vf.pause(Hold::Migration);
+    let good = d.vf.save_state().unwrap();
+    let words = |e: [u8; 64]| -> [u64; 8] {
+        core::array::from_fn(|i| u64::from_le_bytes(e[8 * i..8 * i + 8].try_into().unwrap()))
+    };
+    let flight = |e: [u8; 64], done: u64| {
+        let mut s = good.clone();
+        s.in_flight = Some(godwit_gpu::vf::InFlightState {
+            index: s.regs.head,
+            entry: words(e),
+            done,
+            acc: Default::default(),
+        });
+        s
+    };
+    let mut cases: Vec<(&str, godwit_gpu::VfState, &str)> = Vec::new();
+    let mut s = good.clone();
+    s.regs.ring_size = 0;
+    cases.push(("ring size 0", s, "ring"));
+    let mut s = good.clone();
+    s.regs.head = good.regs.ring_size;
+    cases.push(("head outside", s, "head"));
+    let mut s = good.clone();
+    s.regs.pt_root = VRAM;
+    cases.push(("root outside", s, "root"));
+    let mut s = good.clone();
+    s.regs.error = 99;
+    cases.push(("unknown error", s, "unknown code"));
+    let mut s = good.clone();
+    s.regs.int_mask = 1 << 9;
+    cases.push(("interrupt bits", s, "undefined"));
+    let mut s = good.clone();
+    s.vram_size += 4096;
+    cases.push(("VRAM size", s, "VRAM"));
+    cases.push((
+        "zero-width kernel",
+        flight(
+            encode(op::KERNEL, None, [kernel::VEC_ADD, 0, 4096, 8192, 0, 0]),
+            0,
+        ),
+        "does not decode",
+    ));
+    cases.push((
+        "done past the end",
+        flight(encode(op::COPY, None, [0, 8192, 4096, 0, 0, 0]), 4097),
+        "done 4097 of 4096",
+    ));
+    cases.push((
+        "a NOP in flight",
+        flight(encode(op::NOP, None, [0; 6]), 0),
+        "single-step",
+    ));
+    let mut s = flight(encode(op::COPY, None, [0, 8192, 4096, 0, 0, 0]), 0);
+    s.regs.enabled = false;
+    cases.push(("in flight while disabled", s, "disabled"));
+    cases.push((
+        "unaligned fill",
+        flight(encode(op::FILL, None, [0, 8192, 1, 0, 0, 0]), 2),
+        "done 2 of 8192",
+    ));
+    for (name, s, want) in cases {
+        let e = d.vf.restore_state(&s).unwrap_err();
+        assert!(e.contains(want), "{name}: {e}");
+        let now = d.vf.save_state().unwrap();
+        assert_eq!(
+            (&now.regs, &now.in_flight),
+            (&good.regs, &good.in_flight),
+            "{name} changed the VF"
+        );
+    }
+    // Encoded forms: a foreign version, trailing bytes, truncation.
+    let bytes = good.encode();
+    assert_eq!(godwit_gpu::VfState::decode(&bytes).unwrap(), good);
+    let mut v = bytes.clone();
+    v[0] ^= 1;
+    assert!(godwit_gpu::VfState::decode(&v)
+        .unwrap_err()
+        .contains("version"));
+    let mut v = bytes.clone();
+    v.push(0);
+    assert!(godwit_gpu::VfState::decode(&v)
+        .unwrap_err()
+        .contains("stray"));
+    assert!(godwit_gpu::VfState::decode(&bytes[..bytes.len() - 1]).is_err());
+    // A good state restores, and the VF runs on.
+    d.vf.restore_state(&good).unwrap();
+    d.vf.resume(Hold::Migration);
+    d.run(op::FILL, [4096, 4096, 9, 0, 0, 0]).unwrap();
+}
+
+/// The engine's preemption point is a chunk, and a chunk is bounded in work whatever
+/// shape the guest gives a kernel (a row of an SGEMM or a stencil can be any size).
+#[test]
+fn a_chunk_is_bounded_in_work_for_every_kernel_shape() {
+    use godwit_gpu::command::{decode, encode, Command, MAX_DIM};
+    let dims = |m: u64, n: u64, k: u64| m | n << 21 | k << 42;
+    let shapes = [
+        [kernel::SGEMM, 0, 0, 0, dims(1, 1 << 14, MAX_DIM), 0],
+        [kernel::SGEMM, 0, 0, 0, dims(1 << 16, 1 << 16, 1), 0],
+        [kernel::SGEMM, 0, 0, 0, dims(4096, 4096, 4096), 0],
+        [kernel::STENCIL, 0, 0, 0, (1 << 31) | 3 << 32, 0],
+        [kernel::STENCIL, 0, 0, 0, 3 | (1 << 31) << 32, 0],
+        [kernel::VEC_ADD, 0, 0, 0, 1 << 36, 0],
+        [kernel::HASH, 0, 1 << 38, 0, 0, 0],
+    ];
+    for a in shapes {
+        let Command::Kernel(k) = decode(&encode(op::KERNEL, None, a)).unwrap().cmd else {
+            unreachable!()
+        };
+        // Element operations in one chunk (an SGEMM element costs k multiply-adds).
+        let per_unit = match k {
+            godwit_gpu::command::Kernel::Sgemm { k, .. } => k,
+            _ => 1,
+        };
+        let ops = k.chunk().min(k.units()) * per_unit;
+        assert!(ops <= 1 << 22, "{k:?}: {ops} operations per chunk");
+        assert!(k.chunk() >= 1);
+    }
 }

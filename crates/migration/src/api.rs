@@ -1,17 +1,18 @@
-//! The migration endpoints of a godwit's API: `PUT vm.migrate` (body: `Options`; answers
-//! with the report once the migration ends), `GET vm.migration` (progress and the last
-//! report), `PUT vm.migrate-cancel`.
+//! The migration endpoints of a godwit's API: `PUT vm.migrate` (body: `Options`; starts
+//! the migration on its own thread and answers with the report once it ends), `GET
+//! vm.migration` (progress and the last report), `PUT vm.migrate-cancel`.
 
-use crate::report::Status;
-use crate::source::{migrate, Options};
+use crate::report::{Outcome, Status};
+use crate::source::{self, Options};
 use godwit_vmm::api::Extension;
 use godwit_vmm::{VmExit, VmHandle};
 use serde_json::json;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 #[derive(Default)]
 pub struct MigrationApi {
-    pub status: Status,
+    pub status: Arc<Status>,
 }
 
 const OWNER: &str = "a migration";
@@ -56,22 +57,42 @@ impl Extension for MigrationApi {
                     .progress
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = None;
-                let report = migrate(h, &o, &self.status);
+                let worker = match source::start(h.clone(), o.clone(), self.status.clone()) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        let _ = h.ctl.set_owner(None);
+                        self.status.active.store(false, Ordering::SeqCst);
+                        return err(500, format!("cannot start the migration: {e}"));
+                    }
+                };
+                // This request answers when the migration ends; progress and cancel are
+                // served by other requests meanwhile.
+                let report = match worker.join() {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let _ = h.ctl.set_owner(None);
+                        self.status.active.store(false, Ordering::SeqCst);
+                        return err(500, "the migration thread failed".into());
+                    }
+                };
                 let _ = h.ctl.set_owner(None);
-                self.status.active.store(false, Ordering::SeqCst);
                 let body = serde_json::to_value(&report).unwrap_or_default();
-                if report.status == "completed" {
-                    // The VM lives elsewhere now; this process ends once this answer is out.
-                    h.ctl.request_exit(VmExit::Migrated(o.to.clone()));
-                    (200, body)
-                } else {
-                    let code = if report.status == "cancelled" {
-                        409
-                    } else {
-                        500
-                    };
-                    let msg = report.error.clone().unwrap_or_default();
-                    (code, json!({"error": msg, "report": body}))
+                match report.status {
+                    Outcome::Completed => {
+                        // The VM lives elsewhere now; this process ends once this answer
+                        // is out.
+                        h.ctl.request_exit(VmExit::Migrated(o.to.clone()));
+                        (200, body)
+                    }
+                    outcome => {
+                        let code = if outcome == Outcome::Cancelled {
+                            409
+                        } else {
+                            500
+                        };
+                        let msg = report.error.clone().unwrap_or_default();
+                        (code, json!({"error": msg, "report": body}))
+                    }
                 }
             }
             ("GET", "vm.migration") => (
@@ -83,11 +104,15 @@ impl Extension for MigrationApi {
                 }),
             ),
             ("PUT", "vm.migrate-cancel") => {
-                if self.status.active.load(Ordering::SeqCst) {
-                    self.status.cancel.store(true, Ordering::SeqCst);
-                    (200, json!({"cancelling": true}))
-                } else {
-                    err(409, "no migration is running".into())
+                if !self.status.active.load(Ordering::SeqCst) {
+                    return err(409, "no migration is running".into());
+                }
+                match self
+                    .status
+                    .request_cancel(std::time::Duration::from_secs(1))
+                {
+                    Ok(()) => (200, json!({"cancelling": true})),
+                    Err(m) => err(409, m.into()),
                 }
             }
             _ => err(405, format!("{method} is not allowed on {endpoint}")),

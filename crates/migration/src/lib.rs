@@ -1,21 +1,27 @@
 //! godwit-migration: moves a running VM to another godwit process (live, pre-copy) or
 //! into a file (snapshot), and back.
 //!
-//! The modules keep the three concerns apart: `wire` is the format (frames, checked
-//! decoding), `transport` the byte streams (TCP, Unix sockets, files), and `source` the
-//! policy (rounds, convergence, throttling, switchover). `destination` is the receiving
-//! side; `pages` and `throttle` are the mechanisms the policy drives.
+//! Every part of the VM that moves is a component of `godwit_vmm::migratable`, driven
+//! through the same device-migration state machine; this crate names none of them.
+//! The modules keep the concerns apart: `wire` is the format (frames, checked
+//! decoding), `transport` the byte streams (TCP, Unix sockets, files), `outbound` the
+//! sending lanes, `back` what the destination says while a migration runs, and
+//! `source` the policy (rounds, convergence, throttling, switchover), on its own
+//! thread. `destination` is the receiving side.
 
 pub mod api;
+mod back;
 pub mod destination;
-pub mod pages;
+pub mod error;
+pub mod outbound;
 pub mod report;
 pub mod source;
-pub mod throttle;
 pub mod transport;
 pub mod wire;
 
-pub use destination::{receive, Expect, Incoming};
-pub use report::{Progress, Report, Status};
+pub use destination::{receive, Incoming, ReceiveError};
+pub use error::MigrationError;
+pub use godwit_vmm::migratable::incoming::Host;
+pub use report::{Outcome, Phase, Progress, Report, Status};
 pub use source::{migrate, Options};
 pub use transport::{Listener, Target};

@@ -1,10 +1,80 @@
 //! What a migration tells its user: live progress while it runs, a report at the end.
+//! The driver names no device, so everything a component did is reported under its
+//! section's name ("ram", "gpu", ...), beside the totals.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-/// One pre-copy round (round 0 is the first pass over all memory).
+/// How a migration ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The destination runs the VM.
+    Completed,
+    #[default]
+    Failed,
+    Cancelled,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Completed => "completed",
+            Outcome::Failed => "failed",
+            Outcome::Cancelled => "cancelled",
+        })
+    }
+}
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Connecting; the destination checks the VM.
+    #[default]
+    Setup,
+    /// Rounds of data while the VM runs.
+    Precopy,
+    /// The VM is stopped here and its last data moves.
+    Switchover,
+    /// GO is sent: the VM belongs to the destination.
+    Handover,
+    Done,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let s = match self {
+            Phase::Setup => "setup",
+            Phase::Precopy => "precopy",
+            Phase::Switchover => "switchover",
+            Phase::Handover => "handover",
+            Phase::Done => "done",
+        };
+        f.write_str(s)
+    }
+}
+
+/// One component's part of a round.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RoundPart {
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    /// Pages written during the round (due again).
+    pub dirty_pages: u64,
+    pub dirty_rate_mib_s: f64,
+    pub skipped_redirtied: u64,
+    /// Reading its dirty log at the end of the round.
+    pub dirty_log_us: f64,
+    pub peek_us: f64,
+    /// What the component counted besides (e.g. pages a GPU wrote into RAM by DMA).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, u64>,
+}
+
+/// One pre-copy round (round 0 is the first pass); totals over the components.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Round {
     pub index: u32,
@@ -12,25 +82,35 @@ pub struct Round {
     pub pages_sent: u64,
     /// Pages found to be zero (not sent as data).
     pub zero_pages: u64,
-    /// Dirty pages found by the dirty log at the end of the round.
+    /// Dirty pages found at the end of the round.
     pub dirty_pages: u64,
     pub dirty_rate_mib_s: f64,
     pub duration_ms: f64,
     pub bytes: u64,
     pub throughput_mib_s: f64,
-    /// vCPU throttle in force during the round (percent of time held out of the guest).
+    /// Throttle in force during the round (percent of time held back).
     pub throttle_pct: u32,
     /// Downtime if the VM were stopped after this round.
     pub expected_downtime_ms: f64,
-    /// Pages of the round not sent because the guest had written them again meanwhile
-    /// (the next round sends them).
+    /// Pages not sent because they were written again meanwhile (the next round sends
+    /// them).
     pub skipped_redirtied: u64,
-    /// Reading (and re-protecting) the dirty log at the end of the round.
-    #[serde(default)]
+    /// Reading (and re-protecting) the dirty logs at the end of the round.
     pub dirty_log_us: f64,
-    /// Looking at the dirty log during the round to find re-written pages, in all.
-    #[serde(default)]
+    /// Looking at the dirty logs during the round to find re-written pages, in all.
     pub peek_us: f64,
+    pub components: BTreeMap<String, RoundPart>,
+}
+
+/// What one component sent in all.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ComponentBytes {
+    pub pages_sent: u64,
+    /// 4 KiB per page sent.
+    pub page_bytes: u64,
+    pub zero_pages: u64,
+    /// Its state part.
+    pub state: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -39,52 +119,76 @@ pub struct Bytes {
     pub total: u64,
     /// Page data (4 KiB per page sent).
     pub memory_data: u64,
-    /// The serialised VM state (vCPUs, irqchip, clock, devices).
+    /// The components' state parts (vCPUs, devices, GPU registers...).
     pub state: u64,
     pub pages_sent: u64,
     /// Zero pages recognised and sent as (address, count) runs or not at all.
     pub zero_pages: u64,
+    pub components: BTreeMap<String, ComponentBytes>,
+}
+
+/// One component's part of the pause.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DowntimePart {
+    /// Stopping it (the vCPUs parking; a GPU preempting its command at a chunk
+    /// boundary and quiescing).
+    pub stop_ms: f64,
+    /// Reading and sending its state part.
+    pub state_ms: f64,
+    pub state_bytes: u64,
+    /// Its last dirty-log read.
+    pub dirty_log_ms: f64,
+    pub final_pages: u64,
+    pub final_pages_ms: f64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, u64>,
 }
 
 /// Where the switchover time went.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Downtime {
-    /// Stopping the vCPUs.
+    /// Stopping every component, in order.
     pub pause_ms: f64,
-    /// The last dirty pages (sent after the state, while the destination loads it).
+    /// Reading and sending the state parts (sent first: the destination loads them
+    /// while the last pages arrive).
+    pub state_ms: f64,
+    /// The last reads of the dirty logs.
+    pub dirty_log_ms: f64,
+    /// The last dirty pages.
     pub final_pages_ms: f64,
     pub final_pages: u64,
-    /// The last read of the dirty log (part of final_pages_ms).
-    #[serde(default)]
-    pub dirty_log_ms: f64,
-    /// Reading and sending the VM state (sent first).
-    pub state_ms: f64,
     /// Until the destination confirmed it holds and has loaded everything.
     pub confirm_ms: f64,
-    /// Until the destination's vCPUs run.
+    /// Of which: the destination loading the states (as it measured).
+    pub restore_ms: f64,
+    /// Until the destination's VM runs.
     pub start_ms: f64,
+    /// Of which: the destination starting the VM (as it measured).
+    pub vm_start_ms: f64,
+    pub components: BTreeMap<String, DowntimePart>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
-    /// completed, failed or cancelled.
-    pub status: String,
+    pub status: Outcome,
     pub error: Option<String>,
+    /// The error's kind, for programs (see `MigrationError::kind`).
+    pub error_kind: Option<String>,
     pub to: String,
     pub connections: u32,
     pub downtime_limit_ms: u64,
     pub max_bandwidth: Option<u64>,
     pub memory_mib: u64,
+    /// The components that moved, in stop order.
+    pub sections: Vec<String>,
     /// Dirty tracking used: "ring", "manual-protect" or "classic".
     pub dirty_log: String,
     /// Turning dirty logging on (KVM write-protects all of guest memory).
-    #[serde(default)]
     pub dirty_log_start_ms: f64,
     /// Times a vCPU stopped because its dirty ring was full (ring only).
-    #[serde(default)]
     pub ring_full_exits: u64,
     pub total_ms: f64,
-    /// Source vCPUs stopped to destination vCPUs running (as seen by the source: it
+    /// Source VM stopped to destination VM running (as seen by the source: it
     /// includes one network hop back).
     pub downtime_ms: f64,
     pub downtime: Downtime,
@@ -97,19 +201,19 @@ pub struct Report {
     pub switchover_reason: String,
     pub throttled: bool,
     pub max_throttle_pct: u32,
-    /// Whether the source still runs the VM (true after any failure).
+    /// Whether the source still runs the VM (true after any failure before GO).
     pub source_running: bool,
 }
 
 /// Progress while a migration runs.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Progress {
-    /// setup, precopy, switchover, done.
-    pub phase: String,
+    pub phase: Phase,
     pub round: u32,
     pub bytes_sent: u64,
     pub pages_sent: u64,
     pub remaining_pages: u64,
+    /// Pages of every component's memory (RAM and VRAM).
     pub memory_pages: u64,
     pub dirty_rate_mib_s: f64,
     pub expected_downtime_ms: f64,
@@ -117,7 +221,8 @@ pub struct Progress {
     pub elapsed_ms: f64,
 }
 
-/// Shared between the migration thread and the API: progress, the last report, cancel.
+/// Shared between the migration's worker thread and the API: progress, the last
+/// report, cancel.
 #[derive(Default)]
 pub struct Status {
     pub progress: Mutex<Option<Progress>>,
@@ -125,12 +230,52 @@ pub struct Status {
     pub cancel: AtomicBool,
     pub active: AtomicBool,
     /// Bytes written so far by the migration in progress (updated per frame).
-    pub live_bytes: AtomicU64,
+    pub live_bytes: Arc<AtomicU64>,
+    /// Sockets of the migration in progress, shut down by a cancel so that a blocked
+    /// write or read returns at once; and whether GO is on its way (the VM is being
+    /// handed over, too late to cancel).
+    pub interrupt: Mutex<(Vec<crate::transport::Stream>, bool)>,
 }
 
 impl Status {
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Asks the migration in progress to stop; refused once the VM is being handed
+    /// over. The migration notices between two slices of work and tells the
+    /// destination why; if it is still running after `grace` (blocked on a peer that
+    /// does not read), its sockets are shut down so the blocked call returns.
+    pub fn request_cancel(&self, grace: std::time::Duration) -> Result<(), &'static str> {
+        {
+            let i = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
+            if i.1 {
+                return Err("too late to cancel: the VM is being handed over to the destination");
+            }
+            self.cancel.store(true, Ordering::SeqCst);
+        }
+        let end = std::time::Instant::now() + grace;
+        while self.active.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let i = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
+        if self.active.load(Ordering::SeqCst) && !i.1 {
+            for s in &i.0 {
+                s.shutdown();
+            }
+        }
+        Ok(())
+    }
+
+    /// The point of no return: after this a cancel is refused. False if a cancel came
+    /// first.
+    pub fn commit(&self) -> bool {
+        let mut i = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
+        if self.cancelled() {
+            return false;
+        }
+        i.1 = true;
+        true
     }
 
     pub fn set_progress(&self, p: Progress) {

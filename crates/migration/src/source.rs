@@ -1,31 +1,32 @@
-//! The migration driver on the source: owns the policy. Pre-copy rounds over the dirty
-//! log until the expected downtime fits the limit (throttling the guest if it never
-//! would), then the switchover handshake that leaves exactly one side running the VM.
-//!
-//! The VM takes part only through narrow calls: dirty-page reports
-//! (`Machine::{start_dirty_log, take_dirty_pages, peek_dirty_pages, stop_dirty_log}`,
-//! the same whether KVM's bitmap or its dirty ring is behind them), pause/resume and
-//! hold (`Control`), and save of a plain state struct (`Machine::save_state`). Post-copy
-//! would add a phase after `switchover` that starts the destination before all pages
-//! have moved and serves the rest on demand; the rounds and the handshake stay.
+//! The migration driver on the source: owns all the policy and names no device. It
+//! moves every component of the VM through the device-migration state machine
+//! (`godwit_vmm::migratable`): PRE_COPY rounds over their data until the expected
+//! downtime fits the limit (throttling what can be throttled if it never would), then
+//! STOP_COPY in stop order, their states and last data, and the handshake that leaves
+//! exactly one side running the VM. It runs on its own thread; the API starts it,
+//! reads its progress and cancels it. Post-copy would add a phase after `precopy` that
+//! starts the destination before all data has moved and serves the rest on demand over
+//! the back channel; the rounds and the handshake stay.
 
-use crate::pages::{self, Bitmap, Job, Limiter, Sent};
-use crate::report::{Progress, Report, Round, Status};
-use crate::throttle::Throttle;
+use crate::back::{Answer, BackChannel};
+use crate::error::MigrationError;
+use crate::outbound::Outbound;
+use crate::report::{DowntimePart, Outcome, Phase, Progress, Report, Round, RoundPart, Status};
 use crate::transport::{Stream, Target};
-use crate::wire::{self, Frame, Hello, PagesFrame, Totals, WireError, PAGE_SIZE};
+use crate::wire::{self, Frame, Hello, Ready, PAGE_SIZE};
 use godwit_vmm::control::RunState;
-use godwit_vmm::state::STATE_VERSION;
+use godwit_vmm::migratable::{step_to, Component, MigState, ReadReport};
 use godwit_vmm::VmHandle;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long the source waits for the destination at each handshake step.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// A write that makes no progress for this long means the destination is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Throttle steps (percent of each time slice the vCPUs are held).
+/// Throttle steps (percent of each time slice a component is held).
 const THROTTLE_START: u32 = 20;
 const THROTTLE_STEP: u32 = 10;
 const THROTTLE_MAX: u32 = 99;
@@ -37,8 +38,10 @@ const MAX_ROUNDS: u32 = 200;
 const SMALL_DOWNTIME_MS: f64 = 2.0;
 /// Rounds that leave at most this share of the dirty set are worth another round.
 const CONVERGING: f64 = 0.75;
-/// The switchover's fixed part (pause, state, handshake) measured here: about 0.7 ms.
+/// The switchover's fixed part (stops, states, handshake) measured here: about 0.7 ms.
 const FIXED_DOWNTIME_MS: f64 = 1.0;
+/// Pages read from a component before the driver looks at cancel and the back channel.
+const SLICE_PAGES: u64 = 16384;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Options {
@@ -97,87 +100,111 @@ fn mib_s(bytes: u64, d: Duration) -> f64 {
     }
 }
 
-/// A migration failure, and whether the source may still run the VM.
-struct Fail {
-    msg: String,
-    cancelled: bool,
-    /// Past GO: the destination may run the VM, so the source must not resume it.
-    ambiguous: bool,
+/// A component and its name (its section's), fixed for the migration.
+struct Part {
+    c: Arc<dyn Component>,
+    name: String,
 }
 
-fn fail(msg: impl Into<String>) -> Fail {
-    Fail {
-        msg: msg.into(),
-        cancelled: false,
-        ambiguous: false,
-    }
-}
-
-/// What one pre-copy round sent, and what it learned on the way.
-struct RoundSent {
-    sent: Sent,
-    /// Pages left for the next round because the guest wrote them again meanwhile.
-    skipped: u64,
-    peek_time: Duration,
-}
-
-struct Session<'a> {
-    h: &'a VmHandle,
+struct Driver<'a> {
     o: &'a Options,
     target: Target,
     status: &'a Status,
-    conns: Vec<Stream>,
-    frames: Vec<PagesFrame>,
-    /// Per connection, what it carried (checked by the receiver at the end).
-    totals: Vec<Totals>,
+    parts: Vec<Part>,
+    out: Option<Outbound>,
+    back: Option<BackChannel>,
     report: Report,
+    phase: Phase,
     t0: Instant,
+    /// Pages of every component's memory (RAM and VRAM), for progress.
+    space_pages: u64,
     rtt: Duration,
     /// Bytes per second the link has shown.
     bandwidth: f64,
-    /// Set once this migration paused the VM.
-    paused_by_us: bool,
+    throttle: u32,
 }
 
-impl Session<'_> {
-    fn progress(&self, phase: &str, remaining: u64, expected_ms: f64, throttle: u32) {
+type Res<T> = Result<T, MigrationError>;
+
+impl Driver<'_> {
+    fn progress(&self, remaining: u64, expected_ms: f64) {
         let r = &self.report;
         self.status.set_progress(Progress {
-            phase: phase.into(),
+            phase: self.phase,
             round: r.rounds.len() as u32,
             bytes_sent: r.bytes.total,
             pages_sent: r.bytes.pages_sent,
             remaining_pages: remaining,
-            memory_pages: r.memory_mib * 256,
+            memory_pages: self.space_pages,
             dirty_rate_mib_s: r.rounds.last().map_or(0.0, |x| x.dirty_rate_mib_s),
             expected_downtime_ms: expected_ms,
-            throttle_pct: throttle,
+            throttle_pct: self.throttle,
             elapsed_ms: ms(self.t0.elapsed()),
         });
     }
 
-    /// Why a write failed: the destination's ABORT reason when it sent one.
-    fn explain(&mut self, e: std::io::Error) -> Fail {
-        if e.kind() == std::io::ErrorKind::Interrupted && self.status.cancelled() {
-            return Fail {
-                msg: "cancelled".into(),
-                cancelled: true,
-                ambiguous: false,
-            };
-        }
-        let mut why = format!("sending to {}: {e}", self.target);
-        if let Some(c) = self.conns.first_mut() {
-            let _ = c.set_read_timeout(Some(Duration::from_millis(500)));
-            let mut buf = Vec::new();
-            if let Ok(Frame::Abort(m)) = wire::read_frame(c, &mut buf) {
-                why = format!("the destination aborted: {m}");
-            }
-        }
-        fail(why)
+    fn out(&mut self) -> &mut Outbound {
+        self.out.as_mut().expect("connected")
     }
 
-    fn connect(&mut self) -> Result<(), Fail> {
-        let m = &self.h.machine;
+    /// What a failed write means: the destination's ABORT reason when it sent one, a
+    /// cancel when one was asked for.
+    fn send_error(&self, e: std::io::Error) -> MigrationError {
+        if self.status.cancelled() {
+            return MigrationError::Cancelled;
+        }
+        if let Some(b) = &self.back {
+            if let Some(Answer::Abort(m)) = b.wait(Duration::from_millis(500)) {
+                return MigrationError::Aborted(m);
+            }
+        }
+        MigrationError::Send {
+            target: self.target.to_string(),
+            source: e,
+        }
+    }
+
+    /// Between two slices of work: a cancel, or anything the destination said, ends
+    /// the migration now.
+    fn check_in(&self) -> Res<()> {
+        if self.status.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        match self.back.as_ref().and_then(|b| b.poll()) {
+            None => Ok(()),
+            Some(Answer::Abort(m)) => Err(MigrationError::Aborted(m)),
+            Some(Answer::Closed) => Err(MigrationError::Closed("during the transfer")),
+            Some(Answer::Failed(e)) => Err(e.into()),
+            Some(a) => Err(MigrationError::Unexpected {
+                want: "nothing",
+                got: format!("{a:?}"),
+            }),
+        }
+    }
+
+    /// Waits for the destination's next answer.
+    fn answer(&self, want: &'static str) -> Res<Answer> {
+        let b = self
+            .back
+            .as_ref()
+            .expect("live migrations have a back channel");
+        let a = b.wait(HANDSHAKE_TIMEOUT).ok_or(MigrationError::Timeout {
+            what: want,
+            after: HANDSHAKE_TIMEOUT,
+        })?;
+        match a {
+            Answer::Abort(m) => Err(MigrationError::Aborted(m)),
+            Answer::Closed => Err(MigrationError::Closed(want)),
+            Answer::Failed(e) => Err(e.into()),
+            Answer::Other(k) => Err(MigrationError::Unexpected {
+                want,
+                got: format!("{k:?}"),
+            }),
+            a => Ok(a),
+        }
+    }
+
+    fn connect(&mut self, h: &VmHandle) -> Res<()> {
         let session = (std::process::id() as u64) << 32
             ^ std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -185,159 +212,122 @@ impl Session<'_> {
                 .unwrap_or(0);
         let hello = Hello {
             wire_version: wire::WIRE_VERSION,
-            state_version: STATE_VERSION,
-            shape: m.shape(),
-            guest: m.description().guest.clone(),
-            memory_mib: m.description().memory_mib,
+            guest: h.desc.guest.clone(),
+            sections: self.parts.iter().map(|p| p.c.section()).collect(),
             connections: self.o.connections,
             session,
             snapshot: self.target.is_file(),
         };
-        let mut main = Stream::connect(&self.target, Duration::from_secs(5))
-            .map_err(|e| fail(format!("cannot reach {}: {e}", self.target)))?;
-        let _ = main.set_write_timeout(Some(WRITE_TIMEOUT));
+        let target = self.target.to_string();
+        let unreachable = |e| MigrationError::Unreachable {
+            target: target.clone(),
+            source: e,
+        };
+        let main = Stream::connect(&self.target, Duration::from_secs(5)).map_err(unreachable)?;
         let t = Instant::now();
-        wire::write_frame(&mut main, &Frame::Hello(hello))
-            .map_err(|e| fail(format!("{}: {e}", self.target)))?;
         if !self.target.is_file() {
-            main.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-                .map_err(|e| fail(e.to_string()))?;
-            let mut buf = Vec::new();
-            match wire::read_frame(&mut main, &mut buf) {
-                Ok(Frame::Accept) => {}
-                Ok(Frame::Refuse(why)) => {
-                    return Err(fail(format!("the destination refused the VM: {why}")))
-                }
-                Ok(f) => return Err(fail(format!("the destination answered {:?}", f.kind()))),
-                Err(e) => {
-                    return Err(fail(format!(
-                        "no answer from the destination {}: {e}",
-                        self.target
-                    )))
+            let _ = main.set_write_timeout(Some(WRITE_TIMEOUT));
+            let reader = main.try_clone().ok_or_else(|| {
+                unreachable(std::io::Error::other("the connection cannot be shared"))
+            })?;
+            self.back = Some(BackChannel::start(reader).map_err(unreachable)?);
+        }
+        self.register(&main);
+        self.out = Some(
+            Outbound::new(
+                vec![main],
+                self.o.max_bandwidth,
+                self.status.live_bytes.clone(),
+            )
+            .map_err(unreachable)?,
+        );
+        self.out()
+            .control(&Frame::Hello(hello))
+            .map_err(|e| self.send_error(e))?;
+        if !self.target.is_file() {
+            match self.answer("ACCEPT")? {
+                Answer::Accept => {}
+                Answer::Refuse(why) => return Err(MigrationError::Refused(why)),
+                a => {
+                    return Err(MigrationError::Unexpected {
+                        want: "ACCEPT",
+                        got: format!("{a:?}"),
+                    })
                 }
             }
             self.rtt = t.elapsed();
         }
-        self.conns.push(main);
+        // The data connections, each opened with JOIN.
+        let mut more = Vec::new();
         for index in 1..self.o.connections {
-            let mut c = Stream::connect(&self.target, Duration::from_secs(5))
-                .map_err(|e| fail(format!("data connection {index}: {e}")))?;
+            let mut c =
+                Stream::connect(&self.target, Duration::from_secs(5)).map_err(unreachable)?;
             let _ = c.set_write_timeout(Some(WRITE_TIMEOUT));
             wire::write_frame(&mut c, &Frame::Join { session, index })
-                .map_err(|e| fail(format!("data connection {index}: {e}")))?;
-            self.conns.push(c);
+                .map_err(|e| self.send_error(e))?;
+            self.register(&c);
+            more.push(c);
         }
-        self.frames = (0..self.conns.len()).map(|_| PagesFrame::new()).collect();
-        self.totals = vec![Totals::default(); self.conns.len()];
+        for c in more {
+            self.out().add_lane(c).map_err(unreachable)?;
+        }
         Ok(())
     }
 
-    /// Sends the pages of a pre-copy round in slices. Before each slice, pages the guest
-    /// has written again since the round began are dropped from the rest of the round:
-    /// they stay marked in the dirty log, so the next round (or the switchover) carries
-    /// their newer content, and sending them now would be wasted bandwidth.
-    fn send_round(&mut self, todo: &mut [Bitmap], fresh: bool) -> Result<RoundSent, Fail> {
-        // A look at the log per 64 MiB sent: rarer costs bandwidth on pages rewritten
-        // meanwhile, more often costs the look itself (with the bitmap, in proportion to
-        // guest memory whatever was written).
-        const SLICE_PAGES: u64 = 16384;
-        let total = pages::words(todo);
-        let mut all = Sent::default();
-        let mut skipped = 0;
-        let mut peek_time = Duration::ZERO;
-        let mut at = 0;
-        while at < total {
-            if at > 0 {
-                let t = Instant::now();
-                let peek = self
-                    .h
-                    .machine
-                    .peek_dirty_pages()
-                    .map_err(|e| fail(format!("dirty log: {e}")))?;
-                if let Some(w) = peek {
-                    skipped += pages::drop_written(todo, &w, at);
+    /// Lets a cancel shut this socket down.
+    fn register(&self, s: &Stream) {
+        if let Some(c) = s.try_clone() {
+            self.status
+                .interrupt
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .0
+                .push(c);
+        }
+    }
+
+    /// Reads each saving component's data until it has nothing left for this round;
+    /// returns what was sent, per component.
+    fn send_all(&mut self) -> Res<Vec<ReadReport>> {
+        let mut reports = Vec::new();
+        for i in 0..self.parts.len() {
+            let mut total = ReadReport::default();
+            loop {
+                let c = self.parts[i].c.clone();
+                let info = c
+                    .precopy_info()
+                    .map_err(MigrationError::component(&self.parts[i].name))?;
+                if info.total() == 0 {
+                    break;
                 }
-                peek_time += t.elapsed();
+                let cancel = &self.status.cancel;
+                let out = self.out.as_mut().expect("connected");
+                let r = c.read(&mut out.sink(i as u32, cancel), SLICE_PAGES);
+                let r = match r {
+                    Ok(r) => r,
+                    Err(godwit_vmm::migratable::ComponentError::Io(e)) => {
+                        return Err(self.send_error(e))
+                    }
+                    Err(e) => return Err(MigrationError::component(&self.parts[i].name)(e)),
+                };
+                total += r;
+                self.check_in()?;
             }
-            let end = pages::slice_end(todo, at, SLICE_PAGES);
-            all += self.send(todo, fresh, at..end)?;
-            at = end;
+            reports.push(total);
         }
-        Ok(RoundSent {
-            sent: all,
-            skipped,
-            peek_time,
-        })
-    }
-
-    /// Sends the given pages over every connection in parallel.
-    fn send(
-        &mut self,
-        pages: &[Bitmap],
-        fresh: bool,
-        words: std::ops::Range<usize>,
-    ) -> Result<Sent, Fail> {
-        let m = &self.h.machine;
-        let limiter = Limiter::new(self.o.max_bandwidth);
-        let parts = self.conns.len() as u64;
-        let job = |part| Job {
-            mem: m.memory(),
-            ram: &m.description().ram,
-            pages,
-            part,
-            parts,
-            limiter: &limiter,
-            cancel: &self.status.cancel,
-            live: &self.status.live_bytes,
-            fresh,
-            words: words.clone(),
-        };
-        let results: Vec<std::io::Result<Sent>> = if parts == 1 {
-            vec![pages::send(
-                &mut self.conns[0],
-                &job(0),
-                &mut self.frames[0],
-            )]
-        } else {
-            std::thread::scope(|s| {
-                let hs: Vec<_> = self
-                    .conns
-                    .iter_mut()
-                    .zip(self.frames.iter_mut())
-                    .enumerate()
-                    .map(|(i, (c, f))| {
-                        let j = job(i as u64);
-                        s.spawn(move || pages::send(c, &j, f))
-                    })
-                    .collect();
-                hs.into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(std::io::Error::other("sender panicked")))
-                    })
-                    .collect()
-            })
-        };
-        let mut all = Sent::default();
-        for (i, r) in results.into_iter().enumerate() {
-            let s = r.map_err(|e| self.explain(e))?;
-            self.totals[i].pages += s.pages;
-            self.totals[i].zero_pages += s.zero_sent;
-            all += s;
-        }
+        self.out().flush().map_err(|e| self.send_error(e))?;
         let b = &mut self.report.bytes;
-        b.total += all.bytes;
-        b.memory_data += all.pages * PAGE_SIZE as u64;
-        b.pages_sent += all.pages;
-        b.zero_pages += all.zero_pages;
-        Ok(all)
-    }
-
-    fn take_dirty(&self) -> Result<Vec<Bitmap>, Fail> {
-        self.h
-            .machine
-            .take_dirty_pages()
-            .map_err(|e| fail(format!("dirty log: {e}")))
+        for (p, r) in self.parts.iter().zip(&reports) {
+            let c = b.components.entry(p.name.clone()).or_default();
+            c.pages_sent += r.pages;
+            c.page_bytes += r.pages * PAGE_SIZE as u64;
+            c.zero_pages += r.zero_pages;
+            b.pages_sent += r.pages;
+            b.memory_data += r.pages * PAGE_SIZE as u64;
+            b.zero_pages += r.zero_pages;
+        }
+        b.total = self.out.as_ref().expect("connected").bytes;
+        Ok(reports)
     }
 
     /// The bandwidth to plan with: measured, and never above the cap.
@@ -358,61 +348,86 @@ impl Session<'_> {
         self.transfer_ms(dirty) + FIXED_DOWNTIME_MS + 2.0 * ms(self.rtt)
     }
 
-    fn learn_bandwidth(&mut self, sent: &Sent, d: Duration) {
+    fn learn_bandwidth(&mut self, bytes: u64, d: Duration) {
         // Small rounds say more about latency than bandwidth; the floor keeps a tiny
         // first round from promising nothing can ever fit.
-        if sent.bytes >= 4 << 20 || self.bandwidth == 0.0 {
-            let bw = sent.bytes as f64 / d.as_secs_f64().max(1e-6);
+        if bytes >= 4 << 20 || self.bandwidth == 0.0 {
+            let bw = bytes as f64 / d.as_secs_f64().max(1e-6);
             self.bandwidth = bw.max(64.0 * (1 << 20) as f64);
         }
     }
 
-    fn precopy(&mut self, throttle: &Throttle) -> Result<Vec<Bitmap>, Fail> {
-        let m = self.h.machine.clone();
+    fn set_throttle(&mut self, pct: u32) {
+        self.throttle = pct;
+        for p in &self.parts {
+            p.c.throttle(pct);
+        }
+    }
+
+    fn precopy(&mut self) -> Res<()> {
         let limit = self.o.downtime_ms as f64;
         let mut last_sync = Instant::now();
-        // Round 0: every page the guest ever touched; the rest is zero and stays unsent.
-        let mut todo = pages::populated(m.memory(), &m.description().ram);
-        let untouched = self.report.memory_mib * 256 - pages::count(&todo);
-        self.report.bytes.zero_pages += untouched;
-        let mut fresh = true;
+        let untouched = self.space_pages
+            - self
+                .parts
+                .iter()
+                .filter_map(|p| p.c.precopy_info().ok())
+                .map(|i| i.initial_bytes / PAGE_SIZE as u64)
+                .sum::<u64>()
+                .min(self.space_pages);
         let mut rounds_at_max = 0;
         loop {
             let index = self.report.rounds.len() as u32;
-            let pct = throttle.get();
-            self.progress("precopy", pages::count(&todo), 0.0, pct);
+            let pct = self.throttle;
+            self.progress(self.pending(), 0.0);
+            let bytes_before = self.out.as_ref().expect("connected").bytes;
             let t = Instant::now();
-            let RoundSent {
-                sent,
-                skipped,
-                peek_time,
-            } = self.send_round(&mut todo, fresh)?;
+            let sent = self.send_all()?;
             let d = t.elapsed();
-            fresh = false;
-            self.learn_bandwidth(&sent, d);
-            let t = Instant::now();
-            let dirty = self.take_dirty()?;
-            let dirty_log_us = t.elapsed().as_secs_f64() * 1e6;
+            let bytes = self.out.as_ref().expect("connected").bytes - bytes_before;
+            self.learn_bandwidth(bytes, d);
             let since = last_sync.elapsed();
-            last_sync = Instant::now();
-            let n = pages::count(&dirty);
-            let expected = self.expected_ms(n);
             let mut round = Round {
                 index,
-                pages_sent: sent.pages,
-                zero_pages: sent.zero_pages + if index == 0 { untouched } else { 0 },
-                dirty_pages: n,
-                dirty_rate_mib_s: mib_s(n * PAGE_SIZE as u64, since),
                 duration_ms: ms(d),
-                bytes: sent.bytes,
-                throughput_mib_s: mib_s(sent.bytes, d),
+                bytes,
+                throughput_mib_s: mib_s(bytes, d),
                 throttle_pct: pct,
-                expected_downtime_ms: expected,
-                skipped_redirtied: skipped,
-                dirty_log_us,
-                peek_us: peek_time.as_secs_f64() * 1e6,
+                ..Default::default()
             };
-            todo = dirty;
+            for (p, r) in self.parts.iter().zip(&sent) {
+                let s = p.c.sync().map_err(MigrationError::component(&p.name))?;
+                round.pages_sent += r.pages;
+                round.zero_pages += r.zero_pages;
+                round.skipped_redirtied += r.skipped;
+                round.peek_us += r.peek_us;
+                round.dirty_pages += s.dirty_pages;
+                round.dirty_log_us += s.log_us;
+                if r.pages + r.zero_pages + s.dirty_pages > 0 || !s.extra.is_empty() {
+                    round.components.insert(
+                        p.name.clone(),
+                        RoundPart {
+                            pages_sent: r.pages,
+                            zero_pages: r.zero_pages,
+                            dirty_pages: s.dirty_pages,
+                            dirty_rate_mib_s: mib_s(s.dirty_pages * PAGE_SIZE as u64, since),
+                            skipped_redirtied: r.skipped,
+                            dirty_log_us: s.log_us,
+                            peek_us: r.peek_us,
+                            extra: s.extra,
+                        },
+                    );
+                }
+            }
+            last_sync = Instant::now();
+            if index == 0 {
+                round.zero_pages += untouched;
+                self.report.bytes.zero_pages += untouched;
+            }
+            let n = round.dirty_pages;
+            round.dirty_rate_mib_s = mib_s(n * PAGE_SIZE as u64, since);
+            let expected = self.expected_ms(n);
+            round.expected_downtime_ms = expected;
             // Fitting the limit is enough to stop, but while rounds still shrink the
             // dirty set well another one is cheap and shortens the pause (the limit is a
             // ceiling, not a target); below a couple of ms the fixed costs dominate and
@@ -446,7 +461,7 @@ impl Session<'_> {
                 None
             };
             if reason.is_none() && index > 0 {
-                // The guest dirties memory faster than half the link carries it: more
+                // The VM dirties its memory faster than half the link carries it: more
                 // rounds alone will not converge. Throttle it, at once to the share that
                 // should bring its dirty rate under half the bandwidth (its unthrottled
                 // rate estimated from the throttled one), and higher each further round.
@@ -461,126 +476,138 @@ impl Session<'_> {
                             pct + THROTTLE_STEP
                         })
                         .min(THROTTLE_MAX);
-                    throttle.set(next);
+                    self.set_throttle(next);
                     self.report.throttled = true;
                     self.report.max_throttle_pct = self.report.max_throttle_pct.max(next);
                 }
-                if throttle.get() >= THROTTLE_MAX {
+                if self.throttle >= THROTTLE_MAX {
                     rounds_at_max += 1;
                 }
             }
-            round.expected_downtime_ms = expected;
             self.report.rounds.push(round);
-            self.progress("precopy", n, expected, throttle.get());
-            if self.status.cancelled() {
-                return Err(Fail {
-                    msg: "cancelled".into(),
-                    cancelled: true,
-                    ambiguous: false,
-                });
-            }
+            self.progress(n, expected);
+            self.check_in()?;
             if let Some(r) = reason {
                 self.report.switchover_reason = r;
-                return Ok(todo);
+                return Ok(());
             }
         }
     }
 
-    fn read_answer(&mut self, want: wire::Kind, timeout: Duration) -> Result<(), String> {
-        let c = &mut self.conns[0];
-        c.set_read_timeout(Some(timeout))
-            .map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        match wire::read_frame(c, &mut buf) {
-            Ok(f) if f.kind() == want => Ok(()),
-            Ok(Frame::Abort(m)) => Err(format!("the destination aborted: {m}")),
-            Ok(f) => Err(format!("expected {want:?}, got {:?}", f.kind())),
-            Err(WireError::Timeout) => Err(format!("no {want:?} within {timeout:?}")),
-            Err(e) => Err(format!("waiting for {want:?}: {e}")),
-        }
+    /// Pages the components have left to send.
+    fn pending(&self) -> u64 {
+        self.parts
+            .iter()
+            .filter_map(|p| p.c.precopy_info().ok())
+            .map(|i| i.total() / PAGE_SIZE as u64)
+            .sum()
     }
 
-    /// Stops the VM, sends what is left and the state, and hands the VM over.
-    fn switchover(&mut self, mut todo: Vec<Bitmap>) -> Result<(), Fail> {
-        let m = self.h.machine.clone();
-        let ctl = m.control().clone();
-        self.progress("switchover", pages::count(&todo), 0.0, 0);
+    fn part(&mut self, name: &str) -> &mut DowntimePart {
+        self.report
+            .downtime
+            .components
+            .entry(name.to_string())
+            .or_default()
+    }
+
+    /// Stops the VM, sends what is left and the states, and hands the VM over.
+    fn switchover(&mut self) -> Res<()> {
+        self.phase = Phase::Switchover;
+        self.set_throttle(0);
+        self.progress(self.pending(), 0.0);
         let tp = Instant::now();
-        if ctl.state() != RunState::Paused {
-            ctl.pause()
-                .map_err(|e| fail(format!("cannot stop the VM: {e}")))?;
-            self.paused_by_us = true;
+        // Stop in order: nothing that starts work runs once what does it has stopped.
+        for i in 0..self.parts.len() {
+            let t = Instant::now();
+            let (c, name) = (self.parts[i].c.clone(), self.parts[i].name.clone());
+            step_to(&*c, MigState::StopCopy).map_err(MigrationError::component(&name))?;
+            self.part(&name).stop_ms = ms(t.elapsed());
         }
-        let dt = &mut self.report.downtime;
-        dt.pause_ms = ms(tp.elapsed());
-        // The state first, then the last pages: the destination loads the state while
-        // the pages arrive.
+        self.report.downtime.pause_ms = ms(tp.elapsed());
+        // The states first: the destination loads them while the last pages arrive.
         let t = Instant::now();
-        let state = m
-            .save_state()
-            .map_err(|e| fail(format!("cannot save the VM state: {e}")))?;
-        let bytes = state.encode().map_err(fail)?;
-        if bytes.len() > wire::MAX_PAYLOAD {
-            return Err(fail(format!(
-                "VM state of {} bytes is too large",
-                bytes.len()
-            )));
-        }
-        if let Err(e) = wire::write_frame(&mut self.conns[0], &Frame::State(&bytes)) {
-            return Err(self.explain(e));
+        for i in 0..self.parts.len() {
+            let ts = Instant::now();
+            let (c, name) = (self.parts[i].c.clone(), self.parts[i].name.clone());
+            let bytes = c.save().map_err(MigrationError::component(&name))?;
+            if bytes.len() > wire::MAX_PAYLOAD - 4 {
+                return Err(MigrationError::component(&name)(
+                    godwit_vmm::migratable::ComponentError::Refused(format!(
+                        "a state of {} bytes is too large",
+                        bytes.len()
+                    )),
+                ));
+            }
+            let f = Frame::State {
+                section: i as u32,
+                data: &bytes,
+            };
+            self.out().control(&f).map_err(|e| self.send_error(e))?;
+            let p = self.part(&name);
+            p.state_ms = ms(ts.elapsed());
+            p.state_bytes = bytes.len() as u64;
+            self.report.bytes.state += bytes.len() as u64;
+            self.report.bytes.components.entry(name).or_default().state = bytes.len() as u64;
         }
         self.report.downtime.state_ms = ms(t.elapsed());
+        // The last dirty-log reads, then the last pages.
         let t = Instant::now();
-        let last = m
-            .take_last_dirty_pages()
-            .map_err(|e| fail(format!("dirty log: {e}")))?;
-        self.report.downtime.dirty_log_ms = ms(t.elapsed());
-        pages::union(&mut todo, &last);
-        let all = 0..pages::words(&todo);
-        let sent = self.send(&todo, false, all)?;
-        self.report.downtime.final_pages = sent.pages + sent.zero_pages;
-        for i in 1..self.conns.len() {
-            let end = Frame::End(self.totals[i]);
-            if let Err(e) = wire::write_frame(&mut self.conns[i], &end) {
-                return Err(self.explain(e));
-            }
+        for i in 0..self.parts.len() {
+            let (c, name) = (self.parts[i].c.clone(), self.parts[i].name.clone());
+            let s = c.sync().map_err(MigrationError::component(&name))?;
+            let p = self.part(&name);
+            p.dirty_log_ms = s.log_us / 1e3;
+            p.extra = s.extra;
+            self.report.downtime.dirty_log_ms += s.log_us / 1e3;
         }
-        let complete = Frame::Complete(self.totals[0]);
-        let r =
-            wire::write_frame(&mut self.conns[0], &complete).and_then(|_| self.conns[0].finish());
-        if let Err(e) = r {
-            return Err(self.explain(e));
+        let sent = self.send_all()?;
+        for (i, r) in sent.iter().enumerate() {
+            let name = self.parts[i].name.clone();
+            let p = self.part(&name);
+            p.final_pages = r.pages + r.zero_sent;
+            self.report.downtime.final_pages += r.pages + r.zero_sent;
         }
+        self.out().complete().map_err(|e| self.send_error(e))?;
         self.report.downtime.final_pages_ms = ms(t.elapsed());
-        self.report.bytes.state = bytes.len() as u64;
-        self.report.bytes.total += bytes.len() as u64 + 2 * wire::HEADER_LEN as u64 + 64;
+        self.report.bytes.total = self.out.as_ref().expect("connected").bytes;
         if self.target.is_file() {
             self.report.downtime_ms = ms(tp.elapsed());
             return Ok(());
         }
         let t = Instant::now();
-        self.read_answer(wire::Kind::Ready, HANDSHAKE_TIMEOUT)
-            .map_err(fail)?;
-        self.report.downtime.confirm_ms = ms(t.elapsed());
-        // The destination holds everything: from here the VM is the destination's.
-        let t = Instant::now();
-        if let Err(e) = wire::write_frame(&mut self.conns[0], &Frame::Go) {
-            // GO never left: the destination will not start, so the VM stays here.
-            return Err(fail(format!("sending GO: {e}")));
-        }
-        if let Err(e) = self.read_answer(wire::Kind::Started, HANDSHAKE_TIMEOUT) {
-            if e.starts_with("the destination aborted") {
-                // It said so: it does not run the VM, so the VM comes back here.
-                return Err(fail(e));
+        let ready: Ready = match self.answer("READY")? {
+            Answer::Ready(r) => r,
+            a => {
+                return Err(MigrationError::Unexpected {
+                    want: "READY",
+                    got: format!("{a:?}"),
+                })
             }
-            return Err(Fail {
-                msg: format!(
-                    "GO was sent but the destination did not confirm its start ({e}); \
-                     the VM stays paused here: resume it only if the destination is not running it"
-                ),
-                cancelled: false,
-                ambiguous: true,
-            });
+        };
+        self.report.downtime.confirm_ms = ms(t.elapsed());
+        self.report.downtime.restore_ms = ready.restore_ms;
+        // The destination holds everything: from here the VM is the destination's.
+        if !self.status.commit() {
+            return Err(MigrationError::Cancelled);
+        }
+        self.phase = Phase::Handover;
+        self.progress(0, 0.0);
+        let t = Instant::now();
+        if let Err(e) = self
+            .out()
+            .control(&Frame::Go)
+            .and_then(|_| self.out().sync())
+        {
+            // GO never left: the destination will not start, so the VM stays here.
+            return Err(self.send_error(e));
+        }
+        match self.answer("STARTED") {
+            Ok(Answer::Started(s)) => self.report.downtime.vm_start_ms = s.start_ms,
+            // It said so: it does not run the VM, so the VM comes back here.
+            Err(MigrationError::Aborted(m)) => return Err(MigrationError::Aborted(m)),
+            Ok(a) => return Err(MigrationError::Unconfirmed(format!("it answered {a:?}"))),
+            Err(e) => return Err(MigrationError::Unconfirmed(e.to_string())),
         }
         self.report.downtime.start_ms = ms(t.elapsed());
         self.report.downtime_ms = ms(tp.elapsed());
@@ -588,78 +615,78 @@ impl Session<'_> {
     }
 }
 
-/// Migrates the VM behind `h` as `o` asks. The source VM is left running on any failure
-/// before the destination confirmed; on success the caller ends this VM (it runs at the
-/// destination now). Always returns a report; `status` carries progress and cancel.
+/// Migrates the VM behind `h` as `o` asks. The source VM is left running on any
+/// failure before the destination confirmed; on success the caller ends this VM (it
+/// runs at the destination now). Always returns a report; `status` carries progress
+/// and cancel.
 pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
     let t0 = Instant::now();
     let m = h.machine.clone();
-    let mut report = Report {
-        status: "failed".into(),
+    let mut parts: Vec<Part> = m
+        .components()
+        .iter()
+        .map(|c| Part {
+            name: c.section().name,
+            c: c.clone(),
+        })
+        .collect();
+    parts.sort_by_key(|p| p.c.stop_order());
+    let report = Report {
+        status: Outcome::Failed,
         to: o.to.clone(),
         connections: o.connections,
         downtime_limit_ms: o.downtime_ms,
         max_bandwidth: o.max_bandwidth,
         memory_mib: m.description().memory_mib,
+        sections: parts.iter().map(|p| p.name.clone()).collect(),
         dirty_log: m.dirty_log_kind().into(),
         source_running: true,
         ..Default::default()
     };
-    let target = match o.check() {
-        Ok(t) => t,
-        Err(e) => {
-            report.error = Some(e);
-            return report;
-        }
-    };
-    if let Some(g) = &m.description().gpu {
-        report.error = Some(format!(
-            "this VM has a GPU ({} VF on gpu{}); migrating GPU state is not supported yet",
-            g.profile, g.gpu
-        ));
-        return report;
-    }
-    match h.state() {
-        RunState::Running | RunState::Paused => {}
-        s => {
-            report.error = Some(format!("the VM is {s:?}, not running"));
-            report.source_running = false;
-            return report;
-        }
-    }
-    let mut s = Session {
-        h,
+    let vram_pages = m
+        .description()
+        .gpu
+        .as_ref()
+        .map_or(0, |g| g.framebuffer / PAGE_SIZE as u64);
+    let mut d = Driver {
         o,
-        target,
+        target: Target::File(Default::default()),
         status,
-        conns: Vec::new(),
-        frames: Vec::new(),
-        totals: Vec::new(),
+        parts,
+        out: None,
+        back: None,
         report,
+        phase: Phase::Setup,
         t0,
+        space_pages: report_pages(&m) + vram_pages,
         rtt: Duration::ZERO,
         bandwidth: 0.0,
-        paused_by_us: false,
+        throttle: 0,
     };
     status.live_bytes.store(0, Ordering::Relaxed);
+    *status.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = (Vec::new(), false);
     let ring_full_before = m.dirty_stats().ring_full_exits;
-    s.progress("setup", 0, 0.0, 0);
+    d.progress(0, 0.0);
     let result = (|| {
-        s.connect()?;
-        s.report.setup_ms = ms(t0.elapsed());
+        d.target = o.check().map_err(MigrationError::BadOptions)?;
+        match h.state() {
+            RunState::Running | RunState::Paused => {}
+            s => return Err(MigrationError::NotRunning(format!("{s:?}").to_lowercase())),
+        }
+        d.connect(h)?;
+        d.report.setup_ms = ms(t0.elapsed());
+        d.check_in()?;
         let t = Instant::now();
-        m.start_dirty_log()
-            .map_err(|e| fail(format!("cannot log dirty pages: {e}")))?;
-        s.report.dirty_log_start_ms = ms(t.elapsed());
-        let throttle =
-            Throttle::start(m.control().clone()).map_err(|e| fail(format!("throttle: {e}")))?;
-        let todo = s.precopy(&throttle)?;
-        throttle.set(0);
-        drop(throttle);
-        s.switchover(todo)
+        for i in 0..d.parts.len() {
+            let (c, name) = (d.parts[i].c.clone(), d.parts[i].name.clone());
+            step_to(&*c, MigState::PreCopy).map_err(MigrationError::component(&name))?;
+        }
+        d.report.dirty_log_start_ms = ms(t.elapsed());
+        d.phase = Phase::Precopy;
+        d.precopy()?;
+        d.switchover()
     })();
-    let _ = m.stop_dirty_log();
-    let mut report = std::mem::take(&mut s.report);
+    let mut report = std::mem::take(&mut d.report);
     report.ring_full_exits = m.dirty_stats().ring_full_exits - ring_full_before;
     report.total_ms = ms(t0.elapsed());
     report.round_count = report.rounds.len() as u32;
@@ -670,26 +697,85 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
     }
     match result {
         Ok(()) => {
-            report.status = "completed".into();
+            // The VM runs at the destination: close every component's data session.
+            for p in &d.parts {
+                let _ = step_to(&*p.c, MigState::Stop);
+            }
+            report.status = Outcome::Completed;
             report.source_running = false;
         }
-        Err(f) => {
-            // Tell the destination (it then discards what it has) and take the VM back.
-            if let Some(c) = s.conns.first_mut() {
-                let _ = c.set_write_timeout(Some(Duration::from_millis(200)));
-                let _ = wire::write_frame(c, &Frame::Abort(f.msg.clone()));
+        Err(e) => {
+            // Tell the destination (it then discards what it has), then take the VM
+            // back, unless it may be running there.
+            if let Some(out) = d.out.as_mut() {
+                if let Some(s) = status
+                    .interrupt
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+                    .first()
+                {
+                    let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+                }
+                let _ = out.control(&Frame::Abort(e.to_string()));
+                let _ = out.sync();
+                out.close();
             }
-            if f.ambiguous {
+            if e.ambiguous() {
                 report.source_running = false;
-            } else if s.paused_by_us {
-                report.source_running = m.control().resume().is_ok();
+            } else {
+                let mut running = true;
+                for p in d.parts.iter().rev() {
+                    if let Err(err) = step_to(&*p.c, MigState::Running) {
+                        tracing::error!(
+                            component = p.name,
+                            "cannot resume after a failed migration: {err}"
+                        );
+                        running = false;
+                    }
+                }
+                report.source_running = running && h.state() != RunState::Stopped;
             }
-            report.status = if f.cancelled { "cancelled" } else { "failed" }.into();
-            report.error = Some(f.msg);
+            report.status = if matches!(e, MigrationError::Cancelled) {
+                Outcome::Cancelled
+            } else {
+                Outcome::Failed
+            };
+            report.error_kind = Some(e.kind().into());
+            report.error = Some(e.to_string());
         }
     }
-    s.progress("done", 0, 0.0, 0);
-    status.active.store(false, Ordering::Relaxed);
+    drop(d.back.take());
+    drop(d.out.take());
+    status
+        .interrupt
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .0
+        .clear();
+    d.phase = Phase::Done;
+    d.report = report;
+    d.progress(0, 0.0);
+    let report = std::mem::take(&mut d.report);
     *status.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
     report
+}
+
+fn report_pages(m: &godwit_vmm::vm::Machine) -> u64 {
+    m.description().memory_mib * 256
+}
+
+/// Starts `migrate` on its own thread. The caller (the API) owns `status.active`.
+pub fn start(
+    h: VmHandle,
+    o: Options,
+    status: Arc<Status>,
+) -> std::io::Result<std::thread::JoinHandle<Report>> {
+    std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || {
+            let r = migrate(&h, &o, &status);
+            status.active.store(false, Ordering::SeqCst);
+            r
+        })
 }

@@ -122,6 +122,16 @@ impl Stream {
         };
     }
 
+    /// Shuts a socket down both ways: reads and writes blocked on it (in any thread)
+    /// return at once.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            _ => Ok(()),
+        };
+    }
+
     /// Ends the stream: data is flushed, and for a file made durable.
     pub fn finish(&mut self) -> io::Result<()> {
         match self {

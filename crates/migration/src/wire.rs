@@ -6,20 +6,22 @@
 //! Header (little endian): magic u32 "GDWM", kind u8, 3 reserved bytes (zero), payload
 //! length u32, CRC32 (IEEE) of the payload u32.
 //!
-//! A stream: the source sends HELLO (its VM's shape and versions); the destination answers
-//! ACCEPT or REFUSE. Extra data connections open with JOIN. Then PAGES and ZERO frames
-//! (pre-copy rounds); at switchover END on every data connection, then STATE and COMPLETE
-//! on the main one. The destination answers READY once it holds and has loaded the whole
-//! state; the source then gives the VM up with GO, and the destination answers STARTED
-//! once its vCPUs run. ABORT (either way) ends a migration with a reason. A snapshot file
-//! is the same stream without the answers.
+//! A stream: the source sends HELLO (the VM's sections: each migrating component, its
+//! data version and what the destination needs); the destination answers ACCEPT or
+//! REFUSE. Extra data connections open with JOIN. Then PAGES and ZERO frames, each for
+//! one section (pre-copy rounds); at switchover one STATE frame per section on the main
+//! connection, the last pages, END on every data connection and COMPLETE on the main
+//! one. The destination answers READY once it holds and has loaded everything; the
+//! source then gives the VM up with GO, and the destination answers STARTED once the VM
+//! runs. ABORT (either way, at any time: the main connection is two-way) ends a
+//! migration with a reason. A snapshot file is the same stream without the answers.
 
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"GDWM");
 /// Bumped on any incompatible change; a destination refuses any other.
-pub const WIRE_VERSION: u32 = 2;
+pub const WIRE_VERSION: u32 = 3;
 pub const HEADER_LEN: usize = 16;
 pub const PAGE_SIZE: usize = 4096;
 /// Pages carried by one PAGES frame.
@@ -103,16 +105,32 @@ fn io_err(e: io::Error) -> WireError {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Hello {
     pub wire_version: u32,
-    pub state_version: u32,
-    pub shape: godwit_vmm::state::VmShape,
+    /// What the VM runs (for `vm.info` on the destination).
     pub guest: String,
-    pub memory_mib: u64,
+    /// The VM's migrating components, in stop order; frames name them by index.
+    pub sections: Vec<godwit_vmm::migratable::Section>,
     /// Data connections, the main one included.
     pub connections: u32,
     /// Ties the extra connections to this migration.
     pub session: u64,
     /// Whether this is a file (no answers will come).
     pub snapshot: bool,
+}
+
+/// The destination's READY: it holds and has loaded everything.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Ready {
+    /// Loading the sections' states (part of the downtime when the last arrives late).
+    pub restore_ms: f64,
+    /// From the last frame received to READY (the components' final checks).
+    pub check_ms: f64,
+}
+
+/// The destination's STARTED: the VM runs there.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Started {
+    /// From GO to the VM running.
+    pub start_ms: f64,
 }
 
 /// Totals the sender counts and the receiver checks (END and COMPLETE).
@@ -132,20 +150,27 @@ pub enum Frame<'a> {
         session: u64,
         index: u32,
     },
-    /// Guest-physical addresses (validated only as numbers here) and their pages.
+    /// Pages of one section: addresses in its space (validated only as numbers here).
     Pages {
-        gpas: Vec<u64>,
+        section: u32,
+        addrs: Vec<u64>,
         data: &'a [u8],
     },
-    /// Runs of zero pages: (first guest-physical address, page count).
-    Zero(Vec<(u64, u32)>),
+    /// Runs of zero pages of one section: (first address, page count).
+    Zero {
+        section: u32,
+        runs: Vec<(u64, u32)>,
+    },
     End(Totals),
-    /// A serialised `VmState`, parsed by the receiver after its own checks.
-    State(&'a [u8]),
+    /// One section's state part, parsed by its component after its own checks.
+    State {
+        section: u32,
+        data: &'a [u8],
+    },
     Complete(Totals),
-    Ready,
+    Ready(Ready),
     Go,
-    Started,
+    Started(Started),
     Abort(String),
 }
 
@@ -157,13 +182,13 @@ impl Frame<'_> {
             Frame::Refuse(_) => Kind::Refuse,
             Frame::Join { .. } => Kind::Join,
             Frame::Pages { .. } => Kind::Pages,
-            Frame::Zero(_) => Kind::Zero,
+            Frame::Zero { .. } => Kind::Zero,
             Frame::End(_) => Kind::End,
-            Frame::State(_) => Kind::State,
+            Frame::State { .. } => Kind::State,
             Frame::Complete(_) => Kind::Complete,
-            Frame::Ready => Kind::Ready,
+            Frame::Ready(_) => Kind::Ready,
             Frame::Go => Kind::Go,
-            Frame::Started => Kind::Started,
+            Frame::Started(_) => Kind::Started,
             Frame::Abort(_) => Kind::Abort,
         }
     }
@@ -193,40 +218,53 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
 pub fn write_frame(w: &mut impl Write, f: &Frame) -> io::Result<()> {
     let payload: Vec<u8> = match f {
         Frame::Hello(h) => json(h),
-        Frame::Accept | Frame::Ready | Frame::Go | Frame::Started => Vec::new(),
+        Frame::Accept | Frame::Go => Vec::new(),
+        Frame::Ready(r) => json(r),
+        Frame::Started(s) => json(s),
         Frame::Refuse(m) | Frame::Abort(m) => m.as_bytes().to_vec(),
         Frame::Join { session, index } => {
             let mut p = session.to_le_bytes().to_vec();
             p.extend_from_slice(&index.to_le_bytes());
             p
         }
-        Frame::Pages { gpas, data } => {
-            let mut p = (gpas.len() as u32).to_le_bytes().to_vec();
-            for g in gpas {
-                p.extend_from_slice(&g.to_le_bytes());
+        Frame::Pages {
+            section,
+            addrs,
+            data,
+        } => {
+            let mut p = section.to_le_bytes().to_vec();
+            p.extend_from_slice(&(addrs.len() as u32).to_le_bytes());
+            for a in addrs {
+                p.extend_from_slice(&a.to_le_bytes());
             }
             p.extend_from_slice(data);
             p
         }
-        Frame::Zero(runs) => {
-            let mut p = (runs.len() as u32).to_le_bytes().to_vec();
-            for (g, n) in runs {
-                p.extend_from_slice(&g.to_le_bytes());
+        Frame::Zero { section, runs } => {
+            let mut p = section.to_le_bytes().to_vec();
+            p.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+            for (a, n) in runs {
+                p.extend_from_slice(&a.to_le_bytes());
                 p.extend_from_slice(&n.to_le_bytes());
             }
             p
         }
         Frame::End(t) | Frame::Complete(t) => json(t),
-        Frame::State(s) => s.to_vec(),
+        Frame::State { section, data } => {
+            let mut p = section.to_le_bytes().to_vec();
+            p.extend_from_slice(data);
+            p
+        }
     };
     write_raw(w, f.kind(), &payload)
 }
 
-/// Builds a PAGES frame in one reusable buffer: header, count, addresses, then data, so
-/// that it goes out in a single write.
+/// Builds a PAGES frame of one section in one buffer: header, section, count,
+/// addresses, then data, so that it goes out in a single write.
 pub struct PagesFrame {
     buf: Vec<u8>,
     count: usize,
+    section: u32,
 }
 
 impl Default for PagesFrame {
@@ -236,13 +274,23 @@ impl Default for PagesFrame {
 }
 
 impl PagesFrame {
-    const ADDRS: usize = HEADER_LEN + 4;
+    const ADDRS: usize = HEADER_LEN + 8;
     const DATA: usize = Self::ADDRS + 8 * PAGES_PER_FRAME;
+    pub const BUFFER: usize = Self::DATA + PAGES_PER_FRAME * PAGE_SIZE;
 
     pub fn new() -> Self {
+        Self::with_buffer(vec![0u8; Self::BUFFER])
+    }
+
+    /// A frame built in `buf` (grown to `BUFFER` bytes if shorter).
+    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
+        if buf.len() < Self::BUFFER {
+            buf.resize(Self::BUFFER, 0);
+        }
         PagesFrame {
-            buf: vec![0u8; Self::DATA + PAGES_PER_FRAME * PAGE_SIZE],
+            buf,
             count: 0,
+            section: 0,
         }
     }
 
@@ -258,24 +306,35 @@ impl PagesFrame {
         self.count == PAGES_PER_FRAME
     }
 
+    /// The section of the pages in the frame.
+    pub fn section(&self) -> u32 {
+        self.section
+    }
+
+    /// Starts the frame over for pages of `section` (the frame must be empty).
+    pub fn set_section(&mut self, section: u32) {
+        debug_assert!(self.is_empty());
+        self.section = section;
+    }
+
     /// The slot for the next page's data; `commit` keeps it, anything else reuses it.
     pub fn next_slot(&mut self) -> &mut [u8] {
         let at = Self::DATA + self.count * PAGE_SIZE;
         &mut self.buf[at..at + PAGE_SIZE]
     }
 
-    pub fn commit(&mut self, gpa: u64) {
+    pub fn commit(&mut self, addr: u64) {
         let at = Self::ADDRS + 8 * self.count;
-        self.buf[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
+        self.buf[at..at + 8].copy_from_slice(&addr.to_le_bytes());
         self.count += 1;
     }
 
-    /// Writes the frame (addresses packed against the data) and empties it. Returns the
-    /// bytes written.
-    pub fn flush(&mut self, w: &mut impl Write) -> io::Result<usize> {
+    /// Completes the frame in place (addresses packed against the data) and hands out
+    /// its buffer and the range to write, leaving `next` (a spare buffer) in its place.
+    pub fn take(&mut self, next: Vec<u8>) -> Option<(Vec<u8>, std::ops::Range<usize>)> {
         let n = self.count;
         if n == 0 {
-            return Ok(0);
+            return None;
         }
         // Close the gap between the used address slots and the data.
         let addr_end = Self::ADDRS + 8 * n;
@@ -284,12 +343,28 @@ impl PagesFrame {
             .copy_within(Self::ADDRS..addr_end, start + Self::ADDRS);
         let payload_start = start + HEADER_LEN;
         let end = Self::DATA + n * PAGE_SIZE;
-        self.buf[payload_start..payload_start + 4].copy_from_slice(&(n as u32).to_le_bytes());
+        self.buf[payload_start..payload_start + 4].copy_from_slice(&self.section.to_le_bytes());
+        self.buf[payload_start + 4..payload_start + 8].copy_from_slice(&(n as u32).to_le_bytes());
         let h = header(Kind::Pages, &self.buf[payload_start..end]);
         self.buf[start..payload_start].copy_from_slice(&h);
-        w.write_all(&self.buf[start..end])?;
         self.count = 0;
-        Ok(end - start)
+        let mut next = next;
+        if next.len() < Self::BUFFER {
+            next.resize(Self::BUFFER, 0);
+        }
+        Some((std::mem::replace(&mut self.buf, next), start..end))
+    }
+
+    /// Writes the frame and empties it; returns the bytes written.
+    pub fn flush(&mut self, w: &mut impl Write) -> io::Result<usize> {
+        match self.take(Vec::new()) {
+            None => Ok(0),
+            Some((buf, r)) => {
+                w.write_all(&buf[r.clone()])?;
+                self.buf = buf;
+                Ok(r.len())
+            }
+        }
     }
 }
 
@@ -356,7 +431,7 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
             .map(|s| s.chars().take(1000).collect::<String>())
             .map_err(|_| WireError::Malformed(kind, "text is not UTF-8".into()))
     };
-    let counted = |item: usize| -> Result<usize, WireError> {
+    let counted = |p: &[u8], item: usize| -> Result<usize, WireError> {
         if p.len() < 4 {
             return Err(WireError::Malformed(kind, "no count".into()));
         }
@@ -370,14 +445,24 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
         }
         Ok(n)
     };
+    let section = || -> Result<(u32, &[u8]), WireError> {
+        if p.len() < 4 {
+            return Err(WireError::Malformed(kind, "no section".into()));
+        }
+        Ok((u32_at(p, 0), &p[4..]))
+    };
     match kind {
         Kind::Hello => serde_json::from_slice(p)
             .map(Frame::Hello)
             .map_err(|e| bad(e.to_string())),
         Kind::Accept => empty(Frame::Accept),
-        Kind::Ready => empty(Frame::Ready),
         Kind::Go => empty(Frame::Go),
-        Kind::Started => empty(Frame::Started),
+        Kind::Ready => serde_json::from_slice(p)
+            .map(Frame::Ready)
+            .map_err(|e| bad(e.to_string())),
+        Kind::Started => serde_json::from_slice(p)
+            .map(Frame::Started)
+            .map_err(|e| bad(e.to_string())),
         Kind::Refuse => Ok(Frame::Refuse(text()?)),
         Kind::Abort => Ok(Frame::Abort(text()?)),
         Kind::Join => {
@@ -390,26 +475,30 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
             })
         }
         Kind::Pages => {
-            let n = counted(8 + PAGE_SIZE)?;
+            let (section, rest) = section()?;
+            let n = counted(rest, 8 + PAGE_SIZE)?;
             if n == 0 || n > PAGES_PER_FRAME {
                 return Err(bad(format!("{n} pages (1 to {PAGES_PER_FRAME} allowed)")));
             }
-            let gpas = (0..n).map(|i| u64_at(p, 4 + 8 * i)).collect();
+            let addrs = (0..n).map(|i| u64_at(rest, 4 + 8 * i)).collect();
             Ok(Frame::Pages {
-                gpas,
-                data: &p[4 + 8 * n..],
+                section,
+                addrs,
+                data: &rest[4 + 8 * n..],
             })
         }
         Kind::Zero => {
-            let n = counted(12)?;
+            let (section, rest) = section()?;
+            let n = counted(rest, 12)?;
             if n == 0 || n > MAX_ZERO_RUNS {
                 return Err(bad(format!("{n} runs (1 to {MAX_ZERO_RUNS} allowed)")));
             }
-            Ok(Frame::Zero(
-                (0..n)
-                    .map(|i| (u64_at(p, 4 + 12 * i), u32_at(p, 12 + 12 * i)))
+            Ok(Frame::Zero {
+                section,
+                runs: (0..n)
+                    .map(|i| (u64_at(rest, 4 + 12 * i), u32_at(rest, 12 + 12 * i)))
                     .collect(),
-            ))
+            })
         }
         Kind::End => serde_json::from_slice(p)
             .map(Frame::End)
@@ -417,7 +506,10 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
         Kind::Complete => serde_json::from_slice(p)
             .map(Frame::Complete)
             .map_err(|e| bad(e.to_string())),
-        Kind::State => Ok(Frame::State(p)),
+        Kind::State => {
+            let (section, data) = section()?;
+            Ok(Frame::State { section, data })
+        }
     }
 }
 
@@ -437,10 +529,22 @@ mod tests {
     fn frames_round_trip() {
         let data = vec![7u8; 2 * PAGE_SIZE];
         roundtrip(&Frame::Pages {
-            gpas: vec![0, 4096 * 9],
+            section: 2,
+            addrs: vec![0, 4096 * 9],
             data: &data,
         });
-        roundtrip(&Frame::Zero(vec![(0, 3), (1 << 32, 100)]));
+        roundtrip(&Frame::Zero {
+            section: 1,
+            runs: vec![(0, 3), (1 << 32, 100)],
+        });
+        roundtrip(&Frame::State {
+            section: 3,
+            data: b"state",
+        });
+        roundtrip(&Frame::Ready(Ready {
+            restore_ms: 1.5,
+            check_ms: 0.25,
+        }));
         roundtrip(&Frame::Join {
             session: 42,
             index: 3,
@@ -456,6 +560,7 @@ mod tests {
     #[test]
     fn pages_frame_builder_matches_the_decoder() {
         let mut f = PagesFrame::new();
+        f.set_section(5);
         for i in 0..3u64 {
             f.next_slot().fill(i as u8 + 1);
             f.commit(i * 8192);
@@ -468,8 +573,13 @@ mod tests {
         assert!(f.is_empty());
         let mut buf = Vec::new();
         match read_frame(&mut out.as_slice(), &mut buf).unwrap() {
-            Frame::Pages { gpas, data } => {
-                assert_eq!(gpas, vec![0, 8192, 16384]);
+            Frame::Pages {
+                section,
+                addrs,
+                data,
+            } => {
+                assert_eq!(section, 5);
+                assert_eq!(addrs, vec![0, 8192, 16384]);
                 assert_eq!(data.len(), 3 * PAGE_SIZE);
                 assert!(data[..PAGE_SIZE].iter().all(|b| *b == 1));
                 assert!(data[2 * PAGE_SIZE..].iter().all(|b| *b == 3));
@@ -511,7 +621,8 @@ mod tests {
             Err(WireError::TooLarge(_))
         ));
         // A count that does not match the length.
-        let mut p = 1000u32.to_le_bytes().to_vec();
+        let mut p = 0u32.to_le_bytes().to_vec();
+        p.extend_from_slice(&1000u32.to_le_bytes());
         p.extend_from_slice(&[0; 12]);
         let mut c = Vec::new();
         write_raw(&mut c, Kind::Zero, &p).unwrap();

@@ -1,12 +1,19 @@
 //! Fuzzing the receiving side with hostile streams: random bytes, damaged real streams,
-//! and (past the CRC) damaged payloads re-framed with a valid CRC. Every input must give
-//! a result or a clear error: never a panic, never a write outside guest RAM. Seeded, so
-//! a failure reproduces; GODWIT_FUZZ_ITERS sets the length (default 20000 per shape).
+//! and (past the CRC) damaged payloads re-framed with a valid CRC, fed to the
+//! components of a real incoming VM (guest RAM, vCPUs, platform devices, a GPU
+//! function). Every input must give a result or a clear error: never a panic, never a
+//! write outside the VM's memory. Seeded, so a failure reproduces; GODWIT_FUZZ_ITERS
+//! sets the length (default 20000 per shape; the stream shapes run a tenth of that,
+//! each feeding a VM).
 
-use godwit_migration::destination::{apply, check_hello, drain, Expect};
+use godwit_migration::destination::drain;
 use godwit_migration::wire::{self, Frame, Hello, Kind, Totals, PAGE_SIZE};
-use godwit_vmm::memory::{self, GuestMemory, RamRegion};
-use godwit_vmm::state::{GuestKind, VmShape, VmState};
+use godwit_vmm::config::GpuRequest;
+use godwit_vmm::migratable::{incoming, step_to, Component, MigState};
+use godwit_vmm::state::GuestKind;
+use godwit_vmm::{Console, Payload, Vm, VmConfig};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress};
 
 struct Rng(u64);
@@ -30,32 +37,75 @@ fn iters() -> usize {
         .unwrap_or(20000)
 }
 
-const MEM: u64 = 16 << 20;
-
-fn setup() -> (GuestMemory, Vec<RamRegion>) {
-    (memory::create(MEM).unwrap(), memory::layout(MEM))
-}
-
-fn hello() -> Hello {
-    Hello {
-        wire_version: wire::WIRE_VERSION,
-        state_version: godwit_vmm::state::STATE_VERSION,
-        shape: VmShape {
-            ram: memory::layout(MEM),
-            vcpus: 1,
-            kind: GuestKind::Godwit,
-            pci: vec![(0, "host-bridge".into())],
-        },
-        guest: "fuzz".into(),
-        memory_mib: MEM >> 20,
-        connections: 1,
-        session: 7,
-        snapshot: false,
+fn kvm() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(_) if std::env::var("GODWIT_SKIP_KVM_TESTS").as_deref() == Ok("1") => false,
+        Err(e) => panic!("/dev/kvm: {e}; set GODWIT_SKIP_KVM_TESTS=1 to skip KVM tests"),
     }
 }
 
-/// The payloads of a small valid stream, frame by frame.
-fn frames() -> Vec<(Kind, Vec<u8>)> {
+const MEM_MIB: u64 = 16;
+
+/// A GPU manager directory of its own, removed at the end.
+struct GpuDir(PathBuf);
+
+impl GpuDir {
+    fn new(tag: &str) -> GpuDir {
+        let p = std::env::temp_dir().join(format!("godwit-fuzz-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        GpuDir(p)
+    }
+}
+
+impl Drop for GpuDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A VM waiting for a migration's data (as a destination builds it), with a GPU.
+fn vm(gpu_dir: &Path) -> Vm {
+    let mut vm = Vm::create(VmConfig {
+        memory_mib: MEM_MIB,
+        vcpus: 1,
+        payload: Payload::Incoming {
+            kind: GuestKind::Godwit,
+            guest: "fuzz".into(),
+        },
+        console: Console::Null,
+        gpu: Some(GpuRequest {
+            profile: "GW8-1C".into(),
+            manager_dir: gpu_dir.into(),
+            vm_name: "fuzz".into(),
+        }),
+        dirty_log: Default::default(),
+    })
+    .unwrap();
+    vm.start_paused().unwrap();
+    vm
+}
+
+/// Real section states, from a stopped VM's components; and their names.
+fn states(source: &Vm) -> Vec<(String, Vec<u8>)> {
+    source
+        .components()
+        .iter()
+        .map(|c| {
+            step_to(&**c, MigState::StopCopy).unwrap();
+            (c.section().name, c.save().unwrap())
+        })
+        .collect()
+}
+
+/// A valid main-connection stream after HELLO, frame by frame: some RAM and VRAM pages,
+/// zero runs, every state, COMPLETE.
+fn frames(states: &[(String, Vec<u8>)]) -> Vec<(Kind, Vec<u8>)> {
+    let idx = |n: &str| states.iter().position(|s| s.0 == n).unwrap() as u32;
     let mut out = Vec::new();
     let mut push = |f: &Frame| {
         let mut b = Vec::new();
@@ -63,18 +113,29 @@ fn frames() -> Vec<(Kind, Vec<u8>)> {
         out.push((f.kind(), b[wire::HEADER_LEN..].to_vec()));
     };
     let data: Vec<u8> = (0..3 * PAGE_SIZE).map(|i| (i * 7) as u8).collect();
+    let mem = MEM_MIB << 20;
     push(&Frame::Pages {
-        gpas: vec![0, 8 * 4096, (MEM - 4096)],
+        section: idx("ram"),
+        addrs: vec![0, 8 * 4096, mem - 4096],
         data: &data,
     });
-    push(&Frame::Zero(vec![(4096, 3), (1 << 20, 16)]));
-    // A state payload as the source encodes it: the version, then postcard bytes (these
-    // are truncated, so they never decode: the fuzzer must only never panic on them).
-    let mut state = godwit_vmm::state::STATE_VERSION.to_le_bytes().to_vec();
-    state.extend_from_slice(&[3, 1, 0, 0, 0, 0, 0, 0, 0, 16, 1, 1]);
-    push(&Frame::State(&state));
+    push(&Frame::Pages {
+        section: idx("gpu"),
+        addrs: vec![4096, 1 << 20],
+        data: &data[..2 * PAGE_SIZE],
+    });
+    push(&Frame::Zero {
+        section: idx("ram"),
+        runs: vec![(4096, 3), (1 << 20, 16)],
+    });
+    for (i, (_, s)) in states.iter().enumerate() {
+        push(&Frame::State {
+            section: i as u32,
+            data: s,
+        });
+    }
     push(&Frame::Complete(Totals {
-        pages: 3,
+        pages: 5,
         zero_pages: 19,
     }));
     out
@@ -129,88 +190,163 @@ fn mutate(rng: &mut Rng, b: &mut Vec<u8>) {
     }
 }
 
-/// What the destination does with a main connection's stream after HELLO.
-fn receive(bytes: &[u8]) -> Result<(), String> {
-    let (mem, ram) = setup();
-    let (_, state) = drain(&mut &bytes[..], &mem, &ram, Kind::Complete)?;
-    let state = state.ok_or("no state")?;
-    VmState::decode(&state).map(|_| ())
+/// A destination VM's components, ready to take data, in the stream's section order.
+struct Dest {
+    _vm: Vm,
+    parts: Vec<Arc<dyn Component>>,
+    names: Vec<String>,
 }
 
-#[test]
-fn fuzz_state_decoder() {
-    let mut rng = Rng(0xD1B5_4A32_D192_ED03);
-    let version = godwit_vmm::state::STATE_VERSION.to_le_bytes();
-    assert!(VmState::decode(&[]).is_err());
-    assert!(VmState::decode(&[9, 0, 0, 0])
-        .err()
-        .is_some_and(|e| e.contains("version 9")));
-    for _ in 0..iters() {
-        let mut b = version.to_vec();
-        let n = rng.below(4096);
-        b.extend((0..n).map(|_| match rng.below(4) {
-            // Small values and varint continuation bytes steer postcard into long
-            // sequences and deep structures.
-            0 => 0,
-            1 => 0x80 | rng.next() as u8,
-            _ => rng.next() as u8,
-        }));
-        // Never a panic or a huge allocation; a clear error (a random valid state is
-        // not a concern).
-        let _ = VmState::decode(&b);
+impl Dest {
+    fn new(gpu: &Path, order: &[(String, Vec<u8>)]) -> Dest {
+        let vm = vm(gpu);
+        let names: Vec<String> = order.iter().map(|s| s.0.clone()).collect();
+        let parts: Vec<Arc<dyn Component>> = names
+            .iter()
+            .map(|n| {
+                vm.components()
+                    .iter()
+                    .find(|c| &c.section().name == n)
+                    .unwrap()
+                    .clone()
+            })
+            .collect();
+        for c in &parts {
+            step_to(&**c, MigState::Resuming).unwrap();
+        }
+        Dest {
+            _vm: vm,
+            parts,
+            names,
+        }
+    }
+
+    /// What the destination does with a main connection's stream after HELLO.
+    fn receive(&self, bytes: &[u8]) -> Result<(), String> {
+        drain(
+            &mut &bytes[..],
+            &self.parts,
+            &self.names,
+            Kind::Complete,
+            &mut |i, b| self.parts[i].load(b).map_err(|e| e.to_string()),
+        )
+        .map(|_| ())
     }
 }
 
+/// One source (stopped, its states read) and one destination, on one GPU host.
+fn pair(tag: &str) -> (GpuDir, Vec<(String, Vec<u8>)>, Dest) {
+    let dir = GpuDir::new(tag);
+    let source = vm(&dir.0);
+    let s = states(&source);
+    drop(source);
+    let d = Dest::new(&dir.0, &s);
+    (dir, s, d)
+}
+
 #[test]
-fn the_valid_stream_is_received() {
-    let (mem, ram) = setup();
-    let s = stream(&frames());
-    let (t, state) = drain(&mut &s[..], &mem, &ram, Kind::Complete).unwrap();
-    assert_eq!(
-        t,
-        Totals {
-            pages: 3,
-            zero_pages: 19
-        }
-    );
-    assert!(state.is_some());
+fn the_valid_stream_is_received_into_every_component() {
+    if !kvm() {
+        return;
+    }
+    let (_dir, s, d) = pair("valid");
+    d.receive(&stream(&frames(&s))).unwrap();
     let mut b = [0u8; 1];
-    mem.read_slice(&mut b, GuestAddress(8 * 4096 + 1)).unwrap();
+    let ram = d._vm.memory();
+    ram.read_slice(&mut b, GuestAddress(8 * 4096 + 1)).unwrap();
     assert_eq!(b[0], 7);
+    let gpu = d._vm.machine().gpu().unwrap();
+    gpu.vf.backend().read((1 << 20) + 1, &mut b).unwrap();
+    assert_eq!(b[0], ((PAGE_SIZE + 1) * 7) as u8);
+    // Every component has what it needs to leave RESUMING.
+    for c in &d.parts {
+        step_to(&**c, MigState::Stop).unwrap();
+    }
 }
 
 #[test]
 fn fuzz_damaged_streams() {
+    if !kvm() {
+        return;
+    }
+    let (_dir, s, d) = pair("damaged");
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    let valid = stream(&frames());
+    let valid = stream(&frames(&s));
     let mut errors = 0;
-    for _ in 0..iters() {
-        let mut s = valid.clone();
-        mutate(&mut rng, &mut s);
-        if receive(&s).is_err() {
+    let n = iters() / 10;
+    for _ in 0..n {
+        let mut b = valid.clone();
+        mutate(&mut rng, &mut b);
+        if d.receive(&b).is_err() {
             errors += 1;
         }
     }
-    assert!(errors > iters() / 2, "mutations should mostly be caught");
+    assert!(
+        errors > n / 2,
+        "mutations should mostly be caught ({errors} of {n})"
+    );
 }
 
 #[test]
 fn fuzz_payloads_behind_a_valid_crc() {
+    if !kvm() {
+        return;
+    }
+    let (_dir, s, d) = pair("payloads");
     let mut rng = Rng(0xD1B5_4A32_D192_ED03);
-    let base = frames();
-    for _ in 0..iters() {
+    let base = frames(&s);
+    let mut refused = 0;
+    let n = iters() / 10;
+    for _ in 0..n {
         let mut f = base.clone();
         let i = rng.below(f.len());
         mutate(&mut rng, &mut f[i].1);
         if rng.below(4) == 0 {
             f[i].0 = [Kind::Pages, Kind::Zero, Kind::State, Kind::End, Kind::Join][rng.below(5)];
         }
-        let _ = receive(&stream(&f));
-        // Page frames alone, straight into apply(): every address is checked first.
-        let (mem, ram) = setup();
-        if let Ok(fr) = wire::decode(f[i].0, &f[i].1) {
-            let _ = apply(&mem, &ram, &fr, &mut Totals::default());
+        if d.receive(&stream(&f)).is_err() {
+            refused += 1;
         }
+    }
+    assert!(refused > n / 4, "{refused} of {n} refused");
+}
+
+/// Each component's state decoder and restore, with random and damaged states.
+#[test]
+fn fuzz_component_states() {
+    if !kvm() {
+        return;
+    }
+    let (_dir, s, d) = pair("states");
+    let mut rng = Rng(0xA076_1D64_78BD_642F);
+    for (i, (name, good)) in s.iter().enumerate() {
+        let c = &d.parts[i];
+        c.load(good).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut refused = 0;
+        for k in 0..iters() / 10 {
+            let mut b = good.clone();
+            if k % 4 == 0 {
+                // Random bodies behind the right version: postcard's varints steer into
+                // long sequences and deep structures.
+                b.truncate(4);
+                b.extend((0..rng.below(2048)).map(|_| match rng.below(4) {
+                    0 => 0,
+                    1 => 0x80 | rng.next() as u8,
+                    _ => rng.next() as u8,
+                }));
+            } else {
+                mutate(&mut rng, &mut b);
+            }
+            if c.load(&b).is_err() {
+                refused += 1;
+            }
+        }
+        if !good.is_empty() {
+            assert!(refused > 0, "{name}: nothing refused");
+        }
+        // It still takes the real thing.
+        c.load(good)
+            .unwrap_or_else(|e| panic!("{name} after fuzzing: {e}"));
     }
 }
 
@@ -223,9 +359,25 @@ fn fuzz_random_bytes() {
         if rng.below(2) == 0 && b.len() >= 4 {
             b[..4].copy_from_slice(&wire::MAGIC.to_le_bytes());
         }
-        assert!(receive(&b).is_err());
         let mut buf = Vec::new();
         let _ = wire::read_frame(&mut &b[..], &mut buf);
+    }
+}
+
+fn hello() -> Hello {
+    use godwit_vmm::migratable::Section;
+    Hello {
+        wire_version: wire::WIRE_VERSION,
+        guest: "fuzz".into(),
+        sections: vec![
+            Section::new("vcpus", 1, &[("count", "1".into())]),
+            Section::new("gpu", 1, &[("profile", "GW8-1C".into())]),
+            Section::new("ram", 1, &[("memory_mib", "16".into())]),
+            Section::new("platform", 1, &[("guest", "godwit".into())]),
+        ],
+        connections: 1,
+        session: 7,
+        snapshot: false,
     }
 }
 
@@ -233,42 +385,73 @@ fn fuzz_random_bytes() {
 fn fuzz_hello() {
     let mut rng = Rng(0xA076_1D64_78BD_642F);
     let valid = serde_json::to_vec(&hello()).unwrap();
-    let e = Expect::default();
-    check_hello(&hello(), &e).unwrap();
+    let host = incoming::Host::default();
+    incoming::config(&hello().sections, "g", &host, Console::Null).unwrap();
     for _ in 0..iters() {
         let mut p = valid.clone();
         mutate(&mut rng, &mut p);
         if let Ok(Frame::Hello(h)) = wire::decode(Kind::Hello, &p) {
-            let _ = check_hello(&h, &e);
+            let _ = incoming::config(&h.sections, &h.guest, &host, Console::Null);
         }
     }
 }
 
 #[test]
 fn out_of_range_pages_touch_nothing() {
-    let (mem, ram) = setup();
+    if !kvm() {
+        return;
+    }
+    let (_dir, s, d) = pair("range");
+    let mem = MEM_MIB << 20;
+    let idx = |n: &str| s.iter().position(|x| x.0 == n).unwrap();
+    let (ram, gpu) = (&d.parts[idx("ram")], &d.parts[idx("gpu")]);
     let page = vec![0xabu8; PAGE_SIZE];
-    for gpa in [MEM, MEM - 1, 1, u64::MAX - 4095, 3 << 30, 1 << 40] {
-        let f = Frame::Pages {
-            gpas: vec![0, gpa],
-            data: &[page.clone(), page.clone()].concat(),
-        };
-        assert!(
-            apply(&mem, &ram, &f, &mut Totals::default()).is_err(),
-            "{gpa:#x}"
-        );
+    let two = [page.clone(), page.clone()].concat();
+    for a in [mem, mem - 1, 1, u64::MAX - 4095, 3 << 30, 1 << 40] {
+        assert!(ram.load_pages(&[0, a], &two).is_err(), "{a:#x}");
     }
-    for (g, n) in [(0, u32::MAX), (MEM - 4096, 2), (u64::MAX - 4095, 1), (0, 0)] {
-        assert!(apply(
-            &mem,
-            &ram,
-            &Frame::Zero(vec![(g, n)]),
-            &mut Totals::default()
-        )
-        .is_err());
+    for a in [1 << 30, (1 << 30) - 1, u64::MAX - 4095] {
+        assert!(gpu.load_pages(&[0, a], &two).is_err(), "{a:#x}");
     }
+    for (g, n) in [(0, u32::MAX), (mem - 4096, 2), (u64::MAX - 4095, 1), (0, 0)] {
+        assert!(ram.load_zero(&[(g, n)]).is_err());
+    }
+    assert!(gpu.load_zero(&[(0, u32::MAX)]).is_err());
     // The valid first page of each bad frame was not written either.
     let mut b = [0u8; 1];
-    mem.read_slice(&mut b, GuestAddress(0)).unwrap();
+    d._vm.memory().read_slice(&mut b, GuestAddress(0)).unwrap();
     assert_eq!(b[0], 0);
+    d._vm
+        .machine()
+        .gpu()
+        .unwrap()
+        .vf
+        .backend()
+        .read(0, &mut b)
+        .unwrap();
+    assert_eq!(b[0], 0);
+}
+
+/// A stream that claims all of RAM and VRAM is zero does not make the destination
+/// allocate them: never-touched memory stays untouched.
+#[test]
+fn zero_runs_leave_untouched_memory_unallocated() {
+    if !kvm() {
+        return;
+    }
+    let (_dir, s, d) = pair("zeros");
+    let idx = |n: &str| s.iter().position(|x| x.0 == n).unwrap();
+    let rss = || -> u64 {
+        let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+        s.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096
+    };
+    let before = rss();
+    d.parts[idx("ram")]
+        .load_zero(&[(0, (MEM_MIB << 20) as u32 / 4096)])
+        .unwrap();
+    d.parts[idx("gpu")]
+        .load_zero(&[(0, (1u32 << 30) / 4096)])
+        .unwrap();
+    let grown = rss().saturating_sub(before);
+    assert!(grown < 64 << 20, "zero runs allocated {} MiB", grown >> 20);
 }

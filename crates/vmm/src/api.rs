@@ -105,11 +105,11 @@ pub fn route(
         ),
         ("GET", "vm.info") => (200, serde_json::to_value(info(h)).unwrap_or_default()),
         ("PUT", "vm.pause" | "vm.resume") if owner().is_some() => owner().expect("checked"),
-        ("PUT", "vm.pause") => match h.ctl.pause() {
+        ("PUT", "vm.pause") => match h.pause() {
             Ok(()) => (200, json!({"state": "paused"})),
             Err(m) => err(409, m),
         },
-        ("PUT", "vm.resume") => match h.ctl.resume() {
+        ("PUT", "vm.resume") => match h.resume() {
             Ok(()) => (200, json!({"state": "running"})),
             Err(m) => err(409, m),
         },

@@ -8,14 +8,18 @@
 //!   written; KVM_RESET_DIRTY_RINGS re-protects what was read. A vCPU whose ring fills
 //!   exits (KVM_EXIT_DIRTY_RING_FULL) and empties every ring itself before it runs on.
 //!
-//! Both give the caller the same thing: one bitmap per RAM region, bit i = page i.
+//! Both give the caller the same thing: one bitmap per memory slot it names, bit i =
+//! page i of the slot.
 //! Which one pays off is measured by `godwit bench migrate --dirty-log bitmap,ring`
 //! (README, "Dirty bitmap or dirty ring"): up to 16 GiB neither does end to end, and the
 //! ring's reads cost more for a guest that writes steadily, so the bitmap is the default.
 
 use crate::error::{Error, KvmContext, Result};
-use crate::memory::{RamRegion, PAGE_SIZE};
-use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_gfn, kvm_enable_cap};
+use crate::memory::PAGE_SIZE;
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_dirty_gfn, kvm_enable_cap, kvm_userspace_memory_region,
+    KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::fmt;
 use std::os::fd::AsRawFd;
@@ -176,13 +180,13 @@ enum Kind {
     Ring {
         rings: Vec<Ring>,
         entries: u32,
-        /// Pages read from the rings and not yet handed out.
+        /// Per slot, pages read from the rings and not yet handed out.
         found: Vec<Bitmap>,
         /// Entries read but not yet reset: their pages are not re-protected yet.
         unreset: bool,
-        /// Pages read since the last look or take, in order; None once more than
-        /// MAX_NEW (the next look then hands out `found` whole).
-        new: Option<Vec<(u32, u64)>>,
+        /// Per slot, pages read since the last look or take, in order; None once more
+        /// than MAX_NEW (the next look then hands out `found` whole).
+        new: Vec<Option<Vec<u64>>>,
     },
 }
 
@@ -195,28 +199,44 @@ pub struct DirtyStats {
     pub ring_entries: u64,
 }
 
-/// The VM's dirty-page tracker. Shared (behind a mutex) by whoever migrates the VM and,
-/// with the ring, by the vCPU threads that empty full rings.
+/// A KVM memory slot: guest-physical range and the host mapping behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub id: SlotId,
+    pub guest_phys_addr: u64,
+    pub size: u64,
+    pub host: u64,
+}
+
+/// KVM's number for a memory slot.
+pub type SlotId = u32;
+
+struct Tracked {
+    slot: Slot,
+    pages: u64,
+    on: bool,
+}
+
+/// The VM's memory slots and the tracker of guest writes to them. Any slot can be
+/// logged (guest RAM, a device's memory mapped into the guest such as a GPU's VRAM
+/// aperture), each on its own: callers name the slots they want and get one bitmap per
+/// slot, in the order they named them. Shared (behind a mutex) by whoever migrates the
+/// VM and, with the ring, by the vCPU threads that empty full rings.
 pub struct DirtyLog {
     vm: Arc<VmFd>,
-    /// Pages of each RAM region; region i is memory slot i.
-    pages: Vec<u64>,
+    slots: Vec<Tracked>,
     kind: Kind,
-    on: bool,
     stats: DirtyStats,
 }
 
-fn empty(pages: &[u64]) -> Vec<Bitmap> {
-    pages
-        .iter()
-        .map(|n| vec![0u64; n.div_ceil(64) as usize])
-        .collect()
+fn empty(pages: u64) -> Bitmap {
+    vec![0u64; pages.div_ceil(64) as usize]
 }
 
 impl DirtyLog {
     /// Sets the VM up for `mode`. Must come before the vCPUs are created (the ring is a
     /// per-vCPU resource that KVM sizes when each vCPU is made).
-    pub fn new(vm: Arc<VmFd>, mode: DirtyLogMode, ram: &[RamRegion]) -> Result<DirtyLog> {
+    pub fn new(vm: Arc<VmFd>, mode: DirtyLogMode) -> Result<DirtyLog> {
         let kind = match mode {
             DirtyLogMode::Bitmap => Kind::Bitmap {
                 manual: enable_manual_protect(&vm),
@@ -246,22 +266,55 @@ impl DirtyLog {
                     entries,
                     found: Vec::new(),
                     unreset: false,
-                    new: Some(Vec::new()),
+                    new: Vec::new(),
                 }
             }
         };
-        let pages: Vec<u64> = ram.iter().map(|r| r.size / PAGE_SIZE).collect();
-        let mut log = DirtyLog {
+        Ok(DirtyLog {
             vm,
-            pages,
+            slots: Vec::new(),
             kind,
-            on: false,
             stats: DirtyStats::default(),
-        };
-        if let Kind::Ring { found, .. } = &mut log.kind {
-            *found = empty(&log.pages);
+        })
+    }
+
+    /// Hands a memory slot to KVM (not logged yet).
+    ///
+    /// # Safety
+    /// The host mapping `slot.host .. + slot.size` must stay valid for as long as the
+    /// VM exists: KVM accesses it on the guest's behalf.
+    pub unsafe fn add_slot(&mut self, slot: Slot) -> Result<()> {
+        if slot.size == 0 || !slot.size.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::Memory(format!("memory slot of {} bytes", slot.size)));
         }
-        Ok(log)
+        if self.slots.iter().any(|t| t.slot.id == slot.id) {
+            return Err(Error::Memory(format!("memory slot {} is taken", slot.id)));
+        }
+        self.register(&slot, false)?;
+        let pages = slot.size / PAGE_SIZE;
+        self.slots.push(Tracked {
+            slot,
+            pages,
+            on: false,
+        });
+        if let Kind::Ring { found, new, .. } = &mut self.kind {
+            found.push(empty(pages));
+            new.push(Some(Vec::new()));
+        }
+        Ok(())
+    }
+
+    fn register(&self, s: &Slot, log: bool) -> Result<()> {
+        let r = kvm_userspace_memory_region {
+            slot: s.id,
+            flags: if log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: s.guest_phys_addr,
+            memory_size: s.size,
+            userspace_addr: s.host,
+        };
+        // SAFETY: the caller of `add_slot` promised the mapping outlives the VM; this
+        // only changes the flags of a slot made from it.
+        unsafe { self.vm.set_user_memory_region(r) }.kvm("KVM_SET_USER_MEMORY_REGION")
     }
 
     /// Maps a new vCPU's ring (nothing to do with the bitmap).
@@ -288,21 +341,68 @@ impl DirtyLog {
         }
     }
 
-    pub fn is_on(&self) -> bool {
-        self.on
-    }
-
     pub fn stats(&self) -> DirtyStats {
         self.stats
     }
 
-    /// Logging turned on or off (the caller changes the memory slots' flags).
-    pub fn set_on(&mut self, on: bool) -> Result<()> {
-        // Whatever the rings hold belongs to an earlier logging period.
+    fn index(&self, id: SlotId) -> Result<usize> {
+        self.slots
+            .iter()
+            .position(|t| t.slot.id == id)
+            .ok_or_else(|| Error::State(format!("memory slot {id} is not tracked")))
+    }
+
+    fn indices(&self, ids: &[SlotId], on: bool) -> Result<Vec<usize>> {
+        ids.iter()
+            .map(|&id| {
+                let i = self.index(id)?;
+                if self.slots[i].on != on {
+                    return Err(Error::State(format!(
+                        "dirty logging of memory slot {id} is {}",
+                        if on { "off" } else { "already on" }
+                    )));
+                }
+                Ok(i)
+            })
+            .collect()
+    }
+
+    /// Starts logging writes to `ids` (every page reads clean from now on).
+    pub fn start(&mut self, ids: &[SlotId]) -> Result<()> {
+        let idx = self.indices(ids, false)?;
+        // Whatever the rings hold for these slots belongs to an earlier period.
         self.drain_rings(true)?;
-        self.forget();
-        self.on = on;
+        for &i in &idx {
+            self.forget(i);
+        }
+        for (n, &i) in idx.iter().enumerate() {
+            if let Err(e) = self.register(&self.slots[i].slot, true) {
+                for &j in &idx[..n] {
+                    let _ = self.register(&self.slots[j].slot, false);
+                    self.slots[j].on = false;
+                }
+                return Err(e);
+            }
+            self.slots[i].on = true;
+        }
         Ok(())
+    }
+
+    /// Stops logging writes to `ids`.
+    pub fn stop(&mut self, ids: &[SlotId]) -> Result<()> {
+        let mut first_err = None;
+        for &id in ids {
+            let Ok(i) = self.index(id) else { continue };
+            if !self.slots[i].on {
+                continue;
+            }
+            if let Err(e) = self.register(&self.slots[i].slot, false) {
+                first_err.get_or_insert(e);
+            }
+            self.slots[i].on = false;
+            self.forget(i);
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Reads every ring into `found`; re-protects the pages read when `reset`.
@@ -317,18 +417,20 @@ impl DirtyLog {
         else {
             return Ok(());
         };
-        let pages = &self.pages;
+        let slots = &self.slots;
         let mut n = 0u64;
         for r in rings.iter_mut() {
             n += r.harvest(|slot, page| {
-                // Entries name KVM's slots: only RAM slots are logged, but check anyway.
-                let s = slot as usize;
-                if s < pages.len() && page < pages[s] {
-                    found[s][(page / 64) as usize] |= 1 << (page % 64);
-                    if let Some(v) = new {
-                        v.push((slot, page));
-                        if v.len() > MAX_NEW {
-                            *new = None;
+                // Entries name KVM's slots (address space 0); logged slots only, but
+                // check anyway.
+                if let Some(i) = slots.iter().position(|t| t.slot.id == slot) {
+                    if page < slots[i].pages {
+                        found[i][(page / 64) as usize] |= 1 << (page % 64);
+                        if let Some(v) = &mut new[i] {
+                            v.push(page);
+                            if v.len() > MAX_NEW {
+                                new[i] = None;
+                            }
                         }
                     }
                 }
@@ -350,61 +452,64 @@ impl DirtyLog {
         Ok(())
     }
 
-    /// The pages written since the last take (or since logging started), and resets them:
-    /// they are re-protected before this returns, so a write racing with the caller's
-    /// copy is logged again.
-    pub fn take(&mut self) -> Result<Vec<Bitmap>> {
-        self.check_on()?;
-        match &self.kind {
-            Kind::Bitmap { manual } => {
-                let manual = *manual;
-                (0..self.pages.len())
-                    .map(|s| take_bitmap(&self.vm, s as u32, self.pages[s], manual))
-                    .collect()
-            }
-            Kind::Ring { .. } => {
-                self.drain_rings(true)?;
-                Ok(self.forget())
-            }
-        }
-    }
-
-    /// Empties the ring mode's sets, returning the pages found.
-    fn forget(&mut self) -> Vec<Bitmap> {
-        let fresh = empty(&self.pages);
+    /// Empties the ring mode's sets of slot `i`, returning the pages found.
+    fn forget(&mut self, i: usize) -> Bitmap {
+        let fresh = empty(self.slots[i].pages);
         match &mut self.kind {
             Kind::Ring { found, new, .. } => {
-                *new = Some(Vec::new());
-                std::mem::replace(found, fresh)
+                new[i] = Some(Vec::new());
+                std::mem::replace(&mut found[i], fresh)
             }
             Kind::Bitmap { .. } => fresh,
         }
     }
 
-    /// The last read before logging ends, with the vCPUs stopped: as `take`, less the
-    /// re-protection nobody needs any more (on a 4 GiB guest that is most of the read).
-    pub fn take_last(&mut self) -> Result<Vec<Bitmap>> {
-        self.check_on()?;
+    /// The pages of `ids` written since the last take (or since logging started), one
+    /// bitmap per slot, and resets them: they are re-protected before this returns, so
+    /// a write racing with the caller's copy is logged again.
+    pub fn take(&mut self, ids: &[SlotId]) -> Result<Vec<Bitmap>> {
+        let idx = self.indices(ids, true)?;
         match &self.kind {
-            Kind::Bitmap { manual: true } => (0..self.pages.len())
-                .map(|s| peek_bitmap(&self.vm, s as u32, self.pages[s]))
-                .collect(),
-            Kind::Bitmap { manual: false } => self.take(),
+            Kind::Bitmap { manual } => {
+                let manual = *manual;
+                idx.iter()
+                    .map(|&i| take_bitmap(&self.vm, &self.slots[i], manual))
+                    .collect()
+            }
             Kind::Ring { .. } => {
-                self.drain_rings(false)?;
-                Ok(self.forget())
+                self.drain_rings(true)?;
+                Ok(idx.iter().map(|&i| self.forget(i)).collect())
             }
         }
     }
 
-    /// A look at the pages written, leaving them marked so the next take still has
-    /// them; None where the kernel cannot do that (classic bitmap).
-    pub fn peek(&mut self) -> Result<Option<Written>> {
-        self.check_on()?;
+    /// The last read before logging ends, with every writer stopped: as `take`, less
+    /// the re-protection nobody needs any more (on a 4 GiB guest that is most of it).
+    pub fn take_last(&mut self, ids: &[SlotId]) -> Result<Vec<Bitmap>> {
+        let idx = self.indices(ids, true)?;
+        match &self.kind {
+            Kind::Bitmap { manual: true } => idx
+                .iter()
+                .map(|&i| peek_bitmap(&self.vm, &self.slots[i]))
+                .collect(),
+            Kind::Bitmap { manual: false } => self.take(ids),
+            Kind::Ring { .. } => {
+                self.drain_rings(false)?;
+                Ok(idx.iter().map(|&i| self.forget(i)).collect())
+            }
+        }
+    }
+
+    /// A look at the pages of `ids` written, leaving them marked so the next take still
+    /// has them; None where the kernel cannot do that (classic bitmap). `Written::New`
+    /// names slots by their position in `ids`.
+    pub fn peek(&mut self, ids: &[SlotId]) -> Result<Option<Written>> {
+        let idx = self.indices(ids, true)?;
         match &self.kind {
             Kind::Bitmap { manual: false } => Ok(None),
-            Kind::Bitmap { manual: true } => (0..self.pages.len())
-                .map(|s| peek_bitmap(&self.vm, s as u32, self.pages[s]))
+            Kind::Bitmap { manual: true } => idx
+                .iter()
+                .map(|&i| peek_bitmap(&self.vm, &self.slots[i]))
                 .collect::<Result<Vec<_>>>()
                 .map(|b| Some(Written::Since(b))),
             Kind::Ring { .. } => {
@@ -412,10 +517,24 @@ impl DirtyLog {
                 let Kind::Ring { found, new, .. } = &mut self.kind else {
                     unreachable!("matched above")
                 };
-                Ok(Some(match new.replace(Vec::new()) {
-                    Some(v) => Written::New(v),
-                    None => Written::Since(found.clone()),
-                }))
+                let lists: Vec<Option<Vec<u64>>> =
+                    idx.iter().map(|&i| new[i].replace(Vec::new())).collect();
+                if lists.iter().any(|l| l.is_none()) {
+                    return Ok(Some(Written::Since(
+                        idx.iter().map(|&i| found[i].clone()).collect(),
+                    )));
+                }
+                Ok(Some(Written::New(
+                    lists
+                        .into_iter()
+                        .enumerate()
+                        .flat_map(|(k, l)| {
+                            l.unwrap_or_default()
+                                .into_iter()
+                                .map(move |p| (k as u32, p))
+                        })
+                        .collect(),
+                )))
             }
         }
     }
@@ -425,14 +544,6 @@ impl DirtyLog {
     pub fn ring_full(&mut self) -> Result<()> {
         self.stats.ring_full_exits += 1;
         self.drain_rings(true)
-    }
-
-    fn check_on(&self) -> Result<()> {
-        if self.on {
-            Ok(())
-        } else {
-            Err(Error::State("dirty logging is off".into()))
-        }
     }
 }
 
@@ -454,21 +565,19 @@ fn enable_manual_protect(vm: &VmFd) -> bool {
 
 /// Reads the dirty bitmap of a slot without resetting it (manual protection only: there
 /// KVM_GET_DIRTY_LOG neither clears nor re-protects).
-fn peek_bitmap(vm: &VmFd, slot: u32, pages: u64) -> Result<Bitmap> {
-    vm.get_dirty_log(slot, (pages * PAGE_SIZE) as usize)
+fn peek_bitmap(vm: &VmFd, t: &Tracked) -> Result<Bitmap> {
+    vm.get_dirty_log(t.slot.id, t.slot.size as usize)
         .kvm("KVM_GET_DIRTY_LOG")
 }
 
 /// Reads and resets the dirty bitmap of memory slot `slot`. With manual protection the
 /// pages found are re-protected here, before the caller reads them.
-fn take_bitmap(vm: &VmFd, slot: u32, pages: u64, manual: bool) -> Result<Bitmap> {
-    let bitmap = vm
-        .get_dirty_log(slot, (pages * PAGE_SIZE) as usize)
-        .kvm("KVM_GET_DIRTY_LOG")?;
+fn take_bitmap(vm: &VmFd, t: &Tracked, manual: bool) -> Result<Bitmap> {
+    let bitmap = peek_bitmap(vm, t)?;
     if manual && bitmap.iter().any(|w| *w != 0) {
         let clear = kvm_clear_dirty_log {
-            slot,
-            num_pages: pages as u32,
+            slot: t.slot.id,
+            num_pages: t.pages as u32,
             first_page: 0,
             __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
                 dirty_bitmap: bitmap.as_ptr() as *mut libc::c_void,

@@ -10,6 +10,8 @@ pub mod dirty;
 pub mod error;
 pub mod loader;
 pub mod memory;
+pub mod migratable;
+pub mod pagemap;
 pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -1,9 +1,7 @@
 //! Guest physical memory: the layout (RAM below a 1 GiB MMIO hole at 3 GiB, the rest above
 //! 4 GiB) and the anonymous mappings that back it.
 
-use crate::error::{Error, KvmContext, Result};
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::VmFd;
+use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -106,26 +104,6 @@ pub fn create(bytes: u64) -> Result<GuestMemory> {
         }
     }
     Ok(mem)
-}
-
-/// Hands every region to KVM, slot i for region i.
-pub fn register(vm: &VmFd, mem: &GuestMemory, flags: u32) -> Result<()> {
-    for (slot, region) in mem.iter().enumerate() {
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| Error::Memory(e.to_string()))?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the mapping behind `host` lives as long as `mem`, which the VM holds
-        // for its whole life; KVM only accesses it while the VM exists.
-        unsafe { vm.set_user_memory_region(r) }.kvm("KVM_SET_USER_MEMORY_REGION")?;
-    }
-    Ok(())
 }
 
 pub const PAGE_SIZE: u64 = 4096;

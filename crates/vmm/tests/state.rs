@@ -1,12 +1,12 @@
-//! A VM's state image is complete: pause a running guest, save everything (vCPUs,
-//! irqchip, clock, devices) and its memory, load both into a brand-new VM, and the guest
-//! carries on exactly where it stopped, on every vCPU.
+//! A VM's state is complete: pause a running guest, stop every migration component and
+//! save their states, load them (and a copy of memory) into a brand-new VM, and the
+//! guest carries on exactly where it stopped, on every vCPU.
 
 mod common;
 
 use common::{kvm_available, vm, wait_until, Sink};
-use godwit_vmm::state::VmState;
-use godwit_vmm::{Vm, VmExit};
+use godwit_vmm::migratable::{incoming, step_to, MigState};
+use godwit_vmm::{RunState, Vm, VmExit};
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -35,6 +35,30 @@ fn last_seq(text: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Stops every component of `vm` (in stop order) and reads their states.
+fn save(vm: &Vm) -> Vec<Vec<u8>> {
+    vm.components()
+        .iter()
+        .map(|c| {
+            step_to(&**c, MigState::StopCopy).unwrap();
+            c.save().unwrap()
+        })
+        .collect()
+}
+
+/// Loads states into a fresh VM (same shape, threads parked) and starts it.
+fn restore(vm: &mut Vm, states: &[Vec<u8>]) {
+    vm.start_paused().unwrap();
+    for (c, s) in vm.components().iter().zip(states) {
+        step_to(&**c, MigState::Resuming).unwrap();
+        c.load(s).unwrap();
+        step_to(&**c, MigState::Stop).unwrap();
+    }
+    for c in vm.components().iter().rev() {
+        step_to(&**c, MigState::Running).unwrap();
+    }
+}
+
 #[test]
 fn a_restored_vm_continues_where_the_saved_one_stopped() {
     if !kvm_available() {
@@ -47,29 +71,17 @@ fn a_restored_vm_continues_where_the_saved_one_stopped() {
     assert!(wait_until(Duration::from_secs(10), || last_seq(
         &a_out.text()
     ) >= 10));
-    a.handle().ctl.pause().unwrap();
-    let saved = a.save_state().unwrap();
+    let states = save(&a);
+    assert_eq!(a.handle().state(), RunState::Paused);
     let seq_at_pause = last_seq(&a_out.text());
-
-    // Through JSON, as it would cross a wire or sit in a file.
-    let json = serde_json::to_vec(&saved).unwrap();
-    let back: VmState = serde_json::from_slice(&json).unwrap();
-    assert_eq!(back.vcpus.len(), 2);
-    assert!(back.vcpus[0].msrs.len() > 10, "MSRs are saved");
-    assert_eq!(
-        back.vcpus[0].sregs.cs.dpl, 3,
-        "vCPU 0 was stopped in ring 3"
-    );
 
     let b_out = Sink::default();
     let mut b = vm("heartbeat", "period=5 count=40", 2, 64, &b_out);
     copy_memory(&a, &b);
-    b.restore_state(&back).unwrap();
     // The source is gone for good before the copy runs.
     a.handle().ctl.request_exit(VmExit::Shutdown);
     assert_eq!(a.wait(), VmExit::Shutdown);
-
-    b.start().unwrap();
+    restore(&mut b, &states);
     assert_eq!(b.wait(), VmExit::Guest(0));
     let text = b_out.text();
     let seqs: Vec<u64> = text
@@ -99,15 +111,13 @@ fn a_dirtier_restored_mid_write_verifies_all_of_its_memory() {
     assert!(wait_until(Duration::from_secs(10), || a_out
         .text()
         .contains("written_mib=")));
-    a.handle().ctl.pause().unwrap();
-    let saved = a.save_state().unwrap();
+    let states = save(&a);
     let b_out = Sink::default();
     let mut b = vm("dirtier", args, 1, 64, &b_out);
     copy_memory(&a, &b);
-    b.restore_state(&saved).unwrap();
     a.handle().ctl.request_exit(VmExit::Shutdown);
     a.wait();
-    b.start().unwrap();
+    restore(&mut b, &states);
     assert_eq!(b.wait(), VmExit::Guest(0), "{}", b_out.text());
     assert!(
         b_out.text().contains("verify ok pages=4096"),
@@ -117,22 +127,64 @@ fn a_dirtier_restored_mid_write_verifies_all_of_its_memory() {
 }
 
 #[test]
+fn a_paused_vm_stays_paused_where_it_is_restored() {
+    if !kvm_available() {
+        return;
+    }
+    let out = Sink::default();
+    let mut a = vm("heartbeat", "period=5 count=0", 1, 64, &out);
+    a.start().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || last_seq(
+        &out.text()
+    ) >= 1));
+    a.handle().pause().unwrap();
+    let states = save(&a);
+    let b_out = Sink::default();
+    let mut b = vm("heartbeat", "period=5 count=0", 1, 64, &b_out);
+    copy_memory(&a, &b);
+    a.handle().ctl.request_exit(VmExit::Shutdown);
+    a.wait();
+    restore(&mut b, &states);
+    assert_eq!(b.handle().state(), RunState::Paused);
+    b.handle().resume().unwrap();
+    assert_eq!(b.handle().state(), RunState::Running);
+    let n = last_seq(&b_out.text());
+    assert!(wait_until(Duration::from_secs(10), || last_seq(
+        &b_out.text()
+    ) > n));
+    b.handle().ctl.request_exit(VmExit::Shutdown);
+    b.wait();
+}
+
+#[test]
 fn restore_refuses_a_different_vm_or_version() {
     if !kvm_available() {
         return;
     }
     let out = Sink::default();
-    let a = vm("heartbeat", "", 1, 64, &out);
-    let saved = a.save_state().unwrap();
+    let mut a = vm("heartbeat", "", 1, 64, &out);
+    a.start_paused().unwrap();
+    let states = save(&a);
+    let sections: Vec<_> = a.components().iter().map(|c| c.section()).collect();
+    // Another memory size or vCPU count is named before any data moves.
     let bigger = vm("heartbeat", "", 1, 128, &out);
-    let e = bigger.restore_state(&saved).unwrap_err().to_string();
-    assert!(e.contains("does not match"), "{e}");
-    let two = vm("heartbeat", "", 2, 64, &out);
-    assert!(two.restore_state(&saved).is_err());
-    let mut foreign = saved;
-    foreign.version += 1;
-    let e = a.restore_state(&foreign).unwrap_err().to_string();
-    assert!(e.contains("state version"), "{e}");
+    let theirs: Vec<_> = bigger.components().iter().map(|c| c.section()).collect();
+    let e = incoming::mismatch(&sections, &theirs).unwrap();
+    assert!(e.starts_with("ram:"), "{e}");
+    // And the states themselves are checked.
+    let mut two = vm("heartbeat", "", 2, 64, &out);
+    two.start_paused().unwrap();
+    let c = &two.components()[0];
+    assert_eq!(c.section().name, "vcpus");
+    step_to(&**c, MigState::Resuming).unwrap();
+    let e = c.load(&states[0]).unwrap_err().to_string();
+    assert!(e.contains("state of 1 vCPUs for a VM of 2"), "{e}");
+    let mut foreign = states[0].clone();
+    foreign[0] += 1;
+    let e = c.load(&foreign).unwrap_err().to_string();
+    assert!(e.contains("version"), "{e}");
+    // Leaving RESUMING needs a state that was taken.
+    assert!(step_to(&**c, MigState::Stop).is_err());
 }
 
 #[test]
@@ -146,7 +198,9 @@ fn saving_a_running_vm_is_refused() {
     assert!(wait_until(Duration::from_secs(10), || last_seq(
         &out.text()
     ) >= 1));
-    assert!(a.save_state().is_err());
+    for c in a.components() {
+        assert!(c.save().is_err(), "{}", c.section().name);
+    }
     a.handle().ctl.request_exit(VmExit::Shutdown);
     a.wait();
 }

@@ -1,6 +1,9 @@
 //! Shared by the integration tests: run the real godwit binary against real KVM.
 #![allow(dead_code)]
 
+pub mod gpuhost;
+pub mod mig;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -8,19 +8,20 @@ use super::bus::SharedDevice;
 use super::pci::{BarKind, PciConfig, PciDevice};
 use crate::config::GpuRequest;
 use crate::control::Control;
-use crate::error::{Error, KvmContext, Result};
+use crate::dirty::{DirtyLog, Slot, SlotId};
+use crate::error::{Error, Result};
 use crate::memory::{self, GuestMemory, GIB};
 use godwit_gpu::abi;
 use godwit_gpu::cpu::CpuBackend;
 use godwit_gpu::{IrqLine, Lease, Manager, Vf};
-use kvm_bindings::{kvm_msi, kvm_userspace_memory_region};
+use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// KVM slot of the VRAM aperture (RAM uses slots 0 and 1).
-pub const APERTURE_SLOT: u32 = 8;
+pub const APERTURE_SLOT: SlotId = 8;
 /// The register BAR: the first page of the 32-bit PCI window.
 pub const REGS_BASE: u64 = memory::PCI_MMIO_BASE;
 
@@ -130,6 +131,8 @@ pub struct Slots<'a> {
     pub mem: &'a GuestMemory,
     pub ram_end: u64,
     pub ctl: &'a Arc<Control>,
+    /// The VM's memory slots (the aperture becomes one).
+    pub dirty: &'a mut DirtyLog,
 }
 
 /// A built device and what the caller plugs into its buses.
@@ -158,17 +161,16 @@ pub fn attach(req: &GpuRequest, at: Slots) -> Result<Parts> {
     let backend = CpuBackend::new(fb).map_err(|e| Error::Gpu(format!("VRAM: {e}")))?;
     let ap = godwit_gpu::backend::Backend::aperture(&backend)
         .ok_or_else(|| Error::Gpu("the backend cannot map VRAM into the guest".into()))?;
-    let region = kvm_userspace_memory_region {
-        slot: APERTURE_SLOT,
-        flags: 0,
+    let slot = Slot {
+        id: APERTURE_SLOT,
         guest_phys_addr: vram_bar,
-        memory_size: ap.len,
-        userspace_addr: ap.host,
+        size: ap.len,
+        host: ap.host,
     };
     let vf = Vf::new(Box::new(backend), at.mem.clone(), Box::new(lease.seat()));
     // SAFETY: the aperture mapping is owned by the backend inside `vf`, which the VM keeps
     // (in AttachedGpu) for as long as the VM and its KVM fd exist.
-    unsafe { at.fd.set_user_memory_region(region) }.kvm("KVM_SET_USER_MEMORY_REGION (VRAM)")?;
+    unsafe { at.dirty.add_slot(slot) }?;
     let mut config = PciConfig::new(abi::VENDOR_ID, abi::DEVICE_ID_VF, abi::CLASS, abi::REVISION);
     config.add_bar(
         abi::BAR_REGS,

@@ -165,6 +165,24 @@ impl PciConfig {
             }
         }
     }
+
+    /// Whether a saved config space (hostile input) could be this function's: the same
+    /// size, and every bit software cannot write equal to this one's. Only the bytes
+    /// matter: which bits are writable, and BAR sizes, are this device model's own.
+    pub fn check_saved(&self, saved: &PciConfig) -> Result<(), String> {
+        if saved.bytes.len() != CONFIG_SIZE {
+            return Err(format!("a config space of {} bytes", saved.bytes.len()));
+        }
+        let differs =
+            (0..CONFIG_SIZE).find(|&o| (saved.bytes[o] ^ self.bytes[o]) & !self.write_mask[o] != 0);
+        match differs {
+            Some(o) => Err(format!(
+                "read-only config byte {o:#x} is {:#04x}, this device's {:#04x}",
+                saved.bytes[o], self.bytes[o]
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 pub trait PciDevice: Send {
@@ -277,20 +295,29 @@ impl PciBus {
             .collect()
     }
 
-    /// Restores config spaces onto the devices this bus already has; the device set must
-    /// match.
-    pub fn restore(&mut self, state: &[PciSlotState]) -> Result<(), String> {
+    /// Checks saved config spaces against the devices this bus has: the same functions
+    /// in the same slots, each one's read-only bytes unchanged.
+    pub fn check(&self, state: &[PciSlotState]) -> Result<(), String> {
         let have: Vec<(u8, String)> = self.state().into_iter().map(|s| (s.slot, s.name)).collect();
         let want: Vec<(u8, String)> = state.iter().map(|s| (s.slot, s.name.clone())).collect();
         if have != want {
             return Err(format!("PCI devices differ: saved {want:?}, here {have:?}"));
         }
         for s in state {
+            let d = self.slots[s.slot as usize].as_ref().expect("checked above");
+            d.config()
+                .check_saved(&s.config)
+                .map_err(|e| format!("PCI {}: {e}", s.name))?;
+        }
+        Ok(())
+    }
+
+    /// Restores config spaces onto the devices this bus already has (see `check`).
+    pub fn restore(&mut self, state: &[PciSlotState]) -> Result<(), String> {
+        self.check(state)?;
+        for s in state {
             let d = self.slots[s.slot as usize].as_mut().expect("checked above");
-            if s.config.bytes.len() != CONFIG_SIZE || s.config.write_mask.len() != CONFIG_SIZE {
-                return Err(format!("PCI {}: config space of wrong size", s.name));
-            }
-            *d.config_mut() = s.config.clone();
+            d.config_mut().bytes.copy_from_slice(&s.config.bytes);
             d.config_changed();
         }
         Ok(())

@@ -1,0 +1,79 @@
+//! Shared by the GPU tests: a private GPU host (its own manager directory), its status,
+//! and the answer gpu-train must reach.
+
+use super::*;
+use std::time::Duration;
+
+/// A private GPU manager directory with `gpus` GPUs.
+pub fn host(tag: &str, gpus: usize, extra: &[&str]) -> TempDir {
+    let d = TempDir::new(tag);
+    let dir = d.path("gpu");
+    let mut args = vec!["gpu", "init", "--gpus"];
+    let n = gpus.to_string();
+    args.push(&n);
+    args.extend(["--gpu-dir", dir.to_str().unwrap()]);
+    args.extend(extra);
+    let o = run(&args, Duration::from_secs(10));
+    assert!(o.status.success(), "{}", stderr(&o));
+    d
+}
+
+pub fn gpu_dir(d: &TempDir) -> String {
+    d.path("gpu").to_str().unwrap().to_string()
+}
+
+pub fn status(d: &TempDir) -> serde_json::Value {
+    let o = run(
+        &["gpu", "status", "--json", "--gpu-dir", &gpu_dir(d)],
+        Duration::from_secs(10),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).unwrap()
+}
+
+/// The Jacobi solve gpu-train runs, on the host in the same f32 arithmetic.
+pub fn jacobi(w: usize, tol: f64) -> (u64, u64) {
+    let source = 1.0e-3f32;
+    let mut u = [vec![0f32; w * w], vec![0f32; w * w]];
+    let mut iters = 0u64;
+    loop {
+        let mut change = 0f64;
+        for k in 0..10 {
+            let (src, dst) = if iters.is_multiple_of(2) {
+                (0, 1)
+            } else {
+                (1, 0)
+            };
+            let mut sq = 0f64;
+            for y in 0..w {
+                for x in 0..w {
+                    let i = y * w + x;
+                    let s = &u[src];
+                    let v = if y == 0 || y == w - 1 || x == 0 || x == w - 1 {
+                        s[i]
+                    } else {
+                        0.25 * (s[i - w] + s[i + w] + s[i - 1] + s[i + 1] + source)
+                    };
+                    let d = (v - s[i]) as f64;
+                    sq += d * d;
+                    u[dst][i] = v;
+                }
+            }
+            iters += 1;
+            if k == 9 {
+                change = sq;
+            }
+        }
+        if change < tol {
+            break;
+        }
+    }
+    let sol = &u[(iters % 2) as usize];
+    let bytes: Vec<u8> = sol.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let h = bytes
+        .chunks_exact(8)
+        .fold(godwit_gpu::abi::HASH_SEED, |h, c| {
+            godwit_gpu::abi::hash_word(h, u64::from_le_bytes(c.try_into().unwrap()))
+        });
+    (iters, h)
+}

@@ -1,0 +1,250 @@
+//! Shared by the migration tests: real godwit processes as sources and destinations,
+//! a man in the middle, a destination that never confirms.
+
+use super::*;
+use godwit_migration::wire::{self, Frame, Kind};
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+pub const LIMIT: Duration = Duration::from_secs(60);
+
+pub struct Vm {
+    pub proc: Reaper,
+    pub log: PathBuf,
+    pub err: PathBuf,
+    pub sock: PathBuf,
+}
+
+pub fn spawn(args: &[String], log: &Path, err: &Path) -> Reaper {
+    // The console option goes before any guest arguments (which follow `--`).
+    let i = args.iter().position(|x| x == "--").unwrap_or(args.len());
+    let mut a = args[..i].to_vec();
+    a.push("--console".into());
+    a.push(format!("file:{}", log.display()));
+    a.extend_from_slice(&args[i..]);
+    Reaper(
+        godwit()
+            .args(&a)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(err).unwrap())
+            .spawn()
+            .expect("spawn godwit"),
+    )
+}
+
+/// A source VM with an API socket.
+pub fn source(dir: &TempDir, name: &str, args: &[&str]) -> Vm {
+    let (log, err, sock) = (
+        dir.path(&format!("{name}.log")),
+        dir.path(&format!("{name}.err")),
+        dir.path(&format!("{name}.sock")),
+    );
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        "--api-socket".into(),
+        sock.display().to_string(),
+    ];
+    a.extend(args.iter().map(|s| s.to_string()));
+    let proc = spawn(&a, &log, &err);
+    assert!(
+        wait_for(LIMIT, || sock.exists().then_some(())).is_some(),
+        "no API socket: {}",
+        read(&err)
+    );
+    Vm {
+        proc,
+        log,
+        err,
+        sock,
+    }
+}
+
+/// A destination waiting on a TCP port of its choosing; returns it and its address.
+pub fn destination(dir: &TempDir, name: &str, extra: &[&str]) -> (Vm, String) {
+    let (log, err, sock) = (
+        dir.path(&format!("{name}.log")),
+        dir.path(&format!("{name}.err")),
+        dir.path(&format!("{name}.sock")),
+    );
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        "--incoming".into(),
+        "tcp:127.0.0.1:0".into(),
+        "--api-socket".into(),
+        sock.display().to_string(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    let proc = spawn(&a, &log, &err);
+    let addr = wait_for(LIMIT, || {
+        read(&err).lines().find_map(|l| {
+            l.strip_prefix("godwit: waiting for a migration on ")
+                .map(String::from)
+        })
+    })
+    .unwrap_or_else(|| panic!("destination did not listen: {}", read(&err)));
+    (
+        Vm {
+            proc,
+            log,
+            err,
+            sock,
+        },
+        addr,
+    )
+}
+
+pub fn migrate(src: &Vm, to: &str, extra: &[&str]) -> (Output, Value) {
+    let mut a = vec![
+        "migrate",
+        "--api-socket",
+        src.sock.to_str().unwrap(),
+        "--to",
+        to,
+        "--json",
+    ];
+    a.extend_from_slice(extra);
+    let out = run(&a, Duration::from_secs(120));
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+    (out, v)
+}
+
+/// A migration capped at 8 MiB/s (several seconds for these guests), in the background.
+pub fn slow_migration(src: &Vm, to: String) -> std::thread::JoinHandle<Output> {
+    let sock = src.sock.clone();
+    std::thread::spawn(move || {
+        let s = sock.to_str().unwrap();
+        let a = [
+            "migrate",
+            "--api-socket",
+            s,
+            "--to",
+            &to,
+            "--max-bandwidth",
+            "8M",
+            "--json",
+        ];
+        run(&a, Duration::from_secs(60))
+    })
+}
+
+pub fn exit_code(vm: &mut Vm, limit: Duration) -> i32 {
+    let c = &mut vm.proc.0;
+    wait_for(limit, || c.try_wait().unwrap())
+        .expect("process did not end")
+        .code()
+        .unwrap_or(-1)
+}
+
+pub fn wait_log(p: &Path, what: &str) {
+    assert!(
+        wait_for(LIMIT, || read(p).contains(what).then_some(())).is_some(),
+        "{what:?} never appeared in {}:\n{}",
+        p.display(),
+        read(p)
+    );
+}
+
+pub fn seqs(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| {
+            l.strip_prefix("heartbeat seq=")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+pub fn info(vm: &Vm) -> Value {
+    let out = run(&["info", "--api-socket", vm.sock.to_str().unwrap()], LIMIT);
+    serde_json::from_str(&stdout(&out)).unwrap_or_default()
+}
+
+/// A man in the middle that forwards the first `keep` bytes from source to destination
+/// and then damages the stream as `how` says; the other direction passes untouched.
+pub fn proxy(to: String, keep: usize, how: &'static str) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (mut a, _) = l.accept().unwrap();
+        let mut b = TcpStream::connect(to.strip_prefix("tcp:").unwrap()).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = b2.read(&mut buf) {
+                if n == 0 || a2.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut buf = vec![0u8; 65536];
+        let mut passed = 0usize;
+        loop {
+            let n = match a.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let chunk = &mut buf[..n];
+            if passed + n > keep {
+                let at = keep.saturating_sub(passed);
+                match how {
+                    "flip" => {
+                        chunk[at] ^= 0x40;
+                        let _ = b.write_all(chunk);
+                        passed += n;
+                        // Keep forwarding the rest unchanged.
+                        continue;
+                    }
+                    _ => {
+                        let _ = b.write_all(&chunk[..at]);
+                        break;
+                    }
+                }
+            }
+            if b.write_all(chunk).is_err() {
+                break;
+            }
+            passed += n;
+        }
+        let _ = a.shutdown(std::net::Shutdown::Both);
+        let _ = b.shutdown(std::net::Shutdown::Both);
+    });
+    addr
+}
+
+/// A destination that takes everything and never confirms (no READY); returns its
+/// address and the frame kinds it saw.
+pub fn unconfirming_destination() -> (String, std::thread::JoinHandle<Vec<Kind>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", l.local_addr().unwrap());
+    let fake = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut buf = Vec::new();
+        let mut kinds = Vec::new();
+        loop {
+            match wire::read_frame(&mut c, &mut buf) {
+                Ok(Frame::Hello(_)) => {
+                    wire::write_frame(&mut c, &Frame::Accept).unwrap();
+                    kinds.push(Kind::Hello);
+                }
+                Ok(f) => {
+                    let k = f.kind();
+                    kinds.push(k);
+                    if k == Kind::Complete {
+                        break;
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        drop(c); // no READY
+        kinds
+    });
+    (addr, fake)
+}

@@ -1,0 +1,413 @@
+//! gpu-dirtier: keeps rewriting a GPU function's memory in every way a guest and its GPU
+//! write it, each way in its own region so a lost write of any kind shows up as its own
+//! failure:
+//! - `aperture`: VRAM pages the CPU writes through the BAR2 aperture (plain stores);
+//! - `engine`: VRAM the GPU engine writes (FILL commands, 64 KiB groups);
+//! - `dma`: guest RAM pages only the GPU writes (FILL into system memory); the CPU
+//!   never touches them after allocating them;
+//! - `window`: a 2 MiB GPU virtual window remapped between two VRAM targets (the GPU
+//!   page tables, in VRAM, rewritten by the CPU through the aperture) and filled through
+//!   the window by the engine: a stale page table sends the fill to the wrong target.
+//!
+//! Every word is derivable from (kind, page or group, generation), so all of it can be
+//! checked at any time. It reports the largest gap between its own iterations (a
+//! guest-side witness of a pause), like the dirtier.
+//!
+//! Arguments: aperture=MiB (16), engine=MiB (16), dma=MiB (4), rate=MiB/s per kind (64;
+//! 0 or flat = as fast as it can), seconds=S (5; 0 = forever), verify-every=S (0 = only
+//! at the end), report-every=MS (1000).
+//! Exit code 0 when every check passed, 1 on corruption, 2 on a GPU error.
+#![no_std]
+#![no_main]
+
+use godwit_rt::gpu::{Gpu, GpuError};
+use godwit_rt::gpu_abi::{op, pte};
+use godwit_rt::{args, mem, println, sys, time};
+
+const PAGE: u64 = 4096;
+const WORDS: u64 = PAGE / 8;
+/// Pages per engine group (one FILL command each).
+const GROUP_PAGES: u64 = 16;
+const GROUP: u64 = GROUP_PAGES * PAGE;
+/// Aperture pages per iteration (and one engine group, one DMA group).
+const CHUNK: u64 = 16;
+/// A VA nothing else maps; remapped every few iterations.
+const WINDOW_VA: u64 = 1 << 37;
+const WINDOW: u64 = 2 << 20;
+const WINDOW_EVERY: u64 = 8;
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Word `word` of aperture page `page` at generation `gen`.
+fn value(page: u64, gen: u32, word: u64) -> u64 {
+    mix(page
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((gen as u64) << 32 | word))
+}
+
+/// The 32-bit fill pattern of group `idx` of a kind at `gen` (0 never: it is what
+/// memory nobody wrote holds).
+fn pattern(kind: u64, idx: u64, gen: u32) -> u32 {
+    (mix(kind << 56 ^ idx << 24 ^ gen as u64) as u32) | 1
+}
+
+const ENGINE: u64 = 1;
+const DMA: u64 = 2;
+const WIN: u64 = 3;
+
+fn gens(n: u64) -> &'static mut [u32] {
+    let b = mem::alloc(n * 4).unwrap_or_else(|| {
+        println!("gpu-dirtier: out of guest memory");
+        sys::exit(2)
+    });
+    b.fill(0);
+    // SAFETY: page-aligned RAM from the allocator, n * 4 bytes (rounded up).
+    unsafe { core::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut u32, n as usize) }
+}
+
+struct State {
+    g: Gpu,
+    ap_pages: u64,
+    /// VRAM offset of the engine region.
+    eng_at: u64,
+    eng_groups: u64,
+    dma: &'static mut [u8],
+    dma_groups: u64,
+    /// The two window targets (VRAM offsets, 2 MiB aligned).
+    targets: [u64; 2],
+    ap_gen: &'static mut [u32],
+    eng_gen: &'static mut [u32],
+    dma_gen: &'static mut [u32],
+    /// Last generation filled into each window target (0: never).
+    win_gen: [u32; 2],
+    win_count: u32,
+    fence: u64,
+}
+
+fn failed(e: GpuError) -> ! {
+    println!("gpu-dirtier: {}", e);
+    sys::exit(2)
+}
+
+/// The first 8-byte word of a 4-byte-pattern page that is not `p`, if any.
+fn bad_u32(ptr: *const u32, words: u64, p: u32) -> bool {
+    (0..words).any(|i| {
+        // SAFETY: callers pass pages inside VRAM (identity-mapped aperture) or their RAM.
+        let got = unsafe { core::ptr::read_volatile(ptr.add(i as usize)) };
+        got != p
+    })
+}
+
+impl State {
+    fn write_aperture(&mut self, page: u64) {
+        let gen = self.ap_gen[page as usize].wrapping_add(1);
+        self.ap_gen[page as usize] = gen;
+        let base = self.g.vram_ptr(page * PAGE) as *mut u64;
+        for w in 0..WORDS {
+            // SAFETY: page < ap_pages, inside the usable VRAM through the aperture.
+            unsafe { core::ptr::write_volatile(base.add(w as usize), value(page, gen, w)) };
+        }
+    }
+
+    fn fill_engine(&mut self, grp: u64) {
+        let gen = self.eng_gen[grp as usize].wrapping_add(1);
+        self.eng_gen[grp as usize] = gen;
+        let p = pattern(ENGINE, grp, gen);
+        self.fence = self.g.queue(
+            op::FILL,
+            [self.eng_at + grp * GROUP, GROUP, p as u64, 0, 0, 0],
+        );
+    }
+
+    fn fill_dma(&mut self, grp: u64) {
+        let gen = self.dma_gen[grp as usize].wrapping_add(1);
+        self.dma_gen[grp as usize] = gen;
+        let p = pattern(DMA, grp, gen);
+        let va = Gpu::sys_va(self.dma.as_ptr()) + grp * GROUP;
+        self.fence = self.g.queue(op::FILL, [va, GROUP, p as u64, 0, 0, 0]);
+    }
+
+    /// Points the window at the other target (a page-table write through the
+    /// aperture) and fills it through the window.
+    fn remap_and_fill(&mut self) {
+        self.win_count = self.win_count.wrapping_add(1);
+        let t = (self.win_count % 2) as usize;
+        // The ring holds commands that still use the old mapping: let them finish.
+        self.g.kick();
+        if let Err(e) = self.g.wait(self.fence) {
+            failed(e)
+        }
+        self.g
+            .map_range(WINDOW_VA, self.targets[t], WINDOW, pte::WRITE);
+        self.g.queue(op::TLB_INVALIDATE, [0; 6]);
+        let p = pattern(WIN, t as u64, self.win_count);
+        self.fence = self
+            .g
+            .queue(op::FILL, [WINDOW_VA, WINDOW, p as u64, 0, 0, 0]);
+        self.win_gen[t] = self.win_count;
+    }
+
+    /// Checks every word of every region. Returns whether all held.
+    fn verify(&mut self, when_ms: u64) -> bool {
+        self.g.kick();
+        if let Err(e) = self.g.wait(self.fence) {
+            failed(e)
+        }
+        let mut ok = true;
+        let mut report = |kind: &str, bad: u64, first: Option<u64>| {
+            if bad > 0 {
+                println!(
+                    "gpu-dirtier: verify FAILED kind={} bad={} first_bad={} t_ms={}",
+                    kind,
+                    bad,
+                    first.unwrap_or(0),
+                    when_ms
+                );
+                ok = false;
+            }
+        };
+        let (mut bad, mut first) = (0, None);
+        for page in 0..self.ap_pages {
+            let gen = self.ap_gen[page as usize];
+            let base = self.g.vram_ptr(page * PAGE) as *const u64;
+            let wrong = (0..WORDS).any(|w| {
+                let want = if gen == 0 { 0 } else { value(page, gen, w) };
+                // SAFETY: inside the usable VRAM through the aperture.
+                let got = unsafe { core::ptr::read_volatile(base.add(w as usize)) };
+                got != want
+            });
+            if wrong {
+                bad += 1;
+                first.get_or_insert(page);
+            }
+        }
+        report("aperture", bad, first);
+        let (mut bad, mut first) = (0, None);
+        for grp in 0..self.eng_groups {
+            let gen = self.eng_gen[grp as usize];
+            let want = if gen == 0 {
+                0
+            } else {
+                pattern(ENGINE, grp, gen)
+            };
+            let ptr = self.g.vram_ptr(self.eng_at + grp * GROUP) as *const u32;
+            if bad_u32(ptr, GROUP / 4, want) {
+                bad += 1;
+                first.get_or_insert(grp);
+            }
+        }
+        report("engine", bad, first);
+        let (mut bad, mut first) = (0, None);
+        for grp in 0..self.dma_groups {
+            let gen = self.dma_gen[grp as usize];
+            let want = if gen == 0 { 0 } else { pattern(DMA, grp, gen) };
+            // SAFETY: the group lies inside `dma`.
+            let ptr = unsafe { self.dma.as_ptr().add((grp * GROUP) as usize) } as *const u32;
+            if bad_u32(ptr, GROUP / 4, want) {
+                bad += 1;
+                first.get_or_insert(grp);
+            }
+        }
+        report("dma", bad, first);
+        let mut bad = 0;
+        for t in 0..2 {
+            let gen = self.win_gen[t];
+            let want = if gen == 0 {
+                0
+            } else {
+                pattern(WIN, t as u64, gen)
+            };
+            if bad_u32(
+                self.g.vram_ptr(self.targets[t]) as *const u32,
+                WINDOW / 4,
+                want,
+            ) {
+                bad += 1;
+            }
+        }
+        report("window", bad, None);
+        if ok {
+            println!(
+                "gpu-dirtier: verify ok aperture_pages={} engine_pages={} dma_pages={} windows={} t_ms={}",
+                self.ap_pages,
+                self.eng_groups * GROUP_PAGES,
+                self.dma_groups * GROUP_PAGES,
+                self.win_count,
+                when_ms
+            );
+        }
+        ok
+    }
+}
+
+fn main() -> i32 {
+    let ap_mib = args::get_u64("aperture", 16).max(1);
+    let eng_mib = args::get_u64("engine", 16).max(1);
+    let dma_mib = args::get_u64("dma", 4).max(1);
+    let rate = args::get_u64("rate", 64);
+    let seconds = args::get_u64("seconds", 5);
+    let verify_every_ns = args::get_u64("verify-every", 0) * 1_000_000_000;
+    let report_ns = args::get_u64("report-every", 1000).max(1) * 1_000_000;
+    let g = match Gpu::open() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("gpu-dirtier: {}", e);
+            return 2;
+        }
+    };
+    let (ap, eng) = (ap_mib << 20, eng_mib << 20);
+    let win_at = (ap + eng).div_ceil(WINDOW) * WINDOW;
+    if win_at + 2 * WINDOW > g.usable() {
+        println!("gpu-dirtier: aperture + engine regions do not fit this VF's VRAM");
+        return 2;
+    }
+    let Some(dma) = mem::alloc(dma_mib << 20) else {
+        println!(
+            "gpu-dirtier: not enough guest memory for dma={}MiB",
+            dma_mib
+        );
+        return 2;
+    };
+    let ap_pages = ap / PAGE;
+    let (eng_groups, dma_groups) = (eng / GROUP, (dma_mib << 20) / GROUP);
+    let mut s = State {
+        g,
+        ap_pages,
+        eng_at: ap,
+        eng_groups,
+        dma,
+        dma_groups,
+        targets: [win_at, win_at + WINDOW],
+        ap_gen: gens(ap_pages),
+        eng_gen: gens(eng_groups),
+        dma_gen: gens(dma_groups),
+        win_gen: [0; 2],
+        win_count: 0,
+        fence: 0,
+    };
+    // Everything written once (VRAM starts zeroed, the DMA region is fresh RAM).
+    let t0 = time::now_ns();
+    for p in 0..ap_pages {
+        s.write_aperture(p);
+    }
+    for grp in 0..eng_groups {
+        s.fill_engine(grp);
+    }
+    for grp in 0..dma_groups {
+        s.fill_dma(grp);
+    }
+    s.g.kick();
+    s.remap_and_fill();
+    s.remap_and_fill();
+    s.g.kick();
+    if let Err(e) = s.g.wait(s.fence) {
+        failed(e)
+    }
+    println!(
+        "gpu-dirtier: touched aperture={}MiB engine={}MiB dma={}MiB in {}ms rate={}MiB/s",
+        ap_mib,
+        eng_mib,
+        dma_mib,
+        (time::now_ns() - t0) / 1_000_000,
+        rate
+    );
+    // Per iteration each kind moves CHUNK pages; at `rate` MiB/s that takes chunk_ns.
+    let chunk_ns = if rate == 0 {
+        0
+    } else {
+        CHUNK * PAGE * 1_000_000_000 / (rate << 20)
+    };
+    let start = time::now_ns();
+    let end = if seconds == 0 {
+        u64::MAX
+    } else {
+        start + seconds * 1_000_000_000
+    };
+    let mut next_report = start + report_ns;
+    let mut next_verify = if verify_every_ns == 0 {
+        u64::MAX
+    } else {
+        start + verify_every_ns
+    };
+    let (mut ap_cur, mut eng_cur, mut dma_cur) = (0u64, 0u64, 0u64);
+    let (mut iters, mut written) = (0u64, 0u64);
+    let (mut max_gap, mut window_gap) = (0u64, 0u64);
+    let (mut last, mut slept) = (start, 0u64);
+    let mut ok = true;
+    loop {
+        for _ in 0..CHUNK {
+            s.write_aperture(ap_cur);
+            ap_cur = (ap_cur + 1) % ap_pages;
+        }
+        s.fill_engine(eng_cur);
+        eng_cur = (eng_cur + 1) % eng_groups;
+        s.fill_dma(dma_cur);
+        dma_cur = (dma_cur + 1) % dma_groups;
+        iters += 1;
+        if iters.is_multiple_of(WINDOW_EVERY) {
+            s.remap_and_fill();
+        }
+        s.g.kick();
+        written += 3 * CHUNK * PAGE;
+
+        let now = time::now_ns();
+        let gap = now.saturating_sub(last).saturating_sub(slept);
+        max_gap = max_gap.max(gap);
+        window_gap = window_gap.max(gap);
+        slept = 0;
+        if now >= next_report {
+            let secs = (now - start) as f64 / 1e9;
+            let mib = written as f64 / (1u64 << 20) as f64;
+            println!(
+                "gpu-dirtier: t_ms={} written_mib={} rate_mibs={} max_gap_us={} window_gap_us={}",
+                (now - t0) / 1_000_000,
+                mib as u64,
+                (mib / secs) as u64,
+                max_gap / 1000,
+                window_gap / 1000
+            );
+            window_gap = 0;
+            next_report += report_ns;
+        }
+        if now >= next_verify {
+            ok &= s.verify((now - t0) / 1_000_000);
+            next_verify += verify_every_ns;
+            last = time::now_ns();
+            continue;
+        }
+        if now >= end {
+            break;
+        }
+        last = now;
+        if chunk_ns != 0 {
+            let due = start + iters * chunk_ns;
+            if due > now {
+                if due - now >= 200_000 {
+                    sys::sleep_ns(due - now);
+                }
+                while time::now_ns() < due {
+                    core::hint::spin_loop();
+                }
+                slept = due - now;
+            }
+        }
+    }
+    ok &= s.verify((time::now_ns() - t0) / 1_000_000);
+    println!(
+        "gpu-dirtier: done written_mib={} max_gap_us={} result={}",
+        written >> 20,
+        max_gap / 1000,
+        if ok { "ok" } else { "CORRUPT" }
+    );
+    if ok {
+        0
+    } else {
+        1
+    }
+}
+
+godwit_rt::entry!("gpu-dirtier", main);

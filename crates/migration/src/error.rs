@@ -1,0 +1,84 @@
+//! Why a migration failed, as types: the driver decides what to do from the variant
+//! (resume here, or not), and reports carry its kind for programs.
+
+use crate::wire::WireError;
+use godwit_vmm::migratable::ComponentError;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("{0}")]
+    BadOptions(String),
+    #[error("the VM is {0}, not running")]
+    NotRunning(String),
+    #[error("cannot reach {target}: {source}")]
+    Unreachable {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the destination refused the VM: {0}")]
+    Refused(String),
+    #[error("the destination aborted: {0}")]
+    Aborted(String),
+    #[error("sending to {target}: {source}")]
+    Send {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no {what} from the destination within {after:?}")]
+    Timeout { what: &'static str, after: Duration },
+    #[error("the destination closed the connection ({0})")]
+    Closed(&'static str),
+    #[error("the destination answered {got} where {want} was due")]
+    Unexpected { want: &'static str, got: String },
+    #[error("reading the destination's answer: {0}")]
+    Wire(#[from] WireError),
+    #[error("{component}: {source}")]
+    Component {
+        component: String,
+        #[source]
+        source: ComponentError,
+    },
+    #[error("cancelled")]
+    Cancelled,
+    #[error(
+        "GO was sent but the destination did not confirm its start ({0}); the VM stays \
+         paused here: resume it only if the destination is not running it"
+    )]
+    Unconfirmed(String),
+}
+
+impl MigrationError {
+    /// A stable name for programs (`error_kind` in reports).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MigrationError::BadOptions(_) => "bad_options",
+            MigrationError::NotRunning(_) => "not_running",
+            MigrationError::Unreachable { .. } => "unreachable",
+            MigrationError::Refused(_) => "refused",
+            MigrationError::Aborted(_) => "aborted",
+            MigrationError::Send { .. } => "send",
+            MigrationError::Timeout { .. } => "timeout",
+            MigrationError::Closed(_) => "closed",
+            MigrationError::Unexpected { .. } => "protocol",
+            MigrationError::Wire(_) => "protocol",
+            MigrationError::Component { .. } => "component",
+            MigrationError::Cancelled => "cancelled",
+            MigrationError::Unconfirmed(_) => "unconfirmed",
+        }
+    }
+
+    /// Past GO with no answer: the destination may run the VM, so the source must not.
+    pub fn ambiguous(&self) -> bool {
+        matches!(self, MigrationError::Unconfirmed(_))
+    }
+
+    pub(crate) fn component(name: &str) -> impl FnOnce(ComponentError) -> MigrationError + '_ {
+        move |source| MigrationError::Component {
+            component: name.to_string(),
+            source,
+        }
+    }
+}

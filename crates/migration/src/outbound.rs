@@ -1,0 +1,393 @@
+//! The sending side of a migration stream: one lane per connection, each with a writer
+//! thread that owns its socket (or file), so a slow connection never holds up the
+//! thread that reads pages, and a cancel can interrupt a blocked write by shutting the
+//! socket down. Pages go to a lane chosen by their address (a 2 MiB chunk of a section
+//! always travels on the same connection, so TCP's ordering keeps a page's newest copy
+//! last); everything else (states, COMPLETE, GO) goes on the main lane, in order.
+
+use crate::transport::Stream;
+use crate::wire::{self, Frame, PagesFrame, Totals, PAGE_SIZE};
+use godwit_vmm::migratable::Sink;
+use std::io::{self, Write};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Pages per chunk of a section's address space given to one connection.
+const CHUNK_PAGES: u64 = 512;
+/// Frames queued per lane before the reader waits for its writer.
+const QUEUE: usize = 4;
+
+enum Msg {
+    Data(Vec<u8>, Range<usize>),
+    /// Flush (and for a file, make durable), then answer.
+    Sync(SyncSender<io::Result<()>>),
+}
+
+struct Lane {
+    tx: Option<SyncSender<Msg>>,
+    /// Buffers the writer has finished with.
+    spare: Receiver<Vec<u8>>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+    frame: PagesFrame,
+    zeros: Vec<(u64, u32)>,
+    zero_section: u32,
+    totals: Totals,
+}
+
+/// Keeps the lanes of one migration under `rate` bytes per second, together.
+struct Limiter {
+    rate: Option<u64>,
+    start: Instant,
+    sent: u64,
+}
+
+impl Limiter {
+    fn account(&mut self, bytes: usize) {
+        let Some(rate) = self.rate else { return };
+        self.sent += bytes as u64;
+        let due = self.start + Duration::from_secs_f64(self.sent as f64 / rate as f64);
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+    }
+}
+
+pub struct Outbound {
+    lanes: Vec<Lane>,
+    limiter: Limiter,
+    /// Bytes handed to the lanes (progress reports read it while the stream runs).
+    pub live: Arc<AtomicU64>,
+    pub bytes: u64,
+}
+
+fn writer(mut s: Stream, rx: Receiver<Msg>, spare: SyncSender<Vec<u8>>) -> io::Result<()> {
+    while let Ok(m) = rx.recv() {
+        match m {
+            Msg::Data(buf, r) => {
+                s.write_all(&buf[r])?;
+                let _ = spare.try_send(buf);
+            }
+            Msg::Sync(reply) => {
+                let r = s.finish();
+                let failed = r.is_err();
+                let _ = reply.send(r);
+                if failed {
+                    return Err(io::Error::other("flush failed"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Outbound {
+    /// Lanes over `streams` (the main connection first).
+    pub fn new(
+        streams: Vec<Stream>,
+        rate: Option<u64>,
+        live: Arc<AtomicU64>,
+    ) -> io::Result<Outbound> {
+        let mut out = Outbound {
+            lanes: Vec::new(),
+            limiter: Limiter {
+                rate,
+                start: Instant::now(),
+                sent: 0,
+            },
+            live,
+            bytes: 0,
+        };
+        for s in streams {
+            out.add_lane(s)?;
+        }
+        Ok(out)
+    }
+
+    /// One more connection, with its own writer thread.
+    pub fn add_lane(&mut self, s: Stream) -> io::Result<()> {
+        let (tx, rx) = sync_channel(QUEUE);
+        let (spare_tx, spare) = sync_channel(QUEUE + 2);
+        let thread = std::thread::Builder::new()
+            .name(format!("migration-send{}", self.lanes.len()))
+            .spawn(move || writer(s, rx, spare_tx))?;
+        self.lanes.push(Lane {
+            tx: Some(tx),
+            spare,
+            thread: Some(thread),
+            frame: PagesFrame::new(),
+            zeros: Vec::new(),
+            zero_section: 0,
+            totals: Totals::default(),
+        });
+        Ok(())
+    }
+
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// The error that ended lane `i`'s writer.
+    fn lane_error(&mut self, i: usize) -> io::Error {
+        let lane = &mut self.lanes[i];
+        lane.tx = None;
+        match lane.thread.take().map(|t| t.join()) {
+            Some(Ok(Err(e))) => e,
+            Some(Err(_)) => io::Error::other("a sender thread failed"),
+            _ => io::Error::new(io::ErrorKind::BrokenPipe, "the connection is closed"),
+        }
+    }
+
+    fn send(&mut self, i: usize, buf: Vec<u8>, r: Range<usize>) -> io::Result<()> {
+        let n = r.len();
+        let sent = match &self.lanes[i].tx {
+            Some(tx) => tx.send(Msg::Data(buf, r)).is_ok(),
+            None => false,
+        };
+        if !sent {
+            return Err(self.lane_error(i));
+        }
+        self.bytes += n as u64;
+        self.live.fetch_add(n as u64, Ordering::Relaxed);
+        self.limiter.account(n);
+        Ok(())
+    }
+
+    fn spare(&self, i: usize) -> Vec<u8> {
+        self.lanes[i].spare.try_recv().unwrap_or_default()
+    }
+
+    fn flush_pages(&mut self, i: usize) -> io::Result<()> {
+        let next = self.spare(i);
+        if let Some((buf, r)) = self.lanes[i].frame.take(next) {
+            self.send(i, buf, r)?;
+        }
+        Ok(())
+    }
+
+    fn flush_zeros(&mut self, i: usize) -> io::Result<()> {
+        let lane = &mut self.lanes[i];
+        if lane.zeros.is_empty() {
+            return Ok(());
+        }
+        let f = Frame::Zero {
+            section: lane.zero_section,
+            runs: std::mem::take(&mut lane.zeros),
+        };
+        let mut out = Vec::new();
+        wire::write_frame(&mut out, &f)?;
+        let n = out.len();
+        self.send(i, out, 0..n)
+    }
+
+    /// Sends whatever the lanes hold back.
+    pub fn flush(&mut self) -> io::Result<()> {
+        for i in 0..self.lanes.len() {
+            self.flush_pages(i)?;
+            self.flush_zeros(i)?;
+        }
+        Ok(())
+    }
+
+    /// A frame on the main connection, after everything before it.
+    pub fn control(&mut self, f: &Frame) -> io::Result<()> {
+        self.flush_pages(0)?;
+        self.flush_zeros(0)?;
+        let mut out = Vec::new();
+        wire::write_frame(&mut out, f)?;
+        let n = out.len();
+        self.send(0, out, 0..n)
+    }
+
+    /// Waits until every lane has written (and for a file, made durable) all it was
+    /// given.
+    pub fn sync(&mut self) -> io::Result<()> {
+        let mut replies = Vec::new();
+        for i in 0..self.lanes.len() {
+            let (tx, rx) = sync_channel(1);
+            let sent = match &self.lanes[i].tx {
+                Some(t) => t.send(Msg::Sync(tx)).is_ok(),
+                None => false,
+            };
+            if !sent {
+                return Err(self.lane_error(i));
+            }
+            replies.push((i, rx));
+        }
+        for (i, rx) in replies {
+            match rx.recv() {
+                Ok(r) => r?,
+                Err(_) => return Err(self.lane_error(i)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The end of the page stream: END with its totals on every data connection,
+    /// COMPLETE on the main one, all written.
+    pub fn complete(&mut self) -> io::Result<()> {
+        self.flush()?;
+        for i in 1..self.lanes.len() {
+            let f = Frame::End(self.lanes[i].totals);
+            let mut out = Vec::new();
+            wire::write_frame(&mut out, &f)?;
+            let n = out.len();
+            self.send(i, out, 0..n)?;
+        }
+        let t = self.lanes[0].totals;
+        self.control(&Frame::Complete(t))?;
+        self.sync()
+    }
+
+    /// A sink that frames `section`'s pages; `cancel` stops a long read early.
+    pub fn sink<'a>(&'a mut self, section: u32, cancel: &'a AtomicBool) -> SectionSink<'a> {
+        SectionSink {
+            out: self,
+            section,
+            cancel,
+            lane: 0,
+            addr: 0,
+        }
+    }
+
+    /// Stops every writer (after an error or a cancel), without waiting for them.
+    pub fn close(&mut self) {
+        for l in &mut self.lanes {
+            l.tx = None;
+        }
+    }
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        self.close();
+        for l in &mut self.lanes {
+            if let Some(t) = l.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// One component's pages into the lanes.
+pub struct SectionSink<'a> {
+    out: &'a mut Outbound,
+    section: u32,
+    cancel: &'a AtomicBool,
+    lane: usize,
+    addr: u64,
+}
+
+impl Sink for SectionSink<'_> {
+    fn slot(&mut self, addr: u64) -> &mut [u8] {
+        let lanes = self.out.lanes.len() as u64;
+        let chunk = addr / PAGE_SIZE as u64 / CHUNK_PAGES;
+        self.lane = ((chunk + self.section as u64) % lanes) as usize;
+        self.addr = addr;
+        let section = self.section;
+        let f = &mut self.out.lanes[self.lane].frame;
+        if !f.is_empty() && f.section() != section {
+            // Cannot happen while one component is read at a time; flushed anyway.
+            let _ = self.out.flush_pages(self.lane);
+        }
+        let f = &mut self.out.lanes[self.lane].frame;
+        if f.is_empty() {
+            f.set_section(section);
+        }
+        f.next_slot()
+    }
+
+    fn page(&mut self) -> io::Result<()> {
+        let i = self.lane;
+        let lane = &mut self.out.lanes[i];
+        lane.frame.commit(self.addr);
+        lane.totals.pages += 1;
+        if lane.frame.is_full() {
+            self.out.flush_pages(i)?;
+        }
+        Ok(())
+    }
+
+    fn zero(&mut self) -> io::Result<()> {
+        let i = self.lane;
+        if !self.out.lanes[i].zeros.is_empty() && self.out.lanes[i].zero_section != self.section {
+            self.out.flush_zeros(i)?;
+        }
+        let lane = &mut self.out.lanes[i];
+        lane.zero_section = self.section;
+        lane.totals.zero_pages += 1;
+        let a = self.addr;
+        match lane.zeros.last_mut() {
+            Some((g, n)) if *g + *n as u64 * PAGE_SIZE as u64 == a && *n < u32::MAX => *n += 1,
+            _ => lane.zeros.push((a, 1)),
+        }
+        if lane.zeros.len() == wire::MAX_ZERO_RUNS {
+            self.out.flush_zeros(i)?;
+        }
+        Ok(())
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::Target;
+
+    #[test]
+    fn pages_zeros_and_control_frames_reach_the_file_in_order() {
+        let dir = std::env::temp_dir().join(format!("godwit-outbound-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let s = Stream::connect(&Target::File(path.clone()), Duration::from_secs(1)).unwrap();
+        let mut out = Outbound::new(vec![s], None, Arc::default()).unwrap();
+        let cancel = AtomicBool::new(false);
+        {
+            let mut k = out.sink(3, &cancel);
+            for p in 0..100u64 {
+                k.slot(p * 4096).fill(p as u8 + 1);
+                k.page().unwrap();
+            }
+            k.slot(200 * 4096);
+            k.zero().unwrap();
+            k.slot(201 * 4096);
+            k.zero().unwrap();
+        }
+        out.control(&Frame::State {
+            section: 3,
+            data: b"st",
+        })
+        .unwrap();
+        out.complete().unwrap();
+        drop(out);
+        let bytes = std::fs::read(&path).unwrap();
+        let mut r = bytes.as_slice();
+        let mut buf = Vec::new();
+        let mut kinds = Vec::new();
+        let mut pages = 0;
+        while let Ok(f) = wire::read_frame(&mut r, &mut buf) {
+            match &f {
+                Frame::Pages { section, addrs, .. } => {
+                    assert_eq!(*section, 3);
+                    pages += addrs.len();
+                }
+                Frame::Zero { runs, .. } => assert_eq!(runs, &vec![(200 * 4096, 2)]),
+                Frame::Complete(t) => assert_eq!((t.pages, t.zero_pages), (100, 2)),
+                _ => {}
+            }
+            kinds.push(f.kind());
+        }
+        use wire::Kind::*;
+        assert_eq!(pages, 100);
+        assert_eq!(kinds, vec![Pages, Pages, Zero, State, Complete]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

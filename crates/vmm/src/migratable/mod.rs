@@ -1,0 +1,440 @@
+//! The device-migration interface. Every part of a VM that migrates (guest RAM, the
+//! vCPUs, the platform devices, a GPU function) is a `Component`, and the migration
+//! driver moves all of them the same way without knowing what any of them is.
+//!
+//! The model is Linux VFIO migration v2 (`include/uapi/linux/vfio.h`):
+//! - each component has a device state (`MigState`: RUNNING, PRE_COPY, STOP_COPY,
+//!   STOP, RESUMING and the P2P variants) and takes only the arcs the kernel defines;
+//!   `MigState::next_step` walks longer transitions through them as the kernel does;
+//! - it has one data stream: in PRE_COPY the data it can send while running (the first
+//!   pass, then what changed), in STOP_COPY the rest; in RESUMING the destination's
+//!   component takes the same stream back;
+//! - `precopy_info` is VFIO_MIG_GET_PRECOPY_INFO: initial bytes (first-pass data not
+//!   yet read) and dirty bytes (data known to have changed since).
+//!
+//! Two extensions a VFIO byte stream does not have, because memory dominates a VM:
+//! a component's stream may carry *pages* (4 KiB, addressed in the component's own
+//! space, last copy wins), which the driver may spread over several connections and
+//! which the destination writes in place; and the stream has a small *state* part
+//! (`save`/`load`) sent ahead of the last pages, so the destination loads it while
+//! they arrive. A real VFIO device would stream only state-part bytes.
+//!
+//! Each component names its section (`Section`): its data version and what a
+//! destination must offer to take it. A destination builds its VM from the sections
+//! (`incoming_config`) and refuses before anything moves if they do not match its own.
+
+pub mod gpu;
+pub mod incoming;
+pub mod paged;
+pub mod platform;
+pub mod ram;
+pub mod vcpus;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io;
+
+pub use paged::{Bitmap, PAGE_SIZE};
+
+/// A component's device state (VFIO's `enum vfio_device_mig_state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigState {
+    /// Unrecoverable: the component must be reset (dropped).
+    Error,
+    /// Stopped: no work, no DMA, no interrupts, state frozen.
+    Stop,
+    Running,
+    /// Stopped, its remaining data being read.
+    StopCopy,
+    /// Taking data on a destination.
+    Resuming,
+    /// Running but starting no peer-to-peer DMA.
+    RunningP2p,
+    /// Running, with changes tracked and its data being read.
+    PreCopy,
+    PreCopyP2p,
+}
+
+impl MigState {
+    /// Whether a component takes the arc `self` -> `to` directly: the 15 arcs a VFIO
+    /// migration driver with P2P and PRE_COPY support implements.
+    pub fn is_arc(self, to: MigState) -> bool {
+        use MigState::*;
+        matches!(
+            (self, to),
+            (Running, RunningP2p | PreCopy)
+                | (RunningP2p, Running | Stop | PreCopyP2p)
+                | (Stop, RunningP2p | StopCopy | Resuming)
+                | (StopCopy, Stop)
+                | (Resuming, Stop)
+                | (PreCopy, Running | PreCopyP2p)
+                | (PreCopyP2p, PreCopy | RunningP2p | StopCopy)
+        )
+    }
+
+    /// The next arc on the way from `self` to `to`, as the kernel's
+    /// vfio_mig_get_next_state takes it; None when `to` cannot be reached (from ERROR,
+    /// into ERROR) or `self` is already `to`.
+    pub fn next_step(self, to: MigState) -> Option<MigState> {
+        use MigState::*;
+        if self == to || self == Error || to == Error {
+            return None;
+        }
+        Some(match self {
+            Stop => match to {
+                StopCopy | Resuming => to,
+                _ => RunningP2p,
+            },
+            Running => match to {
+                PreCopy => PreCopy,
+                _ => RunningP2p,
+            },
+            PreCopy => match to {
+                StopCopy | PreCopyP2p => PreCopyP2p,
+                _ => Running,
+            },
+            PreCopyP2p => match to {
+                StopCopy | PreCopy => to,
+                _ => RunningP2p,
+            },
+            StopCopy | Resuming => Stop,
+            RunningP2p => match to {
+                Running | PreCopy => Running,
+                PreCopyP2p => PreCopyP2p,
+                _ => Stop,
+            },
+            Error => return None,
+        })
+    }
+
+    /// Whether the component is saving (its data stream is open for reading).
+    pub fn saving(self) -> bool {
+        matches!(
+            self,
+            MigState::PreCopy | MigState::PreCopyP2p | MigState::StopCopy
+        )
+    }
+}
+
+/// What a component says about itself in a migration stream's HELLO.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Section {
+    /// Unique in its VM: "ram", "vcpus", "platform", "gpu".
+    pub name: String,
+    /// Version of the component's data (its state encoding and page space).
+    pub version: u32,
+    /// What the destination must offer, which must be equal on both sides (memory
+    /// size, vCPU count, GPU profile and ABI...).
+    pub needs: BTreeMap<String, String>,
+}
+
+impl Section {
+    pub fn new(name: &str, version: u32, needs: &[(&str, String)]) -> Section {
+        Section {
+            name: name.into(),
+            version,
+            needs: needs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// Why `other` (a destination's) cannot take this (a source's), if it cannot.
+    pub fn mismatch(&self, other: &Section) -> Option<String> {
+        if self.version != other.version {
+            return Some(format!(
+                "{}: the source sends data version {}, this godwit reads {}",
+                self.name, self.version, other.version
+            ));
+        }
+        for (k, v) in &self.needs {
+            match other.needs.get(k) {
+                Some(w) if w == v => {}
+                Some(w) => {
+                    return Some(format!(
+                        "{}: the source has {k} {v}, this destination {w}",
+                        self.name
+                    ))
+                }
+                None => return Some(format!("{}: this destination has no {k}", self.name)),
+            }
+        }
+        other
+            .needs
+            .keys()
+            .find(|k| !self.needs.contains_key(*k))
+            .map(|k| format!("{}: the source does not say its {k}", self.name))
+    }
+}
+
+/// VFIO_MIG_GET_PRECOPY_INFO: what a saving component has left to send.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreCopyInfo {
+    /// First-pass data not yet read.
+    pub initial_bytes: u64,
+    /// Data known to have changed since it was read, not yet read again.
+    pub dirty_bytes: u64,
+}
+
+impl PreCopyInfo {
+    pub fn total(&self) -> u64 {
+        self.initial_bytes + self.dirty_bytes
+    }
+}
+
+/// What one `read` put into the stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReadReport {
+    /// Pages sent as data.
+    pub pages: u64,
+    /// Zero pages found; `zero_sent` of them went out as zero runs (in a first pass the
+    /// destination's memory is still zero, so they need no message at all).
+    pub zero_pages: u64,
+    pub zero_sent: u64,
+    /// Pages left for the next round because they were written again meanwhile.
+    pub skipped: u64,
+    /// Time spent looking at the dirty log for such pages, in microseconds.
+    pub peek_us: f64,
+}
+
+impl std::ops::AddAssign for ReadReport {
+    fn add_assign(&mut self, o: ReadReport) {
+        self.pages += o.pages;
+        self.zero_pages += o.zero_pages;
+        self.zero_sent += o.zero_sent;
+        self.skipped += o.skipped;
+        self.peek_us += o.peek_us;
+    }
+}
+
+/// What a sync (the end of a pre-copy round) found.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncReport {
+    /// Pages written since the last sync, now due to be sent again.
+    pub dirty_pages: u64,
+    /// Time the dirty log took to read, in microseconds.
+    pub log_us: f64,
+    /// Component-specific counts, for reports (e.g. pages a device wrote by DMA).
+    pub extra: BTreeMap<String, u64>,
+}
+
+/// Where a component's pages go: the driver frames them for the wire.
+pub trait Sink {
+    /// A page-sized buffer for the page at `addr` (in the component's space); then
+    /// `page` sends what the buffer holds, `zero` says the page is zero, and neither
+    /// drops it.
+    fn slot(&mut self, addr: u64) -> &mut [u8];
+    fn page(&mut self) -> io::Result<()>;
+    fn zero(&mut self) -> io::Result<()>;
+    /// Whether the migration was cancelled: a long read stops early.
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ComponentError {
+    #[error("no transition from {from:?} to {to:?}")]
+    Arc { from: MigState, to: MigState },
+    #[error("{what} in state {state:?}")]
+    WrongState { what: &'static str, state: MigState },
+    /// Data from the other side that this component cannot take.
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Vmm(#[from] crate::Error),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, ComponentError>;
+
+/// A part of a VM that migrates. Implementations keep their own state machine and
+/// refuse any call their state does not allow.
+pub trait Component: Send + Sync {
+    fn section(&self) -> Section;
+    /// The order in which components stop: lower first. Those that start work stop
+    /// before those that do it (vCPUs before a GPU they feed), and both before what
+    /// they write (memory, interrupt controllers), whose last state is read after.
+    fn stop_order(&self) -> u8;
+    fn state(&self) -> MigState;
+    /// Takes one arc (`MigState::is_arc`).
+    fn set_state(&self, to: MigState) -> Result<()>;
+    /// What is left to read (PRE_COPY, PRE_COPY_P2P, STOP_COPY).
+    fn precopy_info(&self) -> Result<PreCopyInfo>;
+    /// The end of a pre-copy round: what changed since the last sync becomes dirty data.
+    fn sync(&self) -> Result<SyncReport> {
+        Ok(SyncReport::default())
+    }
+    /// Reads up to `pages` pages of the data stream into `sink`.
+    fn read(&self, _sink: &mut dyn Sink, _pages: u64) -> Result<ReadReport> {
+        Ok(ReadReport::default())
+    }
+    /// STOP_COPY: the component's state part (device registers, vCPU state...).
+    fn save(&self) -> Result<Vec<u8>>;
+    /// RESUMING: the state part, checked as hostile input.
+    fn load(&self, bytes: &[u8]) -> Result<()>;
+    /// RESUMING: pages at `addrs` (checked), `data` holding one page per address.
+    fn load_pages(&self, _addrs: &[u64], _data: &[u8]) -> Result<()> {
+        Err(ComponentError::Refused(format!(
+            "{} has no pages",
+            self.section().name
+        )))
+    }
+    /// RESUMING: runs of zero pages (first address, count).
+    fn load_zero(&self, _runs: &[(u64, u32)]) -> Result<()> {
+        Err(ComponentError::Refused(format!(
+            "{} has no pages",
+            self.section().name
+        )))
+    }
+    /// Holds the component back `pct` percent of the time (auto-converge), where it can
+    /// be; false where it cannot.
+    fn throttle(&self, _pct: u32) -> bool {
+        false
+    }
+}
+
+/// Walks `c` from its state to `to`, one arc at a time.
+pub fn step_to(c: &dyn Component, to: MigState) -> Result<()> {
+    while let Some(next) = c.state().next_step(to) {
+        c.set_state(next)?;
+    }
+    if c.state() != to {
+        return Err(ComponentError::Arc {
+            from: c.state(),
+            to,
+        });
+    }
+    Ok(())
+}
+
+/// The state machine's bookkeeping, for implementations: refuses what is not an arc.
+pub(crate) fn arc(state: &mut MigState, to: MigState) -> Result<MigState> {
+    if !state.is_arc(to) {
+        return Err(ComponentError::Arc { from: *state, to });
+    }
+    let from = *state;
+    *state = to;
+    Ok(from)
+}
+
+/// Encodes a component's state part: version (u32, little endian), then postcard.
+pub(crate) fn encode<T: Serialize>(version: u32, v: &T) -> Result<Vec<u8>> {
+    let mut out = version.to_le_bytes().to_vec();
+    postcard::to_io(v, &mut out)
+        .map_err(|e| ComponentError::Refused(format!("encoding the state: {e}")))?;
+    Ok(out)
+}
+
+/// Reads `encode`'s bytes; a foreign version, malformed input or trailing bytes are
+/// refused.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    what: &str,
+    version: u32,
+    bytes: &[u8],
+) -> Result<T> {
+    let refuse = |m: String| ComponentError::Refused(format!("{what} state: {m}"));
+    let (v, rest) = bytes
+        .split_first_chunk::<4>()
+        .ok_or_else(|| refuse("truncated".into()))?;
+    let v = u32::from_le_bytes(*v);
+    if v != version {
+        return Err(refuse(format!(
+            "version {v}; this godwit reads version {version}"
+        )));
+    }
+    let (s, left) =
+        postcard::take_from_bytes(rest).map_err(|e| refuse(format!("malformed: {e}")))?;
+    if !left.is_empty() {
+        return Err(refuse(format!("{} stray bytes", left.len())));
+    }
+    Ok(s)
+}
+
+/// Wall-clock time, for carrying real time across a migration or a snapshot.
+pub(crate) fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use MigState::*;
+
+    const ALL: [MigState; 8] = [
+        Error, Stop, Running, StopCopy, Resuming, RunningP2p, PreCopy, PreCopyP2p,
+    ];
+
+    #[test]
+    fn there_are_fifteen_arcs_and_every_walk_uses_only_them() {
+        let arcs = ALL
+            .iter()
+            .flat_map(|a| ALL.iter().map(move |b| (*a, *b)))
+            .filter(|(a, b)| a.is_arc(*b))
+            .count();
+        assert_eq!(arcs, 15);
+        for from in ALL {
+            for to in ALL {
+                let mut at = from;
+                let mut steps = 0;
+                while let Some(n) = at.next_step(to) {
+                    assert!(
+                        at.is_arc(n),
+                        "{at:?} -> {n:?} on the way {from:?} -> {to:?}"
+                    );
+                    at = n;
+                    steps += 1;
+                    assert!(steps <= 4, "{from:?} -> {to:?} loops");
+                }
+                let reachable = from != Error && to != Error;
+                assert_eq!(at == to, reachable || from == to, "{from:?} -> {to:?}");
+            }
+        }
+        // The paths the kernel takes for the transitions a migration uses.
+        let path = |from: MigState, to| {
+            let mut v = vec![from];
+            while let Some(n) = v.last().unwrap().next_step(to) {
+                v.push(n);
+            }
+            v
+        };
+        assert_eq!(path(PreCopy, StopCopy), [PreCopy, PreCopyP2p, StopCopy]);
+        assert_eq!(
+            path(StopCopy, Running),
+            [StopCopy, Stop, RunningP2p, Running]
+        );
+        assert_eq!(
+            path(Running, Resuming),
+            [Running, RunningP2p, Stop, Resuming]
+        );
+        assert_eq!(path(PreCopy, Stop), [PreCopy, Running, RunningP2p, Stop]);
+    }
+
+    #[test]
+    fn sections_say_what_differs() {
+        let a = Section::new("gpu", 1, &[("profile", "GW8-1C".into())]);
+        assert_eq!(a.mismatch(&a), None);
+        let b = Section::new("gpu", 1, &[("profile", "GW8-2C".into())]);
+        assert!(a.mismatch(&b).unwrap().contains("profile GW8-1C"));
+        let c = Section::new("gpu", 2, &[("profile", "GW8-1C".into())]);
+        assert!(a.mismatch(&c).unwrap().contains("version 1"));
+    }
+
+    #[test]
+    fn state_encoding_refuses_foreign_or_damaged_bytes() {
+        let b = encode(3, &(7u32, "x".to_string())).unwrap();
+        let back: (u32, String) = decode("t", 3, &b).unwrap();
+        assert_eq!(back, (7, "x".into()));
+        assert!(decode::<(u32, String)>("t", 4, &b).is_err());
+        let mut long = b.clone();
+        long.push(0);
+        assert!(decode::<(u32, String)>("t", 3, &long).is_err());
+        assert!(decode::<(u32, String)>("t", 3, &b[..2]).is_err());
+    }
+}

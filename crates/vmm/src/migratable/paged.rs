@@ -1,0 +1,387 @@
+//! The data stream of a component whose state is memory (guest RAM, a GPU's VRAM):
+//! what is still to send, as one bitmap per region. A first pass over the pages that
+//! ever held data (the rest is zero on both sides and is never even read), then, round
+//! by round, the pages written since. Within a round the component looks at its dirty
+//! log every so often and leaves pages written again for the next round (they stay in
+//! the log, so the next sync brings them back with their newer content). Zero pages are
+//! recognised and never sent as data.
+
+use super::{ReadReport, Sink};
+use crate::dirty::Written;
+use std::time::Instant;
+
+pub const PAGE_SIZE: usize = 4096;
+
+/// One bit per page of one region.
+pub type Bitmap = Vec<u64>;
+
+/// Pages read between two looks at the dirty log: rarer costs bandwidth on pages
+/// rewritten meanwhile, more often costs the look (with KVM's bitmap, in proportion to
+/// the memory's size whatever was written).
+const SLICE_PAGES: u64 = 16384;
+
+pub fn count(bitmaps: &[Bitmap]) -> u64 {
+    bitmaps
+        .iter()
+        .flatten()
+        .map(|w| w.count_ones() as u64)
+        .sum()
+}
+
+pub fn union(into: &mut [Bitmap], from: &[Bitmap]) {
+    for (a, b) in into.iter_mut().zip(from) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= *y;
+        }
+    }
+}
+
+/// Clears from `todo` the pages a look at the dirty log found, in words from `from` on
+/// (a flat index across regions); returns how many were cleared.
+pub fn drop_written(todo: &mut [Bitmap], written: &Written, from: usize) -> u64 {
+    let mut n = 0;
+    match written {
+        Written::Since(dirty) => {
+            let mut base = 0;
+            for (a, b) in todo.iter_mut().zip(dirty) {
+                for (i, (x, y)) in a.iter_mut().zip(b).enumerate() {
+                    if base + i >= from && *x & *y != 0 {
+                        n += (*x & *y).count_ones() as u64;
+                        *x &= !*y;
+                    }
+                }
+                base += a.len();
+            }
+        }
+        Written::New(list) => {
+            for &(region, page) in list {
+                let r = region as usize;
+                let Some(base) = todo
+                    .get(..r)
+                    .map(|b| b.iter().map(|x| x.len()).sum::<usize>())
+                else {
+                    continue;
+                };
+                let w = (page / 64) as usize;
+                if base + w < from {
+                    continue;
+                }
+                if let Some(x) = todo.get_mut(r).and_then(|b| b.get_mut(w)) {
+                    let bit = 1u64 << (page % 64);
+                    if *x & bit != 0 {
+                        *x &= !bit;
+                        n += 1;
+                    }
+                }
+            }
+        }
+    }
+    n
+}
+
+pub fn is_zero(page: &[u8]) -> bool {
+    let mut chunks = page.chunks_exact(16);
+    chunks
+        .by_ref()
+        .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
+        && chunks.remainder().iter().all(|b| *b == 0)
+}
+
+/// Access to a component's memory and its record of writes.
+pub trait Memory {
+    /// The address (in the component's space) of page 0 of region `region`.
+    fn base(&self, region: usize) -> u64;
+    /// Copies page `page` of region `region` into `buf`.
+    fn read_page(&self, region: usize, page: u64, buf: &mut [u8]) -> super::Result<()>;
+    /// Pages that may hold data (the first pass); the others are zero.
+    fn populated(&self) -> Vec<Bitmap>;
+    /// A look at the pages written since the last sync, leaving them for the next one
+    /// (None: the tracker cannot look without taking).
+    fn peek_dirty(&self) -> super::Result<Option<Written>>;
+}
+
+/// What a memory component still has to send.
+#[derive(Default)]
+pub struct Paged {
+    pending: Vec<Bitmap>,
+    /// Pages set in `pending`.
+    left: u64,
+    /// `pending` is the first pass (the destination's memory is still all zero).
+    first: bool,
+    /// Word (flat across regions) to read next.
+    cursor: usize,
+    /// Pages read since the last look at the dirty log.
+    since_look: u64,
+    /// The writers are stopped: nothing is written again, no look is needed.
+    last: bool,
+}
+
+impl Paged {
+    /// The first pass: every page that may hold data.
+    pub fn begin(&mut self, mem: &dyn Memory) {
+        self.pending = mem.populated();
+        self.left = count(&self.pending);
+        self.first = true;
+        self.cursor = 0;
+        self.since_look = 0;
+        self.last = false;
+    }
+
+    /// Everything that may hold data, with the writers stopped (no pre-copy came first).
+    pub fn begin_stopped(&mut self, mem: &dyn Memory) {
+        self.begin(mem);
+        self.last = true;
+    }
+
+    /// What is left, as (initial, dirty) pages.
+    pub fn left(&self) -> (u64, u64) {
+        if self.first {
+            (self.left, 0)
+        } else {
+            (0, self.left)
+        }
+    }
+
+    /// The end of a round: pages written since join what is left. Returns how many
+    /// were written.
+    pub fn sync(&mut self, dirty: Vec<Bitmap>) -> u64 {
+        let n = count(&dirty);
+        self.add(dirty);
+        n
+    }
+
+    /// The writers have stopped: the last pages written join what is left.
+    pub fn finish(&mut self, dirty: Vec<Bitmap>) -> u64 {
+        self.last = true;
+        self.sync(dirty)
+    }
+
+    fn add(&mut self, dirty: Vec<Bitmap>) {
+        if self.pending.is_empty() {
+            self.pending = dirty;
+        } else {
+            union(&mut self.pending, &dirty);
+        }
+        self.left = count(&self.pending);
+        self.first = false;
+        self.cursor = 0;
+        self.since_look = 0;
+    }
+
+    /// Sends up to `budget` pages into `sink`.
+    pub fn read(
+        &mut self,
+        mem: &dyn Memory,
+        sink: &mut dyn Sink,
+        budget: u64,
+    ) -> super::Result<ReadReport> {
+        let mut r = ReadReport::default();
+        let bases: Vec<u64> = (0..self.pending.len()).map(|i| mem.base(i)).collect();
+        let mut sent = 0u64;
+        while self.left > 0 && sent < budget {
+            if !self.last && self.since_look >= SLICE_PAGES {
+                // Pages the guest has written again since the round began are left
+                // for the next round, which sends their newer content anyway.
+                let t = Instant::now();
+                if let Some(w) = mem.peek_dirty()? {
+                    let n = drop_written(&mut self.pending, &w, self.cursor);
+                    r.skipped += n;
+                    self.left -= n;
+                }
+                r.peek_us += t.elapsed().as_secs_f64() * 1e6;
+                self.since_look = 0;
+                continue;
+            }
+            if sink.cancelled() {
+                return Err(super::ComponentError::Io(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "cancelled",
+                )));
+            }
+            let Some((region, word)) = self.locate(self.cursor) else {
+                // Nothing past the cursor: whatever is left lies behind it (cannot
+                // happen, bits behind the cursor are cleared as they are sent).
+                self.left = 0;
+                break;
+            };
+            let bits = self.pending[region][word];
+            if bits == 0 {
+                self.cursor += 1;
+                continue;
+            }
+            let first = word as u64 * 64;
+            let mut b = bits;
+            while b != 0 {
+                let p = first + b.trailing_zeros() as u64;
+                b &= b - 1;
+                let slot = sink.slot(bases[region] + p * PAGE_SIZE as u64);
+                mem.read_page(region, p, slot)?;
+                if is_zero(slot) {
+                    r.zero_pages += 1;
+                    if !self.first {
+                        sink.zero()?;
+                        r.zero_sent += 1;
+                    }
+                } else {
+                    sink.page()?;
+                    r.pages += 1;
+                }
+            }
+            let n = bits.count_ones() as u64;
+            self.pending[region][word] = 0;
+            self.left -= n;
+            self.since_look += n;
+            sent += n;
+            self.cursor += 1;
+        }
+        Ok(r)
+    }
+
+    /// (region, word) of flat word `at`.
+    fn locate(&self, mut at: usize) -> Option<(usize, usize)> {
+        for (i, b) in self.pending.iter().enumerate() {
+            if at < b.len() {
+                return Some((i, at));
+            }
+            at -= b.len();
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    #[test]
+    fn a_look_at_the_log_drops_only_pages_not_yet_sent() {
+        // Two regions of 128 pages, all to send.
+        let all = || vec![vec![u64::MAX; 2], vec![u64::MAX; 2]];
+        let mut todo = all();
+        // Seen rewritten: page 3 (word 0, already sent), page 70 (word 1), region 1
+        // page 5 (flat word 2), and one out of range.
+        let new = Written::New(vec![(0, 3), (0, 70), (1, 5), (1, 999), (7, 1)]);
+        assert_eq!(drop_written(&mut todo, &new, 1), 2);
+        assert_eq!(todo[0][0], u64::MAX);
+        assert_eq!(todo[0][1], !(1 << 6));
+        assert_eq!(todo[1][0], !(1 << 5));
+        assert_eq!(drop_written(&mut todo, &new, 1), 0);
+        let mut other = all();
+        let mut since = vec![vec![0u64; 2], vec![0u64; 2]];
+        since[0][0] = 1 << 3;
+        since[0][1] = 1 << 6;
+        since[1][0] = 1 << 5;
+        assert_eq!(drop_written(&mut other, &Written::Since(since), 1), 2);
+        assert_eq!(other, todo);
+    }
+
+    #[test]
+    fn zero_pages_are_recognised() {
+        let mut p = vec![0u8; PAGE_SIZE];
+        assert!(is_zero(&p));
+        p[PAGE_SIZE - 1] = 1;
+        assert!(!is_zero(&p));
+        assert!(!is_zero(&p[1..]));
+    }
+
+    /// Two regions of 100 pages at 0 and 1 MiB; page i holds i + 1 (page 7 is zero).
+    struct Mem {
+        written: RefCell<Vec<(u32, u64)>>,
+    }
+
+    impl Memory for Mem {
+        fn base(&self, region: usize) -> u64 {
+            region as u64 * (1 << 20)
+        }
+        fn read_page(
+            &self,
+            _region: usize,
+            page: u64,
+            buf: &mut [u8],
+        ) -> crate::migratable::Result<()> {
+            buf.fill(0);
+            if page != 7 {
+                buf[..8].copy_from_slice(&(page + 1).to_le_bytes());
+            }
+            Ok(())
+        }
+        fn populated(&self) -> Vec<Bitmap> {
+            vec![crate::pagemap::all(100), vec![0, 0]]
+        }
+        fn peek_dirty(&self) -> crate::migratable::Result<Option<Written>> {
+            Ok(Some(Written::New(
+                self.written.borrow_mut().drain(..).collect(),
+            )))
+        }
+    }
+
+    #[derive(Default)]
+    struct Out {
+        buf: Vec<u8>,
+        at: u64,
+        pages: Vec<u64>,
+        zeros: Vec<u64>,
+    }
+
+    impl Sink for Out {
+        fn slot(&mut self, addr: u64) -> &mut [u8] {
+            self.at = addr;
+            self.buf.resize(PAGE_SIZE, 0);
+            &mut self.buf
+        }
+        fn page(&mut self) -> std::io::Result<()> {
+            self.pages.push(self.at);
+            Ok(())
+        }
+        fn zero(&mut self) -> std::io::Result<()> {
+            self.zeros.push(self.at);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_first_pass_then_rounds_of_what_was_written() {
+        let m = Mem {
+            written: RefCell::new(Vec::new()),
+        };
+        let mut p = Paged::default();
+        p.begin(&m);
+        assert_eq!(p.left(), (100, 0));
+        let mut out = Out::default();
+        // In budgets of 30: the first pass sends 99 pages as data, page 7 not at all.
+        let mut total = ReadReport::default();
+        while p.left().0 > 0 {
+            total += p.read(&m, &mut out, 30).unwrap();
+        }
+        assert_eq!((total.pages, total.zero_pages, total.zero_sent), (99, 1, 0));
+        assert!(out.zeros.is_empty());
+        // A round: pages 7 and 9 of region 0, page 0 of region 1. Page 7 is zero now,
+        // and the destination may hold older data there: it goes as a zero page.
+        assert_eq!(p.sync(vec![vec![1 << 7 | 1 << 9, 0], vec![1, 0]]), 3);
+        assert_eq!(p.left(), (0, 3));
+        let r = p.read(&m, &mut out, 100).unwrap();
+        assert_eq!((r.pages, r.zero_sent), (2, 1));
+        assert_eq!(out.zeros, vec![7 * 4096]);
+        assert_eq!(&out.pages[99..], &[9 * 4096, 1 << 20]);
+    }
+
+    #[test]
+    fn pages_written_again_wait_for_the_next_round() {
+        let m = Mem {
+            written: RefCell::new(Vec::new()),
+        };
+        // A look is due before the next page.
+        let mut p = Paged {
+            pending: vec![crate::pagemap::all(100), vec![0, 0]],
+            left: 100,
+            since_look: SLICE_PAGES,
+            ..Default::default()
+        };
+        m.written.borrow_mut().extend([(0, 50), (0, 99)]);
+        let mut out = Out::default();
+        let r = p.read(&m, &mut out, 1000).unwrap();
+        assert_eq!((r.pages, r.skipped), (97, 2));
+        assert!(!out.pages.contains(&(50 * 4096)));
+    }
+}
