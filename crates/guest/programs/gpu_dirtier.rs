@@ -10,8 +10,10 @@
 //!   the window by the engine: a stale page table sends the fill to the wrong target.
 //!
 //! Every word is derivable from (kind, page or group, generation), so all of it can be
-//! checked at any time. It reports the largest gap between its own iterations (a
-//! guest-side witness of a pause), like the dirtier.
+//! checked at any time; and each page or group is checked right before it is written
+//! again, so a write lost anywhere (a migration that left a page stale, say) is caught
+//! at the next rewrite, whenever that comes. It reports the largest gap between its own
+//! iterations (a guest-side witness of a pause), like the dirtier.
 //!
 //! Arguments: aperture=MiB (16), engine=MiB (16), dma=MiB (4), rate=MiB/s per kind (64;
 //! 0 or flat = as fast as it can), seconds=S (5; 0 = forever), verify-every=S (0 = only
@@ -59,14 +61,16 @@ const ENGINE: u64 = 1;
 const DMA: u64 = 2;
 const WIN: u64 = 3;
 
-fn gens(n: u64) -> &'static mut [u32] {
-    let b = mem::alloc(n * 4).unwrap_or_else(|| {
+fn zeroed<T: Copy>(n: u64) -> &'static mut [T] {
+    let size = core::mem::size_of::<T>() as u64;
+    let b = mem::alloc(n * size).unwrap_or_else(|| {
         println!("gpu-dirtier: out of guest memory");
         sys::exit(2)
     });
     b.fill(0);
-    // SAFETY: page-aligned RAM from the allocator, n * 4 bytes (rounded up).
-    unsafe { core::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut u32, n as usize) }
+    // SAFETY: page-aligned RAM from the allocator, n * size bytes (rounded up); the
+    // callers' types (integers) are valid all-zero.
+    unsafe { core::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut T, n as usize) }
 }
 
 struct State {
@@ -85,7 +89,14 @@ struct State {
     /// Last generation filled into each window target (0: never).
     win_gen: [u32; 2],
     win_count: u32,
+    /// The fence of the last fill of each engine group, DMA group and window target.
+    eng_fence: &'static mut [u64],
+    dma_fence: &'static mut [u64],
+    win_fence: [u64; 2],
     fence: u64,
+    /// Stale pages or groups found right before a rewrite.
+    stale: u64,
+    t0: u64,
 }
 
 fn failed(e: GpuError) -> ! {
@@ -103,7 +114,76 @@ fn bad_u32(ptr: *const u32, words: u64, p: u32) -> bool {
 }
 
 impl State {
+    fn stale(&mut self, kind: &str, idx: u64) {
+        self.stale += 1;
+        if self.stale <= 5 {
+            println!(
+                "gpu-dirtier: verify FAILED kind={} index={} stale before its rewrite t_ms={}",
+                kind,
+                idx,
+                (time::now_ns() - self.t0) / 1_000_000
+            );
+        }
+    }
+
+    /// Waits until the engine has done the command that signals `fence`.
+    fn done(&mut self, fence: u64) {
+        if fence > self.g.completed_fence() {
+            self.g.kick();
+            if let Err(e) = self.g.wait(fence) {
+                failed(e)
+            }
+        }
+    }
+
+    fn aperture_ok(&self, page: u64) -> bool {
+        let gen = self.ap_gen[page as usize];
+        let base = self.g.vram_ptr(page * PAGE) as *const u64;
+        (0..WORDS).all(|w| {
+            let want = if gen == 0 { 0 } else { value(page, gen, w) };
+            // SAFETY: inside the usable VRAM through the aperture.
+            let got = unsafe { core::ptr::read_volatile(base.add(w as usize)) };
+            got == want
+        })
+    }
+
+    fn engine_ok(&self, grp: u64) -> bool {
+        let gen = self.eng_gen[grp as usize];
+        let want = if gen == 0 {
+            0
+        } else {
+            pattern(ENGINE, grp, gen)
+        };
+        let ptr = self.g.vram_ptr(self.eng_at + grp * GROUP) as *const u32;
+        !bad_u32(ptr, GROUP / 4, want)
+    }
+
+    fn dma_ok(&self, grp: u64) -> bool {
+        let gen = self.dma_gen[grp as usize];
+        let want = if gen == 0 { 0 } else { pattern(DMA, grp, gen) };
+        // SAFETY: the group lies inside `dma`.
+        let ptr = unsafe { self.dma.as_ptr().add((grp * GROUP) as usize) } as *const u32;
+        !bad_u32(ptr, GROUP / 4, want)
+    }
+
+    fn window_ok(&self, t: usize) -> bool {
+        let gen = self.win_gen[t];
+        let want = if gen == 0 {
+            0
+        } else {
+            pattern(WIN, t as u64, gen)
+        };
+        !bad_u32(
+            self.g.vram_ptr(self.targets[t]) as *const u32,
+            WINDOW / 4,
+            want,
+        )
+    }
+
     fn write_aperture(&mut self, page: u64) {
+        if !self.aperture_ok(page) {
+            self.stale("aperture", page);
+        }
         let gen = self.ap_gen[page as usize].wrapping_add(1);
         self.ap_gen[page as usize] = gen;
         let base = self.g.vram_ptr(page * PAGE) as *mut u64;
@@ -114,21 +194,29 @@ impl State {
     }
 
     fn fill_engine(&mut self, grp: u64) {
+        self.done(self.eng_fence[grp as usize]);
+        if !self.engine_ok(grp) {
+            self.stale("engine", grp);
+        }
         let gen = self.eng_gen[grp as usize].wrapping_add(1);
         self.eng_gen[grp as usize] = gen;
         let p = pattern(ENGINE, grp, gen);
-        self.fence = self.g.queue(
-            op::FILL,
-            [self.eng_at + grp * GROUP, GROUP, p as u64, 0, 0, 0],
-        );
+        let at = self.eng_at + grp * GROUP;
+        self.fence = self.g.queue(op::FILL, [at, GROUP, p as u64, 0, 0, 0]);
+        self.eng_fence[grp as usize] = self.fence;
     }
 
     fn fill_dma(&mut self, grp: u64) {
+        self.done(self.dma_fence[grp as usize]);
+        if !self.dma_ok(grp) {
+            self.stale("dma", grp);
+        }
         let gen = self.dma_gen[grp as usize].wrapping_add(1);
         self.dma_gen[grp as usize] = gen;
         let p = pattern(DMA, grp, gen);
         let va = Gpu::sys_va(self.dma.as_ptr()) + grp * GROUP;
         self.fence = self.g.queue(op::FILL, [va, GROUP, p as u64, 0, 0, 0]);
+        self.dma_fence[grp as usize] = self.fence;
     }
 
     /// Points the window at the other target (a page-table write through the
@@ -136,10 +224,13 @@ impl State {
     fn remap_and_fill(&mut self) {
         self.win_count = self.win_count.wrapping_add(1);
         let t = (self.win_count % 2) as usize;
-        // The ring holds commands that still use the old mapping: let them finish.
-        self.g.kick();
-        if let Err(e) = self.g.wait(self.fence) {
-            failed(e)
+        // The ring holds commands that still use the old mapping: let them finish. The
+        // last fills went where the page tables said: a stale table shows here.
+        self.done(self.fence);
+        for k in 0..2 {
+            if self.win_fence[k] != 0 && !self.window_ok(k) {
+                self.stale("window", k as u64);
+            }
         }
         self.g
             .map_range(WINDOW_VA, self.targets[t], WINDOW, pte::WRITE);
@@ -149,6 +240,7 @@ impl State {
             .g
             .queue(op::FILL, [WINDOW_VA, WINDOW, p as u64, 0, 0, 0]);
         self.win_gen[t] = self.win_count;
+        self.win_fence[t] = self.fence;
     }
 
     /// Checks every word of every region. Returns whether all held.
@@ -172,15 +264,7 @@ impl State {
         };
         let (mut bad, mut first) = (0, None);
         for page in 0..self.ap_pages {
-            let gen = self.ap_gen[page as usize];
-            let base = self.g.vram_ptr(page * PAGE) as *const u64;
-            let wrong = (0..WORDS).any(|w| {
-                let want = if gen == 0 { 0 } else { value(page, gen, w) };
-                // SAFETY: inside the usable VRAM through the aperture.
-                let got = unsafe { core::ptr::read_volatile(base.add(w as usize)) };
-                got != want
-            });
-            if wrong {
+            if !self.aperture_ok(page) {
                 bad += 1;
                 first.get_or_insert(page);
             }
@@ -188,14 +272,7 @@ impl State {
         report("aperture", bad, first);
         let (mut bad, mut first) = (0, None);
         for grp in 0..self.eng_groups {
-            let gen = self.eng_gen[grp as usize];
-            let want = if gen == 0 {
-                0
-            } else {
-                pattern(ENGINE, grp, gen)
-            };
-            let ptr = self.g.vram_ptr(self.eng_at + grp * GROUP) as *const u32;
-            if bad_u32(ptr, GROUP / 4, want) {
+            if !self.engine_ok(grp) {
                 bad += 1;
                 first.get_or_insert(grp);
             }
@@ -203,32 +280,13 @@ impl State {
         report("engine", bad, first);
         let (mut bad, mut first) = (0, None);
         for grp in 0..self.dma_groups {
-            let gen = self.dma_gen[grp as usize];
-            let want = if gen == 0 { 0 } else { pattern(DMA, grp, gen) };
-            // SAFETY: the group lies inside `dma`.
-            let ptr = unsafe { self.dma.as_ptr().add((grp * GROUP) as usize) } as *const u32;
-            if bad_u32(ptr, GROUP / 4, want) {
+            if !self.dma_ok(grp) {
                 bad += 1;
                 first.get_or_insert(grp);
             }
         }
         report("dma", bad, first);
-        let mut bad = 0;
-        for t in 0..2 {
-            let gen = self.win_gen[t];
-            let want = if gen == 0 {
-                0
-            } else {
-                pattern(WIN, t as u64, gen)
-            };
-            if bad_u32(
-                self.g.vram_ptr(self.targets[t]) as *const u32,
-                WINDOW / 4,
-                want,
-            ) {
-                bad += 1;
-            }
-        }
+        let bad = (0..2).filter(|&t| !self.window_ok(t)).count() as u64;
         report("window", bad, None);
         if ok {
             println!(
@@ -282,15 +340,20 @@ fn main() -> i32 {
         dma,
         dma_groups,
         targets: [win_at, win_at + WINDOW],
-        ap_gen: gens(ap_pages),
-        eng_gen: gens(eng_groups),
-        dma_gen: gens(dma_groups),
+        ap_gen: zeroed(ap_pages),
+        eng_gen: zeroed(eng_groups),
+        dma_gen: zeroed(dma_groups),
         win_gen: [0; 2],
         win_count: 0,
+        eng_fence: zeroed(eng_groups),
+        dma_fence: zeroed(dma_groups),
+        win_fence: [0; 2],
         fence: 0,
+        stale: 0,
+        t0: time::now_ns(),
     };
     // Everything written once (VRAM starts zeroed, the DMA region is fresh RAM).
-    let t0 = time::now_ns();
+    let t0 = s.t0;
     for p in 0..ap_pages {
         s.write_aperture(p);
     }
@@ -397,6 +460,7 @@ fn main() -> i32 {
         }
     }
     ok &= s.verify((time::now_ns() - t0) / 1_000_000);
+    ok &= s.stale == 0;
     println!(
         "gpu-dirtier: done written_mib={} max_gap_us={} result={}",
         written >> 20,
