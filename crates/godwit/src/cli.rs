@@ -23,6 +23,10 @@ pub struct Cli {
 pub enum Command {
     /// Start a VM and run it until the guest exits (exit status = the guest's).
     Run(RunArgs),
+    /// What godwit is for: a VM with a virtual GPU trains on it and is live-migrated
+    /// mid-training to a second godwit process, ending with the same answer as a run
+    /// that was never moved.
+    Demo(DemoArgs),
     /// Show a running VM's state, configuration and counters.
     Info(ApiArgs),
     /// Pause a running VM.
@@ -153,6 +157,25 @@ pub enum GpuCmd {
         #[command(flatten)]
         dir: GpuDirArg,
     },
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// The VM's vGPU profile.
+    #[arg(long, default_value = "GW8-1C")]
+    pub profile: String,
+    /// gpu-train's grid size (its run time grows with the square of it).
+    #[arg(long, default_value_t = 96)]
+    pub grid: u64,
+    /// Migrate once the guest reports this iteration (a multiple of 2000).
+    #[arg(long, default_value_t = 4000)]
+    pub migrate_at: u64,
+    /// The migration's downtime limit, in ms.
+    #[arg(long, default_value_t = 50)]
+    pub downtime_ms: u64,
+    /// The GPU manager directory both VMs lease from [default: a private one].
+    #[arg(long)]
+    pub gpu_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]

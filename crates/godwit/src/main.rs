@@ -5,6 +5,7 @@ mod bench;
 mod bench_gpu;
 mod bench_migrate;
 mod cli;
+mod demo;
 mod gpu;
 mod migrate;
 mod run;
@@ -22,6 +23,7 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         cli::Command::Run(args) => run::run(args),
+        cli::Command::Demo(a) => demo::run(a),
         cli::Command::Info(a) => run::api_call(&a.api_socket, "GET", "vm.info"),
         cli::Command::Pause(a) => run::api_call(&a.api_socket, "PUT", "vm.pause"),
         cli::Command::Resume(a) => run::api_call(&a.api_socket, "PUT", "vm.resume"),

@@ -81,12 +81,13 @@ pub fn print_report(r: &Report) {
         };
         let extra: Vec<String> = p.extra.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!(
-            "    {name:<9} stop {:.2} ms, state {} bytes in {:.2} ms, last dirty log {:.2} ms, last pages {}{}",
+            "    {name:<9} stop {:.2} ms, state {} bytes in {:.2} ms, last dirty log {:.2} ms, last {} pages {:.2} ms{}",
             p.stop_ms,
             p.state_bytes,
             p.state_ms,
             p.dirty_log_ms,
             p.final_pages,
+            p.final_pages_ms,
             if extra.is_empty() {
                 String::new()
             } else {

@@ -496,7 +496,9 @@ fn a_snapshot_with_a_gpu_restores_on_a_host_with_that_profile() {
     assert!(stderr(&o).contains("runs GW8-4C VFs"), "{}", stderr(&o));
 }
 
-/// `vm.pause` stops the GPU as well as the vCPUs: no engine time passes while paused.
+/// `vm.pause` stops the GPU as well as the vCPUs: no engine time passes while paused,
+/// even in the middle of a long command; and a paused VM migrated arrives paused, its
+/// GPU too, until it is resumed there, where the command completes exactly.
 #[test]
 fn pause_stops_the_gpu_too() {
     if !kvm_available() {
@@ -504,27 +506,53 @@ fn pause_stops_the_gpu_too() {
     }
     let d = host("gm-pause", 1, &[]);
     let g = gpu_dir(&d);
-    let vm = source(
-        &d,
-        "v",
-        &gpu_vm(
-            &g,
-            "GW8-1C",
-            "gpu-verify",
-            &["rounds=0", "mib=4", "report-every=10"],
-        ),
-    );
-    wait_log(&vm.log, "round 10 ok");
-    let engine = || status(&d)[0]["vfs"][0]["engine_ms"].as_f64().unwrap();
-    let sock = vm.sock.to_str().unwrap();
-    let o = run(&["pause", "--api-socket", sock], LIMIT);
+    let mut vm = source(&d, "v", &gpu_vm(&g, "GW8-1C", "gpu-long", &["k=512"]));
+    wait_log(&vm.log, "submitted sgemm");
+    let engine = || {
+        let s = status(&d);
+        let vfs = s[0]["vfs"].as_array().unwrap().clone();
+        assert_eq!(vfs.len(), 1, "{s}");
+        vfs[0]["engine_ms"].as_f64().unwrap()
+    };
+    let still = |what: &str| {
+        let t0 = engine();
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(
+            engine(),
+            t0,
+            "the GPU computed while the VM was paused ({what})"
+        );
+    };
+    let sock = vm.sock.to_str().unwrap().to_string();
+    let o = run(&["pause", "--api-socket", &sock], LIMIT);
+    assert!(o.status.success(), "{}", stderr(&o));
+    still("here");
+    let o = run(&["resume", "--api-socket", &sock], LIMIT);
     assert!(o.status.success(), "{}", stderr(&o));
     let t0 = engine();
-    std::thread::sleep(Duration::from_millis(400));
-    assert_eq!(engine(), t0, "the GPU computed while the VM was paused");
-    let o = run(&["resume", "--api-socket", sock], LIMIT);
-    assert!(o.status.success(), "{}", stderr(&o));
     assert!(wait_for(LIMIT, || (engine() > t0).then_some(())).is_some());
-    gains(&vm.log, "ok checks", 2);
-    run(&["shutdown", "--api-socket", sock], LIMIT);
+    // Paused again, then moved.
+    let o = run(&["pause", "--api-socket", &sock], LIMIT);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (mut dst, addr) = destination(&d, "dst", &["--gpu-dir", &g]);
+    let (out, r) = migrate(&vm, &addr, &[]);
+    completed(&out, &r);
+    assert_eq!(
+        r["downtime"]["components"]["gpu"]["extra"]["preempted"], 1,
+        "the SGEMM finished before the migration: make it longer\n{r}"
+    );
+    assert_eq!(exit_code(&mut vm, LIMIT), 0);
+    assert_eq!(info(&dst)["state"], "paused");
+    still("after the migration");
+    let o = run(
+        &["resume", "--api-socket", dst.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.log));
+    assert!(
+        read(&dst.log).contains("gpu-long: ok"),
+        "{}",
+        read(&dst.log)
+    );
 }

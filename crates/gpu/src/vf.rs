@@ -105,6 +105,9 @@ pub struct InFlightState {
 pub struct VfState {
     pub regs: Regs,
     pub in_flight: Option<InFlightState>,
+    /// The VM's user holds the engine (the VM is paused): it stays held where the
+    /// state is restored, until the VM is resumed there.
+    pub user_held: bool,
     /// The GPU clock when saved.
     pub clock_ns: u64,
     pub vram_size: u64,
@@ -545,6 +548,7 @@ impl Vf {
         Self::quiet(&i)?;
         Ok(VfState {
             regs: i.regs.clone(),
+            user_held: i.holds & Hold::User as u8 != 0,
             in_flight: i.in_flight.as_ref().map(|f| InFlightState {
                 index: f.index,
                 entry: entry_words(&f.raw),
@@ -649,6 +653,11 @@ impl Vf {
         i.in_flight = in_flight;
         i.resolved = None;
         i.resolving = None;
+        if s.user_held {
+            i.holds |= Hold::User as u8;
+        } else {
+            i.holds &= !(Hold::User as u8);
+        }
         *self
             .clock_offset_ns
             .lock()

@@ -287,10 +287,11 @@ impl Driver<'_> {
     }
 
     /// Reads each saving component's data until it has nothing left for this round;
-    /// returns what was sent, per component.
-    fn send_all(&mut self) -> Res<Vec<ReadReport>> {
+    /// returns what was sent, and how long it took, per component.
+    fn send_all(&mut self) -> Res<Vec<(ReadReport, Duration)>> {
         let mut reports = Vec::new();
         for i in 0..self.parts.len() {
+            let t = Instant::now();
             let mut total = ReadReport::default();
             loop {
                 let c = self.parts[i].c.clone();
@@ -313,11 +314,11 @@ impl Driver<'_> {
                 total += r;
                 self.check_in()?;
             }
-            reports.push(total);
+            reports.push((total, t.elapsed()));
         }
         self.out().flush().map_err(|e| self.send_error(e))?;
         let b = &mut self.report.bytes;
-        for (p, r) in self.parts.iter().zip(&reports) {
+        for (p, (r, _)) in self.parts.iter().zip(&reports) {
             let c = b.components.entry(p.name.clone()).or_default();
             c.pages_sent += r.pages;
             c.page_bytes += r.pages * PAGE_SIZE as u64;
@@ -395,7 +396,7 @@ impl Driver<'_> {
                 throttle_pct: pct,
                 ..Default::default()
             };
-            for (p, r) in self.parts.iter().zip(&sent) {
+            for (p, (r, _)) in self.parts.iter().zip(&sent) {
                 let s = p.c.sync().map_err(MigrationError::component(&p.name))?;
                 round.pages_sent += r.pages;
                 round.zero_pages += r.zero_pages;
@@ -562,10 +563,11 @@ impl Driver<'_> {
             self.report.downtime.dirty_log_ms += s.log_us / 1e3;
         }
         let sent = self.send_all()?;
-        for (i, r) in sent.iter().enumerate() {
+        for (i, (r, d)) in sent.iter().enumerate() {
             let name = self.parts[i].name.clone();
             let p = self.part(&name);
             p.final_pages = r.pages + r.zero_sent;
+            p.final_pages_ms = ms(*d);
             self.report.downtime.final_pages += r.pages + r.zero_sent;
         }
         self.out().complete().map_err(|e| self.send_error(e))?;
