@@ -180,7 +180,8 @@ fn gpu_verify_passes_through_migrations_there_and_back() {
                 .ok()
         })
         .collect();
-    assert!(rounds.len() > 15, "{all}");
+    // The first report before the hops, and at least three after each of the four.
+    assert!(rounds.len() >= 13, "{all}");
     for w in rounds.windows(2) {
         assert_eq!(w[1], w[0] + 5, "{rounds:?}");
     }

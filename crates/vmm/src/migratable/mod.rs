@@ -311,14 +311,23 @@ pub fn step_to(c: &dyn Component, to: MigState) -> Result<()> {
     Ok(())
 }
 
-/// The state machine's bookkeeping, for implementations: refuses what is not an arc.
-pub(crate) fn arc(state: &mut MigState, to: MigState) -> Result<MigState> {
-    if !state.is_arc(to) {
-        return Err(ComponentError::Arc { from: *state, to });
+/// Refuses `from` -> `to` unless it is an arc; implementations check before they act,
+/// and set their state once the arc's work is done.
+pub(crate) fn check_arc(from: MigState, to: MigState) -> Result<()> {
+    if from.is_arc(to) {
+        Ok(())
+    } else {
+        Err(ComponentError::Arc { from, to })
     }
-    let from = *state;
-    *state = to;
-    Ok(from)
+}
+
+/// Refuses `what` unless the component is in `want`.
+pub(crate) fn expect(state: MigState, want: MigState, what: &'static str) -> Result<()> {
+    if state == want {
+        Ok(())
+    } else {
+        Err(ComponentError::WrongState { what, state })
+    }
 }
 
 /// Encodes a component's state part: version (u32, little endian), then postcard.

@@ -6,8 +6,9 @@
 //! the log, so the next sync brings them back with their newer content). Zero pages are
 //! recognised and never sent as data.
 
-use super::{ReadReport, Sink};
+use super::{ComponentError, MigState, PreCopyInfo, ReadReport, Result, Sink, SyncReport};
 use crate::dirty::Written;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 pub const PAGE_SIZE: usize = 4096;
@@ -89,15 +90,185 @@ pub fn is_zero(page: &[u8]) -> bool {
 
 /// Access to a component's memory and its record of writes.
 pub trait Memory {
+    /// What it is, for messages ("guest RAM", "VRAM").
+    fn what(&self) -> &'static str;
     /// The address (in the component's space) of page 0 of region `region`.
     fn base(&self, region: usize) -> u64;
     /// Copies page `page` of region `region` into `buf`.
-    fn read_page(&self, region: usize, page: u64, buf: &mut [u8]) -> super::Result<()>;
+    fn read_page(&self, region: usize, page: u64, buf: &mut [u8]) -> Result<()>;
     /// Pages that may hold data (the first pass); the others are zero.
     fn populated(&self) -> Vec<Bitmap>;
-    /// A look at the pages written since the last sync, leaving them for the next one
+    fn start_tracking(&self) -> Result<()>;
+    fn stop_tracking(&self);
+    /// Pages written since the last take (`last`: with every writer stopped, no need
+    /// to re-arm), and what the memory counted besides, for reports.
+    fn take(&self, last: bool) -> Result<(Vec<Bitmap>, BTreeMap<String, u64>)>;
+    /// A look at the pages written since the last take, leaving them for the next one
     /// (None: the tracker cannot look without taking).
-    fn peek_dirty(&self) -> super::Result<Option<Written>>;
+    fn peek_dirty(&self) -> Result<Option<Written>>;
+    /// Whether `pages` whole pages from `addr` lie inside this memory.
+    fn contains(&self, addr: u64, pages: u64) -> bool;
+    fn read_at(&self, addr: u64, buf: &mut [u8]) -> Result<()>;
+    fn write_at(&self, addr: u64, data: &[u8]) -> Result<()>;
+}
+
+/// The migration state of a component that is memory: its device state, what it
+/// still has to send, and whether writes are being tracked (from PRE_COPY until the
+/// data stream ends). The arcs, the rounds and the destination's writes are the same
+/// for every memory; components add their own around them.
+pub struct MemoryState {
+    pub state: MigState,
+    paged: Paged,
+    tracking: bool,
+}
+
+impl Default for MemoryState {
+    fn default() -> Self {
+        MemoryState {
+            state: MigState::Running,
+            paged: Paged::default(),
+            tracking: false,
+        }
+    }
+}
+
+impl MemoryState {
+    /// The memory's part of the arc `self.state` -> `to` (the caller checked it is one
+    /// and sets the state after its own part).
+    pub fn arc(&mut self, mem: &dyn Memory, to: MigState) -> Result<()> {
+        use MigState::*;
+        match (self.state, to) {
+            (Running, PreCopy) => {
+                mem.start_tracking()?;
+                self.tracking = true;
+                self.paged.begin(mem);
+            }
+            (PreCopy, Running) | (PreCopyP2p, RunningP2p) | (StopCopy, Stop) => {
+                if std::mem::take(&mut self.tracking) {
+                    mem.stop_tracking();
+                }
+                self.paged = Paged::default();
+            }
+            // Saved without a pre-copy: everything, once, while stopped.
+            (Stop, StopCopy) => self.paged.begin_stopped(mem),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub fn info(&self) -> Result<PreCopyInfo> {
+        if !self.state.saving() {
+            return Err(ComponentError::WrongState {
+                what: "pre-copy info",
+                state: self.state,
+            });
+        }
+        let (a, b) = self.paged.left();
+        Ok(PreCopyInfo {
+            initial_bytes: a * PAGE_SIZE as u64,
+            dirty_bytes: b * PAGE_SIZE as u64,
+        })
+    }
+
+    /// The end of a round, or (in STOP_COPY) the last take.
+    pub fn sync(&mut self, mem: &dyn Memory) -> Result<SyncReport> {
+        let last = match self.state {
+            MigState::PreCopy | MigState::PreCopyP2p => false,
+            MigState::StopCopy => true,
+            state => {
+                return Err(ComponentError::WrongState {
+                    what: "sync",
+                    state,
+                })
+            }
+        };
+        if !self.tracking {
+            return Ok(SyncReport::default());
+        }
+        let t = Instant::now();
+        let (dirty, extra) = mem.take(last)?;
+        let log_us = t.elapsed().as_secs_f64() * 1e6;
+        let dirty_pages = if last {
+            self.paged.finish(dirty)
+        } else {
+            self.paged.sync(dirty)
+        };
+        Ok(SyncReport {
+            dirty_pages,
+            log_us,
+            extra,
+        })
+    }
+
+    pub fn read(
+        &mut self,
+        mem: &dyn Memory,
+        sink: &mut dyn Sink,
+        pages: u64,
+    ) -> Result<ReadReport> {
+        if !self.state.saving() {
+            return Err(ComponentError::WrongState {
+                what: "read",
+                state: self.state,
+            });
+        }
+        self.paged.read(mem, sink, pages)
+    }
+
+    /// A destination's pages at `addrs`, `data` holding one page per address: all
+    /// checked before any is written.
+    pub fn load_pages(&self, mem: &dyn Memory, addrs: &[u64], data: &[u8]) -> Result<()> {
+        super::expect(self.state, MigState::Resuming, "pages")?;
+        if data.len() != addrs.len() * PAGE_SIZE {
+            return Err(ComponentError::Refused(
+                "page data does not match its addresses".into(),
+            ));
+        }
+        for &a in addrs {
+            check(mem, a, 1)?;
+        }
+        for (a, page) in addrs.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+            mem.write_at(*a, page)?;
+        }
+        Ok(())
+    }
+
+    /// A destination's runs of zero pages, all checked before any is written. Memory
+    /// never written reads as zero without being allocated: only pages that hold
+    /// something are cleared, so a stream of zero runs cannot make the destination
+    /// allocate the memory it names.
+    pub fn load_zero(&self, mem: &dyn Memory, runs: &[(u64, u32)]) -> Result<()> {
+        super::expect(self.state, MigState::Resuming, "pages")?;
+        for &(a, n) in runs {
+            if n == 0 {
+                return Err(ComponentError::Refused(format!("empty zero run at {a:#x}")));
+            }
+            check(mem, a, n as u64)?;
+        }
+        let mut buf = [0u8; PAGE_SIZE];
+        for &(a, n) in runs {
+            for k in 0..n as u64 {
+                let at = a + k * PAGE_SIZE as u64;
+                mem.read_at(at, &mut buf)?;
+                if !is_zero(&buf) {
+                    buf.fill(0);
+                    mem.write_at(at, &buf)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check(mem: &dyn Memory, addr: u64, pages: u64) -> Result<()> {
+    if addr.is_multiple_of(PAGE_SIZE as u64) && mem.contains(addr, pages) {
+        Ok(())
+    } else {
+        Err(ComponentError::Refused(format!(
+            "{pages} pages at {addr:#x} are not inside {}",
+            mem.what()
+        )))
+    }
 }
 
 /// What a memory component still has to send.
@@ -174,7 +345,7 @@ impl Paged {
         mem: &dyn Memory,
         sink: &mut dyn Sink,
         budget: u64,
-    ) -> super::Result<ReadReport> {
+    ) -> Result<ReadReport> {
         let mut r = ReadReport::default();
         let bases: Vec<u64> = (0..self.pending.len()).map(|i| mem.base(i)).collect();
         let mut sent = 0u64;
@@ -291,6 +462,28 @@ mod tests {
     }
 
     impl Memory for Mem {
+        fn what(&self) -> &'static str {
+            "test memory"
+        }
+        fn start_tracking(&self) -> crate::migratable::Result<()> {
+            Ok(())
+        }
+        fn stop_tracking(&self) {}
+        fn take(
+            &self,
+            _last: bool,
+        ) -> crate::migratable::Result<(Vec<Bitmap>, BTreeMap<String, u64>)> {
+            Ok((Vec::new(), BTreeMap::new()))
+        }
+        fn contains(&self, _addr: u64, _pages: u64) -> bool {
+            false
+        }
+        fn read_at(&self, _addr: u64, _buf: &mut [u8]) -> crate::migratable::Result<()> {
+            Ok(())
+        }
+        fn write_at(&self, _addr: u64, _data: &[u8]) -> crate::migratable::Result<()> {
+            Ok(())
+        }
         fn base(&self, region: usize) -> u64 {
             region as u64 * (1 << 20)
         }

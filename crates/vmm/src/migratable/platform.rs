@@ -4,7 +4,8 @@
 //! state is read once everything else has stopped.
 
 use super::{
-    arc, decode, encode, unix_ns, Component, ComponentError, MigState, PreCopyInfo, Result, Section,
+    check_arc, decode, encode, expect, unix_ns, Component, ComponentError, MigState, PreCopyInfo,
+    Result, Section,
 };
 use crate::devices::pci::{PciBus, PciSlotState};
 use crate::devices::serial::{SerialDevice, SerialDeviceState};
@@ -107,6 +108,7 @@ impl Component for Platform {
 
     fn set_state(&self, to: MigState) -> Result<()> {
         let mut i = self.lock();
+        check_arc(i.state, to)?;
         match (i.state, to) {
             (MigState::Stop, MigState::Resuming) => i.loaded = false,
             (MigState::Resuming, MigState::Stop) if !i.loaded => {
@@ -114,7 +116,7 @@ impl Component for Platform {
             }
             _ => {}
         }
-        arc(&mut i.state, to)?;
+        i.state = to;
         Ok(())
     }
 
@@ -123,13 +125,7 @@ impl Component for Platform {
     }
 
     fn save(&self) -> Result<Vec<u8>> {
-        let state = self.state();
-        if state != MigState::StopCopy {
-            return Err(ComponentError::WrongState {
-                what: "save",
-                state,
-            });
-        }
+        expect(self.state(), MigState::StopCopy, "save")?;
         let s = PlatformState {
             saved_at_unix_ns: unix_ns(),
             clock: self.fd.get_clock().kvm("KVM_GET_CLOCK")?,
@@ -151,12 +147,7 @@ impl Component for Platform {
 
     fn load(&self, bytes: &[u8]) -> Result<()> {
         let mut i = self.lock();
-        if i.state != MigState::Resuming {
-            return Err(ComponentError::WrongState {
-                what: "load",
-                state: i.state,
-            });
-        }
+        expect(i.state, MigState::Resuming, "load")?;
         let s: PlatformState = decode("platform", VERSION, bytes)?;
         // Checked before anything is written: the PCI functions and their read-only
         // config bytes must be this VM's, and the UART state one it can hold.

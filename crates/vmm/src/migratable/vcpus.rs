@@ -5,7 +5,8 @@
 //! slice (auto-converge; the driver chooses the share).
 
 use super::{
-    arc, decode, encode, unix_ns, Component, ComponentError, MigState, PreCopyInfo, Result, Section,
+    check_arc, decode, encode, expect, unix_ns, Component, ComponentError, MigState, PreCopyInfo,
+    Result, Section,
 };
 use crate::control::{Control, RunState};
 use crate::state::VcpuState;
@@ -144,12 +145,9 @@ impl Component for Vcpus {
 
     fn set_state(&self, to: MigState) -> Result<()> {
         let mut i = self.lock();
-        let from = i.state;
-        if !from.is_arc(to) {
-            return Err(ComponentError::Arc { from, to });
-        }
+        check_arc(i.state, to)?;
         use MigState::*;
-        match (from, to) {
+        match (i.state, to) {
             // (A destination's vCPU threads wait parked from the start: already stopped.)
             (PreCopyP2p, StopCopy) | (RunningP2p, Stop) => self.stop(&mut i)?,
             (PreCopy, Running) | (PreCopyP2p, RunningP2p) => i.throttle = None,
@@ -170,7 +168,7 @@ impl Component for Vcpus {
             }
             _ => {}
         }
-        arc(&mut i.state, to)?;
+        i.state = to;
         Ok(())
     }
 
@@ -180,12 +178,7 @@ impl Component for Vcpus {
 
     fn save(&self) -> Result<Vec<u8>> {
         let i = self.lock();
-        if i.state != MigState::StopCopy {
-            return Err(ComponentError::WrongState {
-                what: "save",
-                state: i.state,
-            });
-        }
+        expect(i.state, MigState::StopCopy, "save")?;
         let vcpus = self
             .vcpus
             .iter()
@@ -203,12 +196,7 @@ impl Component for Vcpus {
 
     fn load(&self, bytes: &[u8]) -> Result<()> {
         let mut i = self.lock();
-        if i.state != MigState::Resuming {
-            return Err(ComponentError::WrongState {
-                what: "load",
-                state: i.state,
-            });
-        }
+        expect(i.state, MigState::Resuming, "load")?;
         let s: VcpusState = decode("vCPU", VERSION, bytes)?;
         if s.vcpus.len() != self.vcpus.len() {
             return Err(ComponentError::Refused(format!(
