@@ -11,7 +11,8 @@
 #![no_std]
 #![no_main]
 
-use godwit_rt::{args, mem, println, sys, time};
+use godwit_rt::pace::{Pace, Tick};
+use godwit_rt::{args, mem, println, time};
 
 const PAGE: usize = 4096;
 const WORDS: usize = PAGE / 8;
@@ -90,8 +91,8 @@ fn main() -> i32 {
     let wss = args::get_u64("wss", 64).max(1);
     let rate = args::get_u64("rate", 100);
     let seconds = args::get_u64("seconds", 5);
-    let verify_every_ns = args::get_u64("verify-every", 0) * 1_000_000_000;
-    let report_ns = args::get_u64("report-every", 1000).max(1) * 1_000_000;
+    let verify_every = args::get_u64("verify-every", 0);
+    let report_ms = args::get_u64("report-every", 1000);
 
     let npages = (wss as usize) << 8;
     let (Some(pages), Some(gens)) = (mem::alloc(wss << 20), mem::alloc(npages as u64 * 4)) else {
@@ -126,85 +127,28 @@ fn main() -> i32 {
     } else {
         (CHUNK * PAGE) as u64 * 1_000_000_000 / (rate << 20)
     };
-    let start = time::now_ns();
-    let end = if seconds == 0 {
-        u64::MAX
-    } else {
-        start + seconds * 1_000_000_000
-    };
-    let mut next_report = start + report_ns;
-    let mut next_verify = if verify_every_ns == 0 {
-        u64::MAX
-    } else {
-        start + verify_every_ns
-    };
+    let mut pace = Pace::new(t0, chunk_ns, seconds, report_ms, verify_every);
     let mut cursor = 0usize;
-    let mut chunks = 0u64;
-    let mut written_pages = 0u64;
-    let mut max_gap_ns = 0u64;
-    // The largest gap since the last report: places a pause in time.
-    let mut window_gap_ns = 0u64;
-    let mut last = start;
-    let mut slept = 0u64;
     let mut ok = true;
     loop {
         for _ in 0..CHUNK {
             set.write(cursor);
             cursor = (cursor + 1) % npages;
         }
-        written_pages += CHUNK as u64;
-        chunks += 1;
-
-        let now = time::now_ns();
-        let gap = now.saturating_sub(last).saturating_sub(slept);
-        max_gap_ns = max_gap_ns.max(gap);
-        window_gap_ns = window_gap_ns.max(gap);
-        slept = 0;
-        if now >= next_report {
-            let secs = (now - start) as f64 / 1e9;
-            let mib = (written_pages as f64 * PAGE as f64) / (1u64 << 20) as f64;
-            println!(
-                "dirtier: t_ms={} written_mib={} rate_mibs={} max_gap_us={} window_gap_us={}",
-                (now - t0) / 1_000_000,
-                mib as u64,
-                (mib / secs) as u64,
-                max_gap_ns / 1000,
-                window_gap_ns / 1000
-            );
-            window_gap_ns = 0;
-            next_report += report_ns;
-        }
-        if now >= next_verify {
-            ok &= verify_and_report(&set, (now - t0) / 1_000_000);
-            next_verify += verify_every_ns;
-            // Verification is work, not a pause: do not count it as a gap.
-            last = time::now_ns();
-            continue;
-        }
-        if now >= end {
-            break;
-        }
-        last = now;
-        if chunk_ns != 0 {
-            let due = start + chunks * chunk_ns;
-            if due > now {
-                // Long waits give the CPU back; the VMM may wake us early, so finish by
-                // spinning to the deadline either way.
-                if due - now >= 200_000 {
-                    sys::sleep_ns(due - now);
-                }
-                while time::now_ns() < due {
-                    core::hint::spin_loop();
-                }
-                slept = due - now;
+        match pace.tick("dirtier", (CHUNK * PAGE) as u64) {
+            Tick::Go => pace.wait(),
+            Tick::Verify => {
+                ok &= verify_and_report(&set, pace.ms());
+                pace.verified();
             }
+            Tick::End => break,
         }
     }
-    ok &= verify_and_report(&set, (time::now_ns() - t0) / 1_000_000);
+    ok &= verify_and_report(&set, pace.ms());
     println!(
         "dirtier: done written_mib={} max_gap_us={} result={}",
-        (written_pages * PAGE as u64) >> 20,
-        max_gap_ns / 1000,
+        pace.written_mib(),
+        pace.max_gap_us(),
         if ok { "ok" } else { "CORRUPT" }
     );
     if ok {

@@ -24,6 +24,7 @@
 
 use godwit_rt::gpu::{Gpu, GpuError};
 use godwit_rt::gpu_abi::{op, pte};
+use godwit_rt::pace::{Pace, Tick};
 use godwit_rt::{args, mem, println, sys, time};
 
 const PAGE: u64 = 4096;
@@ -308,8 +309,8 @@ fn main() -> i32 {
     let dma_mib = args::get_u64("dma", 4).max(1);
     let rate = args::get_u64("rate", 64);
     let seconds = args::get_u64("seconds", 5);
-    let verify_every_ns = args::get_u64("verify-every", 0) * 1_000_000_000;
-    let report_ns = args::get_u64("report-every", 1000).max(1) * 1_000_000;
+    let verify_every = args::get_u64("verify-every", 0);
+    let report_ms = args::get_u64("report-every", 1000);
     let g = match Gpu::open() {
         Ok(g) => g,
         Err(e) => {
@@ -384,22 +385,8 @@ fn main() -> i32 {
     } else {
         CHUNK * PAGE * 1_000_000_000 / (rate << 20)
     };
-    let start = time::now_ns();
-    let end = if seconds == 0 {
-        u64::MAX
-    } else {
-        start + seconds * 1_000_000_000
-    };
-    let mut next_report = start + report_ns;
-    let mut next_verify = if verify_every_ns == 0 {
-        u64::MAX
-    } else {
-        start + verify_every_ns
-    };
+    let mut pace = Pace::new(t0, chunk_ns, seconds, report_ms, verify_every);
     let (mut ap_cur, mut eng_cur, mut dma_cur) = (0u64, 0u64, 0u64);
-    let (mut iters, mut written) = (0u64, 0u64);
-    let (mut max_gap, mut window_gap) = (0u64, 0u64);
-    let (mut last, mut slept) = (start, 0u64);
     let mut ok = true;
     loop {
         for _ in 0..CHUNK {
@@ -410,61 +397,25 @@ fn main() -> i32 {
         eng_cur = (eng_cur + 1) % eng_groups;
         s.fill_dma(dma_cur);
         dma_cur = (dma_cur + 1) % dma_groups;
-        iters += 1;
-        if iters.is_multiple_of(WINDOW_EVERY) {
+        if (pace.iters() + 1).is_multiple_of(WINDOW_EVERY) {
             s.remap_and_fill();
         }
         s.g.kick();
-        written += 3 * CHUNK * PAGE;
-
-        let now = time::now_ns();
-        let gap = now.saturating_sub(last).saturating_sub(slept);
-        max_gap = max_gap.max(gap);
-        window_gap = window_gap.max(gap);
-        slept = 0;
-        if now >= next_report {
-            let secs = (now - start) as f64 / 1e9;
-            let mib = written as f64 / (1u64 << 20) as f64;
-            println!(
-                "gpu-dirtier: t_ms={} written_mib={} rate_mibs={} max_gap_us={} window_gap_us={}",
-                (now - t0) / 1_000_000,
-                mib as u64,
-                (mib / secs) as u64,
-                max_gap / 1000,
-                window_gap / 1000
-            );
-            window_gap = 0;
-            next_report += report_ns;
-        }
-        if now >= next_verify {
-            ok &= s.verify((now - t0) / 1_000_000);
-            next_verify += verify_every_ns;
-            last = time::now_ns();
-            continue;
-        }
-        if now >= end {
-            break;
-        }
-        last = now;
-        if chunk_ns != 0 {
-            let due = start + iters * chunk_ns;
-            if due > now {
-                if due - now >= 200_000 {
-                    sys::sleep_ns(due - now);
-                }
-                while time::now_ns() < due {
-                    core::hint::spin_loop();
-                }
-                slept = due - now;
+        match pace.tick("gpu-dirtier", 3 * CHUNK * PAGE) {
+            Tick::Go => pace.wait(),
+            Tick::Verify => {
+                ok &= s.verify(pace.ms());
+                pace.verified();
             }
+            Tick::End => break,
         }
     }
-    ok &= s.verify((time::now_ns() - t0) / 1_000_000);
+    ok &= s.verify(pace.ms());
     ok &= s.stale == 0;
     println!(
         "gpu-dirtier: done written_mib={} max_gap_us={} result={}",
-        written >> 20,
-        max_gap / 1000,
+        pace.written_mib(),
+        pace.max_gap_us(),
         if ok { "ok" } else { "CORRUPT" }
     );
     if ok {

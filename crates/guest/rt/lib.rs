@@ -17,6 +17,7 @@ pub mod gpu;
 pub mod gpu_abi;
 mod intrinsics;
 pub mod mem;
+pub mod pace;
 pub mod pci;
 pub mod port;
 pub mod smp;

@@ -130,6 +130,20 @@ pub fn drain(
     }
 }
 
+/// The VM's components in the source's section order (frames name them by index).
+pub fn in_order(vm: &Vm, names: &[String]) -> Result<Vec<Arc<dyn Component>>, String> {
+    names
+        .iter()
+        .map(|n| {
+            vm.components()
+                .iter()
+                .find(|c| &c.section().name == n)
+                .cloned()
+                .ok_or_else(|| format!("this VM has no {n}"))
+        })
+        .collect()
+}
+
 /// Waits for a source on `l`, then receives and loads its VM.
 pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, ReceiveError> {
     let mut first = l.accept(None).map_err(ReceiveError::Listen)?;
@@ -183,18 +197,8 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
     if let Some(why) = incoming::mismatch(&hello.sections, &ours) {
         return Err(refuse(&mut main, why));
     }
-    // The components in the source's order: frames name them by index.
     let names: Vec<String> = hello.sections.iter().map(|s| s.name.clone()).collect();
-    let parts: Vec<Arc<dyn Component>> = names
-        .iter()
-        .map(|n| {
-            vm.components()
-                .iter()
-                .find(|c| &c.section().name == n)
-                .expect("matched above")
-                .clone()
-        })
-        .collect();
+    let parts = in_order(&vm, &names).map_err(|why| refuse(&mut main, why))?;
     // The vCPU threads exist from here on, parked: starting them is not on the
     // switchover's critical path. Dropping the VM on any failure below ends them unrun.
     vm.start_paused()

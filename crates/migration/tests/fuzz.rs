@@ -6,7 +6,7 @@
 //! sets the length (default 20000 per shape; the stream shapes run a tenth of that,
 //! each feeding a VM).
 
-use godwit_migration::destination::drain;
+use godwit_migration::destination::{drain, in_order};
 use godwit_migration::wire::{self, Frame, Hello, Kind, Totals, PAGE_SIZE};
 use godwit_vmm::config::GpuRequest;
 use godwit_vmm::migratable::{incoming, step_to, Component, MigState};
@@ -201,16 +201,7 @@ impl Dest {
     fn new(gpu: &Path, order: &[(String, Vec<u8>)]) -> Dest {
         let vm = vm(gpu);
         let names: Vec<String> = order.iter().map(|s| s.0.clone()).collect();
-        let parts: Vec<Arc<dyn Component>> = names
-            .iter()
-            .map(|n| {
-                vm.components()
-                    .iter()
-                    .find(|c| &c.section().name == n)
-                    .unwrap()
-                    .clone()
-            })
-            .collect();
+        let parts = in_order(&vm, &names).unwrap();
         for c in &parts {
             step_to(&**c, MigState::Resuming).unwrap();
         }
