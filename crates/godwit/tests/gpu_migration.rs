@@ -415,7 +415,13 @@ fn every_failure_leaves_the_source_vm_and_its_gpu_running() {
     wait_for(LIMIT, || {
         let (c, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").ok()?;
         let v: Value = serde_json::from_str(&b).ok()?;
-        (c == 200 && v["progress"]["bytes_sent"].as_u64()? > 0).then_some(())
+        // This migration's progress, not what the last one left.
+        let p = &v["progress"];
+        (c == 200
+            && v["active"] == true
+            && p["phase"] == "precopy"
+            && p["bytes_sent"].as_u64()? > 0)
+            .then_some(())
     })
     .expect("no progress");
     let o = run(
