@@ -499,19 +499,33 @@ fn hostile_input_on_the_destination_is_a_clear_error() {
         return;
     }
     let dir = TempDir::new("mig-hostile");
-    let hello = |version: u32| {
-        let v: Value = serde_json::json!({
-            "wire_version": version, "guest": "x", "connections": 1, "session": 1, "snapshot": false,
-            "sections": [
-                {"name": "vcpus", "version": 1, "needs": {"count": "1"}},
-                {"name": "ram", "version": 1, "needs": {"memory_mib": "256", "layout": "0x0+0x10000000"}},
-                {"name": "platform", "version": 1, "needs": {"guest": "godwit", "pci": "0:host-bridge"}}
-            ]
-        });
+    let sections = serde_json::json!([
+        {"name": "vcpus", "version": 1, "needs": {"count": "1"}},
+        {"name": "ram", "version": 1, "needs": {"memory_mib": "256", "layout": "0x0+0x10000000"}},
+        {"name": "platform", "version": 1, "needs": {"guest": "godwit", "pci": "0:host-bridge"}}
+    ]);
+    let frame = |v: Value| {
         let mut out = Vec::new();
         wire::write_raw(&mut out, Kind::Hello, v.to_string().as_bytes()).unwrap();
         out
     };
+    let hello = |version: u32| {
+        frame(serde_json::json!({
+            "wire_version": version, "guest": "x", "connections": 1, "session": 1,
+            "snapshot": false, "sections": sections
+        }))
+    };
+    // A GPU function whose driver interface this godwit does not speak.
+    let mut with_gpu = sections.clone();
+    with_gpu.as_array_mut().unwrap().insert(
+        1,
+        serde_json::json!({"name": "gpu", "version": 1, "needs": {
+            "profile": "GW8-1C", "abi": "9.9", "backend": "cpu", "vram": "1073741824"}}),
+    );
+    let gpu_abi = frame(serde_json::json!({
+        "wire_version": wire::WIRE_VERSION, "guest": "x", "connections": 1, "session": 1,
+        "snapshot": false, "sections": with_gpu
+    }));
     let mut garbage = vec![0u8; 64];
     garbage[..4].copy_from_slice(b"HTTP");
     let mut page_outside = hello(wire::WIRE_VERSION);
@@ -524,8 +538,11 @@ fn hostile_input_on_the_destination_is_a_clear_error() {
         ("garbage", garbage, "not a godwit migration stream"),
         ("version", hello(99), "wire version 99"),
         ("outside", page_outside, "not inside guest RAM"),
+        ("gpu-abi", gpu_abi, "gpu: the source has abi 9.9"),
     ] {
-        let (mut dst, addr) = destination(&dir, &format!("dst-{name}"), &[]);
+        let gpu = dir.path("gpu");
+        let extra = ["--gpu-dir", gpu.to_str().unwrap()];
+        let (mut dst, addr) = destination(&dir, &format!("dst-{name}"), &extra);
         let mut c = TcpStream::connect(addr.strip_prefix("tcp:").unwrap()).unwrap();
         c.write_all(&bytes).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
