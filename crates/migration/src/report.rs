@@ -231,10 +231,16 @@ pub struct Status {
     pub active: AtomicBool,
     /// Bytes written so far by the migration in progress (updated per frame).
     pub live_bytes: Arc<AtomicU64>,
-    /// Sockets of the migration in progress, shut down by a cancel so that a blocked
-    /// write or read returns at once; and whether GO is on its way (the VM is being
-    /// handed over, too late to cancel).
-    pub interrupt: Mutex<(Vec<crate::transport::Stream>, bool)>,
+    pub interrupt: Mutex<Interrupt>,
+}
+
+/// What a cancel may interrupt of the migration in progress.
+#[derive(Default)]
+pub struct Interrupt {
+    /// Its sockets, shut down by a cancel so that a blocked write or read returns.
+    pub sockets: Vec<crate::transport::Stream>,
+    /// GO is on its way: the VM is being handed over, too late to cancel.
+    pub committed: bool,
 }
 
 impl Status {
@@ -249,7 +255,7 @@ impl Status {
     pub fn request_cancel(&self, grace: std::time::Duration) -> Result<(), &'static str> {
         {
             let i = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
-            if i.1 {
+            if i.committed {
                 return Err("too late to cancel: the VM is being handed over to the destination");
             }
             self.cancel.store(true, Ordering::SeqCst);
@@ -259,8 +265,8 @@ impl Status {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let i = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
-        if self.active.load(Ordering::SeqCst) && !i.1 {
-            for s in &i.0 {
+        if self.active.load(Ordering::SeqCst) && !i.committed {
+            for s in &i.sockets {
                 s.shutdown();
             }
         }
@@ -274,7 +280,7 @@ impl Status {
         if self.cancelled() {
             return false;
         }
-        i.1 = true;
+        i.committed = true;
         true
     }
 

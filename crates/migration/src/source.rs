@@ -281,7 +281,7 @@ impl Driver<'_> {
                 .interrupt
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .0
+                .sockets
                 .push(c);
         }
     }
@@ -660,13 +660,13 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
         report,
         phase: Phase::Setup,
         t0,
-        space_pages: report_pages(&m) + vram_pages,
+        space_pages: m.description().memory_mib * 256 + vram_pages,
         rtt: Duration::ZERO,
         bandwidth: 0.0,
         throttle: 0,
     };
     status.live_bytes.store(0, Ordering::Relaxed);
-    *status.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = (Vec::new(), false);
+    *status.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
     let ring_full_before = m.dirty_stats().ring_full_exits;
     d.progress(0, 0.0);
     let result = (|| {
@@ -714,7 +714,7 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
                     .interrupt
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .0
+                    .sockets
                     .first()
                 {
                     let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
@@ -753,7 +753,7 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
         .interrupt
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .0
+        .sockets
         .clear();
     d.phase = Phase::Done;
     d.report = report;
@@ -761,10 +761,6 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
     let report = std::mem::take(&mut d.report);
     *status.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
     report
-}
-
-fn report_pages(m: &godwit_vmm::vm::Machine) -> u64 {
-    m.description().memory_mib * 256
 }
 
 /// Starts `migrate` on its own thread. The caller (the API) owns `status.active`.
