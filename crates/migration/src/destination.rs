@@ -111,6 +111,11 @@ pub fn drain(
                 section(s)?;
                 on_state(s as usize, data)?;
             }
+            Frame::Data { section: s, data } if until == Kind::Complete => {
+                let (c, name) = section(s)?;
+                c.load_data(data).map_err(|e| format!("{name}: {e}"))?;
+                got.data += data.len() as u64;
+            }
             Frame::End(t) | Frame::Complete(t) if f.kind() == until => {
                 if t != got {
                     return Err(format!(

@@ -331,6 +331,17 @@ impl Sink for SectionSink<'_> {
         Ok(())
     }
 
+    fn data(&mut self, bytes: &[u8]) -> io::Result<()> {
+        for part in bytes.chunks(wire::MAX_PAYLOAD - 4) {
+            self.out.control(&Frame::Data {
+                section: self.section,
+                data: part,
+            })?;
+            self.out.lanes[0].totals.data += part.len() as u64;
+        }
+        Ok(())
+    }
+
     fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
     }

@@ -11,7 +11,8 @@
 //! REFUSE. Extra data connections open with JOIN. Then PAGES and ZERO frames, each for
 //! one section (pre-copy rounds); at switchover one STATE frame per section on the main
 //! connection, the last pages, END on every data connection and COMPLETE on the main
-//! one. The destination answers READY once it holds and has loaded everything; the
+//! one. A component that streams opaque bytes (as a VFIO device does) sends DATA frames
+//! on the main connection, in order, whenever it has some. The destination answers READY once it holds and has loaded everything; the
 //! source then gives the VM up with GO, and the destination answers STARTED once the VM
 //! runs. ABORT (either way, at any time: the main connection is two-way) ends a
 //! migration with a reason. A snapshot file is the same stream without the answers.
@@ -47,6 +48,7 @@ pub enum Kind {
     Go = 11,
     Started = 12,
     Abort = 13,
+    Data = 14,
 }
 
 impl Kind {
@@ -66,6 +68,7 @@ impl Kind {
             11 => Go,
             12 => Started,
             13 => Abort,
+            14 => Data,
             _ => return None,
         })
     }
@@ -138,6 +141,9 @@ pub struct Started {
 pub struct Totals {
     pub pages: u64,
     pub zero_pages: u64,
+    /// Bytes of opaque data streams (DATA frames).
+    #[serde(default)]
+    pub data: u64,
 }
 
 /// A decoded frame, borrowing its payload from the read buffer.
@@ -167,6 +173,12 @@ pub enum Frame<'a> {
         section: u32,
         data: &'a [u8],
     },
+    /// Bytes of one section's data stream (a device that streams opaque data, as a
+    /// VFIO device does), in order, on the main connection.
+    Data {
+        section: u32,
+        data: &'a [u8],
+    },
     Complete(Totals),
     Ready(Ready),
     Go,
@@ -190,6 +202,7 @@ impl Frame<'_> {
             Frame::Go => Kind::Go,
             Frame::Started(_) => Kind::Started,
             Frame::Abort(_) => Kind::Abort,
+            Frame::Data { .. } => Kind::Data,
         }
     }
 }
@@ -250,7 +263,7 @@ pub fn write_frame(w: &mut impl Write, f: &Frame) -> io::Result<()> {
             p
         }
         Frame::End(t) | Frame::Complete(t) => json(t),
-        Frame::State { section, data } => {
+        Frame::State { section, data } | Frame::Data { section, data } => {
             let mut p = section.to_le_bytes().to_vec();
             p.extend_from_slice(data);
             p
@@ -510,6 +523,13 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
             let (section, data) = section()?;
             Ok(Frame::State { section, data })
         }
+        Kind::Data => {
+            let (section, data) = section()?;
+            if data.is_empty() {
+                return Err(bad("no data".into()));
+            }
+            Ok(Frame::Data { section, data })
+        }
     }
 }
 
@@ -541,6 +561,10 @@ mod tests {
             section: 3,
             data: b"state",
         });
+        roundtrip(&Frame::Data {
+            section: 4,
+            data: b"bytes of a device",
+        });
         roundtrip(&Frame::Ready(Ready {
             restore_ms: 1.5,
             check_ms: 0.25,
@@ -554,6 +578,7 @@ mod tests {
         roundtrip(&Frame::End(Totals {
             pages: 5,
             zero_pages: 6,
+            data: 7,
         }));
     }
 

@@ -137,6 +137,7 @@ fn frames(states: &[(String, Vec<u8>)]) -> Vec<(Kind, Vec<u8>)> {
     push(&Frame::Complete(Totals {
         pages: 5,
         zero_pages: 19,
+        data: 0,
     }));
     out
 }

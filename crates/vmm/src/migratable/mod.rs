@@ -12,7 +12,9 @@
 //! - `precopy_info` is VFIO_MIG_GET_PRECOPY_INFO: initial bytes (first-pass data not
 //!   yet read) and dirty bytes (data known to have changed since).
 //!
-//! Two extensions a VFIO byte stream does not have, because memory dominates a VM:
+//! A component that is not memory streams opaque bytes (`Sink::data`,
+//! `Component::load_data`), as a VFIO device's data fd does. Two extensions a VFIO byte
+//! stream does not have, because memory dominates a VM:
 //! a component's stream may carry *pages* (4 KiB, addressed in the component's own
 //! space, last copy wins), which the driver may spread over several connections and
 //! which the destination writes in place; and the stream has a small *state* part
@@ -228,6 +230,9 @@ pub trait Sink {
     fn slot(&mut self, addr: u64) -> &mut [u8];
     fn page(&mut self) -> io::Result<()>;
     fn zero(&mut self) -> io::Result<()>;
+    /// Sends bytes of an opaque data stream (a device that is not memory, such as a
+    /// VFIO device streaming its internal state in PRE_COPY), in order.
+    fn data(&mut self, bytes: &[u8]) -> io::Result<()>;
     /// Whether the migration was cancelled: a long read stops early.
     fn cancelled(&self) -> bool {
         false
@@ -276,6 +281,13 @@ pub trait Component: Send + Sync {
     fn save(&self) -> Result<Vec<u8>>;
     /// RESUMING: the state part, checked as hostile input.
     fn load(&self, bytes: &[u8]) -> Result<()>;
+    /// RESUMING: the next bytes of an opaque data stream (`Sink::data` on the source).
+    fn load_data(&self, _bytes: &[u8]) -> Result<()> {
+        Err(ComponentError::Refused(format!(
+            "{} has no data stream",
+            self.section().name
+        )))
+    }
     /// RESUMING: pages at `addrs` (checked), `data` holding one page per address.
     fn load_pages(&self, _addrs: &[u64], _data: &[u8]) -> Result<()> {
         Err(ComponentError::Refused(format!(

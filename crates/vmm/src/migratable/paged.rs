@@ -531,6 +531,9 @@ mod tests {
             self.zeros.push(self.at);
             Ok(())
         }
+        fn data(&mut self, _bytes: &[u8]) -> std::io::Result<()> {
+            unreachable!("memory sends pages")
+        }
     }
 
     #[test]
