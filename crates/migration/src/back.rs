@@ -1,14 +1,15 @@
-//! The destination's side of the main connection, as the source hears it: a reader
-//! thread takes every frame the destination sends, whenever it sends it, and hands it
-//! to the driver. The driver waits for an answer with a deadline, or just looks between
-//! two slices of pages, so an ABORT mid-round ends the migration at once instead of at
-//! the next failed write. (Post-copy's page requests will come this way too.)
+//! The destination's side of the main connection, as the source hears it: whatever the
+//! destination sends, whenever it sends it. The driver looks between two slices of
+//! work without waiting (`poll`), so an ABORT mid-round ends the migration at once
+//! rather than at the next failed write, and waits with a deadline where an answer is
+//! due (`wait`). It reads on the driver's own thread: a hand-off to a reader thread
+//! would cost a wake-up on the switchover's critical path. (Post-copy's page requests
+//! will come this way too.)
 
 use crate::transport::Stream;
-use crate::wire::{self, Frame, Kind, Ready, Started, WireError};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use crate::wire::{self, Frame, Kind, Ready, Started, WireError, HEADER_LEN};
+use std::io::Read;
+use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 pub enum Answer {
@@ -16,6 +17,7 @@ pub enum Answer {
     Refuse(String),
     Ready(Ready),
     Started(Started),
+    Synced(u64),
     Abort(String),
     /// A frame the destination should not send.
     Other(Kind),
@@ -24,70 +26,131 @@ pub enum Answer {
     Failed(WireError),
 }
 
+/// What one read brought.
+enum Got {
+    Bytes,
+    /// The read timed out.
+    Nothing,
+    End(Answer),
+}
+
 pub struct BackChannel {
-    rx: Receiver<Answer>,
-    /// Shut down on drop so the reader's blocked read ends.
-    socket: Stream,
-    thread: Option<JoinHandle<()>>,
+    s: Stream,
+    /// Bytes read and not yet made into an answer (a frame arrives in pieces).
+    buf: Vec<u8>,
+    ended: bool,
 }
 
 impl BackChannel {
-    /// Starts reading `main` (a second handle on the main connection).
-    pub fn start(main: Stream) -> std::io::Result<BackChannel> {
-        let socket = main
-            .try_clone()
-            .ok_or_else(|| std::io::Error::other("the connection cannot be shared"))?;
-        let (tx, rx) = channel();
-        let mut r = main;
-        let thread = std::thread::Builder::new()
-            .name("migration-back".into())
-            .spawn(move || {
-                let _ = r.set_read_timeout(None);
-                let mut buf = Vec::new();
-                loop {
-                    let a = match wire::read_frame(&mut r, &mut buf) {
-                        Ok(Frame::Accept) => Answer::Accept,
-                        Ok(Frame::Refuse(m)) => Answer::Refuse(m),
-                        Ok(Frame::Ready(x)) => Answer::Ready(x),
-                        Ok(Frame::Started(x)) => Answer::Started(x),
-                        Ok(Frame::Abort(m)) => Answer::Abort(m),
-                        Ok(f) => Answer::Other(f.kind()),
-                        Err(WireError::Closed) => Answer::Closed,
-                        Err(e) => Answer::Failed(e),
-                    };
-                    let end = matches!(a, Answer::Closed | Answer::Failed(_));
-                    if tx.send(a).is_err() || end {
-                        return;
-                    }
-                }
-            })?;
-        Ok(BackChannel {
-            rx,
-            socket,
-            thread: Some(thread),
-        })
-    }
-
-    /// The next answer, waiting at most `d` (None: nothing came in time).
-    pub fn wait(&self, d: Duration) -> Option<Answer> {
-        match self.rx.recv_timeout(d) {
-            Ok(a) => Some(a),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => Some(Answer::Closed),
+    /// Hears `main` (a second handle on the main connection).
+    pub fn new(main: Stream) -> BackChannel {
+        BackChannel {
+            s: main,
+            buf: Vec::new(),
+            ended: false,
         }
     }
 
-    /// An answer that has already arrived, if any.
-    pub fn poll(&self) -> Option<Answer> {
-        self.rx.try_recv().ok()
+    /// A whole frame already read, as an answer.
+    fn take(&mut self) -> Option<Answer> {
+        let h: &[u8; HEADER_LEN] = self.buf.get(..HEADER_LEN)?.try_into().ok()?;
+        let len = match wire::check_header(h) {
+            Ok((_, len)) => HEADER_LEN + len,
+            Err(e) => {
+                self.ended = true;
+                return Some(Answer::Failed(e));
+            }
+        };
+        if self.buf.len() < len {
+            return None;
+        }
+        let mut payload = Vec::new();
+        let a = match wire::read_frame(&mut &self.buf[..len], &mut payload) {
+            Ok(Frame::Accept) => Answer::Accept,
+            Ok(Frame::Refuse(m)) => Answer::Refuse(m),
+            Ok(Frame::Ready(x)) => Answer::Ready(x),
+            Ok(Frame::Started(x)) => Answer::Started(x),
+            Ok(Frame::Synced(n)) => Answer::Synced(n),
+            Ok(Frame::Abort(m)) => Answer::Abort(m),
+            Ok(f) => Answer::Other(f.kind()),
+            Err(e) => {
+                self.ended = true;
+                Answer::Failed(e)
+            }
+        };
+        self.buf.drain(..len);
+        Some(a)
     }
-}
 
-impl Drop for BackChannel {
-    fn drop(&mut self) {
-        self.socket.shutdown();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    /// One read of whatever has arrived (blocking up to the socket's read timeout).
+    fn read_some(&mut self) -> Got {
+        let mut chunk = [0u8; 4096];
+        match self.s.read(&mut chunk) {
+            Ok(0) => {
+                self.ended = true;
+                Got::End(Answer::Closed)
+            }
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Got::Bytes
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Got::Bytes,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Got::Nothing
+            }
+            Err(e) => {
+                self.ended = true;
+                Got::End(Answer::Failed(WireError::Io(e)))
+            }
+        }
+    }
+
+    /// An answer that has already arrived, if any; never waits.
+    pub fn poll(&mut self) -> Option<Answer> {
+        if let Some(a) = self.take() {
+            return Some(a);
+        }
+        if self.ended {
+            return Some(Answer::Closed);
+        }
+        while self.s.readable() {
+            match self.read_some() {
+                Got::Bytes => {
+                    if let Some(a) = self.take() {
+                        return Some(a);
+                    }
+                }
+                Got::Nothing => return None,
+                Got::End(a) => return Some(a),
+            }
+        }
+        None
+    }
+
+    /// The next answer, waiting at most `d` (None: nothing came in time).
+    pub fn wait(&mut self, d: Duration) -> Option<Answer> {
+        let end = Instant::now() + d;
+        loop {
+            if let Some(a) = self.take() {
+                return Some(a);
+            }
+            if self.ended {
+                return Some(Answer::Closed);
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.s.set_read_timeout(Some(left)).is_err() {
+                return None;
+            }
+            match self.read_some() {
+                Got::Bytes => {}
+                Got::Nothing => return None,
+                Got::End(a) => return Some(a),
+            }
         }
     }
 }

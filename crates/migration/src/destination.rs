@@ -65,18 +65,26 @@ fn abort(main: &mut Option<Stream>, why: String) -> ReceiveError {
     ReceiveError::Stream(why)
 }
 
-/// Takes section `i`'s state as it arrives.
-pub type OnState<'a> = dyn FnMut(usize, &[u8]) -> Result<(), String> + 'a;
+/// What a connection's stream carries besides pages and data streams.
+pub enum Event<'a> {
+    /// Section `i`'s state (main connection only).
+    State(usize, &'a [u8]),
+    /// The end of pre-copy round `n` on this connection.
+    Sync(u64),
+}
+
+/// Takes each event as it arrives.
+pub type OnEvent<'a> = dyn FnMut(Event) -> Result<(), String> + 'a;
 
 /// Reads one connection's frames until `until` (END on a data connection, COMPLETE on
-/// the main one, which also carries the states), feeding each to its section's
-/// component; then checks the sender's totals against what arrived.
+/// the main one, which also carries the states and data streams), feeding each to its
+/// section's component; then checks the sender's totals against what arrived.
 pub fn drain(
     r: &mut impl std::io::Read,
     parts: &[Arc<dyn Component>],
     names: &[String],
     until: Kind,
-    on_state: &mut OnState,
+    on_event: &mut OnEvent,
 ) -> Result<Totals, String> {
     let mut buf = Vec::new();
     let mut got = Totals::default();
@@ -109,8 +117,9 @@ pub fn drain(
             }
             Frame::State { section: s, data } if until == Kind::Complete => {
                 section(s)?;
-                on_state(s as usize, data)?;
+                on_event(Event::State(s as usize, data))?;
             }
+            Frame::Sync(n) => on_event(Event::Sync(n))?,
             Frame::Data { section: s, data } if until == Kind::Complete => {
                 let (c, name) = section(s)?;
                 c.load_data(data).map_err(|e| format!("{name}: {e}"))?;
@@ -132,6 +141,53 @@ pub fn drain(
                 ))
             }
         }
+    }
+}
+
+/// Where the data connections are: the last round each has passed, and whether one
+/// failed.
+struct Lanes {
+    m: std::sync::Mutex<(Vec<u64>, bool)>,
+    cv: std::sync::Condvar,
+}
+
+impl Lanes {
+    fn new(n: usize) -> Lanes {
+        Lanes {
+            m: std::sync::Mutex::new((vec![0; n], false)),
+            cv: std::sync::Condvar::new(),
+        }
+    }
+
+    fn passed(&self, lane: usize, n: u64) {
+        self.m.lock().unwrap_or_else(|e| e.into_inner()).0[lane] = n;
+        self.cv.notify_all();
+    }
+
+    fn failed(&self) {
+        self.m.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until every data connection has passed round `n`.
+    fn wait(&self, n: u64) -> Result<(), String> {
+        let end = Instant::now() + IDLE_TIMEOUT;
+        let mut g = self.m.lock().unwrap_or_else(|e| e.into_inner());
+        while !g.1 && g.0.iter().any(|&p| p < n) {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("round {n} never ended on every data connection"));
+            }
+            g = self
+                .cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if g.1 {
+            return Err("a data connection failed".into());
+        }
+        Ok(())
     }
 }
 
@@ -242,16 +298,25 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
     let wake = first.try_clone();
     let mut restore = Duration::ZERO;
     let mut states = vec![false; parts.len()];
+    // How far each data connection has got (the last SYNC it passed), so the main one
+    // answers SYNCED only once all of them have taken in the round.
+    let lanes = Lanes::new(data.len());
     let received: Result<(), String> = std::thread::scope(|s| {
         let workers: Vec<_> = data
             .into_iter()
-            .map(|mut c| {
-                let (parts, names, wake) = (&parts, &names, &wake);
+            .enumerate()
+            .map(|(k, mut c)| {
+                let (parts, names, wake, lanes) = (&parts, &names, &wake, &lanes);
                 s.spawn(move || {
-                    let r = drain(&mut c, parts, names, Kind::End, &mut |_, _| {
-                        Err("a state on a data connection".into())
+                    let r = drain(&mut c, parts, names, Kind::End, &mut |e| match e {
+                        Event::Sync(n) => {
+                            lanes.passed(k, n);
+                            Ok(())
+                        }
+                        Event::State(..) => Err("a state on a data connection".into()),
                     });
                     if r.is_err() {
+                        lanes.failed();
                         // Wake the main connection so the failure is reported now.
                         if let Some(m) = wake {
                             m.shutdown_read();
@@ -269,16 +334,23 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
             &parts,
             &names,
             Kind::Complete,
-            &mut |i, bytes| {
-                if std::mem::replace(&mut states[i], true) {
-                    return Err(format!("{}: a second state", names[i]));
+            &mut |e| match e {
+                Event::State(i, bytes) => {
+                    if std::mem::replace(&mut states[i], true) {
+                        return Err(format!("{}: a second state", names[i]));
+                    }
+                    let t = Instant::now();
+                    parts[i]
+                        .load(bytes)
+                        .map_err(|e| format!("{}: {e}", names[i]))?;
+                    restore += t.elapsed();
+                    Ok(())
                 }
-                let t = Instant::now();
-                parts[i]
-                    .load(bytes)
-                    .map_err(|e| format!("{}: {e}", names[i]))?;
-                restore += t.elapsed();
-                Ok(())
+                Event::Sync(n) => {
+                    lanes.wait(n)?;
+                    answer(&mut main, &Frame::Synced(n));
+                    Ok(())
+                }
             },
         );
         let mut first_err = None;

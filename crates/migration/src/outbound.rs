@@ -1,9 +1,12 @@
-//! The sending side of a migration stream: one lane per connection, each with a writer
-//! thread that owns its socket (or file), so a slow connection never holds up the
-//! thread that reads pages, and a cancel can interrupt a blocked write by shutting the
-//! socket down. Pages go to a lane chosen by their address (a 2 MiB chunk of a section
-//! always travels on the same connection, so TCP's ordering keeps a page's newest copy
-//! last); everything else (states, COMPLETE, GO) goes on the main lane, in order.
+//! The sending side of a migration stream: one lane per connection. The main
+//! connection is written by the thread that sends (its control frames are on the
+//! switchover's critical path, where a hand-off to another thread costs a wake-up);
+//! each extra connection has a writer thread that owns its socket, so several
+//! connections carry pages at once. A cancel interrupts a blocked write by shutting
+//! the socket down. Pages go to a lane chosen by their address (a 2 MiB chunk of a
+//! section always travels on the same connection, so TCP's ordering keeps a page's
+//! newest copy last); everything else (states, data streams, COMPLETE, GO) goes on the
+//! main lane, in order.
 
 use crate::transport::Stream;
 use crate::wire::{self, Frame, PagesFrame, Totals, PAGE_SIZE};
@@ -27,11 +30,21 @@ enum Msg {
     Sync(SyncSender<io::Result<()>>),
 }
 
+enum Io {
+    /// Written by the sending thread itself.
+    Direct(Stream),
+    Thread {
+        tx: Option<SyncSender<Msg>>,
+        /// Buffers the writer has finished with.
+        spare: Receiver<Vec<u8>>,
+        thread: Option<JoinHandle<io::Result<()>>>,
+    },
+}
+
 struct Lane {
-    tx: Option<SyncSender<Msg>>,
-    /// Buffers the writer has finished with.
-    spare: Receiver<Vec<u8>>,
-    thread: Option<JoinHandle<io::Result<()>>>,
+    io: Io,
+    /// A buffer written and free again (direct lanes).
+    recycled: Option<Vec<u8>>,
     frame: PagesFrame,
     zeros: Vec<(u64, u32)>,
     zero_section: u32,
@@ -108,17 +121,26 @@ impl Outbound {
         Ok(out)
     }
 
-    /// One more connection, with its own writer thread.
+    /// One more connection: the first is written directly, the others by a writer
+    /// thread each.
     pub fn add_lane(&mut self, s: Stream) -> io::Result<()> {
-        let (tx, rx) = sync_channel(QUEUE);
-        let (spare_tx, spare) = sync_channel(QUEUE + 2);
-        let thread = std::thread::Builder::new()
-            .name(format!("migration-send{}", self.lanes.len()))
-            .spawn(move || writer(s, rx, spare_tx))?;
+        let io = if self.lanes.is_empty() {
+            Io::Direct(s)
+        } else {
+            let (tx, rx) = sync_channel(QUEUE);
+            let (spare_tx, spare) = sync_channel(QUEUE + 2);
+            let thread = std::thread::Builder::new()
+                .name(format!("migration-send{}", self.lanes.len()))
+                .spawn(move || writer(s, rx, spare_tx))?;
+            Io::Thread {
+                tx: Some(tx),
+                spare,
+                thread: Some(thread),
+            }
+        };
         self.lanes.push(Lane {
-            tx: Some(tx),
-            spare,
-            thread: Some(thread),
+            io,
+            recycled: None,
             frame: PagesFrame::new(),
             zeros: Vec::new(),
             zero_section: 0,
@@ -131,11 +153,13 @@ impl Outbound {
         self.lanes.len()
     }
 
-    /// The error that ended lane `i`'s writer.
+    /// The error that ended lane `i`'s writer thread.
     fn lane_error(&mut self, i: usize) -> io::Error {
-        let lane = &mut self.lanes[i];
-        lane.tx = None;
-        match lane.thread.take().map(|t| t.join()) {
+        let Io::Thread { tx, thread, .. } = &mut self.lanes[i].io else {
+            return io::Error::other("the connection failed");
+        };
+        *tx = None;
+        match thread.take().map(|t| t.join()) {
             Some(Ok(Err(e))) => e,
             Some(Err(_)) => io::Error::other("a sender thread failed"),
             _ => io::Error::new(io::ErrorKind::BrokenPipe, "the connection is closed"),
@@ -144,12 +168,20 @@ impl Outbound {
 
     fn send(&mut self, i: usize, buf: Vec<u8>, r: Range<usize>) -> io::Result<()> {
         let n = r.len();
-        let sent = match &self.lanes[i].tx {
-            Some(tx) => tx.send(Msg::Data(buf, r)).is_ok(),
-            None => false,
-        };
-        if !sent {
-            return Err(self.lane_error(i));
+        let lane = &mut self.lanes[i];
+        match &mut lane.io {
+            Io::Direct(s) => {
+                s.write_all(&buf[r])?;
+                lane.recycled = Some(buf);
+            }
+            Io::Thread { tx, .. } => {
+                let sent = tx
+                    .as_ref()
+                    .is_some_and(|t| t.send(Msg::Data(buf, r)).is_ok());
+                if !sent {
+                    return Err(self.lane_error(i));
+                }
+            }
         }
         self.bytes += n as u64;
         self.live.fetch_add(n as u64, Ordering::Relaxed);
@@ -157,8 +189,13 @@ impl Outbound {
         Ok(())
     }
 
-    fn spare(&self, i: usize) -> Vec<u8> {
-        self.lanes[i].spare.try_recv().unwrap_or_default()
+    fn spare(&mut self, i: usize) -> Vec<u8> {
+        let lane = &mut self.lanes[i];
+        match &lane.io {
+            Io::Direct(_) => lane.recycled.take(),
+            Io::Thread { spare, .. } => spare.try_recv().ok(),
+        }
+        .unwrap_or_default()
     }
 
     fn flush_pages(&mut self, i: usize) -> io::Result<()> {
@@ -193,6 +230,18 @@ impl Outbound {
         Ok(())
     }
 
+    /// The end of a round: SYNC `n` on every connection, after everything before it.
+    pub fn round_end(&mut self, n: u64) -> io::Result<()> {
+        self.flush()?;
+        let mut out = Vec::new();
+        wire::write_frame(&mut out, &Frame::Sync(n))?;
+        for i in 0..self.lanes.len() {
+            let len = out.len();
+            self.send(i, out.clone(), 0..len)?;
+        }
+        Ok(())
+    }
+
     /// A frame on the main connection, after everything before it.
     pub fn control(&mut self, f: &Frame) -> io::Result<()> {
         self.flush_pages(0)?;
@@ -208,15 +257,16 @@ impl Outbound {
     pub fn sync(&mut self) -> io::Result<()> {
         let mut replies = Vec::new();
         for i in 0..self.lanes.len() {
-            let (tx, rx) = sync_channel(1);
-            let sent = match &self.lanes[i].tx {
-                Some(t) => t.send(Msg::Sync(tx)).is_ok(),
-                None => false,
-            };
-            if !sent {
-                return Err(self.lane_error(i));
+            match &mut self.lanes[i].io {
+                Io::Direct(s) => s.finish()?,
+                Io::Thread { tx, .. } => {
+                    let (rtx, rx) = sync_channel(1);
+                    if tx.as_ref().is_none_or(|t| t.send(Msg::Sync(rtx)).is_err()) {
+                        return Err(self.lane_error(i));
+                    }
+                    replies.push((i, rx));
+                }
             }
-            replies.push((i, rx));
         }
         for (i, rx) in replies {
             match rx.recv() {
@@ -254,10 +304,12 @@ impl Outbound {
         }
     }
 
-    /// Stops every writer (after an error or a cancel), without waiting for them.
+    /// Stops every writer thread (after an error or a cancel), without waiting for them.
     pub fn close(&mut self) {
         for l in &mut self.lanes {
-            l.tx = None;
+            if let Io::Thread { tx, .. } = &mut l.io {
+                *tx = None;
+            }
         }
     }
 }
@@ -266,8 +318,10 @@ impl Drop for Outbound {
     fn drop(&mut self) {
         self.close();
         for l in &mut self.lanes {
-            if let Some(t) = l.thread.take() {
-                let _ = t.join();
+            if let Io::Thread { thread, .. } = &mut l.io {
+                if let Some(t) = thread.take() {
+                    let _ = t.join();
+                }
             }
         }
     }

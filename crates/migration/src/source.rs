@@ -149,11 +149,11 @@ impl Driver<'_> {
 
     /// What a failed write means: the destination's ABORT reason when it sent one, a
     /// cancel when one was asked for.
-    fn send_error(&self, e: std::io::Error) -> MigrationError {
+    fn send_error(&mut self, e: std::io::Error) -> MigrationError {
         if self.status.cancelled() {
             return MigrationError::Cancelled;
         }
-        if let Some(b) = &self.back {
+        if let Some(b) = &mut self.back {
             if let Some(Answer::Abort(m)) = b.wait(Duration::from_millis(500)) {
                 return MigrationError::Aborted(m);
             }
@@ -166,11 +166,11 @@ impl Driver<'_> {
 
     /// Between two slices of work: a cancel, or anything the destination said, ends
     /// the migration now.
-    fn check_in(&self) -> Res<()> {
+    fn check_in(&mut self) -> Res<()> {
         if self.status.cancelled() {
             return Err(MigrationError::Cancelled);
         }
-        match self.back.as_ref().and_then(|b| b.poll()) {
+        match self.back.as_mut().and_then(|b| b.poll()) {
             None => Ok(()),
             Some(Answer::Abort(m)) => Err(MigrationError::Aborted(m)),
             Some(Answer::Closed) => Err(MigrationError::Closed("during the transfer")),
@@ -183,10 +183,10 @@ impl Driver<'_> {
     }
 
     /// Waits for the destination's next answer.
-    fn answer(&self, want: &'static str) -> Res<Answer> {
+    fn answer(&mut self, want: &'static str) -> Res<Answer> {
         let b = self
             .back
-            .as_ref()
+            .as_mut()
             .expect("live migrations have a back channel");
         let a = b.wait(HANDSHAKE_TIMEOUT).ok_or(MigrationError::Timeout {
             what: want,
@@ -230,7 +230,7 @@ impl Driver<'_> {
             let reader = main.try_clone().ok_or_else(|| {
                 unreachable(std::io::Error::other("the connection cannot be shared"))
             })?;
-            self.back = Some(BackChannel::start(reader).map_err(unreachable)?);
+            self.back = Some(BackChannel::new(reader));
         }
         self.register(&main);
         self.out = Some(
@@ -331,6 +331,25 @@ impl Driver<'_> {
         Ok(reports)
     }
 
+    /// Ends a round: it is over once the destination has taken in all of it (SYNC on
+    /// every connection, SYNCED back). Until then its pages are still in flight: a
+    /// switchover now would wait for them inside the pause (a destination that first
+    /// touches fresh memory takes it in slowly), and the bandwidth it measured would
+    /// be the sockets' buffers, not the destination's.
+    fn round_end(&mut self, n: u64) -> Res<()> {
+        if self.target.is_file() {
+            return Ok(());
+        }
+        self.out().round_end(n).map_err(|e| self.send_error(e))?;
+        match self.answer("SYNCED")? {
+            Answer::Synced(m) if m == n => Ok(()),
+            a => Err(MigrationError::Unexpected {
+                want: "SYNCED",
+                got: format!("{a:?}"),
+            }),
+        }
+    }
+
     /// The bandwidth to plan with: measured, and never above the cap.
     fn bandwidth_cap(&self) -> f64 {
         match self.o.max_bandwidth {
@@ -384,6 +403,7 @@ impl Driver<'_> {
             let bytes_before = self.out.as_ref().expect("connected").bytes;
             let t = Instant::now();
             let sent = self.send_all()?;
+            self.round_end(index as u64 + 1)?;
             let d = t.elapsed();
             let bytes = self.out.as_ref().expect("connected").bytes - bytes_before;
             self.learn_bandwidth(bytes, d);

@@ -122,6 +122,26 @@ impl Stream {
         };
     }
 
+    /// Whether a read would return at once (data, end of stream or an error): a look
+    /// that never waits and leaves the socket blocking for everyone else. Files and
+    /// streams without a socket say false.
+    pub fn readable(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+            _ => return false,
+        };
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd for a descriptor this stream owns, no timeout.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        r > 0 && p.revents != 0
+    }
+
     /// Shuts a socket down both ways: reads and writes blocked on it (in any thread)
     /// return at once.
     pub fn shutdown(&self) {

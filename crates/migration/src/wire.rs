@@ -12,7 +12,10 @@
 //! one section (pre-copy rounds); at switchover one STATE frame per section on the main
 //! connection, the last pages, END on every data connection and COMPLETE on the main
 //! one. A component that streams opaque bytes (as a VFIO device does) sends DATA frames
-//! on the main connection, in order, whenever it has some. The destination answers READY once it holds and has loaded everything; the
+//! on the main connection, in order, whenever it has some. Each pre-copy round ends
+//! with SYNC on every connection, which the destination answers with SYNCED once it has
+//! taken in everything before it: the source stops the VM only with nothing of the
+//! rounds still in flight. The destination answers READY once it holds and has loaded everything; the
 //! source then gives the VM up with GO, and the destination answers STARTED once the VM
 //! runs. ABORT (either way, at any time: the main connection is two-way) ends a
 //! migration with a reason. A snapshot file is the same stream without the answers.
@@ -49,6 +52,8 @@ pub enum Kind {
     Started = 12,
     Abort = 13,
     Data = 14,
+    Sync = 15,
+    Synced = 16,
 }
 
 impl Kind {
@@ -69,6 +74,8 @@ impl Kind {
             12 => Started,
             13 => Abort,
             14 => Data,
+            15 => Sync,
+            16 => Synced,
             _ => return None,
         })
     }
@@ -179,6 +186,10 @@ pub enum Frame<'a> {
         section: u32,
         data: &'a [u8],
     },
+    /// The end of a pre-copy round, on every connection: the destination answers
+    /// SYNCED once it has taken in everything before it on all of them.
+    Sync(u64),
+    Synced(u64),
     Complete(Totals),
     Ready(Ready),
     Go,
@@ -203,6 +214,8 @@ impl Frame<'_> {
             Frame::Started(_) => Kind::Started,
             Frame::Abort(_) => Kind::Abort,
             Frame::Data { .. } => Kind::Data,
+            Frame::Sync(_) => Kind::Sync,
+            Frame::Synced(_) => Kind::Synced,
         }
     }
 }
@@ -232,6 +245,7 @@ pub fn write_frame(w: &mut impl Write, f: &Frame) -> io::Result<()> {
     let payload: Vec<u8> = match f {
         Frame::Hello(h) => json(h),
         Frame::Accept | Frame::Go => Vec::new(),
+        Frame::Sync(n) | Frame::Synced(n) => n.to_le_bytes().to_vec(),
         Frame::Ready(r) => json(r),
         Frame::Started(s) => json(s),
         Frame::Refuse(m) | Frame::Abort(m) => m.as_bytes().to_vec(),
@@ -389,6 +403,26 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
+/// Checks a frame header; returns the frame's kind and payload length.
+pub fn check_header(h: &[u8; HEADER_LEN]) -> Result<(Kind, usize), WireError> {
+    let magic = u32_at(h, 0);
+    if magic != MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    let kind = Kind::from_u8(h[4]).ok_or(WireError::BadKind(h[4]))?;
+    if h[5..8] != [0, 0, 0] {
+        return Err(WireError::Malformed(
+            kind,
+            "reserved header bytes set".into(),
+        ));
+    }
+    let len = u32_at(h, 8);
+    if len as usize > MAX_PAYLOAD {
+        return Err(WireError::TooLarge(len));
+    }
+    Ok((kind, len as usize))
+}
+
 /// Reads one frame into `buf` and decodes it. A clean end of stream before a header is
 /// `Closed`; anything cut short is `Truncated`.
 pub fn read_frame<'a>(r: &mut impl Read, buf: &'a mut Vec<u8>) -> Result<Frame<'a>, WireError> {
@@ -403,24 +437,10 @@ pub fn read_frame<'a>(r: &mut impl Read, buf: &'a mut Vec<u8>) -> Result<Frame<'
             Err(e) => return Err(io_err(e)),
         }
     }
-    let magic = u32_at(&h, 0);
-    if magic != MAGIC {
-        return Err(WireError::BadMagic(magic));
-    }
-    let kind = Kind::from_u8(h[4]).ok_or(WireError::BadKind(h[4]))?;
-    if h[5..8] != [0, 0, 0] {
-        return Err(WireError::Malformed(
-            kind,
-            "reserved header bytes set".into(),
-        ));
-    }
-    let len = u32_at(&h, 8);
-    if len as usize > MAX_PAYLOAD {
-        return Err(WireError::TooLarge(len));
-    }
+    let (kind, len) = check_header(&h)?;
     let want = u32_at(&h, 12);
     buf.clear();
-    buf.resize(len as usize, 0);
+    buf.resize(len, 0);
     r.read_exact(buf).map_err(io_err)?;
     let got = crc32fast::hash(buf);
     if got != want {
@@ -478,6 +498,17 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
             .map_err(|e| bad(e.to_string())),
         Kind::Refuse => Ok(Frame::Refuse(text()?)),
         Kind::Abort => Ok(Frame::Abort(text()?)),
+        Kind::Sync | Kind::Synced => {
+            if p.len() != 8 {
+                return Err(bad(format!("{} bytes, expected 8", p.len())));
+            }
+            let n = u64_at(p, 0);
+            Ok(if kind == Kind::Sync {
+                Frame::Sync(n)
+            } else {
+                Frame::Synced(n)
+            })
+        }
         Kind::Join => {
             if p.len() != 12 {
                 return Err(bad(format!("{} bytes, expected 12", p.len())));
@@ -574,6 +605,8 @@ mod tests {
             index: 3,
         });
         roundtrip(&Frame::Abort("no".into()));
+        roundtrip(&Frame::Sync(7));
+        roundtrip(&Frame::Synced(u64::MAX));
         roundtrip(&Frame::Go);
         roundtrip(&Frame::End(Totals {
             pages: 5,

@@ -147,7 +147,7 @@ fn a_device_streams_its_state_as_opaque_bytes() {
         &parts,
         &["device".into()],
         Kind::Complete,
-        &mut |_, _| Ok(()),
+        &mut |_| Ok(()),
     )
     .unwrap();
     assert_eq!(t.data, 5 << 20);

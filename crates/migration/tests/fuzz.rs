@@ -6,7 +6,7 @@
 //! sets the length (default 20000 per shape; the stream shapes run a tenth of that,
 //! each feeding a VM).
 
-use godwit_migration::destination::{drain, in_order};
+use godwit_migration::destination::{drain, in_order, Event};
 use godwit_migration::wire::{self, Frame, Hello, Kind, Totals, PAGE_SIZE};
 use godwit_vmm::config::GpuRequest;
 use godwit_vmm::migratable::{incoming, step_to, Component, MigState};
@@ -220,7 +220,10 @@ impl Dest {
             &self.parts,
             &self.names,
             Kind::Complete,
-            &mut |i, b| self.parts[i].load(b).map_err(|e| e.to_string()),
+            &mut |e| match e {
+                Event::State(i, b) => self.parts[i].load(b).map_err(|e| e.to_string()),
+                Event::Sync(_) => Ok(()),
+            },
         )
         .map(|_| ())
     }

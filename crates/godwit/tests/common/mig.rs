@@ -218,8 +218,8 @@ pub fn proxy(to: String, keep: usize, how: &'static str) -> String {
     addr
 }
 
-/// A destination that takes everything and never confirms (no READY); returns its
-/// address and the frame kinds it saw.
+/// A destination that takes everything (it answers each round's SYNC) and never
+/// confirms the end (no READY); returns its address and the frame kinds it saw.
 pub fn unconfirming_destination() -> (String, std::thread::JoinHandle<Vec<Kind>>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("tcp:{}", l.local_addr().unwrap());
@@ -232,6 +232,10 @@ pub fn unconfirming_destination() -> (String, std::thread::JoinHandle<Vec<Kind>>
                 Ok(Frame::Hello(_)) => {
                     wire::write_frame(&mut c, &Frame::Accept).unwrap();
                     kinds.push(Kind::Hello);
+                }
+                Ok(Frame::Sync(n)) => {
+                    wire::write_frame(&mut c, &Frame::Synced(n)).unwrap();
+                    kinds.push(Kind::Sync);
                 }
                 Ok(f) => {
                     let k = f.kind();
