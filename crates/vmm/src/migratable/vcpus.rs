@@ -52,7 +52,8 @@ impl Throttle {
                     if pct > 0 {
                         ctl.hold(SLICE * pct / 100);
                     }
-                    std::thread::sleep(SLICE);
+                    // Woken at once when the throttle ends (see Drop).
+                    std::thread::park_timeout(SLICE);
                 }
             })?;
         Ok(Throttle {
@@ -67,6 +68,7 @@ impl Drop for Throttle {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }
