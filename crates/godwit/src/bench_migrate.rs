@@ -307,6 +307,7 @@ fn godwit_run(
         downtime_ms: limit,
         max_bandwidth: None,
         connections: conns,
+        stop_copy: vec![],
     };
     let body = serde_json::to_string(&o).expect("plain data");
     let (code, out) =

@@ -203,9 +203,20 @@ pub struct MigrateArgs {
     /// TCP or Unix connections carrying pages in parallel.
     #[arg(long, default_value_t = 1)]
     pub connections: u32,
+    /// off: the GPU function skips pre-copy and keeps computing until the switchover;
+    /// all its VRAM then moves inside the pause (stop-and-copy, the way VFIO GPUs
+    /// without pre-copy migrate).
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub gpu_precopy: OnOff,
     /// Print the final report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]

@@ -161,6 +161,7 @@ fn demo(a: &DemoArgs) -> Result<bool, String> {
         downtime_ms: a.downtime_ms,
         max_bandwidth: None,
         connections: 1,
+        gpu_precopy: crate::cli::OnOff::On,
         json: false,
     });
     if code != ExitCode::SUCCESS {

@@ -1,7 +1,7 @@
 //! `godwit migrate`: asks a running godwit to migrate its VM, shows progress on a
 //! terminal, prints the report.
 
-use crate::cli::MigrateArgs;
+use crate::cli::{MigrateArgs, OnOff};
 use crate::run::fail;
 use godwit_migration::{Options, Outcome, Progress, Report};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -134,6 +134,9 @@ pub fn print_report(r: &Report) {
     if r.throttled {
         println!("  auto-converge throttled up to {}%", r.max_throttle_pct);
     }
+    if !r.stop_copy.is_empty() {
+        println!("  stop-and-copy (no pre-copy): {}", r.stop_copy.join(", "));
+    }
     println!(
         "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>9} {:>12} {:>12}",
         "round",
@@ -204,6 +207,10 @@ pub fn migrate(a: MigrateArgs) -> ExitCode {
         downtime_ms: a.downtime_ms,
         max_bandwidth,
         connections: a.connections,
+        stop_copy: match a.gpu_precopy {
+            OnOff::On => vec![],
+            OnOff::Off => vec!["gpu".into()],
+        },
     };
     if let Err(e) = o.check() {
         return fail(e);

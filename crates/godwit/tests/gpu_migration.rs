@@ -243,6 +243,55 @@ fn a_vram_dirtier_verifies_every_kind_of_write_after_migration() {
     assert!(!read(&cur.log).contains("FAILED"), "{}", read(&cur.log));
 }
 
+/// Stop-and-copy for the GPU (`--gpu-precopy off`): the VF computes on through
+/// pre-copy unwatched and all its VRAM moves inside the pause, while RAM still moves in
+/// rounds with the GPU's DMA merged in. The guest verifies every kind of write after.
+#[test]
+fn stop_and_copy_moves_all_vram_inside_the_pause() {
+    if !kvm_available() {
+        return;
+    }
+    let d = host("gm-stopcopy", 1, &[]);
+    let g = gpu_dir(&d);
+    let args = [
+        "aperture=16",
+        "engine=16",
+        "dma=4",
+        "rate=48",
+        "seconds=0",
+        "verify-every=1",
+        "report-every=250",
+    ];
+    let mut src = source(&d, "src", &gpu_vm(&g, "GW8-1C", "gpu-dirtier", &args));
+    wait_log(&src.log, "verify ok");
+    let (mut dst, addr) = destination(&d, "dst", &["--gpu-dir", &g]);
+    let (out, r) = migrate(
+        &src,
+        &addr,
+        &["--downtime-ms", "50", "--gpu-precopy", "off"],
+    );
+    completed(&out, &r);
+    assert_eq!(r["stop_copy"], serde_json::json!(["gpu"]), "{r}");
+    // Nothing of the GPU moved in the rounds; all its written VRAM (both 16 MiB
+    // regions, at least) in the pause.
+    for round in r["rounds"].as_array().unwrap() {
+        assert!(round["components"]["gpu"].is_null(), "{round}");
+    }
+    assert!(round_extra(&r, "ram", "dma_pages") > 0, "{r}");
+    let last = r["downtime"]["components"]["gpu"]["final_pages"]
+        .as_u64()
+        .unwrap();
+    assert!(last >= 2 * 4096, "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    gains(&dst.log, "verify ok", 2);
+    run(
+        &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    assert_eq!(exit_code(&mut dst, LIMIT), 0);
+    assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
+}
+
 #[test]
 fn migration_during_one_long_kernel_resumes_it_exactly() {
     if !kvm_available() {

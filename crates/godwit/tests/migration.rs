@@ -312,6 +312,16 @@ fn a_refused_configuration_leaves_the_source_running() {
     );
     let (mut dst, addr) = destination(&dir, "dst", &["--memory", "128"]);
     wait_log(&src.log, "seq=");
+    // Stop-and-copy of a GPU this VM does not have: refused before anything moves.
+    let (out, r) = migrate(&src, &addr, &["--gpu-precopy", "off"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(r["error_kind"], "bad_options", "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(
+        e.contains("\"gpu\"") && e.contains("vcpus, ram, platform"),
+        "{e}"
+    );
+    assert_eq!(r["source_running"], true);
     let (out, r) = migrate(&src, &addr, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(r["status"], "failed");

@@ -181,6 +181,8 @@ pub struct Report {
     pub memory_mib: u64,
     /// The components that moved, in stop order.
     pub sections: Vec<String>,
+    /// Those that skipped pre-copy: all their data moved inside the pause.
+    pub stop_copy: Vec<String>,
     /// Dirty tracking used: "ring", "manual-protect" or "classic".
     pub dirty_log: String,
     /// Turning dirty logging on (KVM write-protects all of guest memory).

@@ -54,6 +54,12 @@ pub struct Options {
     pub max_bandwidth: Option<u64>,
     #[serde(default = "default_connections")]
     pub connections: u32,
+    /// Components (by section name) that skip pre-copy and keep running until the
+    /// switchover: all their data then moves inside the pause (stop-and-copy, the way
+    /// VFIO devices without pre-copy migrate). Their data does not count against the
+    /// downtime limit, which rounds cannot shorten.
+    #[serde(default)]
+    pub stop_copy: Vec<String>,
 }
 
 fn default_downtime() -> u64 {
@@ -104,6 +110,8 @@ fn mib_s(bytes: u64, d: Duration) -> f64 {
 struct Part {
     c: Arc<dyn Component>,
     name: String,
+    /// It takes part in pre-copy (else it is stop-and-copy).
+    precopy: bool,
 }
 
 struct Driver<'a> {
@@ -116,7 +124,7 @@ struct Driver<'a> {
     report: Report,
     phase: Phase,
     t0: Instant,
-    /// Pages of every component's memory (RAM and VRAM), for progress.
+    /// Pages of every component's memory, for progress.
     space_pages: u64,
     rtt: Duration,
     /// Bytes per second the link has shown.
@@ -293,7 +301,8 @@ impl Driver<'_> {
         for i in 0..self.parts.len() {
             let t = Instant::now();
             let mut total = ReadReport::default();
-            loop {
+            // A stop-and-copy component has nothing to send until it is stopped.
+            while self.parts[i].c.state().saving() {
                 let c = self.parts[i].c.clone();
                 let info = c
                     .precopy_info()
@@ -379,7 +388,7 @@ impl Driver<'_> {
 
     fn set_throttle(&mut self, pct: u32) {
         self.throttle = pct;
-        for p in &self.parts {
+        for p in self.parts.iter().filter(|p| p.precopy) {
             p.c.throttle(pct);
         }
     }
@@ -387,14 +396,7 @@ impl Driver<'_> {
     fn precopy(&mut self) -> Res<()> {
         let limit = self.o.downtime_ms as f64;
         let mut last_sync = Instant::now();
-        let untouched = self.space_pages
-            - self
-                .parts
-                .iter()
-                .filter_map(|p| p.c.precopy_info().ok())
-                .map(|i| i.initial_bytes / PAGE_SIZE as u64)
-                .sum::<u64>()
-                .min(self.space_pages);
+        let untouched = self.untouched(|p| p.precopy);
         let mut rounds_at_max = 0;
         loop {
             let index = self.report.rounds.len() as u32;
@@ -417,6 +419,9 @@ impl Driver<'_> {
                 ..Default::default()
             };
             for (p, (r, _)) in self.parts.iter().zip(&sent) {
+                if !p.precopy {
+                    continue;
+                }
                 let s = p.c.sync().map_err(MigrationError::component(&p.name))?;
                 round.pages_sent += r.pages;
                 round.zero_pages += r.zero_pages;
@@ -516,6 +521,19 @@ impl Driver<'_> {
     }
 
     /// Pages the components have left to send.
+    /// Pages of the components `which` picks that their first pass skips (never
+    /// written, so zero on both sides).
+    fn untouched(&self, which: impl Fn(&Part) -> bool) -> u64 {
+        self.parts
+            .iter()
+            .filter(|p| which(p))
+            .map(|p| {
+                let first = p.c.precopy_info().map_or(0, |i| i.initial_bytes);
+                p.c.pages().saturating_sub(first / PAGE_SIZE as u64)
+            })
+            .sum()
+    }
+
     fn pending(&self) -> u64 {
         self.parts
             .iter()
@@ -546,6 +564,19 @@ impl Driver<'_> {
             self.part(&name).stop_ms = ms(t.elapsed());
         }
         self.report.downtime.pause_ms = ms(tp.elapsed());
+        for i in 0..self.parts.len() {
+            let p = &self.parts[i];
+            if !p.precopy {
+                let (n, name) = (self.untouched(|q| q.name == p.name), p.name.clone());
+                self.report.bytes.zero_pages += n;
+                self.report
+                    .bytes
+                    .components
+                    .entry(name)
+                    .or_default()
+                    .zero_pages += n;
+            }
+        }
         // The states first: the destination loads them while the last pages arrive.
         let t = Instant::now();
         for i in 0..self.parts.len() {
@@ -647,9 +678,13 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
     let mut parts: Vec<Part> = m
         .components()
         .iter()
-        .map(|c| Part {
-            name: c.section().name,
-            c: c.clone(),
+        .map(|c| {
+            let name = c.section().name;
+            Part {
+                precopy: !o.stop_copy.contains(&name),
+                name,
+                c: c.clone(),
+            }
         })
         .collect();
     parts.sort_by_key(|p| p.c.stop_order());
@@ -661,15 +696,16 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
         max_bandwidth: o.max_bandwidth,
         memory_mib: m.description().memory_mib,
         sections: parts.iter().map(|p| p.name.clone()).collect(),
+        stop_copy: parts
+            .iter()
+            .filter(|p| !p.precopy)
+            .map(|p| p.name.clone())
+            .collect(),
         dirty_log: m.dirty_log_kind().into(),
         source_running: true,
         ..Default::default()
     };
-    let vram_pages = m
-        .description()
-        .gpu
-        .as_ref()
-        .map_or(0, |g| g.framebuffer / PAGE_SIZE as u64);
+    let space_pages = parts.iter().map(|p| p.c.pages()).sum();
     let mut d = Driver {
         o,
         target: Target::File(Default::default()),
@@ -680,7 +716,7 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
         report,
         phase: Phase::Setup,
         t0,
-        space_pages: m.description().memory_mib * 256 + vram_pages,
+        space_pages,
         rtt: Duration::ZERO,
         bandwidth: 0.0,
         throttle: 0,
@@ -691,6 +727,17 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
     d.progress(0, 0.0);
     let result = (|| {
         d.target = o.check().map_err(MigrationError::BadOptions)?;
+        if let Some(n) = o
+            .stop_copy
+            .iter()
+            .find(|n| !d.parts.iter().any(|p| &p.name == *n))
+        {
+            let have: Vec<_> = d.parts.iter().map(|p| p.name.as_str()).collect();
+            return Err(MigrationError::BadOptions(format!(
+                "stop-and-copy names {n:?}, which this VM does not have (it has {})",
+                have.join(", ")
+            )));
+        }
         match h.state() {
             RunState::Running | RunState::Paused => {}
             s => return Err(MigrationError::NotRunning(format!("{s:?}").to_lowercase())),
@@ -699,9 +746,8 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
         d.report.setup_ms = ms(t0.elapsed());
         d.check_in()?;
         let t = Instant::now();
-        for i in 0..d.parts.len() {
-            let (c, name) = (d.parts[i].c.clone(), d.parts[i].name.clone());
-            step_to(&*c, MigState::PreCopy).map_err(MigrationError::component(&name))?;
+        for p in d.parts.iter().filter(|p| p.precopy) {
+            step_to(&*p.c, MigState::PreCopy).map_err(MigrationError::component(&p.name))?;
         }
         d.report.dirty_log_start_ms = ms(t.elapsed());
         d.phase = Phase::Precopy;

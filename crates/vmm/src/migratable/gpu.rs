@@ -237,6 +237,10 @@ impl Component for GpuFunction {
         self.lock().mem.info()
     }
 
+    fn pages(&self) -> u64 {
+        self.m.pages()
+    }
+
     fn sync(&self) -> Result<SyncReport> {
         let mut i = self.lock();
         let mut r = i.mem.sync(&self.m)?;

@@ -269,6 +269,11 @@ pub trait Component: Send + Sync {
     fn set_state(&self, to: MigState) -> Result<()>;
     /// What is left to read (PRE_COPY, PRE_COPY_P2P, STOP_COPY).
     fn precopy_info(&self) -> Result<PreCopyInfo>;
+    /// Pages of memory the data stream covers (0 for a component that is not memory):
+    /// for progress, and to count what was never sent because it was never written.
+    fn pages(&self) -> u64 {
+        0
+    }
     /// The end of a pre-copy round: what changed since the last sync becomes dirty data.
     fn sync(&self) -> Result<SyncReport> {
         Ok(SyncReport::default())

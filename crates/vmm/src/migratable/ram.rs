@@ -233,6 +233,14 @@ impl Component for Ram {
         self.lock().info()
     }
 
+    fn pages(&self) -> u64 {
+        self.m
+            .regions
+            .iter()
+            .map(|r| r.size / PAGE_SIZE as u64)
+            .sum()
+    }
+
     fn sync(&self) -> Result<SyncReport> {
         self.lock().sync(&self.m)
     }
