@@ -131,8 +131,11 @@ pub fn print_report(r: &Report) {
         },
         r.switchover_reason
     );
-    if r.throttled {
-        println!("  auto-converge throttled up to {}%", r.max_throttle_pct);
+    for (name, t) in &r.throttle {
+        println!(
+            "  auto-converge held {name} back up to {}% for {:.0} ms ({} rounds)",
+            t.max_pct, t.ms, t.rounds
+        );
     }
     if !r.stop_copy.is_empty() {
         println!("  stop-and-copy (no pre-copy): {}", r.stop_copy.join(", "));

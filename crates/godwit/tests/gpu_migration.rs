@@ -292,6 +292,75 @@ fn stop_and_copy_moves_all_vram_inside_the_pause() {
     assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
 }
 
+/// The cap a migration puts on the source VF's engine, as the GPU manager shows it.
+fn engine_cap(d: &TempDir) -> u64 {
+    status(d)
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["vfs"].as_array().unwrap().clone())
+        .map(|v| v["engine_cap_pct"].as_u64().unwrap())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A GPU that writes VRAM faster than the link carries it: holding the vCPUs back does
+/// not slow an engine, so auto-converge holds the VF's engine back first; the cap goes
+/// when the migration ends, cancelled or completed, and the guest verifies throughout.
+#[test]
+fn a_gpu_that_outruns_the_link_is_held_back_then_let_go() {
+    if !kvm_available() {
+        return;
+    }
+    let d = host("gm-throttle", 1, &[]);
+    let g = gpu_dir(&d);
+    let args = ["rate=0", "seconds=0", "verify-every=1", "report-every=250"];
+    let src = source(&d, "src", &gpu_vm(&g, "GW8-1C", "gpu-dirtier", &args));
+    wait_log(&src.log, "verify ok");
+    // 8 MiB/s: far below what it writes. Cancelled once the engine is held back.
+    let (mut dst, addr) = destination(&d, "cancelled", &["--gpu-dir", &g]);
+    let m = slow_migration(&src, addr);
+    wait_for(LIMIT, || (engine_cap(&d) > 0).then_some(())).expect("the engine was never held back");
+    let o = run(
+        &["migrate-cancel", "--api-socket", src.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_str(&stdout(&m.join().unwrap())).unwrap();
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert!(r["throttle"]["gpu"]["max_pct"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(engine_cap(&d), 0);
+    assert_eq!(exit_code(&mut dst, LIMIT), 1);
+    gains(&src.log, "verify ok", 2);
+    // Completed: held back as far as it took, let go on the destination's side too.
+    let (mut dst, addr) = destination(&d, "dst", &["--gpu-dir", &g]);
+    let (out, r) = migrate(
+        &src,
+        &addr,
+        &["--downtime-ms", "50", "--max-bandwidth", "32M"],
+    );
+    completed(&out, &r);
+    let gpu = &r["throttle"]["gpu"];
+    assert!(gpu["max_pct"].as_u64().unwrap() > 0, "{r}");
+    assert!(gpu["ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(
+        r["rounds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["throttle"]["gpu"].as_u64().unwrap_or(0) > 0),
+        "{r}"
+    );
+    assert_eq!(engine_cap(&d), 0);
+    gains(&dst.log, "verify ok", 2);
+    run(
+        &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    assert_eq!(exit_code(&mut dst, LIMIT), 0);
+    assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
+}
+
 #[test]
 fn migration_during_one_long_kernel_resumes_it_exactly() {
     if !kvm_available() {

@@ -136,6 +136,8 @@ pub struct VfStatus {
     pub commands: u64,
     pub errors: u64,
     pub vram_resident: u64,
+    /// Percent of the time a migration holds this VF's engine back (0: not capped).
+    pub engine_cap_pct: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -371,6 +373,7 @@ impl Manager {
         for c in [&v.engine_ns, &v.commands, &v.errors, &v.resident] {
             c.store(0, Relaxed);
         }
+        v.cap_pct.store(0, Relaxed);
         v.pid.store(holder.pid, Relaxed);
         v.heartbeat_ns.store(sched::now_ns(), Relaxed);
         v.attached_at_ns.store(sched::now_ns(), Relaxed);
@@ -434,6 +437,7 @@ impl Manager {
                     commands: v.commands.load(Relaxed),
                     errors: v.errors.load(Relaxed),
                     vram_resident: v.resident.load(Relaxed),
+                    engine_cap_pct: v.cap_pct.load(Relaxed),
                 });
             }
             out.push(GpuStatus {

@@ -74,6 +74,34 @@ pub fn now_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
+/// A cap on one VF's engine share, below whatever its policy grants: held back `pct`
+/// percent of the time, it stays off the engine after each slice for as long as
+/// the slice ran times pct / (100 - pct). A migration sets it when the VF writes VRAM
+/// faster than the link carries it (vCPU throttling does not slow an engine), and
+/// clears it when the migration ends, whichever way.
+#[derive(Default)]
+pub struct Cap {
+    pct: std::sync::atomic::AtomicU32,
+}
+
+impl Cap {
+    pub const MAX: u32 = 99;
+
+    pub fn set(&self, pct: u32) {
+        self.pct.store(pct.min(Self::MAX), Relaxed);
+    }
+
+    pub fn pct(&self) -> u32 {
+        self.pct.load(Relaxed)
+    }
+
+    /// How long to stay off the engine after using it for `used_ns`.
+    pub fn rest_ns(&self, used_ns: u64) -> u64 {
+        let p = self.pct() as u64;
+        used_ns.saturating_mul(p) / (100 - p)
+    }
+}
+
 /// A grant of the engine until `end_ns`.
 #[derive(Clone, Copy, Debug)]
 pub struct Slice {
@@ -92,6 +120,8 @@ pub trait Arbiter: Send + Sync {
     /// A sign of life while idle, with the VF's resident VRAM.
     fn heartbeat(&self, resident: u64);
     fn count(&self, command: bool, error: bool);
+    /// The VF's share is capped at 100 - `pct` percent (0: no cap), for others to see.
+    fn capped(&self, _pct: u32) {}
 }
 
 /// A VF alone on its engine (tests, tools): always granted.
@@ -255,6 +285,10 @@ impl Arbiter for Seat {
         self.me().resident.store(resident, Relaxed);
     }
 
+    fn capped(&self, pct: u32) {
+        self.me().cap_pct.store(pct, Relaxed);
+    }
+
     fn count(&self, command: bool, error: bool) {
         if command {
             self.me().commands.fetch_add(1, Relaxed);
@@ -273,6 +307,7 @@ impl Drop for Seat {
         if p.owner.compare_exchange(me, 0, SeqCst, Relaxed).is_ok() {
             futex_wake(&p.owner);
         }
+        self.me().cap_pct.store(0, Relaxed);
         self.me().attached.store(0, Release);
     }
 }

@@ -22,6 +22,8 @@ pub struct VfShm {
     pub errors: AtomicU64,
     pub resident: AtomicU64,
     pub attached_at_ns: AtomicU64,
+    /// A migration holds the VF's engine back this share of the time (`sched::Cap`).
+    pub cap_pct: AtomicU32,
 }
 
 #[repr(C)]

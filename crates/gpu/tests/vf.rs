@@ -698,3 +698,45 @@ fn a_chunk_is_bounded_in_work_for_every_kernel_shape() {
         assert!(k.chunk() >= 1);
     }
 }
+
+/// A migration caps a VF's engine share when it writes VRAM faster than the link
+/// carries it: held back `pct` percent of the time, it never uses more than the rest
+/// (however loaded the host: the rest is wall time, and load only takes more away). A
+/// capped engine still parks at once for a hold, and runs freely once the cap is gone.
+#[test]
+fn a_capped_engine_stays_within_its_share() {
+    let mut d = Driver::new();
+    let mut fence = 0;
+    let dims = 1024 | 1024 << 21 | 1024 << 42;
+    for _ in 0..8 {
+        // 2^30 multiply-adds each: far more work than the test watches.
+        fence = d.submit(op::KERNEL, [kernel::SGEMM, 0, 4 << 20, 8 << 20, dims, 0]);
+    }
+    d.vf.cap_engine(75);
+    assert_eq!(d.vf.engine_cap(), 75);
+    std::thread::sleep(Duration::from_millis(20));
+    let (t0, e0) = (Instant::now(), r(&d.vf, reg::ENGINE_NS));
+    std::thread::sleep(Duration::from_millis(400));
+    let (e1, wall) = (r(&d.vf, reg::ENGINE_NS), t0.elapsed());
+    let used = Duration::from_nanos(e1 - e0);
+    // A quarter of the time, plus the slice in progress at either end.
+    let bound = wall / 4 + Duration::from_millis(2 * godwit_gpu::sched::SLICE_NS / 1_000_000);
+    assert!(used <= bound, "used {used:?} of {wall:?} at a 75% cap");
+    assert!(
+        r(&d.vf, reg::FENCE) < fence,
+        "the work ran out: make it longer"
+    );
+    // Held while resting: parks at once.
+    d.vf.cap_engine(99);
+    d.vf.pause(Hold::Migration);
+    let at = r(&d.vf, reg::ENGINE_NS);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(r(&d.vf, reg::ENGINE_NS), at, "the engine ran while held");
+    d.vf.resume(Hold::Migration);
+    d.vf.cap_engine(0);
+    let end = Instant::now() + Duration::from_secs(20);
+    while r(&d.vf, reg::ENGINE_NS) == at {
+        assert!(Instant::now() < end, "the engine did not run again");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

@@ -6,11 +6,13 @@
 //! The modules keep the concerns apart: `wire` is the format (frames, checked
 //! decoding), `transport` the byte streams (TCP, Unix sockets, files), `outbound` the
 //! sending lanes, `back` what the destination says while a migration runs, and
-//! `source` the policy (rounds, convergence, throttling, switchover), on its own
-//! thread. `destination` is the receiving side.
+//! `source` the policy (rounds, switchover), on its own thread, with
+//! `converge` deciding what to hold back when rounds alone do not converge.
+//! `destination` is the receiving side.
 
 pub mod api;
 mod back;
+mod converge;
 pub mod destination;
 pub mod error;
 pub mod outbound;

@@ -88,8 +88,12 @@ pub struct Round {
     pub duration_ms: f64,
     pub bytes: u64,
     pub throughput_mib_s: f64,
-    /// Throttle in force during the round (percent of time held back).
+    /// Throttle in force during the round (percent of time held back), the most of
+    /// any component.
     pub throttle_pct: u32,
+    /// Each component held back during the round, and how far.
+    #[serde(default)]
+    pub throttle: BTreeMap<String, u32>,
     /// Downtime if the VM were stopped after this round.
     pub expected_downtime_ms: f64,
     /// Pages not sent because they were written again meanwhile (the next round sends
@@ -100,6 +104,16 @@ pub struct Round {
     /// Looking at the dirty logs during the round to find re-written pages, in all.
     pub peek_us: f64,
     pub components: BTreeMap<String, RoundPart>,
+}
+
+/// How far and how long auto-converge held one component back.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Throttled {
+    pub max_pct: u32,
+    /// Pre-copy rounds it was held back through.
+    pub rounds: u32,
+    /// Time held back, in all.
+    pub ms: f64,
 }
 
 /// What one component sent in all.
@@ -203,6 +217,9 @@ pub struct Report {
     pub switchover_reason: String,
     pub throttled: bool,
     pub max_throttle_pct: u32,
+    /// Each component auto-converge held back.
+    #[serde(default)]
+    pub throttle: BTreeMap<String, Throttled>,
     /// Whether the source still runs the VM (true after any failure before GO).
     pub source_running: bool,
 }

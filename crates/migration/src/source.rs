@@ -9,6 +9,7 @@
 //! the back channel; the rounds and the handshake stay.
 
 use crate::back::{Answer, BackChannel};
+use crate::converge::{self, Converge};
 use crate::error::MigrationError;
 use crate::outbound::Outbound;
 use crate::report::{DowntimePart, Outcome, Phase, Progress, Report, Round, RoundPart, Status};
@@ -26,11 +27,8 @@ use std::time::{Duration, Instant};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// A write that makes no progress for this long means the destination is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Throttle steps (percent of each time slice a component is held).
-const THROTTLE_START: u32 = 20;
-const THROTTLE_STEP: u32 = 10;
-const THROTTLE_MAX: u32 = 99;
-/// Rounds at full throttle after which the driver switches over even above the limit.
+/// Rounds with everything held back as far as it goes after which the driver switches
+/// over even above the limit.
 const ROUNDS_AT_MAX_THROTTLE: u32 = 5;
 const MAX_ROUNDS: u32 = 200;
 /// Below this expected downtime (less the round trips, which no round shortens) another
@@ -129,7 +127,7 @@ struct Driver<'a> {
     rtt: Duration,
     /// Bytes per second the link has shown.
     bandwidth: f64,
-    throttle: u32,
+    converge: Converge,
 }
 
 type Res<T> = Result<T, MigrationError>;
@@ -146,7 +144,7 @@ impl Driver<'_> {
             memory_pages: self.space_pages,
             dirty_rate_mib_s: r.rounds.last().map_or(0.0, |x| x.dirty_rate_mib_s),
             expected_downtime_ms: expected_ms,
-            throttle_pct: self.throttle,
+            throttle_pct: self.converge.max_pct(),
             elapsed_ms: ms(self.t0.elapsed()),
         });
     }
@@ -386,10 +384,12 @@ impl Driver<'_> {
         }
     }
 
-    fn set_throttle(&mut self, pct: u32) {
-        self.throttle = pct;
-        for p in self.parts.iter().filter(|p| p.precopy) {
-            p.c.throttle(pct);
+    fn throttle(&self, changes: Vec<converge::Change>) {
+        for (i, pct) in changes {
+            let p = &self.parts[i];
+            if !p.c.throttle(pct) && pct > 0 {
+                tracing::warn!(component = p.name, "cannot be held back");
+            }
         }
     }
 
@@ -400,7 +400,7 @@ impl Driver<'_> {
         let mut rounds_at_max = 0;
         loop {
             let index = self.report.rounds.len() as u32;
-            let pct = self.throttle;
+            let (pct, held) = (self.converge.max_pct(), self.converge.held());
             self.progress(self.pending(), 0.0);
             let bytes_before = self.out.as_ref().expect("connected").bytes;
             let t = Instant::now();
@@ -416,6 +416,7 @@ impl Driver<'_> {
                 bytes,
                 throughput_mib_s: mib_s(bytes, d),
                 throttle_pct: pct,
+                throttle: held,
                 ..Default::default()
             };
             for (p, (r, _)) in self.parts.iter().zip(&sent) {
@@ -479,7 +480,7 @@ impl Driver<'_> {
                 ))
             } else if rounds_at_max >= ROUNDS_AT_MAX_THROTTLE {
                 Some(format!(
-                    "forced: still {expected:.1} ms expected after {rounds_at_max} rounds at {THROTTLE_MAX}% throttle"
+                    "forced: still {expected:.1} ms expected after {rounds_at_max} rounds with everything held back as far as it goes"
                 ))
             } else if index + 1 >= MAX_ROUNDS {
                 Some(format!("forced: {MAX_ROUNDS} rounds"))
@@ -487,26 +488,14 @@ impl Driver<'_> {
                 None
             };
             if reason.is_none() && index > 0 {
-                // The VM dirties its memory faster than half the link carries it: more
-                // rounds alone will not converge. Throttle it, at once to the share that
-                // should bring its dirty rate under half the bandwidth (its unthrottled
-                // rate estimated from the throttled one), and higher each further round.
-                let bw = self.bandwidth_cap();
-                if rate > bw / 2.0 {
-                    let free = rate / (1.0 - pct as f64 / 100.0).max(0.01);
-                    let want = (100.0 * (1.0 - bw / 2.0 / free)).ceil() as u32;
-                    let next = want
-                        .max(if pct == 0 {
-                            THROTTLE_START
-                        } else {
-                            pct + THROTTLE_STEP
-                        })
-                        .min(THROTTLE_MAX);
-                    self.set_throttle(next);
-                    self.report.throttled = true;
-                    self.report.max_throttle_pct = self.report.max_throttle_pct.max(next);
-                }
-                if self.throttle >= THROTTLE_MAX {
+                // The VM may dirty its memory faster than more rounds alone can follow:
+                // hold back what writes (see `converge`).
+                let changes = self.converge.round(rate, self.bandwidth_cap());
+                self.throttle(changes);
+                self.report.max_throttle_pct =
+                    self.report.max_throttle_pct.max(self.converge.max_pct());
+                self.report.throttled = self.report.max_throttle_pct > 0;
+                if self.converge.exhausted() && rate > self.bandwidth_cap() / 2.0 {
                     rounds_at_max += 1;
                 }
             }
@@ -553,7 +542,8 @@ impl Driver<'_> {
     /// Stops the VM, sends what is left and the states, and hands the VM over.
     fn switchover(&mut self) -> Res<()> {
         self.phase = Phase::Switchover;
-        self.set_throttle(0);
+        let changes = self.converge.release();
+        self.throttle(changes);
         self.progress(self.pending(), 0.0);
         let tp = Instant::now();
         // Stop in order: nothing that starts work runs once what does it has stopped.
@@ -719,7 +709,7 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
         space_pages,
         rtt: Duration::ZERO,
         bandwidth: 0.0,
-        throttle: 0,
+        converge: Converge::new(vec![]),
     };
     status.live_bytes.store(0, Ordering::Relaxed);
     *status.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
@@ -750,11 +740,20 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
             step_to(&*p.c, MigState::PreCopy).map_err(MigrationError::component(&p.name))?;
         }
         d.report.dirty_log_start_ms = ms(t.elapsed());
+        d.converge = Converge::new(
+            d.parts
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.precopy)
+                .filter_map(|(i, p)| Some((i, p.name.clone(), p.c.throttle_order()?)))
+                .collect(),
+        );
         d.phase = Phase::Precopy;
         d.precopy()?;
         d.switchover()
     })();
     let mut report = std::mem::take(&mut d.report);
+    report.throttle = d.converge.report();
     report.ring_full_exits = m.dirty_stats().ring_full_exits - ring_full_before;
     report.total_ms = ms(t0.elapsed());
     report.round_count = report.rounds.len() as u32;

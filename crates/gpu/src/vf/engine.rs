@@ -68,13 +68,22 @@ impl Vf {
                         }
                     } else {
                         i.parked = false;
-                        if Self::has_work(&i) {
+                        let rested = i.rest_until.is_none_or(|t| t <= Instant::now());
+                        if rested && Self::has_work(&i) {
                             break;
                         }
                     }
+                    // Resting: back when the rest ends (or anything changes).
+                    let wait = i
+                        .rest_until
+                        .map(|t| t.saturating_duration_since(Instant::now()))
+                        .filter(|d| !d.is_zero() && i.holds == 0)
+                        .map_or(Duration::from_millis(100), |d| {
+                            d.min(Duration::from_millis(100))
+                        });
                     i = self
                         .work
-                        .wait_timeout(i, Duration::from_millis(100))
+                        .wait_timeout(i, wait)
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                     if last_beat.elapsed() > Duration::from_millis(100) {
@@ -93,11 +102,13 @@ impl Vf {
                 continue;
             };
             // Run chunks until the slice ends, the work runs out, or a hold.
+            let mut used = 0;
             loop {
                 let t0 = Instant::now();
                 let more = self.step();
                 self.deliver_irq();
                 let dt = t0.elapsed().as_nanos() as u64;
+                used += dt;
                 self.arbiter.used(dt);
                 self.lock().regs.engine_ns += dt;
                 if !more || stop() || sched::now_ns() >= slice.end_ns {
@@ -106,6 +117,9 @@ impl Vf {
             }
             let more = !stop();
             self.arbiter.release(more);
+            let rest = self.cap.rest_ns(used);
+            self.lock().rest_until =
+                (rest > 0).then(|| Instant::now() + Duration::from_nanos(rest));
         }
     }
 

@@ -18,7 +18,7 @@ use crate::backend::{Acc, Backend};
 use crate::command::{Entry, Kernel};
 use crate::dirty::Tracking;
 use crate::mmu::GuestRam;
-use crate::sched::Arbiter;
+use crate::sched::{self, Arbiter};
 use engine::Resolving;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -107,6 +107,8 @@ struct Inner {
     generation: u64,
     /// An interrupt to send once the lock is dropped.
     irq_due: bool,
+    /// Off the engine until then (its share is capped: `cap`).
+    rest_until: Option<Instant>,
 }
 
 pub struct Vf {
@@ -122,6 +124,7 @@ pub struct Vf {
     clock_offset_ns: Mutex<u64>,
     /// What the engine wrote while a migration watches (KVM's dirty log sees none of it).
     dirty: Tracking,
+    cap: sched::Cap,
     irq: Mutex<Option<Arc<dyn IrqLine>>>,
 }
 
@@ -143,6 +146,7 @@ impl Vf {
                 shutdown: false,
                 generation: 0,
                 irq_due: false,
+                rest_until: None,
             }),
             work: Condvar::new(),
             done: Condvar::new(),
@@ -152,6 +156,7 @@ impl Vf {
             clock0: Instant::now(),
             clock_offset_ns: Mutex::new(0),
             dirty,
+            cap: sched::Cap::default(),
             irq: Mutex::new(None),
         })
     }
@@ -438,6 +443,20 @@ impl Vf {
     pub fn resume(&self, who: Hold) {
         self.lock().holds &= !(who as u8);
         self.work.notify_all();
+    }
+
+    /// Caps the engine share: held back `pct` percent of the time (0: no cap).
+    pub fn cap_engine(&self, pct: u32) {
+        self.cap.set(pct);
+        self.arbiter.capped(self.cap.pct());
+        if pct == 0 {
+            self.lock().rest_until = None;
+            self.work.notify_all();
+        }
+    }
+
+    pub fn engine_cap(&self) -> u32 {
+        self.cap.pct()
     }
 
     /// Whether `who` holds the engine.

@@ -144,6 +144,8 @@ struct Inner {
     loaded: bool,
     /// Whether a command was in flight when the engine stopped, for reports.
     preempted: bool,
+    /// The engine's busy time at the last sync.
+    engine_ns: u64,
 }
 
 pub struct GpuFunction {
@@ -170,6 +172,7 @@ impl GpuFunction {
                 held: false,
                 loaded: false,
                 preempted: false,
+                engine_ns: 0,
             }),
         }
     }
@@ -226,7 +229,12 @@ impl Component for GpuFunction {
                 self.m.vf.resume(Hold::Migration);
                 i.held = false;
             }
+            (Running, PreCopy) => i.engine_ns = self.m.vf.regs().engine_ns,
             _ => {}
+        }
+        if to != PreCopy {
+            // Auto-converge ends with pre-copy, however it ends.
+            self.m.vf.cap_engine(0);
         }
         i.mem.arc(&self.m, to)?;
         i.mem.state = to;
@@ -245,7 +253,27 @@ impl Component for GpuFunction {
         let mut i = self.lock();
         let mut r = i.mem.sync(&self.m)?;
         r.extra.insert("preempted".into(), i.preempted as u64);
+        // The engine's busy time since the last sync: what the guest got of its GPU
+        // (and lost to a throttle).
+        let ns = self.m.vf.regs().engine_ns;
+        r.extra
+            .insert("engine_us".into(), ns.saturating_sub(i.engine_ns) / 1000);
+        i.engine_ns = ns;
         Ok(r)
+    }
+
+    fn throttle_order(&self) -> Option<u8> {
+        // First: holding the vCPUs back does not slow an engine that has work queued,
+        // and the engine's writes (VRAM, DMA) are what a GPU adds.
+        Some(0)
+    }
+
+    fn throttle(&self, pct: u32) -> bool {
+        if !matches!(self.state(), MigState::PreCopy | MigState::PreCopyP2p) {
+            return false;
+        }
+        self.m.vf.cap_engine(pct);
+        true
     }
 
     fn read(&self, sink: &mut dyn Sink, pages: u64) -> Result<ReadReport> {

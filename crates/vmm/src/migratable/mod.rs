@@ -307,8 +307,14 @@ pub trait Component: Send + Sync {
             self.section().name
         )))
     }
-    /// Holds the component back `pct` percent of the time (auto-converge), where it can
-    /// be; false where it cannot.
+    /// Whether the component can be held back to slow what it writes (auto-converge),
+    /// and in which order: lower first. A writer that others' throttling does not slow
+    /// comes before those whose throttling costs the guest most.
+    fn throttle_order(&self) -> Option<u8> {
+        None
+    }
+    /// Holds the component back `pct` percent of the time (0: not at all), in
+    /// PRE_COPY; false where it cannot. It lets go by itself when it leaves PRE_COPY.
     fn throttle(&self, _pct: u32) -> bool {
         false
     }

@@ -218,6 +218,11 @@ impl Component for Vcpus {
         Ok(())
     }
 
+    fn throttle_order(&self) -> Option<u8> {
+        // Last: holding the vCPUs back costs the guest everything it does.
+        Some(1)
+    }
+
     fn throttle(&self, pct: u32) -> bool {
         let mut i = self.lock();
         if !matches!(i.state, MigState::PreCopy | MigState::PreCopyP2p) {
