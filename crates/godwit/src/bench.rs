@@ -3,7 +3,8 @@
 use crate::cli::{BenchCmd, BootBenchArgs};
 use serde::Serialize;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, ExitCode, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -191,10 +192,95 @@ fn boot(a: BootBenchArgs) -> Result<BootReport, String> {
     })
 }
 
+// Shared by the migration benchmarks: processes, waiting, the guest's gap witness.
+
+pub(crate) fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+/// Kills the processes of one run whatever happens.
+pub(crate) struct Procs(pub Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub(crate) fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<bool>,
+) -> Result<(), String> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        match f() {
+            Some(true) => return Ok(()),
+            None => return Err(format!("{what}: a process ended early")),
+            Some(false) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    Err(format!("timed out waiting for {what}"))
+}
+
+pub(crate) fn alive(p: &mut Procs) -> bool {
+    p.0.iter_mut().all(|c| matches!(c.try_wait(), Ok(None)))
+}
+
+pub(crate) fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+pub(crate) fn report_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("window_gap_us="))
+        .collect()
+}
+
+pub(crate) fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.parse().ok())
+}
+
+/// The source guest is in its steady state: working set touched and one report out.
+pub(crate) fn steady(log: &Path) -> bool {
+    let s = read(log);
+    s.contains("touched") && !report_lines(&s).is_empty()
+}
+
+/// The guest's largest gap in the destination's first two report windows, in ms.
+pub(crate) fn guest_gap(dst_log: &Path, procs: &mut Procs) -> Result<f64, String> {
+    wait_for(
+        "the guest's reports after migration",
+        Duration::from_secs(30),
+        || {
+            if !alive(procs) {
+                return None;
+            }
+            Some(report_lines(&read(dst_log)).len() >= 2)
+        },
+    )?;
+    let s = read(dst_log);
+    Ok(report_lines(&s)
+        .iter()
+        .take(2)
+        .filter_map(|l| field(l, "window_gap_us="))
+        .max()
+        .unwrap_or(0) as f64
+        / 1e3)
+}
+
 pub fn bench(cmd: BenchCmd) -> ExitCode {
     match cmd {
         BenchCmd::Migrate(a) => crate::bench_migrate::run(a),
         BenchCmd::Gpu(a) => crate::bench_gpu::run(a),
+        BenchCmd::GpuMigrate(a) => crate::bench_gpu_migrate::run(a),
         BenchCmd::Boot(a) => {
             let json = a.json;
             match boot(a) {

@@ -7,7 +7,7 @@
 //! bytes sent. godwit can run once per dirty-tracking mode (`--dirty-log bitmap,ring`):
 //! the modes then sit side by side, with the time spent reading the dirty log.
 
-use crate::bench::{summary, Summary};
+use crate::bench::{alive, free_port, guest_gap, steady, summary, wait_for, Procs, Summary};
 use crate::cli::MigrateBenchArgs;
 use godwit_migration::{Options, Report};
 use godwit_vmm::dirty::DirtyLogMode;
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 const STEADY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -156,88 +156,6 @@ fn ratios(q: &Side, g: &Side) -> Value {
 fn ratio(q: &Summary, g: &Summary) -> Value {
     let r = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     json!({"min": r(q.min, g.min), "median": r(q.median, g.median), "max": r(q.max, g.max)})
-}
-
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
-}
-
-/// Kills the processes of one run whatever happens.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn wait_for(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> Option<bool>,
-) -> Result<(), String> {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        match f() {
-            Some(true) => return Ok(()),
-            None => return Err(format!("{what}: a process ended early")),
-            Some(false) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-    Err(format!("timed out waiting for {what}"))
-}
-
-fn alive(p: &mut Procs) -> bool {
-    p.0.iter_mut().all(|c| matches!(c.try_wait(), Ok(None)))
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
-}
-
-fn report_lines(log: &str) -> Vec<&str> {
-    log.lines()
-        .filter(|l| l.contains("window_gap_us="))
-        .collect()
-}
-
-fn field(line: &str, key: &str) -> Option<u64> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.parse().ok())
-}
-
-/// The source guest is in its steady state: working set touched and one report out.
-fn steady(log: &Path) -> bool {
-    let s = read(log);
-    s.contains("touched") && !report_lines(&s).is_empty()
-}
-
-/// The guest's largest gap in the destination's first two report windows, in ms.
-fn guest_gap(dst_log: &Path, procs: &mut Procs) -> Result<f64, String> {
-    wait_for(
-        "the guest's reports after migration",
-        Duration::from_secs(30),
-        || {
-            if !alive(procs) {
-                return None;
-            }
-            Some(report_lines(&read(dst_log)).len() >= 2)
-        },
-    )?;
-    let s = read(dst_log);
-    Ok(report_lines(&s)
-        .iter()
-        .take(2)
-        .filter_map(|l| field(l, "window_gap_us="))
-        .max()
-        .unwrap_or(0) as f64
-        / 1e3)
 }
 
 fn dirtier_args(w: &Workload) -> String {

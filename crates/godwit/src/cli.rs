@@ -239,6 +239,34 @@ pub enum BenchCmd {
     /// The virtual GPU from a guest: copy bandwidth, kernel throughput, fence latency,
     /// and the engine share of two busy VFs under each scheduling policy.
     Gpu(GpuBenchArgs),
+    /// Live migration of a VM with a GPU function: VRAM pre-copied against stopped and
+    /// copied, over VRAM profiles and GPU loads.
+    GpuMigrate(GpuMigrateBenchArgs),
+}
+
+#[derive(Args)]
+pub struct GpuMigrateBenchArgs {
+    /// Repetitions per cell and mode.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Only the smallest and the largest profile that fit this host.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// VRAM profiles (comma separated); those the host's memory cannot hold twice are
+    /// skipped.
+    #[arg(long, value_delimiter = ',', default_values_t = ["GW8-1C".to_string(), "GW8-2C".to_string(), "GW8-4C".to_string(), "GW8-8C".to_string()])]
+    pub profiles: Vec<String>,
+    /// GPU loads (comma separated): idle, busy, 256m, flat.
+    #[arg(long, value_delimiter = ',', default_values_t = ["idle".to_string(), "busy".to_string(), "256m".to_string(), "flat".to_string()])]
+    pub workloads: Vec<String>,
+    #[arg(long, default_value_t = 50)]
+    pub downtime_ms: u64,
+    /// Pre-copy only (no stop-and-copy runs beside it).
+    #[arg(long)]
+    pub no_stop_copy: bool,
 }
 
 #[derive(Args)]

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_gpu;
+mod bench_gpu_migrate;
 mod bench_migrate;
 mod cli;
 mod demo;

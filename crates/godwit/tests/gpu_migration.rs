@@ -681,3 +681,51 @@ fn pause_stops_the_gpu_too() {
         read(&dst.log)
     );
 }
+
+/// `godwit bench gpu-migrate` end to end on its smallest cell: both modes migrate, and
+/// the report says where the VRAM went (asserting bytes, never speed).
+#[test]
+fn the_gpu_migration_benchmark_runs_both_modes() {
+    if !kvm_available() {
+        return;
+    }
+    let o = run(
+        &[
+            "bench",
+            "gpu-migrate",
+            "--profiles",
+            "GW8-1C",
+            "--workloads",
+            "256m",
+            "--runs",
+            "1",
+            "--json",
+        ],
+        Duration::from_secs(300),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let c = &r["cells"][0];
+    assert_eq!(
+        (c["profile"].as_str(), c["workload"].as_str()),
+        (Some("GW8-1C"), Some("256m"))
+    );
+    let pre = &c["precopy"]["samples"][0];
+    let stop = &c["stop_copy"]["samples"][0];
+    // 64 MiB of aperture and 192 MiB of engine region, touched.
+    let touched = pre["vram_touched_bytes"].as_u64().unwrap();
+    assert!(touched >= 256 << 20, "{pre}");
+    // Stop-and-copy moved all of it inside the pause, pre-copy in its rounds.
+    let last = |s: &Value| {
+        s["downtime"]["components"]["gpu"]["final_pages"]
+            .as_u64()
+            .unwrap()
+            * 4096
+    };
+    assert!(last(stop) >= touched, "{stop}");
+    assert!(pre["vram_bytes"].as_u64().unwrap() >= touched, "{pre}");
+    assert!(
+        c["precopy_over_stop_copy"]["downtime_ms"]["median"].is_number(),
+        "{c}"
+    );
+}

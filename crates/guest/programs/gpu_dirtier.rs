@@ -15,15 +15,25 @@
 //! at the next rewrite, whenever that comes. It reports the largest gap between its own
 //! iterations (a guest-side witness of a pause), like the dirtier.
 //!
-//! Arguments: aperture=MiB (16), engine=MiB (16), dma=MiB (4), rate=MiB/s per kind (64;
-//! 0 or flat = as fast as it can), seconds=S (5; 0 = forever), verify-every=S (0 = only
-//! at the end), report-every=MS (1000).
+//! Two more loads, for the GPU migration benchmark:
+//! - `idle=1`: every region written once (with `engine=0`, the engine region takes all
+//!   the VRAM the others leave: the VRAM filled), then nothing more; the loop still runs
+//!   to witness gaps;
+//! - `busy=MiB`: a training-like load instead of the engine, DMA and window kinds: half
+//!   the region is weights, half gradients, and the engine keeps running SGD steps
+//!   (an SGEMM of 256^3, then weights -= 0.001 * gradients over all of them), two steps
+//!   queued ahead, never waited for, so the loop's gaps stay the VM's. Not verified
+//!   (floating point); the other kinds are.
+//!
+//! Arguments: aperture=MiB (16), engine=MiB (16; 0 = the rest of VRAM), dma=MiB (4),
+//! rate=MiB/s per kind (64; 0 or flat = as fast as it can), seconds=S (5; 0 = forever),
+//! verify-every=S (0 = only at the end), report-every=MS (1000), idle=1, busy=MiB.
 //! Exit code 0 when every check passed, 1 on corruption, 2 on a GPU error.
 #![no_std]
 #![no_main]
 
-use godwit_rt::gpu::{Gpu, GpuError};
-use godwit_rt::gpu_abi::{op, pte};
+use godwit_rt::gpu::{dims, Gpu, GpuError};
+use godwit_rt::gpu_abi::{kernel, op, pte};
 use godwit_rt::pace::{Pace, Tick};
 use godwit_rt::{args, mem, println, sys, time};
 
@@ -98,6 +108,12 @@ struct State {
     /// Stale pages or groups found right before a rewrite.
     stale: u64,
     t0: u64,
+    /// The training-like load: VRAM offset and bytes of its region (0: none), steps
+    /// queued, and the fence of the last one.
+    busy_at: u64,
+    busy: u64,
+    steps: u64,
+    step_fence: u64,
 }
 
 fn failed(e: GpuError) -> ! {
@@ -244,6 +260,28 @@ impl State {
         self.win_fence[t] = self.fence;
     }
 
+    /// Keeps two SGD steps queued on the engine, without waiting for it.
+    fn train(&mut self) {
+        let half = self.busy / 2;
+        let (w, grad, n) = (self.busy_at, self.busy_at + half, half / 4);
+        while self.step_fence <= self.g.completed_fence() + 2 {
+            // Forward: 256 x 256 activations from the first weights, into the last
+            // quarter MiB of the gradients' half (which stays constant otherwise: the
+            // update reads only the rest).
+            let act = grad + half - (256 << 10);
+            self.g.queue(
+                op::KERNEL,
+                [kernel::SGEMM, w, w, act, dims(256, 256, 256), 0x3f80_0000],
+            );
+            let lr = (-0.001f32).to_bits() as u64;
+            self.step_fence = self
+                .g
+                .queue(op::KERNEL, [kernel::AXPY, grad, w, n - (64 << 10), lr, 0]);
+            self.steps += 1;
+        }
+        self.g.kick();
+    }
+
     /// Checks every word of every region. Returns whether all held.
     fn verify(&mut self, when_ms: u64) -> bool {
         self.g.kick();
@@ -305,12 +343,14 @@ impl State {
 
 fn main() -> i32 {
     let ap_mib = args::get_u64("aperture", 16).max(1);
-    let eng_mib = args::get_u64("engine", 16).max(1);
+    let eng_mib = args::get_u64("engine", 16);
     let dma_mib = args::get_u64("dma", 4).max(1);
     let rate = args::get_u64("rate", 64);
     let seconds = args::get_u64("seconds", 5);
     let verify_every = args::get_u64("verify-every", 0);
     let report_ms = args::get_u64("report-every", 1000);
+    let idle = args::get_u64("idle", 0) != 0;
+    let busy = args::get_u64("busy", 0) << 20;
     let g = match Gpu::open() {
         Ok(g) => g,
         Err(e) => {
@@ -318,10 +358,21 @@ fn main() -> i32 {
             return 2;
         }
     };
-    let (ap, eng) = (ap_mib << 20, eng_mib << 20);
+    let ap = ap_mib << 20;
+    // The rest of VRAM, after the aperture region, the window targets and the
+    // training load (each rounded to the window's alignment).
+    let rest = g
+        .usable()
+        .saturating_sub(ap.div_ceil(WINDOW) * WINDOW + 2 * WINDOW + busy.div_ceil(WINDOW) * WINDOW);
+    let eng = if eng_mib == 0 {
+        rest / WINDOW * WINDOW
+    } else {
+        eng_mib << 20
+    };
     let win_at = (ap + eng).div_ceil(WINDOW) * WINDOW;
-    if win_at + 2 * WINDOW > g.usable() {
-        println!("gpu-dirtier: aperture + engine regions do not fit this VF's VRAM");
+    let busy_at = win_at + 2 * WINDOW;
+    if eng == 0 || busy_at + busy > g.usable() {
+        println!("gpu-dirtier: the regions do not fit this VF's VRAM");
         return 2;
     }
     let Some(dma) = mem::alloc(dma_mib << 20) else {
@@ -352,6 +403,10 @@ fn main() -> i32 {
         fence: 0,
         stale: 0,
         t0: time::now_ns(),
+        busy_at,
+        busy,
+        steps: 0,
+        step_fence: 0,
     };
     // Everything written once (VRAM starts zeroed, the DMA region is fresh RAM).
     let t0 = s.t0;
@@ -367,17 +422,26 @@ fn main() -> i32 {
     s.g.kick();
     s.remap_and_fill();
     s.remap_and_fill();
+    if busy > 0 {
+        // Weights 1.0, gradients 0.5.
+        let half = busy / 2;
+        s.g.queue(op::FILL, [busy_at, half, 0x3f80_0000, 0, 0, 0]);
+        s.fence =
+            s.g.queue(op::FILL, [busy_at + half, half, 0x3f00_0000, 0, 0, 0]);
+    }
     s.g.kick();
     if let Err(e) = s.g.wait(s.fence) {
         failed(e)
     }
     println!(
-        "gpu-dirtier: touched aperture={}MiB engine={}MiB dma={}MiB in {}ms rate={}MiB/s",
+        "gpu-dirtier: touched aperture={}MiB engine={}MiB dma={}MiB busy={}MiB in {}ms rate={}MiB/s{}",
         ap_mib,
-        eng_mib,
+        eng >> 20,
         dma_mib,
+        busy >> 20,
         (time::now_ns() - t0) / 1_000_000,
-        rate
+        rate,
+        if idle { " idle" } else { "" }
     );
     // Per iteration each kind moves CHUNK pages; at `rate` MiB/s that takes chunk_ns.
     let chunk_ns = if rate == 0 {
@@ -389,19 +453,28 @@ fn main() -> i32 {
     let (mut ap_cur, mut eng_cur, mut dma_cur) = (0u64, 0u64, 0u64);
     let mut ok = true;
     loop {
-        for _ in 0..CHUNK {
-            s.write_aperture(ap_cur);
-            ap_cur = (ap_cur + 1) % ap_pages;
+        let mut wrote = 0;
+        if !idle {
+            for _ in 0..CHUNK {
+                s.write_aperture(ap_cur);
+                ap_cur = (ap_cur + 1) % ap_pages;
+            }
+            wrote += CHUNK * PAGE;
         }
-        s.fill_engine(eng_cur);
-        eng_cur = (eng_cur + 1) % eng_groups;
-        s.fill_dma(dma_cur);
-        dma_cur = (dma_cur + 1) % dma_groups;
-        if (pace.iters() + 1).is_multiple_of(WINDOW_EVERY) {
-            s.remap_and_fill();
+        if busy > 0 {
+            s.train();
+        } else if !idle {
+            s.fill_engine(eng_cur);
+            eng_cur = (eng_cur + 1) % eng_groups;
+            s.fill_dma(dma_cur);
+            dma_cur = (dma_cur + 1) % dma_groups;
+            if (pace.iters() + 1).is_multiple_of(WINDOW_EVERY) {
+                s.remap_and_fill();
+            }
+            s.g.kick();
+            wrote += 2 * CHUNK * PAGE;
         }
-        s.g.kick();
-        match pace.tick("gpu-dirtier", 3 * CHUNK * PAGE) {
+        match pace.tick("gpu-dirtier", wrote) {
             Tick::Go => pace.wait(),
             Tick::Verify => {
                 ok &= s.verify(pace.ms());
@@ -413,9 +486,10 @@ fn main() -> i32 {
     ok &= s.verify(pace.ms());
     ok &= s.stale == 0;
     println!(
-        "gpu-dirtier: done written_mib={} max_gap_us={} result={}",
+        "gpu-dirtier: done written_mib={} max_gap_us={} steps={} result={}",
         pace.written_mib(),
         pace.max_gap_us(),
+        s.steps,
         if ok { "ok" } else { "CORRUPT" }
     );
     if ok {
