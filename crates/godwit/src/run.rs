@@ -3,7 +3,7 @@
 use crate::cli::{GuestsCmd, RunArgs};
 use godwit_migration::api::MigrationApi;
 use godwit_migration::{Host, Incoming, Listener, Target};
-use godwit_vmm::api::{ApiServer, Extension};
+use godwit_vmm::api::{ApiServer, Extension, Limits};
 use godwit_vmm::{Console, Payload, Vm, VmConfig, VmExit};
 use std::path::Path;
 use std::process::ExitCode;
@@ -75,11 +75,11 @@ fn payload(a: &RunArgs) -> Result<Payload, String> {
 }
 
 /// Removes the API socket if this process claimed it and fails before serving it.
-struct SocketGuard<'a>(Option<&'a Path>);
+struct SocketGuard(Option<std::path::PathBuf>);
 
-impl Drop for SocketGuard<'_> {
+impl Drop for SocketGuard {
     fn drop(&mut self) {
-        if let Some(p) = self.0 {
+        if let Some(p) = &self.0 {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -105,17 +105,36 @@ pub fn run(a: RunArgs) -> ExitCode {
         },
     };
     // Claim the API socket before building anything: a second godwit on the same socket
-    // must fail before it creates a VM.
-    let server = match &a.api_socket {
+    // must fail before it creates a VM. A booted VM's API is served once the VM exists
+    // (requests wait in the socket's queue meanwhile, a short time); a destination's
+    // from the start, answering 503 with the reason until the source has sent the VM,
+    // so that a client never hangs on a godwit that waits for a source.
+    let listener = match &a.api_socket {
         Some(p) => match ApiServer::bind(p) {
-            Ok(s) => Some(s),
+            Ok(l) => Some((l, p.clone())),
             Err(e) => return fail(e),
         },
         None => None,
     };
-    let guard = SocketGuard(a.api_socket.as_deref());
+    let start_api = |(l, p): (std::os::unix::net::UnixListener, std::path::PathBuf),
+                     why: String| {
+        ApiServer::start(l, &p, Limits::default(), &why).map_err(|e| e.to_string())
+    };
+    let mut api = None;
+    let mut listener = listener;
+    if let (Some(t), Some(l)) = (&incoming, listener.take_if(|_| incoming.is_some())) {
+        match start_api(
+            l,
+            format!("no VM yet: this godwit is waiting for an incoming migration on {t}"),
+        ) {
+            Ok(s) => api = Some(s),
+            Err(e) => return fail(e),
+        }
+    }
+    // Until a server owns the socket, this removes it on every early return.
+    let guard = SocketGuard(listener.as_ref().map(|(_, p)| p.clone()));
     let pending = match (incoming, payload) {
-        (Some(t), _) => receive(&t, &a, console).map(Pending::Incoming),
+        (Some(t), _) => receive(&t, &a, console, api.as_ref()).map(Pending::Incoming),
         (None, Some(payload)) => Vm::create(VmConfig {
             memory_mib: a.memory.unwrap_or(DEFAULT_MEMORY_MIB),
             vcpus: a.vcpus.unwrap_or(1),
@@ -143,18 +162,18 @@ pub fn run(a: RunArgs) -> ExitCode {
         Pending::Booted(vm) => vm.handle(),
         Pending::Incoming(inc) => inc.vm.handle(),
     };
-    let _api = match (server, &a.api_socket) {
-        (Some(s), Some(p)) => {
-            let ext: Arc<dyn Extension> = Arc::new(MigrationApi::default());
-            match ApiServer::start(s, p, handle, Some(ext)) {
-                Ok(api) => Some(api),
-                Err(e) => return fail(e),
-            }
+    if let Some(l) = listener {
+        match start_api(l, String::new()) {
+            Ok(s) => api = Some(s),
+            Err(e) => return fail(e),
         }
-        _ => None,
-    };
+    }
     // The server owns the socket from here, and removes it when it stops.
     std::mem::forget(guard);
+    if let Some(api) = &api {
+        let ext: Arc<dyn Extension> = Arc::new(MigrationApi::default());
+        api.serve(handle, Some(ext));
+    }
     let mut vm = match pending {
         Pending::Booted(mut vm) => match vm.start() {
             Ok(()) => vm,
@@ -198,8 +217,19 @@ enum Pending {
 }
 
 /// Waits on `t` for a source and loads the VM it sends.
-fn receive(t: &Target, a: &RunArgs, console: Console) -> Result<Incoming, String> {
+fn receive(
+    t: &Target,
+    a: &RunArgs,
+    console: Console,
+    api: Option<&ApiServer>,
+) -> Result<Incoming, String> {
     let l = Listener::bind(t).map_err(|e| format!("--incoming {t}: {e}"))?;
+    if let Some(api) = api {
+        api.set_waiting(&format!(
+            "no VM yet: this godwit is waiting for an incoming migration on {}",
+            l.local()
+        ));
+    }
     if !t.is_file() {
         eprintln!("godwit: waiting for a migration on {}", l.local());
     }

@@ -151,3 +151,209 @@ fn api_errors_are_clear() {
 fn godwit_vmm_call(sock: &std::path::Path, method: &str, endpoint: &str) -> (u16, String) {
     godwit_vmm::api::call(sock, method, endpoint).unwrap()
 }
+
+/// Starts a heartbeat VM serving `sock`; returns it once the socket answers.
+fn api_vm(sock: &std::path::Path) -> Reaper {
+    let child = godwit()
+        .args(["run", "--api-socket"])
+        .arg(sock)
+        .args(["--console", "null", "heartbeat", "--", "count=0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let vm = Reaper(child);
+    assert!(
+        wait_for(Duration::from_secs(10), || godwit_vmm::api::call(
+            sock, "GET", "vmm.ping"
+        )
+        .ok())
+        .is_some(),
+        "the API never answered"
+    );
+    vm
+}
+
+/// Sends raw bytes, then reads whatever comes back until the server closes.
+fn raw(sock: &std::path::Path, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn threads(pid: u32) -> usize {
+    read(std::path::Path::new(&format!("/proc/{pid}/status")))
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// No client can hold another's request, grow the process or hold its exit: a stalled
+/// request, an endless header, a flood of connections, bytes that are not HTTP.
+#[test]
+fn no_client_can_block_the_api_or_the_exit() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("api-hostile");
+    let sock = dir.path("api.sock");
+    let mut vm = api_vm(&sock);
+    let pid = vm.0.id();
+
+    // A client announces a body and sends nothing. Others are served meanwhile: the
+    // staller has still heard nothing when they have their answers.
+    let mut staller = UnixStream::connect(&sock).unwrap();
+    staller
+        .write_all(b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 1025\r\n\r\n")
+        .unwrap();
+    for _ in 0..3 {
+        let (code, body) = godwit_vmm_call(&sock, "GET", "vm.info");
+        assert_eq!(code, 200, "{body}");
+    }
+    staller.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    assert!(
+        matches!(staller.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the stalled request was answered or closed before the others"
+    );
+    staller.set_nonblocking(false).unwrap();
+
+    // An endless head is cut off at the limit and answered, whatever follows.
+    let mut huge = b"GET /api/v1/vm.info HTTP/1.1\r\nX-Long: ".to_vec();
+    huge.resize(100 << 10, b'a');
+    let out = raw(&sock, &huge);
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    // A body above the limit is refused from its Content-Length, unread.
+    let out = raw(
+        &sock,
+        b"PUT /api/v1/vm.migrate HTTP/1.1\r\nContent-Length: 209715200\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    // Bytes that are not HTTP, and a header that is not UTF-8, get an answer.
+    let out = raw(&sock, b"\x00\xff\xfe garbage\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    let out = raw(
+        &sock,
+        b"GET /api/v1/vm.info HTTP/1.1\r\nX-Name: \xff\xfe\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 "), "no answer: {out:?}");
+    let out = raw(
+        &sock,
+        b"PUT /api/v1/vm.pause HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 411"), "{out}");
+
+    // A flood of idle connections: beyond the limit they are turned away at once, the
+    // process does not grow a thread each, and a request still gets an answer or a 503.
+    let flood: Vec<UnixStream> = (0..200)
+        .filter_map(|_| UnixStream::connect(&sock).ok())
+        .collect();
+    assert!(flood.len() >= 100, "only {} connections", flood.len());
+    // Accepted in order: once this request is answered, the flood has been taken in.
+    let (code, body) = godwit_vmm::api::call(&sock, "GET", "vm.info").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("too many API connections"), "{body}");
+    let t = threads(pid);
+    assert!(t < 100, "{t} threads for {} connections", flood.len());
+    drop(flood);
+
+    // The exit is not held by the staller: it is cut off (no answer at all, where its
+    // own deadline would have brought a 408) and the process ends.
+    let (code, body) = godwit_vmm_call(&sock, "PUT", "vm.shutdown");
+    assert_eq!(code, 200, "{body}");
+    let status = wait_for(Duration::from_secs(30), || vm.0.try_wait().unwrap())
+        .expect("godwit did not exit");
+    assert!(status.success());
+    let mut rest = Vec::new();
+    let _ = staller.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty(),
+        "the staller was answered before the exit: {}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert!(!sock.exists(), "socket left behind");
+}
+
+/// `--api-socket` never deletes what is not a stale socket: a regular file, a FIFO, a
+/// directory are refused and left as they were.
+#[test]
+fn the_api_socket_never_replaces_a_file() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("api-files");
+    let file = dir.path("notes.txt");
+    std::fs::write(&file, "precious").unwrap();
+    let fifo = dir.path("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let sub = dir.path("sub");
+    std::fs::create_dir(&sub).unwrap();
+    for p in [&file, &fifo, &sub] {
+        let o = run(
+            &[
+                "run",
+                "--api-socket",
+                p.to_str().unwrap(),
+                "--console",
+                "null",
+                "heartbeat",
+                "--",
+                "count=1",
+            ],
+            Duration::from_secs(30),
+        );
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains("not a socket"), "{}", stderr(&o));
+        assert!(p.exists(), "{} was removed", p.display());
+    }
+    assert_eq!(read(&file), "precious");
+    // The client says what the path is instead of "Connection refused".
+    let o = cli(sub.to_str().unwrap(), "info");
+    assert!(stderr(&o).contains("is a directory"), "{}", stderr(&o));
+    let o = cli(file.to_str().unwrap(), "info");
+    assert!(stderr(&o).contains("is a file"), "{}", stderr(&o));
+}
+
+/// A destination waiting for its source answers at once, saying so, instead of leaving
+/// clients hanging until the source comes.
+#[test]
+fn a_waiting_destination_answers_its_api() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("api-waiting");
+    let sock = dir.path("api.sock");
+    let child = godwit()
+        .args(["run", "--incoming", "tcp:127.0.0.1:0", "--api-socket"])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _vm = Reaper(child);
+    let (code, body) = wait_for(Duration::from_secs(10), || {
+        godwit_vmm::api::call(&sock, "GET", "vmm.ping").ok()
+    })
+    .expect("no answer");
+    assert_eq!(code, 200, "{body}");
+    let o = cli(sock.to_str().unwrap(), "info");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("waiting for an incoming migration on tcp:127.0.0.1:")
+            && !stderr(&o).contains("127.0.0.1:0 "),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("HTTP 503"), "{}", stderr(&o));
+}

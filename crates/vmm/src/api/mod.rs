@@ -1,0 +1,120 @@
+//! The HTTP/JSON API on a Unix socket, in the style of Cloud Hypervisor's:
+//! `GET /api/v1/vmm.ping`, `GET /api/v1/vm.info`, `PUT /api/v1/vm.pause`,
+//! `PUT /api/v1/vm.resume`, `PUT /api/v1/vm.shutdown`. Errors come back as
+//! `{"error": "..."}` with a 4xx status.
+
+use crate::control::VmExit;
+use crate::vm::VmHandle;
+use serde::Serialize;
+use serde_json::json;
+use std::sync::atomic::Ordering;
+
+mod client;
+mod server;
+pub use client::{call, call_with};
+pub use server::{ApiServer, Limits};
+
+pub const PREFIX: &str = "/api/v1/";
+
+#[derive(Serialize)]
+pub struct VcpuInfo {
+    pub index: usize,
+    pub exits: u64,
+    pub mmio_exits: u64,
+    pub pio_exits: u64,
+    pub sleeps: u64,
+}
+
+#[derive(Serialize)]
+pub struct VmInfo {
+    pub state: crate::control::RunState,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    #[serde(flatten)]
+    pub desc: crate::vm::VmDescription,
+    pub vcpu_stats: Vec<VcpuInfo>,
+}
+
+pub fn info(h: &VmHandle) -> VmInfo {
+    VmInfo {
+        state: h.state(),
+        pid: std::process::id(),
+        uptime_ms: h.started.elapsed().as_millis() as u64,
+        desc: (*h.desc).clone(),
+        vcpu_stats: h
+            .stats
+            .iter()
+            .enumerate()
+            .map(|(index, s)| VcpuInfo {
+                index,
+                exits: s.exits.load(Ordering::Relaxed),
+                mmio_exits: s.mmio.load(Ordering::Relaxed),
+                pio_exits: s.pio.load(Ordering::Relaxed),
+                sleeps: s.sleeps.load(Ordering::Relaxed),
+            })
+            .collect(),
+    }
+}
+
+/// Endpoints served by another part of godwit (migration), plugged in by the CLI.
+pub trait Extension: Send + Sync {
+    /// The endpoints it serves (under /api/v1/).
+    fn endpoints(&self) -> &'static [&'static str];
+    /// Handles a request for one of them; may block (each request has its own thread).
+    fn route(
+        &self,
+        h: &VmHandle,
+        method: &str,
+        endpoint: &str,
+        body: &[u8],
+    ) -> (u16, serde_json::Value);
+}
+
+/// (status, JSON body) for one request.
+pub fn route(
+    h: &VmHandle,
+    ext: Option<&dyn Extension>,
+    method: &str,
+    url: &str,
+    body: &[u8],
+) -> (u16, serde_json::Value) {
+    let Some(endpoint) = url.strip_prefix(PREFIX) else {
+        return (
+            404,
+            json!({"error": format!("unknown path {url} (endpoints live under {PREFIX})")}),
+        );
+    };
+    let err = |code, m: &str| (code, json!({ "error": m }));
+    if let Some(x) = ext.filter(|x| x.endpoints().contains(&endpoint)) {
+        return x.route(h, method, endpoint, body);
+    }
+    let owner = || {
+        h.ctl
+            .owner()
+            .map(|o| err(409, &format!("{o} is in progress")))
+    };
+    match (method, endpoint) {
+        ("GET", "vmm.ping") => (
+            200,
+            json!({"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id()}),
+        ),
+        ("GET", "vm.info") => (200, serde_json::to_value(info(h)).unwrap_or_default()),
+        ("PUT", "vm.pause" | "vm.resume") if owner().is_some() => owner().expect("checked"),
+        ("PUT", "vm.pause") => match h.pause() {
+            Ok(()) => (200, json!({"state": "paused"})),
+            Err(m) => err(409, m),
+        },
+        ("PUT", "vm.resume") => match h.resume() {
+            Ok(()) => (200, json!({"state": "running"})),
+            Err(m) => err(409, m),
+        },
+        ("PUT", "vm.shutdown") => {
+            h.ctl.request_exit(VmExit::Shutdown);
+            (200, json!({"state": "stopped"}))
+        }
+        (_, "vmm.ping" | "vm.info" | "vm.pause" | "vm.resume" | "vm.shutdown") => {
+            err(405, &format!("{method} is not allowed on {endpoint}"))
+        }
+        _ => err(404, &format!("unknown endpoint {endpoint}")),
+    }
+}
