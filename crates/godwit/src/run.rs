@@ -10,6 +10,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 const DEFAULT_MEMORY_MIB: u64 = 256;
+/// The largest godwit guest image read (built-in ones are tens of KiB).
+const MAX_IMAGE: u64 = 64 << 20;
 
 /// Exit status when the guest crashed (its own codes are 0..=255 and pass through).
 pub const EXIT_GUEST_CRASH: u8 = 125;
@@ -59,8 +61,8 @@ fn payload(a: &RunArgs) -> Result<Payload, String> {
             names.join(", ")
         ));
     }
-    let image =
-        std::fs::read(path).map_err(|e| format!("cannot read image {}: {e}", path.display()))?;
+    let image = godwit_vmm::files::read_regular(path, MAX_IMAGE)
+        .map_err(|e| format!("cannot read image {}: {e}", path.display()))?;
     if !godwit_vmm::loader::is_godwit_guest(&image) {
         return Err(format!(
             "{} is not a godwit guest image (for a Linux kernel use --kernel)",

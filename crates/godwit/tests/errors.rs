@@ -179,3 +179,70 @@ fn no_kvm_device_or_no_permission() {
         "{err}"
     );
 }
+
+/// Inputs are checked before they are read: a device that never ends, a FIFO nobody
+/// writes, a directory; and a path given for a socket is never a user's file deleted.
+#[test]
+fn endless_blocking_and_wrong_kind_inputs_are_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("inputs");
+    let fifo = dir.path("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let f = fifo.to_str().unwrap();
+    fails_with(&["run", "/dev/zero"], 1, "a character device, not a regular file");
+    fails_with(&["run", f], 1, "a FIFO, not a regular file");
+    fails_with(
+        &["run", "--kernel", "/dev/zero"],
+        1,
+        "a character device, not a regular file",
+    );
+    fails_with(&["run", "--kernel", f], 1, "a FIFO, not a regular file");
+    let kernel = std::fs::read_dir("/boot")
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .expect("no /boot/vmlinuz-*: install linux-image-amd64 (the README's test command does)");
+    let k = kernel.to_str().unwrap();
+    for initrd in ["/dev/zero", f] {
+        fails_with(
+            &["run", "--memory", "64", "--kernel", k, "--initrd", initrd],
+            1,
+            "not a regular file",
+        );
+    }
+    let big = dir.path("big.img");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    fails_with(
+        &["run", "--memory", "64", "--kernel", k, "--initrd", big.to_str().unwrap()],
+        1,
+        "the limit here is",
+    );
+
+    // Receiving: a snapshot path that is a FIFO is refused, not waited on; a Unix
+    // socket path holding a file is refused and the file kept.
+    fails_with(
+        &["run", "--incoming", &format!("file:{f}")],
+        1,
+        "a FIFO, not a regular file",
+    );
+    let notes = dir.path("notes.txt");
+    std::fs::write(&notes, "precious").unwrap();
+    fails_with(
+        &["run", "--incoming", &format!("unix:{}", notes.display())],
+        1,
+        "not a socket; refusing to replace it",
+    );
+    assert_eq!(read(&notes), "precious");
+}

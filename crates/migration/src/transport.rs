@@ -215,14 +215,13 @@ impl Listener {
         match t {
             Target::Tcp(a) => TcpListener::bind(a.as_str()).map(Listener::Tcp),
             Target::Unix(p) => {
-                // A stale socket from a dead process is replaced; a live one is not.
-                if p.exists() && UnixStream::connect(p).is_err() {
-                    std::fs::remove_file(p)?;
-                }
+                // A stale socket from a dead process is replaced; a live one, or
+                // anything that is not a socket, is not.
+                godwit_vmm::files::claim_socket_path(p)?;
                 UnixListener::bind(p).map(|l| Listener::Unix(l, p.clone()))
             }
             Target::File(p) => {
-                File::open(p)?;
+                godwit_vmm::files::open_regular(p, u64::MAX)?;
                 Ok(Listener::File(p.clone()))
             }
         }

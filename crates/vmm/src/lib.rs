@@ -8,6 +8,7 @@ pub mod control;
 pub mod devices;
 pub mod dirty;
 pub mod error;
+pub mod files;
 pub mod loader;
 pub mod memory;
 pub mod migratable;

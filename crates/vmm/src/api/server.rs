@@ -15,7 +15,6 @@ use crate::vm::VmHandle;
 use serde_json::json;
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -80,35 +79,13 @@ pub struct ApiServer {
     path: PathBuf,
 }
 
-/// Refuses a socket that another live process answers on, and anything at the path that
-/// is not a socket (a user's file is never deleted); removes a stale socket.
-fn claim_socket(path: &Path) -> Result<()> {
-    let fail = |msg: String| Error::ApiSocket {
-        path: path.into(),
-        msg,
-    };
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(fail(e.to_string())),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(fail(
-            "exists and is not a socket; refusing to replace it (choose another path)".into(),
-        ));
-    }
-    if UnixStream::connect(path).is_ok() {
-        return Err(fail(
-            "already in use by a running process (another godwit?)".into(),
-        ));
-    }
-    std::fs::remove_file(path).map_err(|e| fail(format!("stale socket cannot be removed: {e}")))
-}
-
 impl ApiServer {
     /// Claims the socket path and listens on it; nothing is served until `start`.
     pub fn bind(path: &Path) -> Result<UnixListener> {
-        claim_socket(path)?;
+        crate::files::claim_socket_path(path).map_err(|e| Error::ApiSocket {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
         UnixListener::bind(path).map_err(|e| Error::ApiSocket {
             path: path.into(),
             msg: e.to_string(),

@@ -45,11 +45,16 @@ fn bad(path: &Path, msg: impl Into<String>) -> Error {
     Error::BadImage(path.display().to_string(), msg.into())
 }
 
+/// The largest kernel image read (bzImages are tens of MiB).
+const MAX_KERNEL: u64 = 512 << 20;
+
 fn open(path: &Path) -> Result<File> {
-    File::open(path).map_err(|source| Error::ImageRead {
-        path: path.into(),
-        source,
-    })
+    crate::files::open_regular(path, MAX_KERNEL)
+        .map(|(f, _)| f)
+        .map_err(|source| Error::ImageRead {
+            path: path.into(),
+            source,
+        })
 }
 
 /// Loads the kernel, the initrd and the boot parameters.
@@ -98,7 +103,8 @@ pub fn load(
 
     let low_end = ram[0].end();
     if let Some(path) = initrd {
-        let data = std::fs::read(path).map_err(|source| Error::ImageRead {
+        // It must fit below 4 GiB with the kernel: no larger file is read.
+        let data = crate::files::read_regular(path, ram[0].size).map_err(|source| Error::ImageRead {
             path: path.into(),
             source,
         })?;
