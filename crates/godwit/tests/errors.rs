@@ -195,7 +195,11 @@ fn endless_blocking_and_wrong_kind_inputs_are_refused() {
         .unwrap()
         .success());
     let f = fifo.to_str().unwrap();
-    fails_with(&["run", "/dev/zero"], 1, "a character device, not a regular file");
+    fails_with(
+        &["run", "/dev/zero"],
+        1,
+        "a character device, not a regular file",
+    );
     fails_with(&["run", f], 1, "a FIFO, not a regular file");
     fails_with(
         &["run", "--kernel", "/dev/zero"],
@@ -225,7 +229,15 @@ fn endless_blocking_and_wrong_kind_inputs_are_refused() {
         .set_len(128 << 20)
         .unwrap();
     fails_with(
-        &["run", "--memory", "64", "--kernel", k, "--initrd", big.to_str().unwrap()],
+        &[
+            "run",
+            "--memory",
+            "64",
+            "--kernel",
+            k,
+            "--initrd",
+            big.to_str().unwrap(),
+        ],
         1,
         "the limit here is",
     );

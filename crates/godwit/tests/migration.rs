@@ -299,6 +299,98 @@ fn a_snapshot_file_restores_the_vm_where_it_stopped() {
     assert!(seqs(&stdout(&o)).is_empty());
 }
 
+/// A snapshot never destroys another: a cancelled one leaves the good file there; a
+/// second VM writing to the same path at the same time is refused and keeps running;
+/// a file with bytes after its end (damaged, or two snapshots concatenated) is refused.
+#[test]
+fn snapshots_never_destroy_a_good_one() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-snapfiles");
+    let snap = dir.path("vm.snap");
+    let to = format!("file:{}", snap.display());
+    let mut a = source(&dir, "a", &["heartbeat", "--", "period=20", "count=0"]);
+    wait_log(&a.log, "seq=3 ");
+    let (out, r) = migrate(&a, &to, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(r["status"], "completed");
+    assert_eq!(exit_code(&mut a, LIMIT), 0);
+    let good = std::fs::read(&snap).unwrap();
+
+    // B snapshots slowly over A's file; C tries the same path meanwhile.
+    let dirtier = [
+        "-m",
+        "128",
+        "dirtier",
+        "--",
+        "wss=64",
+        "rate=20",
+        "seconds=0",
+    ];
+    let b = source(&dir, "b", &dirtier);
+    let c = source(&dir, "c", &dirtier);
+    wait_log(&b.log, "touched");
+    wait_log(&c.log, "touched");
+    let m = slow_migration(&b, to.clone());
+    let partial = dir.path(".vm.snap.godwit-partial");
+    wait_for(LIMIT, || {
+        (std::fs::metadata(&partial).ok()?.len() > 1 << 20).then_some(())
+    })
+    .expect("the snapshot never started writing");
+    let (out, r) = migrate(&c, &to, &[]);
+    assert_eq!(out.status.code(), Some(1), "{r}");
+    let e = r["error"].as_str().unwrap_or_default();
+    assert!(e.contains("another snapshot is being written"), "{r}");
+    assert_eq!(info(&c)["state"], "running");
+    let o = run(
+        &["migrate-cancel", "--api-socket", b.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_str(&stdout(&m.join().unwrap())).unwrap();
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert_eq!(info(&b)["state"], "running");
+    assert!(
+        std::fs::read(&snap).unwrap() == good,
+        "the good snapshot was touched"
+    );
+    assert!(
+        !partial.exists(),
+        "the cancelled snapshot's file was left behind"
+    );
+
+    // Bytes after the end, or a snapshot twice over: refused, nothing runs.
+    for (what, bytes) in [
+        ("garbage", [&good[..], b"trailing garbage"].concat()),
+        ("twice", [&good[..], &good[..]].concat()),
+    ] {
+        let p = dir.path(&format!("{what}.snap"));
+        std::fs::write(&p, bytes).unwrap();
+        let o = run(
+            &["run", "--incoming", &format!("file:{}", p.display())],
+            LIMIT,
+        );
+        assert_eq!(o.status.code(), Some(1), "{what}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("bytes after the snapshot's end"),
+            "{what}: {}",
+            stderr(&o)
+        );
+        assert!(seqs(&stdout(&o)).is_empty());
+    }
+    // A snapshot into a directory that does not exist says so.
+    let (out, r) = migrate(
+        &c,
+        &format!("file:{}", dir.path("nodir/x.snap").display()),
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let e = r["error"].as_str().unwrap_or_default();
+    assert!(e.contains("nodir does not exist"), "{r}");
+    assert_eq!(info(&c)["state"], "running");
+}
+
 #[test]
 fn a_refused_configuration_leaves_the_source_running() {
     if !kvm_available() {

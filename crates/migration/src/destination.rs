@@ -378,6 +378,21 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
             format!("the stream ended without the {} state", names[i]),
         ));
     }
+    // A snapshot ends at its COMPLETE: anything after it (a file damaged, or two
+    // snapshots concatenated) means this is not the file that was written.
+    if snapshot {
+        let mut b = [0u8; 1];
+        match std::io::Read::read(&mut first, &mut b) {
+            Ok(0) => {}
+            Ok(_) => {
+                return Err(ReceiveError::Stream(
+                    "bytes after the snapshot's end: the file is damaged or not one snapshot"
+                        .into(),
+                ))
+            }
+            Err(e) => return Err(ReceiveError::Stream(format!("reading the snapshot: {e}"))),
+        }
+    }
     // RESUMING -> STOP: each component's last checks of what it took.
     for (c, n) in parts.iter().zip(&names) {
         step_to(&**c, MigState::Stop).map_err(|e| abort(&mut main, format!("{n}: {e}")))?;

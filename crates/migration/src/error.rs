@@ -11,7 +11,7 @@ pub enum MigrationError {
     BadOptions(String),
     #[error("the VM is {0}, not running")]
     NotRunning(String),
-    #[error("cannot reach {target}: {source}")]
+    #[error("cannot {} {target}: {source}", if target.starts_with("file:") { "write the snapshot" } else { "reach" })]
     Unreachable {
         target: String,
         #[source]

@@ -4,7 +4,8 @@
 //! Every part of the VM that moves is a component of `godwit_vmm::migratable`, driven
 //! through the same device-migration state machine; this crate names none of them.
 //! The modules keep the concerns apart: `wire` is the format (frames, checked
-//! decoding), `transport` the byte streams (TCP, Unix sockets, files), `outbound` the
+//! decoding), `transport` the byte streams (TCP, Unix sockets, files; `snapshot_file` writes
+//! a snapshot beside its path and swaps it in when whole), `outbound` the
 //! sending lanes, `back` what the destination says while a migration runs, and
 //! `source` the policy (rounds, switchover), on its own thread, with
 //! `converge` deciding what to hold back when rounds alone do not converge.
@@ -17,6 +18,7 @@ pub mod destination;
 pub mod error;
 pub mod outbound;
 pub mod report;
+pub mod snapshot_file;
 pub mod source;
 pub mod transport;
 pub mod wire;

@@ -279,6 +279,14 @@ impl Outbound {
 
     /// The end of the page stream: END with its totals on every data connection,
     /// COMPLETE on the main one, all written.
+    /// The stream is whole: a snapshot file replaces its path. Only after `complete`.
+    pub fn seal(&mut self) -> io::Result<()> {
+        match self.lanes.first_mut().map(|l| &mut l.io) {
+            Some(Io::Direct(s)) => s.seal(),
+            _ => Ok(()),
+        }
+    }
+
     pub fn complete(&mut self) -> io::Result<()> {
         self.flush()?;
         for i in 1..self.lanes.len() {

@@ -58,12 +58,13 @@ pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
     /// A snapshot file, written or read once from start to end.
-    File(io::BufWriter<File>),
+    File(crate::snapshot_file::SnapshotOut),
     FileIn(io::BufReader<File>),
 }
 
 impl Stream {
-    /// Connects to a destination (a file is created, or replaced).
+    /// Connects to a destination (a file is written beside the path, and replaces it
+    /// when sealed).
     pub fn connect(t: &Target, timeout: Duration) -> io::Result<Stream> {
         match t {
             Target::Tcp(a) => {
@@ -80,9 +81,7 @@ impl Stream {
                 Err(last)
             }
             Target::Unix(p) => UnixStream::connect(p).map(Stream::Unix),
-            Target::File(p) => {
-                File::create(p).map(|f| Stream::File(io::BufWriter::with_capacity(1 << 20, f)))
-            }
+            Target::File(p) => crate::snapshot_file::SnapshotOut::create(p).map(Stream::File),
         }
     }
 
@@ -155,13 +154,18 @@ impl Stream {
     /// Ends the stream: data is flushed, and for a file made durable.
     pub fn finish(&mut self) -> io::Result<()> {
         match self {
-            Stream::File(f) => {
-                f.flush()?;
-                f.get_ref().sync_all()
-            }
+            Stream::File(f) => f.finish(),
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
             Stream::FileIn(_) => Ok(()),
+        }
+    }
+
+    /// The stream is whole: a snapshot file replaces its path (sockets: nothing to do).
+    pub fn seal(&mut self) -> io::Result<()> {
+        match self {
+            Stream::File(f) => f.seal(),
+            _ => Ok(()),
         }
     }
 }

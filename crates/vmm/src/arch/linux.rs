@@ -104,10 +104,11 @@ pub fn load(
     let low_end = ram[0].end();
     if let Some(path) = initrd {
         // It must fit below 4 GiB with the kernel: no larger file is read.
-        let data = crate::files::read_regular(path, ram[0].size).map_err(|source| Error::ImageRead {
-            path: path.into(),
-            source,
-        })?;
+        let data =
+            crate::files::read_regular(path, ram[0].size).map_err(|source| Error::ImageRead {
+                path: path.into(),
+                source,
+            })?;
         let at = low_end.saturating_sub(data.len() as u64) & !0xfff;
         if at < loaded.kernel_end {
             return Err(bad(
