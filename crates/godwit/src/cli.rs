@@ -32,7 +32,7 @@ pub enum Command {
     /// Pause a running VM.
     Pause(ApiArgs),
     /// Resume a paused VM.
-    Resume(ApiArgs),
+    Resume(ResumeArgs),
     /// Stop a VM.
     Shutdown(ApiArgs),
     /// Live-migrate a running VM to a godwit started with --incoming, or save it to a file.
@@ -183,6 +183,18 @@ pub struct ApiArgs {
     /// The API socket of the godwit to talk to.
     #[arg(long)]
     pub api_socket: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ResumeArgs {
+    /// The API socket of the godwit to talk to.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+    /// Take back a VM whose hand-over to a destination was not confirmed (GO sent, no
+    /// answer). Only after checking that the destination does not run it: if it does,
+    /// the VM would run twice.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args)]

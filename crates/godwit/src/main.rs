@@ -27,7 +27,12 @@ fn main() -> ExitCode {
         cli::Command::Demo(a) => demo::run(a),
         cli::Command::Info(a) => run::api_call(&a.api_socket, "GET", "vm.info"),
         cli::Command::Pause(a) => run::api_call(&a.api_socket, "PUT", "vm.pause"),
-        cli::Command::Resume(a) => run::api_call(&a.api_socket, "PUT", "vm.resume"),
+        cli::Command::Resume(a) => run::api_call_with(
+            &a.api_socket,
+            "PUT",
+            "vm.resume",
+            if a.force { r#"{"force": true}"# } else { "" },
+        ),
         cli::Command::Shutdown(a) => run::api_call(&a.api_socket, "PUT", "vm.shutdown"),
         cli::Command::Migrate(a) => migrate::migrate(a),
         cli::Command::MigrateCancel(a) => run::api_call(&a.api_socket, "PUT", "vm.migrate-cancel"),

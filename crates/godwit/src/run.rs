@@ -248,7 +248,18 @@ fn receive(
 }
 
 pub fn api_call(socket: &Path, method: &str, endpoint: &str) -> ExitCode {
-    match godwit_vmm::api::call(socket, method, endpoint) {
+    api_call_with(socket, method, endpoint, "")
+}
+
+pub fn api_call_with(socket: &Path, method: &str, endpoint: &str, body: &str) -> ExitCode {
+    let answer = godwit_vmm::api::call_with(
+        socket,
+        method,
+        endpoint,
+        body,
+        Some(std::time::Duration::from_secs(30)),
+    );
+    match answer {
         Ok((200, body)) => {
             match serde_json::from_str::<serde_json::Value>(&body) {
                 Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or(body)),

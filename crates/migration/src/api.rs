@@ -1,6 +1,15 @@
 //! The migration endpoints of a godwit's API: `PUT vm.migrate` (body: `Options`; starts
 //! the migration on its own thread and answers with the report once it ends), `GET
-//! vm.migration` (progress and the last report), `PUT vm.migrate-cancel`.
+//! vm.migration` (progress and the last report), `PUT vm.migrate-cancel`. It also
+//! answers for the VM's own endpoints while a migration holds the VM:
+//!
+//! | request        | migrating, before GO | after GO, unconfirmed            |
+//! |----------------|----------------------|----------------------------------|
+//! | vm.pause       | 409                  | 409                              |
+//! | vm.resume      | 409                  | 409; `{"force": true}` takes back |
+//! | vm.shutdown    | 409 (cancel first)   | 200 (the user has checked)       |
+//! | vm.migrate     | 409                  | 409                              |
+//! | vm.migrate-cancel | 200, cancels      | 409 too late                     |
 
 use crate::report::{Outcome, Status};
 use crate::source::{self, Options};
@@ -15,29 +24,73 @@ pub struct MigrationApi {
     pub status: Arc<Status>,
 }
 
-const OWNER: &str = "a migration";
+const OWNER: &str = "a migration is in progress";
 
 impl Extension for MigrationApi {
-    fn endpoints(&self) -> &'static [&'static str] {
-        &["vm.migrate", "vm.migration", "vm.migrate-cancel"]
-    }
-
     fn route(
         &self,
         h: &VmHandle,
         method: &str,
         endpoint: &str,
         body: &[u8],
-    ) -> (u16, serde_json::Value) {
+    ) -> Option<(u16, serde_json::Value)> {
         let err = |code, m: String| (code, json!({ "error": m }));
-        match (method, endpoint) {
+        let handover = self
+            .status
+            .handover
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|x| x.to.clone());
+        Some(match (method, endpoint) {
+            ("PUT", "vm.migrate") if handover.is_some() => err(
+                409,
+                crate::source::unconfirmed_message(&handover.unwrap_or_default()),
+            ),
+            ("PUT", "vm.resume") if handover.is_some() => {
+                #[derive(serde::Deserialize)]
+                struct Force {
+                    #[serde(default)]
+                    force: bool,
+                }
+                let force = serde_json::from_slice::<Force>(body).is_ok_and(|f| f.force);
+                if !force {
+                    return Some(err(
+                        409,
+                        crate::source::unconfirmed_message(&handover.unwrap_or_default()),
+                    ));
+                }
+                let taken = self
+                    .status
+                    .handover
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let Some(s) = taken.and_then(|t| t.socket) {
+                    s.shutdown();
+                }
+                match crate::source::take_back(h) {
+                    Ok(()) => {
+                        let _ = h.ctl.set_owner(None);
+                        tracing::warn!("the VM was taken back by a forced resume");
+                        (200, json!({"state": "running", "forced": true}))
+                    }
+                    Err(e) => err(500, format!("cannot take the VM back: {e}")),
+                }
+            }
+            ("PUT", "vm.shutdown") if self.status.active.load(Ordering::SeqCst) => err(
+                409,
+                "a migration is in progress: cancel it first (migrate-cancel), or wait \
+                 for its end"
+                    .into(),
+            ),
             ("PUT", "vm.migrate") => {
                 let o: Options = match serde_json::from_slice(body) {
                     Ok(o) => o,
-                    Err(e) => return err(400, format!("bad migration request: {e}")),
+                    Err(e) => return Some(err(400, format!("bad migration request: {e}"))),
                 };
                 if let Err(e) = o.check() {
-                    return err(400, e);
+                    return Some(err(400, e));
                 }
                 if self
                     .status
@@ -45,11 +98,11 @@ impl Extension for MigrationApi {
                     .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
                     .is_err()
                 {
-                    return err(409, "a migration is already running".into());
+                    return Some(err(409, "a migration is already running".into()));
                 }
                 if let Err(e) = h.ctl.set_owner(Some(OWNER)) {
                     self.status.active.store(false, Ordering::SeqCst);
-                    return err(409, e);
+                    return Some(err(409, e));
                 }
                 self.status.cancel.store(false, Ordering::SeqCst);
                 *self
@@ -62,7 +115,7 @@ impl Extension for MigrationApi {
                     Err(e) => {
                         let _ = h.ctl.set_owner(None);
                         self.status.active.store(false, Ordering::SeqCst);
-                        return err(500, format!("cannot start the migration: {e}"));
+                        return Some(err(500, format!("cannot start the migration: {e}")));
                     }
                 };
                 // This request answers when the migration ends; progress and cancel are
@@ -72,10 +125,13 @@ impl Extension for MigrationApi {
                     Err(_) => {
                         let _ = h.ctl.set_owner(None);
                         self.status.active.store(false, Ordering::SeqCst);
-                        return err(500, "the migration thread failed".into());
+                        return Some(err(500, "the migration thread failed".into()));
                     }
                 };
-                let _ = h.ctl.set_owner(None);
+                // An unconfirmed hand-over keeps the VM owned (see `source::start`).
+                if report.error_kind.as_deref() != Some("unconfirmed") {
+                    let _ = h.ctl.set_owner(None);
+                }
                 let body = serde_json::to_value(&report).unwrap_or_default();
                 match report.status {
                     Outcome::Completed => {
@@ -104,8 +160,14 @@ impl Extension for MigrationApi {
                 }),
             ),
             ("PUT", "vm.migrate-cancel") => {
+                if handover.is_some() {
+                    return Some(err(
+                        409,
+                        "too late to cancel: GO was sent and the hand-over is unconfirmed".into(),
+                    ));
+                }
                 if !self.status.active.load(Ordering::SeqCst) {
-                    return err(409, "no migration is running".into());
+                    return Some(err(409, "no migration is running".into()));
                 }
                 match self
                     .status
@@ -115,7 +177,10 @@ impl Extension for MigrationApi {
                     Err(m) => err(409, m.into()),
                 }
             }
-            _ => err(405, format!("{method} is not allowed on {endpoint}")),
-        }
+            (_, "vm.migrate" | "vm.migration" | "vm.migrate-cancel") => {
+                err(405, format!("{method} is not allowed on {endpoint}"))
+            }
+            _ => return None,
+        })
     }
 }

@@ -110,6 +110,11 @@ impl BackChannel {
         }
     }
 
+    /// A second handle on the connection (to shut it down from elsewhere).
+    pub fn socket(&self) -> Option<Stream> {
+        self.s.try_clone()
+    }
+
     /// An answer that has already arrived, if any; never waits.
     pub fn poll(&mut self) -> Option<Answer> {
         if let Some(a) = self.take() {

@@ -45,9 +45,16 @@ pub enum MigrationError {
     Cancelled,
     #[error(
         "GO was sent but the destination did not confirm its start ({0}); the VM stays \
-         paused here: resume it only if the destination is not running it"
+         stopped here and refuses resume and migrate: if the destination does not run \
+         it, `godwit resume --force` takes it back"
     )]
     Unconfirmed(String),
+    #[error(
+        "the destination did not confirm within the pause's budget of {} ms (downtime \
+         limit + handshake allowance): the VM resumed here and the destination will not \
+         start it", budget.as_millis()
+    )]
+    PauseExceeded { budget: Duration },
 }
 
 impl MigrationError {
@@ -67,6 +74,7 @@ impl MigrationError {
             MigrationError::Component { .. } => "component",
             MigrationError::Cancelled => "cancelled",
             MigrationError::Unconfirmed(_) => "unconfirmed",
+            MigrationError::PauseExceeded { .. } => "pause_exceeded",
         }
     }
 

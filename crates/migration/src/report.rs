@@ -251,6 +251,15 @@ pub struct Status {
     /// Bytes written so far by the migration in progress (updated per frame).
     pub live_bytes: Arc<AtomicU64>,
     pub interrupt: Mutex<Interrupt>,
+    /// A hand-over left unconfirmed (GO sent, no answer): the VM stays stopped here.
+    pub handover: Mutex<Option<Handover>>,
+}
+
+/// An unconfirmed hand-over: where GO went, and the connection on which a late answer
+/// may come (shut down when the user takes the VM back).
+pub struct Handover {
+    pub to: String,
+    pub socket: Option<crate::transport::Stream>,
 }
 
 /// What a cancel may interrupt of the migration in progress.
@@ -260,6 +269,8 @@ pub struct Interrupt {
     pub sockets: Vec<crate::transport::Stream>,
     /// GO is on its way: the VM is being handed over, too late to cancel.
     pub committed: bool,
+    /// The pause ran past its budget before GO: the VM resumes here.
+    pub expired: bool,
 }
 
 impl Status {
@@ -296,11 +307,32 @@ impl Status {
     /// first.
     pub fn commit(&self) -> bool {
         let mut i = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
-        if self.cancelled() {
+        if self.cancelled() || i.expired {
             return false;
         }
         i.committed = true;
         true
+    }
+
+    /// The pause's budget is spent: unless GO is already on its way, the migration
+    /// fails now (its sockets are shut down, so whatever blocks returns) and the VM
+    /// resumes here.
+    pub fn expire(&self) {
+        let mut i = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
+        if i.committed {
+            return;
+        }
+        i.expired = true;
+        for s in &i.sockets {
+            s.shutdown();
+        }
+    }
+
+    pub fn expired(&self) -> bool {
+        self.interrupt
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .expired
     }
 
     pub fn set_progress(&self, p: Progress) {

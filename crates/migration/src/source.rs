@@ -12,7 +12,9 @@ use crate::back::{Answer, BackChannel};
 use crate::converge::{self, Converge};
 use crate::error::MigrationError;
 use crate::outbound::Outbound;
-use crate::report::{DowntimePart, Outcome, Phase, Progress, Report, Round, RoundPart, Status};
+use crate::report::{
+    DowntimePart, Handover, Outcome, Phase, Progress, Report, Round, RoundPart, Status,
+};
 use crate::transport::{Stream, Target};
 use crate::wire::{self, Frame, Hello, Ready, PAGE_SIZE};
 use godwit_vmm::control::RunState;
@@ -23,8 +25,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long the source waits for the destination at each handshake step.
+/// How long the source waits for the destination at each handshake step while the VM
+/// runs (ACCEPT, each round's SYNCED).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+/// What a pause may last beyond the downtime limit (or the downtime expected when the
+/// driver had to switch over above it) and the time stop-and-copy data takes: the
+/// destination's READY must come within it, or the source resumes the VM (no GO is
+/// sent, so the destination never starts it).
+pub const HANDSHAKE_ALLOWANCE: Duration = Duration::from_secs(2);
+/// How long the source waits for STARTED after GO before it reports the hand-over as
+/// unconfirmed (it goes on listening for it afterwards).
+const STARTED_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an unconfirmed hand-over goes on listening for STARTED or ABORT.
+const LATE_ANSWER_WAIT: Duration = Duration::from_secs(600);
 /// A write that makes no progress for this long means the destination is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Rounds with everything held back as far as it goes after which the driver switches
@@ -128,6 +141,12 @@ struct Driver<'a> {
     /// Bytes per second the link has shown.
     bandwidth: f64,
     converge: Converge,
+    /// The downtime the last round expected.
+    expected_ms: f64,
+    /// When the VM stopped, once it has.
+    paused_at: Option<Instant>,
+    /// What the pause may last (see HANDSHAKE_ALLOWANCE).
+    pause_budget: Duration,
 }
 
 type Res<T> = Result<T, MigrationError>;
@@ -190,13 +209,23 @@ impl Driver<'_> {
 
     /// Waits for the destination's next answer.
     fn answer(&mut self, want: &'static str) -> Res<Answer> {
+        self.answer_within(want, HANDSHAKE_TIMEOUT)
+    }
+
+    /// Waits at most `limit` for the destination's next answer. A cancel (which shuts
+    /// the sockets down) or an expired pause ends the wait and says so.
+    fn answer_within(&mut self, want: &'static str, limit: Duration) -> Res<Answer> {
         let b = self
             .back
             .as_mut()
             .expect("live migrations have a back channel");
-        let a = b.wait(HANDSHAKE_TIMEOUT).ok_or(MigrationError::Timeout {
+        let a = b.wait(limit);
+        if self.status.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        let a = a.ok_or(MigrationError::Timeout {
             what: want,
-            after: HANDSHAKE_TIMEOUT,
+            after: limit,
         })?;
         match a {
             Answer::Abort(m) => Err(MigrationError::Aborted(m)),
@@ -455,6 +484,7 @@ impl Driver<'_> {
             round.dirty_rate_mib_s = mib_s(n * PAGE_SIZE as u64, since);
             let expected = self.expected_ms(n);
             round.expected_downtime_ms = expected;
+            self.expected_ms = expected;
             // Fitting the limit is enough to stop, but while rounds still shrink the
             // dirty set well another one is cheap and shortens the pause (the limit is a
             // ceiling, not a target); below a couple of ms the fixed costs dominate and
@@ -539,13 +569,76 @@ impl Driver<'_> {
             .or_default()
     }
 
-    /// Stops the VM, sends what is left and the states, and hands the VM over.
+    /// What the pause may last: the downtime limit (or what the last round expected,
+    /// when the driver switched over above it), three times the time the stop-and-copy
+    /// components' memory takes at the measured bandwidth, and the handshake allowance.
+    fn pause_budget(&self) -> Duration {
+        let bw = self.bandwidth_cap().max(64.0 * (1 << 20) as f64);
+        let stop_copy: u64 = self
+            .parts
+            .iter()
+            .filter(|p| !p.precopy)
+            .map(|p| p.c.pages() * PAGE_SIZE as u64)
+            .sum();
+        let ms = (self.o.downtime_ms as f64).max(self.expected_ms);
+        Duration::from_secs_f64(ms / 1e3 + 3.0 * stop_copy as f64 / bw) + HANDSHAKE_ALLOWANCE
+    }
+
+    /// Stops the VM and hands it over. Until GO, a watchdog bounds the pause: at the
+    /// budget's end it shuts the connection down (whatever blocks returns) and the VM
+    /// resumes here; the destination, which starts only on GO, never runs it.
     fn switchover(&mut self) -> Res<()> {
         self.phase = Phase::Switchover;
         let changes = self.converge.release();
         self.throttle(changes);
         self.progress(self.pending(), 0.0);
+        self.pause_budget = self.pause_budget();
         let tp = Instant::now();
+        self.paused_at = Some(tp);
+        let status = self.status;
+        let deadline = tp + self.pause_budget;
+        let armed = (std::sync::Mutex::new(true), std::sync::Condvar::new());
+        let handed = std::thread::scope(|s| {
+            s.spawn(|| {
+                let (lock, cv) = &armed;
+                let mut on = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while *on {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        status.expire();
+                        return;
+                    }
+                    on = cv
+                        .wait_timeout(on, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            });
+            let r = self.stop_and_send(tp, deadline);
+            *armed.0.lock().unwrap_or_else(|e| e.into_inner()) = false;
+            armed.1.notify_all();
+            r
+        });
+        if let Err(e) = handed {
+            return Err(
+                if status.expired() && !matches!(e, MigrationError::Cancelled) {
+                    MigrationError::PauseExceeded {
+                        budget: self.pause_budget,
+                    }
+                } else {
+                    e
+                },
+            );
+        }
+        if self.target.is_file() {
+            return Ok(());
+        }
+        self.go(tp)
+    }
+
+    /// The pause up to the point of no return: stop in order, states, last pages,
+    /// COMPLETE, the destination's READY, commit.
+    fn stop_and_send(&mut self, tp: Instant, deadline: Instant) -> Res<()> {
         // Stop in order: nothing that starts work runs once what does it has stopped.
         for i in 0..self.parts.len() {
             let t = Instant::now();
@@ -620,7 +713,8 @@ impl Driver<'_> {
             return Ok(());
         }
         let t = Instant::now();
-        let ready: Ready = match self.answer("READY")? {
+        let left = deadline.saturating_duration_since(t);
+        let ready: Ready = match self.answer_within("READY", left)? {
             Answer::Ready(r) => r,
             a => {
                 return Err(MigrationError::Unexpected {
@@ -633,8 +727,20 @@ impl Driver<'_> {
         self.report.downtime.restore_ms = ready.restore_ms;
         // The destination holds everything: from here the VM is the destination's.
         if !self.status.commit() {
-            return Err(MigrationError::Cancelled);
+            return Err(if self.status.expired() {
+                MigrationError::PauseExceeded {
+                    budget: self.pause_budget,
+                }
+            } else {
+                MigrationError::Cancelled
+            });
         }
+        Ok(())
+    }
+
+    /// GO and STARTED: past the point of no return. Without STARTED the hand-over is
+    /// unconfirmed and the VM stays stopped here.
+    fn go(&mut self, tp: Instant) -> Res<()> {
         self.phase = Phase::Handover;
         self.progress(0, 0.0);
         let t = Instant::now();
@@ -646,7 +752,7 @@ impl Driver<'_> {
             // GO never left: the destination will not start, so the VM stays here.
             return Err(self.send_error(e));
         }
-        match self.answer("STARTED") {
+        match self.answer_within("STARTED", STARTED_TIMEOUT) {
             Ok(Answer::Started(s)) => self.report.downtime.vm_start_ms = s.start_ms,
             // It said so: it does not run the VM, so the VM comes back here.
             Err(MigrationError::Aborted(m)) => return Err(MigrationError::Aborted(m)),
@@ -660,10 +766,16 @@ impl Driver<'_> {
 }
 
 /// Migrates the VM behind `h` as `o` asks. The source VM is left running on any
-/// failure before the destination confirmed; on success the caller ends this VM (it
-/// runs at the destination now). Always returns a report; `status` carries progress
-/// and cancel.
+/// failure before GO; on success the caller ends this VM (it runs at the destination
+/// now). Always returns a report; `status` carries progress and cancel. A hand-over
+/// left unconfirmed (GO sent, no answer) leaves the VM stopped here.
 pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
+    migrate_keeping(h, o, status).0
+}
+
+/// `migrate`, and for an unconfirmed hand-over the back channel on which the
+/// destination may still answer.
+fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Option<BackChannel>) {
     let t0 = Instant::now();
     let m = h.machine.clone();
     let mut parts: Vec<Part> = m
@@ -711,6 +823,9 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
         rtt: Duration::ZERO,
         bandwidth: 0.0,
         converge: Converge::new(vec![]),
+        expected_ms: 0.0,
+        paused_at: None,
+        pause_budget: Duration::ZERO,
     };
     status.live_bytes.store(0, Ordering::Relaxed);
     *status.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
@@ -763,6 +878,7 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
     if precopy_ms > 0.0 {
         report.throughput_mib_s = precopy_bytes as f64 / (1 << 20) as f64 / (precopy_ms / 1e3);
     }
+    let mut kept = None;
     match result {
         Ok(()) => {
             // The VM runs at the destination: close every component's data session.
@@ -791,6 +907,7 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
             }
             if e.ambiguous() {
                 report.source_running = false;
+                kept = d.back.take();
             } else {
                 let mut running = true;
                 for p in d.parts.iter().rev() {
@@ -803,6 +920,10 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
                     }
                 }
                 report.source_running = running && h.state() != RunState::Stopped;
+                // The real pause, from the stop to the resume.
+                if let Some(tp) = d.paused_at {
+                    report.downtime_ms = ms(tp.elapsed());
+                }
             }
             report.status = if matches!(e, MigrationError::Cancelled) {
                 Outcome::Cancelled
@@ -826,7 +947,58 @@ pub fn migrate(h: &VmHandle, o: &Options, status: &Status) -> Report {
     d.progress(0, 0.0);
     let report = std::mem::take(&mut d.report);
     *status.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
-    report
+    (report, kept)
+}
+
+/// Takes the VM back after a migration that did not hand it over: every component
+/// returns to RUNNING, devices before the vCPUs that drive them.
+pub fn take_back(h: &VmHandle) -> Result<(), String> {
+    let mut parts: Vec<_> = h.machine.components().to_vec();
+    parts.sort_by_key(|c| std::cmp::Reverse(c.stop_order()));
+    for c in parts {
+        step_to(&*c, MigState::Running).map_err(|e| format!("{}: {e}", c.section().name))?;
+    }
+    Ok(())
+}
+
+/// Listens, after an unconfirmed hand-over, for the destination's late answer:
+/// STARTED ends this process as a completed migration; ABORT (it does not run the VM)
+/// takes the VM back here. Anything else leaves the decision to the user.
+fn await_late_answer(mut back: BackChannel, h: VmHandle, status: Arc<Status>, to: String) {
+    let a = back.wait(LATE_ANSWER_WAIT);
+    // A forced resume took the VM back meanwhile: whatever came is not acted on.
+    if status
+        .handover
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .is_none()
+    {
+        if matches!(a, Some(Answer::Started(_))) {
+            tracing::error!("the destination started the VM after it was taken back here");
+        }
+        return;
+    }
+    match a {
+        Some(Answer::Started(_)) => {
+            tracing::warn!("the destination confirmed its start late: the VM runs at {to}");
+            h.ctl.request_exit(godwit_vmm::VmExit::Migrated(to));
+        }
+        Some(Answer::Abort(m)) => {
+            tracing::warn!("the destination aborted after GO ({m}): the VM runs here again");
+            match take_back(&h) {
+                Ok(()) => {
+                    let _ = h.ctl.set_owner(None);
+                }
+                Err(e) => tracing::error!("cannot take the VM back: {e}"),
+            }
+        }
+        other => {
+            tracing::warn!("no late answer from {to} ({other:?}): the hand-over stays unconfirmed");
+            *status.handover.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Handover { to, socket: None });
+        }
+    }
 }
 
 /// Starts `migrate` on its own thread. The caller (the API) owns `status.active`.
@@ -838,8 +1010,33 @@ pub fn start(
     std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
-            let r = migrate(&h, &o, &status);
+            let (r, back) = migrate_keeping(&h, &o, &status);
+            if let Some(back) = back {
+                // The VM stays stopped and owned: neither resume nor another migration
+                // may run it until the user has checked (resume --force), or the
+                // destination answers after all.
+                let _ = h.ctl.set_owner(None);
+                let _ = h.ctl.set_owner(Some(&unconfirmed_message(&o.to)));
+                *status.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(Handover {
+                    to: o.to.clone(),
+                    socket: back.socket(),
+                });
+                let (h, status, to) = (h.clone(), status.clone(), o.to.clone());
+                let _ = std::thread::Builder::new()
+                    .name("late-answer".into())
+                    .spawn(move || await_late_answer(back, h, status, to));
+            }
             status.active.store(false, Ordering::SeqCst);
             r
         })
+}
+
+/// What pause, resume and another migration hear while a hand-over is unconfirmed.
+pub fn unconfirmed_message(to: &str) -> String {
+    format!(
+        "the VM was handed over to {to} (GO sent) and its start there was not confirmed: \
+         it stays stopped here so that it never runs twice. Check the destination; if it \
+         runs the VM, shut this one down; if it does not, `godwit resume --force` (PUT \
+         vm.resume {{\"force\": true}}) takes it back here"
+    )
 }

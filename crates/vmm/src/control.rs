@@ -152,11 +152,12 @@ impl Control {
         s.exit.is_some() || s.want == RunState::Paused
     }
 
-    /// Reserves pause/resume for `who` (None releases them); fails if already taken.
+    /// Reserves pause/resume (None releases them); fails if already taken. `why` is
+    /// what a refused pause or resume hears.
     pub fn set_owner(&self, who: Option<&str>) -> Result<(), String> {
         let mut s = self.lock();
         match (&s.owner, who) {
-            (Some(o), Some(_)) => Err(format!("{o} is in progress")),
+            (Some(o), Some(_)) => Err(o.clone()),
             _ => {
                 s.owner = who.map(String::from);
                 Ok(())

@@ -252,3 +252,90 @@ pub fn unconfirming_destination() -> (String, std::thread::JoinHandle<Vec<Kind>>
     });
     (addr, fake)
 }
+
+/// What a handshake proxy does to the frame it watches for.
+#[derive(Clone, Copy, Debug)]
+pub enum Hold {
+    /// Holds it back this long, then passes it (and everything after).
+    Delay(Duration),
+    /// Passes it one byte at a time, this long apart.
+    Trickle(Duration),
+    /// Never passes it, nor anything after it in that direction; the connection stays
+    /// open.
+    Stall,
+}
+
+/// A man in the middle that passes every frame both ways, except the first frame of
+/// `kind` going toward the destination (`downstream`) or back to the source, which it
+/// holds as `how` says. Returns its address and a flag raised once that frame has
+/// passed whole.
+pub fn handshake_proxy(
+    to: String,
+    downstream: bool,
+    kind: Kind,
+    how: Hold,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", l.local_addr().unwrap());
+    let passed = Arc::new(AtomicBool::new(false));
+    let flag = passed.clone();
+    std::thread::spawn(move || {
+        let Ok((a, _)) = l.accept() else { return };
+        let b = TcpStream::connect(to.strip_prefix("tcp:").unwrap()).unwrap();
+        let _ = a.set_nodelay(true);
+        let _ = b.set_nodelay(true);
+        let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        let pump = move |mut from: TcpStream, mut into: TcpStream, watch: bool| {
+            let mut held = false;
+            loop {
+                let mut h = [0u8; wire::HEADER_LEN];
+                if from.read_exact(&mut h).is_err() {
+                    break;
+                }
+                let (k, len) = match wire::check_header(&h) {
+                    Ok(x) => x,
+                    Err(_) => break,
+                };
+                let mut frame = h.to_vec();
+                frame.resize(wire::HEADER_LEN + len, 0);
+                if from.read_exact(&mut frame[wire::HEADER_LEN..]).is_err() {
+                    break;
+                }
+                let ok = if watch && !held && k == kind {
+                    held = true;
+                    match how {
+                        Hold::Delay(d) => {
+                            std::thread::sleep(d);
+                            into.write_all(&frame).is_ok()
+                        }
+                        Hold::Trickle(d) => frame.iter().all(|byte| {
+                            std::thread::sleep(d);
+                            into.write_all(&[*byte]).is_ok()
+                        }),
+                        Hold::Stall => {
+                            // Keep both sockets open and silent in this direction.
+                            std::thread::sleep(Duration::from_secs(3600));
+                            false
+                        }
+                    }
+                } else {
+                    into.write_all(&frame).is_ok()
+                };
+                if !ok {
+                    break;
+                }
+                if watch && held {
+                    passed.store(true, Ordering::SeqCst);
+                }
+            }
+            let _ = into.shutdown(std::net::Shutdown::Write);
+        };
+        let pump2 = pump.clone();
+        let up = std::thread::spawn(move || pump2(b2, a2, !downstream));
+        pump(a, b, downstream);
+        let _ = up.join();
+    });
+    (addr, flag)
+}

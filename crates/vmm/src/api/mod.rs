@@ -56,18 +56,19 @@ pub fn info(h: &VmHandle) -> VmInfo {
     }
 }
 
-/// Endpoints served by another part of godwit (migration), plugged in by the CLI.
+/// Another part of godwit (migration) that serves endpoints of its own and may answer
+/// for the VM's while it holds the VM (a migration in progress, a hand-over not yet
+/// confirmed). Plugged in by the CLI.
 pub trait Extension: Send + Sync {
-    /// The endpoints it serves (under /api/v1/).
-    fn endpoints(&self) -> &'static [&'static str];
-    /// Handles a request for one of them; may block (each request has its own thread).
+    /// Answers a request it takes (None: not its, the VM's own routes answer). May block
+    /// (each request has its own thread).
     fn route(
         &self,
         h: &VmHandle,
         method: &str,
         endpoint: &str,
         body: &[u8],
-    ) -> (u16, serde_json::Value);
+    ) -> Option<(u16, serde_json::Value)>;
 }
 
 /// (status, JSON body) for one request.
@@ -85,14 +86,10 @@ pub fn route(
         );
     };
     let err = |code, m: &str| (code, json!({ "error": m }));
-    if let Some(x) = ext.filter(|x| x.endpoints().contains(&endpoint)) {
-        return x.route(h, method, endpoint, body);
+    if let Some(answer) = ext.and_then(|x| x.route(h, method, endpoint, body)) {
+        return answer;
     }
-    let owner = || {
-        h.ctl
-            .owner()
-            .map(|o| err(409, &format!("{o} is in progress")))
-    };
+    let owner = || h.ctl.owner().map(|o| err(409, &o));
     match (method, endpoint) {
         ("GET", "vmm.ping") => (
             200,

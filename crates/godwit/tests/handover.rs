@@ -1,0 +1,250 @@
+//! Exactly one running VM under any delay: a man in the middle holds back, trickles or
+//! stalls each step of the handshake, and whatever the user then asks, the VM never
+//! runs twice, the pause stays bounded, and a cancel before GO works.
+
+mod common;
+use common::mig::*;
+use common::*;
+use godwit_migration::wire::Kind;
+use serde_json::Value;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+fn heartbeat_source(dir: &TempDir) -> Vm {
+    let src = source(dir, "src", &["heartbeat", "--", "period=20", "count=0"]);
+    wait_log(&src.log, "seq=3 ");
+    src
+}
+
+fn cli(vm: &Vm, args: &[&str]) -> std::process::Output {
+    let mut a = args.to_vec();
+    a.extend_from_slice(&["--api-socket", vm.sock.to_str().unwrap()]);
+    run(&a, LIMIT)
+}
+
+fn still_running(vm: &mut Vm) -> bool {
+    vm.proc.0.try_wait().unwrap().is_none()
+}
+
+/// GO held back past the source's wait: the source stops and refuses to resume or
+/// migrate again; when GO finally arrives the destination runs the VM, its late
+/// STARTED ends the source, and a second destination never gets the VM.
+#[test]
+fn a_held_go_never_yields_two_running_copies() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("handover-go");
+    let mut src = heartbeat_source(&dir);
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    let (mut other, other_addr) = destination(&dir, "other", &[]);
+    let (via, go_passed) = handshake_proxy(addr, true, Kind::Go, Hold::Delay(LATE_GO));
+    let (out, r) = migrate(&src, &via, &[]);
+    assert_eq!(out.status.code(), Some(1), "{r}");
+    assert_eq!(r["error_kind"], "unconfirmed", "{r}");
+    assert_eq!(r["source_running"], false, "{r}");
+    assert!(!go_passed.load(Ordering::SeqCst), "GO was not held: {r}");
+    // Nothing the user does without --force runs it here again.
+    let o = cli(&src, &["resume"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not confirmed"), "{}", stderr(&o));
+    let (out, r2) = migrate(&src, &other_addr, &[]);
+    assert_eq!(out.status.code(), Some(1), "{r2}");
+    assert!(stderr(&out).contains("not confirmed"), "{}", stderr(&out));
+    let o = cli(&src, &["pause"]);
+    assert_eq!(o.status.code(), Some(1));
+    let beats = seqs(&read(&src.log)).len();
+    // GO arrives: the destination runs the VM and the source ends as migrated.
+    assert_eq!(exit_code(&mut src, Duration::from_secs(120)), 0);
+    assert!(go_passed.load(Ordering::SeqCst));
+    assert!(read(&src.err).contains("moved to"), "{}", read(&src.err));
+    assert_eq!(
+        seqs(&read(&src.log)).len(),
+        beats,
+        "the source ran after GO"
+    );
+    wait_for(LIMIT, || (seqs(&read(&dst.log)).len() > 3).then_some(()))
+        .expect("the destination does not run the VM");
+    assert_eq!(info(&dst)["state"], "running");
+    assert!(still_running(&mut other));
+    assert!(seqs(&read(&other.log)).is_empty(), "the VM ran twice");
+    let _ = run(
+        &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    exit_code(&mut dst, LIMIT);
+}
+
+/// Longer than the source waits for STARTED after GO.
+const LATE_GO: Duration = Duration::from_secs(13);
+
+/// GO lost for good: the hand-over stays unconfirmed until the user, having checked,
+/// forces the VM back; the destination never ran it.
+#[test]
+fn a_lost_go_leaves_the_choice_to_the_user() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("handover-lost");
+    let src = heartbeat_source(&dir);
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    let (via, _) = handshake_proxy(addr, true, Kind::Go, Hold::Stall);
+    let (out, r) = migrate(&src, &via, &[]);
+    assert_eq!(out.status.code(), Some(1), "{r}");
+    assert_eq!(r["error_kind"], "unconfirmed", "{r}");
+    let o = cli(&src, &["migrate-cancel"]);
+    assert!(stderr(&o).contains("too late"), "{}", stderr(&o));
+    let o = cli(&src, &["resume"]);
+    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    let n = seqs(&read(&src.log)).len();
+    let o = cli(&src, &["resume", "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    wait_for(LIMIT, || {
+        (seqs(&read(&src.log)).len() > n + 3).then_some(())
+    })
+    .expect("the source did not run again");
+    assert_eq!(info(&src)["state"], "running");
+    assert!(seqs(&read(&dst.log)).is_empty(), "the destination ran it");
+    // Taken back for good: it can pause and migrate again.
+    assert!(cli(&src, &["pause"]).status.success());
+    assert!(cli(&src, &["resume"]).status.success());
+    let _ = dst.proc.0.kill();
+}
+
+/// A destination that trickles READY cannot hold the VM paused: the source resumes
+/// once the pause's budget is spent, before READY has even arrived, reports the real
+/// pause, and the destination never starts.
+#[test]
+fn a_trickling_destination_cannot_hold_the_pause() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("handover-trickle");
+    let src = heartbeat_source(&dir);
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    let (via, ready_passed) = handshake_proxy(
+        addr,
+        false,
+        Kind::Ready,
+        Hold::Trickle(Duration::from_millis(500)),
+    );
+    let (out, r) = migrate(&src, &via, &["--downtime-ms", "50"]);
+    assert!(!ready_passed.load(Ordering::SeqCst), "READY arrived: {r}");
+    assert_eq!(out.status.code(), Some(1), "{r}");
+    assert_eq!(r["error_kind"], "pause_exceeded", "{r}");
+    assert_eq!(r["source_running"], true, "{r}");
+    assert!(r["downtime_ms"].as_f64().unwrap() >= 50.0, "{r}");
+    let n = seqs(&read(&src.log)).len();
+    wait_for(LIMIT, || {
+        (seqs(&read(&src.log)).len() > n + 3).then_some(())
+    })
+    .expect("the source did not run again");
+    assert_ne!(exit_code(&mut dst, LIMIT), 0);
+    assert!(seqs(&read(&dst.log)).is_empty(), "the destination ran it");
+}
+
+/// A destination that stops reading in the middle of the last pages (a SIGSTOPped
+/// process): the same bound holds though the source is blocked writing.
+#[test]
+fn a_stalled_destination_at_switchover_cannot_hold_the_pause() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("handover-stall");
+    let src = source(
+        &dir,
+        "src",
+        &[
+            "-m",
+            "256",
+            "dirtier",
+            "--",
+            "wss=96",
+            "rate=flat",
+            "seconds=0",
+        ],
+    );
+    wait_log(&src.log, "touched");
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    let (via, _) = handshake_proxy(addr, true, Kind::State, Hold::Stall);
+    let (out, r) = migrate(&src, &via, &["--downtime-ms", "50"]);
+    assert_eq!(out.status.code(), Some(1), "{r}");
+    assert_eq!(r["error_kind"], "pause_exceeded", "{r}");
+    assert_eq!(r["source_running"], true, "{r}");
+    assert!(r["downtime_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(info(&src)["state"], "running");
+    let _ = dst.proc.0.kill();
+    assert!(!read(&dst.log).contains("verify"), "the destination ran it");
+}
+
+/// A cancel ends a migration blocked on a destination that takes nothing more (pre-copy
+/// writes stalled) or answers a byte at a time (a round's SYNCED): it reports
+/// cancelled, not a timeout, and the VM runs on. Shutdown is refused meanwhile.
+#[test]
+fn cancel_interrupts_a_blocked_migration() {
+    if !kvm_available() {
+        return;
+    }
+    for (tag, downstream, kind, how) in [
+        ("pages", true, Kind::Pages, Hold::Stall),
+        (
+            "synced",
+            false,
+            Kind::Synced,
+            Hold::Trickle(Duration::from_secs(2)),
+        ),
+    ] {
+        let dir = TempDir::new(&format!("handover-cancel-{tag}"));
+        let src = source(
+            &dir,
+            "src",
+            &[
+                "-m",
+                "256",
+                "dirtier",
+                "--",
+                "wss=96",
+                "rate=20",
+                "seconds=0",
+            ],
+        );
+        wait_log(&src.log, "touched");
+        let (mut dst, addr) = destination(&dir, "dst", &[]);
+        let (via, _) = handshake_proxy(addr, downstream, kind, how);
+        let sock = src.sock.clone();
+        let m = std::thread::spawn(move || {
+            run(
+                &[
+                    "migrate",
+                    "--api-socket",
+                    sock.to_str().unwrap(),
+                    "--to",
+                    &via,
+                    "--json",
+                ],
+                Duration::from_secs(120),
+            )
+        });
+        wait_for(LIMIT, || {
+            let (_, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").ok()?;
+            let v: Value = serde_json::from_str(&b).ok()?;
+            (v["active"] == true && v["progress"]["bytes_sent"].as_u64()? > 0).then_some(())
+        })
+        .expect("no progress");
+        let o = cli(&src, &["shutdown"]);
+        assert_eq!(o.status.code(), Some(1), "{tag}");
+        assert!(
+            stderr(&o).contains("migration is in progress"),
+            "{tag}: {}",
+            stderr(&o)
+        );
+        let o = cli(&src, &["migrate-cancel"]);
+        assert!(o.status.success(), "{tag}: {}", stderr(&o));
+        let out = m.join().unwrap();
+        let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        assert_eq!(r["status"], "cancelled", "{tag}: {r} {}", stderr(&out));
+        assert_eq!(r["source_running"], true, "{tag}: {r}");
+        assert_eq!(info(&src)["state"], "running", "{tag}");
+        let _ = dst.proc.0.kill();
+    }
+}
