@@ -650,10 +650,87 @@ fn hostile_input_on_the_destination_is_a_clear_error() {
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut sink = Vec::new();
         let _ = c.read_to_end(&mut sink);
+        if name == "garbage" {
+            // Not a godwit source: dropped, and the destination goes on waiting.
+            wait_log(&dst.err, want);
+            assert!(dst.proc.0.try_wait().unwrap().is_none(), "it ended");
+            continue;
+        }
         assert_eq!(exit_code(&mut dst, LIMIT), 1, "{name}");
         let e = read(&dst.err);
         assert!(e.contains(want), "{name}: {e}");
         assert!(!e.contains("panicked"), "{e}");
         assert!(read(&dst.log).is_empty(), "{name}: a guest ran");
     }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    read(std::path::Path::new(&format!("/proc/{pid}/status")))
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A peer cannot make the destination eat the host: a HELLO that claims 2 GiB and a
+/// zero run over all of it leave the memory unallocated; a connection that is not a
+/// godwit source (a port scan, an idle client, garbage, a trickle) is dropped and the
+/// destination goes on waiting for the real one.
+#[test]
+fn a_peer_cannot_make_the_destination_eat_the_host_or_end_it() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-claims");
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    let tcp = addr.strip_prefix("tcp:").unwrap().to_string();
+    // A port scan, garbage, and a first connection that says nothing: each dropped.
+    drop(TcpStream::connect(&tcp).unwrap());
+    let mut g = TcpStream::connect(&tcp).unwrap();
+    g.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut sink = Vec::new();
+    g.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = g.read_to_end(&mut sink);
+    let idle = TcpStream::connect(&tcp).unwrap();
+    // The idle one does not hold the next connection back.
+    let sections = serde_json::json!([
+        {"name": "vcpus", "version": 1, "needs": {"count": "1"}},
+        {"name": "ram", "version": 1, "needs": {"memory_mib": "2048", "layout": "0x0+0x80000000"}},
+        {"name": "platform", "version": 1, "needs": {"guest": "godwit", "pci": "0:host-bridge"}}
+    ]);
+    let mut out = Vec::new();
+    let hello = serde_json::json!({
+        "wire_version": wire::WIRE_VERSION, "guest": "x", "connections": 1, "session": 1,
+        "snapshot": false, "sections": sections
+    });
+    wire::write_raw(&mut out, Kind::Hello, hello.to_string().as_bytes()).unwrap();
+    let mut c = TcpStream::connect(&tcp).unwrap();
+    c.write_all(&out).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut buf = Vec::new();
+    assert!(matches!(
+        wire::read_frame(&mut c, &mut buf).unwrap(),
+        wire::Frame::Accept
+    ));
+    let before = rss_kib(dst.proc.0.id());
+    let mut z = 1u32.to_le_bytes().to_vec(); // section 1: ram
+    z.extend_from_slice(&1u32.to_le_bytes());
+    z.extend_from_slice(&0u64.to_le_bytes());
+    z.extend_from_slice(&((2048u32 << 20) / 4096).to_le_bytes());
+    let mut out = Vec::new();
+    wire::write_raw(&mut out, Kind::Zero, &z).unwrap();
+    wire::write_raw(&mut out, Kind::Sync, &1u64.to_le_bytes()).unwrap();
+    c.write_all(&out).unwrap();
+    assert!(matches!(
+        wire::read_frame(&mut c, &mut buf).unwrap(),
+        wire::Frame::Synced(1)
+    ));
+    let after = rss_kib(dst.proc.0.id());
+    assert!(
+        after < before + 64 * 1024,
+        "a 32-byte frame grew the destination from {before} to {after} KiB"
+    );
+    drop(c);
+    drop(idle);
+    assert_eq!(exit_code(&mut dst, LIMIT), 1);
 }

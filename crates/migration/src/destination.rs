@@ -6,7 +6,7 @@
 //! migration with a clear error and the VM is never started.
 
 use crate::transport::{Listener, Stream};
-use crate::wire::{self, Frame, Hello, Kind, Ready, Started, Totals, WireError};
+use crate::wire::{self, Frame, Kind, Ready, Started, Totals, WireError};
 use godwit_vmm::migratable::incoming::{self, Host};
 use godwit_vmm::migratable::{step_to, Component, MigState};
 use godwit_vmm::{Console, Vm};
@@ -18,6 +18,36 @@ use std::time::{Duration, Instant};
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time for the extra data connections to arrive after ACCEPT.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a new connection has to send its whole first frame (HELLO or JOIN). A
+/// connection that does not (a port scan, an idle or trickling client, another
+/// protocol) is dropped and the destination goes on listening.
+pub const FIRST_FRAME_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Reads from a stream until a deadline for the whole read, not per call.
+struct Within<'a> {
+    s: &'a mut Stream,
+    end: Instant,
+}
+
+impl std::io::Read for Within<'_> {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the first frame did not arrive in time",
+            ));
+        }
+        self.s.set_read_timeout(Some(left))?;
+        self.s.read(b)
+    }
+}
+
+/// The first frame of a new connection, whole within FIRST_FRAME_DEADLINE.
+fn first_frame<'b>(s: &mut Stream, buf: &'b mut Vec<u8>) -> Result<Frame<'b>, WireError> {
+    let end = Instant::now() + FIRST_FRAME_DEADLINE;
+    wire::read_frame(&mut Within { s, end }, buf)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
@@ -30,7 +60,10 @@ pub enum ReceiveError {
     /// The stream went wrong after ACCEPT: the VM is dropped unstarted.
     #[error("{0}")]
     Stream(String),
-    #[error("the source did not hand the VM over ({0}); it keeps the VM")]
+    #[error(
+        "no GO from the source ({0}): the VM was not started here; the source did not \
+         hand it over and keeps it (if the source process is gone, so is the VM)"
+    )]
     NoGo(String),
     #[error("cannot start the VM: {0}")]
     Start(String),
@@ -207,24 +240,31 @@ pub fn in_order(vm: &Vm, names: &[String]) -> Result<Vec<Arc<dyn Component>>, St
 
 /// Waits for a source on `l`, then receives and loads its VM.
 pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, ReceiveError> {
-    let mut first = l.accept(None).map_err(ReceiveError::Listen)?;
-    let t0 = Instant::now();
     let snapshot = matches!(l, Listener::File(_));
+    let mut buf = Vec::new();
+    // Connections that do not open with a whole HELLO in time are dropped, and the
+    // destination waits for the next: no stranger can end or hold it. A file has one
+    // chance.
+    let (mut first, hello, t0) = loop {
+        let mut c = l.accept(None).map_err(ReceiveError::Listen)?;
+        let t0 = Instant::now();
+        let why = match first_frame(&mut c, &mut buf) {
+            Ok(Frame::Hello(h)) => break (c, h, t0),
+            Ok(f) => {
+                ReceiveError::Stream(format!("the stream starts with {:?}, not HELLO", f.kind()))
+            }
+            Err(e) => ReceiveError::Hello(e),
+        };
+        if snapshot {
+            return Err(why);
+        }
+        tracing::warn!("dropped a connection that did not open as a godwit source: {why}");
+        c.shutdown();
+    };
     first
         .set_read_timeout(Some(IDLE_TIMEOUT))
         .map_err(ReceiveError::Listen)?;
     let mut main = first.try_clone();
-    let mut buf = Vec::new();
-    let hello: Hello = match wire::read_frame(&mut first, &mut buf) {
-        Ok(Frame::Hello(h)) => h,
-        Ok(f) => {
-            return Err(ReceiveError::Stream(format!(
-                "the stream starts with {:?}, not HELLO",
-                f.kind()
-            )))
-        }
-        Err(e) => return Err(ReceiveError::Hello(e)),
-    };
     if hello.wire_version != wire::WIRE_VERSION {
         return Err(refuse(
             &mut main,
@@ -273,26 +313,39 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
             .map_err(|e| ReceiveError::Stream(format!("answering the source: {e}")))?;
     }
 
-    // Extra data connections: each must name this session and a fresh index.
+    // Extra data connections: each must name this session and a fresh index; any
+    // other connection meanwhile is dropped.
     let mut data = Vec::new();
     let mut seen = HashSet::new();
-    for _ in 1..hello.connections {
-        let mut c = l
-            .accept(Some(JOIN_TIMEOUT))
-            .map_err(|e| abort(&mut main, format!("data connection: {e}")))?;
-        c.set_read_timeout(Some(IDLE_TIMEOUT))
-            .map_err(|e| abort(&mut main, e.to_string()))?;
-        match wire::read_frame(&mut c, &mut buf) {
+    let joined_by = Instant::now() + JOIN_TIMEOUT;
+    while data.len() + 1 < hello.connections as usize {
+        let left = joined_by.saturating_duration_since(Instant::now());
+        let mut c = l.accept(Some(left)).map_err(|e| {
+            abort(
+                &mut main,
+                format!(
+                    "{} of {} data connections came: {e}",
+                    data.len(),
+                    hello.connections - 1
+                ),
+            )
+        })?;
+        match first_frame(&mut c, &mut buf) {
             Ok(Frame::Join { session, index })
                 if session == hello.session
                     && (1..hello.connections).contains(&index)
                     && seen.insert(index) => {}
             Ok(f) => {
-                let why = format!("a data connection opened with a bad {:?}", f.kind());
-                return Err(abort(&mut main, why));
+                tracing::warn!("dropped a connection that opened with {:?}", f.kind());
+                continue;
             }
-            Err(e) => return Err(abort(&mut main, format!("data connection: {e}"))),
+            Err(e) => {
+                tracing::warn!("dropped a connection that did not join: {e}");
+                continue;
+            }
         }
+        c.set_read_timeout(Some(IDLE_TIMEOUT))
+            .map_err(|e| abort(&mut main, e.to_string()))?;
         data.push(c);
     }
     let wake = first.try_clone();
