@@ -10,6 +10,7 @@ mod demo;
 mod gpu;
 mod migrate;
 mod run;
+mod signals;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -88,6 +88,10 @@ impl Drop for SocketGuard {
 }
 
 pub fn run(a: RunArgs) -> ExitCode {
+    let stopper = match crate::signals::install() {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot watch for signals: {e}")),
+    };
     let console = match console(&a.console) {
         Ok(c) => c,
         Err(e) => return fail(e),
@@ -113,11 +117,17 @@ pub fn run(a: RunArgs) -> ExitCode {
     // so that a client never hangs on a godwit that waits for a source.
     let listener = match &a.api_socket {
         Some(p) => match ApiServer::bind(p) {
-            Ok(l) => Some((l, p.clone())),
+            Ok(l) => {
+                stopper.remove_on_signal(p.clone());
+                Some((l, p.clone()))
+            }
             Err(e) => return fail(e),
         },
         None => None,
     };
+    if let Some(Target::Unix(p)) = &incoming {
+        stopper.remove_on_signal(p.clone());
+    }
     let start_api = |(l, p): (std::os::unix::net::UnixListener, std::path::PathBuf),
                      why: String| {
         ApiServer::start(l, &p, Limits::default(), &why).map_err(|e| e.to_string())
@@ -172,8 +182,10 @@ pub fn run(a: RunArgs) -> ExitCode {
     }
     // The server owns the socket from here, and removes it when it stops.
     std::mem::forget(guard);
+    let migration = Arc::new(MigrationApi::default());
+    stopper.watch(handle.clone(), migration.status.clone());
     if let Some(api) = &api {
-        let ext: Arc<dyn Extension> = Arc::new(MigrationApi::default());
+        let ext: Arc<dyn Extension> = migration;
         api.serve(handle, Some(ext));
     }
     let mut vm = match pending {
@@ -201,6 +213,10 @@ pub fn run(a: RunArgs) -> ExitCode {
             ExitCode::from(EXIT_GUEST_CRASH)
         }
         VmExit::Error(m) => fail(m),
+        VmExit::Signal(s) => {
+            eprintln!("godwit: stopped by {}", crate::signals::name(s));
+            ExitCode::from((128 + s) as u8)
+        }
     }
 }
 

@@ -248,3 +248,112 @@ fn cancel_interrupts_a_blocked_migration() {
         let _ = dst.proc.0.kill();
     }
 }
+
+fn signal(vm: &Vm, sig: i32) {
+    // SAFETY: kill(2) on a child this test spawned and still reaps.
+    assert_eq!(unsafe { libc::kill(vm.proc.0.id() as i32, sig) }, 0);
+}
+
+/// SIGTERM, SIGINT and SIGHUP end godwit cleanly: a migration in progress is cancelled
+/// (the destination never runs the VM), the sockets go, the reason is said, and the
+/// status is 128 + the signal.
+#[test]
+fn signals_end_godwit_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("handover-signals");
+    for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGHUP, "SIGHUP")] {
+        let mut vm = source(&dir, name, &["heartbeat", "--", "period=20", "count=0"]);
+        wait_log(&vm.log, "seq=3 ");
+        signal(&vm, sig);
+        assert_eq!(exit_code(&mut vm, LIMIT), 128 + sig, "{name}");
+        assert!(
+            read(&vm.err).contains(&format!("stopped by {name}")),
+            "{}",
+            read(&vm.err)
+        );
+        assert!(!vm.sock.exists(), "{name}: socket left behind");
+    }
+    // A destination still waiting for its source: both its sockets go.
+    let incoming = dir.path("in.sock");
+    let api = dir.path("dst.sock");
+    let mut dst = Vm {
+        proc: spawn(
+            &[
+                "run".into(),
+                "--incoming".into(),
+                format!("unix:{}", incoming.display()),
+                "--api-socket".into(),
+                api.display().to_string(),
+            ],
+            &dir.path("dst.log"),
+            &dir.path("dst.err"),
+        ),
+        log: dir.path("dst.log"),
+        err: dir.path("dst.err"),
+        sock: api.clone(),
+    };
+    wait_for(LIMIT, || (incoming.exists() && api.exists()).then_some(())).expect("not listening");
+    signal(&dst, libc::SIGTERM);
+    assert_eq!(exit_code(&mut dst, LIMIT), 128 + libc::SIGTERM);
+    assert!(!incoming.exists() && !api.exists(), "sockets left behind");
+    // During a migration: it is cancelled first, and the destination never runs it.
+    let mut src = source(
+        &dir,
+        "src",
+        &[
+            "-m",
+            "256",
+            "dirtier",
+            "--",
+            "wss=96",
+            "rate=20",
+            "seconds=0",
+        ],
+    );
+    wait_log(&src.log, "touched");
+    let (mut dst, addr) = destination(&dir, "dst2", &[]);
+    let m = slow_migration(&src, addr);
+    wait_for(LIMIT, || {
+        let (_, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").ok()?;
+        let v: Value = serde_json::from_str(&b).ok()?;
+        (v["active"] == true && v["progress"]["bytes_sent"].as_u64()? > 0).then_some(())
+    })
+    .expect("no progress");
+    signal(&src, libc::SIGTERM);
+    assert_eq!(exit_code(&mut src, LIMIT), 128 + libc::SIGTERM);
+    let e = read(&src.err);
+    assert!(
+        e.contains("cancelling the migration") && e.contains("stopped by SIGTERM"),
+        "{e}"
+    );
+    let r: Value = serde_json::from_str(&stdout(&m.join().unwrap())).unwrap_or_default();
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert_ne!(exit_code(&mut dst, LIMIT), 0);
+    assert!(!read(&dst.log).contains("verify"), "the destination ran it");
+    assert!(!src.sock.exists());
+}
+
+/// A paused VM arrives paused (and resumes there on demand).
+#[test]
+fn a_paused_vm_arrives_paused() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("handover-paused");
+    let mut src = heartbeat_source(&dir);
+    assert!(cli(&src, &["pause"]).status.success());
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    let (out, r) = migrate(&src, &addr, &[]);
+    assert!(out.status.success(), "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0);
+    wait_for(LIMIT, || (info(&dst)["state"] != Value::Null).then_some(())).unwrap();
+    assert_eq!(info(&dst)["state"], "paused");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(seqs(&read(&dst.log)).is_empty(), "it ran while paused");
+    assert!(cli(&dst, &["resume"]).status.success());
+    wait_log(&dst.log, "heartbeat seq=");
+    assert!(cli(&dst, &["shutdown"]).status.success());
+    assert_eq!(exit_code(&mut dst, LIMIT), 0);
+}

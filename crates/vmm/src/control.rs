@@ -28,6 +28,8 @@ pub enum VmExit {
     Error(String),
     /// The VM now runs elsewhere (live migration or a snapshot file took it).
     Migrated(String),
+    /// godwit was asked to stop by this signal (SIGTERM, SIGINT, SIGHUP).
+    Signal(i32),
 }
 
 struct Inner {
