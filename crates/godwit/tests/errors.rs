@@ -258,3 +258,65 @@ fn endless_blocking_and_wrong_kind_inputs_are_refused() {
     );
     assert_eq!(read(&notes), "precious");
 }
+
+/// Errors name the path and say what is wrong with it.
+#[test]
+fn errors_name_what_is_wrong_with_a_path() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("paths");
+    let file = dir.path("file");
+    std::fs::write(&file, "x").unwrap();
+    let f = file.to_str().unwrap();
+    fails_with(
+        &["run", "--gpu", "GW8-1C", "--gpu-dir", f, "heartbeat"],
+        1,
+        "is not a directory",
+    );
+    let missing = dir.path("no/such/console.log");
+    fails_with(
+        &[
+            "run",
+            "--console",
+            &format!("file:{}", missing.display()),
+            "heartbeat",
+        ],
+        1,
+        &format!("console: {}", missing.display()),
+    );
+    // A source migrating to a Unix path that is a directory.
+    let sock = dir.path("api.sock");
+    let child = godwit()
+        .args([
+            "run",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--console",
+            "null",
+        ])
+        .args(["heartbeat", "--", "count=0"])
+        .spawn()
+        .unwrap();
+    let _vm = Reaper(child);
+    wait_for(Duration::from_secs(10), || {
+        godwit_vmm::api::call(&sock, "GET", "vm.info").ok()
+    })
+    .unwrap();
+    let to = format!("unix:{}", dir.0.display());
+    let o = run(
+        &[
+            "migrate",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--to",
+            &to,
+        ],
+        LIMIT,
+    );
+    assert!(
+        stderr(&o).contains("a directory, not a socket"),
+        "{}",
+        stderr(&o)
+    );
+}

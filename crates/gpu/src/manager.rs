@@ -191,6 +191,14 @@ impl Manager {
             dir: dir.to_path_buf(),
             cfg: HostConfig::default(),
         };
+        if let Ok(meta) = std::fs::metadata(dir) {
+            if !meta.is_dir() {
+                return Err(m.io(std::io::Error::new(
+                    std::io::ErrorKind::NotADirectory,
+                    "exists and is not a directory (--gpu-dir names the GPU manager's directory)",
+                )));
+            }
+        }
         std::fs::create_dir_all(dir).map_err(|e| m.io(e))?;
         let _g = m.global_lock()?;
         let path = dir.join("host.json");

@@ -52,7 +52,7 @@ impl Console {
                     .create(true)
                     .append(true)
                     .open(&p)
-                    .map_err(Error::Console)?,
+                    .map_err(|e| Error::Console(format!("{}: {e}", p.display())))?,
             ),
             Console::Null => Box::new(std::io::sink()),
             Console::Writer(w) => w,

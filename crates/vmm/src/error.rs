@@ -33,7 +33,7 @@ pub enum Error {
     #[error("image {0}: {1}")]
     BadImage(String, String),
     #[error("console: {0}")]
-    Console(#[source] std::io::Error),
+    Console(String),
     #[error("API socket {path}: {msg}")]
     ApiSocket { path: PathBuf, msg: String },
     #[error("vCPU thread: {0}")]
