@@ -70,6 +70,13 @@ fn run(cmd: GpuCmd) -> Result<(), String> {
                     g.vram as f64 / GIB,
                     g.vfs.len()
                 );
+                if g.engine_owner_stuck {
+                    println!(
+                        "  engine held by vf{} which is gone or stale: the next VF takes it \
+                         over; `godwit gpu init` clears it when no VF is held",
+                        g.engine_owner.unwrap_or_default()
+                    );
+                }
                 for v in g.vfs {
                     println!(
                         "  vf{} pid {} {}: {:.0} GiB at {:.0} GiB, {:.0} MiB resident, engine {:.1} ms ({:.1}%), {} commands, {} errors",

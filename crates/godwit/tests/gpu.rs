@@ -335,3 +335,51 @@ fn vf_interrupts_wake_halted_vcpus_and_survive_pause() {
         "{out}"
     );
 }
+
+/// A stale scheduler never hangs the GPU: an engine owner left with a stamp from the
+/// future (a holder killed before a reboot) is shown as stuck by `gpu status`, cleared
+/// by `gpu init`, and never blocks a new VM; a VF whose lease file was replaced by a
+/// directory is skipped while another VF is free.
+#[test]
+fn a_stale_scheduler_never_hangs_the_gpu() {
+    if !kvm_available() {
+        return;
+    }
+    let d = host("gpu-stale", 1, &[]);
+    let dir = gpu_dir(&d);
+    let poison = || {
+        let shm = godwit_gpu::shm::GpuShm::open(&d.path("gpu").join("gpu0.shm")).unwrap();
+        let p = shm.page();
+        p.owner.store(3, std::sync::atomic::Ordering::SeqCst);
+        p.owner_beat_ns.store(
+            godwit_gpu::sched::now_ns() + 3600 * 1_000_000_000,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    };
+    poison();
+    let st = status(&d);
+    assert_eq!(st[0]["engine_owner"], 2, "{st}");
+    assert_eq!(st[0]["engine_owner_stuck"], true, "{st}");
+    let o = run(
+        &["gpu", "status", "--gpu-dir", &dir],
+        Duration::from_secs(10),
+    );
+    assert!(stdout(&o).contains("gone or stale"), "{}", stdout(&o));
+    let o = run(
+        &["gpu", "init", "--gpus", "1", "--gpu-dir", &dir],
+        Duration::from_secs(10),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let st = status(&d);
+    assert_eq!(st[0]["engine_owner"], serde_json::Value::Null, "{st}");
+    // Poisoned again, with a VF lease path that is a directory: a VM still runs.
+    poison();
+    std::fs::create_dir(d.path("gpu").join("gpu0-vf0.lock")).unwrap();
+    let o = run_vm(
+        &dir,
+        "GW8-1C",
+        &["gpu-verify", "--", "rounds=2", "mib=4"],
+        120,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}

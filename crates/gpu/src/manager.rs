@@ -149,6 +149,19 @@ pub struct GpuStatus {
     pub profile: Option<String>,
     pub vram_allocated: u64,
     pub vfs: Vec<VfStatus>,
+    /// Who holds the engine now (a VF slot), if anyone.
+    pub engine_owner: Option<usize>,
+    /// The engine's holder is no live VF or its stamp is stale or from the future: the
+    /// next VF that asks takes the engine over (`gpu init` clears it when no VF is held).
+    pub engine_owner_stuck: bool,
+}
+
+/// Clears the engine's owner and waiters: only when no process holds a VF of the GPU.
+fn reset_engine(page: &crate::shm::GpuPage) {
+    page.owner.store(0, Relaxed);
+    page.waiting.store(0, Relaxed);
+    page.owner_beat_ns.store(0, Relaxed);
+    crate::sched::wake_all(&page.owner);
 }
 
 fn flock(f: &File, how: i32) -> std::io::Result<bool> {
@@ -242,7 +255,12 @@ impl Manager {
         m.cfg = cfg;
         m.save()?;
         for (g, spec) in m.cfg.gpus.iter().enumerate() {
-            m.shm(g)?.page().policy.store(spec.policy.code(), Relaxed);
+            let shm = m.shm(g)?;
+            let page = shm.page();
+            page.policy.store(spec.policy.code(), Relaxed);
+            // No VF is held (checked above): whatever the scheduler's words say was
+            // left by processes that are gone.
+            reset_engine(page);
         }
         Ok(m)
     }
@@ -333,13 +351,49 @@ impl Manager {
             }
             candidates.push((g, live));
         }
-        let chosen = match self.cfg.placement {
-            Placement::BreadthFirst => candidates.iter().min_by_key(|(g, l)| (l.len(), *g)),
-            Placement::DepthFirst => candidates
-                .iter()
-                .max_by_key(|(g, l)| (l.len(), std::cmp::Reverse(*g))),
-        };
-        let Some((g, live)) = chosen else {
+        // In placement order; a VF whose lease file is broken (replaced by a
+        // directory, unwritable) is skipped, not fatal: another may be free.
+        match self.cfg.placement {
+            Placement::BreadthFirst => candidates.sort_by_key(|(g, l)| (l.len(), *g)),
+            Placement::DepthFirst => {
+                candidates.sort_by_key(|(g, l)| (std::cmp::Reverse(l.len()), *g))
+            }
+        }
+        let mut taken = None;
+        'gpus: for (g, live) in &candidates {
+            for slot in 0..p.max_instances as usize {
+                if live.iter().any(|(l, _)| *l == slot) {
+                    continue;
+                }
+                let (lock, _) = self.lease_paths(*g, slot);
+                let f = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&lock);
+                let f = match f {
+                    Ok(f) => f,
+                    Err(e) => {
+                        why.push(format!("GPU {g} VF {slot}: {}: {e}", lock.display()));
+                        continue;
+                    }
+                };
+                match flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+                    Ok(true) => {
+                        if live.is_empty() {
+                            // Nobody holds a VF of this GPU: an engine owner left by a
+                            // killed process is cleared now rather than timed out.
+                            reset_engine(self.shm(*g)?.page());
+                        }
+                        taken = Some((*g, slot, f));
+                        break 'gpus;
+                    }
+                    Ok(false) => why.push(format!("GPU {g} VF {slot} was taken meanwhile")),
+                    Err(e) => why.push(format!("GPU {g} VF {slot}: {e}")),
+                }
+            }
+        }
+        let Some((g, slot, f)) = taken else {
             return Err(Error::NoCapacity {
                 profile: p.name.into(),
                 why: if why.is_empty() {
@@ -349,22 +403,7 @@ impl Manager {
                 },
             });
         };
-        let g = *g;
-        let slot = (0..p.max_instances as usize)
-            .find(|s| !live.iter().any(|(l, _)| l == s))
-            .expect("a GPU with room has a free slot");
-        let (lock, json) = self.lease_paths(g, slot);
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock)
-            .map_err(|e| self.io(e))?;
-        if !flock(&f, libc::LOCK_EX | libc::LOCK_NB).map_err(|e| self.io(e))? {
-            return Err(Error::Config(format!(
-                "GPU {g} VF {slot} was taken meanwhile"
-            )));
-        }
+        let (_, json) = self.lease_paths(g, slot);
         let holder = Holder {
             pid: std::process::id(),
             vm: vm.into(),
@@ -448,6 +487,12 @@ impl Manager {
                     engine_cap_pct: v.cap_pct.load(Relaxed),
                 });
             }
+            let owner = page.owner.load(Relaxed);
+            let engine_owner = (owner != 0).then(|| owner as usize - 1);
+            let engine_owner_stuck = engine_owner.is_some_and(|o| {
+                !vfs.iter().any(|v| v.slot == o)
+                    || sched::stale_stamp(page.owner_beat_ns.load(Relaxed), sched::now_ns())
+            });
             out.push(GpuStatus {
                 id: g,
                 model: spec.model.clone(),
@@ -456,6 +501,8 @@ impl Manager {
                 profile: profile_name,
                 vram_allocated: allocated,
                 vfs,
+                engine_owner,
+                engine_owner_stuck,
             });
         }
         Ok(out)

@@ -64,6 +64,13 @@ impl Policy {
 }
 
 /// CLOCK_MONOTONIC in ns: one clock for every process on the host.
+/// Whether an owner's stamp says it is gone: older than STALE_NS, or from the future (a
+/// stamp left on persistent storage by a holder killed before a reboot, whose monotonic
+/// clock started again from zero).
+pub fn stale_stamp(beat_ns: u64, now_ns: u64) -> bool {
+    now_ns.saturating_sub(beat_ns) > STALE_NS || beat_ns > now_ns.saturating_add(STALE_NS)
+}
+
 pub fn now_ns() -> u64 {
     let mut t = libc::timespec {
         tv_sec: 0,
@@ -163,6 +170,11 @@ fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, ns: u64) {
     };
 }
 
+/// Wakes every process waiting for the engine (after its owner word was reset).
+pub fn wake_all(word: &std::sync::atomic::AtomicU32) {
+    futex_wake(word)
+}
+
 fn futex_wake(word: &std::sync::atomic::AtomicU32) {
     // SAFETY: FUTEX_WAKE on the same word; wakes every waiter.
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
@@ -235,9 +247,7 @@ impl Arbiter for Seat {
             };
             p.waiting.fetch_or(bit, SeqCst);
             let cur = p.owner.load(Acquire);
-            let stale = cur != 0
-                && cur != me
-                && now.saturating_sub(p.owner_beat_ns.load(Relaxed)) > STALE_NS;
+            let stale = cur != 0 && cur != me && stale_stamp(p.owner_beat_ns.load(Relaxed), now);
             if (cur == 0 || cur == me || stale)
                 && p.owner.compare_exchange(cur, me, SeqCst, Relaxed).is_ok()
             {
@@ -309,5 +319,20 @@ impl Drop for Seat {
         }
         self.me().cap_pct.store(0, Relaxed);
         self.me().attached.store(0, Release);
+    }
+}
+
+#[cfg(test)]
+mod stale_tests {
+    use super::*;
+
+    #[test]
+    fn stamps_too_old_or_from_the_future_are_stale() {
+        let now = 10 * STALE_NS;
+        assert!(!stale_stamp(now, now));
+        assert!(!stale_stamp(now - STALE_NS / 2, now));
+        assert!(stale_stamp(now - 2 * STALE_NS, now));
+        assert!(stale_stamp(now + 3600 * 1_000_000_000, now));
+        assert!(!stale_stamp(now + STALE_NS / 2, now));
     }
 }
