@@ -301,6 +301,8 @@ fn one_run(
             Mode::Precopy => vec![],
             Mode::StopCopy => vec!["gpu".into()],
         },
+        tls_dir: None,
+        insecure: false,
     };
     let body = serde_json::to_string(&o).expect("plain data");
     let (code, out) =

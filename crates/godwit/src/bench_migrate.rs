@@ -226,6 +226,8 @@ fn godwit_run(
         max_bandwidth: None,
         connections: conns,
         stop_copy: vec![],
+        tls_dir: None,
+        insecure: false,
     };
     let body = serde_json::to_string(&o).expect("plain data");
     let (code, out) =

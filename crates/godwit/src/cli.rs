@@ -39,6 +39,9 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Cancel the migration in progress (the VM keeps running where it is).
     MigrateCancel(ApiArgs),
+    /// Write TLS credentials for migration into DIR (QEMU's x509 layout): a new CA, a
+    /// server certificate for the destination's names, a client certificate.
+    TlsCreds(TlsCredsArgs),
     /// The built-in guest images.
     #[command(subcommand)]
     Guests(GuestsCmd),
@@ -70,6 +73,15 @@ pub struct RunArgs {
     /// --vcpus, when given, must match the source's.
     #[arg(long, conflicts_with = "kernel")]
     pub incoming: Option<String>,
+    /// With --incoming tcp: take only a source that passes TLS 1.3 with a client
+    /// certificate signed by DIR/ca-cert.pem; this side shows DIR/server-cert.pem
+    /// (server-key.pem). QEMU's x509 layout; `godwit tls-creds DIR` makes one.
+    #[arg(long, value_name = "DIR", requires = "incoming")]
+    pub tls_dir: Option<PathBuf>,
+    /// With --incoming tcp: listen for plain TCP on an address that is not loopback
+    /// (guest memory then crosses the network in the clear).
+    #[arg(long, requires = "incoming")]
+    pub insecure: bool,
     /// Boot a Linux kernel (ELF vmlinux or bzImage) instead of a godwit guest.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -186,6 +198,14 @@ pub struct ApiArgs {
 }
 
 #[derive(Args)]
+pub struct TlsCredsArgs {
+    pub dir: PathBuf,
+    /// Names the destination is dialled by (IP addresses or DNS names), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,localhost")]
+    pub hosts: Vec<String>,
+}
+
+#[derive(Args)]
 pub struct ResumeArgs {
     /// The API socket of the godwit to talk to.
     #[arg(long)]
@@ -220,6 +240,13 @@ pub struct MigrateArgs {
     /// without pre-copy migrate).
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     pub gpu_precopy: OnOff,
+    /// To a tcp: destination over TLS 1.3, with DIR/client-cert.pem (client-key.pem) and
+    /// the destination checked against DIR/ca-cert.pem and the host dialled.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Plain TCP to a destination that is not this machine's loopback.
+    #[arg(long)]
+    pub insecure: bool,
     /// Print the final report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -162,6 +162,8 @@ fn demo(a: &DemoArgs) -> Result<bool, String> {
         max_bandwidth: None,
         connections: 1,
         gpu_precopy: crate::cli::OnOff::On,
+        tls_dir: None,
+        insecure: false,
         json: false,
     });
     if code != ExitCode::SUCCESS {

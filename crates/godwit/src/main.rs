@@ -37,6 +37,17 @@ fn main() -> ExitCode {
         cli::Command::Shutdown(a) => run::api_call(&a.api_socket, "PUT", "vm.shutdown"),
         cli::Command::Migrate(a) => migrate::migrate(a),
         cli::Command::MigrateCancel(a) => run::api_call(&a.api_socket, "PUT", "vm.migrate-cancel"),
+        cli::Command::TlsCreds(a) => match godwit_migration::tls::generate(&a.dir, &a.hosts) {
+            Ok(()) => {
+                println!(
+                    "{}: ca-cert.pem, server-cert.pem/-key.pem (for {}), client-cert.pem/-key.pem",
+                    a.dir.display(),
+                    a.hosts.join(", ")
+                );
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => run::fail(format!("{}: {e}", a.dir.display())),
+        },
         cli::Command::Guests(g) => run::guests(g),
         cli::Command::Gpu(g) => gpu::gpu(g),
         cli::Command::Bench(b) => bench::bench(b),

@@ -214,6 +214,8 @@ pub fn migrate(a: MigrateArgs) -> ExitCode {
             OnOff::On => vec![],
             OnOff::Off => vec!["gpu".into()],
         },
+        tls_dir: a.tls_dir.clone(),
+        insecure: a.insecure,
     };
     if let Err(e) = o.check() {
         return fail(e);

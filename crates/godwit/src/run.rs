@@ -241,7 +241,27 @@ fn receive(
     console: Console,
     api: Option<&ApiServer>,
 ) -> Result<Incoming, String> {
-    let l = Listener::bind(t).map_err(|e| format!("--incoming {t}: {e}"))?;
+    let tls = match (t, &a.tls_dir) {
+        (Target::Tcp(_), Some(d)) => Some(
+            godwit_migration::tls::Creds::server(d)
+                .map_err(|e| format!("--tls-dir {}: {e}", d.display()))?,
+        ),
+        (_, Some(_)) => return Err("--tls-dir is for --incoming tcp:".into()),
+        (Target::Tcp(addr), None) if !a.insecure => {
+            let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+            if !godwit_migration::tls::is_loopback(host) {
+                return Err(format!(
+                    "--incoming {t}: plain TCP on an address that is not loopback would let \
+                     anyone who reaches it send a VM, and carry guest memory in the clear; give \
+                     --tls-dir DIR (`godwit tls-creds` makes one) or, on a network you trust, \
+                     --insecure"
+                ));
+            }
+            None
+        }
+        _ => None,
+    };
+    let l = Listener::bind_with(t, tls).map_err(|e| format!("--incoming {t}: {e}"))?;
     if let Some(api) = api {
         api.set_waiting(&format!(
             "no VM yet: this godwit is waiting for an incoming migration on {}",

@@ -734,3 +734,85 @@ fn a_peer_cannot_make_the_destination_eat_the_host_or_end_it() {
     drop(idle);
     assert_eq!(exit_code(&mut dst, LIMIT), 1);
 }
+
+/// Migration over TCP with TLS 1.3 and mutual certificates: a stranger (plain TCP
+/// replaying a stream, or a source with another CA's certificate) does not get in and
+/// the destination goes on waiting; the right source migrates the dirtier, which then
+/// verifies all its memory. Plain TCP beyond loopback needs --insecure.
+#[test]
+fn tls_takes_only_the_right_source() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-tls");
+    let creds = dir.path("creds");
+    let other = dir.path("other");
+    for d in [&creds, &other] {
+        let o = run(&["tls-creds", d.to_str().unwrap()], LIMIT);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let c = creds.to_str().unwrap();
+    // A source that trusts the destination's CA but whose own certificate another CA
+    // signed: only the destination's check of the client can stop it.
+    let mixed = dir.path("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    std::fs::copy(creds.join("ca-cert.pem"), mixed.join("ca-cert.pem")).unwrap();
+    for f in ["client-cert.pem", "client-key.pem"] {
+        std::fs::copy(other.join(f), mixed.join(f)).unwrap();
+    }
+    let (mut dst, addr) = destination(&dir, "dst", &["--tls-dir", c]);
+    // A plain stream (what a replayed snapshot would be) is dropped at the handshake.
+    let mut s = TcpStream::connect(addr.strip_prefix("tcp:").unwrap()).unwrap();
+    let mut out = Vec::new();
+    wire::write_raw(&mut out, Kind::Hello, b"{}").unwrap();
+    let _ = s.write_all(&out);
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    let src = source(
+        &dir,
+        "src",
+        &[
+            "-m",
+            "128",
+            "dirtier",
+            "--",
+            "wss=32",
+            "rate=50",
+            "seconds=6",
+        ],
+    );
+    wait_log(&src.log, "touched");
+    // Another CA's source, and a source without TLS: refused, and the source runs on.
+    for extra in [
+        vec!["--tls-dir", mixed.to_str().unwrap()],
+        vec!["--tls-dir", other.to_str().unwrap()],
+        vec![],
+    ] {
+        let (out, r) = migrate(&src, &addr, &extra);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {r}");
+        assert_eq!(r["source_running"], true, "{r}");
+    }
+    assert!(
+        dst.proc.0.try_wait().unwrap().is_none(),
+        "a stranger ended the destination"
+    );
+    assert!(
+        read(&dst.err).contains("dropped a connection"),
+        "{}",
+        read(&dst.err)
+    );
+    let (out, r) = migrate(&src, &addr, &["--tls-dir", c]);
+    assert!(out.status.success(), "{r}");
+    assert_eq!(r["status"], "completed");
+    assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
+    assert!(read(&dst.log).contains("verify ok"), "{}", read(&dst.log));
+    // Plain TCP beyond loopback: refused on both sides unless --insecure.
+    let (out, r) = migrate(&src, "tcp:192.0.2.1:4444", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let _ = r;
+    assert!(stderr(&out).contains("--insecure"), "{}", stderr(&out));
+    let o = run(&["run", "--incoming", "tcp:0.0.0.0:0"], LIMIT);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--tls-dir"), "{}", stderr(&o));
+}

@@ -246,7 +246,14 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
     // destination waits for the next: no stranger can end or hold it. A file has one
     // chance.
     let (mut first, hello, t0) = loop {
-        let mut c = l.accept(None).map_err(ReceiveError::Listen)?;
+        let mut c = match l.accept(None) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {
+                tracing::warn!("dropped a connection: {e}");
+                continue;
+            }
+            Err(e) => return Err(ReceiveError::Listen(e)),
+        };
         let t0 = Instant::now();
         let why = match first_frame(&mut c, &mut buf) {
             Ok(Frame::Hello(h)) => break (c, h, t0),
@@ -320,16 +327,23 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
     let joined_by = Instant::now() + JOIN_TIMEOUT;
     while data.len() + 1 < hello.connections as usize {
         let left = joined_by.saturating_duration_since(Instant::now());
-        let mut c = l.accept(Some(left)).map_err(|e| {
-            abort(
-                &mut main,
-                format!(
-                    "{} of {} data connections came: {e}",
-                    data.len(),
-                    hello.connections - 1
-                ),
-            )
-        })?;
+        let mut c = match l.accept(Some(left)) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {
+                tracing::warn!("dropped a connection: {e}");
+                continue;
+            }
+            Err(e) => {
+                return Err(abort(
+                    &mut main,
+                    format!(
+                        "{} of {} data connections came: {e}",
+                        data.len(),
+                        hello.connections - 1
+                    ),
+                ))
+            }
+        };
         match first_frame(&mut c, &mut buf) {
             Ok(Frame::Join { session, index })
                 if session == hello.session

@@ -20,6 +20,7 @@ pub mod outbound;
 pub mod report;
 pub mod snapshot_file;
 pub mod source;
+pub mod tls;
 pub mod transport;
 pub mod wire;
 

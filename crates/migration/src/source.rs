@@ -71,6 +71,13 @@ pub struct Options {
     /// downtime limit, which rounds cannot shorten.
     #[serde(default)]
     pub stop_copy: Vec<String>,
+    /// TLS credentials (QEMU's x509 layout: ca-cert.pem, client-cert.pem,
+    /// client-key.pem) for a TCP destination.
+    #[serde(default)]
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// Plain TCP to a destination that is not this machine's loopback.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 fn default_downtime() -> u64 {
@@ -100,6 +107,23 @@ impl Options {
         }
         if self.max_bandwidth == Some(0) {
             return Err("max bandwidth must be more than 0".into());
+        }
+        match &t {
+            Target::Tcp(a) if self.tls_dir.is_none() && !self.insecure => {
+                let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
+                if !crate::tls::is_loopback(host) {
+                    return Err(format!(
+                        "plain TCP to {host}, which is not this machine, would carry guest \
+                         memory in the clear: give tls_dir (--tls-dir DIR; `godwit tls-creds` \
+                         makes one) or, on a network you trust, insecure (--insecure)"
+                    ));
+                }
+            }
+            Target::Tcp(_) => {}
+            _ if self.tls_dir.is_some() => {
+                return Err("TLS is for tcp: destinations (unix: and file: stay local)".into())
+            }
+            _ => {}
         }
         Ok(t)
     }
@@ -258,7 +282,12 @@ impl Driver<'_> {
             target: target.clone(),
             source: e,
         };
-        let main = Stream::connect(&self.target, Duration::from_secs(5)).map_err(unreachable)?;
+        let tls = match &self.o.tls_dir {
+            Some(d) => Some(crate::tls::Creds::client(d).map_err(unreachable)?),
+            None => None,
+        };
+        let main = Stream::connect_with(&self.target, Duration::from_secs(5), tls.as_ref())
+            .map_err(unreachable)?;
         let t = Instant::now();
         if !self.target.is_file() {
             let _ = main.set_write_timeout(Some(WRITE_TIMEOUT));
@@ -295,8 +324,8 @@ impl Driver<'_> {
         // The data connections, each opened with JOIN.
         let mut more = Vec::new();
         for index in 1..self.o.connections {
-            let mut c =
-                Stream::connect(&self.target, Duration::from_secs(5)).map_err(unreachable)?;
+            let mut c = Stream::connect_with(&self.target, Duration::from_secs(5), tls.as_ref())
+                .map_err(unreachable)?;
             let _ = c.set_write_timeout(Some(WRITE_TIMEOUT));
             wire::write_frame(&mut c, &Frame::Join { session, index })
                 .map_err(|e| self.send_error(e))?;

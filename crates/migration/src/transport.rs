@@ -53,9 +53,13 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// Time a peer has for the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One byte stream of a migration.
 pub enum Stream {
     Tcp(TcpStream),
+    Tls(crate::tls::TlsStream),
     Unix(UnixStream),
     /// A snapshot file, written or read once from start to end.
     File(crate::snapshot_file::SnapshotOut),
@@ -66,6 +70,15 @@ impl Stream {
     /// Connects to a destination (a file is written beside the path, and replaces it
     /// when sealed).
     pub fn connect(t: &Target, timeout: Duration) -> io::Result<Stream> {
+        Stream::connect_with(t, timeout, None)
+    }
+
+    /// Connects, over TLS when `tls` is given (TCP only).
+    pub fn connect_with(
+        t: &Target,
+        timeout: Duration,
+        tls: Option<&crate::tls::Creds>,
+    ) -> io::Result<Stream> {
         match t {
             Target::Tcp(a) => {
                 let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
@@ -73,7 +86,18 @@ impl Stream {
                     match TcpStream::connect_timeout(&addr, timeout) {
                         Ok(s) => {
                             s.set_nodelay(true)?;
-                            return Ok(Stream::Tcp(s));
+                            let Some(creds) = tls else {
+                                return Ok(Stream::Tcp(s));
+                            };
+                            s.set_read_timeout(Some(TLS_HANDSHAKE_TIMEOUT))?;
+                            s.set_write_timeout(Some(TLS_HANDSHAKE_TIMEOUT))?;
+                            let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
+                            let t = creds.connect(host, s).map_err(|e| {
+                                io::Error::new(e.kind(), format!("TLS handshake: {e}"))
+                            })?;
+                            t.sock.set_read_timeout(None)?;
+                            t.sock.set_write_timeout(None)?;
+                            return Ok(Stream::Tls(t));
                         }
                         Err(e) => last = e,
                     }
@@ -106,6 +130,7 @@ impl Stream {
     pub fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(d),
+            Stream::Tls(s) => s.sock.set_read_timeout(d),
             Stream::Unix(s) => s.set_read_timeout(d),
             _ => Ok(()),
         }
@@ -115,6 +140,7 @@ impl Stream {
     pub fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(d),
+            Stream::Tls(s) => s.sock.set_write_timeout(d),
             Stream::Unix(s) => s.set_write_timeout(d),
             _ => Ok(()),
         }
@@ -124,6 +150,7 @@ impl Stream {
     pub fn try_clone(&self) -> Option<Stream> {
         match self {
             Stream::Tcp(s) => s.try_clone().ok().map(Stream::Tcp),
+            Stream::Tls(s) => Some(Stream::Tls(s.clone())),
             Stream::Unix(s) => s.try_clone().ok().map(Stream::Unix),
             _ => None,
         }
@@ -133,6 +160,7 @@ impl Stream {
     pub fn shutdown_read(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Read),
+            Stream::Tls(s) => s.sock.shutdown(std::net::Shutdown::Read),
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Read),
             _ => Ok(()),
         };
@@ -145,6 +173,8 @@ impl Stream {
         use std::os::fd::AsRawFd;
         let fd = match self {
             Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Tls(s) if s.buffered() => return true,
+            Stream::Tls(s) => s.sock.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
             _ => return false,
         };
@@ -163,6 +193,7 @@ impl Stream {
     pub fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tls(s) => s.sock.shutdown(std::net::Shutdown::Both),
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
             _ => Ok(()),
         };
@@ -173,6 +204,7 @@ impl Stream {
         match self {
             Stream::File(f) => f.finish(),
             Stream::Tcp(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
             Stream::FileIn(_) => Ok(()),
         }
@@ -191,6 +223,7 @@ impl Read for Stream {
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.read(b),
+            Stream::Tls(s) => s.read(b),
             Stream::Unix(s) => s.read(b),
             Stream::FileIn(f) => f.read(b),
             Stream::File(_) => Err(io::Error::new(
@@ -205,6 +238,7 @@ impl Write for Stream {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.write(b),
+            Stream::Tls(s) => s.write(b),
             Stream::Unix(s) => s.write(b),
             Stream::File(f) => f.write(b),
             Stream::FileIn(_) => Err(io::Error::new(
@@ -217,6 +251,7 @@ impl Write for Stream {
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
             Stream::File(f) => f.flush(),
             Stream::FileIn(_) => Ok(()),
@@ -226,15 +261,20 @@ impl Write for Stream {
 
 /// The destination's end: a listening socket, or a snapshot to read.
 pub enum Listener {
-    Tcp(TcpListener),
+    Tcp(TcpListener, Option<crate::tls::Creds>),
     Unix(UnixListener, PathBuf),
     File(PathBuf),
 }
 
 impl Listener {
     pub fn bind(t: &Target) -> io::Result<Listener> {
+        Listener::bind_with(t, None)
+    }
+
+    /// Listens; TCP peers must pass a TLS handshake with `tls` when it is given.
+    pub fn bind_with(t: &Target, tls: Option<crate::tls::Creds>) -> io::Result<Listener> {
         match t {
-            Target::Tcp(a) => TcpListener::bind(a.as_str()).map(Listener::Tcp),
+            Target::Tcp(a) => TcpListener::bind(a.as_str()).map(|l| Listener::Tcp(l, tls)),
             Target::Unix(p) => {
                 // A stale socket from a dead process is replaced; a live one, or
                 // anything that is not a socket, is not.
@@ -251,7 +291,7 @@ impl Listener {
     /// The address a source should use (with the real port when asked for port 0).
     pub fn local(&self) -> String {
         match self {
-            Listener::Tcp(l) => l
+            Listener::Tcp(l, _) => l
                 .local_addr()
                 .map(|a| format!("tcp:{a}"))
                 .unwrap_or_default(),
@@ -260,18 +300,20 @@ impl Listener {
         }
     }
 
-    /// The next connection, waiting at most `timeout` (None = forever).
+    /// The next connection, waiting at most `timeout` (None = forever). A peer that
+    /// fails the TLS handshake is an error of kind ConnectionAborted: that peer's, not
+    /// the listener's.
     pub fn accept(&self, timeout: Option<Duration>) -> io::Result<Stream> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         // With a deadline, poll a non-blocking listener; without one, block.
         match self {
-            Listener::Tcp(l) => l.set_nonblocking(deadline.is_some())?,
+            Listener::Tcp(l, _) => l.set_nonblocking(deadline.is_some())?,
             Listener::Unix(l, _) => l.set_nonblocking(deadline.is_some())?,
             Listener::File(_) => {}
         }
         loop {
             let r = match self {
-                Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                Listener::Tcp(l, _) => l.accept().map(|(s, _)| {
                     let _ = s.set_nodelay(true);
                     Stream::Tcp(s)
                 }),
@@ -289,7 +331,25 @@ impl Listener {
                         Stream::Unix(u) => u.set_nonblocking(false)?,
                         _ => {}
                     }
-                    return Ok(s);
+                    return match (self, s) {
+                        (Listener::Tcp(_, Some(creds)), Stream::Tcp(t)) => {
+                            let peer = t.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                            let aborted = |e: io::Error| {
+                                io::Error::new(
+                                    io::ErrorKind::ConnectionAborted,
+                                    format!("TLS handshake with {peer}: {e}"),
+                                )
+                            };
+                            t.set_read_timeout(Some(TLS_HANDSHAKE_TIMEOUT))
+                                .map_err(aborted)?;
+                            t.set_write_timeout(Some(TLS_HANDSHAKE_TIMEOUT))
+                                .map_err(aborted)?;
+                            let t = creds.accept(t).map_err(aborted)?;
+                            t.sock.set_write_timeout(None).map_err(aborted)?;
+                            Ok(Stream::Tls(t))
+                        }
+                        (_, s) => Ok(s),
+                    };
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
