@@ -5,7 +5,9 @@
 //! Per run: total time, the VMM's downtime, the guest's own largest gap around the
 //! switchover (the dirtier's window_gap_us on the destination's first report lines), and
 //! bytes sent. godwit can run once per dirty-tracking mode (`--dirty-log bitmap,ring`):
-//! the modes then sit side by side, with the time spent reading the dirty log.
+//! the modes then sit side by side, with the time spent reading the dirty log; with
+//! `--tls` the first mode also runs over TLS 1.3 (mutual certificates), so that what
+//! encryption costs sits beside the plain run.
 
 use crate::bench::{alive, free_port, guest_gap, steady, summary, wait_for, Procs, Summary};
 use crate::cli::MigrateBenchArgs;
@@ -93,10 +95,11 @@ struct Side {
     samples: Vec<Sample>,
 }
 
-/// godwit with another dirty-tracking mode, against the first.
+/// godwit with another dirty-tracking mode, or over TLS, against the first.
 #[derive(Serialize)]
 struct Alternative {
     dirty_log: String,
+    tls: bool,
     side: Side,
     /// The first mode's figure over this one's (above 1: this one is better).
     first_over_this: Value,
@@ -172,6 +175,7 @@ fn godwit_run(
     limit: u64,
     conns: u32,
     dirty_log: DirtyLogMode,
+    tls: Option<&Path>,
 ) -> Result<Sample, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let (src_log, dst_log, sock) = (
@@ -193,7 +197,7 @@ fn godwit_run(
             .map_err(|e| format!("cannot start godwit: {e}"))
     };
     let mut procs = Procs(vec![]);
-    procs.0.push(spawn(vec![
+    let mut dst = vec![
         "run".into(),
         "--incoming".into(),
         format!("tcp:127.0.0.1:{port}"),
@@ -201,7 +205,11 @@ fn godwit_run(
         format!("file:{}", dst_log.display()),
         "--dirty-log".into(),
         dirty_log.to_string(),
-    ])?);
+    ];
+    if let Some(d) = tls {
+        dst.extend(["--tls-dir".into(), d.display().to_string()]);
+    }
+    procs.0.push(spawn(dst)?);
     let mut src = vec![
         "run".into(),
         "--memory".into(),
@@ -226,7 +234,7 @@ fn godwit_run(
         max_bandwidth: None,
         connections: conns,
         stop_copy: vec![],
-        tls_dir: None,
+        tls_dir: tls.map(Path::to_path_buf),
         insecure: false,
     };
     let body = serde_json::to_string(&o).expect("plain data");
@@ -456,6 +464,14 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
     let image = dir.join("dirtier.elf");
     std::fs::write(&image, godwit_guest::image("dirtier").expect("built in"))
         .map_err(|e| e.to_string())?;
+    // godwit's sides: each dirty-log mode over plain TCP, then the first over TLS.
+    let mut variants: Vec<(DirtyLogMode, bool)> = a.dirty_log.iter().map(|&m| (m, false)).collect();
+    let creds = dir.join("tls");
+    if a.tls {
+        godwit_migration::tls::generate(&creds, &["127.0.0.1".into()])
+            .map_err(|e| format!("TLS credentials: {e}"))?;
+        variants.push((a.dirty_log[0], true));
+    }
     let mut cells = Vec::new();
     let total = mems.len() * workloads.len() * limits.len();
     for &mem in &mems {
@@ -465,9 +481,9 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
             }
             for &limit in &limits {
                 // One list of samples per godwit mode, and QEMU's.
-                let mut g: Vec<Vec<Sample>> = a.dirty_log.iter().map(|_| Vec::new()).collect();
+                let mut g: Vec<Vec<Sample>> = variants.iter().map(|_| Vec::new()).collect();
                 let mut q = Vec::new();
-                let sides = a.dirty_log.len() + usize::from(qemu.is_some());
+                let sides = variants.len() + usize::from(qemu.is_some());
                 for i in 0..runs {
                     if !a.json {
                         eprint!(
@@ -480,10 +496,16 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                     // Rotate which side goes first, against drift in the host's state.
                     for k in 0..sides {
                         let turn = (k + i) % sides;
-                        match a.dirty_log.get(turn) {
-                            Some(&mode) => {
-                                g[turn].push(godwit_run(&dir, mem, w, limit, a.connections, mode)?)
-                            }
+                        match variants.get(turn) {
+                            Some(&(mode, tls)) => g[turn].push(godwit_run(
+                                &dir,
+                                mem,
+                                w,
+                                limit,
+                                a.connections,
+                                mode,
+                                tls.then_some(creds.as_path()),
+                            )?),
                             None => q.push(qemu_run(&dir, &a.qemu, &image, mem, w, limit)?),
                         }
                     }
@@ -491,9 +513,10 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                 let mut g = g.into_iter().map(side);
                 let gs = g.next().expect("at least one mode");
                 let alternatives = g
-                    .zip(&a.dirty_log[1..])
-                    .map(|(side, mode)| Alternative {
+                    .zip(&variants[1..])
+                    .map(|(side, (mode, tls))| Alternative {
                         dirty_log: mode.to_string(),
+                        tls: *tls,
                         first_over_this: ratios(&gs, &side),
                         side,
                     })
@@ -577,13 +600,14 @@ fn print_table(r: &BenchReport) {
         };
         row(&first, &c.godwit);
         for alt in &c.godwit_alternatives {
-            row(&format!("g-{}", alt.dirty_log), &alt.side);
+            let name = format!("g-{}{}", alt.dirty_log, if alt.tls { "+tls" } else { "" });
+            row(&name, &alt.side);
             let x = &alt.first_over_this;
             println!(
                 "{:>38} {}/{} medians: total {:.2}x, downtime {:.2}x, guest gap {:.2}x, bytes {:.2}x",
                 "",
                 c.godwit_dirty_log,
-                alt.dirty_log,
+                &name[2..],
                 med(x, "total_ms"),
                 med(x, "downtime_ms"),
                 med(x, "guest_gap_ms"),

@@ -358,6 +358,9 @@ pub struct MigrateBenchArgs {
     /// with it.
     #[arg(long, value_delimiter = ',', default_values_t = [DirtyLogMode::default()])]
     pub dirty_log: Vec<DirtyLogMode>,
+    /// Also run godwit (first dirty-log mode) over TLS 1.3, beside the plain run.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 #[derive(Args)]
