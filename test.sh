@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # godwit's whole test suite, from a fresh Debian 12 machine: installs what the tests need
-# (QEMU 7.2 as the peer VMM, Debian's kernel for the Linux test, xz, util-linux), then
+# (QEMU 7.2 as the peer VMM, Debian's kernel for the Linux test, xz, util-linux, a Python
+# venv with schemathesis for the API's OpenAPI check), then
 # checks formatting and lints and runs every test. Real guests run under /dev/kvm.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,6 +18,25 @@ if [ ${#need[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# schemathesis (PyPI, pinned) checks the API against docs/openapi.yaml.
+need=()
+command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    echo "== installing ${need[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+SCHEMATHESIS_VERSION=4.32.5
+if ! target/test-venv/bin/st --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+    echo "== installing schemathesis $SCHEMATHESIS_VERSION into target/test-venv"
+    mkdir -p target
+    python3 -m venv target/test-venv
+    target/test-venv/bin/pip install -q "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+export GODWIT_SCHEMATHESIS="$PWD/target/test-venv/bin/st"
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
 

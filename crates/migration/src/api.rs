@@ -48,12 +48,7 @@ impl Extension for MigrationApi {
                 crate::source::unconfirmed_message(&handover.unwrap_or_default()),
             ),
             ("PUT", "vm.resume") if handover.is_some() => {
-                #[derive(serde::Deserialize)]
-                struct Force {
-                    #[serde(default)]
-                    force: bool,
-                }
-                let force = serde_json::from_slice::<Force>(body).is_ok_and(|f| f.force);
+                let force = godwit_vmm::api::resume_body(body).is_ok_and(|b| b.force);
                 if !force {
                     return Some(err(
                         409,

@@ -71,6 +71,29 @@ pub trait Extension: Send + Sync {
     ) -> Option<(u16, serde_json::Value)>;
 }
 
+/// vm.resume's body: none, or `{"force": true|false}`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeBody {
+    #[serde(default)]
+    pub force: bool,
+}
+
+pub fn resume_body(body: &[u8]) -> std::result::Result<ResumeBody, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ResumeBody::default());
+    }
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+/// The method an endpoint takes (for the Allow header of a 405).
+pub fn allowed(url: &str) -> &'static str {
+    match url.strip_prefix(PREFIX) {
+        Some("vmm.ping" | "vm.info" | "vm.migration") => "GET",
+        _ => "PUT",
+    }
+}
+
 /// (status, JSON body) for one request.
 pub fn route(
     h: &VmHandle,
@@ -86,6 +109,11 @@ pub fn route(
         );
     };
     let err = |code, m: &str| (code, json!({ "error": m }));
+    if (method, endpoint) == ("PUT", "vm.resume") {
+        if let Err(e) = resume_body(body) {
+            return err(400, &format!("bad vm.resume body: {e}"));
+        }
+    }
     if let Some(answer) = ext.and_then(|x| x.route(h, method, endpoint, body)) {
         return answer;
     }

@@ -183,6 +183,7 @@ fn accept_loop(s: &Arc<Shared>, listener: UnixListener) {
                 stream,
                 503,
                 &json!({"error": "too many API connections at once; try again"}),
+                None,
             );
             continue;
         }
@@ -219,8 +220,10 @@ fn connection(s: &Shared, id: u64, mut stream: UnixStream) {
         c.reading = None;
     }
     let _ = stream.set_write_timeout(Some(s.limits.write_timeout));
+    let mut path = String::new();
     let (code, body) = match req {
         Ok(r) => {
+            path.clone_from(&r.path);
             let target = s.target.read().unwrap_or_else(|e| e.into_inner()).clone();
             match target {
                 Some((h, ext)) => route(&h, ext.as_deref(), &r.method, &r.path, &r.body),
@@ -238,7 +241,8 @@ fn connection(s: &Shared, id: u64, mut stream: UnixStream) {
         Err(RequestError::Gone) => return,
         Err(RequestError::Answer(code, msg)) => (code, json!({ "error": msg })),
     };
-    answer(stream, code, &body);
+    let allow = (code == 405).then(|| super::allowed(&path));
+    answer(stream, code, &body, allow);
 }
 
 struct Request {
@@ -394,10 +398,11 @@ fn reason(code: u16) -> &'static str {
 
 /// Writes the whole answer with Content-Length (never chunked: clients read to the end)
 /// and closes.
-fn answer(mut stream: UnixStream, code: u16, body: &serde_json::Value) {
+fn answer(mut stream: UnixStream, code: u16, body: &serde_json::Value, allow: Option<&str>) {
     let body = body.to_string();
+    let allow = allow.map_or(String::new(), |m| format!("Allow: {m}\r\n"));
     let msg = format!(
-        "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{body}",
         reason(code),
         body.len()
     );
