@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 mod client;
 mod server;
 pub use client::{call, call_with};
-pub use server::{ApiServer, Limits};
+pub use server::{parse_request, ApiServer, Limits};
 
 pub const PREFIX: &str = "/api/v1/";
 

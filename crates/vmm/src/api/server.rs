@@ -257,9 +257,42 @@ enum RequestError {
     Answer(u16, String),
 }
 
+/// Where a request is read from: a client's socket, or (for fuzzing and tests) bytes.
+trait Source: Read {
+    fn set_timeout(&mut self, d: Duration) -> std::io::Result<()>;
+}
+
+impl Source for UnixStream {
+    fn set_timeout(&mut self, d: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(d))
+    }
+}
+
+impl Source for &[u8] {
+    fn set_timeout(&mut self, _: Duration) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads one request from `data` as the server reads one from a client: (method, path,
+/// body), or the status and message it would answer. For the HTTP fuzz target.
+pub fn parse_request(
+    mut data: &[u8],
+    l: &Limits,
+) -> std::result::Result<(String, String, Vec<u8>), Option<(u16, String)>> {
+    match read_request(&mut data, l) {
+        Ok(r) => Ok((r.method, r.path, r.body)),
+        Err(RequestError::Gone) => Err(None),
+        Err(RequestError::Answer(code, m)) => Err(Some((code, m))),
+    }
+}
+
 /// Reads one request within the limits: the head up to `max_head` bytes, then the body
 /// its Content-Length announces, all before `request_deadline`.
-fn read_request(stream: &mut UnixStream, l: &Limits) -> std::result::Result<Request, RequestError> {
+fn read_request<S: Source>(
+    stream: &mut S,
+    l: &Limits,
+) -> std::result::Result<Request, RequestError> {
     let deadline = Instant::now() + l.request_deadline;
     let late = || {
         RequestError::Answer(
@@ -363,12 +396,12 @@ fn body_length(
 }
 
 /// One read that gives up at `deadline`.
-fn read_until(s: &mut UnixStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<usize> {
+fn read_until<S: Source>(s: &mut S, buf: &mut [u8], deadline: Instant) -> std::io::Result<usize> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err(std::io::ErrorKind::TimedOut.into());
     }
-    s.set_read_timeout(Some(left))?;
+    s.set_timeout(left)?;
     s.read(buf)
 }
 
@@ -416,5 +449,46 @@ fn answer(mut stream: UnixStream, code: u16, body: &serde_json::Value, allow: Op
         if !matches!(stream.read(&mut sink), Ok(n) if n > 0) {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_read_within_their_limits() {
+        let l = Limits::default();
+        let (m, p, b) = parse_request(
+            b"PUT /api/v1/vm.resume HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            &l,
+        )
+        .unwrap();
+        assert_eq!(
+            (m.as_str(), p.as_str(), &b[..]),
+            ("PUT", "/api/v1/vm.resume", &b"{}"[..])
+        );
+        let code = |d: &[u8]| parse_request(d, &l).err().flatten().map(|(c, _)| c);
+        let mut huge = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        huge.resize(l.max_head + 10, b'a');
+        assert_eq!(code(&huge), Some(431));
+        assert_eq!(
+            code(b"GET / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"),
+            Some(413)
+        );
+        assert_eq!(
+            code(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
+            Some(400)
+        );
+        assert_eq!(
+            code(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Some(411)
+        );
+        assert_eq!(code(b"\x00\x01 nonsense\r\n\r\n"), Some(400));
+        assert_eq!(
+            code(b"GET / HTTP/1.1\r\nContent-Length: 1\r\n\r\nab"),
+            Some(400)
+        );
+        assert_eq!(parse_request(b"", &l).err(), Some(None));
     }
 }

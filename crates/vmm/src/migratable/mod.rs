@@ -386,6 +386,16 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     Ok(s)
 }
 
+/// For the fuzz targets (fuzz/): the VM's state decoders on hostile bytes. Decoding only;
+/// `load` then checks a decoded state against the live VM.
+#[doc(hidden)]
+pub fn fuzz_decode_states(bytes: &[u8]) -> (bool, bool) {
+    (
+        decode::<vcpus::VcpusState>("vCPU", vcpus::VERSION, bytes).is_ok(),
+        decode::<platform::PlatformState>("platform", platform::VERSION, bytes).is_ok(),
+    )
+}
+
 /// Wall-clock time, for carrying real time across a migration or a snapshot.
 pub(crate) fn unix_ns() -> u64 {
     std::time::SystemTime::now()

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub const VERSION: u32 = 1;
 
 #[derive(Serialize, Deserialize)]
-struct PlatformState {
+pub(crate) struct PlatformState {
     /// When the state was read (CLOCK_REALTIME): the guest's clock moves on by the
     /// time since, as it does while a VM is paused.
     saved_at_unix_ns: u64,

@@ -20,7 +20,7 @@ use std::time::Duration;
 pub const VERSION: u32 = 1;
 
 #[derive(Serialize, Deserialize)]
-struct VcpusState {
+pub(crate) struct VcpusState {
     /// The user had paused the VM: it arrives paused.
     paused: bool,
     /// When the state was read (CLOCK_REALTIME): the guest's TSC moves on by the time

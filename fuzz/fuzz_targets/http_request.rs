@@ -1,0 +1,14 @@
+//! The API server's request reading on any bytes a client sends: a request within the
+//! limits, or the status the server answers, never a panic.
+#![no_main]
+use godwit_vmm::api::{parse_request, Limits};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let l = Limits::default();
+    match parse_request(data, &l) {
+        Ok((_, _, body)) => assert!(body.len() <= l.max_body),
+        Err(Some((code, _))) => assert!((400..500).contains(&code)),
+        Err(None) => {}
+    }
+});

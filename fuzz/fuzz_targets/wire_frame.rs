@@ -1,0 +1,28 @@
+//! The migration stream decoder: any bytes give frames or a clear error, never a panic;
+//! a binary frame decoded is one the encoder writes back to the same bytes (JSON-bearing
+//! frames may differ in spelling, so only their decoding is checked).
+#![no_main]
+use godwit_migration::wire::{self, Kind};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let mut input = data;
+    let mut buf = Vec::new();
+    for _ in 0..64 {
+        let before = input;
+        match wire::read_frame(&mut input, &mut buf) {
+            Ok(f) => {
+                let used = before.len() - input.len();
+                if matches!(
+                    f.kind(),
+                    Kind::Zero | Kind::State | Kind::Data | Kind::Sync | Kind::Synced | Kind::Join
+                ) {
+                    let mut again = Vec::new();
+                    wire::write_frame(&mut again, &f).expect("a decoded frame encodes");
+                    assert_eq!(again, before[..used], "a frame did not re-encode to its bytes");
+                }
+            }
+            Err(_) => break,
+        }
+    }
+});
