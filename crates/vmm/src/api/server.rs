@@ -274,12 +274,14 @@ impl Source for &[u8] {
     }
 }
 
+/// A request read: method, path, body.
+pub type Parsed = (String, String, Vec<u8>);
+/// A request refused: the status and message answered, or None (nothing to answer).
+pub type Refused = Option<(u16, String)>;
+
 /// Reads one request from `data` as the server reads one from a client: (method, path,
 /// body), or the status and message it would answer. For the HTTP fuzz target.
-pub fn parse_request(
-    mut data: &[u8],
-    l: &Limits,
-) -> std::result::Result<(String, String, Vec<u8>), Option<(u16, String)>> {
+pub fn parse_request(mut data: &[u8], l: &Limits) -> std::result::Result<Parsed, Refused> {
     match read_request(&mut data, l) {
         Ok(r) => Ok((r.method, r.path, r.body)),
         Err(RequestError::Gone) => Err(None),
