@@ -145,12 +145,26 @@ fn hostile_saved_states_never_crash_the_engine() {
     use godwit_gpu::{Hold, VfState};
     let mut rng = Rng(0x0bad_5eed_cafe_f00d);
     let mut d = Driver::new();
-    // A state with a command in flight: a long AXPY paused mid-way.
+    // A state with a command in flight: a long AXPY paused mid-way. How far the engine
+    // got in a given time depends on the host's load: pause until it is caught mid-way
+    // (and submit again if it finished).
     let n = 4_000_000u64;
-    d.submit(op::KERNEL, [kernel::AXPY, 0, n * 4, n, 0x3f00_0000, 0]);
-    std::thread::sleep(std::time::Duration::from_millis(2));
-    d.vf.pause(Hold::Migration);
-    let good = d.vf.save_state().unwrap();
+    let mut fence = d.submit(op::KERNEL, [kernel::AXPY, 0, n * 4, n, 0x3f00_0000, 0]);
+    let mut good = None;
+    for _ in 0..1000 {
+        std::thread::sleep(std::time::Duration::from_micros(500));
+        d.vf.pause(Hold::Migration);
+        let s = d.vf.save_state().unwrap();
+        if s.in_flight.is_some() {
+            good = Some(s);
+            break;
+        }
+        d.vf.resume(Hold::Migration);
+        if d.wait(fence).is_ok() {
+            fence = d.submit(op::KERNEL, [kernel::AXPY, 0, n * 4, n, 0x3f00_0000, 0]);
+        }
+    }
+    let good = good.expect("never caught the AXPY in flight");
     let bytes = good.encode();
     let edge = |rng: &mut Rng| match rng.next() % 6 {
         0 => 0,

@@ -440,6 +440,8 @@ mod tests {
         })
         .unwrap();
         out.complete().unwrap();
+        // A snapshot file replaces its path only when sealed.
+        out.seal().unwrap();
         drop(out);
         let bytes = std::fs::read(&path).unwrap();
         let mut r = bytes.as_slice();

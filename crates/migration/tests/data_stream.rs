@@ -136,6 +136,8 @@ fn a_device_streams_its_state_as_opaque_bytes() {
     })
     .unwrap();
     out.complete().unwrap();
+    // A snapshot file replaces its path only when sealed.
+    out.seal().unwrap();
     drop(out);
     // The destination takes the frames in order.
     let dst: Arc<dyn Component> = Arc::new(Device::new(Vec::new()));
