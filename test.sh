@@ -6,35 +6,34 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# Installs the Debian packages listed in `need`, if any.
+install_needed() {
+    [ ${#need[@]} -gt 0 ] || return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    echo "== installing ${need[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+}
+
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-amd64)
 command -v xz >/dev/null || need+=(xz-utils)
 { command -v unshare && command -v setpriv; } >/dev/null || need+=(util-linux)
-if [ ${#need[@]} -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo=sudo
-    echo "== installing ${need[*]}"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+install_needed
 # schemathesis (PyPI, pinned) checks the API against docs/openapi.yaml.
 need=()
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
-if [ ${#need[@]} -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo=sudo
-    echo "== installing ${need[*]}"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-SCHEMATHESIS_VERSION=4.32.5
-if ! target/test-venv/bin/st --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
-    echo "== installing schemathesis $SCHEMATHESIS_VERSION into target/test-venv"
+install_needed
+# Every package pinned (tests-requirements.txt, from pip freeze); reinstalled when it changes.
+if ! cmp -s tests-requirements.txt target/test-venv/requirements.txt; then
+    echo "== installing schemathesis (tests-requirements.txt) into target/test-venv"
     mkdir -p target
     python3 -m venv target/test-venv
-    target/test-venv/bin/pip install -q "schemathesis==$SCHEMATHESIS_VERSION"
+    target/test-venv/bin/pip install -q -r tests-requirements.txt
+    cp tests-requirements.txt target/test-venv/requirements.txt
 fi
 export GODWIT_SCHEMATHESIS="$PWD/target/test-venv/bin/st"
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }

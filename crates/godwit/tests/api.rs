@@ -152,28 +152,6 @@ fn godwit_vmm_call(sock: &std::path::Path, method: &str, endpoint: &str) -> (u16
     godwit_vmm::api::call(sock, method, endpoint).unwrap()
 }
 
-/// Starts a heartbeat VM serving `sock`; returns it once the socket answers.
-fn api_vm(sock: &std::path::Path) -> Reaper {
-    let child = godwit()
-        .args(["run", "--api-socket"])
-        .arg(sock)
-        .args(["--console", "null", "heartbeat", "--", "count=0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let vm = Reaper(child);
-    assert!(
-        wait_for(Duration::from_secs(10), || godwit_vmm::api::call(
-            sock, "GET", "vmm.ping"
-        )
-        .ok())
-        .is_some(),
-        "the API never answered"
-    );
-    vm
-}
-
 /// Sends raw bytes, then reads whatever comes back until the server closes.
 fn raw(sock: &std::path::Path, bytes: &[u8]) -> String {
     use std::io::{Read, Write};

@@ -287,22 +287,7 @@ fn errors_name_what_is_wrong_with_a_path() {
     );
     // A source migrating to a Unix path that is a directory.
     let sock = dir.path("api.sock");
-    let child = godwit()
-        .args([
-            "run",
-            "--api-socket",
-            sock.to_str().unwrap(),
-            "--console",
-            "null",
-        ])
-        .args(["heartbeat", "--", "count=0"])
-        .spawn()
-        .unwrap();
-    let _vm = Reaper(child);
-    wait_for(Duration::from_secs(10), || {
-        godwit_vmm::api::call(&sock, "GET", "vm.info").ok()
-    })
-    .unwrap();
+    let _vm = api_vm(&sock);
     let to = format!("unix:{}", dir.0.display());
     let o = run(
         &[

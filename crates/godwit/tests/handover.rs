@@ -151,20 +151,7 @@ fn a_stalled_destination_at_switchover_cannot_hold_the_pause() {
         return;
     }
     let dir = TempDir::new("handover-stall");
-    let src = source(
-        &dir,
-        "src",
-        &[
-            "-m",
-            "256",
-            "dirtier",
-            "--",
-            "wss=96",
-            "rate=flat",
-            "seconds=0",
-        ],
-    );
-    wait_log(&src.log, "touched");
+    let src = dirtier_source(&dir, "src", "256", &["wss=96", "rate=flat", "seconds=0"]);
     let (mut dst, addr) = destination(&dir, "dst", &[]);
     let (via, _) = handshake_proxy(addr, true, Kind::State, Hold::Stall);
     let (out, r) = migrate(&src, &via, &["--downtime-ms", "50"]);
@@ -195,20 +182,7 @@ fn cancel_interrupts_a_blocked_migration() {
         ),
     ] {
         let dir = TempDir::new(&format!("handover-cancel-{tag}"));
-        let src = source(
-            &dir,
-            "src",
-            &[
-                "-m",
-                "256",
-                "dirtier",
-                "--",
-                "wss=96",
-                "rate=20",
-                "seconds=0",
-            ],
-        );
-        wait_log(&src.log, "touched");
+        let src = dirtier_source(&dir, "src", "256", &["wss=96", "rate=20", "seconds=0"]);
         let (mut dst, addr) = destination(&dir, "dst", &[]);
         let (via, _) = handshake_proxy(addr, downstream, kind, how);
         let sock = src.sock.clone();
@@ -225,12 +199,7 @@ fn cancel_interrupts_a_blocked_migration() {
                 Duration::from_secs(120),
             )
         });
-        wait_for(LIMIT, || {
-            let (_, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").ok()?;
-            let v: Value = serde_json::from_str(&b).ok()?;
-            (v["active"] == true && v["progress"]["bytes_sent"].as_u64()? > 0).then_some(())
-        })
-        .expect("no progress");
+        wait_progress(&src);
         let o = cli(&src, &["shutdown"]);
         assert_eq!(o.status.code(), Some(1), "{tag}");
         assert!(
@@ -299,28 +268,10 @@ fn signals_end_godwit_cleanly() {
     assert_eq!(exit_code(&mut dst, LIMIT), 128 + libc::SIGTERM);
     assert!(!incoming.exists() && !api.exists(), "sockets left behind");
     // During a migration: it is cancelled first, and the destination never runs it.
-    let mut src = source(
-        &dir,
-        "src",
-        &[
-            "-m",
-            "256",
-            "dirtier",
-            "--",
-            "wss=96",
-            "rate=20",
-            "seconds=0",
-        ],
-    );
-    wait_log(&src.log, "touched");
+    let mut src = dirtier_source(&dir, "src", "256", &["wss=96", "rate=20", "seconds=0"]);
     let (mut dst, addr) = destination(&dir, "dst2", &[]);
     let m = slow_migration(&src, addr);
-    wait_for(LIMIT, || {
-        let (_, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").ok()?;
-        let v: Value = serde_json::from_str(&b).ok()?;
-        (v["active"] == true && v["progress"]["bytes_sent"].as_u64()? > 0).then_some(())
-    })
-    .expect("no progress");
+    wait_progress(&src);
     signal(&src, libc::SIGTERM);
     assert_eq!(exit_code(&mut src, LIMIT), 128 + libc::SIGTERM);
     let e = read(&src.err);

@@ -328,10 +328,8 @@ fn snapshots_never_destroy_a_good_one() {
         "rate=20",
         "seconds=0",
     ];
-    let b = source(&dir, "b", &dirtier);
-    let c = source(&dir, "c", &dirtier);
-    wait_log(&b.log, "touched");
-    wait_log(&c.log, "touched");
+    let b = dirtier_source(&dir, "b", "128", &dirtier);
+    let c = dirtier_source(&dir, "c", "128", &dirtier);
     let m = slow_migration(&b, to.clone());
     let partial = dir.path(".vm.snap.godwit-partial");
     wait_for(LIMIT, || {
@@ -777,20 +775,7 @@ fn tls_takes_only_the_right_source() {
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut sink = Vec::new();
     let _ = s.read_to_end(&mut sink);
-    let src = source(
-        &dir,
-        "src",
-        &[
-            "-m",
-            "128",
-            "dirtier",
-            "--",
-            "wss=32",
-            "rate=50",
-            "seconds=6",
-        ],
-    );
-    wait_log(&src.log, "touched");
+    let src = dirtier_source(&dir, "src", "128", &["wss=32", "rate=50", "seconds=6"]);
     // Another CA's source, and a source without TLS: refused, and the source runs on.
     for extra in [
         vec!["--tls-dir", mixed.to_str().unwrap()],

@@ -339,3 +339,23 @@ pub fn handshake_proxy(
     });
     (addr, flag)
 }
+
+/// A source running the dirtier in `mib` MiB with the dirtier's arguments `args`, once
+/// it has touched its working set.
+pub fn dirtier_source(dir: &TempDir, name: &str, mib: &str, args: &[&str]) -> Vm {
+    let mut a = vec!["-m", mib, "dirtier", "--"];
+    a.extend_from_slice(args);
+    let src = source(dir, name, &a);
+    wait_log(&src.log, "touched");
+    src
+}
+
+/// Waits until the migration in progress on `src` has sent something.
+pub fn wait_progress(src: &Vm) {
+    wait_for(LIMIT, || {
+        let (_, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").ok()?;
+        let v: Value = serde_json::from_str(&b).ok()?;
+        (v["active"] == true && v["progress"]["bytes_sent"].as_u64()? > 0).then_some(())
+    })
+    .expect("no progress");
+}

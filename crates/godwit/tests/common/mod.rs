@@ -127,3 +127,25 @@ impl Drop for Reaper {
         let _ = self.0.wait();
     }
 }
+
+/// Starts a heartbeat VM serving `sock`; returns it once the socket answers.
+pub fn api_vm(sock: &std::path::Path) -> Reaper {
+    let child = godwit()
+        .args(["run", "--api-socket"])
+        .arg(sock)
+        .args(["--console", "null", "heartbeat", "--", "count=0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let vm = Reaper(child);
+    assert!(
+        wait_for(Duration::from_secs(10), || godwit_vmm::api::call(
+            sock, "GET", "vmm.ping"
+        )
+        .ok())
+        .is_some(),
+        "the API never answered"
+    );
+    vm
+}
