@@ -23,6 +23,14 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// protocol) is dropped and the destination goes on listening.
 pub const FIRST_FRAME_DEADLINE: Duration = Duration::from_secs(10);
 
+/// GO must arrive within this long after READY went out, or the VM is not started here.
+/// The source reports a hand-over unconfirmed only after waiting `STARTED_TIMEOUT`
+/// (10 s) past GO, which it sends after READY arrived; only then may the user take the
+/// VM back there. A GO held back beyond this window (by a slow or hostile network) thus
+/// finds a destination that refuses it, never one that starts a VM the source may run
+/// again: the two windows cannot overlap.
+pub const GO_WINDOW: Duration = Duration::from_secs(8);
+
 /// Reads from a stream until a deadline for the whole read, not per call.
 struct Within<'a> {
     s: &'a mut Stream,
@@ -79,6 +87,8 @@ pub struct Incoming {
     pub source_guest: String,
     /// From the first byte of the stream to READY.
     pub receive_ms: f64,
+    /// When READY went out: GO counts only within GO_WINDOW of it.
+    ready_at: Instant,
 }
 
 /// Answers the source, if there is one to answer.
@@ -478,6 +488,7 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
         parts,
         source_guest: hello.guest,
         receive_ms: t0.elapsed().as_secs_f64() * 1e3,
+        ready_at: Instant::now(),
     })
 }
 
@@ -487,11 +498,23 @@ impl Incoming {
     pub fn start(mut self) -> Result<Vm, ReceiveError> {
         if let Some(m) = &mut self.main {
             let mut buf = Vec::new();
-            let _ = m.set_read_timeout(Some(IDLE_TIMEOUT));
-            match wire::read_frame(m, &mut buf) {
-                Ok(Frame::Go) => {}
+            let end = self.ready_at + GO_WINDOW;
+            match wire::read_frame(&mut Within { s: m, end }, &mut buf) {
+                Ok(Frame::Go) if Instant::now() <= end => {}
                 Ok(Frame::Abort(why)) => {
                     return Err(ReceiveError::Stream(format!("the source aborted: {why}")))
+                }
+                Ok(Frame::Go) | Err(WireError::Timeout) | Err(WireError::Io(_))
+                    if Instant::now() > end =>
+                {
+                    // Too late: the source may have given up and been told to take the
+                    // VM back. Saying so lets it do that at once.
+                    let why = format!(
+                        "no GO within {} s of READY: not starting the VM here",
+                        GO_WINDOW.as_secs()
+                    );
+                    answer(&mut self.main, &Frame::Abort(why.clone()));
+                    return Err(ReceiveError::NoGo(why));
                 }
                 Ok(f) => return Err(ReceiveError::NoGo(format!("it sent {:?}", f.kind()))),
                 Err(e) => return Err(ReceiveError::NoGo(e.to_string())),

@@ -937,6 +937,10 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
             if e.ambiguous() {
                 report.source_running = false;
                 kept = d.back.take();
+                // The pause so far (it goes on until the hand-over is settled).
+                if let Some(tp) = d.paused_at {
+                    report.downtime_ms = ms(tp.elapsed());
+                }
             } else {
                 let mut running = true;
                 for p in d.parts.iter().rev() {

@@ -263,6 +263,8 @@ pub enum Hold {
     /// Never passes it, nor anything after it in that direction; the connection stays
     /// open.
     Stall,
+    /// Drops it and cuts the connection both ways (a link that dies at that moment).
+    Cut,
 }
 
 /// A man in the middle that passes every frame both ways, except the first frame of
@@ -317,6 +319,11 @@ pub fn handshake_proxy(
                         Hold::Stall => {
                             // Keep both sockets open and silent in this direction.
                             std::thread::sleep(Duration::from_secs(3600));
+                            false
+                        }
+                        Hold::Cut => {
+                            let _ = from.shutdown(std::net::Shutdown::Both);
+                            let _ = into.shutdown(std::net::Shutdown::Both);
                             false
                         }
                     }
