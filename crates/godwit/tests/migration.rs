@@ -697,8 +697,9 @@ fn a_peer_cannot_make_the_destination_eat_the_host_or_end_it() {
     let mut sink = Vec::new();
     g.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let _ = g.read_to_end(&mut sink);
-    let idle = TcpStream::connect(&tcp).unwrap();
-    // The idle one does not hold the next connection back.
+    // Idle first connections do not hold the real source back: it is answered while
+    // they are still open (each is dropped only at its own deadline).
+    let idle: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(&tcp).unwrap()).collect();
     let sections = serde_json::json!([
         {"name": "vcpus", "version": 1, "needs": {"count": "1"}},
         {"name": "ram", "version": 1, "needs": {"memory_mib": "2048", "layout": "0x0+0x80000000"}},
@@ -718,6 +719,14 @@ fn a_peer_cannot_make_the_destination_eat_the_host_or_end_it() {
         wire::read_frame(&mut c, &mut buf).unwrap(),
         wire::Frame::Accept
     ));
+    for mut i in &idle {
+        i.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(i.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "an idle connection was dealt with before the source"
+        );
+    }
     let before = rss_kib(dst.proc.0.id());
     let mut z = 1u32.to_le_bytes().to_vec(); // section 1: ram
     z.extend_from_slice(&1u32.to_le_bytes());

@@ -6,7 +6,7 @@
 //! migration with a clear error and the VM is never started.
 
 use crate::transport::{Listener, Stream};
-use crate::wire::{self, Frame, Kind, Ready, Started, Totals, WireError};
+use crate::wire::{self, Frame, Hello, Kind, Ready, Started, Totals, WireError};
 use godwit_vmm::migratable::incoming::{self, Host};
 use godwit_vmm::migratable::{step_to, Component, MigState};
 use godwit_vmm::{Console, Vm};
@@ -49,6 +49,97 @@ impl std::io::Read for Within<'_> {
         self.s.set_read_timeout(Some(left))?;
         self.s.read(b)
     }
+}
+
+/// Connections whose opening (TLS handshake, HELLO) runs at once, each on its own
+/// thread; more wait in the listen queue.
+const OPENING_AT_ONCE: usize = 16;
+
+/// Waits for the first connection that opens as a godwit source: its TLS handshake (if
+/// asked for) and whole HELLO within their deadlines. Each opening runs on its own
+/// thread, so no stranger (a port scan, an idle or trickling client, another protocol)
+/// holds up the real source; those are dropped.
+fn first_source(l: &Listener) -> Result<(Stream, Hello, Instant), ReceiveError> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    let (tx, rx) = mpsc::channel::<(Stream, Hello, Instant)>();
+    let done = AtomicBool::new(false);
+    let opening = Arc::new(AtomicUsize::new(0));
+    let tls = l.tls();
+    std::thread::scope(|s| {
+        let acceptor = s.spawn(|| -> Result<(), ReceiveError> {
+            while !done.load(Ordering::SeqCst) {
+                if opening.load(Ordering::SeqCst) >= OPENING_AT_ONCE {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                let c = match l.accept_raw(Some(Duration::from_millis(100))) {
+                    Ok(c) => c,
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+                    Err(e) => return Err(ReceiveError::Listen(e)),
+                };
+                let (tx, tls, mine) = (tx.clone(), tls.clone(), opening.clone());
+                opening.fetch_add(1, Ordering::SeqCst);
+                let spawned = std::thread::Builder::new()
+                    .name("opening".into())
+                    .spawn(move || {
+                        let t0 = Instant::now();
+                        let why = match crate::transport::secure(tls.as_ref(), c) {
+                            Err(e) => e.to_string(),
+                            Ok(mut c) => {
+                                let mut buf = Vec::new();
+                                match first_frame(&mut c, &mut buf) {
+                                    Ok(Frame::Hello(h)) => {
+                                        // Only the first source is taken; a later one
+                                        // finds the receiver gone and is dropped.
+                                        if let Err(mpsc::SendError((c, ..))) = tx.send((c, h, t0)) {
+                                            c.shutdown();
+                                        }
+                                        mine.fetch_sub(1, Ordering::SeqCst);
+                                        return;
+                                    }
+                                    Ok(f) => {
+                                        c.shutdown();
+                                        format!("it opened with {:?}, not HELLO", f.kind())
+                                    }
+                                    Err(e) => {
+                                        c.shutdown();
+                                        e.to_string()
+                                    }
+                                }
+                            }
+                        };
+                        tracing::warn!(
+                            "dropped a connection that did not open as a godwit source: {why}"
+                        );
+                        mine.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if let Err(e) = spawned {
+                    opening.fetch_sub(1, Ordering::SeqCst);
+                    tracing::error!("cannot start a thread for a new connection: {e}");
+                }
+            }
+            Ok(())
+        });
+        let got = loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(x) => break Ok(x),
+                Err(mpsc::RecvTimeoutError::Timeout) if acceptor.is_finished() => {
+                    break Err(());
+                }
+                Err(_) => {}
+            }
+        };
+        done.store(true, Ordering::SeqCst);
+        let accepted = acceptor.join();
+        match (got, accepted) {
+            (Ok(x), _) => Ok(x),
+            (Err(_), Ok(Err(e))) => Err(e),
+            (Err(_), _) => Err(ReceiveError::Listen(std::io::Error::other(
+                "the listener stopped",
+            ))),
+        }
+    })
 }
 
 /// The first frame of a new connection, whole within FIRST_FRAME_DEADLINE.
@@ -255,28 +346,21 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
     // Connections that do not open with a whole HELLO in time are dropped, and the
     // destination waits for the next: no stranger can end or hold it. A file has one
     // chance.
-    let (mut first, hello, t0) = loop {
-        let mut c = match l.accept(None) {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {
-                tracing::warn!("dropped a connection: {e}");
-                continue;
-            }
-            Err(e) => return Err(ReceiveError::Listen(e)),
-        };
+    let (mut first, hello, t0) = if snapshot {
+        let mut c = l.accept(None).map_err(ReceiveError::Listen)?;
         let t0 = Instant::now();
-        let why = match first_frame(&mut c, &mut buf) {
-            Ok(Frame::Hello(h)) => break (c, h, t0),
+        match first_frame(&mut c, &mut buf) {
+            Ok(Frame::Hello(h)) => (c, h, t0),
             Ok(f) => {
-                ReceiveError::Stream(format!("the stream starts with {:?}, not HELLO", f.kind()))
+                return Err(ReceiveError::Stream(format!(
+                    "the stream starts with {:?}, not HELLO",
+                    f.kind()
+                )))
             }
-            Err(e) => ReceiveError::Hello(e),
-        };
-        if snapshot {
-            return Err(why);
+            Err(e) => return Err(ReceiveError::Hello(e)),
         }
-        tracing::warn!("dropped a connection that did not open as a godwit source: {why}");
-        c.shutdown();
+    } else {
+        first_source(l)?
     };
     first
         .set_read_timeout(Some(IDLE_TIMEOUT))

@@ -32,7 +32,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// driver had to switch over above it) and the time stop-and-copy data takes: the
 /// destination's READY must come within it, or the source resumes the VM (no GO is
 /// sent, so the destination never starts it).
-pub const HANDSHAKE_ALLOWANCE: Duration = Duration::from_secs(2);
+pub const HANDSHAKE_ALLOWANCE: Duration = Duration::from_secs(3);
 /// How long the source waits for STARTED after GO before it reports the hand-over as
 /// unconfirmed (it goes on listening for it afterwards).
 const STARTED_TIMEOUT: Duration = Duration::from_secs(10);

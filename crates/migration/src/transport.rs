@@ -304,6 +304,21 @@ impl Listener {
     /// fails the TLS handshake is an error of kind ConnectionAborted: that peer's, not
     /// the listener's.
     pub fn accept(&self, timeout: Option<Duration>) -> io::Result<Stream> {
+        let s = self.accept_raw(timeout)?;
+        secure(self.tls().as_ref(), s)
+    }
+
+    /// The TLS credentials peers must pass, if any.
+    pub fn tls(&self) -> Option<crate::tls::Creds> {
+        match self {
+            Listener::Tcp(_, c) => c.clone(),
+            _ => None,
+        }
+    }
+
+    /// The next connection as accepted, before any TLS handshake (`secure` does it, so
+    /// that a slow peer's handshake can run apart from the accepting thread).
+    pub fn accept_raw(&self, timeout: Option<Duration>) -> io::Result<Stream> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         // With a deadline, poll a non-blocking listener; without one, block.
         match self {
@@ -331,25 +346,7 @@ impl Listener {
                         Stream::Unix(u) => u.set_nonblocking(false)?,
                         _ => {}
                     }
-                    return match (self, s) {
-                        (Listener::Tcp(_, Some(creds)), Stream::Tcp(t)) => {
-                            let peer = t.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                            let aborted = |e: io::Error| {
-                                io::Error::new(
-                                    io::ErrorKind::ConnectionAborted,
-                                    format!("TLS handshake with {peer}: {e}"),
-                                )
-                            };
-                            t.set_read_timeout(Some(TLS_HANDSHAKE_TIMEOUT))
-                                .map_err(aborted)?;
-                            t.set_write_timeout(Some(TLS_HANDSHAKE_TIMEOUT))
-                                .map_err(aborted)?;
-                            let t = creds.accept(t).map_err(aborted)?;
-                            t.sock.set_write_timeout(None).map_err(aborted)?;
-                            Ok(Stream::Tls(t))
-                        }
-                        (_, s) => Ok(s),
-                    };
+                    return Ok(s);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
@@ -364,6 +361,30 @@ impl Listener {
             }
         }
     }
+}
+
+/// The TLS handshake of an accepted TCP connection, when the listener asks for one. A
+/// peer that fails it is an error of kind ConnectionAborted: that peer's, not the
+/// listener's.
+pub fn secure(tls: Option<&crate::tls::Creds>, s: Stream) -> io::Result<Stream> {
+    let (Some(creds), Stream::Tcp(t)) = (tls, &s) else {
+        return Ok(s);
+    };
+    let peer = t.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let aborted = |e: io::Error| {
+        io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("TLS handshake with {peer}: {e}"),
+        )
+    };
+    let Stream::Tcp(t) = s else { unreachable!() };
+    t.set_read_timeout(Some(TLS_HANDSHAKE_TIMEOUT))
+        .map_err(aborted)?;
+    t.set_write_timeout(Some(TLS_HANDSHAKE_TIMEOUT))
+        .map_err(aborted)?;
+    let t = creds.accept(t).map_err(aborted)?;
+    t.sock.set_write_timeout(None).map_err(aborted)?;
+    Ok(Stream::Tls(t))
 }
 
 impl Drop for Listener {
