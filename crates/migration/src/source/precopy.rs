@@ -1,0 +1,146 @@
+//! Pre-copy: rounds over the components' data while the VM runs, each ending once the
+//! destination has taken it in, until the expected downtime fits the limit (holding
+//! back what writes when rounds alone would not get there).
+
+use super::*;
+
+impl Driver<'_> {
+    pub(super) fn precopy(&mut self) -> Res<()> {
+        let limit = self.o.downtime_ms as f64;
+        let mut last_sync = Instant::now();
+        let untouched = self.untouched(|p| p.precopy);
+        let mut rounds_at_max = 0;
+        loop {
+            let index = self.report.rounds.len() as u32;
+            let (pct, held) = (self.converge.max_pct(), self.converge.held());
+            self.progress(self.pending(), 0.0);
+            let bytes_before = self.out.as_ref().expect("connected").bytes;
+            let t = Instant::now();
+            let sent = self.send_all()?;
+            self.round_end(index as u64 + 1)?;
+            let d = t.elapsed();
+            let bytes = self.out.as_ref().expect("connected").bytes - bytes_before;
+            self.learn_bandwidth(bytes, d);
+            let since = last_sync.elapsed();
+            let mut round = Round {
+                index,
+                duration_ms: ms(d),
+                bytes,
+                throughput_mib_s: mib_s(bytes, d),
+                throttle_pct: pct,
+                throttle: held,
+                ..Default::default()
+            };
+            for (p, (r, _)) in self.parts.iter().zip(&sent) {
+                if !p.precopy {
+                    continue;
+                }
+                let s = p.c.sync().map_err(MigrationError::component(&p.name))?;
+                round.pages_sent += r.pages;
+                round.zero_pages += r.zero_pages;
+                round.skipped_redirtied += r.skipped;
+                round.peek_us += r.peek_us;
+                round.dirty_pages += s.dirty_pages;
+                round.dirty_log_us += s.log_us;
+                if r.pages + r.zero_pages + s.dirty_pages > 0 || !s.extra.is_empty() {
+                    round.components.insert(
+                        p.name.clone(),
+                        RoundPart {
+                            pages_sent: r.pages,
+                            zero_pages: r.zero_pages,
+                            dirty_pages: s.dirty_pages,
+                            dirty_rate_mib_s: mib_s(s.dirty_pages * PAGE_SIZE as u64, since),
+                            skipped_redirtied: r.skipped,
+                            dirty_log_us: s.log_us,
+                            peek_us: r.peek_us,
+                            extra: s.extra,
+                        },
+                    );
+                }
+            }
+            last_sync = Instant::now();
+            if index == 0 {
+                round.zero_pages += untouched;
+                self.report.bytes.zero_pages += untouched;
+            }
+            let n = round.dirty_pages;
+            round.dirty_rate_mib_s = mib_s(n * PAGE_SIZE as u64, since);
+            let expected = self.expected_ms(n);
+            round.expected_downtime_ms = expected;
+            self.expected_ms = expected;
+            // Fitting the limit is enough to stop, but while rounds still shrink the
+            // dirty set well another one is cheap and shortens the pause (the limit is a
+            // ceiling, not a target); below a couple of ms the fixed costs dominate and
+            // further rounds gain nothing. The next round lasts about n pages /
+            // bandwidth and the guest dirties at its rate meanwhile, so each round
+            // leaves rate / bandwidth of the set before it.
+            let rate = n as f64 * PAGE_SIZE as f64 / since.as_secs_f64().max(1e-6);
+            // A set that did not shrink since the last round (a few pages the guest
+            // writes all the time) will not shrink in the next one either.
+            let shrank = self
+                .report
+                .rounds
+                .last()
+                .is_none_or(|prev| n < prev.dirty_pages);
+            let shrinking = shrank && rate <= self.bandwidth_cap() * CONVERGING;
+            // Rounds shrink only the transfer; the fixed part and the round trips stay.
+            let good_enough = self.transfer_ms(n) <= SMALL_DOWNTIME_MS - FIXED_DOWNTIME_MS;
+            let reason = if n == 0 {
+                Some("no dirty pages left".into())
+            } else if expected <= limit && (good_enough || !shrinking) {
+                Some(format!(
+                    "expected downtime {expected:.1} ms fits the {limit} ms limit"
+                ))
+            } else if rounds_at_max >= ROUNDS_AT_MAX_THROTTLE {
+                Some(format!(
+                    "forced: still {expected:.1} ms expected after {rounds_at_max} rounds with everything held back as far as it goes"
+                ))
+            } else if index + 1 >= MAX_ROUNDS {
+                Some(format!("forced: {MAX_ROUNDS} rounds"))
+            } else {
+                None
+            };
+            if reason.is_none() && index > 0 {
+                // The VM may dirty its memory faster than more rounds alone can follow:
+                // hold back what writes (see `converge`).
+                let changes = self.converge.round(rate, self.bandwidth_cap());
+                self.throttle(changes);
+                self.report.max_throttle_pct =
+                    self.report.max_throttle_pct.max(self.converge.max_pct());
+                self.report.throttled = self.report.max_throttle_pct > 0;
+                if self.converge.exhausted() && rate > self.bandwidth_cap() / 2.0 {
+                    rounds_at_max += 1;
+                }
+            }
+            self.report.rounds.push(round);
+            self.progress(n, expected);
+            self.check_in()?;
+            if let Some(r) = reason {
+                self.report.switchover_reason = r;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Pages the components have left to send.
+    /// Pages of the components `which` picks that their first pass skips (never
+    /// written, so zero on both sides).
+    pub(super) fn untouched(&self, which: impl Fn(&Part) -> bool) -> u64 {
+        self.parts
+            .iter()
+            .filter(|p| which(p))
+            .map(|p| {
+                let first = p.c.precopy_info().map_or(0, |i| i.initial_bytes);
+                p.c.pages().saturating_sub(first / PAGE_SIZE as u64)
+            })
+            .sum()
+    }
+
+    pub(super) fn pending(&self) -> u64 {
+        self.parts
+            .iter()
+            .filter_map(|p| p.c.precopy_info().ok())
+            .map(|i| i.total() / PAGE_SIZE as u64)
+            .sum()
+    }
+}

@@ -1,0 +1,210 @@
+//! The switchover: the VM stops in order, its states and last pages go out, and the
+//! handshake (COMPLETE, READY, commit, GO, STARTED) hands it over, with the pause
+//! bounded by a watchdog until GO.
+
+use super::*;
+
+impl Driver<'_> {
+    pub(super) fn part(&mut self, name: &str) -> &mut DowntimePart {
+        self.report
+            .downtime
+            .components
+            .entry(name.to_string())
+            .or_default()
+    }
+
+    /// What the pause may last: the downtime limit (or what the last round expected,
+    /// when the driver switched over above it), three times the time the stop-and-copy
+    /// components' memory takes at the measured bandwidth, and the handshake allowance.
+    pub(super) fn pause_budget(&self) -> Duration {
+        let bw = self.bandwidth_cap().max(64.0 * (1 << 20) as f64);
+        let stop_copy: u64 = self
+            .parts
+            .iter()
+            .filter(|p| !p.precopy)
+            .map(|p| p.c.pages() * PAGE_SIZE as u64)
+            .sum();
+        let ms = (self.o.downtime_ms as f64).max(self.expected_ms);
+        Duration::from_secs_f64(ms / 1e3 + 3.0 * stop_copy as f64 / bw) + HANDSHAKE_ALLOWANCE
+    }
+
+    /// Stops the VM and hands it over. Until GO, a watchdog bounds the pause: at the
+    /// budget's end it shuts the connection down (whatever blocks returns) and the VM
+    /// resumes here; the destination, which starts only on GO, never runs it.
+    pub(super) fn switchover(&mut self) -> Res<()> {
+        self.phase = Phase::Switchover;
+        let changes = self.converge.release();
+        self.throttle(changes);
+        self.progress(self.pending(), 0.0);
+        self.pause_budget = self.pause_budget();
+        let tp = Instant::now();
+        self.paused_at = Some(tp);
+        let status = self.status;
+        let deadline = tp + self.pause_budget;
+        let armed = (std::sync::Mutex::new(true), std::sync::Condvar::new());
+        let handed = std::thread::scope(|s| {
+            s.spawn(|| {
+                let (lock, cv) = &armed;
+                let mut on = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while *on {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        status.expire();
+                        return;
+                    }
+                    on = cv
+                        .wait_timeout(on, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            });
+            let r = self.stop_and_send(tp, deadline);
+            *armed.0.lock().unwrap_or_else(|e| e.into_inner()) = false;
+            armed.1.notify_all();
+            r
+        });
+        if let Err(e) = handed {
+            return Err(
+                if status.expired() && !matches!(e, MigrationError::Cancelled) {
+                    MigrationError::PauseExceeded {
+                        budget: self.pause_budget,
+                    }
+                } else {
+                    e
+                },
+            );
+        }
+        if self.target.is_file() {
+            return Ok(());
+        }
+        self.go(tp)
+    }
+
+    /// The pause up to the point of no return: stop in order, states, last pages,
+    /// COMPLETE, the destination's READY, commit.
+    pub(super) fn stop_and_send(&mut self, tp: Instant, deadline: Instant) -> Res<()> {
+        // Stop in order: nothing that starts work runs once what does it has stopped.
+        for i in 0..self.parts.len() {
+            let t = Instant::now();
+            let (c, name) = (self.parts[i].c.clone(), self.parts[i].name.clone());
+            step_to(&*c, MigState::StopCopy).map_err(MigrationError::component(&name))?;
+            self.part(&name).stop_ms = ms(t.elapsed());
+        }
+        self.report.downtime.pause_ms = ms(tp.elapsed());
+        for i in 0..self.parts.len() {
+            let p = &self.parts[i];
+            if !p.precopy {
+                let (n, name) = (self.untouched(|q| q.name == p.name), p.name.clone());
+                self.report.bytes.zero_pages += n;
+                self.report
+                    .bytes
+                    .components
+                    .entry(name)
+                    .or_default()
+                    .zero_pages += n;
+            }
+        }
+        // The states first: the destination loads them while the last pages arrive.
+        let t = Instant::now();
+        for i in 0..self.parts.len() {
+            let ts = Instant::now();
+            let (c, name) = (self.parts[i].c.clone(), self.parts[i].name.clone());
+            let bytes = c.save().map_err(MigrationError::component(&name))?;
+            if bytes.len() > wire::MAX_PAYLOAD - 4 {
+                return Err(MigrationError::component(&name)(
+                    godwit_vmm::migratable::ComponentError::Refused(format!(
+                        "a state of {} bytes is too large",
+                        bytes.len()
+                    )),
+                ));
+            }
+            let f = Frame::State {
+                section: i as u32,
+                data: &bytes,
+            };
+            self.out().control(&f).map_err(|e| self.send_error(e))?;
+            let p = self.part(&name);
+            p.state_ms = ms(ts.elapsed());
+            p.state_bytes = bytes.len() as u64;
+            self.report.bytes.state += bytes.len() as u64;
+            self.report.bytes.components.entry(name).or_default().state = bytes.len() as u64;
+        }
+        self.report.downtime.state_ms = ms(t.elapsed());
+        // The last dirty-log reads, then the last pages.
+        let t = Instant::now();
+        for i in 0..self.parts.len() {
+            let (c, name) = (self.parts[i].c.clone(), self.parts[i].name.clone());
+            let s = c.sync().map_err(MigrationError::component(&name))?;
+            let p = self.part(&name);
+            p.dirty_log_ms = s.log_us / 1e3;
+            p.extra = s.extra;
+            self.report.downtime.dirty_log_ms += s.log_us / 1e3;
+        }
+        let sent = self.send_all()?;
+        for (i, (r, d)) in sent.iter().enumerate() {
+            let name = self.parts[i].name.clone();
+            let p = self.part(&name);
+            p.final_pages = r.pages + r.zero_sent;
+            p.final_pages_ms = ms(*d);
+            self.report.downtime.final_pages += r.pages + r.zero_sent;
+        }
+        self.out().complete().map_err(|e| self.send_error(e))?;
+        self.report.downtime.final_pages_ms = ms(t.elapsed());
+        self.report.bytes.total = self.out.as_ref().expect("connected").bytes;
+        if self.target.is_file() {
+            self.out().seal().map_err(|e| self.send_error(e))?;
+            self.report.downtime_ms = ms(tp.elapsed());
+            return Ok(());
+        }
+        let t = Instant::now();
+        let left = deadline.saturating_duration_since(t);
+        let ready: Ready = match self.answer_within("READY", left)? {
+            Answer::Ready(r) => r,
+            a => {
+                return Err(MigrationError::Unexpected {
+                    want: "READY",
+                    got: format!("{a:?}"),
+                })
+            }
+        };
+        self.report.downtime.confirm_ms = ms(t.elapsed());
+        self.report.downtime.restore_ms = ready.restore_ms;
+        // The destination holds everything: from here the VM is the destination's.
+        if !self.status.commit() {
+            return Err(if self.status.expired() {
+                MigrationError::PauseExceeded {
+                    budget: self.pause_budget,
+                }
+            } else {
+                MigrationError::Cancelled
+            });
+        }
+        Ok(())
+    }
+
+    /// GO and STARTED: past the point of no return. Without STARTED the hand-over is
+    /// unconfirmed and the VM stays stopped here.
+    pub(super) fn go(&mut self, tp: Instant) -> Res<()> {
+        self.phase = Phase::Handover;
+        self.progress(0, 0.0);
+        let t = Instant::now();
+        if let Err(e) = self
+            .out()
+            .control(&Frame::Go)
+            .and_then(|_| self.out().sync())
+        {
+            // GO never left: the destination will not start, so the VM stays here.
+            return Err(self.send_error(e));
+        }
+        match self.answer_within("STARTED", STARTED_TIMEOUT) {
+            Ok(Answer::Started(s)) => self.report.downtime.vm_start_ms = s.start_ms,
+            // It said so: it does not run the VM, so the VM comes back here.
+            Err(MigrationError::Aborted(m)) => return Err(MigrationError::Aborted(m)),
+            Ok(a) => return Err(MigrationError::Unconfirmed(format!("it answered {a:?}"))),
+            Err(e) => return Err(MigrationError::Unconfirmed(e.to_string())),
+        }
+        self.report.downtime.start_ms = ms(t.elapsed());
+        self.report.downtime_ms = ms(tp.elapsed());
+        Ok(())
+    }
+}
