@@ -204,6 +204,50 @@ pub(crate) fn free_port() -> Result<u16, String> {
 /// Kills the processes of one run whatever happens.
 pub(crate) struct Procs(pub Vec<Child>);
 
+/// One benchmark migration's scratch: the source's and destination's console logs and
+/// the source's API socket under `dir` (named with `prefix`, cleared), a free loopback
+/// port for the destination, and the processes started so far.
+pub(crate) struct Pair {
+    pub src_log: std::path::PathBuf,
+    pub dst_log: std::path::PathBuf,
+    pub sock: std::path::PathBuf,
+    pub port: u16,
+    pub procs: Procs,
+    exe: std::path::PathBuf,
+}
+
+impl Pair {
+    pub fn new(dir: &Path, prefix: &str) -> Result<Pair, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let p = |n: &str| dir.join(format!("{prefix}{n}"));
+        let (src_log, dst_log, sock) = (p("src.log"), p("dst.log"), p("src.sock"));
+        for f in [&src_log, &dst_log, &sock] {
+            let _ = std::fs::remove_file(f);
+        }
+        Ok(Pair {
+            src_log,
+            dst_log,
+            sock,
+            port: free_port()?,
+            procs: Procs(vec![]),
+            exe,
+        })
+    }
+
+    /// Starts a godwit with `args`, quiet, kept until the pair drops.
+    pub fn spawn(&mut self, args: Vec<String>) -> Result<(), String> {
+        let c = std::process::Command::new(&self.exe)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start godwit: {e}"))?;
+        self.procs.0.push(c);
+        Ok(())
+    }
+}
+
 impl Drop for Procs {
     fn drop(&mut self) {
         for c in &mut self.0 {

@@ -10,14 +10,14 @@
 //! (how far the GPU and the vCPUs were held back, and the GPU's engine time per second
 //! while held against before), and the link speed the pre-copy rounds showed.
 
-use crate::bench::{alive, free_port, guest_gap, steady, summary, wait_for, Procs, Summary};
+use crate::bench::{alive, guest_gap, steady, summary, wait_for, Pair, Summary};
 use crate::cli::GpuMigrateBenchArgs;
 use godwit_gpu::profile;
 use godwit_migration::{Options, Report};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 /// Filling 8 GiB of VRAM on a host that backs memory on first touch takes a while.
@@ -235,28 +235,15 @@ fn one_run(
     mode: Mode,
     limit: u64,
 ) -> Result<Sample, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let (src_log, dst_log, sock) = (
-        dir.join("src.log"),
-        dir.join("dst.log"),
-        dir.join("src.sock"),
+    let mut pair = Pair::new(dir, "")?;
+    let (src_log, dst_log, sock, port) = (
+        pair.src_log.clone(),
+        pair.dst_log.clone(),
+        pair.sock.clone(),
+        pair.port,
     );
-    for p in [&src_log, &dst_log, &sock] {
-        let _ = std::fs::remove_file(p);
-    }
-    let port = free_port()?;
-    let spawn = |args: Vec<String>| {
-        Command::new(&exe)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start godwit: {e}"))
-    };
     let gd = gpu_dir.display().to_string();
-    let mut procs = Procs(vec![]);
-    procs.0.push(spawn(vec![
+    pair.spawn(vec![
         "run".into(),
         "--incoming".into(),
         format!("tcp:127.0.0.1:{port}"),
@@ -264,7 +251,7 @@ fn one_run(
         gd.clone(),
         "--console".into(),
         format!("file:{}", dst_log.display()),
-    ])?);
+    ])?;
     let mut src: Vec<String> = [
         "run",
         "--memory",
@@ -286,9 +273,10 @@ fn one_run(
     .map(|s| s.to_string())
     .collect();
     src.extend(w.args.split(' ').map(String::from));
-    procs.0.push(spawn(src)?);
+    pair.spawn(src)?;
+    let procs = &mut pair.procs;
     wait_for("the source guest", STEADY_TIMEOUT, || {
-        alive(&mut procs).then(|| steady(&src_log))
+        alive(procs).then(|| steady(&src_log))
     })?;
     // Let a busy GPU reach its steady state (a few SGD steps).
     std::thread::sleep(Duration::from_millis(500));
@@ -314,7 +302,7 @@ fn one_run(
     // The source process ends by design; keep only the destination.
     let _ = procs.0[1].wait();
     procs.0.truncate(1);
-    let gap = guest_gap(&dst_log, &mut procs)?;
+    let gap = guest_gap(&dst_log, procs)?;
     Ok(sample(&r, gap))
 }
 

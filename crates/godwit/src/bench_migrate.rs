@@ -9,7 +9,7 @@
 //! `--tls` the first mode also runs over TLS 1.3 (mutual certificates), so that what
 //! encryption costs sits beside the plain run.
 
-use crate::bench::{alive, free_port, guest_gap, steady, summary, wait_for, Procs, Summary};
+use crate::bench::{alive, free_port, guest_gap, steady, summary, wait_for, Pair, Procs, Summary};
 use crate::cli::MigrateBenchArgs;
 use godwit_migration::{Options, Report};
 use godwit_vmm::dirty::DirtyLogMode;
@@ -177,26 +177,13 @@ fn godwit_run(
     dirty_log: DirtyLogMode,
     tls: Option<&Path>,
 ) -> Result<Sample, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let (src_log, dst_log, sock) = (
-        dir.join("g-src.log"),
-        dir.join("g-dst.log"),
-        dir.join("g-src.sock"),
+    let mut pair = Pair::new(dir, "g-")?;
+    let (src_log, dst_log, sock, port) = (
+        pair.src_log.clone(),
+        pair.dst_log.clone(),
+        pair.sock.clone(),
+        pair.port,
     );
-    for p in [&src_log, &dst_log, &sock] {
-        let _ = std::fs::remove_file(p);
-    }
-    let port = free_port()?;
-    let spawn = |args: Vec<String>| {
-        Command::new(&exe)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start godwit: {e}"))
-    };
-    let mut procs = Procs(vec![]);
     let mut dst = vec![
         "run".into(),
         "--incoming".into(),
@@ -209,7 +196,7 @@ fn godwit_run(
     if let Some(d) = tls {
         dst.extend(["--tls-dir".into(), d.display().to_string()]);
     }
-    procs.0.push(spawn(dst)?);
+    pair.spawn(dst)?;
     let mut src = vec![
         "run".into(),
         "--memory".into(),
@@ -224,9 +211,10 @@ fn godwit_run(
         "--".into(),
     ];
     src.extend(dirtier_args(w).split(' ').map(String::from));
-    procs.0.push(spawn(src)?);
+    pair.spawn(src)?;
+    let procs = &mut pair.procs;
     wait_for("the godwit source guest", STEADY_TIMEOUT, || {
-        alive(&mut procs).then(|| steady(&src_log))
+        alive(procs).then(|| steady(&src_log))
     })?;
     let o = Options {
         to: format!("tcp:127.0.0.1:{port}"),
@@ -247,7 +235,7 @@ fn godwit_run(
     // The source process has ended by design; keep only the destination.
     let _ = procs.0[1].wait();
     procs.0.truncate(1);
-    let gap = guest_gap(&dst_log, &mut procs)?;
+    let gap = guest_gap(&dst_log, procs)?;
     Ok(Sample {
         total_ms: r.total_ms,
         downtime_ms: r.downtime_ms,
