@@ -37,31 +37,45 @@ impl Driver<'_> {
         self.throttle(changes);
         self.progress(self.pending(), 0.0);
         self.pause_budget = self.pause_budget();
-        let tp = Instant::now();
-        self.paused_at = Some(tp);
         let status = self.status;
-        let deadline = tp + self.pause_budget;
-        let armed = (std::sync::Mutex::new(true), std::sync::Condvar::new());
-        let handed = std::thread::scope(|s| {
+        let budget = self.pause_budget;
+        // The watchdog's thread starts before the pause (a thread's start is not on the
+        // switchover's critical path) and learns its deadline once the pause begins.
+        let watch = (
+            std::sync::Mutex::new((true, None::<Instant>)),
+            std::sync::Condvar::new(),
+        );
+        let (handed, tp) = std::thread::scope(|s| {
             s.spawn(|| {
-                let (lock, cv) = &armed;
-                let mut on = lock.lock().unwrap_or_else(|e| e.into_inner());
-                while *on {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        status.expire();
-                        return;
-                    }
-                    on = cv
-                        .wait_timeout(on, left)
+                let (lock, cv) = &watch;
+                let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while w.0 {
+                    let wait = match w.1 {
+                        None => Duration::from_secs(3600),
+                        Some(d) => {
+                            let left = d.saturating_duration_since(Instant::now());
+                            if left.is_zero() {
+                                status.expire();
+                                return;
+                            }
+                            left
+                        }
+                    };
+                    w = cv
+                        .wait_timeout(w, wait)
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 }
             });
+            let tp = Instant::now();
+            self.paused_at = Some(tp);
+            let deadline = tp + budget;
+            watch.0.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(deadline);
+            watch.1.notify_all();
             let r = self.stop_and_send(tp, deadline);
-            *armed.0.lock().unwrap_or_else(|e| e.into_inner()) = false;
-            armed.1.notify_all();
-            r
+            watch.0.lock().unwrap_or_else(|e| e.into_inner()).0 = false;
+            watch.1.notify_all();
+            (r, tp)
         });
         if let Err(e) = handed {
             return Err(
