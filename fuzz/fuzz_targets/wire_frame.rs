@@ -19,7 +19,11 @@ fuzz_target!(|data: &[u8]| {
                 ) {
                     let mut again = Vec::new();
                     wire::write_frame(&mut again, &f).expect("a decoded frame encodes");
-                    assert_eq!(again, before[..used], "a frame did not re-encode to its bytes");
+                    assert_eq!(
+                        again,
+                        before[..used],
+                        "a frame did not re-encode to its bytes"
+                    );
                 }
             }
             Err(_) => break,
