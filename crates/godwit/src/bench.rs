@@ -234,6 +234,28 @@ impl Pair {
         })
     }
 
+    /// Migrates the source (its API socket) as `o` says and waits for the source to end;
+    /// returns the report and the guest's own largest gap on the destination.
+    pub fn migrate(
+        &mut self,
+        o: &godwit_migration::Options,
+        limit: std::time::Duration,
+    ) -> Result<(godwit_migration::Report, f64), String> {
+        let body = serde_json::to_string(o).expect("plain data");
+        let (code, out) =
+            godwit_vmm::api::call_with(&self.sock, "PUT", "vm.migrate", &body, Some(limit))?;
+        if code != 200 {
+            return Err(format!("godwit migration failed (HTTP {code}): {out}"));
+        }
+        let r: godwit_migration::Report =
+            serde_json::from_str(&out).map_err(|e| format!("report: {e}"))?;
+        // The source process ends by design; keep only the destination.
+        let _ = self.procs.0[1].wait();
+        self.procs.0.truncate(1);
+        let gap = guest_gap(&self.dst_log, &mut self.procs)?;
+        Ok((r, gap))
+    }
+
     /// Starts a godwit with `args`, quiet, kept until the pair drops.
     pub fn spawn(&mut self, args: Vec<String>) -> Result<(), String> {
         let c = std::process::Command::new(&self.exe)

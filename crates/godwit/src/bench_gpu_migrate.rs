@@ -10,7 +10,7 @@
 //! (how far the GPU and the vCPUs were held back, and the GPU's engine time per second
 //! while held against before), and the link speed the pre-copy rounds showed.
 
-use crate::bench::{alive, guest_gap, steady, summary, wait_for, Pair, Summary};
+use crate::bench::{alive, steady, summary, wait_for, Pair, Summary};
 use crate::cli::GpuMigrateBenchArgs;
 use godwit_gpu::profile;
 use godwit_migration::{Options, Report};
@@ -292,17 +292,7 @@ fn one_run(
         tls_dir: None,
         insecure: false,
     };
-    let body = serde_json::to_string(&o).expect("plain data");
-    let (code, out) =
-        godwit_vmm::api::call_with(&sock, "PUT", "vm.migrate", &body, Some(MIGRATE_TIMEOUT))?;
-    if code != 200 {
-        return Err(format!("migration failed (HTTP {code}): {out}"));
-    }
-    let r: Report = serde_json::from_str(&out).map_err(|e| format!("report: {e}"))?;
-    // The source process ends by design; keep only the destination.
-    let _ = procs.0[1].wait();
-    procs.0.truncate(1);
-    let gap = guest_gap(&dst_log, procs)?;
+    let (r, gap) = pair.migrate(&o, MIGRATE_TIMEOUT)?;
     Ok(sample(&r, gap))
 }
 

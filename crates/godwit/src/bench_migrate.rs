@@ -11,7 +11,7 @@
 
 use crate::bench::{alive, free_port, guest_gap, steady, summary, wait_for, Pair, Procs, Summary};
 use crate::cli::MigrateBenchArgs;
-use godwit_migration::{Options, Report};
+use godwit_migration::Options;
 use godwit_vmm::dirty::DirtyLogMode;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -225,17 +225,7 @@ fn godwit_run(
         tls_dir: tls.map(Path::to_path_buf),
         insecure: false,
     };
-    let body = serde_json::to_string(&o).expect("plain data");
-    let (code, out) =
-        godwit_vmm::api::call_with(&sock, "PUT", "vm.migrate", &body, Some(MIGRATE_TIMEOUT))?;
-    if code != 200 {
-        return Err(format!("godwit migration failed (HTTP {code}): {out}"));
-    }
-    let r: Report = serde_json::from_str(&out).map_err(|e| format!("report: {e}"))?;
-    // The source process has ended by design; keep only the destination.
-    let _ = procs.0[1].wait();
-    procs.0.truncate(1);
-    let gap = guest_gap(&dst_log, procs)?;
+    let (r, gap) = pair.migrate(&o, MIGRATE_TIMEOUT)?;
     Ok(Sample {
         total_ms: r.total_ms,
         downtime_ms: r.downtime_ms,

@@ -274,12 +274,7 @@ fn the_api_socket_never_replaces_a_file() {
     let dir = TempDir::new("api-files");
     let file = dir.path("notes.txt");
     std::fs::write(&file, "precious").unwrap();
-    let fifo = dir.path("fifo");
-    assert!(std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
+    let fifo = dir.fifo("fifo");
     let sub = dir.path("sub");
     std::fs::create_dir(&sub).unwrap();
     for p in [&file, &fifo, &sub] {

@@ -188,12 +188,7 @@ fn endless_blocking_and_wrong_kind_inputs_are_refused() {
         return;
     }
     let dir = TempDir::new("inputs");
-    let fifo = dir.path("fifo");
-    assert!(std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
+    let fifo = dir.fifo("fifo");
     let f = fifo.to_str().unwrap();
     fails_with(
         &["run", "/dev/zero"],

@@ -92,6 +92,13 @@ impl TempDir {
     pub fn path(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
+    /// A FIFO named `name` in the directory (nobody writes it).
+    pub fn fifo(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        let ok = Command::new("mkfifo").arg(&p).status().unwrap().success();
+        assert!(ok, "mkfifo {}", p.display());
+        p
+    }
 }
 
 impl Drop for TempDir {
