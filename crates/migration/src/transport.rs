@@ -104,24 +104,9 @@ impl Stream {
                 }
                 Err(last)
             }
-            Target::Unix(p) => UnixStream::connect(p).map(Stream::Unix).map_err(|e| {
-                use std::os::unix::fs::FileTypeExt;
-                let what = match std::fs::metadata(p) {
-                    Err(_) => {
-                        "nothing is there (is the destination waiting with --incoming unix:PATH?)"
-                            .to_string()
-                    }
-                    Ok(m) if !m.file_type().is_socket() => format!(
-                        "it is {}, not a socket",
-                        godwit_vmm::files::kind(m.file_type())
-                    ),
-                    Ok(_) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                        "nobody listens on it (a stale socket?)".to_string()
-                    }
-                    Ok(_) => e.to_string(),
-                };
-                io::Error::new(e.kind(), what)
-            }),
+            Target::Unix(p) => UnixStream::connect(p)
+                .map(Stream::Unix)
+                .map_err(|e| io::Error::new(e.kind(), godwit_vmm::files::socket_problem(p, &e))),
             Target::File(p) => crate::snapshot_file::SnapshotOut::create(p).map(Stream::File),
         }
     }

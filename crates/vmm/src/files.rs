@@ -28,7 +28,22 @@ pub fn kind(ft: std::fs::FileType) -> &'static str {
     } else if ft.is_symlink() {
         "a symbolic link"
     } else {
-        "a regular file"
+        "a file"
+    }
+}
+
+/// Why connecting to the Unix socket at `path` failed (`e`), in words: nothing there,
+/// something that is not a socket, or a socket nobody listens on.
+pub fn socket_problem(path: &Path, e: &io::Error) -> String {
+    match std::fs::metadata(path) {
+        Err(_) => "it does not exist".into(),
+        Ok(m) if !m.file_type().is_socket() => {
+            format!("it is {}, not a socket", kind(m.file_type()))
+        }
+        Ok(_) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            "nobody listens on it (a stale socket left by a process that ended?)".into()
+        }
+        Ok(_) => e.to_string(),
     }
 }
 

@@ -73,21 +73,14 @@ pub fn call_with(
 
 /// Says what is at `socket` when nothing answers there.
 fn connect_error(socket: &Path, e: &std::io::Error) -> String {
-    use std::os::unix::fs::FileTypeExt;
     let p = socket.display();
-    match std::fs::metadata(socket) {
-        Err(_) => format!(
-            "cannot connect to the API socket {p}: it does not exist (is godwit running with --api-socket {p}?)"
-        ),
-        Ok(m) if m.is_dir() => format!("the API socket {p} is a directory, not a socket"),
-        Ok(m) if !m.file_type().is_socket() => {
-            format!("the API socket {p} is a file, not a socket")
-        }
-        Ok(_) if e.kind() == std::io::ErrorKind::ConnectionRefused => format!(
-            "cannot connect to the API socket {p}: nobody listens on it (a godwit that ended left it behind?)"
-        ),
-        Ok(_) => format!("cannot connect to the API socket {p}: {e}"),
-    }
+    let why = crate::files::socket_problem(socket, e);
+    let hint = if std::fs::metadata(socket).is_err() {
+        format!(" (is godwit running with --api-socket {p}?)")
+    } else {
+        String::new()
+    };
+    format!("cannot connect to the API socket {p}: {why}{hint}")
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {
