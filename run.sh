@@ -12,6 +12,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+# The userfaultfd crate (post-copy) generates its bindings with libclang at build time.
+if ! dpkg -s libclang-dev >/dev/null 2>&1; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+    echo "== installing libclang-dev" >&2
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libclang-dev >/dev/null
+fi
 cargo build --release --locked -p godwit >&2
 if [ $# -eq 0 ]; then
     exec target/release/godwit demo

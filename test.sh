@@ -21,6 +21,8 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-amd64)
 command -v xz >/dev/null || need+=(xz-utils)
 { command -v unshare && command -v setpriv; } >/dev/null || need+=(util-linux)
+# The userfaultfd crate (post-copy) generates its bindings with libclang at build time.
+dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 install_needed
 # schemathesis (PyPI, pinned) checks the API against docs/openapi.yaml.
 need=()

@@ -281,6 +281,7 @@ fn one_run(
     // Let a busy GPU reach its steady state (a few SGD steps).
     std::thread::sleep(Duration::from_millis(500));
     let o = Options {
+        mode: Default::default(),
         to: format!("tcp:127.0.0.1:{port}"),
         downtime_ms: limit,
         max_bandwidth: None,

@@ -217,6 +217,7 @@ fn godwit_run(
         alive(procs).then(|| steady(&src_log))
     })?;
     let o = Options {
+        mode: Default::default(),
         to: format!("tcp:127.0.0.1:{port}"),
         downtime_ms: limit,
         max_bandwidth: None,

@@ -39,6 +39,12 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Cancel the migration in progress (the VM keeps running where it is).
     MigrateCancel(ApiArgs),
+    /// Switch the migration in progress to post-copy now: the VM starts at the
+    /// destination and the memory it has not got yet follows it.
+    MigratePostcopy(ApiArgs),
+    /// Go on with a post-copy whose connections broke, on new ones (to the same
+    /// destination address unless --to names another way to reach it).
+    MigrateRecover(RecoverArgs),
     /// Write TLS credentials for migration into DIR (QEMU's x509 layout): a new CA, a
     /// server certificate for the destination's names, a client certificate.
     TlsCreds(TlsCredsArgs),
@@ -218,6 +224,16 @@ pub struct ResumeArgs {
 }
 
 #[derive(Args)]
+pub struct RecoverArgs {
+    /// The API socket of the source godwit.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+    /// The destination's address now (default: the one the migration started with).
+    #[arg(long)]
+    pub to: Option<String>,
+}
+
+#[derive(Args)]
 pub struct MigrateArgs {
     /// The API socket of the godwit whose VM moves.
     #[arg(long)]
@@ -228,6 +244,13 @@ pub struct MigrateArgs {
     /// Longest acceptable pause of the guest, in ms.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
+    /// How memory moves: precopy (rounds while the VM runs, the rest in the pause),
+    /// postcopy (the VM moves first, its memory follows: fetched where touched, pushed
+    /// in the background), hybrid (pre-copy rounds while they converge, then
+    /// post-copy instead of throttling the guest), auto (pre-copy when it fits the
+    /// downtime limit, else hybrid).
+    #[arg(long, default_value = "precopy", value_parser = ["precopy", "postcopy", "hybrid", "auto"])]
+    pub mode: String,
     /// Bandwidth cap over all connections, bytes per second (suffixes K, M, G: KiB, MiB,
     /// GiB per second).
     #[arg(long)]

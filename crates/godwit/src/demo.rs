@@ -159,6 +159,7 @@ fn demo(a: &DemoArgs) -> Result<bool, String> {
         api_socket: p("source.sock"),
         to: addr,
         downtime_ms: a.downtime_ms,
+        mode: "precopy".into(),
         max_bandwidth: None,
         connections: 1,
         gpu_precopy: crate::cli::OnOff::On,

@@ -37,6 +37,15 @@ fn main() -> ExitCode {
         cli::Command::Shutdown(a) => run::api_call(&a.api_socket, "PUT", "vm.shutdown"),
         cli::Command::Migrate(a) => migrate::migrate(a),
         cli::Command::MigrateCancel(a) => run::api_call(&a.api_socket, "PUT", "vm.migrate-cancel"),
+        cli::Command::MigrateRecover(a) => run::api_call_with(
+            &a.api_socket,
+            "PUT",
+            "vm.migrate-recover",
+            &serde_json::json!({ "to": a.to }).to_string(),
+        ),
+        cli::Command::MigratePostcopy(a) => {
+            run::api_call(&a.api_socket, "PUT", "vm.migrate-postcopy")
+        }
         cli::Command::TlsCreds(a) => match godwit_migration::tls::generate(&a.dir, &a.hosts) {
             Ok(()) => {
                 println!(

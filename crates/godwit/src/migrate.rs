@@ -207,6 +207,10 @@ pub fn migrate(a: MigrateArgs) -> ExitCode {
     };
     let o = Options {
         to: a.to.clone(),
+        mode: match a.mode.parse() {
+            Ok(m) => m,
+            Err(e) => return fail(e),
+        },
         downtime_ms: a.downtime_ms,
         max_bandwidth,
         connections: a.connections,

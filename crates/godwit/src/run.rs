@@ -146,7 +146,9 @@ pub fn run(a: RunArgs) -> ExitCode {
     // Until a server owns the socket, this removes it on every early return.
     let guard = SocketGuard(listener.as_ref().map(|(_, p)| p.clone()));
     let pending = match (incoming, payload) {
-        (Some(t), _) => receive(&t, &a, console, api.as_ref()).map(Pending::Incoming),
+        (Some(t), _) => {
+            receive(&t, &a, console, api.as_ref()).map(|i| Pending::Incoming(Box::new(i)))
+        }
         (None, Some(payload)) => Vm::create(VmConfig {
             memory_mib: a.memory.unwrap_or(DEFAULT_MEMORY_MIB),
             vcpus: a.vcpus.unwrap_or(1),
@@ -188,20 +190,25 @@ pub fn run(a: RunArgs) -> ExitCode {
         let ext: Arc<dyn Extension> = migration;
         api.serve(handle, Some(ext));
     }
-    let mut vm = match pending {
+    let (mut vm, postcopy) = match pending {
         Pending::Booted(mut vm) => match vm.start() {
-            Ok(()) => vm,
+            Ok(()) => (vm, None),
             Err(e) => {
                 vm.wait();
                 return fail(e);
             }
         },
         Pending::Incoming(inc) => match inc.start() {
-            Ok(vm) => vm,
+            Ok(x) => x,
             Err(e) => return fail(e),
         },
     };
-    match vm.wait() {
+    let exit = vm.wait();
+    if let Some(pc) = postcopy.filter(|pc| pc.left() > 0) {
+        // The VM ended before all of its memory arrived: the source keeps nothing.
+        pc.vm_ended(&format!("{exit:?}"));
+    }
+    match exit {
         VmExit::Guest(code) => ExitCode::from(code as u8),
         VmExit::Shutdown => ExitCode::SUCCESS,
         VmExit::Migrated(to) => {
@@ -231,7 +238,7 @@ fn vm_name(a: &RunArgs) -> String {
 /// A VM built but not started: booted from a payload, or received from a source.
 enum Pending {
     Booted(Vm),
-    Incoming(Incoming),
+    Incoming(Box<Incoming>),
 }
 
 /// Waits on `t` for a source and loads the VM it sends.
@@ -278,8 +285,10 @@ fn receive(
         gpu_dir: Some(a.gpu_dir.dir()),
         name: vm_name(a),
     };
-    let inc = godwit_migration::receive(&l, &host, console).map_err(|e| e.to_string())?;
+    let mut inc = godwit_migration::receive(&l, &host, console).map_err(|e| e.to_string())?;
     tracing::info!(guest = inc.source_guest, ms = inc.receive_ms, "VM received");
+    // In post-copy a source that loses its connections comes back here.
+    inc.keep_for_recovery(l);
     Ok(inc)
 }
 

@@ -10,6 +10,8 @@
 //! | vm.shutdown    | 409 (cancel first)   | 200 (the user has checked)       |
 //! | vm.migrate     | 409                  | 409                              |
 //! | vm.migrate-cancel | 200, cancels      | 409 too late                     |
+//! | vm.migrate-postcopy | 200, switches at the next chance | 409          |
+//! | vm.migrate-recover | 409                | 200 once post-copy is paused (body `{"to"}`, optional) |
 
 use crate::report::{Outcome, Status};
 use crate::source::{self, Options};
@@ -123,8 +125,12 @@ impl Extension for MigrationApi {
                         return Some(err(500, "the migration thread failed".into()));
                     }
                 };
-                // An unconfirmed hand-over keeps the VM owned (see `source::start`).
-                if report.error_kind.as_deref() != Some("unconfirmed") {
+                // An unconfirmed hand-over, or a post-copy that broke, keeps the VM owned
+                // (see `source::start`).
+                if !matches!(
+                    report.error_kind.as_deref(),
+                    Some("unconfirmed" | "postcopy_broken")
+                ) {
                     let _ = h.ctl.set_owner(None);
                 }
                 let body = serde_json::to_value(&report).unwrap_or_default();
@@ -150,6 +156,7 @@ impl Extension for MigrationApi {
                 200,
                 json!({
                     "active": self.status.active.load(Ordering::SeqCst),
+                    "postcopy_paused": self.status.paused(),
                     "progress": self.status.progress(),
                     "last": *self.status.last.lock().unwrap_or_else(|e| e.into_inner()),
                 }),
@@ -172,9 +179,51 @@ impl Extension for MigrationApi {
                     Err(m) => err(409, m.into()),
                 }
             }
-            (_, "vm.migrate" | "vm.migration" | "vm.migrate-cancel") => {
-                err(405, format!("{method} is not allowed on {endpoint}"))
+            ("PUT", "vm.migrate-recover") => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Body {
+                    #[serde(default)]
+                    to: Option<String>,
+                }
+                let b: Body = if body.iter().all(|c| c.is_ascii_whitespace()) {
+                    Body { to: None }
+                } else {
+                    match serde_json::from_slice(body) {
+                        Ok(b) => b,
+                        Err(e) => return Some(err(400, format!("bad recovery request: {e}"))),
+                    }
+                };
+                if let Some(t) = &b.to {
+                    if let Err(e) = crate::transport::Target::parse(t) {
+                        return Some(err(400, e));
+                    }
+                }
+                if !self.status.active.load(Ordering::SeqCst) {
+                    return Some(err(409, "no migration is running".into()));
+                }
+                match self.status.ask_recover(b.to.unwrap_or_default()) {
+                    Ok(()) => (200, json!({"recovering": true})),
+                    Err(m) => err(409, m),
+                }
             }
+            ("PUT", "vm.migrate-postcopy") => {
+                if !self.status.active.load(Ordering::SeqCst) {
+                    return Some(err(409, "no migration is running".into()));
+                }
+                match self.status.ask_postcopy() {
+                    Ok(()) => (200, json!({"switching": true})),
+                    Err(m) => err(409, m),
+                }
+            }
+            (
+                _,
+                "vm.migrate"
+                | "vm.migration"
+                | "vm.migrate-cancel"
+                | "vm.migrate-postcopy"
+                | "vm.migrate-recover",
+            ) => err(405, format!("{method} is not allowed on {endpoint}")),
             _ => return None,
         })
     }

@@ -3,8 +3,8 @@
 //! work without waiting (`poll`), so an ABORT mid-round ends the migration at once
 //! rather than at the next failed write, and waits with a deadline where an answer is
 //! due (`wait`). It reads on the driver's own thread: a hand-off to a reader thread
-//! would cost a wake-up on the switchover's critical path. (Post-copy's page requests
-//! will come this way too.)
+//! would cost a wake-up on the switchover's critical path. Post-copy's page requests
+//! come this way too.
 
 use crate::transport::Stream;
 use crate::wire::{self, Frame, Kind, Ready, Started, WireError, HEADER_LEN};
@@ -19,6 +19,19 @@ pub enum Answer {
     Started(Started),
     Synced(u64),
     Abort(String),
+    /// Post-copy: pages the destination waits for.
+    Request {
+        section: u32,
+        addrs: Vec<u64>,
+    },
+    /// Post-copy: the destination holds every page.
+    Done(crate::wire::Done),
+    /// Post-copy recovery: what the destination still lacks of one section.
+    Missing {
+        section: u32,
+        missing: Vec<Vec<u64>>,
+    },
+    Resumed,
     /// A frame the destination should not send.
     Other(Kind),
     /// The destination closed the connection.
@@ -72,6 +85,10 @@ impl BackChannel {
             Ok(Frame::Started(x)) => Answer::Started(x),
             Ok(Frame::Synced(n)) => Answer::Synced(n),
             Ok(Frame::Abort(m)) => Answer::Abort(m),
+            Ok(Frame::Request { section, addrs }) => Answer::Request { section, addrs },
+            Ok(Frame::Done(d)) => Answer::Done(d),
+            Ok(Frame::Postcopy { section, missing }) => Answer::Missing { section, missing },
+            Ok(Frame::Resumed) => Answer::Resumed,
             Ok(f) => Answer::Other(f.kind()),
             Err(e) => {
                 self.ended = true;

@@ -5,6 +5,8 @@
 //! reads is hostile: any malformed, truncated, corrupt or out-of-range input ends the
 //! migration with a clear error and the VM is never started.
 
+use crate::postcopy_in::LazyPart;
+pub use crate::postcopy_in::PostcopyIn;
 use crate::transport::{Listener, Stream};
 use crate::wire::{self, Frame, Hello, Kind, Ready, Started, Totals, WireError};
 use godwit_vmm::migratable::incoming::{self, Host};
@@ -143,7 +145,10 @@ fn first_source(l: &Listener) -> Result<(Stream, Hello, Instant), ReceiveError> 
 }
 
 /// The first frame of a new connection, whole within FIRST_FRAME_DEADLINE.
-fn first_frame<'b>(s: &mut Stream, buf: &'b mut Vec<u8>) -> Result<Frame<'b>, WireError> {
+pub(crate) fn first_frame<'b>(
+    s: &mut Stream,
+    buf: &'b mut Vec<u8>,
+) -> Result<Frame<'b>, WireError> {
     let end = Instant::now() + FIRST_FRAME_DEADLINE;
     wire::read_frame(&mut Within { s, end }, buf)
 }
@@ -180,6 +185,14 @@ pub struct Incoming {
     pub receive_ms: f64,
     /// When READY went out: GO counts only within GO_WINDOW of it.
     ready_at: Instant,
+    /// Post-copy: the components that run ahead of their data, and the data
+    /// connections that go on bringing it.
+    lazy: Vec<LazyPart>,
+    lanes: Vec<Stream>,
+    /// The migration's session, and where a source that lost its connections during
+    /// post-copy comes back.
+    session: u64,
+    recovery: Option<Listener>,
 }
 
 /// Answers the source, if there is one to answer.
@@ -205,6 +218,8 @@ pub enum Event<'a> {
     State(usize, &'a [u8]),
     /// The end of pre-copy round `n` on this connection.
     Sync(u64),
+    /// Post-copy: the pages of section `i` still at the source (main connection only).
+    Postcopy(usize, Vec<Vec<u64>>),
 }
 
 /// Takes each event as it arrives.
@@ -254,6 +269,13 @@ pub fn drain(
                 on_event(Event::State(s as usize, data))?;
             }
             Frame::Sync(n) => on_event(Event::Sync(n))?,
+            Frame::Postcopy {
+                section: s,
+                missing,
+            } if until == Kind::Complete => {
+                section(s)?;
+                on_event(Event::Postcopy(s as usize, missing))?;
+            }
             Frame::Data { section: s, data } if until == Kind::Complete => {
                 let (c, name) = section(s)?;
                 c.load_data(data).map_err(|e| format!("{name}: {e}"))?;
@@ -459,6 +481,8 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
     let wake = first.try_clone();
     let mut restore = Duration::ZERO;
     let mut states = vec![false; parts.len()];
+    let mut postcopy: Vec<Option<Vec<Vec<u64>>>> = vec![None; parts.len()];
+    let mut kept = Vec::new();
     // How far each data connection has got (the last SYNC it passed), so the main one
     // answers SYNCED only once all of them have taken in the round.
     let lanes = Lanes::new(data.len());
@@ -474,7 +498,9 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
                             lanes.passed(k, n);
                             Ok(())
                         }
-                        Event::State(..) => Err("a state on a data connection".into()),
+                        Event::State(..) | Event::Postcopy(..) => {
+                            Err("a state on a data connection".into())
+                        }
                     });
                     if r.is_err() {
                         lanes.failed();
@@ -483,7 +509,8 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
                             m.shutdown_read();
                         }
                     }
-                    r
+                    // Post-copy's background stream goes on on it.
+                    r.map(|_| c)
                 })
             })
             .collect();
@@ -512,12 +539,18 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
                     answer(&mut main, &Frame::Synced(n));
                     Ok(())
                 }
+                Event::Postcopy(i, missing) => {
+                    if postcopy[i].replace(missing).is_some() {
+                        return Err(format!("{}: post-copy said twice", names[i]));
+                    }
+                    Ok(())
+                }
             },
         );
         let mut first_err = None;
         for w in workers {
             match w.join() {
-                Ok(Ok(_)) => {}
+                Ok(Ok(c)) => kept.push(c),
                 Ok(Err(e)) => {
                     first_err.get_or_insert(e);
                 }
@@ -558,6 +591,25 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
     for (c, n) in parts.iter().zip(&names) {
         step_to(&**c, MigState::Stop).map_err(|e| abort(&mut main, format!("{n}: {e}")))?;
     }
+    // Post-copy: what is still at the source goes missing here, to be fetched when
+    // touched once the VM runs.
+    let mut lazy = Vec::new();
+    for (i, missing) in postcopy.into_iter().enumerate() {
+        let Some(missing) = missing else { continue };
+        if snapshot {
+            return Err(ReceiveError::Stream(
+                "a snapshot cannot leave memory behind (post-copy)".into(),
+            ));
+        }
+        let faults = parts[i]
+            .postcopy_expect(missing)
+            .map_err(|e| abort(&mut main, format!("{}: {e}", names[i])))?;
+        lazy.push(LazyPart {
+            section: i as u32,
+            name: names[i].clone(),
+            faults,
+        });
+    }
     let ready = Ready {
         restore_ms: restore.as_secs_f64() * 1e3,
         check_ms: t.elapsed().as_secs_f64() * 1e3,
@@ -573,13 +625,24 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
         source_guest: hello.guest,
         receive_ms: t0.elapsed().as_secs_f64() * 1e3,
         ready_at: Instant::now(),
+        lazy,
+        lanes: kept,
+        session: hello.session,
+        recovery: None,
     })
 }
 
 impl Incoming {
+    /// Keeps `l` (the listener this VM came on) for post-copy: a source whose
+    /// connections break comes back on it. Without it a broken post-copy cannot recover.
+    pub fn keep_for_recovery(&mut self, l: Listener) {
+        self.recovery = Some(l);
+    }
+
     /// Starts the VM once the source has given it up (GO); from a snapshot, at once.
-    /// Without GO the VM is dropped unstarted: the source keeps it.
-    pub fn start(mut self) -> Result<Vm, ReceiveError> {
+    /// Without GO the VM is dropped unstarted: the source keeps it. In post-copy the
+    /// VM runs ahead of its memory, which the returned handle follows.
+    pub fn start(mut self) -> Result<(Vm, Option<Arc<PostcopyIn>>), ReceiveError> {
         if let Some(m) = &mut self.main {
             let mut buf = Vec::new();
             let end = self.ready_at + GO_WINDOW;
@@ -605,6 +668,36 @@ impl Incoming {
             }
         }
         let t = Instant::now();
+        let mut requests = None;
+        if !self.lazy.is_empty() {
+            // Without these threads nothing would ever fill a missing page: a VM that
+            // cannot have them must not run (the source takes it back).
+            let lazy = std::mem::take(&mut self.lazy);
+            let lanes = std::mem::take(&mut self.lanes);
+            let n: u64 = lazy.iter().map(|l| l.faults.left()).sum();
+            let main = self.main.as_ref().and_then(|m| m.try_clone());
+            let started = main
+                .ok_or_else(|| std::io::Error::other("the main connection cannot be shared"))
+                .and_then(|m| {
+                    let recovery =
+                        self.recovery
+                            .take()
+                            .map(|listener| crate::postcopy_in::Recovery {
+                                listener,
+                                session: self.session,
+                            });
+                    crate::postcopy_in::start(m, lanes, self.parts.clone(), lazy, recovery)
+                });
+            match started {
+                Ok(x) => requests = Some(x),
+                Err(e) => {
+                    let why = format!("cannot start post-copy: {e}");
+                    answer(&mut self.main, &Frame::Abort(why.clone()));
+                    return Err(ReceiveError::Start(why));
+                }
+            }
+            tracing::info!(pages = n, "post-copy: the VM runs ahead of its memory");
+        }
         // Devices before the vCPUs that drive them: the reverse of the stop order.
         let mut order: Vec<&Arc<dyn Component>> = self.parts.iter().collect();
         order.sort_by_key(|c| std::cmp::Reverse(c.stop_order()));
@@ -623,6 +716,10 @@ impl Incoming {
             start_ms: t.elapsed().as_secs_f64() * 1e3,
         };
         answer(&mut self.main, &Frame::Started(started));
-        Ok(self.vm)
+        let postcopy = requests.map(|(pc, go)| {
+            let _ = go.send(());
+            pc
+        });
+        Ok((self.vm, postcopy))
     }
 }

@@ -55,6 +55,12 @@ pub enum MigrationError {
          start it", budget.as_millis()
     )]
     PauseExceeded { budget: Duration },
+    #[error(
+        "post-copy broke ({why}): the VM runs at the destination and {pages} of its pages \
+         are still only here; this copy stays stopped and keeps them (never resume it: it \
+         is stale) while this process lives"
+    )]
+    PostcopyBroken { why: String, pages: u64 },
 }
 
 impl MigrationError {
@@ -75,12 +81,19 @@ impl MigrationError {
             MigrationError::Cancelled => "cancelled",
             MigrationError::Unconfirmed(_) => "unconfirmed",
             MigrationError::PauseExceeded { .. } => "pause_exceeded",
+            MigrationError::PostcopyBroken { .. } => "postcopy_broken",
         }
     }
 
     /// Past GO with no answer: the destination may run the VM, so the source must not.
     pub fn ambiguous(&self) -> bool {
         matches!(self, MigrationError::Unconfirmed(_))
+    }
+
+    /// The destination runs the VM ahead of its memory: the source must never run it
+    /// again, and must keep what it still holds.
+    pub fn split(&self) -> bool {
+        matches!(self, MigrationError::PostcopyBroken { .. })
     }
 
     pub(crate) fn component(name: &str) -> impl FnOnce(ComponentError) -> MigrationError + '_ {

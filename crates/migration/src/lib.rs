@@ -9,7 +9,8 @@
 //! sending lanes, `back` what the destination says while a migration runs, and
 //! `source` the policy (rounds, switchover), on its own thread, with
 //! `converge` deciding what to hold back when rounds alone do not converge.
-//! `destination` is the receiving side.
+//! `destination` is the receiving side, `postcopy_in` its part once a VM runs there
+//! ahead of its memory.
 
 pub mod api;
 mod back;
@@ -17,6 +18,7 @@ mod converge;
 pub mod destination;
 pub mod error;
 pub mod outbound;
+pub mod postcopy_in;
 pub mod report;
 pub mod snapshot_file;
 pub mod source;
@@ -27,6 +29,6 @@ pub mod wire;
 pub use destination::{receive, Incoming, ReceiveError};
 pub use error::MigrationError;
 pub use godwit_vmm::migratable::incoming::Host;
-pub use report::{Outcome, Phase, Progress, Report, Status};
+pub use report::{Mode, Outcome, Phase, Progress, Report, Status};
 pub use source::{migrate, Options};
 pub use transport::{Listener, Target};

@@ -56,17 +56,30 @@ struct Limiter {
     rate: Option<u64>,
     start: Instant,
     sent: u64,
+    /// Whether sending waits here; else the caller waits `due` itself (post-copy
+    /// does, listening for requests meanwhile, which then go first).
+    wait: bool,
 }
 
 impl Limiter {
     fn account(&mut self, bytes: usize) {
-        let Some(rate) = self.rate else { return };
-        self.sent += bytes as u64;
-        let due = self.start + Duration::from_secs_f64(self.sent as f64 / rate as f64);
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
+        if self.rate.is_none() {
+            return;
         }
+        self.sent += bytes as u64;
+        let d = self.due();
+        if self.wait && !d.is_zero() {
+            std::thread::sleep(d);
+        }
+    }
+
+    /// How long until the cap allows more.
+    fn due(&self) -> Duration {
+        let Some(rate) = self.rate else {
+            return Duration::ZERO;
+        };
+        let due = self.start + Duration::from_secs_f64(self.sent as f64 / rate as f64);
+        due.saturating_duration_since(Instant::now())
     }
 }
 
@@ -111,6 +124,7 @@ impl Outbound {
                 rate,
                 start: Instant::now(),
                 sent: 0,
+                wait: true,
             },
             live,
             bytes: 0,
@@ -303,13 +317,41 @@ impl Outbound {
 
     /// A sink that frames `section`'s pages; `cancel` stops a long read early.
     pub fn sink<'a>(&'a mut self, section: u32, cancel: &'a AtomicBool) -> SectionSink<'a> {
+        self.routed(section, cancel, Route::Spread)
+    }
+
+    /// A sink whose pages go the way `route` says.
+    pub fn routed<'a>(
+        &'a mut self,
+        section: u32,
+        cancel: &'a AtomicBool,
+        route: Route,
+    ) -> SectionSink<'a> {
         SectionSink {
             out: self,
             section,
             cancel,
             lane: 0,
             addr: 0,
+            route,
         }
+    }
+
+    /// From now on sending never waits for the bandwidth cap: the caller waits `due`
+    /// before it sends more, and may send what cannot wait meanwhile.
+    pub fn pace_by_caller(&mut self) {
+        self.limiter.wait = false;
+    }
+
+    /// How long until the bandwidth cap allows more.
+    pub fn due(&self) -> Duration {
+        self.limiter.due()
+    }
+
+    /// Sends what the main lane holds back (pages asked for go out at once).
+    pub fn flush_main(&mut self) -> io::Result<()> {
+        self.flush_pages(0)?;
+        self.flush_zeros(0)
     }
 
     /// Stops every writer thread (after an error or a cancel), without waiting for them.
@@ -335,6 +377,17 @@ impl Drop for Outbound {
     }
 }
 
+/// Which connections a sink's pages take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// All of them, by address.
+    Spread,
+    /// The main one: post-copy's pages asked for, which nothing may queue behind.
+    Main,
+    /// All but the main one (where there are others): post-copy's background stream.
+    Background,
+}
+
 /// One component's pages into the lanes.
 pub struct SectionSink<'a> {
     out: &'a mut Outbound,
@@ -342,13 +395,18 @@ pub struct SectionSink<'a> {
     cancel: &'a AtomicBool,
     lane: usize,
     addr: u64,
+    route: Route,
 }
 
 impl Sink for SectionSink<'_> {
     fn slot(&mut self, addr: u64) -> &mut [u8] {
         let lanes = self.out.lanes.len() as u64;
-        let chunk = addr / PAGE_SIZE as u64 / CHUNK_PAGES;
-        self.lane = ((chunk + self.section as u64) % lanes) as usize;
+        let chunk = addr / PAGE_SIZE as u64 / CHUNK_PAGES + self.section as u64;
+        self.lane = match self.route {
+            Route::Main => 0,
+            Route::Background if lanes > 1 => (1 + chunk % (lanes - 1)) as usize,
+            _ => (chunk % lanes) as usize,
+        };
         self.addr = addr;
         let section = self.section;
         let f = &mut self.out.lanes[self.lane].frame;

@@ -41,6 +41,10 @@ pub enum Phase {
     Switchover,
     /// GO is sent: the VM belongs to the destination.
     Handover,
+    /// The VM runs at the destination while the rest of its memory moves there.
+    Postcopy,
+    /// Post-copy with its connections broken: waiting for `migrate-recover`.
+    PostcopyPaused,
     Done,
 }
 
@@ -51,6 +55,8 @@ impl std::fmt::Display for Phase {
             Phase::Precopy => "precopy",
             Phase::Switchover => "switchover",
             Phase::Handover => "handover",
+            Phase::Postcopy => "postcopy",
+            Phase::PostcopyPaused => "postcopy_paused",
             Phase::Done => "done",
         };
         f.write_str(s)
@@ -182,8 +188,97 @@ pub struct Downtime {
     pub components: BTreeMap<String, DowntimePart>,
 }
 
+/// How memory moves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Rounds while the VM runs, then the rest inside the pause (throttling what
+    /// writes when rounds alone do not converge).
+    #[default]
+    Precopy,
+    /// The VM starts at the destination at once; its memory follows, asked for where
+    /// touched and pushed in the background.
+    Postcopy,
+    /// Pre-copy rounds while they converge, then post-copy instead of throttling.
+    Hybrid,
+    /// Pre-copy when it fits the downtime limit, else hybrid.
+    Auto,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Precopy => "precopy",
+            Mode::Postcopy => "postcopy",
+            Mode::Hybrid => "hybrid",
+            Mode::Auto => "auto",
+        })
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        Ok(match s {
+            "precopy" => Mode::Precopy,
+            "postcopy" => Mode::Postcopy,
+            "hybrid" => Mode::Hybrid,
+            "auto" => Mode::Auto,
+            _ => {
+                return Err(format!(
+                    "{s:?} is not a mode (precopy, postcopy, hybrid, auto)"
+                ))
+            }
+        })
+    }
+}
+
+/// What post-copy did: the switch, the window in which the VM's memory was split over
+/// both hosts, and the pages moved in it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Postcopy {
+    /// From the start of the migration to the switch (the VM stopping here).
+    pub switched_at_ms: f64,
+    pub reason: String,
+    /// Pages the destination lacked when it started the VM, per component.
+    pub missing_pages: BTreeMap<String, u64>,
+    /// From the switch to the destination holding every page (DONE).
+    pub window_ms: f64,
+    /// Pages sent because the destination asked (a touch waited for them).
+    pub requested_pages: u64,
+    /// Pages pushed in the background.
+    pub background_pages: u64,
+    /// Requests the source refused (pages outside the VM): counted, never served.
+    pub refused_requests: u64,
+    /// Touches of a page that had to be fetched, over all components.
+    pub remote_faults: u64,
+    /// Pages the background stream placed before anything touched them.
+    pub prepaged_pages: u64,
+    /// Fault to page placed at the destination (the component with the most faults).
+    pub fault_latency: godwit_vmm::migratable::Latency,
+    /// What each component's destination side counted.
+    pub destination: BTreeMap<String, godwit_vmm::migratable::FaultStats>,
+    /// Times the connections broke and post-copy went on on new ones.
+    #[serde(default)]
+    pub recoveries: u32,
+    /// Set when the VM ended at the destination before all its memory got there (the
+    /// rest was no longer needed): how it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_ended: Option<String>,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
+    /// The mode asked for.
+    #[serde(default)]
+    pub mode: Mode,
+    /// What ran: "precopy" (the VM moved whole inside the pause) or "postcopy" (it
+    /// ran at the destination ahead of its memory).
+    #[serde(default)]
+    pub ran: String,
+    /// Set when post-copy ran.
+    #[serde(default)]
+    pub postcopy: Option<Postcopy>,
     pub status: Outcome,
     pub error: Option<String>,
     /// The error's kind, for programs (see `MigrationError::kind`).
@@ -253,6 +348,23 @@ pub struct Status {
     pub interrupt: Mutex<Interrupt>,
     /// A hand-over left unconfirmed (GO sent, no answer): the VM stays stopped here.
     pub handover: Mutex<Option<Handover>>,
+    /// `migrate-postcopy`: switch to post-copy at the next chance.
+    pub postcopy_now: AtomicBool,
+    /// Whether the migration in progress can switch to post-copy (a live destination,
+    /// still in pre-copy).
+    pub postcopy_possible: AtomicBool,
+    /// A post-copy whose connections broke, and the user's answer (`migrate-recover`).
+    pub recovery: Mutex<Recovery>,
+    pub recovery_cv: std::sync::Condvar,
+}
+
+/// A paused post-copy and the user's answer to it.
+#[derive(Default)]
+pub struct Recovery {
+    /// Why it is paused, while it is.
+    pub paused: Option<String>,
+    /// Where to go on (empty: the address the migration started with).
+    pub to: Option<String>,
 }
 
 /// An unconfirmed hand-over: where GO went, and the connection on which a late answer
@@ -283,6 +395,15 @@ impl Status {
     /// destination why; if it is still running after `grace` (blocked on a peer that
     /// does not read), its sockets are shut down so the blocked call returns.
     pub fn request_cancel(&self, grace: std::time::Duration) -> Result<(), &'static str> {
+        {
+            // A paused post-copy is given up (its VM stays stopped here).
+            let r = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
+            if r.paused.is_some() {
+                self.cancel.store(true, Ordering::SeqCst);
+                self.recovery_cv.notify_all();
+                return Ok(());
+            }
+        }
         {
             let i = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
             if i.committed {
@@ -326,6 +447,68 @@ impl Status {
         for s in &i.sockets {
             s.shutdown();
         }
+    }
+
+    /// `migrate-postcopy`: refused unless the migration in progress is still in its
+    /// pre-copy rounds to a live destination.
+    pub fn ask_postcopy(&self) -> Result<(), String> {
+        if !self.postcopy_possible.load(Ordering::SeqCst) {
+            return Err(
+                "post-copy needs a migration in its pre-copy rounds to a live destination \
+                 (not a file, not past the switchover)"
+                    .into(),
+            );
+        }
+        self.postcopy_now.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Post-copy lost its connections (`Some(why)`), or goes on again (None).
+    pub fn set_paused(&self, why: Option<String>) {
+        let mut r = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
+        r.paused = why;
+        r.to = None;
+    }
+
+    /// The paused post-copy's driver waits here: the address to recover to, or None
+    /// when the user gave up (migrate-cancel).
+    pub fn wait_recover(&self) -> Option<String> {
+        let mut r = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.cancelled() {
+                return None;
+            }
+            if let Some(to) = r.to.take() {
+                return Some(to);
+            }
+            r = self
+                .recovery_cv
+                .wait_timeout(r, std::time::Duration::from_millis(500))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// `migrate-recover`: refused unless post-copy is paused.
+    pub fn ask_recover(&self, to: String) -> Result<(), String> {
+        let mut r = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
+        match &r.paused {
+            None => Err("no post-copy is paused: there is nothing to recover".into()),
+            Some(_) => {
+                r.to = Some(to);
+                self.recovery_cv.notify_all();
+                Ok(())
+            }
+        }
+    }
+
+    /// Why post-copy is paused, if it is.
+    pub fn paused(&self) -> Option<String> {
+        self.recovery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .paused
+            .clone()
     }
 
     pub fn expired(&self) -> bool {

@@ -25,7 +25,7 @@ use std::io::{self, Read, Write};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"GDWM");
 /// Bumped on any incompatible change; a destination refuses any other.
-pub const WIRE_VERSION: u32 = 3;
+pub const WIRE_VERSION: u32 = 4;
 pub const HEADER_LEN: usize = 16;
 pub const PAGE_SIZE: usize = 4096;
 /// Pages carried by one PAGES frame.
@@ -34,6 +34,8 @@ pub const PAGES_PER_FRAME: usize = 64;
 pub const MAX_PAYLOAD: usize = 8 << 20;
 /// The most zero runs one ZERO frame may carry.
 pub const MAX_ZERO_RUNS: usize = 65536;
+/// The most pages one post-copy REQUEST may ask for.
+pub const MAX_REQUEST: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -54,6 +56,11 @@ pub enum Kind {
     Data = 14,
     Sync = 15,
     Synced = 16,
+    Postcopy = 17,
+    Request = 18,
+    Done = 19,
+    Resume = 20,
+    Resumed = 21,
 }
 
 impl Kind {
@@ -76,6 +83,11 @@ impl Kind {
             14 => Data,
             15 => Sync,
             16 => Synced,
+            17 => Postcopy,
+            18 => Request,
+            19 => Done,
+            20 => Resume,
+            21 => Resumed,
             _ => return None,
         })
     }
@@ -153,6 +165,17 @@ pub struct Totals {
     pub data: u64,
 }
 
+/// The destination's DONE: it holds every page, the source may let go.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Done {
+    /// What post-copy did there, per section that ran ahead of its data.
+    pub sections: Vec<(String, godwit_vmm::migratable::FaultStats)>,
+    /// Set when the VM ended there before every page arrived (nothing is left to
+    /// keep): why.
+    #[serde(default)]
+    pub ended: Option<String>,
+}
+
 /// A decoded frame, borrowing its payload from the read buffer.
 #[derive(Debug, PartialEq)]
 pub enum Frame<'a> {
@@ -195,6 +218,27 @@ pub enum Frame<'a> {
     Go,
     Started(Started),
     Abort(String),
+    /// Post-copy, at the switch, on the main connection: the pages of one section the
+    /// destination still needs, one bitmap per region of the section's memory.
+    Postcopy {
+        section: u32,
+        missing: Vec<Vec<u64>>,
+    },
+    /// Post-copy, destination to source: pages a touch waits for.
+    Request {
+        section: u32,
+        addrs: Vec<u64>,
+    },
+    Done(Done),
+    /// Post-copy recovery, source to destination, opening a new main connection after
+    /// the old ones broke: the migration it continues, and its connection count (the
+    /// others open with JOIN). The destination answers with a POSTCOPY frame per lazy
+    /// section (what it still lacks), then RESUMED.
+    Resume {
+        session: u64,
+        connections: u32,
+    },
+    Resumed,
 }
 
 impl Frame<'_> {
@@ -216,6 +260,11 @@ impl Frame<'_> {
             Frame::Data { .. } => Kind::Data,
             Frame::Sync(_) => Kind::Sync,
             Frame::Synced(_) => Kind::Synced,
+            Frame::Postcopy { .. } => Kind::Postcopy,
+            Frame::Request { .. } => Kind::Request,
+            Frame::Done(_) => Kind::Done,
+            Frame::Resume { .. } => Kind::Resume,
+            Frame::Resumed => Kind::Resumed,
         }
     }
 }
@@ -244,7 +293,15 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
 pub fn write_frame(w: &mut impl Write, f: &Frame) -> io::Result<()> {
     let payload: Vec<u8> = match f {
         Frame::Hello(h) => json(h),
-        Frame::Accept | Frame::Go => Vec::new(),
+        Frame::Accept | Frame::Go | Frame::Resumed => Vec::new(),
+        Frame::Resume {
+            session,
+            connections,
+        } => {
+            let mut p = session.to_le_bytes().to_vec();
+            p.extend_from_slice(&connections.to_le_bytes());
+            p
+        }
         Frame::Sync(n) | Frame::Synced(n) => n.to_le_bytes().to_vec(),
         Frame::Ready(r) => json(r),
         Frame::Started(s) => json(s),
@@ -277,6 +334,26 @@ pub fn write_frame(w: &mut impl Write, f: &Frame) -> io::Result<()> {
             p
         }
         Frame::End(t) | Frame::Complete(t) => json(t),
+        Frame::Done(d) => json(d),
+        Frame::Postcopy { section, missing } => {
+            let mut p = section.to_le_bytes().to_vec();
+            p.extend_from_slice(&(missing.len() as u32).to_le_bytes());
+            for b in missing {
+                p.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                for w in b {
+                    p.extend_from_slice(&w.to_le_bytes());
+                }
+            }
+            p
+        }
+        Frame::Request { section, addrs } => {
+            let mut p = section.to_le_bytes().to_vec();
+            p.extend_from_slice(&(addrs.len() as u32).to_le_bytes());
+            for a in addrs {
+                p.extend_from_slice(&a.to_le_bytes());
+            }
+            p
+        }
         Frame::State { section, data } | Frame::Data { section, data } => {
             let mut p = section.to_le_bytes().to_vec();
             p.extend_from_slice(data);
@@ -490,6 +567,16 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
             .map_err(|e| bad(e.to_string())),
         Kind::Accept => empty(Frame::Accept),
         Kind::Go => empty(Frame::Go),
+        Kind::Resumed => empty(Frame::Resumed),
+        Kind::Resume => {
+            if p.len() != 12 {
+                return Err(bad(format!("{} bytes, expected 12", p.len())));
+            }
+            Ok(Frame::Resume {
+                session: u64_at(p, 0),
+                connections: u32_at(p, 8),
+            })
+        }
         Kind::Ready => serde_json::from_slice(p)
             .map(Frame::Ready)
             .map_err(|e| bad(e.to_string())),
@@ -554,6 +641,53 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
             let (section, data) = section()?;
             Ok(Frame::State { section, data })
         }
+        Kind::Done => serde_json::from_slice(p)
+            .map(Frame::Done)
+            .map_err(|e| bad(e.to_string())),
+        Kind::Request => {
+            let (section, rest) = section()?;
+            let n = counted(rest, 8)?;
+            if n == 0 || n > MAX_REQUEST {
+                return Err(bad(format!(
+                    "{n} pages asked for (1 to {MAX_REQUEST} allowed)"
+                )));
+            }
+            Ok(Frame::Request {
+                section,
+                addrs: (0..n).map(|i| u64_at(rest, 4 + 8 * i)).collect(),
+            })
+        }
+        Kind::Postcopy => {
+            let (section, rest) = section()?;
+            if rest.len() < 4 {
+                return Err(bad("no region count".into()));
+            }
+            let regions = u32_at(rest, 0) as usize;
+            // Each region takes at least its 4-byte word count.
+            if regions == 0 || regions > rest.len() / 4 {
+                return Err(bad(format!("{regions} regions")));
+            }
+            let mut at = 4;
+            let mut missing = Vec::with_capacity(regions);
+            for _ in 0..regions {
+                if rest.len() < at + 4 {
+                    return Err(bad("truncated region".into()));
+                }
+                let words = u32_at(rest, at) as usize;
+                at += 4;
+                let end = words
+                    .checked_mul(8)
+                    .and_then(|b| b.checked_add(at))
+                    .filter(|e| *e <= rest.len())
+                    .ok_or_else(|| bad(format!("{words} words do not fit")))?;
+                missing.push((at..end).step_by(8).map(|i| u64_at(rest, i)).collect());
+                at = end;
+            }
+            if at != rest.len() {
+                return Err(bad(format!("{} stray bytes", rest.len() - at)));
+            }
+            Ok(Frame::Postcopy { section, missing })
+        }
         Kind::Data => {
             let (section, data) = section()?;
             if data.is_empty() {
@@ -608,6 +742,20 @@ mod tests {
         roundtrip(&Frame::Sync(7));
         roundtrip(&Frame::Synced(u64::MAX));
         roundtrip(&Frame::Go);
+        roundtrip(&Frame::Postcopy {
+            section: 1,
+            missing: vec![vec![1, u64::MAX], vec![], vec![7]],
+        });
+        roundtrip(&Frame::Request {
+            section: 0,
+            addrs: vec![4096, 1 << 40],
+        });
+        roundtrip(&Frame::Done(Done::default()));
+        roundtrip(&Frame::Resume {
+            session: 9,
+            connections: 2,
+        });
+        roundtrip(&Frame::Resumed);
         roundtrip(&Frame::End(Totals {
             pages: 5,
             zero_pages: 6,
@@ -687,6 +835,29 @@ mod tests {
         assert!(matches!(
             read_frame(&mut c.as_slice(), &mut buf),
             Err(WireError::Malformed(Kind::Zero, _))
+        ));
+        // Post-copy: a request for nothing or too much, a bitmap that claims more
+        // words than it has.
+        for n in [0usize, MAX_REQUEST + 1] {
+            let mut p = 0u32.to_le_bytes().to_vec();
+            p.extend_from_slice(&(n as u32).to_le_bytes());
+            p.extend(std::iter::repeat_n(0u8, 8 * n));
+            let mut c = Vec::new();
+            write_raw(&mut c, Kind::Request, &p).unwrap();
+            assert!(matches!(
+                read_frame(&mut c.as_slice(), &mut buf),
+                Err(WireError::Malformed(Kind::Request, _))
+            ));
+        }
+        let mut p = 0u32.to_le_bytes().to_vec();
+        p.extend_from_slice(&1u32.to_le_bytes());
+        p.extend_from_slice(&u32::MAX.to_le_bytes());
+        p.extend_from_slice(&[0; 8]);
+        let mut c = Vec::new();
+        write_raw(&mut c, Kind::Postcopy, &p).unwrap();
+        assert!(matches!(
+            read_frame(&mut c.as_slice(), &mut buf),
+            Err(WireError::Malformed(Kind::Postcopy, _))
         ));
     }
 }

@@ -223,6 +223,11 @@ impl Dest {
             &mut |e| match e {
                 Event::State(i, b) => self.parts[i].load(b).map_err(|e| e.to_string()),
                 Event::Sync(_) => Ok(()),
+                // Taken only once the states are loaded (STOP): refused while RESUMING.
+                Event::Postcopy(i, m) => self.parts[i]
+                    .postcopy_expect(m)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
             },
         )
         .map(|_| ())

@@ -366,3 +366,51 @@ pub fn wait_progress(src: &Vm) {
     })
     .expect("no progress");
 }
+
+/// A man in the middle for any number of connections, passing everything both ways
+/// until the returned flag is raised: then it cuts every connection and takes no more
+/// (a link that dies for good).
+pub fn cuttable_proxy(to: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = format!("tcp:{}", l.local_addr().unwrap());
+    let cut = Arc::new(AtomicBool::new(false));
+    let flag = cut.clone();
+    std::thread::spawn(move || {
+        let socks: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        while !cut.load(Ordering::SeqCst) {
+            let a = match l.accept() {
+                Ok((a, _)) => a,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+            };
+            a.set_nonblocking(false).unwrap();
+            let b = TcpStream::connect(to.strip_prefix("tcp:").unwrap()).unwrap();
+            for s in [&a, &b] {
+                let _ = s.set_nodelay(true);
+                socks.lock().unwrap().push(s.try_clone().unwrap());
+            }
+            let pump = |mut from: TcpStream, mut into: TcpStream| {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || into.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            };
+            pump(a.try_clone().unwrap(), b.try_clone().unwrap());
+            pump(b, a);
+        }
+        for s in socks.lock().unwrap().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    });
+    (addr, flag)
+}

@@ -4,17 +4,20 @@
 //! downtime fits the limit (throttling what can be throttled if it never would), then
 //! STOP_COPY in stop order, their states and last data, and the handshake that leaves
 //! exactly one side running the VM. It runs on its own thread; the API starts it,
-//! reads its progress and cancels it. Post-copy would add a phase after `precopy` that
-//! starts the destination before all data has moved and serves the rest on demand over
-//! the back channel; the rounds and the handshake stay.
+//! reads its progress and cancels it. In post-copy (`Mode`) the switchover hands the VM
+//! over before the memory that can follow it has moved; `postcopy` then serves what
+//! the destination asks for and pushes the rest in the background, until the
+//! destination holds all of it.
 //!
 //! `precopy` holds the rounds, `switchover` the stop and the handshake up to STARTED,
-//! `handover` what follows a hand-over the destination did not confirm.
+//! `postcopy` the phase after it, `handover` what follows a hand-over the destination
+//! did not confirm.
 
 use crate::back::{Answer, BackChannel};
 use crate::converge::{self, Converge};
 use crate::error::MigrationError;
 use crate::outbound::Outbound;
+pub use crate::report::Mode;
 use crate::report::{
     DowntimePart, Handover, Outcome, Phase, Progress, Report, Round, RoundPart, Status,
 };
@@ -29,6 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod handover;
+mod postcopy;
 mod precopy;
 mod switchover;
 use handover::await_late_answer;
@@ -67,6 +71,9 @@ const SLICE_PAGES: u64 = 16384;
 pub struct Options {
     /// tcp:HOST:PORT, unix:PATH or file:PATH.
     pub to: String,
+    /// How memory moves (post-copy modes need a live destination).
+    #[serde(default)]
+    pub mode: Mode,
     #[serde(default = "default_downtime")]
     pub downtime_ms: u64,
     /// Bytes per second over all connections; None = as fast as possible.
@@ -87,6 +94,17 @@ pub struct Options {
     /// Plain TCP to a destination that is not this machine's loopback.
     #[serde(default)]
     pub insecure: bool,
+}
+
+impl Options {
+    /// Connections to open: post-copy modes keep the main one free for the pages a
+    /// touch waits for, so they open at least one more for the background stream.
+    pub fn lanes(&self) -> u32 {
+        match self.mode {
+            Mode::Precopy => self.connections,
+            _ => self.connections.max(2),
+        }
+    }
 }
 
 fn default_downtime() -> u64 {
@@ -110,6 +128,13 @@ impl Options {
         }
         if t.is_file() && self.connections != 1 {
             return Err("a file takes one connection".into());
+        }
+        if t.is_file() && self.mode != Mode::Precopy {
+            return Err(format!(
+                "mode {} runs the VM at the destination before its memory is there: it \
+                 needs a live destination, not a file",
+                self.mode
+            ));
         }
         if self.downtime_ms == 0 {
             return Err("the downtime limit must be at least 1 ms".into());
@@ -156,6 +181,8 @@ struct Part {
     name: String,
     /// It takes part in pre-copy (else it is stop-and-copy).
     precopy: bool,
+    /// In post-copy, its data follows the VM (it cannot change any more).
+    lazy: bool,
 }
 
 struct Driver<'a> {
@@ -170,6 +197,11 @@ struct Driver<'a> {
     t0: Instant,
     /// Pages of every component's memory, for progress.
     space_pages: u64,
+    /// The round trip to the destination: the shortest exchange seen so far. HELLO to
+    /// ACCEPT is only an upper bound (the destination builds the VM in between, tens
+    /// of ms for a large one); the SYNC that ends a small round comes back after one
+    /// round trip. Counting the VM's build twice into every expected downtime kept
+    /// cells that fit the limit throttling for seconds.
     rtt: Duration,
     /// Bytes per second the link has shown.
     bandwidth: f64,
@@ -180,6 +212,12 @@ struct Driver<'a> {
     paused_at: Option<Instant>,
     /// What the pause may last (see HANDSHAKE_ALLOWANCE).
     pause_budget: Duration,
+    /// The switchover goes post-copy, and why.
+    postcopy: Option<String>,
+    /// Ties the data connections (and a post-copy recovery) to this migration.
+    session: u64,
+    /// Bytes sent on connections given up (post-copy recovery).
+    bytes_base: u64,
 }
 
 type Res<T> = Result<T, MigrationError>;
@@ -278,11 +316,12 @@ impl Driver<'_> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0);
+        self.session = session;
         let hello = Hello {
             wire_version: wire::WIRE_VERSION,
             guest: h.desc.guest.clone(),
             sections: self.parts.iter().map(|p| p.c.section()).collect(),
-            connections: self.o.connections,
+            connections: self.o.lanes(),
             session,
             snapshot: self.target.is_file(),
         };
@@ -332,7 +371,7 @@ impl Driver<'_> {
         }
         // The data connections, each opened with JOIN.
         let mut more = Vec::new();
-        for index in 1..self.o.connections {
+        for index in 1..self.o.lanes() {
             let mut c = Stream::connect_with(&self.target, Duration::from_secs(5), tls.as_ref())
                 .map_err(unreachable)?;
             let _ = c.set_write_timeout(Some(WRITE_TIMEOUT));
@@ -366,8 +405,10 @@ impl Driver<'_> {
         for i in 0..self.parts.len() {
             let t = Instant::now();
             let mut total = ReadReport::default();
-            // A stop-and-copy component has nothing to send until it is stopped.
-            while self.parts[i].c.state().saving() {
+            // A stop-and-copy component has nothing to send until it is stopped; a lazy
+            // one sends the rest after the hand-over; a round cut short by a switch to
+            // post-copy leaves its pages to post-copy.
+            while self.parts[i].c.state().saving() && !self.parts[i].lazy && !self.switch_asked() {
                 let c = self.parts[i].c.clone();
                 let info = c
                     .precopy_info()
@@ -415,13 +456,22 @@ impl Driver<'_> {
             return Ok(());
         }
         self.out().round_end(n).map_err(|e| self.send_error(e))?;
+        let t = Instant::now();
         match self.answer("SYNCED")? {
-            Answer::Synced(m) if m == n => Ok(()),
+            Answer::Synced(m) if m == n => {
+                self.rtt = self.rtt.min(t.elapsed());
+                Ok(())
+            }
             a => Err(MigrationError::Unexpected {
                 want: "SYNCED",
                 got: format!("{a:?}"),
             }),
         }
+    }
+
+    /// `migrate-postcopy` was asked for while the rounds run.
+    fn switch_asked(&self) -> bool {
+        self.phase == Phase::Precopy && self.status.postcopy_now.load(Ordering::Relaxed)
     }
 
     /// The bandwidth to plan with: measured, and never above the cap.
@@ -481,6 +531,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
             let name = c.section().name;
             Part {
                 precopy: !o.stop_copy.contains(&name),
+                lazy: false,
                 name,
                 c: c.clone(),
             }
@@ -489,8 +540,9 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
     parts.sort_by_key(|p| p.c.stop_order());
     let report = Report {
         status: Outcome::Failed,
+        mode: o.mode,
         to: o.to.clone(),
-        connections: o.connections,
+        connections: o.lanes(),
         downtime_limit_ms: o.downtime_ms,
         max_bandwidth: o.max_bandwidth,
         memory_mib: m.description().memory_mib,
@@ -522,13 +574,22 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         expected_ms: 0.0,
         paused_at: None,
         pause_budget: Duration::ZERO,
+        postcopy: None,
+        session: 0,
+        bytes_base: 0,
     };
     status.live_bytes.store(0, Ordering::Relaxed);
+    status.postcopy_now.store(false, Ordering::SeqCst);
+    status.postcopy_possible.store(false, Ordering::SeqCst);
     *status.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
     let ring_full_before = m.dirty_stats().ring_full_exits;
     d.progress(0, 0.0);
     let result = (|| {
         d.target = o.check().map_err(MigrationError::BadOptions)?;
+        // From here on `migrate-postcopy` is heard (at the first round's slices).
+        status
+            .postcopy_possible
+            .store(!d.target.is_file(), Ordering::SeqCst);
         if let Some(n) = o
             .stop_copy
             .iter()
@@ -561,8 +622,16 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
                 .collect(),
         );
         d.phase = Phase::Precopy;
-        d.precopy()?;
-        d.switchover()
+        if o.mode == Mode::Postcopy {
+            d.postcopy = Some("post-copy asked for: the VM moves first".into());
+        } else {
+            d.precopy()?;
+        }
+        d.switchover()?;
+        if d.postcopy.is_some() {
+            d.serve_postcopy()?;
+        }
+        Ok(())
     })();
     let mut report = std::mem::take(&mut d.report);
     report.throttle = d.converge.report();
@@ -575,6 +644,13 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         report.throughput_mib_s = precopy_bytes as f64 / (1 << 20) as f64 / (precopy_ms / 1e3);
     }
     let mut kept = None;
+    if report.ran.is_empty() {
+        // Failed before the hand-over: the VM never ran ahead of its memory.
+        report.ran = "precopy".into();
+        if result.is_err() {
+            report.postcopy = None;
+        }
+    }
     match result {
         Ok(()) => {
             // The VM runs at the destination: close every component's data session.
@@ -586,8 +662,9 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         }
         Err(e) => {
             // Tell the destination (it then discards what it has), then take the VM
-            // back, unless it may be running there.
-            if let Some(out) = d.out.as_mut() {
+            // back, unless it may be running there. In post-copy it does run there,
+            // and an ABORT would only tell it to give up pages it still needs.
+            if let Some(out) = d.out.as_mut().filter(|_| !e.split()) {
                 if let Some(s) = status
                     .interrupt
                     .lock()
@@ -601,7 +678,12 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
                 let _ = out.sync();
                 out.close();
             }
-            if e.ambiguous() {
+            if e.split() {
+                // The destination runs the VM: this copy is stale, and what it still
+                // holds is the only copy of those pages. It stays stopped, its data
+                // sessions open.
+                report.source_running = false;
+            } else if e.ambiguous() {
                 report.source_running = false;
                 kept = d.back.take();
                 // The pause so far (it goes on until the hand-over is settled).
@@ -660,6 +742,15 @@ pub fn start(
         .name("migration".into())
         .spawn(move || {
             let (r, back) = migrate_keeping(&h, &o, &status);
+            if r.error_kind.as_deref() == Some("postcopy_broken") {
+                // The VM runs at the destination; this stale copy must never run, and
+                // it holds pages the destination still lacks.
+                let _ = h.ctl.set_owner(None);
+                let _ = h.ctl.set_owner(Some(
+                    "post-copy broke: the VM runs at the destination and this stale copy \
+                     keeps the pages it still lacks; it must never run again",
+                ));
+            }
             if let Some(back) = back {
                 // The VM stays stopped and owned: neither resume nor another migration
                 // may run it until the user has checked (resume --force), or the

@@ -100,7 +100,38 @@ impl Driver<'_> {
             } else {
                 None
             };
-            if reason.is_none() && index > 0 {
+            // Post-copy instead of holding the guest back: hybrid switches where
+            // pre-copy would stop or throttle, auto only where it would throttle (or
+            // give up) without fitting the limit. `migrate-postcopy` switches now.
+            let stalled = reason.is_none() && index > 0 && !shrinking;
+            let fits = expected <= limit;
+            let post = if self.status.postcopy_now.load(Ordering::SeqCst) {
+                Some("asked for (migrate-postcopy)".to_string())
+            } else {
+                match self.o.mode {
+                    Mode::Hybrid if stalled => Some(format!(
+                        "rounds stopped converging ({expected:.1} ms expected): post-copy \
+                         instead of throttling"
+                    )),
+                    Mode::Hybrid => reason.as_ref().map(|r| {
+                        format!("pre-copy would stop here ({r}): the rest follows the VM")
+                    }),
+                    Mode::Auto if (stalled || reason.is_some()) && !fits => Some(format!(
+                        "expected downtime {expected:.1} ms does not fit the {limit} ms limit \
+                         and rounds stopped converging: post-copy instead of throttling"
+                    )),
+                    _ => None,
+                }
+            };
+            if let Some(why) = post {
+                self.report.rounds.push(round);
+                self.progress(n, expected);
+                self.check_in()?;
+                self.report.switchover_reason = why.clone();
+                self.postcopy = Some(why);
+                return Ok(());
+            }
+            if reason.is_none() && index > 0 && self.o.mode == Mode::Precopy {
                 // The VM may dirty its memory faster than more rounds alone can follow:
                 // hold back what writes (see `converge`).
                 let changes = self.converge.round(rate, self.bandwidth_cap());

@@ -33,6 +33,9 @@ impl Driver<'_> {
     /// resumes here; the destination, which starts only on GO, never runs it.
     pub(super) fn switchover(&mut self) -> Res<()> {
         self.phase = Phase::Switchover;
+        self.status
+            .postcopy_possible
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let changes = self.converge.release();
         self.throttle(changes);
         self.progress(self.pending(), 0.0);
@@ -154,6 +157,9 @@ impl Driver<'_> {
             p.extra = s.extra;
             self.report.downtime.dirty_log_ms += s.log_us / 1e3;
         }
+        if let Some(reason) = self.postcopy.clone() {
+            self.lazy_switch(tp, reason)?;
+        }
         let sent = self.send_all()?;
         for (i, (r, d)) in sent.iter().enumerate() {
             let name = self.parts[i].name.clone();
@@ -196,6 +202,36 @@ impl Driver<'_> {
         Ok(())
     }
 
+    /// Post-copy: each component that can run ahead of its data says what the
+    /// destination still lacks, which then follows the VM instead of moving inside the
+    /// pause.
+    fn lazy_switch(&mut self, tp: Instant, reason: String) -> Res<()> {
+        let mut pc = crate::report::Postcopy {
+            switched_at_ms: ms(tp.duration_since(self.t0)),
+            reason,
+            ..Default::default()
+        };
+        for i in 0..self.parts.len() {
+            let (c, name) = (self.parts[i].c.clone(), self.parts[i].name.clone());
+            let Some(missing) = c
+                .postcopy_switch()
+                .map_err(MigrationError::component(&name))?
+            else {
+                continue;
+            };
+            let n = godwit_vmm::migratable::paged::count(&missing);
+            let f = Frame::Postcopy {
+                section: i as u32,
+                missing,
+            };
+            self.out().control(&f).map_err(|e| self.send_error(e))?;
+            self.parts[i].lazy = true;
+            pc.missing_pages.insert(name, n);
+        }
+        self.report.postcopy = Some(pc);
+        Ok(())
+    }
+
     /// GO and STARTED: past the point of no return. Without STARTED the hand-over is
     /// unconfirmed and the VM stays stopped here.
     pub(super) fn go(&mut self, tp: Instant) -> Res<()> {
@@ -219,6 +255,9 @@ impl Driver<'_> {
         }
         self.report.downtime.start_ms = ms(t.elapsed());
         self.report.downtime_ms = ms(tp.elapsed());
+        if self.report.postcopy.is_some() {
+            self.report.ran = "postcopy".into();
+        }
         Ok(())
     }
 }

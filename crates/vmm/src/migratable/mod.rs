@@ -27,6 +27,7 @@
 
 pub mod gpu;
 pub mod incoming;
+pub mod lazy;
 pub mod paged;
 pub mod platform;
 pub mod ram;
@@ -36,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io;
 
+pub use lazy::{FaultStats, Latency};
 pub use paged::{Bitmap, PAGE_SIZE};
 
 /// A component's device state (VFIO's `enum vfio_device_mig_state`).
@@ -256,6 +258,23 @@ pub enum ComponentError {
 
 pub type Result<T> = std::result::Result<T, ComponentError>;
 
+/// Post-copy on a destination: the touches of a component's missing pages.
+pub trait Faults: Send + Sync {
+    /// A descriptor that polls readable while touches wait to be taken.
+    fn fd(&self) -> std::os::fd::RawFd;
+    /// Takes the touches that arrived: the pages to ask the source for go into `ask`
+    /// (addresses in the component's space, each page once); pages the source never
+    /// had are filled here.
+    fn take(&self, ask: &mut Vec<u64>) -> Result<()>;
+    /// Pages still at the source.
+    fn left(&self) -> u64;
+    /// The pages still at the source, one bitmap per region.
+    fn missing(&self) -> Vec<Bitmap>;
+    /// Pages asked for that have not arrived (to ask again on a new connection).
+    fn asked(&self) -> Vec<u64>;
+    fn stats(&self) -> FaultStats;
+}
+
 /// A part of a VM that migrates. Implementations keep their own state machine and
 /// refuse any call their state does not allow.
 pub trait Component: Send + Sync {
@@ -304,6 +323,42 @@ pub trait Component: Send + Sync {
     fn load_zero(&self, _runs: &[(u64, u32)]) -> Result<()> {
         Err(ComponentError::Refused(format!(
             "{} has no pages",
+            self.section().name
+        )))
+    }
+    /// Post-copy, on the source, in STOP_COPY after the last sync: the pages the
+    /// destination still needs, one bitmap per region. From then on `read` sends them
+    /// (the background stream) and `read_requested` sends the ones asked for at once.
+    /// None: the component cannot run ahead of its data, which then moves inside the
+    /// pause as in pre-copy.
+    fn postcopy_switch(&self) -> Result<Option<Vec<Bitmap>>> {
+        Ok(None)
+    }
+    /// Post-copy, on the source: the pages at `addrs`, asked for by the destination,
+    /// sent now whether or not they went before (checked: an address outside the
+    /// component is refused, after the good ones before it went).
+    fn read_requested(&self, _sink: &mut dyn Sink, _addrs: &[u64]) -> Result<ReadReport> {
+        Err(ComponentError::Refused(format!(
+            "{} has no pages to ask for",
+            self.section().name
+        )))
+    }
+    /// Post-copy recovery, on the source: what the destination still lacks (its own
+    /// account, after a connection broke and pages in flight may have been lost)
+    /// becomes what is left to send.
+    fn postcopy_resume(&self, _missing: Vec<Bitmap>) -> Result<()> {
+        Err(ComponentError::Refused(format!(
+            "{} has no pages to resume",
+            self.section().name
+        )))
+    }
+    /// Post-copy, on a destination that has loaded the states (STOP): the pages still
+    /// at the source (`postcopy_switch`'s bitmaps, checked as hostile input) go
+    /// missing here; a touch of one waits until `load_pages` or `load_zero` places it,
+    /// which they do in any state until none is missing.
+    fn postcopy_expect(&self, _missing: Vec<Bitmap>) -> Result<std::sync::Arc<dyn Faults>> {
+        Err(ComponentError::Refused(format!(
+            "{} cannot run ahead of its data",
             self.section().name
         )))
     }

@@ -6,9 +6,11 @@
 //! the log, so the next sync brings them back with their newer content). Zero pages are
 //! recognised and never sent as data.
 
+use super::lazy::{HostRegion, Lazy};
 use super::{ComponentError, MigState, PreCopyInfo, ReadReport, Result, Sink, SyncReport};
 use crate::dirty::Written;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 pub const PAGE_SIZE: usize = 4096;
@@ -110,6 +112,11 @@ pub trait Memory {
     fn contains(&self, addr: u64, pages: u64) -> bool;
     fn read_at(&self, addr: u64, buf: &mut [u8]) -> Result<()>;
     fn write_at(&self, addr: u64, data: &[u8]) -> Result<()>;
+    /// The regions as the host maps them, in order (None: this memory cannot be
+    /// filled lazily, so it takes no part in post-copy).
+    fn host_regions(&self) -> Option<Vec<HostRegion>> {
+        None
+    }
 }
 
 /// The migration state of a component that is memory: its device state, what it
@@ -120,6 +127,8 @@ pub struct MemoryState {
     pub state: MigState,
     paged: Paged,
     tracking: bool,
+    /// On a destination in post-copy: the pages still at the source.
+    lazy: Option<Arc<Lazy>>,
 }
 
 impl Default for MemoryState {
@@ -128,6 +137,7 @@ impl Default for MemoryState {
             state: MigState::Running,
             paged: Paged::default(),
             tracking: false,
+            lazy: None,
         }
     }
 }
@@ -137,6 +147,16 @@ impl MemoryState {
     /// and sets the state after its own part).
     pub fn arc(&mut self, mem: &dyn Memory, to: MigState) -> Result<()> {
         use MigState::*;
+        if matches!(to, PreCopy | StopCopy) {
+            if let Some(n) = self.lazy.as_ref().map(|l| super::Faults::left(&**l)) {
+                if n > 0 {
+                    return Err(ComponentError::Refused(format!(
+                        "{} is still arriving from the last migration ({n} pages to go)",
+                        mem.what()
+                    )));
+                }
+            }
+        }
         match (self.state, to) {
             (Running, PreCopy) => {
                 mem.start_tracking()?;
@@ -215,9 +235,103 @@ impl MemoryState {
         self.paged.read(mem, sink, pages)
     }
 
+    /// Post-copy, on the source (STOP_COPY, after the last sync): what the
+    /// destination lacks, one bitmap per region. The rest of the stream goes by `read`
+    /// (zero pages said as such: the destination's copy is missing, not zero) and by
+    /// `read_requested`.
+    pub fn postcopy_switch(&mut self, mem: &dyn Memory) -> Result<Option<Vec<Bitmap>>> {
+        super::expect(self.state, MigState::StopCopy, "post-copy")?;
+        let Some(regions) = mem.host_regions() else {
+            return Ok(None);
+        };
+        Ok(Some(self.paged.postcopy(&regions)))
+    }
+
+    /// Post-copy recovery, on the source: what the destination says it still lacks.
+    pub fn postcopy_resume(&mut self, mem: &dyn Memory, missing: Vec<Bitmap>) -> Result<()> {
+        super::expect(self.state, MigState::StopCopy, "post-copy recovery")?;
+        let regions = mem
+            .host_regions()
+            .ok_or_else(|| ComponentError::Refused(format!("{} is not lazy", mem.what())))?;
+        let fits = missing.len() == regions.len()
+            && regions.iter().zip(&missing).all(|(r, b)| {
+                let pages = r.len / PAGE_SIZE as u64;
+                b.len() as u64 == pages.div_ceil(64)
+                    && (pages.is_multiple_of(64) || b.last().is_none_or(|w| w >> (pages % 64) == 0))
+            });
+        if !fits {
+            return Err(ComponentError::Refused(format!(
+                "{}: the destination's account of missing pages does not fit this memory",
+                mem.what()
+            )));
+        }
+        self.paged.resume(missing);
+        Ok(())
+    }
+
+    /// Post-copy, on the source: the pages at `addrs`, now.
+    pub fn read_requested(
+        &mut self,
+        mem: &dyn Memory,
+        sink: &mut dyn Sink,
+        addrs: &[u64],
+    ) -> Result<ReadReport> {
+        super::expect(self.state, MigState::StopCopy, "pages asked for")?;
+        let regions = mem
+            .host_regions()
+            .ok_or_else(|| ComponentError::Refused(format!("{} is not lazy", mem.what())))?;
+        let mut r = ReadReport::default();
+        for &a in addrs {
+            check(mem, a, 1)?;
+            let Some((i, reg)) = regions
+                .iter()
+                .enumerate()
+                .find(|(_, g)| a >= g.base && a - g.base < g.len)
+            else {
+                return Err(ComponentError::Refused(format!(
+                    "page {a:#x} is not inside {}",
+                    mem.what()
+                )));
+            };
+            let page = (a - reg.base) / PAGE_SIZE as u64;
+            self.paged.take_page(i, page);
+            let slot = sink.slot(a);
+            mem.read_page(i, page, slot)?;
+            if is_zero(slot) {
+                sink.zero()?;
+                r.zero_pages += 1;
+                r.zero_sent += 1;
+            } else {
+                sink.page()?;
+                r.pages += 1;
+            }
+        }
+        Ok(r)
+    }
+
+    /// Post-copy, on a destination: the pages still at the source go missing here.
+    pub fn postcopy_expect(&mut self, mem: &dyn Memory, missing: Vec<Bitmap>) -> Result<Arc<Lazy>> {
+        if self.lazy.is_some() {
+            return Err(ComponentError::Refused(format!(
+                "{}: post-copy asked for twice",
+                mem.what()
+            )));
+        }
+        super::expect(self.state, MigState::Stop, "post-copy")?;
+        let regions = mem.host_regions().ok_or_else(|| {
+            ComponentError::Refused(format!("{} cannot be filled lazily", mem.what()))
+        })?;
+        let lazy = Arc::new(Lazy::new(mem.what(), regions, missing)?);
+        self.lazy = Some(lazy.clone());
+        Ok(lazy)
+    }
+
     /// A destination's pages at `addrs`, `data` holding one page per address: all
-    /// checked before any is written.
+    /// checked before any is written. In post-copy they fill missing pages.
     pub fn load_pages(&self, mem: &dyn Memory, addrs: &[u64], data: &[u8]) -> Result<()> {
+        if let Some(l) = &self.lazy {
+            return l.place(addrs, data);
+        }
         super::expect(self.state, MigState::Resuming, "pages")?;
         if data.len() != addrs.len() * PAGE_SIZE {
             return Err(ComponentError::Refused(
@@ -238,6 +352,9 @@ impl MemoryState {
     /// something are cleared, so a stream of zero runs cannot make the destination
     /// allocate the memory it names.
     pub fn load_zero(&self, mem: &dyn Memory, runs: &[(u64, u32)]) -> Result<()> {
+        if let Some(l) = &self.lazy {
+            return l.zero(runs);
+        }
         super::expect(self.state, MigState::Resuming, "pages")?;
         for &(a, n) in runs {
             if n == 0 {
@@ -339,6 +456,51 @@ impl Paged {
         self.since_look = 0;
     }
 
+    /// Post-copy: what is left is what the destination lacks, in the shape of
+    /// `regions`; zero pages among it are sent as such from now on.
+    pub fn postcopy(&mut self, regions: &[HostRegion]) -> Vec<Bitmap> {
+        let shape: Vec<usize> = regions
+            .iter()
+            .map(|r| (r.len / PAGE_SIZE as u64).div_ceil(64) as usize)
+            .collect();
+        let same = self.pending.len() == shape.len()
+            && self.pending.iter().zip(&shape).all(|(b, n)| b.len() == *n);
+        if !same {
+            // Nothing was ever pending (or a memory of another shape): nothing to send.
+            self.pending = shape.iter().map(|n| vec![0; *n]).collect();
+        }
+        self.left = count(&self.pending);
+        self.first = false;
+        self.last = true;
+        self.cursor = 0;
+        self.pending.clone()
+    }
+
+    /// Post-copy recovery: exactly these pages are still due.
+    pub fn resume(&mut self, missing: Vec<Bitmap>) {
+        self.pending = missing;
+        self.left = count(&self.pending);
+        self.cursor = 0;
+    }
+
+    /// A page sent out of turn (asked for): no longer due, and the background stream
+    /// goes on from there (the pages around a touched one are likely next).
+    pub fn take_page(&mut self, region: usize, page: u64) {
+        let w = (page / 64) as usize;
+        if let Some(x) = self.pending.get_mut(region).and_then(|b| b.get_mut(w)) {
+            let bit = 1u64 << (page % 64);
+            if *x & bit != 0 {
+                *x &= !bit;
+                self.left -= 1;
+            }
+            self.cursor = self.pending[..region]
+                .iter()
+                .map(|b| b.len())
+                .sum::<usize>()
+                + w;
+        }
+    }
+
     /// Sends up to `budget` pages into `sink`.
     pub fn read(
         &mut self,
@@ -349,6 +511,7 @@ impl Paged {
         let mut r = ReadReport::default();
         let bases: Vec<u64> = (0..self.pending.len()).map(|i| mem.base(i)).collect();
         let mut sent = 0u64;
+        let mut wrapped = false;
         while self.left > 0 && sent < budget {
             if !self.last && self.since_look >= SLICE_PAGES {
                 // Pages the guest has written again since the round began are left
@@ -370,10 +533,15 @@ impl Paged {
                 )));
             }
             let Some((region, word)) = self.locate(self.cursor) else {
-                // Nothing past the cursor: whatever is left lies behind it (cannot
-                // happen, bits behind the cursor are cleared as they are sent).
-                self.left = 0;
-                break;
+                // Past the end: what is left lies behind the cursor (post-copy moves
+                // it to where the destination touched), so once more from the start.
+                if wrapped || self.cursor == 0 {
+                    self.left = 0;
+                    break;
+                }
+                wrapped = true;
+                self.cursor = 0;
+                continue;
             };
             let bits = self.pending[region][word];
             if bits == 0 {

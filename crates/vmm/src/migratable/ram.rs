@@ -2,10 +2,11 @@
 //! log of the RAM slots) and of devices that write guest memory themselves (DMA, which
 //! KVM does not see), merged into one record in every round and in the final pass.
 
+use super::lazy::HostRegion;
 use super::paged::{self, Bitmap, Memory, MemoryState, PAGE_SIZE};
 use super::{
-    check_arc, expect, Component, ComponentError, MigState, PreCopyInfo, ReadReport, Result,
-    Section, Sink, SyncReport,
+    check_arc, expect, Component, ComponentError, Faults, MigState, PreCopyInfo, ReadReport,
+    Result, Section, Sink, SyncReport,
 };
 use crate::dirty::{DirtyLog, SlotId, Written};
 use crate::memory::{GuestMemory, RamRegion};
@@ -133,6 +134,23 @@ impl Memory for Mem {
         self.mem
             .write_slice(data, GuestAddress(gpa))
             .map_err(|e| ComponentError::Refused(format!("guest page {gpa:#x}: {e}")))
+    }
+
+    fn host_regions(&self) -> Option<Vec<HostRegion>> {
+        self.regions
+            .iter()
+            .zip(self.mem.iter())
+            .map(|(r, region)| {
+                let host = region
+                    .get_host_address(vm_memory::MemoryRegionAddress(0))
+                    .ok()?;
+                Some(HostRegion {
+                    host: host as u64,
+                    len: r.size,
+                    base: r.start,
+                })
+            })
+            .collect()
     }
 }
 
@@ -272,5 +290,21 @@ impl Component for Ram {
 
     fn load_zero(&self, runs: &[(u64, u32)]) -> Result<()> {
         self.lock().load_zero(&self.m, runs)
+    }
+
+    fn postcopy_switch(&self) -> Result<Option<Vec<Bitmap>>> {
+        self.lock().postcopy_switch(&self.m)
+    }
+
+    fn read_requested(&self, sink: &mut dyn Sink, addrs: &[u64]) -> Result<ReadReport> {
+        self.lock().read_requested(&self.m, sink, addrs)
+    }
+
+    fn postcopy_resume(&self, missing: Vec<Bitmap>) -> Result<()> {
+        self.lock().postcopy_resume(&self.m, missing)
+    }
+
+    fn postcopy_expect(&self, missing: Vec<Bitmap>) -> Result<Arc<dyn Faults>> {
+        Ok(self.lock().postcopy_expect(&self.m, missing)?)
     }
 }

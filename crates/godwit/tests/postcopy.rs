@@ -1,0 +1,456 @@
+//! Post-copy and hybrid migration between real godwit processes: the VM runs at the
+//! destination before its memory is there, touches fetch pages on demand, the rest
+//! follows in the background, and the guest checks every byte of it.
+
+mod common;
+
+use common::mig::*;
+use common::*;
+use godwit_migration::wire::{self, Frame};
+use serde_json::Value;
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+/// The dirtier's own verdict on the destination: every page it wrote is intact.
+fn assert_verified(dst: &mut Vm, pages: u64) {
+    assert_eq!(exit_code(dst, LIMIT), 0, "{}", read(&dst.err));
+    let log = read(&dst.log);
+    assert!(log.contains(&format!("verify ok pages={pages}")), "{log}");
+    assert!(log.contains("result=ok"), "{log}");
+}
+
+/// What every post-copy report must say: the VM ran ahead of its memory, and every
+/// page the destination lacked reached it.
+fn assert_postcopy_whole(r: &Value) {
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["ran"], "postcopy", "{r}");
+    let p = &r["postcopy"];
+    let missing = p["missing_pages"]["ram"].as_u64().unwrap();
+    assert!(missing > 0, "{r}");
+    let d = &p["destination"]["ram"];
+    assert_eq!(d["missing_at_start"].as_u64(), Some(missing), "{r}");
+    // Each missing page arrived once as asked for or pushed (duplicates aside).
+    let placed = d["remote_faults"].as_u64().unwrap() + d["prepaged"].as_u64().unwrap();
+    assert_eq!(placed, missing, "{r}");
+    assert!(
+        p["requested_pages"].as_u64().unwrap() + p["background_pages"].as_u64().unwrap() >= missing,
+        "{r}"
+    );
+    assert!(p["window_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(p["refused_requests"], 0, "{r}");
+    assert!(p["vm_ended"].is_null(), "{r}");
+}
+
+#[test]
+fn a_dirtier_moved_in_postcopy_verifies_all_its_memory() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-dirtier");
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "512",
+        &["wss=64", "rate=200", "seconds=6", "report-every=250"],
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    // The background stream capped well below the guest's pace: the guest must touch
+    // pages before they are pushed, so they are fetched on demand.
+    let (out, r) = migrate(
+        &src,
+        &addr,
+        &["--mode", "postcopy", "--max-bandwidth", "16M"],
+    );
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_postcopy_whole(&r);
+    assert_eq!(r["round_count"], 0, "{r}");
+    assert!(r["postcopy"]["remote_faults"].as_u64().unwrap() > 0, "{r}");
+    let lat = &r["postcopy"]["fault_latency"];
+    assert!(lat["count"].as_u64().unwrap() > 0, "{r}");
+    assert!(lat["min_us"].as_f64().unwrap() <= lat["max_us"].as_f64().unwrap());
+    assert!(r["connections"].as_u64().unwrap() >= 2, "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert!(read(&src.err).contains("the VM moved to"));
+    assert_verified(&mut dst, 16384);
+}
+
+#[test]
+fn hybrid_switches_to_postcopy_instead_of_throttling() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-hybrid");
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "512",
+        &["wss=64", "rate=100", "seconds=8", "report-every=250"],
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    // 32 MiB/s cannot keep up with 100 MiB/s of writes: pre-copy alone would throttle.
+    let (out, r) = migrate(
+        &src,
+        &addr,
+        &[
+            "--mode",
+            "hybrid",
+            "--max-bandwidth",
+            "32M",
+            "--downtime-ms",
+            "50",
+        ],
+    );
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_postcopy_whole(&r);
+    assert_eq!(r["mode"], "hybrid");
+    assert_eq!(r["throttled"], false, "{r}");
+    assert!(r["round_count"].as_u64().unwrap() >= 2, "{r}");
+    let why = r["postcopy"]["reason"].as_str().unwrap();
+    assert!(why.contains("converging"), "{why}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_verified(&mut dst, 16384);
+}
+
+#[test]
+fn migrate_postcopy_switches_a_running_precopy_over() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-manual");
+    // 32 MiB at 8 MiB/s: the pre-copy is still in its first round when switched.
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "512",
+        &["wss=32", "rate=50", "seconds=10", "report-every=250"],
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    // No migration yet: nothing to switch.
+    let sock = src.sock.to_str().unwrap().to_string();
+    let o = run(&["migrate-postcopy", "--api-socket", &sock], LIMIT);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no migration is running"),
+        "{}",
+        stderr(&o)
+    );
+    let m = slow_migration(&src, addr);
+    wait_progress(&src);
+    let o = run(&["migrate-postcopy", "--api-socket", &sock], LIMIT);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_postcopy_whole(&r);
+    assert_eq!(r["mode"], "precopy");
+    assert!(r["postcopy"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("migrate-postcopy"));
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_verified(&mut dst, 8192);
+}
+
+#[test]
+fn auto_stays_precopy_when_it_fits_and_files_refuse_postcopy() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-auto");
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "256",
+        &["wss=16", "rate=5", "seconds=5", "report-every=250"],
+    );
+    let snap = format!("file:{}", dir.path("snap").display());
+    let (out, _) = migrate(&src, &snap, &["--mode", "hybrid"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("needs a live destination"),
+        "{}",
+        stderr(&out)
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    let (out, r) = migrate(&src, &addr, &["--mode", "auto", "--downtime-ms", "300"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["mode"], "auto");
+    assert_eq!(r["ran"], "precopy", "{r}");
+    assert!(r["postcopy"].is_null(), "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0);
+    assert_verified(&mut dst, 4096);
+}
+
+#[test]
+fn both_vcpus_of_a_guest_fault_and_run_on() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-smp");
+    let mut src = source(&dir, "src", &["--vcpus", "2", "smp", "--", "ms=3000"]);
+    let (mut dst, addr) = destination(&dir, "dst", &["--vcpus", "2"]);
+    wait_log(&src.log, "vcpu 1 online");
+    std::thread::sleep(Duration::from_millis(300));
+    // Everything follows the VM, slowly: both vCPUs touch missing pages at once (the
+    // shared counters, their own stacks) and wait for them.
+    let (out, r) = migrate(
+        &src,
+        &addr,
+        &["--mode", "postcopy", "--max-bandwidth", "1M"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_postcopy_whole(&r);
+    assert!(r["postcopy"]["remote_faults"].as_u64().unwrap() >= 2, "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0);
+    assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.log));
+    assert!(read(&dst.log).contains("vcpus=2 concurrent=2 result=ok"));
+}
+
+#[test]
+fn a_cancel_before_the_switch_leaves_the_source_running() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-cancel");
+    let src = dirtier_source(
+        &dir,
+        "src",
+        "256",
+        &["wss=64", "rate=20", "seconds=0", "report-every=250"],
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    let sock = src.sock.clone();
+    let m = std::thread::spawn(move || {
+        let s = sock.to_str().unwrap();
+        let a = [
+            "migrate",
+            "--api-socket",
+            s,
+            "--to",
+            &addr,
+            "--mode",
+            "hybrid",
+            "--max-bandwidth",
+            "8M",
+            "--json",
+        ];
+        run(&a, Duration::from_secs(60))
+    });
+    wait_progress(&src);
+    let o = run(
+        &["migrate-cancel", "--api-socket", src.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert_eq!(r["source_running"], true, "{r}");
+    assert_eq!(r["ran"], "precopy", "{r}");
+    assert_eq!(exit_code(&mut dst, LIMIT), 1);
+    assert_eq!(info(&src)["state"], "running");
+    // The guest goes on writing and its memory is whole.
+    let n = read(&src.log).matches("rate_mibs=").count();
+    wait_for(LIMIT, || {
+        (read(&src.log).matches("rate_mibs=").count() > n + 2).then_some(())
+    })
+    .expect("the source guest stopped");
+}
+
+/// A destination that speaks the protocol up to STARTED, then asks for pages outside
+/// the VM, of a section that is not lazy, of no section at all, the same page twice, and
+/// a flood; it counts the pages that come back, then says DONE.
+fn hostile_destination() -> (String, std::thread::JoinHandle<(u64, u64)>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", l.local_addr().unwrap());
+    let fake = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut buf = Vec::new();
+        let sections = match wire::read_frame(&mut c, &mut buf).unwrap() {
+            Frame::Hello(h) => h.sections,
+            f => panic!("{:?}", f.kind()),
+        };
+        wire::write_frame(&mut c, &Frame::Accept).unwrap();
+        // The background connection: taken in and dropped.
+        let (mut lane, _) = l.accept().unwrap();
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            while wire::read_frame(&mut lane, &mut b).is_ok() {}
+        });
+        let ram = sections.iter().position(|s| s.name == "ram").unwrap() as u32;
+        let vcpus = sections.iter().position(|s| s.name == "vcpus").unwrap() as u32;
+        let mut lazy_pages = 0;
+        loop {
+            match wire::read_frame(&mut c, &mut buf).unwrap() {
+                Frame::Sync(n) => wire::write_frame(&mut c, &Frame::Synced(n)).unwrap(),
+                Frame::Postcopy { missing, .. } => {
+                    lazy_pages = missing
+                        .iter()
+                        .flatten()
+                        .map(|w| w.count_ones() as u64)
+                        .sum()
+                }
+                Frame::Complete(_) => break,
+                _ => {}
+            }
+        }
+        assert!(lazy_pages > 0);
+        wire::write_frame(&mut c, &Frame::Ready(Default::default())).unwrap();
+        assert!(matches!(
+            wire::read_frame(&mut c, &mut buf).unwrap(),
+            Frame::Go
+        ));
+        wire::write_frame(&mut c, &Frame::Started(Default::default())).unwrap();
+        let ask = |c: &mut TcpStream, section: u32, addrs: Vec<u64>| {
+            wire::write_frame(c, &Frame::Request { section, addrs }).unwrap()
+        };
+        ask(&mut c, ram, vec![1 << 50]);
+        ask(&mut c, ram, vec![0x1001]);
+        ask(&mut c, vcpus, vec![0]);
+        ask(&mut c, 99, vec![0]);
+        ask(&mut c, ram, vec![0x10000, 0x10000]);
+        let flood = 2000u64;
+        for i in 0..flood {
+            ask(&mut c, ram, vec![(i % 64) * 4096]);
+        }
+        let want = 2 + flood;
+        let mut got = 0;
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        while got < want {
+            match wire::read_frame(&mut c, &mut buf).unwrap() {
+                Frame::Pages { addrs, .. } => got += addrs.len() as u64,
+                Frame::Zero { runs, .. } => got += runs.iter().map(|r| r.1 as u64).sum::<u64>(),
+                f => panic!("{:?}", f.kind()),
+            }
+        }
+        wire::write_frame(&mut c, &Frame::Done(Default::default())).unwrap();
+        // Asked after DONE: nobody listens any more.
+        let _ = wire::write_frame(
+            &mut c,
+            &Frame::Request {
+                section: ram,
+                addrs: vec![0],
+            },
+        );
+        (got, lazy_pages)
+    });
+    (addr, fake)
+}
+
+#[test]
+fn hostile_page_requests_are_refused_and_the_rest_are_served() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-hostile");
+    let mut src = source(&dir, "src", &["heartbeat", "--", "period=20", "count=0"]);
+    wait_log(&src.log, "seq=3");
+    let (addr, fake) = hostile_destination();
+    let (out, r) = migrate(&src, &addr, &["--mode", "postcopy"]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let (got, lazy) = fake.join().unwrap();
+    assert_eq!(got, 2002);
+    assert_eq!(r["status"], "completed", "{r}");
+    let p = &r["postcopy"];
+    // Outside the VM, not page-aligned, a section with no pages, no such section.
+    assert_eq!(p["refused_requests"], 4, "{r}");
+    assert_eq!(p["requested_pages"], 2002, "{r}");
+    assert_eq!(p["missing_pages"]["ram"].as_u64(), Some(lazy), "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert!(
+        read(&src.err).contains("refused a page request"),
+        "{}",
+        read(&src.err)
+    );
+}
+
+/// The migration's progress as the source's API reports it.
+fn migration(src: &Vm) -> Value {
+    let (_, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").unwrap();
+    serde_json::from_str(&b).unwrap()
+}
+
+#[test]
+fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-recover");
+    // Runs until shut down, checking all of its memory every second.
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "512",
+        &[
+            "wss=64",
+            "rate=200",
+            "seconds=0",
+            "verify-every=1",
+            "report-every=250",
+        ],
+    );
+    let (mut dst, direct) = destination(&dir, "dst", &[]);
+    let (via, cut) = cuttable_proxy(direct.clone());
+    let sock = src.sock.clone();
+    let m = std::thread::spawn(move || {
+        let s = sock.to_str().unwrap();
+        let a = [
+            "migrate",
+            "--api-socket",
+            s,
+            "--to",
+            &via,
+            "--mode",
+            "postcopy",
+            "--max-bandwidth",
+            "16M",
+            "--json",
+        ];
+        run(&a, Duration::from_secs(120))
+    });
+    wait_for(LIMIT, || {
+        (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
+    })
+    .expect("post-copy never began");
+    // Recovery is refused while nothing is broken.
+    let sock = src.sock.to_str().unwrap().to_string();
+    let o = run(&["migrate-recover", "--api-socket", &sock], LIMIT);
+    assert!(stderr(&o).contains("nothing to recover"), "{}", stderr(&o));
+    cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_for(LIMIT, || {
+        migration(&src)["postcopy_paused"].as_str().map(|_| ())
+    })
+    .expect("post-copy did not pause");
+    assert_eq!(migration(&src)["progress"]["phase"], "postcopy_paused");
+    // The source stays stopped and refuses to run its stale copy.
+    let (c, _) = godwit_vmm::api::call(&src.sock, "PUT", "vm.resume").unwrap();
+    assert_eq!(c, 409);
+    // The destination runs on; the guest waits only where it touches a missing page.
+    let o = run(
+        &["migrate-recover", "--api-socket", &sock, "--to", &direct],
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_postcopy_whole(&r);
+    assert_eq!(r["postcopy"]["recoveries"], 1, "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert!(
+        read(&dst.err).contains("post-copy resumed"),
+        "{}",
+        read(&dst.err)
+    );
+    // Every page is there: the guest's next full checks pass.
+    let seen = read(&dst.log).matches("verify ok pages=16384").count();
+    wait_for(LIMIT, || {
+        (read(&dst.log).matches("verify ok pages=16384").count() >= seen + 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}", read(&dst.log)));
+    assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
+    run(
+        &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    exit_code(&mut dst, LIMIT);
+}

@@ -1,0 +1,388 @@
+//! Post-copy on the destination, once the VM runs here: the touches of missing pages
+//! become requests to the source, and pages arriving either way (answers on the main
+//! connection, the background stream on the others) are placed as they come. When no
+//! page is missing any more, DONE tells the source it may let go.
+//!
+//! Threads: one watches the components' fault descriptors and sends the requests (and
+//! DONE), one reads each connection. A connection that fails pauses post-copy: the VM
+//! runs on what it has, a touch of a page still missing waits, and a recovery thread
+//! waits on the listener for the source to come back (RESUME), tells it what is still
+//! missing, and goes on on the new connections.
+
+use crate::transport::{Listener, Stream};
+use crate::wire::{self, Done, Frame, WireError, MAX_REQUEST};
+use godwit_vmm::migratable::{Component, Faults};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// A component filled lazily: its section index and name, and its touches.
+pub(crate) struct LazyPart {
+    pub section: u32,
+    pub name: String,
+    pub faults: Arc<dyn Faults>,
+}
+
+/// Post-copy in progress on this destination.
+pub struct PostcopyIn {
+    /// The main connection's sending side: requests and DONE, whole frames one at a
+    /// time.
+    writer: Mutex<Stream>,
+    lazy: Vec<LazyPart>,
+    parts: Arc<Vec<Arc<dyn Component>>>,
+    /// DONE went out: nothing more is sent.
+    done: AtomicBool,
+    /// The connections in use: the n-th set since the VM started here (a recovery
+    /// opens a new one; readers of older ones end quietly).
+    generation: AtomicU64,
+    /// Why the connections in use broke, while they are broken.
+    broken: Mutex<Option<String>>,
+    wake: Condvar,
+    /// Every connection in use, shut down when they are given up.
+    streams: Mutex<Vec<Stream>>,
+}
+
+impl PostcopyIn {
+    fn send(&self, f: &Frame) -> std::io::Result<()> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        wire::write_frame(&mut *w, f).and_then(|_| w.finish())
+    }
+
+    fn done(&self, ended: Option<String>) -> std::io::Result<()> {
+        if self.done.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.wake.notify_all();
+        let d = Done {
+            sections: self
+                .lazy
+                .iter()
+                .map(|l| (l.name.clone(), l.faults.stats()))
+                .collect(),
+            ended,
+        };
+        self.send(&Frame::Done(d))
+    }
+
+    /// The connections of generation `generation` failed: post-copy pauses until the
+    /// source opens new ones (if they are still the ones in use).
+    fn broke(&self, generation: u64, why: String) {
+        if self.done.load(Ordering::SeqCst) || generation != self.generation.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        let mut b = self.broken.lock().unwrap_or_else(|e| e.into_inner());
+        if b.is_none() {
+            tracing::error!(
+                "post-copy paused: {why}; the VM runs on, whatever touches a page still at \
+                 the source waits for it until the source recovers (godwit migrate-recover)"
+            );
+            *b = Some(why);
+            self.wake.notify_all();
+        }
+    }
+
+    /// The VM has ended here before all its memory arrived: the source need keep
+    /// nothing.
+    pub fn vm_ended(&self, why: &str) {
+        if let Err(e) = self.done(Some(why.to_string())) {
+            tracing::warn!("post-copy: telling the source the VM ended: {e}");
+        }
+    }
+
+    /// Pages still at the source.
+    pub fn left(&self) -> u64 {
+        self.lazy.iter().map(|l| l.faults.left()).sum()
+    }
+
+    /// Reads on `streams` (the main connection first) as generation `generation`.
+    fn serve(self: &Arc<Self>, streams: Vec<Stream>, generation: u64) -> std::io::Result<()> {
+        let mut kept = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, s) in streams.into_iter().enumerate() {
+            if let Some(c) = s.try_clone() {
+                kept.push(c);
+            }
+            let pc = self.clone();
+            std::thread::Builder::new()
+                .name(format!("postcopy-in{k}"))
+                .spawn(move || read_pages(s, &pc, generation))?;
+        }
+        Ok(())
+    }
+}
+
+/// How a destination in post-copy takes a source back after the connections broke.
+pub(crate) struct Recovery {
+    pub listener: Listener,
+    pub session: u64,
+}
+
+/// Starts the threads of post-copy; they end by themselves. Requests go out only once
+/// the returned sender has said the VM's start is answered (nothing else writes on
+/// the main connection before); dropped unsent, nothing is asked for.
+pub(crate) fn start(
+    main: Stream,
+    lanes: Vec<Stream>,
+    parts: Vec<Arc<dyn Component>>,
+    lazy: Vec<LazyPart>,
+    recovery: Option<Recovery>,
+) -> std::io::Result<(Arc<PostcopyIn>, std::sync::mpsc::SyncSender<()>)> {
+    let (go, started) = std::sync::mpsc::sync_channel(1);
+    let writer = main
+        .try_clone()
+        .ok_or_else(|| std::io::Error::other("the main connection cannot be shared"))?;
+    let pc = Arc::new(PostcopyIn {
+        writer: Mutex::new(writer),
+        lazy,
+        parts: Arc::new(parts),
+        done: AtomicBool::new(false),
+        generation: AtomicU64::new(0),
+        broken: Mutex::new(None),
+        wake: Condvar::new(),
+        streams: Mutex::new(Vec::new()),
+    });
+    pc.serve(std::iter::once(main).chain(lanes).collect(), 0)?;
+    let watcher = pc.clone();
+    std::thread::Builder::new()
+        .name("postcopy-faults".into())
+        .spawn(move || {
+            if started.recv().is_ok() {
+                watch(&watcher)
+            }
+        })?;
+    if let Some(r) = recovery {
+        let pc = pc.clone();
+        std::thread::Builder::new()
+            .name("postcopy-recovery".into())
+            .spawn(move || supervise(&pc, r))?;
+    }
+    Ok((pc, go))
+}
+
+/// Waits for the connections to break, then for the source to come back on the
+/// listener with RESUME; tells it what is still missing and goes on on the new
+/// connections. Until then the VM runs and whatever touches a missing page waits.
+fn supervise(pc: &Arc<PostcopyIn>, r: Recovery) {
+    loop {
+        {
+            let mut b = pc.broken.lock().unwrap_or_else(|e| e.into_inner());
+            while b.is_none() && !pc.done.load(Ordering::SeqCst) {
+                b = pc.wake.wait(b).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        if pc.done.load(Ordering::SeqCst) {
+            return;
+        }
+        // Give the broken connections up: readers still blocked on them end.
+        for s in pc
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            s.shutdown();
+        }
+        let mut streams = loop {
+            if pc.done.load(Ordering::SeqCst) {
+                return;
+            }
+            match resumed(&r) {
+                Ok(Some(s)) => break s,
+                Ok(None) => {}
+                Err(e) => tracing::warn!("post-copy recovery: {e}"),
+            }
+        };
+        // What is still missing, then RESUMED: the source sends exactly that.
+        let main = &mut streams[0];
+        let told = pc
+            .lazy
+            .iter()
+            .try_for_each(|l| {
+                wire::write_frame(
+                    &mut *main,
+                    &Frame::Postcopy {
+                        section: l.section,
+                        missing: l.faults.missing(),
+                    },
+                )
+            })
+            .and_then(|_| wire::write_frame(&mut *main, &Frame::Resumed))
+            .and_then(|_| main.finish());
+        if let Err(e) = told {
+            tracing::warn!("post-copy recovery: answering the source: {e}");
+            continue;
+        }
+        let Some(writer) = streams[0].try_clone() else {
+            continue;
+        };
+        let generation = pc.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        *pc.writer.lock().unwrap_or_else(|e| e.into_inner()) = writer;
+        *pc.broken.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Err(e) = pc.serve(streams, generation) {
+            pc.broke(generation, format!("cannot read the new connections: {e}"));
+            continue;
+        }
+        // Touches that asked on the broken connections ask again.
+        for l in &pc.lazy {
+            for addrs in l.faults.asked().chunks(MAX_REQUEST) {
+                let f = Frame::Request {
+                    section: l.section,
+                    addrs: addrs.to_vec(),
+                };
+                if let Err(e) = pc.send(&f) {
+                    pc.broke(generation, format!("asking again: {e}"));
+                    break;
+                }
+            }
+        }
+        tracing::warn!(pages = pc.left(), "post-copy resumed on new connections");
+    }
+}
+
+/// The source's new connections, once one opens with RESUME for this migration and
+/// the others JOIN it; None when nothing came within a second.
+fn resumed(r: &Recovery) -> Result<Option<Vec<Stream>>, String> {
+    let mut buf = Vec::new();
+    let mut main = match r.listener.accept(Some(Duration::from_secs(1))) {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let connections = match crate::destination::first_frame(&mut main, &mut buf) {
+        Ok(Frame::Resume {
+            session,
+            connections,
+        }) if session == r.session
+            && (1..=crate::source::MAX_CONNECTIONS).contains(&connections) =>
+        {
+            connections
+        }
+        Ok(f) => {
+            main.shutdown();
+            return Err(format!(
+                "a connection opened with {:?}, not RESUME",
+                f.kind()
+            ));
+        }
+        Err(e) => {
+            main.shutdown();
+            return Err(format!("a connection that did not open: {e}"));
+        }
+    };
+    let mut streams = vec![main];
+    let by = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = std::collections::HashSet::new();
+    while streams.len() < connections as usize {
+        let left = by.saturating_duration_since(std::time::Instant::now());
+        let mut c = r
+            .listener
+            .accept(Some(left))
+            .map_err(|e| format!("{} of {connections} connections came: {e}", streams.len()))?;
+        match crate::destination::first_frame(&mut c, &mut buf) {
+            Ok(Frame::Join { session, index })
+                if session == r.session
+                    && (1..connections).contains(&index)
+                    && seen.insert(index) =>
+            {
+                streams.push(c)
+            }
+            _ => {
+                c.shutdown();
+                tracing::warn!("post-copy recovery: dropped a connection that did not join")
+            }
+        }
+    }
+    for s in &streams {
+        s.set_read_timeout(Some(Duration::from_secs(1)))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(Some(streams))
+}
+
+/// Places the pages one connection brings until the source closes it.
+fn read_pages(mut s: Stream, pc: &PostcopyIn, generation: u64) {
+    let mut buf = Vec::new();
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let why = loop {
+        let r = match wire::read_frame(&mut s, &mut buf) {
+            Ok(Frame::Pages {
+                section,
+                addrs,
+                data,
+            }) => match pc.parts.get(section as usize) {
+                Some(c) => c.load_pages(&addrs, data).map_err(|e| e.to_string()),
+                None => Err(format!("pages of section {section}")),
+            },
+            Ok(Frame::Zero { section, runs }) => match pc.parts.get(section as usize) {
+                Some(c) => c.load_zero(&runs).map_err(|e| e.to_string()),
+                None => Err(format!("zero pages of section {section}")),
+            },
+            Ok(Frame::Abort(m)) => Err(format!("the source aborted: {m}")),
+            Ok(f) => Err(format!("unexpected {:?} frame", f.kind())),
+            Err(WireError::Timeout) if generation == pc.generation.load(Ordering::SeqCst) => {
+                continue
+            }
+            // Given up for newer connections.
+            Err(_) if generation != pc.generation.load(Ordering::SeqCst) => return,
+            // The source closes the connections once DONE has reached it.
+            Err(WireError::Closed) if pc.done.load(Ordering::SeqCst) => return,
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = r {
+            break e;
+        }
+    };
+    pc.broke(generation, why);
+}
+
+/// Sends a request for every page a touch waits for, and DONE once none is missing.
+fn watch(pc: &PostcopyIn) {
+    let mut ask = Vec::new();
+    let mut fds: Vec<libc::pollfd> = pc
+        .lazy
+        .iter()
+        .map(|l| libc::pollfd {
+            fd: l.faults.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        if pc.done.load(Ordering::SeqCst) {
+            return;
+        }
+        if pc.left() == 0 {
+            match pc.done(None) {
+                Ok(()) => tracing::info!("post-copy: every page is here"),
+                Err(e) => tracing::warn!("post-copy: every page is here, but DONE failed: {e}"),
+            }
+            return;
+        }
+        // SAFETY: `fds` is a valid array of pollfd for its whole length; poll writes
+        // only their revents.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        for l in &pc.lazy {
+            ask.clear();
+            if let Err(e) = l.faults.take(&mut ask) {
+                tracing::error!(component = l.name, "post-copy: reading faults: {e}");
+                continue;
+            }
+            for addrs in ask.chunks(MAX_REQUEST) {
+                let f = Frame::Request {
+                    section: l.section,
+                    addrs: addrs.to_vec(),
+                };
+                if let Err(e) = pc.send(&f) {
+                    // Asked again on the new connections, once the source recovers.
+                    pc.broke(
+                        pc.generation.load(Ordering::SeqCst),
+                        format!("asking the source for pages: {e}"),
+                    );
+                }
+            }
+        }
+        for f in &mut fds {
+            f.revents = 0;
+        }
+    }
+}

@@ -1,0 +1,541 @@
+//! Post-copy on the destination: memory the VM runs on before all of it has arrived.
+//! The pages still at the source are *missing* here (never sent, or dropped because
+//! they changed there after they were sent); userfaultfd stops whoever touches one (a
+//! vCPU inside KVM, the GPU engine, a device model) until the page is placed, whole and
+//! at once, by UFFDIO_COPY. Pages the source never had are zero and are filled here
+//! without asking. Placing is idempotent: an answer and the background copy of the same
+//! page may both arrive, and the second is dropped.
+
+use super::paged::{Bitmap, PAGE_SIZE};
+use super::{ComponentError, Faults, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+use userfaultfd::{Event, EventBuffer, Uffd, UffdBuilder};
+
+/// One region of a memory as the host maps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostRegion {
+    /// Host virtual address of its first byte.
+    pub host: u64,
+    pub len: u64,
+    /// Address of its first byte in the component's space.
+    pub base: u64,
+}
+
+/// Latencies, in microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub count: u64,
+    pub min_us: f64,
+    pub median_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+impl Latency {
+    pub fn of(mut v: Vec<f64>) -> Latency {
+        if v.is_empty() {
+            return Latency::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        Latency {
+            count: v.len() as u64,
+            min_us: v[0],
+            median_us: at(0.5),
+            p99_us: at(0.99),
+            max_us: v[v.len() - 1],
+        }
+    }
+}
+
+/// What post-copy did on the destination, per component.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FaultStats {
+    /// Pages missing when the VM started here.
+    pub missing_at_start: u64,
+    /// Touches of a missing page that had to be asked for (a page asked for once).
+    pub remote_faults: u64,
+    /// Pages the background stream placed before anything touched them.
+    pub prepaged: u64,
+    /// Pages touched here that the source never had, filled with zeros.
+    pub zero_filled: u64,
+    /// Copies of a page that was already placed (an answer and the background copy).
+    pub duplicates: u64,
+    /// From a remote fault read here to its page placed.
+    pub fault_latency: Latency,
+}
+
+struct Inner {
+    /// Pages still at the source.
+    missing: Vec<Bitmap>,
+    /// Pages asked for and not yet placed, and when.
+    asked: HashMap<u64, Instant>,
+    left: u64,
+    stats: FaultStats,
+    latencies: Vec<f64>,
+    registered: bool,
+}
+
+pub struct Lazy {
+    uffd: Uffd,
+    what: &'static str,
+    regions: Vec<HostRegion>,
+    inner: Mutex<Inner>,
+}
+
+fn refused(m: String) -> ComponentError {
+    ComponentError::Refused(m)
+}
+
+fn uffd_err(what: &str, e: userfaultfd::Error) -> ComponentError {
+    ComponentError::Io(std::io::Error::other(format!("userfaultfd {what}: {e}")))
+}
+
+/// Whether a uffd copy or zero-fill failed only because the page is there already.
+fn exists(e: &userfaultfd::Error) -> bool {
+    match e {
+        userfaultfd::Error::CopyFailed(n) | userfaultfd::Error::ZeropageFailed(n) => {
+            *n as i32 == libc::EEXIST
+        }
+        _ => false,
+    }
+}
+
+impl Lazy {
+    /// Makes the pages `missing` names (one bitmap per region, checked as hostile
+    /// input) missing in `regions` and starts catching touches of them.
+    pub fn new(what: &'static str, regions: Vec<HostRegion>, missing: Vec<Bitmap>) -> Result<Lazy> {
+        if missing.len() != regions.len() {
+            return Err(refused(format!(
+                "{what}: post-copy names {} regions, this memory has {}",
+                missing.len(),
+                regions.len()
+            )));
+        }
+        let mut left = 0;
+        for (r, b) in regions.iter().zip(&missing) {
+            let pages = r.len / PAGE_SIZE as u64;
+            if b.len() as u64 != pages.div_ceil(64) {
+                return Err(refused(format!(
+                    "{what}: a post-copy bitmap of {} words for a region of {pages} pages",
+                    b.len()
+                )));
+            }
+            if let Some(last) = b.last() {
+                let tail = pages % 64;
+                if tail != 0 && last >> tail != 0 {
+                    return Err(refused(format!(
+                        "{what}: post-copy names pages past a region's end"
+                    )));
+                }
+            }
+            left += b.iter().map(|w| w.count_ones() as u64).sum::<u64>();
+        }
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            // vCPUs touch guest memory from inside KVM (kernel mode).
+            .user_mode_only(false)
+            .create()
+            .map_err(|e| uffd_err("create", e))?;
+        for (r, b) in regions.iter().zip(&missing) {
+            // Pages that changed at the source since they were sent: the copy here is
+            // stale. Dropped, they read as missing once the range is registered.
+            for (first, n) in runs(b) {
+                let at = r.host + first * PAGE_SIZE as u64;
+                // SAFETY: [at, at + n pages) lies inside this memory's mapping (the
+                // bitmap was checked against the region's size above); dropping the
+                // pages of a private anonymous mapping only discards their content,
+                // which is stale by design, and the VM does not run yet.
+                let rc = unsafe {
+                    libc::madvise(
+                        at as *mut libc::c_void,
+                        (n * PAGE_SIZE as u64) as usize,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                if rc != 0 {
+                    return Err(ComponentError::Io(std::io::Error::last_os_error()));
+                }
+            }
+            uffd.register(r.host as *mut libc::c_void, r.len as usize)
+                .map_err(|e| uffd_err("register", e))?;
+        }
+        let stats = FaultStats {
+            missing_at_start: left,
+            ..Default::default()
+        };
+        let lazy = Lazy {
+            uffd,
+            what,
+            regions,
+            inner: Mutex::new(Inner {
+                missing,
+                asked: HashMap::new(),
+                left,
+                stats,
+                latencies: Vec::new(),
+                registered: true,
+            }),
+        };
+        if left == 0 {
+            lazy.finish(&mut lazy.lock());
+        }
+        Ok(lazy)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// (region, page) of the page at `addr` in the component's space.
+    fn locate(&self, addr: u64) -> Option<(usize, u64)> {
+        if !addr.is_multiple_of(PAGE_SIZE as u64) {
+            return None;
+        }
+        self.regions.iter().enumerate().find_map(|(i, r)| {
+            (addr >= r.base && addr - r.base < r.len)
+                .then(|| (i, (addr - r.base) / PAGE_SIZE as u64))
+        })
+    }
+
+    fn host(&self, region: usize, page: u64) -> *mut libc::c_void {
+        (self.regions[region].host + page * PAGE_SIZE as u64) as *mut libc::c_void
+    }
+
+    /// Every page is here: nothing faults any more.
+    fn finish(&self, i: &mut Inner) {
+        if std::mem::take(&mut i.registered) {
+            for r in &self.regions {
+                let _ = self
+                    .uffd
+                    .unregister(r.host as *mut libc::c_void, r.len as usize);
+            }
+            i.stats.fault_latency = Latency::of(std::mem::take(&mut i.latencies));
+        }
+    }
+
+    /// Takes a page that was missing; false if it was already here.
+    fn arrived(&self, i: &mut Inner, region: usize, page: u64, addr: u64) -> bool {
+        let w = &mut i.missing[region][(page / 64) as usize];
+        let bit = 1u64 << (page % 64);
+        if *w & bit == 0 {
+            i.stats.duplicates += 1;
+            return false;
+        }
+        *w &= !bit;
+        i.left -= 1;
+        match i.asked.remove(&addr) {
+            Some(t) => i.latencies.push(t.elapsed().as_secs_f64() * 1e6),
+            None => i.stats.prepaged += 1,
+        }
+        true
+    }
+
+    /// Pages from the source: `data` holds one page per address. All are checked
+    /// before any is placed.
+    pub fn place(&self, addrs: &[u64], data: &[u8]) -> Result<()> {
+        if data.len() != addrs.len() * PAGE_SIZE {
+            return Err(refused("page data does not match its addresses".into()));
+        }
+        let at: Vec<(usize, u64)> = addrs
+            .iter()
+            .map(|&a| {
+                self.locate(a)
+                    .ok_or_else(|| refused(format!("page {a:#x} is not inside {}", self.what)))
+            })
+            .collect::<Result<_>>()?;
+        let mut i = self.lock();
+        for ((&(r, p), &a), page) in at.iter().zip(addrs).zip(data.chunks_exact(PAGE_SIZE)) {
+            if !self.arrived(&mut i, r, p, a) {
+                continue;
+            }
+            // SAFETY: the destination is one page inside this memory's mapping
+            // (located above) and registered with this userfaultfd; the source is a
+            // page of `data`. UFFDIO_COPY fills the missing page whole and wakes
+            // whoever waits on it.
+            let rc = unsafe {
+                self.uffd
+                    .copy(page.as_ptr() as *const _, self.host(r, p), PAGE_SIZE, true)
+            };
+            if let Err(e) = rc {
+                if !exists(&e) {
+                    return Err(uffd_err("copy", e));
+                }
+            }
+        }
+        if i.left == 0 {
+            self.finish(&mut i);
+        }
+        Ok(())
+    }
+
+    /// Zero pages from the source (runs: first address, count), all checked first.
+    pub fn zero(&self, runs: &[(u64, u32)]) -> Result<()> {
+        let mut at = Vec::new();
+        for &(a, n) in runs {
+            if n == 0 {
+                return Err(refused(format!("empty zero run at {a:#x}")));
+            }
+            for k in 0..n as u64 {
+                let addr = k
+                    .checked_mul(PAGE_SIZE as u64)
+                    .and_then(|o| a.checked_add(o))
+                    .ok_or_else(|| refused(format!("zero run at {a:#x} overflows")))?;
+                let (r, p) = self.locate(addr).ok_or_else(|| {
+                    refused(format!("page {addr:#x} is not inside {}", self.what))
+                })?;
+                at.push((r, p, addr));
+            }
+        }
+        let mut i = self.lock();
+        for (r, p, addr) in at {
+            if !self.arrived(&mut i, r, p, addr) {
+                continue;
+            }
+            // SAFETY: one page inside this memory's registered mapping (located above).
+            let rc = unsafe { self.uffd.zeropage(self.host(r, p), PAGE_SIZE, true) };
+            if let Err(e) = rc {
+                if !exists(&e) {
+                    return Err(uffd_err("zero-fill", e));
+                }
+            }
+        }
+        if i.left == 0 {
+            self.finish(&mut i);
+        }
+        Ok(())
+    }
+}
+
+impl Faults for Lazy {
+    fn fd(&self) -> RawFd {
+        self.uffd.as_raw_fd()
+    }
+
+    fn take(&self, ask: &mut Vec<u64>) -> Result<()> {
+        let mut buf = EventBuffer::new(64);
+        loop {
+            let events: Vec<_> = self
+                .uffd
+                .read_events(&mut buf)
+                .map_err(|e| uffd_err("read", e))?
+                .collect();
+            if events.is_empty() {
+                return Ok(());
+            }
+            for ev in events {
+                let Ok(Event::Pagefault { addr, .. }) = ev else {
+                    continue;
+                };
+                let host = addr as u64 & !(PAGE_SIZE as u64 - 1);
+                let Some((r, reg)) = self
+                    .regions
+                    .iter()
+                    .enumerate()
+                    .find(|(_, g)| host >= g.host && host - g.host < g.len)
+                else {
+                    continue;
+                };
+                let page = (host - reg.host) / PAGE_SIZE as u64;
+                let addr = reg.base + page * PAGE_SIZE as u64;
+                let mut i = self.lock();
+                let missing =
+                    i.registered && i.missing[r][(page / 64) as usize] & (1 << (page % 64)) != 0;
+                if missing {
+                    if let std::collections::hash_map::Entry::Vacant(e) = i.asked.entry(addr) {
+                        e.insert(Instant::now());
+                        i.stats.remote_faults += 1;
+                        ask.push(addr);
+                    }
+                    continue;
+                }
+                drop(i);
+                // Not at the source: either placed meanwhile (then the fill finds it
+                // there and the waiter only needs waking) or a page the source never
+                // had, which is zero.
+                // SAFETY: one page inside this memory's registered mapping.
+                match unsafe { self.uffd.zeropage(self.host(r, page), PAGE_SIZE, true) } {
+                    Ok(_) => self.lock().stats.zero_filled += 1,
+                    Err(e) if exists(&e) => {
+                        let _ = self.uffd.wake(self.host(r, page), PAGE_SIZE);
+                    }
+                    // Unregistered meanwhile (every page arrived): the toucher retries.
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
+    fn left(&self) -> u64 {
+        self.lock().left
+    }
+
+    fn missing(&self) -> Vec<Bitmap> {
+        self.lock().missing.clone()
+    }
+
+    fn asked(&self) -> Vec<u64> {
+        self.lock().asked.keys().copied().collect()
+    }
+
+    fn stats(&self) -> FaultStats {
+        let i = self.lock();
+        let mut s = i.stats.clone();
+        if i.registered {
+            s.fault_latency = Latency::of(i.latencies.clone());
+        }
+        s
+    }
+}
+
+/// Runs of set bits: (first page, count).
+pub fn runs(b: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, &w) in b.iter().enumerate() {
+        let mut bits = w;
+        while bits != 0 {
+            let p = i as u64 * 64 + bits.trailing_zeros() as u64;
+            bits &= bits - 1;
+            match out.last_mut() {
+                Some((f, n)) if *f + *n == p => *n += 1,
+                _ => out.push((p, 1)),
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_of_bits() {
+        assert_eq!(
+            runs(&[0b1110_0011, 1 << 63, 1]),
+            vec![(0, 2), (5, 3), (127, 2)]
+        );
+        assert!(runs(&[0, 0]).is_empty());
+    }
+
+    #[test]
+    fn latencies_summarised() {
+        let l = Latency::of((1..=100).map(|x| x as f64).collect());
+        assert_eq!((l.count, l.min_us, l.max_us), (100, 1.0, 100.0));
+        assert_eq!(l.p99_us, 99.0);
+        assert_eq!(Latency::of(vec![]), Latency::default());
+    }
+
+    /// A private anonymous mapping of `pages`, unmapped on drop.
+    struct Map(u64, usize);
+    impl Map {
+        fn new(pages: usize) -> Map {
+            let len = pages * PAGE_SIZE;
+            // SAFETY: a fresh anonymous mapping.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            Map(p as u64, len)
+        }
+        fn read(&self, page: usize) -> u64 {
+            // SAFETY: inside the mapping.
+            unsafe { std::ptr::read_volatile((self.0 as *const u64).add(page * 512)) }
+        }
+        fn write(&self, page: usize, v: u64) {
+            // SAFETY: inside the mapping.
+            unsafe { std::ptr::write_volatile((self.0 as *mut u64).add(page * 512), v) }
+        }
+    }
+    impl Drop for Map {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in new.
+            unsafe { libc::munmap(self.0 as *mut _, self.1) };
+        }
+    }
+
+    #[test]
+    fn missing_pages_wait_for_the_source_and_the_rest_is_kept_or_zero() {
+        let m = Map::new(128);
+        // Pages 0..4 hold old data; 1 and 2 changed at the source since.
+        for p in 0..4 {
+            m.write(p, 100 + p as u64);
+        }
+        let mut missing = vec![0u64; 2];
+        missing[0] = 0b110 | 1 << 40;
+        let region = HostRegion {
+            host: m.0,
+            len: 128 * PAGE_SIZE as u64,
+            base: 0x10_0000,
+        };
+        let lazy = std::sync::Arc::new(Lazy::new("test", vec![region], vec![missing]).unwrap());
+        assert_eq!(lazy.left(), 3);
+        // Kept pages read at once; a page the source never had reads as zero.
+        assert_eq!(m.read(0), 100);
+        assert_eq!(m.read(3), 103);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let addr = m.0;
+        let toucher = std::thread::spawn(move || {
+            let m = Map(addr, 0);
+            tx.send((m.read(70), m.read(1))).unwrap();
+            std::mem::forget(m);
+        });
+        // The toucher zero-fills page 70 (never at the source), then waits for page 1.
+        let mut asked = Vec::new();
+        let t = Instant::now();
+        while asked.is_empty() {
+            lazy.take(&mut asked).unwrap();
+            assert!(t.elapsed().as_secs() < 20, "no fault seen");
+        }
+        assert_eq!(asked, vec![0x10_0000 + 4096]);
+        assert!(rx.try_recv().is_err(), "a missing page read before it came");
+        let mut page = vec![0u8; PAGE_SIZE];
+        page[..8].copy_from_slice(&7u64.to_le_bytes());
+        lazy.place(&[0x10_0000 + 4096], &page).unwrap();
+        assert_eq!(rx.recv().unwrap(), (0, 7));
+        toucher.join().unwrap();
+        // A duplicate is dropped; outside addresses are refused, nothing placed.
+        lazy.place(&[0x10_0000 + 4096], &page).unwrap();
+        assert!(lazy
+            .place(&[0x10_0000 + 2 * 4096, 0x9000], &[0; 8192])
+            .is_err());
+        assert!(lazy.zero(&[(0x10_0000 + 127 * 4096, 2)]).is_err());
+        assert_eq!(lazy.left(), 2);
+        lazy.zero(&[(0x10_0000 + 2 * 4096, 1)]).unwrap();
+        lazy.place(&[0x10_0000 + 40 * 4096], &page).unwrap();
+        assert_eq!(lazy.left(), 0);
+        assert_eq!((m.read(2), m.read(40)), (0, 7));
+        let s = lazy.stats();
+        assert_eq!(
+            (s.remote_faults, s.prepaged, s.zero_filled, s.duplicates),
+            (1, 2, 1, 1)
+        );
+        assert_eq!(s.fault_latency.count, 1);
+    }
+
+    #[test]
+    fn hostile_bitmaps_are_refused() {
+        let m = Map::new(100);
+        let region = HostRegion {
+            host: m.0,
+            len: 100 * PAGE_SIZE as u64,
+            base: 0,
+        };
+        assert!(Lazy::new("t", vec![region], vec![vec![0; 1]]).is_err());
+        assert!(Lazy::new("t", vec![region], vec![vec![0, 1 << 40]]).is_err());
+        assert!(Lazy::new("t", vec![], vec![vec![0, 0]]).is_err());
+        assert!(Lazy::new("t", vec![region], vec![vec![0, 1 << 35]]).is_ok());
+    }
+}
