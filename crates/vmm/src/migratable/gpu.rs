@@ -7,8 +7,10 @@
 //! state. A destination takes the state through the same checks as guest input and
 //! resumes the command where it stopped.
 
+use super::lazy::HostRegion;
 use super::paged::{self, Bitmap, Memory, MemoryState, PAGE_SIZE};
 use super::ram::{merge, DmaLog};
+use super::Faults;
 use super::{
     check_arc, expect, Component, ComponentError, MigState, PreCopyInfo, ReadReport, Result,
     Section, Sink, SyncReport,
@@ -134,6 +136,16 @@ impl Memory for Vram {
             .backend()
             .write(off, data)
             .map_err(|e| self.failed(off, e))
+    }
+
+    /// A backend whose VRAM the host maps can run ahead of it (post-copy).
+    fn host_regions(&self) -> Option<Vec<HostRegion>> {
+        let a = self.vf.backend().aperture()?;
+        Some(vec![HostRegion {
+            host: a.host,
+            len: a.len,
+            base: 0,
+        }])
     }
 }
 
@@ -304,5 +316,21 @@ impl Component for GpuFunction {
 
     fn load_zero(&self, runs: &[(u64, u32)]) -> Result<()> {
         self.lock().mem.load_zero(&self.m, runs)
+    }
+
+    fn postcopy_switch(&self) -> Result<Option<Vec<Bitmap>>> {
+        self.lock().mem.postcopy_switch(&self.m)
+    }
+
+    fn read_requested(&self, sink: &mut dyn Sink, addrs: &[u64]) -> Result<ReadReport> {
+        self.lock().mem.read_requested(&self.m, sink, addrs)
+    }
+
+    fn postcopy_resume(&self, missing: Vec<Bitmap>) -> Result<()> {
+        self.lock().mem.postcopy_resume(&self.m, missing)
+    }
+
+    fn postcopy_expect(&self, missing: Vec<Bitmap>) -> Result<Arc<dyn Faults>> {
+        Ok(self.lock().mem.postcopy_expect(&self.m, missing)?)
     }
 }

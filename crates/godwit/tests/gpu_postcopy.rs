@@ -1,0 +1,127 @@
+//! Post-copy and hybrid migration of a VM with a GPU function: its VRAM follows the VM
+//! like guest RAM (the engine's touches of missing VRAM fetch it), and GPU work ends
+//! exactly as it would have without the move.
+
+mod common;
+
+use common::gpuhost::*;
+use common::mig::*;
+use common::*;
+use serde_json::Value;
+
+fn gpu_vm<'a>(g: &'a str, profile: &'a str, guest: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["--gpu", profile, "--gpu-dir", g, guest, "--"];
+    a.extend_from_slice(args);
+    a
+}
+
+/// Post-copy ran and every page each lazy component lacked reached the destination.
+fn whole(out: &std::process::Output, r: &Value, lazy: &[&str]) {
+    assert!(out.status.success(), "{}\n{}", stdout(out), stderr(out));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["ran"], "postcopy", "{r}");
+    let p = &r["postcopy"];
+    assert!(p["vm_ended"].is_null(), "{r}");
+    for name in lazy {
+        let missing = p["missing_pages"][name].as_u64().unwrap_or(0);
+        let d = &p["destination"][name];
+        let placed = d["remote_faults"].as_u64().unwrap() + d["prepaged"].as_u64().unwrap();
+        assert_eq!(placed, missing, "{name}: {r}");
+    }
+}
+
+#[test]
+fn gpu_train_moved_in_postcopy_ends_with_the_reference_answer() {
+    if !kvm_available() {
+        return;
+    }
+    let d = host("gpc-train", 1, &[]);
+    let g = gpu_dir(&d);
+    let mut src = source(
+        &d,
+        "src",
+        &gpu_vm(&g, "GW8-1C", "gpu-train", &["grid=96", "tol-exp=10"]),
+    );
+    let (mut dst, addr) = destination(&d, "dst", &["--gpu-dir", &g]);
+    wait_log(&src.log, "iteration 2000 ");
+    // The VM and its GPU start at the destination at once; VRAM and RAM follow.
+    let (out, r) = migrate(&src, &addr, &["--mode", "postcopy"]);
+    whole(&out, &r, &["ram", "gpu"]);
+    assert!(
+        r["postcopy"]["missing_pages"]["gpu"].as_u64().unwrap() > 0,
+        "{r}"
+    );
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
+    let (iters, hash) = jacobi(96, 1e-10);
+    let log = read(&dst.log);
+    assert!(
+        log.contains(&format!("converged iterations={iters} "))
+            && log.contains(&format!("hash={hash:#018x}")),
+        "expected {iters} iterations and hash {hash:#018x}:\n{log}"
+    );
+    assert_eq!(status(&d)[0]["vfs"].as_array().unwrap().len(), 0);
+}
+
+/// The VRAM dirtier writes VRAM through the aperture and with the engine, and guest RAM
+/// by the GPU's DMA (pages only the GPU wrote, which the guest then reads): moved once
+/// in post-copy and once in hybrid, every region checks out.
+#[test]
+fn a_vram_dirtier_verifies_after_postcopy_and_hybrid() {
+    if !kvm_available() {
+        return;
+    }
+    let d = host("gpc-dirtier", 1, &[]);
+    let g = gpu_dir(&d);
+    let args = [
+        "aperture=16",
+        "engine=16",
+        "dma=4",
+        "rate=48",
+        "seconds=0",
+        "verify-every=1",
+        "report-every=250",
+    ];
+    let mut cur = source(&d, "src", &gpu_vm(&g, "GW8-1C", "gpu-dirtier", &args));
+    wait_log(&cur.log, "verify ok");
+    for (hop, extra) in [
+        (1, vec!["--mode", "postcopy", "--max-bandwidth", "16M"]),
+        (
+            2,
+            vec![
+                "--mode",
+                "hybrid",
+                "--max-bandwidth",
+                "16M",
+                "--downtime-ms",
+                "20",
+            ],
+        ),
+    ] {
+        let (next, addr) = destination(&d, &format!("hop{hop}"), &["--gpu-dir", &g]);
+        let (out, r) = migrate(&cur, &addr, &extra);
+        whole(&out, &r, &["ram", "gpu"]);
+        assert!(
+            r["postcopy"]["missing_pages"]["gpu"].as_u64().unwrap() > 0,
+            "{r}"
+        );
+        assert_eq!(exit_code(&mut cur, LIMIT), 0, "{}", read(&cur.err));
+        cur = next;
+        let seen = read(&cur.log).matches("verify ok").count();
+        wait_for(LIMIT, || {
+            (read(&cur.log).matches("verify ok").count() >= seen + 2).then_some(())
+        })
+        .unwrap_or_else(|| panic!("hop {hop}:\n{}", read(&cur.log)));
+        assert!(
+            !read(&cur.log).contains("FAILED"),
+            "hop {hop}:\n{}",
+            read(&cur.log)
+        );
+    }
+    run(
+        &["shutdown", "--api-socket", cur.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    assert_eq!(exit_code(&mut cur, LIMIT), 0);
+    assert!(!read(&cur.log).contains("FAILED"), "{}", read(&cur.log));
+}
