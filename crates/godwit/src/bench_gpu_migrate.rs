@@ -61,6 +61,8 @@ const WORKLOADS: &[Workload] = &[
 enum Mode {
     Precopy,
     StopCopy,
+    Postcopy,
+    Hybrid,
 }
 
 impl Mode {
@@ -68,6 +70,8 @@ impl Mode {
         match self {
             Mode::Precopy => "pre-copy",
             Mode::StopCopy => "stop-copy",
+            Mode::Postcopy => "post-copy",
+            Mode::Hybrid => "hybrid",
         }
     }
 }
@@ -95,6 +99,10 @@ struct Sample {
     switchover_reason: String,
     /// The pause's parts, as the report gives them.
     downtime: Value,
+    /// Post-copy and hybrid: the window (switch to last page), the touches that had
+    /// to fetch a page (RAM and VRAM) and their latency, pages pre-paged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postcopy: Option<Value>,
 }
 
 #[derive(Serialize)]
@@ -115,6 +123,10 @@ struct Cell {
     workload: String,
     precopy: Side,
     stop_copy: Option<Side>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postcopy: Option<Side>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hybrid: Option<Side>,
     /// Pre-copy's figure over stop-and-copy's (below 1: pre-copy is better).
     precopy_over_stop_copy: Option<Value>,
     /// Pre-copy's total time over the time to send the touched VRAM once at the link
@@ -224,6 +236,17 @@ fn sample(r: &Report, gap: f64) -> Sample {
         gpu_throughput_while_held: throughput_while_held(r),
         switchover_reason: r.switchover_reason.clone(),
         downtime: serde_json::to_value(&r.downtime).expect("plain data"),
+        postcopy: r.postcopy.as_ref().map(|p| {
+            json!({
+                "ran": r.ran,
+                "window_ms": p.window_ms,
+                "missing_pages": p.missing_pages,
+                "remote_faults": p.remote_faults,
+                "fault_latency_us": p.fault_latency,
+                "prepaged_pages": p.prepaged_pages,
+                "destination": p.destination,
+            })
+        }),
     }
 }
 
@@ -281,14 +304,18 @@ fn one_run(
     // Let a busy GPU reach its steady state (a few SGD steps).
     std::thread::sleep(Duration::from_millis(500));
     let o = Options {
-        mode: Default::default(),
+        mode: match mode {
+            Mode::Postcopy => godwit_migration::Mode::Postcopy,
+            Mode::Hybrid => godwit_migration::Mode::Hybrid,
+            _ => godwit_migration::Mode::Precopy,
+        },
         to: format!("tcp:127.0.0.1:{port}"),
         downtime_ms: limit,
         max_bandwidth: None,
         connections: 1,
         stop_copy: match mode {
-            Mode::Precopy => vec![],
             Mode::StopCopy => vec!["gpu".into()],
+            _ => vec![],
         },
         tls_dir: None,
         insecure: false,
@@ -348,11 +375,18 @@ fn bench(a: GpuMigrateBenchArgs) -> Result<BenchReport, String> {
     if a.quick && profiles.len() > 2 {
         profiles = vec![profiles[0], profiles[profiles.len() - 1]];
     }
-    let modes: &[Mode] = if a.no_stop_copy {
-        &[Mode::Precopy]
-    } else {
-        &[Mode::Precopy, Mode::StopCopy]
-    };
+    let mut modes = vec![Mode::Precopy];
+    if !a.no_stop_copy {
+        modes.push(Mode::StopCopy);
+    }
+    for m in &a.modes {
+        modes.push(match m.as_str() {
+            "postcopy" => Mode::Postcopy,
+            "hybrid" => Mode::Hybrid,
+            m => return Err(format!("--modes: {m:?} (use postcopy, hybrid)")),
+        });
+    }
+    let modes = &modes[..];
     let total = profiles.len() * workloads.len() * a.runs * modes.len();
     let mut done = 0;
     let mut cells = Vec::new();
@@ -372,9 +406,16 @@ fn bench(a: GpuMigrateBenchArgs) -> Result<BenchReport, String> {
                     }
                 }
             }
-            let mut sides = by_mode.into_iter().map(side);
-            let pre = sides.next().expect("pre-copy always runs");
-            let stop = sides.next();
+            let mut sides: Vec<Option<Side>> = by_mode.into_iter().map(|v| Some(side(v))).collect();
+            let mut take = |m: Mode| {
+                modes
+                    .iter()
+                    .position(|x| *x == m)
+                    .and_then(|i| sides[i].take())
+            };
+            let pre = take(Mode::Precopy).expect("pre-copy always runs");
+            let stop = take(Mode::StopCopy);
+            let (postcopy, hybrid) = (take(Mode::Postcopy), take(Mode::Hybrid));
             let link = pre.samples.iter().map(|s| s.link_mib_s).collect::<Vec<_>>();
             let touched = pre
                 .samples
@@ -396,6 +437,8 @@ fn bench(a: GpuMigrateBenchArgs) -> Result<BenchReport, String> {
                 total_over_vram_once: pre.total_ms.median / once_ms.max(1e-3),
                 precopy: pre,
                 stop_copy: stop,
+                postcopy,
+                hybrid,
             });
         }
     }
@@ -506,6 +549,11 @@ fn print_table(r: &BenchReport) {
         );
         if let Some(s) = &c.stop_copy {
             row("stop-copy", s, String::new());
+        }
+        for (name, side) in [("post-copy", &c.postcopy), ("hybrid", &c.hybrid)] {
+            if let Some(s) = side {
+                row(name, s, String::new());
+            }
         }
     }
     let g = &r.goal;

@@ -7,11 +7,15 @@
 //! bytes sent. godwit can run once per dirty-tracking mode (`--dirty-log bitmap,ring`):
 //! the modes then sit side by side, with the time spent reading the dirty log; with
 //! `--tls` the first mode also runs over TLS 1.3 (mutual certificates), so that what
-//! encryption costs sits beside the plain run.
+//! encryption costs sits beside the plain run. With `--modes` godwit runs each migration
+//! mode (pre-copy, post-copy, hybrid, auto) as a side of its own, and when post-copy is
+//! among them QEMU runs post-copy too (postcopy-ram, switched once its first pass is
+//! done, postcopy-preempt where the binary has it); post-copy runs also report their
+//! window (switch to last page), remote faults and their latency, and pages pre-paged.
 
 use crate::bench::{alive, free_port, guest_gap, steady, summary, wait_for, Pair, Procs, Summary};
 use crate::cli::MigrateBenchArgs;
-use godwit_migration::Options;
+use godwit_migration::{Mode, Options};
 use godwit_vmm::dirty::DirtyLogMode;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -82,6 +86,19 @@ struct Sample {
     last_dirty_log_us: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ring_full_exits: Option<u64>,
+    /// Post-copy only: what ran, the window in which the VM's memory was split over the
+    /// hosts, the touches that had to fetch a page, their latency and the pages pushed
+    /// before anything touched them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ran: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postcopy_window_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote_faults: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fault_latency_us: Option<godwit_vmm::migratable::Latency>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prepaged_pages: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -95,9 +112,11 @@ struct Side {
     samples: Vec<Sample>,
 }
 
-/// godwit with another dirty-tracking mode, or over TLS, against the first.
+/// godwit with another migration mode, dirty-tracking mode, or over TLS, against the
+/// first.
 #[derive(Serialize)]
 struct Alternative {
+    mode: String,
     dirty_log: String,
     tls: bool,
     side: Side,
@@ -115,8 +134,16 @@ struct Cell {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     godwit_alternatives: Vec<Alternative>,
     qemu: Option<Side>,
+    /// QEMU in post-copy (when godwit runs a post-copy mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    qemu_postcopy: Option<Side>,
     /// QEMU's figure over godwit's (above 1: godwit is better), per statistic.
     qemu_over_godwit: Option<Value>,
+    /// Per godwit side (mode, dirty log, TLS): median downtime at most 5 ms, no run
+    /// above 10 ms, and every run's total time at most the best QEMU configuration's
+    /// median.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    fast_goal: Vec<Value>,
     /// godwit's median downtime within the limit, and median total time, downtime and
     /// bytes at or below QEMU's.
     godwit_meets_goal: Option<bool>,
@@ -168,12 +195,14 @@ fn dirtier_args(w: &Workload) -> String {
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn godwit_run(
     dir: &Path,
     mem: u64,
     w: &Workload,
     limit: u64,
     conns: u32,
+    mode: Mode,
     dirty_log: DirtyLogMode,
     tls: Option<&Path>,
 ) -> Result<Sample, String> {
@@ -217,7 +246,7 @@ fn godwit_run(
         alive(procs).then(|| steady(&src_log))
     })?;
     let o = Options {
-        mode: Default::default(),
+        mode,
         to: format!("tcp:127.0.0.1:{port}"),
         downtime_ms: limit,
         max_bandwidth: None,
@@ -241,6 +270,11 @@ fn godwit_run(
         }),
         last_dirty_log_us: Some(r.downtime.dirty_log_ms * 1e3),
         ring_full_exits: Some(r.ring_full_exits),
+        ran: Some(r.ran.clone()),
+        postcopy_window_ms: r.postcopy.as_ref().map(|p| p.window_ms),
+        remote_faults: r.postcopy.as_ref().map(|p| p.remote_faults),
+        fault_latency_us: r.postcopy.as_ref().map(|p| p.fault_latency.clone()),
+        prepaged_pages: r.postcopy.as_ref().map(|p| p.prepaged_pages),
     })
 }
 
@@ -303,6 +337,7 @@ fn qemu_run(
     mem: u64,
     w: &Workload,
     limit: u64,
+    postcopy: bool,
 ) -> Result<Sample, String> {
     let (src_log, dst_log) = (dir.join("q-src.log"), dir.join("q-dst.log"));
     let (src_qmp, dst_qmp) = (dir.join("q-src.qmp"), dir.join("q-dst.qmp"));
@@ -344,13 +379,20 @@ fn qemu_run(
     let caps = json!({"capabilities": [
         {"capability": "xbzrle", "state": false},
         {"capability": "auto-converge", "state": true},
-        {"capability": "postcopy-ram", "state": false},
+        {"capability": "postcopy-ram", "state": postcopy},
         {"capability": "multifd", "state": false},
         {"capability": "zero-blocks", "state": false},
         {"capability": "events", "state": false},
     ]});
     sq.cmd("migrate-set-capabilities", caps.clone())?;
     dq.cmd("migrate-set-capabilities", caps)?;
+    if postcopy {
+        // Urgent pages on a channel of their own, where this QEMU has it (7.1 on).
+        let preempt = json!({"capabilities": [{"capability": "postcopy-preempt", "state": true}]});
+        if sq.cmd("migrate-set-capabilities", preempt.clone()).is_ok() {
+            dq.cmd("migrate-set-capabilities", preempt)?;
+        }
+    }
     sq.cmd(
         "migrate-set-parameters",
         json!({"max-bandwidth": 100u64 << 30, "downtime-limit": limit}),
@@ -360,8 +402,14 @@ fn qemu_run(
     })?;
     sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
     let end = Instant::now() + MIGRATE_TIMEOUT;
+    let mut switched = !postcopy;
     let info = loop {
         let v = sq.cmd("query-migrate", json!({}))?;
+        // Post-copy once the first pass is done (its second dirty sync).
+        if !switched && v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
+            sq.cmd("migrate-start-postcopy", json!({}))?;
+            switched = true;
+        }
         match v["status"].as_str() {
             Some("completed") => break v,
             Some("failed") | Some("cancelled") => return Err(format!("QEMU migration: {v}")),
@@ -388,6 +436,11 @@ fn qemu_run(
         dirty_log_us: None,
         last_dirty_log_us: None,
         ring_full_exits: None,
+        ran: Some(if postcopy { "postcopy" } else { "precopy" }.into()),
+        postcopy_window_ms: None,
+        remote_faults: None,
+        fault_latency_us: None,
+        prepaged_pages: None,
     })
 }
 
@@ -443,14 +496,24 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
     let image = dir.join("dirtier.elf");
     std::fs::write(&image, godwit_guest::image("dirtier").expect("built in"))
         .map_err(|e| e.to_string())?;
-    // godwit's sides: each dirty-log mode over plain TCP, then the first over TLS.
-    let mut variants: Vec<(DirtyLogMode, bool)> = a.dirty_log.iter().map(|&m| (m, false)).collect();
+    let modes = a
+        .modes
+        .iter()
+        .map(|m| m.parse::<Mode>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let first_mode = *modes.first().ok_or("--modes needs at least one mode")?;
+    // godwit's sides: each migration mode, then each other dirty-log mode, over plain
+    // TCP; then the first over TLS.
+    let mut variants: Vec<(Mode, DirtyLogMode, bool)> =
+        modes.iter().map(|&m| (m, a.dirty_log[0], false)).collect();
+    variants.extend(a.dirty_log[1..].iter().map(|&d| (first_mode, d, false)));
     let creds = dir.join("tls");
     if a.tls {
         godwit_migration::tls::generate(&creds, &["127.0.0.1".into()])
             .map_err(|e| format!("TLS credentials: {e}"))?;
-        variants.push((a.dirty_log[0], true));
+        variants.push((first_mode, a.dirty_log[0], true));
     }
+    let qemu_postcopy = qemu.is_some() && modes.iter().any(|m| *m != Mode::Precopy);
     let mut cells = Vec::new();
     let total = mems.len() * workloads.len() * limits.len();
     for &mem in &mems {
@@ -462,7 +525,9 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                 // One list of samples per godwit mode, and QEMU's.
                 let mut g: Vec<Vec<Sample>> = variants.iter().map(|_| Vec::new()).collect();
                 let mut q = Vec::new();
-                let sides = variants.len() + usize::from(qemu.is_some());
+                let mut qp = Vec::new();
+                let sides =
+                    variants.len() + usize::from(qemu.is_some()) + usize::from(qemu_postcopy);
                 for i in 0..runs {
                     if !a.json {
                         eprint!(
@@ -476,31 +541,58 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                     for k in 0..sides {
                         let turn = (k + i) % sides;
                         match variants.get(turn) {
-                            Some(&(mode, tls)) => g[turn].push(godwit_run(
+                            Some(&(mode, log, tls)) => g[turn].push(godwit_run(
                                 &dir,
                                 mem,
                                 w,
                                 limit,
                                 a.connections,
                                 mode,
+                                log,
                                 tls.then_some(creds.as_path()),
                             )?),
-                            None => q.push(qemu_run(&dir, &a.qemu, &image, mem, w, limit)?),
+                            None if turn == variants.len() => {
+                                q.push(qemu_run(&dir, &a.qemu, &image, mem, w, limit, false)?)
+                            }
+                            None => qp.push(qemu_run(&dir, &a.qemu, &image, mem, w, limit, true)?),
                         }
                     }
                 }
+                let qs = qemu.as_ref().map(|_| side(q));
+                let qps = qemu_postcopy.then(|| side(qp));
+                // The best QEMU configuration's median total time in this cell.
+                let best_qemu = [&qs, &qps]
+                    .iter()
+                    .filter_map(|s| s.as_ref().map(|s| s.total_ms.median))
+                    .fold(f64::INFINITY, f64::min);
+                let fast_goal: Vec<Value> = g
+                    .iter()
+                    .zip(&variants)
+                    .map(|(samples, (mode, log, tls))| {
+                        let d = summary(&samples.iter().map(|s| s.downtime_ms).collect::<Vec<_>>());
+                        let totals_ok = samples.iter().all(|s| s.total_ms <= best_qemu);
+                        json!({
+                            "mode": mode.to_string(),
+                            "dirty_log": log.to_string(),
+                            "tls": tls,
+                            "downtime_median_at_most_5_ms": d.median <= 5.0,
+                            "no_downtime_above_10_ms": d.max <= 10.0,
+                            "every_total_at_most_best_qemu_median": best_qemu.is_finite().then_some(totals_ok),
+                        })
+                    })
+                    .collect();
                 let mut g = g.into_iter().map(side);
                 let gs = g.next().expect("at least one mode");
                 let alternatives = g
                     .zip(&variants[1..])
-                    .map(|(side, (mode, tls))| Alternative {
-                        dirty_log: mode.to_string(),
+                    .map(|(side, (mode, log, tls))| Alternative {
+                        mode: mode.to_string(),
+                        dirty_log: log.to_string(),
                         tls: *tls,
                         first_over_this: ratios(&gs, &side),
                         side,
                     })
                     .collect();
-                let qs = qemu.as_ref().map(|_| side(q));
                 let ratios = qs.as_ref().map(|q| ratios(q, &gs));
                 let goal = qs.as_ref().map(|q| {
                     gs.downtime_ms.median <= limit as f64
@@ -516,7 +608,9 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                     godwit: gs,
                     godwit_alternatives: alternatives,
                     qemu: qs,
+                    qemu_postcopy: qps,
                     qemu_over_godwit: ratios,
+                    fast_goal,
                     godwit_meets_goal: goal,
                 });
             }
@@ -579,7 +673,16 @@ fn print_table(r: &BenchReport) {
         };
         row(&first, &c.godwit);
         for alt in &c.godwit_alternatives {
-            let name = format!("g-{}{}", alt.dirty_log, if alt.tls { "+tls" } else { "" });
+            let name = format!(
+                "g-{}{}{}",
+                if alt.mode == "precopy" {
+                    String::new()
+                } else {
+                    format!("{}-", alt.mode)
+                },
+                alt.dirty_log,
+                if alt.tls { "+tls" } else { "" }
+            );
             row(&name, &alt.side);
             let x = &alt.first_over_this;
             println!(
@@ -595,6 +698,9 @@ fn print_table(r: &BenchReport) {
         }
         if let Some(q) = &c.qemu {
             row("qemu", q);
+        }
+        if let Some(q) = &c.qemu_postcopy {
+            row("qemu-postcopy", q);
         }
         if let Some(x) = &c.qemu_over_godwit {
             println!(

@@ -329,6 +329,9 @@ pub struct GpuMigrateBenchArgs {
     /// Pre-copy only (no stop-and-copy runs beside it).
     #[arg(long)]
     pub no_stop_copy: bool,
+    /// More modes, each a side of its own (comma separated): postcopy, hybrid.
+    #[arg(long, value_delimiter = ',')]
+    pub modes: Vec<String>,
 }
 
 #[derive(Args)]
@@ -384,6 +387,11 @@ pub struct MigrateBenchArgs {
     /// Also run godwit (first dirty-log mode) over TLS 1.3, beside the plain run.
     #[arg(long)]
     pub tls: bool,
+    /// godwit's migration modes, one side each (comma separated): precopy, postcopy,
+    /// hybrid, auto. With post-copy among them QEMU also runs post-copy (switched after
+    /// its first pass, with postcopy-preempt where it has it).
+    #[arg(long, value_delimiter = ',', default_values_t = ["precopy".to_string()])]
+    pub modes: Vec<String>,
 }
 
 #[derive(Args)]

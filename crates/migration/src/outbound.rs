@@ -38,6 +38,8 @@ enum Io {
         /// Buffers the writer has finished with.
         spare: Receiver<Vec<u8>>,
         thread: Option<JoinHandle<io::Result<()>>>,
+        /// Frames handed to the writer and not yet written.
+        queued: Arc<AtomicU64>,
     },
 }
 
@@ -91,11 +93,17 @@ pub struct Outbound {
     pub bytes: u64,
 }
 
-fn writer(mut s: Stream, rx: Receiver<Msg>, spare: SyncSender<Vec<u8>>) -> io::Result<()> {
+fn writer(
+    mut s: Stream,
+    rx: Receiver<Msg>,
+    spare: SyncSender<Vec<u8>>,
+    queued: Arc<AtomicU64>,
+) -> io::Result<()> {
     while let Ok(m) = rx.recv() {
         match m {
             Msg::Data(buf, r) => {
                 s.write_all(&buf[r])?;
+                queued.fetch_sub(1, Ordering::Relaxed);
                 let _ = spare.try_send(buf);
             }
             Msg::Sync(reply) => {
@@ -143,13 +151,16 @@ impl Outbound {
         } else {
             let (tx, rx) = sync_channel(QUEUE);
             let (spare_tx, spare) = sync_channel(QUEUE + 2);
+            let queued = Arc::new(AtomicU64::new(0));
+            let q = queued.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("migration-send{}", self.lanes.len()))
-                .spawn(move || writer(s, rx, spare_tx))?;
+                .spawn(move || writer(s, rx, spare_tx, q))?;
             Io::Thread {
                 tx: Some(tx),
                 spare,
                 thread: Some(thread),
+                queued,
             }
         };
         self.lanes.push(Lane {
@@ -188,7 +199,8 @@ impl Outbound {
                 s.write_all(&buf[r])?;
                 lane.recycled = Some(buf);
             }
-            Io::Thread { tx, .. } => {
+            Io::Thread { tx, queued, .. } => {
+                queued.fetch_add(1, Ordering::Relaxed);
                 let sent = tx
                     .as_ref()
                     .is_some_and(|t| t.send(Msg::Data(buf, r)).is_ok());
@@ -341,6 +353,16 @@ impl Outbound {
     /// before it sends more, and may send what cannot wait meanwhile.
     pub fn pace_by_caller(&mut self) {
         self.limiter.wait = false;
+    }
+
+    /// Whether every connection but the main one could take another frame without
+    /// waiting for its writer (post-copy's background stream never blocks the thread
+    /// that answers requests).
+    pub fn background_room(&self) -> bool {
+        self.lanes.iter().skip(1).all(|l| match &l.io {
+            Io::Thread { queued, .. } => queued.load(Ordering::Relaxed) < 2,
+            Io::Direct(_) => true,
+        })
     }
 
     /// How long until the bandwidth cap allows more.

@@ -80,7 +80,17 @@ impl Driver<'_> {
                 .parts
                 .iter()
                 .position(|p| p.lazy && p.c.precopy_info().is_ok_and(|i| i.total() > 0));
-            let due = self.out.as_ref().expect("connected").due();
+            let out = self.out.as_ref().expect("connected");
+            // The background waits while its connections are still busy with what they
+            // were given (a blocked send would hold the answer to a touch behind it),
+            // briefly: a socket's read timeout would round a short wait up to a
+            // scheduler tick.
+            if next.is_some() && !out.background_room() {
+                std::thread::sleep(Duration::from_micros(100));
+                continue;
+            }
+            // And listening for requests while the bandwidth cap says so.
+            let due = out.due();
             if next.is_some() && !due.is_zero() {
                 if let Some(a) = self.back.as_mut().expect("live").wait(due) {
                     if let Some(done) = self.on_answer(a)? {

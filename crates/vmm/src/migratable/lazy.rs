@@ -250,26 +250,68 @@ impl Lazy {
             })
             .collect::<Result<_>>()?;
         let mut i = self.lock();
-        for ((&(r, p), &a), page) in at.iter().zip(addrs).zip(data.chunks_exact(PAGE_SIZE)) {
+        // Runs of pages that were missing, next to each other here and in `data`: one
+        // UFFDIO_COPY each (a page at a time costs a system call and a wake-up each).
+        let mut run: Option<(usize, u64, usize, usize)> = None;
+        for (k, (&(r, p), &a)) in at.iter().zip(addrs).enumerate() {
             if !self.arrived(&mut i, r, p, a) {
+                if let Some(x) = run.take() {
+                    self.copy_run(x, data)?;
+                }
                 continue;
             }
-            // SAFETY: the destination is one page inside this memory's mapping
-            // (located above) and registered with this userfaultfd; the source is a
-            // page of `data`. UFFDIO_COPY fills the missing page whole and wakes
-            // whoever waits on it.
+            run = match run {
+                Some((rr, p0, k0, n)) if rr == r && p0 + n as u64 == p && k0 + n == k => {
+                    Some((rr, p0, k0, n + 1))
+                }
+                other => {
+                    if let Some(x) = other {
+                        self.copy_run(x, data)?;
+                    }
+                    Some((r, p, k, 1))
+                }
+            };
+        }
+        if let Some(x) = run {
+            self.copy_run(x, data)?;
+        }
+        if i.left == 0 {
+            self.finish(&mut i);
+        }
+        Ok(())
+    }
+
+    /// Places `n` pages at page `p` of region `r` from `data`'s pages from `k` on.
+    fn copy_run(&self, (r, p, k, n): (usize, u64, usize, usize), data: &[u8]) -> Result<()> {
+        let src = &data[k * PAGE_SIZE..(k + n) * PAGE_SIZE];
+        // SAFETY: the destination is `n` pages inside this memory's mapping (each
+        // located by the caller) and registered with this userfaultfd; the source is
+        // `n` pages of `data`. UFFDIO_COPY fills missing pages whole and wakes whoever
+        // waits on them.
+        let rc = unsafe {
+            self.uffd
+                .copy(src.as_ptr() as *const _, self.host(r, p), src.len(), true)
+        };
+        if rc.is_ok() {
+            return Ok(());
+        }
+        // Part of the run was there already (filled by a touch meanwhile) or the copy
+        // stopped short: page by page, a page that is there is left as it is.
+        for (j, page) in src.chunks_exact(PAGE_SIZE).enumerate() {
+            // SAFETY: as above, one page of the run.
             let rc = unsafe {
-                self.uffd
-                    .copy(page.as_ptr() as *const _, self.host(r, p), PAGE_SIZE, true)
+                self.uffd.copy(
+                    page.as_ptr() as *const _,
+                    self.host(r, p + j as u64),
+                    PAGE_SIZE,
+                    true,
+                )
             };
             if let Err(e) = rc {
                 if !exists(&e) {
                     return Err(uffd_err("copy", e));
                 }
             }
-        }
-        if i.left == 0 {
-            self.finish(&mut i);
         }
         Ok(())
     }
