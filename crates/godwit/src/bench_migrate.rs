@@ -400,10 +400,11 @@ fn qemu_run(
     wait_for("the QEMU source guest", STEADY_TIMEOUT, || {
         alive(&mut procs).then(|| steady(&src_log))
     })?;
+    let started = Instant::now();
     sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
     let end = Instant::now() + MIGRATE_TIMEOUT;
     let mut switched = !postcopy;
-    let info = loop {
+    let (info, wall_ms) = loop {
         let v = sq.cmd("query-migrate", json!({}))?;
         // Post-copy once the first pass is done (its second dirty sync).
         if !switched && v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
@@ -411,7 +412,7 @@ fn qemu_run(
             switched = true;
         }
         match v["status"].as_str() {
-            Some("completed") => break v,
+            Some("completed") => break (v, started.elapsed().as_secs_f64() * 1e3),
             Some("failed") | Some("cancelled") => return Err(format!("QEMU migration: {v}")),
             _ if Instant::now() > end => return Err("QEMU migration timed out".into()),
             _ => std::thread::sleep(Duration::from_millis(5)),
@@ -424,7 +425,12 @@ fn qemu_run(
     let gap = guest_gap(&dst_log, &mut procs)?;
     drop(dq);
     Ok(Sample {
-        total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
+        // QEMU 7.2 sometimes reports 0 for a post-copy migration: then the time it
+        // took as seen from here (polled every 5 ms).
+        total_ms: info["total-time"]
+            .as_f64()
+            .filter(|t| *t > 0.0)
+            .unwrap_or(wall_ms),
         downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
         guest_gap_ms: gap,
         bytes: info["ram"]["total"]

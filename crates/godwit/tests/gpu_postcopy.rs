@@ -25,7 +25,9 @@ fn whole(out: &std::process::Output, r: &Value, lazy: &[&str]) {
     for name in lazy {
         let missing = p["missing_pages"][name].as_u64().unwrap_or(0);
         let d = &p["destination"][name];
-        let placed = d["remote_faults"].as_u64().unwrap() + d["prepaged"].as_u64().unwrap();
+        let placed = d["remote_faults"].as_u64().unwrap()
+            + d["prepaged"].as_u64().unwrap()
+            + d["fetched_ahead"].as_u64().unwrap();
         assert_eq!(placed, missing, "{name}: {r}");
     }
 }
@@ -44,9 +46,19 @@ fn gpu_train_moved_in_postcopy_ends_with_the_reference_answer() {
     );
     let (mut dst, addr) = destination(&d, "dst", &["--gpu-dir", &g]);
     wait_log(&src.log, "iteration 2000 ");
-    // The VM and its GPU start at the destination at once; VRAM and RAM follow.
-    let (out, r) = migrate(&src, &addr, &["--mode", "postcopy"]);
+    // The VM and its GPU start at the destination at once; VRAM and RAM follow, the
+    // background slowly.
+    let (out, r) = migrate(
+        &src,
+        &addr,
+        &["--mode", "postcopy", "--max-bandwidth", "32M"],
+    );
     whole(&out, &r, &["ram", "gpu"]);
+    // The engine asked for its commands' VRAM before it took the shared GPU, rather
+    // than touching it missing while it held the GPU.
+    let gpu = &r["postcopy"]["destination"]["gpu"];
+    assert!(gpu["fetched_ahead"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["postcopy"]["ahead_pages"].as_u64().unwrap() > 0, "{r}");
     assert!(
         r["postcopy"]["missing_pages"]["gpu"].as_u64().unwrap() > 0,
         "{r}"

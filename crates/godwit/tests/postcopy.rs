@@ -30,7 +30,9 @@ fn assert_postcopy_whole(r: &Value) {
     let d = &p["destination"]["ram"];
     assert_eq!(d["missing_at_start"].as_u64(), Some(missing), "{r}");
     // Each missing page arrived once as asked for or pushed (duplicates aside).
-    let placed = d["remote_faults"].as_u64().unwrap() + d["prepaged"].as_u64().unwrap();
+    let placed = d["remote_faults"].as_u64().unwrap()
+        + d["prepaged"].as_u64().unwrap()
+        + d["fetched_ahead"].as_u64().unwrap();
     assert_eq!(placed, missing, "{r}");
     assert!(
         p["requested_pages"].as_u64().unwrap() + p["background_pages"].as_u64().unwrap() >= missing,
@@ -308,6 +310,14 @@ fn hostile_destination() -> (String, std::thread::JoinHandle<(u64, u64)>) {
         ask(&mut c, ram, vec![0x1001]);
         ask(&mut c, vcpus, vec![0]);
         ask(&mut c, 99, vec![0]);
+        wire::write_frame(
+            &mut c,
+            &Frame::Ahead {
+                section: ram,
+                addrs: vec![u64::MAX & !4095],
+            },
+        )
+        .unwrap();
         ask(&mut c, ram, vec![0x10000, 0x10000]);
         let flood = 2000u64;
         for i in 0..flood {
@@ -352,8 +362,9 @@ fn hostile_page_requests_are_refused_and_the_rest_are_served() {
     assert_eq!(got, 2002);
     assert_eq!(r["status"], "completed", "{r}");
     let p = &r["postcopy"];
-    // Outside the VM, not page-aligned, a section with no pages, no such section.
-    assert_eq!(p["refused_requests"], 4, "{r}");
+    // Outside the VM, not page-aligned, a section with no pages, no such section, and
+    // outside the VM ahead of a touch.
+    assert_eq!(p["refused_requests"], 5, "{r}");
     assert_eq!(p["requested_pages"], 2002, "{r}");
     assert_eq!(p["missing_pages"]["ram"].as_u64(), Some(lazy), "{r}");
     assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));

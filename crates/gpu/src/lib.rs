@@ -19,4 +19,4 @@ pub mod shm;
 pub mod vf;
 
 pub use manager::{Lease, Manager};
-pub use vf::{Hold, IrqLine, Vf, VfState};
+pub use vf::{Hold, IrqLine, Prefetch, Vf, VfState};

@@ -24,6 +24,11 @@ pub enum Answer {
         section: u32,
         addrs: Vec<u64>,
     },
+    /// Post-copy: pages a device will touch soon.
+    Ahead {
+        section: u32,
+        addrs: Vec<u64>,
+    },
     /// Post-copy: the destination holds every page.
     Done(crate::wire::Done),
     /// Post-copy recovery: what the destination still lacks of one section.
@@ -87,6 +92,7 @@ impl BackChannel {
             Ok(Frame::Abort(m)) => Answer::Abort(m),
             Ok(Frame::Request { section, addrs }) => Answer::Request { section, addrs },
             Ok(Frame::Done(d)) => Answer::Done(d),
+            Ok(Frame::Ahead { section, addrs }) => Answer::Ahead { section, addrs },
             Ok(Frame::Postcopy { section, missing }) => Answer::Missing { section, missing },
             Ok(Frame::Resumed) => Answer::Resumed,
             Ok(f) => Answer::Other(f.kind()),

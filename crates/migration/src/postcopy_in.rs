@@ -338,11 +338,13 @@ fn read_pages(mut s: Stream, pc: &PostcopyIn, generation: u64) {
 /// Sends a request for every page a touch waits for, and DONE once none is missing.
 fn watch(pc: &PostcopyIn) {
     let mut ask = Vec::new();
+    let mut ahead = Vec::new();
     let mut fds: Vec<libc::pollfd> = pc
         .lazy
         .iter()
-        .map(|l| libc::pollfd {
-            fd: l.faults.fd(),
+        .flat_map(|l| [l.faults.fd(), l.faults.wake_fd()])
+        .map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
         })
@@ -363,15 +365,20 @@ fn watch(pc: &PostcopyIn) {
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
         for l in &pc.lazy {
             ask.clear();
-            if let Err(e) = l.faults.take(&mut ask) {
+            ahead.clear();
+            if let Err(e) = l.faults.take(&mut ask, &mut ahead) {
                 tracing::error!(component = l.name, "post-copy: reading faults: {e}");
                 continue;
             }
-            for addrs in ask.chunks(MAX_REQUEST) {
-                let f = Frame::Request {
-                    section: l.section,
-                    addrs: addrs.to_vec(),
-                };
+            let urgent = ask.chunks(MAX_REQUEST).map(|a| Frame::Request {
+                section: l.section,
+                addrs: a.to_vec(),
+            });
+            let later = ahead.chunks(MAX_REQUEST).map(|a| Frame::Ahead {
+                section: l.section,
+                addrs: a.to_vec(),
+            });
+            for f in urgent.chain(later) {
                 if let Err(e) = pc.send(&f) {
                     // Asked again on the new connections, once the source recovers.
                     pc.broke(

@@ -248,6 +248,9 @@ pub struct Postcopy {
     pub requested_pages: u64,
     /// Pages pushed in the background.
     pub background_pages: u64,
+    /// Of those, pages the destination wanted ahead of a touch (a GPU command's).
+    #[serde(default)]
+    pub ahead_pages: u64,
     /// Requests the source refused (pages outside the VM): counted, never served.
     pub refused_requests: u64,
     /// Touches of a page that had to be fetched, over all components.

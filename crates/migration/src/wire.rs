@@ -61,6 +61,7 @@ pub enum Kind {
     Done = 19,
     Resume = 20,
     Resumed = 21,
+    Ahead = 22,
 }
 
 impl Kind {
@@ -88,6 +89,7 @@ impl Kind {
             19 => Done,
             20 => Resume,
             21 => Resumed,
+            22 => Ahead,
             _ => return None,
         })
     }
@@ -229,6 +231,13 @@ pub enum Frame<'a> {
         section: u32,
         addrs: Vec<u64>,
     },
+    /// Post-copy, destination to source: pages a device will touch soon (the GPU
+    /// engine's next command), wanted before the rest of the background stream but
+    /// after every page a touch already waits for.
+    Ahead {
+        section: u32,
+        addrs: Vec<u64>,
+    },
     Done(Done),
     /// Post-copy recovery, source to destination, opening a new main connection after
     /// the old ones broke: the migration it continues, and its connection count (the
@@ -262,6 +271,7 @@ impl Frame<'_> {
             Frame::Synced(_) => Kind::Synced,
             Frame::Postcopy { .. } => Kind::Postcopy,
             Frame::Request { .. } => Kind::Request,
+            Frame::Ahead { .. } => Kind::Ahead,
             Frame::Done(_) => Kind::Done,
             Frame::Resume { .. } => Kind::Resume,
             Frame::Resumed => Kind::Resumed,
@@ -346,7 +356,7 @@ pub fn write_frame(w: &mut impl Write, f: &Frame) -> io::Result<()> {
             }
             p
         }
-        Frame::Request { section, addrs } => {
+        Frame::Request { section, addrs } | Frame::Ahead { section, addrs } => {
             let mut p = section.to_le_bytes().to_vec();
             p.extend_from_slice(&(addrs.len() as u32).to_le_bytes());
             for a in addrs {
@@ -644,7 +654,7 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
         Kind::Done => serde_json::from_slice(p)
             .map(Frame::Done)
             .map_err(|e| bad(e.to_string())),
-        Kind::Request => {
+        Kind::Request | Kind::Ahead => {
             let (section, rest) = section()?;
             let n = counted(rest, 8)?;
             if n == 0 || n > MAX_REQUEST {
@@ -652,9 +662,11 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
                     "{n} pages asked for (1 to {MAX_REQUEST} allowed)"
                 )));
             }
-            Ok(Frame::Request {
-                section,
-                addrs: (0..n).map(|i| u64_at(rest, 4 + 8 * i)).collect(),
+            let addrs = (0..n).map(|i| u64_at(rest, 4 + 8 * i)).collect();
+            Ok(if kind == Kind::Request {
+                Frame::Request { section, addrs }
+            } else {
+                Frame::Ahead { section, addrs }
             })
         }
         Kind::Postcopy => {
@@ -751,6 +763,10 @@ mod tests {
             addrs: vec![4096, 1 << 40],
         });
         roundtrip(&Frame::Done(Done::default()));
+        roundtrip(&Frame::Ahead {
+            section: 2,
+            addrs: vec![8192],
+        });
         roundtrip(&Frame::Resume {
             session: 9,
             connections: 2,

@@ -297,12 +297,14 @@ impl Vm {
             migratable::vcpus::Vcpus::new(vcpus.clone(), ctl.clone()),
         )];
         let mut dma: Vec<Arc<dyn migratable::ram::DmaLog>> = Vec::new();
+        let lazy_ram = migratable::lazy::Shared::default();
         if let Some(g) = &gpu {
             components.push(Arc::new(migratable::gpu::GpuFunction::new(
                 g.vf.clone(),
                 &g.info.profile,
                 gpu::APERTURE_SLOT,
                 dirty.clone(),
+                lazy_ram.clone(),
             )));
             dma.push(g.vf.clone());
         }
@@ -313,6 +315,7 @@ impl Vm {
             dirty.clone(),
             dma,
             cfg.memory_mib,
+            lazy_ram,
         )));
         components.push(Arc::new(migratable::platform::Platform::new(
             fd.clone(),

@@ -45,7 +45,7 @@ enum Stop {
 }
 
 impl Vf {
-    fn has_work(i: &Inner) -> bool {
+    pub(super) fn has_work(i: &Inner) -> bool {
         i.regs.enabled && i.regs.error == 0 && (i.in_flight.is_some() || i.regs.head != i.regs.tail)
     }
 
@@ -94,6 +94,9 @@ impl Vf {
                     }
                 }
             }
+            // Post-copy: whatever the next command touches is brought in first, while
+            // this VF holds nothing others wait for.
+            self.prefetch_next();
             let stop = || {
                 let i = self.lock();
                 i.holds != 0 || i.shutdown || !Self::has_work(&i)

@@ -74,8 +74,10 @@ pub enum Hold {
 }
 
 mod engine;
+mod prefetch;
 mod state;
 
+pub use prefetch::Prefetch;
 pub use state::{InFlightState, VfState, STATE_VERSION};
 
 /// A command the engine has started and not finished.
@@ -126,6 +128,10 @@ pub struct Vf {
     dirty: Tracking,
     cap: sched::Cap,
     irq: Mutex<Option<Arc<dyn IrqLine>>>,
+    /// Post-copy: the pages that may be missing, brought in before a command runs.
+    prefetch: Mutex<Option<Arc<dyn Prefetch>>>,
+    /// The command (ring head, generation, in flight) last brought in.
+    prefetched: Mutex<Option<(u64, u64, bool)>>,
 }
 
 impl Vf {
@@ -158,6 +164,8 @@ impl Vf {
             dirty,
             cap: sched::Cap::default(),
             irq: Mutex::new(None),
+            prefetch: Mutex::new(None),
+            prefetched: Mutex::new(None),
         })
     }
 

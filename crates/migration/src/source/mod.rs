@@ -218,6 +218,9 @@ struct Driver<'a> {
     session: u64,
     /// Bytes sent on connections given up (post-copy recovery).
     bytes_base: u64,
+    /// Post-copy: pages the destination wants ahead of a touch, served before the
+    /// rest of the background stream.
+    ahead: std::collections::VecDeque<(u32, Vec<u64>)>,
 }
 
 type Res<T> = Result<T, MigrationError>;
@@ -577,6 +580,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         postcopy: None,
         session: 0,
         bytes_base: 0,
+        ahead: Default::default(),
     };
     status.live_bytes.store(0, Ordering::Relaxed);
     status.postcopy_now.store(false, Ordering::SeqCst);

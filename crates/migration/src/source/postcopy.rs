@@ -99,6 +99,10 @@ impl Driver<'_> {
                 }
                 continue;
             }
+            if let Some((section, addrs)) = self.ahead.pop_front() {
+                self.serve_pages(section, &addrs, Route::Background)?;
+                continue;
+            }
             match next {
                 Some(i) => {
                     let c = self.parts[i].c.clone();
@@ -155,6 +159,10 @@ impl Driver<'_> {
         match a {
             Answer::Request { section, addrs } => {
                 self.serve_request(section, &addrs)?;
+                Ok(None)
+            }
+            Answer::Ahead { section, addrs } => {
+                self.ahead.push_back((section, addrs));
                 Ok(None)
             }
             Answer::Done(d) => Ok(Some(d)),
@@ -310,6 +318,12 @@ impl Driver<'_> {
     /// A request the VM cannot answer (a section that is not lazy, an address outside
     /// it) is counted and refused; it touches nothing else.
     fn serve_request(&mut self, section: u32, addrs: &[u64]) -> Result<(), Lost> {
+        self.serve_pages(section, addrs, Route::Main)
+    }
+
+    /// Pages asked for, on `route` (the main connection for a touch that waits, the
+    /// background ones for pages wanted ahead).
+    fn serve_pages(&mut self, section: u32, addrs: &[u64], route: Route) -> Result<(), Lost> {
         let Some(p) = self.parts.get(section as usize).filter(|p| p.lazy) else {
             tracing::warn!(
                 section,
@@ -324,14 +338,21 @@ impl Driver<'_> {
         let (c, name) = (p.c.clone(), p.name.clone());
         let cancel = &self.status.cancel;
         let out = self.out.as_mut().expect("connected");
-        let r = c.read_requested(&mut out.routed(section, cancel, Route::Main), addrs);
-        let flushed = out.flush_main();
+        let r = c.read_requested(&mut out.routed(section, cancel, route), addrs);
+        let flushed = if route == Route::Main {
+            out.flush_main()
+        } else {
+            Ok(())
+        };
         match r {
             Ok(r) => {
-                self.report
-                    .postcopy
-                    .get_or_insert_with(Default::default)
-                    .requested_pages += r.pages + r.zero_sent;
+                let pc = self.report.postcopy.get_or_insert_with(Default::default);
+                if route == Route::Main {
+                    pc.requested_pages += r.pages + r.zero_sent;
+                } else {
+                    pc.ahead_pages += r.pages + r.zero_sent;
+                    pc.background_pages += r.pages + r.zero_sent;
+                }
                 self.count_sent(section as usize, &r);
             }
             Err(godwit_vmm::migratable::ComponentError::Io(e)) => {

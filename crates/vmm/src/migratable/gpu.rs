@@ -165,6 +165,38 @@ pub struct GpuFunction {
     profile: String,
     backend: String,
     inner: Mutex<Inner>,
+    /// Post-copy: what the engine brings in before each command.
+    prefetch: Arc<Ahead>,
+}
+
+/// The VF's memories that may be missing in post-copy: its VRAM and the guest RAM.
+struct Ahead {
+    vram: super::lazy::Shared,
+    ram: super::lazy::Shared,
+}
+
+impl Ahead {
+    fn get(s: &super::lazy::Shared) -> Option<Arc<super::lazy::Lazy>> {
+        s.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl godwit_gpu::Prefetch for Ahead {
+    fn active(&self) -> bool {
+        [&self.vram, &self.ram]
+            .iter()
+            .any(|s| Ahead::get(s).is_some_and(|l| l.left() > 0))
+    }
+    fn vram(&self, off: u64, len: u64) {
+        if let Some(l) = Ahead::get(&self.vram) {
+            l.fetch(off, len);
+        }
+    }
+    fn ram(&self, gpa: u64, len: u64) {
+        if let Some(l) = Ahead::get(&self.ram) {
+            l.fetch(gpa, len);
+        }
+    }
 }
 
 impl GpuFunction {
@@ -173,9 +205,20 @@ impl GpuFunction {
         profile: &str,
         slot: SlotId,
         dirty: Arc<Mutex<DirtyLog>>,
+        ram: super::lazy::Shared,
     ) -> GpuFunction {
         let backend = vf.backend().name().to_string();
+        let prefetch = Arc::new(Ahead {
+            vram: Default::default(),
+            ram,
+        });
+        // GODWIT_GPU_PREFETCH=off leaves the engine to fault on missing pages while it
+        // holds the shared GPU: only to measure what bringing them in first saves.
+        if std::env::var("GODWIT_GPU_PREFETCH").as_deref() != Ok("off") {
+            vf.set_prefetch(Some(prefetch.clone()));
+        }
         GpuFunction {
+            prefetch,
             m: Vram { vf, slot, dirty },
             profile: profile.into(),
             backend,
@@ -331,6 +374,8 @@ impl Component for GpuFunction {
     }
 
     fn postcopy_expect(&self, missing: Vec<Bitmap>) -> Result<Arc<dyn Faults>> {
-        Ok(self.lock().mem.postcopy_expect(&self.m, missing)?)
+        let l = self.lock().mem.postcopy_expect(&self.m, missing)?;
+        *self.prefetch.vram.lock().unwrap_or_else(|e| e.into_inner()) = Some(l.clone());
+        Ok(l)
     }
 }

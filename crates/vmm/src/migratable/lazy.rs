@@ -11,9 +11,14 @@ use super::{ComponentError, Faults, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use userfaultfd::{Event, EventBuffer, Uffd, UffdBuilder};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Where a component that is filled lazily puts its `Lazy`, for another that must
+/// reach the same memory ahead of a touch (the GPU engine reads guest RAM by DMA).
+pub type Shared = std::sync::Arc<Mutex<Option<std::sync::Arc<Lazy>>>>;
 
 /// One region of a memory as the host maps it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +70,10 @@ pub struct FaultStats {
     pub zero_filled: u64,
     /// Copies of a page that was already placed (an answer and the background copy).
     pub duplicates: u64,
+    /// Pages asked for ahead of a touch (the GPU engine brings in what a command will
+    /// touch before it runs), not counted as remote faults.
+    #[serde(default)]
+    pub fetched_ahead: u64,
     /// From a remote fault read here to its page placed.
     pub fault_latency: Latency,
 }
@@ -72,8 +81,10 @@ pub struct FaultStats {
 struct Inner {
     /// Pages still at the source.
     missing: Vec<Bitmap>,
-    /// Pages asked for and not yet placed, and when.
-    asked: HashMap<u64, Instant>,
+    /// Pages asked for and not yet placed: when, and whether ahead of a touch.
+    asked: HashMap<u64, (Instant, bool)>,
+    /// Pages asked for ahead of a touch, not yet sent to the source.
+    queued: Vec<u64>,
     left: u64,
     stats: FaultStats,
     latencies: Vec<f64>,
@@ -85,6 +96,10 @@ pub struct Lazy {
     what: &'static str,
     regions: Vec<HostRegion>,
     inner: Mutex<Inner>,
+    /// Readable when pages were asked for ahead of a touch (`fetch`).
+    wake: EventFd,
+    /// Notified whenever pages are placed.
+    placed: Condvar,
 }
 
 fn refused(m: String) -> ComponentError {
@@ -173,9 +188,12 @@ impl Lazy {
             uffd,
             what,
             regions,
+            wake: EventFd::new(EFD_NONBLOCK).map_err(ComponentError::Io)?,
+            placed: Condvar::new(),
             inner: Mutex::new(Inner {
                 missing,
                 asked: HashMap::new(),
+                queued: Vec::new(),
                 left,
                 stats,
                 latencies: Vec::new(),
@@ -207,6 +225,52 @@ impl Lazy {
         (self.regions[region].host + page * PAGE_SIZE as u64) as *mut libc::c_void
     }
 
+    /// Returns once [addr, addr + len) (clipped to this memory) is all here, asking
+    /// for what is missing in one go rather than a touch at a time. For a device that
+    /// must not wait while it holds something others need (the GPU engine).
+    pub fn fetch(&self, addr: u64, len: u64) {
+        let first = addr & !(PAGE_SIZE as u64 - 1);
+        let end = addr.saturating_add(len);
+        let mut i = self.lock();
+        if !i.registered {
+            return;
+        }
+        let mut wait = Vec::new();
+        let mut at = first;
+        while at < end {
+            let Some((r, p)) = self.locate(at) else {
+                at += PAGE_SIZE as u64;
+                continue;
+            };
+            if i.missing[r][(p / 64) as usize] & (1 << (p % 64)) != 0 {
+                wait.push((r, p));
+                if let std::collections::hash_map::Entry::Vacant(e) = i.asked.entry(at) {
+                    e.insert((Instant::now(), true));
+                    i.stats.fetched_ahead += 1;
+                    i.queued.push(at);
+                }
+            }
+            at += PAGE_SIZE as u64;
+        }
+        if wait.is_empty() {
+            return;
+        }
+        if !i.queued.is_empty() {
+            let _ = self.wake.write(1);
+        }
+        loop {
+            wait.retain(|&(r, p)| i.missing[r][(p / 64) as usize] & (1 << (p % 64)) != 0);
+            if wait.is_empty() || !i.registered {
+                return;
+            }
+            i = self
+                .placed
+                .wait_timeout(i, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Every page is here: nothing faults any more.
     fn finish(&self, i: &mut Inner) {
         if std::mem::take(&mut i.registered) {
@@ -230,7 +294,8 @@ impl Lazy {
         *w &= !bit;
         i.left -= 1;
         match i.asked.remove(&addr) {
-            Some(t) => i.latencies.push(t.elapsed().as_secs_f64() * 1e6),
+            Some((t, false)) => i.latencies.push(t.elapsed().as_secs_f64() * 1e6),
+            Some((_, true)) => {}
             None => i.stats.prepaged += 1,
         }
         true
@@ -278,6 +343,7 @@ impl Lazy {
         if i.left == 0 {
             self.finish(&mut i);
         }
+        self.placed.notify_all();
         Ok(())
     }
 
@@ -350,6 +416,7 @@ impl Lazy {
         if i.left == 0 {
             self.finish(&mut i);
         }
+        self.placed.notify_all();
         Ok(())
     }
 }
@@ -359,7 +426,17 @@ impl Faults for Lazy {
         self.uffd.as_raw_fd()
     }
 
-    fn take(&self, ask: &mut Vec<u64>) -> Result<()> {
+    fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
+
+    fn take(&self, ask: &mut Vec<u64>, ahead: &mut Vec<u64>) -> Result<()> {
+        let _ = self.wake.read();
+        {
+            let mut i = self.lock();
+            let queued = std::mem::take(&mut i.queued);
+            ahead.extend(queued.into_iter().filter(|&a| i.asked.contains_key(&a)));
+        }
         let mut buf = EventBuffer::new(64);
         loop {
             let events: Vec<_> = self
@@ -390,7 +467,7 @@ impl Faults for Lazy {
                     i.registered && i.missing[r][(page / 64) as usize] & (1 << (page % 64)) != 0;
                 if missing {
                     if let std::collections::hash_map::Entry::Vacant(e) = i.asked.entry(addr) {
-                        e.insert(Instant::now());
+                        e.insert((Instant::now(), false));
                         i.stats.remote_faults += 1;
                         ask.push(addr);
                     }
@@ -538,7 +615,7 @@ mod tests {
         let mut asked = Vec::new();
         let t = Instant::now();
         while asked.is_empty() {
-            lazy.take(&mut asked).unwrap();
+            lazy.take(&mut asked, &mut Vec::new()).unwrap();
             assert!(t.elapsed().as_secs() < 20, "no fault seen");
         }
         assert_eq!(asked, vec![0x10_0000 + 4096]);

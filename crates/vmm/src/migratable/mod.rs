@@ -262,10 +262,12 @@ pub type Result<T> = std::result::Result<T, ComponentError>;
 pub trait Faults: Send + Sync {
     /// A descriptor that polls readable while touches wait to be taken.
     fn fd(&self) -> std::os::fd::RawFd;
+    /// Another: readable when pages were asked for ahead of a touch.
+    fn wake_fd(&self) -> std::os::fd::RawFd;
     /// Takes the touches that arrived: the pages to ask the source for go into `ask`
     /// (addresses in the component's space, each page once); pages the source never
-    /// had are filled here.
-    fn take(&self, ask: &mut Vec<u64>) -> Result<()>;
+    /// had are filled here. Pages wanted ahead of a touch go into `ahead`.
+    fn take(&self, ask: &mut Vec<u64>, ahead: &mut Vec<u64>) -> Result<()>;
     /// Pages still at the source.
     fn left(&self) -> u64;
     /// The pages still at the source, one bitmap per region.

@@ -183,6 +183,8 @@ pub struct Ram {
     m: Mem,
     memory_mib: u64,
     inner: Mutex<MemoryState>,
+    /// Post-copy: where devices that reach guest RAM find what is still missing.
+    lazy: super::lazy::Shared,
 }
 
 impl Ram {
@@ -193,6 +195,7 @@ impl Ram {
         dirty: Arc<Mutex<DirtyLog>>,
         dma: Vec<Arc<dyn DmaLog>>,
         memory_mib: u64,
+        lazy: super::lazy::Shared,
     ) -> Ram {
         Ram {
             m: Mem {
@@ -204,6 +207,7 @@ impl Ram {
             },
             memory_mib,
             inner: Mutex::new(MemoryState::default()),
+            lazy,
         }
     }
 
@@ -305,6 +309,8 @@ impl Component for Ram {
     }
 
     fn postcopy_expect(&self, missing: Vec<Bitmap>) -> Result<Arc<dyn Faults>> {
-        Ok(self.lock().postcopy_expect(&self.m, missing)?)
+        let l = self.lock().postcopy_expect(&self.m, missing)?;
+        *self.lazy.lock().unwrap_or_else(|e| e.into_inner()) = Some(l.clone());
+        Ok(l)
     }
 }

@@ -1,0 +1,109 @@
+//! Post-copy on a destination: the VF's memory (its VRAM, the guest RAM it reads and
+//! writes by DMA) may not all be here yet, and a touch of a missing page waits for the
+//! network. The engine runs on the GPU shared by every VF, so it must not wait while it
+//! holds it: before it asks for the engine it brings in every page the next command
+//! will touch (the ring entry, the page tables on the way, every operand), and only
+//! then runs it. Pages never go missing again once here, so the command runs through.
+
+use super::Vf;
+use crate::abi::ENTRY_SIZE;
+use crate::command::{self, Command};
+use crate::mmu::{Mmu, Target};
+use std::sync::Arc;
+use vm_memory::{Bytes, GuestAddress};
+
+/// The pages of a VF's memory that may not have arrived.
+pub trait Prefetch: Send + Sync {
+    /// Whether any page may still be missing (false: the engine stops asking).
+    fn active(&self) -> bool;
+    /// Returns once VRAM [off, off + len) is all here.
+    fn vram(&self, off: u64, len: u64);
+    /// Returns once guest RAM [gpa, gpa + len) is all here.
+    fn ram(&self, gpa: u64, len: u64);
+}
+
+impl Vf {
+    /// Has the engine bring in what each command touches before it runs (post-copy).
+    pub fn set_prefetch(&self, p: Option<Arc<dyn Prefetch>>) {
+        *self.prefetch.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    /// Brings in every page the next command touches, holding nothing: not the shared
+    /// engine, not this VF's state lock (the vCPUs take it for every register access).
+    pub(super) fn prefetch_next(&self) {
+        let p = self
+            .prefetch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(p) = p.filter(|p| p.active()) else {
+            return;
+        };
+        let (key, cmd, entry_at, root) = {
+            let i = self.lock();
+            if !Self::has_work(&i) || i.holds != 0 {
+                return;
+            }
+            let key = (i.regs.head, i.generation, i.in_flight.is_some());
+            if *self.prefetched.lock().unwrap_or_else(|e| e.into_inner()) == Some(key) {
+                return;
+            }
+            let at = i.regs.ring_base + i.regs.head * ENTRY_SIZE as u64;
+            (
+                key,
+                i.in_flight.as_ref().map(|f| f.entry.cmd),
+                at,
+                i.regs.pt_root,
+            )
+        };
+        let cmd = match cmd {
+            Some(c) => c,
+            None => {
+                p.ram(entry_at, ENTRY_SIZE as u64);
+                let mut raw = [0u8; ENTRY_SIZE];
+                if self
+                    .ram
+                    .read_slice(&mut raw, GuestAddress(entry_at))
+                    .is_err()
+                {
+                    return;
+                }
+                match command::decode(&raw) {
+                    Ok(e) => e.cmd,
+                    // The engine reports it when it takes the entry.
+                    Err(_) => return,
+                }
+            }
+        };
+        let mmu = Mmu {
+            backend: &*self.backend,
+            ram: &self.ram,
+            root,
+        };
+        let ranges: Vec<(u64, u64, bool)> = match cmd {
+            Command::Copy { dst, src, bytes } => vec![(src, bytes, false), (dst, bytes, true)],
+            Command::Fill { dst, bytes, .. } => vec![(dst, bytes, true)],
+            Command::Timestamp { dst } | Command::Write { dst, .. } => vec![(dst, 8, true)],
+            Command::Kernel(k) => k
+                .operands()
+                .iter()
+                .map(|o| (o.va, o.bytes, o.write))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (va, len, write) in ranges {
+            // The walk reads the page tables (VRAM): those come in as it goes. A range
+            // that does not translate is the command's error, which it reports itself.
+            let Ok(segs) = mmu.segments(va, len, write) else {
+                continue;
+            };
+            for s in segs {
+                match s.target {
+                    Target::Vram(o) => p.vram(o, s.len),
+                    Target::System(g) => p.ram(g, s.len),
+                }
+            }
+        }
+        *self.prefetched.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+    }
+}
