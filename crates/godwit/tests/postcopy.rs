@@ -314,7 +314,7 @@ fn hostile_destination() -> (String, std::thread::JoinHandle<(u64, u64)>) {
             &mut c,
             &Frame::Ahead {
                 section: ram,
-                addrs: vec![u64::MAX & !4095],
+                addrs: vec![!4095],
             },
         )
         .unwrap();
