@@ -5,6 +5,7 @@
 #   vf_state      the GPU function's saved state decoder
 #   gpu_command   the GPU command decoder (ring entries a guest writes)
 #   http_request  the API server's request reading and limits
+#   postcopy      post-copy page requests (source) and page placement (destination)
 # Usage: fuzz/run.sh [SECONDS per target, default 60] [TARGET...]
 # Seeds are in fuzz/corpus/TARGET (from a real GPU VM's snapshot and real requests);
 # what the fuzzer finds goes to target/fuzz-corpus/TARGET, crashes to
@@ -16,7 +17,7 @@ cd "$(dirname "$0")"
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(wire_frame vm_state vf_state gpu_command http_request)
+[ ${#targets[@]} -gt 0 ] || targets=(wire_frame vm_state vf_state gpu_command http_request postcopy)
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
 for t in "${targets[@]}"; do

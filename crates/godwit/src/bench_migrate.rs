@@ -137,6 +137,9 @@ struct Cell {
     /// QEMU in post-copy (when godwit runs a post-copy mode).
     #[serde(skip_serializing_if = "Option::is_none")]
     qemu_postcopy: Option<Side>,
+    /// The other QEMU binaries (`--qemu-extra`), pre-copy and post-copy.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    other_qemus: Vec<OtherQemu>,
     /// QEMU's figure over godwit's (above 1: godwit is better), per statistic.
     qemu_over_godwit: Option<Value>,
     /// Per godwit side (mode, dirty log, TLS): median downtime at most 5 ms, no run
@@ -147,6 +150,14 @@ struct Cell {
     /// godwit's median downtime within the limit, and median total time, downtime and
     /// bytes at or below QEMU's.
     godwit_meets_goal: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct OtherQemu {
+    version: String,
+    precopy: Side,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postcopy: Option<Side>,
 }
 
 #[derive(Serialize)]
@@ -361,6 +372,14 @@ fn qemu_run(
         c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
         c.arg("-append").arg(dirtier_args(w));
         c.arg("-kernel").arg(image);
+        // A QEMU unpacked beside its own data (bench/qemu-10.sh) uses its own firmware.
+        if let Some(data) = Path::new(qemu)
+            .parent()
+            .map(|b| b.join("../share/qemu"))
+            .filter(|d| d.join("pvh.bin").exists())
+        {
+            c.arg("-L").arg(data);
+        }
         if let Some(p) = incoming {
             c.arg("-incoming").arg(format!("tcp:127.0.0.1:{p}"));
         }
@@ -476,26 +495,27 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
         .iter()
         .map(|w| workload(w))
         .collect::<Result<Vec<_>, _>>()?;
+    let version = |bin: &str| -> Result<String, String> {
+        let out = Command::new(bin)
+            .arg("--version")
+            .output()
+            .map_err(|_| format!("{bin} not found: install qemu-system-x86 or pass --no-qemu"))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string())
+    };
     let qemu = if a.no_qemu {
         None
     } else {
-        let out = Command::new(&a.qemu)
-            .arg("--version")
-            .output()
-            .map_err(|_| {
-                format!(
-                    "{} not found: install qemu-system-x86 or pass --no-qemu",
-                    a.qemu
-                )
-            })?;
-        Some(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string(),
-        )
+        Some(version(&a.qemu)?)
     };
+    let extras: Vec<(String, String)> = a
+        .qemu_extra
+        .iter()
+        .map(|b| Ok((b.clone(), version(b)?)))
+        .collect::<Result<_, String>>()?;
     let dir: PathBuf =
         std::env::temp_dir().join(format!("godwit-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -532,7 +552,15 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                 let mut g: Vec<Vec<Sample>> = variants.iter().map(|_| Vec::new()).collect();
                 let mut q = Vec::new();
                 let mut qp = Vec::new();
-                let sides =
+                // Each extra QEMU: pre-copy, and post-copy where godwit runs it.
+                let per_extra = 1 + usize::from(qemu_postcopy);
+                let mut xs: Vec<(Vec<Sample>, Vec<Sample>)> =
+                    extras.iter().map(|_| (Vec::new(), Vec::new())).collect();
+                let sides = variants.len()
+                    + usize::from(qemu.is_some())
+                    + usize::from(qemu_postcopy)
+                    + extras.len() * per_extra;
+                let first_extra =
                     variants.len() + usize::from(qemu.is_some()) + usize::from(qemu_postcopy);
                 for i in 0..runs {
                     if !a.json {
@@ -557,6 +585,16 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                                 log,
                                 tls.then_some(creds.as_path()),
                             )?),
+                            None if turn >= first_extra => {
+                                let k = (turn - first_extra) / per_extra;
+                                let post = (turn - first_extra) % per_extra == 1;
+                                let s = qemu_run(&dir, &extras[k].0, &image, mem, w, limit, post)?;
+                                if post {
+                                    xs[k].1.push(s)
+                                } else {
+                                    xs[k].0.push(s)
+                                }
+                            }
                             None if turn == variants.len() => {
                                 q.push(qemu_run(&dir, &a.qemu, &image, mem, w, limit, false)?)
                             }
@@ -566,10 +604,23 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                 }
                 let qs = qemu.as_ref().map(|_| side(q));
                 let qps = qemu_postcopy.then(|| side(qp));
+                let others: Vec<OtherQemu> = xs
+                    .into_iter()
+                    .zip(&extras)
+                    .map(|((pre, post), (_, v))| OtherQemu {
+                        version: v.clone(),
+                        precopy: side(pre),
+                        postcopy: qemu_postcopy.then(|| side(post)),
+                    })
+                    .collect();
                 // The best QEMU configuration's median total time in this cell.
                 let best_qemu = [&qs, &qps]
                     .iter()
                     .filter_map(|s| s.as_ref().map(|s| s.total_ms.median))
+                    .chain(others.iter().flat_map(|o| {
+                        std::iter::once(o.precopy.total_ms.median)
+                            .chain(o.postcopy.as_ref().map(|p| p.total_ms.median))
+                    }))
                     .fold(f64::INFINITY, f64::min);
                 let fast_goal: Vec<Value> = g
                     .iter()
@@ -615,6 +666,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                     godwit_alternatives: alternatives,
                     qemu: qs,
                     qemu_postcopy: qps,
+                    other_qemus: others,
                     qemu_over_godwit: ratios,
                     fast_goal,
                     godwit_meets_goal: goal,
@@ -707,6 +759,18 @@ fn print_table(r: &BenchReport) {
         }
         if let Some(q) = &c.qemu_postcopy {
             row("qemu-postcopy", q);
+        }
+        for o in &c.other_qemus {
+            let v = o
+                .version
+                .split_whitespace()
+                .nth(3)
+                .unwrap_or("?")
+                .to_string();
+            row(&format!("qemu-{v}"), &o.precopy);
+            if let Some(p) = &o.postcopy {
+                row(&format!("qemu-{v}-pc"), p);
+            }
         }
         if let Some(x) = &c.qemu_over_godwit {
             println!(

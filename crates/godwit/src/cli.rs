@@ -367,6 +367,11 @@ pub struct MigrateBenchArgs {
     /// Measure godwit only.
     #[arg(long)]
     pub no_qemu: bool,
+    /// More QEMU binaries, each a side of its own beside the first (comma separated),
+    /// e.g. QEMU 10.0 from `bench/qemu-10.sh`. A binary unpacked beside its data
+    /// (../share/qemu) is given that directory with -L.
+    #[arg(long, value_delimiter = ',')]
+    pub qemu_extra: Vec<String>,
     /// Guest RAM sizes in MiB (comma separated).
     #[arg(long, value_delimiter = ',', default_values_t = [1024u64, 4096])]
     pub memory: Vec<u64>,

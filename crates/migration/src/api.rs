@@ -194,13 +194,13 @@ impl Extension for MigrationApi {
                         Err(e) => return Some(err(400, format!("bad recovery request: {e}"))),
                     }
                 };
+                if !self.status.active.load(Ordering::SeqCst) {
+                    return Some(err(409, "no migration is running".into()));
+                }
                 if let Some(t) = &b.to {
                     if let Err(e) = crate::transport::Target::parse(t) {
                         return Some(err(400, e));
                     }
-                }
-                if !self.status.active.load(Ordering::SeqCst) {
-                    return Some(err(409, "no migration is running".into()));
                 }
                 match self.status.ask_recover(b.to.unwrap_or_default()) {
                     Ok(()) => (200, json!({"recovering": true})),

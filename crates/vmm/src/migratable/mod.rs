@@ -25,6 +25,7 @@
 //! destination must offer to take it. A destination builds its VM from the sections
 //! (`incoming_config`) and refuses before anything moves if they do not match its own.
 
+pub mod fuzz_postcopy;
 pub mod gpu;
 pub mod incoming;
 pub mod lazy;

@@ -1,0 +1,200 @@
+//! For the fuzz targets (fuzz/): post-copy's handling of hostile page traffic, on a
+//! small private memory. The source side takes page requests (`read_requested`, as
+//! REQUEST and AHEAD frames bring them); the destination side takes a bitmap of missing
+//! pages, then pages and zero runs to place (as POSTCOPY, PAGES and ZERO frames bring
+//! them) and its own account for a recovery. Nothing touches the memory meanwhile, so
+//! nothing waits.
+
+use super::lazy::{HostRegion, Lazy};
+use super::paged::{Bitmap, Memory, MemoryState, PAGE_SIZE};
+use super::{Faults, MigState, Result, Sink};
+use crate::dirty::Written;
+use std::collections::BTreeMap;
+
+const PAGES: u64 = 256;
+const BASE: u64 = 0x10_0000;
+
+/// A private anonymous mapping of `PAGES` pages, mapped at `BASE` in its space.
+struct Mem(u64);
+
+impl Mem {
+    fn new() -> Option<Mem> {
+        let len = (PAGES * PAGE_SIZE as u64) as usize;
+        // SAFETY: a fresh anonymous mapping, unmapped on drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        (p != libc::MAP_FAILED).then_some(Mem(p as u64))
+    }
+
+    fn at(&self, addr: u64, len: usize) -> Option<*mut u8> {
+        let off = addr.checked_sub(BASE)?;
+        (off.checked_add(len as u64)? <= PAGES * PAGE_SIZE as u64)
+            .then_some((self.0 + off) as *mut u8)
+    }
+}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`.
+        unsafe { libc::munmap(self.0 as *mut _, (PAGES * PAGE_SIZE as u64) as usize) };
+    }
+}
+
+impl Memory for Mem {
+    fn what(&self) -> &'static str {
+        "fuzzed memory"
+    }
+    fn base(&self, _region: usize) -> u64 {
+        BASE
+    }
+    fn read_page(&self, _region: usize, page: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_at(BASE + page * PAGE_SIZE as u64, buf)
+    }
+    fn populated(&self) -> Vec<Bitmap> {
+        vec![crate::pagemap::all(PAGES)]
+    }
+    fn start_tracking(&self) -> Result<()> {
+        Ok(())
+    }
+    fn stop_tracking(&self) {}
+    fn take(&self, _last: bool) -> Result<(Vec<Bitmap>, BTreeMap<String, u64>)> {
+        Ok((vec![vec![0; PAGES as usize / 64]], BTreeMap::new()))
+    }
+    fn peek_dirty(&self) -> Result<Option<Written>> {
+        Ok(None)
+    }
+    fn contains(&self, addr: u64, pages: u64) -> bool {
+        pages
+            .checked_mul(PAGE_SIZE as u64)
+            .is_some_and(|l| self.at(addr, l as usize).is_some())
+    }
+    fn read_at(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        let p = self
+            .at(addr, buf.len())
+            .ok_or_else(|| super::ComponentError::Refused("outside".into()))?;
+        // SAFETY: [p, p + len) lies inside the mapping (checked by `at`).
+        unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+    fn write_at(&self, addr: u64, data: &[u8]) -> Result<()> {
+        let p = self
+            .at(addr, data.len())
+            .ok_or_else(|| super::ComponentError::Refused("outside".into()))?;
+        // SAFETY: as in read_at.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        Ok(())
+    }
+    fn host_regions(&self) -> Option<Vec<HostRegion>> {
+        Some(vec![HostRegion {
+            host: self.0,
+            len: PAGES * PAGE_SIZE as u64,
+            base: BASE,
+        }])
+    }
+}
+
+/// Counts what a source sends.
+#[derive(Default)]
+struct Count {
+    buf: Vec<u8>,
+    pages: u64,
+}
+
+impl Sink for Count {
+    fn slot(&mut self, _addr: u64) -> &mut [u8] {
+        self.buf.resize(PAGE_SIZE, 0);
+        &mut self.buf
+    }
+    fn page(&mut self) -> std::io::Result<()> {
+        self.pages += 1;
+        Ok(())
+    }
+    fn zero(&mut self) -> std::io::Result<()> {
+        self.pages += 1;
+        Ok(())
+    }
+    fn data(&mut self, _bytes: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn words(b: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+}
+
+/// Hostile page traffic for both sides of post-copy; never panics or touches memory
+/// outside the mapping.
+#[doc(hidden)]
+pub fn fuzz_postcopy(bytes: &[u8]) {
+    let Some(m) = Mem::new() else { return };
+    let (head, rest) = bytes.split_at(bytes.len().min(40));
+    // The source: requests for any address, then a recovery's account.
+    let mut src = MemoryState::default();
+    src.state = MigState::StopCopy;
+    if let Ok(Some(_)) = src.postcopy_switch(&m) {
+        let addrs: Vec<u64> = words(rest).take(128).collect();
+        let _ = src.read_requested(&m, &mut Count::default(), &addrs);
+        let account: Bitmap = words(head).collect();
+        let _ = src.postcopy_resume(&m, vec![account]);
+        let _ = src.read(&m, &mut Count::default(), PAGES);
+    }
+    // The destination: a bitmap of missing pages, then pages and zero runs.
+    let missing: Bitmap = words(head).take(PAGES as usize / 64).collect();
+    let Ok(lazy) = Lazy::new(
+        "fuzzed memory",
+        m.host_regions().unwrap_or_default(),
+        vec![missing],
+    ) else {
+        return;
+    };
+    let page = [0x5au8; PAGE_SIZE];
+    for (k, w) in words(rest).enumerate().take(256) {
+        if k % 3 == 0 {
+            let n = (w >> 48) as u32 & 0xff;
+            let _ = lazy.zero(&[(w & 0xffff_ffff_ffff, n)]);
+        } else {
+            let _ = lazy.place(&[w], &page);
+        }
+    }
+    let _ = lazy.take(&mut Vec::new(), &mut Vec::new());
+    let _ = (lazy.left(), lazy.missing(), lazy.stats());
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hostile_traffic_is_taken_without_harm() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut cases: Vec<Vec<u8>> = vec![vec![], vec![0xff; 4096], vec![0; 4096]];
+        for n in [8usize, 40, 41, 100, 2000, 9000] {
+            cases.push(
+                (0..n)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect(),
+            );
+        }
+        // Requests and pages for real addresses too.
+        let mut real = vec![0xffu8; 40];
+        for p in 0..64u64 {
+            real.extend_from_slice(&(super::BASE + p * 4096).to_le_bytes());
+        }
+        cases.push(real);
+        for c in cases {
+            super::fuzz_postcopy(&c);
+        }
+    }
+}
