@@ -380,8 +380,10 @@ fn qemu_run(
         {
             c.arg("-L").arg(data);
         }
-        if let Some(p) = incoming {
-            c.arg("-incoming").arg(format!("tcp:127.0.0.1:{p}"));
+        // The destination listens only once its capabilities are set (QEMU 10 wants
+        // postcopy-preempt before the incoming side starts).
+        if incoming.is_some() {
+            c.arg("-incoming").arg("defer");
         }
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -412,6 +414,10 @@ fn qemu_run(
             dq.cmd("migrate-set-capabilities", preempt)?;
         }
     }
+    dq.cmd(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+    )?;
     sq.cmd(
         "migrate-set-parameters",
         json!({"max-bandwidth": 100u64 << 30, "downtime-limit": limit}),

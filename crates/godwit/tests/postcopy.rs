@@ -465,3 +465,123 @@ fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
     );
     exit_code(&mut dst, LIMIT);
 }
+
+#[test]
+fn postcopy_over_tls_with_several_connections_verifies() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-tls");
+    let creds = dir.path("creds");
+    let o = run(&["tls-creds", creds.to_str().unwrap()], LIMIT);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c = creds.to_str().unwrap();
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "512",
+        &["wss=64", "rate=200", "seconds=6", "report-every=250"],
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &["--tls-dir", c]);
+    // Requests, answers and the background stream all through TLS, over 3 connections.
+    let (out, r) = migrate(
+        &src,
+        &addr,
+        &[
+            "--mode",
+            "postcopy",
+            "--tls-dir",
+            c,
+            "--connections",
+            "3",
+            "--max-bandwidth",
+            "32M",
+        ],
+    );
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_postcopy_whole(&r);
+    assert_eq!(r["connections"], 3, "{r}");
+    assert!(r["postcopy"]["remote_faults"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_verified(&mut dst, 16384);
+}
+
+/// A VM whose memory is still arriving (post-copy in progress) cannot be moved on or
+/// snapshotted: refused with a clear error, and it runs on; once every page is here it
+/// moves again.
+#[test]
+fn a_vm_still_arriving_is_not_moved_on_until_it_is_whole() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-chain");
+    let mut a = dirtier_source(
+        &dir,
+        "a",
+        "256",
+        &[
+            "wss=32",
+            "rate=20",
+            "seconds=0",
+            "verify-every=1",
+            "report-every=250",
+        ],
+    );
+    let (mut b, addr_b) = destination(&dir, "b", &[]);
+    // Slow on purpose: the window lasts seconds.
+    let sock = a.sock.clone();
+    let m = std::thread::spawn(move || {
+        let s = sock.to_str().unwrap();
+        let a = [
+            "migrate",
+            "--api-socket",
+            s,
+            "--to",
+            &addr_b,
+            "--mode",
+            "postcopy",
+            "--max-bandwidth",
+            "4M",
+            "--json",
+        ];
+        run(&a, Duration::from_secs(120))
+    });
+    wait_for(LIMIT, || {
+        (migration(&a)["progress"]["phase"] == "postcopy").then_some(())
+    })
+    .expect("post-copy never began");
+    wait_for(LIMIT, || b.sock.exists().then_some(())).expect("no API on b");
+    let snap = format!("file:{}", dir.path("snap").display());
+    let (out, r) = migrate(&b, &snap, &[]);
+    assert!(!out.status.success(), "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("still arriving"),
+        "{r}"
+    );
+    assert_eq!(r["source_running"], true, "{r}");
+    assert_eq!(info(&b)["state"], "running");
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_postcopy_whole(&r);
+    assert_eq!(exit_code(&mut a, LIMIT), 0, "{}", read(&a.err));
+    // Whole now: on to c, and the guest's checks pass there.
+    let (mut c, addr_c) = destination(&dir, "c", &[]);
+    let (out, r) = migrate(&b, &addr_c, &[]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(exit_code(&mut b, LIMIT), 0, "{}", read(&b.err));
+    let seen = read(&c.log).matches("verify ok").count();
+    wait_for(LIMIT, || {
+        (read(&c.log).matches("verify ok").count() >= seen + 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}", read(&c.log)));
+    assert!(!read(&c.log).contains("FAILED"), "{}", read(&c.log));
+    run(
+        &["shutdown", "--api-socket", c.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    exit_code(&mut c, LIMIT);
+}

@@ -147,6 +147,9 @@ impl MemoryState {
     /// and sets the state after its own part).
     pub fn arc(&mut self, mem: &dyn Memory, to: MigState) -> Result<()> {
         use MigState::*;
+        // Memory still arriving (post-copy in progress here) cannot be read out: a read
+        // of a missing page would wait, under this component's lock, for a placement
+        // that needs the same lock.
         if matches!(to, PreCopy | StopCopy) {
             if let Some(n) = self.lazy.as_ref().map(|l| super::Faults::left(&**l)) {
                 if n > 0 {
