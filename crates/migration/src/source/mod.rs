@@ -96,17 +96,6 @@ pub struct Options {
     pub insecure: bool,
 }
 
-impl Options {
-    /// Connections to open: post-copy modes keep the main one free for the pages a
-    /// touch waits for, so they open at least one more for the background stream.
-    pub fn lanes(&self) -> u32 {
-        match self.mode {
-            Mode::Precopy => self.connections,
-            _ => self.connections.max(2),
-        }
-    }
-}
-
 fn default_downtime() -> u64 {
     300
 }
@@ -118,6 +107,15 @@ fn default_connections() -> u32 {
 pub const MAX_CONNECTIONS: u32 = 16;
 
 impl Options {
+    /// Connections to open: post-copy modes keep the main one free for the pages a
+    /// touch waits for, so they open at least one more for the background stream.
+    pub fn lanes(&self) -> u32 {
+        match self.mode {
+            Mode::Precopy => self.connections,
+            _ => self.connections.max(2),
+        }
+    }
+
     pub fn check(&self) -> Result<Target, String> {
         let t = Target::parse(&self.to)?;
         if self.connections == 0 || self.connections > MAX_CONNECTIONS {
@@ -175,6 +173,14 @@ fn mib_s(bytes: u64, d: Duration) -> f64 {
     }
 }
 
+/// What a failure to reach `target` is.
+fn unreachable_at(target: &Target) -> impl Fn(std::io::Error) -> MigrationError + '_ {
+    move |e| MigrationError::Unreachable {
+        target: target.to_string(),
+        source: e,
+    }
+}
+
 /// A component and its name (its section's), fixed for the migration.
 struct Part {
     c: Arc<dyn Component>,
@@ -221,6 +227,8 @@ struct Driver<'a> {
     /// Post-copy: pages the destination wants ahead of a touch, served before the
     /// rest of the background stream.
     ahead: std::collections::VecDeque<(u32, Vec<u64>)>,
+    /// TLS credentials for the connections (and a post-copy recovery's).
+    tls: Option<crate::tls::Creds>,
 }
 
 type Res<T> = Result<T, MigrationError>;
@@ -328,37 +336,13 @@ impl Driver<'_> {
             session,
             snapshot: self.target.is_file(),
         };
-        let target = self.target.to_string();
-        let unreachable = |e| MigrationError::Unreachable {
-            target: target.clone(),
-            source: e,
-        };
-        let tls = match &self.o.tls_dir {
-            Some(d) => Some(crate::tls::Creds::client(d).map_err(unreachable)?),
+        let target = self.target.clone();
+        self.tls = match &self.o.tls_dir {
+            Some(d) => Some(crate::tls::Creds::client(d).map_err(unreachable_at(&target))?),
             None => None,
         };
-        let main = Stream::connect_with(&self.target, Duration::from_secs(5), tls.as_ref())
-            .map_err(unreachable)?;
         let t = Instant::now();
-        if !self.target.is_file() {
-            let _ = main.set_write_timeout(Some(WRITE_TIMEOUT));
-            let reader = main.try_clone().ok_or_else(|| {
-                unreachable(std::io::Error::other("the connection cannot be shared"))
-            })?;
-            self.back = Some(BackChannel::new(reader));
-        }
-        self.register(&main);
-        self.out = Some(
-            Outbound::new(
-                vec![main],
-                self.o.max_bandwidth,
-                self.status.live_bytes.clone(),
-            )
-            .map_err(unreachable)?,
-        );
-        self.out()
-            .control(&Frame::Hello(hello))
-            .map_err(|e| self.send_error(e))?;
+        self.open_main(&target, &Frame::Hello(hello))?;
         if !self.target.is_file() {
             match self.answer("ACCEPT")? {
                 Answer::Accept => {}
@@ -372,19 +356,47 @@ impl Driver<'_> {
             }
             self.rtt = t.elapsed();
         }
-        // The data connections, each opened with JOIN.
-        let mut more = Vec::new();
-        for index in 1..self.o.lanes() {
-            let mut c = Stream::connect_with(&self.target, Duration::from_secs(5), tls.as_ref())
-                .map_err(unreachable)?;
-            let _ = c.set_write_timeout(Some(WRITE_TIMEOUT));
-            wire::write_frame(&mut c, &Frame::Join { session, index })
-                .map_err(|e| self.send_error(e))?;
-            self.register(&c);
-            more.push(c);
+        self.join_lanes(&target)
+    }
+
+    /// The main connection to `target`, opened with `first` (HELLO, or RESUME for a
+    /// post-copy recovery): the sending lanes and the back channel start with it.
+    fn open_main(&mut self, target: &Target, first: &Frame) -> Res<()> {
+        let unreachable = unreachable_at(target);
+        let main = Stream::connect_with(target, Duration::from_secs(5), self.tls.as_ref())
+            .map_err(unreachable_at(target))?;
+        if !target.is_file() {
+            let _ = main.set_write_timeout(Some(WRITE_TIMEOUT));
+            let reader = main.try_clone().ok_or_else(|| {
+                unreachable(std::io::Error::other("the connection cannot be shared"))
+            })?;
+            self.back = Some(BackChannel::new(reader));
         }
-        for c in more {
-            self.out().add_lane(c).map_err(unreachable)?;
+        self.register(&main);
+        self.out = Some(
+            Outbound::new(
+                vec![main],
+                self.o.max_bandwidth,
+                self.status.live_bytes.clone(),
+            )
+            .map_err(unreachable_at(target))?,
+        );
+        self.out().control(first).map_err(|e| self.send_error(e))
+    }
+
+    /// The data connections, each opened with JOIN.
+    fn join_lanes(&mut self, target: &Target) -> Res<()> {
+        for index in 1..self.o.lanes() {
+            let mut c = Stream::connect_with(target, Duration::from_secs(5), self.tls.as_ref())
+                .map_err(unreachable_at(target))?;
+            let _ = c.set_write_timeout(Some(WRITE_TIMEOUT));
+            let join = Frame::Join {
+                session: self.session,
+                index,
+            };
+            wire::write_frame(&mut c, &join).map_err(|e| self.send_error(e))?;
+            self.register(&c);
+            self.out().add_lane(c).map_err(unreachable_at(target))?;
         }
         Ok(())
     }
@@ -435,18 +447,23 @@ impl Driver<'_> {
             reports.push((total, t.elapsed()));
         }
         self.out().flush().map_err(|e| self.send_error(e))?;
-        let b = &mut self.report.bytes;
-        for (p, (r, _)) in self.parts.iter().zip(&reports) {
-            let c = b.components.entry(p.name.clone()).or_default();
-            c.pages_sent += r.pages;
-            c.page_bytes += r.pages * PAGE_SIZE as u64;
-            c.zero_pages += r.zero_pages;
-            b.pages_sent += r.pages;
-            b.memory_data += r.pages * PAGE_SIZE as u64;
-            b.zero_pages += r.zero_pages;
+        for (i, (r, _)) in reports.iter().enumerate() {
+            self.count_sent(i, r);
         }
-        b.total = self.out.as_ref().expect("connected").bytes;
         Ok(reports)
+    }
+
+    /// What part `i` sent, into the report's byte counts.
+    fn count_sent(&mut self, i: usize, r: &ReadReport) {
+        let b = &mut self.report.bytes;
+        let c = b.components.entry(self.parts[i].name.clone()).or_default();
+        c.pages_sent += r.pages;
+        c.page_bytes += r.pages * PAGE_SIZE as u64;
+        c.zero_pages += r.zero_pages;
+        b.pages_sent += r.pages;
+        b.memory_data += r.pages * PAGE_SIZE as u64;
+        b.zero_pages += r.zero_pages;
+        b.total = self.bytes_base + self.out.as_ref().expect("connected").bytes;
     }
 
     /// Ends a round: it is over once the destination has taken in all of it (SYNC on
@@ -581,6 +598,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         session: 0,
         bytes_base: 0,
         ahead: Default::default(),
+        tls: None,
     };
     status.live_bytes.store(0, Ordering::Relaxed);
     status.postcopy_now.store(false, Ordering::SeqCst);

@@ -244,53 +244,14 @@ impl Driver<'_> {
                 "post-copy recovers to a live destination, not a file".into(),
             ));
         }
-        let unreachable = |e| MigrationError::Unreachable {
-            target: to.to_string(),
-            source: e,
-        };
-        let tls = match &self.o.tls_dir {
-            Some(d) => Some(crate::tls::Creds::client(d).map_err(unreachable)?),
-            None => None,
-        };
-        let connect = || {
-            let c = Stream::connect_with(&target, Duration::from_secs(5), tls.as_ref())?;
-            let _ = c.set_write_timeout(Some(WRITE_TIMEOUT));
-            Ok::<_, std::io::Error>(c)
-        };
-        let main = connect().map_err(unreachable)?;
-        let reader = main
-            .try_clone()
-            .ok_or_else(|| unreachable(std::io::Error::other("the connection cannot be shared")))?;
-        self.register(&main);
-        let mut out = Outbound::new(
-            vec![main],
-            self.o.max_bandwidth,
-            self.status.live_bytes.clone(),
-        )
-        .map_err(unreachable)?;
-        out.pace_by_caller();
-        let lanes = self.o.lanes();
-        out.control(&Frame::Resume {
+        let resume = Frame::Resume {
             session: self.session,
-            connections: lanes,
-        })
-        .map_err(unreachable)?;
-        for index in 1..lanes {
-            let mut c = connect().map_err(unreachable)?;
-            wire::write_frame(
-                &mut c,
-                &Frame::Join {
-                    session: self.session,
-                    index,
-                },
-            )
-            .map_err(unreachable)?;
-            self.register(&c);
-            out.add_lane(c).map_err(unreachable)?;
-        }
-        out.sync().map_err(unreachable)?;
-        self.out = Some(out);
-        self.back = Some(BackChannel::new(reader));
+            connections: self.o.lanes(),
+        };
+        self.open_main(&target, &resume)?;
+        self.out().pace_by_caller();
+        self.join_lanes(&target)?;
+        self.out().sync().map_err(|e| self.send_error(e))?;
         loop {
             match self.answer("RESUMED")? {
                 Answer::Missing { section, missing } => {
@@ -367,18 +328,6 @@ impl Driver<'_> {
             }
         }
         flushed.map_err(|e| Lost::Link(format!("sending: {e}")))
-    }
-
-    fn count_sent(&mut self, i: usize, r: &ReadReport) {
-        let b = &mut self.report.bytes;
-        let c = b.components.entry(self.parts[i].name.clone()).or_default();
-        c.pages_sent += r.pages;
-        c.page_bytes += r.pages * PAGE_SIZE as u64;
-        c.zero_pages += r.zero_pages;
-        b.pages_sent += r.pages;
-        b.memory_data += r.pages * PAGE_SIZE as u64;
-        b.zero_pages += r.zero_pages;
-        b.total = self.bytes_base + self.out.as_ref().expect("connected").bytes;
     }
 
     fn finish_postcopy(&mut self, done: Done, switched: Instant) {
