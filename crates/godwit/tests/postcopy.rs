@@ -221,23 +221,7 @@ fn a_cancel_before_the_switch_leaves_the_source_running() {
         &["wss=64", "rate=20", "seconds=0", "report-every=250"],
     );
     let (mut dst, addr) = destination(&dir, "dst", &[]);
-    let sock = src.sock.clone();
-    let m = std::thread::spawn(move || {
-        let s = sock.to_str().unwrap();
-        let a = [
-            "migrate",
-            "--api-socket",
-            s,
-            "--to",
-            &addr,
-            "--mode",
-            "hybrid",
-            "--max-bandwidth",
-            "8M",
-            "--json",
-        ];
-        run(&a, Duration::from_secs(60))
-    });
+    let m = migrating(&src, &addr, &["--mode", "hybrid", "--max-bandwidth", "8M"]);
     wait_progress(&src);
     let o = run(
         &["migrate-cancel", "--api-socket", src.sock.to_str().unwrap()],
@@ -402,23 +386,11 @@ fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
     );
     let (mut dst, direct) = destination(&dir, "dst", &[]);
     let (via, cut) = cuttable_proxy(direct.clone());
-    let sock = src.sock.clone();
-    let m = std::thread::spawn(move || {
-        let s = sock.to_str().unwrap();
-        let a = [
-            "migrate",
-            "--api-socket",
-            s,
-            "--to",
-            &via,
-            "--mode",
-            "postcopy",
-            "--max-bandwidth",
-            "16M",
-            "--json",
-        ];
-        run(&a, Duration::from_secs(120))
-    });
+    let m = migrating(
+        &src,
+        &via,
+        &["--mode", "postcopy", "--max-bandwidth", "16M"],
+    );
     wait_for(LIMIT, || {
         (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
     })
@@ -529,23 +501,11 @@ fn a_vm_still_arriving_is_not_moved_on_until_it_is_whole() {
     );
     let (mut b, addr_b) = destination(&dir, "b", &[]);
     // Slow on purpose: the window lasts seconds.
-    let sock = a.sock.clone();
-    let m = std::thread::spawn(move || {
-        let s = sock.to_str().unwrap();
-        let a = [
-            "migrate",
-            "--api-socket",
-            s,
-            "--to",
-            &addr_b,
-            "--mode",
-            "postcopy",
-            "--max-bandwidth",
-            "4M",
-            "--json",
-        ];
-        run(&a, Duration::from_secs(120))
-    });
+    let m = migrating(
+        &a,
+        &addr_b,
+        &["--mode", "postcopy", "--max-bandwidth", "4M"],
+    );
     wait_for(LIMIT, || {
         (migration(&a)["progress"]["phase"] == "postcopy").then_some(())
     })

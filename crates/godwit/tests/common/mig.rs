@@ -115,20 +115,20 @@ pub fn migrate(src: &Vm, to: &str, extra: &[&str]) -> (Output, Value) {
 
 /// A migration capped at 8 MiB/s (several seconds for these guests), in the background.
 pub fn slow_migration(src: &Vm, to: String) -> std::thread::JoinHandle<Output> {
-    let sock = src.sock.clone();
+    migrating(src, &to, &["--max-bandwidth", "8M"])
+}
+
+/// `godwit migrate --json` of `src` to `to` with `extra` options, in the background.
+pub fn migrating(src: &Vm, to: &str, extra: &[&str]) -> std::thread::JoinHandle<Output> {
+    let sock = src.sock.to_str().unwrap().to_string();
+    let mut a: Vec<String> = ["migrate", "--api-socket", &sock, "--to", to, "--json"]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    a.extend(extra.iter().map(|x| x.to_string()));
     std::thread::spawn(move || {
-        let s = sock.to_str().unwrap();
-        let a = [
-            "migrate",
-            "--api-socket",
-            s,
-            "--to",
-            &to,
-            "--max-bandwidth",
-            "8M",
-            "--json",
-        ];
-        run(&a, Duration::from_secs(60))
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        run(&a, Duration::from_secs(120))
     })
 }
 
