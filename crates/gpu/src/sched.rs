@@ -129,6 +129,11 @@ pub trait Arbiter: Send + Sync {
     fn count(&self, command: bool, error: bool);
     /// The VF's share is capped at 100 - `pct` percent (0: no cap), for others to see.
     fn capped(&self, _pct: u32) {}
+    /// Whether another VF holds the engine or waits for it now: then a wait while
+    /// holding it would hold that VF up.
+    fn contended(&self) -> bool {
+        false
+    }
 }
 
 /// A VF alone on its engine (tests, tools): always granted.
@@ -257,6 +262,13 @@ impl Arbiter for Seat {
             }
             futex_wait(&p.owner, cur, 1_000_000);
         }
+    }
+
+    fn contended(&self) -> bool {
+        let p = self.shm.page();
+        let owner = p.owner.load(Acquire);
+        (owner != 0 && owner != self.slot as u32 + 1)
+            || p.waiting.load(SeqCst) & !(1u32 << self.slot) != 0
     }
 
     fn release(&self, more: bool) {

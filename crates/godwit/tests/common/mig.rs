@@ -20,6 +20,11 @@ pub struct Vm {
 }
 
 pub fn spawn(args: &[String], log: &Path, err: &Path) -> Reaper {
+    spawn_with(args, log, err, &[])
+}
+
+/// `spawn` with environment variables set for the process.
+pub fn spawn_with(args: &[String], log: &Path, err: &Path, env: &[(&str, &str)]) -> Reaper {
     // The console option goes before any guest arguments (which follow `--`).
     let i = args.iter().position(|x| x == "--").unwrap_or(args.len());
     let mut a = args[..i].to_vec();
@@ -29,6 +34,7 @@ pub fn spawn(args: &[String], log: &Path, err: &Path) -> Reaper {
     Reaper(
         godwit()
             .args(&a)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(err).unwrap())
@@ -66,6 +72,16 @@ pub fn source(dir: &TempDir, name: &str, args: &[&str]) -> Vm {
 
 /// A destination waiting on a TCP port of its choosing; returns it and its address.
 pub fn destination(dir: &TempDir, name: &str, extra: &[&str]) -> (Vm, String) {
+    destination_with(dir, name, extra, &[])
+}
+
+/// `destination` with environment variables set for its process.
+pub fn destination_with(
+    dir: &TempDir,
+    name: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Vm, String) {
     let (log, err, sock) = (
         dir.path(&format!("{name}.log")),
         dir.path(&format!("{name}.err")),
@@ -79,7 +95,7 @@ pub fn destination(dir: &TempDir, name: &str, extra: &[&str]) -> (Vm, String) {
         sock.display().to_string(),
     ];
     a.extend(extra.iter().map(|s| s.to_string()));
-    let proc = spawn(&a, &log, &err);
+    let proc = spawn_with(&a, &log, &err, env);
     let addr = wait_for(LIMIT, || {
         read(&err).lines().find_map(|l| {
             l.strip_prefix("godwit: waiting for a migration on ")

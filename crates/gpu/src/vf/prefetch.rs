@@ -1,9 +1,11 @@
 //! Post-copy on a destination: the VF's memory (its VRAM, the guest RAM it reads and
 //! writes by DMA) may not all be here yet, and a touch of a missing page waits for the
 //! network. The engine runs on the GPU shared by every VF, so it must not wait while it
-//! holds it: before it asks for the engine it brings in every page the next command
-//! will touch (the ring entry, the page tables on the way, every operand), and only
-//! then runs it. Pages never go missing again once here, so the command runs through.
+//! holds it when another VF wants it: then, before it asks for the engine, it brings in
+//! every page the next command will touch (the ring entry, the page tables on the way,
+//! every operand), and only then runs it. Pages never go missing again once here, so
+//! the command runs through. With nobody else at the engine it runs at once and fetches
+//! what it touches as it goes: bringing whole operands in first would only delay it.
 
 use super::Vf;
 use crate::abi::ENTRY_SIZE;
@@ -23,9 +25,10 @@ pub trait Prefetch: Send + Sync {
 }
 
 impl Vf {
-    /// Has the engine bring in what each command touches before it runs (post-copy).
-    pub fn set_prefetch(&self, p: Option<Arc<dyn Prefetch>>) {
-        *self.prefetch.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    /// Has the engine bring in what each command touches before it runs (post-copy):
+    /// while another VF wants the engine, or `always`.
+    pub fn set_prefetch(&self, p: Option<Arc<dyn Prefetch>>, always: bool) {
+        *self.prefetch.lock().unwrap_or_else(|e| e.into_inner()) = p.map(|p| (p, always));
     }
 
     /// Brings in every page the next command touches, holding nothing: not the shared
@@ -36,9 +39,12 @@ impl Vf {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let Some(p) = p.filter(|p| p.active()) else {
+        let Some((p, always)) = p.filter(|(p, _)| p.active()) else {
             return;
         };
+        if !always && !self.arbiter.contended() {
+            return;
+        }
         let (key, cmd, entry_at, root) = {
             let i = self.lock();
             if !Self::has_work(&i) || i.holds != 0 {

@@ -212,10 +212,13 @@ impl GpuFunction {
             vram: Default::default(),
             ram,
         });
-        // GODWIT_GPU_PREFETCH=off leaves the engine to fault on missing pages while it
-        // holds the shared GPU: only to measure what bringing them in first saves.
-        if std::env::var("GODWIT_GPU_PREFETCH").as_deref() != Ok("off") {
-            vf.set_prefetch(Some(prefetch.clone()));
+        // GODWIT_GPU_PREFETCH: auto (the default) brings a command's pages in first
+        // while another VF wants the engine; always does it whatever the others do;
+        // off never (the engine then faults while it holds the shared GPU: to measure
+        // what bringing them in first saves).
+        let mode = std::env::var("GODWIT_GPU_PREFETCH").unwrap_or_default();
+        if mode != "off" {
+            vf.set_prefetch(Some(prefetch.clone()), mode == "always");
         }
         GpuFunction {
             prefetch,
