@@ -545,3 +545,44 @@ fn a_vm_still_arriving_is_not_moved_on_until_it_is_whole() {
     );
     exit_code(&mut c, LIMIT);
 }
+
+#[test]
+fn auto_goes_postcopy_when_precopy_cannot_fit() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-auto-post");
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "512",
+        &["wss=64", "rate=100", "seconds=8", "report-every=250"],
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    // 100 MiB/s of writes over a 32 MiB/s link never fit 50 ms.
+    let (out, r) = migrate(
+        &src,
+        &addr,
+        &[
+            "--mode",
+            "auto",
+            "--max-bandwidth",
+            "32M",
+            "--downtime-ms",
+            "50",
+        ],
+    );
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_postcopy_whole(&r);
+    assert_eq!(r["mode"], "auto");
+    assert_eq!(r["throttled"], false, "{r}");
+    assert!(
+        r["postcopy"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not fit"),
+        "{r}"
+    );
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_verified(&mut dst, 16384);
+}

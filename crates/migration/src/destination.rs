@@ -668,7 +668,7 @@ impl Incoming {
             }
         }
         let t = Instant::now();
-        let mut requests = None;
+        let mut postcopy: Option<Arc<PostcopyIn>> = None;
         if !self.lazy.is_empty() {
             // Without these threads nothing would ever fill a missing page: a VM that
             // cannot have them must not run (the source takes it back).
@@ -689,7 +689,7 @@ impl Incoming {
                     crate::postcopy_in::start(m, lanes, self.parts.clone(), lazy, recovery)
                 });
             match started {
-                Ok(x) => requests = Some(x),
+                Ok(pc) => postcopy = Some(pc),
                 Err(e) => {
                     let why = format!("cannot start post-copy: {e}");
                     answer(&mut self.main, &Frame::Abort(why.clone()));
@@ -701,12 +701,21 @@ impl Incoming {
         // Devices before the vCPUs that drive them: the reverse of the stop order.
         let mut order: Vec<&Arc<dyn Component>> = self.parts.iter().collect();
         order.sort_by_key(|c| std::cmp::Reverse(c.stop_order()));
+        // In post-copy the fault thread asks for pages on the main connection from now
+        // on (a device may touch a missing page while it starts): answers go through
+        // the same writer, a whole frame at a time.
+        let mut say = |f: &Frame| match &postcopy {
+            Some(pc) => {
+                let _ = pc.answer(f);
+            }
+            None => answer(&mut self.main, f),
+        };
         for c in order {
             if let Err(e) = step_to(&**c, MigState::Running) {
                 // An explicit refusal: the source knows the VM is not running here and
                 // takes it back.
                 let why = format!("{}: {e}", c.section().name);
-                answer(&mut self.main, &Frame::Abort(why.clone()));
+                say(&Frame::Abort(why.clone()));
                 return Err(ReceiveError::Start(why));
             }
         }
@@ -715,11 +724,7 @@ impl Incoming {
         let started = Started {
             start_ms: t.elapsed().as_secs_f64() * 1e3,
         };
-        answer(&mut self.main, &Frame::Started(started));
-        let postcopy = requests.map(|(pc, go)| {
-            let _ = go.send(());
-            pc
-        });
+        say(&Frame::Started(started));
         Ok((self.vm, postcopy))
     }
 }

@@ -48,6 +48,11 @@ impl PostcopyIn {
         wire::write_frame(&mut *w, f).and_then(|_| w.finish())
     }
 
+    /// A frame to the source on the main connection, between the requests.
+    pub(crate) fn answer(&self, f: &Frame) -> std::io::Result<()> {
+        self.send(f)
+    }
+
     fn done(&self, ended: Option<String>) -> std::io::Result<()> {
         if self.done.swap(true, Ordering::SeqCst) {
             return Ok(());
@@ -117,17 +122,15 @@ pub(crate) struct Recovery {
     pub session: u64,
 }
 
-/// Starts the threads of post-copy; they end by themselves. Requests go out only once
-/// the returned sender has said the VM's start is answered (nothing else writes on
-/// the main connection before); dropped unsent, nothing is asked for.
+/// Starts the threads of post-copy; they end by themselves. From here on whatever
+/// else goes to the source on the main connection goes through `PostcopyIn::answer`.
 pub(crate) fn start(
     main: Stream,
     lanes: Vec<Stream>,
     parts: Vec<Arc<dyn Component>>,
     lazy: Vec<LazyPart>,
     recovery: Option<Recovery>,
-) -> std::io::Result<(Arc<PostcopyIn>, std::sync::mpsc::SyncSender<()>)> {
-    let (go, started) = std::sync::mpsc::sync_channel(1);
+) -> std::io::Result<Arc<PostcopyIn>> {
     let writer = main
         .try_clone()
         .ok_or_else(|| std::io::Error::other("the main connection cannot be shared"))?;
@@ -145,18 +148,14 @@ pub(crate) fn start(
     let watcher = pc.clone();
     std::thread::Builder::new()
         .name("postcopy-faults".into())
-        .spawn(move || {
-            if started.recv().is_ok() {
-                watch(&watcher)
-            }
-        })?;
+        .spawn(move || watch(&watcher))?;
     if let Some(r) = recovery {
         let pc = pc.clone();
         std::thread::Builder::new()
             .name("postcopy-recovery".into())
             .spawn(move || supervise(&pc, r))?;
     }
-    Ok((pc, go))
+    Ok(pc)
 }
 
 /// Waits for the connections to break, then for the source to come back on the

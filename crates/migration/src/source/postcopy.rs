@@ -154,6 +154,16 @@ impl Driver<'_> {
         }
     }
 
+    /// A request that came before STARTED (a device touched a missing page while the
+    /// VM started): served at once; pages wanted ahead wait for the serving loop.
+    pub(super) fn serve_early(&mut self, a: Answer) -> Res<()> {
+        match self.on_answer(a) {
+            Ok(_) => Ok(()),
+            Err(Lost::Fatal(e)) => Err(e),
+            Err(Lost::Link(why)) => Err(MigrationError::Unconfirmed(why)),
+        }
+    }
+
     /// One answer from the destination during post-copy: DONE ends it.
     fn on_answer(&mut self, a: Answer) -> Result<Option<Done>, Lost> {
         match a {

@@ -246,12 +246,25 @@ impl Driver<'_> {
             // GO never left: the destination will not start, so the VM stays here.
             return Err(self.send_error(e));
         }
-        match self.answer_within("STARTED", STARTED_TIMEOUT) {
-            Ok(Answer::Started(s)) => self.report.downtime.vm_start_ms = s.start_ms,
-            // It said so: it does not run the VM, so the VM comes back here.
-            Err(MigrationError::Aborted(m)) => return Err(MigrationError::Aborted(m)),
-            Ok(a) => return Err(MigrationError::Unconfirmed(format!("it answered {a:?}"))),
-            Err(e) => return Err(MigrationError::Unconfirmed(e.to_string())),
+        let end = Instant::now() + STARTED_TIMEOUT;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.answer_within("STARTED", left) {
+                Ok(Answer::Started(s)) => {
+                    self.report.downtime.vm_start_ms = s.start_ms;
+                    break;
+                }
+                // In post-copy a device may touch a missing page while it starts.
+                Ok(a @ (Answer::Request { .. } | Answer::Ahead { .. }))
+                    if self.report.postcopy.is_some() =>
+                {
+                    self.serve_early(a)?
+                }
+                // It said so: it does not run the VM, so the VM comes back here.
+                Err(MigrationError::Aborted(m)) => return Err(MigrationError::Aborted(m)),
+                Ok(a) => return Err(MigrationError::Unconfirmed(format!("it answered {a:?}"))),
+                Err(e) => return Err(MigrationError::Unconfirmed(e.to_string())),
+            }
         }
         self.report.downtime.start_ms = ms(t.elapsed());
         self.report.downtime_ms = ms(tp.elapsed());
