@@ -297,8 +297,8 @@ fn hostile_destination() -> (String, std::thread::JoinHandle<(u64, u64)>) {
         wire::write_frame(
             &mut c,
             &Frame::Ahead {
-                section: ram,
-                addrs: vec![!4095],
+                section: vcpus,
+                addrs: vec![0],
             },
         )
         .unwrap();
@@ -347,7 +347,7 @@ fn hostile_page_requests_are_refused_and_the_rest_are_served() {
     assert_eq!(r["status"], "completed", "{r}");
     let p = &r["postcopy"];
     // Outside the VM, not page-aligned, a section with no pages, no such section, and
-    // outside the VM ahead of a touch.
+    // ahead of a touch for a section with no pages.
     assert_eq!(p["refused_requests"], 5, "{r}");
     assert_eq!(p["requested_pages"], 2002, "{r}");
     assert_eq!(p["missing_pages"]["ram"].as_u64(), Some(lazy), "{r}");

@@ -172,7 +172,20 @@ impl Driver<'_> {
                 Ok(None)
             }
             Answer::Ahead { section, addrs } => {
-                self.ahead.push_back((section, addrs));
+                // Refused at the door when no lazy section has that number; the
+                // addresses are checked when served.
+                if self.parts.get(section as usize).is_some_and(|p| p.lazy) {
+                    self.ahead.push_back((section, addrs));
+                } else {
+                    tracing::warn!(
+                        section,
+                        "refused pages asked ahead for a section that is not lazy"
+                    );
+                    self.report
+                        .postcopy
+                        .get_or_insert_with(Default::default)
+                        .refused_requests += 1;
+                }
                 Ok(None)
             }
             Answer::Done(d) => Ok(Some(d)),
