@@ -60,9 +60,32 @@ pub fn print_report(r: &Report) {
         println!("  error: {e}");
     }
     println!(
-        "  total {:.1} ms, downtime {:.1} ms (limit {} ms), setup {:.1} ms",
-        r.total_ms, r.downtime_ms, r.downtime_limit_ms, r.setup_ms
+        "  total {:.1} ms, downtime {:.1} ms (limit {} ms), setup {:.1} ms, mode {} (ran {})",
+        r.total_ms, r.downtime_ms, r.downtime_limit_ms, r.setup_ms, r.mode, r.ran
     );
+    if let Some(p) = &r.postcopy {
+        let l = &p.fault_latency;
+        println!(
+            "  post-copy: switched at {:.1} ms ({}); window {:.1} ms; {} pages asked for, {} pushed ({} ahead of a device), {} refused requests; {} remote faults, latency {:.0}/{:.0}/{:.0}/{:.0} us (min/median/p99/max), {} pages pre-paged, {} recoveries{}",
+            p.switched_at_ms,
+            p.reason,
+            p.window_ms,
+            p.requested_pages,
+            p.background_pages,
+            p.ahead_pages,
+            p.refused_requests,
+            p.remote_faults,
+            l.min_us,
+            l.median_us,
+            l.p99_us,
+            l.max_us,
+            p.prepaged_pages,
+            p.recoveries,
+            p.vm_ended
+                .as_ref()
+                .map_or(String::new(), |e| format!("; the VM ended there first ({e})"))
+        );
+    }
     let d = &r.downtime;
     println!(
         "  downtime: stop {:.2} ms, states {:.2} ms, last dirty log {:.2} ms, last {} pages {:.2} ms, confirm {:.2} ms (restore {:.2} ms), start {:.2} ms",
