@@ -76,12 +76,11 @@ fn a_dirtier_moved_in_postcopy_verifies_all_its_memory() {
     assert_verified(&mut dst, 16384);
 }
 
-#[test]
-fn hybrid_switches_to_postcopy_instead_of_throttling() {
-    if !kvm_available() {
-        return;
-    }
-    let dir = TempDir::new("pc-hybrid");
+/// The dirtier at 100 MiB/s over a 32 MiB/s link, 50 ms limit, in `mode`: pre-copy
+/// alone would throttle it. Post-copy takes over, for the reason `why` names, and the
+/// guest's memory checks out.
+fn switches_instead_of_throttling(tag: &str, mode: &str, why: &str) {
+    let dir = TempDir::new(tag);
     let mut src = dirtier_source(
         &dir,
         "src",
@@ -89,13 +88,12 @@ fn hybrid_switches_to_postcopy_instead_of_throttling() {
         &["wss=64", "rate=100", "seconds=8", "report-every=250"],
     );
     let (mut dst, addr) = destination(&dir, "dst", &[]);
-    // 32 MiB/s cannot keep up with 100 MiB/s of writes: pre-copy alone would throttle.
     let (out, r) = migrate(
         &src,
         &addr,
         &[
             "--mode",
-            "hybrid",
+            mode,
             "--max-bandwidth",
             "32M",
             "--downtime-ms",
@@ -104,13 +102,27 @@ fn hybrid_switches_to_postcopy_instead_of_throttling() {
     );
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_postcopy_whole(&r);
-    assert_eq!(r["mode"], "hybrid");
+    assert_eq!(r["mode"], mode);
     assert_eq!(r["throttled"], false, "{r}");
     assert!(r["round_count"].as_u64().unwrap() >= 2, "{r}");
-    let why = r["postcopy"]["reason"].as_str().unwrap();
-    assert!(why.contains("converging"), "{why}");
+    let reason = r["postcopy"]["reason"].as_str().unwrap();
+    assert!(reason.contains(why), "{reason}");
     assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
     assert_verified(&mut dst, 16384);
+}
+
+#[test]
+fn hybrid_switches_to_postcopy_instead_of_throttling() {
+    if kvm_available() {
+        switches_instead_of_throttling("pc-hybrid", "hybrid", "converging");
+    }
+}
+
+#[test]
+fn auto_goes_postcopy_when_precopy_cannot_fit() {
+    if kvm_available() {
+        switches_instead_of_throttling("pc-auto-post", "auto", "does not fit");
+    }
 }
 
 #[test]
@@ -544,45 +556,4 @@ fn a_vm_still_arriving_is_not_moved_on_until_it_is_whole() {
         LIMIT,
     );
     exit_code(&mut c, LIMIT);
-}
-
-#[test]
-fn auto_goes_postcopy_when_precopy_cannot_fit() {
-    if !kvm_available() {
-        return;
-    }
-    let dir = TempDir::new("pc-auto-post");
-    let mut src = dirtier_source(
-        &dir,
-        "src",
-        "512",
-        &["wss=64", "rate=100", "seconds=8", "report-every=250"],
-    );
-    let (mut dst, addr) = destination(&dir, "dst", &[]);
-    // 100 MiB/s of writes over a 32 MiB/s link never fit 50 ms.
-    let (out, r) = migrate(
-        &src,
-        &addr,
-        &[
-            "--mode",
-            "auto",
-            "--max-bandwidth",
-            "32M",
-            "--downtime-ms",
-            "50",
-        ],
-    );
-    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
-    assert_postcopy_whole(&r);
-    assert_eq!(r["mode"], "auto");
-    assert_eq!(r["throttled"], false, "{r}");
-    assert!(
-        r["postcopy"]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("does not fit"),
-        "{r}"
-    );
-    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
-    assert_verified(&mut dst, 16384);
 }
