@@ -20,21 +20,6 @@ fn gpu_vm<'a>(g: &'a str, profile: &'a str, guest: &'a str, args: &[&'a str]) ->
     v
 }
 
-fn count(p: &std::path::Path, what: &str) -> usize {
-    read(p).matches(what).count()
-}
-
-/// The log gains `n` more lines containing `what` within the limit.
-fn gains(p: &std::path::Path, what: &str, n: usize) {
-    let before = count(p, what);
-    assert!(
-        wait_for(LIMIT, || (count(p, what) >= before + n).then_some(())).is_some(),
-        "{what:?} stopped appearing in {}:\n{}",
-        p.display(),
-        read(p)
-    );
-}
-
 fn completed(out: &std::process::Output, r: &Value) {
     assert!(out.status.success(), "{}\n{}", stdout(out), stderr(out));
     assert_eq!(r["status"], "completed", "{r}");

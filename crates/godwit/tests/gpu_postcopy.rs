@@ -114,11 +114,7 @@ fn a_vram_dirtier_verifies_after_postcopy_and_hybrid() {
         );
         assert_eq!(exit_code(&mut cur, LIMIT), 0, "{}", read(&cur.err));
         cur = next;
-        let seen = read(&cur.log).matches("verify ok").count();
-        wait_for(LIMIT, || {
-            (read(&cur.log).matches("verify ok").count() >= seen + 2).then_some(())
-        })
-        .unwrap_or_else(|| panic!("hop {hop}:\n{}", read(&cur.log)));
+        gains(&cur.log, "verify ok", 2);
         assert!(
             !read(&cur.log).contains("FAILED"),
             "hop {hop}:\n{}",

@@ -248,11 +248,7 @@ fn a_cancel_before_the_switch_leaves_the_source_running() {
     assert_eq!(exit_code(&mut dst, LIMIT), 1);
     assert_eq!(info(&src)["state"], "running");
     // The guest goes on writing and its memory is whole.
-    let n = read(&src.log).matches("rate_mibs=").count();
-    wait_for(LIMIT, || {
-        (read(&src.log).matches("rate_mibs=").count() > n + 2).then_some(())
-    })
-    .expect("the source guest stopped");
+    gains(&src.log, "rate_mibs=", 3);
 }
 
 /// A destination that speaks the protocol up to STARTED, then asks for pages outside
@@ -437,11 +433,7 @@ fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
         read(&dst.err)
     );
     // Every page is there: the guest's next full checks pass.
-    let seen = read(&dst.log).matches("verify ok pages=16384").count();
-    wait_for(LIMIT, || {
-        (read(&dst.log).matches("verify ok pages=16384").count() >= seen + 2).then_some(())
-    })
-    .unwrap_or_else(|| panic!("{}", read(&dst.log)));
+    gains(&dst.log, "verify ok pages=16384", 2);
     assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
     run(
         &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
@@ -545,11 +537,7 @@ fn a_vm_still_arriving_is_not_moved_on_until_it_is_whole() {
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_eq!(r["status"], "completed", "{r}");
     assert_eq!(exit_code(&mut b, LIMIT), 0, "{}", read(&b.err));
-    let seen = read(&c.log).matches("verify ok").count();
-    wait_for(LIMIT, || {
-        (read(&c.log).matches("verify ok").count() >= seen + 2).then_some(())
-    })
-    .unwrap_or_else(|| panic!("{}", read(&c.log)));
+    gains(&c.log, "verify ok", 2);
     assert!(!read(&c.log).contains("FAILED"), "{}", read(&c.log));
     run(
         &["shutdown", "--api-socket", c.sock.to_str().unwrap()],

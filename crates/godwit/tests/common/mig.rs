@@ -373,6 +373,21 @@ pub fn dirtier_source(dir: &TempDir, name: &str, mib: &str, args: &[&str]) -> Vm
     src
 }
 
+pub fn count(p: &Path, what: &str) -> usize {
+    read(p).matches(what).count()
+}
+
+/// The log gains `n` more lines containing `what` within the limit.
+pub fn gains(p: &Path, what: &str, n: usize) {
+    let before = count(p, what);
+    assert!(
+        wait_for(LIMIT, || (count(p, what) >= before + n).then_some(())).is_some(),
+        "{what:?} stopped appearing in {}:\n{}",
+        p.display(),
+        read(p)
+    );
+}
+
 /// Waits until the migration in progress on `src` has sent something.
 pub fn wait_progress(src: &Vm) {
     wait_for(LIMIT, || {

@@ -14,12 +14,15 @@ use std::collections::BTreeMap;
 const PAGES: u64 = 256;
 const BASE: u64 = 0x10_0000;
 
-/// A private anonymous mapping of `PAGES` pages, mapped at `BASE` in its space.
-struct Mem(u64);
+/// A private anonymous mapping, unmapped on drop (also the lazy memory's unit tests').
+pub(crate) struct AnonMap {
+    pub host: u64,
+    len: usize,
+}
 
-impl Mem {
-    fn new() -> Option<Mem> {
-        let len = (PAGES * PAGE_SIZE as u64) as usize;
+impl AnonMap {
+    pub fn new(pages: usize) -> Option<AnonMap> {
+        let len = pages * PAGE_SIZE;
         // SAFETY: a fresh anonymous mapping, unmapped on drop.
         let p = unsafe {
             libc::mmap(
@@ -31,20 +34,32 @@ impl Mem {
                 0,
             )
         };
-        (p != libc::MAP_FAILED).then_some(Mem(p as u64))
+        (p != libc::MAP_FAILED).then_some(AnonMap {
+            host: p as u64,
+            len,
+        })
+    }
+}
+
+impl Drop for AnonMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`.
+        unsafe { libc::munmap(self.host as *mut _, self.len) };
+    }
+}
+
+/// `PAGES` pages, at `BASE` in their space.
+struct Mem(AnonMap);
+
+impl Mem {
+    fn new() -> Option<Mem> {
+        AnonMap::new(PAGES as usize).map(Mem)
     }
 
     fn at(&self, addr: u64, len: usize) -> Option<*mut u8> {
         let off = addr.checked_sub(BASE)?;
         (off.checked_add(len as u64)? <= PAGES * PAGE_SIZE as u64)
-            .then_some((self.0 + off) as *mut u8)
-    }
-}
-
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`.
-        unsafe { libc::munmap(self.0 as *mut _, (PAGES * PAGE_SIZE as u64) as usize) };
+            .then_some((self.0.host + off) as *mut u8)
     }
 }
 
@@ -94,7 +109,7 @@ impl Memory for Mem {
     }
     fn host_regions(&self) -> Option<Vec<HostRegion>> {
         Some(vec![HostRegion {
-            host: self.0,
+            host: self.0.host,
             len: PAGES * PAGE_SIZE as u64,
             base: BASE,
         }])

@@ -550,66 +550,41 @@ mod tests {
         assert_eq!(Latency::of(vec![]), Latency::default());
     }
 
-    /// A private anonymous mapping of `pages`, unmapped on drop.
-    struct Map(u64, usize);
-    impl Map {
-        fn new(pages: usize) -> Map {
-            let len = pages * PAGE_SIZE;
-            // SAFETY: a fresh anonymous mapping.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
-            Map(p as u64, len)
-        }
-        fn read(&self, page: usize) -> u64 {
-            // SAFETY: inside the mapping.
-            unsafe { std::ptr::read_volatile((self.0 as *const u64).add(page * 512)) }
-        }
-        fn write(&self, page: usize, v: u64) {
-            // SAFETY: inside the mapping.
-            unsafe { std::ptr::write_volatile((self.0 as *mut u64).add(page * 512), v) }
-        }
+    use crate::migratable::fuzz_postcopy::AnonMap;
+
+    fn peek(host: u64, page: usize) -> u64 {
+        // SAFETY: the callers' pages lie inside their mapping.
+        unsafe { std::ptr::read_volatile((host as *const u64).add(page * 512)) }
     }
-    impl Drop for Map {
-        fn drop(&mut self) {
-            // SAFETY: the mapping made in new.
-            unsafe { libc::munmap(self.0 as *mut _, self.1) };
-        }
+
+    fn poke(host: u64, page: usize, v: u64) {
+        // SAFETY: as in peek.
+        unsafe { std::ptr::write_volatile((host as *mut u64).add(page * 512), v) }
     }
 
     #[test]
     fn missing_pages_wait_for_the_source_and_the_rest_is_kept_or_zero() {
-        let m = Map::new(128);
+        let m = AnonMap::new(128).unwrap();
         // Pages 0..4 hold old data; 1 and 2 changed at the source since.
         for p in 0..4 {
-            m.write(p, 100 + p as u64);
+            poke(m.host, p, 100 + p as u64);
         }
         let mut missing = vec![0u64; 2];
         missing[0] = 0b110 | 1 << 40;
         let region = HostRegion {
-            host: m.0,
+            host: m.host,
             len: 128 * PAGE_SIZE as u64,
             base: 0x10_0000,
         };
         let lazy = std::sync::Arc::new(Lazy::new("test", vec![region], vec![missing]).unwrap());
         assert_eq!(lazy.left(), 3);
         // Kept pages read at once; a page the source never had reads as zero.
-        assert_eq!(m.read(0), 100);
-        assert_eq!(m.read(3), 103);
+        assert_eq!(peek(m.host, 0), 100);
+        assert_eq!(peek(m.host, 3), 103);
         let (tx, rx) = std::sync::mpsc::channel();
-        let addr = m.0;
+        let addr = m.host;
         let toucher = std::thread::spawn(move || {
-            let m = Map(addr, 0);
-            tx.send((m.read(70), m.read(1))).unwrap();
-            std::mem::forget(m);
+            tx.send((peek(addr, 70), peek(addr, 1))).unwrap();
         });
         // The toucher zero-fills page 70 (never at the source), then waits for page 1.
         let mut asked = Vec::new();
@@ -635,7 +610,7 @@ mod tests {
         lazy.zero(&[(0x10_0000 + 2 * 4096, 1)]).unwrap();
         lazy.place(&[0x10_0000 + 40 * 4096], &page).unwrap();
         assert_eq!(lazy.left(), 0);
-        assert_eq!((m.read(2), m.read(40)), (0, 7));
+        assert_eq!((peek(m.host, 2), peek(m.host, 40)), (0, 7));
         let s = lazy.stats();
         assert_eq!(
             (s.remote_faults, s.prepaged, s.zero_filled, s.duplicates),
@@ -646,9 +621,9 @@ mod tests {
 
     #[test]
     fn hostile_bitmaps_are_refused() {
-        let m = Map::new(100);
+        let m = AnonMap::new(100).unwrap();
         let region = HostRegion {
-            host: m.0,
+            host: m.host,
             len: 100 * PAGE_SIZE as u64,
             base: 0,
         };
