@@ -6,6 +6,7 @@
 #   gpu_command   the GPU command decoder (ring entries a guest writes)
 #   http_request  the API server's request reading and limits
 #   postcopy      post-copy page requests (source) and page placement (destination)
+#   snapshot_index  a snapshot's page index as a lazy restore reads it
 # Usage: fuzz/run.sh [SECONDS per target, default 60] [TARGET...]
 # Seeds are in fuzz/corpus/TARGET (from a real GPU VM's snapshot and real requests);
 # what the fuzzer finds goes to target/fuzz-corpus/TARGET, crashes to
@@ -17,7 +18,7 @@ cd "$(dirname "$0")"
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(wire_frame vm_state vf_state gpu_command http_request postcopy)
+[ ${#targets[@]} -gt 0 ] || targets=(wire_frame vm_state vf_state gpu_command http_request postcopy snapshot_index)
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
 for t in "${targets[@]}"; do

@@ -70,7 +70,7 @@ fn time_to_banner(mut cmd: Command) -> Result<f64, String> {
     Ok(r??.as_secs_f64() * 1e3)
 }
 
-fn qemu_version(qemu: &str) -> Option<String> {
+pub(crate) fn qemu_version(qemu: &str) -> Option<String> {
     let out = Command::new(qemu).arg("--version").output().ok()?;
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -347,6 +347,7 @@ pub fn bench(cmd: BenchCmd) -> ExitCode {
         BenchCmd::Migrate(a) => crate::bench_migrate::run(a),
         BenchCmd::Gpu(a) => crate::bench_gpu::run(a),
         BenchCmd::GpuMigrate(a) => crate::bench_gpu_migrate::run(a),
+        BenchCmd::Restore(a) => crate::bench_restore::run(a),
         BenchCmd::Boot(a) => {
             let json = a.json;
             match boot(a) {

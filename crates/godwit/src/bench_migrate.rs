@@ -290,13 +290,13 @@ fn godwit_run(
 }
 
 /// A QMP connection (QEMU's JSON monitor).
-struct Qmp {
+pub(crate) struct Qmp {
     r: BufReader<UnixStream>,
     w: UnixStream,
 }
 
 impl Qmp {
-    fn connect(p: &Path) -> Result<Qmp, String> {
+    pub(crate) fn connect(p: &Path) -> Result<Qmp, String> {
         let end = Instant::now() + Duration::from_secs(30);
         let s = loop {
             match UnixStream::connect(p) {
@@ -325,7 +325,7 @@ impl Qmp {
         serde_json::from_str(&l).map_err(|e| format!("QMP: {e}: {l}"))
     }
 
-    fn cmd(&mut self, name: &str, args: Value) -> Result<Value, String> {
+    pub(crate) fn cmd(&mut self, name: &str, args: Value) -> Result<Value, String> {
         let msg = json!({"execute": name, "arguments": args});
         writeln!(self.w, "{msg}").map_err(|e| format!("QMP: {e}"))?;
         loop {

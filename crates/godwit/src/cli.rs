@@ -84,6 +84,12 @@ pub struct RunArgs {
     /// (server-key.pem). QEMU's x509 layout; `godwit tls-creds DIR` makes one.
     #[arg(long, value_name = "DIR", requires = "incoming")]
     pub tls_dir: Option<PathBuf>,
+    /// With --incoming file: how the snapshot is read. lazy (the default): the VM starts
+    /// once its device states are loaded, and its memory is read from the file as the
+    /// guest touches it and in the background. eager: all of it is read and checked
+    /// before the VM starts. A snapshot without a page index is read eagerly.
+    #[arg(long, value_enum, requires = "incoming")]
+    pub restore: Option<RestoreArg>,
     /// With --incoming tcp: listen for plain TCP on an address that is not loopback
     /// (guest memory then crosses the network in the clear).
     #[arg(long, requires = "incoming")]
@@ -276,6 +282,12 @@ pub struct MigrateArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RestoreArg {
+    Lazy,
+    Eager,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnOff {
     On,
     Off,
@@ -304,6 +316,28 @@ pub enum BenchCmd {
     /// Live migration of a VM with a GPU function: VRAM pre-copied against stopped and
     /// copied, over VRAM profiles and GPU loads.
     GpuMigrate(GpuMigrateBenchArgs),
+    /// Restoring a snapshot: time to the guest's first line against memory size, lazy
+    /// against eager, beside QEMU restoring its own snapshot of the same guest.
+    Restore(RestoreBenchArgs),
+}
+
+#[derive(Args)]
+pub struct RestoreBenchArgs {
+    /// Repetitions per size and side.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Guest RAM sizes in MiB (comma separated); the guest fills half of it with data.
+    #[arg(long, value_delimiter = ',', default_values_t = [256u64, 1024, 4096])]
+    pub memory: Vec<u64>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// QEMU binary to compare with.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: String,
+    /// Measure godwit only.
+    #[arg(long)]
+    pub no_qemu: bool,
 }
 
 #[derive(Args)]

@@ -5,6 +5,7 @@ mod bench;
 mod bench_gpu;
 mod bench_gpu_migrate;
 mod bench_migrate;
+mod bench_restore;
 mod cli;
 mod demo;
 mod gpu;

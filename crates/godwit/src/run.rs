@@ -2,6 +2,7 @@
 
 use crate::cli::{GuestsCmd, RunArgs};
 use godwit_migration::api::MigrationApi;
+use godwit_migration::destination::RestoreMode;
 use godwit_migration::{Host, Incoming, Listener, Target};
 use godwit_vmm::api::{ApiServer, Extension, Limits};
 use godwit_vmm::{Console, Payload, Vm, VmConfig, VmExit};
@@ -268,6 +269,12 @@ fn receive(
         }
         _ => None,
     };
+    let how = match (t, a.restore) {
+        (Target::File(_), Some(crate::cli::RestoreArg::Eager)) => RestoreMode::Eager,
+        (Target::File(_), _) => RestoreMode::Lazy,
+        (_, Some(_)) => return Err("--restore is for --incoming file:".into()),
+        (_, None) => RestoreMode::Lazy,
+    };
     let l = Listener::bind_with(t, tls).map_err(|e| format!("--incoming {t}: {e}"))?;
     if let Some(api) = api {
         api.set_waiting(&format!(
@@ -285,7 +292,8 @@ fn receive(
         gpu_dir: Some(a.gpu_dir.dir()),
         name: vm_name(a),
     };
-    let mut inc = godwit_migration::receive(&l, &host, console).map_err(|e| e.to_string())?;
+    let mut inc = godwit_migration::destination::receive_with(&l, &host, console, how)
+        .map_err(|e| e.to_string())?;
     tracing::info!(guest = inc.source_guest, ms = inc.receive_ms, "VM received");
     // In post-copy a source that loses its connections comes back here.
     inc.keep_for_recovery(l);

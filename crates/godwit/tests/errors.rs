@@ -252,6 +252,12 @@ fn endless_blocking_and_wrong_kind_inputs_are_refused() {
         "not a socket; refusing to replace it",
     );
     assert_eq!(read(&notes), "precious");
+    // How a snapshot is read is said only for a snapshot.
+    fails_with(
+        &["run", "--incoming", "tcp:127.0.0.1:0", "--restore", "eager"],
+        1,
+        "--restore is for --incoming file:",
+    );
 }
 
 /// Errors name the path and say what is wrong with it.

@@ -285,13 +285,20 @@ fn a_snapshot_file_restores_the_vm_where_it_stopped() {
         .chain(seqs(&stdout(&o)))
         .collect();
     assert_eq!(all, (1..=60).collect::<Vec<_>>());
-    // A damaged snapshot is refused with a clear error, and nothing runs.
+    // A damaged snapshot read eagerly is refused with a clear error, and nothing runs
+    // (read lazily, tests/restore.rs).
     let mut bytes = std::fs::read(&snap).unwrap();
     let n = bytes.len();
     bytes[n / 2] ^= 0x55;
     std::fs::write(&snap, &bytes).unwrap();
     let o = run(
-        &["run", "--incoming", &format!("file:{}", snap.display())],
+        &[
+            "run",
+            "--incoming",
+            &format!("file:{}", snap.display()),
+            "--restore",
+            "eager",
+        ],
         LIMIT,
     );
     assert_eq!(o.status.code(), Some(1));

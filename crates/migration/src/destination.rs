@@ -7,10 +7,12 @@
 
 use crate::postcopy_in::LazyPart;
 pub use crate::postcopy_in::PostcopyIn;
+use crate::restore::{Part, Restore};
+use crate::snapshot_index::{Found, Index};
 use crate::transport::{Listener, Stream};
 use crate::wire::{self, Frame, Hello, Kind, Ready, Started, Totals, WireError};
 use godwit_vmm::migratable::incoming::{self, Host};
-use godwit_vmm::migratable::{step_to, Component, MigState};
+use godwit_vmm::migratable::{step_to, Bitmap, Component, MigState, PAGE_SIZE};
 use godwit_vmm::{Console, Vm};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -193,6 +195,8 @@ pub struct Incoming {
     /// post-copy comes back.
     session: u64,
     recovery: Option<Listener>,
+    /// A snapshot restored lazily: what fills the memory once the VM runs.
+    restore: Option<Restore>,
 }
 
 /// Answers the source, if there is one to answer.
@@ -361,8 +365,90 @@ pub fn in_order(vm: &Vm, names: &[String]) -> Result<Vec<Arc<dyn Component>>, St
         .collect()
 }
 
-/// Waits for a source on `l`, then receives and loads its VM.
+/// Checks what HELLO asks for and builds that VM, its vCPU threads parked and each
+/// component ready to take data (RESUMING): the components in the source's section
+/// order, and their names.
+#[allow(clippy::type_complexity)]
+fn build(
+    hello: &Hello,
+    snapshot: bool,
+    host: &Host,
+    console: Console,
+    main: &mut Option<Stream>,
+) -> Result<(Vm, Vec<Arc<dyn Component>>, Vec<String>), ReceiveError> {
+    if hello.wire_version != wire::WIRE_VERSION {
+        return Err(refuse(
+            main,
+            format!(
+                "the source speaks migration wire version {}, this godwit speaks {}",
+                hello.wire_version,
+                wire::WIRE_VERSION
+            ),
+        ));
+    }
+    if hello.snapshot != snapshot {
+        return Err(refuse(
+            main,
+            "a snapshot stream came over a socket (or a live one from a file)".into(),
+        ));
+    }
+    if hello.connections == 0
+        || hello.connections > crate::source::MAX_CONNECTIONS
+        || (snapshot && hello.connections != 1)
+    {
+        return Err(refuse(
+            main,
+            format!("{} connections asked for", hello.connections),
+        ));
+    }
+    let cfg = incoming::config(&hello.sections, &hello.guest, host, console)
+        .map_err(|why| refuse(main, why))?;
+    let mut vm = Vm::create(cfg).map_err(|e| refuse(main, format!("cannot build the VM: {e}")))?;
+    let ours: Vec<_> = vm.components().iter().map(|c| c.section()).collect();
+    if let Some(why) = incoming::mismatch(&hello.sections, &ours) {
+        return Err(refuse(main, why));
+    }
+    let names: Vec<String> = hello.sections.iter().map(|s| s.name.clone()).collect();
+    let parts = in_order(&vm, &names).map_err(|why| refuse(main, why))?;
+    // The vCPU threads exist from here on, parked: starting them is not on the
+    // switchover's critical path. Dropping the VM on any failure below ends them unrun.
+    vm.start_paused()
+        .map_err(|e| refuse(main, format!("cannot create the vCPU threads: {e}")))?;
+    for (c, n) in parts.iter().zip(&names) {
+        step_to(&**c, MigState::Resuming)
+            .map_err(|e| refuse(main, format!("{n}: cannot take data: {e}")))?;
+    }
+    Ok((vm, parts, names))
+}
+
+/// How a snapshot file is restored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// The VM starts once its states are loaded; its memory is read from the file as it
+    /// is touched and in the background (a snapshot without an index is read whole).
+    #[default]
+    Lazy,
+    /// Everything is read and checked before the VM starts.
+    Eager,
+}
+
+/// Waits for a source on `l`, then receives and loads its VM (a snapshot lazily).
 pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, ReceiveError> {
+    receive_with(l, host, console, RestoreMode::Lazy)
+}
+
+/// `receive`, restoring a snapshot as `how` says.
+pub fn receive_with(
+    l: &Listener,
+    host: &Host,
+    console: Console,
+    how: RestoreMode,
+) -> Result<Incoming, ReceiveError> {
+    if let (Listener::File(p), RestoreMode::Lazy) = (l, how) {
+        if let Some(index) = page_index(p)? {
+            return restore_lazily(p, index, host, console);
+        }
+    }
     let snapshot = matches!(l, Listener::File(_));
     let mut buf = Vec::new();
     // Connections that do not open with a whole HELLO in time are dropped, and the
@@ -388,49 +474,7 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
         .set_read_timeout(Some(IDLE_TIMEOUT))
         .map_err(ReceiveError::Listen)?;
     let mut main = first.try_clone();
-    if hello.wire_version != wire::WIRE_VERSION {
-        return Err(refuse(
-            &mut main,
-            format!(
-                "the source speaks migration wire version {}, this godwit speaks {}",
-                hello.wire_version,
-                wire::WIRE_VERSION
-            ),
-        ));
-    }
-    if hello.snapshot != snapshot {
-        return Err(refuse(
-            &mut main,
-            "a snapshot stream came over a socket (or a live one from a file)".into(),
-        ));
-    }
-    if hello.connections == 0
-        || hello.connections > crate::source::MAX_CONNECTIONS
-        || (snapshot && hello.connections != 1)
-    {
-        return Err(refuse(
-            &mut main,
-            format!("{} connections asked for", hello.connections),
-        ));
-    }
-    let cfg = incoming::config(&hello.sections, &hello.guest, host, console)
-        .map_err(|why| refuse(&mut main, why))?;
-    let mut vm =
-        Vm::create(cfg).map_err(|e| refuse(&mut main, format!("cannot build the VM: {e}")))?;
-    let ours: Vec<_> = vm.components().iter().map(|c| c.section()).collect();
-    if let Some(why) = incoming::mismatch(&hello.sections, &ours) {
-        return Err(refuse(&mut main, why));
-    }
-    let names: Vec<String> = hello.sections.iter().map(|s| s.name.clone()).collect();
-    let parts = in_order(&vm, &names).map_err(|why| refuse(&mut main, why))?;
-    // The vCPU threads exist from here on, parked: starting them is not on the
-    // switchover's critical path. Dropping the VM on any failure below ends them unrun.
-    vm.start_paused()
-        .map_err(|e| refuse(&mut main, format!("cannot create the vCPU threads: {e}")))?;
-    for (c, n) in parts.iter().zip(&names) {
-        step_to(&**c, MigState::Resuming)
-            .map_err(|e| refuse(&mut main, format!("{n}: cannot take data: {e}")))?;
-    }
+    let (vm, parts, names) = build(&hello, snapshot, host, console, &mut main)?;
     if let Some(m) = &mut main {
         wire::write_frame(m, &Frame::Accept)
             .map_err(|e| ReceiveError::Stream(format!("answering the source: {e}")))?;
@@ -574,17 +618,20 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
     }
     // A snapshot ends at its COMPLETE: anything after it (a file damaged, or two
     // snapshots concatenated) means this is not the file that was written.
+    // Only its own page index may follow.
     if snapshot {
-        let mut b = [0u8; 1];
-        match std::io::Read::read(&mut first, &mut b) {
-            Ok(0) => {}
-            Ok(_) => {
-                return Err(ReceiveError::Stream(
-                    "bytes after the snapshot's end: the file is damaged or not one snapshot"
-                        .into(),
-                ))
-            }
-            Err(e) => return Err(ReceiveError::Stream(format!("reading the snapshot: {e}"))),
+        let fits = match first.file_in() {
+            Some((at, f)) => match f.metadata() {
+                Ok(m) if m.len() == at => true,
+                Ok(_) => matches!(Index::open(f), Ok(Found::Index(ix)) if ix.stream_len() == at),
+                Err(e) => return Err(ReceiveError::Stream(format!("reading the snapshot: {e}"))),
+            },
+            None => false,
+        };
+        if !fits {
+            return Err(ReceiveError::Stream(
+                "bytes after the snapshot's end: the file is damaged or not one snapshot".into(),
+            ));
         }
     }
     // RESUMING -> STOP: each component's last checks of what it took.
@@ -629,6 +676,174 @@ pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, 
         lanes: kept,
         session: hello.session,
         recovery: None,
+        restore: None,
+    })
+}
+
+/// Every page of memory of this shape missing.
+fn all_pages(regions: &[(u64, u64)]) -> Vec<Bitmap> {
+    regions
+        .iter()
+        .map(|&(_, len)| {
+            let pages = len / PAGE_SIZE as u64;
+            let mut b = vec![u64::MAX; pages.div_ceil(64) as usize];
+            if let Some(last) = b.last_mut().filter(|_| !pages.is_multiple_of(64)) {
+                *last = (1 << (pages % 64)) - 1;
+            }
+            b
+        })
+        .collect()
+}
+
+/// The page index of the snapshot at `path`; None when it has none that fits it: it is
+/// then read whole, which says what is wrong with it, if anything.
+fn page_index(path: &std::path::Path) -> Result<Option<Index>, ReceiveError> {
+    let (f, _) = godwit_vmm::files::open_regular(path, u64::MAX).map_err(ReceiveError::Listen)?;
+    match Index::open(f).map_err(|e| ReceiveError::Stream(format!("reading the snapshot: {e}")))? {
+        Found::Index(ix) => Ok(Some(ix)),
+        Found::None => {
+            tracing::info!("{}: no page index: restored whole", path.display());
+            Ok(None)
+        }
+        Found::Unfit(why) => {
+            tracing::warn!("{}: {why}: restored whole", path.display());
+            Ok(None)
+        }
+    }
+}
+
+/// Restores the snapshot at `path` through its page index: HELLO, the states and
+/// COMPLETE are read and checked now, the memory once the VM runs (`restore`).
+fn restore_lazily(
+    path: &std::path::Path,
+    index: Index,
+    host: &Host,
+    console: Console,
+) -> Result<Incoming, ReceiveError> {
+    let t0 = Instant::now();
+    let damaged = |e: WireError| ReceiveError::Stream(format!("reading the snapshot: {e}"));
+    let mut buf = Vec::new();
+    let hello = match index.frame_at(0, &mut buf) {
+        Ok(Frame::Hello(h)) => h,
+        Ok(f) => {
+            return Err(ReceiveError::Stream(format!(
+                "the stream starts with {:?}, not HELLO",
+                f.kind()
+            )))
+        }
+        Err(e) => return Err(ReceiveError::Hello(e)),
+    };
+    let (vm, parts, names) = build(&hello, true, host, console, &mut None)?;
+    tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "restore: VM built");
+    let mut states = vec![false; parts.len()];
+    let mut complete = None;
+    let mut data = 0u64;
+    for &at in &index.control()[1..] {
+        if complete.is_some() {
+            return Err(ReceiveError::Stream(
+                "the snapshot's index lists frames after its end".into(),
+            ));
+        }
+        let part = |s: u32| {
+            parts.get(s as usize).ok_or_else(|| {
+                ReceiveError::Stream(format!("a frame for section {s}, of {}", parts.len()))
+            })
+        };
+        let named = |s: u32| {
+            let n = names[s as usize].clone();
+            move |e: godwit_vmm::migratable::ComponentError| {
+                ReceiveError::Stream(format!("{n}: {e}"))
+            }
+        };
+        match index.frame_at(at, &mut buf).map_err(damaged)? {
+            Frame::State { section, data } => {
+                let c = part(section)?;
+                if std::mem::replace(&mut states[section as usize], true) {
+                    return Err(ReceiveError::Stream(format!(
+                        "{}: a second state",
+                        names[section as usize]
+                    )));
+                }
+                c.load(data).map_err(named(section))?;
+            }
+            Frame::Data { section, data: d } => {
+                part(section)?.load_data(d).map_err(named(section))?;
+                data += d.len() as u64;
+            }
+            Frame::Sync(_) => {}
+            Frame::Complete(t) => complete = Some(t),
+            f => {
+                return Err(ReceiveError::Stream(format!(
+                    "unexpected {:?} frame in the snapshot",
+                    f.kind()
+                )))
+            }
+        }
+    }
+    let Some(t) = complete else {
+        return Err(ReceiveError::Stream(
+            "the snapshot has no end (COMPLETE)".into(),
+        ));
+    };
+    let found = index.totals();
+    if (t.pages, t.zero_pages, t.data) != (found.pages, found.zero_pages, data) {
+        return Err(ReceiveError::Stream(format!(
+            "the snapshot says it holds {t:?} but {:?} are in it",
+            Totals { data, ..found }
+        )));
+    }
+    if let Some(i) = states.iter().position(|s| !s) {
+        return Err(ReceiveError::Stream(format!(
+            "the snapshot has no {} state",
+            names[i]
+        )));
+    }
+    tracing::debug!(
+        ms = t0.elapsed().as_secs_f64() * 1e3,
+        "restore: states loaded"
+    );
+    for (c, n) in parts.iter().zip(&names) {
+        step_to(&**c, MigState::Stop).map_err(|e| ReceiveError::Stream(format!("{n}: {e}")))?;
+    }
+    tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "restore: stopped");
+    // Each memory with pages in the file goes missing whole, to be filled from it.
+    let mut lazy = Vec::new();
+    for t in index.tables() {
+        let i = t.section as usize;
+        let c = parts.get(i).ok_or_else(|| {
+            ReceiveError::Stream(format!("pages of section {i}, of {}", parts.len()))
+        })?;
+        let regions = c.lazy_regions();
+        if regions.is_empty() {
+            return Err(ReceiveError::Stream(format!(
+                "{}: pages in the snapshot, but it cannot be filled lazily",
+                names[i]
+            )));
+        }
+        let faults = c
+            .postcopy_expect(all_pages(&regions))
+            .map_err(|e| ReceiveError::Stream(format!("{}: {e}", names[i])))?;
+        lazy.push(Part {
+            section: t.section,
+            name: names[i].clone(),
+            faults,
+            table: Some(t.clone()),
+            regions,
+        });
+    }
+    let restore = Restore::new(index, lazy, vm.handle(), path.display().to_string());
+    Ok(Incoming {
+        vm,
+        main: None,
+        parts,
+        source_guest: hello.guest,
+        receive_ms: t0.elapsed().as_secs_f64() * 1e3,
+        ready_at: Instant::now(),
+        lazy: Vec::new(),
+        lanes: Vec::new(),
+        session: hello.session,
+        recovery: None,
+        restore: Some(restore),
     })
 }
 
@@ -668,6 +883,12 @@ impl Incoming {
             }
         }
         let t = Instant::now();
+        if let Some(r) = self.restore.take() {
+            // Before anything runs: a device may touch memory while it starts.
+            crate::restore::start(r).map_err(|e| {
+                ReceiveError::Start(format!("cannot start reading the memory: {e}"))
+            })?;
+        }
         let mut postcopy: Option<Arc<PostcopyIn>> = None;
         if !self.lazy.is_empty() {
             // Without these threads nothing would ever fill a missing page: a VM that

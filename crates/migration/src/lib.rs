@@ -10,7 +10,8 @@
 //! `source` the policy (rounds, switchover), on its own thread, with
 //! `converge` deciding what to hold back when rounds alone do not converge.
 //! `destination` is the receiving side, `postcopy_in` its part once a VM runs there
-//! ahead of its memory.
+//! ahead of its memory, `restore` the same for a snapshot read lazily through the page
+//! index (`snapshot_index`) that sealing a snapshot appends.
 
 pub mod api;
 mod back;
@@ -20,7 +21,9 @@ pub mod error;
 pub mod outbound;
 pub mod postcopy_in;
 pub mod report;
+mod restore;
 pub mod snapshot_file;
+pub mod snapshot_index;
 pub mod source;
 pub mod tls;
 pub mod transport;

@@ -2,7 +2,8 @@
 //! PATH, held under an exclusive lock, and replaces PATH only once it is whole and
 //! durable: a cancelled or failed snapshot leaves whatever PATH held before, and two
 //! snapshots to one path cannot interleave (the second is refused while the first
-//! writes).
+//! writes). Sealing appends the page index (`snapshot_index`) that lets a restore start
+//! the VM before it reads the memory.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -54,6 +55,7 @@ impl SnapshotOut {
         // locked: a writer that gave up may have removed it meanwhile.
         for _ in 0..8 {
             let f = std::fs::OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
@@ -96,8 +98,13 @@ impl SnapshotOut {
         self.w.get_ref().sync_all()
     }
 
-    /// The snapshot is whole: it replaces the path, durably.
+    /// The snapshot is whole: its index goes after it, and it replaces the path,
+    /// durably.
     pub fn seal(&mut self) -> io::Result<()> {
+        self.w.flush()?;
+        let f = self.w.get_ref();
+        let stream_len = f.metadata()?.len();
+        crate::snapshot_index::append(f, stream_len)?;
         self.finish()?;
         std::fs::rename(&self.tmp, &self.dst)?;
         self.sealed = true;

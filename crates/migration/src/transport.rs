@@ -195,6 +195,17 @@ impl Stream {
         }
     }
 
+    /// A snapshot being read: how far it has been read, and its file.
+    pub fn file_in(&mut self) -> Option<(u64, File)> {
+        match self {
+            Stream::FileIn(f) => {
+                let at = io::Seek::stream_position(f).ok()?;
+                Some((at, f.get_ref().try_clone().ok()?))
+            }
+            _ => None,
+        }
+    }
+
     /// The stream is whole: a snapshot file replaces its path (sockets: nothing to do).
     pub fn seal(&mut self) -> io::Result<()> {
         match self {

@@ -28,8 +28,14 @@ pub fn kvm_available() -> bool {
 /// Runs godwit to completion with a time limit. Its output is read while it runs, so a
 /// report larger than a pipe's buffer cannot stall it.
 pub fn run(args: &[&str], limit: Duration) -> Output {
+    run_env(args, &[], limit)
+}
+
+/// `run` with more environment variables.
+pub fn run_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
     let mut child = godwit()
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -89,6 +89,9 @@ struct Inner {
     stats: FaultStats,
     latencies: Vec<f64>,
     registered: bool,
+    /// Runs (region, first page, count) taken off `missing` whose copy is under way
+    /// outside the lock: a touch of one waits for that copy, which wakes it.
+    flying: Vec<(usize, u64, u64)>,
 }
 
 pub struct Lazy {
@@ -198,6 +201,7 @@ impl Lazy {
                 stats,
                 latencies: Vec::new(),
                 registered: true,
+                flying: Vec::new(),
             }),
         };
         if left == 0 {
@@ -314,37 +318,46 @@ impl Lazy {
                     .ok_or_else(|| refused(format!("page {a:#x} is not inside {}", self.what)))
             })
             .collect::<Result<_>>()?;
-        let mut i = self.lock();
         // Runs of pages that were missing, next to each other here and in `data`: one
         // UFFDIO_COPY each (a page at a time costs a system call and a wake-up each).
-        let mut run: Option<(usize, u64, usize, usize)> = None;
-        for (k, (&(r, p), &a)) in at.iter().zip(addrs).enumerate() {
-            if !self.arrived(&mut i, r, p, a) {
-                if let Some(x) = run.take() {
-                    self.copy_run(x, data)?;
+        // They are taken under the lock and copied outside it: a touch answered
+        // meanwhile does not wait for a large placement (fresh host memory can take a
+        // millisecond per frame to fault in).
+        let mut runs: Vec<(usize, u64, usize, usize)> = Vec::new();
+        {
+            let mut i = self.lock();
+            for (k, (&(r, p), &a)) in at.iter().zip(addrs).enumerate() {
+                if !self.arrived(&mut i, r, p, a) {
+                    continue;
                 }
-                continue;
-            }
-            run = match run {
-                Some((rr, p0, k0, n)) if rr == r && p0 + n as u64 == p && k0 + n == k => {
-                    Some((rr, p0, k0, n + 1))
-                }
-                other => {
-                    if let Some(x) = other {
-                        self.copy_run(x, data)?;
+                match runs.last_mut() {
+                    Some((rr, p0, k0, n)) if *rr == r && *p0 + *n as u64 == p && *k0 + *n == k => {
+                        *n += 1
                     }
-                    Some((r, p, k, 1))
+                    _ => runs.push((r, p, k, 1)),
                 }
-            };
+            }
+            i.flying
+                .extend(runs.iter().map(|&(r, p, _, n)| (r, p, n as u64)));
         }
-        if let Some(x) = run {
-            self.copy_run(x, data)?;
+        let copied = runs.iter().try_for_each(|&x| self.copy_run(x, data));
+        self.landed(runs.iter().map(|&(r, p, _, n)| (r, p, n as u64)));
+        copied
+    }
+
+    /// Runs taken by `place` or `zero` are in place (or failed): the memory is whole
+    /// once none is missing or flying.
+    fn landed(&self, runs: impl Iterator<Item = (usize, u64, u64)>) {
+        let mut i = self.lock();
+        for x in runs {
+            if let Some(k) = i.flying.iter().position(|&f| f == x) {
+                i.flying.swap_remove(k);
+            }
         }
-        if i.left == 0 {
+        if i.left == 0 && i.flying.is_empty() {
             self.finish(&mut i);
         }
         self.placed.notify_all();
-        Ok(())
     }
 
     /// Places `n` pages at page `p` of region `r` from `data`'s pages from `k` on.
@@ -382,6 +395,30 @@ impl Lazy {
         Ok(())
     }
 
+    /// Fills `n` pages at page `p` of region `r` with zeros.
+    fn zero_run(&self, (r, p, n): (usize, u64, u64)) -> Result<()> {
+        // SAFETY: `n` pages inside this memory's registered mapping (each located by the
+        // caller).
+        let rc = unsafe {
+            self.uffd
+                .zeropage(self.host(r, p), n as usize * PAGE_SIZE, true)
+        };
+        if rc.is_ok() {
+            return Ok(());
+        }
+        // Part of the run was filled meanwhile: page by page, leaving those as they are.
+        for j in 0..n {
+            // SAFETY: as above, one page of the run.
+            let rc = unsafe { self.uffd.zeropage(self.host(r, p + j), PAGE_SIZE, true) };
+            if let Err(e) = rc {
+                if !exists(&e) {
+                    return Err(uffd_err("zero-fill", e));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Zero pages from the source (runs: first address, count), all checked first.
     pub fn zero(&self, runs: &[(u64, u32)]) -> Result<()> {
         let mut at = Vec::new();
@@ -400,24 +437,25 @@ impl Lazy {
                 at.push((r, p, addr));
             }
         }
-        let mut i = self.lock();
-        for (r, p, addr) in at {
-            if !self.arrived(&mut i, r, p, addr) {
-                continue;
-            }
-            // SAFETY: one page inside this memory's registered mapping (located above).
-            let rc = unsafe { self.uffd.zeropage(self.host(r, p), PAGE_SIZE, true) };
-            if let Err(e) = rc {
-                if !exists(&e) {
-                    return Err(uffd_err("zero-fill", e));
+        // Runs of pages that were missing, one UFFDIO_ZEROPAGE each, outside the lock
+        // as in `place`.
+        let mut runs: Vec<(usize, u64, u64)> = Vec::new();
+        {
+            let mut i = self.lock();
+            for (r, p, addr) in at {
+                if !self.arrived(&mut i, r, p, addr) {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some((rr, p0, n)) if *rr == r && *p0 + *n == p => *n += 1,
+                    _ => runs.push((r, p, 1)),
                 }
             }
+            i.flying.extend(runs.iter().copied());
         }
-        if i.left == 0 {
-            self.finish(&mut i);
-        }
-        self.placed.notify_all();
-        Ok(())
+        let done = runs.iter().try_for_each(|&x| self.zero_run(x));
+        self.landed(runs.into_iter());
+        done
     }
 }
 
@@ -473,6 +511,13 @@ impl Faults for Lazy {
                     }
                     continue;
                 }
+                // Being placed right now: that copy wakes the toucher.
+                if i.flying
+                    .iter()
+                    .any(|&(fr, fp, n)| fr == r && (fp..fp + n).contains(&page))
+                {
+                    continue;
+                }
                 drop(i);
                 // Not at the source: either placed meanwhile (then the fill finds it
                 // there and the waiter only needs waking) or a page the source never
@@ -502,6 +547,14 @@ impl Faults for Lazy {
         self.lock().asked.keys().copied().collect()
     }
 
+    fn place(&self, addrs: &[u64], data: &[u8]) -> Result<()> {
+        Lazy::place(self, addrs, data)
+    }
+
+    fn zero(&self, runs: &[(u64, u32)]) -> Result<()> {
+        Lazy::zero(self, runs)
+    }
+
     fn stats(&self) -> FaultStats {
         let i = self.lock();
         let mut s = i.stats.clone();
@@ -515,15 +568,24 @@ impl Faults for Lazy {
 /// Runs of set bits: (first page, count).
 pub fn runs(b: &[u64]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut add = |p: u64, n: u64| match out.last_mut() {
+        Some((f, m)) if *f + *m == p => *m += n,
+        _ => out.push((p, n)),
+    };
+    // A run of set bits at a time, not a bit at a time: whole memories go missing at
+    // once when a snapshot is restored lazily.
     for (i, &w) in b.iter().enumerate() {
         let mut bits = w;
         while bits != 0 {
-            let p = i as u64 * 64 + bits.trailing_zeros() as u64;
-            bits &= bits - 1;
-            match out.last_mut() {
-                Some((f, n)) if *f + *n == p => *n += 1,
-                _ => out.push((p, 1)),
-            }
+            let start = bits.trailing_zeros();
+            let len = (bits >> start).trailing_ones();
+            add(i as u64 * 64 + start as u64, len as u64);
+            let end = start + len;
+            bits = if end == 64 {
+                0
+            } else {
+                bits & !((1u64 << end) - 1)
+            };
         }
     }
     out
@@ -540,6 +602,8 @@ mod tests {
             vec![(0, 2), (5, 3), (127, 2)]
         );
         assert!(runs(&[0, 0]).is_empty());
+        assert_eq!(runs(&[u64::MAX, u64::MAX, 0b1]), vec![(0, 129)]);
+        assert_eq!(runs(&[1 << 63 | 1, u64::MAX >> 1]), vec![(0, 1), (63, 64)]);
     }
 
     #[test]

@@ -276,6 +276,13 @@ pub trait Faults: Send + Sync {
     /// Pages asked for that have not arrived (to ask again on a new connection).
     fn asked(&self) -> Vec<u64>;
     fn stats(&self) -> FaultStats;
+    /// Places pages (`data` one page per address, each checked) that were missing;
+    /// pages already here are left as they are. What `Component::load_pages` does in
+    /// post-copy, without the component's lock: a filler on this host (a snapshot
+    /// restored lazily) places pages without waiting for others that hold it.
+    fn place(&self, addrs: &[u64], data: &[u8]) -> Result<()>;
+    /// Fills runs (first address, count) of missing pages with zeros.
+    fn zero(&self, runs: &[(u64, u32)]) -> Result<()>;
 }
 
 /// A part of a VM that migrates. Implementations keep their own state machine and
@@ -354,6 +361,12 @@ pub trait Component: Send + Sync {
             "{} has no pages to resume",
             self.section().name
         )))
+    }
+    /// The regions of a component that is memory and can run ahead of its data, as
+    /// (first address in its space, bytes): what `postcopy_expect` takes one bitmap
+    /// each for. Empty for anything else.
+    fn lazy_regions(&self) -> Vec<(u64, u64)> {
+        Vec::new()
     }
     /// Post-copy, on a destination that has loaded the states (STOP): the pages still
     /// at the source (`postcopy_switch`'s bitmaps, checked as hostile input) go

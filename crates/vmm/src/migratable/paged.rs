@@ -154,7 +154,8 @@ impl MemoryState {
             if let Some(n) = self.lazy.as_ref().map(|l| super::Faults::left(&**l)) {
                 if n > 0 {
                     return Err(ComponentError::Refused(format!(
-                        "{} is still arriving from the last migration ({n} pages to go)",
+                        "{} is still arriving (from the last migration, or the snapshot it \
+                         was restored from; {n} pages to go): it moves once it is whole",
                         mem.what()
                     )));
                 }

@@ -308,6 +308,15 @@ impl Component for Ram {
         self.lock().postcopy_resume(&self.m, missing)
     }
 
+    fn lazy_regions(&self) -> Vec<(u64, u64)> {
+        self.m
+            .host_regions()
+            .unwrap_or_default()
+            .iter()
+            .map(|r| (r.base, r.len))
+            .collect()
+    }
+
     fn postcopy_expect(&self, missing: Vec<Bitmap>) -> Result<Arc<dyn Faults>> {
         let l = self.lock().postcopy_expect(&self.m, missing)?;
         *self.lazy.lock().unwrap_or_else(|e| e.into_inner()) = Some(l.clone());

@@ -1,0 +1,157 @@
+//! Restoring snapshots: lazily (the VM runs before its memory is read; touches are
+//! filled from the file and the rest follows in the background) and eagerly, with the
+//! guest checking every byte of its memory either way, and damage found before the
+//! guest could see it.
+
+mod common;
+
+use common::mig::*;
+use common::*;
+use godwit_migration::snapshot_index::{Found, Index};
+use godwit_migration::wire::{self, Frame};
+use std::path::Path;
+
+const LOG: [(&str, &str); 1] = [("GODWIT_LOG", "info")];
+
+/// Restores `snap` (`how`: lazy or eager) and returns its output.
+fn restore(snap: &Path, how: &str) -> std::process::Output {
+    let f = format!("file:{}", snap.display());
+    run_env(
+        &[
+            "run",
+            "--incoming",
+            &f,
+            "--restore",
+            how,
+            "--console",
+            "stdout",
+        ],
+        &LOG,
+        LIMIT,
+    )
+}
+
+fn index(snap: &Path) -> Index {
+    match Index::open(std::fs::File::open(snap).unwrap()).unwrap() {
+        Found::Index(ix) => ix,
+        _ => panic!("{} has no page index", snap.display()),
+    }
+}
+
+/// The dirtier saved while it rewrites its pages: pre-copy rounds leave several copies
+/// of some pages in the file, and only the last may come back. The guest's clock runs
+/// on while it is saved: by the time it is restored its time is up, and it checks every
+/// page before it rewrites more than a few (a rewrite would hide a stale copy).
+fn dirtier_snapshot(dir: &TempDir) -> std::path::PathBuf {
+    let snap = dir.path("vm.snap");
+    let t0 = std::time::Instant::now();
+    let mut src = dirtier_source(
+        dir,
+        "src",
+        "256",
+        &["wss=64", "rate=100", "seconds=2", "report-every=250"],
+    );
+    let (out, r) = migrate(&src, &format!("file:{}", snap.display()), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(r["status"], "completed", "{r}");
+    let first = r["rounds"][0]["pages_sent"].as_u64().unwrap();
+    assert!(
+        r["bytes"]["pages_sent"].as_u64().unwrap() > first,
+        "no page was sent twice: {r}"
+    );
+    assert_eq!(exit_code(&mut src, LIMIT), 0);
+    std::thread::sleep(std::time::Duration::from_secs(3).saturating_sub(t0.elapsed()));
+    snap
+}
+
+fn assert_verified(o: &std::process::Output) {
+    assert!(o.status.success(), "{}\n{}", stdout(o), stderr(o));
+    let out = stdout(o);
+    assert!(out.contains("verify ok pages=16384"), "{out}");
+    assert!(out.contains("result=ok"), "{out}");
+}
+
+#[test]
+fn a_snapshot_restored_lazily_or_eagerly_gives_back_every_page() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("restore-dirtier");
+    let snap = dirtier_snapshot(&dir);
+    let o = restore(&snap, "lazy");
+    assert_verified(&o);
+    const LAZY: &str = "the VM runs before its memory is read";
+    assert!(stderr(&o).contains(LAZY), "{}", stderr(&o));
+    let o = restore(&snap, "eager");
+    assert_verified(&o);
+    assert!(!stderr(&o).contains(LAZY), "{}", stderr(&o));
+    // A snapshot without an index (written before godwit had them) is read whole.
+    let old = dir.path("old.snap");
+    let bytes = std::fs::read(&snap).unwrap();
+    std::fs::write(&old, &bytes[..index(&snap).stream_len() as usize]).unwrap();
+    let o = restore(&old, "lazy");
+    assert_verified(&o);
+    assert!(stderr(&o).contains("no page index"), "{}", stderr(&o));
+}
+
+/// A page whose copy in the file is damaged stops a lazy restore with the reason when
+/// it is read, before anything is placed from it; an eager restore refuses the file
+/// before the VM runs at all.
+#[test]
+fn a_damaged_page_is_never_placed() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("restore-damaged");
+    let snap = dirtier_snapshot(&dir);
+    // A byte inside the data of a frame the index names as some page's latest copy.
+    let ix = index(&snap);
+    let t = ix.tables()[0].clone();
+    let mut e = vec![0u64; t.pages as usize];
+    ix.entries(&t, 0, &mut e).unwrap();
+    let at = *e.iter().find(|&&x| x != 0).unwrap();
+    let mut buf = Vec::new();
+    let Ok(Frame::Pages { addrs, .. }) = ix.frame_at(at, &mut buf) else {
+        panic!("the index does not name a PAGES frame")
+    };
+    let data_at = at as usize + wire::HEADER_LEN + 8 + 8 * addrs.len();
+    let mut bytes = std::fs::read(&snap).unwrap();
+    bytes[data_at + 100] ^= 0x55;
+    std::fs::write(&snap, &bytes).unwrap();
+    let o = restore(&snap, "lazy");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("corrupt"), "{err}");
+    assert!(err.contains("cannot run without that memory"), "{err}");
+    assert!(!stdout(&o).contains("result="), "{}", stdout(&o));
+    let o = restore(&snap, "eager");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("corrupt"), "{}", stderr(&o));
+    assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+}
+
+/// Both vCPUs of a guest restored lazily touch missing memory at once (the shared
+/// counters, their own stacks) and run on.
+#[test]
+fn a_two_vcpu_guest_restores_lazily() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("restore-smp");
+    let snap = dir.path("smp.snap");
+    let mut src = source(&dir, "src", &["--vcpus", "2", "smp", "--", "ms=3000"]);
+    wait_log(&src.log, "vcpu 1 online");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (out, r) = migrate(&src, &format!("file:{}", snap.display()), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0);
+    let o = restore(&snap, "lazy");
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("vcpus=2 concurrent=2 result=ok"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stderr(&o).contains("every page is in"), "{}", stderr(&o));
+}

@@ -1,0 +1,360 @@
+//! Lazy restore from a snapshot file: the VM runs before its memory is read. Every
+//! component that is memory starts with all of its pages missing (userfaultfd, as in
+//! post-copy). A touch is filled from the file at once: the page's latest copy, found
+//! through the snapshot's index, together with the rest of its frame that is still
+//! current (the pages around a touched one are likely next). A background thread reads
+//! everything else in address order. Pages are placed only from frames whose CRC
+//! passes: a damaged or unreadable page stops the VM with the reason, since it cannot
+//! go on without that memory.
+
+use crate::snapshot_index::{Index, Table};
+use crate::wire::{Frame, PAGE_SIZE};
+use godwit_vmm::control::VmExit;
+use godwit_vmm::migratable::Faults;
+use godwit_vmm::VmHandle;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Table entries the background reads at a time.
+const CHUNK: usize = 512;
+
+/// A component filled from the file.
+pub(crate) struct Part {
+    pub section: u32,
+    pub name: String,
+    pub faults: Arc<dyn Faults>,
+    /// None: nothing of it is in the file (all zero).
+    pub table: Option<Table>,
+    /// (first address, bytes) of each region.
+    pub regions: Vec<(u64, u64)>,
+}
+
+pub(crate) struct Restore {
+    pub index: Index,
+    pub parts: Vec<Part>,
+    pub vm: VmHandle,
+    pub what: String,
+    failed: AtomicBool,
+    /// Touches are being answered: the background steps aside (on a small host it
+    /// would take the core and the memory's lock they need).
+    urgent: AtomicBool,
+    /// `report_whole` has spoken.
+    reported: AtomicBool,
+    t0: Instant,
+}
+
+impl Restore {
+    pub fn new(index: Index, parts: Vec<Part>, vm: VmHandle, what: String) -> Restore {
+        Restore {
+            index,
+            parts,
+            vm,
+            what,
+            failed: AtomicBool::new(false),
+            urgent: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
+            t0: Instant::now(),
+        }
+    }
+
+    fn left(&self) -> u64 {
+        self.parts.iter().map(|p| p.faults.left()).sum()
+    }
+
+    fn over(&self) -> bool {
+        self.failed.load(Ordering::SeqCst) || self.vm.ctl.state() == godwit_vmm::RunState::Stopped
+    }
+
+    /// The VM cannot go on: it is stopped with the reason.
+    fn fail(&self, p: &Part, why: String) {
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            let m = format!(
+                "restoring {}: {}: {why}; the VM cannot run without that memory",
+                self.what, p.name
+            );
+            tracing::error!("{m}");
+            self.vm.ctl.request_exit(VmExit::Error(m));
+        }
+    }
+
+    /// Fills the page at `addr` of `p` (a touch waits for it).
+    fn fill(&self, p: &Part, addr: u64, buf: &mut Vec<u8>) -> Result<(), String> {
+        let mut e = [0u64];
+        if let Some(t) = &p.table {
+            self.index
+                .entries(t, addr / PAGE, &mut e)
+                .map_err(|e| format!("reading the index: {e}"))?;
+        }
+        if e[0] == 0 {
+            return p.faults.zero(&[(addr, 1)]).map_err(|e| e.to_string());
+        }
+        self.place_frame(p, e[0], Some(addr), buf)
+    }
+
+    /// Places the pages of the frame at `at` whose latest copy it holds; `must_hold`
+    /// is the page the index sent us there for.
+    fn place_frame(
+        &self,
+        p: &Part,
+        at: u64,
+        must_hold: Option<u64>,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        let t = p.table.as_ref().ok_or("no table")?;
+        let f = self
+            .index
+            .frame_at(at, buf)
+            .map_err(|e| format!("the frame at byte {at}: {e}"))?;
+        let Frame::Pages {
+            section,
+            addrs,
+            data,
+        } = f
+        else {
+            return Err(format!(
+                "the index names a {:?} frame at byte {at}, not pages",
+                f.kind()
+            ));
+        };
+        if section != p.section {
+            return Err(format!(
+                "the index names pages of section {section} at byte {at}"
+            ));
+        }
+        if let Some(a) = must_hold.filter(|a| !addrs.contains(a)) {
+            return Err(format!("the frame at byte {at} does not hold page {a:#x}"));
+        }
+        // Which of its pages are current: those whose entry names this frame.
+        let lo = addrs.iter().min().copied().unwrap_or(0) / PAGE;
+        let hi = addrs.iter().max().copied().unwrap_or(0) / PAGE;
+        let current: Vec<bool> = if hi - lo < CHUNK as u64 {
+            let mut e = vec![0u64; (hi - lo + 1) as usize];
+            self.index
+                .entries(t, lo, &mut e)
+                .map_err(|e| format!("reading the index: {e}"))?;
+            addrs
+                .iter()
+                .map(|a| e[(a / PAGE - lo) as usize] == at)
+                .collect()
+        } else {
+            let mut v = Vec::with_capacity(addrs.len());
+            for a in &addrs {
+                let mut e = [0u64];
+                self.index
+                    .entries(t, a / PAGE, &mut e)
+                    .map_err(|e| format!("reading the index: {e}"))?;
+                v.push(e[0] == at);
+            }
+            v
+        };
+        let page = |k: usize| &data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
+        // The touched page first, alone: whoever waits for it runs on while the rest of
+        // its frame is placed.
+        let first = must_hold.and_then(|a| addrs.iter().position(|&x| x == a));
+        if let Some(k) = first {
+            p.faults
+                .place(&addrs[k..=k], page(k))
+                .map_err(|e| e.to_string())?;
+        }
+        let r = if first.is_none() && current.iter().all(|&c| c) {
+            p.faults.place(&addrs, data)
+        } else {
+            let mut keep = Vec::new();
+            let mut bytes = Vec::new();
+            for (k, a) in addrs.iter().enumerate() {
+                if current[k] && Some(k) != first {
+                    keep.push(*a);
+                    bytes.extend_from_slice(page(k));
+                }
+            }
+            if keep.is_empty() {
+                return Ok(());
+            }
+            p.faults.place(&keep, &bytes)
+        };
+        r.map_err(|e| e.to_string())
+    }
+
+    /// Answers touches until every page is in, or the VM ends.
+    fn serve_faults(&self) {
+        let mut ask = Vec::new();
+        let mut ahead = Vec::new();
+        let mut buf = Vec::new();
+        let mut fds: Vec<libc::pollfd> = self
+            .parts
+            .iter()
+            .flat_map(|p| [p.faults.fd(), p.faults.wake_fd()])
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        while self.left() > 0 {
+            if self.vm.ctl.state() == godwit_vmm::RunState::Stopped
+                && !self.failed.load(Ordering::SeqCst)
+            {
+                return;
+            }
+            // SAFETY: `fds` is a valid array of pollfd for its whole length; poll writes
+            // only their revents.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+            for p in &self.parts {
+                ask.clear();
+                ahead.clear();
+                if let Err(e) = p.faults.take(&mut ask, &mut ahead) {
+                    self.fail(p, format!("reading faults: {e}"));
+                    continue;
+                }
+                self.urgent
+                    .store(!ask.is_empty() || !ahead.is_empty(), Ordering::SeqCst);
+                for &a in ask.iter().chain(&ahead) {
+                    if self.failed.load(Ordering::SeqCst) {
+                        // Whoever waits is let go (on zeros) to find the VM stopping: it
+                        // stops at its next entry and never runs on.
+                        let _ = p.faults.zero(&[(a, 1)]);
+                        continue;
+                    }
+                    if let Err(why) = self.fill(p, a, &mut buf) {
+                        self.fail(p, why);
+                        let _ = p.faults.zero(&[(a, 1)]);
+                    }
+                }
+            }
+            self.urgent.store(false, Ordering::SeqCst);
+            for f in &mut fds {
+                f.revents = 0;
+            }
+        }
+    }
+
+    /// Says once, when every page is in, how long that took and what brought them.
+    fn report_whole(&self) {
+        if self.failed.load(Ordering::SeqCst)
+            || self.left() > 0
+            || self.reported.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        let parts: Vec<String> = self
+            .parts
+            .iter()
+            .map(|p| {
+                let s = p.faults.stats();
+                format!(
+                    "{}: {} touched first, median {:.0} us, {} read ahead",
+                    p.name, s.remote_faults, s.fault_latency.median_us, s.prepaged
+                )
+            })
+            .collect();
+        tracing::info!(
+            "restore: every page is in after {:.1} ms ({})",
+            self.t0.elapsed().as_secs_f64() * 1e3,
+            parts.join("; ")
+        );
+    }
+
+    /// Waits (briefly) while touches are answered.
+    fn step_aside(&self) {
+        let mut n = 0;
+        while self.urgent.load(Ordering::SeqCst) && n < 1000 {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+            n += 1;
+        }
+    }
+
+    /// Reads every page in, in address order.
+    fn background(&self) {
+        let mut buf = Vec::new();
+        let mut e = vec![0u64; CHUNK];
+        for p in &self.parts {
+            for &(base, len) in &p.regions {
+                let (first, end) = (base / PAGE, (base + len) / PAGE);
+                let mut at = first;
+                while at < end {
+                    if self.over() {
+                        return;
+                    }
+                    let n = ((end - at) as usize).min(CHUNK);
+                    let chunk = &mut e[..n];
+                    let r = match &p.table {
+                        Some(t) => self.index.entries(t, at, chunk),
+                        None => {
+                            chunk.fill(0);
+                            Ok(())
+                        }
+                    };
+                    if let Err(err) = r {
+                        self.fail(p, format!("reading the index: {err}"));
+                        return;
+                    }
+                    if let Err(why) = self.fill_chunk(p, at, chunk, &mut buf) {
+                        self.fail(p, why);
+                        return;
+                    }
+                    at += n as u64;
+                }
+            }
+        }
+    }
+
+    /// The pages `at..at + entries.len()` of `p`: zero runs, then each frame once.
+    fn fill_chunk(
+        &self,
+        p: &Part,
+        at: u64,
+        entries: &[u64],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        let mut runs: Vec<(u64, u32)> = Vec::new();
+        for (k, &en) in entries.iter().enumerate() {
+            if en != 0 {
+                continue;
+            }
+            let addr = (at + k as u64) * PAGE;
+            match runs.last_mut() {
+                Some((a, n)) if *a + *n as u64 * PAGE == addr => *n += 1,
+                _ => runs.push((addr, 1)),
+            }
+        }
+        if !runs.is_empty() {
+            p.faults.zero(&runs).map_err(|e| e.to_string())?;
+        }
+        let mut seen = HashSet::new();
+        for &en in entries {
+            if en != 0 && seen.insert(en) {
+                self.step_aside();
+                self.place_frame(p, en, None, buf)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts the threads that fill the VM's memory; they end by themselves once every
+/// page is in or the VM has ended.
+pub(crate) fn start(r: Restore) -> std::io::Result<()> {
+    let r = Arc::new(r);
+    tracing::info!(
+        "restore: the VM runs before its memory is read from {}: pages come in as they \
+         are touched and in the background",
+        r.what
+    );
+    let f = r.clone();
+    std::thread::Builder::new()
+        .name("restore-faults".into())
+        .spawn(move || {
+            f.serve_faults();
+            f.report_whole();
+        })?;
+    std::thread::Builder::new()
+        .name("restore-fill".into())
+        .spawn(move || {
+            r.background();
+            r.report_whole();
+        })?;
+    Ok(())
+}
