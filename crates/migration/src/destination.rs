@@ -7,12 +7,12 @@
 
 use crate::postcopy_in::LazyPart;
 pub use crate::postcopy_in::PostcopyIn;
-use crate::restore::{Part, Restore};
+use crate::restore::Restore;
 use crate::snapshot_index::{Found, Index};
 use crate::transport::{Listener, Stream};
 use crate::wire::{self, Frame, Hello, Kind, Ready, Started, Totals, WireError};
 use godwit_vmm::migratable::incoming::{self, Host};
-use godwit_vmm::migratable::{step_to, Bitmap, Component, MigState, PAGE_SIZE};
+use godwit_vmm::migratable::{step_to, Component, MigState};
 use godwit_vmm::{Console, Vm};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -369,7 +369,7 @@ pub fn in_order(vm: &Vm, names: &[String]) -> Result<Vec<Arc<dyn Component>>, St
 /// component ready to take data (RESUMING): the components in the source's section
 /// order, and their names.
 #[allow(clippy::type_complexity)]
-fn build(
+pub(crate) fn build(
     hello: &Hello,
     snapshot: bool,
     host: &Host,
@@ -445,8 +445,8 @@ pub fn receive_with(
     how: RestoreMode,
 ) -> Result<Incoming, ReceiveError> {
     if let (Listener::File(p), RestoreMode::Lazy) = (l, how) {
-        if let Some(index) = page_index(p)? {
-            return restore_lazily(p, index, host, console);
+        if let Some(index) = crate::restore::page_index(p)? {
+            return crate::restore::receive(p, index, host, console);
         }
     }
     let snapshot = matches!(l, Listener::File(_));
@@ -680,174 +680,30 @@ pub fn receive_with(
     })
 }
 
-/// Every page of memory of this shape missing.
-fn all_pages(regions: &[(u64, u64)]) -> Vec<Bitmap> {
-    regions
-        .iter()
-        .map(|&(_, len)| {
-            let pages = len / PAGE_SIZE as u64;
-            let mut b = vec![u64::MAX; pages.div_ceil(64) as usize];
-            if let Some(last) = b.last_mut().filter(|_| !pages.is_multiple_of(64)) {
-                *last = (1 << (pages % 64)) - 1;
-            }
-            b
-        })
-        .collect()
-}
-
-/// The page index of the snapshot at `path`; None when it has none that fits it: it is
-/// then read whole, which says what is wrong with it, if anything.
-fn page_index(path: &std::path::Path) -> Result<Option<Index>, ReceiveError> {
-    let (f, _) = godwit_vmm::files::open_regular(path, u64::MAX).map_err(ReceiveError::Listen)?;
-    match Index::open(f).map_err(|e| ReceiveError::Stream(format!("reading the snapshot: {e}")))? {
-        Found::Index(ix) => Ok(Some(ix)),
-        Found::None => {
-            tracing::info!("{}: no page index: restored whole", path.display());
-            Ok(None)
-        }
-        Found::Unfit(why) => {
-            tracing::warn!("{}: {why}: restored whole", path.display());
-            Ok(None)
-        }
-    }
-}
-
-/// Restores the snapshot at `path` through its page index: HELLO, the states and
-/// COMPLETE are read and checked now, the memory once the VM runs (`restore`).
-fn restore_lazily(
-    path: &std::path::Path,
-    index: Index,
-    host: &Host,
-    console: Console,
-) -> Result<Incoming, ReceiveError> {
-    let t0 = Instant::now();
-    let damaged = |e: WireError| ReceiveError::Stream(format!("reading the snapshot: {e}"));
-    let mut buf = Vec::new();
-    let hello = match index.frame_at(0, &mut buf) {
-        Ok(Frame::Hello(h)) => h,
-        Ok(f) => {
-            return Err(ReceiveError::Stream(format!(
-                "the stream starts with {:?}, not HELLO",
-                f.kind()
-            )))
-        }
-        Err(e) => return Err(ReceiveError::Hello(e)),
-    };
-    let (vm, parts, names) = build(&hello, true, host, console, &mut None)?;
-    tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "restore: VM built");
-    let mut states = vec![false; parts.len()];
-    let mut complete = None;
-    let mut data = 0u64;
-    for &at in &index.control()[1..] {
-        if complete.is_some() {
-            return Err(ReceiveError::Stream(
-                "the snapshot's index lists frames after its end".into(),
-            ));
-        }
-        let part = |s: u32| {
-            parts.get(s as usize).ok_or_else(|| {
-                ReceiveError::Stream(format!("a frame for section {s}, of {}", parts.len()))
-            })
-        };
-        let named = |s: u32| {
-            let n = names[s as usize].clone();
-            move |e: godwit_vmm::migratable::ComponentError| {
-                ReceiveError::Stream(format!("{n}: {e}"))
-            }
-        };
-        match index.frame_at(at, &mut buf).map_err(damaged)? {
-            Frame::State { section, data } => {
-                let c = part(section)?;
-                if std::mem::replace(&mut states[section as usize], true) {
-                    return Err(ReceiveError::Stream(format!(
-                        "{}: a second state",
-                        names[section as usize]
-                    )));
-                }
-                c.load(data).map_err(named(section))?;
-            }
-            Frame::Data { section, data: d } => {
-                part(section)?.load_data(d).map_err(named(section))?;
-                data += d.len() as u64;
-            }
-            Frame::Sync(_) => {}
-            Frame::Complete(t) => complete = Some(t),
-            f => {
-                return Err(ReceiveError::Stream(format!(
-                    "unexpected {:?} frame in the snapshot",
-                    f.kind()
-                )))
-            }
-        }
-    }
-    let Some(t) = complete else {
-        return Err(ReceiveError::Stream(
-            "the snapshot has no end (COMPLETE)".into(),
-        ));
-    };
-    let found = index.totals();
-    if (t.pages, t.zero_pages, t.data) != (found.pages, found.zero_pages, data) {
-        return Err(ReceiveError::Stream(format!(
-            "the snapshot says it holds {t:?} but {:?} are in it",
-            Totals { data, ..found }
-        )));
-    }
-    if let Some(i) = states.iter().position(|s| !s) {
-        return Err(ReceiveError::Stream(format!(
-            "the snapshot has no {} state",
-            names[i]
-        )));
-    }
-    tracing::debug!(
-        ms = t0.elapsed().as_secs_f64() * 1e3,
-        "restore: states loaded"
-    );
-    for (c, n) in parts.iter().zip(&names) {
-        step_to(&**c, MigState::Stop).map_err(|e| ReceiveError::Stream(format!("{n}: {e}")))?;
-    }
-    tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "restore: stopped");
-    // Each memory with pages in the file goes missing whole, to be filled from it.
-    let mut lazy = Vec::new();
-    for t in index.tables() {
-        let i = t.section as usize;
-        let c = parts.get(i).ok_or_else(|| {
-            ReceiveError::Stream(format!("pages of section {i}, of {}", parts.len()))
-        })?;
-        let regions = c.lazy_regions();
-        if regions.is_empty() {
-            return Err(ReceiveError::Stream(format!(
-                "{}: pages in the snapshot, but it cannot be filled lazily",
-                names[i]
-            )));
-        }
-        let faults = c
-            .postcopy_expect(all_pages(&regions))
-            .map_err(|e| ReceiveError::Stream(format!("{}: {e}", names[i])))?;
-        lazy.push(Part {
-            section: t.section,
-            name: names[i].clone(),
-            faults,
-            table: Some(t.clone()),
-            regions,
-        });
-    }
-    let restore = Restore::new(index, lazy, vm.handle(), path.display().to_string());
-    Ok(Incoming {
-        vm,
-        main: None,
-        parts,
-        source_guest: hello.guest,
-        receive_ms: t0.elapsed().as_secs_f64() * 1e3,
-        ready_at: Instant::now(),
-        lazy: Vec::new(),
-        lanes: Vec::new(),
-        session: hello.session,
-        recovery: None,
-        restore: Some(restore),
-    })
-}
-
 impl Incoming {
+    /// A VM loaded from a snapshot whose memory `restore` fills once it runs.
+    pub(crate) fn restored(
+        vm: Vm,
+        parts: Vec<Arc<dyn Component>>,
+        hello: Hello,
+        receive_ms: f64,
+        restore: Restore,
+    ) -> Incoming {
+        Incoming {
+            vm,
+            main: None,
+            parts,
+            source_guest: hello.guest,
+            receive_ms,
+            ready_at: Instant::now(),
+            lazy: Vec::new(),
+            lanes: Vec::new(),
+            session: hello.session,
+            recovery: None,
+            restore: Some(restore),
+        }
+    }
+
     /// Keeps `l` (the listener this VM came on) for post-copy: a source whose
     /// connections break comes back on it. Without it a broken post-copy cannot recover.
     pub fn keep_for_recovery(&mut self, l: Listener) {

@@ -153,11 +153,21 @@ mod tests {
         }
         assert_eq!(std::fs::read(&dst).unwrap(), b"good old snapshot");
         assert!(!temp_path(&dst).exists());
+        // A whole stream (here one frame) is sealed with its page index after it.
+        let mut stream = Vec::new();
+        crate::wire::write_frame(&mut stream, &crate::wire::Frame::Sync(7)).unwrap();
         let mut b = SnapshotOut::create(&dst).unwrap();
-        b.write_all(b"new").unwrap();
+        b.write_all(&stream).unwrap();
         b.seal().unwrap();
         drop(b);
-        assert_eq!(std::fs::read(&dst).unwrap(), b"new");
+        let sealed = std::fs::read(&dst).unwrap();
+        assert!(sealed.len() > stream.len() && sealed.starts_with(&stream));
+        match crate::snapshot_index::Index::open(File::open(&dst).unwrap()).unwrap() {
+            crate::snapshot_index::Found::Index(ix) => {
+                assert_eq!(ix.stream_len(), stream.len() as u64)
+            }
+            _ => panic!("no index after the stream"),
+        }
         let e = SnapshotOut::create(&dir.join("nodir/x.snap"))
             .err()
             .unwrap()
