@@ -29,6 +29,10 @@ pub enum Command {
     Demo(DemoArgs),
     /// Show a running VM's state, configuration and counters.
     Info(ApiArgs),
+    /// The godwit processes whose API sockets (named *.sock) are in a directory: each
+    /// one's id, pid, state and guest, or why it does not answer (a socket left by one
+    /// that is gone). How a manager finds its VMs again after it restarts.
+    List(ListArgs),
     /// Pause a running VM.
     Pause(ApiArgs),
     /// Resume a paused VM.
@@ -57,6 +61,15 @@ pub enum Command {
     /// Benchmarks (side by side with QEMU where there is a peer).
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// The directory holding the API sockets.
+    pub dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -113,6 +126,10 @@ pub struct RunArgs {
     /// Serve the HTTP/JSON API on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    /// The VM's id (a manager's name for it, such as Nova's instance UUID): shown in
+    /// `vm.info`, `godwit list` and as the holder of its GPU function in `gpu status`.
+    #[arg(long)]
+    pub id: Option<String>,
     /// Attach a virtual GPU function of this profile (see `godwit gpu profiles`). With
     /// --incoming the profile comes from the source, and a free VF of it is leased from
     /// this host's GPU manager (--gpu-dir).

@@ -9,6 +9,7 @@ mod bench_restore;
 mod cli;
 mod demo;
 mod gpu;
+mod list;
 mod migrate;
 mod run;
 mod signals;
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => run::run(args),
         cli::Command::Demo(a) => demo::run(a),
         cli::Command::Info(a) => run::api_call(&a.api_socket, "GET", "vm.info"),
+        cli::Command::List(a) => list::list(&a.dir, a.json),
         cli::Command::Pause(a) => run::api_call(&a.api_socket, "PUT", "vm.pause"),
         cli::Command::Resume(a) => run::api_call_with(
             &a.api_socket,

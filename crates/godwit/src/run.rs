@@ -101,6 +101,9 @@ pub fn run(a: RunArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(format!("--incoming: {e}")),
     };
+    if let Some(Err(e)) = a.id.as_deref().map(godwit_vmm::config::check_id) {
+        return fail(format!("--id: {e}"));
+    }
     if incoming.is_some() && !a.guest_args.is_empty() {
         return fail("guest arguments come from the source with --incoming");
     }
@@ -164,6 +167,7 @@ pub fn run(a: RunArgs) -> ExitCode {
                     vm_name: vm_name(&a),
                 }),
             dirty_log: a.dirty_log,
+            id: a.id.clone(),
         })
         .map(Pending::Booted)
         .map_err(|e| e.to_string()),
@@ -228,8 +232,11 @@ pub fn run(a: RunArgs) -> ExitCode {
     }
 }
 
-/// How this process's VM is named in `godwit gpu status`.
+/// How this process's VM is named in `godwit gpu status`: its id when it has one.
 fn vm_name(a: &RunArgs) -> String {
+    if let Some(id) = &a.id {
+        return id.clone();
+    }
     match &a.api_socket {
         Some(p) => format!("{} (pid {})", p.display(), std::process::id()),
         None => format!("pid {}", std::process::id()),
@@ -291,6 +298,7 @@ fn receive(
         dirty_log: a.dirty_log,
         gpu_dir: Some(a.gpu_dir.dir()),
         name: vm_name(a),
+        id: a.id.clone(),
     };
     let mut inc = godwit_migration::destination::receive_with(&l, &host, console, how)
         .map_err(|e| e.to_string())?;

@@ -335,3 +335,102 @@ fn a_waiting_destination_answers_its_api() {
     );
     assert!(stderr(&o).contains("HTTP 503"), "{}", stderr(&o));
 }
+
+/// A manager that restarts finds its VMs again: `godwit list DIR` names each socket's
+/// VM by the id it was started with (and its pid and state), a destination still
+/// waiting for its VM, and a socket nobody answers on; the id is the holder of the VM's
+/// GPU function in `gpu status`. A malformed id is refused before anything starts.
+#[test]
+fn list_finds_vms_by_id_and_sockets_left_behind() {
+    if !kvm_available() {
+        return;
+    }
+    let d = common::gpuhost::host("api-list", 1, &[]);
+    let g = common::gpuhost::gpu_dir(&d);
+    let vms = d.path("vms");
+    std::fs::create_dir_all(&vms).unwrap();
+    let id = "0b6f5a0e-1c2d-4e5f-9a8b-7c6d5e4f3a2b";
+    let sock = |n: &str| vms.join(n).display().to_string();
+    let spawn = |args: &[&str]| {
+        Reaper(
+            godwit()
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _vm = spawn(&[
+        "run",
+        "--api-socket",
+        &sock("a.sock"),
+        "--id",
+        id,
+        "--gpu",
+        "GW8-1C",
+        "--gpu-dir",
+        &g,
+        "heartbeat",
+        "--",
+        "count=0",
+    ]);
+    let mig = sock("in.mig");
+    let _dst = spawn(&[
+        "run",
+        "--api-socket",
+        &sock("b.sock"),
+        "--id",
+        "dst-1",
+        "--incoming",
+        &format!("unix:{mig}"),
+    ]);
+    // A socket whose process is gone.
+    drop(std::os::unix::net::UnixListener::bind(sock("c.sock")).unwrap());
+    assert!(wait_for(Duration::from_secs(10), || {
+        let (c, _) =
+            godwit_vmm::api::call(std::path::Path::new(&sock("a.sock")), "GET", "vm.info").ok()?;
+        (c == 200 && std::path::Path::new(&mig).exists()).then_some(())
+    })
+    .is_some());
+    let o = run(
+        &["list", vms.to_str().unwrap(), "--json"],
+        Duration::from_secs(30),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let l: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let l = l.as_array().unwrap();
+    assert_eq!(
+        l.len(),
+        3,
+        "the migration socket is not an API socket: {l:?}"
+    );
+    assert_eq!(l[0]["id"], id);
+    assert_eq!(l[0]["state"], "running");
+    assert!(l[0]["pid"].as_u64().unwrap() > 0);
+    assert_eq!(l[0]["gpu"]["profile"], "GW8-1C", "{l:?}");
+    assert_eq!(l[1]["state"], "waiting");
+    assert!(l[1]["message"]
+        .as_str()
+        .unwrap()
+        .contains("waiting for an incoming migration"));
+    assert_eq!(l[2]["state"], "gone");
+    assert!(
+        l[2]["message"].as_str().unwrap().contains("nobody"),
+        "{l:?}"
+    );
+    let info = run(
+        &["info", "--api-socket", &sock("a.sock")],
+        Duration::from_secs(30),
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout(&info)).unwrap();
+    assert_eq!(v["id"], id);
+    let s = common::gpuhost::status(&d).to_string();
+    assert!(s.contains(&format!("\"{id}\"")), "{s}");
+    let o = run(
+        &["run", "--id", "not an id", "heartbeat"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--id: a VM id is"), "{}", stderr(&o));
+}

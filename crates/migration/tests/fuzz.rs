@@ -84,6 +84,7 @@ fn vm(gpu_dir: &Path) -> Vm {
             vm_name: "fuzz".into(),
         }),
         dirty_log: Default::default(),
+        id: None,
     })
     .unwrap();
     vm.start_paused().unwrap();

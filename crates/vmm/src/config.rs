@@ -79,10 +79,30 @@ pub struct VmConfig {
     pub gpu: Option<GpuRequest>,
     /// How guest writes are tracked while the VM migrates.
     pub dirty_log: crate::dirty::DirtyLogMode,
+    /// The name a manager gives the VM (Nova's instance UUID), in `vm.info`.
+    pub id: Option<String>,
+}
+
+/// Checks a VM's id: 1 to 64 letters, digits and `.`, `_`, `-`, `:` (a UUID, a name).
+pub fn check_id(id: &str) -> std::result::Result<(), String> {
+    let ok = (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "a VM id is 1 to 64 letters, digits, '.', '_', '-' or ':' (got {id:?})"
+        ))
+    }
 }
 
 impl VmConfig {
     pub fn validate(&self) -> Result<()> {
+        if let Some(id) = &self.id {
+            check_id(id).map_err(Error::Config)?;
+        }
         if self.vcpus == 0 || self.vcpus > crate::arch::ring3::MAX_VCPUS {
             return Err(Error::Config(format!(
                 "vCPU count must be 1 to {} (got {})",

@@ -25,6 +25,8 @@ use vmm_sys_util::eventfd::EventFd;
 /// Static facts about a VM, for `vm.info`.
 #[derive(Clone, Debug, Serialize)]
 pub struct VmDescription {
+    /// The name its manager gave it (`godwit run --id`), if any.
+    pub id: Option<String>,
     pub guest: String,
     pub kind: GuestKind,
     pub memory_mib: u64,
@@ -278,6 +280,7 @@ impl Vm {
             })
             .collect();
         let desc = Arc::new(VmDescription {
+            id: cfg.id.clone(),
             guest,
             kind: kind.clone(),
             memory_mib: cfg.memory_mib,

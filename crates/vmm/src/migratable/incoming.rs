@@ -22,6 +22,8 @@ pub struct Host {
     pub gpu_dir: Option<PathBuf>,
     /// How the VM is named in `godwit gpu status`.
     pub name: String,
+    /// Its id here (`godwit run --id`), if any.
+    pub id: Option<String>,
 }
 
 const KNOWN: [&str; 4] = ["vcpus", "gpu", "ram", "platform"];
@@ -98,6 +100,7 @@ pub fn config(
             guest: guest.chars().take(200).collect(),
         },
         console,
+        id: host.id.clone(),
         gpu,
         dirty_log: host.dirty_log,
     };

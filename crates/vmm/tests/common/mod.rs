@@ -70,6 +70,7 @@ pub fn vm_tracked(
         console: Console::Writer(Box::new(sink.clone())),
         gpu: None,
         dirty_log,
+        id: None,
     })
     .unwrap()
 }
