@@ -210,7 +210,7 @@ fn both_vcpus_of_a_guest_fault_and_run_on() {
     let (out, r) = migrate(
         &src,
         &addr,
-        &["--mode", "postcopy", "--max-bandwidth", "1M"],
+        &["--mode", "postcopy", "--max-bandwidth", "64K"],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_postcopy_whole(&r);
