@@ -3,7 +3,7 @@
 use crate::cli::{BenchCmd, BootBenchArgs};
 use serde::Serialize;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -98,21 +98,8 @@ fn boot(a: BootBenchArgs) -> Result<BootReport, String> {
         return Err("--runs must be at least 1".into());
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let qemu = if a.no_qemu {
-        None
-    } else {
-        Some(qemu_version(&a.qemu).ok_or_else(|| {
-            format!(
-                "{} not found: install qemu-system-x86 or pass --no-qemu",
-                a.qemu
-            )
-        })?)
-    };
-    let dir = std::env::temp_dir().join(format!("godwit-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let image = dir.join("heartbeat.elf");
-    std::fs::write(&image, godwit_guest::image("heartbeat").expect("built in"))
-        .map_err(|e| e.to_string())?;
+    let qemu = peer_qemu(&a.qemu, a.no_qemu)?;
+    let (dir, image) = scratch("boot-", "heartbeat")?;
 
     let godwit_cmd = || {
         let mut c = Command::new(&exe);
@@ -127,30 +114,8 @@ fn boot(a: BootBenchArgs) -> Result<BootReport, String> {
         c
     };
     let qemu_cmd = || {
-        let mut c = Command::new(&a.qemu);
-        c.args([
-            "-enable-kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-            "-m",
-            &a.memory.to_string(),
-        ]);
-        c.args([
-            "-nodefaults",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-monitor",
-            "none",
-        ]);
-        c.args([
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=4",
-            "-append",
-            "count=1",
-            "-kernel",
-        ]);
-        c.arg(&image);
+        let mut c = qemu_guest(&a.qemu, &image, a.memory, "count=1");
+        c.args(["-serial", "stdio"]);
         c
     };
     // One unmeasured run each warms the page cache.
@@ -192,7 +157,56 @@ fn boot(a: BootBenchArgs) -> Result<BootReport, String> {
     })
 }
 
-// Shared by the migration benchmarks: processes, waiting, the guest's gap witness.
+// Shared by the benchmarks: the QEMU to compare with, a scratch directory, QEMU's
+// command for a godwit guest, processes, waiting, the guest's gap witness.
+
+/// The version of the QEMU to compare with, or None with --no-qemu; an error when it
+/// is asked for and not there.
+pub(crate) fn peer_qemu(qemu: &str, no_qemu: bool) -> Result<Option<String>, String> {
+    if no_qemu {
+        return Ok(None);
+    }
+    qemu_version(qemu)
+        .map(Some)
+        .ok_or_else(|| format!("{qemu} not found: install qemu-system-x86 or pass --no-qemu"))
+}
+
+/// A fresh scratch directory for one benchmark and the built-in `guest`'s image in it
+/// (QEMU boots it with -kernel).
+pub(crate) fn scratch(tag: &str, guest: &str) -> Result<(PathBuf, PathBuf), String> {
+    let dir = std::env::temp_dir().join(format!("godwit-bench-{tag}{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let image = dir.join(format!("{guest}.elf"));
+    std::fs::write(&image, godwit_guest::image(guest).expect("built in"))
+        .map_err(|e| e.to_string())?;
+    Ok((dir, image))
+}
+
+/// QEMU running a godwit guest image as godwit does (KVM, the host's CPU, no default
+/// devices, the debug-exit port the guest leaves by), with `append` as its arguments.
+/// A QEMU unpacked beside its own data (bench/qemu-10.sh) uses its own firmware.
+pub(crate) fn qemu_guest(qemu: &str, image: &Path, mem: u64, append: &str) -> Command {
+    let mut c = Command::new(qemu);
+    c.args([
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-m",
+        &mem.to_string(),
+    ]);
+    c.args(["-nodefaults", "-nographic", "-monitor", "none"]);
+    c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    c.arg("-append").arg(append);
+    c.arg("-kernel").arg(image);
+    if let Some(data) = Path::new(qemu)
+        .parent()
+        .map(|b| b.join("../share/qemu"))
+        .filter(|d| d.join("pvh.bin").exists())
+    {
+        c.arg("-L").arg(data);
+    }
+    c
+}
 
 pub(crate) fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -13,7 +13,9 @@
 //! done, postcopy-preempt where the binary has it); post-copy runs also report their
 //! window (switch to last page), remote faults and their latency, and pages pre-paged.
 
-use crate::bench::{alive, free_port, guest_gap, steady, summary, wait_for, Pair, Procs, Summary};
+use crate::bench::{
+    alive, free_port, guest_gap, qemu_guest, steady, summary, wait_for, Pair, Procs, Summary,
+};
 use crate::cli::MigrateBenchArgs;
 use godwit_migration::{Mode, Options};
 use godwit_vmm::dirty::DirtyLogMode;
@@ -21,7 +23,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -357,29 +359,10 @@ fn qemu_run(
     }
     let port = free_port()?;
     let spawn = |log: &Path, qmp: &Path, incoming: Option<u16>| {
-        let mut c = Command::new(qemu);
-        c.args([
-            "-enable-kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-            "-m",
-            &mem.to_string(),
-        ]);
-        c.args(["-nodefaults", "-nographic", "-monitor", "none"]);
+        let mut c = qemu_guest(qemu, image, mem, &dirtier_args(w));
         c.arg("-serial").arg(format!("file:{}", log.display()));
         c.arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()));
-        c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
-        c.arg("-append").arg(dirtier_args(w));
-        c.arg("-kernel").arg(image);
-        // A QEMU unpacked beside its own data (bench/qemu-10.sh) uses its own firmware.
-        if let Some(data) = Path::new(qemu)
-            .parent()
-            .map(|b| b.join("../share/qemu"))
-            .filter(|d| d.join("pvh.bin").exists())
-        {
-            c.arg("-L").arg(data);
-        }
         // The destination listens only once its capabilities are set (QEMU 10 wants
         // postcopy-preempt before the incoming side starts).
         if incoming.is_some() {
@@ -522,12 +505,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
         .iter()
         .map(|b| Ok((b.clone(), version(b)?)))
         .collect::<Result<_, String>>()?;
-    let dir: PathBuf =
-        std::env::temp_dir().join(format!("godwit-bench-migrate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let image = dir.join("dirtier.elf");
-    std::fs::write(&image, godwit_guest::image("dirtier").expect("built in"))
-        .map_err(|e| e.to_string())?;
+    let (dir, image) = crate::bench::scratch("migrate-", "dirtier")?;
     let modes = a
         .modes
         .iter()

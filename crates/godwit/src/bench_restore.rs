@@ -8,7 +8,9 @@
 //! reads everything first). The snapshot files sit in the page cache, as right after
 //! they were written: what is measured is the VMM, not the disk.
 
-use crate::bench::{alive, qemu_version, steady, summary, wait_for, Procs, Summary};
+use crate::bench::{
+    alive, peer_qemu, qemu_guest, scratch, steady, summary, wait_for, Procs, Summary,
+};
 use crate::bench_migrate::Qmp;
 use crate::cli::RestoreBenchArgs;
 use serde::Serialize;
@@ -149,19 +151,7 @@ fn godwit_snapshot(dir: &Path, exe: &Path, mem: u64, snap: &Path) -> Result<(), 
 }
 
 fn qemu_cmd(qemu: &str, image: &Path, mem: u64) -> Command {
-    let mut c = Command::new(qemu);
-    c.args([
-        "-enable-kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-m",
-        &mem.to_string(),
-    ]);
-    c.args(["-nodefaults", "-nographic", "-monitor", "none"]);
-    c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
-    c.arg("-append").arg(dirtier_args(mem));
-    c.arg("-kernel").arg(image);
-    c
+    qemu_guest(qemu, image, mem, &dirtier_args(mem))
 }
 
 /// Saves the same guest to `snap` through QEMU.
@@ -224,21 +214,8 @@ fn bench(a: RestoreBenchArgs) -> Result<Report, String> {
         return Err("--runs must be at least 1".into());
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let qemu = if a.no_qemu {
-        None
-    } else {
-        Some(qemu_version(&a.qemu).ok_or_else(|| {
-            format!(
-                "{} not found: install qemu-system-x86 or pass --no-qemu",
-                a.qemu
-            )
-        })?)
-    };
-    let dir = std::env::temp_dir().join(format!("godwit-bench-restore-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let image = dir.join("dirtier.elf");
-    std::fs::write(&image, godwit_guest::image("dirtier").expect("built in"))
-        .map_err(|e| e.to_string())?;
+    let qemu = peer_qemu(&a.qemu, a.no_qemu)?;
+    let (dir, image) = scratch("restore-", "dirtier")?;
     let mut cells = Vec::new();
     let result = (|| -> Result<(), String> {
         for &mem in &a.memory {

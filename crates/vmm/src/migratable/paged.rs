@@ -119,6 +119,16 @@ pub trait Memory {
     }
 }
 
+/// A memory's regions as `Component::lazy_regions` gives them: (first address, bytes)
+/// of each one the host maps (none if it cannot be filled lazily).
+pub fn lazy_regions(mem: &dyn Memory) -> Vec<(u64, u64)> {
+    mem.host_regions()
+        .unwrap_or_default()
+        .iter()
+        .map(|r| (r.base, r.len))
+        .collect()
+}
+
 /// The migration state of a component that is memory: its device state, what it
 /// still has to send, and whether writes are being tracked (from PRE_COPY until the
 /// data stream ends). The arcs, the rounds and the destination's writes are the same

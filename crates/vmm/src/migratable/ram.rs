@@ -309,12 +309,7 @@ impl Component for Ram {
     }
 
     fn lazy_regions(&self) -> Vec<(u64, u64)> {
-        self.m
-            .host_regions()
-            .unwrap_or_default()
-            .iter()
-            .map(|r| (r.base, r.len))
-            .collect()
+        super::paged::lazy_regions(&self.m)
     }
 
     fn postcopy_expect(&self, missing: Vec<Bitmap>) -> Result<Arc<dyn Faults>> {
