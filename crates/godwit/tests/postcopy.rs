@@ -58,12 +58,19 @@ fn a_dirtier_moved_in_postcopy_verifies_all_its_memory() {
     let (mut dst, addr) = destination(&dir, "dst", &[]);
     // The background stream capped well below the guest's pace: the guest must touch
     // pages before they are pushed, so they are fetched on demand.
-    let (out, r) = migrate(
+    let m = migrating(
         &src,
         &addr,
         &["--mode", "postcopy", "--max-bandwidth", "16M"],
     );
+    // While its memory arrives, the destination's own API says how much is left.
+    let left = wait_for(LIMIT, || info(&dst)["arriving"]["ram"].as_u64())
+        .expect("the destination never showed its memory arriving");
+    assert!(left > 0 && left <= 16384 + 512, "{left}");
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(info(&dst).get("arriving").is_none(), "{}", info(&dst));
     assert_postcopy_whole(&r);
     assert_eq!(r["round_count"], 0, "{r}");
     assert!(r["postcopy"]["remote_faults"].as_u64().unwrap() > 0, "{r}");

@@ -33,6 +33,10 @@ pub struct VmInfo {
     #[serde(flatten)]
     pub desc: crate::vm::VmDescription,
     pub vcpu_stats: Vec<VcpuInfo>,
+    /// Pages per memory still arriving (post-copy, or a snapshot restored lazily);
+    /// absent once the VM's memory is whole here.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub arriving: std::collections::BTreeMap<String, u64>,
 }
 
 pub fn info(h: &VmHandle) -> VmInfo {
@@ -52,6 +56,12 @@ pub fn info(h: &VmHandle) -> VmInfo {
                 pio_exits: s.pio.load(Ordering::Relaxed),
                 sleeps: s.sleeps.load(Ordering::Relaxed),
             })
+            .collect(),
+        arriving: h
+            .machine
+            .components()
+            .iter()
+            .filter_map(|c| Some((c.section().name, c.arriving()?)))
             .collect(),
     }
 }

@@ -376,6 +376,10 @@ impl Component for GpuFunction {
         self.lock().mem.postcopy_resume(&self.m, missing)
     }
 
+    fn arriving(&self) -> Option<u64> {
+        self.lock().mem.arriving()
+    }
+
     fn lazy_regions(&self) -> Vec<(u64, u64)> {
         super::paged::lazy_regions(&self.m)
     }

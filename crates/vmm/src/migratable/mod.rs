@@ -362,6 +362,11 @@ pub trait Component: Send + Sync {
             self.section().name
         )))
     }
+    /// Pages of this memory still arriving (post-copy, or a snapshot restored lazily),
+    /// while any are.
+    fn arriving(&self) -> Option<u64> {
+        None
+    }
     /// The regions of a component that is memory and can run ahead of its data, as
     /// (first address in its space, bytes): what `postcopy_expect` takes one bitmap
     /// each for. Empty for anything else.

@@ -323,6 +323,14 @@ impl MemoryState {
         Ok(r)
     }
 
+    /// Pages still arriving, while any are.
+    pub fn arriving(&self) -> Option<u64> {
+        self.lazy
+            .as_ref()
+            .map(|l| super::Faults::left(&**l))
+            .filter(|&n| n > 0)
+    }
+
     /// Post-copy, on a destination: the pages still at the source go missing here.
     pub fn postcopy_expect(&mut self, mem: &dyn Memory, missing: Vec<Bitmap>) -> Result<Arc<Lazy>> {
         if self.lazy.is_some() {

@@ -308,6 +308,10 @@ impl Component for Ram {
         self.lock().postcopy_resume(&self.m, missing)
     }
 
+    fn arriving(&self) -> Option<u64> {
+        self.lock().arriving()
+    }
+
     fn lazy_regions(&self) -> Vec<(u64, u64)> {
         super::paged::lazy_regions(&self.m)
     }
