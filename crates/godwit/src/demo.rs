@@ -121,10 +121,14 @@ fn demo(a: &DemoArgs) -> Result<bool, String> {
         .map_err(|e| format!("cannot start the destination: {e}"))?;
     kids.0.push(dst);
     let addr = wait("the destination", &mut kids.0[0], || {
-        read(&p("destination.err")).lines().find_map(|l| {
-            l.strip_prefix("godwit: waiting for a migration on ")
-                .map(String::from)
-        })
+        read(&p("destination.err"))
+            .split_inclusive('\n')
+            .find_map(|l| {
+                l.strip_suffix('\n')?
+                    .strip_prefix("godwit: waiting for a migration on ")
+                    .filter(|a| !a.is_empty())
+                    .map(String::from)
+            })
     })?;
     let src = godwit()?
         .args(["run", "--gpu", &a.profile, "--gpu-dir", &gd, "--api-socket"])

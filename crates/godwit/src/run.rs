@@ -290,7 +290,11 @@ fn receive(
         ));
     }
     if !t.is_file() {
-        eprintln!("godwit: waiting for a migration on {}", l.local());
+        // One write: whoever reads this line for the address (a script, the demo, the
+        // tests) never finds half of it (stderr is unbuffered; eprintln! writes each
+        // piece of its format on its own).
+        let line = format!("godwit: waiting for a migration on {}\n", l.local());
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     }
     let host = Host {
         memory_mib: a.memory,

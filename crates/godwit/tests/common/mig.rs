@@ -96,9 +96,12 @@ pub fn destination_with(
     ];
     a.extend(extra.iter().map(|s| s.to_string()));
     let proc = spawn_with(&a, &log, &err, env);
+    // Whole lines only: stderr is unbuffered, and a line may be read half written.
     let addr = wait_for(LIMIT, || {
-        read(&err).lines().find_map(|l| {
-            l.strip_prefix("godwit: waiting for a migration on ")
+        read(&err).split_inclusive('\n').find_map(|l| {
+            l.strip_suffix('\n')?
+                .strip_prefix("godwit: waiting for a migration on ")
+                .filter(|a| !a.is_empty())
                 .map(String::from)
         })
     })
