@@ -35,11 +35,15 @@ pub fn summary(samples: &[f64]) -> Summary {
     }
 }
 
-/// Milliseconds from spawning `cmd` to a complete stdout line containing the banner.
-fn time_to_banner(mut cmd: Command) -> Result<f64, String> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+/// Spawns `cmd` (stdin closed, stdout piped) and waits for the first whole stdout line
+/// that `wanted` takes: the ms from the spawn to it, and the child, still running, its
+/// stdout drained on (a full pipe would stop the guest). On failure the child is stopped.
+pub(crate) fn time_to_line(
+    mut cmd: Command,
+    wanted: impl Fn(&str) -> bool + Send + 'static,
+    timeout: Duration,
+) -> Result<(f64, Child), String> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
     let t0 = Instant::now();
     let mut child = cmd
         .spawn()
@@ -47,11 +51,12 @@ fn time_to_banner(mut cmd: Command) -> Result<f64, String> {
     let out = child.stdout.take().expect("piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        let mut sent = false;
         for line in BufReader::new(out).lines() {
             match line {
-                Ok(l) if l.contains(BANNER) => {
+                Ok(l) if !sent && wanted(&l) => {
+                    sent = true;
                     let _ = tx.send(Ok(t0.elapsed()));
-                    return;
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -60,14 +65,32 @@ fn time_to_banner(mut cmd: Command) -> Result<f64, String> {
                 }
             }
         }
-        let _ = tx.send(Err("the guest printed no banner".into()));
+        let _ = tx.send(Err(
+            "the guest ended before the line it was waited for".into()
+        ));
     });
-    let r = rx
-        .recv_timeout(BANNER_TIMEOUT)
-        .map_err(|_| "timed out waiting for the banner".to_string());
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(d)) => Ok((d.as_secs_f64() * 1e3, child)),
+        Ok(Err(e)) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err("timed out waiting for the guest's line".into())
+        }
+    }
+}
+
+/// Milliseconds from spawning `cmd` to a complete stdout line containing the banner.
+fn time_to_banner(mut cmd: Command) -> Result<f64, String> {
+    cmd.stderr(Stdio::null());
+    let (ms, mut child) = time_to_line(cmd, |l| l.contains(BANNER), BANNER_TIMEOUT)?;
     let _ = child.kill();
     let _ = child.wait();
-    Ok(r??.as_secs_f64() * 1e3)
+    Ok(ms)
 }
 
 pub(crate) fn qemu_version(qemu: &str) -> Option<String> {

@@ -74,39 +74,9 @@ fn dirtier_args(mem: u64) -> String {
     format!("wss={} rate=1 seconds=0 report-every=20", mem / 2)
 }
 
-/// Spawns `cmd` and returns the ms from the spawn to its first stdout line, and the
-/// child (still running, its stderr piped when asked).
-fn first_line(mut cmd: Command) -> Result<(f64, std::process::Child), String> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
-    let t0 = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
-    let out = child.stdout.take().expect("piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(out).lines();
-        let _ = tx.send(match lines.next() {
-            Some(Ok(_)) => Ok(t0.elapsed()),
-            Some(Err(e)) => Err(e.to_string()),
-            None => Err("the guest printed nothing".to_string()),
-        });
-        // Keep draining: a full pipe would stop the guest.
-        for _ in lines {}
-    });
-    match rx.recv_timeout(LINE_TIMEOUT) {
-        Ok(Ok(d)) => Ok((d.as_secs_f64() * 1e3, child)),
-        Ok(Err(e)) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(e)
-        }
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err("timed out waiting for the guest's first line".into())
-        }
-    }
+/// The ms from spawning `cmd` to its first stdout line, and the child, still running.
+fn first_line(cmd: Command) -> Result<(f64, std::process::Child), String> {
+    crate::bench::time_to_line(cmd, |_| true, LINE_TIMEOUT)
 }
 
 fn stop(mut c: std::process::Child) {
