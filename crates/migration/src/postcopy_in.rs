@@ -116,6 +116,37 @@ impl PostcopyIn {
     }
 }
 
+/// Waits for touches of missing pages (or pages asked for ahead of one) in any of
+/// several memories: what the threads that fill them sleep on.
+pub(crate) struct FaultWatch {
+    fds: Vec<libc::pollfd>,
+}
+
+impl FaultWatch {
+    pub(crate) fn new<'a>(faults: impl Iterator<Item = &'a dyn Faults>) -> FaultWatch {
+        FaultWatch {
+            fds: faults
+                .flat_map(|f| [f.fd(), f.wake_fd()])
+                .map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect(),
+        }
+    }
+
+    /// Returns once one of them has something to take, or after `ms` milliseconds.
+    pub(crate) fn wait(&mut self, ms: i32) {
+        // SAFETY: `fds` is a valid array of pollfd for its whole length; poll writes
+        // only their revents.
+        unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, ms) };
+        for f in &mut self.fds {
+            f.revents = 0;
+        }
+    }
+}
+
 /// How a destination in post-copy takes a source back after the connections broke.
 pub(crate) struct Recovery {
     pub listener: Listener,
@@ -338,16 +369,7 @@ fn read_pages(mut s: Stream, pc: &PostcopyIn, generation: u64) {
 fn watch(pc: &PostcopyIn) {
     let mut ask = Vec::new();
     let mut ahead = Vec::new();
-    let mut fds: Vec<libc::pollfd> = pc
-        .lazy
-        .iter()
-        .flat_map(|l| [l.faults.fd(), l.faults.wake_fd()])
-        .map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+    let mut watch = FaultWatch::new(pc.lazy.iter().map(|l| &*l.faults));
     loop {
         if pc.done.load(Ordering::SeqCst) {
             return;
@@ -359,9 +381,7 @@ fn watch(pc: &PostcopyIn) {
             }
             return;
         }
-        // SAFETY: `fds` is a valid array of pollfd for its whole length; poll writes
-        // only their revents.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        watch.wait(100);
         for l in &pc.lazy {
             ask.clear();
             ahead.clear();
@@ -386,9 +406,6 @@ fn watch(pc: &PostcopyIn) {
                     );
                 }
             }
-        }
-        for f in &mut fds {
-            f.revents = 0;
         }
     }
 }

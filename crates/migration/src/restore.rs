@@ -9,6 +9,7 @@
 //! page stops the VM with the reason, since it cannot go on without that memory.
 
 use crate::destination::{Incoming, ReceiveError};
+use crate::postcopy_in::FaultWatch;
 use crate::snapshot_index::{Found, Index, Table};
 use crate::wire::{Frame, Totals, WireError, PAGE_SIZE};
 use godwit_vmm::control::VmExit;
@@ -29,8 +30,7 @@ pub(crate) struct Part {
     pub section: u32,
     pub name: String,
     pub faults: Arc<dyn Faults>,
-    /// None: nothing of it is in the file (all zero).
-    pub table: Option<Table>,
+    pub table: Table,
     /// (first address, bytes) of each region.
     pub regions: Vec<(u64, u64)>,
 }
@@ -86,11 +86,9 @@ impl Restore {
     /// Fills the page at `addr` of `p` (a touch waits for it).
     fn fill(&self, p: &Part, addr: u64, buf: &mut Vec<u8>) -> Result<(), String> {
         let mut e = [0u64];
-        if let Some(t) = &p.table {
-            self.index
-                .entries(t, addr / PAGE, &mut e)
-                .map_err(|e| format!("reading the index: {e}"))?;
-        }
+        self.index
+            .entries(&p.table, addr / PAGE, &mut e)
+            .map_err(|e| format!("reading the index: {e}"))?;
         if e[0] == 0 {
             return p.faults.zero(&[(addr, 1)]).map_err(|e| e.to_string());
         }
@@ -106,7 +104,7 @@ impl Restore {
         must_hold: Option<u64>,
         buf: &mut Vec<u8>,
     ) -> Result<(), String> {
-        let t = p.table.as_ref().ok_or("no table")?;
+        let t = &p.table;
         let f = self
             .index
             .frame_at(at, buf)
@@ -186,25 +184,14 @@ impl Restore {
         let mut ask = Vec::new();
         let mut ahead = Vec::new();
         let mut buf = Vec::new();
-        let mut fds: Vec<libc::pollfd> = self
-            .parts
-            .iter()
-            .flat_map(|p| [p.faults.fd(), p.faults.wake_fd()])
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
+        let mut watch = FaultWatch::new(self.parts.iter().map(|p| &*p.faults));
         while self.left() > 0 {
             if self.vm.ctl.state() == godwit_vmm::RunState::Stopped
                 && !self.failed.load(Ordering::SeqCst)
             {
                 return;
             }
-            // SAFETY: `fds` is a valid array of pollfd for its whole length; poll writes
-            // only their revents.
-            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+            watch.wait(100);
             for p in &self.parts {
                 ask.clear();
                 ahead.clear();
@@ -228,9 +215,6 @@ impl Restore {
                 }
             }
             self.urgent.store(false, Ordering::SeqCst);
-            for f in &mut fds {
-                f.revents = 0;
-            }
         }
     }
 
@@ -283,14 +267,7 @@ impl Restore {
                     }
                     let n = ((end - at) as usize).min(CHUNK);
                     let chunk = &mut e[..n];
-                    let r = match &p.table {
-                        Some(t) => self.index.entries(t, at, chunk),
-                        None => {
-                            chunk.fill(0);
-                            Ok(())
-                        }
-                    };
-                    if let Err(err) = r {
+                    if let Err(err) = self.index.entries(&p.table, at, chunk) {
                         self.fail(p, format!("reading the index: {err}"));
                         return;
                     }
@@ -484,7 +461,7 @@ pub(crate) fn receive(
             section: t.section,
             name: names[i].clone(),
             faults,
-            table: Some(t.clone()),
+            table: t.clone(),
             regions,
         });
     }
