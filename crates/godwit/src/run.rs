@@ -132,19 +132,13 @@ pub fn run(a: RunArgs) -> ExitCode {
     if let Some(Target::Unix(p)) = &incoming {
         stopper.remove_on_signal(p.clone());
     }
-    let start_api = |(l, p): (std::os::unix::net::UnixListener, std::path::PathBuf),
-                     why: String| {
-        ApiServer::start(l, &p, Limits::default(), &why).map_err(|e| e.to_string())
-    };
     let mut api = None;
     let mut listener = listener;
-    if let (Some(t), Some(l)) = (&incoming, listener.take_if(|_| incoming.is_some())) {
-        match start_api(
-            l,
-            format!("no VM yet: this godwit is waiting for an incoming migration on {t}"),
-        ) {
+    if let (Some(t), Some((l, p))) = (&incoming, listener.take_if(|_| incoming.is_some())) {
+        let why = format!("no VM yet: this godwit is waiting for an incoming migration on {t}");
+        match ApiServer::start(l, &p, Limits::default(), &why) {
             Ok(s) => api = Some(s),
-            Err(e) => return fail(e),
+            Err(e) => return fail(e.to_string()),
         }
     }
     // Until a server owns the socket, this removes it on every early return.
@@ -181,20 +175,28 @@ pub fn run(a: RunArgs) -> ExitCode {
         Pending::Booted(vm) => vm.handle(),
         Pending::Incoming(inc) => inc.vm.handle(),
     };
-    if let Some(l) = listener {
-        match start_api(l, String::new()) {
-            Ok(s) => api = Some(s),
-            Err(e) => return fail(e),
-        }
-    }
-    // The server owns the socket from here, and removes it when it stops.
-    std::mem::forget(guard);
     let migration = Arc::new(MigrationApi::default());
     stopper.watch(handle.clone(), migration.status.clone());
-    if let Some(api) = &api {
-        let ext: Arc<dyn Extension> = migration;
-        api.serve(handle, Some(ext));
-    }
+    let ext: Arc<dyn Extension> = migration;
+    // Kept to the end: dropping the server stops it.
+    let _api = match (api, listener) {
+        // A destination's server runs already: from now on it answers for the VM.
+        (Some(api), _) => {
+            api.serve(handle, Some(ext));
+            Some(api)
+        }
+        // A booted VM's is started with the VM to serve (requests waited in the
+        // socket's queue until now), so none is ever told the VM is not there yet.
+        (None, Some((l, p))) => {
+            match ApiServer::start_serving(l, &p, Limits::default(), handle, Some(ext)) {
+                Ok(s) => Some(s),
+                Err(e) => return fail(e.to_string()),
+            }
+        }
+        (None, None) => None,
+    };
+    // The server owns the socket from here, and removes it when it stops.
+    std::mem::forget(guard);
     let (mut vm, postcopy) = match pending {
         Pending::Booted(mut vm) => match vm.start() {
             Ok(()) => (vm, None),

@@ -100,10 +100,32 @@ impl ApiServer {
         limits: Limits,
         waiting: &str,
     ) -> Result<ApiServer> {
+        Self::start_with(listener, path, limits, waiting, None)
+    }
+
+    /// Serves `listener` for a VM that exists already: no request is ever answered
+    /// that it is missing.
+    pub fn start_serving(
+        listener: UnixListener,
+        path: &Path,
+        limits: Limits,
+        h: VmHandle,
+        ext: Option<Arc<dyn Extension>>,
+    ) -> Result<ApiServer> {
+        Self::start_with(listener, path, limits, "", Some((h, ext)))
+    }
+
+    fn start_with(
+        listener: UnixListener,
+        path: &Path,
+        limits: Limits,
+        waiting: &str,
+        target: Option<(VmHandle, Option<Arc<dyn Extension>>)>,
+    ) -> Result<ApiServer> {
         let shared = Arc::new(Shared {
             limits,
             stop: AtomicBool::new(false),
-            target: RwLock::new(None),
+            target: RwLock::new(target),
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             waiting: Mutex::new(waiting.into()),
