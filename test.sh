@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # godwit's whole test suite, from a fresh Debian 12 machine: installs what the tests need
 # (QEMU 7.2 as the peer VMM, Debian's kernel for the Linux test, xz, util-linux, a Python
-# venv with schemathesis for the API's OpenAPI check), then
+# venv with schemathesis for the API's OpenAPI check, another with Nova and Placement for
+# the Nova driver's tests), then
 # checks formatting and lints and runs every test. Real guests run under /dev/kvm.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,6 +22,8 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-amd64)
 command -v xz >/dev/null || need+=(xz-utils)
 { command -v unshare && command -v setpriv; } >/dev/null || need+=(util-linux)
+# The Nova driver's tests give each compute host a network namespace (ip netns).
+command -v ip >/dev/null || need+=(iproute2)
 # The userfaultfd crate (post-copy) generates its bindings with libclang at build time.
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 install_needed
@@ -48,3 +51,10 @@ echo "== lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== test"
 cargo test --workspace --locked
+if [ "${GODWIT_SKIP_NOVA:-}" = 1 ]; then
+    echo "== Nova driver: skipped (GODWIT_SKIP_NOVA=1)"
+else
+    echo "== Nova driver (nova-godwit): Nova's functional harness, godwit compute hosts"
+    cargo build -p godwit --locked
+    GODWIT_BIN="$PWD/target/debug/godwit" ./nova-godwit/run-tests.sh
+fi

@@ -135,6 +135,11 @@ pub struct RunArgs {
     /// this host's GPU manager (--gpu-dir).
     #[arg(long, conflicts_with = "incoming")]
     pub gpu: Option<String>,
+    /// Lease the GPU function on this GPU (numbered as in `gpu status`) instead of where
+    /// the host's placement rule puts it: for a manager that chose the GPU (Nova with
+    /// Placement). With --gpu, or with --incoming for a source that brings one.
+    #[arg(long, value_name = "N")]
+    pub gpu_index: Option<usize>,
     #[command(flatten)]
     pub gpu_dir: GpuDirArg,
     /// How guest writes are tracked when this VM migrates: bitmap (KVM's dirty bitmap,

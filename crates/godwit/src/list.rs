@@ -35,6 +35,9 @@ struct Entry {
     /// Why it is waiting, or why it does not answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<String>,
+    /// Where a waiting destination listens for its source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    incoming: Option<String>,
 }
 
 fn entry(socket: PathBuf) -> Entry {
@@ -48,6 +51,7 @@ fn entry(socket: PathBuf) -> Entry {
         vcpus: None,
         gpu: Value::Null,
         message: None,
+        incoming: None,
     };
     match godwit_vmm::api::call_with(&e.socket, "GET", "vm.info", "", Some(ANSWER)) {
         Ok((200, body)) => {
@@ -64,6 +68,7 @@ fn entry(socket: PathBuf) -> Entry {
             let v: Value = serde_json::from_str(&body).unwrap_or_default();
             e.state = if code == 503 { "waiting" } else { "unknown" }.into();
             e.message = Some(v["error"].as_str().unwrap_or(&body).to_string());
+            e.incoming = v["incoming"].as_str().map(String::from);
         }
         Err(why) => e.message = Some(format!("nobody answers: {why}")),
     }

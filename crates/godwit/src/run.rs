@@ -104,6 +104,9 @@ pub fn run(a: RunArgs) -> ExitCode {
     if let Some(Err(e)) = a.id.as_deref().map(godwit_vmm::config::check_id) {
         return fail(format!("--id: {e}"));
     }
+    if a.gpu_index.is_some() && a.gpu.is_none() && incoming.is_none() {
+        return fail("--gpu-index is for --gpu PROFILE or --incoming");
+    }
     if incoming.is_some() && !a.guest_args.is_empty() {
         return fail("guest arguments come from the source with --incoming");
     }
@@ -159,6 +162,7 @@ pub fn run(a: RunArgs) -> ExitCode {
                     profile: profile.clone(),
                     manager_dir: a.gpu_dir.dir(),
                     vm_name: vm_name(&a),
+                    gpu_index: a.gpu_index,
                 }),
             dirty_log: a.dirty_log,
             id: a.id.clone(),
@@ -290,6 +294,7 @@ fn receive(
             "no VM yet: this godwit is waiting for an incoming migration on {}",
             l.local()
         ));
+        api.set_incoming(&l.local().to_string());
     }
     if !t.is_file() {
         // One write: whoever reads this line for the address (a script, the demo, the
@@ -305,6 +310,7 @@ fn receive(
         gpu_dir: Some(a.gpu_dir.dir()),
         name: vm_name(a),
         id: a.id.clone(),
+        gpu_index: a.gpu_index,
     };
     let mut inc = godwit_migration::destination::receive_with(&l, &host, console, how)
         .map_err(|e| e.to_string())?;

@@ -325,6 +325,18 @@ fn a_waiting_destination_answers_its_api() {
     })
     .expect("no answer");
     assert_eq!(code, 200, "{body}");
+    // The address it bound (the port the kernel chose), for a manager to hand to the
+    // source: in vmm.ping and beside the 503 of every other endpoint.
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let at = v["incoming"].as_str().expect("incoming").to_string();
+    assert!(
+        at.starts_with("tcp:127.0.0.1:") && !at.ends_with(":0"),
+        "{body}"
+    );
+    let (code, body) = godwit_vmm::api::call(&sock, "GET", "vm.info").unwrap();
+    assert_eq!(code, 503);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["incoming"].as_str(), Some(at.as_str()), "{body}");
     let o = cli(sock.to_str().unwrap(), "info");
     assert_eq!(o.status.code(), Some(1));
     assert!(
@@ -340,12 +352,13 @@ fn a_waiting_destination_answers_its_api() {
 /// VM by the id it was started with (and its pid and state), a destination still
 /// waiting for its VM, and a socket nobody answers on; the id is the holder of the VM's
 /// GPU function in `gpu status`. A malformed id is refused before anything starts.
+/// `--gpu-index` takes the VF on the GPU a manager chose, not where placement would.
 #[test]
 fn list_finds_vms_by_id_and_sockets_left_behind() {
     if !kvm_available() {
         return;
     }
-    let d = common::gpuhost::host("api-list", 1, &[]);
+    let d = common::gpuhost::host("api-list", 2, &[]);
     let g = common::gpuhost::gpu_dir(&d);
     let vms = d.path("vms");
     std::fs::create_dir_all(&vms).unwrap();
@@ -369,6 +382,8 @@ fn list_finds_vms_by_id_and_sockets_left_behind() {
         id,
         "--gpu",
         "GW8-1C",
+        "--gpu-index",
+        "1",
         "--gpu-dir",
         &g,
         "heartbeat",
@@ -410,6 +425,10 @@ fn list_finds_vms_by_id_and_sockets_left_behind() {
     assert!(l[0]["pid"].as_u64().unwrap() > 0);
     assert_eq!(l[0]["gpu"]["profile"], "GW8-1C", "{l:?}");
     assert_eq!(l[1]["state"], "waiting");
+    assert_eq!(
+        l[1]["incoming"].as_str(),
+        Some(format!("unix:{mig}").as_str())
+    );
     assert!(l[1]["message"]
         .as_str()
         .unwrap()
@@ -425,8 +444,9 @@ fn list_finds_vms_by_id_and_sockets_left_behind() {
     );
     let v: serde_json::Value = serde_json::from_str(&stdout(&info)).unwrap();
     assert_eq!(v["id"], id);
-    let s = common::gpuhost::status(&d).to_string();
-    assert!(s.contains(&format!("\"{id}\"")), "{s}");
+    let s = common::gpuhost::status(&d);
+    assert_eq!(s[1]["vfs"][0]["holder"]["vm"], id, "{s}");
+    assert_eq!(s[0]["vfs"].as_array().unwrap().len(), 0, "{s}");
     let o = run(
         &["run", "--id", "not an id", "heartbeat"],
         Duration::from_secs(30),

@@ -454,6 +454,20 @@ fn refused_destinations_leave_the_source_running_and_verifying() {
         gains(&src.log, "ok checks", 3);
         assert!(!read(&src.log).contains("MISMATCH"), "{}", read(&src.log));
     }
+    // A destination told which GPU to lease on (a manager's scheduler chose it) takes
+    // that GPU or refuses, never another: on this host GPU 0 runs `big`'s GW8-4C VF,
+    // and GPU 1 (where `small` runs) would have room for a GW8-1C one.
+    let (mut dst, addr) = destination(&d, "pinned", &["--gpu-dir", &g, "--gpu-index", "0"]);
+    let (out, r) = migrate(&small, &addr, &[]);
+    assert_eq!(out.status.code(), Some(1), "{r}");
+    assert_eq!(r["error_kind"], "refused", "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(
+        e.contains("GPU 0 runs GW8-4C VFs") && !e.contains("GPU 1"),
+        "{r}"
+    );
+    assert_eq!(exit_code(&mut dst, LIMIT), 1);
+    gains(&small.log, "ok checks", 3);
 }
 
 /// The pre-copy failure cases, with a GPU computing throughout: the source VM and its

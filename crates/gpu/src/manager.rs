@@ -326,12 +326,27 @@ impl Manager {
 
     /// Places a VF of `profile` by the host's placement rule and takes it.
     pub fn allocate(&self, profile_name: &str, vm: &str) -> Result<Lease> {
+        self.allocate_on(profile_name, vm, None)
+    }
+
+    /// Takes a VF of `profile` on GPU `only` when given (a cluster manager's scheduler
+    /// chose that GPU and accounts for it), else wherever the placement rule says.
+    pub fn allocate_on(&self, profile_name: &str, vm: &str, only: Option<usize>) -> Result<Lease> {
         let p = profile::profile(profile_name)
             .ok_or_else(|| Error::UnknownProfile(profile_name.into()))?;
+        if let Some(g) = only.filter(|g| *g >= self.cfg.gpus.len()) {
+            return Err(Error::NoCapacity {
+                profile: p.name.into(),
+                why: format!("this host has no GPU {g} ({} GPUs)", self.cfg.gpus.len()),
+            });
+        }
         let _g = self.global_lock()?;
         let mut candidates = Vec::new();
         let mut why = Vec::new();
         for (g, spec) in self.cfg.gpus.iter().enumerate() {
+            if only.is_some_and(|o| o != g) {
+                continue;
+            }
             if spec.model != p.model {
                 why.push(format!("GPU {g} is a {}", spec.model));
                 continue;
@@ -557,7 +572,14 @@ mod tests {
         // Now a GPU is empty, and takes the other profile.
         let c = m.allocate("GW8-4C", "c").unwrap();
         assert_ne!(c.gpu, a.gpu);
-        drop((a, c));
+        // A chosen GPU is taken or refused, never swapped for another.
+        let on = m.allocate_on("GW8-2C", "on", Some(a.gpu)).unwrap();
+        assert_eq!(on.gpu, a.gpu);
+        let e = m.allocate_on("GW8-2C", "x", Some(c.gpu)).err().unwrap();
+        assert!(e.to_string().contains("runs GW8-4C VFs"), "{e}");
+        let e = m.allocate_on("GW8-2C", "x", Some(7)).err().unwrap();
+        assert!(e.to_string().contains("no GPU 7"), "{e}");
+        drop((a, c, on));
         // Depth-first fills GPU 0 before GPU 1.
         let mut cfg = m.config().clone();
         cfg.placement = Placement::DepthFirst;

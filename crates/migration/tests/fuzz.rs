@@ -82,6 +82,7 @@ fn vm(gpu_dir: &Path) -> Vm {
             profile: "GW8-1C".into(),
             manager_dir: gpu_dir.into(),
             vm_name: "fuzz".into(),
+            gpu_index: None,
         }),
         dirty_log: Default::default(),
         id: None,

@@ -69,6 +69,9 @@ pub struct GpuRequest {
     pub manager_dir: PathBuf,
     /// How the VM is named in `godwit gpu status`.
     pub vm_name: String,
+    /// Lease on this GPU only (a manager such as Nova's Placement chose it), instead of
+    /// by the host's placement rule.
+    pub gpu_index: Option<usize>,
 }
 
 pub struct VmConfig {

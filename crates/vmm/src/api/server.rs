@@ -63,6 +63,9 @@ struct Shared {
     next_id: AtomicU64,
     /// Why the VM is not served yet, for requests that come before it is.
     waiting: Mutex<String>,
+    /// Where a destination waits for its source (the address it bound, e.g. a port the
+    /// kernel chose), for a manager that must tell the source.
+    incoming: Mutex<Option<String>>,
 }
 
 struct Conn {
@@ -129,6 +132,7 @@ impl ApiServer {
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             waiting: Mutex::new(waiting.into()),
+            incoming: Mutex::new(None),
         });
         let s = shared.clone();
         let acceptor = std::thread::Builder::new()
@@ -158,6 +162,16 @@ impl ApiServer {
             .waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = why.into();
+    }
+
+    /// Says where this destination waits for its source (answered by `vmm.ping` and
+    /// with the 503 of every other endpoint until the VM arrives).
+    pub fn set_incoming(&self, addr: &str) {
+        *self
+            .shared
+            .incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(addr.into());
     }
 }
 
@@ -249,14 +263,23 @@ fn connection(s: &Shared, id: u64, mut stream: UnixStream) {
             let target = s.target.read().unwrap_or_else(|e| e.into_inner()).clone();
             match target {
                 Some((h, ext)) => route(&h, ext.as_deref(), &r.method, &r.path, &r.body),
-                None if r.path == format!("{}vmm.ping", super::PREFIX) => (
-                    200,
-                    json!({"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id(),
-                           "vm": "none yet"}),
-                ),
                 None => {
-                    let why = s.waiting.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    (503, json!({ "error": why }))
+                    let incoming = s.incoming.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if r.path == format!("{}vmm.ping", super::PREFIX) {
+                        let mut v = json!({"version": env!("CARGO_PKG_VERSION"),
+                                           "pid": std::process::id(), "vm": "none yet"});
+                        if let Some(a) = incoming {
+                            v["incoming"] = a.into();
+                        }
+                        (200, v)
+                    } else {
+                        let why = s.waiting.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        let mut v = json!({ "error": why });
+                        if let Some(a) = incoming {
+                            v["incoming"] = a.into();
+                        }
+                        (503, v)
+                    }
                 }
             }
         }

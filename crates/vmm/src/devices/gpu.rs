@@ -147,7 +147,7 @@ pub struct Parts {
 pub fn attach(req: &GpuRequest, at: Slots) -> Result<Parts> {
     let mgr = Manager::open(&req.manager_dir).map_err(|e| Error::Gpu(e.to_string()))?;
     let lease = mgr
-        .allocate(&req.profile, &req.vm_name)
+        .allocate_on(&req.profile, &req.vm_name, req.gpu_index)
         .map_err(|e| Error::Gpu(e.to_string()))?;
     let fb = lease.profile.framebuffer;
     let vram_bar = aperture_base(at.ram_end, fb);

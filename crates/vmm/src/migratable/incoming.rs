@@ -24,6 +24,8 @@ pub struct Host {
     pub name: String,
     /// Its id here (`godwit run --id`), if any.
     pub id: Option<String>,
+    /// The GPU (by index) its GPU function must be leased on, if a manager chose one.
+    pub gpu_index: Option<usize>,
 }
 
 const KNOWN: [&str; 4] = ["vcpus", "gpu", "ram", "platform"];
@@ -90,6 +92,7 @@ pub fn config(
                 .clone()
                 .unwrap_or_else(godwit_gpu::Manager::default_dir),
             vm_name: host.name.clone(),
+            gpu_index: host.gpu_index,
         }),
     };
     let cfg = VmConfig {

@@ -1,0 +1,56 @@
+"""An operator's hands on a live migration in progress, through Nova's API:
+abort it (the VM stays where it was), or force it to complete (godwit
+switches to post-copy: the VM runs at the destination at once, its memory
+follows)."""
+
+import os
+
+from godwit_nova_tests.functional import base
+
+# A working set the capped link needs seconds to carry: the migration is still
+# running when the operator acts.
+BIG = 'wss=96 rate=8 seconds=0 verify-every=1 report-every=250'
+
+
+class TestMigrationControl(base.GodwitTestCase):
+    HOSTS = ('host1', 'host2')
+
+    def setUp(self):
+        super().setUp()
+        for name in self.HOSTS:
+            self.start_host(name, ['GW8-1C'], bandwidth=16)
+        self.server = self.boot(self.flavor(256, 'GW8-1C'),
+                                self.image('dirtier', BIG), host='host1')
+        self.gains(self.server, 'verify ok', 1)
+
+    def migration_id(self):
+        m = self.wait_migration(self.server, ['running'])
+        return m['id']
+
+    def test_abort_leaves_the_vm_on_its_host(self):
+        self.live_migrate(self.server, 'host2')
+        mid = self.migration_id()
+        self.admin_api.api_delete('/servers/%s/migrations/%s' % (
+            self.server['id'], mid))
+        self.wait_migration(self.server, ['cancelled'])
+        server = self._wait_for_state_change(self.server, 'ACTIVE')
+        self.assertEqual('host1', self.host_of(server))
+        self.assertEqual([], os.listdir(self.hosts['host2'].run_dir))
+        self.assertEqual({0: []}, self.hosts['host2'].gpus())
+        self.assertEqual({0: [server['id']]}, self.hosts['host1'].gpus())
+        self.gains(server, 'verify ok', 2)
+
+    def test_force_complete_switches_to_post_copy(self):
+        self.live_migrate(self.server, 'host2')
+        mid = self.migration_id()
+        self.admin_api.api_post(
+            '/servers/%s/migrations/%s/action' % (self.server['id'], mid),
+            {'force_complete': None}, check_response_status=[202])
+        self.wait_migration(self.server, ['completed'])
+        server = self._wait_for_state_change(self.server, 'ACTIVE')
+        self.assertEqual('host2', self.host_of(server))
+        self.assertIn('(asked for (migrate-postcopy))',
+                      self.stdlog.logger.output)
+        self.assertEqual({0: []}, self.hosts['host1'].gpus())
+        self.assertEqual({0: [server['id']]}, self.hosts['host2'].gpus())
+        self.gains(server, 'verify ok', 2)
