@@ -5,6 +5,8 @@ is free."""
 
 import os
 
+from nova.tests import fixtures as nova_fixtures
+
 from godwit_nova_tests.functional import base
 
 
@@ -12,6 +14,10 @@ class TestDrain(base.GodwitTestCase):
 
     def setUp(self):
         super().setUp()
+        # RPC casts run as calls: every request returns when its work is done
+        # on the compute hosts (the other tests keep Nova's asynchronous
+        # casts).
+        self.useFixture(nova_fixtures.CastAsCallFixture(self))
         self.start_host('host1', ['GW8-1C'])
         self.start_host('host2', ['GW8-1C'])
         self.start_host('host3', ['GW8-2C'])
@@ -38,7 +44,8 @@ class TestDrain(base.GodwitTestCase):
         self.admin_api.api_put('/os-services/%s' % svc['id'],
                                {'status': 'disabled',
                                 'disabled_reason': 'maintenance'})
-        # As host-evacuate-live does: every instance at once, no target.
+        # As host-evacuate-live does: every instance, no target host (casts
+        # as calls: each request returns once its migration has ended).
         for s in servers:
             self.live_migrate(s)
         for s in servers:

@@ -4,6 +4,7 @@ network namespaces, and its guest goes on verifying its memory and its VRAM
 where it lands."""
 
 import os
+import re
 import signal
 
 from nova.virt.godwit import client
@@ -131,3 +132,30 @@ class TestLiveMigration(base.GodwitTestCase):
         self.assertTrue(os.path.exists(os.path.join(
             self.hosts['host3'].run_dir, server['id'], 'guest.img')))
         self.gains(server, 'verify ok', 1)
+
+    def test_a_gpu_job_moved_mid_run_ends_as_one_never_moved(self):
+        # gpu-train, a Jacobi solve on the GPU: the same run twice, one of them
+        # live-migrated mid-solve; both must end with the same iteration count
+        # and solution hash.
+        image = self.image('gpu-train', 'grid=160')
+        moved = self.boot(self.gpu_flavor, image, host='host1')
+        still = self.boot(self.gpu_flavor, image, host='host3')
+        self.gains(moved, 'gpu-train: iteration ', 1)
+        self.live_migrate(moved, 'host2')
+        self.wait_migration(moved, ['completed'])
+        answers = []
+        for server in (moved, still):
+            end = base.time.monotonic() + base.WAIT
+            while 'converged' not in self.console(server) and \
+                    base.time.monotonic() < end:
+                base.time.sleep(0.5)
+            out = self.console(server)
+            m = re.search(r'converged iterations=(\d+) .* hash=(0x[0-9a-f]+)',
+                          out)
+            self.assertIsNotNone(m, out[-2000:])
+            answers.append(m.groups())
+        self.assertEqual(answers[0], answers[1])
+        # The console is the destination's: the solve went on there.
+        self.assertEqual('host2', self.host_of(moved))
+        self.assertIn('gpu-train: iteration ', self.console(moved).split(
+            'converged')[0])

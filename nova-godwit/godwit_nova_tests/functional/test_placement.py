@@ -1,6 +1,8 @@
 """GPU flavors go where Placement has a free VF of their profile, and get
 that VF."""
 
+from nova.tests import fixtures as nova_fixtures
+
 from godwit_nova_tests.functional import base
 
 
@@ -8,6 +10,10 @@ class TestGpuPlacement(base.GodwitTestCase):
 
     def setUp(self):
         super().setUp()
+        # RPC casts run as calls: every request returns when its work is done
+        # on the compute hosts (the other tests keep Nova's asynchronous
+        # casts).
+        self.useFixture(nova_fixtures.CastAsCallFixture(self))
         self.start_host('host1', ['GW8-4C'])
         # host2's GPU 0 is given to GW8-2C: a GW8-1C VM there must get GPU 1,
         # where godwit's own placement rule would have put it on GPU 0.
