@@ -30,6 +30,17 @@ class TestMigrationControl(base.GodwitTestCase):
     def test_abort_leaves_the_vm_on_its_host(self):
         self.live_migrate(self.server, 'host2')
         mid = self.migration_id()
+        # Nova shows godwit's progress on the migration in progress.
+        url = '/servers/%s/migrations/%s' % (self.server['id'], mid)
+        end = base.time.monotonic() + base.WAIT
+        while base.time.monotonic() < end:
+            m = self.admin_api.api_get(url).body['migration']
+            if m['memory_processed_bytes']:
+                break
+            base.time.sleep(0.2)
+        self.assertGreater(m['memory_total_bytes'], 256 << 20)
+        self.assertGreater(m['memory_processed_bytes'], 0)
+        self.assertGreater(m['memory_remaining_bytes'], 0)
         self.admin_api.api_delete('/servers/%s/migrations/%s' % (
             self.server['id'], mid))
         self.wait_migration(self.server, ['cancelled'])

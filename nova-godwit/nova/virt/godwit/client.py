@@ -125,7 +125,7 @@ def runs_socket(pid, sock):
     return os.fsencode(sock) in argv
 
 
-def stop(pid, sock, grace=10.0, sleep=time.sleep):
+def stop(pid, sock, grace=10.0):
     """SIGTERM, then SIGKILL after grace seconds, for the godwit on sock."""
     if not runs_socket(pid, sock):
         return
@@ -138,4 +138,4 @@ def stop(pid, sock, grace=10.0, sleep=time.sleep):
         while time.monotonic() < end:
             if not alive(pid):
                 return
-            sleep(0.05)
+            time.sleep(0.05)

@@ -551,6 +551,7 @@ class GodwitDriver(driver.ComputeDriver):
             else None
         end = time.monotonic() + self.migration_timeout
         cancelled = False
+        saved = 0.0
         while p.poll() is None:
             if time.monotonic() > end and not cancelled:
                 LOG.warning('godwit: live migration of %s took over %d s: '
@@ -558,7 +559,12 @@ class GodwitDriver(driver.ComputeDriver):
                             self.migration_timeout, instance=instance)
                 self._asked[instance.uuid] = 'abort'
                 cancelled = True
-            active = self._progress(sock, migration)
+            # Nova's record of the progress is written once a second.
+            now = time.monotonic()
+            active = self._progress(sock, migration if now - saved >= 1
+                                    else None)
+            if active and now - saved >= 1:
+                saved = now
             asked = self._asked.get(instance.uuid)
             if asked and active:
                 endpoint = {'abort': 'vm.migrate-cancel',
@@ -634,9 +640,12 @@ class GodwitDriver(driver.ComputeDriver):
         if not prog or migration is None:
             return bool(prog)
         page = 4096
-        migration.memory_total = prog['memory_pages'] * page
-        migration.memory_remaining = prog['remaining_pages'] * page
-        migration.memory_processed = prog['pages_sent'] * page
+        # Nova's API shows these as positive counts or nothing.
+        for field, pages in (('memory_total', prog['memory_pages']),
+                             ('memory_remaining', prog['remaining_pages']),
+                             ('memory_processed', prog['pages_sent'])):
+            if pages > 0:
+                setattr(migration, field, pages * page)
         try:
             migration.save()
         except Exception as e:  # progress is best effort
