@@ -38,6 +38,13 @@ class TestGpuPlacement(base.GodwitTestCase):
         rp = self._get_provider_uuid_by_name('host2_gpu1')
         self.assertEqual(8, self._get_provider_inventory(rp)[
             'CUSTOM_GODWIT_GW8_1C']['total'])
+        # A GPU taken out of [godwit] gpu_profiles leaves Placement.
+        self.hosts['host2'].profiles = ['GW8-2C']
+        self.restart_host('host2')
+        root = self._get_provider_uuid_by_host('host2')
+        self.assertEqual(['host2_gpu0'], sorted(
+            rp['name'] for rp in self._get_all_rps_in_a_tree(root)
+            if rp['uuid'] != root))
 
     def test_gpu_flavors_land_on_free_vfs_of_their_profile(self):
         image = self.image('gpu-dirtier', base.GPU_DIRTIER_ARGS)

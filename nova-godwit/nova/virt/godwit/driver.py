@@ -172,6 +172,15 @@ class GodwitDriver(driver.ComputeDriver):
                 'CUSTOM_GODWIT_MODEL_' + gpu.resource_class(
                     status[g]['model'])[len(gpu.RC_PREFIX):]])
             providers[provider_tree.data(name).uuid] = g
+        # A GPU no longer offered (the configuration changed) leaves the tree;
+        # Placement refuses while a VM still holds one of its VFs.
+        root = provider_tree.data(nodename).uuid
+        prefix = gpu.provider_name(nodename, 0)[:-1]
+        for rp in provider_tree.get_provider_uuids(nodename):
+            d = provider_tree.data(rp)
+            if d.parent_uuid == root and d.name.startswith(prefix) and \
+                    rp not in providers:
+                provider_tree.remove(rp)
         self._gpu_providers = providers
 
     # -- where an instance's things are ---------------------------------------
