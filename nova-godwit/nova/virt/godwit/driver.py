@@ -218,23 +218,22 @@ class GodwitDriver(driver.ComputeDriver):
             if p.poll() is not None:
                 del self._procs[uuid]
 
-    def _ping(self, instance):
-        """vmm.ping of the instance's godwit, or None when nobody answers."""
+    def _get(self, instance, endpoint, timeout):
+        """A GET of the instance's godwit API; None unless it answers 200."""
         try:
-            code, v = client.api(self._sock(instance), 'GET', 'vmm.ping',
-                                 timeout=5)
+            code, v = client.api(self._sock(instance), 'GET', endpoint,
+                                 timeout=timeout)
         except OSError:
             return None
         return v if code == 200 else None
 
+    def _ping(self, instance):
+        """vmm.ping: also answered by a destination waiting for its VM."""
+        return self._get(instance, 'vmm.ping', 5)
+
     def _info(self, instance):
-        """vm.info, or None when no godwit answers for the instance."""
-        try:
-            code, v = client.api(self._sock(instance), 'GET', 'vm.info',
-                                 timeout=10)
-        except OSError:
-            return None
-        return v if code == 200 else None
+        """vm.info: only where a VM runs (or is paused or stopped)."""
+        return self._get(instance, 'vm.info', 10)
 
     # -- what Nova asks about instances ---------------------------------------
 
