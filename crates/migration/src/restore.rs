@@ -17,9 +17,9 @@ use godwit_vmm::migratable::incoming::Host;
 use godwit_vmm::migratable::{step_to, Bitmap, Faults, MigState};
 use godwit_vmm::{Console, VmHandle};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Table entries the background reads at a time.
@@ -47,7 +47,14 @@ pub(crate) struct Restore {
     /// `report_whole` has spoken.
     reported: AtomicBool,
     t0: Instant,
+    /// When a touch was last answered (us since t0).
+    last_touch_us: AtomicU64,
 }
+
+/// The background waits for the guest's first touches to settle: this long without one.
+const QUIET: Duration = Duration::from_millis(2);
+/// ... but starts this long after the VM at the latest, whatever the guest does.
+const QUIET_AT_MOST: Duration = Duration::from_millis(20);
 
 impl Restore {
     pub fn new(index: Index, parts: Vec<Part>, vm: VmHandle, what: String) -> Restore {
@@ -60,6 +67,7 @@ impl Restore {
             urgent: AtomicBool::new(false),
             reported: AtomicBool::new(false),
             t0: Instant::now(),
+            last_touch_us: AtomicU64::new(0),
         }
     }
 
@@ -214,6 +222,10 @@ impl Restore {
                     }
                 }
             }
+            if !ask.is_empty() || !ahead.is_empty() {
+                self.last_touch_us
+                    .store(self.t0.elapsed().as_micros() as u64, Ordering::SeqCst);
+            }
             self.urgent.store(false, Ordering::SeqCst);
         }
     }
@@ -253,8 +265,23 @@ impl Restore {
         }
     }
 
+    /// Waits until the guest has gone QUIET without touching missing memory (its
+    /// first touches after the start come in a burst: reading ahead beside them on a
+    /// small host takes the cores they need), or QUIET_AT_MOST.
+    fn settle(&self) {
+        loop {
+            let now = self.t0.elapsed();
+            let last = Duration::from_micros(self.last_touch_us.load(Ordering::SeqCst));
+            if now >= QUIET_AT_MOST || (now >= QUIET && now - last >= QUIET) || self.over() {
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
     /// Reads every page in, in address order.
     fn background(&self) {
+        self.settle();
         let mut buf = Vec::new();
         let mut e = vec![0u64; CHUNK];
         for p in &self.parts {
