@@ -200,6 +200,7 @@ impl Restore {
                 return;
             }
             watch.wait(100);
+            let mut touched = false;
             for p in &self.parts {
                 ask.clear();
                 ahead.clear();
@@ -207,6 +208,7 @@ impl Restore {
                     self.fail(p, format!("reading faults: {e}"));
                     continue;
                 }
+                touched |= !ask.is_empty() || !ahead.is_empty();
                 self.urgent
                     .store(!ask.is_empty() || !ahead.is_empty(), Ordering::SeqCst);
                 for &a in ask.iter().chain(&ahead) {
@@ -222,7 +224,7 @@ impl Restore {
                     }
                 }
             }
-            if !ask.is_empty() || !ahead.is_empty() {
+            if touched {
                 self.last_touch_us
                     .store(self.t0.elapsed().as_micros() as u64, Ordering::SeqCst);
             }
