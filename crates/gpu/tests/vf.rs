@@ -700,8 +700,10 @@ fn a_chunk_is_bounded_in_work_for_every_kernel_shape() {
 }
 
 /// A migration caps a VF's engine share when it writes VRAM faster than the link
-/// carries it: held back `pct` percent of the time, it never uses more than the rest
-/// (however loaded the host: the rest is wall time, and load only takes more away). A
+/// carries it: held back `pct` percent of the time, it never uses more than the rest,
+/// give or take the slices at the window's ends. A slice's engine time is wall time, so
+/// on a loaded host (the CPU taken from the engine thread mid-slice) one can run past
+/// SLICE_NS: seen here 104.3 ms against a 104.0 ms bound with a CPU hog beside it. A
 /// capped engine still parks at once for a hold, and runs freely once the cap is gone.
 #[test]
 fn a_capped_engine_stays_within_its_share() {
@@ -719,8 +721,9 @@ fn a_capped_engine_stays_within_its_share() {
     std::thread::sleep(Duration::from_millis(400));
     let (e1, wall) = (r(&d.vf, reg::ENGINE_NS), t0.elapsed());
     let used = Duration::from_nanos(e1 - e0);
-    // A quarter of the time, plus the slice in progress at either end.
-    let bound = wall / 4 + Duration::from_millis(2 * godwit_gpu::sched::SLICE_NS / 1_000_000);
+    // A quarter of the time, plus the slice in progress at either end, each allowed to
+    // run long on a loaded host (an uncapped engine would use nearly all 400 ms).
+    let bound = wall / 4 + Duration::from_millis(5 * godwit_gpu::sched::SLICE_NS / 1_000_000);
     assert!(used <= bound, "used {used:?} of {wall:?} at a 75% cap");
     assert!(
         r(&d.vf, reg::FENCE) < fence,
