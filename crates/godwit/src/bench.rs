@@ -121,7 +121,7 @@ fn boot(a: BootBenchArgs) -> Result<BootReport, String> {
         return Err("--runs must be at least 1".into());
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let qemu = peer_qemu(&a.qemu, a.no_qemu)?;
+    let qemu = peer_qemu(&a.peer)?;
     let (dir, image) = scratch("boot-", "heartbeat")?;
 
     let godwit_cmd = || {
@@ -137,7 +137,7 @@ fn boot(a: BootBenchArgs) -> Result<BootReport, String> {
         c
     };
     let qemu_cmd = || {
-        let mut c = qemu_guest(&a.qemu, &image, a.memory, "count=1");
+        let mut c = qemu_guest(&a.peer.qemu, &image, a.memory, "count=1");
         c.args(["-serial", "stdio"]);
         c
     };
@@ -185,10 +185,11 @@ fn boot(a: BootBenchArgs) -> Result<BootReport, String> {
 
 /// The version of the QEMU to compare with, or None with --no-qemu; an error when it
 /// is asked for and not there.
-pub(crate) fn peer_qemu(qemu: &str, no_qemu: bool) -> Result<Option<String>, String> {
-    if no_qemu {
+pub(crate) fn peer_qemu(p: &crate::cli::PeerArgs) -> Result<Option<String>, String> {
+    if p.no_qemu {
         return Ok(None);
     }
+    let qemu = &p.qemu;
     qemu_version(qemu)
         .map(Some)
         .ok_or_else(|| format!("{qemu} not found: install qemu-system-x86 or pass --no-qemu"))

@@ -495,10 +495,10 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
             .unwrap_or("")
             .to_string())
     };
-    let qemu = if a.no_qemu {
+    let qemu = if a.peer.no_qemu {
         None
     } else {
-        Some(version(&a.qemu)?)
+        Some(version(&a.peer.qemu)?)
     };
     let extras: Vec<(String, String)> = a
         .qemu_extra
@@ -580,9 +580,11 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                                 }
                             }
                             None if turn == variants.len() => {
-                                q.push(qemu_run(&dir, &a.qemu, &image, mem, w, limit, false)?)
+                                q.push(qemu_run(&dir, &a.peer.qemu, &image, mem, w, limit, false)?)
                             }
-                            None => qp.push(qemu_run(&dir, &a.qemu, &image, mem, w, limit, true)?),
+                            None => {
+                                qp.push(qemu_run(&dir, &a.peer.qemu, &image, mem, w, limit, true)?)
+                            }
                         }
                     }
                 }

@@ -184,7 +184,7 @@ fn bench(a: RestoreBenchArgs) -> Result<Report, String> {
         return Err("--runs must be at least 1".into());
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let qemu = peer_qemu(&a.qemu, a.no_qemu)?;
+    let qemu = peer_qemu(&a.peer)?;
     let (dir, image) = scratch("restore-", "dirtier")?;
     let mut cells = Vec::new();
     let result = (|| -> Result<(), String> {
@@ -193,7 +193,7 @@ fn bench(a: RestoreBenchArgs) -> Result<Report, String> {
             let qsnap = dir.join("q.snap");
             godwit_snapshot(&dir, &exe, mem, &gsnap)?;
             if qemu.is_some() {
-                qemu_snapshot(&dir, &a.qemu, &image, mem, &qsnap)?;
+                qemu_snapshot(&dir, &a.peer.qemu, &image, mem, &qsnap)?;
             }
             let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
             let (mut eager, mut lazy, mut whole, mut q) = (vec![], vec![], vec![], vec![]);
@@ -233,7 +233,7 @@ fn bench(a: RestoreBenchArgs) -> Result<Report, String> {
                     whole.push(w);
                 }
                 if qemu.is_some() {
-                    let mut c = qemu_cmd(&a.qemu, &image, mem);
+                    let mut c = qemu_cmd(&a.peer.qemu, &image, mem);
                     c.args(["-serial", "stdio"])
                         .arg("-incoming")
                         .arg(format!("exec:cat {}", qsnap.display()))

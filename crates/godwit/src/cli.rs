@@ -343,6 +343,17 @@ pub enum BenchCmd {
     Restore(RestoreBenchArgs),
 }
 
+/// The peer VMM a benchmark runs side by side with godwit.
+#[derive(Args)]
+pub struct PeerArgs {
+    /// QEMU binary to compare with.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: String,
+    /// Measure godwit only.
+    #[arg(long)]
+    pub no_qemu: bool,
+}
+
 #[derive(Args)]
 pub struct RestoreBenchArgs {
     /// Repetitions per size and side.
@@ -354,12 +365,8 @@ pub struct RestoreBenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// QEMU binary to compare with.
-    #[arg(long, default_value = "qemu-system-x86_64")]
-    pub qemu: String,
-    /// Measure godwit only.
-    #[arg(long)]
-    pub no_qemu: bool,
+    #[command(flatten)]
+    pub peer: PeerArgs,
 }
 
 #[derive(Args)]
@@ -417,12 +424,8 @@ pub struct MigrateBenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// QEMU binary to compare with.
-    #[arg(long, default_value = "qemu-system-x86_64")]
-    pub qemu: String,
-    /// Measure godwit only.
-    #[arg(long)]
-    pub no_qemu: bool,
+    #[command(flatten)]
+    pub peer: PeerArgs,
     /// More QEMU binaries, each a side of its own beside the first (comma separated),
     /// e.g. QEMU 10.0 from `bench/qemu-10.sh`. A binary unpacked beside its data
     /// (../share/qemu) is given that directory with -L.
@@ -463,12 +466,8 @@ pub struct BootBenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// QEMU binary to compare with.
-    #[arg(long, default_value = "qemu-system-x86_64")]
-    pub qemu: String,
-    /// Measure godwit only.
-    #[arg(long)]
-    pub no_qemu: bool,
+    #[command(flatten)]
+    pub peer: PeerArgs,
     /// Guest memory in MiB for both.
     #[arg(long, default_value_t = 256)]
     pub memory: u64,
