@@ -410,7 +410,7 @@ class GodwitDriver(driver.ComputeDriver):
 
     def destroy(self, context, instance, network_info, block_device_info=None,
                 destroy_disks=True, destroy_secrets=True):
-        self._stop(instance)
+        # cleanup ends the godwit too.
         self.cleanup(context, instance, network_info, block_device_info,
                      destroy_disks)
 
