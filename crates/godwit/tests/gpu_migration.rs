@@ -327,6 +327,10 @@ fn a_gpu_that_outruns_the_link_is_held_back_then_let_go() {
     completed(&out, &r);
     let gpu = &r["throttle"]["gpu"];
     assert!(gpu["max_pct"].as_u64().unwrap() > 0, "{r}");
+    // Still held back when it stopped: let go before the pause, the engine would write
+    // VRAM at full speed until its stop, pages the last round's estimate never counted.
+    let stop = &r["downtime"]["components"]["gpu"]["extra"];
+    assert!(stop["held_at_stop_pct"].as_u64().unwrap() > 0, "{r}");
     assert!(gpu["ms"].as_f64().unwrap() > 0.0, "{r}");
     assert!(
         r["rounds"]

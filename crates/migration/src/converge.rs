@@ -5,8 +5,9 @@
 //! DMA) that holding vCPUs back does not slow. Each component that can be held back
 //! says in which order (`Component::throttle_order`: the GPU before the vCPUs, whose
 //! throttling costs the guest everything it does); the driver takes them one at a time,
-//! each up to the most before the next one joins it. Everything is let go at the
-//! switchover and on any failure or cancel.
+//! each up to the most before the next one joins it. Each component lets go by itself
+//! once it leaves pre-copy: at the switchover only after it has stopped (so the pause
+//! carries what the last round expected), and on any failure or cancel.
 //!
 //! The signal is the dirty rate a round measured, which says little about who writes:
 //! a guest that rewrites a working set smaller than what a round sends dirties the
@@ -132,7 +133,8 @@ impl Converge {
             .collect()
     }
 
-    /// Lets everything go.
+    /// Lets everything go (in the account; what to tell the components, for a caller
+    /// that does not leave it to them).
     pub fn release(&mut self) -> Vec<Change> {
         let mut changes = Vec::new();
         for s in self.stages.iter_mut().filter(|s| s.pct > 0) {

@@ -156,6 +156,9 @@ struct Inner {
     loaded: bool,
     /// Whether a command was in flight when the engine stopped, for reports.
     preempted: bool,
+    /// How far auto-converge held the engine back when it stopped, for reports: the
+    /// last round's estimate of the pause assumed that share.
+    held_at_stop_pct: u32,
     /// The engine's busy time at the last sync.
     engine_ns: u64,
 }
@@ -230,6 +233,7 @@ impl GpuFunction {
                 held: false,
                 loaded: false,
                 preempted: false,
+                held_at_stop_pct: 0,
                 engine_ns: 0,
             }),
         }
@@ -278,6 +282,7 @@ impl Component for GpuFunction {
                     i.held = true;
                 }
                 i.preempted = self.m.vf.save_state().is_ok_and(|s| s.in_flight.is_some());
+                i.held_at_stop_pct = self.m.vf.engine_cap();
             }
             (Stop, Resuming) => i.loaded = false,
             (Resuming, Stop) if !i.loaded => {
@@ -290,8 +295,10 @@ impl Component for GpuFunction {
             (Running, PreCopy) => i.engine_ns = self.m.vf.regs().engine_ns,
             _ => {}
         }
-        if to != PreCopy {
-            // Auto-converge ends with pre-copy, however it ends.
+        if !matches!(to, PreCopy | PreCopyP2p) {
+            // Auto-converge ends with pre-copy, however it ends, and only once the
+            // engine has stopped: uncapped on the way in PRE_COPY_P2P, it ran flat out
+            // until its stop and wrote VRAM the last round's estimate never counted.
             self.m.vf.cap_engine(0);
         }
         i.mem.arc(&self.m, to)?;
@@ -311,6 +318,10 @@ impl Component for GpuFunction {
         let mut i = self.lock();
         let mut r = i.mem.sync(&self.m)?;
         r.extra.insert("preempted".into(), i.preempted as u64);
+        if i.mem.state == MigState::StopCopy {
+            r.extra
+                .insert("held_at_stop_pct".into(), i.held_at_stop_pct as u64);
+        }
         // The engine's busy time since the last sync: what the guest got of its GPU
         // (and lost to a throttle).
         let ns = self.m.vf.regs().engine_ns;
