@@ -7,9 +7,11 @@ mod common;
 
 use common::*;
 use godwit_gpu::abi::{op, reg};
+use godwit_gpu::command::encode;
 use godwit_gpu::Prefetch;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 /// What the engine asked for: VRAM ranges, guest RAM ranges; and whether it may go on.
 type Asked = (Vec<(u64, u64)>, Vec<(u64, u64)>, bool);
@@ -82,4 +84,60 @@ fn alone_at_the_engine_a_command_does_not_wait_for_its_pages() {
     d.run(op::FILL, [2 << 20, 4096, 7, 0, 0, 0]).unwrap();
     let g = gate.asked.lock().unwrap();
     assert!(g.0.is_empty() && g.1.is_empty(), "{:?}", *g);
+}
+
+/// The engine takes its next ring entry from a page still at the source (post-copy's
+/// missing page, here a userfaultfd that nobody answers yet): while it waits, the VF's
+/// registers still answer, as the vCPUs and a paused post-copy's recovery need them to.
+#[test]
+fn waiting_for_a_missing_ring_page_holds_up_no_register_access() {
+    let mut d = Driver::new();
+    let page = d.ram.get_host_address(GuestAddress(RING)).unwrap() as usize;
+    let uffd = match userfaultfd::UffdBuilder::new()
+        .close_on_exec(true)
+        .user_mode_only(true)
+        .create()
+    {
+        Ok(u) => u,
+        Err(e) => panic!("userfaultfd (as root, or with vm.unprivileged_userfaultfd=1): {e}"),
+    };
+    // SAFETY: one page of the test's own guest RAM mapping, not written yet.
+    unsafe {
+        assert_eq!(
+            libc::madvise(page as *mut libc::c_void, 4096, libc::MADV_DONTNEED),
+            0
+        );
+    }
+    uffd.register(page as *mut libc::c_void, 4096).unwrap();
+    // The doorbell rings for an entry whose page is missing.
+    let mut entry = [0u8; 4096];
+    entry[..64].copy_from_slice(&encode(op::FILL, Some(1), [2 << 20, 4096, 7, 0, 0, 0]));
+    d.tail = 1;
+    w(&d.vf, reg::RING_TAIL, 1);
+    match uffd.read_event().unwrap() {
+        Some(userfaultfd::Event::Pagefault { addr, .. }) => assert_eq!(addr as usize, page),
+        e => panic!("{e:?}"),
+    }
+    // The engine waits for the page: a register read must not.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let vf = d.vf.clone();
+    std::thread::spawn(move || tx.send(r(&vf, reg::FENCE)).unwrap());
+    let answered = rx.recv_timeout(Duration::from_secs(10));
+    // SAFETY: the registered page, filled whole from `entry`.
+    unsafe {
+        uffd.copy(
+            entry.as_ptr() as *const libc::c_void,
+            page as *mut libc::c_void,
+            4096,
+            true,
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        answered,
+        Ok(0),
+        "a register read waited for the ring's page"
+    );
+    d.wait(1).unwrap();
+    assert_eq!(r(&d.vf, reg::ERROR), 0);
 }

@@ -129,21 +129,49 @@ impl Vf {
     /// Runs one chunk of the current command (taking the next entry if none is in
     /// flight). Returns whether there may be more to do.
     fn step(&self) -> bool {
+        // The next ring entry is read from guest RAM without this VF's lock: in
+        // post-copy its page may still be at the source, and the wait for it must not
+        // hold up the vCPUs' register accesses (or a paused post-copy's recovery, which
+        // reads the VF's state) behind that lock.
+        let next = {
+            let i = self.lock();
+            if !Self::has_work(&i) || i.holds != 0 {
+                return false;
+            }
+            i.in_flight.is_none().then(|| {
+                (
+                    i.regs.head,
+                    i.regs.ring_base + i.regs.head * ENTRY_SIZE as u64,
+                    i.generation,
+                )
+            })
+        };
+        let read = next.map(|(index, at, generation)| {
+            let mut raw = [0u8; ENTRY_SIZE];
+            let ok = self.ram.read_slice(&mut raw, GuestAddress(at)).is_ok();
+            (index, at, generation, ok.then_some(raw))
+        });
         let (mut fl, mut resolved, mut resolving, root, generation) = {
             let mut i = self.lock();
             if !Self::has_work(&i) || i.holds != 0 {
                 return false;
             }
-            if i.in_flight.is_none() {
-                let index = i.regs.head;
-                let mut raw = [0u8; ENTRY_SIZE];
-                let at = i.regs.ring_base + index * ENTRY_SIZE as u64;
-                if self.ram.read_slice(&mut raw, GuestAddress(at)).is_err() {
+            if let Some((index, at, generation, raw)) = read {
+                if i.in_flight.is_some()
+                    || i.generation != generation
+                    || i.regs.head != index
+                    || i.regs.ring_base + index * ENTRY_SIZE as u64 != at
+                {
+                    // The ring moved while it was read (a reset, new registers): read
+                    // it again.
+                    return true;
+                }
+                let Some(raw) = raw else {
                     Self::set_error(&mut i, err::BAD_RING, index, at);
                     self.arbiter.count(false, true);
                     self.done.notify_all();
                     return false;
-                }
+                };
                 match command::decode(&raw) {
                     Ok(entry) => {
                         i.in_flight = Some(InFlight {
@@ -167,8 +195,12 @@ impl Vf {
                     }
                 }
             }
+            let Some(fl) = i.in_flight.clone() else {
+                // Reset since the first look: start over.
+                return true;
+            };
             (
-                i.in_flight.clone().expect("set above"),
+                fl,
                 i.resolved,
                 i.resolving.clone(),
                 i.regs.pt_root,
