@@ -61,6 +61,12 @@ pub enum MigrationError {
          is stale) while this process lives"
     )]
     PostcopyBroken { why: String, pages: u64 },
+    #[error(
+        "this VM's memory is still arriving (from the migration into it, or the snapshot \
+         it was restored from) and none of its last {pages} pages arrived in {} s: it \
+         moves once it is whole", stalled.as_secs()
+    )]
+    StillArriving { pages: u64, stalled: Duration },
 }
 
 impl MigrationError {
@@ -82,6 +88,7 @@ impl MigrationError {
             MigrationError::Unconfirmed(_) => "unconfirmed",
             MigrationError::PauseExceeded { .. } => "pause_exceeded",
             MigrationError::PostcopyBroken { .. } => "postcopy_broken",
+            MigrationError::StillArriving { .. } => "still_arriving",
         }
     }
 

@@ -336,6 +336,10 @@ pub struct Progress {
     pub expected_downtime_ms: f64,
     pub throttle_pct: u32,
     pub elapsed_ms: f64,
+    /// Setup: pages of this VM's own memory still arriving (from the migration into it,
+    /// or the snapshot it was restored from lazily), which it waits for first.
+    #[serde(default)]
+    pub arriving_pages: u64,
 }
 
 /// Shared between the migration's worker thread and the API: progress, the last

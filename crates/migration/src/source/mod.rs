@@ -53,6 +53,10 @@ const STARTED_TIMEOUT: Duration = Duration::from_secs(10);
 const LATE_ANSWER_WAIT: Duration = Duration::from_secs(600);
 /// A write that makes no progress for this long means the destination is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A VM whose memory is still arriving waits for it to be whole before it moves on, as
+/// long as some page arrives within this (a lazy restore's background reads one every
+/// few microseconds; a post-copy into it whose link broke delivers nothing).
+const ARRIVAL_STALL: Duration = Duration::from_secs(10);
 /// Rounds with everything held back as far as it goes after which the driver switches
 /// over even above the limit.
 const ROUNDS_AT_MAX_THROTTLE: u32 = 5;
@@ -247,7 +251,42 @@ impl Driver<'_> {
             expected_downtime_ms: expected_ms,
             throttle_pct: self.converge.max_pct(),
             elapsed_ms: ms(self.t0.elapsed()),
+            arriving_pages: self.arriving(),
         });
+    }
+
+    /// Pages of this VM's memory still arriving.
+    fn arriving(&self) -> u64 {
+        self.parts.iter().filter_map(|p| p.c.arriving()).sum()
+    }
+
+    /// A VM whose memory is still arriving (a post-copy into it, a lazy restore) cannot
+    /// be read out yet: it moves once whole. Waits while pages keep arriving, and gives
+    /// up once none has for `ARRIVAL_STALL` (a post-copy into it whose link broke).
+    fn wait_whole(&mut self) -> Res<()> {
+        let (mut left, mut since) = (self.arriving(), Instant::now());
+        if left > 0 {
+            tracing::info!(pages = left, "the VM's memory is still arriving: waiting");
+        }
+        while left > 0 {
+            if self.status.cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            if since.elapsed() > ARRIVAL_STALL {
+                return Err(MigrationError::StillArriving {
+                    pages: left,
+                    stalled: ARRIVAL_STALL,
+                });
+            }
+            self.progress(0, 0.0);
+            std::thread::sleep(Duration::from_millis(10));
+            let now = self.arriving();
+            if now < left {
+                since = Instant::now();
+            }
+            left = now;
+        }
+        Ok(())
     }
 
     fn out(&mut self) -> &mut Outbound {
@@ -627,6 +666,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
             RunState::Running | RunState::Paused => {}
             s => return Err(MigrationError::NotRunning(format!("{s:?}").to_lowercase())),
         }
+        d.wait_whole()?;
         d.connect(h)?;
         d.report.setup_ms = ms(t0.elapsed());
         d.check_in()?;
