@@ -233,6 +233,8 @@ struct Driver<'a> {
     ahead: std::collections::VecDeque<(u32, Vec<u64>)>,
     /// TLS credentials for the connections (and a post-copy recovery's).
     tls: Option<crate::tls::Creds>,
+    /// Setup: pages of this VM's memory still arriving, while it waits for them.
+    arriving: u64,
 }
 
 type Res<T> = Result<T, MigrationError>;
@@ -251,12 +253,12 @@ impl Driver<'_> {
             expected_downtime_ms: expected_ms,
             throttle_pct: self.converge.max_pct(),
             elapsed_ms: ms(self.t0.elapsed()),
-            arriving_pages: self.arriving(),
+            arriving_pages: self.arriving,
         });
     }
 
     /// Pages of this VM's memory still arriving.
-    fn arriving(&self) -> u64 {
+    fn pages_arriving(&self) -> u64 {
         self.parts.iter().filter_map(|p| p.c.arriving()).sum()
     }
 
@@ -264,7 +266,7 @@ impl Driver<'_> {
     /// be read out yet: it moves once whole. Waits while pages keep arriving, and gives
     /// up once none has for `ARRIVAL_STALL` (a post-copy into it whose link broke).
     fn wait_whole(&mut self) -> Res<()> {
-        let (mut left, mut since) = (self.arriving(), Instant::now());
+        let (mut left, mut since) = (self.pages_arriving(), Instant::now());
         if left > 0 {
             tracing::info!(pages = left, "the VM's memory is still arriving: waiting");
         }
@@ -278,14 +280,16 @@ impl Driver<'_> {
                     stalled: ARRIVAL_STALL,
                 });
             }
+            self.arriving = left;
             self.progress(0, 0.0);
             std::thread::sleep(Duration::from_millis(10));
-            let now = self.arriving();
+            let now = self.pages_arriving();
             if now < left {
                 since = Instant::now();
             }
             left = now;
         }
+        self.arriving = 0;
         Ok(())
     }
 
@@ -638,6 +642,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         bytes_base: 0,
         ahead: Default::default(),
         tls: None,
+        arriving: 0,
     };
     status.live_bytes.store(0, Ordering::Relaxed);
     status.postcopy_now.store(false, Ordering::SeqCst);
