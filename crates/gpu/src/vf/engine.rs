@@ -126,78 +126,17 @@ impl Vf {
         }
     }
 
-    /// Runs one chunk of the current command (taking the next entry if none is in
-    /// flight). Returns whether there may be more to do.
+    /// Runs one chunk of the current command, or takes the next entry if none is in
+    /// flight. Returns whether there may be more to do.
     fn step(&self) -> bool {
-        // The next ring entry is read from guest RAM without this VF's lock: in
-        // post-copy its page may still be at the source, and the wait for it must not
-        // hold up the vCPUs' register accesses (or a paused post-copy's recovery, which
-        // reads the VF's state) behind that lock.
-        let next = {
+        let (mut fl, mut resolved, mut resolving, root, generation) = {
             let i = self.lock();
             if !Self::has_work(&i) || i.holds != 0 {
                 return false;
             }
-            i.in_flight.is_none().then(|| {
-                (
-                    i.regs.head,
-                    i.regs.ring_base + i.regs.head * ENTRY_SIZE as u64,
-                    i.generation,
-                )
-            })
-        };
-        let read = next.map(|(index, at, generation)| {
-            let mut raw = [0u8; ENTRY_SIZE];
-            let ok = self.ram.read_slice(&mut raw, GuestAddress(at)).is_ok();
-            (index, at, generation, ok.then_some(raw))
-        });
-        let (mut fl, mut resolved, mut resolving, root, generation) = {
-            let mut i = self.lock();
-            if !Self::has_work(&i) || i.holds != 0 {
-                return false;
-            }
-            if let Some((index, at, generation, raw)) = read {
-                if i.in_flight.is_some()
-                    || i.generation != generation
-                    || i.regs.head != index
-                    || i.regs.ring_base + index * ENTRY_SIZE as u64 != at
-                {
-                    // The ring moved while it was read (a reset, new registers): read
-                    // it again.
-                    return true;
-                }
-                let Some(raw) = raw else {
-                    Self::set_error(&mut i, err::BAD_RING, index, at);
-                    self.arbiter.count(false, true);
-                    self.done.notify_all();
-                    return false;
-                };
-                match command::decode(&raw) {
-                    Ok(entry) => {
-                        i.in_flight = Some(InFlight {
-                            index,
-                            raw,
-                            acc: match entry.cmd {
-                                Command::Kernel(k) => k.initial_acc(),
-                                _ => Acc::default(),
-                            },
-                            entry,
-                            done: 0,
-                        });
-                        i.resolved = None;
-                        i.resolving = None;
-                    }
-                    Err(d) => {
-                        Self::set_error(&mut i, d.code, index, d.value);
-                        self.arbiter.count(false, true);
-                        self.done.notify_all();
-                        return false;
-                    }
-                }
-            }
             let Some(fl) = i.in_flight.clone() else {
-                // Reset since the first look: start over.
-                return true;
+                drop(i);
+                return self.take_next();
             };
             (
                 fl,
@@ -244,6 +183,65 @@ impl Vf {
                 i.in_flight = None;
                 i.resolved = None;
                 i.resolving = None;
+                self.arbiter.count(false, true);
+                self.done.notify_all();
+                false
+            }
+        }
+    }
+
+    /// Takes the ring's next entry in flight. It is read from guest RAM without this
+    /// VF's lock: in post-copy its page may still be at the source, and the wait for it
+    /// must not hold up the vCPUs' register accesses (or a paused post-copy's recovery,
+    /// which reads the VF's state) behind that lock. Returns whether there may be more
+    /// to do.
+    fn take_next(&self) -> bool {
+        let (index, at, generation) = {
+            let i = self.lock();
+            if !Self::has_work(&i) || i.holds != 0 || i.in_flight.is_some() {
+                return Self::has_work(&i) && i.holds == 0;
+            }
+            let at = i.regs.ring_base + i.regs.head * ENTRY_SIZE as u64;
+            (i.regs.head, at, i.generation)
+        };
+        let mut raw = [0u8; ENTRY_SIZE];
+        let read = self.ram.read_slice(&mut raw, GuestAddress(at)).is_ok();
+        let mut i = self.lock();
+        if i.in_flight.is_some()
+            || i.generation != generation
+            || i.regs.head != index
+            || i.regs.ring_base + index * ENTRY_SIZE as u64 != at
+        {
+            // The ring moved while it was read (a reset, new registers): look again.
+            return true;
+        }
+        if !Self::has_work(&i) || i.holds != 0 {
+            return false;
+        }
+        if !read {
+            Self::set_error(&mut i, err::BAD_RING, index, at);
+            self.arbiter.count(false, true);
+            self.done.notify_all();
+            return false;
+        }
+        match command::decode(&raw) {
+            Ok(entry) => {
+                i.in_flight = Some(InFlight {
+                    index,
+                    raw,
+                    acc: match entry.cmd {
+                        Command::Kernel(k) => k.initial_acc(),
+                        _ => Acc::default(),
+                    },
+                    entry,
+                    done: 0,
+                });
+                i.resolved = None;
+                i.resolving = None;
+                true
+            }
+            Err(d) => {
+                Self::set_error(&mut i, d.code, index, d.value);
                 self.arbiter.count(false, true);
                 self.done.notify_all();
                 false
