@@ -125,6 +125,56 @@ fn hybrid_switches_to_postcopy_instead_of_throttling() {
     }
 }
 
+/// Hybrid where pre-copy's first round leaves nothing to send (a paused VM writes
+/// nothing): there is no rest to follow the VM, so it stays pre-copy. It used to switch
+/// to post-copy with nothing missing, and the destination, with every page in at once,
+/// sent DONE before STARTED: the source took the hand-over for unconfirmed and kept the
+/// VM stopped.
+#[test]
+fn hybrid_with_nothing_left_to_send_stays_precopy() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-hybrid-still");
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "256",
+        &[
+            "wss=32",
+            "rate=20",
+            "seconds=0",
+            "verify-every=1",
+            "report-every=250",
+        ],
+    );
+    let sock = src.sock.to_str().unwrap().to_string();
+    assert!(run(&["pause", "--api-socket", &sock], LIMIT)
+        .status
+        .success());
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    let (out, r) = migrate(&src, &addr, &["--mode", "hybrid"]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["mode"], "hybrid", "{r}");
+    assert_eq!(r["ran"], "precopy", "{r}");
+    assert_eq!(
+        r["rounds"].as_array().unwrap().last().unwrap()["dirty_pages"],
+        0
+    );
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    // It arrives paused, as it left, and runs on once resumed.
+    assert_eq!(info(&dst)["state"], "paused");
+    let dsock = dst.sock.to_str().unwrap().to_string();
+    assert!(run(&["resume", "--api-socket", &dsock], LIMIT)
+        .status
+        .success());
+    gains(&dst.log, "verify ok", 2);
+    assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
+    run(&["shutdown", "--api-socket", &dsock], LIMIT);
+    exit_code(&mut dst, LIMIT);
+}
+
 #[test]
 fn auto_goes_postcopy_when_precopy_cannot_fit() {
     if kvm_available() {

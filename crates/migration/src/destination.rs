@@ -798,10 +798,15 @@ impl Incoming {
         }
         // The source waits for this; if it is lost, the source keeps its copy paused
         // (it never resumes after GO), so the VM still runs only here.
-        let started = Started {
+        let started = Frame::Started(Started {
             start_ms: t.elapsed().as_secs_f64() * 1e3,
-        };
-        say(&Frame::Started(started));
+        });
+        match &postcopy {
+            Some(pc) => {
+                let _ = pc.started(&started);
+            }
+            None => answer(&mut self.main, &started),
+        }
         Ok((self.vm, postcopy))
     }
 }

@@ -32,6 +32,10 @@ pub struct PostcopyIn {
     parts: Arc<Vec<Arc<dyn Component>>>,
     /// DONE went out: nothing more is sent.
     done: AtomicBool,
+    /// Whether STARTED has gone out, and a DONE due before it. The source takes DONE
+    /// only after STARTED, and with nothing (or only what the starting VM touched) to
+    /// fetch, every page can be in before the VM has even started.
+    gate: Mutex<(bool, Option<Done>)>,
     /// The connections in use: the n-th set since the VM started here (a recovery
     /// opens a new one; readers of older ones end quietly).
     generation: AtomicU64,
@@ -53,6 +57,17 @@ impl PostcopyIn {
         self.send(f)
     }
 
+    /// STARTED (`f`) to the source, then a DONE that was due before it.
+    pub(crate) fn started(&self, f: &Frame) -> std::io::Result<()> {
+        let mut g = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        self.send(f)?;
+        g.0 = true;
+        match g.1.take() {
+            Some(d) => self.send(&Frame::Done(d)),
+            None => Ok(()),
+        }
+    }
+
     fn done(&self, ended: Option<String>) -> std::io::Result<()> {
         if self.done.swap(true, Ordering::SeqCst) {
             return Ok(());
@@ -66,6 +81,11 @@ impl PostcopyIn {
                 .collect(),
             ended,
         };
+        let mut g = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        if !g.0 {
+            g.1 = Some(d);
+            return Ok(());
+        }
         self.send(&Frame::Done(d))
     }
 
@@ -170,6 +190,7 @@ pub(crate) fn start(
         lazy,
         parts: Arc::new(parts),
         done: AtomicBool::new(false),
+        gate: Mutex::new((false, None)),
         generation: AtomicU64::new(0),
         broken: Mutex::new(None),
         wake: Condvar::new(),

@@ -113,7 +113,8 @@ impl Driver<'_> {
                         "rounds stopped converging ({expected:.1} ms expected): post-copy \
                          instead of throttling"
                     )),
-                    Mode::Hybrid => reason.as_ref().map(|r| {
+                    // With nothing left to send there is no rest to follow the VM.
+                    Mode::Hybrid if n > 0 => reason.as_ref().map(|r| {
                         format!("pre-copy would stop here ({r}): the rest follows the VM")
                     }),
                     Mode::Auto if (stalled || reason.is_some()) && !fits => Some(format!(
