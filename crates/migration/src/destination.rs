@@ -77,7 +77,10 @@ fn first_source(l: &Listener) -> Result<(Stream, Hello, Instant), ReceiveError> 
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 }
-                let c = match l.accept_raw(Some(Duration::from_millis(100))) {
+                // Short: the source found, this thread must end before the listener
+                // takes its other connections, and it looks at `done` only between
+                // waits (a wait of 100 ms here added up to 100 ms to every setup).
+                let c = match l.accept_raw(Some(Duration::from_millis(5))) {
                     Ok(c) => c,
                     Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
                     Err(e) => return Err(ReceiveError::Listen(e)),
