@@ -111,7 +111,9 @@ fn switches_instead_of_throttling(tag: &str, mode: &str, why: &str) {
     assert_postcopy_whole(&r);
     assert_eq!(r["mode"], mode);
     assert_eq!(r["throttled"], false, "{r}");
-    assert!(r["round_count"].as_u64().unwrap() >= 2, "{r}");
+    // At least the first pass; usually only it (a second would send the set again), but
+    // how much a starved guest writes during it depends on the host's load.
+    assert!(r["round_count"].as_u64().unwrap() >= 1, "{r}");
     let reason = r["postcopy"]["reason"].as_str().unwrap();
     assert!(reason.contains(why), "{reason}");
     assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));

@@ -103,7 +103,10 @@ impl Driver<'_> {
             // Post-copy instead of holding the guest back: hybrid switches where
             // pre-copy would stop or throttle, auto only where it would throttle (or
             // give up) without fitting the limit. `migrate-postcopy` switches now.
-            let stalled = reason.is_none() && index > 0 && !shrinking;
+            // Already after the first pass (as QEMU's postcopy-after-precopy is used):
+            // a guest that dirtied faster than the rounds can follow during it will
+            // not be caught by a second pass, which only sends its set again.
+            let stalled = reason.is_none() && !shrinking;
             let fits = expected <= limit;
             let post = if self.status.postcopy_now.load(Ordering::SeqCst) {
                 Some("asked for (migrate-postcopy)".to_string())
