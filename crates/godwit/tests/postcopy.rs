@@ -19,6 +19,23 @@ fn assert_verified(dst: &mut Vm, pages: u64) {
     assert!(log.contains("result=ok"), "{log}");
 }
 
+/// A 256 MiB dirtier rewriting 32 MiB slowly and checking all of its memory every
+/// second, until shut down.
+fn checking_dirtier(dir: &TempDir, name: &str) -> Vm {
+    dirtier_source(
+        dir,
+        name,
+        "256",
+        &[
+            "wss=32",
+            "rate=20",
+            "seconds=0",
+            "verify-every=1",
+            "report-every=250",
+        ],
+    )
+}
+
 /// What every post-copy report must say: the VM ran ahead of its memory, and every
 /// page the destination lacked reached it.
 fn assert_postcopy_whole(r: &Value) {
@@ -138,18 +155,7 @@ fn hybrid_with_nothing_left_to_send_stays_precopy() {
         return;
     }
     let dir = TempDir::new("pc-hybrid-still");
-    let mut src = dirtier_source(
-        &dir,
-        "src",
-        "256",
-        &[
-            "wss=32",
-            "rate=20",
-            "seconds=0",
-            "verify-every=1",
-            "report-every=250",
-        ],
-    );
+    let mut src = checking_dirtier(&dir, "src");
     let sock = src.sock.to_str().unwrap().to_string();
     assert!(run(&["pause", "--api-socket", &sock], LIMIT)
         .status
@@ -562,18 +568,7 @@ fn a_vm_still_arriving_moves_on_once_it_is_whole() {
         return;
     }
     let dir = TempDir::new("pc-chain");
-    let mut a = dirtier_source(
-        &dir,
-        "a",
-        "256",
-        &[
-            "wss=32",
-            "rate=20",
-            "seconds=0",
-            "verify-every=1",
-            "report-every=250",
-        ],
-    );
+    let mut a = checking_dirtier(&dir, "a");
     let (mut b, addr_b) = destination(&dir, "b", &[]);
     // Slow on purpose: the window lasts seconds.
     let m = migrating(
