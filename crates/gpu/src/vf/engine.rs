@@ -135,8 +135,9 @@ impl Vf {
                 return false;
             }
             let Some(fl) = i.in_flight.clone() else {
+                let next = (i.regs.head, Self::entry_at(&i, i.regs.head), i.generation);
                 drop(i);
-                return self.take_next();
+                return self.take_next(next);
             };
             (
                 fl,
@@ -194,23 +195,15 @@ impl Vf {
     /// VF's lock: in post-copy its page may still be at the source, and the wait for it
     /// must not hold up the vCPUs' register accesses (or a paused post-copy's recovery,
     /// which reads the VF's state) behind that lock. Returns whether there may be more
-    /// to do.
-    fn take_next(&self) -> bool {
-        let (index, at, generation) = {
-            let i = self.lock();
-            if !Self::has_work(&i) || i.holds != 0 || i.in_flight.is_some() {
-                return Self::has_work(&i) && i.holds == 0;
-            }
-            let at = i.regs.ring_base + i.regs.head * ENTRY_SIZE as u64;
-            (i.regs.head, at, i.generation)
-        };
+    /// to do. `(index, at, generation)`: the entry the caller found next, unlocked.
+    fn take_next(&self, (index, at, generation): (u64, u64, u64)) -> bool {
         let mut raw = [0u8; ENTRY_SIZE];
         let read = self.ram.read_slice(&mut raw, GuestAddress(at)).is_ok();
         let mut i = self.lock();
         if i.in_flight.is_some()
             || i.generation != generation
             || i.regs.head != index
-            || i.regs.ring_base + index * ENTRY_SIZE as u64 != at
+            || Self::entry_at(&i, index) != at
         {
             // The ring moved while it was read (a reset, new registers): look again.
             return true;
@@ -247,6 +240,11 @@ impl Vf {
                 false
             }
         }
+    }
+
+    /// Where ring entry `index` lies in guest RAM.
+    pub(super) fn entry_at(i: &Inner, index: u64) -> u64 {
+        i.regs.ring_base + index * ENTRY_SIZE as u64
     }
 
     /// Runs one chunk of `fl`; Ok(true) when the command is complete.

@@ -54,7 +54,7 @@ impl Vf {
             if *self.prefetched.lock().unwrap_or_else(|e| e.into_inner()) == Some(key) {
                 return;
             }
-            let at = i.regs.ring_base + i.regs.head * ENTRY_SIZE as u64;
+            let at = Self::entry_at(&i, i.regs.head);
             (
                 key,
                 i.in_flight.as_ref().map(|f| f.entry.cmd),
