@@ -81,13 +81,19 @@ impl Restore {
 
     /// The VM cannot go on: it is stopped with the reason.
     fn fail(&self, p: &Part, why: String) {
+        if self.failed.load(Ordering::SeqCst) {
+            return;
+        }
+        let m = format!(
+            "restoring {}: {}: {why}; the VM cannot run without that memory",
+            self.what, p.name
+        );
+        // The VM's end and its reason first (the first reason asked for stays): once
+        // `failed` shows, a waiting toucher is let go on zeros, and the guest may crash on
+        // them before this thread got any further (a log line is slow on a loaded host).
+        self.vm.ctl.request_exit(VmExit::Error(m.clone()));
         if !self.failed.swap(true, Ordering::SeqCst) {
-            let m = format!(
-                "restoring {}: {}: {why}; the VM cannot run without that memory",
-                self.what, p.name
-            );
             tracing::error!("{m}");
-            self.vm.ctl.request_exit(VmExit::Error(m));
         }
     }
 
