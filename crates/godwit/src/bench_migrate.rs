@@ -101,6 +101,14 @@ struct Sample {
     fault_latency_us: Option<godwit_vmm::migratable::Latency>,
     #[serde(skip_serializing_if = "Option::is_none")]
     prepaged_pages: Option<u64>,
+    /// godwit only: each pre-copy round's length in ms and the MiB it sent, to tell a
+    /// slow run's cause (a slow first pass, or more rounds) from the JSON alone.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    round_ms_mib: Vec<(f64, f64)>,
+    /// godwit only: where the pause went (the report's downtime, less the
+    /// per-component parts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pause_parts: Option<Value>,
 }
 
 #[derive(Serialize)]
@@ -288,6 +296,17 @@ fn godwit_run(
         remote_faults: r.postcopy.as_ref().map(|p| p.remote_faults),
         fault_latency_us: r.postcopy.as_ref().map(|p| p.fault_latency.clone()),
         prepaged_pages: r.postcopy.as_ref().map(|p| p.prepaged_pages),
+        round_ms_mib: r
+            .rounds
+            .iter()
+            .map(|x| (x.duration_ms, x.bytes as f64 / (1 << 20) as f64))
+            .collect(),
+        pause_parts: serde_json::to_value(&r.downtime).ok().map(|mut v| {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("components");
+            }
+            v
+        }),
     })
 }
 
@@ -455,6 +474,8 @@ fn qemu_run(
         remote_faults: None,
         fault_latency_us: None,
         prepaged_pages: None,
+        round_ms_mib: vec![],
+        pause_parts: None,
     })
 }
 

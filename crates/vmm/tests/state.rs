@@ -126,6 +126,49 @@ fn a_dirtier_restored_mid_write_verifies_all_of_its_memory() {
     );
 }
 
+/// A destination says STARTED between RUNNING_P2P and RUNNING, so its vCPUs must not
+/// run before RUNNING (a woken vCPU would preempt the thread that says it).
+#[test]
+fn restored_vcpus_wait_at_running_p2p_and_run_at_running() {
+    if !kvm_available() {
+        return;
+    }
+    let a_out = Sink::default();
+    let mut a = vm("heartbeat", "period=5 count=30", 1, 64, &a_out);
+    a.start().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || last_seq(
+        &a_out.text()
+    ) >= 5));
+    let states = save(&a);
+    let seq_at_pause = last_seq(&a_out.text());
+    let b_out = Sink::default();
+    let mut b = vm("heartbeat", "period=5 count=30", 1, 64, &b_out);
+    copy_memory(&a, &b);
+    a.handle().ctl.request_exit(VmExit::Shutdown);
+    a.wait();
+    b.start_paused().unwrap();
+    for (c, s) in b.components().iter().zip(&states) {
+        step_to(&**c, MigState::Resuming).unwrap();
+        c.load(s).unwrap();
+        step_to(&**c, MigState::Stop).unwrap();
+    }
+    for c in b.components().iter().rev() {
+        step_to(&**c, MigState::RunningP2p).unwrap();
+    }
+    assert_eq!(b.handle().state(), RunState::Paused);
+    // Ten beats' time: a vCPU let go here would have beaten.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(last_seq(&b_out.text()), 0, "{}", b_out.text());
+    for c in b.components().iter().rev() {
+        step_to(&**c, MigState::Running).unwrap();
+    }
+    assert_eq!(b.wait(), VmExit::Guest(0));
+    assert_eq!(last_seq(&b_out.text()), 30);
+    assert!(b_out
+        .text()
+        .contains(&format!("heartbeat seq={} ", seq_at_pause + 1)));
+}
+
 #[test]
 fn a_paused_vm_stays_paused_where_it_is_restored() {
     if !kvm_available() {

@@ -1,7 +1,7 @@
 //! The vCPUs as a migration component: they stop first (nothing new starts in the VM
 //! once they are parked), their registers are read after every device has stopped (a
 //! device's last interrupt lands in a LAPIC, which is vCPU state), and on a destination
-//! they start last. While pre-copy runs they can be held back for a share of every time
+//! they start last: armed at RUNNING_P2P, let go at RUNNING. While pre-copy runs they can be held back for a share of every time
 //! slice (auto-converge; the driver chooses the share).
 
 use super::{
@@ -82,6 +82,12 @@ struct Inner {
     user_paused: bool,
     /// Destination: a state was loaded, and whether to run once started.
     loaded: Option<bool>,
+    /// On the way up from STOP: whether the vCPUs run once RUNNING is reached. They are
+    /// let go only then, not at RUNNING_P2P, so that a destination can say STARTED in
+    /// between: on a busy host a woken vCPU takes the CPU from the thread that would
+    /// say it, and the source counted that wait (up to a scheduler tick, 4 ms) as
+    /// downtime.
+    armed: Option<bool>,
     throttle: Option<Throttle>,
 }
 
@@ -101,6 +107,7 @@ impl Vcpus {
                 paused_by_us: false,
                 user_paused: false,
                 loaded: None,
+                armed: None,
                 throttle: None,
             }),
         }
@@ -132,6 +139,18 @@ impl Vcpus {
     }
 }
 
+impl Vcpus {
+    /// Runs the vCPUs armed on the way up from STOP, if they are to run.
+    fn let_go(&self, i: &mut Inner) -> Result<()> {
+        if i.armed.take() == Some(true) {
+            self.ctl
+                .resume()
+                .map_err(|e| ComponentError::Refused(format!("cannot run the vCPUs: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
 impl Component for Vcpus {
     fn section(&self) -> Section {
         Section::new("vcpus", VERSION, &[("count", self.vcpus.len().to_string())])
@@ -151,6 +170,10 @@ impl Component for Vcpus {
         use MigState::*;
         match (i.state, to) {
             // (A destination's vCPU threads wait parked from the start: already stopped.)
+            // Armed, never let go: they are still parked.
+            (RunningP2p, Stop) if i.armed.is_some() => {
+                i.paused_by_us = i.armed.take() == Some(true);
+            }
             (PreCopyP2p, StopCopy) | (RunningP2p, Stop) => self.stop(&mut i)?,
             (PreCopy, Running) | (PreCopyP2p, RunningP2p) => i.throttle = None,
             (Stop, Resuming) => i.loaded = None,
@@ -160,14 +183,20 @@ impl Component for Vcpus {
             (Stop, RunningP2p) => {
                 let run = match i.loaded {
                     Some(paused) => !paused,
-                    None => std::mem::take(&mut i.paused_by_us),
+                    None => i.paused_by_us,
                 };
-                if run {
-                    self.ctl.resume().map_err(|e| {
-                        ComponentError::Refused(format!("cannot run the vCPUs: {e}"))
-                    })?;
+                // Refused here, where a destination can still give the VM back, rather
+                // than at RUNNING.
+                let now = self.ctl.state();
+                if run && now != RunState::Paused {
+                    return Err(ComponentError::Refused(format!(
+                        "cannot run the vCPUs: the VM is {now:?}"
+                    )));
                 }
+                i.paused_by_us = false;
+                i.armed = Some(run);
             }
+            (RunningP2p, Running) => self.let_go(&mut i)?,
             _ => {}
         }
         i.state = to;
