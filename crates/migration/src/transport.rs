@@ -155,6 +155,13 @@ impl Stream {
     /// that never waits and leaves the socket blocking for everyone else. Files and
     /// streams without a socket say false.
     pub fn readable(&self) -> bool {
+        self.readable_within(Duration::ZERO)
+    }
+
+    /// `readable`, waiting up to `d` for it: returns as soon as something arrives. The
+    /// wait is as precise as the kernel's high-resolution timers, where a socket's read
+    /// timeout is rounded up to a scheduler tick (4 ms here).
+    pub fn readable_within(&self, d: Duration) -> bool {
         use std::os::fd::AsRawFd;
         let fd = match self {
             Stream::Tcp(s) => s.as_raw_fd(),
@@ -168,8 +175,13 @@ impl Stream {
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one pollfd for a descriptor this stream owns, no timeout.
-        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        let t = libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: one pollfd for a descriptor this stream owns and a valid timeout; no
+        // signal mask is changed.
+        let r = unsafe { libc::ppoll(&mut p, 1, &t, std::ptr::null()) };
         r > 0 && p.revents != 0
     }
 
@@ -420,5 +432,24 @@ mod tests {
         ] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The post-copy source waits for a request this way between background frames: it
+    /// must end when the request arrives, not when the wait does.
+    #[test]
+    fn a_wait_for_data_ends_when_it_arrives() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let a = Stream::Unix(a);
+        assert!(!a.readable_within(Duration::from_millis(5)));
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            b.write_all(b"x").unwrap();
+            b
+        });
+        let t = std::time::Instant::now();
+        assert!(a.readable_within(Duration::from_secs(60)));
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+        let _b = writer.join().unwrap();
+        assert!(a.readable());
     }
 }

@@ -83,10 +83,13 @@ impl Driver<'_> {
             let out = self.out.as_ref().expect("connected");
             // The background waits while its connections are still busy with what they
             // were given (a blocked send would hold the answer to a touch behind it),
-            // briefly: a socket's read timeout would round a short wait up to a
-            // scheduler tick.
+            // briefly, and listening: a request ends the wait as it arrives. (A sleep
+            // here added its 100 us, and the timer's slack, to most remote faults.)
             if next.is_some() && !out.background_room() {
-                std::thread::sleep(Duration::from_micros(100));
+                self.back
+                    .as_ref()
+                    .expect("live")
+                    .until_readable(Duration::from_micros(100));
                 continue;
             }
             // And listening for requests while the bandwidth cap says so.
