@@ -368,11 +368,20 @@ impl Component for GpuFunction {
     }
 
     fn load_pages(&self, addrs: &[u64], data: &[u8]) -> Result<()> {
-        self.lock().mem.load_pages(&self.m, addrs, data)
+        // Post-copy's placements go without this lock (see `Paged::filler`).
+        let filler = self.lock().mem.filler();
+        match filler {
+            Some(l) => l.place(addrs, data),
+            None => self.lock().mem.load_pages(&self.m, addrs, data),
+        }
     }
 
     fn load_zero(&self, runs: &[(u64, u32)]) -> Result<()> {
-        self.lock().mem.load_zero(&self.m, runs)
+        let filler = self.lock().mem.filler();
+        match filler {
+            Some(l) => l.zero(runs),
+            None => self.lock().mem.load_zero(&self.m, runs),
+        }
     }
 
     fn postcopy_switch(&self) -> Result<Option<Vec<Bitmap>>> {
