@@ -288,7 +288,10 @@ impl Component for GpuFunction {
             (Resuming, Stop) if !i.loaded => {
                 return Err(ComponentError::Refused("no GPU state arrived".into()))
             }
-            (Stop, RunningP2p) if i.held => {
+            // Let go at RUNNING, not RUNNING_P2P, as the vCPUs are: a destination says
+            // STARTED in between, and an engine let go first took one of the host's
+            // cores from the thread that says it (GO to STARTED up to 5 ms here).
+            (RunningP2p, Running) if i.held => {
                 self.m.vf.resume(Hold::Migration);
                 i.held = false;
             }
