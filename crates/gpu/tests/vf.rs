@@ -743,3 +743,82 @@ fn a_capped_engine_stays_within_its_share() {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// The CPU backend, counting how often its resident VRAM is asked for.
+struct Counting {
+    inner: CpuBackend,
+    asked: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl godwit_gpu::backend::Backend for Counting {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn vram_size(&self) -> u64 {
+        self.inner.vram_size()
+    }
+    fn aperture(&self) -> Option<godwit_gpu::backend::Aperture> {
+        self.inner.aperture()
+    }
+    fn read(&self, o: u64, b: &mut [u8]) -> Result<(), godwit_gpu::backend::OutOfRange> {
+        self.inner.read(o, b)
+    }
+    fn write(&self, o: u64, d: &[u8]) -> Result<(), godwit_gpu::backend::OutOfRange> {
+        self.inner.write(o, d)
+    }
+    fn fill(&self, o: u64, l: u64, p: u32) -> Result<(), godwit_gpu::backend::OutOfRange> {
+        self.inner.fill(o, l, p)
+    }
+    fn copy(&self, d: u64, s: u64, l: u64) -> Result<(), godwit_gpu::backend::OutOfRange> {
+        self.inner.copy(d, s, l)
+    }
+    fn kernel(
+        &self,
+        k: &godwit_gpu::command::Kernel,
+        units: std::ops::Range<u64>,
+        acc: &mut godwit_gpu::backend::Acc,
+    ) -> Result<(), godwit_gpu::backend::OutOfRange> {
+        self.inner.kernel(k, units, acc)
+    }
+    fn scrub(&self) {
+        self.inner.scrub()
+    }
+    fn resident_bytes(&self) -> u64 {
+        self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.resident_bytes()
+    }
+}
+
+/// Counting resident VRAM walks the whole mapping (milliseconds of a core at 8 GiB): a
+/// held engine, as in a migration's pause, never does it; a running one does, seldom.
+#[test]
+fn a_held_engine_never_counts_its_vram() {
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    let asked = Arc::new(AtomicU32::new(0));
+    let ram = GuestRam::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let vf = Vf::new(
+        Box::new(Counting {
+            inner: CpuBackend::new(VRAM).unwrap(),
+            asked: asked.clone(),
+        }),
+        ram,
+        Box::new(Unshared),
+    );
+    let engine = vf.start("test-engine").unwrap();
+    vf.pause(Hold::Migration);
+    let before = asked.load(SeqCst);
+    // Five of the engine's 100 ms signs of life.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(asked.load(SeqCst), before, "a held engine counted its VRAM");
+    vf.resume(Hold::Migration);
+    let end = Instant::now() + Duration::from_secs(30);
+    while asked.load(SeqCst) == before {
+        assert!(
+            Instant::now() < end,
+            "a running engine never counted its VRAM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vf.shutdown();
+    engine.join().unwrap();
+}
