@@ -266,6 +266,32 @@ fn the_valid_stream_is_received_into_every_component() {
     }
 }
 
+/// A destination says STARTED between RUNNING_P2P and RUNNING: the GPU's engine, like
+/// the vCPUs, must still be held at RUNNING_P2P (let go, it took a core from the thread
+/// that says STARTED) and run at RUNNING.
+#[test]
+fn the_gpu_engine_goes_only_at_running() {
+    if !kvm() {
+        return;
+    }
+    let (_dir, s, d) = pair("order");
+    d.receive(&stream(&frames(&s))).unwrap();
+    let mut order: Vec<&Arc<dyn Component>> = d.parts.iter().collect();
+    order.sort_by_key(|c| std::cmp::Reverse(c.stop_order()));
+    for c in &order {
+        step_to(&***c, MigState::Stop).unwrap();
+    }
+    let vf = &d._vm.machine().gpu().unwrap().vf;
+    for c in &order {
+        step_to(&***c, MigState::RunningP2p).unwrap();
+    }
+    assert!(vf.held_by(godwit_gpu::Hold::Migration));
+    for c in &order {
+        step_to(&***c, MigState::Running).unwrap();
+    }
+    assert!(!vf.held_by(godwit_gpu::Hold::Migration));
+}
+
 #[test]
 fn fuzz_damaged_streams() {
     if !kvm() {
