@@ -5,8 +5,7 @@
 
 mod common;
 
-use common::{kvm_available, vm, Sink};
-use godwit_vmm::migratable::{step_to, MigState};
+use common::{kvm_available, load, save, vm, Sink};
 use std::sync::mpsc;
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
@@ -21,21 +20,9 @@ fn a_slow_placement_holds_up_no_other() {
     let out = Sink::default();
     let mut a = vm("heartbeat", "", 1, 64, &out);
     a.start_paused().unwrap();
-    let states: Vec<(String, Vec<u8>)> = a
-        .components()
-        .iter()
-        .map(|c| {
-            step_to(&**c, MigState::StopCopy).unwrap();
-            (c.section().name, c.save().unwrap())
-        })
-        .collect();
+    let states = save(&a);
     let mut b = vm("heartbeat", "", 1, 64, &out);
-    b.start_paused().unwrap();
-    for (c, (_, s)) in b.components().iter().zip(&states) {
-        step_to(&**c, MigState::Resuming).unwrap();
-        c.load(s).unwrap();
-        step_to(&**c, MigState::Stop).unwrap();
-    }
+    load(&mut b, &states);
     let ram = b
         .components()
         .iter()

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{kvm_available, vm, wait_until, Sink};
+use common::{kvm_available, load, save, vm, wait_until, Sink};
 use godwit_vmm::migratable::{incoming, step_to, MigState};
 use godwit_vmm::{RunState, Vm, VmExit};
 use std::time::Duration;
@@ -35,25 +35,9 @@ fn last_seq(text: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Stops every component of `vm` (in stop order) and reads their states.
-fn save(vm: &Vm) -> Vec<Vec<u8>> {
-    vm.components()
-        .iter()
-        .map(|c| {
-            step_to(&**c, MigState::StopCopy).unwrap();
-            c.save().unwrap()
-        })
-        .collect()
-}
-
 /// Loads states into a fresh VM (same shape, threads parked) and starts it.
 fn restore(vm: &mut Vm, states: &[Vec<u8>]) {
-    vm.start_paused().unwrap();
-    for (c, s) in vm.components().iter().zip(states) {
-        step_to(&**c, MigState::Resuming).unwrap();
-        c.load(s).unwrap();
-        step_to(&**c, MigState::Stop).unwrap();
-    }
+    load(vm, states);
     for c in vm.components().iter().rev() {
         step_to(&**c, MigState::Running).unwrap();
     }
@@ -146,12 +130,7 @@ fn restored_vcpus_wait_at_running_p2p_and_run_at_running() {
     copy_memory(&a, &b);
     a.handle().ctl.request_exit(VmExit::Shutdown);
     a.wait();
-    b.start_paused().unwrap();
-    for (c, s) in b.components().iter().zip(&states) {
-        step_to(&**c, MigState::Resuming).unwrap();
-        c.load(s).unwrap();
-        step_to(&**c, MigState::Stop).unwrap();
-    }
+    load(&mut b, &states);
     for c in b.components().iter().rev() {
         step_to(&**c, MigState::RunningP2p).unwrap();
     }

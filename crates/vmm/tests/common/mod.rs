@@ -85,3 +85,26 @@ pub fn wait_until(limit: Duration, f: impl Fn() -> bool) -> bool {
     }
     false
 }
+
+/// Stops every component of `vm` (in stop order) and reads their states.
+pub fn save(vm: &Vm) -> Vec<Vec<u8>> {
+    vm.components()
+        .iter()
+        .map(|c| {
+            godwit_vmm::migratable::step_to(&**c, godwit_vmm::migratable::MigState::StopCopy)
+                .unwrap();
+            c.save().unwrap()
+        })
+        .collect()
+}
+
+/// Loads states into a fresh VM (same shape, threads parked), up to STOP.
+pub fn load(vm: &mut Vm, states: &[Vec<u8>]) {
+    use godwit_vmm::migratable::{step_to, MigState};
+    vm.start_paused().unwrap();
+    for (c, s) in vm.components().iter().zip(states) {
+        step_to(&**c, MigState::Resuming).unwrap();
+        c.load(s).unwrap();
+        step_to(&**c, MigState::Stop).unwrap();
+    }
+}
