@@ -802,10 +802,10 @@ impl Incoming {
             }
         }
         // STARTED before the vCPUs and the GPU's engine go (they go at RUNNING): a woken
-        // vCPU preempts this thread, and on a busy host STARTED then waited for the next scheduler tick,
-        // up to 4 ms that the source counts as downtime while the guest already ran
-        // (median downtime 5.2 against 1.5 ms over 16 runs of a 1 GiB guest rewriting
-        // 512 MiB at 1 GiB/s). The source waits for this; if it is lost, the source
+        // vCPU preempts this thread, and on a busy host STARTED then waited for the next
+        // scheduler tick, up to 4 ms that the source counted as downtime while the guest
+        // already ran (median downtime 5.2 against 1.5 ms over 16 runs of a 1 GiB guest
+        // rewriting 512 MiB at 1 GiB/s). The source waits for this; if it is lost, the source
         // keeps its copy paused (it never resumes after GO), so the VM still runs only
         // here.
         let started = Frame::Started(Started {
@@ -818,8 +818,9 @@ impl Incoming {
             None => answer(&mut self.main, &started),
         }
         for c in &order {
-            // Past STARTED the source has let the VM go. Only the vCPUs act on this arc,
-            // and they fail only when the VM has already stopped here.
+            // Past STARTED the source has let the VM go. Only what starts work acts on
+            // this arc (the vCPUs, a GPU's engine), and only the vCPUs can fail, when the
+            // VM has already stopped here.
             if let Err(e) = step_to(&***c, MigState::Running) {
                 return Err(ReceiveError::Start(format!("{}: {e}", c.section().name)));
             }

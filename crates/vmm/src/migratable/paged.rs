@@ -358,11 +358,8 @@ impl MemoryState {
     }
 
     /// A destination's pages at `addrs`, `data` holding one page per address: all
-    /// checked before any is written. In post-copy they fill missing pages.
+    /// checked before any is written. (In post-copy they go to `filler` instead.)
     pub fn load_pages(&self, mem: &dyn Memory, addrs: &[u64], data: &[u8]) -> Result<()> {
-        if let Some(l) = &self.lazy {
-            return l.place(addrs, data);
-        }
         super::expect(self.state, MigState::Resuming, "pages")?;
         if data.len() != addrs.len() * PAGE_SIZE {
             return Err(ComponentError::Refused(
@@ -381,11 +378,8 @@ impl MemoryState {
     /// A destination's runs of zero pages, all checked before any is written. Memory
     /// never written reads as zero without being allocated: only pages that hold
     /// something are cleared, so a stream of zero runs cannot make the destination
-    /// allocate the memory it names.
+    /// allocate the memory it names. (In post-copy they go to `filler` instead.)
     pub fn load_zero(&self, mem: &dyn Memory, runs: &[(u64, u32)]) -> Result<()> {
-        if let Some(l) = &self.lazy {
-            return l.zero(runs);
-        }
         super::expect(self.state, MigState::Resuming, "pages")?;
         for &(a, n) in runs {
             if n == 0 {

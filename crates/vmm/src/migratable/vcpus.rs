@@ -1,8 +1,9 @@
 //! The vCPUs as a migration component: they stop first (nothing new starts in the VM
 //! once they are parked), their registers are read after every device has stopped (a
 //! device's last interrupt lands in a LAPIC, which is vCPU state), and on a destination
-//! they start last: armed at RUNNING_P2P, let go at RUNNING. While pre-copy runs they can be held back for a share of every time
-//! slice (auto-converge; the driver chooses the share).
+//! they start last: armed at RUNNING_P2P, let go at RUNNING. While pre-copy runs they can
+//! be held back for a share of every time slice (auto-converge; the driver chooses the
+//! share).
 
 use super::{
     check_arc, decode, encode, expect, unix_ns, Component, ComponentError, MigState, PreCopyInfo,
@@ -137,9 +138,7 @@ impl Vcpus {
         }
         Ok(())
     }
-}
 
-impl Vcpus {
     /// Runs the vCPUs armed on the way up from STOP, if they are to run.
     fn let_go(&self, i: &mut Inner) -> Result<()> {
         if i.armed.take() == Some(true) {
@@ -169,11 +168,11 @@ impl Component for Vcpus {
         check_arc(i.state, to)?;
         use MigState::*;
         match (i.state, to) {
-            // (A destination's vCPU threads wait parked from the start: already stopped.)
             // Armed, never let go: they are still parked.
             (RunningP2p, Stop) if i.armed.is_some() => {
                 i.paused_by_us = i.armed.take() == Some(true);
             }
+            // (A destination's vCPU threads wait parked from the start: already stopped.)
             (PreCopyP2p, StopCopy) | (RunningP2p, Stop) => self.stop(&mut i)?,
             (PreCopy, Running) | (PreCopyP2p, RunningP2p) => i.throttle = None,
             (Stop, Resuming) => i.loaded = None,
