@@ -6,6 +6,7 @@
 mod common;
 
 use common::{kvm_available, load, save, vm, Sink};
+use godwit_vmm::migratable::fuzz_postcopy::AnonMap;
 use std::sync::mpsc;
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
@@ -43,18 +44,8 @@ fn a_slow_placement_holds_up_no_other() {
         .user_mode_only(false)
         .create()
         .expect("userfaultfd for kernel-mode faults (as root, or vm.unprivileged_userfaultfd=1)");
-    // SAFETY: a fresh private anonymous mapping of one page, unmapped at the end.
-    let src = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            PAGE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(src, libc::MAP_FAILED);
+    let map = AnonMap::new(1).unwrap();
+    let src = map.host as *mut libc::c_void;
     uffd.register(src, PAGE).unwrap();
     let slow = {
         let ram = ram.clone();
@@ -103,6 +94,4 @@ fn a_slow_placement_holds_up_no_other() {
         .read_slice(&mut got[1..], GuestAddress(0x10_0000))
         .unwrap();
     assert_eq!(got, [7, 9]);
-    // SAFETY: the mapping made above, no longer used.
-    unsafe { libc::munmap(src, PAGE) };
 }

@@ -14,8 +14,9 @@ use std::collections::BTreeMap;
 const PAGES: u64 = 256;
 const BASE: u64 = 0x10_0000;
 
-/// A private anonymous mapping, unmapped on drop (also the lazy memory's unit tests').
-pub(crate) struct AnonMap {
+/// A private anonymous mapping, unmapped on drop (also the lazy memory's unit tests' and
+/// the VMM's placement test's).
+pub struct AnonMap {
     pub host: u64,
     len: usize,
 }
