@@ -118,8 +118,8 @@ pub fn run(a: RunArgs) -> ExitCode {
         },
     };
     // Claim the API socket before building anything: a second godwit on the same socket
-    // must fail before it creates a VM. A booted VM's API is served once the VM exists
-    // (requests wait in the socket's queue meanwhile, a short time); a destination's
+    // must fail before it creates a VM. A booted VM's API is served once the VM has
+    // started (requests wait in the socket's queue meanwhile, a short time); a destination's
     // from the start, answering 503 with the reason until the source has sent the VM,
     // so that a client never hangs on a godwit that waits for a source.
     let listener = match &a.api_socket {
@@ -182,6 +182,16 @@ pub fn run(a: RunArgs) -> ExitCode {
     let migration = Arc::new(MigrationApi::default());
     stopper.watch(handle.clone(), migration.status.clone());
     let ext: Arc<dyn Extension> = migration;
+    // A booted VM starts before its API serves (requests wait in the socket's queue
+    // meanwhile), so that no client is ever told it has not started: Nova read such an
+    // answer as a power state of "pending" and refused to live-migrate the VM.
+    let mut pending = pending;
+    if let Pending::Booted(vm) = &mut pending {
+        if let Err(e) = vm.start() {
+            vm.wait();
+            return fail(e);
+        }
+    }
     // Kept to the end: dropping the server stops it.
     let _api = match (api, listener) {
         // A destination's server runs already: from now on it answers for the VM.
@@ -189,12 +199,17 @@ pub fn run(a: RunArgs) -> ExitCode {
             api.serve(handle, Some(ext));
             Some(api)
         }
-        // A booted VM's is started with the VM to serve (requests waited in the
-        // socket's queue until now), so none is ever told the VM is not there yet.
+        // A booted VM's is started with the VM to serve.
         (None, Some((l, p))) => {
             match ApiServer::start_serving(l, &p, Limits::default(), handle, Some(ext)) {
                 Ok(s) => Some(s),
-                Err(e) => return fail(e.to_string()),
+                Err(e) => {
+                    if let Pending::Booted(vm) = &mut pending {
+                        vm.handle().ctl.request_exit(VmExit::Error(e.to_string()));
+                        vm.wait();
+                    }
+                    return fail(e.to_string());
+                }
             }
         }
         (None, None) => None,
@@ -202,13 +217,7 @@ pub fn run(a: RunArgs) -> ExitCode {
     // The server owns the socket from here, and removes it when it stops.
     std::mem::forget(guard);
     let (mut vm, postcopy) = match pending {
-        Pending::Booted(mut vm) => match vm.start() {
-            Ok(()) => (vm, None),
-            Err(e) => {
-                vm.wait();
-                return fail(e);
-            }
-        },
+        Pending::Booted(vm) => (vm, None),
         Pending::Incoming(inc) => match inc.start() {
             Ok(x) => x,
             Err(e) => return fail(e),

@@ -104,9 +104,6 @@ impl Control {
         s.active += 1;
         // SAFETY: pthread_self has no preconditions.
         s.threads.push(unsafe { libc::pthread_self() });
-        if s.want == RunState::Created {
-            s.want = RunState::Running;
-        }
     }
 
     pub fn vcpu_stopped(&self) {
@@ -214,6 +211,16 @@ impl Control {
         }
         Self::kick(&s);
         self.cv.notify_all();
+    }
+
+    /// The vCPU threads are launched: the VM runs from now on, as far as anyone asking
+    /// is concerned, not from whenever the first thread is scheduled (under load that
+    /// was long enough for an orchestrator to read the VM as not yet started).
+    pub fn launched(&self) {
+        let mut s = self.lock();
+        if s.want == RunState::Created {
+            s.want = RunState::Running;
+        }
     }
 
     /// Makes vCPU threads started from now on park at their first checkpoint, so they

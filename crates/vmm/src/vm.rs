@@ -391,6 +391,7 @@ impl Vm {
                 }
             }
         }
+        self.handle.ctl.launched();
         Ok(())
     }
 

@@ -148,6 +148,23 @@ fn restored_vcpus_wait_at_running_p2p_and_run_at_running() {
         .contains(&format!("heartbeat seq={} ", seq_at_pause + 1)));
 }
 
+/// A started VM says so at once, not once its first vCPU thread happens to be
+/// scheduled: an orchestrator asking in between (Nova, right after the boot) took the
+/// VM for one that had not started.
+#[test]
+fn a_started_vm_runs_as_soon_as_start_returns() {
+    if !kvm_available() {
+        return;
+    }
+    let out = Sink::default();
+    let mut a = vm("heartbeat", "period=5 count=0", 2, 64, &out);
+    assert_eq!(a.handle().state(), RunState::Created);
+    a.start().unwrap();
+    assert_eq!(a.handle().state(), RunState::Running);
+    a.handle().ctl.request_exit(VmExit::Shutdown);
+    assert_eq!(a.wait(), VmExit::Shutdown);
+}
+
 #[test]
 fn a_paused_vm_stays_paused_where_it_is_restored() {
     if !kvm_available() {

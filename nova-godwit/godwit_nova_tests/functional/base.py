@@ -80,6 +80,12 @@ class GodwitTestCase(integrated_helpers.ProviderUsageBaseTestCase):
         self.flags(group='wsgi', api_paste_config=os.path.join(
             sys.prefix, 'etc', 'nova', 'api-paste.ini'))
         super().setUp()
+        # What a call still in flight when a test fails may wait: a migration's
+        # post-processing asks a destination whose service the cleanup has
+        # already stopped, and with Nova's default (1800 s) the cleanup, which
+        # waits for that migration, held the run for half an hour before the
+        # failure was reported.
+        self.flags(long_rpc_timeout=WAIT)
         self.tmp = self.useFixture(fixtures.TempDir()).path
         self.network = netns.Network(self.HOSTS)
         why = self.network.create()
