@@ -15,7 +15,14 @@ fuzz_target!(|data: &[u8]| {
                 let used = before.len() - input.len();
                 if matches!(
                     f.kind(),
-                    Kind::Zero | Kind::State | Kind::Data | Kind::Sync | Kind::Synced | Kind::Join
+                    Kind::Zero
+                        | Kind::State
+                        | Kind::Data
+                        | Kind::Sync
+                        | Kind::Synced
+                        | Kind::Join
+                        | Kind::Postcopy
+                        | Kind::Lacks
                 ) {
                     let mut again = Vec::new();
                     wire::write_frame(&mut again, &f).expect("a decoded frame encodes");

@@ -651,7 +651,12 @@ fn hostile_input_on_the_destination_is_a_clear_error() {
     wire::write_raw(&mut page_outside, Kind::Pages, &p).unwrap();
     for (name, bytes, want) in [
         ("garbage", garbage, "not a godwit migration stream"),
-        ("version", hello(99), "wire version 99"),
+        ("version", hello(99), "wire version 99, this godwit takes"),
+        (
+            "old",
+            hello(wire::OLDEST_WIRE_VERSION - 1),
+            "godwit takes 4",
+        ),
         ("outside", page_outside, "not inside guest RAM"),
         ("gpu-abi", gpu_abi, "gpu: the source has abi 9.9"),
     ] {

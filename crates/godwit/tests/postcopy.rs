@@ -346,12 +346,8 @@ fn hostile_destination() -> (String, std::thread::JoinHandle<(u64, u64)>) {
         loop {
             match wire::read_frame(&mut c, &mut buf).unwrap() {
                 Frame::Sync(n) => wire::write_frame(&mut c, &Frame::Synced(n)).unwrap(),
-                Frame::Postcopy { missing, .. } => {
-                    lazy_pages = missing
-                        .iter()
-                        .flatten()
-                        .map(|w| w.count_ones() as u64)
-                        .sum()
+                Frame::Lacks { regions, .. } => {
+                    lazy_pages = regions.iter().map(|r| r.pages()).sum()
                 }
                 Frame::Complete(_) => break,
                 _ => {}

@@ -94,6 +94,52 @@ fn a_snapshot_restored_lazily_or_eagerly_gives_back_every_page() {
     assert!(stderr(&o).contains("no page index"), "{}", stderr(&o));
 }
 
+/// A snapshot file outlives the godwit that wrote it: one whose HELLO names the oldest
+/// wire version this godwit takes is restored, lazily and eagerly; one older than
+/// that is refused with both versions named, before any guest runs.
+#[test]
+fn a_snapshot_of_an_older_wire_version_is_restored_or_refused_clearly() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("restore-version");
+    let snap = dirtier_snapshot(&dir);
+    let bytes = std::fs::read(&snap).unwrap();
+    // The same file with another version in its HELLO (the same length, so the page
+    // index's offsets still hold).
+    let with_version = |v: u32| {
+        let mut buf = Vec::new();
+        let Ok(Frame::Hello(mut h)) = wire::read_frame(&mut &bytes[..], &mut buf) else {
+            panic!("a snapshot starts with HELLO")
+        };
+        assert_eq!(h.wire_version, wire::WIRE_VERSION);
+        h.wire_version = v;
+        let mut out = Vec::new();
+        wire::write_frame(&mut out, &Frame::Hello(h)).unwrap();
+        assert_eq!(out.len(), wire::HEADER_LEN + buf.len());
+        out.extend_from_slice(&bytes[out.len()..]);
+        let p = dir.path(&format!("v{v}.snap"));
+        std::fs::write(&p, out).unwrap();
+        p
+    };
+    let old = with_version(wire::OLDEST_WIRE_VERSION);
+    assert_verified(&restore(&old, "lazy"));
+    assert_verified(&restore(&old, "eager"));
+    let older = with_version(wire::OLDEST_WIRE_VERSION - 1);
+    for how in ["lazy", "eager"] {
+        let o = restore(&older, how);
+        assert_eq!(o.status.code(), Some(1), "{how}: {}", stderr(&o));
+        let want = format!(
+            "wire version {}, this godwit takes {} to {}",
+            wire::OLDEST_WIRE_VERSION - 1,
+            wire::OLDEST_WIRE_VERSION,
+            wire::WIRE_VERSION
+        );
+        assert!(stderr(&o).contains(&want), "{how}: {}", stderr(&o));
+        assert!(stdout(&o).is_empty(), "{how}: a guest ran: {}", stdout(&o));
+    }
+}
+
 /// A page whose copy in the file is damaged stops a lazy restore with the reason when
 /// it is read, before anything is placed from it; an eager restore refuses the file
 /// before the VM runs at all.

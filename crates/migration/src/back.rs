@@ -7,7 +7,7 @@
 //! come this way too.
 
 use crate::transport::Stream;
-use crate::wire::{self, Frame, Kind, Ready, Started, WireError, HEADER_LEN};
+use crate::wire::{self, Frame, Kind, Lacks, Ready, Started, WireError, HEADER_LEN};
 use std::io::Read;
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ pub enum Answer {
     /// Post-copy recovery: what the destination still lacks of one section.
     Missing {
         section: u32,
-        missing: Vec<Vec<u64>>,
+        missing: Vec<Lacks>,
     },
     Resumed,
     /// A frame the destination should not send.
@@ -93,7 +93,14 @@ impl BackChannel {
             Ok(Frame::Request { section, addrs }) => Answer::Request { section, addrs },
             Ok(Frame::Done(d)) => Answer::Done(d),
             Ok(Frame::Ahead { section, addrs }) => Answer::Ahead { section, addrs },
-            Ok(Frame::Postcopy { section, missing }) => Answer::Missing { section, missing },
+            Ok(Frame::Postcopy { section, missing }) => Answer::Missing {
+                section,
+                missing: missing.into_iter().map(Lacks::Bitmap).collect(),
+            },
+            Ok(Frame::Lacks { section, regions }) => Answer::Missing {
+                section,
+                missing: regions,
+            },
             Ok(Frame::Resumed) => Answer::Resumed,
             Ok(f) => Answer::Other(f.kind()),
             Err(e) => {

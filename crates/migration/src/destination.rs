@@ -5,6 +5,7 @@
 //! reads is hostile: any malformed, truncated, corrupt or out-of-range input ends the
 //! migration with a clear error and the VM is never started.
 
+use crate::lacks::{self, Lacks};
 use crate::postcopy_in::LazyPart;
 pub use crate::postcopy_in::PostcopyIn;
 use crate::restore::Restore;
@@ -197,6 +198,8 @@ pub struct Incoming {
     /// The migration's session, and where a source that lost its connections during
     /// post-copy comes back.
     session: u64,
+    /// The wire version the source speaks: a recovery answers it in that version.
+    wire_version: u32,
     recovery: Option<Listener>,
     /// A snapshot restored lazily: what fills the memory once the VM runs.
     restore: Option<Restore>,
@@ -226,7 +229,7 @@ pub enum Event<'a> {
     /// The end of pre-copy round `n` on this connection.
     Sync(u64),
     /// Post-copy: the pages of section `i` still at the source (main connection only).
-    Postcopy(usize, Vec<Vec<u64>>),
+    Postcopy(usize, Vec<Lacks>),
 }
 
 /// Takes each event as it arrives.
@@ -281,7 +284,15 @@ pub fn drain(
                 missing,
             } if until == Kind::Complete => {
                 section(s)?;
-                on_event(Event::Postcopy(s as usize, missing))?;
+                let lacks = missing.into_iter().map(Lacks::Bitmap).collect();
+                on_event(Event::Postcopy(s as usize, lacks))?;
+            }
+            Frame::Lacks {
+                section: s,
+                regions,
+            } if until == Kind::Complete => {
+                section(s)?;
+                on_event(Event::Postcopy(s as usize, regions))?;
             }
             Frame::Data { section: s, data } if until == Kind::Complete => {
                 let (c, name) = section(s)?;
@@ -379,12 +390,13 @@ pub(crate) fn build(
     console: Console,
     main: &mut Option<Stream>,
 ) -> Result<(Vm, Vec<Arc<dyn Component>>, Vec<String>), ReceiveError> {
-    if hello.wire_version != wire::WIRE_VERSION {
+    if !(wire::OLDEST_WIRE_VERSION..=wire::WIRE_VERSION).contains(&hello.wire_version) {
         return Err(refuse(
             main,
             format!(
-                "the source speaks migration wire version {}, this godwit speaks {}",
+                "the source speaks migration wire version {}, this godwit takes {} to {}",
                 hello.wire_version,
+                wire::OLDEST_WIRE_VERSION,
                 wire::WIRE_VERSION
             ),
         ));
@@ -528,7 +540,7 @@ pub fn receive_with(
     let wake = first.try_clone();
     let mut restore = Duration::ZERO;
     let mut states = vec![false; parts.len()];
-    let mut postcopy: Vec<Option<Vec<Vec<u64>>>> = vec![None; parts.len()];
+    let mut postcopy: Vec<Option<Vec<Lacks>>> = vec![None; parts.len()];
     let mut kept = Vec::new();
     // How far each data connection has got (the last SYNC it passed), so the main one
     // answers SYNCED only once all of them have taken in the round.
@@ -651,8 +663,9 @@ pub fn receive_with(
                 "a snapshot cannot leave memory behind (post-copy)".into(),
             ));
         }
-        let faults = parts[i]
-            .postcopy_expect(missing)
+        let faults = lacks::bitmaps(missing, &parts[i].lazy_regions())
+            .map_err(|e| format!("post-copy: {e}"))
+            .and_then(|m| parts[i].postcopy_expect(m).map_err(|e| e.to_string()))
             .map_err(|e| abort(&mut main, format!("{}: {e}", names[i])))?;
         lazy.push(LazyPart {
             section: i as u32,
@@ -678,6 +691,7 @@ pub fn receive_with(
         lazy,
         lanes: kept,
         session: hello.session,
+        wire_version: hello.wire_version,
         recovery: None,
         restore: None,
     })
@@ -702,6 +716,7 @@ impl Incoming {
             lazy: Vec::new(),
             lanes: Vec::new(),
             session: hello.session,
+            wire_version: hello.wire_version,
             recovery: None,
             restore: Some(restore),
         }
@@ -765,6 +780,7 @@ impl Incoming {
                             .map(|listener| crate::postcopy_in::Recovery {
                                 listener,
                                 session: self.session,
+                                wire_version: self.wire_version,
                             });
                     crate::postcopy_in::start(m, lanes, self.parts.clone(), lazy, recovery)
                 });

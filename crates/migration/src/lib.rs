@@ -18,6 +18,7 @@ mod back;
 mod converge;
 pub mod destination;
 pub mod error;
+pub mod lacks;
 pub mod outbound;
 pub mod postcopy_in;
 pub mod report;

@@ -10,7 +10,7 @@
 //! missing, and goes on on the new connections.
 
 use crate::transport::{Listener, Stream};
-use crate::wire::{self, Done, Frame, WireError, MAX_REQUEST};
+use crate::wire::{self, Done, Frame, Lacks, WireError, MAX_REQUEST};
 use godwit_vmm::migratable::{Component, Faults};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -171,6 +171,8 @@ impl FaultWatch {
 pub(crate) struct Recovery {
     pub listener: Listener,
     pub session: u64,
+    /// What the source speaks: wire version 4 knows only bitmaps (POSTCOPY).
+    pub wire_version: u32,
 }
 
 /// Starts the threads of post-copy; they end by themselves. From here on whatever
@@ -249,13 +251,14 @@ fn supervise(pc: &Arc<PostcopyIn>, r: Recovery) {
             .lazy
             .iter()
             .try_for_each(|l| {
-                wire::write_frame(
-                    &mut *main,
-                    &Frame::Postcopy {
-                        section: l.section,
-                        missing: l.faults.missing(),
-                    },
-                )
+                let (section, missing) = (l.section, l.faults.missing());
+                let f = if r.wire_version < 5 {
+                    Frame::Postcopy { section, missing }
+                } else {
+                    let regions = missing.into_iter().map(Lacks::of).collect();
+                    Frame::Lacks { section, regions }
+                };
+                wire::write_frame(&mut *main, &f)
             })
             .and_then(|_| wire::write_frame(&mut *main, &Frame::Resumed))
             .and_then(|_| main.finish());

@@ -20,12 +20,18 @@
 //! runs. ABORT (either way, at any time: the main connection is two-way) ends a
 //! migration with a reason. A snapshot file is the same stream without the answers.
 
+pub use crate::lacks::Lacks;
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"GDWM");
-/// Bumped on any incompatible change; a destination refuses any other.
-pub const WIRE_VERSION: u32 = 4;
+/// Bumped on any incompatible change. A destination takes streams from
+/// `OLDEST_WIRE_VERSION` on (a snapshot file outlives the godwit that wrote it); a
+/// source speaks only this one, so an older destination refuses a newer source.
+pub const WIRE_VERSION: u32 = 5;
+/// Version 4 said what a post-copy section lacks only as bitmaps (POSTCOPY); 5 adds
+/// LACKS, which may say it as runs.
+pub const OLDEST_WIRE_VERSION: u32 = 4;
 pub const HEADER_LEN: usize = 16;
 pub const PAGE_SIZE: usize = 4096;
 /// Pages carried by one PAGES frame.
@@ -62,6 +68,7 @@ pub enum Kind {
     Resume = 20,
     Resumed = 21,
     Ahead = 22,
+    Lacks = 23,
 }
 
 impl Kind {
@@ -90,6 +97,7 @@ impl Kind {
             20 => Resume,
             21 => Resumed,
             22 => Ahead,
+            23 => Lacks,
             _ => return None,
         })
     }
@@ -221,10 +229,16 @@ pub enum Frame<'a> {
     Started(Started),
     Abort(String),
     /// Post-copy, at the switch, on the main connection: the pages of one section the
-    /// destination still needs, one bitmap per region of the section's memory.
+    /// destination still needs, one bitmap per region of the section's memory (wire
+    /// version 4; LACKS since).
     Postcopy {
         section: u32,
         missing: Vec<Vec<u64>>,
+    },
+    /// As POSTCOPY, each region's pages as a bitmap or as runs, whichever is smaller.
+    Lacks {
+        section: u32,
+        regions: Vec<Lacks>,
     },
     /// Post-copy, destination to source: pages a touch waits for.
     Request {
@@ -270,6 +284,7 @@ impl Frame<'_> {
             Frame::Sync(_) => Kind::Sync,
             Frame::Synced(_) => Kind::Synced,
             Frame::Postcopy { .. } => Kind::Postcopy,
+            Frame::Lacks { .. } => Kind::Lacks,
             Frame::Request { .. } => Kind::Request,
             Frame::Ahead { .. } => Kind::Ahead,
             Frame::Done(_) => Kind::Done,
@@ -352,6 +367,30 @@ pub fn write_frame(w: &mut impl Write, f: &Frame) -> io::Result<()> {
                 p.extend_from_slice(&(b.len() as u32).to_le_bytes());
                 for w in b {
                     p.extend_from_slice(&w.to_le_bytes());
+                }
+            }
+            p
+        }
+        Frame::Lacks { section, regions } => {
+            let mut p = section.to_le_bytes().to_vec();
+            p.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+            for r in regions {
+                match r {
+                    Lacks::Bitmap(b) => {
+                        p.push(0);
+                        p.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                        for w in b {
+                            p.extend_from_slice(&w.to_le_bytes());
+                        }
+                    }
+                    Lacks::Runs(runs) => {
+                        p.push(1);
+                        p.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+                        for (first, n) in runs {
+                            p.extend_from_slice(&first.to_le_bytes());
+                            p.extend_from_slice(&n.to_le_bytes());
+                        }
+                    }
                 }
             }
             p
@@ -700,6 +739,51 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
             }
             Ok(Frame::Postcopy { section, missing })
         }
+        Kind::Lacks => {
+            let (section, rest) = section()?;
+            if rest.len() < 4 {
+                return Err(bad("no region count".into()));
+            }
+            let count = u32_at(rest, 0) as usize;
+            // Each region takes at least its 1-byte form and 4-byte count.
+            if count == 0 || count > rest.len() / 5 {
+                return Err(bad(format!("{count} regions")));
+            }
+            let mut at = 4;
+            let mut regions = Vec::with_capacity(count);
+            for _ in 0..count {
+                if rest.len() < at + 5 {
+                    return Err(bad("truncated region".into()));
+                }
+                let (form, n) = (rest[at], u32_at(rest, at + 1) as usize);
+                at += 5;
+                let item = match form {
+                    0 => 8,
+                    1 => 16,
+                    f => return Err(bad(format!("region form {f}"))),
+                };
+                let end = n
+                    .checked_mul(item)
+                    .and_then(|b| b.checked_add(at))
+                    .filter(|e| *e <= rest.len())
+                    .ok_or_else(|| bad(format!("{n} entries do not fit")))?;
+                regions.push(if form == 0 {
+                    Lacks::Bitmap((at..end).step_by(8).map(|i| u64_at(rest, i)).collect())
+                } else {
+                    Lacks::Runs(
+                        (at..end)
+                            .step_by(16)
+                            .map(|i| (u64_at(rest, i), u64_at(rest, i + 8)))
+                            .collect(),
+                    )
+                });
+                at = end;
+            }
+            if at != rest.len() {
+                return Err(bad(format!("{} stray bytes", rest.len() - at)));
+            }
+            Ok(Frame::Lacks { section, regions })
+        }
         Kind::Data => {
             let (section, data) = section()?;
             if data.is_empty() {
@@ -757,6 +841,15 @@ mod tests {
         roundtrip(&Frame::Postcopy {
             section: 1,
             missing: vec![vec![1, u64::MAX], vec![], vec![7]],
+        });
+        roundtrip(&Frame::Lacks {
+            section: 2,
+            regions: vec![
+                Lacks::Runs(vec![(0, 3), (1 << 40, u64::MAX)]),
+                Lacks::Bitmap(vec![5, 6]),
+                Lacks::Runs(vec![]),
+                Lacks::Bitmap(vec![]),
+            ],
         });
         roundtrip(&Frame::Request {
             section: 0,

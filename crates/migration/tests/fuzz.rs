@@ -7,6 +7,7 @@
 //! each feeding a VM).
 
 use godwit_migration::destination::{drain, in_order, Event};
+use godwit_migration::lacks;
 use godwit_migration::wire::{self, Frame, Hello, Kind, Totals, PAGE_SIZE};
 use godwit_vmm::config::GpuRequest;
 use godwit_vmm::migratable::{incoming, step_to, Component, MigState};
@@ -226,10 +227,13 @@ impl Dest {
                 Event::State(i, b) => self.parts[i].load(b).map_err(|e| e.to_string()),
                 Event::Sync(_) => Ok(()),
                 // Taken only once the states are loaded (STOP): refused while RESUMING.
-                Event::Postcopy(i, m) => self.parts[i]
-                    .postcopy_expect(m)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
+                Event::Postcopy(i, m) => {
+                    let m = lacks::bitmaps(m, &self.parts[i].lazy_regions())?;
+                    self.parts[i]
+                        .postcopy_expect(m)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
             },
         )
         .map(|_| ())

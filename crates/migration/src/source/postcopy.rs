@@ -6,6 +6,7 @@
 //! all (DONE); only then does the VM end here.
 
 use super::*;
+use crate::lacks;
 use crate::outbound::Route;
 use crate::wire::Done;
 
@@ -287,6 +288,12 @@ impl Driver<'_> {
                             got: format!("section {section}"),
                         });
                     };
+                    let missing = lacks::bitmaps(missing, &p.c.lazy_regions()).map_err(|e| {
+                        MigrationError::Unexpected {
+                            want: "what a lazy section lacks, fitting its memory",
+                            got: e,
+                        }
+                    })?;
                     p.c.postcopy_resume(missing)
                         .map_err(MigrationError::component(&p.name))?;
                 }

@@ -3,6 +3,7 @@
 //! bounded by a watchdog until GO.
 
 use super::*;
+use crate::lacks::Lacks;
 
 impl Driver<'_> {
     pub(super) fn part(&mut self, name: &str) -> &mut DowntimePart {
@@ -224,9 +225,9 @@ impl Driver<'_> {
                 continue;
             };
             let n = godwit_vmm::migratable::paged::count(&missing);
-            let f = Frame::Postcopy {
+            let f = Frame::Lacks {
                 section: i as u32,
-                missing,
+                regions: missing.into_iter().map(Lacks::of).collect(),
             };
             self.out().control(&f).map_err(|e| self.send_error(e))?;
             self.parts[i].lazy = true;
