@@ -229,6 +229,58 @@ fn migrate_postcopy_switches_a_running_precopy_over() {
     assert_verified(&mut dst, 8192);
 }
 
+/// Switched in pre-copy's second round: the destination holds a copy of every page,
+/// and those the guest rewrote since they were sent are stale. Each must go missing at
+/// the switch, never be read. Rewriting 16 MiB at 2 MiB/s, the guest checks all of its
+/// memory every second, long before it rewrites the stale pages again (6 s): one read
+/// in place would show.
+#[test]
+fn stale_copies_at_the_switch_are_never_read() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-stale");
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "512",
+        &[
+            "wss=16",
+            "rate=2",
+            "seconds=10",
+            "verify-every=1",
+            "report-every=250",
+        ],
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    // A limit no round can meet at 8 MiB/s: pre-copy goes on until switched.
+    let m = migrating(
+        &src,
+        &addr,
+        &["--max-bandwidth", "8M", "--downtime-ms", "1"],
+    );
+    let sock = src.sock.to_str().unwrap().to_string();
+    wait_for(LIMIT, || {
+        let (_, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").ok()?;
+        let v: Value = serde_json::from_str(&b).ok()?;
+        (v["progress"]["round"].as_u64()? >= 2).then_some(())
+    })
+    .expect("pre-copy never reached its second round");
+    let o = run(&["migrate-postcopy", "--api-socket", &sock], LIMIT);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_postcopy_whole(&r);
+    assert!(r["round_count"].as_u64().unwrap() >= 1, "{r}");
+    assert!(
+        r["postcopy"]["missing_pages"]["ram"].as_u64().unwrap() > 0,
+        "{r}"
+    );
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_verified(&mut dst, 4096);
+    assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
+}
+
 #[test]
 fn auto_stays_precopy_when_it_fits_and_files_refuse_postcopy() {
     if !kvm_available() {

@@ -201,3 +201,52 @@ fn a_two_vcpu_guest_restores_lazily() {
     );
     assert!(stderr(&o).contains("every page is in"), "{}", stderr(&o));
 }
+
+/// A VM restored lazily and moved on at once: its memory is still coming from the file
+/// when the migration asks for it, so the migration waits until every page is in (a
+/// page read out before it arrived would be a hole in the guest's memory where it
+/// lands), then moves it; the guest's checks pass there.
+#[test]
+fn a_vm_restored_lazily_moves_on_at_once() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("restore-onward");
+    let snap = dir.path("vm.snap");
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "256",
+        &[
+            "wss=128",
+            "rate=4",
+            "seconds=0",
+            "verify-every=1",
+            "report-every=250",
+        ],
+    );
+    let (out, r) = migrate(&src, &format!("file:{}", snap.display()), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0);
+    let f = format!("file:{}", snap.display());
+    let b_args = ["--incoming", &f, "--restore", "lazy", "--log-level", "info"];
+    let mut b = source(&dir, "b", &b_args);
+    let (mut c, addr_c) = destination(&dir, "c", &[]);
+    let (out, r) = migrate(&b, &addr_c, &[]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(exit_code(&mut b, LIMIT), 0, "{}", read(&b.err));
+    assert!(
+        read(&b.err).contains("the VM runs before its memory is read"),
+        "{}",
+        read(&b.err)
+    );
+    gains(&c.log, "verify ok pages=32768", 2);
+    assert!(!read(&c.log).contains("FAILED"), "{}", read(&c.log));
+    run(
+        &["shutdown", "--api-socket", c.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    exit_code(&mut c, LIMIT);
+}

@@ -319,6 +319,9 @@ impl Vm {
             dma,
             cfg.memory_mib,
             lazy_ram,
+            // An incoming VM's RAM: mapped just now, nothing loaded into it (its state and
+            // pages come later, through the component).
+            matches!(cfg.payload, Payload::Incoming { .. }),
         )));
         components.push(Arc::new(migratable::platform::Platform::new(
             fd.clone(),

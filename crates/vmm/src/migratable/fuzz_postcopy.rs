@@ -169,6 +169,7 @@ pub fn fuzz_postcopy(bytes: &[u8]) {
         "fuzzed memory",
         m.host_regions().unwrap_or_default(),
         vec![missing],
+        false,
     ) else {
         return;
     };
@@ -187,6 +188,47 @@ pub fn fuzz_postcopy(bytes: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// Whether the page at `host` holds memory (mincore).
+    fn resident(host: u64) -> bool {
+        let mut v = [0u8; 1];
+        // SAFETY: `host` is a page of a live mapping; mincore only writes `v`.
+        let rc = unsafe { libc::mincore(host as *mut libc::c_void, PAGE_SIZE, v.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        v[0] & 1 == 1
+    }
+
+    /// A page in the mapping when it goes missing is a stale copy: it is dropped, so a
+    /// touch fetches the page rather than read the old one. Whether it came with a
+    /// pre-copy round into a fresh memory or was written by the memory's owner (a
+    /// booted VM's image), which a memory that is not said to be fresh may hold.
+    #[test]
+    fn a_page_held_when_it_goes_missing_is_dropped() {
+        let mut missing = vec![0u64; PAGES as usize / 64];
+        missing[0] = 0b11;
+        // Taken during pre-copy.
+        let m = Mem::new().unwrap();
+        let mut dst = MemoryState::fresh();
+        dst.state = MigState::Resuming;
+        dst.load_pages(&m, &[BASE + PAGE_SIZE as u64], &[0x11; PAGE_SIZE])
+            .unwrap();
+        dst.state = MigState::Stop;
+        let page = m.0.host + PAGE_SIZE as u64;
+        assert!(resident(page));
+        let lazy = dst.postcopy_expect(&m, vec![missing.clone()]).unwrap();
+        assert!(!resident(page), "the stale copy is still there");
+        assert_eq!(lazy.left(), 2);
+        // Written by its owner.
+        let m = Mem::new().unwrap();
+        m.write_at(BASE, &[0x22; PAGE_SIZE]).unwrap();
+        let mut dst = MemoryState::default();
+        dst.state = MigState::Stop;
+        assert!(resident(m.0.host));
+        dst.postcopy_expect(&m, vec![missing]).unwrap();
+        assert!(!resident(m.0.host), "the owner's copy is still there");
+    }
+
     #[test]
     fn hostile_traffic_is_taken_without_harm() {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;

@@ -125,8 +125,15 @@ fn exists(e: &userfaultfd::Error) -> bool {
 
 impl Lazy {
     /// Makes the pages `missing` names (one bitmap per region, checked as hostile
-    /// input) missing in `regions` and starts catching touches of them.
-    pub fn new(what: &'static str, regions: Vec<HostRegion>, missing: Vec<Bitmap>) -> Result<Lazy> {
+    /// input) missing in `regions` and starts catching touches of them. `fresh`: the
+    /// mapping holds no page yet (nothing ever wrote or read it), so there is no stale
+    /// copy to drop.
+    pub fn new(
+        what: &'static str,
+        regions: Vec<HostRegion>,
+        missing: Vec<Bitmap>,
+        fresh: bool,
+    ) -> Result<Lazy> {
         if missing.len() != regions.len() {
             return Err(refused(format!(
                 "{what}: post-copy names {} regions, this memory has {}",
@@ -162,8 +169,9 @@ impl Lazy {
             .map_err(|e| uffd_err("create", e))?;
         for (r, b) in regions.iter().zip(&missing) {
             // Pages that changed at the source since they were sent: the copy here is
-            // stale. Dropped, they read as missing once the range is registered.
-            for (first, n) in runs(b) {
+            // stale. Dropped, they read as missing once the range is registered. A
+            // fresh mapping has none.
+            for (first, n) in if fresh { Vec::new() } else { runs(b) } {
                 let at = r.host + first * PAGE_SIZE as u64;
                 // SAFETY: [at, at + n pages) lies inside this memory's mapping (the
                 // bitmap was checked against the region's size above); dropping the
@@ -644,7 +652,8 @@ mod tests {
             len: 128 * PAGE_SIZE as u64,
             base: 0x10_0000,
         };
-        let lazy = std::sync::Arc::new(Lazy::new("test", vec![region], vec![missing]).unwrap());
+        let lazy =
+            std::sync::Arc::new(Lazy::new("test", vec![region], vec![missing], false).unwrap());
         assert_eq!(lazy.left(), 3);
         // Kept pages read at once; a page the source never had reads as zero.
         assert_eq!(peek(m.host, 0), 100);
@@ -704,9 +713,9 @@ mod tests {
             len: 100 * PAGE_SIZE as u64,
             base: 0,
         };
-        assert!(Lazy::new("t", vec![region], vec![vec![0; 1]]).is_err());
-        assert!(Lazy::new("t", vec![region], vec![vec![0, 1 << 40]]).is_err());
-        assert!(Lazy::new("t", vec![], vec![vec![0, 0]]).is_err());
-        assert!(Lazy::new("t", vec![region], vec![vec![0, 1 << 35]]).is_ok());
+        assert!(Lazy::new("t", vec![region], vec![vec![0; 1]], false).is_err());
+        assert!(Lazy::new("t", vec![region], vec![vec![0, 1 << 40]], false).is_err());
+        assert!(Lazy::new("t", vec![], vec![vec![0, 0]], false).is_err());
+        assert!(Lazy::new("t", vec![region], vec![vec![0, 1 << 35]], false).is_ok());
     }
 }

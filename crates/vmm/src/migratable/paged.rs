@@ -10,6 +10,7 @@ use super::lazy::{HostRegion, Lazy};
 use super::{ComponentError, MigState, PreCopyInfo, ReadReport, Result, Sink, SyncReport};
 use crate::dirty::Written;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -139,6 +140,12 @@ pub struct MemoryState {
     tracking: bool,
     /// On a destination in post-copy: the pages still at the source.
     lazy: Option<Arc<Lazy>>,
+    /// The mapping holds no page at all: made for an incoming VM that has not run, and
+    /// nothing loaded into it since (a load clears this). Going lazy then need not drop
+    /// stale copies, and dropping them costs a walk of KVM's reverse map over the whole
+    /// memory (0.9 ms at 4 GiB here), inside a lazy restore's start or post-copy's
+    /// pause. Only the memory's owner can know it was never written: false by default.
+    fresh: AtomicBool,
 }
 
 impl Default for MemoryState {
@@ -148,11 +155,21 @@ impl Default for MemoryState {
             paged: Paged::default(),
             tracking: false,
             lazy: None,
+            fresh: AtomicBool::new(false),
         }
     }
 }
 
 impl MemoryState {
+    /// The state of a memory its owner has just mapped and nothing has written or read
+    /// (see `fresh`).
+    pub fn fresh() -> MemoryState {
+        MemoryState {
+            fresh: AtomicBool::new(true),
+            ..Default::default()
+        }
+    }
+
     /// The memory's part of the arc `self.state` -> `to` (the caller checked it is one
     /// and sets the state after its own part).
     pub fn arc(&mut self, mem: &dyn Memory, to: MigState) -> Result<()> {
@@ -352,7 +369,8 @@ impl MemoryState {
         let regions = mem.host_regions().ok_or_else(|| {
             ComponentError::Refused(format!("{} cannot be filled lazily", mem.what()))
         })?;
-        let lazy = Arc::new(Lazy::new(mem.what(), regions, missing)?);
+        let fresh = self.fresh.load(Ordering::SeqCst);
+        let lazy = Arc::new(Lazy::new(mem.what(), regions, missing, fresh)?);
         self.lazy = Some(lazy.clone());
         Ok(lazy)
     }
@@ -369,6 +387,7 @@ impl MemoryState {
         for &a in addrs {
             check(mem, a, 1)?;
         }
+        self.fresh.store(false, Ordering::SeqCst);
         for (a, page) in addrs.iter().zip(data.chunks_exact(PAGE_SIZE)) {
             mem.write_at(*a, page)?;
         }
@@ -387,6 +406,7 @@ impl MemoryState {
             }
             check(mem, a, n as u64)?;
         }
+        self.fresh.store(false, Ordering::SeqCst);
         let mut buf = [0u8; PAGE_SIZE];
         for &(a, n) in runs {
             for k in 0..n as u64 {

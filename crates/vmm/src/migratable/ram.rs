@@ -196,6 +196,7 @@ impl Ram {
         dma: Vec<Arc<dyn DmaLog>>,
         memory_mib: u64,
         lazy: super::lazy::Shared,
+        fresh: bool,
     ) -> Ram {
         Ram {
             m: Mem {
@@ -206,7 +207,11 @@ impl Ram {
                 dma,
             },
             memory_mib,
-            inner: Mutex::new(MemoryState::default()),
+            inner: Mutex::new(if fresh {
+                MemoryState::fresh()
+            } else {
+                MemoryState::default()
+            }),
             lazy,
         }
     }
