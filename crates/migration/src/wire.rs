@@ -529,6 +529,57 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
+/// The regions of a POSTCOPY (`formed` false: bitmaps only) or LACKS payload after its
+/// section: a region count, then per region its form (LACKS only: 0 a bitmap, 1 runs),
+/// its entry count and the entries (8-byte words, or 16-byte runs).
+fn regions(kind: Kind, rest: &[u8], formed: bool) -> Result<Vec<Lacks>, WireError> {
+    let bad = |m: String| WireError::Malformed(kind, m);
+    if rest.len() < 4 {
+        return Err(bad("no region count".into()));
+    }
+    let count = u32_at(rest, 0) as usize;
+    // Each region takes at least its form and its 4-byte count.
+    let head = 4 + formed as usize;
+    if count == 0 || count > rest.len() / head {
+        return Err(bad(format!("{count} regions")));
+    }
+    let mut at = 4;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        if rest.len() < at + head {
+            return Err(bad("truncated region".into()));
+        }
+        let form = if formed { rest[at] } else { 0 };
+        let n = u32_at(rest, at + head - 4) as usize;
+        at += head;
+        let item = match form {
+            0 => 8,
+            1 => 16,
+            f => return Err(bad(format!("region form {f}"))),
+        };
+        let end = n
+            .checked_mul(item)
+            .and_then(|b| b.checked_add(at))
+            .filter(|e| *e <= rest.len())
+            .ok_or_else(|| bad(format!("{n} entries do not fit")))?;
+        out.push(if form == 0 {
+            Lacks::Bitmap((at..end).step_by(8).map(|i| u64_at(rest, i)).collect())
+        } else {
+            Lacks::Runs(
+                (at..end)
+                    .step_by(16)
+                    .map(|i| (u64_at(rest, i), u64_at(rest, i + 8)))
+                    .collect(),
+            )
+        });
+        at = end;
+    }
+    if at != rest.len() {
+        return Err(bad(format!("{} stray bytes", rest.len() - at)));
+    }
+    Ok(out)
+}
+
 /// Checks a frame header; returns the frame's kind and payload length.
 pub fn check_header(h: &[u8; HEADER_LEN]) -> Result<(Kind, usize), WireError> {
     let magic = u32_at(h, 0);
@@ -710,78 +761,18 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
         }
         Kind::Postcopy => {
             let (section, rest) = section()?;
-            if rest.len() < 4 {
-                return Err(bad("no region count".into()));
-            }
-            let regions = u32_at(rest, 0) as usize;
-            // Each region takes at least its 4-byte word count.
-            if regions == 0 || regions > rest.len() / 4 {
-                return Err(bad(format!("{regions} regions")));
-            }
-            let mut at = 4;
-            let mut missing = Vec::with_capacity(regions);
-            for _ in 0..regions {
-                if rest.len() < at + 4 {
-                    return Err(bad("truncated region".into()));
-                }
-                let words = u32_at(rest, at) as usize;
-                at += 4;
-                let end = words
-                    .checked_mul(8)
-                    .and_then(|b| b.checked_add(at))
-                    .filter(|e| *e <= rest.len())
-                    .ok_or_else(|| bad(format!("{words} words do not fit")))?;
-                missing.push((at..end).step_by(8).map(|i| u64_at(rest, i)).collect());
-                at = end;
-            }
-            if at != rest.len() {
-                return Err(bad(format!("{} stray bytes", rest.len() - at)));
-            }
+            let missing = regions(kind, rest, false)?
+                .into_iter()
+                .map(|r| match r {
+                    Lacks::Bitmap(b) => Ok(b),
+                    Lacks::Runs(_) => Err(bad("runs in a bitmaps-only frame".into())),
+                })
+                .collect::<Result<_, _>>()?;
             Ok(Frame::Postcopy { section, missing })
         }
         Kind::Lacks => {
             let (section, rest) = section()?;
-            if rest.len() < 4 {
-                return Err(bad("no region count".into()));
-            }
-            let count = u32_at(rest, 0) as usize;
-            // Each region takes at least its 1-byte form and 4-byte count.
-            if count == 0 || count > rest.len() / 5 {
-                return Err(bad(format!("{count} regions")));
-            }
-            let mut at = 4;
-            let mut regions = Vec::with_capacity(count);
-            for _ in 0..count {
-                if rest.len() < at + 5 {
-                    return Err(bad("truncated region".into()));
-                }
-                let (form, n) = (rest[at], u32_at(rest, at + 1) as usize);
-                at += 5;
-                let item = match form {
-                    0 => 8,
-                    1 => 16,
-                    f => return Err(bad(format!("region form {f}"))),
-                };
-                let end = n
-                    .checked_mul(item)
-                    .and_then(|b| b.checked_add(at))
-                    .filter(|e| *e <= rest.len())
-                    .ok_or_else(|| bad(format!("{n} entries do not fit")))?;
-                regions.push(if form == 0 {
-                    Lacks::Bitmap((at..end).step_by(8).map(|i| u64_at(rest, i)).collect())
-                } else {
-                    Lacks::Runs(
-                        (at..end)
-                            .step_by(16)
-                            .map(|i| (u64_at(rest, i), u64_at(rest, i + 8)))
-                            .collect(),
-                    )
-                });
-                at = end;
-            }
-            if at != rest.len() {
-                return Err(bad(format!("{} stray bytes", rest.len() - at)));
-            }
+            let regions = regions(kind, rest, true)?;
             Ok(Frame::Lacks { section, regions })
         }
         Kind::Data => {

@@ -311,18 +311,18 @@ impl Vm {
             )));
             dma.push(g.vf.clone());
         }
-        components.push(Arc::new(migratable::ram::Ram::new(
-            mem.clone(),
-            ram.clone(),
-            ram_slots.clone(),
-            dirty.clone(),
-            dma,
-            cfg.memory_mib,
-            lazy_ram,
-            // An incoming VM's RAM: mapped just now, nothing loaded into it (its state and
-            // pages come later, through the component).
-            matches!(cfg.payload, Payload::Incoming { .. }),
-        )));
+        components.push(Arc::new(
+            migratable::ram::Ram::new(
+                mem.clone(),
+                ram.clone(),
+                ram_slots.clone(),
+                dirty.clone(),
+                dma,
+                cfg.memory_mib,
+                lazy_ram,
+            )
+            .fresh(matches!(cfg.payload, Payload::Incoming { .. })),
+        ));
         components.push(Arc::new(migratable::platform::Platform::new(
             fd.clone(),
             serial_dev,

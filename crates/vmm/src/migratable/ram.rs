@@ -196,7 +196,6 @@ impl Ram {
         dma: Vec<Arc<dyn DmaLog>>,
         memory_mib: u64,
         lazy: super::lazy::Shared,
-        fresh: bool,
     ) -> Ram {
         Ram {
             m: Mem {
@@ -207,13 +206,18 @@ impl Ram {
                 dma,
             },
             memory_mib,
-            inner: Mutex::new(if fresh {
-                MemoryState::fresh()
-            } else {
-                MemoryState::default()
-            }),
+            inner: Mutex::new(MemoryState::default()),
             lazy,
         }
+    }
+
+    /// Says whether this RAM was mapped just now with nothing written to it (an
+    /// incoming VM's: its pages come later, through this component).
+    pub fn fresh(mut self, fresh: bool) -> Ram {
+        if fresh {
+            *self.inner.get_mut().unwrap_or_else(|e| e.into_inner()) = MemoryState::fresh();
+        }
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, MemoryState> {
