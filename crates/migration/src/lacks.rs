@@ -83,6 +83,113 @@ pub fn bitmaps(lacks: Vec<Lacks>, regions: &[(u64, u64)]) -> Result<Vec<Bitmap>,
         .collect()
 }
 
+// On the wire, after the frame's section: a region count (u32), then per region its
+// form (u8, LACKS only: 0 a bitmap, 1 runs), its entry count (u32) and the entries
+// (u64 words, or (u64 first page, u64 pages) runs), little endian. POSTCOPY (wire
+// version 4) is the same with bitmaps only and no form byte.
+
+/// Appends `regions` as a LACKS payload does.
+pub(crate) fn encode(p: &mut Vec<u8>, regions: &[Lacks]) {
+    p.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+    for r in regions {
+        match r {
+            Lacks::Bitmap(b) => {
+                p.push(0);
+                put_words(p, b);
+            }
+            Lacks::Runs(runs) => {
+                p.push(1);
+                p.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+                for (first, n) in runs {
+                    p.extend_from_slice(&first.to_le_bytes());
+                    p.extend_from_slice(&n.to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// Appends `bitmaps` as a POSTCOPY payload does.
+pub(crate) fn encode_bitmaps(p: &mut Vec<u8>, bitmaps: &[Bitmap]) {
+    p.extend_from_slice(&(bitmaps.len() as u32).to_le_bytes());
+    for b in bitmaps {
+        put_words(p, b);
+    }
+}
+
+fn put_words(p: &mut Vec<u8>, b: &[u64]) {
+    p.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    for w in b {
+        p.extend_from_slice(&w.to_le_bytes());
+    }
+}
+
+/// The regions of a LACKS payload (after its section), every count checked against
+/// the bytes there.
+pub(crate) fn decode(rest: &[u8]) -> Result<Vec<Lacks>, String> {
+    regions(rest, true)
+}
+
+/// The bitmaps of a POSTCOPY payload (after its section).
+pub(crate) fn decode_bitmaps(rest: &[u8]) -> Result<Vec<Bitmap>, String> {
+    regions(rest, false)?
+        .into_iter()
+        .map(|r| match r {
+            Lacks::Bitmap(b) => Ok(b),
+            Lacks::Runs(_) => Err("runs in a bitmaps-only frame".into()),
+        })
+        .collect()
+}
+
+fn regions(rest: &[u8], formed: bool) -> Result<Vec<Lacks>, String> {
+    let u32_at = |at: usize| u32::from_le_bytes(rest[at..at + 4].try_into().expect("4 bytes"));
+    let u64_at = |at: usize| u64::from_le_bytes(rest[at..at + 8].try_into().expect("8 bytes"));
+    if rest.len() < 4 {
+        return Err("no region count".into());
+    }
+    let count = u32_at(0) as usize;
+    // Each region takes at least its form and its 4-byte count.
+    let head = 4 + formed as usize;
+    if count == 0 || count > rest.len() / head {
+        return Err(format!("{count} regions"));
+    }
+    let mut at = 4;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        if rest.len() < at + head {
+            return Err("truncated region".into());
+        }
+        let form = if formed { rest[at] } else { 0 };
+        let n = u32_at(at + head - 4) as usize;
+        at += head;
+        let item = match form {
+            0 => 8,
+            1 => 16,
+            f => return Err(format!("region form {f}")),
+        };
+        let end = n
+            .checked_mul(item)
+            .and_then(|b| b.checked_add(at))
+            .filter(|e| *e <= rest.len())
+            .ok_or_else(|| format!("{n} entries do not fit"))?;
+        out.push(if form == 0 {
+            Lacks::Bitmap((at..end).step_by(8).map(u64_at).collect())
+        } else {
+            Lacks::Runs(
+                (at..end)
+                    .step_by(16)
+                    .map(|i| (u64_at(i), u64_at(i + 8)))
+                    .collect(),
+            )
+        });
+        at = end;
+    }
+    if at != rest.len() {
+        return Err(format!("{} stray bytes", rest.len() - at));
+    }
+    Ok(out)
+}
+
 /// Sets bits [first, end), a word at a time inside the run.
 fn set(b: &mut [u64], first: u64, end: u64) {
     let mut p = first;

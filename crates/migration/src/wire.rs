@@ -362,37 +362,12 @@ pub fn write_frame(w: &mut impl Write, f: &Frame) -> io::Result<()> {
         Frame::Done(d) => json(d),
         Frame::Postcopy { section, missing } => {
             let mut p = section.to_le_bytes().to_vec();
-            p.extend_from_slice(&(missing.len() as u32).to_le_bytes());
-            for b in missing {
-                p.extend_from_slice(&(b.len() as u32).to_le_bytes());
-                for w in b {
-                    p.extend_from_slice(&w.to_le_bytes());
-                }
-            }
+            crate::lacks::encode_bitmaps(&mut p, missing);
             p
         }
         Frame::Lacks { section, regions } => {
             let mut p = section.to_le_bytes().to_vec();
-            p.extend_from_slice(&(regions.len() as u32).to_le_bytes());
-            for r in regions {
-                match r {
-                    Lacks::Bitmap(b) => {
-                        p.push(0);
-                        p.extend_from_slice(&(b.len() as u32).to_le_bytes());
-                        for w in b {
-                            p.extend_from_slice(&w.to_le_bytes());
-                        }
-                    }
-                    Lacks::Runs(runs) => {
-                        p.push(1);
-                        p.extend_from_slice(&(runs.len() as u32).to_le_bytes());
-                        for (first, n) in runs {
-                            p.extend_from_slice(&first.to_le_bytes());
-                            p.extend_from_slice(&n.to_le_bytes());
-                        }
-                    }
-                }
-            }
+            crate::lacks::encode(&mut p, regions);
             p
         }
         Frame::Request { section, addrs } | Frame::Ahead { section, addrs } => {
@@ -527,57 +502,6 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-/// The regions of a POSTCOPY (`formed` false: bitmaps only) or LACKS payload after its
-/// section: a region count, then per region its form (LACKS only: 0 a bitmap, 1 runs),
-/// its entry count and the entries (8-byte words, or 16-byte runs).
-fn regions(kind: Kind, rest: &[u8], formed: bool) -> Result<Vec<Lacks>, WireError> {
-    let bad = |m: String| WireError::Malformed(kind, m);
-    if rest.len() < 4 {
-        return Err(bad("no region count".into()));
-    }
-    let count = u32_at(rest, 0) as usize;
-    // Each region takes at least its form and its 4-byte count.
-    let head = 4 + formed as usize;
-    if count == 0 || count > rest.len() / head {
-        return Err(bad(format!("{count} regions")));
-    }
-    let mut at = 4;
-    let mut out = Vec::with_capacity(count);
-    for _ in 0..count {
-        if rest.len() < at + head {
-            return Err(bad("truncated region".into()));
-        }
-        let form = if formed { rest[at] } else { 0 };
-        let n = u32_at(rest, at + head - 4) as usize;
-        at += head;
-        let item = match form {
-            0 => 8,
-            1 => 16,
-            f => return Err(bad(format!("region form {f}"))),
-        };
-        let end = n
-            .checked_mul(item)
-            .and_then(|b| b.checked_add(at))
-            .filter(|e| *e <= rest.len())
-            .ok_or_else(|| bad(format!("{n} entries do not fit")))?;
-        out.push(if form == 0 {
-            Lacks::Bitmap((at..end).step_by(8).map(|i| u64_at(rest, i)).collect())
-        } else {
-            Lacks::Runs(
-                (at..end)
-                    .step_by(16)
-                    .map(|i| (u64_at(rest, i), u64_at(rest, i + 8)))
-                    .collect(),
-            )
-        });
-        at = end;
-    }
-    if at != rest.len() {
-        return Err(bad(format!("{} stray bytes", rest.len() - at)));
-    }
-    Ok(out)
 }
 
 /// Checks a frame header; returns the frame's kind and payload length.
@@ -761,18 +685,12 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
         }
         Kind::Postcopy => {
             let (section, rest) = section()?;
-            let missing = regions(kind, rest, false)?
-                .into_iter()
-                .map(|r| match r {
-                    Lacks::Bitmap(b) => Ok(b),
-                    Lacks::Runs(_) => Err(bad("runs in a bitmaps-only frame".into())),
-                })
-                .collect::<Result<_, _>>()?;
+            let missing = crate::lacks::decode_bitmaps(rest).map_err(bad)?;
             Ok(Frame::Postcopy { section, missing })
         }
         Kind::Lacks => {
             let (section, rest) = section()?;
-            let regions = regions(kind, rest, true)?;
+            let regions = crate::lacks::decode(rest).map_err(bad)?;
             Ok(Frame::Lacks { section, regions })
         }
         Kind::Data => {
