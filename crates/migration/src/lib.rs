@@ -23,6 +23,7 @@ pub mod outbound;
 pub mod postcopy_in;
 pub mod report;
 mod restore;
+mod slice;
 pub mod snapshot_file;
 pub mod snapshot_index;
 pub mod source;

@@ -130,7 +130,13 @@ impl PostcopyIn {
             let pc = self.clone();
             std::thread::Builder::new()
                 .name(format!("postcopy-in{k}"))
-                .spawn(move || read_pages(s, &pc, generation))?;
+                .spawn(move || {
+                    // Answers to touches come on the main connection.
+                    if k == 0 {
+                        crate::slice::shorten();
+                    }
+                    read_pages(s, &pc, generation)
+                })?;
         }
         Ok(())
     }
@@ -391,6 +397,7 @@ fn read_pages(mut s: Stream, pc: &PostcopyIn, generation: u64) {
 
 /// Sends a request for every page a touch waits for, and DONE once none is missing.
 fn watch(pc: &PostcopyIn) {
+    crate::slice::shorten();
     let mut ask = Vec::new();
     let mut ahead = Vec::new();
     let mut watch = FaultWatch::new(pc.lazy.iter().map(|l| &*l.faults));
