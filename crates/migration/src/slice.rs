@@ -49,25 +49,50 @@ fn get() -> std::io::Result<SchedAttr> {
     Ok(a)
 }
 
-/// Asks for a short slice for the calling thread, keeping its policy and nice value.
-/// Only a normal (SCHED_OTHER) thread changes: one a user put under another policy
-/// (real-time, batch, idle) stays as it is. Best effort: a refusal is logged.
-pub fn shorten() {
-    let r = get().and_then(|mut a| {
-        if a.policy != libc::SCHED_OTHER as u32 {
-            return Ok(());
+/// Sets this thread's slice to `runtime` ns (0: the kernel's default), keeping its
+/// policy and nice value; returns the slice it had. Only a normal (SCHED_OTHER) thread
+/// changes: one a user put under another policy (real-time, batch, idle) stays as it
+/// is.
+fn set(runtime: u64) -> std::io::Result<Option<u64>> {
+    let mut a = get()?;
+    if a.policy != libc::SCHED_OTHER as u32 {
+        return Ok(None);
+    }
+    let before = a.runtime;
+    a.size = std::mem::size_of::<SchedAttr>() as u32;
+    a.runtime = runtime;
+    // SAFETY: `a` is a valid sched_attr of the size it says; pid 0 is this thread.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &a as *const SchedAttr, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Some(before))
+}
+
+/// A short slice for the calling thread while this lives; the slice it had before
+/// comes back on drop. Best effort: a refusal is logged and changes nothing.
+#[must_use = "the slice is short only while the guard lives"]
+pub struct Short {
+    before: Option<u64>,
+}
+
+impl Short {
+    pub fn new() -> Short {
+        let before = set(SLICE_NS).unwrap_or_else(|e| {
+            tracing::debug!("a short scheduler slice: {e}");
+            None
+        });
+        Short { before }
+    }
+}
+
+impl Drop for Short {
+    fn drop(&mut self) {
+        if let Some(b) = self.before {
+            if let Err(e) = set(b) {
+                tracing::debug!("restoring the scheduler slice: {e}");
+            }
         }
-        a.size = std::mem::size_of::<SchedAttr>() as u32;
-        a.runtime = SLICE_NS;
-        // SAFETY: `a` is a valid sched_attr of the size it says; pid 0 is this thread.
-        let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &a as *const SchedAttr, 0) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    });
-    if let Err(e) = r {
-        tracing::debug!("a short scheduler slice for the post-copy fault path: {e}");
     }
 }
 
@@ -93,20 +118,22 @@ mod tests {
     }
 
     #[test]
-    fn a_thread_gets_a_short_slice_and_keeps_its_nice_value() {
+    fn a_thread_gets_a_short_slice_keeps_its_nice_value_and_gets_its_slice_back() {
         std::thread::spawn(|| {
             // SAFETY: setpriority on this thread (pid 0 of PRIO_PROCESS is the caller's
             // thread on Linux).
             assert_eq!(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 5) }, 0);
             let (before, nice, policy) = now();
             assert_eq!((nice, policy), (5, libc::SCHED_OTHER as u32));
-            shorten();
+            let short = Short::new();
             let (after, nice, policy) = now();
             assert_eq!((nice, policy), (5, libc::SCHED_OTHER as u32));
             if kernel_at_least(6, 12) {
                 assert_eq!(after, SLICE_NS);
                 assert!(before > SLICE_NS, "{before}");
             }
+            drop(short);
+            assert_eq!(now(), (before, 5, libc::SCHED_OTHER as u32));
         })
         .join()
         .unwrap();
@@ -122,7 +149,9 @@ mod tests {
                 0
             );
             let before = now();
-            shorten();
+            let short = Short::new();
+            assert_eq!(now(), before);
+            drop(short);
             assert_eq!(now(), before);
             assert_eq!(before.2, libc::SCHED_BATCH as u32);
         })

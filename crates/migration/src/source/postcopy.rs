@@ -46,7 +46,7 @@ impl Driver<'_> {
     pub(super) fn serve_postcopy(&mut self) -> Res<()> {
         self.phase = Phase::Postcopy;
         // This thread answers the touches that wait: it goes ahead of the background.
-        crate::slice::shorten();
+        let _short = crate::slice::Short::new();
         let switched = self.paused_at.unwrap_or(self.t0);
         // Under a bandwidth cap the background stream waits its turn listening for
         // requests, which go first.
