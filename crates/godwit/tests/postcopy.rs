@@ -520,6 +520,26 @@ fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
         (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
     })
     .expect("post-copy never began");
+    // The threads a touch waits on run with a short scheduler slice, so a wake-up
+    // preempts the background stream: the destination's fault thread and the reader
+    // of its main connection, and the source's serving thread.
+    for (vm, name) in [
+        (&dst, "postcopy-faults"),
+        (&dst, "postcopy-in0"),
+        (&src, "migration"),
+    ] {
+        let short = || {
+            let s = thread_slices(vm.proc.0.id(), name)?;
+            (!s.is_empty() && s.iter().all(|&x| x == 100_000)).then_some(())
+        };
+        if thread_slices(vm.proc.0.id(), name).is_some() {
+            assert!(
+                wait_for(LIMIT, short).is_some(),
+                "{name} did not run with a short slice during post-copy (slices now: {:?})",
+                thread_slices(vm.proc.0.id(), name)
+            );
+        }
+    }
     // Recovery is refused while nothing is broken.
     let sock = src.sock.to_str().unwrap().to_string();
     let o = run(&["migrate-recover", "--api-socket", &sock], LIMIT);

@@ -162,3 +162,36 @@ pub fn api_vm(sock: &std::path::Path) -> Reaper {
     );
     vm
 }
+
+/// The scheduler slice (ns) of each thread of process `pid` named `name`, as
+/// /proc/PID/task/TID/sched reports it. None where the kernel cannot set a thread's
+/// slice (before Linux 6.12) or does not report it (no scheduler debug info).
+pub fn thread_slices(pid: u32, name: &str) -> Option<Vec<u64>> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut v = release
+        .trim()
+        .split(['.', '-'])
+        .map(|x| x.parse::<u32>().ok());
+    if (v.next()??, v.next()??) < (6, 12) {
+        return None;
+    }
+    let mut slices = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let t = t.ok()?.path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let sched = std::fs::read_to_string(t.join("sched")).ok()?;
+        let slice = sched
+            .lines()
+            .find(|l| l.starts_with("se.slice"))?
+            .split(':')
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()?;
+        slices.push(slice);
+    }
+    Some(slices)
+}
