@@ -175,6 +175,12 @@ pub fn thread_slices(pid: u32, name: &str) -> Option<Vec<u64>> {
     if (v.next()??, v.next()??) < (6, 12) {
         return None;
     }
+    if !std::fs::read_to_string("/proc/self/sched")
+        .ok()?
+        .contains("se.slice")
+    {
+        return None;
+    }
     let mut slices = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         let t = t.ok()?.path();
