@@ -11,6 +11,14 @@ fuzz_target!(|data: &[u8]| {
     for _ in 0..64 {
         let before = input;
         match wire::read_frame(&mut input, &mut buf) {
+            Ok(wire::Frame::Pages { section, addrs, .. }) => {
+                // Read apart (straight into place), its head says the same.
+                let used = before.len() - input.len();
+                let p = &before[wire::HEADER_LEN..used];
+                let head = wire::pages_head_len(p.len()).expect("a decoded frame's length");
+                let (s, a) = wire::decode_pages_head(&p[..head]).expect("a decoded head");
+                assert_eq!((s, a), (section, addrs), "the head read apart differs");
+            }
             Ok(f) => {
                 let used = before.len() - input.len();
                 if matches!(

@@ -239,7 +239,7 @@ pub type OnEvent<'a> = dyn FnMut(Event) -> Result<(), String> + 'a;
 /// the main one, which also carries the states and data streams), feeding each to its
 /// section's component; then checks the sender's totals against what arrived.
 pub fn drain(
-    r: &mut impl std::io::Read,
+    r: &mut (impl std::io::Read + vm_memory::ReadVolatile),
     parts: &[Arc<dyn Component>],
     names: &[String],
     until: Kind,
@@ -253,22 +253,20 @@ pub fn drain(
             .map(|c| (c, &names[s as usize]))
             .ok_or_else(|| format!("a frame for section {s}, of {} sections", parts.len()))
     };
+    let stream = |e| match e {
+        WireError::Closed => "the source closed the connection before the end".to_string(),
+        e => format!("migration stream: {e}"),
+    };
     loop {
-        let f = wire::read_frame(r, &mut buf).map_err(|e| match e {
-            WireError::Closed => "the source closed the connection before the end".to_string(),
-            e => format!("migration stream: {e}"),
-        })?;
+        let h = wire::read_header(r).map_err(stream)?;
+        if h.kind == Kind::Pages {
+            got.pages += crate::inplace::read_pages(r, &h, &mut buf, |s| {
+                section(s).map(|(c, name)| (&**c, name.as_str()))
+            })?;
+            continue;
+        }
+        let f = wire::read_payload(r, &h, &mut buf).map_err(stream)?;
         match f {
-            Frame::Pages {
-                section: s,
-                addrs,
-                data,
-            } => {
-                let (c, name) = section(s)?;
-                c.load_pages(&addrs, data)
-                    .map_err(|e| format!("{name}: {e}"))?;
-                got.pages += addrs.len() as u64;
-            }
             Frame::Zero { section: s, runs } => {
                 let (c, name) = section(s)?;
                 c.load_zero(&runs).map_err(|e| format!("{name}: {e}"))?;

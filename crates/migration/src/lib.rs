@@ -9,7 +9,8 @@
 //! sending lanes, `back` what the destination says while a migration runs, and
 //! `source` the policy (rounds, switchover), on its own thread, with
 //! `converge` deciding what to hold back when rounds alone do not converge.
-//! `destination` is the receiving side, `postcopy_in` its part once a VM runs there
+//! `destination` is the receiving side (`inplace` reading pre-copy's pages straight
+//! into memory), `postcopy_in` its part once a VM runs there
 //! ahead of its memory, `restore` the same for a snapshot read lazily through the page
 //! index (`snapshot_index`) that sealing a snapshot appends.
 
@@ -18,6 +19,7 @@ mod back;
 mod converge;
 pub mod destination;
 pub mod error;
+mod inplace;
 pub mod lacks;
 pub mod outbound;
 pub mod postcopy_in;

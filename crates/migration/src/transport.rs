@@ -242,6 +242,29 @@ impl Read for Stream {
     }
 }
 
+/// Page data read straight into guest memory: from a socket with no copy between, from
+/// anything else (TLS decrypts into a buffer of its own) through a small one.
+impl vm_memory::ReadVolatile for Stream {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &mut vm_memory::VolatileSlice<B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        match self {
+            Stream::Tcp(s) => s.read_volatile(buf),
+            Stream::Unix(s) => s.read_volatile(buf),
+            _ => {
+                let mut tmp = [0u8; 4096];
+                let n = buf.len().min(tmp.len());
+                let got = self
+                    .read(&mut tmp[..n])
+                    .map_err(vm_memory::VolatileMemoryError::IOError)?;
+                buf.copy_from(&tmp[..got]);
+                Ok(got)
+            }
+        }
+    }
+}
+
 impl Write for Stream {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         match self {

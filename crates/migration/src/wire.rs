@@ -125,7 +125,7 @@ pub enum WireError {
     Malformed(Kind, String),
 }
 
-fn io_err(e: io::Error) -> WireError {
+pub(crate) fn io_err(e: io::Error) -> WireError {
     match e.kind() {
         io::ErrorKind::UnexpectedEof => WireError::Truncated,
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => WireError::Timeout,
@@ -524,9 +524,18 @@ pub fn check_header(h: &[u8; HEADER_LEN]) -> Result<(Kind, usize), WireError> {
     Ok((kind, len as usize))
 }
 
-/// Reads one frame into `buf` and decodes it. A clean end of stream before a header is
-/// `Closed`; anything cut short is `Truncated`.
-pub fn read_frame<'a>(r: &mut impl Read, buf: &'a mut Vec<u8>) -> Result<Frame<'a>, WireError> {
+/// A frame's header, read and checked.
+#[derive(Clone, Copy, Debug)]
+pub struct Header {
+    pub kind: Kind,
+    /// The payload's length (at most `MAX_PAYLOAD`).
+    pub len: usize,
+    /// The payload's CRC32, as the sender computed it.
+    pub crc: u32,
+}
+
+/// Reads and checks one frame header. A clean end of stream before it is `Closed`.
+pub fn read_header(r: &mut impl Read) -> Result<Header, WireError> {
     let mut h = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -539,15 +548,67 @@ pub fn read_frame<'a>(r: &mut impl Read, buf: &'a mut Vec<u8>) -> Result<Frame<'
         }
     }
     let (kind, len) = check_header(&h)?;
-    let want = u32_at(&h, 12);
-    buf.clear();
-    buf.resize(len, 0);
+    Ok(Header {
+        kind,
+        len,
+        crc: u32_at(&h, 12),
+    })
+}
+
+/// Reads the payload of the frame whose header is `h` into `buf`, checks it against the
+/// header's CRC and decodes it.
+pub fn read_payload<'a>(
+    r: &mut impl Read,
+    h: &Header,
+    buf: &'a mut Vec<u8>,
+) -> Result<Frame<'a>, WireError> {
+    // Every byte is read over: only growth needs filling.
+    if buf.len() < h.len {
+        buf.resize(h.len, 0);
+    }
+    buf.truncate(h.len);
     r.read_exact(buf).map_err(io_err)?;
     let got = crc32fast::hash(buf);
-    if got != want {
-        return Err(WireError::BadCrc { kind, got, want });
+    if got != h.crc {
+        return Err(WireError::BadCrc {
+            kind: h.kind,
+            got,
+            want: h.crc,
+        });
     }
-    decode(kind, buf)
+    decode(h.kind, buf)
+}
+
+/// Reads one frame into `buf` and decodes it. A clean end of stream before a header is
+/// `Closed`; anything cut short is `Truncated`.
+pub fn read_frame<'a>(r: &mut impl Read, buf: &'a mut Vec<u8>) -> Result<Frame<'a>, WireError> {
+    let h = read_header(r)?;
+    read_payload(r, &h, buf)
+}
+
+/// A PAGES frame's payload up to its data: its length for a frame of `len` bytes, so
+/// that the data can be read apart (straight into place, `crate::inplace`).
+pub fn pages_head_len(len: usize) -> Result<usize, WireError> {
+    let n = len.saturating_sub(8) / (8 + PAGE_SIZE);
+    if len < 8 || 8 + n * (8 + PAGE_SIZE) != len || n == 0 || n > PAGES_PER_FRAME {
+        return Err(WireError::Malformed(
+            Kind::Pages,
+            format!("{len} bytes are not 1 to {PAGES_PER_FRAME} pages"),
+        ));
+    }
+    Ok(8 + 8 * n)
+}
+
+/// A PAGES frame's head (`pages_head_len` bytes): its section and addresses.
+pub fn decode_pages_head(p: &[u8]) -> Result<(u32, Vec<u64>), WireError> {
+    let n = (p.len().saturating_sub(8)) / 8;
+    if p.len() < 8 || p.len() != 8 + 8 * n || u32_at(p, 4) as usize != n {
+        return Err(WireError::Malformed(
+            Kind::Pages,
+            "the page count does not match the frame's length".into(),
+        ));
+    }
+    Ok((u32_at(p, 0), (0..n).map(|i| u64_at(p, 8 + 8 * i)).collect()))
 }
 
 /// Decodes a payload whose length and CRC have been checked.
@@ -779,6 +840,39 @@ mod tests {
             zero_pages: 6,
             data: 7,
         }));
+    }
+
+    /// The head read apart (pages read in place) is the decoder's section and
+    /// addresses, for every count; what the decoder refuses, the head refuses.
+    #[test]
+    fn a_pages_head_read_apart_is_what_the_decoder_reads() {
+        for n in 1..=PAGES_PER_FRAME {
+            let data = vec![3u8; n * PAGE_SIZE];
+            let addrs: Vec<u64> = (0..n as u64).map(|i| (i * 3) << 12).collect();
+            let mut b = Vec::new();
+            write_frame(
+                &mut b,
+                &Frame::Pages {
+                    section: 9,
+                    addrs: addrs.clone(),
+                    data: &data,
+                },
+            )
+            .unwrap();
+            let p = &b[HEADER_LEN..];
+            let head = pages_head_len(p.len()).unwrap();
+            assert_eq!(head, 8 + 8 * n);
+            assert_eq!(decode_pages_head(&p[..head]).unwrap(), (9, addrs));
+        }
+        let one = 8 + 8 + PAGE_SIZE;
+        for len in [0, 7, 8, 9, one - 1, one + 1, 8 + 65 * (8 + PAGE_SIZE)] {
+            assert!(pages_head_len(len).is_err(), "{len}");
+        }
+        // A count that disagrees with the length.
+        let mut p = vec![0u8; 16];
+        p[4] = 2;
+        assert!(decode_pages_head(&p).is_err());
+        assert!(decode(Kind::Pages, &[p, vec![0; PAGE_SIZE]].concat()).is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use godwit_migration::destination::{drain, in_order, Event};
 use godwit_migration::lacks;
 use godwit_migration::wire::{self, Frame, Hello, Kind, Totals, PAGE_SIZE};
 use godwit_vmm::config::GpuRequest;
-use godwit_vmm::migratable::{incoming, step_to, Component, MigState};
+use godwit_vmm::migratable::{incoming, step_to, Component, MigState, PageSource};
 use godwit_vmm::state::GuestKind;
 use godwit_vmm::{Console, Payload, Vm, VmConfig};
 use std::path::{Path, PathBuf};
@@ -449,6 +449,12 @@ fn out_of_range_pages_touch_nothing() {
         assert!(ram.load_zero(&[(g, n)]).is_err());
     }
     assert!(gpu.load_zero(&[(0, u32::MAX)]).is_err());
+    // Nor read straight into place: refused before a byte of the stream is read.
+    for a in [mem, mem - 1, 1, u64::MAX - 4095, 1 << 40] {
+        let mut src = Counted(0);
+        assert!(ram.load_pages_from(&[0, a], &mut src).is_err(), "{a:#x}");
+        assert_eq!(src.0, 0, "{a:#x}");
+    }
     // The valid first page of each bad frame was not written either.
     let mut b = [0u8; 1];
     d._vm.memory().read_slice(&mut b, GuestAddress(0)).unwrap();
@@ -462,6 +468,97 @@ fn out_of_range_pages_touch_nothing() {
         .read(0, &mut b)
         .unwrap();
     assert_eq!(b[0], 0);
+}
+
+/// A page source that counts what it is asked for and fills it with a mark.
+struct Counted(usize);
+
+impl PageSource for Counted {
+    fn fill(&mut self, pages: &mut vm_memory::VolatileSlice<'_>) -> std::io::Result<()> {
+        self.0 += pages.len();
+        pages.write_slice(&vec![0x5a; pages.len()], 0).unwrap();
+        Ok(())
+    }
+}
+
+/// The main stream with its first frame (RAM pages) replaced by `first`.
+fn with_first(s: &[(String, Vec<u8>)], first: &Frame) -> Vec<u8> {
+    let mut f = frames(s);
+    let mut b = Vec::new();
+    wire::write_frame(&mut b, first).unwrap();
+    f[0] = (first.kind(), b[wire::HEADER_LEN..].to_vec());
+    if let Frame::Pages { addrs, .. } = first {
+        let n = f.len();
+        f[n - 1].1 = serde_json::to_vec(&Totals {
+            pages: addrs.len() as u64 + 2,
+            zero_pages: 19,
+            data: 0,
+        })
+        .unwrap();
+    }
+    stream(&f)
+}
+
+/// Pre-copy's pages go from the stream straight into guest RAM: runs of neighbours
+/// together, the others one by one, each where its address says, whole.
+#[test]
+fn pages_read_in_place_land_where_their_addresses_say() {
+    if !kvm() {
+        return;
+    }
+    let (_dir, s, d) = pair("inplace");
+    let ram = s.iter().position(|x| x.0 == "ram").unwrap() as u32;
+    let pages: Vec<u64> = vec![12, 13, 14, 40, 52, 53, 30];
+    let data: Vec<u8> = (0..pages.len() * PAGE_SIZE)
+        .map(|i| (i / PAGE_SIZE * 31 + i % 251) as u8)
+        .collect();
+    let addrs: Vec<u64> = pages.iter().map(|p| p * PAGE_SIZE as u64).collect();
+    let f = Frame::Pages {
+        section: ram,
+        addrs: addrs.clone(),
+        data: &data,
+    };
+    d.receive(&with_first(&s, &f)).unwrap();
+    let mem = d._vm.memory();
+    for (k, &a) in addrs.iter().enumerate() {
+        let mut b = vec![0u8; PAGE_SIZE];
+        mem.read_slice(&mut b, GuestAddress(a)).unwrap();
+        assert!(
+            b == data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE],
+            "page {a:#x} is not what the frame carried"
+        );
+    }
+    // Its neighbours were left alone.
+    let mut b = vec![0u8; PAGE_SIZE];
+    for p in [11u64, 15, 29, 31, 39, 41, 51, 54] {
+        mem.read_slice(&mut b, GuestAddress(p * PAGE_SIZE as u64))
+            .unwrap();
+        assert!(b.iter().all(|&x| x == 0), "page {p} was written");
+    }
+}
+
+/// A page damaged on the way fails the frame's CRC after it was read in place: the
+/// stream is refused as any corrupt frame is.
+#[test]
+fn a_page_damaged_on_the_way_is_refused_after_it_was_read_in_place() {
+    if !kvm() {
+        return;
+    }
+    let (_dir, s, d) = pair("inplace-crc");
+    let ram = s.iter().position(|x| x.0 == "ram").unwrap() as u32;
+    let data = vec![0x11u8; 2 * PAGE_SIZE];
+    let f = Frame::Pages {
+        section: ram,
+        addrs: vec![5 * PAGE_SIZE as u64, 6 * PAGE_SIZE as u64],
+        data: &data,
+    };
+    let mut bytes = with_first(&s, &f);
+    d.receive(&bytes).unwrap();
+    let d = Dest::new(&_dir.0, &s);
+    // Header, section, count, two addresses; then the second page's data.
+    bytes[wire::HEADER_LEN + 8 + 16 + PAGE_SIZE + 100] ^= 0x40;
+    let e = d.receive(&bytes).unwrap_err();
+    assert!(e.contains("CRC"), "{e}");
 }
 
 /// A stream that claims all of RAM and VRAM is zero does not make the destination

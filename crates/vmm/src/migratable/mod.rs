@@ -242,6 +242,15 @@ pub trait Sink {
     }
 }
 
+/// Where a destination's pages come from when a component reads them straight into
+/// place (`Component::load_pages_from`): the migration stream, which checks what it
+/// hands over.
+pub trait PageSource {
+    /// Fills `pages` (whole pages of the component's memory, which nothing runs on
+    /// while the component is RESUMING) with the stream's next bytes.
+    fn fill(&mut self, pages: &mut vm_memory::VolatileSlice<'_>) -> io::Result<()>;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ComponentError {
     #[error("no transition from {from:?} to {to:?}")]
@@ -328,6 +337,14 @@ pub trait Component: Send + Sync {
             "{} has no pages",
             self.section().name
         )))
+    }
+    /// RESUMING: as `load_pages`, each page read from `src` straight into place, in
+    /// order, with no buffer between (pre-copy's bulk). False, with nothing read: the
+    /// component takes its pages only whole now (post-copy places each page at once;
+    /// a memory the host does not map here), and the caller reads them and calls
+    /// `load_pages`.
+    fn load_pages_from(&self, _addrs: &[u64], _src: &mut dyn PageSource) -> Result<bool> {
+        Ok(false)
     }
     /// RESUMING: runs of zero pages (first address, count).
     fn load_zero(&self, _runs: &[(u64, u32)]) -> Result<()> {

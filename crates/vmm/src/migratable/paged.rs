@@ -109,6 +109,12 @@ pub trait Memory {
     /// A look at the pages written since the last take, leaving them for the next one
     /// (None: the tracker cannot look without taking).
     fn peek_dirty(&self) -> Result<Option<Written>>;
+    /// `pages` pages from `addr` (checked) as the host maps them, to be written in
+    /// place (None: not mapped here, or not in one piece; they are written with
+    /// `write_at`).
+    fn pages_slice(&self, _addr: u64, _pages: usize) -> Option<vm_memory::VolatileSlice<'_>> {
+        None
+    }
     /// Whether `pages` whole pages from `addr` lie inside this memory.
     fn contains(&self, addr: u64, pages: u64) -> bool;
     fn read_at(&self, addr: u64, buf: &mut [u8]) -> Result<()>;
@@ -392,6 +398,56 @@ impl MemoryState {
             mem.write_at(*a, page)?;
         }
         Ok(())
+    }
+
+    /// The same, each page read from `src` straight into place (all addresses checked
+    /// before any is read). False, with nothing read: this memory is not mapped here.
+    pub fn load_pages_from(
+        &self,
+        mem: &dyn Memory,
+        addrs: &[u64],
+        src: &mut dyn super::PageSource,
+    ) -> Result<bool> {
+        super::expect(self.state, MigState::Resuming, "pages")?;
+        for &a in addrs {
+            check(mem, a, 1)?;
+        }
+        if addrs
+            .first()
+            .is_some_and(|&a| mem.pages_slice(a, 1).is_none())
+        {
+            return Ok(false);
+        }
+        self.fresh.store(false, Ordering::SeqCst);
+        // Pages that follow each other in memory as in the frame (most of them: the
+        // rounds go in address order) are read in one go: a read per page would cost
+        // more than the copy it saves.
+        let mut i = 0;
+        while i < addrs.len() {
+            let mut n = 1;
+            while i + n < addrs.len() && addrs[i + n] == addrs[i] + (n * PAGE_SIZE) as u64 {
+                n += 1;
+            }
+            let a = addrs[i];
+            match mem.pages_slice(a, n) {
+                Some(mut run) => src.fill(&mut run)?,
+                // Across the end of a region: page by page.
+                None => {
+                    for k in 0..n as u64 {
+                        let at = a + k * PAGE_SIZE as u64;
+                        let mut page = mem.pages_slice(at, 1).ok_or_else(|| {
+                            ComponentError::Refused(format!(
+                                "{} page {at:#x} is not mapped",
+                                mem.what()
+                            ))
+                        })?;
+                        src.fill(&mut page)?;
+                    }
+                }
+            }
+            i += n;
+        }
+        Ok(true)
     }
 
     /// A destination's runs of zero pages, all checked before any is written. Memory

@@ -5,8 +5,8 @@
 use super::lazy::HostRegion;
 use super::paged::{self, Bitmap, Memory, MemoryState, PAGE_SIZE};
 use super::{
-    check_arc, expect, Component, ComponentError, Faults, MigState, PreCopyInfo, ReadReport,
-    Result, Section, Sink, SyncReport,
+    check_arc, expect, Component, ComponentError, Faults, MigState, PageSource, PreCopyInfo,
+    ReadReport, Result, Section, Sink, SyncReport,
 };
 use crate::dirty::{DirtyLog, SlotId, Written};
 use crate::memory::{GuestMemory, RamRegion};
@@ -134,6 +134,12 @@ impl Memory for Mem {
         self.mem
             .write_slice(data, GuestAddress(gpa))
             .map_err(|e| ComponentError::Refused(format!("guest page {gpa:#x}: {e}")))
+    }
+
+    fn pages_slice(&self, gpa: u64, pages: usize) -> Option<vm_memory::VolatileSlice<'_>> {
+        self.mem
+            .get_slice(GuestAddress(gpa), pages * PAGE_SIZE)
+            .ok()
     }
 
     fn host_regions(&self) -> Option<Vec<HostRegion>> {
@@ -304,6 +310,15 @@ impl Component for Ram {
             Some(l) => l.place(addrs, data),
             None => self.lock().load_pages(&self.m, addrs, data),
         }
+    }
+
+    fn load_pages_from(&self, addrs: &[u64], src: &mut dyn PageSource) -> Result<bool> {
+        let st = self.lock();
+        // Post-copy places each page whole (UFFDIO_COPY), never half-read.
+        if st.filler().is_some() {
+            return Ok(false);
+        }
+        st.load_pages_from(&self.m, addrs, src)
     }
 
     fn load_zero(&self, runs: &[(u64, u32)]) -> Result<()> {
