@@ -561,6 +561,90 @@ fn a_page_damaged_on_the_way_is_refused_after_it_was_read_in_place() {
     assert!(e.contains("CRC"), "{e}");
 }
 
+/// Bytes a Unix socket has sent that its peer has not read yet.
+fn unread(s: &std::os::unix::net::UnixStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int.
+    assert_eq!(
+        unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) },
+        0
+    );
+    n
+}
+
+/// A connection waiting for the rest of a frame it reads in place holds up no other:
+/// the component's lock is not held across the read.
+#[test]
+fn a_connection_waiting_inside_a_frame_holds_up_no_other() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+    if !kvm() {
+        return;
+    }
+    let (_dir, s, d) = pair("lanes");
+    let ram = s.iter().position(|x| x.0 == "ram").unwrap() as u32;
+    let lane = |addrs: Vec<u64>, v: u8| {
+        let data = vec![v; addrs.len() * PAGE_SIZE];
+        let mut b = Vec::new();
+        let n = addrs.len() as u64;
+        wire::write_frame(
+            &mut b,
+            &Frame::Pages {
+                section: ram,
+                addrs,
+                data: &data,
+            },
+        )
+        .unwrap();
+        wire::write_frame(
+            &mut b,
+            &Frame::End(Totals {
+                pages: n,
+                zero_pages: 0,
+                data: 0,
+            }),
+        )
+        .unwrap();
+        b
+    };
+    let a = lane(vec![20 << 12, 21 << 12], 1);
+    let b = lane(vec![40 << 12], 2);
+    let (mut a_tx, mut a_rx) = UnixStream::pair().unwrap();
+    let (mut b_tx, mut b_rx) = UnixStream::pair().unwrap();
+    let half = wire::HEADER_LEN + 8 + 16 + PAGE_SIZE / 2;
+    a_tx.write_all(&a[..half]).unwrap();
+    b_tx.write_all(&b).unwrap();
+    let drain_lane = |r: &mut UnixStream| {
+        drain(r, &d.parts, &d.names, Kind::End, &mut |_| Ok(())).map(|t| t.pages)
+    };
+    std::thread::scope(|sc| {
+        let ha = sc.spawn(|| drain_lane(&mut a_rx));
+        // A has read all it was given: it waits inside its frame, in place.
+        let t = Instant::now();
+        while unread(&a_tx) > 0 {
+            assert!(t.elapsed() < Duration::from_secs(30), "lane A never read");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        sc.spawn(move || tx.send(drain_lane(&mut b_rx)).unwrap());
+        let got_b = rx.recv_timeout(Duration::from_secs(30));
+        // Let A finish either way, so a failure reports rather than hangs.
+        a_tx.write_all(&a[half..]).unwrap();
+        assert_eq!(ha.join().unwrap(), Ok(2));
+        assert_eq!(got_b.expect("lane B waited behind lane A's frame"), Ok(1));
+    });
+    let mut p = vec![0u8; PAGE_SIZE];
+    for (page, v) in [(20u64, 1u8), (21, 1), (40, 2)] {
+        d._vm
+            .memory()
+            .read_slice(&mut p, GuestAddress(page << 12))
+            .unwrap();
+        assert!(p.iter().all(|&x| x == v), "page {page}");
+    }
+}
+
 /// A stream that claims all of RAM and VRAM is zero does not make the destination
 /// allocate them: never-touched memory stays untouched.
 #[test]

@@ -400,14 +400,9 @@ impl MemoryState {
         Ok(())
     }
 
-    /// The same, each page read from `src` straight into place (all addresses checked
-    /// before any is read). False, with nothing read: this memory is not mapped here.
-    pub fn load_pages_from(
-        &self,
-        mem: &dyn Memory,
-        addrs: &[u64],
-        src: &mut dyn super::PageSource,
-    ) -> Result<bool> {
+    /// Before pages are read straight into place (`read_in_place`): whether they can
+    /// be (false: this memory is not mapped here), every address checked first.
+    pub fn admit_in_place(&self, mem: &dyn Memory, addrs: &[u64]) -> Result<bool> {
         super::expect(self.state, MigState::Resuming, "pages")?;
         for &a in addrs {
             check(mem, a, 1)?;
@@ -419,6 +414,18 @@ impl MemoryState {
             return Ok(false);
         }
         self.fresh.store(false, Ordering::SeqCst);
+        Ok(true)
+    }
+
+    /// A destination's pages at `addrs` (admitted by `admit_in_place`), each read from
+    /// `src` straight into place. Not under the component's lock: a connection may wait
+    /// for the rest of its frame here, and the others must not wait behind it. RESUMING
+    /// lasts until every connection has ended, and within a round no page comes twice.
+    pub fn read_in_place(
+        mem: &dyn Memory,
+        addrs: &[u64],
+        src: &mut dyn super::PageSource,
+    ) -> Result<()> {
         // Pages that follow each other in memory as in the frame (most of them: the
         // rounds go in address order) are read in one go: a read per page would cost
         // more than the copy it saves.
@@ -447,7 +454,7 @@ impl MemoryState {
             }
             i += n;
         }
-        Ok(true)
+        Ok(())
     }
 
     /// A destination's runs of zero pages, all checked before any is written. Memory

@@ -313,12 +313,15 @@ impl Component for Ram {
     }
 
     fn load_pages_from(&self, addrs: &[u64], src: &mut dyn PageSource) -> Result<bool> {
-        let st = self.lock();
-        // Post-copy places each page whole (UFFDIO_COPY), never half-read.
-        if st.filler().is_some() {
-            return Ok(false);
+        {
+            let st = self.lock();
+            // Post-copy places each page whole (UFFDIO_COPY), never half-read.
+            if st.filler().is_some() || !st.admit_in_place(&self.m, addrs)? {
+                return Ok(false);
+            }
         }
-        st.load_pages_from(&self.m, addrs, src)
+        MemoryState::read_in_place(&self.m, addrs, src)?;
+        Ok(true)
     }
 
     fn load_zero(&self, runs: &[(u64, u32)]) -> Result<()> {
