@@ -43,6 +43,16 @@ pub trait Backend: Send + Sync {
     fn aperture(&self) -> Option<Aperture>;
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), OutOfRange>;
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), OutOfRange>;
+    /// `len` bytes of VRAM at `offset` as the host maps them, for a migration's
+    /// destination to read pages into in place while the engine is stopped (None: this
+    /// backend does not lend its memory; pages go through `write`).
+    fn slice(
+        &self,
+        _offset: u64,
+        _len: u64,
+    ) -> Result<Option<vm_memory::VolatileSlice<'_>>, OutOfRange> {
+        Ok(None)
+    }
     fn fill(&self, offset: u64, len: u64, pattern: u32) -> Result<(), OutOfRange>;
     /// VRAM to VRAM; the ranges may overlap (memmove).
     fn copy(&self, dst: u64, src: u64, len: u64) -> Result<(), OutOfRange>;

@@ -156,6 +156,19 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn slice(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<vm_memory::VolatileSlice<'_>>, OutOfRange> {
+        let o = self.check(offset, len)?;
+        // SAFETY: inside the mapping (checked), which lives as long as `self` and so as
+        // long as the slice; a VolatileSlice only reads and writes it volatilely.
+        Ok(Some(unsafe {
+            vm_memory::VolatileSlice::new(self.ptr.add(o), len as usize)
+        }))
+    }
+
     fn fill(&self, offset: u64, len: u64, pattern: u32) -> Result<(), OutOfRange> {
         let o = self.check(offset, len)?;
         if pattern == 0 {

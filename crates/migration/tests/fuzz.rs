@@ -481,22 +481,31 @@ impl PageSource for Counted {
     }
 }
 
-/// The main stream with its first frame (RAM pages) replaced by `first`.
-fn with_first(s: &[(String, Vec<u8>)], first: &Frame) -> Vec<u8> {
+/// The main stream with its RAM pages (`which` 0, three pages) or VRAM pages (1, two)
+/// replaced by `pages`.
+fn with_pages(s: &[(String, Vec<u8>)], which: usize, pages: &Frame) -> Vec<u8> {
     let mut f = frames(s);
     let mut b = Vec::new();
-    wire::write_frame(&mut b, first).unwrap();
-    f[0] = (first.kind(), b[wire::HEADER_LEN..].to_vec());
-    if let Frame::Pages { addrs, .. } = first {
+    wire::write_frame(&mut b, pages).unwrap();
+    f[which] = (pages.kind(), b[wire::HEADER_LEN..].to_vec());
+    if let Frame::Pages { addrs, .. } = pages {
         let n = f.len();
         f[n - 1].1 = serde_json::to_vec(&Totals {
-            pages: addrs.len() as u64 + 2,
+            pages: addrs.len() as u64 + [2, 3][which],
             zero_pages: 19,
             data: 0,
         })
         .unwrap();
     }
     stream(&f)
+}
+
+/// `pages` page numbers' worth of distinct data, and their addresses.
+fn marked(pages: &[u64]) -> (Vec<u64>, Vec<u8>) {
+    let data = (0..pages.len() * PAGE_SIZE)
+        .map(|i| (i / PAGE_SIZE * 31 + i % 251) as u8)
+        .collect();
+    (pages.iter().map(|p| p * PAGE_SIZE as u64).collect(), data)
 }
 
 /// Pre-copy's pages go from the stream straight into guest RAM: runs of neighbours
@@ -506,22 +515,18 @@ fn pages_read_in_place_land_where_their_addresses_say() {
     if !kvm() {
         return;
     }
-    let (_dir, s, d) = pair("inplace");
-    let ram = s.iter().position(|x| x.0 == "ram").unwrap() as u32;
-    let pages: Vec<u64> = vec![12, 13, 14, 40, 52, 53, 30];
-    let data: Vec<u8> = (0..pages.len() * PAGE_SIZE)
-        .map(|i| (i / PAGE_SIZE * 31 + i % 251) as u8)
-        .collect();
-    let addrs: Vec<u64> = pages.iter().map(|p| p * PAGE_SIZE as u64).collect();
+    let (dir, s, d) = pair("inplace");
+    let section = |n: &str| s.iter().position(|x| x.0 == n).unwrap() as u32;
+    let (addrs, data) = marked(&[12, 13, 14, 40, 52, 53, 30]);
     let f = Frame::Pages {
-        section: ram,
+        section: section("ram"),
         addrs: addrs.clone(),
         data: &data,
     };
-    d.receive(&with_first(&s, &f)).unwrap();
+    d.receive(&with_pages(&s, 0, &f)).unwrap();
     let mem = d._vm.memory();
+    let mut b = vec![0u8; PAGE_SIZE];
     for (k, &a) in addrs.iter().enumerate() {
-        let mut b = vec![0u8; PAGE_SIZE];
         mem.read_slice(&mut b, GuestAddress(a)).unwrap();
         assert!(
             b == data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE],
@@ -529,11 +534,31 @@ fn pages_read_in_place_land_where_their_addresses_say() {
         );
     }
     // Its neighbours were left alone.
-    let mut b = vec![0u8; PAGE_SIZE];
     for p in [11u64, 15, 29, 31, 39, 41, 51, 54] {
         mem.read_slice(&mut b, GuestAddress(p * PAGE_SIZE as u64))
             .unwrap();
         assert!(b.iter().all(|&x| x == 0), "page {p} was written");
+    }
+    // VRAM the same way, through the backend's mapping.
+    let d = Dest::new(&dir.0, &s);
+    let (addrs, data) = marked(&[7, 8, 100, 3, 4, 5]);
+    let f = Frame::Pages {
+        section: section("gpu"),
+        addrs: addrs.clone(),
+        data: &data,
+    };
+    d.receive(&with_pages(&s, 1, &f)).unwrap();
+    let vram = d._vm.machine().gpu().unwrap().vf.backend();
+    for (k, &a) in addrs.iter().enumerate() {
+        vram.read(a, &mut b).unwrap();
+        assert!(
+            b == data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE],
+            "VRAM page {a:#x} is not what the frame carried"
+        );
+    }
+    for p in [2u64, 6, 9, 99, 101] {
+        vram.read(p * PAGE_SIZE as u64, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0), "VRAM page {p} was written");
     }
 }
 
@@ -552,7 +577,7 @@ fn a_page_damaged_on_the_way_is_refused_after_it_was_read_in_place() {
         addrs: vec![5 * PAGE_SIZE as u64, 6 * PAGE_SIZE as u64],
         data: &data,
     };
-    let mut bytes = with_first(&s, &f);
+    let mut bytes = with_pages(&s, 0, &f);
     d.receive(&bytes).unwrap();
     let d = Dest::new(&_dir.0, &s);
     // Header, section, count, two addresses; then the second page's data.

@@ -12,8 +12,8 @@ use super::paged::{self, Bitmap, Memory, MemoryState, PAGE_SIZE};
 use super::ram::{merge, DmaLog};
 use super::Faults;
 use super::{
-    check_arc, expect, Component, ComponentError, MigState, PreCopyInfo, ReadReport, Result,
-    Section, Sink, SyncReport,
+    check_arc, expect, Component, ComponentError, MigState, PageSource, PreCopyInfo, ReadReport,
+    Result, Section, Sink, SyncReport,
 };
 use crate::dirty::{DirtyLog, SlotId, Written};
 use godwit_gpu::{Hold, Vf, VfState};
@@ -136,6 +136,11 @@ impl Memory for Vram {
             .backend()
             .write(off, data)
             .map_err(|e| self.failed(off, e))
+    }
+
+    fn pages_slice(&self, off: u64, pages: usize) -> Option<vm_memory::VolatileSlice<'_>> {
+        let len = (pages as u64).checked_mul(PAGE_SIZE as u64)?;
+        self.vf.backend().slice(off, len).ok().flatten()
     }
 
     /// A backend whose VRAM the host maps can run ahead of it (post-copy).
@@ -377,6 +382,18 @@ impl Component for GpuFunction {
             Some(l) => l.place(addrs, data),
             None => self.lock().mem.load_pages(&self.m, addrs, data),
         }
+    }
+
+    fn load_pages_from(&self, addrs: &[u64], src: &mut dyn PageSource) -> Result<bool> {
+        {
+            let st = self.lock();
+            // Post-copy places each page whole (UFFDIO_COPY), never half-read.
+            if st.mem.filler().is_some() || !st.mem.admit_in_place(&self.m, addrs)? {
+                return Ok(false);
+            }
+        }
+        MemoryState::read_in_place(&self.m, addrs, src)?;
+        Ok(true)
     }
 
     fn load_zero(&self, runs: &[(u64, u32)]) -> Result<()> {
