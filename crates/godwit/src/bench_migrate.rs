@@ -576,9 +576,14 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                             i + 1
                         );
                     }
-                    // Rotate which side goes first, against drift in the host's state.
+                    // Rotate which side goes first, against drift in the host's state,
+                    // and on from cell to cell: the first run of a cell inherits the
+                    // last cell's host memory (a cell that needs more than the one
+                    // before it starts on memory freed long ago, slow to touch on this
+                    // host), and no side should always be that run.
+                    let start = cells.len() * runs + i;
                     for k in 0..sides {
-                        let turn = (k + i) % sides;
+                        let turn = (k + start) % sides;
                         match variants.get(turn) {
                             Some(&(mode, log, tls)) => g[turn].push(godwit_run(
                                 &dir,
