@@ -33,12 +33,18 @@ impl<R: ReadVolatile> PageSource for Source<'_, R> {
             self.failed = Some(wire::io_err(e));
             return Err(kept);
         }
-        let g = page.ptr_guard();
-        // SAFETY: a VolatileSlice maps `len()` bytes for as long as it lives, and the
-        // component is RESUMING: its VM has not run, so nothing writes the page while
-        // it is read here.
-        let bytes = unsafe { std::slice::from_raw_parts(g.as_ptr(), page.len()) };
-        self.crc.update(bytes);
+        // The CRC over what landed, read back through a small buffer still in cache: a
+        // plain slice over the memory would be unsound should another connection write
+        // the same page meanwhile (a hostile source can send it on two).
+        let mut tmp = [0u8; 4096];
+        let mut at = 0;
+        while at < page.len() {
+            let n = (page.len() - at).min(tmp.len());
+            let part = page.subslice(at, n).map_err(io::Error::other)?;
+            part.copy_to(&mut tmp[..n]);
+            self.crc.update(&tmp[..n]);
+            at += n;
+        }
         Ok(())
     }
 }
