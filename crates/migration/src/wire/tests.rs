@@ -1,0 +1,209 @@
+//! Tests of the wire format: round trips, the PAGES frame's builder and its head read
+//! apart, damage detected.
+
+use super::*;
+
+fn roundtrip(f: &Frame) {
+    let mut out = Vec::new();
+    write_frame(&mut out, f).unwrap();
+    let mut buf = Vec::new();
+    let got = read_frame(&mut out.as_slice(), &mut buf).unwrap();
+    assert_eq!(&got, f);
+}
+
+#[test]
+fn frames_round_trip() {
+    let data = vec![7u8; 2 * PAGE_SIZE];
+    roundtrip(&Frame::Pages {
+        section: 2,
+        addrs: vec![0, 4096 * 9],
+        data: &data,
+    });
+    roundtrip(&Frame::Zero {
+        section: 1,
+        runs: vec![(0, 3), (1 << 32, 100)],
+    });
+    roundtrip(&Frame::State {
+        section: 3,
+        data: b"state",
+    });
+    roundtrip(&Frame::Data {
+        section: 4,
+        data: b"bytes of a device",
+    });
+    roundtrip(&Frame::Ready(Ready {
+        restore_ms: 1.5,
+        check_ms: 0.25,
+    }));
+    roundtrip(&Frame::Join {
+        session: 42,
+        index: 3,
+    });
+    roundtrip(&Frame::Abort("no".into()));
+    roundtrip(&Frame::Sync(7));
+    roundtrip(&Frame::Synced(u64::MAX));
+    roundtrip(&Frame::Go);
+    roundtrip(&Frame::Postcopy {
+        section: 1,
+        missing: vec![vec![1, u64::MAX], vec![], vec![7]],
+    });
+    roundtrip(&Frame::Lacks {
+        section: 2,
+        regions: vec![
+            Lacks::Runs(vec![(0, 3), (1 << 40, u64::MAX)]),
+            Lacks::Bitmap(vec![5, 6]),
+            Lacks::Runs(vec![]),
+            Lacks::Bitmap(vec![]),
+        ],
+    });
+    roundtrip(&Frame::Request {
+        section: 0,
+        addrs: vec![4096, 1 << 40],
+    });
+    roundtrip(&Frame::Done(Done::default()));
+    roundtrip(&Frame::Ahead {
+        section: 2,
+        addrs: vec![8192],
+    });
+    roundtrip(&Frame::Resume {
+        session: 9,
+        connections: 2,
+    });
+    roundtrip(&Frame::Resumed);
+    roundtrip(&Frame::End(Totals {
+        pages: 5,
+        zero_pages: 6,
+        data: 7,
+    }));
+}
+
+/// The head read apart (pages read in place) is the decoder's section and
+/// addresses, for every count; what the decoder refuses, the head refuses.
+#[test]
+fn a_pages_head_read_apart_is_what_the_decoder_reads() {
+    for n in 1..=PAGES_PER_FRAME {
+        let data = vec![3u8; n * PAGE_SIZE];
+        let addrs: Vec<u64> = (0..n as u64).map(|i| (i * 3) << 12).collect();
+        let mut b = Vec::new();
+        write_frame(
+            &mut b,
+            &Frame::Pages {
+                section: 9,
+                addrs: addrs.clone(),
+                data: &data,
+            },
+        )
+        .unwrap();
+        let p = &b[HEADER_LEN..];
+        let head = pages_head_len(p.len()).unwrap();
+        assert_eq!(head, 8 + 8 * n);
+        assert_eq!(decode_pages_head(&p[..head]).unwrap(), (9, addrs));
+    }
+    let one = 8 + 8 + PAGE_SIZE;
+    for len in [0, 7, 8, 9, one - 1, one + 1, 8 + 65 * (8 + PAGE_SIZE)] {
+        assert!(pages_head_len(len).is_err(), "{len}");
+    }
+    // A count that disagrees with the length.
+    let mut p = vec![0u8; 16];
+    p[4] = 2;
+    assert!(decode_pages_head(&p).is_err());
+    assert!(decode(Kind::Pages, &[p, vec![0; PAGE_SIZE]].concat()).is_err());
+}
+
+#[test]
+fn pages_frame_builder_matches_the_decoder() {
+    let mut f = PagesFrame::new();
+    f.set_section(5);
+    for i in 0..3u64 {
+        f.next_slot().fill(i as u8 + 1);
+        f.commit(i * 8192);
+    }
+    // A slot filled but not committed is not sent.
+    f.next_slot().fill(0xee);
+    let mut out = Vec::new();
+    let n = f.flush(&mut out).unwrap();
+    assert_eq!(n, out.len());
+    assert!(f.is_empty());
+    let mut buf = Vec::new();
+    match read_frame(&mut out.as_slice(), &mut buf).unwrap() {
+        Frame::Pages {
+            section,
+            addrs,
+            data,
+        } => {
+            assert_eq!(section, 5);
+            assert_eq!(addrs, vec![0, 8192, 16384]);
+            assert_eq!(data.len(), 3 * PAGE_SIZE);
+            assert!(data[..PAGE_SIZE].iter().all(|b| *b == 1));
+            assert!(data[2 * PAGE_SIZE..].iter().all(|b| *b == 3));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn damage_is_detected() {
+    let mut out = Vec::new();
+    write_frame(&mut out, &Frame::Abort("hello".into())).unwrap();
+    let mut buf = Vec::new();
+    // Flipped payload byte.
+    let mut c = out.clone();
+    *c.last_mut().unwrap() ^= 1;
+    assert!(matches!(
+        read_frame(&mut c.as_slice(), &mut buf),
+        Err(WireError::BadCrc { .. })
+    ));
+    // Cut short.
+    assert!(matches!(
+        read_frame(&mut &out[..out.len() - 1], &mut buf),
+        Err(WireError::Truncated)
+    ));
+    assert!(matches!(
+        read_frame(&mut &out[..5], &mut buf),
+        Err(WireError::Truncated)
+    ));
+    assert!(matches!(
+        read_frame(&mut &[][..], &mut buf),
+        Err(WireError::Closed)
+    ));
+    // A huge length is refused before anything is allocated.
+    let mut c = out.clone();
+    c[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        read_frame(&mut c.as_slice(), &mut buf),
+        Err(WireError::TooLarge(_))
+    ));
+    // A count that does not match the length.
+    let mut p = 0u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&1000u32.to_le_bytes());
+    p.extend_from_slice(&[0; 12]);
+    let mut c = Vec::new();
+    write_raw(&mut c, Kind::Zero, &p).unwrap();
+    assert!(matches!(
+        read_frame(&mut c.as_slice(), &mut buf),
+        Err(WireError::Malformed(Kind::Zero, _))
+    ));
+    // Post-copy: a request for nothing or too much, a bitmap that claims more
+    // words than it has.
+    for n in [0usize, MAX_REQUEST + 1] {
+        let mut p = 0u32.to_le_bytes().to_vec();
+        p.extend_from_slice(&(n as u32).to_le_bytes());
+        p.extend(std::iter::repeat_n(0u8, 8 * n));
+        let mut c = Vec::new();
+        write_raw(&mut c, Kind::Request, &p).unwrap();
+        assert!(matches!(
+            read_frame(&mut c.as_slice(), &mut buf),
+            Err(WireError::Malformed(Kind::Request, _))
+        ));
+    }
+    let mut p = 0u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&1u32.to_le_bytes());
+    p.extend_from_slice(&u32::MAX.to_le_bytes());
+    p.extend_from_slice(&[0; 8]);
+    let mut c = Vec::new();
+    write_raw(&mut c, Kind::Postcopy, &p).unwrap();
+    assert!(matches!(
+        read_frame(&mut c.as_slice(), &mut buf),
+        Err(WireError::Malformed(Kind::Postcopy, _))
+    ));
+}
