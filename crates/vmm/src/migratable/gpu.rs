@@ -385,12 +385,9 @@ impl Component for GpuFunction {
     }
 
     fn load_pages_from(&self, addrs: &[u64], src: &mut dyn PageSource) -> Result<bool> {
-        {
-            let st = self.lock();
-            // Post-copy places each page whole (UFFDIO_COPY), never half-read.
-            if st.mem.filler().is_some() || !st.mem.admit_in_place(&self.m, addrs)? {
-                return Ok(false);
-            }
+        // Admitted under the lock, read without it (see `MemoryState::read_in_place`).
+        if !self.lock().mem.admit_in_place(&self.m, addrs)? {
+            return Ok(false);
         }
         MemoryState::read_in_place(&self.m, addrs, src)?;
         Ok(true)

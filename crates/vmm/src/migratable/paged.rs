@@ -401,8 +401,12 @@ impl MemoryState {
     }
 
     /// Before pages are read straight into place (`read_in_place`): whether they can
-    /// be (false: this memory is not mapped here), every address checked first.
+    /// be, every address checked first. False: post-copy places each page whole
+    /// (UFFDIO_COPY), never half-read, or this memory is not mapped here.
     pub fn admit_in_place(&self, mem: &dyn Memory, addrs: &[u64]) -> Result<bool> {
+        if self.lazy.is_some() {
+            return Ok(false);
+        }
         super::expect(self.state, MigState::Resuming, "pages")?;
         for &a in addrs {
             check(mem, a, 1)?;

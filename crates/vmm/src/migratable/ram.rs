@@ -313,12 +313,9 @@ impl Component for Ram {
     }
 
     fn load_pages_from(&self, addrs: &[u64], src: &mut dyn PageSource) -> Result<bool> {
-        {
-            let st = self.lock();
-            // Post-copy places each page whole (UFFDIO_COPY), never half-read.
-            if st.filler().is_some() || !st.admit_in_place(&self.m, addrs)? {
-                return Ok(false);
-            }
+        // Admitted under the lock, read without it (see `MemoryState::read_in_place`).
+        if !self.lock().admit_in_place(&self.m, addrs)? {
+            return Ok(false);
         }
         MemoryState::read_in_place(&self.m, addrs, src)?;
         Ok(true)
