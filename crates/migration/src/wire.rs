@@ -690,17 +690,14 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
                 index: u32_at(p, 8),
             })
         }
+        // The same head as a frame read in place, by the same checks.
         Kind::Pages => {
-            let (section, rest) = section()?;
-            let n = counted(rest, 8 + PAGE_SIZE)?;
-            if n == 0 || n > PAGES_PER_FRAME {
-                return Err(bad(format!("{n} pages (1 to {PAGES_PER_FRAME} allowed)")));
-            }
-            let addrs = (0..n).map(|i| u64_at(rest, 4 + 8 * i)).collect();
+            let head = pages_head_len(p.len())?;
+            let (section, addrs) = decode_pages_head(&p[..head])?;
             Ok(Frame::Pages {
                 section,
                 addrs,
-                data: &rest[4 + 8 * n..],
+                data: &p[head..],
             })
         }
         Kind::Zero => {
