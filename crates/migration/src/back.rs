@@ -167,23 +167,6 @@ impl BackChannel {
         None
     }
 
-    /// Returns once something has arrived, or after `d` (precisely: for waits far
-    /// shorter than a scheduler tick).
-    pub fn until_readable(&self, d: Duration) {
-        if !self.ended && !self.holds_a_frame() {
-            self.s.readable_within(d);
-        }
-    }
-
-    /// Whether a whole frame (or a header that cannot be one) has been read already.
-    fn holds_a_frame(&self) -> bool {
-        let Some(h) = self.buf.get(..HEADER_LEN) else {
-            return false;
-        };
-        let h: &[u8; HEADER_LEN] = h.try_into().expect("HEADER_LEN bytes");
-        wire::check_header(h).map_or(true, |(_, len)| self.buf.len() >= HEADER_LEN + len)
-    }
-
     /// The next answer, waiting at most `d` (None: nothing came in time).
     pub fn wait(&mut self, d: Duration) -> Option<Answer> {
         let end = Instant::now() + d;

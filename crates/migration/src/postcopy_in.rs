@@ -132,7 +132,7 @@ impl PostcopyIn {
                 .name(format!("postcopy-in{k}"))
                 .spawn(move || {
                     // Answers to touches come on the main connection.
-                    let _short = (k == 0).then(crate::slice::Short::new);
+                    let _urgent = (k == 0).then(crate::priority::Urgent::new);
                     read_pages(s, &pc, generation)
                 })?;
         }
@@ -395,7 +395,7 @@ fn read_pages(mut s: Stream, pc: &PostcopyIn, generation: u64) {
 
 /// Sends a request for every page a touch waits for, and DONE once none is missing.
 fn watch(pc: &PostcopyIn) {
-    let _short = crate::slice::Short::new();
+    let _urgent = crate::priority::Urgent::new();
     let mut ask = Vec::new();
     let mut ahead = Vec::new();
     let mut watch = FaultWatch::new(pc.lazy.iter().map(|l| &*l.faults));

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 mod handover;
 mod postcopy;
 mod precopy;
+mod push;
 mod switchover;
 use handover::await_late_answer;
 pub use handover::{take_back, unconfirmed_message};
@@ -235,6 +236,9 @@ struct Driver<'a> {
     tls: Option<crate::tls::Creds>,
     /// Setup: pages of this VM's memory still arriving, while it waits for them.
     arriving: u64,
+    /// Post-copy: the connections but the main one, once the background stream has
+    /// had them (given up with the rest).
+    bg: Option<Outbound>,
 }
 
 type Res<T> = Result<T, MigrationError>;
@@ -506,7 +510,9 @@ impl Driver<'_> {
         b.pages_sent += r.pages;
         b.memory_data += r.pages * PAGE_SIZE as u64;
         b.zero_pages += r.zero_pages;
-        b.total = self.bytes_base + self.out.as_ref().expect("connected").bytes;
+        b.total = self.bytes_base
+            + self.out.as_ref().expect("connected").bytes
+            + self.bg.as_ref().map_or(0, |o| o.bytes);
     }
 
     /// Ends a round: it is over once the destination has taken in all of it (SYNC on
@@ -643,6 +649,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         ahead: Default::default(),
         tls: None,
         arriving: 0,
+        bg: None,
     };
     status.live_bytes.store(0, Ordering::Relaxed);
     status.postcopy_now.store(false, Ordering::SeqCst);

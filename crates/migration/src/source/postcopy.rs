@@ -5,6 +5,7 @@
 //! (pre-paging). The source holds every page until the destination says it has them
 //! all (DONE); only then does the VM end here.
 
+use super::push;
 use super::*;
 use crate::lacks;
 use crate::outbound::Route;
@@ -17,9 +18,9 @@ enum Lost {
     Fatal(MigrationError),
 }
 
-/// Background pages read between two looks for requests, per background connection:
-/// one frame each, so a request waits behind at most that.
-const PUSH_PAGES: u64 = wire::PAGES_PER_FRAME as u64;
+/// How long the answering thread waits for the destination before it looks at the
+/// pusher and the progress again.
+const ANSWER_WAIT: Duration = Duration::from_millis(10);
 /// With everything pushed, how long the destination may take to say DONE.
 const DONE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -46,7 +47,7 @@ impl Driver<'_> {
     pub(super) fn serve_postcopy(&mut self) -> Res<()> {
         self.phase = Phase::Postcopy;
         // This thread answers the touches that wait: it goes ahead of the background.
-        let _short = crate::slice::Short::new();
+        let _urgent = crate::priority::Urgent::new();
         let switched = self.paused_at.unwrap_or(self.t0);
         // Under a bandwidth cap the background stream waits its turn listening for
         // requests, which go first.
@@ -63,10 +64,138 @@ impl Driver<'_> {
         }
     }
 
-    /// Serves the destination on the connections in use until DONE, or until they fail.
+    /// Serves the destination on the connections in use until DONE, or until they fail:
+    /// this thread answers requests on the main connection while a thread of its own
+    /// pushes the rest on the others (see `push`).
     fn serve_some(&mut self) -> Result<Done, Lost> {
-        let lanes = self.out.as_ref().expect("connected").lanes() as u64;
-        let budget = PUSH_PAGES * (lanes - 1).max(1);
+        let Some(mut bg) = self.out.as_mut().expect("connected").split_background() else {
+            return self.serve_alone();
+        };
+        let lazy: Vec<push::LazyPart> = self
+            .parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.lazy)
+            .map(|(i, p)| (i, p.name.clone(), p.c.clone()))
+            .collect();
+        let (ahead, wanted) = std::sync::mpsc::channel();
+        let shared = push::Shared::default();
+        let status = self.status;
+        let (answered, pushed) = std::thread::scope(|s| {
+            let (lazy, out, shared) = (&lazy, &mut bg, &shared);
+            let pusher = std::thread::Builder::new()
+                .name("migration-push".into())
+                .spawn_scoped(s, move || {
+                    push::push(lazy, out, &wanted, shared, &status.cancel)
+                });
+            match pusher {
+                Ok(h) => {
+                    let answered = self.answer_requests(&ahead, shared);
+                    shared.stop.store(true, Ordering::SeqCst);
+                    // Wakes a pusher waiting for pages wanted ahead.
+                    drop(ahead);
+                    (answered, Some(h.join()))
+                }
+                Err(e) => (
+                    Err(Lost::Fatal(
+                        self.broken(format!("cannot start the background stream: {e}")),
+                    )),
+                    None,
+                ),
+            }
+        });
+        // Kept until the connections are given up, which shuts them down first (a
+        // writer blocked on a dead connection returns).
+        self.bg = Some(bg);
+        let pushed = match pushed {
+            Some(Ok(p)) => p,
+            Some(Err(_)) => {
+                return Err(Lost::Fatal(
+                    self.broken("the background stream's thread failed".into()),
+                ))
+            }
+            None => push::Pushed::default(),
+        };
+        for (i, r) in &pushed.sent {
+            self.count_sent(*i, r);
+        }
+        let pc = self.report.postcopy.get_or_insert_with(Default::default);
+        pc.background_pages += pushed.background_pages;
+        pc.ahead_pages += pushed.ahead_pages;
+        pc.refused_requests += pushed.refused;
+        let failed = shared
+            .failed
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        match (answered, failed) {
+            (Err(Lost::Fatal(e)), _) => Err(Lost::Fatal(e)),
+            (_, Some(push::Stopped::Component(name, e))) => {
+                Err(Lost::Fatal(MigrationError::component(&name)(e)))
+            }
+            (Ok(done), _) => Ok(done),
+            (Err(Lost::Link(why)), _) => Err(Lost::Link(why)),
+        }
+    }
+
+    /// Answers requests until DONE, or until the connections fail (this one, or the
+    /// pusher's). Pages wanted ahead go to the pusher.
+    fn answer_requests(
+        &mut self,
+        ahead: &std::sync::mpsc::Sender<(u32, Vec<u64>)>,
+        shared: &push::Shared,
+    ) -> Result<Done, Lost> {
+        let mut idle_since: Option<Instant> = None;
+        let mut last_progress = Instant::now();
+        loop {
+            // Asked ahead before STARTED, or just now.
+            for a in self.ahead.drain(..) {
+                let _ = ahead.send(a);
+            }
+            if let Some(a) = self.back.as_mut().expect("live").wait(ANSWER_WAIT) {
+                let urgent = matches!(a, Answer::Request { .. });
+                shared.answering.store(urgent, Ordering::SeqCst);
+                let r = self.on_answer(a);
+                shared.answering.store(false, Ordering::SeqCst);
+                if let Some(done) = r? {
+                    return Ok(done);
+                }
+                continue;
+            }
+            if let Some(why) = shared
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                return Err(match why {
+                    push::Stopped::Link(why) => Lost::Link(why.clone()),
+                    // Reported by the caller, with the component's error.
+                    push::Stopped::Component(..) => Lost::Link(String::new()),
+                });
+            }
+            if last_progress.elapsed() >= Duration::from_millis(100) {
+                self.progress(self.lazy_left(), 0.0);
+                last_progress = Instant::now();
+            }
+            if shared.all_out.load(Ordering::SeqCst) {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > DONE_TIMEOUT {
+                    return Err(Lost::Link(format!(
+                        "every page went out but the destination has not confirmed them \
+                         within {} s",
+                        DONE_TIMEOUT.as_secs()
+                    )));
+                }
+            } else {
+                idle_since = None;
+            }
+        }
+    }
+
+    /// `serve_some` on the main connection alone (a pre-copy of one connection
+    /// switched to post-copy by hand): requests and the background share it and this
+    /// thread, the background one frame at a time between two looks for requests.
+    fn serve_alone(&mut self) -> Result<Done, Lost> {
         let mut idle_since: Option<Instant> = None;
         let mut last_progress = Instant::now();
         loop {
@@ -83,20 +212,9 @@ impl Driver<'_> {
                 .parts
                 .iter()
                 .position(|p| p.lazy && p.c.precopy_info().is_ok_and(|i| i.total() > 0));
-            let out = self.out.as_ref().expect("connected");
-            // The background waits while its connections are still busy with what they
-            // were given (a blocked send would hold the answer to a touch behind it),
-            // briefly, and listening: a request ends the wait as it arrives. (A sleep
-            // here added its 100 us, and the timer's slack, to most remote faults.)
-            if next.is_some() && !out.background_room() {
-                self.back
-                    .as_ref()
-                    .expect("live")
-                    .until_readable(Duration::from_micros(100));
-                continue;
-            }
-            // And listening for requests while the bandwidth cap says so.
-            let due = out.due();
+            // The background waits, listening for requests, while the bandwidth cap says
+            // so.
+            let due = self.out.as_ref().expect("connected").due();
             if next.is_some() && !due.is_zero() {
                 if let Some(a) = self.back.as_mut().expect("live").wait(due) {
                     if let Some(done) = self.on_answer(a)? {
@@ -114,7 +232,10 @@ impl Driver<'_> {
                     let c = self.parts[i].c.clone();
                     let cancel = &self.status.cancel;
                     let out = self.out.as_mut().expect("connected");
-                    let r = c.read(&mut out.routed(i as u32, cancel, Route::Background), budget);
+                    let r = c.read(
+                        &mut out.routed(i as u32, cancel, Route::Background),
+                        push::PUSH_PAGES,
+                    );
                     match r {
                         Ok(r) => {
                             let pc = self.report.postcopy.get_or_insert_with(Default::default);
@@ -259,7 +380,7 @@ impl Driver<'_> {
             s.shutdown();
         }
         drop(self.back.take());
-        if let Some(out) = self.out.take() {
+        for out in [self.out.take(), self.bg.take()].into_iter().flatten() {
             self.bytes_base += out.bytes;
         }
     }

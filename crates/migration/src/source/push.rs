@@ -1,0 +1,178 @@
+//! Post-copy's background stream, on a thread of its own. The thread that answers
+//! requests used to push the background between two looks for requests, so a request
+//! waited for the push in progress; and since pushing kept that thread busy, the
+//! scheduler treated it as a busy thread: woken by a request, it queued behind the
+//! destination's placements on the same core while the other core idled (traced:
+//! 300-650 us from a request sent to the source reading it). Apart, the thread that
+//! answers requests does little but wait for them, and the scheduler runs it when one
+//! arrives.
+//!
+//! The pusher owns the connections but the main one (`Outbound::split_background`)
+//! and reads the lazy components in slices. It reads only when its connections have
+//! room: a read holds the component's lock, which an answer to a request needs too,
+//! and a send that waited for a full connection would hold it for that long.
+
+use crate::outbound::Outbound;
+use crate::wire;
+use godwit_vmm::migratable::{Component, ComponentError, ReadReport};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Background pages read at a time (one frame): what an answer to a request may wait
+/// for, the component's lock being held meanwhile.
+pub(super) const PUSH_PAGES: u64 = wire::PAGES_PER_FRAME as u64;
+/// How long the pusher sleeps while its connections are full.
+const ROOM_WAIT: Duration = Duration::from_micros(50);
+/// The longest single sleep under a bandwidth cap.
+const DUE_SLICE: Duration = Duration::from_millis(10);
+/// How long it waits for pages wanted ahead once everything is pushed.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
+
+/// What the pusher did, for the report.
+#[derive(Default)]
+pub(super) struct Pushed {
+    /// Per section: what went.
+    pub sent: Vec<(usize, ReadReport)>,
+    pub background_pages: u64,
+    /// Of those, pages wanted ahead of a touch.
+    pub ahead_pages: u64,
+    /// Pages wanted ahead that the VM cannot give (outside it).
+    pub refused: u64,
+}
+
+/// Why the pusher stopped short.
+pub(super) enum Stopped {
+    /// The connections failed (recoverable).
+    Link(String),
+    /// A component failed.
+    Component(String, ComponentError),
+}
+
+/// Shared with the thread that answers requests.
+#[derive(Default)]
+pub(super) struct Shared {
+    /// Set by the answering thread: stop now (DONE came, or the link broke).
+    pub stop: AtomicBool,
+    /// Set by the answering thread while it answers a request: the pusher holds off
+    /// (it would take the component's lock again between two of its reads, and keep
+    /// the core the answering thread was woken on).
+    pub answering: AtomicBool,
+    /// Set by the pusher: every page went out.
+    pub all_out: AtomicBool,
+    /// Set by the pusher when it stopped short.
+    pub failed: Mutex<Option<Stopped>>,
+}
+
+impl Shared {
+    fn fail(&self, why: Stopped) {
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+}
+
+/// One lazy component: its section index, name and the component.
+pub(super) type LazyPart = (usize, String, Arc<dyn Component>);
+
+/// Pushes the lazy components' pages into `out`, pages wanted ahead (`ahead`: section
+/// and addresses, checked by the caller to name a lazy section) first, until told to
+/// stop.
+pub(super) fn push(
+    lazy: &[LazyPart],
+    out: &mut Outbound,
+    ahead: &Receiver<(u32, Vec<u64>)>,
+    shared: &Shared,
+    cancel: &AtomicBool,
+) -> Pushed {
+    let mut p = Pushed::default();
+    let mut sent = vec![ReadReport::default(); lazy.len()];
+    let r = (|| -> Result<(), Stopped> {
+        loop {
+            if shared.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if !out.room() || shared.answering.load(Ordering::SeqCst) {
+                std::thread::sleep(ROOM_WAIT);
+                continue;
+            }
+            // Under a bandwidth cap, waiting here, between reads (a read holds the
+            // component's lock), a slice at a time to hear the stop.
+            let due = out.due();
+            if !due.is_zero() {
+                std::thread::sleep(due.min(DUE_SLICE));
+                continue;
+            }
+            if let Ok(a) = ahead.try_recv() {
+                wanted_ahead(lazy, out, cancel, a, &mut p, &mut sent)?;
+                continue;
+            }
+            let next = lazy
+                .iter()
+                .position(|l| l.2.precopy_info().is_ok_and(|i| i.total() > 0));
+            let Some(k) = next else {
+                out.flush().map_err(link)?;
+                shared.all_out.store(true, Ordering::SeqCst);
+                // Only pages wanted ahead (sent again) or the stop can come now.
+                match ahead.recv_timeout(IDLE_WAIT) {
+                    Ok(a) => {
+                        shared.all_out.store(false, Ordering::SeqCst);
+                        wanted_ahead(lazy, out, cancel, a, &mut p, &mut sent)?;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
+                continue;
+            };
+            let (section, name, c) = &lazy[k];
+            match c.read(&mut out.sink(*section as u32, cancel), PUSH_PAGES) {
+                Ok(r) => {
+                    p.background_pages += r.pages + r.zero_sent;
+                    sent[k] += r;
+                }
+                Err(ComponentError::Io(e)) => return Err(link(e)),
+                Err(e) => return Err(Stopped::Component(name.clone(), e)),
+            }
+        }
+    })();
+    if let Err(why) = r {
+        shared.fail(why);
+    }
+    p.sent = lazy.iter().map(|l| l.0).zip(sent).collect();
+    p
+}
+
+fn link(e: std::io::Error) -> Stopped {
+    Stopped::Link(format!("sending: {e}"))
+}
+
+/// Pages wanted ahead of a touch: sent before the rest of the background.
+fn wanted_ahead(
+    lazy: &[LazyPart],
+    out: &mut Outbound,
+    cancel: &AtomicBool,
+    (section, addrs): (u32, Vec<u64>),
+    p: &mut Pushed,
+    sent: &mut [ReadReport],
+) -> Result<(), Stopped> {
+    let Some(k) = lazy.iter().position(|l| l.0 == section as usize) else {
+        p.refused += 1;
+        return Ok(());
+    };
+    match lazy[k]
+        .2
+        .read_requested(&mut out.sink(section, cancel), &addrs)
+    {
+        Ok(r) => {
+            p.ahead_pages += r.pages + r.zero_sent;
+            p.background_pages += r.pages + r.zero_sent;
+            sent[k] += r;
+            Ok(())
+        }
+        Err(ComponentError::Io(e)) => Err(link(e)),
+        Err(e) => {
+            tracing::warn!(component = lazy[k].1, "refused pages wanted ahead: {e}");
+            p.refused += 1;
+            Ok(())
+        }
+    }
+}
