@@ -24,6 +24,18 @@ const ANSWER_WAIT: Duration = Duration::from_millis(10);
 /// With everything pushed, how long the destination may take to say DONE.
 const DONE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Every page went out at `since`: a destination that has not said DONE within
+/// DONE_TIMEOUT is taken for lost (recoverable).
+fn confirmed_in_time(since: Instant) -> Result<(), Lost> {
+    if since.elapsed() > DONE_TIMEOUT {
+        return Err(Lost::Link(format!(
+            "every page went out but the destination has not confirmed them within {} s",
+            DONE_TIMEOUT.as_secs()
+        )));
+    }
+    Ok(())
+}
+
 impl Driver<'_> {
     /// Pages of the lazy components not yet sent.
     fn lazy_left(&self) -> u64 {
@@ -178,14 +190,7 @@ impl Driver<'_> {
                 last_progress = Instant::now();
             }
             if shared.all_out.load(Ordering::SeqCst) {
-                let since = *idle_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > DONE_TIMEOUT {
-                    return Err(Lost::Link(format!(
-                        "every page went out but the destination has not confirmed them \
-                         within {} s",
-                        DONE_TIMEOUT.as_secs()
-                    )));
-                }
+                confirmed_in_time(*idle_since.get_or_insert_with(Instant::now))?;
             } else {
                 idle_since = None;
             }
@@ -258,14 +263,7 @@ impl Driver<'_> {
                             return Err(Lost::Link(format!("sending: {e}")));
                         }
                     }
-                    let since = *idle_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > DONE_TIMEOUT {
-                        return Err(Lost::Link(format!(
-                            "every page went out but the destination has not confirmed them \
-                             within {} s",
-                            DONE_TIMEOUT.as_secs()
-                        )));
-                    }
+                    confirmed_in_time(*idle_since.get_or_insert_with(Instant::now))?;
                     let a = self
                         .back
                         .as_mut()
