@@ -357,12 +357,22 @@ fn resumed(r: &Recovery) -> Result<Option<Vec<Stream>>, String> {
     Ok(Some(streams))
 }
 
+/// How long a connection's reader waits for a frame before it looks at the state of
+/// post-copy again.
+const READ_WAIT: Duration = Duration::from_secs(1);
+/// How long one frame may take to arrive once it has begun, before the connection is
+/// taken for broken (a page frame is 260 KiB: a minute is a link of 35 kbit/s).
+const FRAME_WAIT: Duration = Duration::from_secs(60);
+
 /// Places the pages one connection brings until the source closes it.
 fn read_pages(mut s: Stream, pc: &PostcopyIn, generation: u64) {
     let mut buf = Vec::new();
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = s.set_read_timeout(Some(READ_WAIT));
     let why = loop {
-        let r = match wire::read_frame(&mut s, &mut buf) {
+        let since = std::time::Instant::now();
+        let go_on =
+            || generation == pc.generation.load(Ordering::SeqCst) && since.elapsed() < FRAME_WAIT;
+        let r = match wire::read_frame_between(&mut s, &mut buf, go_on) {
             Ok(Frame::Pages {
                 section,
                 addrs,

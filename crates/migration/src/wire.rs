@@ -133,6 +133,58 @@ pub(crate) fn io_err(e: io::Error) -> WireError {
     }
 }
 
+/// A reader whose read timeout says "nothing yet" between frames only: once a frame
+/// has begun, a timeout waits on while `go_on` says so. A slow or lossy link (TCP's
+/// retransmissions back off to seconds) can stall one frame for longer than the
+/// timeout, and a frame given up halfway would lose the stream's frame boundaries.
+struct Between<'r, R, F> {
+    r: &'r mut R,
+    started: bool,
+    go_on: F,
+}
+
+impl<R: Read, F: FnMut() -> bool> Read for Between<'_, R, F> {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.r.read(b) {
+                Ok(n) => {
+                    self.started |= n > 0;
+                    return Ok(n);
+                }
+                Err(e)
+                    if self.started
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                {
+                    if !(self.go_on)() {
+                        // Not `Timeout`: the stream is cut inside a frame.
+                        return Err(io::Error::other("a frame began but did not finish"));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// `read_frame` on a reader with a read timeout: `Timeout` only when no byte of the
+/// next frame came in time; inside a frame it waits on while `go_on()` holds, and
+/// fails with `Io` when it no longer does.
+pub fn read_frame_between<'a>(
+    r: &mut impl Read,
+    buf: &'a mut Vec<u8>,
+    go_on: impl FnMut() -> bool,
+) -> Result<Frame<'a>, WireError> {
+    let mut b = Between {
+        r,
+        started: false,
+        go_on,
+    };
+    read_frame(&mut b, buf)
+}
+
 /// What the source tells the destination first.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Hello {

@@ -401,17 +401,39 @@ pub fn wait_progress(src: &Vm) {
     .expect("no progress");
 }
 
-/// A man in the middle for any number of connections, passing everything both ways
-/// until the returned flag is raised: then it cuts every connection and takes no more
-/// (a link that dies for good).
-pub fn cuttable_proxy(to: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    use std::sync::atomic::{AtomicBool, Ordering};
+/// A man in the middle for any number of connections (`link_proxy`), and what a test does
+/// to the link through it.
+pub struct Link {
+    /// Where the source connects.
+    pub addr: String,
+    /// Raised: every connection is cut and no more are taken (a link that dies for
+    /// good).
+    pub cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Raised: each connection's next chunk toward the destination comes in two
+    /// halves STALL apart, once (a lossy link whose TCP retransmits: a frame stalls
+    /// halfway).
+    pub stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The chunks that came in two halves.
+    pub stalled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// How long a stalled chunk's second half waits: longer than the destination's wait
+/// for a frame (1 s) before it looks at the state of post-copy again.
+pub const STALL: Duration = Duration::from_millis(1500);
+
+/// A proxy to `to` that passes everything both ways until told otherwise (`Link`).
+pub fn link_proxy(to: String) -> Link {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.set_nonblocking(true).unwrap();
-    let addr = format!("tcp:{}", l.local_addr().unwrap());
-    let cut = Arc::new(AtomicBool::new(false));
-    let flag = cut.clone();
+    let link = Link {
+        addr: format!("tcp:{}", l.local_addr().unwrap()),
+        cut: Arc::new(AtomicBool::new(false)),
+        stall: Arc::new(AtomicBool::new(false)),
+        stalled: Arc::new(AtomicUsize::new(0)),
+    };
+    let (cut, stall, stalled) = (link.cut.clone(), link.stall.clone(), link.stalled.clone());
     std::thread::spawn(move || {
         let socks: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         while !cut.load(Ordering::SeqCst) {
@@ -428,23 +450,45 @@ pub fn cuttable_proxy(to: String) -> (String, std::sync::Arc<std::sync::atomic::
                 let _ = s.set_nodelay(true);
                 socks.lock().unwrap().push(s.try_clone().unwrap());
             }
-            let pump = |mut from: TcpStream, mut into: TcpStream| {
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 65536];
-                    while let Ok(n) = from.read(&mut buf) {
-                        if n == 0 || into.write_all(&buf[..n]).is_err() {
-                            break;
+            // `stall`: the flag that splits a chunk in this direction, once.
+            let pump =
+                |mut from: TcpStream, mut into: TcpStream, stall: Option<Arc<AtomicBool>>| {
+                    let stalled = stalled.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 65536];
+                        let mut split = stall;
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            // Where the rest of the chunk begins.
+                            let mut at = 0;
+                            if n > 1 && split.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+                                split = None;
+                                at = n / 2;
+                                if into.write_all(&buf[..at]).is_err() {
+                                    break;
+                                }
+                                std::thread::sleep(STALL);
+                                stalled.fetch_add(1, Ordering::SeqCst);
+                            }
+                            if into.write_all(&buf[at..n]).is_err() {
+                                break;
+                            }
                         }
-                    }
-                    let _ = into.shutdown(std::net::Shutdown::Write);
-                });
-            };
-            pump(a.try_clone().unwrap(), b.try_clone().unwrap());
-            pump(b, a);
+                        let _ = into.shutdown(std::net::Shutdown::Write);
+                    });
+                };
+            pump(
+                a.try_clone().unwrap(),
+                b.try_clone().unwrap(),
+                Some(stall.clone()),
+            );
+            pump(b, a, None);
         }
         for s in socks.lock().unwrap().iter() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     });
-    (addr, flag)
+    link
 }

@@ -1,5 +1,5 @@
 //! Tests of the wire format: round trips, the PAGES frame's builder and its head read
-//! apart, damage detected.
+//! apart, damage detected, read timeouts inside a frame.
 
 use super::*;
 
@@ -205,5 +205,84 @@ fn damage_is_detected() {
     assert!(matches!(
         read_frame(&mut c.as_slice(), &mut buf),
         Err(WireError::Malformed(Kind::Postcopy, _))
+    ));
+}
+
+/// Bytes that come in pieces, with a read timeout between them (`None`).
+struct Stalling(std::collections::VecDeque<Option<Vec<u8>>>);
+
+impl Read for Stalling {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self.0.pop_front() {
+            None => Ok(0),
+            Some(None) => Err(io::Error::new(io::ErrorKind::WouldBlock, "timed out")),
+            Some(Some(mut bytes)) => {
+                let n = bytes.len().min(b.len());
+                b[..n].copy_from_slice(&bytes[..n]);
+                if n < bytes.len() {
+                    self.0.push_front(Some(bytes.split_off(n)));
+                }
+                Ok(n)
+            }
+        }
+    }
+}
+
+#[test]
+fn a_timeout_between_frames_is_nothing_yet_but_inside_one_the_frame_waits_on() {
+    let mut frames = Vec::new();
+    for f in [Frame::Accept, Frame::Done(Done::default())] {
+        write_frame(&mut frames, &f).unwrap();
+    }
+    // The second frame's payload begins after two headers.
+    let second = 2 * HEADER_LEN;
+    // A stall before the first frame, one in its header, and one in the second's payload.
+    let pieces = vec![
+        None,
+        Some(frames[..5].to_vec()),
+        None,
+        None,
+        Some(frames[5..second + 2].to_vec()),
+        None,
+        Some(frames[second + 2..].to_vec()),
+    ];
+    let mut r = Stalling(pieces.into());
+    let mut buf = Vec::new();
+    let asked = std::cell::Cell::new(0);
+    let go_on = || {
+        asked.set(asked.get() + 1);
+        true
+    };
+    assert!(matches!(
+        read_frame_between(&mut r, &mut buf, &go_on),
+        Err(WireError::Timeout)
+    ));
+    assert!(matches!(
+        read_frame_between(&mut r, &mut buf, &go_on),
+        Ok(Frame::Accept)
+    ));
+    assert!(matches!(
+        read_frame_between(&mut r, &mut buf, &go_on),
+        Ok(Frame::Done(_))
+    ));
+    assert_eq!(asked.get(), 3);
+    assert!(matches!(
+        read_frame_between(&mut r, &mut buf, &go_on),
+        Err(WireError::Closed)
+    ));
+
+    // Given up halfway: not a timeout, the stream is cut.
+    let pieces = vec![Some(frames[..5].to_vec()), None, Some(frames[5..].to_vec())];
+    let mut r = Stalling(pieces.into());
+    assert!(matches!(
+        read_frame_between(&mut r, &mut buf, || false),
+        Err(WireError::Io(_))
+    ));
+    // A plain read loses the frame there (why the readers with a timeout use the other).
+    let pieces = vec![Some(frames[..5].to_vec()), None, Some(frames[5..].to_vec())];
+    let mut r = Stalling(pieces.into());
+    assert!(matches!(
+        read_frame(&mut r, &mut buf),
+        Err(WireError::Timeout)
     ));
 }
