@@ -490,14 +490,27 @@ fn migration(src: &Vm) -> Value {
     serde_json::from_str(&b).unwrap()
 }
 
-#[test]
-fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
+/// A post-copy through `link_proxy` under way, for a test to do something to the link.
+struct Linked {
+    dir: TempDir,
+    src: Vm,
+    dst: Vm,
+    /// The destination's own address, for a recovery that goes around the proxy.
+    direct: String,
+    link: Link,
+    /// The `migrate` command's thread.
+    m: std::thread::JoinHandle<std::process::Output>,
+}
+
+/// A dirtier that runs until shut down, checking all of its memory every second,
+/// moving in post-copy through a proxy at a 16 MiB/s cap that keeps the background
+/// flowing for seconds; returns once post-copy has begun (None: no KVM here).
+fn postcopy_through_a_proxy(tag: &str) -> Option<Linked> {
     if !kvm_available() {
-        return;
+        return None;
     }
-    let dir = TempDir::new("pc-recover");
-    // Runs until shut down, checking all of its memory every second.
-    let mut src = dirtier_source(
+    let dir = TempDir::new(tag);
+    let src = dirtier_source(
         &dir,
         "src",
         "512",
@@ -509,25 +522,70 @@ fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
             "report-every=250",
         ],
     );
-    let (mut dst, direct) = destination(&dir, "dst", &[]);
+    let (dst, direct) = destination(&dir, "dst", &[]);
     let link = link_proxy(direct.clone());
-    let (via, cut) = (link.addr, link.cut);
     let m = migrating(
         &src,
-        &via,
+        &link.addr,
         &["--mode", "postcopy", "--max-bandwidth", "16M"],
     );
     wait_for(LIMIT, || {
         (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
     })
     .expect("post-copy never began");
+    Some(Linked {
+        dir,
+        src,
+        dst,
+        direct,
+        link,
+        m,
+    })
+}
+
+/// Every page is there: the guest's next two full checks pass. Then the VM ends.
+fn verified_and_shut_down(dst: &mut Vm) {
+    gains(&dst.log, "verify ok pages=16384", 2);
+    assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
+    run(
+        &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    exit_code(dst, LIMIT);
+}
+
+/// `migrate-recover` straight to the destination; then the migration ends whole after
+/// one recovery, the source exits, the destination's log says `said`, and the guest
+/// verifies.
+fn recovered_around_the_proxy(mut t: Linked, said: &str) {
+    let sock = t.src.sock.to_str().unwrap().to_string();
+    let o = run(
+        &["migrate-recover", "--api-socket", &sock, "--to", &t.direct],
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}\n{}", stderr(&o), read(&t.dst.err));
+    let out = t.m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_postcopy_whole(&r);
+    assert_eq!(r["postcopy"]["recoveries"], 1, "{r}");
+    assert_eq!(exit_code(&mut t.src, LIMIT), 0, "{}", read(&t.src.err));
+    assert!(read(&t.dst.err).contains(said), "{}", read(&t.dst.err));
+    verified_and_shut_down(&mut t.dst);
+}
+
+#[test]
+fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
+    let Some(t) = postcopy_through_a_proxy("pc-recover") else {
+        return;
+    };
+    let cut = t.link.cut.clone();
     // The threads a touch waits on run with a short scheduler slice, so a wake-up
     // preempts the background stream: the destination's fault thread and the reader
     // of its main connection, and the source's serving thread.
     for (vm, name) in [
-        (&dst, "postcopy-faults"),
-        (&dst, "postcopy-in0"),
-        (&src, "migration"),
+        (&t.dst, "postcopy-faults"),
+        (&t.dst, "postcopy-in0"),
+        (&t.src, "migration"),
     ] {
         let short = || {
             let s = thread_slices(vm.proc.0.id(), name)?;
@@ -542,50 +600,28 @@ fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
         }
     }
     // Recovery is refused while nothing is broken.
-    let sock = src.sock.to_str().unwrap().to_string();
+    let sock = t.src.sock.to_str().unwrap().to_string();
     let o = run(&["migrate-recover", "--api-socket", &sock], LIMIT);
     assert!(stderr(&o).contains("nothing to recover"), "{}", stderr(&o));
     cut.store(true, std::sync::atomic::Ordering::SeqCst);
     wait_for(LIMIT, || {
-        migration(&src)["postcopy_paused"].as_str().map(|_| ())
+        migration(&t.src)["postcopy_paused"].as_str().map(|_| ())
     })
     .expect("post-copy did not pause");
-    assert_eq!(migration(&src)["progress"]["phase"], "postcopy_paused");
+    assert_eq!(migration(&t.src)["progress"]["phase"], "postcopy_paused");
     // The source stays stopped and refuses to run its stale copy.
-    let (c, _) = godwit_vmm::api::call(&src.sock, "PUT", "vm.resume").unwrap();
+    let (c, _) = godwit_vmm::api::call(&t.src.sock, "PUT", "vm.resume").unwrap();
     assert_eq!(c, 409);
     // Nothing arrives at the destination now: asked to move on, it waits for its
     // memory, then gives up with a clear error and runs on.
-    let snap = format!("file:{}", dir.path("snap").display());
-    let (out, r) = migrate(&dst, &snap, &[]);
+    let snap = format!("file:{}", t.dir.path("snap").display());
+    let (out, r) = migrate(&t.dst, &snap, &[]);
     assert!(!out.status.success(), "{r}");
     assert_eq!(r["error_kind"], "still_arriving", "{r}");
     assert_eq!(r["source_running"], true, "{r}");
-    assert_eq!(info(&dst)["state"], "running");
+    assert_eq!(info(&t.dst)["state"], "running");
     // The destination runs on; the guest waits only where it touches a missing page.
-    let o = run(
-        &["migrate-recover", "--api-socket", &sock, "--to", &direct],
-        LIMIT,
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let out = m.join().unwrap();
-    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_postcopy_whole(&r);
-    assert_eq!(r["postcopy"]["recoveries"], 1, "{r}");
-    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
-    assert!(
-        read(&dst.err).contains("post-copy resumed"),
-        "{}",
-        read(&dst.err)
-    );
-    // Every page is there: the guest's next full checks pass.
-    gains(&dst.log, "verify ok pages=16384", 2);
-    assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
-    run(
-        &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
-        LIMIT,
-    );
-    exit_code(&mut dst, LIMIT);
+    recovered_around_the_proxy(t, "post-copy resumed");
 }
 
 /// A link that stalls inside a frame for longer than the destination waits for one
@@ -594,57 +630,65 @@ fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
 /// stream's frame boundaries.
 #[test]
 fn a_frame_that_stalls_halfway_delays_postcopy_but_does_not_break_it() {
-    if !kvm_available() {
+    let Some(mut t) = postcopy_through_a_proxy("pc-stall") else {
         return;
-    }
-    let dir = TempDir::new("pc-stall");
-    let mut src = dirtier_source(
-        &dir,
-        "src",
-        "512",
-        &[
-            "wss=64",
-            "rate=200",
-            "seconds=0",
-            "verify-every=1",
-            "report-every=250",
-        ],
-    );
-    let (mut dst, direct) = destination(&dir, "dst", &[]);
-    let link = link_proxy(direct);
-    // The cap keeps the background flowing for seconds after the switch.
-    let m = migrating(
-        &src,
-        &link.addr,
-        &["--mode", "postcopy", "--max-bandwidth", "16M"],
-    );
-    let began = wait_for(LIMIT, || {
-        (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
-    });
-    link.stall.store(true, std::sync::atomic::Ordering::SeqCst);
-    let out = m.join().unwrap();
+    };
+    t.link
+        .stall
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let out = t.m.join().unwrap();
     let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
-    assert!(out.status.success(), "{}\n{}", stderr(&out), read(&dst.err));
-    assert!(began.is_some(), "post-copy never began: {r}");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stderr(&out),
+        read(&t.dst.err)
+    );
     assert_postcopy_whole(&r);
     assert_eq!(r["postcopy"]["recoveries"], 0, "{r}");
     assert!(
-        link.stalled.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        t.link.stalled.load(std::sync::atomic::Ordering::SeqCst) > 0,
         "no chunk stalled during post-copy"
     );
     assert!(
-        !read(&dst.err).contains("post-copy paused"),
+        !read(&t.dst.err).contains("post-copy paused"),
         "{}",
-        read(&dst.err)
+        read(&t.dst.err)
     );
-    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
-    gains(&dst.log, "verify ok pages=16384", 2);
-    assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
-    run(
-        &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
-        LIMIT,
+    assert_eq!(exit_code(&mut t.src, LIMIT), 0, "{}", read(&t.src.err));
+    verified_and_shut_down(&mut t.dst);
+}
+
+/// A link gone silent during post-copy (nothing passes, nothing is reset): the source
+/// pauses when its writes stop making progress (30 s) or, everything written, DONE does
+/// not come (60 s); the destination sees nothing wrong on its side, yet takes the source
+/// back on new connections, and the guest verifies.
+#[test]
+fn a_link_gone_silent_mid_postcopy_is_recovered_and_the_guest_verifies() {
+    let Some(t) = postcopy_through_a_proxy("pc-silent") else {
+        return;
+    };
+    t.link.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    let paused = wait_for(Duration::from_secs(120), || {
+        let (_, b) = godwit_vmm::api::call(&t.src.sock, "GET", "vm.migration").ok()?;
+        let v: Value = serde_json::from_str(&b).ok()?;
+        v["postcopy_paused"].as_str().map(|_| ())
+    });
+    if paused.is_none() {
+        let out = t.m.join().unwrap();
+        panic!(
+            "post-copy did not pause at the source:\n{}\n{}\n{}",
+            stdout(&out),
+            stderr(&out),
+            read(&t.src.err)
+        );
+    }
+    assert!(
+        !read(&t.dst.err).contains("post-copy paused"),
+        "the destination saw the t.link break: {}",
+        read(&t.dst.err)
     );
-    exit_code(&mut dst, LIMIT);
+    recovered_around_the_proxy(t, "still looked alive");
 }
 
 #[test]

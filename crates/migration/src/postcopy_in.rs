@@ -6,14 +6,15 @@
 //! Threads: one watches the components' fault descriptors and sends the requests (and
 //! DONE), one reads each connection. A connection that fails pauses post-copy: the VM
 //! runs on what it has, a touch of a page still missing waits, and a recovery thread
-//! waits on the listener for the source to come back (RESUME), tells it what is still
-//! missing, and goes on on the new connections.
+//! waiting on the listener for the source to come back (RESUME) tells it what is still
+//! missing and goes on on the new connections. It takes the source back also while
+//! nothing broke here: a link gone silent shows only at the source.
 
 use crate::transport::{Listener, Stream};
 use crate::wire::{self, Done, Frame, Lacks, WireError, MAX_REQUEST};
 use godwit_vmm::migratable::{Component, Faults};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A component filled lazily: its section index and name, and its touches.
@@ -41,7 +42,6 @@ pub struct PostcopyIn {
     generation: AtomicU64,
     /// Why the connections in use broke, while they are broken.
     broken: Mutex<Option<String>>,
-    wake: Condvar,
     /// Every connection in use, shut down when they are given up.
     streams: Mutex<Vec<Stream>>,
 }
@@ -72,7 +72,6 @@ impl PostcopyIn {
         if self.done.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        self.wake.notify_all();
         let d = Done {
             sections: self
                 .lazy
@@ -103,7 +102,6 @@ impl PostcopyIn {
                  the source waits for it until the source recovers (godwit migrate-recover)"
             );
             *b = Some(why);
-            self.wake.notify_all();
         }
     }
 
@@ -199,7 +197,6 @@ pub(crate) fn start(
         gate: Mutex::new((false, None)),
         generation: AtomicU64::new(0),
         broken: Mutex::new(None),
-        wake: Condvar::new(),
         streams: Mutex::new(Vec::new()),
     });
     pc.serve(std::iter::once(main).chain(lanes).collect(), 0)?;
@@ -216,21 +213,39 @@ pub(crate) fn start(
     Ok(pc)
 }
 
-/// Waits for the connections to break, then for the source to come back on the
-/// listener with RESUME; tells it what is still missing and goes on on the new
-/// connections. Until then the VM runs and whatever touches a missing page waits.
+/// Waits for the source to come back on the listener with RESUME, tells it what is
+/// still missing and goes on on the new connections. Until then the VM runs and
+/// whatever touches a missing page waits. The source may come back while the
+/// connections in use still look alive here: a link that went silent (a host or a
+/// path gone without a reset) breaks nothing this side can see, while the source's
+/// writes stop making progress or its DONE never comes; the old ones are given up then.
 fn supervise(pc: &Arc<PostcopyIn>, r: Recovery) {
     loop {
-        {
-            let mut b = pc.broken.lock().unwrap_or_else(|e| e.into_inner());
-            while b.is_none() && !pc.done.load(Ordering::SeqCst) {
-                b = pc.wake.wait(b).unwrap_or_else(|e| e.into_inner());
-            }
-        }
         if pc.done.load(Ordering::SeqCst) {
             return;
         }
-        // Give the broken connections up: readers still blocked on them end.
+        let mut streams = match resumed(&r) {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!("post-copy recovery: {e}");
+                continue;
+            }
+        };
+        if pc.done.load(Ordering::SeqCst) {
+            return;
+        }
+        {
+            let mut b = pc.broken.lock().unwrap_or_else(|e| e.into_inner());
+            if b.is_none() {
+                tracing::warn!(
+                    "post-copy: the source came back on new connections while the ones in \
+                     use still looked alive here (a link that went silent): giving them up"
+                );
+                *b = Some("the source came back on new connections".into());
+            }
+        }
+        // Give the old connections up: readers still blocked on them end.
         for s in pc
             .streams
             .lock()
@@ -239,16 +254,6 @@ fn supervise(pc: &Arc<PostcopyIn>, r: Recovery) {
         {
             s.shutdown();
         }
-        let mut streams = loop {
-            if pc.done.load(Ordering::SeqCst) {
-                return;
-            }
-            match resumed(&r) {
-                Ok(Some(s)) => break s,
-                Ok(None) => {}
-                Err(e) => tracing::warn!("post-copy recovery: {e}"),
-            }
-        };
         // What is still missing, then RESUMED: the source sends exactly that.
         let main = &mut streams[0];
         let told = pc

@@ -415,6 +415,9 @@ pub struct Link {
     pub stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The chunks that came in two halves.
     pub stalled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Raised: nothing more passes either way and nothing is closed (a link gone
+    /// silent: a host or a path lost without a reset).
+    pub hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How long a stalled chunk's second half waits: longer than the destination's wait
@@ -432,8 +435,14 @@ pub fn link_proxy(to: String) -> Link {
         cut: Arc::new(AtomicBool::new(false)),
         stall: Arc::new(AtomicBool::new(false)),
         stalled: Arc::new(AtomicUsize::new(0)),
+        hold: Arc::new(AtomicBool::new(false)),
     };
-    let (cut, stall, stalled) = (link.cut.clone(), link.stall.clone(), link.stalled.clone());
+    let (cut, stall, stalled, hold) = (
+        link.cut.clone(),
+        link.stall.clone(),
+        link.stalled.clone(),
+        link.hold.clone(),
+    );
     std::thread::spawn(move || {
         let socks: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         while !cut.load(Ordering::SeqCst) {
@@ -453,11 +462,14 @@ pub fn link_proxy(to: String) -> Link {
             // `stall`: the flag that splits a chunk in this direction, once.
             let pump =
                 |mut from: TcpStream, mut into: TcpStream, stall: Option<Arc<AtomicBool>>| {
-                    let stalled = stalled.clone();
+                    let (stalled, hold) = (stalled.clone(), hold.clone());
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 65536];
                         let mut split = stall;
                         while let Ok(n) = from.read(&mut buf) {
+                            while hold.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
                             if n == 0 {
                                 break;
                             }
