@@ -332,7 +332,8 @@ impl Driver<'_> {
     fn pause(&mut self, why: String) -> Res<()> {
         tracing::error!(
             "post-copy paused: {why}; waiting for `godwit migrate-recover` (the VM runs at \
-             the destination, this copy keeps {} pages it still lacks)",
+             the destination; this copy keeps every page until the destination confirms \
+             it holds them all, {} not sent yet)",
             self.lazy_left()
         );
         self.phase = Phase::PostcopyPaused;
