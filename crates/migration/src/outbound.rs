@@ -389,10 +389,15 @@ impl Outbound {
     }
 
     /// Whether every connection could take another frame without waiting for its
-    /// writer.
+    /// writer. A writer that stopped (its connection failed, and frames stay counted
+    /// as queued) has room: the next frame handed to it brings its error back, where
+    /// waiting for room would wait forever.
     pub fn room(&self) -> bool {
         self.lanes.iter().all(|l| match &l.io {
-            Io::Thread { queued, .. } => queued.load(Ordering::Relaxed) < 2,
+            Io::Thread { queued, thread, .. } => {
+                queued.load(Ordering::Relaxed) < 2
+                    || thread.as_ref().is_none_or(|t| t.is_finished())
+            }
             Io::Direct(_) => true,
         })
     }
@@ -644,5 +649,41 @@ mod tests {
         assert!(kept.iter().all(|&c| c >= PagesFrame::BUFFER), "{kept:?}");
         drop(out);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_lane_whose_connection_failed_has_room_and_its_next_frame_brings_the_error() {
+        let (main, _main_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Its peer never reads: the writer blocks with frames queued, then gives up.
+        let (lane, _lane_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        lane.set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut out = Outbound::new(
+            vec![Stream::Unix(main), Stream::Unix(lane)],
+            None,
+            Arc::default(),
+        )
+        .unwrap();
+        let mut bg = out.split_background().unwrap();
+        let cancel = AtomicBool::new(false);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut p = 0u64;
+        let e = loop {
+            assert!(
+                Instant::now() < deadline,
+                "the lane neither had room again nor failed"
+            );
+            if !bg.room() {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            let mut k = bg.sink(0, &cancel);
+            k.slot(p * 4096).fill(1);
+            p += 1;
+            if let Err(e) = k.page() {
+                break e;
+            }
+        };
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
     }
 }

@@ -60,6 +60,7 @@ impl Driver<'_> {
         self.phase = Phase::Postcopy;
         // This thread answers the touches that wait: it goes ahead of the background.
         let _urgent = crate::priority::Urgent::new();
+        self.progress(self.lazy_left(), 0.0);
         let switched = self.paused_at.unwrap_or(self.t0);
         // Under a bandwidth cap the background stream waits its turn listening for
         // requests, which go first.
@@ -163,6 +164,12 @@ impl Driver<'_> {
             for a in self.ahead.drain(..) {
                 let _ = ahead.send(a);
             }
+            // Also while requests come back to back (a guest that faults without a
+            // pause would otherwise leave `vm.migration` where post-copy began).
+            if last_progress.elapsed() >= Duration::from_millis(100) {
+                self.progress(self.lazy_left(), 0.0);
+                last_progress = Instant::now();
+            }
             if let Some(a) = self.back.as_mut().expect("live").wait(ANSWER_WAIT) {
                 let urgent = matches!(a, Answer::Request { .. });
                 shared.answering.store(urgent, Ordering::SeqCst);
@@ -184,10 +191,6 @@ impl Driver<'_> {
                     // Reported by the caller, with the component's error.
                     push::Stopped::Component(..) => Lost::Link(String::new()),
                 });
-            }
-            if last_progress.elapsed() >= Duration::from_millis(100) {
-                self.progress(self.lazy_left(), 0.0);
-                last_progress = Instant::now();
             }
             if shared.all_out.load(Ordering::SeqCst) {
                 confirmed_in_time(*idle_since.get_or_insert_with(Instant::now))?;
