@@ -181,7 +181,7 @@ pub fn run(a: RunArgs) -> ExitCode {
     };
     let migration = Arc::new(MigrationApi::default());
     stopper.watch(handle.clone(), migration.status.clone());
-    let ext: Arc<dyn Extension> = migration;
+    let ext: Arc<dyn Extension> = migration.clone();
     // A booted VM starts before its API serves (requests wait in the socket's queue
     // meanwhile), so that no client is ever told it has not started: Nova read such an
     // answer as a power state of "pending" and refused to live-migrate the VM.
@@ -223,6 +223,9 @@ pub fn run(a: RunArgs) -> ExitCode {
             Err(e) => return fail(e),
         },
     };
+    if let Some(pc) = &postcopy {
+        migration.set_incoming(pc.clone());
+    }
     let exit = vm.wait();
     if let Some(pc) = postcopy.filter(|pc| pc.left() > 0) {
         // The VM ended before all of its memory arrived: the source keeps nothing.

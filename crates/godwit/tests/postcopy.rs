@@ -500,22 +500,26 @@ struct Linked {
     link: Link,
     /// The `migrate` command's thread.
     m: std::thread::JoinHandle<std::process::Output>,
+    /// What the guest says when all of its memory checks out.
+    verified: String,
 }
 
-/// A dirtier that runs until shut down, checking all of its memory every second,
-/// moving in post-copy through a proxy at a 16 MiB/s cap that keeps the background
-/// flowing for seconds; returns once post-copy has begun (None: no KVM here).
-fn postcopy_through_a_proxy(tag: &str) -> Option<Linked> {
+/// A dirtier that runs until shut down, rewriting `wss_mib` MiB and checking all of it
+/// every second, moving in post-copy through a proxy at a 16 MiB/s cap that keeps the
+/// background flowing for seconds; returns once post-copy has begun (None: no KVM
+/// here).
+fn postcopy_through_a_proxy(tag: &str, wss_mib: u64) -> Option<Linked> {
     if !kvm_available() {
         return None;
     }
     let dir = TempDir::new(tag);
+    let wss = format!("wss={wss_mib}");
     let src = dirtier_source(
         &dir,
         "src",
         "512",
         &[
-            "wss=64",
+            &wss,
             "rate=200",
             "seconds=0",
             "verify-every=1",
@@ -524,15 +528,22 @@ fn postcopy_through_a_proxy(tag: &str) -> Option<Linked> {
     );
     let (dst, direct) = destination(&dir, "dst", &[]);
     let link = link_proxy(direct.clone());
-    let m = migrating(
+    // Time for a broken link to show (a minute or more at the source), then the rest.
+    let m = migrating_within(
         &src,
         &link.addr,
         &["--mode", "postcopy", "--max-bandwidth", "16M"],
+        Duration::from_secs(300),
     );
     wait_for(LIMIT, || {
         (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
     })
     .expect("post-copy never began");
+    // The source's progress moves while the guest faults back to back.
+    let elapsed = || migration(&src)["progress"]["elapsed_ms"].as_f64().unwrap();
+    let before = elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(elapsed() > before, "vm.migration's progress stood still");
     Some(Linked {
         dir,
         src,
@@ -540,12 +551,14 @@ fn postcopy_through_a_proxy(tag: &str) -> Option<Linked> {
         direct,
         link,
         m,
+        verified: format!("verify ok pages={}", wss_mib << 8),
     })
 }
 
-/// Every page is there: the guest's next two full checks pass. Then the VM ends.
-fn verified_and_shut_down(dst: &mut Vm) {
-    gains(&dst.log, "verify ok pages=16384", 2);
+/// Every page is there: the guest's next two full checks (`verified`) pass. Then the
+/// VM ends.
+fn verified_and_shut_down(dst: &mut Vm, verified: &str) {
+    gains(&dst.log, verified, 2);
     assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
     run(
         &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
@@ -570,12 +583,21 @@ fn recovered_around_the_proxy(mut t: Linked, said: &str) {
     assert_eq!(r["postcopy"]["recoveries"], 1, "{r}");
     assert_eq!(exit_code(&mut t.src, LIMIT), 0, "{}", read(&t.src.err));
     assert!(read(&t.dst.err).contains(said), "{}", read(&t.dst.err));
-    verified_and_shut_down(&mut t.dst);
+    // The destination's own account: whole, after one recovery.
+    let i = &migration(&t.dst)["incoming"];
+    assert_eq!(i["pages_left"], 0, "{i}");
+    assert_eq!(i["paused"], Value::Null, "{i}");
+    assert_eq!(i["recoveries"], 1, "{i}");
+    assert!(
+        i["sections"]["ram"]["missing_at_start"].as_u64() > Some(0),
+        "{i}"
+    );
+    verified_and_shut_down(&mut t.dst, &t.verified);
 }
 
 #[test]
 fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
-    let Some(t) = postcopy_through_a_proxy("pc-recover") else {
+    let Some(t) = postcopy_through_a_proxy("pc-recover", 64) else {
         return;
     };
     let cut = t.link.cut.clone();
@@ -609,6 +631,14 @@ fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
     })
     .expect("post-copy did not pause");
     assert_eq!(migration(&t.src)["progress"]["phase"], "postcopy_paused");
+    // The destination says so too, and how much it still lacks.
+    let i = wait_for(LIMIT, || {
+        let i = migration(&t.dst)["incoming"].clone();
+        i["paused"].is_string().then_some(i)
+    })
+    .expect("the destination did not say post-copy paused");
+    assert!(i["pages_left"].as_u64() > Some(0), "{i}");
+    assert_eq!(i["recoveries"], 0, "{i}");
     // The source stays stopped and refuses to run its stale copy.
     let (c, _) = godwit_vmm::api::call(&t.src.sock, "PUT", "vm.resume").unwrap();
     assert_eq!(c, 409);
@@ -630,7 +660,7 @@ fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
 /// stream's frame boundaries.
 #[test]
 fn a_frame_that_stalls_halfway_delays_postcopy_but_does_not_break_it() {
-    let Some(mut t) = postcopy_through_a_proxy("pc-stall") else {
+    let Some(mut t) = postcopy_through_a_proxy("pc-stall", 64) else {
         return;
     };
     t.link
@@ -656,20 +686,21 @@ fn a_frame_that_stalls_halfway_delays_postcopy_but_does_not_break_it() {
         read(&t.dst.err)
     );
     assert_eq!(exit_code(&mut t.src, LIMIT), 0, "{}", read(&t.src.err));
-    verified_and_shut_down(&mut t.dst);
+    verified_and_shut_down(&mut t.dst, &t.verified);
 }
 
 /// A link gone silent during post-copy (nothing passes, nothing is reset): the source
-/// pauses when its writes stop making progress (30 s) or, everything written, DONE does
-/// not come (60 s); the destination sees nothing wrong on its side, yet takes the source
-/// back on new connections, and the guest verifies.
+/// pauses when its writes stop making progress (30 s; with 128 MiB to move, the
+/// background has plenty left to write when the link goes) or, everything written,
+/// when DONE does not come (60 s); the destination sees nothing wrong on its side, yet
+/// takes the source back on new connections, and the guest verifies.
 #[test]
 fn a_link_gone_silent_mid_postcopy_is_recovered_and_the_guest_verifies() {
-    let Some(t) = postcopy_through_a_proxy("pc-silent") else {
+    let Some(t) = postcopy_through_a_proxy("pc-silent", 128) else {
         return;
     };
     t.link.hold.store(true, std::sync::atomic::Ordering::SeqCst);
-    let paused = wait_for(Duration::from_secs(120), || {
+    let paused = wait_for(Duration::from_secs(240), || {
         let (_, b) = godwit_vmm::api::call(&t.src.sock, "GET", "vm.migration").ok()?;
         let v: Value = serde_json::from_str(&b).ok()?;
         v["postcopy_paused"].as_str().map(|_| ())
@@ -685,9 +716,12 @@ fn a_link_gone_silent_mid_postcopy_is_recovered_and_the_guest_verifies() {
     }
     assert!(
         !read(&t.dst.err).contains("post-copy paused"),
-        "the destination saw the t.link break: {}",
+        "the destination saw the link break: {}",
         read(&t.dst.err)
     );
+    let i = &migration(&t.dst)["incoming"];
+    assert_eq!(i["paused"], Value::Null, "{i}");
+    assert!(i["pages_left"].as_u64() > Some(0), "{i}");
     recovered_around_the_proxy(t, "still looked alive");
 }
 

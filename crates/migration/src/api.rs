@@ -1,6 +1,7 @@
 //! The migration endpoints of a godwit's API: `PUT vm.migrate` (body: `Options`; starts
 //! the migration on its own thread and answers with the report once it ends), `GET
-//! vm.migration` (progress and the last report), `PUT vm.migrate-cancel`. It also
+//! vm.migration` (progress, the last report, and how a post-copy into this VM stands),
+//! `PUT vm.migrate-cancel`. It also
 //! answers for the VM's own endpoints while a migration holds the VM:
 //!
 //! | request        | migrating, before GO | after GO, unconfirmed            |
@@ -13,6 +14,7 @@
 //! | vm.migrate-postcopy | 200, switches at the next chance | 409          |
 //! | vm.migrate-recover | 409                | 200 once post-copy is paused (body `{"to"}`, optional) |
 
+use crate::postcopy_in::PostcopyIn;
 use crate::report::{Outcome, Status};
 use crate::source::{self, Options};
 use godwit_vmm::api::Extension;
@@ -24,6 +26,15 @@ use std::sync::Arc;
 #[derive(Default)]
 pub struct MigrationApi {
     pub status: Arc<Status>,
+    /// A post-copy into this VM (it came here that way), for `GET vm.migration`.
+    incoming: std::sync::Mutex<Option<Arc<PostcopyIn>>>,
+}
+
+impl MigrationApi {
+    /// This VM arrived in post-copy: `GET vm.migration` says how it stands from now on.
+    pub fn set_incoming(&self, pc: Arc<PostcopyIn>) {
+        *self.incoming.lock().unwrap_or_else(|e| e.into_inner()) = Some(pc);
+    }
 }
 
 const OWNER: &str = "a migration is in progress";
@@ -159,6 +170,12 @@ impl Extension for MigrationApi {
                     "postcopy_paused": self.status.paused(),
                     "progress": self.status.progress(),
                     "last": *self.status.last.lock().unwrap_or_else(|e| e.into_inner()),
+                    "incoming": self
+                        .incoming
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                        .map(|pc| pc.incoming()),
                 }),
             ),
             ("PUT", "vm.migrate-cancel") => {

@@ -12,7 +12,7 @@
 
 use crate::transport::{Listener, Stream};
 use crate::wire::{self, Done, Frame, Lacks, WireError, MAX_REQUEST};
-use godwit_vmm::migratable::{Component, Faults};
+use godwit_vmm::migratable::{Component, FaultStats, Faults};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +22,21 @@ pub(crate) struct LazyPart {
     pub section: u32,
     pub name: String,
     pub faults: Arc<dyn Faults>,
+}
+
+/// What `GET vm.migration` says of a post-copy into this VM.
+#[derive(Debug, serde::Serialize)]
+pub struct Incoming {
+    /// Pages still at the source: until 0, the VM's state is split over two hosts and
+    /// the source must stay up.
+    pub pages_left: u64,
+    /// Why the connections to the source broke, while they are broken (until the source
+    /// comes back with `migrate-recover`).
+    pub paused: Option<String>,
+    /// Times the source came back on new connections.
+    pub recoveries: u64,
+    /// What post-copy did so far, per component filled lazily.
+    pub sections: std::collections::BTreeMap<String, FaultStats>,
 }
 
 /// Post-copy in progress on this destination.
@@ -116,6 +131,24 @@ impl PostcopyIn {
     /// Pages still at the source.
     pub fn left(&self) -> u64 {
         self.lazy.iter().map(|l| l.faults.left()).sum()
+    }
+
+    /// Where post-copy stands, for the API.
+    pub fn incoming(&self) -> Incoming {
+        Incoming {
+            pages_left: self.left(),
+            paused: self
+                .broken
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            recoveries: self.generation.load(Ordering::SeqCst),
+            sections: self
+                .lazy
+                .iter()
+                .map(|l| (l.name.clone(), l.faults.stats()))
+                .collect(),
+        }
     }
 
     /// Reads on `streams` (the main connection first) as generation `generation`.

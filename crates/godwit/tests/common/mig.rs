@@ -139,6 +139,16 @@ pub fn slow_migration(src: &Vm, to: String) -> std::thread::JoinHandle<Output> {
 
 /// `godwit migrate --json` of `src` to `to` with `extra` options, in the background.
 pub fn migrating(src: &Vm, to: &str, extra: &[&str]) -> std::thread::JoinHandle<Output> {
+    migrating_within(src, to, extra, Duration::from_secs(120))
+}
+
+/// `migrating`, given `limit` to end.
+pub fn migrating_within(
+    src: &Vm,
+    to: &str,
+    extra: &[&str],
+    limit: Duration,
+) -> std::thread::JoinHandle<Output> {
     let sock = src.sock.to_str().unwrap().to_string();
     let mut a: Vec<String> = ["migrate", "--api-socket", &sock, "--to", to, "--json"]
         .iter()
@@ -147,7 +157,7 @@ pub fn migrating(src: &Vm, to: &str, extra: &[&str]) -> std::thread::JoinHandle<
     a.extend(extra.iter().map(|x| x.to_string()));
     std::thread::spawn(move || {
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        run(&a, Duration::from_secs(120))
+        run(&a, limit)
     })
 }
 
@@ -421,8 +431,9 @@ pub struct Link {
 }
 
 /// How long a stalled chunk's second half waits: longer than the destination's wait
-/// for a frame (1 s) before it looks at the state of post-copy again.
-pub const STALL: Duration = Duration::from_millis(1500);
+/// for a frame (1 s) before it looks at the state of post-copy again, by enough that
+/// a reader slowed by a loaded host still times out inside the frame.
+pub const STALL: Duration = Duration::from_millis(2500);
 
 /// A proxy to `to` that passes everything both ways until told otherwise (`Link`).
 pub fn link_proxy(to: String) -> Link {
