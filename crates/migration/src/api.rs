@@ -1,8 +1,8 @@
 //! The migration endpoints of a godwit's API: `PUT vm.migrate` (body: `Options`; starts
 //! the migration on its own thread and answers with the report once it ends), `GET
 //! vm.migration` (progress, the last report, and how a post-copy into this VM stands),
-//! `PUT vm.migrate-cancel`. It also
-//! answers for the VM's own endpoints while a migration holds the VM:
+//! `PUT vm.migrate-cancel`. It also answers for the VM's own endpoints while a
+//! migration holds the VM:
 //!
 //! | request        | migrating, before GO | after GO, unconfirmed            |
 //! |----------------|----------------------|----------------------------------|

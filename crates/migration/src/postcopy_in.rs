@@ -88,11 +88,7 @@ impl PostcopyIn {
             return Ok(());
         }
         let d = Done {
-            sections: self
-                .lazy
-                .iter()
-                .map(|l| (l.name.clone(), l.faults.stats()))
-                .collect(),
+            sections: self.stats().collect(),
             ended,
         };
         let mut g = self.gate.lock().unwrap_or_else(|e| e.into_inner());
@@ -133,6 +129,11 @@ impl PostcopyIn {
         self.lazy.iter().map(|l| l.faults.left()).sum()
     }
 
+    /// What post-copy did so far, per component filled lazily.
+    fn stats(&self) -> impl Iterator<Item = (String, FaultStats)> + '_ {
+        self.lazy.iter().map(|l| (l.name.clone(), l.faults.stats()))
+    }
+
     /// Where post-copy stands, for the API.
     pub fn incoming(&self) -> Incoming {
         Incoming {
@@ -143,11 +144,7 @@ impl PostcopyIn {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
             recoveries: self.generation.load(Ordering::SeqCst),
-            sections: self
-                .lazy
-                .iter()
-                .map(|l| (l.name.clone(), l.faults.stats()))
-                .collect(),
+            sections: self.stats().collect(),
         }
     }
 
