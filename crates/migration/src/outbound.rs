@@ -201,10 +201,6 @@ impl Outbound {
         Ok(())
     }
 
-    pub fn lanes(&self) -> usize {
-        self.lanes.len()
-    }
-
     /// The error that ended lane `i`'s writer thread.
     fn lane_error(&mut self, i: usize) -> io::Error {
         let Io::Thread { tx, thread, .. } = &mut self.lanes[i].io else {

@@ -21,6 +21,8 @@ enum Lost {
 /// How long the answering thread waits for the destination before it looks at the
 /// pusher and the progress again.
 const ANSWER_WAIT: Duration = Duration::from_millis(10);
+/// How often post-copy's progress is given to `vm.migration`.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 /// With everything pushed, how long the destination may take to say DONE.
 const DONE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -45,6 +47,15 @@ impl Driver<'_> {
             .filter_map(|p| p.c.precopy_info().ok())
             .map(|i| i.total() / PAGE_SIZE as u64)
             .sum()
+    }
+
+    /// Post-copy's progress for `vm.migration`, at most every PROGRESS_EVERY (`last`:
+    /// when it was last given).
+    fn progress_every(&self, last: &mut Instant) {
+        if last.elapsed() >= PROGRESS_EVERY {
+            self.progress(self.lazy_left(), 0.0);
+            *last = Instant::now();
+        }
     }
 
     fn broken(&self, why: String) -> MigrationError {
@@ -166,10 +177,7 @@ impl Driver<'_> {
             }
             // Also while requests come back to back (a guest that faults without a
             // pause would otherwise leave `vm.migration` where post-copy began).
-            if last_progress.elapsed() >= Duration::from_millis(100) {
-                self.progress(self.lazy_left(), 0.0);
-                last_progress = Instant::now();
-            }
+            self.progress_every(&mut last_progress);
             if let Some(a) = self.back.as_mut().expect("live").wait(ANSWER_WAIT) {
                 let urgent = matches!(a, Answer::Request { .. });
                 shared.answering.store(urgent, Ordering::SeqCst);
@@ -212,10 +220,7 @@ impl Driver<'_> {
                     return Ok(done);
                 }
             }
-            if last_progress.elapsed() >= Duration::from_millis(100) {
-                self.progress(self.lazy_left(), 0.0);
-                last_progress = Instant::now();
-            }
+            self.progress_every(&mut last_progress);
             let next = self
                 .parts
                 .iter()
