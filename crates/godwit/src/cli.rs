@@ -47,7 +47,9 @@ pub enum Command {
     /// destination and the memory it has not got yet follows it.
     MigratePostcopy(ApiArgs),
     /// Go on with a post-copy whose connections broke, on new ones (to the same
-    /// destination address unless --to names another way to reach it).
+    /// destination address unless --to names another way to reach it). Waits for the
+    /// attempt's outcome (up to 20 s): a failed attempt exits non-zero and post-copy
+    /// stays paused for the next one.
     MigrateRecover(RecoverArgs),
     /// Write TLS credentials for migration into DIR (QEMU's x509 layout): a new CA, a
     /// server certificate for the destination's names, a client certificate.

@@ -650,6 +650,26 @@ fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
     assert_eq!(r["error_kind"], "still_arriving", "{r}");
     assert_eq!(r["source_running"], true, "{r}");
     assert_eq!(info(&t.dst)["state"], "running");
+    // A recovery to where no destination listens fails and says so; post-copy stays
+    // paused, ready for the next one.
+    let o = run(
+        &[
+            "migrate-recover",
+            "--api-socket",
+            &sock,
+            "--to",
+            &t.link.addr,
+        ],
+        LIMIT,
+    );
+    assert!(!o.status.success(), "{}", stdout(&o));
+    let said = stderr(&o);
+    assert!(
+        said.contains(&format!("recovery to {}", t.link.addr)),
+        "{said}"
+    );
+    assert!(said.contains("stays paused"), "{said}");
+    assert_eq!(migration(&t.src)["progress"]["phase"], "postcopy_paused");
     // The destination runs on; the guest waits only where it touches a missing page.
     recovered_around_the_proxy(t, "post-copy resumed");
 }
@@ -692,37 +712,78 @@ fn a_frame_that_stalls_halfway_delays_postcopy_but_does_not_break_it() {
 /// A link gone silent during post-copy (nothing passes, nothing is reset): the source
 /// pauses when its writes stop making progress (30 s; with 128 MiB to move, the
 /// background has plenty left to write when the link goes) or, everything written,
-/// when DONE does not come (60 s); the destination sees nothing wrong on its side, yet
-/// takes the source back on new connections, and the guest verifies.
+/// when DONE does not come (60 s); the destination, whose connections break neither,
+/// when nothing has come for 30 s while pages are missing. Both say so in their API;
+/// the source comes back on new connections, and the guest verifies.
 #[test]
 fn a_link_gone_silent_mid_postcopy_is_recovered_and_the_guest_verifies() {
     let Some(t) = postcopy_through_a_proxy("pc-silent", 128) else {
         return;
     };
     t.link.hold.store(true, std::sync::atomic::Ordering::SeqCst);
-    let paused = wait_for(Duration::from_secs(240), || {
-        let (_, b) = godwit_vmm::api::call(&t.src.sock, "GET", "vm.migration").ok()?;
+    // No connection breaks: each side must see for itself that nothing comes through.
+    let paused = |vm: &Vm, at: &[&str]| -> Option<String> {
+        let (_, b) = godwit_vmm::api::call(&vm.sock, "GET", "vm.migration").ok()?;
         let v: Value = serde_json::from_str(&b).ok()?;
-        v["postcopy_paused"].as_str().map(|_| ())
+        at.iter().fold(&v, |v, k| &v[k]).as_str().map(String::from)
+    };
+    let both = wait_for(Duration::from_secs(240), || {
+        Some((
+            paused(&t.dst, &["incoming", "paused"])?,
+            paused(&t.src, &["postcopy_paused"])?,
+        ))
     });
-    if paused.is_none() {
+    let Some((dst_why, _)) = both else {
         let out = t.m.join().unwrap();
         panic!(
-            "post-copy did not pause at the source:\n{}\n{}\n{}",
+            "post-copy did not pause on both sides:\n{}\n{}\nsource:\n{}\ndestination:\n{}",
+            stdout(&out),
+            stderr(&out),
+            read(&t.src.err),
+            read(&t.dst.err)
+        );
+    };
+    assert!(dst_why.contains("went silent"), "{dst_why}");
+    let i = &migration(&t.dst)["incoming"];
+    assert!(i["pages_left"].as_u64() > Some(0), "{i}");
+    recovered_around_the_proxy(t, "post-copy paused: nothing came from the source");
+}
+
+/// DONE lost on the way: every page reaches the destination, which says DONE, but
+/// nothing comes back from it any more (the source's data still goes through). The
+/// source, everything written, pauses when DONE does not come within 60 s; the
+/// destination, whole, has nothing to report broken. When the source comes back, the
+/// destination tells it DONE again: the migration ends whole and the guest verifies.
+#[test]
+fn a_done_lost_on_the_way_is_told_again_when_the_source_comes_back() {
+    let Some(t) = postcopy_through_a_proxy("pc-done-lost", 64) else {
+        return;
+    };
+    t.link
+        .hold_back
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // Requests are lost now: the background stream brings the rest.
+    let whole = wait_for(Duration::from_secs(120), || {
+        (migration(&t.dst)["incoming"]["pages_left"] == 0).then_some(())
+    });
+    assert!(whole.is_some(), "{}", migration(&t.dst));
+    let paused = wait_for(Duration::from_secs(240), || {
+        migration(&t.src)["postcopy_paused"]
+            .as_str()
+            .map(String::from)
+    });
+    let Some(why) = paused else {
+        let out = t.m.join().unwrap();
+        panic!(
+            "the source did not pause:\n{}\n{}\n{}",
             stdout(&out),
             stderr(&out),
             read(&t.src.err)
         );
-    }
-    assert!(
-        !read(&t.dst.err).contains("post-copy paused"),
-        "the destination saw the link break: {}",
-        read(&t.dst.err)
-    );
-    let i = &migration(&t.dst)["incoming"];
-    assert_eq!(i["paused"], Value::Null, "{i}");
-    assert!(i["pages_left"].as_u64() > Some(0), "{i}");
-    recovered_around_the_proxy(t, "still looked alive");
+    };
+    assert!(why.contains("not confirmed"), "{why}");
+    assert_eq!(migration(&t.dst)["incoming"]["paused"], Value::Null);
+    recovered_around_the_proxy(t, "DONE was lost with the old connections");
 }
 
 #[test]

@@ -12,7 +12,7 @@
 //! | vm.migrate     | 409                  | 409                              |
 //! | vm.migrate-cancel | 200, cancels      | 409 too late                     |
 //! | vm.migrate-postcopy | 200, switches at the next chance | 409          |
-//! | vm.migrate-recover | 409                | 200 once post-copy is paused (body `{"to"}`, optional) |
+//! | vm.migrate-recover | 409                | once post-copy is paused (body `{"to"}`, optional): 200 when it goes on, 502 when the attempt failed |
 
 use crate::postcopy_in::PostcopyIn;
 use crate::report::{Outcome, Status};
@@ -22,6 +22,10 @@ use godwit_vmm::{VmExit, VmHandle};
 use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+/// How long `vm.migrate-recover` waits for the attempt's outcome before it answers
+/// that it still runs (within the CLI's 30 s wait for an answer).
+const RECOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 #[derive(Default)]
 pub struct MigrationApi {
@@ -219,8 +223,16 @@ impl Extension for MigrationApi {
                         return Some(err(400, e));
                     }
                 }
+                // Answers with the attempt's outcome, unless it takes longer (a
+                // destination slow to accept): then `vm.migration` tells.
                 match self.status.ask_recover(b.to.unwrap_or_default()) {
-                    Ok(()) => (200, json!({"recovering": true})),
+                    Ok(n) => match self.status.wait_recovered(n, RECOVER_WAIT) {
+                        Some(Ok(())) => (200, json!({"recovered": true})),
+                        Some(Err(e)) => {
+                            err(502, format!("{e}; post-copy stays paused: recover again"))
+                        }
+                        None => (200, json!({"recovered": false})),
+                    },
                     Err(m) => err(409, m),
                 }
             }

@@ -7,15 +7,28 @@
 //! DONE), one reads each connection. A connection that fails pauses post-copy: the VM
 //! runs on what it has, a touch of a page still missing waits, and a recovery thread
 //! waiting on the listener for the source to come back (RESUME) tells it what is still
-//! missing and goes on on the new connections. It takes the source back also while
-//! nothing broke here: a link gone silent shows only at the source.
+//! missing and goes on on the new connections. A link gone silent (a host or a path
+//! lost without a reset) breaks no connection: the destination takes it for broken
+//! once nothing has come for `SILENCE` while pages are still missing, and takes the
+//! source back also while nothing broke here (the source may notice first).
 
 use crate::transport::{Listener, Stream};
 use crate::wire::{self, Done, Frame, Lacks, WireError, MAX_REQUEST};
 use godwit_vmm::migratable::{Component, FaultStats, Faults};
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Nothing from the source for this long, while pages are still missing, means the
+/// link is gone: the source pushes the rest without a break and answers a request at
+/// once. As long as the source's own wait for a write to make progress, so neither
+/// side gives up on a link the other still finds merely slow.
+pub(crate) const SILENCE: Duration = Duration::from_secs(30);
+/// How long after DONE the destination still takes the source back: a DONE lost with
+/// the connections leaves the source paused, waiting for it, until `migrate-recover`
+/// (as long as the source itself listens for a late answer).
+const AFTER_DONE: Duration = Duration::from_secs(600);
 
 /// A component filled lazily: its section index and name, and its touches.
 pub(crate) struct LazyPart {
@@ -30,8 +43,9 @@ pub struct Incoming {
     /// Pages still at the source: until 0, the VM's state is split over two hosts and
     /// the source must stay up.
     pub pages_left: u64,
-    /// Why the connections to the source broke, while they are broken (until the source
-    /// comes back with `migrate-recover`).
+    /// Why the connections to the source broke (or were given up after `SILENCE`
+    /// without a byte while pages were missing), while they are broken (until the
+    /// source comes back with `migrate-recover`).
     pub paused: Option<String>,
     /// Times the source came back on new connections.
     pub recoveries: u64,
@@ -48,6 +62,8 @@ pub struct PostcopyIn {
     parts: Arc<Vec<Arc<dyn Component>>>,
     /// DONE went out: nothing more is sent.
     done: AtomicBool,
+    /// The DONE that went out, told again to a source that comes back for it.
+    said_done: Mutex<Option<Done>>,
     /// Whether STARTED has gone out, and a DONE due before it. The source takes DONE
     /// only after STARTED, and with nothing (or only what the starting VM touched) to
     /// fetch, every page can be in before the VM has even started.
@@ -59,6 +75,10 @@ pub struct PostcopyIn {
     broken: Mutex<Option<String>>,
     /// Every connection in use, shut down when they are given up.
     streams: Mutex<Vec<Stream>>,
+    /// When post-copy began here, and how long after it a byte last came on the
+    /// connections in use (or they were opened).
+    began: Instant,
+    heard_ms: AtomicU64,
 }
 
 impl PostcopyIn {
@@ -78,9 +98,14 @@ impl PostcopyIn {
         self.send(f)?;
         g.0 = true;
         match g.1.take() {
-            Some(d) => self.send(&Frame::Done(d)),
+            Some(d) => self.send_done(d),
             None => Ok(()),
         }
+    }
+
+    fn send_done(&self, d: Done) -> std::io::Result<()> {
+        *self.said_done.lock().unwrap_or_else(|e| e.into_inner()) = Some(d.clone());
+        self.send(&Frame::Done(d))
     }
 
     fn done(&self, ended: Option<String>) -> std::io::Result<()> {
@@ -96,7 +121,7 @@ impl PostcopyIn {
             g.1 = Some(d);
             return Ok(());
         }
-        self.send(&Frame::Done(d))
+        self.send_done(d)
     }
 
     /// The connections of generation `generation` failed: post-copy pauses until the
@@ -113,6 +138,96 @@ impl PostcopyIn {
                  the source waits for it until the source recovers (godwit migrate-recover)"
             );
             *b = Some(why);
+        }
+    }
+
+    /// Something came from the source just now.
+    fn heard(&self) {
+        let ms = self.began.elapsed().as_millis() as u64;
+        self.heard_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Takes the connections in use for broken when nothing has come on them for
+    /// `SILENCE` while pages are still missing, and shuts them down (a source that
+    /// still hears this side then stops at once).
+    fn check_silence(&self) {
+        if self.done.load(Ordering::SeqCst)
+            || self
+                .broken
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+        {
+            return;
+        }
+        let quiet = (self.began.elapsed().as_millis() as u64)
+            .saturating_sub(self.heard_ms.load(Ordering::Relaxed));
+        let left = self.left();
+        if quiet < SILENCE.as_millis() as u64 || left == 0 {
+            return;
+        }
+        self.broke(
+            self.generation.load(Ordering::SeqCst),
+            format!(
+                "nothing came from the source for {} s while {left} pages are still \
+                 there: the link went silent",
+                quiet / 1000
+            ),
+        );
+        self.give_up_streams();
+    }
+
+    /// Shuts down every connection in use: their readers end.
+    fn give_up_streams(&self) {
+        for s in self
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            s.shutdown();
+        }
+    }
+
+    /// Tells a source that came back on `main` what is still missing, then RESUMED.
+    fn tell_missing(&self, main: &mut Stream, wire_version: u32) -> std::io::Result<()> {
+        self.lazy
+            .iter()
+            .try_for_each(|l| {
+                let (section, missing) = (l.section, l.faults.missing());
+                let f = if wire_version < 5 {
+                    Frame::Postcopy { section, missing }
+                } else {
+                    let regions = missing.into_iter().map(Lacks::of).collect();
+                    Frame::Lacks { section, regions }
+                };
+                wire::write_frame(&mut *main, &f)
+            })
+            .and_then(|_| wire::write_frame(&mut *main, &Frame::Resumed))
+            .and_then(|_| main.finish())
+    }
+
+    /// A source that came back after DONE went out (it was lost with the old
+    /// connections, and the source paused waiting for it): nothing is missing, and
+    /// DONE again. The source closes the connections once it has it.
+    fn done_again(&self, mut streams: Vec<Stream>, wire_version: u32, done: Done) {
+        let main = &mut streams[0];
+        let told = self
+            .tell_missing(main, wire_version)
+            .and_then(|_| wire::write_frame(&mut *main, &Frame::Done(done)))
+            .and_then(|_| main.finish());
+        match told {
+            Ok(()) => {
+                self.generation.fetch_add(1, Ordering::SeqCst);
+                tracing::warn!(
+                    "post-copy: the source came back after every page was here (DONE was \
+                     lost with the old connections): told it again"
+                );
+                // Closed by the source once DONE reached it; closing first could reset
+                // the connection with DONE still unread.
+                main.readable_within(Duration::from_secs(10));
+            }
+            Err(e) => tracing::warn!("post-copy recovery after DONE: {e}"),
         }
     }
 
@@ -228,6 +343,9 @@ pub(crate) fn start(
         generation: AtomicU64::new(0),
         broken: Mutex::new(None),
         streams: Mutex::new(Vec::new()),
+        said_done: Mutex::new(None),
+        began: Instant::now(),
+        heard_ms: AtomicU64::new(0),
     });
     pc.serve(std::iter::once(main).chain(lanes).collect(), 0)?;
     let watcher = pc.clone();
@@ -247,11 +365,16 @@ pub(crate) fn start(
 /// still missing and goes on on the new connections. Until then the VM runs and
 /// whatever touches a missing page waits. The source may come back while the
 /// connections in use still look alive here: a link that went silent (a host or a
-/// path gone without a reset) breaks nothing this side can see, while the source's
-/// writes stop making progress or its DONE never comes; the old ones are given up then.
+/// path gone without a reset) breaks nothing this side can see until `SILENCE` has
+/// passed, and the source may notice first (its writes stop making progress, or its
+/// DONE never comes); the old ones are given up then. A source that comes back after
+/// DONE went out lost it with the old connections: it is told again.
 fn supervise(pc: &Arc<PostcopyIn>, r: Recovery) {
+    let mut done_at = None;
     loop {
-        if pc.done.load(Ordering::SeqCst) {
+        if pc.done.load(Ordering::SeqCst)
+            && done_at.get_or_insert_with(Instant::now).elapsed() > AFTER_DONE
+        {
             return;
         }
         let mut streams = match resumed(&r) {
@@ -262,8 +385,19 @@ fn supervise(pc: &Arc<PostcopyIn>, r: Recovery) {
                 continue;
             }
         };
+        let said = pc
+            .said_done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(done) = said {
+            pc.done_again(streams, r.wire_version, done);
+            continue;
+        }
         if pc.done.load(Ordering::SeqCst) {
-            return;
+            // Ended while the source came back, DONE not yet out: it comes on the
+            // connections in use, or the source comes back again for it.
+            continue;
         }
         {
             let mut b = pc.broken.lock().unwrap_or_else(|e| e.into_inner());
@@ -276,32 +410,9 @@ fn supervise(pc: &Arc<PostcopyIn>, r: Recovery) {
             }
         }
         // Give the old connections up: readers still blocked on them end.
-        for s in pc
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            s.shutdown();
-        }
+        pc.give_up_streams();
         // What is still missing, then RESUMED: the source sends exactly that.
-        let main = &mut streams[0];
-        let told = pc
-            .lazy
-            .iter()
-            .try_for_each(|l| {
-                let (section, missing) = (l.section, l.faults.missing());
-                let f = if r.wire_version < 5 {
-                    Frame::Postcopy { section, missing }
-                } else {
-                    let regions = missing.into_iter().map(Lacks::of).collect();
-                    Frame::Lacks { section, regions }
-                };
-                wire::write_frame(&mut *main, &f)
-            })
-            .and_then(|_| wire::write_frame(&mut *main, &Frame::Resumed))
-            .and_then(|_| main.finish());
-        if let Err(e) = told {
+        if let Err(e) = pc.tell_missing(&mut streams[0], r.wire_version) {
             tracing::warn!("post-copy recovery: answering the source: {e}");
             continue;
         }
@@ -310,6 +421,8 @@ fn supervise(pc: &Arc<PostcopyIn>, r: Recovery) {
         };
         let generation = pc.generation.fetch_add(1, Ordering::SeqCst) + 1;
         *pc.writer.lock().unwrap_or_else(|e| e.into_inner()) = writer;
+        // The new connections have their own silence to count, from now.
+        pc.heard();
         *pc.broken.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if let Err(e) = pc.serve(streams, generation) {
             pc.broke(generation, format!("cannot read the new connections: {e}"));
@@ -407,7 +520,7 @@ fn read_pages(mut s: Stream, pc: &PostcopyIn, generation: u64) {
         let since = std::time::Instant::now();
         let go_on =
             || generation == pc.generation.load(Ordering::SeqCst) && since.elapsed() < FRAME_WAIT;
-        let r = match wire::read_frame_between(&mut s, &mut buf, go_on) {
+        let r = match wire::read_frame_between(&mut Heard { s: &mut s, pc }, &mut buf, go_on) {
             Ok(Frame::Pages {
                 section,
                 addrs,
@@ -438,7 +551,24 @@ fn read_pages(mut s: Stream, pc: &PostcopyIn, generation: u64) {
     pc.broke(generation, why);
 }
 
-/// Sends a request for every page a touch waits for, and DONE once none is missing.
+/// A connection's reads, each news from the source.
+struct Heard<'a> {
+    s: &'a mut Stream,
+    pc: &'a PostcopyIn,
+}
+
+impl Read for Heard<'_> {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.s.read(b)?;
+        if n > 0 {
+            self.pc.heard();
+        }
+        Ok(n)
+    }
+}
+
+/// Sends a request for every page a touch waits for, and DONE once none is missing;
+/// takes a silent link for broken.
 fn watch(pc: &PostcopyIn) {
     let _urgent = crate::priority::Urgent::new();
     let mut ask = Vec::new();
@@ -456,6 +586,7 @@ fn watch(pc: &PostcopyIn) {
             return;
         }
         watch.wait(100);
+        pc.check_silence();
         for l in &pc.lazy {
             ask.clear();
             ahead.clear();

@@ -372,6 +372,13 @@ pub struct Recovery {
     pub paused: Option<String>,
     /// Where to go on (empty: the address the migration started with).
     pub to: Option<String>,
+    /// Recoveries asked for so far, and how many had been when the driver took the
+    /// one it works on.
+    pub asked: u64,
+    pub attempt: u64,
+    /// The last attempt the driver finished: how many had been asked for when it
+    /// began, and why it failed.
+    pub finished: Option<(u64, Result<(), String>)>,
 }
 
 /// An unconfirmed hand-over: where GO went, and the connection on which a late answer
@@ -477,6 +484,15 @@ impl Status {
         r.to = None;
     }
 
+    /// Post-copy stays paused, now for `why` (an attempt to go on failed); a request
+    /// that came meanwhile is kept for the next attempt.
+    pub fn still_paused(&self, why: String) {
+        self.recovery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .paused = Some(why);
+    }
+
     /// The paused post-copy's driver waits here: the address to recover to, or None
     /// when the user gave up (migrate-cancel).
     pub fn wait_recover(&self) -> Option<String> {
@@ -486,6 +502,7 @@ impl Status {
                 return None;
             }
             if let Some(to) = r.to.take() {
+                r.attempt = r.asked;
                 return Some(to);
             }
             r = self
@@ -496,16 +513,53 @@ impl Status {
         }
     }
 
-    /// `migrate-recover`: refused unless post-copy is paused.
-    pub fn ask_recover(&self, to: String) -> Result<(), String> {
+    /// `migrate-recover`: refused unless post-copy is paused. Returns the request's
+    /// number, for `wait_recovered`.
+    pub fn ask_recover(&self, to: String) -> Result<u64, String> {
         let mut r = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
         match &r.paused {
             None => Err("no post-copy is paused: there is nothing to recover".into()),
             Some(_) => {
                 r.to = Some(to);
+                r.asked += 1;
                 self.recovery_cv.notify_all();
-                Ok(())
+                Ok(r.asked)
             }
+        }
+    }
+
+    /// The driver's attempt to go on, taken with `wait_recover`, has ended.
+    pub fn recovery_ended(&self, outcome: Result<(), String>) {
+        let mut r = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
+        r.finished = Some((r.attempt, outcome));
+        self.recovery_cv.notify_all();
+    }
+
+    /// How recovery request `n` (or one asked for after it, which took its place)
+    /// ended; None while it still runs after `within`, or when the migration was given
+    /// up meanwhile.
+    pub fn wait_recovered(
+        &self,
+        n: u64,
+        within: std::time::Duration,
+    ) -> Option<Result<(), String>> {
+        let by = std::time::Instant::now() + within;
+        let mut r = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some((k, outcome)) = &r.finished {
+                if *k >= n {
+                    return Some(outcome.clone());
+                }
+            }
+            let left = by.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || self.cancelled() {
+                return None;
+            }
+            r = self
+                .recovery_cv
+                .wait_timeout(r, left.min(std::time::Duration::from_millis(500)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -537,5 +591,46 @@ impl Status {
             .clone()?;
         p.bytes_sent = p.bytes_sent.max(self.live_bytes.load(Ordering::Relaxed));
         Some(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// `migrate-recover` answers with the outcome of the attempt it asked for; a request
+    /// that comes while an attempt runs is kept for the next, and answered by it.
+    #[test]
+    fn a_recovery_request_gets_the_outcome_of_its_attempt() {
+        let s = Status::default();
+        assert!(s.ask_recover(String::new()).is_err(), "nothing is paused");
+        s.set_paused(Some("link".into()));
+        let first = s.ask_recover("tcp:a:1".into()).unwrap();
+        assert_eq!(s.wait_recover().as_deref(), Some("tcp:a:1"));
+        assert_eq!(
+            s.wait_recovered(first, Duration::ZERO),
+            None,
+            "still running"
+        );
+        let second = s.ask_recover("tcp:b:2".into()).unwrap();
+        s.recovery_ended(Err("refused".into()));
+        s.still_paused("link; recovery to tcp:a:1: refused".into());
+        assert_eq!(
+            s.wait_recovered(first, Duration::ZERO),
+            Some(Err("refused".into()))
+        );
+        assert_eq!(s.wait_recovered(second, Duration::ZERO), None);
+        // The second request survived the first's failure.
+        let kept = s.recovery.lock().unwrap().to.clone();
+        assert_eq!(kept.as_deref(), Some("tcp:b:2"));
+        assert_eq!(s.wait_recover().as_deref(), Some("tcp:b:2"));
+        let waiter = std::thread::scope(|sc| {
+            let w = sc.spawn(|| s.wait_recovered(second, Duration::from_secs(60)));
+            std::thread::sleep(Duration::from_millis(50));
+            s.recovery_ended(Ok(()));
+            w.join().unwrap()
+        });
+        assert_eq!(waiter, Some(Ok(())));
     }
 }

@@ -428,6 +428,9 @@ pub struct Link {
     /// Raised: nothing more passes either way and nothing is closed (a link gone
     /// silent: a host or a path lost without a reset).
     pub hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Raised: nothing more passes from the destination to the source (its answers
+    /// are lost), while the source's data still goes through.
+    pub hold_back: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How long a stalled chunk's second half waits: longer than the destination's wait
@@ -447,12 +450,14 @@ pub fn link_proxy(to: String) -> Link {
         stall: Arc::new(AtomicBool::new(false)),
         stalled: Arc::new(AtomicUsize::new(0)),
         hold: Arc::new(AtomicBool::new(false)),
+        hold_back: Arc::new(AtomicBool::new(false)),
     };
-    let (cut, stall, stalled, hold) = (
+    let (cut, stall, stalled, hold, hold_back) = (
         link.cut.clone(),
         link.stall.clone(),
         link.stalled.clone(),
         link.hold.clone(),
+        link.hold_back.clone(),
     );
     std::thread::spawn(move || {
         let socks: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
@@ -470,44 +475,49 @@ pub fn link_proxy(to: String) -> Link {
                 let _ = s.set_nodelay(true);
                 socks.lock().unwrap().push(s.try_clone().unwrap());
             }
-            // `stall`: the flag that splits a chunk in this direction, once.
-            let pump =
-                |mut from: TcpStream, mut into: TcpStream, stall: Option<Arc<AtomicBool>>| {
-                    let (stalled, hold) = (stalled.clone(), hold.clone());
-                    std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 65536];
-                        let mut split = stall;
-                        while let Ok(n) = from.read(&mut buf) {
-                            while hold.load(Ordering::SeqCst) {
-                                std::thread::sleep(Duration::from_millis(10));
-                            }
-                            if n == 0 {
-                                break;
-                            }
-                            // Where the rest of the chunk begins.
-                            let mut at = 0;
-                            if n > 1 && split.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
-                                split = None;
-                                at = n / 2;
-                                if into.write_all(&buf[..at]).is_err() {
-                                    break;
-                                }
-                                std::thread::sleep(STALL);
-                                stalled.fetch_add(1, Ordering::SeqCst);
-                            }
-                            if into.write_all(&buf[at..n]).is_err() {
-                                break;
-                            }
+            // `stall`: the flag that splits a chunk in this direction, once; `held`:
+            // the flag that holds this direction alone.
+            let pump = |mut from: TcpStream,
+                        mut into: TcpStream,
+                        stall: Option<Arc<AtomicBool>>,
+                        held: Option<Arc<AtomicBool>>| {
+                let (stalled, hold) = (stalled.clone(), hold.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65536];
+                    let mut split = stall;
+                    let held = || held.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+                    while let Ok(n) = from.read(&mut buf) {
+                        while hold.load(Ordering::SeqCst) || held() {
+                            std::thread::sleep(Duration::from_millis(10));
                         }
-                        let _ = into.shutdown(std::net::Shutdown::Write);
-                    });
-                };
+                        if n == 0 {
+                            break;
+                        }
+                        // Where the rest of the chunk begins.
+                        let mut at = 0;
+                        if n > 1 && split.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+                            split = None;
+                            at = n / 2;
+                            if into.write_all(&buf[..at]).is_err() {
+                                break;
+                            }
+                            std::thread::sleep(STALL);
+                            stalled.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if into.write_all(&buf[at..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            };
             pump(
                 a.try_clone().unwrap(),
                 b.try_clone().unwrap(),
                 Some(stall.clone()),
+                None,
             );
-            pump(b, a, None);
+            pump(b, a, None, Some(hold_back.clone()));
         }
         for s in socks.lock().unwrap().iter() {
             let _ = s.shutdown(std::net::Shutdown::Both);

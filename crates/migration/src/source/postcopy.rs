@@ -353,13 +353,19 @@ impl Driver<'_> {
                 break Err(self.broken(format!("{why}; given up by migrate-cancel")));
             };
             let to = if to.is_empty() { self.o.to.clone() } else { to };
-            match self.reconnect(&to) {
+            let r = self.reconnect(&to);
+            self.status.recovery_ended(
+                r.as_ref()
+                    .map(|_| ())
+                    .map_err(|e| format!("recovery to {to}: {e}")),
+            );
+            match r {
                 Ok(()) => break Ok(()),
                 Err(e) => {
                     tracing::warn!("post-copy recovery to {to} failed: {e}");
                     self.shut_connections();
                     self.status
-                        .set_paused(Some(format!("{why}; recovery to {to}: {e}")));
+                        .still_paused(format!("{why}; recovery to {to}: {e}"));
                 }
             }
         };
