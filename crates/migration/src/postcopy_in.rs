@@ -14,7 +14,7 @@
 
 use crate::transport::{Listener, Stream};
 use crate::wire::{self, Done, Frame, Lacks, WireError, MAX_REQUEST};
-use godwit_vmm::migratable::{Component, FaultStats, Faults};
+use godwit_vmm::migratable::{Component, FaultStats, Faults, Wanted};
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -571,8 +571,7 @@ impl Read for Heard<'_> {
 /// takes a silent link for broken.
 fn watch(pc: &PostcopyIn) {
     let _urgent = crate::priority::Urgent::new();
-    let mut ask = Vec::new();
-    let mut ahead = Vec::new();
+    let mut w = Wanted::default();
     let mut watch = FaultWatch::new(pc.lazy.iter().map(|l| &*l.faults));
     loop {
         if pc.done.load(Ordering::SeqCst) {
@@ -588,21 +587,25 @@ fn watch(pc: &PostcopyIn) {
         watch.wait(100);
         pc.check_silence();
         for l in &pc.lazy {
-            ask.clear();
-            ahead.clear();
-            if let Err(e) = l.faults.take(&mut ask, &mut ahead) {
+            w.clear();
+            if let Err(e) = l.faults.take(&mut w) {
                 tracing::error!(component = l.name, "post-copy: reading faults: {e}");
                 continue;
             }
-            let urgent = ask.chunks(MAX_REQUEST).map(|a| Frame::Request {
+            // The touches' pages, then (in frames of their own, answered after) the
+            // pages read ahead of them, both answered on the main connection; pages
+            // wanted ahead of a touch come with the background.
+            let request = |a: &[u64]| Frame::Request {
+                section: l.section,
+                addrs: a.to_vec(),
+            };
+            let urgent = w.ask.chunks(MAX_REQUEST).map(request);
+            let next = w.after.chunks(MAX_REQUEST).map(request);
+            let later = w.ahead.chunks(MAX_REQUEST).map(|a| Frame::Ahead {
                 section: l.section,
                 addrs: a.to_vec(),
             });
-            let later = ahead.chunks(MAX_REQUEST).map(|a| Frame::Ahead {
-                section: l.section,
-                addrs: a.to_vec(),
-            });
-            for f in urgent.chain(later) {
+            for f in urgent.chain(next).chain(later) {
                 if let Err(e) = pc.send(&f) {
                     // Asked again on the new connections, once the source recovers.
                     pc.broke(

@@ -195,8 +195,7 @@ impl Restore {
 
     /// Answers touches until every page is in, or the VM ends.
     fn serve_faults(&self) {
-        let mut ask = Vec::new();
-        let mut ahead = Vec::new();
+        let mut w = godwit_vmm::migratable::Wanted::default();
         let mut buf = Vec::new();
         let mut watch = FaultWatch::new(self.parts.iter().map(|p| &*p.faults));
         while self.left() > 0 {
@@ -208,16 +207,16 @@ impl Restore {
             watch.wait(100);
             let mut touched = false;
             for p in &self.parts {
-                ask.clear();
-                ahead.clear();
-                if let Err(e) = p.faults.take(&mut ask, &mut ahead) {
+                w.clear();
+                if let Err(e) = p.faults.take(&mut w) {
                     self.fail(p, format!("reading faults: {e}"));
                     continue;
                 }
-                touched |= !ask.is_empty() || !ahead.is_empty();
-                self.urgent
-                    .store(!ask.is_empty() || !ahead.is_empty(), Ordering::SeqCst);
-                for &a in ask.iter().chain(&ahead) {
+                touched |= !w.is_empty();
+                self.urgent.store(!w.is_empty(), Ordering::SeqCst);
+                // Each page is placed (waking whoever waits for it) as it is read: the
+                // touches first.
+                for &a in w.ask.iter().chain(&w.after).chain(&w.ahead) {
                     if self.failed.load(Ordering::SeqCst) {
                         // Whoever waits is let go (on zeros) to find the VM stopping: it
                         // stops at its next entry and never runs on.

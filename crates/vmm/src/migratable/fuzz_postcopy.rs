@@ -182,7 +182,7 @@ pub fn fuzz_postcopy(bytes: &[u8]) {
             let _ = lazy.place(&[w], &page);
         }
     }
-    let _ = lazy.take(&mut Vec::new(), &mut Vec::new());
+    let _ = lazy.take(&mut super::Wanted::default());
     let _ = (lazy.left(), lazy.missing(), lazy.stats());
 }
 

@@ -7,7 +7,7 @@
 //! page may both arrive, and the second is dropped.
 
 use super::paged::{Bitmap, PAGE_SIZE};
-use super::{ComponentError, Faults, Result};
+use super::{ComponentError, Faults, Result, Wanted};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
@@ -70,8 +70,9 @@ pub struct FaultStats {
     pub zero_filled: u64,
     /// Copies of a page that was already placed (an answer and the background copy).
     pub duplicates: u64,
-    /// Pages asked for ahead of a touch (the GPU engine brings in what a command will
-    /// touch before it runs), not counted as remote faults.
+    /// Pages asked for ahead of a touch, not counted as remote faults unless a touch
+    /// then waited for one: what the GPU engine's next command will touch, brought in
+    /// before it runs, and the pages after touches in a row (read ahead).
     #[serde(default)]
     pub fetched_ahead: u64,
     /// From a remote fault read here to its page placed.
@@ -92,7 +93,16 @@ struct Inner {
     /// Runs (region, first page, count) taken off `missing` whose copy is under way
     /// outside the lock: a touch of one waits for that copy, which wakes it.
     flying: Vec<(usize, u64, u64)>,
+    /// The last touch asked for (region, page), and how many pages after it were
+    /// asked for with it (`read_ahead`).
+    last_touch: Option<(usize, u64)>,
+    window: u64,
 }
+
+/// Pages asked for after a touch that follows the last one in a row: at first, and
+/// at most (16 pages is a 64 KiB answer, still a few tens of microseconds on the wire).
+const READ_AHEAD_MIN: u64 = 4;
+const READ_AHEAD_MAX: u64 = 16;
 
 pub struct Lazy {
     uffd: Uffd,
@@ -210,6 +220,8 @@ impl Lazy {
                 latencies: Vec::new(),
                 registered: true,
                 flying: Vec::new(),
+                last_touch: None,
+                window: 0,
             }),
         };
         if left == 0 {
@@ -280,6 +292,36 @@ impl Lazy {
                 .wait_timeout(i, Duration::from_millis(100))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+    }
+
+    /// A touch of (region `r`, page `p`) is asked for: when it follows the last one
+    /// in a row (the next page, or just past the pages asked for with it), the pages
+    /// after it come with it, twice as many each time up to `READ_AHEAD_MAX`. A guest
+    /// that writes through memory touched a page at a time, each a round trip, while
+    /// the background stream's pre-paging was still behind the frames already in
+    /// flight.
+    fn read_ahead(&self, i: &mut Inner, r: usize, p: u64, after: &mut Vec<u64>) {
+        let in_a_row =
+            matches!(i.last_touch, Some((lr, lp)) if lr == r && p > lp && p <= lp + i.window + 1);
+        i.window = if in_a_row {
+            (i.window * 2).clamp(READ_AHEAD_MIN, READ_AHEAD_MAX)
+        } else {
+            0
+        };
+        i.last_touch = Some((r, p));
+        let reg = self.regions[r];
+        let pages = reg.len / PAGE_SIZE as u64;
+        for q in p + 1..(p + 1 + i.window).min(pages) {
+            if i.missing[r][(q / 64) as usize] & (1 << (q % 64)) == 0 {
+                continue;
+            }
+            let a = reg.base + q * PAGE_SIZE as u64;
+            if let std::collections::hash_map::Entry::Vacant(e) = i.asked.entry(a) {
+                e.insert((Instant::now(), true));
+                i.stats.fetched_ahead += 1;
+                after.push(a);
+            }
         }
     }
 
@@ -480,12 +522,13 @@ impl Faults for Lazy {
         self.wake.as_raw_fd()
     }
 
-    fn take(&self, ask: &mut Vec<u64>, ahead: &mut Vec<u64>) -> Result<()> {
+    fn take(&self, w: &mut Wanted) -> Result<()> {
         let _ = self.wake.read();
         {
             let mut i = self.lock();
             let queued = std::mem::take(&mut i.queued);
-            ahead.extend(queued.into_iter().filter(|&a| i.asked.contains_key(&a)));
+            w.ahead
+                .extend(queued.into_iter().filter(|&a| i.asked.contains_key(&a)));
         }
         let mut buf = EventBuffer::new(64);
         loop {
@@ -516,10 +559,21 @@ impl Faults for Lazy {
                 let missing =
                     i.registered && i.missing[r][(page / 64) as usize] & (1 << (page % 64)) != 0;
                 if missing {
-                    if let std::collections::hash_map::Entry::Vacant(e) = i.asked.entry(addr) {
-                        e.insert((Instant::now(), false));
-                        i.stats.remote_faults += 1;
-                        ask.push(addr);
+                    match i.asked.get(&addr).copied() {
+                        None => {
+                            i.asked.insert(addr, (Instant::now(), false));
+                            i.stats.remote_faults += 1;
+                            w.ask.push(addr);
+                            self.read_ahead(&mut i, r, page, &mut w.after);
+                        }
+                        // Asked for ahead, and a touch waits for it now: a remote
+                        // fault after all, timed from here.
+                        Some((_, true)) => {
+                            i.asked.insert(addr, (Instant::now(), false));
+                            i.stats.fetched_ahead -= 1;
+                            i.stats.remote_faults += 1;
+                        }
+                        Some((_, false)) => {}
                     }
                     continue;
                 }
@@ -638,6 +692,71 @@ mod tests {
         unsafe { std::ptr::write_volatile((host as *mut u64).add(page * 512), v) }
     }
 
+    /// Touches in a row bring the pages after them, asked for apart from the touch
+    /// (twice as many each time, up to READ_AHEAD_MAX); a touch that then waits for
+    /// one of those is a remote fault after all; a touch elsewhere starts over.
+    #[test]
+    fn touches_in_a_row_bring_the_next_pages_with_them() {
+        let m = AnonMap::new(128).unwrap();
+        let region = HostRegion {
+            host: m.host,
+            len: 128 * PAGE_SIZE as u64,
+            base: 0,
+        };
+        let lazy = std::sync::Arc::new(
+            Lazy::new("test", vec![region], vec![vec![u64::MAX; 2]], true).unwrap(),
+        );
+        let page = |p: u64| p * PAGE_SIZE as u64;
+        // Touches page `p` on a thread of its own; returns what that asks for once
+        // the touch is counted (it waits until the test places the page).
+        let touch = |p: usize| {
+            let faults = lazy.stats().remote_faults;
+            let host = m.host;
+            let t = std::thread::spawn(move || peek(host, p));
+            let mut w = Wanted::default();
+            let since = Instant::now();
+            while lazy.stats().remote_faults == faults {
+                lazy.take(&mut w).unwrap();
+                assert!(since.elapsed().as_secs() < 20, "no fault seen");
+            }
+            (t, w)
+        };
+        let fill = |addrs: &[u64]| {
+            lazy.place(addrs, &vec![1u8; addrs.len() * PAGE_SIZE])
+                .unwrap()
+        };
+        let (t, w) = touch(10);
+        assert_eq!((w.ask, w.after), (vec![page(10)], vec![]));
+        fill(&[page(10)]);
+        t.join().unwrap();
+        let (t, w) = touch(11);
+        assert_eq!(w.ask, vec![page(11)]);
+        assert_eq!(w.after, (12..16).map(page).collect::<Vec<_>>());
+        fill(&[page(11)]);
+        t.join().unwrap();
+        // Just past what came with the last touch: twice as many.
+        let (t, w) = touch(16);
+        assert_eq!(w.ask, vec![page(16)]);
+        assert_eq!(w.after, (17..25).map(page).collect::<Vec<_>>());
+        fill(&[page(16)]);
+        t.join().unwrap();
+        let before = lazy.stats();
+        assert_eq!((before.remote_faults, before.fetched_ahead), (3, 12));
+        // A touch of a page asked for ahead waits for the answer on its way: counted
+        // as a remote fault, asked for once.
+        let (t, w) = touch(20);
+        assert!(w.ask.is_empty() && w.after.is_empty(), "{w:?}");
+        let s = lazy.stats();
+        assert_eq!((s.remote_faults, s.fetched_ahead), (4, 11));
+        fill(&[page(20)]);
+        t.join().unwrap();
+        // Elsewhere: no read-ahead until the next run.
+        let (t, w) = touch(100);
+        assert_eq!((w.ask, w.after), (vec![page(100)], vec![]));
+        fill(&[page(100)]);
+        t.join().unwrap();
+    }
+
     #[test]
     fn missing_pages_wait_for_the_source_and_the_rest_is_kept_or_zero() {
         let m = AnonMap::new(128).unwrap();
@@ -664,13 +783,14 @@ mod tests {
             tx.send((peek(addr, 70), peek(addr, 1))).unwrap();
         });
         // The toucher zero-fills page 70 (never at the source), then waits for page 1.
-        let mut asked = Vec::new();
+        let mut w = Wanted::default();
         let t = Instant::now();
-        while asked.is_empty() {
-            lazy.take(&mut asked, &mut Vec::new()).unwrap();
+        while w.ask.is_empty() {
+            lazy.take(&mut w).unwrap();
             assert!(t.elapsed().as_secs() < 20, "no fault seen");
         }
-        assert_eq!(asked, vec![0x10_0000 + 4096]);
+        assert_eq!(w.ask, vec![0x10_0000 + 4096]);
+        assert!(w.after.is_empty(), "one touch is not a run: {:?}", w.after);
         assert!(rx.try_recv().is_err(), "a missing page read before it came");
         let mut page = vec![0u8; PAGE_SIZE];
         page[..8].copy_from_slice(&7u64.to_le_bytes());

@@ -268,16 +268,41 @@ pub enum ComponentError {
 
 pub type Result<T> = std::result::Result<T, ComponentError>;
 
+/// What a destination asks its source for, from the touches (`Faults::take`).
+#[derive(Debug, Default)]
+pub struct Wanted {
+    /// Pages a touch waits for: asked for first.
+    pub ask: Vec<u64>,
+    /// The pages after touches in a row (read ahead): asked for right after `ask`,
+    /// apart from it, so that their answer does not hold up the touches'.
+    pub after: Vec<u64>,
+    /// Pages wanted ahead of a touch (what a device's next command touches): they
+    /// come with the background stream.
+    pub ahead: Vec<u64>,
+}
+
+impl Wanted {
+    pub fn clear(&mut self) {
+        self.ask.clear();
+        self.after.clear();
+        self.ahead.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ask.is_empty() && self.after.is_empty() && self.ahead.is_empty()
+    }
+}
+
 /// Post-copy on a destination: the touches of a component's missing pages.
 pub trait Faults: Send + Sync {
     /// A descriptor that polls readable while touches wait to be taken.
     fn fd(&self) -> std::os::fd::RawFd;
     /// Another: readable when pages were asked for ahead of a touch.
     fn wake_fd(&self) -> std::os::fd::RawFd;
-    /// Takes the touches that arrived: the pages to ask the source for go into `ask`
+    /// Takes the touches that arrived: what to ask the source for goes into `w`
     /// (addresses in the component's space, each page once); pages the source never
-    /// had are filled here. Pages wanted ahead of a touch go into `ahead`.
-    fn take(&self, ask: &mut Vec<u64>, ahead: &mut Vec<u64>) -> Result<()>;
+    /// had are filled here.
+    fn take(&self, w: &mut Wanted) -> Result<()>;
     /// Pages still at the source.
     fn left(&self) -> u64;
     /// The pages still at the source, one bitmap per region.
