@@ -353,19 +353,22 @@ impl Driver<'_> {
                 break Err(self.broken(format!("{why}; given up by migrate-cancel")));
             };
             let to = if to.is_empty() { self.o.to.clone() } else { to };
-            let r = self.reconnect(&to);
-            self.status.recovery_ended(
-                r.as_ref()
-                    .map(|_| ())
-                    .map_err(|e| format!("recovery to {to}: {e}")),
-            );
-            match r {
-                Ok(()) => break Ok(()),
+            // `vm.migration` says how it ended before `migrate-recover` does.
+            match self.reconnect(&to) {
+                Ok(()) => {
+                    self.status.set_paused(None);
+                    self.phase = Phase::Postcopy;
+                    self.progress(self.lazy_left(), 0.0);
+                    self.status.recovery_ended(Ok(()));
+                    break Ok(());
+                }
                 Err(e) => {
                     tracing::warn!("post-copy recovery to {to} failed: {e}");
                     self.shut_connections();
                     self.status
                         .still_paused(format!("{why}; recovery to {to}: {e}"));
+                    self.status
+                        .recovery_ended(Err(format!("recovery to {to}: {e}")));
                 }
             }
         };
