@@ -692,17 +692,22 @@ mod tests {
         unsafe { std::ptr::write_volatile((host as *mut u64).add(page * 512), v) }
     }
 
+    /// The first `pages` pages of `m`, at `base` in the component's space.
+    fn region_of(m: &AnonMap, pages: u64, base: u64) -> HostRegion {
+        HostRegion {
+            host: m.host,
+            len: pages * PAGE_SIZE as u64,
+            base,
+        }
+    }
+
     /// Touches in a row bring the pages after them, asked for apart from the touch
     /// (twice as many each time, up to READ_AHEAD_MAX); a touch that then waits for
     /// one of those is a remote fault after all; a touch elsewhere starts over.
     #[test]
     fn touches_in_a_row_bring_the_next_pages_with_them() {
         let m = AnonMap::new(128).unwrap();
-        let region = HostRegion {
-            host: m.host,
-            len: 128 * PAGE_SIZE as u64,
-            base: 0,
-        };
+        let region = region_of(&m, 128, 0);
         let lazy = std::sync::Arc::new(
             Lazy::new("test", vec![region], vec![vec![u64::MAX; 2]], true).unwrap(),
         );
@@ -766,11 +771,7 @@ mod tests {
         }
         let mut missing = vec![0u64; 2];
         missing[0] = 0b110 | 1 << 40;
-        let region = HostRegion {
-            host: m.host,
-            len: 128 * PAGE_SIZE as u64,
-            base: 0x10_0000,
-        };
+        let region = region_of(&m, 128, 0x10_0000);
         let lazy =
             std::sync::Arc::new(Lazy::new("test", vec![region], vec![missing], false).unwrap());
         assert_eq!(lazy.left(), 3);
@@ -828,11 +829,7 @@ mod tests {
     #[test]
     fn hostile_bitmaps_are_refused() {
         let m = AnonMap::new(100).unwrap();
-        let region = HostRegion {
-            host: m.host,
-            len: 100 * PAGE_SIZE as u64,
-            base: 0,
-        };
+        let region = region_of(&m, 100, 0);
         assert!(Lazy::new("t", vec![region], vec![vec![0; 1]], false).is_err());
         assert!(Lazy::new("t", vec![region], vec![vec![0, 1 << 40]], false).is_err());
         assert!(Lazy::new("t", vec![], vec![vec![0, 0]], false).is_err());
