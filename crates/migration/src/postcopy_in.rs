@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 /// link is gone: the source pushes the rest without a break and answers a request at
 /// once. As long as the source's own wait for a write to make progress, so neither
 /// side gives up on a link the other still finds merely slow.
-pub(crate) const SILENCE: Duration = Duration::from_secs(30);
+const SILENCE: Duration = Duration::from_secs(30);
 /// How long after DONE the destination still takes the source back: a DONE lost with
 /// the connections leaves the source paused, waiting for it, until `migrate-recover`
 /// (as long as the source itself listens for a late answer).
@@ -125,20 +125,23 @@ impl PostcopyIn {
     }
 
     /// The connections of generation `generation` failed: post-copy pauses until the
-    /// source opens new ones (if they are still the ones in use).
-    fn broke(&self, generation: u64, why: String) {
+    /// source opens new ones (if they are still the ones in use). Whether this call
+    /// paused it.
+    fn broke(&self, generation: u64, why: String) -> bool {
         if self.done.load(Ordering::SeqCst) || generation != self.generation.load(Ordering::SeqCst)
         {
-            return;
+            return false;
         }
         let mut b = self.broken.lock().unwrap_or_else(|e| e.into_inner());
-        if b.is_none() {
-            tracing::error!(
-                "post-copy paused: {why}; the VM runs on, whatever touches a page still at \
-                 the source waits for it until the source recovers (godwit migrate-recover)"
-            );
-            *b = Some(why);
+        if b.is_some() {
+            return false;
         }
+        tracing::error!(
+            "post-copy paused: {why}; the VM runs on, whatever touches a page still at the \
+             source waits for it until the source recovers (godwit migrate-recover)"
+        );
+        *b = Some(why);
+        true
     }
 
     /// Something came from the source just now.
@@ -151,6 +154,9 @@ impl PostcopyIn {
     /// `SILENCE` while pages are still missing, and shuts them down (a source that
     /// still hears this side then stops at once).
     fn check_silence(&self) {
+        // Taken first: connections that a recovery opens meanwhile are not the ones
+        // found silent.
+        let generation = self.generation.load(Ordering::SeqCst);
         if self.done.load(Ordering::SeqCst)
             || self
                 .broken
@@ -166,25 +172,25 @@ impl PostcopyIn {
         if quiet < SILENCE.as_millis() as u64 || left == 0 {
             return;
         }
-        self.broke(
-            self.generation.load(Ordering::SeqCst),
-            format!(
-                "nothing came from the source for {} s while {left} pages are still \
-                 there: the link went silent",
-                quiet / 1000
-            ),
+        let why = format!(
+            "nothing came from the source for {} s while {left} pages are still there: \
+             the link went silent",
+            quiet / 1000
         );
-        self.give_up_streams();
+        if self.broke(generation, why) {
+            self.give_up_streams(Some(generation));
+        }
     }
 
-    /// Shuts down every connection in use: their readers end.
-    fn give_up_streams(&self) {
-        for s in self
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
+    /// Shuts down every connection in use (when `generation` says which, only if they
+    /// are still those): their readers end. New ones join the list only after the
+    /// generation has moved on.
+    fn give_up_streams(&self, generation: Option<u64>) {
+        let mut kept = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if generation.is_some_and(|g| g != self.generation.load(Ordering::SeqCst)) {
+            return;
+        }
+        for s in kept.drain(..) {
             s.shutdown();
         }
     }
@@ -410,7 +416,7 @@ fn supervise(pc: &Arc<PostcopyIn>, r: Recovery) {
             }
         }
         // Give the old connections up: readers still blocked on them end.
-        pc.give_up_streams();
+        pc.give_up_streams(None);
         // What is still missing, then RESUMED: the source sends exactly that.
         if let Err(e) = pc.tell_missing(&mut streams[0], r.wire_version) {
             tracing::warn!("post-copy recovery: answering the source: {e}");
