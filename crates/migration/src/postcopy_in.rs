@@ -168,8 +168,11 @@ impl PostcopyIn {
         }
         let quiet = (self.began.elapsed().as_millis() as u64)
             .saturating_sub(self.heard_ms.load(Ordering::Relaxed));
+        if quiet < SILENCE.as_millis() as u64 {
+            return;
+        }
         let left = self.left();
-        if quiet < SILENCE.as_millis() as u64 || left == 0 {
+        if left == 0 {
             return;
         }
         let why = format!(

@@ -372,9 +372,9 @@ pub struct Recovery {
     pub paused: Option<String>,
     /// Where to go on (empty: the address the migration started with).
     pub to: Option<String>,
-    /// Recoveries asked for so far, and how many had been when the driver took the
-    /// one it works on.
+    /// Recoveries asked for so far.
     pub asked: u64,
+    /// How many had been asked for when the driver took the one it works on.
     pub attempt: u64,
     /// The last attempt the driver finished: how many had been asked for when it
     /// began, and why it failed.
