@@ -100,6 +100,15 @@ fn a_dirtier_moved_in_postcopy_verifies_all_its_memory() {
     assert_verified(&mut dst, 16384);
 }
 
+/// Once post-copy has ended (the source answered DONE with RELEASED), the destination
+/// no longer listens for the source to come back: its port is free for another
+/// migration. (It would listen for minutes after DONE otherwise.)
+fn assert_listener_let_go(addr: &str) {
+    let a = addr.strip_prefix("tcp:").unwrap_or(addr);
+    let free = wait_for(Duration::from_secs(30), || TcpListener::bind(a).ok());
+    assert!(free.is_some(), "the destination still listens on {a}");
+}
+
 /// The dirtier at 100 MiB/s over a 32 MiB/s link, 50 ms limit, in `mode`: pre-copy
 /// alone would throttle it. Post-copy takes over, for the reason `why` names, and the
 /// guest's memory checks out.
@@ -592,6 +601,7 @@ fn recovered_around_the_proxy(mut t: Linked, said: &str) {
         i["sections"]["ram"]["missing_at_start"].as_u64() > Some(0),
         "{i}"
     );
+    assert_listener_let_go(&t.direct);
     verified_and_shut_down(&mut t.dst, &t.verified);
 }
 

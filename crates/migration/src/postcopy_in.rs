@@ -1,7 +1,7 @@
 //! Post-copy on the destination, once the VM runs here: the touches of missing pages
 //! become requests to the source, and pages arriving either way (answers on the main
 //! connection, the background stream on the others) are placed as they come. When no
-//! page is missing any more, DONE tells the source it may let go.
+//! page is missing any more, DONE tells the source it may let go; it answers RELEASED.
 //!
 //! Threads: one watches the components' fault descriptors and sends the requests (and
 //! DONE), one reads each connection. A connection that fails pauses post-copy: the VM
@@ -64,6 +64,8 @@ pub struct PostcopyIn {
     done: AtomicBool,
     /// The DONE that went out, told again to a source that comes back for it.
     said_done: Mutex<Option<Done>>,
+    /// The source answered DONE with RELEASED: it will not come back for it.
+    released: AtomicBool,
     /// Whether STARTED has gone out, and a DONE due before it. The source takes DONE
     /// only after STARTED, and with nothing (or only what the starting VM touched) to
     /// fetch, every page can be in before the VM has even started.
@@ -115,6 +117,7 @@ impl PostcopyIn {
         let d = Done {
             sections: self.stats().collect(),
             ended,
+            answer_released: true,
         };
         let mut g = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         if !g.0 {
@@ -232,11 +235,21 @@ impl PostcopyIn {
                     "post-copy: the source came back after every page was here (DONE was \
                      lost with the old connections): told it again"
                 );
-                // Closed by the source once DONE reached it; closing first could reset
-                // the connection with DONE still unread.
-                main.readable_within(Duration::from_secs(10));
+                // The source answers RELEASED once DONE reached it, then closes;
+                // closing first could reset the connection with DONE still unread.
+                let _ = main.set_read_timeout(Some(Duration::from_secs(10)));
+                if let Ok(Frame::Released) = wire::read_frame(main, &mut Vec::new()) {
+                    self.source_let_go();
+                }
             }
             Err(e) => tracing::warn!("post-copy recovery after DONE: {e}"),
+        }
+    }
+
+    /// RELEASED came: the source has DONE and will not come back for it.
+    fn source_let_go(&self) {
+        if !self.released.swap(true, Ordering::SeqCst) {
+            tracing::debug!("post-copy: the source let go; no longer listening for it");
         }
     }
 
@@ -353,6 +366,7 @@ pub(crate) fn start(
         broken: Mutex::new(None),
         streams: Mutex::new(Vec::new()),
         said_done: Mutex::new(None),
+        released: AtomicBool::new(false),
         began: Instant::now(),
         heard_ms: AtomicU64::new(0),
     });
@@ -377,10 +391,15 @@ pub(crate) fn start(
 /// path gone without a reset) breaks nothing this side can see until `SILENCE` has
 /// passed, and the source may notice first (its writes stop making progress, or its
 /// DONE never comes); the old ones are given up then. A source that comes back after
-/// DONE went out lost it with the old connections: it is told again.
+/// DONE went out lost it with the old connections: it is told again. Ends (and lets
+/// the listener go) once the source answers DONE with RELEASED, or `AFTER_DONE` after
+/// DONE from a source that never does.
 fn supervise(pc: &Arc<PostcopyIn>, r: Recovery) {
     let mut done_at = None;
     loop {
+        if pc.released.load(Ordering::SeqCst) {
+            return;
+        }
         if pc.done.load(Ordering::SeqCst)
             && done_at.get_or_insert_with(Instant::now).elapsed() > AFTER_DONE
         {
@@ -543,6 +562,10 @@ fn read_pages(mut s: Stream, pc: &PostcopyIn, generation: u64) {
                 None => Err(format!("zero pages of section {section}")),
             },
             Ok(Frame::Abort(m)) => Err(format!("the source aborted: {m}")),
+            Ok(Frame::Released) if pc.done.load(Ordering::SeqCst) => {
+                pc.source_let_go();
+                return;
+            }
             Ok(f) => Err(format!("unexpected {:?} frame", f.kind())),
             Err(WireError::Timeout) if generation == pc.generation.load(Ordering::SeqCst) => {
                 continue

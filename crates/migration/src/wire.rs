@@ -69,6 +69,7 @@ pub enum Kind {
     Resumed = 21,
     Ahead = 22,
     Lacks = 23,
+    Released = 24,
 }
 
 impl Kind {
@@ -98,6 +99,7 @@ impl Kind {
             21 => Resumed,
             22 => Ahead,
             23 => Lacks,
+            24 => Released,
             _ => return None,
         })
     }
@@ -236,6 +238,11 @@ pub struct Done {
     /// keep): why.
     #[serde(default)]
     pub ended: Option<String>,
+    /// Set by a destination that stops listening for the source once it answers
+    /// RELEASED. One that does not say so (older) keeps listening a while after DONE,
+    /// in case DONE was lost, and is sent nothing more.
+    #[serde(default)]
+    pub answer_released: bool,
 }
 
 /// A decoded frame, borrowing its payload from the read buffer.
@@ -314,6 +321,10 @@ pub enum Frame<'a> {
         connections: u32,
     },
     Resumed,
+    /// Post-copy, source to destination, on the main connection: DONE reached the
+    /// source, which lets go of the VM; the destination need not wait for it to come
+    /// back for a DONE lost on the way.
+    Released,
 }
 
 impl Frame<'_> {
@@ -342,6 +353,7 @@ impl Frame<'_> {
             Frame::Done(_) => Kind::Done,
             Frame::Resume { .. } => Kind::Resume,
             Frame::Resumed => Kind::Resumed,
+            Frame::Released => Kind::Released,
         }
     }
 }
@@ -370,7 +382,7 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
 pub fn write_frame(w: &mut impl Write, f: &Frame) -> io::Result<()> {
     let payload: Vec<u8> = match f {
         Frame::Hello(h) => json(h),
-        Frame::Accept | Frame::Go | Frame::Resumed => Vec::new(),
+        Frame::Accept | Frame::Go | Frame::Resumed | Frame::Released => Vec::new(),
         Frame::Resume {
             session,
             connections,
@@ -705,6 +717,7 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
         Kind::Accept => empty(Frame::Accept),
         Kind::Go => empty(Frame::Go),
         Kind::Resumed => empty(Frame::Resumed),
+        Kind::Released => empty(Frame::Released),
         Kind::Resume => {
             if p.len() != 12 {
                 return Err(bad(format!("{} bytes, expected 12", p.len())));

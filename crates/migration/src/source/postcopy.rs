@@ -79,6 +79,9 @@ impl Driver<'_> {
         loop {
             match self.serve_some() {
                 Ok(done) => {
+                    if done.answer_released {
+                        self.release();
+                    }
                     self.finish_postcopy(done, switched);
                     return Ok(());
                 }
@@ -500,6 +503,16 @@ impl Driver<'_> {
             }
         }
         flushed.map_err(|e| Lost::Link(format!("sending: {e}")))
+    }
+
+    /// Tells the destination DONE reached us (RELEASED), so that it stops listening
+    /// for a source coming back for a lost one. Only a courtesy: should it be lost
+    /// too, the destination listens on for a while, then stops anyway.
+    fn release(&mut self) {
+        let out = self.out();
+        if let Err(e) = out.control(&Frame::Released).and_then(|_| out.sync()) {
+            tracing::debug!("post-copy: telling the destination RELEASED: {e}");
+        }
     }
 
     fn finish_postcopy(&mut self, done: Done, switched: Instant) {

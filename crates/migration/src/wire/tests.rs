@@ -70,6 +70,7 @@ fn frames_round_trip() {
         connections: 2,
     });
     roundtrip(&Frame::Resumed);
+    roundtrip(&Frame::Released);
     roundtrip(&Frame::End(Totals {
         pages: 5,
         zero_pages: 6,
@@ -285,4 +286,16 @@ fn a_timeout_between_frames_is_nothing_yet_but_inside_one_the_frame_waits_on() {
         read_frame(&mut r, &mut buf),
         Err(WireError::Timeout)
     ));
+}
+
+#[test]
+fn a_done_from_a_destination_that_never_answers_released_asks_for_nothing_after_it() {
+    // As a destination from before RELEASED writes it.
+    let old: Done = serde_json::from_str(r#"{"sections":[],"ended":null}"#).unwrap();
+    assert!(!old.answer_released);
+    let new = Done {
+        answer_released: true,
+        ..Done::default()
+    };
+    roundtrip(&Frame::Done(new));
 }
