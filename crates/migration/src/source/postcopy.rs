@@ -176,6 +176,7 @@ impl Driver<'_> {
         loop {
             // Asked ahead before STARTED, or just now.
             for a in self.ahead.drain(..) {
+                shared.wanted_ahead.store(true, Ordering::SeqCst);
                 let _ = ahead.send(a);
             }
             // Also while requests come back to back (a guest that faults without a
@@ -183,6 +184,9 @@ impl Driver<'_> {
             self.progress_every(&mut last_progress);
             if let Some(a) = self.back.as_mut().expect("live").wait(ANSWER_WAIT) {
                 let urgent = matches!(a, Answer::Request { .. });
+                if urgent {
+                    shared.requests.fetch_add(1, Ordering::SeqCst);
+                }
                 shared.answering.store(urgent, Ordering::SeqCst);
                 let r = self.on_answer(a);
                 shared.answering.store(false, Ordering::SeqCst);

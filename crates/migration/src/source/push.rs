@@ -15,10 +15,10 @@
 use crate::outbound::Outbound;
 use crate::wire;
 use godwit_vmm::migratable::{Component, ComponentError, ReadReport};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Background pages read at a time (one frame): what an answer to a request may wait
 /// for, the component's lock being held meanwhile.
@@ -29,6 +29,13 @@ const ROOM_WAIT: Duration = Duration::from_micros(50);
 const DUE_SLICE: Duration = Duration::from_millis(10);
 /// How long it waits for pages wanted ahead once everything is pushed.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// The pusher starts once this passes without a request after the VM started ...
+const QUIET: Duration = Duration::from_millis(1);
+/// ... or this long after it, whatever the guest does.
+const QUIET_AT_MOST: Duration = Duration::from_millis(4);
+/// ... or once this many have come: a device that faults on without a pause is no
+/// burst, and needs the background.
+const BURST: u64 = 16;
 
 /// What the pusher did, for the report.
 #[derive(Default)]
@@ -63,6 +70,11 @@ pub(super) struct Shared {
     pub all_out: AtomicBool,
     /// Set by the pusher when it stopped short.
     pub failed: Mutex<Option<Stopped>>,
+    /// Requests answered so far (the pusher waits for the first ones to settle).
+    pub requests: AtomicU64,
+    /// Set by the answering thread once pages are wanted ahead: the pusher brings
+    /// them at once.
+    pub wanted_ahead: AtomicBool,
 }
 
 impl Shared {
@@ -86,6 +98,7 @@ pub(super) fn push(
 ) -> Pushed {
     let mut p = Pushed::default();
     let mut sent = vec![ReadReport::default(); lazy.len()];
+    settle(shared);
     let r = (|| -> Result<(), Stopped> {
         loop {
             if shared.stop.load(Ordering::SeqCst) {
@@ -141,6 +154,38 @@ pub(super) fn push(
     p
 }
 
+/// Waits while the guest's first touches come: the VM has just started at the
+/// destination, and they come in a burst (its page tables, code and stack), each a
+/// round trip the guest waits for. On a small host the pusher's reads and sends, and
+/// the destination's placing of what it sends, took the cores their answers needed
+/// (README, "Post-copy's background holds off for the first touches").
+fn settle(shared: &Shared) {
+    let start = Instant::now();
+    let (mut seen, mut since) = (shared.requests.load(Ordering::SeqCst), start);
+    loop {
+        let (now, n) = (Instant::now(), shared.requests.load(Ordering::SeqCst));
+        if n != seen {
+            (seen, since) = (n, now);
+        }
+        if settled(shared, now - start, now - since) {
+            return;
+        }
+        std::thread::sleep(ROOM_WAIT);
+    }
+}
+
+/// Whether the pusher may start, `running` after the VM started and `quiet` after the
+/// last request: the burst is over (`QUIET`), or it is no burst (`BURST` requests: a
+/// device that faults on without a pause needs the background), or pages are wanted
+/// ahead (a device's next command), or it has waited long enough, or it must stop.
+fn settled(shared: &Shared, running: Duration, quiet: Duration) -> bool {
+    quiet >= QUIET
+        || running >= QUIET_AT_MOST
+        || shared.requests.load(Ordering::SeqCst) >= BURST
+        || shared.wanted_ahead.load(Ordering::SeqCst)
+        || shared.stop.load(Ordering::SeqCst)
+}
+
 fn link(e: std::io::Error) -> Stopped {
     Stopped::Link(format!("sending: {e}"))
 }
@@ -174,5 +219,33 @@ fn wanted_ahead(
             p.refused += 1;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_background_waits_for_a_burst_of_touches_but_not_for_a_device_that_faults_on() {
+        let ms = |n: f64| Duration::from_secs_f64(n / 1e3);
+        let s = Shared::default();
+        // A few touches, the last just now: a burst still coming.
+        s.requests.store(3, Ordering::SeqCst);
+        assert!(!settled(&s, ms(0.5), ms(0.1)));
+        assert!(!settled(&s, ms(3.0), ms(0.9)));
+        // Quiet for long enough, or waited long enough.
+        assert!(settled(&s, ms(1.5), QUIET));
+        assert!(settled(&s, QUIET_AT_MOST, ms(0.1)));
+        // Requests without a pause are a device at work, not a burst.
+        s.requests.store(BURST, Ordering::SeqCst);
+        assert!(settled(&s, ms(0.5), ms(0.0)));
+        // Pages wanted ahead (a device's next command), or the stop: at once.
+        let s = Shared::default();
+        s.wanted_ahead.store(true, Ordering::SeqCst);
+        assert!(settled(&s, ms(0.0), ms(0.0)));
+        let s = Shared::default();
+        s.stop.store(true, Ordering::SeqCst);
+        assert!(settled(&s, ms(0.0), ms(0.0)));
     }
 }
