@@ -221,7 +221,7 @@ impl PostcopyIn {
 
     /// A source that came back after DONE went out (it was lost with the old
     /// connections, and the source paused waiting for it): nothing is missing, and
-    /// DONE again. The source closes the connections once it has it.
+    /// DONE again. The source answers RELEASED once it has it, then closes them.
     fn done_again(&self, mut streams: Vec<Stream>, wire_version: u32, done: Done) {
         let main = &mut streams[0];
         let told = self

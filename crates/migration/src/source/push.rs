@@ -70,7 +70,7 @@ pub(super) struct Shared {
     pub all_out: AtomicBool,
     /// Set by the pusher when it stopped short.
     pub failed: Mutex<Option<Stopped>>,
-    /// Requests answered so far (the pusher waits for the first ones to settle).
+    /// Requests that came so far (the pusher waits for the first ones to settle).
     pub requests: AtomicU64,
     /// Set by the answering thread once pages are wanted ahead: the pusher brings
     /// them at once.
@@ -155,7 +155,8 @@ pub(super) fn push(
 }
 
 /// Waits while the guest's first touches come: the VM has just started at the
-/// destination, and they come in a burst (its page tables, code and stack), each a
+/// destination (or the connections were opened anew, and the touches that waited are
+/// asked again), and they come in a burst (its page tables, code and stack), each a
 /// round trip the guest waits for. On a small host the pusher's reads and sends, and
 /// the destination's placing of what it sends, took the cores their answers needed
 /// (README, "Post-copy's background holds off for the first touches").
