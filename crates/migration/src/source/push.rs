@@ -36,6 +36,8 @@ const QUIET_AT_MOST: Duration = Duration::from_millis(4);
 /// ... or once this many have come: a device that faults on without a pause is no
 /// burst, and needs the background.
 const BURST: u64 = 16;
+/// How often the pusher looks while it waits for them to settle.
+const SETTLE_STEP: Duration = Duration::from_micros(50);
 
 /// What the pusher did, for the report.
 #[derive(Default)]
@@ -171,7 +173,7 @@ fn settle(shared: &Shared) {
         if settled(shared, now - start, now - since) {
             return;
         }
-        std::thread::sleep(ROOM_WAIT);
+        std::thread::sleep(SETTLE_STEP);
     }
 }
 
