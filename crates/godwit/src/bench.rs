@@ -239,6 +239,18 @@ pub(crate) fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("no free port: {e}"))
 }
 
+/// Whether something listens on TCP `port` (IPv4), from /proc/net/tcp: a destination
+/// that prefaults its memory listens only once that is done, and a probe connection
+/// would count as a stranger's.
+pub(crate) fn listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    read(Path::new("/proc/net/tcp")).lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // local address, remote address, state (0A: LISTEN)
+        f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
+    })
+}
+
 /// Kills the processes of one run whatever happens.
 pub(crate) struct Procs(pub Vec<Child>);
 

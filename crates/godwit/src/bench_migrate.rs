@@ -176,6 +176,8 @@ struct BenchReport {
     runs: usize,
     qemu: Option<String>,
     connections: u32,
+    /// Destinations got their memory before each migration (`--prefault`).
+    prefault: bool,
     cells: Vec<Cell>,
 }
 
@@ -226,6 +228,7 @@ fn godwit_run(
     mode: Mode,
     dirty_log: DirtyLogMode,
     tls: Option<&Path>,
+    prefault: bool,
 ) -> Result<Sample, String> {
     let mut pair = Pair::new(dir, "g-")?;
     let (src_log, dst_log, sock, port) = (
@@ -246,6 +249,9 @@ fn godwit_run(
     if let Some(d) = tls {
         dst.extend(["--tls-dir".into(), d.display().to_string()]);
     }
+    if prefault {
+        dst.extend(["--memory".into(), mem.to_string(), "--prefault".into()]);
+    }
     pair.spawn(dst)?;
     let mut src = vec![
         "run".into(),
@@ -265,6 +271,9 @@ fn godwit_run(
     let procs = &mut pair.procs;
     wait_for("the godwit source guest", STEADY_TIMEOUT, || {
         alive(procs).then(|| steady(&src_log))
+    })?;
+    wait_for("the godwit destination", STEADY_TIMEOUT, || {
+        alive(procs).then(|| crate::bench::listening(port))
     })?;
     let o = Options {
         mode,
@@ -362,6 +371,7 @@ impl Qmp {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn qemu_run(
     dir: &Path,
     qemu: &str,
@@ -370,6 +380,7 @@ fn qemu_run(
     w: &Workload,
     limit: u64,
     postcopy: bool,
+    prefault: bool,
 ) -> Result<Sample, String> {
     let (src_log, dst_log) = (dir.join("q-src.log"), dir.join("q-dst.log"));
     let (src_qmp, dst_qmp) = (dir.join("q-src.qmp"), dir.join("q-dst.qmp"));
@@ -386,6 +397,9 @@ fn qemu_run(
         // postcopy-preempt before the incoming side starts).
         if incoming.is_some() {
             c.arg("-incoming").arg("defer");
+            if prefault {
+                c.arg("-mem-prealloc");
+            }
         }
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -594,23 +608,47 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                                 mode,
                                 log,
                                 tls.then_some(creds.as_path()),
+                                a.prefault,
                             )?),
                             None if turn >= first_extra => {
                                 let k = (turn - first_extra) / per_extra;
                                 let post = (turn - first_extra) % per_extra == 1;
-                                let s = qemu_run(&dir, &extras[k].0, &image, mem, w, limit, post)?;
+                                let s = qemu_run(
+                                    &dir,
+                                    &extras[k].0,
+                                    &image,
+                                    mem,
+                                    w,
+                                    limit,
+                                    post,
+                                    a.prefault,
+                                )?;
                                 if post {
                                     xs[k].1.push(s)
                                 } else {
                                     xs[k].0.push(s)
                                 }
                             }
-                            None if turn == variants.len() => {
-                                q.push(qemu_run(&dir, &a.peer.qemu, &image, mem, w, limit, false)?)
-                            }
-                            None => {
-                                qp.push(qemu_run(&dir, &a.peer.qemu, &image, mem, w, limit, true)?)
-                            }
+                            None if turn == variants.len() => q.push(qemu_run(
+                                &dir,
+                                &a.peer.qemu,
+                                &image,
+                                mem,
+                                w,
+                                limit,
+                                false,
+                                a.prefault,
+                            )?),
+                            None => qp.push(qemu_run(
+                                &dir,
+                                &a.peer.qemu,
+                                &image,
+                                mem,
+                                w,
+                                limit,
+                                true,
+                                a.prefault,
+                            )?),
                         }
                     }
                 }
@@ -695,14 +733,20 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
         runs,
         qemu,
         connections: a.connections,
+        prefault: a.prefault,
         cells,
     })
 }
 
 fn print_table(r: &BenchReport) {
     println!(
-        "live migration over TCP loopback, dirtier guest, {} run(s) per cell; min/median/max",
-        r.runs
+        "live migration over TCP loopback, dirtier guest, {} run(s) per cell; min/median/max{}",
+        r.runs,
+        if r.prefault {
+            "; destinations prefaulted"
+        } else {
+            ""
+        }
     );
     println!(
         "{:>6} {:>9} {:>6} {:>12} | {:>20} {:>20} {:>20} {:>9} {:>12}",

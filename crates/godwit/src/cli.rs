@@ -149,6 +149,11 @@ pub struct RunArgs {
     /// 256 to 65536 entries, 16 bytes each). A host-local choice: both ends may differ.
     #[arg(long, default_value = "bitmap")]
     pub dirty_log: DirtyLogMode,
+    /// Allocate and touch all guest memory before the VM starts (with --incoming: before
+    /// waiting for the source, which needs --memory), so that neither the guest nor an
+    /// incoming migration pays for first touches later. Commits the memory up front.
+    #[arg(long)]
+    pub prefault: bool,
 }
 
 #[derive(Args, Clone)]
@@ -458,6 +463,12 @@ pub struct MigrateBenchArgs {
     /// its first pass, with postcopy-preempt where it has it).
     #[arg(long, value_delimiter = ',', default_values_t = ["precopy".to_string()])]
     pub modes: Vec<String>,
+    /// Every destination gets its memory, touched, before the migration starts: godwit
+    /// `run --incoming --memory M --prefault`, QEMU `-mem-prealloc`. Takes what the
+    /// host's memory happens to be (fresh, reused, handed back to the hypervisor
+    /// beneath) out of the total time, for both.
+    #[arg(long)]
+    pub prefault: bool,
 }
 
 #[derive(Args)]

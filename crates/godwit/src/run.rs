@@ -110,6 +110,12 @@ pub fn run(a: RunArgs) -> ExitCode {
     if incoming.is_some() && !a.guest_args.is_empty() {
         return fail("guest arguments come from the source with --incoming");
     }
+    if a.prefault && incoming.is_some() && a.memory.is_none() {
+        return fail(
+            "--prefault with --incoming needs --memory: the memory is made before the source \
+             says how much it has",
+        );
+    }
     let payload = match &incoming {
         Some(_) => None,
         None => match payload(&a) {
@@ -150,25 +156,29 @@ pub fn run(a: RunArgs) -> ExitCode {
         (Some(t), _) => {
             receive(&t, &a, console, api.as_ref()).map(|i| Pending::Incoming(Box::new(i)))
         }
-        (None, Some(payload)) => Vm::create(VmConfig {
-            memory_mib: a.memory.unwrap_or(DEFAULT_MEMORY_MIB),
-            vcpus: a.vcpus.unwrap_or(1),
-            payload,
-            console,
-            gpu: a
-                .gpu
-                .as_ref()
-                .map(|profile| godwit_vmm::config::GpuRequest {
-                    profile: profile.clone(),
-                    manager_dir: a.gpu_dir.dir(),
-                    vm_name: vm_name(&a),
-                    gpu_index: a.gpu_index,
-                }),
-            dirty_log: a.dirty_log,
-            id: a.id.clone(),
-        })
-        .map(Pending::Booted)
-        .map_err(|e| e.to_string()),
+        (None, Some(payload)) => prefault(&a, a.memory.unwrap_or(DEFAULT_MEMORY_MIB))
+            .and_then(|prefaulted| {
+                Vm::create(VmConfig {
+                    memory_mib: a.memory.unwrap_or(DEFAULT_MEMORY_MIB),
+                    vcpus: a.vcpus.unwrap_or(1),
+                    payload,
+                    console,
+                    gpu: a
+                        .gpu
+                        .as_ref()
+                        .map(|profile| godwit_vmm::config::GpuRequest {
+                            profile: profile.clone(),
+                            manager_dir: a.gpu_dir.dir(),
+                            vm_name: vm_name(&a),
+                            gpu_index: a.gpu_index,
+                        }),
+                    dirty_log: a.dirty_log,
+                    id: a.id.clone(),
+                    prefaulted,
+                })
+                .map_err(|e| e.to_string())
+            })
+            .map(Pending::Booted),
         (None, None) => Err("nothing to run".into()),
     };
     let pending = match pending {
@@ -267,6 +277,24 @@ enum Pending {
     Incoming(Box<Incoming>),
 }
 
+/// `--prefault`: `mib` of guest memory, every page touched; nothing without the flag.
+fn prefault(a: &RunArgs, mib: u64) -> Result<godwit_vmm::memory::Prefaulted, String> {
+    if !a.prefault {
+        return Ok(Default::default());
+    }
+    let t = std::time::Instant::now();
+    let bytes = mib
+        .checked_mul(godwit_vmm::memory::MIB)
+        .ok_or("--memory: the size overflows")?;
+    let p = godwit_vmm::memory::Prefaulted::new(bytes).map_err(|e| format!("--prefault: {e}"))?;
+    tracing::info!(
+        mib,
+        ms = t.elapsed().as_secs_f64() * 1e3,
+        "guest memory prefaulted"
+    );
+    Ok(p)
+}
+
 /// Waits on `t` for a source and loads the VM it sends.
 fn receive(
     t: &Target,
@@ -300,6 +328,12 @@ fn receive(
         (_, Some(_)) => return Err("--restore is for --incoming file:".into()),
         (_, None) => RestoreMode::Lazy,
     };
+    // Before listening: whoever waits for the address (a manager, the bench) then knows
+    // the memory is in place.
+    let prefaulted = match a.memory {
+        Some(m) => prefault(a, m)?,
+        None => Default::default(),
+    };
     let l = Listener::bind_with(t, tls).map_err(|e| format!("--incoming {t}: {e}"))?;
     if let Some(api) = api {
         api.set_waiting(&format!(
@@ -323,6 +357,7 @@ fn receive(
         name: vm_name(a),
         id: a.id.clone(),
         gpu_index: a.gpu_index,
+        prefaulted,
     };
     let mut inc = godwit_migration::destination::receive_with(&l, &host, console, how)
         .map_err(|e| e.to_string())?;

@@ -48,6 +48,11 @@ fn bad_arguments() {
         2,
         "must be a power of two",
     );
+    fails_with(
+        &["run", "--incoming", "tcp:127.0.0.1:0", "--prefault"],
+        1,
+        "--prefault with --incoming needs --memory",
+    );
 }
 
 #[test]
@@ -65,6 +70,12 @@ fn more_memory_than_the_host_has() {
     let ask = (host_mib + 1024).to_string();
     if host_mib + 1024 <= 60 * 1024 {
         fails_with(&["run", "--memory", &ask], 1, "but this host has only");
+        // Checked before a page is touched.
+        fails_with(
+            &["run", "--memory", &ask, "--prefault"],
+            1,
+            "but this host has only",
+        );
     }
     fails_with(
         &["run", "--memory", "1000000"],

@@ -401,7 +401,8 @@ pub(crate) fn receive(
         }
         Err(e) => return Err(ReceiveError::Hello(e)),
     };
-    let (vm, parts, names) = crate::destination::build(&hello, true, host, console, &mut None)?;
+    let (vm, parts, names) =
+        crate::destination::build(&hello, true, host, console, &mut None, true)?;
     tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "restore: VM built");
     let mut states = vec![false; parts.len()];
     let mut complete = None;

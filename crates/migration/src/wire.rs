@@ -201,6 +201,12 @@ pub struct Hello {
     pub session: u64,
     /// Whether this is a file (no answers will come).
     pub snapshot: bool,
+    /// The VM moves before any page does (post-copy from the start): every page then
+    /// arrives through userfaultfd into missing memory, and a destination that readied
+    /// its memory beforehand (`--prefault`) gives it back before it answers, not inside
+    /// the pause. Older sources do not say; their destinations keep what they readied.
+    #[serde(default)]
+    pub postcopy_first: bool,
 }
 
 /// The destination's READY: it holds and has loaded everything.

@@ -87,6 +87,7 @@ fn vm(gpu_dir: &Path) -> Vm {
         }),
         dirty_log: Default::default(),
         id: None,
+        prefaulted: Default::default(),
     })
     .unwrap();
     vm.start_paused().unwrap();
@@ -410,6 +411,7 @@ fn hello() -> Hello {
         connections: 1,
         session: 7,
         snapshot: false,
+        postcopy_first: false,
     }
 }
 

@@ -84,6 +84,9 @@ pub struct VmConfig {
     pub dirty_log: crate::dirty::DirtyLogMode,
     /// The name a manager gives the VM (Nova's instance UUID), in `vm.info`.
     pub id: Option<String>,
+    /// Memory made and touched beforehand (`--prefault`); when empty, the VM maps its
+    /// own, touched as the guest (or an incoming migration) first writes it.
+    pub prefaulted: crate::memory::Prefaulted,
 }
 
 /// Checks a VM's id: 1 to 64 letters, digits and `.`, `_`, `-`, `:` (a UUID, a name).

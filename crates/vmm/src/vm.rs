@@ -127,7 +127,10 @@ impl Vm {
             .memory_mib
             .checked_mul(memory::MIB)
             .ok_or_else(|| Error::Config("memory size overflows".into()))?;
-        let mem = memory::create(bytes)?;
+        let (mem, prefaulted) = match cfg.prefaulted.take(bytes)? {
+            Some(m) => (m, true),
+            None => (memory::create(bytes)?, false),
+        };
         let ram = memory::layout(bytes);
         // The tracker owns the memory slots; the ring (if any) must exist before the
         // vCPUs.
@@ -321,7 +324,7 @@ impl Vm {
                 cfg.memory_mib,
                 lazy_ram,
             )
-            .fresh(matches!(cfg.payload, Payload::Incoming { .. })),
+            .fresh(matches!(cfg.payload, Payload::Incoming { .. }) && !prefaulted),
         ));
         components.push(Arc::new(migratable::platform::Platform::new(
             fd.clone(),

@@ -382,6 +382,7 @@ impl Driver<'_> {
             connections: self.o.lanes(),
             session,
             snapshot: self.target.is_file(),
+            postcopy_first: self.o.mode == Mode::Postcopy,
         };
         let target = self.target.clone();
         self.tls = match &self.o.tls_dir {

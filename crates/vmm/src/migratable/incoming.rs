@@ -26,6 +26,8 @@ pub struct Host {
     pub id: Option<String>,
     /// The GPU (by index) its GPU function must be leased on, if a manager chose one.
     pub gpu_index: Option<usize>,
+    /// Memory readied before the source connected (`--memory` with `--prefault`).
+    pub prefaulted: crate::memory::Prefaulted,
 }
 
 const KNOWN: [&str; 4] = ["vcpus", "gpu", "ram", "platform"];
@@ -106,6 +108,7 @@ pub fn config(
         id: host.id.clone(),
         gpu,
         dirty_log: host.dirty_log,
+        prefaulted: host.prefaulted.clone(),
     };
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)

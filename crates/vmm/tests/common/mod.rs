@@ -71,6 +71,7 @@ pub fn vm_tracked(
         gpu: None,
         dirty_log,
         id: None,
+        prefaulted: Default::default(),
     })
     .unwrap()
 }
