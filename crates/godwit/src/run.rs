@@ -156,10 +156,11 @@ pub fn run(a: RunArgs) -> ExitCode {
         (Some(t), _) => {
             receive(&t, &a, console, api.as_ref()).map(|i| Pending::Incoming(Box::new(i)))
         }
-        (None, Some(payload)) => prefault(&a, a.memory.unwrap_or(DEFAULT_MEMORY_MIB))
-            .and_then(|prefaulted| {
+        (None, Some(payload)) => {
+            let memory_mib = a.memory.unwrap_or(DEFAULT_MEMORY_MIB);
+            prefault(&a, memory_mib).and_then(|prefaulted| {
                 Vm::create(VmConfig {
-                    memory_mib: a.memory.unwrap_or(DEFAULT_MEMORY_MIB),
+                    memory_mib,
                     vcpus: a.vcpus.unwrap_or(1),
                     payload,
                     console,
@@ -177,8 +178,9 @@ pub fn run(a: RunArgs) -> ExitCode {
                     prefaulted,
                 })
                 .map_err(|e| e.to_string())
+                .map(Pending::Booted)
             })
-            .map(Pending::Booted),
+        }
         (None, None) => Err("nothing to run".into()),
     };
     let pending = match pending {
