@@ -525,3 +525,35 @@ pub fn link_proxy(to: String) -> Link {
     });
     link
 }
+
+/// The dirtier's own verdict on the destination: every page it wrote is intact.
+pub fn assert_verified(dst: &mut Vm, pages: u64) {
+    assert_eq!(exit_code(dst, LIMIT), 0, "{}", read(&dst.err));
+    let log = read(&dst.log);
+    assert!(log.contains(&format!("verify ok pages={pages}")), "{log}");
+    assert!(log.contains("result=ok"), "{log}");
+}
+
+/// What every post-copy report must say: the VM ran ahead of its memory, and every
+/// page the destination lacked reached it.
+pub fn assert_postcopy_whole(r: &Value) {
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["ran"], "postcopy", "{r}");
+    let p = &r["postcopy"];
+    let missing = p["missing_pages"]["ram"].as_u64().unwrap();
+    assert!(missing > 0, "{r}");
+    let d = &p["destination"]["ram"];
+    assert_eq!(d["missing_at_start"].as_u64(), Some(missing), "{r}");
+    // Each missing page arrived once as asked for or pushed (duplicates aside).
+    let placed = d["remote_faults"].as_u64().unwrap()
+        + d["prepaged"].as_u64().unwrap()
+        + d["fetched_ahead"].as_u64().unwrap();
+    assert_eq!(placed, missing, "{r}");
+    assert!(
+        p["requested_pages"].as_u64().unwrap() + p["background_pages"].as_u64().unwrap() >= missing,
+        "{r}"
+    );
+    assert!(p["window_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(p["refused_requests"], 0, "{r}");
+    assert!(p["vm_ended"].is_null(), "{r}");
+}
