@@ -289,11 +289,12 @@ fn prefault(a: &RunArgs, mib: u64) -> Result<godwit_vmm::memory::Prefaulted, Str
         .checked_mul(godwit_vmm::memory::MIB)
         .ok_or("--memory: the size overflows")?;
     let p = godwit_vmm::memory::Prefaulted::new(bytes).map_err(|e| format!("--prefault: {e}"))?;
-    tracing::info!(
-        mib,
-        ms = t.elapsed().as_secs_f64() * 1e3,
-        "guest memory prefaulted"
+    // Always said (as the line a destination waits on): asked for, it can take seconds.
+    let line = format!(
+        "godwit: guest memory prefaulted: {mib} MiB in {:.0} ms\n",
+        t.elapsed().as_secs_f64() * 1e3
     );
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     Ok(p)
 }
 

@@ -105,7 +105,7 @@ class GodwitTestCase(integrated_helpers.ProviderUsageBaseTestCase):
 
     # -- hosts ----------------------------------------------------------------
 
-    def start_host(self, name, profiles, bandwidth=0):
+    def start_host(self, name, profiles, bandwidth=0, prefault=False):
         """A compute service on the godwit driver with GPUs offering `profiles`
         (one per GPU, by index)."""
         ns, addr = self.network.hosts[name]
@@ -113,6 +113,7 @@ class GodwitTestCase(integrated_helpers.ProviderUsageBaseTestCase):
                  addr if self.isolated else '127.0.0.1', self.tmp)
         h.profiles = profiles
         h.bandwidth = bandwidth
+        h.prefault = prefault
         os.makedirs(h.run_dir)
         godwit('gpu', 'init', '--gpus', str(len(profiles)), '--gpu-dir',
                h.gpu_dir)
@@ -131,6 +132,7 @@ class GodwitTestCase(integrated_helpers.ProviderUsageBaseTestCase):
                    netns=h.ns, live_migration_inbound_addr=h.addr,
                    live_migration_tls_dir=self.tls,
                    live_migration_bandwidth=h.bandwidth,
+                   live_migration_prefault=h.prefault,
                    node_uuid=str(uuid.uuid5(uuid.NAMESPACE_URL,
                                             self.id() + h.name)))
 

@@ -16,8 +16,9 @@ class TestLiveMigration(base.GodwitTestCase):
 
     def setUp(self):
         super().setUp()
+        # host2 readies an arriving instance's memory before it listens.
         for name in self.HOSTS:
-            self.start_host(name, ['GW8-1C'])
+            self.start_host(name, ['GW8-1C'], prefault=name == 'host2')
         self.gpu_image = self.image('gpu-dirtier', base.GPU_DIRTIER_ARGS)
         self.gpu_flavor = self.flavor(256, 'GW8-1C')
 
@@ -51,8 +52,13 @@ class TestLiveMigration(base.GodwitTestCase):
         # It came over the hosts' own network, over TLS.
         with open(os.path.join(self.hosts['host2'].run_dir, server['id'],
                                'godwit.log')) as f:
-            self.assertIn('waiting for a migration on tcp:%s:' %
-                          self.hosts['host2'].addr, f.read())
+            log = f.read()
+        self.assertIn('waiting for a migration on tcp:%s:' %
+                      self.hosts['host2'].addr, log)
+        # Its memory was in place before it listened (live_migration_prefault).
+        self.assertIn('guest memory prefaulted: 256 MiB', log)
+        self.assertLess(log.index('guest memory prefaulted'),
+                        log.index('waiting for a migration'))
         if self.isolated:
             self.assertNotEqual('127.0.0.1', self.hosts['host2'].addr)
         # The console through Nova is now the destination's: the guest goes

@@ -50,6 +50,14 @@ godwit_opts = [
     cfg.IntOpt('live_migration_bandwidth', default=0, min=0,
                help='Cap on a live migration\'s bandwidth in MiB/s (godwit '
                     'migrate --max-bandwidth); 0: none.'),
+    cfg.BoolOpt('live_migration_prefault', default=False,
+                help='An arriving instance\'s godwit allocates and touches '
+                     'all of its memory before it listens (godwit run '
+                     '--prefault), so the migration does not pay for first '
+                     'touches (on hosts that hand free memory back to '
+                     'their hypervisor, most of a migration\'s time). The '
+                     'memory is committed when the destination is '
+                     'prepared; boot_timeout must cover touching it.'),
     cfg.IntOpt('live_migration_timeout', default=600, min=1,
                help='Seconds a live migration may take before it is '
                     'cancelled (the instance stays on the source).'),

@@ -64,6 +64,7 @@ class GodwitDriver(driver.ComputeDriver):
         self.downtime_ms = opts.live_migration_downtime_ms
         self.mode = opts.live_migration_mode
         self.bandwidth = opts.live_migration_bandwidth
+        self.prefault = opts.live_migration_prefault
         self.migration_timeout = opts.live_migration_timeout
         self.boot_timeout = opts.boot_timeout
         self.node_uuid = opts.node_uuid
@@ -513,6 +514,8 @@ class GodwitDriver(driver.ComputeDriver):
         argv = ['--incoming', 'tcp:%s:0' % self.inbound_addr,
                 '--memory', str(instance.flavor.memory_mb),
                 '--vcpus', str(instance.flavor.vcpus)]
+        if self.prefault:
+            argv.append('--prefault')
         targets = dict(migrate_data.target_mdevs
                        if 'target_mdevs' in migrate_data else {})
         if targets:
