@@ -290,12 +290,19 @@ fn prefault(a: &RunArgs, mib: u64) -> Result<godwit_vmm::memory::Prefaulted, Str
         .ok_or("--memory: the size overflows")?;
     let p = godwit_vmm::memory::Prefaulted::new(bytes).map_err(|e| format!("--prefault: {e}"))?;
     // Always said (as the line a destination waits on): asked for, it can take seconds.
-    let line = format!(
-        "godwit: guest memory prefaulted: {mib} MiB in {:.0} ms\n",
+    say(&format!(
+        "guest memory prefaulted: {mib} MiB in {:.0} ms",
         t.elapsed().as_secs_f64() * 1e3
-    );
-    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    ));
     Ok(p)
+}
+
+/// "godwit: `what`" on stderr in one write: whoever reads it for a line (a script, the
+/// demo, the tests, Nova's driver) never finds half of it (stderr is unbuffered, and
+/// eprintln! writes each piece of its format on its own).
+fn say(what: &str) {
+    let line = format!("godwit: {what}\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
 }
 
 /// Waits on `t` for a source and loads the VM it sends.
@@ -346,11 +353,7 @@ fn receive(
         api.set_incoming(&l.local().to_string());
     }
     if !t.is_file() {
-        // One write: whoever reads this line for the address (a script, the demo, the
-        // tests) never finds half of it (stderr is unbuffered; eprintln! writes each
-        // piece of its format on its own).
-        let line = format!("godwit: waiting for a migration on {}\n", l.local());
-        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+        say(&format!("waiting for a migration on {}", l.local()));
     }
     let host = Host {
         memory_mib: a.memory,
