@@ -151,6 +151,8 @@ struct Goal {
 struct BenchReport {
     bench: &'static str,
     runs: usize,
+    /// Destinations got their memory and VRAM before each migration (`--prefault`).
+    prefault: bool,
     downtime_limit_ms: u64,
     workloads: Value,
     skipped: Vec<String>,
@@ -257,6 +259,7 @@ fn one_run(
     w: &Workload,
     mode: Mode,
     limit: u64,
+    prefault: bool,
 ) -> Result<Sample, String> {
     let mut pair = Pair::new(dir, "")?;
     let (src_log, dst_log, sock, port) = (
@@ -266,7 +269,7 @@ fn one_run(
         pair.port,
     );
     let gd = gpu_dir.display().to_string();
-    pair.spawn(vec![
+    let mut dst = vec![
         "run".into(),
         "--incoming".into(),
         format!("tcp:127.0.0.1:{port}"),
@@ -274,7 +277,17 @@ fn one_run(
         gd.clone(),
         "--console".into(),
         format!("file:{}", dst_log.display()),
-    ])?;
+    ];
+    if prefault {
+        dst.extend([
+            "--memory".into(),
+            GUEST_MIB.to_string(),
+            "--gpu".into(),
+            prof.into(),
+            "--prefault".into(),
+        ]);
+    }
+    pair.spawn(dst)?;
     let mut src: Vec<String> = [
         "run",
         "--memory",
@@ -300,6 +313,10 @@ fn one_run(
     let procs = &mut pair.procs;
     wait_for("the source guest", STEADY_TIMEOUT, || {
         alive(procs).then(|| steady(&src_log))
+    })?;
+    // A prefaulting destination listens once its memory and VRAM are in place.
+    wait_for("the destination", STEADY_TIMEOUT, || {
+        alive(procs).then(|| crate::bench::listening(port))
     })?;
     // Let a busy GPU reach its steady state (a few SGD steps).
     std::thread::sleep(Duration::from_millis(500));
@@ -397,8 +414,16 @@ fn bench(a: GpuMigrateBenchArgs) -> Result<BenchReport, String> {
                 // Alternate which mode goes first.
                 for k in 0..modes.len() {
                     let m = (k + i) % modes.len();
-                    let s = one_run(&dir, &gpu_dir, p.name, w, modes[m], a.downtime_ms)
-                        .map_err(|e| format!("{} {} {}: {e}", p.name, w.name, modes[m].name()))?;
+                    let s = one_run(
+                        &dir,
+                        &gpu_dir,
+                        p.name,
+                        w,
+                        modes[m],
+                        a.downtime_ms,
+                        a.prefault,
+                    )
+                    .map_err(|e| format!("{} {} {}: {e}", p.name, w.name, modes[m].name()))?;
                     by_mode[m].push(s);
                     done += 1;
                     if !a.json {
@@ -472,6 +497,7 @@ fn bench(a: GpuMigrateBenchArgs) -> Result<BenchReport, String> {
     Ok(BenchReport {
         bench: "gpu-migrate",
         runs: a.runs,
+        prefault: a.prefault,
         downtime_limit_ms: a.downtime_ms,
         workloads: workloads
             .iter()
@@ -501,8 +527,14 @@ fn mmm(s: &Summary, digits: usize) -> String {
 
 fn print_table(r: &BenchReport) {
     println!(
-        "GPU live migration, downtime limit {} ms, {} runs per cell (min/median/max)",
-        r.downtime_limit_ms, r.runs
+        "GPU live migration, downtime limit {} ms, {} runs per cell (min/median/max){}",
+        r.downtime_limit_ms,
+        r.runs,
+        if r.prefault {
+            "; destinations prefaulted"
+        } else {
+            ""
+        }
     );
     for s in &r.skipped {
         println!("skipped {s}");

@@ -134,8 +134,9 @@ pub struct RunArgs {
     pub id: Option<String>,
     /// Attach a virtual GPU function of this profile (see `godwit gpu profiles`). With
     /// --incoming the profile comes from the source, and a free VF of it is leased from
-    /// this host's GPU manager (--gpu-dir).
-    #[arg(long, conflicts_with = "incoming")]
+    /// this host's GPU manager (--gpu-dir) when it arrives; --gpu then names the profile
+    /// the source must bring (and with --prefault, the VRAM readied for it).
+    #[arg(long)]
     pub gpu: Option<String>,
     /// Lease the GPU function on this GPU (numbered as in `gpu status`) instead of where
     /// the host's placement rule puts it: for a manager that chose the GPU (Nova with
@@ -149,9 +150,10 @@ pub struct RunArgs {
     /// 256 to 65536 entries, 16 bytes each). A host-local choice: both ends may differ.
     #[arg(long, default_value = "bitmap")]
     pub dirty_log: DirtyLogMode,
-    /// Allocate and touch all guest memory before the VM starts (with --incoming: before
-    /// waiting for the source, which needs --memory), so that neither the guest nor an
-    /// incoming migration pays for first touches later. Commits the memory up front.
+    /// Allocate and touch all guest memory, and the VRAM of a --gpu profile, before the
+    /// VM starts (with --incoming: before waiting for the source, which needs --memory;
+    /// the VRAM too with --gpu), so that neither the guest nor an incoming migration pays
+    /// for first touches later. Commits the memory up front.
     #[arg(long)]
     pub prefault: bool,
 }
@@ -402,6 +404,11 @@ pub struct GpuMigrateBenchArgs {
     /// More modes, each a side of its own (comma separated): postcopy, hybrid.
     #[arg(long, value_delimiter = ',')]
     pub modes: Vec<String>,
+    /// Every destination gets its guest memory and its VRAM, touched, before the
+    /// migration starts (`run --incoming --memory M --gpu PROFILE --prefault`): takes the
+    /// first touch of the host's memory out of the total time.
+    #[arg(long)]
+    pub prefault: bool,
 }
 
 #[derive(Args)]

@@ -110,6 +110,13 @@ pub fn run(a: RunArgs) -> ExitCode {
     if incoming.is_some() && !a.guest_args.is_empty() {
         return fail("guest arguments come from the source with --incoming");
     }
+    if let Some(p) = a.gpu.as_deref() {
+        if godwit_gpu::profile::profile(p).is_none() {
+            return fail(format!(
+                "--gpu: no profile {p:?} (`godwit gpu profiles` lists them)"
+            ));
+        }
+    }
     if a.prefault && incoming.is_some() && a.memory.is_none() {
         return fail(
             "--prefault with --incoming needs --memory: the memory is made before the source \
@@ -279,7 +286,8 @@ enum Pending {
     Incoming(Box<Incoming>),
 }
 
-/// `--prefault`: `mib` of guest memory, every page touched; nothing without the flag.
+/// `--prefault`: `mib` of guest memory, every page touched, and with `--gpu` the VRAM
+/// of its profile; nothing without the flag.
 fn prefault(a: &RunArgs, mib: u64) -> Result<godwit_vmm::memory::Prefaulted, String> {
     if !a.prefault {
         return Ok(Default::default());
@@ -292,6 +300,19 @@ fn prefault(a: &RunArgs, mib: u64) -> Result<godwit_vmm::memory::Prefaulted, Str
     // Always said (as the line a destination waits on): asked for, it can take seconds.
     say(&format!(
         "guest memory prefaulted: {mib} MiB in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    ));
+    let Some(profile) = a.gpu.as_deref().and_then(godwit_gpu::profile::profile) else {
+        return Ok(p);
+    };
+    let t = std::time::Instant::now();
+    let p = p
+        .with_vram(profile.framebuffer)
+        .map_err(|e| format!("--prefault: {e}"))?;
+    say(&format!(
+        "VRAM prefaulted: {} MiB ({}) in {:.0} ms",
+        profile.framebuffer / godwit_vmm::memory::MIB,
+        profile.name,
         t.elapsed().as_secs_f64() * 1e3
     ));
     Ok(p)
@@ -363,6 +384,7 @@ fn receive(
         name: vm_name(a),
         id: a.id.clone(),
         gpu_index: a.gpu_index,
+        gpu_profile: a.gpu.clone(),
         prefaulted,
     };
     let mut inc = godwit_migration::destination::receive_with(&l, &host, console, how)

@@ -53,6 +53,16 @@ fn bad_arguments() {
         1,
         "--prefault with --incoming needs --memory",
     );
+    for at in [
+        &["run", "--gpu", "GW8-3C"][..],
+        &["run", "--incoming", "tcp:127.0.0.1:0", "--gpu", "GW8-3C"],
+    ] {
+        fails_with(
+            at,
+            1,
+            "--gpu: no profile \"GW8-3C\" (`godwit gpu profiles` lists them)",
+        );
+    }
 }
 
 #[test]

@@ -1,9 +1,11 @@
 //! A destination that readies its memory before the source connects (`run --incoming
 //! --memory M --prefault`): the migration lays its pages on memory that is already
-//! there, and every page the guest reads is the source's.
+//! there, and every page the guest reads is the source's. With `--gpu PROFILE` the
+//! destination also readies that profile's VRAM, and takes only a source that brings it.
 
 mod common;
 
+use common::gpuhost::*;
 use common::mig::*;
 use common::*;
 use serde_json::Value;
@@ -97,4 +99,108 @@ fn a_prefaulted_destination_gives_its_memory_back_for_a_postcopy_from_the_start(
     );
     assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
     assert_verified(&mut dst, 16384);
+}
+
+/// A destination started with `--gpu PROFILE` takes only a source whose GPU function
+/// has that profile; with `--prefault` it readies the profile's VRAM before it listens.
+/// A GPU VM moved into such a destination in pre-copy, then on into another one in
+/// post-copy from the start (which gives the VRAM back first: every page of it comes
+/// through userfaultfd), checks out every region after each move.
+#[test]
+fn a_destination_readied_for_a_gpu_vm_takes_only_that_profile_and_its_vram() {
+    if !kvm_available() {
+        return;
+    }
+    let d = host("pf-gpu", 1, &[]);
+    let g = gpu_dir(&d);
+    let args = [
+        "--gpu",
+        "GW8-1C",
+        "--gpu-dir",
+        &g,
+        "gpu-dirtier",
+        "--",
+        "aperture=16",
+        "engine=16",
+        "dma=4",
+        "rate=48",
+        "seconds=0",
+        "verify-every=1",
+        "report-every=250",
+    ];
+    let mut cur = source(&d, "src", &args);
+    wait_log(&cur.log, "verify ok");
+
+    // Another profile than the source's: refused before anything stops.
+    let (mut other, addr) = destination(&d, "other", &["--gpu-dir", &g, "--gpu", "GW8-2C"]);
+    let (out, _) = migrate(&cur, &addr, &[]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let why = stderr(&out);
+    assert!(
+        why.contains("profile GW8-1C") && why.contains("--gpu GW8-2C"),
+        "{why}"
+    );
+    assert_ne!(exit_code(&mut other, LIMIT), 0);
+    gains(&cur.log, "verify ok", 1);
+
+    let ready = [
+        "--gpu-dir",
+        &g,
+        "--memory",
+        "256",
+        "--gpu",
+        "GW8-1C",
+        "--prefault",
+    ];
+    for (hop, mode) in [(1, "precopy"), (2, "postcopy")] {
+        let (next, addr) =
+            destination_with(&d, &format!("hop{hop}"), &ready, &[("GODWIT_LOG", "info")]);
+        let err = read(&next.err);
+        assert!(err.contains("VRAM prefaulted: 1024 MiB (GW8-1C)"), "{err}");
+        // Listening means the memory and the VRAM are in place.
+        let rss = resident_mib(&next);
+        assert!(
+            rss >= 1024 + 250,
+            "hop {hop}: the destination holds {rss} MiB before the source connects"
+        );
+        let (out, r) = migrate(&cur, &addr, &["--mode", mode, "--max-bandwidth", "64M"]);
+        assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+        assert_eq!(r["ran"], mode, "{r}");
+        if mode == "postcopy" {
+            assert_postcopy_whole(&r);
+            let p = &r["postcopy"];
+            let missing = p["missing_pages"]["gpu"].as_u64().unwrap();
+            let v = &p["destination"]["gpu"];
+            let placed = v["remote_faults"].as_u64().unwrap()
+                + v["prepaged"].as_u64().unwrap()
+                + v["fetched_ahead"].as_u64().unwrap();
+            assert!(missing > 0 && placed == missing, "{r}");
+            assert!(
+                read(&next.err).contains("prefaulted memory given back"),
+                "{}",
+                read(&next.err)
+            );
+        }
+        if mode == "precopy" {
+            assert!(
+                read(&next.err).contains("the GPU function's VRAM is the one prefaulted"),
+                "{}",
+                read(&next.err)
+            );
+        }
+        assert_eq!(exit_code(&mut cur, LIMIT), 0, "{}", read(&cur.err));
+        cur = next;
+        gains(&cur.log, "verify ok", 2);
+        assert!(
+            !read(&cur.log).contains("FAILED"),
+            "hop {hop}:\n{}",
+            read(&cur.log)
+        );
+    }
+    run(
+        &["shutdown", "--api-socket", cur.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    assert_eq!(exit_code(&mut cur, LIMIT), 0);
+    assert!(!read(&cur.log).contains("FAILED"), "{}", read(&cur.log));
 }

@@ -50,6 +50,25 @@ impl CpuBackend {
         })
     }
 
+    /// Allocates every page of VRAM now (zeros, as VRAM not yet written reads), so
+    /// that neither the guest nor an incoming migration pays for first touches later.
+    pub fn prefault(&self) -> std::io::Result<()> {
+        // SAFETY: the whole mapping made in `new` and owned by this struct; populating
+        // only allocates its pages, as the first write to each would, and changes no
+        // byte of what it holds.
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr as *mut libc::c_void,
+                self.len as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        match rc {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    }
+
     fn check(&self, offset: u64, len: u64) -> Result<usize, OutOfRange> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(offset as usize),

@@ -2,6 +2,8 @@
 //! 4 GiB) and the anonymous mappings that back it.
 
 use crate::error::{Error, Result};
+use godwit_gpu::backend::Backend;
+use godwit_gpu::cpu::CpuBackend;
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -109,28 +111,57 @@ pub fn create(bytes: u64) -> Result<GuestMemory> {
 pub const PAGE_SIZE: u64 = 4096;
 
 /// Guest memory made before its VM, every page touched once (Cloud Hypervisor's
-/// `prefault=on`, QEMU's `prealloc=on`). The first touch of a page costs the kernel's
-/// allocation and clearing, and on a host that hands free memory back to its own
-/// hypervisor (free page reporting, a balloon) a fault there as well: 5 to 15 times
-/// what reused memory costs (README, "Why the total time is bimodal"). A destination
-/// that knows the size pays it before the source connects, so the migration does not.
+/// `prefault=on`, QEMU's `prealloc=on`), and the VRAM of its GPU function when one is
+/// named. The first touch of a page costs the kernel's allocation and clearing, and on
+/// a host that hands free memory back to its own hypervisor (free page reporting, a
+/// balloon) a fault there as well: 5 to 15 times what reused memory costs (README,
+/// "Why the total time is bimodal"). A destination that knows the sizes pays it before
+/// the source connects, so the migration does not.
 ///
 /// Clones share one memory, which the first VM built on it takes: a second VM never
 /// sees what the first wrote (a destination takes the source's first pass to be laid
 /// on zeros).
 #[derive(Clone, Default)]
-pub struct Prefaulted(std::sync::Arc<std::sync::Mutex<Option<(u64, GuestMemory)>>>);
+pub struct Prefaulted(std::sync::Arc<std::sync::Mutex<Readied>>);
+
+#[derive(Default)]
+struct Readied {
+    ram: Option<(u64, GuestMemory)>,
+    vram: Option<CpuBackend>,
+}
 
 impl std::fmt::Debug for Prefaulted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let bytes = self
+        let (ram, vram) = self
             .0
             .lock()
-            .map(|g| g.as_ref().map(|(b, _)| *b))
-            .ok()
-            .flatten();
-        f.debug_tuple("Prefaulted").field(&bytes).finish()
+            .map(|g| {
+                (
+                    g.ram.as_ref().map(|(b, _)| *b),
+                    g.vram.as_ref().map(|v| v.vram_size()),
+                )
+            })
+            .unwrap_or_default();
+        f.debug_struct("Prefaulted")
+            .field("ram", &ram)
+            .field("vram", &vram)
+            .finish()
     }
+}
+
+/// Why touching `bytes` of `what` failed.
+fn populate_error(e: std::io::Error, what: &str, bytes: u64) -> Error {
+    Error::Memory(match e.raw_os_error() {
+        Some(libc::EINVAL) => format!(
+            "cannot prefault {what}: this kernel has no MADV_POPULATE_WRITE (Linux 5.14 or \
+             later)"
+        ),
+        Some(libc::ENOMEM) | Some(libc::EFAULT) => format!(
+            "cannot prefault {} MiB of {what}: the host is out of memory",
+            bytes / MIB
+        ),
+        _ => format!("cannot prefault {what}: {e}"),
+    })
 }
 
 impl Prefaulted {
@@ -153,39 +184,59 @@ impl Prefaulted {
             };
             if rc != 0 {
                 let e = std::io::Error::last_os_error();
-                return Err(Error::Memory(match e.raw_os_error() {
-                    Some(libc::EINVAL) => "cannot prefault guest memory: this kernel has no \
-                         MADV_POPULATE_WRITE (Linux 5.14 or later)"
-                        .to_string(),
-                    Some(libc::ENOMEM) | Some(libc::EFAULT) => format!(
-                        "cannot prefault {} MiB of guest memory: the host is out of memory",
-                        bytes / MIB
-                    ),
-                    _ => format!("cannot prefault guest memory: {e}"),
-                }));
+                return Err(populate_error(e, "guest memory", bytes));
             }
         }
+        let ready = Readied {
+            ram: Some((bytes, mem)),
+            vram: None,
+        };
         Ok(Prefaulted(std::sync::Arc::new(std::sync::Mutex::new(
-            Some((bytes, mem)),
+            ready,
         ))))
     }
 
-    /// Unmaps the memory now (its pages go back to the host, recently used): whether
-    /// there was any.
+    /// Also maps `bytes` of VRAM for the VM's GPU function and touches every page.
+    pub fn with_vram(self, bytes: u64) -> Result<Prefaulted> {
+        let vram = CpuBackend::new(bytes).map_err(|e| Error::Gpu(format!("VRAM: {e}")))?;
+        vram.prefault()
+            .map_err(|e| populate_error(e, "VRAM", bytes))?;
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).vram = Some(vram);
+        Ok(self)
+    }
+
+    /// Unmaps the memory and VRAM now (their pages go back to the host, recently
+    /// used): whether there was any.
     pub fn release(&self) -> bool {
-        let mem = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        mem.is_some()
+        let mut r = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (ram, vram) = (r.ram.take(), r.vram.take());
+        ram.is_some() || vram.is_some()
     }
 
     /// The memory, for a VM of `bytes`: None when there is none (or it was taken).
     pub fn take(&self, bytes: u64) -> Result<Option<GuestMemory>> {
-        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match slot.take() {
+        let mut r = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match r.ram.take() {
             None => Ok(None),
             Some((b, mem)) if b == bytes => Ok(Some(mem)),
             Some((b, _)) => Err(Error::Config(format!(
                 "the memory was prefaulted for {} MiB, the VM has {} MiB",
                 b / MIB,
+                bytes / MIB
+            ))),
+        }
+    }
+
+    /// The VRAM, for a GPU function of `bytes`: None when there is none (or it was
+    /// taken).
+    pub fn take_vram(&self, bytes: u64) -> Result<Option<CpuBackend>> {
+        let mut r = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match r.vram.take() {
+            None => Ok(None),
+            Some(v) if v.vram_size() == bytes => Ok(Some(v)),
+            Some(v) => Err(Error::Config(format!(
+                "the VRAM was prefaulted for {} MiB, the GPU function has {} MiB",
+                v.vram_size() / MIB,
                 bytes / MIB
             ))),
         }
@@ -242,6 +293,33 @@ mod tests {
         let third = Prefaulted::new(16 * MIB).unwrap();
         assert!(third.release());
         assert!(third.take(16 * MIB).unwrap().is_none(), "given back");
+    }
+
+    #[test]
+    fn prefaulted_vram_is_populated_taken_once_and_given_back_with_the_memory() {
+        let p = Prefaulted::new(16 * MIB)
+            .unwrap()
+            .with_vram(8 * MIB)
+            .unwrap();
+        assert!(p.take_vram(4 * MIB).is_err(), "another size is refused");
+        let p = Prefaulted::new(16 * MIB)
+            .unwrap()
+            .with_vram(8 * MIB)
+            .unwrap();
+        let vram = p.take_vram(8 * MIB).unwrap().expect("the VRAM");
+        let ap = vram.aperture().expect("a CPU backend maps its VRAM");
+        let pages = crate::pagemap::populated(ap.host, ap.len).expect("pagemap");
+        let n: u32 = pages.iter().map(|w| w.count_ones()).sum();
+        assert_eq!(u64::from(n), 8 * MIB / PAGE_SIZE, "every page is in");
+        assert!(p.take_vram(8 * MIB).unwrap().is_none(), "taken once");
+        assert!(p.take(16 * MIB).unwrap().is_some(), "the memory stays");
+        let both = Prefaulted::new(16 * MIB)
+            .unwrap()
+            .with_vram(8 * MIB)
+            .unwrap();
+        assert!(both.release());
+        assert!(both.take(16 * MIB).unwrap().is_none());
+        assert!(both.take_vram(8 * MIB).unwrap().is_none(), "given back too");
     }
 
     #[test]

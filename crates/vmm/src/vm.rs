@@ -202,6 +202,7 @@ impl Vm {
                         ram_end,
                         ctl: &ctl,
                         dirty: &mut dirty,
+                        prefaulted: &cfg.prefaulted,
                     },
                 )?;
                 mmio.insert(gpu::REGS_BASE, godwit_gpu::abi::REGS_SIZE, regs)

@@ -55,9 +55,11 @@ class TestLiveMigration(base.GodwitTestCase):
             log = f.read()
         self.assertIn('waiting for a migration on tcp:%s:' %
                       self.hosts['host2'].addr, log)
-        # Its memory was in place before it listened (live_migration_prefault).
+        # Its memory and its VRAM were in place before it listened
+        # (live_migration_prefault).
         self.assertIn('guest memory prefaulted: 256 MiB', log)
-        self.assertLess(log.index('guest memory prefaulted'),
+        self.assertIn('VRAM prefaulted: 1024 MiB (GW8-1C)', log)
+        self.assertLess(log.index('VRAM prefaulted'),
                         log.index('waiting for a migration'))
         if self.isolated:
             self.assertNotEqual('127.0.0.1', self.hosts['host2'].addr)

@@ -133,6 +133,8 @@ pub struct Slots<'a> {
     pub ctl: &'a Arc<Control>,
     /// The VM's memory slots (the aperture becomes one).
     pub dirty: &'a mut DirtyLog,
+    /// VRAM readied beforehand (`--prefault`), taken if there is some.
+    pub prefaulted: &'a crate::memory::Prefaulted,
 }
 
 /// A built device and what the caller plugs into its buses.
@@ -158,7 +160,13 @@ pub fn attach(req: &GpuRequest, at: Slots) -> Result<Parts> {
             at.ram_end.div_ceil(GIB)
         )));
     }
-    let backend = CpuBackend::new(fb).map_err(|e| Error::Gpu(format!("VRAM: {e}")))?;
+    let backend = match at.prefaulted.take_vram(fb)? {
+        Some(b) => {
+            tracing::info!("the GPU function's VRAM is the one prefaulted");
+            b
+        }
+        None => CpuBackend::new(fb).map_err(|e| Error::Gpu(format!("VRAM: {e}")))?,
+    };
     let ap = godwit_gpu::backend::Backend::aperture(&backend)
         .ok_or_else(|| Error::Gpu("the backend cannot map VRAM into the guest".into()))?;
     let slot = Slot {

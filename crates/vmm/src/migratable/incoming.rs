@@ -26,7 +26,11 @@ pub struct Host {
     pub id: Option<String>,
     /// The GPU (by index) its GPU function must be leased on, if a manager chose one.
     pub gpu_index: Option<usize>,
-    /// Memory readied before the source connected (`--memory` with `--prefault`).
+    /// The GPU profile the user said the source must bring (`--gpu` with `--incoming`;
+    /// unset: whatever it brings, or none).
+    pub gpu_profile: Option<String>,
+    /// Memory (and VRAM) readied before the source connected (`--memory`, and `--gpu`,
+    /// with `--prefault`).
     pub prefaulted: crate::memory::Prefaulted,
 }
 
@@ -85,18 +89,34 @@ pub fn config(
         "linux" => GuestKind::Linux,
         k => return Err(format!("the source runs a guest of unknown kind {k:?}")),
     };
-    let gpu = match sections.iter().any(|s| s.name == "gpu") {
+    let profile = match sections.iter().any(|s| s.name == "gpu") {
         false => None,
-        true => Some(GpuRequest {
-            profile: need(sections, "gpu", "profile")?.to_string(),
-            manager_dir: host
-                .gpu_dir
-                .clone()
-                .unwrap_or_else(godwit_gpu::Manager::default_dir),
-            vm_name: host.name.clone(),
-            gpu_index: host.gpu_index,
-        }),
+        true => Some(need(sections, "gpu", "profile")?),
     };
+    match (profile, host.gpu_profile.as_deref()) {
+        (Some(theirs), Some(ours)) if theirs != ours => {
+            return Err(format!(
+                "the source VM has a GPU function of profile {theirs}, this destination was \
+                 started with --gpu {ours}"
+            ))
+        }
+        (None, Some(ours)) => {
+            return Err(format!(
+                "the source VM has no GPU function, this destination was started with --gpu \
+                 {ours}"
+            ))
+        }
+        _ => {}
+    }
+    let gpu = profile.map(|profile| GpuRequest {
+        profile: profile.to_string(),
+        manager_dir: host
+            .gpu_dir
+            .clone()
+            .unwrap_or_else(godwit_gpu::Manager::default_dir),
+        vm_name: host.name.clone(),
+        gpu_index: host.gpu_index,
+    });
     let cfg = VmConfig {
         memory_mib,
         vcpus,
@@ -172,6 +192,31 @@ mod tests {
             .err()
             .unwrap()
             .contains("fpga"));
+    }
+
+    #[test]
+    fn a_destination_started_with_a_gpu_profile_takes_only_that_one() {
+        let host = |p: &str| Host {
+            gpu_profile: Some(p.into()),
+            ..Default::default()
+        };
+        let c = config(&sections("512"), "g", &host("GW8-2C"), Console::Null).unwrap();
+        assert_eq!(c.gpu.unwrap().profile, "GW8-2C");
+        let e = config(&sections("512"), "g", &host("GW8-1C"), Console::Null)
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("profile GW8-2C") && e.contains("--gpu GW8-1C"),
+            "{e}"
+        );
+        let no_gpu: Vec<Section> = sections("512")
+            .into_iter()
+            .filter(|s| s.name != "gpu")
+            .collect();
+        let e = config(&no_gpu, "g", &host("GW8-2C"), Console::Null)
+            .err()
+            .unwrap();
+        assert!(e.contains("no GPU function"), "{e}");
     }
 
     #[test]

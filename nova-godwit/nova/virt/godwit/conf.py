@@ -52,9 +52,10 @@ godwit_opts = [
                     'migrate --max-bandwidth); 0: none.'),
     cfg.BoolOpt('live_migration_prefault', default=False,
                 help='An arriving instance\'s godwit allocates and touches '
-                     'all of its memory before it listens (godwit run '
-                     '--prefault), so the migration does not pay for first '
-                     'touches (on hosts that hand free memory back to '
+                     'all of its memory, and its GPU function\'s VRAM, '
+                     'before it listens (godwit run --prefault), so the '
+                     'migration does not pay for first touches (on hosts '
+                     'that hand free memory back to '
                      'their hypervisor, most of a migration\'s time). The '
                      'memory is committed when the destination is '
                      'prepared; boot_timeout must cover touching it.'),

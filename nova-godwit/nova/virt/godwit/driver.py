@@ -506,7 +506,8 @@ class GodwitDriver(driver.ComputeDriver):
     def pre_live_migration(self, context, instance, block_device_info,
                            network_info, disk_info, migrate_data):
         """Starts the godwit that receives the instance; its GPU function is
-        leased on the GPU Placement chose when the source's VM arrives."""
+        leased on the GPU Placement chose when the source's VM arrives, of the
+        profile the source's has (any other is refused)."""
         cfg = {'name': instance.name, 'guest': None, 'args': [],
                'memory_mb': instance.flavor.memory_mb,
                'vcpus': instance.flavor.vcpus,
@@ -522,7 +523,10 @@ class GodwitDriver(driver.ComputeDriver):
             (src_gpu, dst_gpu), = targets.items()
             cfg['gpu_profile'] = migrate_data.source_mdev_types[src_gpu]
             cfg['gpu_index'] = int(dst_gpu[len('gpu'):])
-            argv += ['--gpu-index', str(cfg['gpu_index'])]
+            # The profile too: godwit refuses a source that brings another,
+            # and with --prefault readies that profile's VRAM.
+            argv += ['--gpu', cfg['gpu_profile'],
+                     '--gpu-index', str(cfg['gpu_index'])]
         cfg['guest'], cfg['args'] = self._guest(context, instance)
         self._save_config(instance, cfg)
         argv += (['--tls-dir', self.tls_dir] if self.tls_dir
