@@ -93,7 +93,7 @@ pub fn list(dir: &Path, json: bool) -> ExitCode {
     let socks = match sockets(dir) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("godwit: list {}: {e}", dir.display());
+            crate::stderr::say(&format!("list {}: {e}", dir.display()));
             return ExitCode::FAILURE;
         }
     };

@@ -13,6 +13,7 @@ mod list;
 mod migrate;
 mod run;
 mod signals;
+mod stderr;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -1,6 +1,7 @@
 //! `godwit run` and the API client commands.
 
 use crate::cli::{GuestsCmd, RunArgs};
+use crate::stderr::say;
 use godwit_migration::api::MigrationApi;
 use godwit_migration::destination::RestoreMode;
 use godwit_migration::{Host, Incoming, Listener, Target};
@@ -20,7 +21,7 @@ pub const EXIT_GUEST_CRASH: u8 = 125;
 pub const EXIT_VMM_ERROR: u8 = 1;
 
 pub fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("godwit: error: {msg}");
+    say(&format!("error: {msg}"));
     ExitCode::from(EXIT_VMM_ERROR)
 }
 
@@ -254,16 +255,16 @@ pub fn run(a: RunArgs) -> ExitCode {
         VmExit::Guest(code) => ExitCode::from(code as u8),
         VmExit::Shutdown => ExitCode::SUCCESS,
         VmExit::Migrated(to) => {
-            eprintln!("godwit: the VM moved to {to}");
+            say(&format!("the VM moved to {to}"));
             ExitCode::SUCCESS
         }
         VmExit::Crash(m) => {
-            eprintln!("godwit: guest crashed: {m}");
+            say(&format!("guest crashed: {m}"));
             ExitCode::from(EXIT_GUEST_CRASH)
         }
         VmExit::Error(m) => fail(m),
         VmExit::Signal(s) => {
-            eprintln!("godwit: stopped by {}", crate::signals::name(s));
+            say(&format!("stopped by {}", crate::signals::name(s)));
             ExitCode::from((128 + s) as u8)
         }
     }
@@ -316,14 +317,6 @@ fn prefault(a: &RunArgs, mib: u64) -> Result<godwit_vmm::memory::Prefaulted, Str
         t.elapsed().as_secs_f64() * 1e3
     ));
     Ok(p)
-}
-
-/// "godwit: `what`" on stderr in one write: whoever reads it for a line (a script, the
-/// demo, the tests, Nova's driver) never finds half of it (stderr is unbuffered, and
-/// eprintln! writes each piece of its format on its own).
-fn say(what: &str) {
-    let line = format!("godwit: {what}\n");
-    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
 }
 
 /// Waits on `t` for a source and loads the VM it sends.

@@ -4,6 +4,7 @@
 //! removed, the reason is said, and the exit status is 128 + the signal's number, as a
 //! shell reports a process killed by it.
 
+use crate::stderr::say;
 use godwit_migration::Status;
 use godwit_vmm::{VmExit, VmHandle};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -41,7 +42,7 @@ impl Stopper {
     fn stop(&self, sig: i32) {
         let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some((h, status)) = vm else {
-            eprintln!("godwit: {}: stopping before the VM exists", name(sig));
+            say(&format!("{}: stopping before the VM exists", name(sig)));
             for p in self.files.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                 let _ = std::fs::remove_file(p);
             }
@@ -50,7 +51,7 @@ impl Stopper {
         if status.active.load(std::sync::atomic::Ordering::SeqCst) {
             match status.request_cancel(Duration::from_secs(1)) {
                 Ok(()) => {
-                    eprintln!("godwit: {}: cancelling the migration", name(sig));
+                    say(&format!("{}: cancelling the migration", name(sig)));
                     // Its end resumes the VM; the stop below follows it.
                     for _ in 0..500 {
                         if !status.active.load(std::sync::atomic::Ordering::SeqCst) {
@@ -60,12 +61,12 @@ impl Stopper {
                     }
                 }
                 Err(m) => {
-                    eprintln!("godwit: {}: not stopping: {m}", name(sig));
+                    say(&format!("{}: not stopping: {m}", name(sig)));
                     return;
                 }
             }
         }
-        eprintln!("godwit: {}: stopping the VM", name(sig));
+        say(&format!("{}: stopping the VM", name(sig)));
         h.ctl.request_exit(VmExit::Signal(sig));
     }
 }

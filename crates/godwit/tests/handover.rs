@@ -318,6 +318,74 @@ fn signals_end_godwit_cleanly() {
     assert!(!src.sock.exists());
 }
 
+/// A godwit whose stderr nobody reads any more (a manager that started it and went
+/// away, a pipe whose reader exited) still ends on a signal: what it would say is lost,
+/// not the stop. A destination still waiting and a running VM, each after the reader of
+/// its stderr closed it.
+#[test]
+fn a_signal_ends_godwit_when_nobody_reads_its_stderr() {
+    if !kvm_available() {
+        return;
+    }
+    use std::io::BufRead;
+    let dir = TempDir::new("handover-deaf");
+    let incoming = dir.path("in.sock");
+    for (what, args, line) in [
+        (
+            "a waiting destination",
+            vec![
+                "run".to_string(),
+                "--incoming".into(),
+                format!("unix:{}", incoming.display()),
+            ],
+            "waiting for a migration",
+        ),
+        (
+            "a running VM",
+            vec![
+                "run".to_string(),
+                "--prefault".into(),
+                "heartbeat".into(),
+                "--".into(),
+                "period=20".into(),
+                "count=0".into(),
+            ],
+            "guest memory prefaulted",
+        ),
+    ] {
+        let mut child = Reaper(
+            godwit()
+                .args(&args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn godwit"),
+        );
+        let mut err = std::io::BufReader::new(child.0.stderr.take().unwrap());
+        let mut said = String::new();
+        while !said.contains(line) {
+            let mut l = String::new();
+            assert!(err.read_line(&mut l).unwrap() > 0, "{what}: {said}");
+            said += &l;
+        }
+        drop(err);
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: kill(2) on a child this test spawned and still reaps.
+        assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
+        let status = wait_for(LIMIT, || child.0.try_wait().unwrap());
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(128 + libc::SIGTERM),
+            "{what}: {said}"
+        );
+    }
+    assert!(
+        !incoming.exists(),
+        "the destination's socket was left behind"
+    );
+}
+
 /// A paused VM arrives paused (and resumes there on demand).
 #[test]
 fn a_paused_vm_arrives_paused() {
