@@ -153,11 +153,11 @@ fn boot(a: BootBenchArgs) -> Result<BootReport, String> {
             q.push(time_to_banner(qemu_cmd())?);
         }
         if !a.json {
-            eprint!("\rrun {}/{}", i + 1, a.runs);
+            crate::output::progress(&format!("\rrun {}/{}", i + 1, a.runs));
         }
     }
     if !a.json {
-        eprintln!();
+        crate::output::progress("\n");
     }
     let _ = std::fs::remove_dir_all(&dir);
     let gs = summary(&g);
@@ -402,30 +402,35 @@ pub fn bench(cmd: BenchCmd) -> ExitCode {
             let json = a.json;
             match boot(a) {
                 Ok(r) if json => {
-                    println!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
+                    outln!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
                     ExitCode::SUCCESS
                 }
                 Ok(r) => {
-                    println!("time from process start to the guest's first console line ({} runs, {} MiB):", r.runs, r.memory_mib);
-                    println!(
+                    outln!("time from process start to the guest's first console line ({} runs, {} MiB):", r.runs, r.memory_mib);
+                    outln!(
                         "{:<8} {:>10} {:>10} {:>10}",
-                        "", "min ms", "median ms", "max ms"
+                        "",
+                        "min ms",
+                        "median ms",
+                        "max ms"
                     );
                     let row = |n: &str, s: &Summary| {
-                        println!("{n:<8} {:>10.1} {:>10.1} {:>10.1}", s.min, s.median, s.max)
+                        outln!("{n:<8} {:>10.1} {:>10.1} {:>10.1}", s.min, s.median, s.max)
                     };
                     row("godwit", &r.godwit_ms);
                     if let (Some(q), Some(ratio)) = (&r.qemu_ms, &r.qemu_over_godwit) {
                         row("qemu", q);
-                        println!(
+                        outln!(
                             "qemu/godwit: median {:.0}x (min {:.0}x, max {:.0}x)",
-                            ratio.median, ratio.min, ratio.max
+                            ratio.median,
+                            ratio.min,
+                            ratio.max
                         );
                     }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("godwit: bench boot: {e}");
+                    crate::output::say(&format!("bench boot: {e}"));
                     ExitCode::from(1)
                 }
             }

@@ -251,14 +251,19 @@ fn bench(a: &GpuBenchArgs) -> Result<Value, String> {
 pub fn run(a: GpuBenchArgs) -> ExitCode {
     match bench(&a) {
         Ok(v) if a.json => {
-            println!("{}", serde_json::to_string_pretty(&v).expect("plain data"));
+            outln!("{}", serde_json::to_string_pretty(&v).expect("plain data"));
             ExitCode::SUCCESS
         }
         Ok(v) => {
-            println!("virtual GPU ({PROFILE}, cpu backend), measured in the guest; host-native reference in the same run");
-            println!(
+            outln!("virtual GPU ({PROFILE}, cpu backend), measured in the guest; host-native reference in the same run");
+            outln!(
                 "{:<28} {:>8} {:>10} {:>10} {:>10} {:>12}",
-                "", "unit", "min", "median", "max", "host median"
+                "",
+                "unit",
+                "min",
+                "median",
+                "max",
+                "host median"
             );
             let host = &v["host_native"];
             for (k, base) in [
@@ -273,7 +278,7 @@ pub fn run(a: GpuBenchArgs) -> ExitCode {
                 ("fill_4m_wait_irq", ""),
             ] {
                 let g = &v["guest"][k];
-                println!(
+                outln!(
                     "{:<28} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>12}",
                     k,
                     g["unit"].as_str().unwrap_or(""),
@@ -299,7 +304,7 @@ pub fn run(a: GpuBenchArgs) -> ExitCode {
                         )
                     })
                     .collect();
-                println!(
+                outln!(
                     "two busy VFs, {:<12} {} (engine busy {:.1}%; expected: {})",
                     s["policy"].as_str().unwrap_or(""),
                     parts.join(", "),
@@ -310,7 +315,7 @@ pub fn run(a: GpuBenchArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("godwit: bench gpu: {e}");
+            crate::output::say(&format!("bench gpu: {e}"));
             ExitCode::from(1)
         }
     }

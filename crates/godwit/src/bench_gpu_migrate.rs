@@ -427,7 +427,7 @@ fn bench(a: GpuMigrateBenchArgs) -> Result<BenchReport, String> {
                     by_mode[m].push(s);
                     done += 1;
                     if !a.json {
-                        eprint!("\rrun {done}/{total}");
+                        crate::output::progress(&format!("\rrun {done}/{total}"));
                     }
                 }
             }
@@ -468,7 +468,7 @@ fn bench(a: GpuMigrateBenchArgs) -> Result<BenchReport, String> {
         }
     }
     if !a.json {
-        eprintln!();
+        crate::output::progress("\n");
     }
     let _ = std::fs::remove_dir_all(&dir);
     let busy: Vec<&Cell> = cells.iter().filter(|c| c.workload == "busy").collect();
@@ -526,7 +526,7 @@ fn mmm(s: &Summary, digits: usize) -> String {
 }
 
 fn print_table(r: &BenchReport) {
-    println!(
+    outln!(
         "GPU live migration, downtime limit {} ms, {} runs per cell (min/median/max){}",
         r.downtime_limit_ms,
         r.runs,
@@ -537,9 +537,9 @@ fn print_table(r: &BenchReport) {
         }
     );
     for s in &r.skipped {
-        println!("skipped {s}");
+        outln!("skipped {s}");
     }
-    println!(
+    outln!(
         "{:<8} {:<5} {:<10} {:>20} {:>18} {:>18} {:>14} {:>16} {:>9} {:>10}",
         "profile",
         "load",
@@ -560,7 +560,7 @@ fn print_table(r: &BenchReport) {
                 most(|x| x.gpu_throttle_pct),
                 most(|x| x.vcpu_throttle_pct)
             );
-            println!(
+            outln!(
                 "{:<8} {:<5} {:<10} {:>20} {:>18} {:>18} {:>14} {:>16} {:>9} {:>10}",
                 c.profile,
                 c.workload,
@@ -589,11 +589,11 @@ fn print_table(r: &BenchReport) {
         }
     }
     let g = &r.goal;
-    println!(
+    outln!(
         "goal (busy GPU: median downtime <= 10 ms at every size, largest/smallest <= 1.5, no run > 50 ms, total <= 2x sending the touched VRAM once): {}",
         if g.met { "met" } else { "not met" }
     );
-    println!(
+    outln!(
         "  busy median downtime {:?}, largest/smallest {:?}, runs above 50 ms {}, total/once {:?}",
         g.busy_median_downtime_ms,
         g.busy_largest_over_smallest,
@@ -607,14 +607,14 @@ pub fn run(a: GpuMigrateBenchArgs) -> ExitCode {
     match bench(a) {
         Ok(r) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
+                outln!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
             } else {
                 print_table(&r);
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("godwit: bench gpu-migrate: {e}");
+            crate::output::say(&format!("bench gpu-migrate: {e}"));
             ExitCode::from(1)
         }
     }

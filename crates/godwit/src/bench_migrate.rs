@@ -583,12 +583,12 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                     variants.len() + usize::from(qemu.is_some()) + usize::from(qemu_postcopy);
                 for i in 0..runs {
                     if !a.json {
-                        eprint!(
+                        crate::output::progress(&format!(
                             "\rcell {}/{total}: {mem} MiB, {}, {limit} ms, run {}/{runs}   ",
                             cells.len() + 1,
                             w.name,
                             i + 1
-                        );
+                        ));
                     }
                     // Rotate which side goes first, against drift in the host's state,
                     // and on from cell to cell: the first run of a cell inherits the
@@ -725,7 +725,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
         }
     }
     if !a.json {
-        eprintln!();
+        crate::output::progress("\n");
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(BenchReport {
@@ -739,7 +739,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
 }
 
 fn print_table(r: &BenchReport) {
-    println!(
+    outln!(
         "live migration over TCP loopback, dirtier guest, {} run(s) per cell; min/median/max{}",
         r.runs,
         if r.prefault {
@@ -748,7 +748,7 @@ fn print_table(r: &BenchReport) {
             ""
         }
     );
-    println!(
+    outln!(
         "{:>6} {:>9} {:>6} {:>12} | {:>20} {:>20} {:>20} {:>9} {:>12}",
         "MiB",
         "workload",
@@ -765,7 +765,7 @@ fn print_table(r: &BenchReport) {
     let med = |x: &Value, k: &str| x[k]["median"].as_f64().unwrap_or(f64::NAN);
     for c in &r.cells {
         let row = |name: &str, s: &Side| {
-            println!(
+            outln!(
                 "{:>6} {:>9} {:>6} {:>12} | {:>20} {:>20} {:>20} {:>9.0} {:>12}",
                 c.memory_mib,
                 c.workload,
@@ -799,7 +799,7 @@ fn print_table(r: &BenchReport) {
             );
             row(&name, &alt.side);
             let x = &alt.first_over_this;
-            println!(
+            outln!(
                 "{:>38} {}/{} medians: total {:.2}x, downtime {:.2}x, guest gap {:.2}x, bytes {:.2}x",
                 "",
                 c.godwit_dirty_log,
@@ -829,7 +829,7 @@ fn print_table(r: &BenchReport) {
             }
         }
         if let Some(x) = &c.qemu_over_godwit {
-            println!(
+            outln!(
                 "{:>38} qemu/godwit medians: total {:.2}x, downtime {:.2}x, guest gap {:.2}x, bytes {:.2}x{}",
                 "",
                 med(x, "total_ms"),
@@ -851,14 +851,14 @@ pub fn run(a: MigrateBenchArgs) -> ExitCode {
     match bench(a) {
         Ok(r) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
+                outln!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
             } else {
                 print_table(&r);
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("godwit: bench migrate: {e}");
+            crate::output::say(&format!("bench migrate: {e}"));
             ExitCode::from(1)
         }
     }

@@ -243,11 +243,11 @@ fn bench(a: RestoreBenchArgs) -> Result<Report, String> {
                     stop(c);
                 }
                 if !a.json {
-                    eprint!("\r{mem} MiB: run {}/{}", i + 1, a.runs);
+                    crate::output::progress(&format!("\r{mem} MiB: run {}/{}", i + 1, a.runs));
                 }
             }
             if !a.json {
-                eprintln!();
+                crate::output::progress("\n");
             }
             let side = |v: Vec<f64>, whole: Option<Vec<f64>>| Side {
                 first_line_ms: summary(&v),
@@ -288,17 +288,22 @@ fn bench(a: RestoreBenchArgs) -> Result<Report, String> {
 
 fn print_table(r: &Report) {
     let s = |x: &Summary| format!("{:.1}/{:.1}/{:.1}", x.min, x.median, x.max);
-    println!(
+    outln!(
         "restore to the guest's first line, ms (min/median/max), {} runs; the guest's data is \
          half its RAM",
         r.runs
     );
-    println!(
+    outln!(
         "{:>8} {:>20} {:>20} {:>20} {:>20} {:>6}",
-        "MiB", "godwit eager", "godwit lazy", "lazy: all in", "QEMU", "<10ms"
+        "MiB",
+        "godwit eager",
+        "godwit lazy",
+        "lazy: all in",
+        "QEMU",
+        "<10ms"
     );
     for c in &r.cells {
-        println!(
+        outln!(
             "{:>8} {:>20} {:>20} {:>20} {:>20} {:>6}",
             c.memory_mib,
             s(&c.godwit_eager.first_line_ms),
@@ -317,7 +322,7 @@ pub fn run(a: RestoreBenchArgs) -> ExitCode {
     let json = a.json;
     match bench(a) {
         Ok(r) if json => {
-            println!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
+            outln!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
             ExitCode::SUCCESS
         }
         Ok(r) => {
@@ -325,7 +330,7 @@ pub fn run(a: RestoreBenchArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("godwit: bench restore: {e}");
+            crate::output::say(&format!("bench restore: {e}"));
             ExitCode::FAILURE
         }
     }

@@ -77,7 +77,7 @@ fn demo(a: &DemoArgs) -> Result<bool, String> {
         format!("grid={}", a.grid),
         "tol-exp=10".into(),
     ];
-    println!(
+    outln!(
         "godwit demo: a VM with a {} virtual GPU function trains a Jacobi solver on its GPU\n\
          (gpu-train, grid {}x{}) and is live-migrated mid-training to a second godwit process.\n\
          GPU host: {gd}; logs: {}\n",
@@ -102,7 +102,7 @@ fn demo(a: &DemoArgs) -> Result<bool, String> {
     })
     .map_err(|e| format!("{e}\n{}", read(&p("reference.err"))))?;
     let _ = r.wait();
-    println!(
+    outln!(
         "[1/4] reference run, not migrated: converged iterations={} hash={} ({:.1} s)",
         reference.0,
         reference.1,
@@ -140,7 +140,7 @@ fn demo(a: &DemoArgs) -> Result<bool, String> {
         .spawn()
         .map_err(|e| format!("cannot start the source VM: {e}"))?;
     kids.0.push(src);
-    println!(
+    outln!(
         "[2/4] source VM (pid {}) training; destination (pid {}) waiting on {addr}",
         kids.0[1].id(),
         kids.0[0].id()
@@ -152,10 +152,10 @@ fn demo(a: &DemoArgs) -> Result<bool, String> {
             .map(String::from)
     })
     .map_err(|e| format!("{e}\n{}", read(&p("source.err"))))?;
-    println!("      source guest: {progress}");
+    outln!("      source guest: {progress}");
 
     // 3. The live migration, with its progress and report.
-    println!(
+    outln!(
         "[3/4] live migration to {addr}, downtime limit {} ms:",
         a.downtime_ms
     );
@@ -186,13 +186,14 @@ fn demo(a: &DemoArgs) -> Result<bool, String> {
         .next()
         .unwrap_or_default()
         .to_string();
-    println!("[4/4] destination guest, first line: {resumed}");
-    println!(
+    outln!("[4/4] destination guest, first line: {resumed}");
+    outln!(
         "      destination guest: converged iterations={} hash={}",
-        arrived.0, arrived.1
+        arrived.0,
+        arrived.1
     );
     let same = arrived == reference;
-    println!(
+    outln!(
         "\nresult: {}",
         if same {
             "the migrated training ended with the same iteration count and hash as the run that was never moved"

@@ -22,22 +22,25 @@ fn run(cmd: GpuCmd) -> Result<(), String> {
         GpuCmd::Profiles { json } => {
             if json {
                 let v = serde_json::json!({ "models": MODELS, "profiles": PROFILES });
-                println!("{}", serde_json::to_string_pretty(&v).expect("plain data"));
+                outln!("{}", serde_json::to_string_pretty(&v).expect("plain data"));
                 return Ok(());
             }
             for m in MODELS {
-                println!(
+                outln!(
                     "model {}: {:.0} GiB VRAM, one engine time-sliced among its VFs",
                     m.name,
                     m.vram as f64 / GIB
                 );
             }
-            println!(
+            outln!(
                 "{:<10} {:>8} {:>14} {:>12}",
-                "PROFILE", "VRAM", "MAX PER GPU", "FIXED SHARE"
+                "PROFILE",
+                "VRAM",
+                "MAX PER GPU",
+                "FIXED SHARE"
             );
             for p in PROFILES {
-                println!(
+                outln!(
                     "{:<10} {:>6.0}Gi {:>14} {:>11.1}%",
                     p.name,
                     p.framebuffer as f64 / GIB,
@@ -51,16 +54,16 @@ fn run(cmd: GpuCmd) -> Result<(), String> {
             let m = Manager::open(&dir.dir()).map_err(|e| e.to_string())?;
             let st = m.status().map_err(|e| e.to_string())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&st).expect("plain data"));
+                outln!("{}", serde_json::to_string_pretty(&st).expect("plain data"));
                 return Ok(());
             }
-            println!(
+            outln!(
                 "GPU manager: {} (placement {:?})",
                 dir.dir().display(),
                 m.config().placement
             );
             for g in st {
-                println!(
+                outln!(
                     "gpu{} {} policy={} profile={} VRAM {:.1}/{:.0} GiB allocated, {} VF(s)",
                     g.id,
                     g.model,
@@ -71,14 +74,14 @@ fn run(cmd: GpuCmd) -> Result<(), String> {
                     g.vfs.len()
                 );
                 if g.engine_owner_stuck {
-                    println!(
+                    outln!(
                         "  engine held by vf{} which is gone or stale: the next VF takes it \
                          over; `godwit gpu init` clears it when no VF is held",
                         g.engine_owner.unwrap_or_default()
                     );
                 }
                 for v in g.vfs {
-                    println!(
+                    outln!(
                         "  vf{} pid {} {}: {:.0} GiB at {:.0} GiB, {:.0} MiB resident, engine {:.1} ms ({:.1}%), {} commands, {} errors",
                         v.slot,
                         v.holder.pid,
@@ -101,7 +104,7 @@ fn run(cmd: GpuCmd) -> Result<(), String> {
             })?;
             let mut m = Manager::open(&dir.dir()).map_err(|e| e.to_string())?;
             m.set_policy(gpu, p).map_err(|e| e.to_string())?;
-            println!("gpu{gpu}: {}", p.name());
+            outln!("gpu{gpu}: {}", p.name());
             Ok(())
         }
         GpuCmd::Init {
@@ -127,7 +130,7 @@ fn run(cmd: GpuCmd) -> Result<(), String> {
                 placement,
             };
             Manager::init(&dir.dir(), cfg).map_err(|e| e.to_string())?;
-            println!("{gpus} x {model}, {placement:?}, {}", policy.name());
+            outln!("{gpus} x {model}, {placement:?}, {}", policy.name());
             Ok(())
         }
     }

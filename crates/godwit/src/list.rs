@@ -93,7 +93,7 @@ pub fn list(dir: &Path, json: bool) -> ExitCode {
     let socks = match sockets(dir) {
         Ok(s) => s,
         Err(e) => {
-            crate::stderr::say(&format!("list {}: {e}", dir.display()));
+            crate::output::say(&format!("list {}: {e}", dir.display()));
             return ExitCode::FAILURE;
         }
     };
@@ -106,18 +106,21 @@ pub fn list(dir: &Path, json: bool) -> ExitCode {
         hs.into_iter().filter_map(|h| h.join().ok()).collect()
     });
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&entries).expect("plain data")
         );
         return ExitCode::SUCCESS;
     }
-    println!(
+    outln!(
         "{:<40} {:<36} {:>8} {:<9} GUEST",
-        "SOCKET", "ID", "PID", "STATE"
+        "SOCKET",
+        "ID",
+        "PID",
+        "STATE"
     );
     for e in &entries {
-        println!(
+        outln!(
             "{:<40} {:<36} {:>8} {:<9} {}",
             e.socket.display(),
             e.id.as_deref().unwrap_or("-"),

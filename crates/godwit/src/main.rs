@@ -1,6 +1,9 @@
 //! godwit: the command line. `godwit run` is one VM in this process; the other commands
 //! talk to a running godwit through its API socket, or measure.
 
+#[macro_use]
+mod output;
+
 mod bench;
 mod bench_gpu;
 mod bench_gpu_migrate;
@@ -13,7 +16,6 @@ mod list;
 mod migrate;
 mod run;
 mod signals;
-mod stderr;
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -25,6 +27,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (nobody reads stderr any more) is lost;
+        // reporting that with eprintln! would panic in whichever thread logged it.
+        .log_internal_errors(false)
         .init();
     match cli.command {
         cli::Command::Run(args) => run::run(args),
@@ -52,7 +57,7 @@ fn main() -> ExitCode {
         }
         cli::Command::TlsCreds(a) => match godwit_migration::tls::generate(&a.dir, &a.hosts) {
             Ok(()) => {
-                println!(
+                outln!(
                     "{}: ca-cert.pem, server-cert.pem/-key.pem (for {}), client-cert.pem/-key.pem",
                     a.dir.display(),
                     a.hosts.join(", ")

@@ -55,17 +55,22 @@ fn mib(b: u64) -> f64 {
 }
 
 pub fn print_report(r: &Report) {
-    println!("migration to {}: {}", r.to, r.status);
+    outln!("migration to {}: {}", r.to, r.status);
     if let Some(e) = &r.error {
-        println!("  error: {e}");
+        outln!("  error: {e}");
     }
-    println!(
+    outln!(
         "  total {:.1} ms, downtime {:.1} ms (limit {} ms), setup {:.1} ms, mode {} (ran {})",
-        r.total_ms, r.downtime_ms, r.downtime_limit_ms, r.setup_ms, r.mode, r.ran
+        r.total_ms,
+        r.downtime_ms,
+        r.downtime_limit_ms,
+        r.setup_ms,
+        r.mode,
+        r.ran
     );
     if let Some(p) = &r.postcopy {
         let l = &p.fault_latency;
-        println!(
+        outln!(
             "  post-copy: switched at {:.1} ms ({}); window {:.1} ms; {} pages asked for, {} pushed ({} ahead of a device), {} refused requests; {} remote faults, latency {:.0}/{:.0}/{:.0}/{:.0} us (min/median/p99/max), {} pages pre-paged, {} recoveries{}",
             p.switched_at_ms,
             p.reason,
@@ -87,7 +92,7 @@ pub fn print_report(r: &Report) {
         );
     }
     let d = &r.downtime;
-    println!(
+    outln!(
         "  downtime: stop {:.2} ms, states {:.2} ms, last dirty log {:.2} ms, last {} pages {:.2} ms, confirm {:.2} ms (restore {:.2} ms), start {:.2} ms",
         d.pause_ms,
         d.state_ms,
@@ -103,7 +108,7 @@ pub fn print_report(r: &Report) {
             continue;
         };
         let extra: Vec<String> = p.extra.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        println!(
+        outln!(
             "    {name:<9} stop {:.2} ms, state {} bytes in {:.2} ms, last dirty log {:.2} ms, last {} pages {:.2} ms{}",
             p.stop_ms,
             p.state_bytes,
@@ -119,7 +124,7 @@ pub fn print_report(r: &Report) {
         );
     }
     let b = &r.bytes;
-    println!(
+    outln!(
         "  sent {:.1} MiB: {} pages of data ({:.1} MiB), {} zero pages not sent as data, states {} bytes",
         mib(b.total),
         b.pages_sent,
@@ -133,7 +138,7 @@ pub fn print_report(r: &Report) {
             .get(name)
             .filter(|c| c.pages_sent + c.zero_pages > 0)
         {
-            println!(
+            outln!(
                 "    {name:<9} {:.1} MiB in {} pages, {} zero pages",
                 mib(c.page_bytes),
                 c.pages_sent,
@@ -141,7 +146,7 @@ pub fn print_report(r: &Report) {
             );
         }
     }
-    println!(
+    outln!(
         "  {} rounds, {:.0} MiB/s, {} connection(s), dirty log {}{}, switched over: {}",
         r.round_count,
         r.throughput_mib_s,
@@ -155,15 +160,17 @@ pub fn print_report(r: &Report) {
         r.switchover_reason
     );
     for (name, t) in &r.throttle {
-        println!(
+        outln!(
             "  auto-converge held {name} back up to {}% for {:.0} ms ({} rounds)",
-            t.max_pct, t.ms, t.rounds
+            t.max_pct,
+            t.ms,
+            t.rounds
         );
     }
     if !r.stop_copy.is_empty() {
-        println!("  stop-and-copy (no pre-copy): {}", r.stop_copy.join(", "));
+        outln!("  stop-and-copy (no pre-copy): {}", r.stop_copy.join(", "));
     }
-    println!(
+    outln!(
         "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>9} {:>12} {:>12}",
         "round",
         "pages",
@@ -177,7 +184,7 @@ pub fn print_report(r: &Report) {
         "log read us"
     );
     for x in &r.rounds {
-        println!(
+        outln!(
             "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>12.0} {:>10.1} {:>8}% {:>12.1} {:>12.0}",
             x.index,
             x.pages_sent,
@@ -194,7 +201,7 @@ pub fn print_report(r: &Report) {
         if x.components.len() > 1 {
             for (name, p) in &x.components {
                 let extra: Vec<String> = p.extra.iter().map(|(k, v)| format!("{k} {v}")).collect();
-                println!(
+                outln!(
                     "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>12.0}   {name}{}",
                     "",
                     p.pages_sent,
@@ -212,7 +219,7 @@ pub fn print_report(r: &Report) {
         }
     }
     if r.status != Outcome::Completed {
-        println!(
+        outln!(
             "  the VM {}",
             if r.source_running {
                 "keeps running on the source"
@@ -285,7 +292,7 @@ pub fn migrate(a: MigrateArgs) -> ExitCode {
     match serde_json::from_value::<Report>(report) {
         Ok(r) => {
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
+                outln!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
             } else {
                 print_report(&r);
             }

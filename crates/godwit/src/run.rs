@@ -1,7 +1,7 @@
 //! `godwit run` and the API client commands.
 
 use crate::cli::{GuestsCmd, RunArgs};
-use crate::stderr::say;
+use crate::output::say;
 use godwit_migration::api::MigrationApi;
 use godwit_migration::destination::RestoreMode;
 use godwit_migration::{Host, Incoming, Listener, Target};
@@ -403,8 +403,8 @@ pub fn api_call_with(socket: &Path, method: &str, endpoint: &str, body: &str) ->
     match answer {
         Ok((200, body)) => {
             match serde_json::from_str::<serde_json::Value>(&body) {
-                Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or(body)),
-                Err(_) => println!("{body}"),
+                Ok(v) => outln!("{}", serde_json::to_string_pretty(&v).unwrap_or(body)),
+                Err(_) => outln!("{body}"),
             }
             ExitCode::SUCCESS
         }
@@ -423,7 +423,7 @@ pub fn guests(cmd: GuestsCmd) -> ExitCode {
     match cmd {
         GuestsCmd::List => {
             for (name, image) in godwit_guest::IMAGES {
-                println!("{name:<12} {} bytes", image.len());
+                outln!("{name:<12} {} bytes", image.len());
             }
             ExitCode::SUCCESS
         }
@@ -436,7 +436,7 @@ pub fn guests(cmd: GuestsCmd) -> ExitCode {
                 if let Err(e) = std::fs::write(&p, image) {
                     return fail(format!("{}: {e}", p.display()));
                 }
-                println!("{}", p.display());
+                outln!("{}", p.display());
             }
             ExitCode::SUCCESS
         }

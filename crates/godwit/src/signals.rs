@@ -4,7 +4,7 @@
 //! removed, the reason is said, and the exit status is 128 + the signal's number, as a
 //! shell reports a process killed by it.
 
-use crate::stderr::say;
+use crate::output::say;
 use godwit_migration::Status;
 use godwit_vmm::{VmExit, VmHandle};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};

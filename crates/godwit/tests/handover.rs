@@ -356,6 +356,8 @@ fn a_signal_ends_godwit_when_nobody_reads_its_stderr() {
         let mut child = Reaper(
             godwit()
                 .args(&args)
+                // Its log goes to stderr too, and says more as it stops.
+                .env("GODWIT_LOG", "debug")
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
@@ -384,6 +386,65 @@ fn a_signal_ends_godwit_when_nobody_reads_its_stderr() {
         !incoming.exists(),
         "the destination's socket was left behind"
     );
+}
+
+/// A destination whose stderr nobody reads any more, logging at info, takes a VM in
+/// post-copy (whose threads log as they go) and runs it to its end: a line it cannot
+/// write is lost, never a thread of the migration.
+#[test]
+fn a_destination_whose_stderr_nobody_reads_takes_a_vm_in_postcopy() {
+    if !kvm_available() {
+        return;
+    }
+    use std::io::BufRead;
+    let dir = TempDir::new("handover-deaf-dst");
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "256",
+        &["wss=32", "rate=50", "seconds=4", "report-every=250"],
+    );
+    let log = dir.path("dst.log");
+    let mut dst = Vm {
+        proc: Reaper(
+            godwit()
+                .args(["run", "--incoming", "tcp:127.0.0.1:0", "--console"])
+                .arg(format!("file:{}", log.display()))
+                .env("GODWIT_LOG", "info")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn godwit"),
+        ),
+        log,
+        err: dir.path("dst.err"),
+        sock: dir.path("dst.sock"),
+    };
+    let mut err = std::io::BufReader::new(dst.proc.0.stderr.take().unwrap());
+    let addr = loop {
+        let mut l = String::new();
+        assert!(
+            err.read_line(&mut l).unwrap() > 0,
+            "the destination did not listen"
+        );
+        if let Some(a) = l
+            .trim_end()
+            .strip_prefix("godwit: waiting for a migration on ")
+        {
+            break a.to_string();
+        }
+    };
+    drop(err);
+    let (out, r) = migrate(
+        &src,
+        &addr,
+        &["--mode", "postcopy", "--max-bandwidth", "32M"],
+    );
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_postcopy_whole(&r);
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_verified(&mut dst, 8192);
 }
 
 /// A paused VM arrives paused (and resumes there on demand).
