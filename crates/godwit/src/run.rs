@@ -114,7 +114,7 @@ pub fn run(a: RunArgs) -> ExitCode {
     if let Some(p) = a.gpu.as_deref() {
         if godwit_gpu::profile::profile(p).is_none() {
             return fail(format!(
-                "--gpu: no profile {p:?} (`godwit gpu profiles` lists them)"
+                "--gpu: unknown GPU profile {p:?} (see `godwit gpu profiles`)"
             ));
         }
     }

@@ -60,7 +60,7 @@ fn bad_arguments() {
         fails_with(
             at,
             1,
-            "--gpu: no profile \"GW8-3C\" (`godwit gpu profiles` lists them)",
+            "--gpu: unknown GPU profile \"GW8-3C\" (see `godwit gpu profiles`)",
         );
     }
 }
