@@ -188,19 +188,8 @@ fn a_destination_readied_for_a_gpu_vm_takes_only_that_profile_and_its_vram() {
                 read(&next.err)
             );
         }
-        assert_eq!(exit_code(&mut cur, LIMIT), 0, "{}", read(&cur.err));
+        dirtier_arrived(&mut cur, &next, hop);
         cur = next;
-        gains(&cur.log, "verify ok", 2);
-        assert!(
-            !read(&cur.log).contains("FAILED"),
-            "hop {hop}:\n{}",
-            read(&cur.log)
-        );
     }
-    run(
-        &["shutdown", "--api-socket", cur.sock.to_str().unwrap()],
-        LIMIT,
-    );
-    assert_eq!(exit_code(&mut cur, LIMIT), 0);
-    assert!(!read(&cur.log).contains("FAILED"), "{}", read(&cur.log));
+    dirtier_shut_down(cur);
 }

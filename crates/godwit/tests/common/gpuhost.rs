@@ -1,6 +1,7 @@
 //! Shared by the GPU tests: a private GPU host (its own manager directory), its status,
 //! and the answer gpu-train must reach.
 
+use super::mig::*;
 use super::*;
 use std::time::Duration;
 
@@ -76,4 +77,27 @@ pub fn jacobi(w: usize, tol: f64) -> (u64, u64) {
             godwit_gpu::abi::hash_word(h, u64::from_le_bytes(c.try_into().unwrap()))
         });
     (iters, h)
+}
+
+/// The GPU dirtier moved from `from` to `to` (move `hop`): the source ended cleanly,
+/// and every region checks out twice more at the destination (by then every page was
+/// also checked right before its next rewrite).
+pub fn dirtier_arrived(from: &mut Vm, to: &Vm, hop: impl std::fmt::Display) {
+    assert_eq!(exit_code(from, LIMIT), 0, "{}", read(&from.err));
+    gains(&to.log, "verify ok", 2);
+    assert!(
+        !read(&to.log).contains("FAILED"),
+        "hop {hop}:\n{}",
+        read(&to.log)
+    );
+}
+
+/// Shuts the GPU dirtier down where it ended up: it exits cleanly, no check failed.
+pub fn dirtier_shut_down(mut vm: Vm) {
+    run(
+        &["shutdown", "--api-socket", vm.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    assert_eq!(exit_code(&mut vm, LIMIT), 0);
+    assert!(!read(&vm.log).contains("FAILED"), "{}", read(&vm.log));
 }
