@@ -183,15 +183,7 @@ fn a_vram_dirtier_verifies_every_kind_of_write_after_migration() {
     }
     let d = host("gm-dirtier", 1, &[]);
     let g = gpu_dir(&d);
-    let args = [
-        "aperture=16",
-        "engine=16",
-        "dma=4",
-        "rate=48",
-        "seconds=0",
-        "verify-every=1",
-        "report-every=250",
-    ];
+    let args = DIRTIER_ARGS;
     let src = source(&d, "src", &gpu_vm(&g, "GW8-1C", "gpu-dirtier", &args));
     wait_log(&src.log, "verify ok");
     // To a host that tracks writes with the dirty ring, and on to one with the bitmap.
@@ -225,15 +217,7 @@ fn stop_and_copy_moves_all_vram_inside_the_pause() {
     }
     let d = host("gm-stopcopy", 1, &[]);
     let g = gpu_dir(&d);
-    let args = [
-        "aperture=16",
-        "engine=16",
-        "dma=4",
-        "rate=48",
-        "seconds=0",
-        "verify-every=1",
-        "report-every=250",
-    ];
+    let args = DIRTIER_ARGS;
     let mut src = source(&d, "src", &gpu_vm(&g, "GW8-1C", "gpu-dirtier", &args));
     wait_log(&src.log, "verify ok");
     let (mut dst, addr) = destination(&d, "dst", &["--gpu-dir", &g]);

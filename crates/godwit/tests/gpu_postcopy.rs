@@ -80,15 +80,7 @@ fn a_vram_dirtier_verifies_after_postcopy_and_hybrid() {
     }
     let d = host("gpc-dirtier", 1, &[]);
     let g = gpu_dir(&d);
-    let args = [
-        "aperture=16",
-        "engine=16",
-        "dma=4",
-        "rate=48",
-        "seconds=0",
-        "verify-every=1",
-        "report-every=250",
-    ];
+    let args = DIRTIER_ARGS;
     let mut cur = source(&d, "src", &gpu_vm(&g, "GW8-1C", "gpu-dirtier", &args));
     wait_log(&cur.log, "verify ok");
     for (hop, extra) in [

@@ -113,21 +113,8 @@ fn a_destination_readied_for_a_gpu_vm_takes_only_that_profile_and_its_vram() {
     }
     let d = host("pf-gpu", 1, &[]);
     let g = gpu_dir(&d);
-    let args = [
-        "--gpu",
-        "GW8-1C",
-        "--gpu-dir",
-        &g,
-        "gpu-dirtier",
-        "--",
-        "aperture=16",
-        "engine=16",
-        "dma=4",
-        "rate=48",
-        "seconds=0",
-        "verify-every=1",
-        "report-every=250",
-    ];
+    let mut args = vec!["--gpu", "GW8-1C", "--gpu-dir", &g, "gpu-dirtier", "--"];
+    args.extend(DIRTIER_ARGS);
     let mut cur = source(&d, "src", &args);
     wait_log(&cur.log, "verify ok");
 

@@ -79,6 +79,19 @@ pub fn jacobi(w: usize, tol: f64) -> (u64, u64) {
     (iters, h)
 }
 
+/// The GPU dirtier's load in the migration tests: 16 MiB rewritten through the aperture
+/// and 16 MiB by the engine, 4 MiB of GPU DMA into RAM, 48 MiB/s in all, every region
+/// verified every second.
+pub const DIRTIER_ARGS: [&str; 7] = [
+    "aperture=16",
+    "engine=16",
+    "dma=4",
+    "rate=48",
+    "seconds=0",
+    "verify-every=1",
+    "report-every=250",
+];
+
 /// The GPU dirtier moved from `from` to `to` (move `hop`): the source ended cleanly,
 /// and every region checks out twice more at the destination (by then every page was
 /// also checked right before its next rewrite).
