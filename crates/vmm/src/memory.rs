@@ -57,10 +57,32 @@ pub fn layout(bytes: u64) -> Vec<RamRegion> {
 
 /// Host RAM, from /proc/meminfo, in MiB.
 fn host_memory_mib() -> Option<u64> {
+    meminfo_mib("MemTotal:")
+}
+
+/// What the host can still give without swapping (MemAvailable), in MiB.
+fn available_mib() -> Option<u64> {
+    meminfo_mib("MemAvailable:")
+}
+
+fn meminfo_mib(field: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024)
+}
+
+/// Whether `bytes` of `what` can be touched now, with `available` MiB free for it.
+/// Touching more than the host can give does not fail: the kernel's OOM killer ends
+/// this process (or another) part way.
+fn fits(what: &str, bytes: u64, available: Option<u64>) -> Result<()> {
+    match available {
+        Some(a) if bytes.div_ceil(MIB) > a => Err(Error::Memory(format!(
+            "cannot prefault {} MiB of {what}: this host has {a} MiB available now",
+            bytes.div_ceil(MIB)
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Checks the size and maps the memory (lazily: pages are allocated when first touched).
@@ -168,6 +190,7 @@ impl Prefaulted {
     /// Maps `bytes` of guest memory (checked as `create` does) and touches every page.
     pub fn new(bytes: u64) -> Result<Prefaulted> {
         let mem = create(bytes)?;
+        fits("guest memory", bytes, available_mib())?;
         for region in mem.iter() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -198,6 +221,7 @@ impl Prefaulted {
 
     /// Also maps `bytes` of VRAM for the VM's GPU function and touches every page.
     pub fn with_vram(self, bytes: u64) -> Result<Prefaulted> {
+        fits("VRAM", bytes, available_mib())?;
         let vram = CpuBackend::new(bytes).map_err(|e| Error::Gpu(format!("VRAM: {e}")))?;
         vram.prefault()
             .map_err(|e| populate_error(e, "VRAM", bytes))?;
@@ -320,6 +344,22 @@ mod tests {
         assert!(both.release());
         assert!(both.take(16 * MIB).unwrap().is_none());
         assert!(both.take_vram(8 * MIB).unwrap().is_none(), "given back too");
+    }
+
+    #[test]
+    fn what_the_host_cannot_give_is_refused_before_a_page_is_touched() {
+        assert!(fits("VRAM", 8 * GIB, Some(8192)).is_ok());
+        let e = fits("VRAM", 8 * GIB + 1, Some(8192))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("8193 MiB of VRAM") && e.contains("8192 MiB available"),
+            "{e}"
+        );
+        assert!(
+            fits("guest memory", GIB, None).is_ok(),
+            "unknown: not refused"
+        );
     }
 
     #[test]
