@@ -318,6 +318,34 @@ fn signals_end_godwit_cleanly() {
     assert!(!src.sock.exists());
 }
 
+/// godwit run with `args`, logging at `level`, whose stderr is read up to the first
+/// line holding `until` and then closed: nobody reads it from then on. The process, and
+/// what it said until then.
+fn deaf(args: &[String], level: &str, until: &str) -> (Reaper, String) {
+    use std::io::BufRead;
+    let mut child = Reaper(
+        godwit()
+            .args(args)
+            .env("GODWIT_LOG", level)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn godwit"),
+    );
+    let mut err = std::io::BufReader::new(child.0.stderr.take().unwrap());
+    let mut said = String::new();
+    while !said.contains(until) {
+        let mut l = String::new();
+        assert!(
+            err.read_line(&mut l).unwrap() > 0,
+            "no {until:?} in: {said}"
+        );
+        said += &l;
+    }
+    (child, said)
+}
+
 /// A godwit whose stderr nobody reads any more (a manager that started it and went
 /// away, a pipe whose reader exited) still ends on a signal: what it would say is lost,
 /// not the stop. A destination still waiting and a running VM, each after the reader of
@@ -327,7 +355,6 @@ fn a_signal_ends_godwit_when_nobody_reads_its_stderr() {
     if !kvm_available() {
         return;
     }
-    use std::io::BufRead;
     let dir = TempDir::new("handover-deaf");
     let incoming = dir.path("in.sock");
     for (what, args, line) in [
@@ -353,25 +380,8 @@ fn a_signal_ends_godwit_when_nobody_reads_its_stderr() {
             "guest memory prefaulted",
         ),
     ] {
-        let mut child = Reaper(
-            godwit()
-                .args(&args)
-                // Its log goes to stderr too, and says more as it stops.
-                .env("GODWIT_LOG", "debug")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn godwit"),
-        );
-        let mut err = std::io::BufReader::new(child.0.stderr.take().unwrap());
-        let mut said = String::new();
-        while !said.contains(line) {
-            let mut l = String::new();
-            assert!(err.read_line(&mut l).unwrap() > 0, "{what}: {said}");
-            said += &l;
-        }
-        drop(err);
+        // Its log goes to stderr too, and says more as it stops.
+        let (mut child, said) = deaf(&args, "debug", line);
         std::thread::sleep(Duration::from_millis(200));
         // SAFETY: kill(2) on a child this test spawned and still reaps.
         assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
@@ -396,7 +406,6 @@ fn a_destination_whose_stderr_nobody_reads_takes_a_vm_in_postcopy() {
     if !kvm_available() {
         return;
     }
-    use std::io::BufRead;
     let dir = TempDir::new("handover-deaf-dst");
     let mut src = dirtier_source(
         &dir,
@@ -405,37 +414,23 @@ fn a_destination_whose_stderr_nobody_reads_takes_a_vm_in_postcopy() {
         &["wss=32", "rate=50", "seconds=4", "report-every=250"],
     );
     let log = dir.path("dst.log");
+    let args: Vec<String> = ["run", "--incoming", "tcp:127.0.0.1:0", "--console"]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([format!("file:{}", log.display())])
+        .collect();
+    let (proc, said) = deaf(&args, "info", "godwit: waiting for a migration on ");
+    let addr = said
+        .lines()
+        .find_map(|l| l.strip_prefix("godwit: waiting for a migration on "))
+        .expect("the address")
+        .to_string();
     let mut dst = Vm {
-        proc: Reaper(
-            godwit()
-                .args(["run", "--incoming", "tcp:127.0.0.1:0", "--console"])
-                .arg(format!("file:{}", log.display()))
-                .env("GODWIT_LOG", "info")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn godwit"),
-        ),
+        proc,
         log,
         err: dir.path("dst.err"),
         sock: dir.path("dst.sock"),
     };
-    let mut err = std::io::BufReader::new(dst.proc.0.stderr.take().unwrap());
-    let addr = loop {
-        let mut l = String::new();
-        assert!(
-            err.read_line(&mut l).unwrap() > 0,
-            "the destination did not listen"
-        );
-        if let Some(a) = l
-            .trim_end()
-            .strip_prefix("godwit: waiting for a migration on ")
-        {
-            break a.to_string();
-        }
-    };
-    drop(err);
     let (out, r) = migrate(
         &src,
         &addr,
