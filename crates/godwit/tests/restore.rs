@@ -15,20 +15,23 @@ const LOG: [(&str, &str); 1] = [("GODWIT_LOG", "info")];
 
 /// Restores `snap` (`how`: lazy or eager) and returns its output.
 fn restore(snap: &Path, how: &str) -> std::process::Output {
+    restore_with(snap, how, &[])
+}
+
+/// The same, with more arguments for `run`.
+fn restore_with(snap: &Path, how: &str, more: &[&str]) -> std::process::Output {
     let f = format!("file:{}", snap.display());
-    run_env(
-        &[
-            "run",
-            "--incoming",
-            &f,
-            "--restore",
-            how,
-            "--console",
-            "stdout",
-        ],
-        &LOG,
-        LIMIT,
-    )
+    let mut args = vec![
+        "run",
+        "--incoming",
+        &f,
+        "--restore",
+        how,
+        "--console",
+        "stdout",
+    ];
+    args.extend_from_slice(more);
+    run_env(&args, &LOG, LIMIT)
 }
 
 fn index(snap: &Path) -> Index {
@@ -85,6 +88,15 @@ fn a_snapshot_restored_lazily_or_eagerly_gives_back_every_page() {
     let o = restore(&snap, "eager");
     assert_verified(&o);
     assert!(!stderr(&o).contains(LAZY), "{}", stderr(&o));
+    // Into prefaulted memory, lazily: every page goes in through the memory's alias.
+    let o = restore_with(&snap, "lazy", &["--memory", "256", "--prefault"]);
+    assert_verified(&o);
+    let err = stderr(&o);
+    assert!(err.contains(LAZY), "{err}");
+    assert!(
+        err.contains("guest RAM: post-copy places pages through the alias"),
+        "{err}"
+    );
     // A snapshot without an index (written before godwit had them) is read whole.
     let old = dir.path("old.snap");
     let bytes = std::fs::read(&snap).unwrap();

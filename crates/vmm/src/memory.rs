@@ -1,5 +1,5 @@
 //! Guest physical memory: the layout (RAM below a 1 GiB MMIO hole at 3 GiB, the rest above
-//! 4 GiB) and the anonymous mappings that back it.
+//! 4 GiB) and the mappings that back it (anonymous, or a memfd when prefaulted).
 
 use crate::error::{Error, Result};
 use godwit_gpu::backend::Backend;
@@ -87,26 +87,7 @@ fn fits(what: &str, bytes: u64, available: Option<u64>) -> Result<()> {
 
 /// Checks the size and maps the memory (lazily: pages are allocated when first touched).
 pub fn create(bytes: u64) -> Result<GuestMemory> {
-    if bytes < 16 * MIB || !bytes.is_multiple_of(MIB) {
-        return Err(Error::Config(format!(
-            "memory must be a whole number of MiB, at least 16 MiB (got {bytes} bytes)"
-        )));
-    }
-    if bytes > MAX_MEMORY {
-        return Err(Error::Config(format!(
-            "memory {} MiB is more than godwit supports ({} MiB)",
-            bytes / MIB,
-            MAX_MEMORY / MIB
-        )));
-    }
-    if let Some(host) = host_memory_mib() {
-        if bytes / MIB > host {
-            return Err(Error::TooMuchMemory {
-                memory_mib: bytes / MIB,
-                host_mib: host,
-            });
-        }
-    }
+    check_size(bytes)?;
     let ranges: Vec<(GuestAddress, usize)> = layout(bytes)
         .iter()
         .map(|r| (GuestAddress(r.start), r.size as usize))
@@ -130,6 +111,117 @@ pub fn create(bytes: u64) -> Result<GuestMemory> {
     Ok(mem)
 }
 
+/// Whether godwit can give a VM `bytes` of RAM on this host.
+fn check_size(bytes: u64) -> Result<()> {
+    if bytes < 16 * MIB || !bytes.is_multiple_of(MIB) {
+        return Err(Error::Config(format!(
+            "memory must be a whole number of MiB, at least 16 MiB (got {bytes} bytes)"
+        )));
+    }
+    if bytes > MAX_MEMORY {
+        return Err(Error::Config(format!(
+            "memory {} MiB is more than godwit supports ({} MiB)",
+            bytes / MIB,
+            MAX_MEMORY / MIB
+        )));
+    }
+    if let Some(host) = host_memory_mib() {
+        if bytes / MIB > host {
+            return Err(Error::TooMuchMemory {
+                memory_mib: bytes / MIB,
+                host_mib: host,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Guest RAM made of shared memory (a memfd) that a second mapping, the alias, also
+/// reaches. Post-copy writes a page through the alias, where nothing faults, and then
+/// maps it for the guest with UFFDIO_CONTINUE: the page exists already, so placing it
+/// costs a copy and a page-table entry. UFFDIO_COPY into private memory allocates,
+/// charges and clears a page each time, half of a destination's time in post-copy
+/// here. Only prefaulted memory is made this way: its pages exist before the source
+/// connects.
+pub struct SharedRam {
+    /// Host address of the alias: the whole file, regions one after another.
+    alias: u64,
+    len: usize,
+    /// Each RAM region's offset in the file, in layout order.
+    offsets: Vec<u64>,
+}
+
+impl std::fmt::Debug for SharedRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRam").field("len", &self.len).finish()
+    }
+}
+
+impl SharedRam {
+    /// Host address, in the alias, of region `region`'s first byte.
+    pub fn alias(&self, region: usize) -> Option<u64> {
+        self.offsets.get(region).map(|o| self.alias + o)
+    }
+}
+
+impl Drop for SharedRam {
+    fn drop(&mut self) {
+        // SAFETY: the alias is this object's own mapping; whoever writes through it
+        // (post-copy's placement) holds this object.
+        unsafe { libc::munmap(self.alias as *mut libc::c_void, self.len) };
+    }
+}
+
+/// `bytes` of guest RAM (checked by the caller) on a memfd, mapped for the guest
+/// (shared) and once more as the alias.
+fn create_shared(bytes: u64) -> Result<(GuestMemory, SharedRam)> {
+    let io = |what: &str, e: std::io::Error| Error::Memory(format!("guest memory: {what}: {e}"));
+    // SAFETY: a NUL-terminated name and valid flags; the fd returned is new and owned
+    // by the File below.
+    let fd = unsafe { libc::memfd_create(c"godwit-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io("memfd_create", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(bytes).map_err(|e| io("size", e))?;
+    let mut offsets = Vec::new();
+    let mut ranges = Vec::new();
+    let mut off = 0u64;
+    for r in layout(bytes) {
+        let f = file.try_clone().map_err(|e| io("dup", e))?;
+        offsets.push(off);
+        ranges.push((
+            GuestAddress(r.start),
+            r.size as usize,
+            Some(vm_memory::FileOffset::new(f, off)),
+        ));
+        off += r.size;
+    }
+    let mem =
+        GuestMemory::from_ranges_with_files(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    // SAFETY: a new shared mapping of the whole file, owned by the SharedRam below.
+    let alias = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            0,
+        )
+    };
+    if alias == libc::MAP_FAILED {
+        return Err(io("mmap", std::io::Error::last_os_error()));
+    }
+    let shared = SharedRam {
+        alias: alias as u64,
+        len: bytes as usize,
+        offsets,
+    };
+    Ok((mem, shared))
+}
+
 pub const PAGE_SIZE: u64 = 4096;
 
 /// Guest memory made before its VM, every page touched once (Cloud Hypervisor's
@@ -148,8 +240,18 @@ pub struct Prefaulted(std::sync::Arc<std::sync::Mutex<Readied>>);
 
 #[derive(Default)]
 struct Readied {
-    ram: Option<(u64, GuestMemory)>,
+    ram: Option<Ram>,
     vram: Option<CpuBackend>,
+}
+
+/// Prefaulted RAM, as a VM takes it.
+pub struct Ram {
+    pub bytes: u64,
+    pub mem: GuestMemory,
+    pub shared: std::sync::Arc<SharedRam>,
+    /// No page is mapped for the guest (`unmap_for_postcopy`): every first touch
+    /// faults, and every page holds zeros.
+    pub bare: bool,
 }
 
 impl std::fmt::Debug for Prefaulted {
@@ -159,7 +261,7 @@ impl std::fmt::Debug for Prefaulted {
             .lock()
             .map(|g| {
                 (
-                    g.ram.as_ref().map(|(b, _)| *b),
+                    g.ram.as_ref().map(|r| r.bytes),
                     g.vram.as_ref().map(|v| v.vram_size()),
                 )
             })
@@ -187,31 +289,39 @@ fn populate_error(e: std::io::Error, what: &str, bytes: u64) -> Error {
 }
 
 impl Prefaulted {
-    /// Maps `bytes` of guest memory (checked as `create` does) and touches every page.
+    /// Maps `bytes` of guest memory (checked as `create` does, shared: see
+    /// `SharedRam`) and touches every page, through both mappings.
     pub fn new(bytes: u64) -> Result<Prefaulted> {
-        let mem = create(bytes)?;
+        check_size(bytes)?;
         fits("guest memory", bytes, available_mib())?;
+        let (mem, shared) = create_shared(bytes)?;
+        let mut ranges = vec![(shared.alias, shared.len)];
         for region in mem.iter() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .map_err(|e| Error::Memory(e.to_string()))?;
-            // SAFETY: the range is exactly one private anonymous mapping that `mem`
+            ranges.push((host as u64, region.len() as usize));
+        }
+        // The alias first: it allocates the pages; the guest's mapping then only maps
+        // them, so that a pre-copy writing there does not fault a page at a time.
+        for (host, len) in ranges {
+            // SAFETY: the range is exactly one shared mapping that `mem` or `shared`
             // owns and nothing else uses yet; populating only allocates its pages
-            // (zeros), as the first write to each would.
-            let rc = unsafe {
-                libc::madvise(
-                    host as *mut libc::c_void,
-                    region.len() as usize,
-                    libc::MADV_POPULATE_WRITE,
-                )
-            };
+            // (zeros) and maps them, as the first write to each would.
+            let rc =
+                unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
             if rc != 0 {
                 let e = std::io::Error::last_os_error();
                 return Err(populate_error(e, "guest memory", bytes));
             }
         }
         let ready = Readied {
-            ram: Some((bytes, mem)),
+            ram: Some(Ram {
+                bytes,
+                mem,
+                shared: std::sync::Arc::new(shared),
+                bare: false,
+            }),
             vram: None,
         };
         Ok(Prefaulted(std::sync::Arc::new(std::sync::Mutex::new(
@@ -237,15 +347,48 @@ impl Prefaulted {
         ram.is_some() || vram.is_some()
     }
 
+    /// Before a VM is built whose every page comes through userfaultfd: the RAM's
+    /// pages stay (placed through the alias), unmapped from the guest's mapping so that
+    /// every first touch faults; the VRAM, private memory that UFFDIO_COPY fills, is
+    /// given back. Whether there was any.
+    pub fn unmap_for_postcopy(&self) -> Result<bool> {
+        let mut r = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let vram = r.vram.take().is_some();
+        let Some(ram) = r.ram.as_mut() else {
+            return Ok(vram);
+        };
+        for region in ram.mem.iter() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| Error::Memory(e.to_string()))?;
+            // SAFETY: one shared mapping that `ram.mem` owns and no VM uses yet; on a
+            // shared mapping this drops only the page-table entries, the pages (zeros)
+            // stay in the file.
+            let rc = unsafe {
+                libc::madvise(
+                    host as *mut libc::c_void,
+                    region.len() as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(Error::Memory(format!("guest memory: unmap: {e}")));
+            }
+        }
+        ram.bare = true;
+        Ok(true)
+    }
+
     /// The memory, for a VM of `bytes`: None when there is none (or it was taken).
-    pub fn take(&self, bytes: u64) -> Result<Option<GuestMemory>> {
+    pub fn take(&self, bytes: u64) -> Result<Option<Ram>> {
         let mut r = self.0.lock().unwrap_or_else(|e| e.into_inner());
         match r.ram.take() {
             None => Ok(None),
-            Some((b, mem)) if b == bytes => Ok(Some(mem)),
-            Some((b, _)) => Err(Error::Config(format!(
+            Some(ram) if ram.bytes == bytes => Ok(Some(ram)),
+            Some(ram) => Err(Error::Config(format!(
                 "the memory was prefaulted for {} MiB, the VM has {} MiB",
-                b / MIB,
+                ram.bytes / MIB,
                 bytes / MIB
             ))),
         }
@@ -302,8 +445,8 @@ mod tests {
     fn prefaulted_memory_is_populated_and_taken_once() {
         let p = Prefaulted::new(16 * MIB).unwrap();
         let again = p.clone();
-        let mem = p.take(16 * MIB).unwrap().expect("the memory");
-        let r = mem.iter().next().unwrap();
+        let ram = p.take(16 * MIB).unwrap().expect("the memory");
+        let r = ram.mem.iter().next().unwrap();
         let host = r
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .unwrap();
@@ -317,6 +460,38 @@ mod tests {
         let third = Prefaulted::new(16 * MIB).unwrap();
         assert!(third.release());
         assert!(third.take(16 * MIB).unwrap().is_none(), "given back");
+    }
+
+    /// Readied for post-copy: the guest's mapping maps nothing (every touch faults),
+    /// the pages stay in the file behind the alias, and the VRAM is given back.
+    #[test]
+    fn prefaulted_memory_unmapped_for_postcopy_keeps_its_pages_behind_the_alias() {
+        let p = Prefaulted::new(16 * MIB)
+            .unwrap()
+            .with_vram(8 * MIB)
+            .unwrap();
+        assert!(p.unmap_for_postcopy().unwrap());
+        assert!(p.take_vram(8 * MIB).unwrap().is_none(), "VRAM given back");
+        let ram = p.take(16 * MIB).unwrap().expect("the memory stays");
+        assert!(ram.bare);
+        let r = ram.mem.iter().next().unwrap();
+        let host = r
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .unwrap();
+        let mapped = crate::pagemap::populated(host as u64, r.len()).expect("pagemap");
+        assert!(mapped.iter().all(|&w| w == 0), "a page still mapped");
+        let alias = ram.shared.alias(0).unwrap();
+        let behind = crate::pagemap::populated(alias, r.len()).expect("pagemap");
+        let n: u32 = behind.iter().map(|w| w.count_ones()).sum();
+        assert_eq!(
+            u64::from(n),
+            r.len() / PAGE_SIZE,
+            "every page is behind the alias"
+        );
+        assert!(
+            !Prefaulted::default().unmap_for_postcopy().unwrap(),
+            "nothing there"
+        );
     }
 
     #[test]

@@ -127,9 +127,11 @@ impl Vm {
             .memory_mib
             .checked_mul(memory::MIB)
             .ok_or_else(|| Error::Config("memory size overflows".into()))?;
-        let (mem, prefaulted) = match cfg.prefaulted.take(bytes)? {
-            Some(m) => (m, true),
-            None => (memory::create(bytes)?, false),
+        // `untouched`: no page of it is mapped for the guest yet, and every page reads
+        // as zero.
+        let (mem, shared, untouched) = match cfg.prefaulted.take(bytes)? {
+            Some(r) => (r.mem, Some(r.shared), r.bare),
+            None => (memory::create(bytes)?, None, true),
         };
         let ram = memory::layout(bytes);
         // The tracker owns the memory slots; the ring (if any) must exist before the
@@ -325,7 +327,8 @@ impl Vm {
                 cfg.memory_mib,
                 lazy_ram,
             )
-            .fresh(matches!(cfg.payload, Payload::Incoming { .. }) && !prefaulted),
+            .fresh(matches!(cfg.payload, Payload::Incoming { .. }) && untouched)
+            .shared(shared),
         ));
         components.push(Arc::new(migratable::platform::Platform::new(
             fd.clone(),

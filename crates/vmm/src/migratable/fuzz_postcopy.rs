@@ -113,6 +113,7 @@ impl Memory for Mem {
             host: self.0.host,
             len: PAGES * PAGE_SIZE as u64,
             base: BASE,
+            alias: None,
         }])
     }
 }

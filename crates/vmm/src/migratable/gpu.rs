@@ -150,6 +150,7 @@ impl Memory for Vram {
             host: a.host,
             len: a.len,
             base: 0,
+            alias: None,
         }])
     }
 }

@@ -5,6 +5,11 @@
 //! at once, by UFFDIO_COPY. Pages the source never had are zero and are filled here
 //! without asking. Placing is idempotent: an answer and the background copy of the same
 //! page may both arrive, and the second is dropped.
+//!
+//! Memory that has an alias (shared, prefaulted: `memory::SharedRam`) holds its pages
+//! already; the guest's mapping only does not map the missing ones. A touch of one is a
+//! *minor* fault; a page is placed by writing it through the alias, which the guest
+//! cannot see, and mapping it with UFFDIO_CONTINUE, which wakes whoever waits.
 
 use super::paged::{Bitmap, PAGE_SIZE};
 use super::{ComponentError, Faults, Result, Wanted};
@@ -13,7 +18,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use userfaultfd::{Event, EventBuffer, Uffd, UffdBuilder};
+use userfaultfd::{Event, EventBuffer, RegisterMode, Uffd, UffdBuilder};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Where a component that is filled lazily puts its `Lazy`, for another that must
@@ -28,6 +33,9 @@ pub struct HostRegion {
     pub len: u64,
     /// Address of its first byte in the component's space.
     pub base: u64,
+    /// Host virtual address of the same pages in a second, shared mapping outside
+    /// userfaultfd (see the module's note), if the memory has one.
+    pub alias: Option<u64>,
 }
 
 /// Latencies, in microseconds.
@@ -113,6 +121,8 @@ pub struct Lazy {
     wake: EventFd,
     /// Notified whenever pages are placed.
     placed: Condvar,
+    /// Keeps the aliases mapped while this places pages through them.
+    _keep: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 fn refused(m: String) -> ComponentError {
@@ -125,11 +135,15 @@ fn uffd_err(what: &str, e: userfaultfd::Error) -> ComponentError {
 
 /// Whether a uffd copy or zero-fill failed only because the page is there already.
 fn exists(e: &userfaultfd::Error) -> bool {
+    errno(e) == Some(libc::EEXIST)
+}
+
+fn errno(e: &userfaultfd::Error) -> Option<i32> {
     match e {
-        userfaultfd::Error::CopyFailed(n) | userfaultfd::Error::ZeropageFailed(n) => {
-            *n as i32 == libc::EEXIST
-        }
-        _ => false,
+        userfaultfd::Error::CopyFailed(n)
+        | userfaultfd::Error::ZeropageFailed(n)
+        | userfaultfd::Error::SystemError(n) => Some(*n as i32),
+        _ => None,
     }
 }
 
@@ -179,14 +193,16 @@ impl Lazy {
             .map_err(|e| uffd_err("create", e))?;
         for (r, b) in regions.iter().zip(&missing) {
             // Pages that changed at the source since they were sent: the copy here is
-            // stale. Dropped, they read as missing once the range is registered. A
-            // fresh mapping has none.
+            // stale. Dropped, they read as missing once the range is registered (with
+            // an alias, only the guest's page-table entries go: a touch then is a
+            // minor fault). A fresh mapping has none.
             for (first, n) in if fresh { Vec::new() } else { runs(b) } {
                 let at = r.host + first * PAGE_SIZE as u64;
                 // SAFETY: [at, at + n pages) lies inside this memory's mapping (the
                 // bitmap was checked against the region's size above); dropping the
                 // pages of a private anonymous mapping only discards their content,
-                // which is stale by design, and the VM does not run yet.
+                // which is stale by design (of a shared one, only unmaps them), and
+                // the VM does not run yet.
                 let rc = unsafe {
                     libc::madvise(
                         at as *mut libc::c_void,
@@ -198,7 +214,14 @@ impl Lazy {
                     return Err(ComponentError::Io(std::io::Error::last_os_error()));
                 }
             }
-            uffd.register(r.host as *mut libc::c_void, r.len as usize)
+            // Missing as well as minor faults on an alias's memory: a page of the file
+            // that does not exist (never expected of prefaulted memory) is then caught
+            // too rather than allocated as zeros behind this memory's back.
+            let mode = match r.alias {
+                Some(_) => RegisterMode::MISSING | RegisterMode::MINOR,
+                None => RegisterMode::MISSING,
+            };
+            uffd.register_with_mode(r.host as *mut libc::c_void, r.len as usize, mode)
                 .map_err(|e| uffd_err("register", e))?;
         }
         let stats = FaultStats {
@@ -211,6 +234,7 @@ impl Lazy {
             regions,
             wake: EventFd::new(EFD_NONBLOCK).map_err(ComponentError::Io)?,
             placed: Condvar::new(),
+            _keep: None,
             inner: Mutex::new(Inner {
                 missing,
                 asked: HashMap::new(),
@@ -230,6 +254,15 @@ impl Lazy {
         Ok(lazy)
     }
 
+    /// Holds `owner` (what maps the aliases) for as long as this lives.
+    pub fn keeping(
+        mut self,
+        owner: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
+    ) -> Lazy {
+        self._keep = owner;
+        self
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -247,6 +280,51 @@ impl Lazy {
 
     fn host(&self, region: usize, page: u64) -> *mut libc::c_void {
         (self.regions[region].host + page * PAGE_SIZE as u64) as *mut libc::c_void
+    }
+
+    /// Writes `data` (whole pages; None: zeros) at page `p` of region `r` through its
+    /// alias and maps the pages for the guest. Only for pages missing until the caller
+    /// took them: the guest cannot see them, so nothing reads a page half written.
+    fn through_alias(
+        &self,
+        alias: u64,
+        r: usize,
+        p: u64,
+        n: usize,
+        data: Option<&[u8]>,
+    ) -> Result<()> {
+        let at = (alias + p * PAGE_SIZE as u64) as *mut u8;
+        // SAFETY: `n` pages of this region's alias, a shared mapping that `_keep` keeps
+        // mapped (the caller located each page inside the region); no other thread
+        // writes them (they were taken off `missing` under the lock), and the guest
+        // does not map them until the UFFDIO_CONTINUE below.
+        unsafe {
+            match data {
+                Some(d) => std::ptr::copy_nonoverlapping(d.as_ptr(), at, n * PAGE_SIZE),
+                None => std::ptr::write_bytes(at, 0, n * PAGE_SIZE),
+            }
+        }
+        self.map_run(r, p, n as u64)
+    }
+
+    /// Maps `n` pages (present in the file) at page `p` of region `r` for the guest
+    /// and wakes whoever waits on them; a page mapped already is left as it is.
+    fn map_run(&self, r: usize, p: u64, n: u64) -> Result<()> {
+        let len = n as usize * PAGE_SIZE;
+        if let Ok(m) = self.uffd.r#continue(self.host(r, p), len, true) {
+            if m as usize == len {
+                return Ok(());
+            }
+        }
+        // Part of the run was mapped already, or the kernel stopped short.
+        for j in 0..n {
+            if let Err(e) = self.uffd.r#continue(self.host(r, p + j), PAGE_SIZE, true) {
+                if !exists(&e) {
+                    return Err(uffd_err("continue", e));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Returns once [addr, addr + len) (clipped to this memory) is all here, asking
@@ -417,6 +495,9 @@ impl Lazy {
     /// Places `n` pages at page `p` of region `r` from `data`'s pages from `k` on.
     fn copy_run(&self, (r, p, k, n): (usize, u64, usize, usize), data: &[u8]) -> Result<()> {
         let src = &data[k * PAGE_SIZE..(k + n) * PAGE_SIZE];
+        if let Some(alias) = self.regions[r].alias {
+            return self.through_alias(alias, r, p, n, Some(src));
+        }
         // SAFETY: the destination is `n` pages inside this memory's mapping (each
         // located by the caller) and registered with this userfaultfd; the source is
         // `n` pages of `data`. UFFDIO_COPY fills missing pages whole and wakes whoever
@@ -451,6 +532,9 @@ impl Lazy {
 
     /// Fills `n` pages at page `p` of region `r` with zeros.
     fn zero_run(&self, (r, p, n): (usize, u64, u64)) -> Result<()> {
+        if let Some(alias) = self.regions[r].alias {
+            return self.through_alias(alias, r, p, n as usize, None);
+        }
         // SAFETY: `n` pages inside this memory's registered mapping (each located by the
         // caller).
         let rc = unsafe {
@@ -471,6 +555,33 @@ impl Lazy {
             }
         }
         Ok(())
+    }
+
+    /// A touch of a page of an alias's memory that is not at the source: placed
+    /// meanwhile (mapped already, the toucher only needs waking) or never at the
+    /// source, which is zero. Its page in the file holds zeros then: prefaulted, and
+    /// written since only by a pre-copy (through the guest's mapping, which maps it,
+    /// so that it does not fault) or by placing (which maps it). It is mapped as it is:
+    /// writing zeros first could overwrite a page placed since the touch was read.
+    fn map_unsent(&self, r: usize, page: u64) {
+        match self.uffd.r#continue(self.host(r, page), PAGE_SIZE, true) {
+            Ok(_) => self.lock().stats.zero_filled += 1,
+            Err(e) if exists(&e) => {
+                let _ = self.uffd.wake(self.host(r, page), PAGE_SIZE);
+            }
+            // Not in the file (a missing fault): no other thread can place a page
+            // that is not at the source, so zeros written through the alias are
+            // what it holds.
+            Err(e) if errno(&e) == Some(libc::EFAULT) => {
+                if let Some(alias) = self.regions[r].alias {
+                    if self.through_alias(alias, r, page, 1, None).is_ok() {
+                        self.lock().stats.zero_filled += 1;
+                    }
+                }
+            }
+            // Unregistered meanwhile (every page arrived): the toucher retries.
+            Err(_) => {}
+        }
     }
 
     /// Zero pages from the source (runs: first address, count), all checked first.
@@ -585,6 +696,10 @@ impl Faults for Lazy {
                     continue;
                 }
                 drop(i);
+                if reg.alias.is_some() {
+                    self.map_unsent(r, page);
+                    continue;
+                }
                 // Not at the source: either placed meanwhile (then the fill finds it
                 // there and the waiter only needs waking) or a page the source never
                 // had, which is zero.
@@ -698,6 +813,7 @@ mod tests {
             host: m.host,
             len: pages * PAGE_SIZE as u64,
             base,
+            alias: None,
         }
     }
 
@@ -762,28 +878,101 @@ mod tests {
         t.join().unwrap();
     }
 
+    /// A memfd mapped twice (the second the alias), as prefaulted RAM is; unmapped on
+    /// drop. Its pages exist once something writes them.
+    struct SharedMap {
+        host: u64,
+        alias: u64,
+        len: usize,
+    }
+
+    impl SharedMap {
+        fn new(pages: usize) -> SharedMap {
+            let len = pages * PAGE_SIZE;
+            // SAFETY: a NUL-terminated name; the fd is closed below, the mappings keep
+            // the file.
+            let fd = unsafe { libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: `fd` is ours.
+            assert_eq!(unsafe { libc::ftruncate(fd, len as i64) }, 0);
+            let map = || {
+                // SAFETY: a new shared mapping of the file, unmapped on drop.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED,
+                        fd,
+                        0,
+                    )
+                };
+                assert_ne!(p, libc::MAP_FAILED);
+                p as u64
+            };
+            let (host, alias) = (map(), map());
+            // SAFETY: `fd` is ours and no longer needed.
+            unsafe { libc::close(fd) };
+            SharedMap { host, alias, len }
+        }
+    }
+
+    impl Drop for SharedMap {
+        fn drop(&mut self) {
+            // SAFETY: the mappings made in `new`.
+            unsafe {
+                libc::munmap(self.host as *mut _, self.len);
+                libc::munmap(self.alias as *mut _, self.len);
+            }
+        }
+    }
+
     #[test]
     fn missing_pages_wait_for_the_source_and_the_rest_is_kept_or_zero() {
         let m = AnonMap::new(128).unwrap();
-        // Pages 0..4 hold old data; 1 and 2 changed at the source since.
+        missing_pages_wait(m.host, None);
+    }
+
+    /// The same through an alias: the missing pages' old copies stay in the file, and
+    /// a touch of one is a minor fault; pages the file does not hold yet (40, 70) are
+    /// missing faults and are filled all the same.
+    #[test]
+    fn missing_pages_of_shared_memory_are_placed_through_its_alias() {
+        let m = SharedMap::new(128);
+        missing_pages_wait(m.host, Some(m.alias));
+        // Page 1's old copy was overwritten in the file itself, not beside it.
+        assert_eq!(peek(m.alias, 1), 7);
+    }
+
+    /// Pages 0..4 hold old data, 1 and 2 changed at the source since; 40 was never
+    /// here; 70 and 80 were never at the source (80's page exists, zero).
+    fn missing_pages_wait(host: u64, alias: Option<u64>) {
         for p in 0..4 {
-            poke(m.host, p, 100 + p as u64);
+            poke(host, p, 100 + p as u64);
+        }
+        if let Some(a) = alias {
+            poke(a, 80, 0);
         }
         let mut missing = vec![0u64; 2];
         missing[0] = 0b110 | 1 << 40;
-        let region = region_of(&m, 128, 0x10_0000);
+        let region = HostRegion {
+            host,
+            len: 128 * PAGE_SIZE as u64,
+            base: 0x10_0000,
+            alias,
+        };
         let lazy =
             std::sync::Arc::new(Lazy::new("test", vec![region], vec![missing], false).unwrap());
         assert_eq!(lazy.left(), 3);
-        // Kept pages read at once; a page the source never had reads as zero.
-        assert_eq!(peek(m.host, 0), 100);
-        assert_eq!(peek(m.host, 3), 103);
+        // Kept pages read at once; pages the source never had read as zero.
+        assert_eq!(peek(host, 0), 100);
+        assert_eq!(peek(host, 3), 103);
         let (tx, rx) = std::sync::mpsc::channel();
-        let addr = m.host;
         let toucher = std::thread::spawn(move || {
-            tx.send((peek(addr, 70), peek(addr, 1))).unwrap();
+            tx.send((peek(host, 70), peek(host, 80), peek(host, 1)))
+                .unwrap();
         });
-        // The toucher zero-fills page 70 (never at the source), then waits for page 1.
+        // The toucher zero-fills pages 70 and 80, then waits for page 1.
         let mut w = Wanted::default();
         let t = Instant::now();
         while w.ask.is_empty() {
@@ -796,7 +985,7 @@ mod tests {
         let mut page = vec![0u8; PAGE_SIZE];
         page[..8].copy_from_slice(&7u64.to_le_bytes());
         lazy.place(&[0x10_0000 + 4096], &page).unwrap();
-        assert_eq!(rx.recv().unwrap(), (0, 7));
+        assert_eq!(rx.recv().unwrap(), (0, 0, 7));
         toucher.join().unwrap();
         // A duplicate is dropped; outside addresses are refused, nothing placed.
         lazy.place(&[0x10_0000 + 4096], &page).unwrap();
@@ -817,11 +1006,11 @@ mod tests {
         };
         // SAFETY: one valid pollfd.
         assert_eq!(unsafe { libc::poll(&mut fd, 1, 0) }, 1, "no wake-up");
-        assert_eq!((peek(m.host, 2), peek(m.host, 40)), (0, 7));
+        assert_eq!((peek(host, 1), peek(host, 2), peek(host, 40)), (7, 0, 7));
         let s = lazy.stats();
         assert_eq!(
             (s.remote_faults, s.prepaged, s.zero_filled, s.duplicates),
-            (1, 2, 1, 1)
+            (1, 2, 2, 1)
         );
         assert_eq!(s.fault_latency.count, 1);
     }

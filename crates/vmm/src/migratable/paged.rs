@@ -124,6 +124,10 @@ pub trait Memory {
     fn host_regions(&self) -> Option<Vec<HostRegion>> {
         None
     }
+    /// What must outlive whoever places pages through `host_regions`' aliases.
+    fn keep_alive(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        None
+    }
 }
 
 /// A memory's regions as `Component::lazy_regions` gives them: (first address, bytes)
@@ -375,8 +379,15 @@ impl MemoryState {
         let regions = mem.host_regions().ok_or_else(|| {
             ComponentError::Refused(format!("{} cannot be filled lazily", mem.what()))
         })?;
+        if regions.iter().any(|r| r.alias.is_some()) {
+            tracing::info!(
+                "{}: post-copy places pages through the alias of its shared memory",
+                mem.what()
+            );
+        }
         let fresh = self.fresh.load(Ordering::SeqCst);
-        let lazy = Arc::new(Lazy::new(mem.what(), regions, missing, fresh)?);
+        let lazy =
+            Arc::new(Lazy::new(mem.what(), regions, missing, fresh)?.keeping(mem.keep_alive()));
         self.lazy = Some(lazy.clone());
         Ok(lazy)
     }

@@ -9,7 +9,7 @@ use super::{
     ReadReport, Result, Section, Sink, SyncReport,
 };
 use crate::dirty::{DirtyLog, SlotId, Written};
-use crate::memory::{GuestMemory, RamRegion};
+use crate::memory::{GuestMemory, RamRegion, SharedRam};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -30,6 +30,8 @@ pub trait DmaLog: Send + Sync {
 
 struct Mem {
     mem: GuestMemory,
+    /// The alias of shared (prefaulted) RAM, where post-copy writes pages.
+    shared: Option<Arc<SharedRam>>,
     regions: Vec<RamRegion>,
     slots: Vec<SlotId>,
     dirty: Arc<Mutex<DirtyLog>>,
@@ -56,6 +58,16 @@ impl Memory for Mem {
     }
 
     fn populated(&self) -> Vec<Bitmap> {
+        // A page of shared memory that the guest's mapping does not map may still hold
+        // data (swapped out, or reached through the alias): only private memory's
+        // unmapped pages are surely zero.
+        if self.shared.is_some() {
+            return self
+                .regions
+                .iter()
+                .map(|r| crate::pagemap::all(r.size / PAGE_SIZE as u64))
+                .collect();
+        }
         self.regions
             .iter()
             .zip(self.mem.iter())
@@ -146,7 +158,8 @@ impl Memory for Mem {
         self.regions
             .iter()
             .zip(self.mem.iter())
-            .map(|(r, region)| {
+            .enumerate()
+            .map(|(i, (r, region))| {
                 let host = region
                     .get_host_address(vm_memory::MemoryRegionAddress(0))
                     .ok()?;
@@ -154,9 +167,19 @@ impl Memory for Mem {
                     host: host as u64,
                     len: r.size,
                     base: r.start,
+                    alias: match &self.shared {
+                        Some(s) => Some(s.alias(i)?),
+                        None => None,
+                    },
                 })
             })
             .collect()
+    }
+
+    fn keep_alive(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        self.shared
+            .clone()
+            .map(|s| s as Arc<dyn std::any::Any + Send + Sync>)
     }
 }
 
@@ -206,6 +229,7 @@ impl Ram {
         Ram {
             m: Mem {
                 mem,
+                shared: None,
                 regions,
                 slots,
                 dirty,
@@ -223,6 +247,13 @@ impl Ram {
         if fresh {
             *self.inner.get_mut().unwrap_or_else(|e| e.into_inner()) = MemoryState::fresh();
         }
+        self
+    }
+
+    /// Says that this RAM is shared memory with an alias (prefaulted), which post-copy
+    /// fills through.
+    pub fn shared(mut self, shared: Option<Arc<SharedRam>>) -> Ram {
+        self.m.shared = shared;
         self
     }
 
