@@ -144,6 +144,8 @@ fn check_size(bytes: u64) -> Result<()> {
 /// here. Only prefaulted memory is made this way: its pages exist before the source
 /// connects.
 pub struct SharedRam {
+    /// The memfd, to map the guest's side anew (`unmap_for_postcopy`).
+    file: std::fs::File,
     /// Host address of the alias: the whole file, regions one after another.
     alias: u64,
     len: usize,
@@ -185,21 +187,7 @@ fn create_shared(bytes: u64) -> Result<(GuestMemory, SharedRam)> {
     // SAFETY: `fd` is a new descriptor nothing else owns.
     let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     file.set_len(bytes).map_err(|e| io("size", e))?;
-    let mut offsets = Vec::new();
-    let mut ranges = Vec::new();
-    let mut off = 0u64;
-    for r in layout(bytes) {
-        let f = file.try_clone().map_err(|e| io("dup", e))?;
-        offsets.push(off);
-        ranges.push((
-            GuestAddress(r.start),
-            r.size as usize,
-            Some(vm_memory::FileOffset::new(f, off)),
-        ));
-        off += r.size;
-    }
-    let mem =
-        GuestMemory::from_ranges_with_files(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    let (mem, offsets) = map_guest_side(&file, bytes)?;
     // SAFETY: a new shared mapping of the whole file, owned by the SharedRam below.
     let alias = unsafe {
         libc::mmap(
@@ -215,11 +203,35 @@ fn create_shared(bytes: u64) -> Result<(GuestMemory, SharedRam)> {
         return Err(io("mmap", std::io::Error::last_os_error()));
     }
     let shared = SharedRam {
+        file,
         alias: alias as u64,
         len: bytes as usize,
         offsets,
     };
     Ok((mem, shared))
+}
+
+/// The guest's mapping of `bytes` of RAM in `file`, regions one after another in it,
+/// and each region's offset there.
+fn map_guest_side(file: &std::fs::File, bytes: u64) -> Result<(GuestMemory, Vec<u64>)> {
+    let mut offsets = Vec::new();
+    let mut ranges = Vec::new();
+    let mut off = 0u64;
+    for r in layout(bytes) {
+        let f = file
+            .try_clone()
+            .map_err(|e| Error::Memory(format!("guest memory: dup: {e}")))?;
+        offsets.push(off);
+        ranges.push((
+            GuestAddress(r.start),
+            r.size as usize,
+            Some(vm_memory::FileOffset::new(f, off)),
+        ));
+        off += r.size;
+    }
+    let mem =
+        GuestMemory::from_ranges_with_files(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    Ok((mem, offsets))
 }
 
 pub const PAGE_SIZE: u64 = 4096;
@@ -252,6 +264,9 @@ pub struct Ram {
     /// No page is mapped for the guest (`unmap_for_postcopy`): every first touch
     /// faults, and every page holds zeros.
     pub bare: bool,
+    /// The guest's old mapping, which maps every page, once `unmap_for_postcopy`
+    /// replaced it: to be dropped once post-copy is over (see there).
+    pub retired: Option<GuestMemory>,
 }
 
 impl std::fmt::Debug for Prefaulted {
@@ -321,6 +336,7 @@ impl Prefaulted {
                 mem,
                 shared: std::sync::Arc::new(shared),
                 bare: false,
+                retired: None,
             }),
             vram: None,
         };
@@ -348,36 +364,26 @@ impl Prefaulted {
     }
 
     /// Before a VM is built whose every page comes through userfaultfd: the RAM's
-    /// pages stay (placed through the alias), unmapped from the guest's mapping so that
-    /// every first touch faults; the VRAM, private memory that UFFDIO_COPY fills, is
-    /// given back. Whether there was any.
+    /// pages stay (placed through the alias), and the guest gets a new mapping of them
+    /// that maps none yet, so that every first touch faults; the VRAM, private memory
+    /// that UFFDIO_COPY fills, is given back. Whether there was any.
     pub fn unmap_for_postcopy(&self) -> Result<bool> {
         let mut r = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let vram = r.vram.take().is_some();
-        let Some(ram) = r.ram.as_mut() else {
-            return Ok(vram);
-        };
-        for region in ram.mem.iter() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|e| Error::Memory(e.to_string()))?;
-            // SAFETY: one shared mapping that `ram.mem` owns and no VM uses yet; on a
-            // shared mapping this drops only the page-table entries, the pages (zeros)
-            // stay in the file.
-            let rc = unsafe {
-                libc::madvise(
-                    host as *mut libc::c_void,
-                    region.len() as usize,
-                    libc::MADV_DONTNEED,
-                )
-            };
-            if rc != 0 {
-                let e = std::io::Error::last_os_error();
-                return Err(Error::Memory(format!("guest memory: unmap: {e}")));
+        let had_vram = r.vram.take().is_some();
+        // A new mapping of the RAM's pages maps none of them yet. The old one maps them
+        // all, and tearing its page-table entries down takes about 25 ms of CPU per GiB
+        // here: done now (or on another thread of this two-core host, or at the
+        // switch), the migration waits for it. It goes once post-copy is over.
+        let had_ram = match r.ram.as_mut() {
+            Some(ram) => {
+                let (fresh, _) = map_guest_side(&ram.shared.file, ram.bytes)?;
+                ram.bare = true;
+                ram.retired = Some(std::mem::replace(&mut ram.mem, fresh));
+                true
             }
-        }
-        ram.bare = true;
-        Ok(true)
+            None => false,
+        };
+        Ok(had_ram || had_vram)
     }
 
     /// The memory, for a VM of `bytes`: None when there is none (or it was taken).

@@ -129,9 +129,9 @@ impl Vm {
             .ok_or_else(|| Error::Config("memory size overflows".into()))?;
         // `untouched`: no page of it is mapped for the guest yet, and every page reads
         // as zero.
-        let (mem, shared, untouched) = match cfg.prefaulted.take(bytes)? {
-            Some(r) => (r.mem, Some(r.shared), r.bare),
-            None => (memory::create(bytes)?, None, true),
+        let (mem, shared, untouched, retired) = match cfg.prefaulted.take(bytes)? {
+            Some(r) => (r.mem, Some(r.shared), r.bare, r.retired),
+            None => (memory::create(bytes)?, None, true, None),
         };
         let ram = memory::layout(bytes);
         // The tracker owns the memory slots; the ring (if any) must exist before the
@@ -328,7 +328,7 @@ impl Vm {
                 lazy_ram,
             )
             .fresh(matches!(cfg.payload, Payload::Incoming { .. }) && untouched)
-            .shared(shared),
+            .shared(shared, retired),
         ));
         components.push(Arc::new(migratable::platform::Platform::new(
             fd.clone(),

@@ -123,6 +123,10 @@ pub struct Lazy {
     placed: Condvar,
     /// Keeps the aliases mapped while this places pages through them.
     _keep: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
+    /// Made fresh: a page not yet placed holds zeros (behind an alias, in the file).
+    fresh: bool,
+    /// Dropped on a thread of its own once every page is here (`Memory::retire`).
+    retired: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 fn refused(m: String) -> ComponentError {
@@ -235,6 +239,8 @@ impl Lazy {
             wake: EventFd::new(EFD_NONBLOCK).map_err(ComponentError::Io)?,
             placed: Condvar::new(),
             _keep: None,
+            fresh,
+            retired: Mutex::new(None),
             inner: Mutex::new(Inner {
                 missing,
                 asked: HashMap::new(),
@@ -261,6 +267,29 @@ impl Lazy {
     ) -> Lazy {
         self._keep = owner;
         self
+    }
+
+    /// Drops `old` once every page is here, not before.
+    pub fn retiring(self, old: Option<Box<dyn std::any::Any + Send>>) -> Lazy {
+        *self.retired.lock().unwrap_or_else(|e| e.into_inner()) = old;
+        if !self.lock().registered {
+            self.retire();
+        }
+        self
+    }
+
+    /// Drops what was retired, on a thread of its own: nobody waits for it.
+    fn retire(&self) {
+        let old = self
+            .retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(old) = old {
+            let _ = std::thread::Builder::new()
+                .name("retire".into())
+                .spawn(move || drop(old));
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -412,6 +441,7 @@ impl Lazy {
                     .unregister(r.host as *mut libc::c_void, r.len as usize);
             }
             i.stats.fault_latency = Latency::of(std::mem::take(&mut i.latencies));
+            self.retire();
             // Whoever watches the touches (and says DONE once every page is here)
             // hears it now, not at its next timeout (100 ms at the end of every
             // post-copy window).
@@ -533,6 +563,14 @@ impl Lazy {
     /// Fills `n` pages at page `p` of region `r` with zeros.
     fn zero_run(&self, (r, p, n): (usize, u64, u64)) -> Result<()> {
         if let Some(alias) = self.regions[r].alias {
+            if self.fresh {
+                // The file holds zeros there already. Mapping every zero page of a
+                // mostly idle memory cost 25 ms per GiB here; left unmapped, a first
+                // touch maps it (`map_unsent`), and one that waits for it now is only
+                // woken to touch again.
+                let _ = self.uffd.wake(self.host(r, p), n as usize * PAGE_SIZE);
+                return Ok(());
+            }
             return self.through_alias(alias, r, p, n as usize, None);
         }
         // SAFETY: `n` pages inside this memory's registered mapping (each located by the
@@ -559,9 +597,10 @@ impl Lazy {
 
     /// A touch of a page of an alias's memory that is not at the source: placed
     /// meanwhile (mapped already, the toucher only needs waking) or never at the
-    /// source, which is zero. Its page in the file holds zeros then: prefaulted, and
-    /// written since only by a pre-copy (through the guest's mapping, which maps it,
-    /// so that it does not fault) or by placing (which maps it). It is mapped as it is:
+    /// source or sent as zero into fresh memory (left unmapped), which is zero. Its
+    /// page in the file holds zeros then: prefaulted, and written since only by a
+    /// pre-copy (through the guest's mapping, which maps it, so that it does not fault)
+    /// or by placing (which maps it). It is mapped as it is:
     /// writing zeros first could overwrite a page placed since the touch was read.
     fn map_unsent(&self, r: usize, page: u64) {
         match self.uffd.r#continue(self.host(r, page), PAGE_SIZE, true) {
@@ -942,6 +981,57 @@ mod tests {
         missing_pages_wait(m.host, Some(m.alias));
         // Page 1's old copy was overwritten in the file itself, not beside it.
         assert_eq!(peek(m.alias, 1), 7);
+    }
+
+    /// Zero pages sent into fresh shared memory are left as the file holds them
+    /// (zeros), unmapped; a touch maps one; a touch that waited for one reads zero.
+    #[test]
+    fn zero_pages_of_fresh_shared_memory_are_left_for_a_touch_to_map() {
+        let m = SharedMap::new(64);
+        for p in 0..64 {
+            poke(m.alias, p, 0);
+        }
+        let region = HostRegion {
+            host: m.host,
+            len: 64 * PAGE_SIZE as u64,
+            base: 0,
+            alias: Some(m.alias),
+        };
+        let lazy =
+            std::sync::Arc::new(Lazy::new("test", vec![region], vec![vec![0b1111]], true).unwrap());
+        let host = m.host;
+        let waiter = std::thread::spawn(move || peek(host, 2));
+        let mut w = Wanted::default();
+        let t = Instant::now();
+        while w.ask.is_empty() {
+            lazy.take(&mut w).unwrap();
+            assert!(t.elapsed().as_secs() < 20, "no fault seen");
+        }
+        assert_eq!(w.ask, vec![2 * PAGE_SIZE as u64]);
+        lazy.zero(&[(0, 3)]).unwrap();
+        // Woken, the waiter touches again: that touch maps the page.
+        let t = Instant::now();
+        while !waiter.is_finished() {
+            lazy.take(&mut Wanted::default()).unwrap();
+            assert!(t.elapsed().as_secs() < 20, "the waiter was not woken");
+        }
+        assert_eq!(waiter.join().unwrap(), 0);
+        let mapped = crate::pagemap::populated(m.host, 4 * PAGE_SIZE as u64).unwrap();
+        assert_eq!(
+            mapped[0] & 0b111,
+            0b100,
+            "zero pages mapped: {:#b}",
+            mapped[0]
+        );
+        assert_eq!(lazy.left(), 1);
+        let toucher = std::thread::spawn(move || peek(host, 0));
+        let t = Instant::now();
+        while !toucher.is_finished() {
+            lazy.take(&mut Wanted::default()).unwrap();
+            assert!(t.elapsed().as_secs() < 20, "the touch was not answered");
+        }
+        assert_eq!(toucher.join().unwrap(), 0);
+        assert_eq!(lazy.stats().zero_filled, 2);
     }
 
     /// Pages 0..4 hold old data, 1 and 2 changed at the source since; 40 was never

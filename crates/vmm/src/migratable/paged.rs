@@ -128,6 +128,10 @@ pub trait Memory {
     fn keep_alive(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
         None
     }
+    /// What to drop once post-copy is over, not before (costly to drop: a mapping).
+    fn retire(&self) -> Option<Box<dyn std::any::Any + Send>> {
+        None
+    }
 }
 
 /// A memory's regions as `Component::lazy_regions` gives them: (first address, bytes)
@@ -386,8 +390,10 @@ impl MemoryState {
             );
         }
         let fresh = self.fresh.load(Ordering::SeqCst);
-        let lazy =
-            Arc::new(Lazy::new(mem.what(), regions, missing, fresh)?.keeping(mem.keep_alive()));
+        let lazy = Lazy::new(mem.what(), regions, missing, fresh)?
+            .keeping(mem.keep_alive())
+            .retiring(mem.retire());
+        let lazy = Arc::new(lazy);
         self.lazy = Some(lazy.clone());
         Ok(lazy)
     }

@@ -32,6 +32,8 @@ struct Mem {
     mem: GuestMemory,
     /// The alias of shared (prefaulted) RAM, where post-copy writes pages.
     shared: Option<Arc<SharedRam>>,
+    /// Its old mapping (`memory::Prefaulted::unmap_for_postcopy`), until post-copy ends.
+    retired: Mutex<Option<GuestMemory>>,
     regions: Vec<RamRegion>,
     slots: Vec<SlotId>,
     dirty: Arc<Mutex<DirtyLog>>,
@@ -176,6 +178,15 @@ impl Memory for Mem {
             .collect()
     }
 
+    fn retire(&self) -> Option<Box<dyn std::any::Any + Send>> {
+        let old = self
+            .retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        old.map(|m| Box::new(m) as Box<dyn std::any::Any + Send>)
+    }
+
     fn keep_alive(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
         self.shared
             .clone()
@@ -230,6 +241,7 @@ impl Ram {
             m: Mem {
                 mem,
                 shared: None,
+                retired: Mutex::new(None),
                 regions,
                 slots,
                 dirty,
@@ -251,9 +263,11 @@ impl Ram {
     }
 
     /// Says that this RAM is shared memory with an alias (prefaulted), which post-copy
-    /// fills through.
-    pub fn shared(mut self, shared: Option<Arc<SharedRam>>) -> Ram {
+    /// fills through, and gives it the guest's old mapping of it, if it was replaced,
+    /// to drop once post-copy is over.
+    pub fn shared(mut self, shared: Option<Arc<SharedRam>>, retired: Option<GuestMemory>) -> Ram {
         self.m.shared = shared;
+        self.m.retired = Mutex::new(retired);
         self
     }
 
