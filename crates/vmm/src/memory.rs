@@ -234,6 +234,31 @@ fn map_guest_side(file: &std::fs::File, bytes: u64) -> Result<(GuestMemory, Vec<
     Ok((mem, offsets))
 }
 
+/// Unmaps `mem`, a mapping of shared memory whose pages stay in their file, without
+/// holding up page faults elsewhere in this process: its page-table entries go first,
+/// by madvise, which shares the mmap lock with faults, and then the mapping, which
+/// takes that lock whole, now briefly. Unmapped at once, 4 GiB of 4 KiB entries held
+/// the lock for tens of milliseconds, and a vCPU faulting meanwhile (KVM takes the
+/// lock to look a page up) stopped for as long: 66-85 ms guest gaps in idle post-copy
+/// runs.
+pub fn retire(mem: GuestMemory) {
+    for region in mem.iter() {
+        if let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) {
+            // SAFETY: one shared mapping that `mem` owns, which nothing uses any more
+            // (the guest has another mapping of the same pages); dropping its entries
+            // leaves the pages in the file.
+            unsafe {
+                libc::madvise(
+                    host as *mut libc::c_void,
+                    region.len() as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+        }
+    }
+    drop(mem);
+}
+
 pub const PAGE_SIZE: u64 = 4096;
 
 /// Guest memory made before its VM, every page touched once (Cloud Hypervisor's

@@ -125,8 +125,8 @@ pub struct Lazy {
     _keep: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
     /// Made fresh: a page not yet placed holds zeros (behind an alias, in the file).
     fresh: bool,
-    /// Dropped on a thread of its own once every page is here (`Memory::retire`).
-    retired: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    /// Run on a thread of its own once every page is here (`Memory::retire`).
+    retired: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 fn refused(m: String) -> ComponentError {
@@ -269,8 +269,8 @@ impl Lazy {
         self
     }
 
-    /// Drops `old` once every page is here, not before.
-    pub fn retiring(self, old: Option<Box<dyn std::any::Any + Send>>) -> Lazy {
+    /// Runs `old` once every page is here, not before.
+    pub fn retiring(self, old: Option<Box<dyn FnOnce() + Send>>) -> Lazy {
         *self.retired.lock().unwrap_or_else(|e| e.into_inner()) = old;
         if !self.lock().registered {
             self.retire();
@@ -278,7 +278,7 @@ impl Lazy {
         self
     }
 
-    /// Drops what was retired, on a thread of its own: nobody waits for it.
+    /// Runs what was retired, on a thread of its own: nobody waits for it.
     fn retire(&self) {
         let old = self
             .retired
@@ -286,9 +286,7 @@ impl Lazy {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(old) = old {
-            let _ = std::thread::Builder::new()
-                .name("retire".into())
-                .spawn(move || drop(old));
+            let _ = std::thread::Builder::new().name("retire".into()).spawn(old);
         }
     }
 

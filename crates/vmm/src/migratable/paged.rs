@@ -128,8 +128,9 @@ pub trait Memory {
     fn keep_alive(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
         None
     }
-    /// What to drop once post-copy is over, not before (costly to drop: a mapping).
-    fn retire(&self) -> Option<Box<dyn std::any::Any + Send>> {
+    /// What to do once post-copy is over, not before: let go of what is costly to
+    /// let go of (a mapping).
+    fn retire(&self) -> Option<Box<dyn FnOnce() + Send>> {
         None
     }
 }

@@ -178,13 +178,13 @@ impl Memory for Mem {
             .collect()
     }
 
-    fn retire(&self) -> Option<Box<dyn std::any::Any + Send>> {
+    fn retire(&self) -> Option<Box<dyn FnOnce() + Send>> {
         let old = self
             .retired
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        old.map(|m| Box::new(m) as Box<dyn std::any::Any + Send>)
+        old.map(|m| Box::new(move || crate::memory::retire(m)) as Box<dyn FnOnce() + Send>)
     }
 
     fn keep_alive(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
