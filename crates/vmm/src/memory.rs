@@ -93,22 +93,24 @@ pub fn create(bytes: u64) -> Result<GuestMemory> {
         .map(|r| (GuestAddress(r.start), r.size as usize))
         .collect();
     let mem = GuestMemory::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    // Transparent huge pages (as QEMU asks for guest RAM): one fault and one TLB entry
+    // per 2 MiB. Filling a fresh destination with 4 KiB faults was the largest cost of
+    // receiving a migration here. Advice only: failure is harmless.
+    advise_harmlessly(&mem, libc::MADV_HUGEPAGE);
+    Ok(mem)
+}
+
+/// Gives `advice` on every region of `mem`, ignoring failure: only advice that changes
+/// nothing anyone reads (`MADV_HUGEPAGE`; `MADV_DONTNEED` on a shared mapping nobody
+/// uses, whose pages stay in their file).
+fn advise_harmlessly(mem: &GuestMemory, advice: libc::c_int) {
     for region in mem.iter() {
         if let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) {
-            // Transparent huge pages (as QEMU asks for guest RAM): one fault and one TLB
-            // entry per 2 MiB. Filling a fresh destination with 4 KiB faults was the
-            // largest cost of receiving a migration here. Advice only: failure is harmless.
-            // SAFETY: the range is exactly one mapping that `mem` owns.
-            unsafe {
-                libc::madvise(
-                    host as *mut libc::c_void,
-                    region.len() as usize,
-                    libc::MADV_HUGEPAGE,
-                )
-            };
+            // SAFETY: the range is exactly one mapping that `mem` owns; the advice the
+            // callers give changes no content anyone reads (see above).
+            unsafe { libc::madvise(host as *mut libc::c_void, region.len() as usize, advice) };
         }
     }
-    Ok(mem)
 }
 
 /// Whether godwit can give a VM `bytes` of RAM on this host.
@@ -242,20 +244,8 @@ fn map_guest_side(file: &std::fs::File, bytes: u64) -> Result<(GuestMemory, Vec<
 /// lock to look a page up) stopped for as long: 66-85 ms guest gaps in idle post-copy
 /// runs.
 pub fn retire(mem: GuestMemory) {
-    for region in mem.iter() {
-        if let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) {
-            // SAFETY: one shared mapping that `mem` owns, which nothing uses any more
-            // (the guest has another mapping of the same pages); dropping its entries
-            // leaves the pages in the file.
-            unsafe {
-                libc::madvise(
-                    host as *mut libc::c_void,
-                    region.len() as usize,
-                    libc::MADV_DONTNEED,
-                )
-            };
-        }
-    }
+    // Nothing uses `mem` any more: the guest has another mapping of the same pages.
+    advise_harmlessly(&mem, libc::MADV_DONTNEED);
     drop(mem);
 }
 
