@@ -1,0 +1,300 @@
+use super::*;
+
+#[test]
+fn runs_of_bits() {
+    assert_eq!(
+        runs(&[0b1110_0011, 1 << 63, 1]),
+        vec![(0, 2), (5, 3), (127, 2)]
+    );
+    assert!(runs(&[0, 0]).is_empty());
+    assert_eq!(runs(&[u64::MAX, u64::MAX, 0b1]), vec![(0, 129)]);
+    assert_eq!(runs(&[1 << 63 | 1, u64::MAX >> 1]), vec![(0, 1), (63, 64)]);
+}
+
+#[test]
+fn latencies_summarised() {
+    let l = Latency::of((1..=100).map(|x| x as f64).collect());
+    assert_eq!((l.count, l.min_us, l.max_us), (100, 1.0, 100.0));
+    assert_eq!(l.p99_us, 99.0);
+    assert_eq!(Latency::of(vec![]), Latency::default());
+}
+
+use crate::migratable::fuzz_postcopy::AnonMap;
+
+fn peek(host: u64, page: usize) -> u64 {
+    // SAFETY: the callers' pages lie inside their mapping.
+    unsafe { std::ptr::read_volatile((host as *const u64).add(page * 512)) }
+}
+
+fn poke(host: u64, page: usize, v: u64) {
+    // SAFETY: as in peek.
+    unsafe { std::ptr::write_volatile((host as *mut u64).add(page * 512), v) }
+}
+
+/// The first `pages` pages of `m`, at `base` in the component's space.
+fn region_of(m: &AnonMap, pages: u64, base: u64) -> HostRegion {
+    HostRegion {
+        host: m.host,
+        len: pages * PAGE_SIZE as u64,
+        base,
+        alias: None,
+    }
+}
+
+/// Touches in a row bring the pages after them, asked for apart from the touch
+/// (twice as many each time, up to READ_AHEAD_MAX); a touch that then waits for
+/// one of those is a remote fault after all; a touch elsewhere starts over.
+#[test]
+fn touches_in_a_row_bring_the_next_pages_with_them() {
+    let m = AnonMap::new(128).unwrap();
+    let region = region_of(&m, 128, 0);
+    let lazy = std::sync::Arc::new(
+        Lazy::new("test", vec![region], vec![vec![u64::MAX; 2]], true).unwrap(),
+    );
+    let page = |p: u64| p * PAGE_SIZE as u64;
+    // Touches page `p` on a thread of its own; returns what that asks for once
+    // the touch is counted (it waits until the test places the page).
+    let touch = |p: usize| {
+        let faults = lazy.stats().remote_faults;
+        let host = m.host;
+        let t = std::thread::spawn(move || peek(host, p));
+        let mut w = Wanted::default();
+        let since = Instant::now();
+        while lazy.stats().remote_faults == faults {
+            lazy.take(&mut w).unwrap();
+            assert!(since.elapsed().as_secs() < 20, "no fault seen");
+        }
+        (t, w)
+    };
+    let fill = |addrs: &[u64]| {
+        lazy.place(addrs, &vec![1u8; addrs.len() * PAGE_SIZE])
+            .unwrap()
+    };
+    let (t, w) = touch(10);
+    assert_eq!((w.ask, w.after), (vec![page(10)], vec![]));
+    fill(&[page(10)]);
+    t.join().unwrap();
+    let (t, w) = touch(11);
+    assert_eq!(w.ask, vec![page(11)]);
+    assert_eq!(w.after, (12..16).map(page).collect::<Vec<_>>());
+    fill(&[page(11)]);
+    t.join().unwrap();
+    // Just past what came with the last touch: twice as many.
+    let (t, w) = touch(16);
+    assert_eq!(w.ask, vec![page(16)]);
+    assert_eq!(w.after, (17..25).map(page).collect::<Vec<_>>());
+    fill(&[page(16)]);
+    t.join().unwrap();
+    let before = lazy.stats();
+    assert_eq!((before.remote_faults, before.fetched_ahead), (3, 12));
+    // A touch of a page asked for ahead waits for the answer on its way: counted
+    // as a remote fault, asked for once.
+    let (t, w) = touch(20);
+    assert!(w.ask.is_empty() && w.after.is_empty(), "{w:?}");
+    let s = lazy.stats();
+    assert_eq!((s.remote_faults, s.fetched_ahead), (4, 11));
+    fill(&[page(20)]);
+    t.join().unwrap();
+    // Elsewhere: no read-ahead until the next run.
+    let (t, w) = touch(100);
+    assert_eq!((w.ask, w.after), (vec![page(100)], vec![]));
+    fill(&[page(100)]);
+    t.join().unwrap();
+}
+
+/// A memfd mapped twice (the second the alias), as prefaulted RAM is; unmapped on
+/// drop. Its pages exist once something writes them.
+struct SharedMap {
+    host: u64,
+    alias: u64,
+    len: usize,
+}
+
+impl SharedMap {
+    fn new(pages: usize) -> SharedMap {
+        let len = pages * PAGE_SIZE;
+        // SAFETY: a NUL-terminated name; the fd is closed below, the mappings keep
+        // the file.
+        let fd = unsafe { libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is ours.
+        assert_eq!(unsafe { libc::ftruncate(fd, len as i64) }, 0);
+        let map = || {
+            // SAFETY: a new shared mapping of the file, unmapped on drop.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            p as u64
+        };
+        let (host, alias) = (map(), map());
+        // SAFETY: `fd` is ours and no longer needed.
+        unsafe { libc::close(fd) };
+        SharedMap { host, alias, len }
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: the mappings made in `new`.
+        unsafe {
+            libc::munmap(self.host as *mut _, self.len);
+            libc::munmap(self.alias as *mut _, self.len);
+        }
+    }
+}
+
+#[test]
+fn missing_pages_wait_for_the_source_and_the_rest_is_kept_or_zero() {
+    let m = AnonMap::new(128).unwrap();
+    missing_pages_wait(m.host, None);
+}
+
+/// The same through an alias: the missing pages' old copies stay in the file, and
+/// a touch of one is a minor fault; pages the file does not hold yet (40, 70) are
+/// missing faults and are filled all the same.
+#[test]
+fn missing_pages_of_shared_memory_are_placed_through_its_alias() {
+    let m = SharedMap::new(128);
+    missing_pages_wait(m.host, Some(m.alias));
+    // Page 1's old copy was overwritten in the file itself, not beside it.
+    assert_eq!(peek(m.alias, 1), 7);
+}
+
+/// Zero pages sent into fresh shared memory are left as the file holds them
+/// (zeros), unmapped; a touch maps one; a touch that waited for one reads zero.
+#[test]
+fn zero_pages_of_fresh_shared_memory_are_left_for_a_touch_to_map() {
+    let m = SharedMap::new(64);
+    for p in 0..64 {
+        poke(m.alias, p, 0);
+    }
+    let region = HostRegion {
+        host: m.host,
+        len: 64 * PAGE_SIZE as u64,
+        base: 0,
+        alias: Some(m.alias),
+    };
+    let lazy =
+        std::sync::Arc::new(Lazy::new("test", vec![region], vec![vec![0b1111]], true).unwrap());
+    let host = m.host;
+    let waiter = std::thread::spawn(move || peek(host, 2));
+    let mut w = Wanted::default();
+    let t = Instant::now();
+    while w.ask.is_empty() {
+        lazy.take(&mut w).unwrap();
+        assert!(t.elapsed().as_secs() < 20, "no fault seen");
+    }
+    assert_eq!(w.ask, vec![2 * PAGE_SIZE as u64]);
+    lazy.zero(&[(0, 3)]).unwrap();
+    // Woken, the waiter touches again: that touch maps the page.
+    let t = Instant::now();
+    while !waiter.is_finished() {
+        lazy.take(&mut Wanted::default()).unwrap();
+        assert!(t.elapsed().as_secs() < 20, "the waiter was not woken");
+    }
+    assert_eq!(waiter.join().unwrap(), 0);
+    let mapped = crate::pagemap::populated(m.host, 4 * PAGE_SIZE as u64).unwrap();
+    assert_eq!(
+        mapped[0] & 0b111,
+        0b100,
+        "zero pages mapped: {:#b}",
+        mapped[0]
+    );
+    assert_eq!(lazy.left(), 1);
+    let toucher = std::thread::spawn(move || peek(host, 0));
+    let t = Instant::now();
+    while !toucher.is_finished() {
+        lazy.take(&mut Wanted::default()).unwrap();
+        assert!(t.elapsed().as_secs() < 20, "the touch was not answered");
+    }
+    assert_eq!(toucher.join().unwrap(), 0);
+    assert_eq!(lazy.stats().zero_filled, 2);
+}
+
+/// Pages 0..4 hold old data, 1 and 2 changed at the source since; 40 was never
+/// here; 70 and 80 were never at the source (80's page exists, zero).
+fn missing_pages_wait(host: u64, alias: Option<u64>) {
+    for p in 0..4 {
+        poke(host, p, 100 + p as u64);
+    }
+    if let Some(a) = alias {
+        poke(a, 80, 0);
+    }
+    let mut missing = vec![0u64; 2];
+    missing[0] = 0b110 | 1 << 40;
+    let region = HostRegion {
+        host,
+        len: 128 * PAGE_SIZE as u64,
+        base: 0x10_0000,
+        alias,
+    };
+    let lazy = std::sync::Arc::new(Lazy::new("test", vec![region], vec![missing], false).unwrap());
+    assert_eq!(lazy.left(), 3);
+    // Kept pages read at once; pages the source never had read as zero.
+    assert_eq!(peek(host, 0), 100);
+    assert_eq!(peek(host, 3), 103);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let toucher = std::thread::spawn(move || {
+        tx.send((peek(host, 70), peek(host, 80), peek(host, 1)))
+            .unwrap();
+    });
+    // The toucher zero-fills pages 70 and 80, then waits for page 1.
+    let mut w = Wanted::default();
+    let t = Instant::now();
+    while w.ask.is_empty() {
+        lazy.take(&mut w).unwrap();
+        assert!(t.elapsed().as_secs() < 20, "no fault seen");
+    }
+    assert_eq!(w.ask, vec![0x10_0000 + 4096]);
+    assert!(w.after.is_empty(), "one touch is not a run: {:?}", w.after);
+    assert!(rx.try_recv().is_err(), "a missing page read before it came");
+    let mut page = vec![0u8; PAGE_SIZE];
+    page[..8].copy_from_slice(&7u64.to_le_bytes());
+    lazy.place(&[0x10_0000 + 4096], &page).unwrap();
+    assert_eq!(rx.recv().unwrap(), (0, 0, 7));
+    toucher.join().unwrap();
+    // A duplicate is dropped; outside addresses are refused, nothing placed.
+    lazy.place(&[0x10_0000 + 4096], &page).unwrap();
+    assert!(lazy
+        .place(&[0x10_0000 + 2 * 4096, 0x9000], &[0; 8192])
+        .is_err());
+    assert!(lazy.zero(&[(0x10_0000 + 127 * 4096, 2)]).is_err());
+    assert_eq!(lazy.left(), 2);
+    lazy.zero(&[(0x10_0000 + 2 * 4096, 1)]).unwrap();
+    let _ = lazy.wake.read();
+    lazy.place(&[0x10_0000 + 40 * 4096], &page).unwrap();
+    assert_eq!(lazy.left(), 0);
+    // The last page in wakes whoever watches (to say DONE), at once.
+    let mut fd = libc::pollfd {
+        fd: lazy.wake_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    assert_eq!(unsafe { libc::poll(&mut fd, 1, 0) }, 1, "no wake-up");
+    assert_eq!((peek(host, 1), peek(host, 2), peek(host, 40)), (7, 0, 7));
+    let s = lazy.stats();
+    assert_eq!(
+        (s.remote_faults, s.prepaged, s.zero_filled, s.duplicates),
+        (1, 2, 2, 1)
+    );
+    assert_eq!(s.fault_latency.count, 1);
+}
+
+#[test]
+fn hostile_bitmaps_are_refused() {
+    let m = AnonMap::new(100).unwrap();
+    let region = region_of(&m, 100, 0);
+    assert!(Lazy::new("t", vec![region], vec![vec![0; 1]], false).is_err());
+    assert!(Lazy::new("t", vec![region], vec![vec![0, 1 << 40]], false).is_err());
+    assert!(Lazy::new("t", vec![], vec![vec![0, 0]], false).is_err());
+    assert!(Lazy::new("t", vec![region], vec![vec![0, 1 << 35]], false).is_ok());
+}
