@@ -6,7 +6,9 @@
 //! of how long the VM was stopped, and when.
 //!
 //! Arguments: wss=MiB (64), rate=MiB/s (100), seconds=S (run time, 0 = forever; 5),
-//! verify-every=S (0 = only at the end; 0), report-every=MS (1000).
+//! verify-every=S (0 = only at the end; 0), report-every=MS (1000), check-writes=1
+//! (checks each page before it rewrites it: a page lost on the way is caught at its next
+//! rewrite, which would otherwise hide it; 0).
 //! Exit code 0 when every check passed, 1 on corruption.
 #![no_std]
 #![no_main]
@@ -33,6 +35,11 @@ fn value(page: u64, gen: u32, word: usize) -> u64 {
 struct Set {
     pages: &'static mut [u8],
     gens: &'static mut [u32],
+    /// Check each page before rewriting it (`check-writes`).
+    check: bool,
+    /// Pages found stale before a rewrite, and the first of them.
+    stale: usize,
+    first_stale: Option<usize>,
 }
 
 impl Set {
@@ -40,7 +47,24 @@ impl Set {
         self.gens.len()
     }
 
+    fn holds(&self, p: usize) -> bool {
+        let gen = self.gens[p];
+        let page = &self.pages[p * PAGE..(p + 1) * PAGE];
+        (0..WORDS).all(|w| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&page[w * 8..w * 8 + 8]);
+            u64::from_le_bytes(b) == value(p as u64, gen, w)
+        })
+    }
+
     fn write(&mut self, p: usize) {
+        if self.check && !self.holds(p) {
+            if self.stale == 0 {
+                println!("dirtier: page {} stale before its rewrite", p);
+            }
+            self.stale += 1;
+            self.first_stale.get_or_insert(p);
+        }
         let gen = self.gens[p].wrapping_add(1);
         self.gens[p] = gen;
         let page = &mut self.pages[p * PAGE..(p + 1) * PAGE];
@@ -54,14 +78,7 @@ impl Set {
         let mut bad = 0;
         let mut first = None;
         for p in 0..self.npages() {
-            let gen = self.gens[p];
-            let page = &self.pages[p * PAGE..(p + 1) * PAGE];
-            let ok = (0..WORDS).all(|w| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&page[w * 8..w * 8 + 8]);
-                u64::from_le_bytes(b) == value(p as u64, gen, w)
-            });
-            if !ok {
+            if !self.holds(p) {
                 bad += 1;
                 first.get_or_insert(p);
             }
@@ -93,6 +110,7 @@ fn main() -> i32 {
     let seconds = args::get_u64("seconds", 5);
     let verify_every = args::get_u64("verify-every", 0);
     let report_ms = args::get_u64("report-every", 1000);
+    let check = args::get_u64("check-writes", 0) != 0;
 
     let npages = (wss as usize) << 8;
     let (Some(pages), Some(gens)) = (mem::alloc(wss << 20), mem::alloc(npages as u64 * 4)) else {
@@ -105,13 +123,20 @@ fn main() -> i32 {
     };
     // SAFETY: `gens` is page aligned and exactly npages * 4 bytes (rounded up).
     let gens = unsafe { core::slice::from_raw_parts_mut(gens.as_mut_ptr() as *mut u32, npages) };
-    let mut set = Set { pages, gens };
+    let mut set = Set {
+        pages,
+        gens,
+        check: false,
+        stale: 0,
+        first_stale: None,
+    };
 
     let t0 = time::now_ns();
     for p in 0..npages {
         set.gens[p] = 0;
         set.write(p);
     }
+    set.check = check;
     let touched = time::now_ns();
     println!(
         "dirtier: touched wss={}MiB pages={} in {}ms rate={}MiB/s",
@@ -145,6 +170,14 @@ fn main() -> i32 {
         }
     }
     ok &= verify_and_report(&set, pace.ms());
+    if set.stale > 0 {
+        println!(
+            "dirtier: FAILED stale_pages={} first_stale={}",
+            set.stale,
+            set.first_stale.unwrap_or(0)
+        );
+        ok = false;
+    }
     println!(
         "dirtier: done written_mib={} max_gap_us={} result={}",
         pace.written_mib(),
