@@ -244,6 +244,12 @@ fn a_vm_restored_lazily_moves_on_at_once() {
     let f = format!("file:{}", snap.display());
     let b_args = ["--incoming", &f, "--restore", "lazy", "--log-level", "info"];
     let mut b = source(&dir, "b", &b_args);
+    // Its API answers before the snapshot is read (503, no VM yet): wait for the VM.
+    wait_for(LIMIT, || {
+        let (c, _) = godwit_vmm::api::call(&b.sock, "GET", "vm.info").ok()?;
+        (c == 200).then_some(())
+    })
+    .expect("the restored VM never came up");
     let (mut c, addr_c) = destination(&dir, "c", &[]);
     let (out, r) = migrate(&b, &addr_c, &[]);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
