@@ -31,5 +31,12 @@ apt-get "${apt[@]}" update -qq >&2
     qemu-system-data/bookworm-backports >&2 2>/dev/null)
 rm -rf "$root"
 for d in "$work"/debs/*.deb; do dpkg -x "$d" "$root"; done
-"$bin" --version | grep -q "version 10\." || { echo "no QEMU 10 in $root" >&2; exit 1; }
+if ! out=$("$bin" --version 2>&1) || ! grep -q "version 10\." <<<"$out"; then
+    echo "no working QEMU 10 in $root: $out" >&2
+    # The usual cause: the libraries it links come with QEMU 7.2, not yet installed.
+    if grep -q "error while loading shared libraries" <<<"$out"; then
+        echo "install QEMU 7.2 first (./test.sh does: apt-get install qemu-system-x86)" >&2
+    fi
+    exit 1
+fi
 echo "$bin"
