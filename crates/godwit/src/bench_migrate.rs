@@ -17,6 +17,7 @@ use crate::bench::{
     alive, free_port, guest_gap, qemu_guest, steady, summary, wait_for, Pair, Procs, Summary,
 };
 use crate::cli::MigrateBenchArgs;
+use godwit_migration::wire::PageChecks;
 use godwit_migration::{Mode, Options};
 use godwit_vmm::dirty::DirtyLogMode;
 use serde::Serialize;
@@ -176,6 +177,8 @@ struct BenchReport {
     runs: usize,
     qemu: Option<String>,
     connections: u32,
+    /// Who checked godwit's page data (`--page-checks`).
+    page_checks: String,
     /// Destinations got their memory before each migration (`--prefault`).
     prefault: bool,
     cells: Vec<Cell>,
@@ -229,6 +232,7 @@ fn godwit_run(
     dirty_log: DirtyLogMode,
     tls: Option<&Path>,
     prefault: bool,
+    page_checks: PageChecks,
 ) -> Result<Sample, String> {
     let mut pair = Pair::new(dir, "g-")?;
     let (src_log, dst_log, sock, port) = (
@@ -284,6 +288,7 @@ fn godwit_run(
         stop_copy: vec![],
         tls_dir: tls.map(Path::to_path_buf),
         insecure: false,
+        page_checks,
     };
     let (r, gap) = pair.migrate(&o, MIGRATE_TIMEOUT)?;
     Ok(Sample {
@@ -609,6 +614,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                                 log,
                                 tls.then_some(creds.as_path()),
                                 a.prefault,
+                                a.page_checks.into(),
                             )?),
                             None if turn >= first_extra => {
                                 let k = (turn - first_extra) / per_extra;
@@ -733,6 +739,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
         runs,
         qemu,
         connections: a.connections,
+        page_checks: PageChecks::from(a.page_checks).to_string(),
         prefault: a.prefault,
         cells,
     })

@@ -307,6 +307,11 @@ pub struct MigrateArgs {
     /// Plain TCP to a destination that is not this machine's loopback.
     #[arg(long)]
     pub insecure: bool,
+    /// Who checks the pages' data on the way: crc (godwit, every byte, end to end) or
+    /// transport (TCP's checksum, TLS's AEAD; pages go from guest memory to the socket
+    /// with no copy: faster). A file always keeps crc.
+    #[arg(long, value_enum, default_value_t = PageChecksArg::Crc)]
+    pub page_checks: PageChecksArg,
     /// Print the final report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -322,6 +327,26 @@ pub enum RestoreArg {
 pub enum OnOff {
     On,
     Off,
+}
+
+/// Who checks the page data of a migration on the way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PageChecksArg {
+    /// godwit's CRC over every byte, end to end (each page is copied into its frame).
+    #[default]
+    Crc,
+    /// The transport's own (TCP's checksum, TLS's AEAD), as QEMU's stream: pages go from
+    /// guest memory to the socket with no copy (one TCP or Unix connection).
+    Transport,
+}
+
+impl From<PageChecksArg> for godwit_migration::wire::PageChecks {
+    fn from(a: PageChecksArg) -> Self {
+        match a {
+            PageChecksArg::Crc => Self::Crc,
+            PageChecksArg::Transport => Self::Transport,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -457,6 +482,9 @@ pub struct MigrateBenchArgs {
     /// godwit's page connections.
     #[arg(long, default_value_t = 1)]
     pub connections: u32,
+    /// Who checks godwit's page data on the way (`godwit migrate --page-checks`).
+    #[arg(long, value_enum, default_value_t = PageChecksArg::Crc)]
+    pub page_checks: PageChecksArg,
     /// godwit's dirty tracking, one side per mode (comma separated): bitmap, ring,
     /// ring:ENTRIES. The first is the one held against QEMU; the others are compared
     /// with it.

@@ -169,6 +169,7 @@ fn demo(a: &DemoArgs) -> Result<bool, String> {
         gpu_precopy: crate::cli::OnOff::On,
         tls_dir: None,
         insecure: false,
+        page_checks: Default::default(),
         json: false,
     });
     if code != ExitCode::SUCCESS {

@@ -250,6 +250,7 @@ pub fn migrate(a: MigrateArgs) -> ExitCode {
         },
         tls_dir: a.tls_dir.clone(),
         insecure: a.insecure,
+        page_checks: a.page_checks.into(),
     };
     if let Err(e) = o.check() {
         return fail(e);

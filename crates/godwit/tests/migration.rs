@@ -82,6 +82,66 @@ fn a_dirtier_migrated_while_dirtying_verifies_all_its_memory_on_the_destination(
     );
 }
 
+/// Page data left to the transport's checks (`--page-checks transport`): the pages go
+/// from guest memory straight to the socket while the guest writes them, and a page torn
+/// on the way is dirty, so it goes again. A dirtier writing flat out, and checking each
+/// page before it rewrites it, verifies all of its memory after the move. A snapshot
+/// file keeps every page's CRC: refused there.
+#[test]
+fn pages_sent_straight_from_guest_memory_while_it_is_written_arrive_whole() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("mig-inplace");
+    let mut src = source(
+        &dir,
+        "src",
+        &[
+            "--log-level",
+            "info",
+            "-m",
+            "512",
+            "dirtier",
+            "--",
+            "wss=96",
+            "rate=0",
+            "seconds=6",
+            "report-every=250",
+            "check-writes=1",
+        ],
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    wait_log(&src.log, "rate_mibs=");
+    let snap = format!("file:{}", dir.path("snap").display());
+    let (out, _) = migrate(&src, &snap, &["--page-checks", "transport"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("keeps a CRC of every page"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(info(&src)["state"], "running");
+    let (out, r) = migrate(
+        &src,
+        &addr,
+        &["--downtime-ms", "100", "--page-checks", "transport"],
+    );
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(r["status"], "completed");
+    assert_eq!(r["page_checks"], "transport", "{r}");
+    assert!(r["round_count"].as_u64().unwrap() >= 2, "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert!(
+        read(&src.err).contains("pages go from guest memory to the socket"),
+        "{}",
+        read(&src.err)
+    );
+    assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
+    let log = read(&dst.log);
+    assert!(log.contains("verify ok pages=24576"), "{log}");
+    assert!(log.contains("result=ok"), "{log}");
+}
+
 /// The dirty ring instead of the bitmap, with a ring small enough to fill many times a
 /// round, then on to a host that uses the bitmap: the tracking is each host's own choice.
 #[test]
@@ -816,9 +876,12 @@ fn tls_takes_only_the_right_source() {
         "{}",
         read(&dst.err)
     );
-    let (out, r) = migrate(&src, &addr, &["--tls-dir", c]);
+    // Its page data left to TLS's AEAD (copied into frames, which carry a CRC of their
+    // head only).
+    let (out, r) = migrate(&src, &addr, &["--tls-dir", c, "--page-checks", "transport"]);
     assert!(out.status.success(), "{r}");
     assert_eq!(r["status"], "completed");
+    assert_eq!(r["page_checks"], "transport", "{r}");
     assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
     assert!(read(&dst.log).contains("verify ok"), "{}", read(&dst.log));
     // Plain TCP beyond loopback: refused on both sides unless --insecure.

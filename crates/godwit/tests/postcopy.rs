@@ -81,26 +81,32 @@ fn assert_listener_let_go(addr: &str) {
 /// alone would throttle it. Post-copy takes over, for the reason `why` names, and the
 /// guest's memory checks out.
 fn switches_instead_of_throttling(tag: &str, mode: &str, why: &str) {
+    switches_instead_of_throttling_with(tag, mode, why, &[], &[]);
+}
+
+/// `switches_instead_of_throttling`, with more migrate options and dirtier arguments.
+fn switches_instead_of_throttling_with(
+    tag: &str,
+    mode: &str,
+    why: &str,
+    options: &[&str],
+    guest: &[&str],
+) {
     let dir = TempDir::new(tag);
-    let mut src = dirtier_source(
-        &dir,
-        "src",
-        "512",
-        &["wss=64", "rate=100", "seconds=8", "report-every=250"],
-    );
+    let mut args = vec!["wss=64", "rate=100", "seconds=8", "report-every=250"];
+    args.extend_from_slice(guest);
+    let mut src = dirtier_source(&dir, "src", "512", &args);
     let (mut dst, addr) = destination(&dir, "dst", &[]);
-    let (out, r) = migrate(
-        &src,
-        &addr,
-        &[
-            "--mode",
-            mode,
-            "--max-bandwidth",
-            "32M",
-            "--downtime-ms",
-            "50",
-        ],
-    );
+    let mut a = vec![
+        "--mode",
+        mode,
+        "--max-bandwidth",
+        "32M",
+        "--downtime-ms",
+        "50",
+    ];
+    a.extend_from_slice(options);
+    let (out, r) = migrate(&src, &addr, &a);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_postcopy_whole(&r);
     assert_eq!(r["mode"], mode);
@@ -118,6 +124,22 @@ fn switches_instead_of_throttling(tag: &str, mode: &str, why: &str) {
 fn hybrid_switches_to_postcopy_instead_of_throttling() {
     if kvm_available() {
         switches_instead_of_throttling("pc-hybrid", "hybrid", "converging");
+    }
+}
+
+/// The same with page data left to the transport's checks: pre-copy's pages (some torn
+/// on the way, and dirty, so sent again after the switch) and post-copy's, each frame
+/// checked only over its head; the guest checks every page before it rewrites it.
+#[test]
+fn hybrid_with_page_data_left_to_the_transport_verifies() {
+    if kvm_available() {
+        switches_instead_of_throttling_with(
+            "pc-hybrid-transport",
+            "hybrid",
+            "converging",
+            &["--page-checks", "transport"],
+            &["check-writes=1"],
+        );
     }
 }
 

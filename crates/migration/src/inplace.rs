@@ -3,7 +3,8 @@
 //! a host whose cores the guest and both ends of the migration share is a copy of
 //! every page the receiving thread no longer makes.
 //!
-//! The frame's CRC is checked once its pages are in place. A frame that fails it ends
+//! The frame's CRC is checked once its pages are in place (a CRC over the head only was
+//! checked before any page was read). A frame that fails it ends
 //! the migration with the error as any bad frame does; the pages it wrote are in a VM
 //! that has not run and never will. A component that must place each page whole
 //! (post-copy) declines, and the frame is read into a buffer as every other one is.
@@ -14,10 +15,11 @@ use std::io::{self, Read};
 use vm_memory::{ReadVolatile, VolatileSlice};
 
 /// The stream as the component reads its pages from it: every byte goes into the
-/// frame's CRC.
+/// frame's CRC, unless the CRC covers the head only.
 struct Source<'r, R> {
     r: &'r mut R,
     crc: crc32fast::Hasher,
+    data_checked: bool,
     /// What went wrong with the stream itself (the component sees only an I/O error).
     failed: Option<WireError>,
 }
@@ -32,6 +34,9 @@ impl<R: ReadVolatile> PageSource for Source<'_, R> {
             let kept = io::Error::new(e.kind(), e.to_string());
             self.failed = Some(wire::io_err(e));
             return Err(kept);
+        }
+        if !self.data_checked {
+            return Ok(());
         }
         // The CRC over what landed, read back through a small buffer still in cache: a
         // plain slice over the memory would be unsound should another connection write
@@ -62,17 +67,25 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
     let head = wire::pages_head_len(h.len).map_err(stream)?;
     buf.resize(head, 0);
     r.read_exact(buf).map_err(|e| stream(wire::io_err(e)))?;
+    let data_checked = h.checked == wire::Checked::All;
     let mut crc = crc32fast::Hasher::new();
     crc.update(buf);
+    if !data_checked {
+        // Checked before any page lands: the addresses say where they go.
+        crc_matches(h, crc.clone().finalize()).map_err(stream)?;
+    }
     let (s, addrs) = wire::decode_pages_head(buf).map_err(stream)?;
     let (c, name) = section(s)?;
     let mut src = Source {
         r,
         crc,
+        data_checked,
         failed: None,
     };
     let placed = c.load_pages_from(&addrs, &mut src);
-    let Source { r, mut crc, failed } = src;
+    let Source {
+        r, mut crc, failed, ..
+    } = src;
     if let Some(e) = failed {
         return Err(stream(e));
     }
@@ -82,19 +95,27 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
         buf.resize(head + data, 0);
         r.read_exact(&mut buf[head..])
             .map_err(|e| stream(wire::io_err(e)))?;
-        crc.update(&buf[head..]);
+        if data_checked {
+            crc.update(&buf[head..]);
+        }
     }
-    let got = crc.finalize();
-    if got != h.crc {
-        return Err(stream(WireError::BadCrc {
-            kind: h.kind,
-            got,
-            want: h.crc,
-        }));
+    if data_checked {
+        crc_matches(h, crc.finalize()).map_err(stream)?;
     }
     if !placed {
         c.load_pages(&addrs, &buf[head..])
             .map_err(|e| format!("{name}: {e}"))?;
     }
     Ok(addrs.len() as u64)
+}
+
+fn crc_matches(h: &Header, got: u32) -> Result<(), WireError> {
+    if got != h.crc {
+        return Err(WireError::BadCrc {
+            kind: h.kind,
+            got,
+            want: h.crc,
+        });
+    }
+    Ok(())
 }

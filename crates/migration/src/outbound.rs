@@ -9,7 +9,7 @@
 //! main lane, in order.
 
 use crate::transport::Stream;
-use crate::wire::{self, Frame, PagesFrame, Totals, PAGE_SIZE};
+use crate::wire::{self, Checked, Frame, PageChecks, PagesFrame, Totals, PAGE_SIZE};
 use godwit_vmm::migratable::Sink;
 use std::io::{self, Write};
 use std::ops::Range;
@@ -69,6 +69,10 @@ struct Lane {
     zeros: Vec<(u64, u32)>,
     zero_section: u32,
     totals: Totals,
+    /// What its PAGES frames' CRC covers (the transport's own checks suffice?).
+    checked: Checked,
+    /// Whether it may take pages straight from memory (`Stream::write_pages`).
+    in_place: bool,
 }
 
 /// Keeps the lanes of one migration under `rate` bytes per second, together (post-copy's
@@ -111,6 +115,7 @@ pub struct Outbound {
     /// Bytes handed to the lanes (progress reports read it while the stream runs).
     pub live: Arc<AtomicU64>,
     pub bytes: u64,
+    checks: PageChecks,
 }
 
 fn writer(
@@ -146,13 +151,24 @@ fn writer(
 }
 
 impl Outbound {
-    /// Lanes over `streams` (the main connection first).
+    /// Lanes over `streams` (the main connection first), every page checked by CRC.
     pub fn new(
         streams: Vec<Stream>,
         rate: Option<u64>,
         live: Arc<AtomicU64>,
     ) -> io::Result<Outbound> {
+        Outbound::checked_by(streams, rate, live, PageChecks::Crc)
+    }
+
+    /// Lanes over `streams`, page data checked as `checks` says.
+    pub fn checked_by(
+        streams: Vec<Stream>,
+        rate: Option<u64>,
+        live: Arc<AtomicU64>,
+        checks: PageChecks,
+    ) -> io::Result<Outbound> {
         let mut out = Outbound {
+            checks,
             lanes: Vec::new(),
             limiter: Limiter {
                 rate,
@@ -169,9 +185,23 @@ impl Outbound {
         Ok(out)
     }
 
+    /// Whether pages go from memory to the main connection with no copy.
+    pub fn in_place(&self) -> bool {
+        self.lanes.first().is_some_and(|l| l.in_place)
+    }
+
     /// One more connection: the first is written directly, the others by a writer
     /// thread each.
     pub fn add_lane(&mut self, s: Stream) -> io::Result<()> {
+        let transport = self.checks == PageChecks::Transport && s.checks_in_transit();
+        let checked = if transport {
+            Checked::Head
+        } else {
+            Checked::All
+        };
+        // Only a lane its sender writes itself: a writer thread would write the pages
+        // after the component's read returned.
+        let in_place = transport && self.lanes.is_empty() && s.writes_in_place();
         let io = if self.lanes.is_empty() {
             Io::Direct(s)
         } else {
@@ -197,6 +227,8 @@ impl Outbound {
             zeros: Vec::new(),
             zero_section: 0,
             totals: Totals::default(),
+            checked,
+            in_place,
         });
         Ok(())
     }
@@ -240,6 +272,30 @@ impl Outbound {
         Ok(())
     }
 
+    /// Pages of `section` straight from memory, written before this returns, after
+    /// whatever lane `i` held back. Only on a lane that takes them in place.
+    fn send_in_place(
+        &mut self,
+        i: usize,
+        section: u32,
+        addrs: &[u64],
+        pages: &[vm_memory::VolatileSlice<'_>],
+    ) -> io::Result<()> {
+        self.flush_pages(i)?;
+        let head = wire::pages_head(section, addrs);
+        let lane = &mut self.lanes[i];
+        let Io::Direct(s) = &mut lane.io else {
+            return Err(io::Error::other("pages in place on a lane with a writer"));
+        };
+        s.write_pages(&head, pages)?;
+        lane.totals.pages += addrs.len() as u64;
+        let n = head.len() + addrs.len() * PAGE_SIZE;
+        self.bytes += n as u64;
+        self.live.fetch_add(n as u64, Ordering::Relaxed);
+        self.limiter.account(n);
+        Ok(())
+    }
+
     fn spare(&mut self, i: usize) -> Vec<u8> {
         let lane = &mut self.lanes[i];
         match &lane.io {
@@ -255,7 +311,8 @@ impl Outbound {
             return Ok(());
         }
         let next = self.spare(i);
-        if let Some((buf, r)) = self.lanes[i].frame.take(next) {
+        let checked = self.lanes[i].checked;
+        if let Some((buf, r)) = self.lanes[i].frame.take(next, checked) {
             self.send(i, buf, r)?;
         }
         Ok(())
@@ -420,6 +477,7 @@ impl Outbound {
             },
             live: self.live.clone(),
             bytes: 0,
+            checks: self.checks,
         })
     }
 
@@ -529,6 +587,26 @@ impl Sink for SectionSink<'_> {
             self.out.flush_zeros(i)?;
         }
         Ok(())
+    }
+
+    fn in_place(&self) -> bool {
+        // Every page this sink sends goes to the first lane.
+        let one = self.out.lanes.len() == 1 || self.route == Route::Main;
+        one && self.out.lanes.first().is_some_and(|l| l.in_place)
+    }
+
+    fn pages_in_place(
+        &mut self,
+        addrs: &[u64],
+        pages: &[vm_memory::VolatileSlice<'_>],
+    ) -> io::Result<()> {
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        if !self.in_place() || addrs.len() != pages.len() || addrs.len() > wire::PAGES_PER_FRAME {
+            return Err(io::Error::other("pages in place where they cannot go"));
+        }
+        self.out.send_in_place(0, self.section, addrs, pages)
     }
 
     fn data(&mut self, bytes: &[u8]) -> io::Result<()> {

@@ -288,6 +288,8 @@ pub struct Report {
     pub error_kind: Option<String>,
     pub to: String,
     pub connections: u32,
+    /// Who checked the pages' data on the way.
+    pub page_checks: crate::wire::PageChecks,
     pub downtime_limit_ms: u64,
     pub max_bandwidth: Option<u64>,
     pub memory_mib: u64,

@@ -248,7 +248,8 @@ impl Index {
             return Err(WireError::Truncated);
         }
         self.f.read_exact_at(&mut h, at).map_err(WireError::Io)?;
-        let (kind, len) = wire::check_header(&h)?;
+        let head = wire::parse_header(&h)?;
+        let (kind, len) = (head.kind, head.len);
         if at + (HEADER_LEN + len) as u64 > self.dir.stream_len {
             return Err(WireError::Truncated);
         }
@@ -257,11 +258,7 @@ impl Index {
         self.f
             .read_exact_at(buf, at + HEADER_LEN as u64)
             .map_err(WireError::Io)?;
-        let want = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
-        let got = crc32fast::hash(buf);
-        if got != want {
-            return Err(WireError::BadCrc { kind, got, want });
-        }
+        head.check(buf)?;
         wire::decode(kind, buf)
     }
 }

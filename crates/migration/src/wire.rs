@@ -3,8 +3,15 @@
 //! count and kind is checked here before anything uses it, and a bad frame is an error,
 //! never a panic or an allocation the sender chose.
 //!
-//! Header (little endian): magic u32 "GDWM", kind u8, 3 reserved bytes (zero), payload
-//! length u32, CRC32 (IEEE) of the payload u32.
+//! Header (little endian): magic u32 "GDWM", kind u8, flags u8, 2 reserved bytes
+//! (zero), payload length u32, CRC32 (IEEE) of the payload u32. One flag, PAGES frames
+//! only (version 6 on): `HEAD_ONLY`, the CRC covers the frame's head (section, count,
+//! addresses) and not its page data. A source sets it when told to leave page data to
+//! the transport's own checks (`PageChecks::Transport`: TCP's checksum, TLS's AEAD, as
+//! QEMU's stream does), and then sends pages straight from guest memory
+//! (`Stream::write_pages`): a page the guest writes while it goes may arrive torn, and
+//! is sent again (the write made it dirty). By default every byte is checked end to
+//! end, and a snapshot file always is: nothing checks it at rest.
 //!
 //! A stream: the source sends HELLO (the VM's sections: each migrating component, its
 //! data version and what the destination needs); the destination answers ACCEPT or
@@ -28,11 +35,13 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"GDWM");
 /// Bumped on any incompatible change. A destination takes streams from
 /// `OLDEST_WIRE_VERSION` on (a snapshot file outlives the godwit that wrote it); a
 /// source speaks only this one, so an older destination refuses a newer source.
-pub const WIRE_VERSION: u32 = 5;
+pub const WIRE_VERSION: u32 = 6;
 /// Version 4 said what a post-copy section lacks only as bitmaps (POSTCOPY); 5 adds
-/// LACKS, which may say it as runs.
+/// LACKS, which may say it as runs; 6 the `HEAD_ONLY` flag.
 pub const OLDEST_WIRE_VERSION: u32 = 4;
 pub const HEADER_LEN: usize = 16;
+/// Header flag (byte 5) of a PAGES frame: its CRC covers its head, not its data.
+pub const HEAD_ONLY: u8 = 1;
 pub const PAGE_SIZE: usize = 4096;
 /// Pages carried by one PAGES frame.
 pub const PAGES_PER_FRAME: usize = 64;
@@ -365,12 +374,71 @@ impl Frame<'_> {
 }
 
 fn header(kind: Kind, payload: &[u8]) -> [u8; HEADER_LEN] {
+    header_with(kind, 0, payload.len(), crc32fast::hash(payload))
+}
+
+fn header_with(kind: Kind, flags: u8, len: usize, crc: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     h[4] = kind as u8;
-    h[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    h[12..16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    h[5] = flags;
+    h[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
     h
+}
+
+/// Who checks the page data a migration sends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PageChecks {
+    /// godwit: every PAGES frame carries a CRC of all its bytes, checked end to end;
+    /// each page is copied into its frame on the way (the CRC must be of what goes).
+    #[default]
+    Crc,
+    /// The transport (TCP's checksum, TLS's AEAD; a local socket has no wire): frames
+    /// keep a CRC of their head, and pages go from guest memory to the socket with
+    /// no copy of godwit's own (one TCP or Unix connection). Files keep `Crc`.
+    Transport,
+}
+
+impl std::fmt::Display for PageChecks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PageChecks::Crc => "crc",
+            PageChecks::Transport => "transport",
+        })
+    }
+}
+
+/// What a PAGES frame's CRC covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checked {
+    /// Every byte (snapshot files, and streams before version 6).
+    All,
+    /// Its head only (`HEAD_ONLY`): the transport checks the data.
+    Head,
+}
+
+/// The header and head of a PAGES frame of `section` whose data (a page for each of
+/// `addrs`) goes apart, straight from memory (`Stream::write_pages`): its CRC covers
+/// the head only (`HEAD_ONLY`).
+pub fn pages_head(section: u32, addrs: &[u64]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(HEADER_LEN + 8 + 8 * addrs.len());
+    p.extend_from_slice(&[0; HEADER_LEN]);
+    p.extend_from_slice(&section.to_le_bytes());
+    p.extend_from_slice(&(addrs.len() as u32).to_le_bytes());
+    for a in addrs {
+        p.extend_from_slice(&a.to_le_bytes());
+    }
+    let len = p.len() - HEADER_LEN + addrs.len() * PAGE_SIZE;
+    let h = header_with(
+        Kind::Pages,
+        HEAD_ONLY,
+        len,
+        crc32fast::hash(&p[HEADER_LEN..]),
+    );
+    p[..HEADER_LEN].copy_from_slice(&h);
+    p
 }
 
 /// Writes one frame whose payload is already encoded.
@@ -529,7 +597,11 @@ impl PagesFrame {
 
     /// Completes the frame in place (addresses packed against the data) and hands out
     /// its buffer and the range to write, leaving `next` (a spare buffer) in its place.
-    pub fn take(&mut self, next: Vec<u8>) -> Option<(Vec<u8>, std::ops::Range<usize>)> {
+    pub fn take(
+        &mut self,
+        next: Vec<u8>,
+        checked: Checked,
+    ) -> Option<(Vec<u8>, std::ops::Range<usize>)> {
         let n = self.count;
         if n == 0 {
             return None;
@@ -543,7 +615,15 @@ impl PagesFrame {
         let end = Self::DATA + n * PAGE_SIZE;
         self.buf[payload_start..payload_start + 4].copy_from_slice(&self.section.to_le_bytes());
         self.buf[payload_start + 4..payload_start + 8].copy_from_slice(&(n as u32).to_le_bytes());
-        let h = header(Kind::Pages, &self.buf[payload_start..end]);
+        let h = match checked {
+            Checked::All => header(Kind::Pages, &self.buf[payload_start..end]),
+            Checked::Head => header_with(
+                Kind::Pages,
+                HEAD_ONLY,
+                end - payload_start,
+                crc32fast::hash(&self.buf[payload_start..Self::DATA]),
+            ),
+        };
         self.buf[start..payload_start].copy_from_slice(&h);
         self.count = 0;
         let mut next = next;
@@ -555,7 +635,7 @@ impl PagesFrame {
 
     /// Writes the frame and empties it; returns the bytes written.
     pub fn flush(&mut self, w: &mut impl Write) -> io::Result<usize> {
-        match self.take(Vec::new()) {
+        match self.take(Vec::new(), Checked::All) {
             None => Ok(0),
             Some((buf, r)) => {
                 w.write_all(&buf[r.clone()])?;
@@ -576,12 +656,18 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 
 /// Checks a frame header; returns the frame's kind and payload length.
 pub fn check_header(h: &[u8; HEADER_LEN]) -> Result<(Kind, usize), WireError> {
+    parse_header(h).map(|h| (h.kind, h.len))
+}
+
+/// Checks a frame header.
+pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
     let magic = u32_at(h, 0);
     if magic != MAGIC {
         return Err(WireError::BadMagic(magic));
     }
     let kind = Kind::from_u8(h[4]).ok_or(WireError::BadKind(h[4]))?;
-    if h[5..8] != [0, 0, 0] {
+    let flags_ok = h[5] == 0 || (kind == Kind::Pages && h[5] == HEAD_ONLY);
+    if !flags_ok || h[6..8] != [0, 0] {
         return Err(WireError::Malformed(
             kind,
             "reserved header bytes set".into(),
@@ -591,7 +677,17 @@ pub fn check_header(h: &[u8; HEADER_LEN]) -> Result<(Kind, usize), WireError> {
     if len as usize > MAX_PAYLOAD {
         return Err(WireError::TooLarge(len));
     }
-    Ok((kind, len as usize))
+    let checked = if h[5] == HEAD_ONLY {
+        Checked::Head
+    } else {
+        Checked::All
+    };
+    Ok(Header {
+        kind,
+        len: len as usize,
+        crc: u32_at(h, 12),
+        checked,
+    })
 }
 
 /// A frame's header, read and checked.
@@ -602,6 +698,27 @@ pub struct Header {
     pub len: usize,
     /// The payload's CRC32, as the sender computed it.
     pub crc: u32,
+    /// What the CRC covers.
+    pub checked: Checked,
+}
+
+impl Header {
+    /// Checks `payload` (the whole payload of this frame) against the CRC.
+    pub fn check(&self, payload: &[u8]) -> Result<(), WireError> {
+        let covered = match self.checked {
+            Checked::All => payload,
+            Checked::Head => &payload[..pages_head_len(payload.len())?],
+        };
+        let got = crc32fast::hash(covered);
+        if got != self.crc {
+            return Err(WireError::BadCrc {
+                kind: self.kind,
+                got,
+                want: self.crc,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Reads and checks one frame header. A clean end of stream before it is `Closed`.
@@ -617,12 +734,7 @@ pub fn read_header(r: &mut impl Read) -> Result<Header, WireError> {
             Err(e) => return Err(io_err(e)),
         }
     }
-    let (kind, len) = check_header(&h)?;
-    Ok(Header {
-        kind,
-        len,
-        crc: u32_at(&h, 12),
-    })
+    parse_header(&h)
 }
 
 /// Reads the payload of the frame whose header is `h` into `buf`, checks it against the
@@ -638,14 +750,7 @@ pub fn read_payload<'a>(
     }
     buf.truncate(h.len);
     r.read_exact(buf).map_err(io_err)?;
-    let got = crc32fast::hash(buf);
-    if got != h.crc {
-        return Err(WireError::BadCrc {
-            kind: h.kind,
-            got,
-            want: h.crc,
-        });
-    }
+    h.check(buf)?;
     decode(h.kind, buf)
 }
 

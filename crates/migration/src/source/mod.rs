@@ -99,6 +99,9 @@ pub struct Options {
     /// Plain TCP to a destination that is not this machine's loopback.
     #[serde(default)]
     pub insecure: bool,
+    /// Who checks the pages' data on the way (`wire::PageChecks`).
+    #[serde(default)]
+    pub page_checks: wire::PageChecks,
 }
 
 fn default_downtime() -> u64 {
@@ -131,6 +134,13 @@ impl Options {
         }
         if t.is_file() && self.connections != 1 {
             return Err("a file takes one connection".into());
+        }
+        if t.is_file() && self.page_checks != wire::PageChecks::Crc {
+            return Err(
+                "a snapshot file keeps a CRC of every page (nothing checks it at rest): \
+                 page_checks must be crc"
+                    .into(),
+            );
         }
         if t.is_file() && self.mode != Mode::Precopy {
             return Err(format!(
@@ -422,13 +432,19 @@ impl Driver<'_> {
         }
         self.register(&main);
         self.out = Some(
-            Outbound::new(
+            Outbound::checked_by(
                 vec![main],
                 self.o.max_bandwidth,
                 self.status.live_bytes.clone(),
+                self.o.page_checks,
             )
             .map_err(unreachable_at(target))?,
         );
+        if self.out().in_place() {
+            tracing::info!(
+                "pages go from guest memory to the socket; the transport checks their data"
+            );
+        }
         self.out().control(first).map_err(|e| self.send_error(e))
     }
 
@@ -613,6 +629,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         mode: o.mode,
         to: o.to.clone(),
         connections: o.lanes(),
+        page_checks: o.page_checks,
         downtime_limit_ms: o.downtime_ms,
         max_bandwidth: o.max_bandwidth,
         memory_mib: m.description().memory_mib,

@@ -299,3 +299,79 @@ fn a_done_from_a_destination_that_never_answers_released_asks_for_nothing_after_
     };
     roundtrip(&Frame::Done(new));
 }
+
+/// A PAGES frame whose CRC covers its head (`HEAD_ONLY`): built by the frame builder or
+/// as a head for data written apart, it reads as the same frame; a damaged head is
+/// caught, damaged data is the transport's to catch; the flag on any other frame, or
+/// any other flag, is refused.
+#[test]
+fn a_crc_over_the_head_only_checks_the_head() {
+    let mut f = PagesFrame::new();
+    f.set_section(7);
+    for i in 0..3u64 {
+        f.next_slot().fill(i as u8 + 1);
+        f.commit(i * 8192);
+    }
+    let (buf, r) = f.take(Vec::new(), Checked::Head).unwrap();
+    let built = buf[r].to_vec();
+    assert_eq!(built[5], HEAD_ONLY);
+    let mut apart = pages_head(7, &[0, 8192, 16384]);
+    for i in 0..3u8 {
+        apart.extend(std::iter::repeat_n(i + 1, PAGE_SIZE));
+    }
+    assert_eq!(built, apart);
+    let mut b = Vec::new();
+    let h = read_header(&mut built.as_slice()).unwrap();
+    assert_eq!(h.checked, Checked::Head);
+    match read_frame(&mut built.as_slice(), &mut b).unwrap() {
+        Frame::Pages {
+            section,
+            addrs,
+            data,
+        } => {
+            assert_eq!((section, addrs), (7, vec![0, 8192, 16384]));
+            assert!(data[PAGE_SIZE..2 * PAGE_SIZE].iter().all(|x| *x == 2));
+        }
+        other => panic!("{other:?}"),
+    }
+    // An address damaged: refused.
+    let mut c = built.clone();
+    c[HEADER_LEN + 9] ^= 1;
+    assert!(matches!(
+        read_frame(&mut c.as_slice(), &mut b),
+        Err(WireError::BadCrc { .. })
+    ));
+    // Data damaged: read as it came.
+    let mut c = built.clone();
+    *c.last_mut().unwrap() ^= 1;
+    assert!(read_frame(&mut c.as_slice(), &mut b).is_ok());
+    // The same frame checked whole catches it.
+    let (buf, r) = {
+        let mut f = PagesFrame::new();
+        f.set_section(7);
+        f.next_slot().fill(1);
+        f.commit(0);
+        f.take(Vec::new(), Checked::All).unwrap()
+    };
+    let mut c = buf[r].to_vec();
+    assert_eq!(c[5], 0);
+    *c.last_mut().unwrap() ^= 1;
+    assert!(matches!(
+        read_frame(&mut c.as_slice(), &mut b),
+        Err(WireError::BadCrc { .. })
+    ));
+    // The flag on another kind, or another flag.
+    let mut c = Vec::new();
+    write_frame(&mut c, &Frame::Abort("x".into())).unwrap();
+    c[5] = HEAD_ONLY;
+    assert!(matches!(
+        read_frame(&mut c.as_slice(), &mut b),
+        Err(WireError::Malformed(Kind::Abort, _))
+    ));
+    let mut c = built.clone();
+    c[5] = 2;
+    assert!(matches!(
+        read_frame(&mut c.as_slice(), &mut b),
+        Err(WireError::Malformed(Kind::Pages, _))
+    ));
+}

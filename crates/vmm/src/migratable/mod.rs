@@ -233,6 +233,22 @@ pub trait Sink {
     fn slot(&mut self, addr: u64) -> &mut [u8];
     fn page(&mut self) -> io::Result<()>;
     fn zero(&mut self) -> io::Result<()>;
+    /// Whether `pages_in_place` may be used: the pages go from the memory they are in
+    /// to the connection with no copy between.
+    fn in_place(&self) -> bool {
+        false
+    }
+    /// Sends the pages at `addrs` (at most a frame's worth), read from `pages` (each a
+    /// page of the component's memory, as the host maps it) before this returns. A
+    /// page written meanwhile may go torn: only for memory whose writes are tracked
+    /// (it is dirty again, and goes again), or whose writers are stopped.
+    fn pages_in_place(
+        &mut self,
+        _addrs: &[u64],
+        _pages: &[vm_memory::VolatileSlice<'_>],
+    ) -> io::Result<()> {
+        Err(io::Error::other("this sink copies every page"))
+    }
     /// Sends bytes of an opaque data stream (a device that is not memory, such as a
     /// VFIO device streaming its internal state in PRE_COPY), in order.
     fn data(&mut self, bytes: &[u8]) -> io::Result<()>;

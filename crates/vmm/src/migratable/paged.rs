@@ -91,6 +91,23 @@ pub fn is_zero(page: &[u8]) -> bool {
         && chunks.remainder().iter().all(|b| *b == 0)
 }
 
+/// Pages sent straight from memory per frame (a PAGES frame's most).
+const IN_PLACE_BATCH: usize = 64;
+
+/// Whether a page of memory that others may write meanwhile reads as zero: its first
+/// bytes decide almost every page, and are all that is read of it then.
+fn zero_in_place(page: &vm_memory::VolatileSlice<'_>) -> bool {
+    let mut buf = [0u8; PAGE_SIZE];
+    let head = page.len().min(64);
+    page.copy_to(&mut buf[..head]);
+    if !is_zero(&buf[..head]) {
+        return false;
+    }
+    let n = page.len().min(PAGE_SIZE);
+    page.copy_to(&mut buf[..n]);
+    is_zero(&buf[..n])
+}
+
 /// Access to a component's memory and its record of writes.
 pub trait Memory {
     /// What it is, for messages ("guest RAM", "VRAM").
@@ -642,6 +659,10 @@ impl Paged {
         let bases: Vec<u64> = (0..self.pending.len()).map(|i| mem.base(i)).collect();
         let mut sent = 0u64;
         let mut wrapped = false;
+        // Pages that go straight from memory, a frame at a time: they stay where they
+        // are until the sink writes them (see `Sink::pages_in_place`).
+        let in_place = sink.in_place();
+        let mut batch: (Vec<u64>, Vec<vm_memory::VolatileSlice<'_>>) = Default::default();
         while self.left > 0 && sent < budget {
             if !self.last && self.since_look >= SLICE_PAGES {
                 // Pages the guest has written again since the round began are left
@@ -683,7 +704,28 @@ impl Paged {
             while b != 0 {
                 let p = first + b.trailing_zeros() as u64;
                 b &= b - 1;
-                let slot = sink.slot(bases[region] + p * PAGE_SIZE as u64);
+                let a = bases[region] + p * PAGE_SIZE as u64;
+                if let Some(page) = in_place.then(|| mem.pages_slice(a, 1)).flatten() {
+                    if !zero_in_place(&page) {
+                        batch.0.push(a);
+                        batch.1.push(page);
+                        if batch.0.len() == IN_PLACE_BATCH {
+                            sink.pages_in_place(&batch.0, &batch.1)?;
+                            batch.0.clear();
+                            batch.1.clear();
+                        }
+                        r.pages += 1;
+                        continue;
+                    }
+                    sink.slot(a);
+                    r.zero_pages += 1;
+                    if !self.first {
+                        sink.zero()?;
+                        r.zero_sent += 1;
+                    }
+                    continue;
+                }
+                let slot = sink.slot(a);
                 mem.read_page(region, p, slot)?;
                 if is_zero(slot) {
                     r.zero_pages += 1;
@@ -702,6 +744,9 @@ impl Paged {
             self.since_look += n;
             sent += n;
             self.cursor += 1;
+        }
+        if !batch.0.is_empty() {
+            sink.pages_in_place(&batch.0, &batch.1)?;
         }
         Ok(r)
     }
@@ -877,5 +922,159 @@ mod tests {
         let r = p.read(&m, &mut out, 1000).unwrap();
         assert_eq!((r.pages, r.skipped), (97, 2));
         assert!(!out.pages.contains(&(50 * 4096)));
+    }
+
+    /// Memory the host maps (one region of `PAGES` pages at 0): page i holds i + 1 in
+    /// its first word, pages 7 and 150 hold zeros.
+    struct Mapped(vm_memory::GuestMemoryMmap);
+
+    const PAGES: u64 = 300;
+
+    impl Mapped {
+        fn new() -> Mapped {
+            use vm_memory::{Bytes, GuestAddress};
+            let m = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(
+                GuestAddress(0),
+                PAGES as usize * PAGE_SIZE,
+            )])
+            .unwrap();
+            for i in (0..PAGES).filter(|i| ![7, 150].contains(i)) {
+                m.write_obj(i + 1, GuestAddress(i * PAGE_SIZE as u64))
+                    .unwrap();
+            }
+            Mapped(m)
+        }
+    }
+
+    impl Memory for Mapped {
+        fn what(&self) -> &'static str {
+            "mapped test memory"
+        }
+        fn start_tracking(&self) -> crate::migratable::Result<()> {
+            Ok(())
+        }
+        fn stop_tracking(&self) {}
+        fn take(
+            &self,
+            _last: bool,
+        ) -> crate::migratable::Result<(Vec<Bitmap>, BTreeMap<String, u64>)> {
+            Ok((Vec::new(), BTreeMap::new()))
+        }
+        fn contains(&self, addr: u64, pages: u64) -> bool {
+            addr + pages * PAGE_SIZE as u64 <= PAGES * PAGE_SIZE as u64
+        }
+        fn read_at(&self, addr: u64, buf: &mut [u8]) -> crate::migratable::Result<()> {
+            use vm_memory::{Bytes, GuestAddress};
+            self.0.read_slice(buf, GuestAddress(addr)).unwrap();
+            Ok(())
+        }
+        fn write_at(&self, addr: u64, data: &[u8]) -> crate::migratable::Result<()> {
+            use vm_memory::{Bytes, GuestAddress};
+            self.0.write_slice(data, GuestAddress(addr)).unwrap();
+            Ok(())
+        }
+        fn base(&self, _region: usize) -> u64 {
+            0
+        }
+        fn read_page(&self, _r: usize, page: u64, buf: &mut [u8]) -> crate::migratable::Result<()> {
+            self.read_at(page * PAGE_SIZE as u64, buf)
+        }
+        fn populated(&self) -> Vec<Bitmap> {
+            vec![crate::pagemap::all(PAGES)]
+        }
+        fn peek_dirty(&self) -> crate::migratable::Result<Option<Written>> {
+            Ok(None)
+        }
+        fn pages_slice(&self, addr: u64, pages: usize) -> Option<vm_memory::VolatileSlice<'_>> {
+            use vm_memory::{GuestAddress, GuestMemoryBackend};
+            self.0.get_slice(GuestAddress(addr), pages * PAGE_SIZE).ok()
+        }
+    }
+
+    /// A sink that takes pages in place: what each frame held, as it was when sent.
+    #[derive(Default)]
+    struct Frames {
+        buf: Vec<u8>,
+        at: u64,
+        frames: Vec<Vec<(u64, u64)>>,
+        zeros: Vec<u64>,
+    }
+
+    impl Sink for Frames {
+        fn slot(&mut self, addr: u64) -> &mut [u8] {
+            self.at = addr;
+            self.buf.resize(PAGE_SIZE, 0);
+            &mut self.buf
+        }
+        fn page(&mut self) -> std::io::Result<()> {
+            panic!("page {:#x} copied where it could go in place", self.at)
+        }
+        fn zero(&mut self) -> std::io::Result<()> {
+            self.zeros.push(self.at);
+            Ok(())
+        }
+        fn in_place(&self) -> bool {
+            true
+        }
+        fn pages_in_place(
+            &mut self,
+            addrs: &[u64],
+            pages: &[vm_memory::VolatileSlice<'_>],
+        ) -> std::io::Result<()> {
+            assert!(!addrs.is_empty() && addrs.len() <= IN_PLACE_BATCH);
+            assert_eq!(addrs.len(), pages.len());
+            let mut f = Vec::new();
+            for (a, p) in addrs.iter().zip(pages) {
+                let mut w = [0u8; 8];
+                p.copy_to(&mut w[..]);
+                f.push((*a, u64::from_le_bytes(w)));
+            }
+            self.frames.push(f);
+            Ok(())
+        }
+        fn data(&mut self, _bytes: &[u8]) -> std::io::Result<()> {
+            unreachable!("memory sends pages")
+        }
+    }
+
+    /// Pages that can go in place do, a frame at a time, each exactly once and in
+    /// order, whatever the budgets cut: none is left behind when a read ends; zero
+    /// pages are recognised in place, and later rounds send what is there then.
+    #[test]
+    fn pages_go_in_place_a_frame_at_a_time_and_none_is_left_behind() {
+        let m = Mapped::new();
+        let mut p = Paged::default();
+        p.begin(&m);
+        let mut out = Frames::default();
+        let mut total = ReadReport::default();
+        // Budgets that end reads in the middle of a frame.
+        while p.left().0 > 0 {
+            total += p.read(&m, &mut out, 37).unwrap();
+        }
+        assert_eq!(
+            (total.pages, total.zero_pages, total.zero_sent),
+            (298, 2, 0)
+        );
+        let sent: Vec<(u64, u64)> = out.frames.iter().flatten().copied().collect();
+        let want: Vec<(u64, u64)> = (0..PAGES)
+            .filter(|i| ![7, 150].contains(i))
+            .map(|i| (i * PAGE_SIZE as u64, i + 1))
+            .collect();
+        assert_eq!(sent, want);
+        assert!(out.zeros.is_empty());
+        // A round: page 7 written, page 9 zeroed, page 299 rewritten.
+        m.write_at(7 * 4096, &1000u64.to_le_bytes()).unwrap();
+        m.write_at(9 * 4096, &[0; 8]).unwrap();
+        m.write_at(299 * 4096, &2000u64.to_le_bytes()).unwrap();
+        let mut round = vec![0u64; (PAGES as usize).div_ceil(64)];
+        for i in [7u64, 9, 299] {
+            round[(i / 64) as usize] |= 1 << (i % 64);
+        }
+        p.sync(vec![round]);
+        out.frames.clear();
+        let r = p.read(&m, &mut out, 1000).unwrap();
+        assert_eq!((r.pages, r.zero_sent), (2, 1));
+        assert_eq!(out.frames, vec![vec![(7 * 4096, 1000), (299 * 4096, 2000)]]);
+        assert_eq!(out.zeros, vec![9 * 4096]);
     }
 }
