@@ -144,8 +144,11 @@ class TestLiveMigration(base.GodwitTestCase):
     def test_a_gpu_job_moved_mid_run_ends_as_one_never_moved(self):
         # gpu-train, a Jacobi solve on the GPU: the same run twice, one of them
         # live-migrated mid-solve; both must end with the same iteration count
-        # and solution hash.
-        image = self.image('gpu-train', 'grid=160')
+        # and solution hash. The solve must outlast the migration's set-up:
+        # host2 prefaults 1 GiB of VRAM first, 4-5 s on a fresh machine, and
+        # grid=160 (7 s) once converged before the switchover; grid=224 takes
+        # about four times as long.
+        image = self.image('gpu-train', 'grid=224')
         moved = self.boot(self.gpu_flavor, image, host='host1')
         still = self.boot(self.gpu_flavor, image, host='host3')
         self.gains(moved, 'gpu-train: iteration ', 1)
