@@ -72,7 +72,7 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
     crc.update(buf);
     if !data_checked {
         // Checked before any page lands: the addresses say where they go.
-        crc_matches(h, crc.clone().finalize()).map_err(stream)?;
+        h.matches(crc.clone().finalize()).map_err(stream)?;
     }
     let (s, addrs) = wire::decode_pages_head(buf).map_err(stream)?;
     let (c, name) = section(s)?;
@@ -100,22 +100,11 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
         }
     }
     if data_checked {
-        crc_matches(h, crc.finalize()).map_err(stream)?;
+        h.matches(crc.finalize()).map_err(stream)?;
     }
     if !placed {
         c.load_pages(&addrs, &buf[head..])
             .map_err(|e| format!("{name}: {e}"))?;
     }
     Ok(addrs.len() as u64)
-}
-
-fn crc_matches(h: &Header, got: u32) -> Result<(), WireError> {
-    if got != h.crc {
-        return Err(WireError::BadCrc {
-            kind: h.kind,
-            got,
-            want: h.crc,
-        });
-    }
-    Ok(())
 }

@@ -709,7 +709,11 @@ impl Header {
             Checked::All => payload,
             Checked::Head => &payload[..pages_head_len(payload.len())?],
         };
-        let got = crc32fast::hash(covered);
+        self.matches(crc32fast::hash(covered))
+    }
+
+    /// Whether `got`, a CRC of what this frame's CRC covers, is the one it carries.
+    pub fn matches(&self, got: u32) -> Result<(), WireError> {
         if got != self.crc {
             return Err(WireError::BadCrc {
                 kind: self.kind,
