@@ -178,7 +178,7 @@ struct BenchReport {
     qemu: Option<String>,
     connections: u32,
     /// Who checked godwit's page data (`--page-checks`).
-    page_checks: String,
+    page_checks: PageChecks,
     /// Destinations got their memory before each migration (`--prefault`).
     prefault: bool,
     cells: Vec<Cell>,
@@ -739,7 +739,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
         runs,
         qemu,
         connections: a.connections,
-        page_checks: PageChecks::from(a.page_checks).to_string(),
+        page_checks: a.page_checks.into(),
         prefault: a.prefault,
         cells,
     })

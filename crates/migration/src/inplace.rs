@@ -15,11 +15,10 @@ use std::io::{self, Read};
 use vm_memory::{ReadVolatile, VolatileSlice};
 
 /// The stream as the component reads its pages from it: every byte goes into the
-/// frame's CRC, unless the CRC covers the head only.
+/// frame's CRC (None: it covers the head only).
 struct Source<'r, R> {
     r: &'r mut R,
-    crc: crc32fast::Hasher,
-    data_checked: bool,
+    crc: Option<crc32fast::Hasher>,
     /// What went wrong with the stream itself (the component sees only an I/O error).
     failed: Option<WireError>,
 }
@@ -35,9 +34,9 @@ impl<R: ReadVolatile> PageSource for Source<'_, R> {
             self.failed = Some(wire::io_err(e));
             return Err(kept);
         }
-        if !self.data_checked {
+        let Some(crc) = &mut self.crc else {
             return Ok(());
-        }
+        };
         // The CRC over what landed, read back through a small buffer still in cache: a
         // plain slice over the memory would be unsound should another connection write
         // the same page meanwhile (a hostile source can send it on two).
@@ -47,7 +46,7 @@ impl<R: ReadVolatile> PageSource for Source<'_, R> {
             let n = (page.len() - at).min(tmp.len());
             let part = page.subslice(at, n).map_err(io::Error::other)?;
             part.copy_to(&mut tmp[..n]);
-            self.crc.update(&tmp[..n]);
+            crc.update(&tmp[..n]);
             at += n;
         }
         Ok(())
@@ -67,25 +66,25 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
     let head = wire::pages_head_len(h.len).map_err(stream)?;
     buf.resize(head, 0);
     r.read_exact(buf).map_err(|e| stream(wire::io_err(e)))?;
-    let data_checked = h.checked == wire::Checked::All;
     let mut crc = crc32fast::Hasher::new();
     crc.update(buf);
-    if !data_checked {
-        // Checked before any page lands: the addresses say where they go.
-        h.matches(crc.clone().finalize()).map_err(stream)?;
-    }
+    let crc = match h.checked {
+        wire::Checked::All => Some(crc),
+        wire::Checked::Head => {
+            // Checked before any page lands: the addresses say where they go.
+            h.matches(crc.finalize()).map_err(stream)?;
+            None
+        }
+    };
     let (s, addrs) = wire::decode_pages_head(buf).map_err(stream)?;
     let (c, name) = section(s)?;
     let mut src = Source {
         r,
         crc,
-        data_checked,
         failed: None,
     };
     let placed = c.load_pages_from(&addrs, &mut src);
-    let Source {
-        r, mut crc, failed, ..
-    } = src;
+    let Source { r, mut crc, failed } = src;
     if let Some(e) = failed {
         return Err(stream(e));
     }
@@ -95,11 +94,11 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
         buf.resize(head + data, 0);
         r.read_exact(&mut buf[head..])
             .map_err(|e| stream(wire::io_err(e)))?;
-        if data_checked {
+        if let Some(crc) = &mut crc {
             crc.update(&buf[head..]);
         }
     }
-    if data_checked {
+    if let Some(crc) = crc {
         h.matches(crc.finalize()).map_err(stream)?;
     }
     if !placed {
