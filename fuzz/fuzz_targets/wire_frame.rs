@@ -14,10 +14,17 @@ fuzz_target!(|data: &[u8]| {
             Ok(wire::Frame::Pages { section, addrs, .. }) => {
                 // Read apart (straight into place), its head says the same.
                 let used = before.len() - input.len();
+                let h = wire::parse_header(before[..wire::HEADER_LEN].try_into().unwrap())
+                    .expect("a decoded frame's header");
                 let p = &before[wire::HEADER_LEN..used];
-                let head = wire::pages_head_len(p.len()).expect("a decoded frame's length");
-                let (s, a) = wire::decode_pages_head(&p[..head]).expect("a decoded head");
-                assert_eq!((s, a), (section, addrs), "the head read apart differs");
+                let head =
+                    wire::pages_head_len(p.len(), h.checked).expect("a decoded frame's length");
+                let got = wire::decode_pages_head(&p[..head], h.checked).expect("a decoded head");
+                assert_eq!(
+                    (got.section, got.addrs),
+                    (section, addrs),
+                    "the head read apart differs"
+                );
             }
             Ok(f) => {
                 let used = before.len() - input.len();

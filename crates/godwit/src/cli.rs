@@ -307,9 +307,11 @@ pub struct MigrateArgs {
     /// Plain TCP to a destination that is not this machine's loopback.
     #[arg(long)]
     pub insecure: bool,
-    /// Who checks the pages' data on the way: crc (godwit, every byte, end to end) or
-    /// transport (TCP's checksum, TLS's AEAD; pages go from guest memory to the socket
-    /// with no copy: faster). A file always keeps crc.
+    /// Who checks the pages' data on the way: crc (godwit, every byte, end to end: a
+    /// CRC per page, checked where it lands) or transport (TCP's checksum, TLS's AEAD:
+    /// faster, the destination reads nothing back). On one TCP or Unix connection the
+    /// pages go from guest memory to the socket with no copy either way. A file always
+    /// keeps crc.
     #[arg(long, value_enum, default_value_t = PageChecksArg::Crc)]
     pub page_checks: PageChecksArg,
     /// Print the final report as JSON.

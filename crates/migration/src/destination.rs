@@ -5,6 +5,7 @@
 //! reads is hostile: any malformed, truncated, corrupt or out-of-range input ends the
 //! migration with a clear error and the VM is never started.
 
+use crate::damaged::{self, Damaged};
 use crate::lacks::{self, Lacks};
 use crate::postcopy_in::LazyPart;
 pub use crate::postcopy_in::PostcopyIn;
@@ -242,6 +243,7 @@ pub fn drain(
     r: &mut (impl std::io::Read + vm_memory::ReadVolatile),
     parts: &[Arc<dyn Component>],
     names: &[String],
+    damaged: &Damaged,
     until: Kind,
     on_event: &mut OnEvent,
 ) -> Result<Totals, String> {
@@ -260,9 +262,11 @@ pub fn drain(
     loop {
         let h = wire::read_header(r).map_err(stream)?;
         if h.kind == Kind::Pages {
-            got.pages += crate::inplace::read_pages(r, &h, &mut buf, |s| {
+            let l = crate::inplace::read_pages(r, &h, &mut buf, |s| {
                 section(s).map(|(c, name)| (&**c, name.as_str()))
             })?;
+            damaged.landed(l.section, &l.addrs, &l.bad)?;
+            got.pages += l.addrs.len() as u64;
             continue;
         }
         let f = wire::read_payload(r, &h, &mut buf).map_err(stream)?;
@@ -270,6 +274,7 @@ pub fn drain(
             Frame::Zero { section: s, runs } => {
                 let (c, name) = section(s)?;
                 c.load_zero(&runs).map_err(|e| format!("{name}: {e}"))?;
+                damaged.zeroed(s, &runs);
                 got.zero_pages += runs.iter().map(|r| r.1 as u64).sum::<u64>();
             }
             Frame::State { section: s, data } if until == Kind::Complete => {
@@ -566,14 +571,16 @@ pub fn receive_with(
     // How far each data connection has got (the last SYNC it passed), so the main one
     // answers SYNCED only once all of them have taken in the round.
     let lanes = Lanes::new(data.len());
+    let damaged = Damaged::default();
     let received: Result<(), String> = std::thread::scope(|s| {
         let workers: Vec<_> = data
             .into_iter()
             .enumerate()
             .map(|(k, mut c)| {
-                let (parts, names, wake, lanes) = (&parts, &names, &wake, &lanes);
+                let (parts, names, wake, lanes, damaged) =
+                    (&parts, &names, &wake, &lanes, &damaged);
                 s.spawn(move || {
-                    let r = drain(&mut c, parts, names, Kind::End, &mut |e| match e {
+                    let r = drain(&mut c, parts, names, damaged, Kind::End, &mut |e| match e {
                         Event::Sync(n) => {
                             lanes.passed(k, n);
                             Ok(())
@@ -601,6 +608,7 @@ pub fn receive_with(
             &mut first,
             &parts,
             &names,
+            &damaged,
             Kind::Complete,
             &mut |e| match e {
                 Event::State(i, bytes) => {
@@ -675,7 +683,16 @@ pub fn receive_with(
         step_to(&**c, MigState::Stop).map_err(|e| abort(&mut main, format!("{n}: {e}")))?;
     }
     // Post-copy: what is still at the source goes missing here, to be fetched when
-    // touched once the VM runs.
+    // touched once the VM runs. A page still damaged must be one of those.
+    if damaged.seen() > 0 {
+        tracing::info!(
+            "{} page copies arrived failing their CRC (torn by the guest's writes, or \
+             damaged); {} not sent again",
+            damaged.seen(),
+            damaged.left().values().map(Vec::len).sum::<usize>()
+        );
+    }
+    let mut damaged = damaged.left();
     let mut lazy = Vec::new();
     for (i, missing) in postcopy.into_iter().enumerate() {
         let Some(missing) = missing else { continue };
@@ -684,15 +701,28 @@ pub fn receive_with(
                 "a snapshot cannot leave memory behind (post-copy)".into(),
             ));
         }
-        let faults = lacks::bitmaps(missing, &parts[i].lazy_regions())
+        let regions = parts[i].lazy_regions();
+        let faults = lacks::bitmaps(missing, &regions)
             .map_err(|e| format!("post-copy: {e}"))
-            .and_then(|m| parts[i].postcopy_expect(m).map_err(|e| e.to_string()))
+            .and_then(|m| {
+                let bad = damaged.remove(&(i as u32)).unwrap_or_default();
+                let kept = damaged::not_fetched(&bad, &regions, &m);
+                if !kept.is_empty() {
+                    return Err(damaged::refusal(&kept));
+                }
+                parts[i].postcopy_expect(m).map_err(|e| e.to_string())
+            })
             .map_err(|e| abort(&mut main, format!("{}: {e}", names[i])))?;
         lazy.push(LazyPart {
             section: i as u32,
             name: names[i].clone(),
             faults,
         });
+    }
+    if let Some((s, pages)) = damaged.into_iter().next() {
+        let name = names.get(s as usize).map_or("?", |n| n.as_str());
+        let e = format!("{name}: {}", damaged::refusal(&pages));
+        return Err(abort(&mut main, e));
     }
     let ready = Ready {
         restore_ms: restore.as_secs_f64() * 1e3,

@@ -3,29 +3,39 @@
 //! a host whose cores the guest and both ends of the migration share is a copy of
 //! every page the receiving thread no longer makes.
 //!
-//! The frame's CRC is checked once its pages are in place (a CRC over the head only was
-//! checked before any page was read). A frame that fails it ends
-//! the migration with the error as any bad frame does; the pages it wrote are in a VM
-//! that has not run and never will. A component that must place each page whole
-//! (post-copy) declines, and the frame is read into a buffer as every other one is.
+//! A frame's CRC over its head is checked before any page lands; one over all of it
+//! once its pages are in place, and a frame that fails it ends the migration with the
+//! error as any bad frame does (the pages it wrote are in a VM that has not run and
+//! never will). A page that fails its own CRC (`PAGE_CRCS`) is torn or damaged: it is
+//! left to `crate::damaged`, which a later copy mends. A component that must place
+//! each page whole (post-copy) declines, and the frame is read into a buffer as every
+//! other one is; a damaged page in it is not placed.
 
-use crate::wire::{self, Header, WireError};
+use crate::wire::{self, Header, PagesHead, WireError, PAGE_SIZE};
 use godwit_vmm::migratable::{Component, PageSource};
 use std::io::{self, Read};
 use vm_memory::{ReadVolatile, VolatileSlice};
 
 /// The stream as the component reads its pages from it: every byte goes into the
-/// frame's CRC (None: it covers the head only).
-struct Source<'r, R> {
+/// frame's CRC, or each page is checked against its own, or neither (the transport
+/// checks them).
+struct Source<'r, 'h, R> {
     r: &'r mut R,
     crc: Option<crc32fast::Hasher>,
+    /// Each page's CRC (`PAGE_CRCS`; else empty), and their addresses.
+    crcs: &'h [u32],
+    addrs: &'h [u64],
+    /// Pages filled so far (the component fills them in the frame's order).
+    next: usize,
+    /// Those that failed their own CRC.
+    bad: Vec<u64>,
     /// What went wrong with the stream itself (the component sees only an I/O error).
     failed: Option<WireError>,
 }
 
-impl<R: ReadVolatile> PageSource for Source<'_, R> {
-    fn fill(&mut self, page: &mut VolatileSlice<'_>) -> io::Result<()> {
-        let r = self.r.read_exact_volatile(page).map_err(|e| match e {
+impl<R: ReadVolatile> PageSource for Source<'_, '_, R> {
+    fn fill(&mut self, run: &mut VolatileSlice<'_>) -> io::Result<()> {
+        let r = self.r.read_exact_volatile(run).map_err(|e| match e {
             vm_memory::VolatileMemoryError::IOError(e) => e,
             e => io::Error::other(e),
         });
@@ -34,61 +44,122 @@ impl<R: ReadVolatile> PageSource for Source<'_, R> {
             self.failed = Some(wire::io_err(e));
             return Err(kept);
         }
-        let Some(crc) = &mut self.crc else {
+        if let Some(crc) = &mut self.crc {
+            // The frame's CRC, over what landed, read back through a buffer still in
+            // cache: a CRC over the frame is the hash of all its bytes in order, which
+            // another connection writing the same page would leave no way to tell from
+            // one damaged on the way.
+            let mut tmp = [0u8; PAGE_SIZE];
+            let mut at = 0;
+            while at < run.len() {
+                let n = (run.len() - at).min(PAGE_SIZE);
+                let part = run.subslice(at, n).map_err(io::Error::other)?;
+                part.copy_to(&mut tmp[..n]);
+                crc.update(&tmp[..n]);
+                at += n;
+            }
             return Ok(());
-        };
-        // The CRC over what landed, read back through a small buffer still in cache: a
-        // plain slice over the memory would be unsound should another connection write
-        // the same page meanwhile (a hostile source can send it on two).
-        let mut tmp = [0u8; 4096];
+        }
+        if self.crcs.is_empty() {
+            return Ok(());
+        }
+        // Each page against its own CRC, read where it landed (still in cache).
         let mut at = 0;
-        while at < page.len() {
-            let n = (page.len() - at).min(tmp.len());
-            let part = page.subslice(at, n).map_err(io::Error::other)?;
-            part.copy_to(&mut tmp[..n]);
-            crc.update(&tmp[..n]);
+        while at < run.len() {
+            let n = (run.len() - at).min(PAGE_SIZE);
+            let page = run.subslice(at, n).map_err(io::Error::other)?;
+            let i = self.next;
+            let (Some(&want), Some(&addr)) = (self.crcs.get(i), self.addrs.get(i)) else {
+                return Err(io::Error::other("more pages filled than the frame holds"));
+            };
+            if crc_in_place(&page) != want {
+                self.bad.push(addr);
+            }
+            self.next += 1;
             at += n;
         }
         Ok(())
     }
 }
 
+/// The CRC32 of `s`, guest memory, read where it is. The guest (on the source) or
+/// another connection (a hostile source may send a page on two) may be writing it
+/// meanwhile: the bytes read then are some mix of old and new, the CRC matches neither,
+/// and the page is held as damaged until a whole copy lands (`crate::damaged`); nothing
+/// else is taken from them. vm-memory's own copies out of guest memory read it the same
+/// way (a plain `memcpy`).
+pub fn crc_in_place(s: &VolatileSlice<'_>) -> u32 {
+    let g = s.ptr_guard();
+    // SAFETY: `s` is `s.len()` bytes of a live mapping, which the guard keeps mapped
+    // until it drops, after the hash: valid for reads, never written through the slice.
+    // It lives only for the hash, which uses the bytes only to compute the CRC, so a
+    // byte that changes under it changes nothing but the result.
+    let bytes = unsafe { std::slice::from_raw_parts(g.as_ptr(), s.len()) };
+    crc32fast::hash(bytes)
+}
+
+/// A PAGES frame read: its section, its pages' addresses, and those of its pages that
+/// failed their own CRC (`PAGE_CRCS`), placed or not (left to `crate::damaged`).
+pub struct Landed {
+    pub section: u32,
+    pub addrs: Vec<u64>,
+    pub bad: Vec<u64>,
+}
+
 /// Reads the rest of the PAGES frame whose header is `h` into component `c` (`buf` for
-/// its head, and for its data where `c` cannot take them in place); returns the pages.
-/// `c` comes from the head's section through `section`.
+/// its head, and for its data where `c` cannot take them in place). `c` comes from the
+/// head's section through `section`.
 pub fn read_pages<'p, R: Read + ReadVolatile>(
     r: &mut R,
     h: &Header,
     buf: &mut Vec<u8>,
     section: impl FnOnce(u32) -> Result<(&'p dyn Component, &'p str), String>,
-) -> Result<u64, String> {
+) -> Result<Landed, String> {
     let stream = |e: WireError| format!("migration stream: {e}");
-    let head = wire::pages_head_len(h.len).map_err(stream)?;
+    let head = wire::pages_head_len(h.len, h.checked).map_err(stream)?;
     buf.resize(head, 0);
     r.read_exact(buf).map_err(|e| stream(wire::io_err(e)))?;
     let mut crc = crc32fast::Hasher::new();
     crc.update(buf);
     let crc = match h.checked {
         wire::Checked::All => Some(crc),
-        wire::Checked::Head => {
+        wire::Checked::Head | wire::Checked::Pages => {
             // Checked before any page lands: the addresses say where they go.
             h.matches(crc.finalize()).map_err(stream)?;
             None
         }
     };
-    let (s, addrs) = wire::decode_pages_head(buf).map_err(stream)?;
+    let PagesHead {
+        section: s,
+        addrs,
+        crcs,
+    } = wire::decode_pages_head(buf, h.checked).map_err(stream)?;
     let (c, name) = section(s)?;
     let mut src = Source {
         r,
         crc,
+        crcs: &crcs,
+        addrs: &addrs,
+        next: 0,
+        bad: Vec::new(),
         failed: None,
     };
     let placed = c.load_pages_from(&addrs, &mut src);
-    let Source { r, mut crc, failed } = src;
+    let Source {
+        r,
+        mut crc,
+        mut bad,
+        next,
+        failed,
+        ..
+    } = src;
     if let Some(e) = failed {
         return Err(stream(e));
     }
     let placed = placed.map_err(|e| format!("{name}: {e}"))?;
+    if placed && !crcs.is_empty() && next != addrs.len() {
+        return Err(format!("{name}: {next} of {} pages filled", addrs.len()));
+    }
     let data = h.len - head;
     if !placed {
         buf.resize(head + data, 0);
@@ -102,8 +173,30 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
         h.matches(crc.finalize()).map_err(stream)?;
     }
     if !placed {
-        c.load_pages(&addrs, &buf[head..])
-            .map_err(|e| format!("{name}: {e}"))?;
+        let data = &buf[head..];
+        for ((&a, page), &want) in addrs.iter().zip(data.chunks_exact(PAGE_SIZE)).zip(&crcs) {
+            if crc32fast::hash(page) != want {
+                bad.push(a);
+            }
+        }
+        let loaded = if bad.is_empty() {
+            c.load_pages(&addrs, data)
+        } else {
+            // Only the pages that are whole.
+            let mut whole = (Vec::new(), Vec::new());
+            for (&a, page) in addrs.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+                if !bad.contains(&a) {
+                    whole.0.push(a);
+                    whole.1.extend_from_slice(page);
+                }
+            }
+            c.load_pages(&whole.0, &whole.1)
+        };
+        loaded.map_err(|e| format!("{name}: {e}"))?;
     }
-    Ok(addrs.len() as u64)
+    Ok(Landed {
+        section: s,
+        addrs,
+        bad,
+    })
 }

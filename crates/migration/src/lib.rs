@@ -10,13 +10,14 @@
 //! `source` the policy (rounds, switchover), on its own thread, with
 //! `converge` deciding what to hold back when rounds alone do not converge.
 //! `destination` is the receiving side (`inplace` reading pre-copy's pages straight
-//! into memory), `postcopy_in` its part once a VM runs there
+//! into memory, `damaged` keeping those that arrived torn until mended), `postcopy_in` its part once a VM runs there
 //! ahead of its memory, `restore` the same for a snapshot read lazily through the page
 //! index (`snapshot_index`) that sealing a snapshot appends.
 
 pub mod api;
 mod back;
 mod converge;
+pub mod damaged;
 pub mod destination;
 pub mod error;
 mod inplace;

@@ -69,10 +69,13 @@ struct Lane {
     zeros: Vec<(u64, u32)>,
     zero_section: u32,
     totals: Totals,
-    /// What its PAGES frames' CRC covers (the transport's own checks suffice?).
+    /// What the CRC of the PAGES frames it builds covers (the transport's own checks
+    /// suffice?).
     checked: Checked,
-    /// Whether it may take pages straight from memory (`Stream::write_pages`).
-    in_place: bool,
+    /// Whether it may take pages straight from memory (`Stream::write_pages`), and how
+    /// their data is checked then: by the transport (`Head`) or by a CRC of each page
+    /// taken as it goes (`Pages`).
+    in_place: Option<Checked>,
 }
 
 /// Keeps the lanes of one migration under `rate` bytes per second, together (post-copy's
@@ -150,6 +153,14 @@ fn writer(
     Ok(())
 }
 
+/// The CRC32 of each page as it is now in guest memory, read where it is (the guest
+/// may be writing it: a page that changes before the transport has copied it arrives
+/// failing its CRC, and is sent again, the write having made it dirty). The read brings
+/// the page into cache for the transport's copy that follows.
+fn pages_crcs(pages: &[vm_memory::VolatileSlice<'_>]) -> Vec<u32> {
+    pages.iter().map(crate::inplace::crc_in_place).collect()
+}
+
 impl Outbound {
     /// Lanes over `streams` (the main connection first), every page checked by CRC.
     pub fn new(
@@ -185,9 +196,10 @@ impl Outbound {
         Ok(out)
     }
 
-    /// Whether pages go from memory to the main connection with no copy.
-    pub fn in_place(&self) -> bool {
-        self.lanes.first().is_some_and(|l| l.in_place)
+    /// Whether pages go from memory to the main connection with no copy, and who
+    /// checks their data.
+    pub fn in_place(&self) -> Option<Checked> {
+        self.lanes.first().and_then(|l| l.in_place)
     }
 
     /// One more connection: the first is written directly, the others by a writer
@@ -201,7 +213,10 @@ impl Outbound {
         };
         // Only a lane its sender writes itself: a writer thread would write the pages
         // after the component's read returned.
-        let in_place = transport && self.lanes.is_empty() && s.writes_in_place();
+        let in_place = (self.lanes.is_empty() && s.writes_in_place()).then_some(match checked {
+            Checked::Head => Checked::Head,
+            _ => Checked::Pages,
+        });
         let io = if self.lanes.is_empty() {
             Io::Direct(s)
         } else {
@@ -282,11 +297,14 @@ impl Outbound {
         pages: &[vm_memory::VolatileSlice<'_>],
     ) -> io::Result<()> {
         self.flush_pages(i)?;
-        let head = wire::pages_head(section, addrs);
         let lane = &mut self.lanes[i];
-        let Io::Direct(s) = &mut lane.io else {
-            return Err(io::Error::other("pages in place on a lane with a writer"));
+        let (Io::Direct(s), Some(checked)) = (&mut lane.io, lane.in_place) else {
+            return Err(io::Error::other(
+                "pages in place on a lane that cannot take them",
+            ));
         };
+        let crcs = (checked == Checked::Pages).then(|| pages_crcs(pages));
+        let head = wire::pages_head(section, addrs, crcs.as_deref());
         s.write_pages(&head, pages)?;
         lane.totals.pages += addrs.len() as u64;
         let n = head.len() + addrs.len() * PAGE_SIZE;
@@ -592,7 +610,7 @@ impl Sink for SectionSink<'_> {
     fn in_place(&self) -> bool {
         // Every page this sink sends goes to the first lane.
         let one = self.out.lanes.len() == 1 || self.route == Route::Main;
-        one && self.out.lanes.first().is_some_and(|l| l.in_place)
+        one && self.out.in_place().is_some()
     }
 
     fn pages_in_place(

@@ -626,7 +626,8 @@ mod tests {
                         .unwrap()
                 })
                 .collect();
-            w.write_pages(&wire::pages_head(3, &addrs), &pages).unwrap();
+            w.write_pages(&wire::pages_head(3, &addrs, None), &pages)
+                .unwrap();
         }
         reader.join().unwrap();
         // A file copies: it is not written in place, and its pages are checked whole.

@@ -4,14 +4,18 @@
 //! never a panic or an allocation the sender chose.
 //!
 //! Header (little endian): magic u32 "GDWM", kind u8, flags u8, 2 reserved bytes
-//! (zero), payload length u32, CRC32 (IEEE) of the payload u32. One flag, PAGES frames
-//! only (version 6 on): `HEAD_ONLY`, the CRC covers the frame's head (section, count,
-//! addresses) and not its page data. A source sets it when told to leave page data to
-//! the transport's own checks (`PageChecks::Transport`: TCP's checksum, TLS's AEAD, as
-//! QEMU's stream does), and then sends pages straight from guest memory
-//! (`Stream::write_pages`): a page the guest writes while it goes may arrive torn, and
-//! is sent again (the write made it dirty). By default every byte is checked end to
-//! end, and a snapshot file always is: nothing checks it at rest.
+//! (zero), payload length u32, CRC32 (IEEE) of the payload u32. Two flags, PAGES frames
+//! only, at most one set. `HEAD_ONLY` (version 6 on): the CRC covers the frame's head
+//! (section, count, addresses) and not its page data, which is left to the transport's
+//! own checks (`PageChecks::Transport`: TCP's checksum, TLS's AEAD, as QEMU's stream
+//! does). `PAGE_CRCS` (version 7 on): the head also carries each page's own CRC32
+//! after the addresses, and the frame's CRC covers the head. Either way the source
+//! sends the pages straight from guest memory (`Stream::write_pages`), so a page the
+//! guest writes meanwhile may arrive torn: it is sent again (the write made it dirty).
+//! With `PAGE_CRCS` a destination reading pages into place keeps a page that fails its
+//! own CRC as damaged until a later copy of it passes, and refuses to run a VM that
+//! still has one (`crate::damaged`): every byte is still checked end to end. Frames
+//! built in a buffer (other lanes, TLS, snapshot files) carry a CRC of every byte.
 //!
 //! A stream: the source sends HELLO (the VM's sections: each migrating component, its
 //! data version and what the destination needs); the destination answers ACCEPT or
@@ -28,7 +32,7 @@
 //! migration with a reason. A snapshot file is the same stream without the answers.
 
 pub use crate::lacks::Lacks;
-pub use pages::{decode_pages_head, pages_head, pages_head_len, PagesFrame};
+pub use pages::{decode_pages_head, pages_head, pages_head_len, PagesFrame, PagesHead};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
@@ -36,13 +40,16 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"GDWM");
 /// Bumped on any incompatible change. A destination takes streams from
 /// `OLDEST_WIRE_VERSION` on (a snapshot file outlives the godwit that wrote it); a
 /// source speaks only this one, so an older destination refuses a newer source.
-pub const WIRE_VERSION: u32 = 6;
+pub const WIRE_VERSION: u32 = 7;
 /// Version 4 said what a post-copy section lacks only as bitmaps (POSTCOPY); 5 adds
-/// LACKS, which may say it as runs; 6 the `HEAD_ONLY` flag.
+/// LACKS, which may say it as runs; 6 the `HEAD_ONLY` flag; 7 `PAGE_CRCS`.
 pub const OLDEST_WIRE_VERSION: u32 = 4;
 pub const HEADER_LEN: usize = 16;
 /// Header flag (byte 5) of a PAGES frame: its CRC covers its head, not its data.
 pub const HEAD_ONLY: u8 = 1;
+/// Header flag (byte 5) of a PAGES frame: its head carries a CRC32 of each page, and
+/// its CRC covers the head.
+pub const PAGE_CRCS: u8 = 2;
 pub const PAGE_SIZE: usize = 4096;
 /// Pages carried by one PAGES frame.
 pub const PAGES_PER_FRAME: usize = 64;
@@ -392,23 +399,45 @@ fn header_with(kind: Kind, flags: u8, len: usize, crc: u32) -> [u8; HEADER_LEN] 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PageChecks {
-    /// godwit: every PAGES frame carries a CRC of all its bytes, checked end to end;
-    /// each page is copied into its frame on the way (the CRC must be of what goes).
+    /// godwit: every byte checked end to end. Pages sent straight from guest memory
+    /// (one TCP or Unix connection) carry a CRC each (`PAGE_CRCS`), checked where they
+    /// land; a frame built in a buffer (other lanes, TLS, files) a CRC of all of it.
     #[default]
     Crc,
     /// The transport (TCP's checksum, TLS's AEAD; a local socket has no wire): frames
-    /// keep a CRC of their head, and pages go from guest memory to the socket with
-    /// no copy of godwit's own (one TCP or Unix connection). Files keep `Crc`.
+    /// keep a CRC of their head (`HEAD_ONLY`), and the destination reads nothing back.
+    /// Files keep `Crc`.
     Transport,
 }
 
-/// What a PAGES frame's CRC covers.
+/// How a PAGES frame's data is checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Checked {
-    /// Every byte (snapshot files, and streams before version 6).
+    /// The frame's CRC covers every byte (snapshot files, and streams before version 6).
     All,
-    /// Its head only (`HEAD_ONLY`): the transport checks the data.
+    /// The frame's CRC covers its head only (`HEAD_ONLY`): the transport checks the data.
     Head,
+    /// The frame's CRC covers its head, which carries a CRC of each page (`PAGE_CRCS`).
+    Pages,
+}
+
+impl Checked {
+    /// Header flags that say so.
+    fn flags(self) -> u8 {
+        match self {
+            Checked::All => 0,
+            Checked::Head => HEAD_ONLY,
+            Checked::Pages => PAGE_CRCS,
+        }
+    }
+
+    /// Bytes of a PAGES frame's head per page: its address, and its CRC if it has one.
+    pub fn head_per_page(self) -> usize {
+        match self {
+            Checked::Pages => 12,
+            _ => 8,
+        }
+    }
 }
 
 /// Writes one frame whose payload is already encoded.
@@ -515,22 +544,22 @@ pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
         return Err(WireError::BadMagic(magic));
     }
     let kind = Kind::from_u8(h[4]).ok_or(WireError::BadKind(h[4]))?;
-    let flags_ok = h[5] == 0 || (kind == Kind::Pages && h[5] == HEAD_ONLY);
-    if !flags_ok || h[6..8] != [0, 0] {
+    let checked = match h[5] {
+        0 => Some(Checked::All),
+        HEAD_ONLY if kind == Kind::Pages => Some(Checked::Head),
+        PAGE_CRCS if kind == Kind::Pages => Some(Checked::Pages),
+        _ => None,
+    };
+    let Some(checked) = checked.filter(|_| h[6..8] == [0, 0]) else {
         return Err(WireError::Malformed(
             kind,
             "reserved header bytes set".into(),
         ));
-    }
+    };
     let len = u32_at(h, 8);
     if len as usize > MAX_PAYLOAD {
         return Err(WireError::TooLarge(len));
     }
-    let checked = if h[5] == HEAD_ONLY {
-        Checked::Head
-    } else {
-        Checked::All
-    };
     Ok(Header {
         kind,
         len: len as usize,
@@ -552,13 +581,28 @@ pub struct Header {
 }
 
 impl Header {
-    /// Checks `payload` (the whole payload of this frame) against the CRC.
+    /// Checks `payload` (the whole payload of this frame) against the CRC, and each
+    /// page against its own where the frame carries them.
     pub fn check(&self, payload: &[u8]) -> Result<(), WireError> {
-        let covered = match self.checked {
-            Checked::All => payload,
-            Checked::Head => &payload[..pages_head_len(payload.len())?],
-        };
-        self.matches(crc32fast::hash(covered))
+        if self.checked == Checked::All {
+            return self.matches(crc32fast::hash(payload));
+        }
+        let head = pages_head_len(payload.len(), self.checked)?;
+        self.matches(crc32fast::hash(&payload[..head]))?;
+        if self.checked == Checked::Pages {
+            let h = decode_pages_head(&payload[..head], self.checked)?;
+            for (page, want) in payload[head..].chunks_exact(PAGE_SIZE).zip(h.crcs) {
+                let got = crc32fast::hash(page);
+                if got != want {
+                    return Err(WireError::BadCrc {
+                        kind: self.kind,
+                        got,
+                        want,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether `got`, a CRC of what this frame's CRC covers, is the one it carries.
@@ -604,7 +648,7 @@ pub fn read_payload<'a>(
     buf.truncate(h.len);
     r.read_exact(buf).map_err(io_err)?;
     h.check(buf)?;
-    decode(h.kind, buf)
+    decode_checked(h.kind, h.checked, buf)
 }
 
 /// Reads one frame into `buf` and decodes it. A clean end of stream before a header is
@@ -614,8 +658,15 @@ pub fn read_frame<'a>(r: &mut impl Read, buf: &'a mut Vec<u8>) -> Result<Frame<'
     read_payload(r, &h, buf)
 }
 
-/// Decodes a payload whose length and CRC have been checked.
+/// Decodes a payload whose length and CRC have been checked (a PAGES frame's CRC over
+/// all of it).
 pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
+    decode_checked(kind, Checked::All, p)
+}
+
+/// Decodes a payload whose length and CRCs have been checked (`Header::check`), a
+/// PAGES frame laid out as `checked` says.
+pub fn decode_checked(kind: Kind, checked: Checked, p: &[u8]) -> Result<Frame<'_>, WireError> {
     let bad = |m: String| WireError::Malformed(kind, m);
     let empty = |f: Frame<'static>| {
         if p.is_empty() {
@@ -696,11 +747,11 @@ pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
         }
         // The same head as a frame read in place, by the same checks.
         Kind::Pages => {
-            let head = pages_head_len(p.len())?;
-            let (section, addrs) = decode_pages_head(&p[..head])?;
+            let head = pages_head_len(p.len(), checked)?;
+            let h = decode_pages_head(&p[..head], checked)?;
             Ok(Frame::Pages {
-                section,
-                addrs,
+                section: h.section,
+                addrs: h.addrs,
                 data: &p[head..],
             })
         }

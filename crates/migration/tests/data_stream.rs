@@ -148,6 +148,7 @@ fn a_device_streams_its_state_as_opaque_bytes() {
         &mut bytes.as_slice(),
         &parts,
         &["device".into()],
+        &Default::default(),
         Kind::Complete,
         &mut |_| Ok(()),
     )

@@ -6,6 +6,7 @@
 //! sets the length (default 20000 per shape; the stream shapes run a tenth of that,
 //! each feeding a VM).
 
+use godwit_migration::damaged::Damaged;
 use godwit_migration::destination::{drain, in_order, Event};
 use godwit_migration::lacks;
 use godwit_migration::wire::{self, Frame, Hello, Kind, Totals, PAGE_SIZE};
@@ -200,6 +201,7 @@ struct Dest {
     _vm: Vm,
     parts: Vec<Arc<dyn Component>>,
     names: Vec<String>,
+    damaged: Damaged,
 }
 
 impl Dest {
@@ -214,6 +216,7 @@ impl Dest {
             _vm: vm,
             parts,
             names,
+            damaged: Damaged::default(),
         }
     }
 
@@ -223,6 +226,7 @@ impl Dest {
             &mut &bytes[..],
             &self.parts,
             &self.names,
+            &self.damaged,
             Kind::Complete,
             &mut |e| match e {
                 Event::State(i, b) => self.parts[i].load(b).map_err(|e| e.to_string()),
@@ -588,6 +592,74 @@ fn a_page_damaged_on_the_way_is_refused_after_it_was_read_in_place() {
     assert!(e.contains("CRC"), "{e}");
 }
 
+/// Pages sent straight from guest memory, each with its own CRC (`PAGE_CRCS`): one
+/// that fails it (torn by a guest write, or damaged) is read into place but kept as
+/// damaged until a later copy of it lands whole; a damaged head is refused.
+#[test]
+fn a_page_that_fails_its_own_crc_stays_damaged_until_a_whole_copy_lands() {
+    if !kvm() {
+        return;
+    }
+    let (dir, s, d) = pair("page-crcs");
+    let ram = s.iter().position(|x| x.0 == "ram").unwrap() as u32;
+    let (addrs, data) = marked(&[5, 6, 7]);
+    let crcs: Vec<u32> = data.chunks(PAGE_SIZE).map(crc32fast::hash).collect();
+    let mut torn = wire::pages_head(ram, &addrs, Some(&crcs));
+    let head = torn.len();
+    torn.extend_from_slice(&data);
+    // The second page changed after its CRC was taken.
+    torn[head + PAGE_SIZE + 100] ^= 0x40;
+    let mut mend = Vec::new();
+    wire::write_frame(
+        &mut mend,
+        &Frame::Pages {
+            section: ram,
+            addrs: vec![addrs[1]],
+            data: &data[PAGE_SIZE..2 * PAGE_SIZE],
+        },
+    )
+    .unwrap();
+    let with = |extra: &[&[u8]], pages: u64| {
+        let mut f = frames(&s);
+        let n = f.len();
+        f[n - 1].1 = serde_json::to_vec(&Totals {
+            pages: 5 + pages,
+            zero_pages: 19,
+            data: 0,
+        })
+        .unwrap();
+        [extra.concat(), stream(&f)].concat()
+    };
+    let page = |d: &Dest, p: u64| {
+        let mut b = vec![0u8; PAGE_SIZE];
+        d._vm
+            .memory()
+            .read_slice(&mut b, GuestAddress(p * PAGE_SIZE as u64))
+            .unwrap();
+        b
+    };
+    d.receive(&with(&[&torn], 3)).unwrap();
+    assert_eq!(d.damaged.left(), [(ram, vec![addrs[1]])].into());
+    assert_eq!(page(&d, 5), data[..PAGE_SIZE]);
+    assert_eq!(page(&d, 7), data[2 * PAGE_SIZE..]);
+    // Sent again whole: mended.
+    let d = Dest::new(&dir.0, &s);
+    d.receive(&with(&[&torn, &mend], 4)).unwrap();
+    assert!(d.damaged.left().is_empty());
+    assert_eq!(page(&d, 6), data[PAGE_SIZE..2 * PAGE_SIZE]);
+    // Torn again after that: damaged again.
+    let d = Dest::new(&dir.0, &s);
+    d.receive(&with(&[&mend, &torn], 4)).unwrap();
+    assert_eq!(d.damaged.left().len(), 1);
+    // A CRC in the head damaged: the head's own CRC refuses the frame.
+    let d = Dest::new(&dir.0, &s);
+    let mut bad = torn.clone();
+    bad[head - 2] ^= 1;
+    let e = d.receive(&with(&[&bad], 3)).unwrap_err();
+    assert!(e.contains("CRC"), "{e}");
+    assert!(d.damaged.left().is_empty());
+}
+
 /// Bytes a Unix socket has sent that its peer has not read yet.
 fn unread(s: &std::os::unix::net::UnixStream) -> i32 {
     use std::os::fd::AsRawFd;
@@ -644,7 +716,15 @@ fn a_connection_waiting_inside_a_frame_holds_up_no_other() {
     a_tx.write_all(&a[..half]).unwrap();
     b_tx.write_all(&b).unwrap();
     let drain_lane = |r: &mut UnixStream| {
-        drain(r, &d.parts, &d.names, Kind::End, &mut |_| Ok(())).map(|t| t.pages)
+        drain(
+            r,
+            &d.parts,
+            &d.names,
+            &d.damaged,
+            Kind::End,
+            &mut |_| Ok(()),
+        )
+        .map(|t| t.pages)
     };
     std::thread::scope(|sc| {
         let ha = sc.spawn(|| drain_lane(&mut a_rx));

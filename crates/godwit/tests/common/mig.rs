@@ -196,7 +196,10 @@ pub fn info(vm: &Vm) -> Value {
 }
 
 /// A man in the middle that forwards the first `keep` bytes from source to destination
-/// and then damages the stream as `how` says; the other direction passes untouched.
+/// and then damages the stream as `how` says: "flip" changes a byte in every read from
+/// there on (one byte of page data alone might be mended: a page torn or damaged is
+/// held until the source sends it again, which it does if the guest rewrote it), "cut"
+/// ends it; the other direction passes untouched.
 pub fn proxy(to: String, keep: usize, how: &'static str) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("tcp:{}", l.local_addr().unwrap());
@@ -227,7 +230,6 @@ pub fn proxy(to: String, keep: usize, how: &'static str) -> String {
                         chunk[at] ^= 0x40;
                         let _ = b.write_all(chunk);
                         passed += n;
-                        // Keep forwarding the rest unchanged.
                         continue;
                     }
                     _ => {
@@ -245,6 +247,47 @@ pub fn proxy(to: String, keep: usize, how: &'static str) -> String {
         let _ = b.shutdown(std::net::Shutdown::Both);
     });
     addr
+}
+
+/// A man in the middle that damages one byte of the first page of every PAGES frame
+/// whose pages carry their own CRCs (`wire::PAGE_CRCS`), as a link whose damage slips
+/// past its own checks would, and forwards everything else as it came; returns the
+/// address to migrate to and the number of pages it damaged (once the source closes).
+pub fn page_damaging_proxy(to: String) -> (String, std::thread::JoinHandle<u64>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", l.local_addr().unwrap());
+    let t = std::thread::spawn(move || {
+        let (mut a, _) = l.accept().unwrap();
+        let mut b = TcpStream::connect(to.strip_prefix("tcp:").unwrap()).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+            let _ = a2.shutdown(std::net::Shutdown::Both);
+        });
+        let mut damaged = 0;
+        let mut h = [0u8; wire::HEADER_LEN];
+        let mut p = Vec::new();
+        while a.read_exact(&mut h).is_ok() {
+            let Ok(head) = wire::parse_header(&h) else {
+                break;
+            };
+            p.resize(head.len, 0);
+            if a.read_exact(&mut p).is_err() {
+                break;
+            }
+            if head.kind == Kind::Pages && head.checked == wire::Checked::Pages {
+                let at = wire::pages_head_len(head.len, head.checked).unwrap();
+                p[at + 100] ^= 0x40;
+                damaged += 1;
+            }
+            if b.write_all(&h).and_then(|_| b.write_all(&p)).is_err() {
+                break;
+            }
+        }
+        let _ = b.shutdown(std::net::Shutdown::Both);
+        damaged
+    });
+    (addr, t)
 }
 
 /// A destination that takes everything (it answers each round's SYNC) and never

@@ -440,10 +440,14 @@ impl Driver<'_> {
             )
             .map_err(unreachable_at(target))?,
         );
-        if self.out().in_place() {
-            tracing::info!(
+        match self.out().in_place() {
+            Some(wire::Checked::Head) => tracing::info!(
                 "pages go from guest memory to the socket; the transport checks their data"
-            );
+            ),
+            Some(_) => {
+                tracing::info!("pages go from guest memory to the socket, each with its own CRC")
+            }
+            None => {}
         }
         self.out().control(first).map_err(|e| self.send_error(e))
     }

@@ -11,19 +11,28 @@ use std::io::{self, Write};
 
 /// The header and head of a PAGES frame of `section` whose data (a page for each of
 /// `addrs`) goes apart, straight from memory (`Stream::write_pages`): its CRC covers
-/// the head only (`HEAD_ONLY`).
-pub fn pages_head(section: u32, addrs: &[u64]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(HEADER_LEN + 8 + 8 * addrs.len());
+/// the head, which carries `crcs` (one per page: `PAGE_CRCS`) if given (else
+/// `HEAD_ONLY`).
+pub fn pages_head(section: u32, addrs: &[u64], crcs: Option<&[u32]>) -> Vec<u8> {
+    debug_assert!(crcs.is_none_or(|c| c.len() == addrs.len()));
+    let checked = match crcs {
+        Some(_) => Checked::Pages,
+        None => Checked::Head,
+    };
+    let mut p = Vec::with_capacity(HEADER_LEN + 8 + checked.head_per_page() * addrs.len());
     p.extend_from_slice(&[0; HEADER_LEN]);
     p.extend_from_slice(&section.to_le_bytes());
     p.extend_from_slice(&(addrs.len() as u32).to_le_bytes());
     for a in addrs {
         p.extend_from_slice(&a.to_le_bytes());
     }
+    for c in crcs.unwrap_or_default() {
+        p.extend_from_slice(&c.to_le_bytes());
+    }
     let len = p.len() - HEADER_LEN + addrs.len() * PAGE_SIZE;
     let h = header_with(
         Kind::Pages,
-        HEAD_ONLY,
+        checked.flags(),
         len,
         crc32fast::hash(&p[HEADER_LEN..]),
     );
@@ -122,7 +131,9 @@ impl PagesFrame {
         self.buf[payload_start..payload_start + 4].copy_from_slice(&self.section.to_le_bytes());
         self.buf[payload_start + 4..payload_start + 8].copy_from_slice(&(n as u32).to_le_bytes());
         let h = match checked {
-            Checked::All => header(Kind::Pages, &self.buf[payload_start..end]),
+            // Copied, its pages cannot tear: a CRC over all of it is as good as one per
+            // page.
+            Checked::All | Checked::Pages => header(Kind::Pages, &self.buf[payload_start..end]),
             Checked::Head => header_with(
                 Kind::Pages,
                 HEAD_ONLY,
@@ -152,27 +163,47 @@ impl PagesFrame {
     }
 }
 
-/// A PAGES frame's payload up to its data: its length for a frame of `len` bytes, so
-/// that the data can be read apart (straight into place, `crate::inplace`).
-pub fn pages_head_len(len: usize) -> Result<usize, WireError> {
-    let n = len.saturating_sub(8) / (8 + PAGE_SIZE);
-    if len < 8 || 8 + n * (8 + PAGE_SIZE) != len || n == 0 || n > PAGES_PER_FRAME {
+/// A PAGES frame's head: its section, its pages' addresses, and their CRCs where the
+/// frame carries them (`Checked::Pages`; else empty).
+#[derive(Debug, PartialEq, Eq)]
+pub struct PagesHead {
+    pub section: u32,
+    pub addrs: Vec<u64>,
+    pub crcs: Vec<u32>,
+}
+
+/// A PAGES frame's payload up to its data: its length for a frame of `len` bytes laid
+/// out as `checked` says, so that the data can be read apart (straight into place,
+/// `crate::inplace`).
+pub fn pages_head_len(len: usize, checked: Checked) -> Result<usize, WireError> {
+    let per = checked.head_per_page();
+    let n = len.saturating_sub(8) / (per + PAGE_SIZE);
+    if len < 8 || 8 + n * (per + PAGE_SIZE) != len || n == 0 || n > PAGES_PER_FRAME {
         return Err(WireError::Malformed(
             Kind::Pages,
             format!("{len} bytes are not 1 to {PAGES_PER_FRAME} pages"),
         ));
     }
-    Ok(8 + 8 * n)
+    Ok(8 + per * n)
 }
 
-/// A PAGES frame's head (`pages_head_len` bytes): its section and addresses.
-pub fn decode_pages_head(p: &[u8]) -> Result<(u32, Vec<u64>), WireError> {
-    let n = (p.len().saturating_sub(8)) / 8;
-    if p.len() < 8 || p.len() != 8 + 8 * n || u32_at(p, 4) as usize != n {
+/// A PAGES frame's head (`pages_head_len` bytes) laid out as `checked` says.
+pub fn decode_pages_head(p: &[u8], checked: Checked) -> Result<PagesHead, WireError> {
+    let per = checked.head_per_page();
+    let n = (p.len().saturating_sub(8)) / per;
+    if p.len() < 8 || p.len() != 8 + per * n || u32_at(p, 4) as usize != n {
         return Err(WireError::Malformed(
             Kind::Pages,
             "the page count does not match the frame's length".into(),
         ));
     }
-    Ok((u32_at(p, 0), (0..n).map(|i| u64_at(p, 8 + 8 * i)).collect()))
+    let crcs_at = 8 + 8 * n;
+    Ok(PagesHead {
+        section: u32_at(p, 0),
+        addrs: (0..n).map(|i| u64_at(p, 8 + 8 * i)).collect(),
+        crcs: match checked {
+            Checked::Pages => (0..n).map(|i| u32_at(p, crcs_at + 4 * i)).collect(),
+            _ => Vec::new(),
+        },
+    })
 }

@@ -96,18 +96,19 @@ fn a_pages_head_read_apart_is_what_the_decoder_reads() {
         )
         .unwrap();
         let p = &b[HEADER_LEN..];
-        let head = pages_head_len(p.len()).unwrap();
+        let head = pages_head_len(p.len(), Checked::All).unwrap();
         assert_eq!(head, 8 + 8 * n);
-        assert_eq!(decode_pages_head(&p[..head]).unwrap(), (9, addrs));
+        let h = decode_pages_head(&p[..head], Checked::All).unwrap();
+        assert_eq!((h.section, h.addrs, h.crcs), (9, addrs, vec![]));
     }
     let one = 8 + 8 + PAGE_SIZE;
     for len in [0, 7, 8, 9, one - 1, one + 1, 8 + 65 * (8 + PAGE_SIZE)] {
-        assert!(pages_head_len(len).is_err(), "{len}");
+        assert!(pages_head_len(len, Checked::All).is_err(), "{len}");
     }
     // A count that disagrees with the length.
     let mut p = vec![0u8; 16];
     p[4] = 2;
-    assert!(decode_pages_head(&p).is_err());
+    assert!(decode_pages_head(&p, Checked::All).is_err());
     assert!(decode(Kind::Pages, &[p, vec![0; PAGE_SIZE]].concat()).is_err());
 }
 
@@ -315,7 +316,7 @@ fn a_crc_over_the_head_only_checks_the_head() {
     let (buf, r) = f.take(Vec::new(), Checked::Head).unwrap();
     let built = buf[r].to_vec();
     assert_eq!(built[5], HEAD_ONLY);
-    let mut apart = pages_head(7, &[0, 8192, 16384]);
+    let mut apart = pages_head(7, &[0, 8192, 16384], None);
     for i in 0..3u8 {
         apart.extend(std::iter::repeat_n(i + 1, PAGE_SIZE));
     }
@@ -369,9 +370,83 @@ fn a_crc_over_the_head_only_checks_the_head() {
         Err(WireError::Malformed(Kind::Abort, _))
     ));
     let mut c = built.clone();
-    c[5] = 2;
+    c[5] = HEAD_ONLY | PAGE_CRCS;
     assert!(matches!(
         read_frame(&mut c.as_slice(), &mut b),
         Err(WireError::Malformed(Kind::Pages, _))
     ));
+}
+
+/// A PAGES frame whose head carries each page's CRC (`PAGE_CRCS`): the head's own CRC
+/// covers them; read whole, a page that fails its CRC fails the frame; read apart, the
+/// head says which CRC is whose; lengths of the other layout are refused.
+#[test]
+fn a_crc_per_page_in_the_head_checks_each_page() {
+    let addrs = [0u64, 8192, 1 << 20];
+    let pages: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; PAGE_SIZE]).collect();
+    let crcs: Vec<u32> = pages.iter().map(|p| crc32fast::hash(p)).collect();
+    let mut f = pages_head(7, &addrs, Some(&crcs));
+    assert_eq!(f[5], PAGE_CRCS);
+    for p in &pages {
+        f.extend_from_slice(p);
+    }
+    let h = read_header(&mut f.as_slice()).unwrap();
+    assert_eq!(h.checked, Checked::Pages);
+    let head = pages_head_len(h.len, h.checked).unwrap();
+    assert_eq!(head, 8 + 12 * 3);
+    let got = decode_pages_head(&f[HEADER_LEN..HEADER_LEN + head], h.checked).unwrap();
+    assert_eq!(
+        got,
+        PagesHead {
+            section: 7,
+            addrs: addrs.to_vec(),
+            crcs: crcs.clone()
+        }
+    );
+    // As the other layouts, its length is not one of pages.
+    assert!(pages_head_len(h.len, Checked::All).is_err());
+    assert!(pages_head_len(h.len, Checked::Head).is_err());
+    let mut b = Vec::new();
+    match read_frame(&mut f.as_slice(), &mut b).unwrap() {
+        Frame::Pages {
+            section,
+            addrs: a,
+            data,
+        } => {
+            assert_eq!((section, a), (7, addrs.to_vec()));
+            assert_eq!(data, pages.concat());
+        }
+        other => panic!("{other:?}"),
+    }
+    // Any byte of a page, or of a page's CRC, damaged: refused.
+    for at in [
+        HEADER_LEN + head + 5,
+        HEADER_LEN + head + 2 * PAGE_SIZE + 7,
+        f.len() - 1,
+    ] {
+        let mut c = f.clone();
+        c[at] ^= 0x40;
+        assert!(
+            matches!(
+                read_frame(&mut c.as_slice(), &mut b),
+                Err(WireError::BadCrc { .. })
+            ),
+            "{at}"
+        );
+    }
+    for at in [HEADER_LEN + 8 + 24, HEADER_LEN + head - 1] {
+        let mut c = f.clone();
+        c[at] ^= 0x40;
+        assert!(
+            matches!(
+                read_frame(&mut c.as_slice(), &mut b),
+                Err(WireError::BadCrc { .. })
+            ),
+            "{at}"
+        );
+    }
+    // A count that disagrees with the head's length.
+    let mut c = f[HEADER_LEN..HEADER_LEN + head].to_vec();
+    c[4] = 2;
+    assert!(decode_pages_head(&c, Checked::Pages).is_err());
 }
