@@ -44,26 +44,15 @@ impl<R: ReadVolatile> PageSource for Source<'_, '_, R> {
             self.failed = Some(wire::io_err(e));
             return Err(kept);
         }
+        // What landed is read back where it is (still in cache) for the frame's CRC, or
+        // for each page's own.
         if let Some(crc) = &mut self.crc {
-            // The frame's CRC, over what landed, read back through a buffer still in
-            // cache: a CRC over the frame is the hash of all its bytes in order, which
-            // another connection writing the same page would leave no way to tell from
-            // one damaged on the way.
-            let mut tmp = [0u8; PAGE_SIZE];
-            let mut at = 0;
-            while at < run.len() {
-                let n = (run.len() - at).min(PAGE_SIZE);
-                let part = run.subslice(at, n).map_err(io::Error::other)?;
-                part.copy_to(&mut tmp[..n]);
-                crc.update(&tmp[..n]);
-                at += n;
-            }
+            with_bytes(run, |b| crc.update(b));
             return Ok(());
         }
         if self.crcs.is_empty() {
             return Ok(());
         }
-        // Each page against its own CRC, read where it landed (still in cache).
         let mut at = 0;
         while at < run.len() {
             let n = (run.len() - at).min(PAGE_SIZE);
@@ -82,20 +71,25 @@ impl<R: ReadVolatile> PageSource for Source<'_, '_, R> {
     }
 }
 
-/// The CRC32 of `s`, guest memory, read where it is. The guest (on the source) or
-/// another connection (a hostile source may send a page on two) may be writing it
-/// meanwhile: the bytes read then are some mix of old and new, the CRC matches neither,
-/// and the page is held as damaged until a whole copy lands (`crate::damaged`); nothing
-/// else is taken from them. vm-memory's own copies out of guest memory read it the same
-/// way (a plain `memcpy`).
+/// The CRC32 of `s`, guest memory, read where it is.
 pub fn crc_in_place(s: &VolatileSlice<'_>) -> u32 {
+    with_bytes(s, crc32fast::hash)
+}
+
+/// `hash` over the bytes of `s`, guest memory, read where they are. The guest (on the
+/// source) or another connection (a hostile source may send a page on two) may be
+/// writing them meanwhile: what is read then is some mix of old and new, its CRC matches
+/// neither, and the page is held as damaged until a whole copy lands (`crate::damaged`)
+/// or the frame is refused; nothing else is taken from them. vm-memory's own copies
+/// out of guest memory read it the same way (a plain `memcpy`).
+fn with_bytes<T>(s: &VolatileSlice<'_>, hash: impl FnOnce(&[u8]) -> T) -> T {
     let g = s.ptr_guard();
     // SAFETY: `s` is `s.len()` bytes of a live mapping, which the guard keeps mapped
     // until it drops, after the hash: valid for reads, never written through the slice.
-    // It lives only for the hash, which uses the bytes only to compute the CRC, so a
+    // The slice lives only for the hash, which uses the bytes only to compute it, so a
     // byte that changes under it changes nothing but the result.
     let bytes = unsafe { std::slice::from_raw_parts(g.as_ptr(), s.len()) };
-    crc32fast::hash(bytes)
+    hash(bytes)
 }
 
 /// A PAGES frame read: its section, its pages' addresses, and those of its pages that
