@@ -395,7 +395,7 @@ fn hostile_destination() -> (String, std::thread::JoinHandle<(u64, u64)>) {
         let vcpus = sections.iter().position(|s| s.name == "vcpus").unwrap() as u32;
         let mut lazy_pages = 0;
         loop {
-            match wire::read_frame(&mut c, &mut buf).unwrap() {
+            match read_frame_as_destination(&mut c, &mut buf).unwrap() {
                 Frame::Sync(n) => wire::write_frame(&mut c, &Frame::Synced(n)).unwrap(),
                 Frame::Lacks { regions, .. } => {
                     lazy_pages = regions.iter().map(|r| r.pages()).sum()

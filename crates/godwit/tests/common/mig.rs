@@ -290,6 +290,23 @@ pub fn page_damaging_proxy(to: String) -> (String, std::thread::JoinHandle<u64>)
     (addr, t)
 }
 
+/// Reads one frame as a destination that reads pages into place does: the pages of a
+/// frame that carries their own CRCs (`wire::PAGE_CRCS`) may be torn by the guest's
+/// writes, and a destination holds such a page until its next copy, so only the frame
+/// itself is read here; every other frame is checked whole.
+pub fn read_frame_as_destination<'a>(
+    r: &mut impl Read,
+    buf: &'a mut Vec<u8>,
+) -> Result<Frame<'a>, wire::WireError> {
+    let h = wire::read_header(r)?;
+    if h.checked != wire::Checked::Pages {
+        return wire::read_payload(r, &h, buf);
+    }
+    buf.resize(h.len, 0);
+    r.read_exact(buf).map_err(wire::WireError::Io)?;
+    wire::decode_checked(h.kind, h.checked, buf)
+}
+
 /// A destination that takes everything (it answers each round's SYNC) and never
 /// confirms the end (no READY); returns its address and the frame kinds it saw.
 pub fn unconfirming_destination() -> (String, std::thread::JoinHandle<Vec<Kind>>) {
@@ -300,7 +317,7 @@ pub fn unconfirming_destination() -> (String, std::thread::JoinHandle<Vec<Kind>>
         let mut buf = Vec::new();
         let mut kinds = Vec::new();
         loop {
-            match wire::read_frame(&mut c, &mut buf) {
+            match read_frame_as_destination(&mut c, &mut buf) {
                 Ok(Frame::Hello(_)) => {
                     wire::write_frame(&mut c, &Frame::Accept).unwrap();
                     kinds.push(Kind::Hello);
