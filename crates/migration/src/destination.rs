@@ -684,15 +684,15 @@ pub fn receive_with(
     }
     // Post-copy: what is still at the source goes missing here, to be fetched when
     // touched once the VM runs. A page still damaged must be one of those.
-    if damaged.seen() > 0 {
+    let seen = damaged.seen();
+    let mut damaged = damaged.left();
+    if seen > 0 {
         tracing::info!(
-            "{} page copies arrived failing their CRC (torn by the guest's writes, or \
+            "{seen} page copies arrived failing their CRC (torn by the guest's writes, or \
              damaged); {} not sent again",
-            damaged.seen(),
-            damaged.left().values().map(Vec::len).sum::<usize>()
+            damaged.values().map(Vec::len).sum::<usize>()
         );
     }
-    let mut damaged = damaged.left();
     let mut lazy = Vec::new();
     for (i, missing) in postcopy.into_iter().enumerate() {
         let Some(missing) = missing else { continue };

@@ -16,14 +16,20 @@ use godwit_vmm::migratable::{Component, PageSource};
 use std::io::{self, Read};
 use vm_memory::{ReadVolatile, VolatileSlice};
 
-/// The stream as the component reads its pages from it: every byte goes into the
-/// frame's CRC, or each page is checked against its own, or neither (the transport
-/// checks them).
+/// How the data of a frame read into place is checked.
+enum Check<'h> {
+    /// Every byte goes into the frame's CRC.
+    Frame(crc32fast::Hasher),
+    /// Each page against its own CRC (`PAGE_CRCS`), in the frame's order.
+    Pages(&'h [u32]),
+    /// Not here: the transport checks it (`HEAD_ONLY`).
+    Transport,
+}
+
+/// The stream as the component reads its pages from it.
 struct Source<'r, 'h, R> {
     r: &'r mut R,
-    crc: Option<crc32fast::Hasher>,
-    /// Each page's CRC (`PAGE_CRCS`; else empty), and their addresses.
-    crcs: &'h [u32],
+    check: Check<'h>,
     addrs: &'h [u64],
     /// Pages filled so far (the component fills them in the frame's order).
     next: usize,
@@ -46,19 +52,20 @@ impl<R: ReadVolatile> PageSource for Source<'_, '_, R> {
         }
         // What landed is read back where it is (still in cache) for the frame's CRC, or
         // for each page's own.
-        if let Some(crc) = &mut self.crc {
-            with_bytes(run, |b| crc.update(b));
-            return Ok(());
-        }
-        if self.crcs.is_empty() {
-            return Ok(());
-        }
+        let crcs = match &mut self.check {
+            Check::Frame(crc) => {
+                with_bytes(run, |b| crc.update(b));
+                return Ok(());
+            }
+            Check::Transport => return Ok(()),
+            Check::Pages(crcs) => *crcs,
+        };
         let mut at = 0;
         while at < run.len() {
             let n = (run.len() - at).min(PAGE_SIZE);
             let page = run.subslice(at, n).map_err(io::Error::other)?;
             let i = self.next;
-            let (Some(&want), Some(&addr)) = (self.crcs.get(i), self.addrs.get(i)) else {
+            let (Some(&want), Some(&addr)) = (crcs.get(i), self.addrs.get(i)) else {
                 return Err(io::Error::other("more pages filled than the frame holds"));
             };
             if crc_in_place(&page) != want {
@@ -115,7 +122,7 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
     r.read_exact(buf).map_err(|e| stream(wire::io_err(e)))?;
     let mut crc = crc32fast::Hasher::new();
     crc.update(buf);
-    let crc = match h.checked {
+    let frame_crc = match h.checked {
         wire::Checked::All => Some(crc),
         wire::Checked::Head | wire::Checked::Pages => {
             // Checked before any page lands: the addresses say where they go.
@@ -129,10 +136,14 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
         crcs,
     } = wire::decode_pages_head(buf, h.checked).map_err(stream)?;
     let (c, name) = section(s)?;
+    let check = match frame_crc {
+        Some(crc) => Check::Frame(crc),
+        None if crcs.is_empty() => Check::Transport,
+        None => Check::Pages(&crcs),
+    };
     let mut src = Source {
         r,
-        crc,
-        crcs: &crcs,
+        check,
         addrs: &addrs,
         next: 0,
         bad: Vec::new(),
@@ -141,7 +152,7 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
     let placed = c.load_pages_from(&addrs, &mut src);
     let Source {
         r,
-        mut crc,
+        check,
         mut bad,
         next,
         failed,
@@ -150,24 +161,24 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
     if let Some(e) = failed {
         return Err(stream(e));
     }
-    let placed = placed.map_err(|e| format!("{name}: {e}"))?;
-    if placed && !crcs.is_empty() && next != addrs.len() {
-        return Err(format!("{name}: {next} of {} pages filled", addrs.len()));
-    }
-    let data = h.len - head;
-    if !placed {
-        buf.resize(head + data, 0);
+    if placed.map_err(|e| format!("{name}: {e}"))? {
+        match check {
+            Check::Frame(crc) => h.matches(crc.finalize()).map_err(stream)?,
+            Check::Pages(_) if next != addrs.len() => {
+                return Err(format!("{name}: {next} of {} pages filled", addrs.len()))
+            }
+            _ => {}
+        }
+    } else {
+        // Into the buffer, checked, and only the pages that are whole placed.
+        buf.resize(h.len, 0);
         r.read_exact(&mut buf[head..])
             .map_err(|e| stream(wire::io_err(e)))?;
-        if let Some(crc) = &mut crc {
-            crc.update(&buf[head..]);
-        }
-    }
-    if let Some(crc) = crc {
-        h.matches(crc.finalize()).map_err(stream)?;
-    }
-    if !placed {
         let data = &buf[head..];
+        if let Check::Frame(mut crc) = check {
+            crc.update(data);
+            h.matches(crc.finalize()).map_err(stream)?;
+        }
         for ((&a, page), &want) in addrs.iter().zip(data.chunks_exact(PAGE_SIZE)).zip(&crcs) {
             if crc32fast::hash(page) != want {
                 bad.push(a);
@@ -176,7 +187,6 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
         let loaded = if bad.is_empty() {
             c.load_pages(&addrs, data)
         } else {
-            // Only the pages that are whole.
             let mut whole = (Vec::new(), Vec::new());
             for (&a, page) in addrs.iter().zip(data.chunks_exact(PAGE_SIZE)) {
                 if !bad.contains(&a) {
