@@ -549,7 +549,9 @@ fn a_snapshot_with_a_gpu_restores_on_a_host_with_that_profile() {
     let d = host("gm-snap", 1, &[]);
     let g = gpu_dir(&d);
     let snap = d.path("vm.snap");
-    let args = ["rounds=40", "mib=2", "report-every=5"];
+    // Enough rounds left after the tenth that the guest cannot end during the snapshot
+    // (its pre-copy rounds to a file take a few hundred ms).
+    let args = ["rounds=400", "mib=2", "report-every=5"];
     let mut src = source(&d, "src", &gpu_vm(&g, "GW8-2C", "gpu-verify", &args));
     wait_log(&src.log, "round 10 ok");
     let (out, r) = migrate(&src, &format!("file:{}", snap.display()), &[]);
@@ -572,7 +574,10 @@ fn a_snapshot_with_a_gpu_restores_on_a_host_with_that_profile() {
     );
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
     let all = read(&src.log) + &stdout(&o);
-    assert!(all.contains("done rounds=40 checks=480 errors=0"), "{all}");
+    assert!(
+        all.contains("done rounds=400 checks=4800 errors=0"),
+        "{all}"
+    );
     assert!(!stdout(&o).contains("starting"), "restored, not booted");
     // A host whose GPU runs another profile refuses it.
     let busy = source(

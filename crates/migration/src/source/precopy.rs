@@ -10,6 +10,7 @@ impl Driver<'_> {
         let mut last_sync = Instant::now();
         let untouched = self.untouched(|p| p.precopy);
         let mut rounds_at_max = 0;
+        let mut trend = Trend::default();
         loop {
             let index = self.report.rounds.len() as u32;
             let (pct, held) = (self.converge.max_pct(), self.converge.held());
@@ -75,19 +76,12 @@ impl Driver<'_> {
             // bandwidth and the guest dirties at its rate meanwhile, so each round
             // leaves rate / bandwidth of the set before it.
             let rate = n as f64 * PAGE_SIZE as f64 / since.as_secs_f64().max(1e-6);
-            // A set that did not shrink since the last round (a few pages the guest
-            // writes all the time) will not shrink in the next one either.
-            let shrank = self
-                .report
-                .rounds
-                .last()
-                .is_none_or(|prev| n < prev.dirty_pages);
-            let shrinking = shrank && rate <= self.bandwidth_cap() * CONVERGING;
+            let shrinking = trend.round(n, rate, self.bandwidth_cap());
             // Rounds shrink only the transfer; the fixed part and the round trips stay.
             let good_enough = self.transfer_ms(n) <= SMALL_DOWNTIME_MS - FIXED_DOWNTIME_MS;
             let reason = if n == 0 {
                 Some("no dirty pages left".into())
-            } else if expected <= limit && (good_enough || !shrinking) {
+            } else if expected <= limit && (good_enough || trend.stalled()) {
                 Some(format!(
                     "expected downtime {expected:.1} ms fits the {limit} ms limit"
                 ))
@@ -106,6 +100,8 @@ impl Driver<'_> {
             // Already after the first pass (as QEMU's postcopy-after-precopy is used):
             // a guest that dirtied faster than the rounds can follow during it will
             // not be caught by a second pass, which only sends its set again.
+            // One round that did not converge is enough to switch: post-copy does not
+            // lengthen the pause, only the rounds still to come would.
             let stalled = reason.is_none() && !shrinking;
             let fits = expected <= limit;
             let post = if self.status.postcopy_now.load(Ordering::SeqCst) {
@@ -157,7 +153,6 @@ impl Driver<'_> {
         }
     }
 
-    /// Pages the components have left to send.
     /// Pages of the components `which` picks that their first pass skips (never
     /// written, so zero on both sides).
     pub(super) fn untouched(&self, which: impl Fn(&Part) -> bool) -> u64 {
@@ -171,11 +166,77 @@ impl Driver<'_> {
             .sum()
     }
 
+    /// Pages the components have left to send.
     pub(super) fn pending(&self) -> u64 {
         self.parts
             .iter()
             .filter_map(|p| p.c.precopy_info().ok())
             .map(|i| i.total() / PAGE_SIZE as u64)
             .sum()
+    }
+}
+
+/// Whether pre-copy's rounds still shrink the dirty set well.
+#[derive(Default)]
+struct Trend {
+    last: Option<u64>,
+    /// Rounds in a row that did not.
+    stalls: u32,
+}
+
+impl Trend {
+    /// A round left `n` dirty pages, written at `rate` against a link of `bandwidth`
+    /// (bytes/s): true if it shrank the set well.
+    fn round(&mut self, n: u64, rate: f64, bandwidth: f64) -> bool {
+        let shrank = self.last.is_none_or(|last| n < last);
+        self.last = Some(n);
+        let shrinking = shrank && rate <= bandwidth * CONVERGING;
+        self.stalls = if shrinking { 0 } else { self.stalls + 1 };
+        shrinking
+    }
+
+    /// Whether another round will not shrink the set either. A set that stays the same
+    /// (a few pages the guest writes all the time) will not; one round that did not
+    /// shrink it well (the guest's or the host's scheduling made it slow) says little,
+    /// and stopping on it had pre-copy pause for 30 MiB where one more round would have
+    /// left a few.
+    fn stalled(&self) -> bool {
+        self.stalls >= STALLS
+    }
+}
+
+/// Rounds in a row that do not converge after which pre-copy stops as soon as it fits.
+const STALLS: u32 = 2;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINK: f64 = 1e9;
+
+    #[test]
+    fn one_slow_round_is_not_a_stall_two_are() {
+        let mut t = Trend::default();
+        assert!(t.round(100_000, 0.4 * LINK, LINK));
+        assert!(t.round(40_000, 0.4 * LINK, LINK));
+        // The guest dirtied most of what the link carried: not converging, once.
+        assert!(!t.round(30_000, 0.8 * LINK, LINK));
+        assert!(!t.stalled());
+        // The next round shrinks well again: the count starts over.
+        assert!(t.round(8_000, 0.3 * LINK, LINK));
+        assert!(!t.round(7_000, 0.8 * LINK, LINK));
+        assert!(!t.stalled());
+        assert!(!t.round(6_500, 0.9 * LINK, LINK));
+        assert!(t.stalled());
+    }
+
+    #[test]
+    fn a_set_that_stays_the_same_stalls_whatever_the_rate() {
+        let mut t = Trend::default();
+        assert!(t.round(500, 0.01 * LINK, LINK));
+        assert!(!t.round(500, 0.01 * LINK, LINK));
+        assert!(!t.stalled());
+        assert!(!t.round(520, 0.01 * LINK, LINK));
+        assert!(t.stalled());
     }
 }
