@@ -297,7 +297,8 @@ impl PostcopyIn {
                 .name(format!("postcopy-in{k}"))
                 .spawn(move || {
                     // Answers to touches come on the main connection.
-                    let _urgent = (k == 0).then(crate::priority::Urgent::new);
+                    let _urgent = (k == 0)
+                        .then(|| crate::priority::Urgent::new("post-copy's placing of answers"));
                     read_pages(s, &pc, generation)
                 })?;
         }
@@ -602,7 +603,7 @@ impl Read for Heard<'_> {
 /// Sends a request for every page a touch waits for, and DONE once none is missing;
 /// takes a silent link for broken.
 fn watch(pc: &PostcopyIn) {
-    let _urgent = crate::priority::Urgent::new();
+    let _urgent = crate::priority::Urgent::new("post-copy's fault watch");
     let mut w = Wanted::default();
     let mut watch = FaultWatch::new(pc.lazy.iter().map(|l| &*l.faults));
     loop {

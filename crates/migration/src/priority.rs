@@ -2,7 +2,8 @@
 //! destination's thread that reads faults and asks for pages, the one that places the
 //! answers, and the source's thread that answers the requests. Each does little but
 //! wait; meanwhile the background stream (reading pages, sending them, placing them)
-//! keeps the cores busy.
+//! keeps the cores busy. The source's migration thread is one too at the end of every
+//! pause, from COMPLETE to STARTED, where it only waits for answers.
 //!
 //! Woken onto a core that ran the background, such a thread waited its turn there, even
 //! with the other core idle: traces with the kernel's scheduler events showed a request
@@ -87,9 +88,10 @@ pub enum Class {
 }
 
 impl Urgent {
-    pub fn new() -> Urgent {
+    /// `who`: the thread, for the log.
+    pub fn new(who: &str) -> Urgent {
         let u = Self::with(true);
-        tracing::debug!(class = ?u.class(), "a post-copy thread's scheduling");
+        tracing::debug!(class = ?u.class(), "{who}: scheduling");
         u
     }
 
@@ -115,7 +117,7 @@ impl Urgent {
                         before: Some(before),
                     }
                 }
-                Err(e) => tracing::debug!("the real-time class for a post-copy thread: {e}"),
+                Err(e) => tracing::debug!("the real-time class for an urgent thread: {e}"),
             }
         }
         match set(SchedAttr {
@@ -146,7 +148,7 @@ impl Drop for Urgent {
     fn drop(&mut self) {
         if let Some(b) = self.before {
             if let Err(e) = set(b) {
-                tracing::debug!("restoring a post-copy thread's scheduling: {e}");
+                tracing::debug!("restoring an urgent thread's scheduling: {e}");
             }
         }
     }
@@ -206,7 +208,7 @@ mod tests {
                 0
             );
             let before = now();
-            let short = Urgent::new();
+            let short = Urgent::new("a test");
             assert_eq!(short.class(), Class::Unchanged);
             assert_eq!(now(), before);
             drop(short);
@@ -235,7 +237,7 @@ mod tests {
             // SAFETY: as above.
             assert_eq!(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 3) }, 0);
             let before = get().unwrap();
-            let urgent = Urgent::new();
+            let urgent = Urgent::new("a test");
             let during = get().unwrap();
             if allowed {
                 assert_eq!(urgent.class(), Class::RealTime);

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::lacks::Lacks;
+use crate::priority::Urgent;
 
 impl Driver<'_> {
     pub(super) fn part(&mut self, name: &str) -> &mut DowntimePart {
@@ -85,26 +86,33 @@ impl Driver<'_> {
             watch.1.notify_all();
             (r, tp)
         });
-        if let Err(e) = handed {
-            return Err(
-                if status.expired() && !matches!(e, MigrationError::Cancelled) {
-                    MigrationError::PauseExceeded {
-                        budget: self.pause_budget,
-                    }
-                } else {
-                    e
-                },
-            );
-        }
+        let urgent = match handed {
+            Ok(u) => u,
+            Err(e) => {
+                return Err(
+                    if status.expired() && !matches!(e, MigrationError::Cancelled) {
+                        MigrationError::PauseExceeded {
+                            budget: self.pause_budget,
+                        }
+                    } else {
+                        e
+                    },
+                )
+            }
+        };
         if self.target.is_file() {
             return Ok(());
         }
-        self.go(tp)
+        let r = self.go(tp);
+        drop(urgent);
+        r
     }
 
     /// The pause up to the point of no return: stop in order, states, last pages,
-    /// COMPLETE, the destination's READY, commit.
-    pub(super) fn stop_and_send(&mut self, tp: Instant, deadline: Instant) -> Res<()> {
+    /// COMPLETE, the destination's READY, commit. Past COMPLETE this thread is urgent
+    /// while the guard returned lives: what is left of the pause is round trips, each a
+    /// wake-up of this thread.
+    pub(super) fn stop_and_send(&mut self, tp: Instant, deadline: Instant) -> Res<Option<Urgent>> {
         // Stop in order: nothing that starts work runs once what does it has stopped.
         for i in 0..self.parts.len() {
             let t = Instant::now();
@@ -179,8 +187,18 @@ impl Driver<'_> {
         if self.target.is_file() {
             self.out().seal().map_err(|e| self.send_error(e))?;
             self.report.downtime_ms = ms(tp.elapsed());
-            return Ok(());
+            return Ok(None);
         }
+        // Where the destination shares the host (the benchmark; any busy host), the
+        // wake-ups left in the pause lost this thread cores: the destination woken by
+        // GO took the core from it, woke its vCPU on the same core, and this thread,
+        // still runnable there, read STARTED only once the scheduler moved it to the
+        // idle core, 2 ms later in a trace of the kernel's scheduler events (2-5 ms in
+        // 1 of 3 pre-copy runs, while the guest already ran). In the real-time class it
+        // keeps its core and runs as soon as an answer wakes it. Not before COMPLETE:
+        // sending the last pages it would hold a core the destination needs to take
+        // them in.
+        let urgent = Urgent::new("the source's migration thread at the end of the pause");
         let t = Instant::now();
         let left = deadline.saturating_duration_since(t);
         let ready: Ready = match self.answer_within("READY", left)? {
@@ -204,7 +222,7 @@ impl Driver<'_> {
                 MigrationError::Cancelled
             });
         }
-        Ok(())
+        Ok(Some(urgent))
     }
 
     /// Post-copy: each component that can run ahead of its data says what the
