@@ -370,14 +370,6 @@ impl Prefaulted {
         Ok(self)
     }
 
-    /// Unmaps the memory and VRAM now (their pages go back to the host, recently
-    /// used): whether there was any.
-    pub fn release(&self) -> bool {
-        let mut r = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (ram, vram) = (r.ram.take(), r.vram.take());
-        ram.is_some() || vram.is_some()
-    }
-
     /// Before a VM is built whose every page comes through userfaultfd: the RAM's
     /// pages stay (placed through the alias), and the guest gets a new mapping of them
     /// that maps none yet, so that every first touch faults; the VRAM, private memory
@@ -475,12 +467,8 @@ mod tests {
         let n: u32 = pages.iter().map(|w| w.count_ones()).sum();
         assert_eq!(u64::from(n), r.len() / PAGE_SIZE, "every page is in");
         assert!(again.take(16 * MIB).unwrap().is_none(), "taken once");
-        assert!(!again.release(), "nothing left to give back");
         let other = Prefaulted::new(16 * MIB).unwrap();
         assert!(other.take(32 * MIB).is_err(), "another size is refused");
-        let third = Prefaulted::new(16 * MIB).unwrap();
-        assert!(third.release());
-        assert!(third.take(16 * MIB).unwrap().is_none(), "given back");
     }
 
     /// Readied for post-copy: the guest's mapping maps nothing (every touch faults),
@@ -516,7 +504,7 @@ mod tests {
     }
 
     #[test]
-    fn prefaulted_vram_is_populated_taken_once_and_given_back_with_the_memory() {
+    fn prefaulted_vram_is_populated_and_taken_once() {
         let p = Prefaulted::new(16 * MIB)
             .unwrap()
             .with_vram(8 * MIB)
@@ -533,13 +521,6 @@ mod tests {
         assert_eq!(u64::from(n), 8 * MIB / PAGE_SIZE, "every page is in");
         assert!(p.take_vram(8 * MIB).unwrap().is_none(), "taken once");
         assert!(p.take(16 * MIB).unwrap().is_some(), "the memory stays");
-        let both = Prefaulted::new(16 * MIB)
-            .unwrap()
-            .with_vram(8 * MIB)
-            .unwrap();
-        assert!(both.release());
-        assert!(both.take(16 * MIB).unwrap().is_none());
-        assert!(both.take_vram(8 * MIB).unwrap().is_none(), "given back too");
     }
 
     #[test]
