@@ -334,11 +334,13 @@ pub enum OnOff {
 /// Who checks the page data of a migration on the way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum PageChecksArg {
-    /// godwit's CRC over every byte, end to end (each page is copied into its frame).
+    /// godwit's CRC over every byte, end to end: a CRC per page, checked where it lands (on
+    /// one TCP or Unix connection pages still go from guest memory to the socket with no
+    /// copy).
     #[default]
     Crc,
-    /// The transport's own (TCP's checksum, TLS's AEAD), as QEMU's stream: pages go from
-    /// guest memory to the socket with no copy (one TCP or Unix connection).
+    /// The transport's own (TCP's checksum, TLS's AEAD), as QEMU's stream: the destination
+    /// reads nothing back.
     Transport,
 }
 
