@@ -29,10 +29,14 @@ def sides(c, first_qemu):
     for a in c.get("godwit_alternatives", []):
         out.append((f"godwit {a['mode'].replace('postcopy', 'post-copy').replace('precopy', 'pre-copy')}", a["side"]))
     q = [(f"{first_qemu} pre-copy", c["qemu"])]
+    if c.get("qemu_multifd"):
+        q.append((f"{first_qemu} multifd", c["qemu_multifd"]))
     if c.get("qemu_postcopy"):
         q.append((f"{first_qemu} post-copy", c["qemu_postcopy"]))
     for o in c.get("other_qemus", []):
         q.append((f"{short(o['version'])} pre-copy", o["precopy"]))
+        if o.get("multifd"):
+            q.append((f"{short(o['version'])} multifd", o["multifd"]))
         if o.get("postcopy"):
             q.append((f"{short(o['version'])} post-copy", o["postcopy"]))
     return out, q

@@ -12,6 +12,8 @@
 //! among them QEMU runs post-copy too (postcopy-ram, switched once its first pass is
 //! done, postcopy-preempt where the binary has it); post-copy runs also report their
 //! window (switch to last page), remote faults and their latency, and pages pre-paged.
+//! Each QEMU binary also runs pre-copy with multifd (`--qemu-multifd N` channels, 0 for
+//! none), the configuration QEMU offers for more than one stream of pages.
 
 use crate::bench::{
     alive, free_port, guest_gap, qemu_guest, steady, summary, wait_for, Pair, Procs, Summary,
@@ -145,10 +147,14 @@ struct Cell {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     godwit_alternatives: Vec<Alternative>,
     qemu: Option<Side>,
+    /// QEMU in pre-copy with multifd.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    qemu_multifd: Option<Side>,
     /// QEMU in post-copy (when godwit runs a post-copy mode).
     #[serde(skip_serializing_if = "Option::is_none")]
     qemu_postcopy: Option<Side>,
-    /// The other QEMU binaries (`--qemu-extra`), pre-copy and post-copy.
+    /// The other QEMU binaries (`--qemu-extra`), pre-copy (also with multifd) and
+    /// post-copy.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     other_qemus: Vec<OtherQemu>,
     /// QEMU's figure over godwit's (above 1: godwit is better), per statistic.
@@ -168,7 +174,19 @@ struct OtherQemu {
     version: String,
     precopy: Side,
     #[serde(skip_serializing_if = "Option::is_none")]
+    multifd: Option<Side>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     postcopy: Option<Side>,
+}
+
+/// How QEMU migrates in a side of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum QemuCfg {
+    Precopy,
+    /// Pre-copy with this many multifd channels.
+    Multifd(u32),
+    /// Switched to post-copy once its first pass is done.
+    Postcopy,
 }
 
 #[derive(Serialize)]
@@ -384,9 +402,10 @@ fn qemu_run(
     mem: u64,
     w: &Workload,
     limit: u64,
-    postcopy: bool,
+    cfg: QemuCfg,
     prefault: bool,
 ) -> Result<Sample, String> {
+    let postcopy = cfg == QemuCfg::Postcopy;
     let (src_log, dst_log) = (dir.join("q-src.log"), dir.join("q-dst.log"));
     let (src_qmp, dst_qmp) = (dir.join("q-src.qmp"), dir.join("q-dst.qmp"));
     for p in [&src_log, &dst_log, &src_qmp, &dst_qmp] {
@@ -422,12 +441,17 @@ fn qemu_run(
         {"capability": "xbzrle", "state": false},
         {"capability": "auto-converge", "state": true},
         {"capability": "postcopy-ram", "state": postcopy},
-        {"capability": "multifd", "state": false},
+        {"capability": "multifd", "state": matches!(cfg, QemuCfg::Multifd(_))},
         {"capability": "zero-blocks", "state": false},
         {"capability": "events", "state": false},
     ]});
     sq.cmd("migrate-set-capabilities", caps.clone())?;
     dq.cmd("migrate-set-capabilities", caps)?;
+    if let QemuCfg::Multifd(n) = cfg {
+        let p = json!({"multifd-channels": n});
+        sq.cmd("migrate-set-parameters", p.clone())?;
+        dq.cmd("migrate-set-parameters", p)?;
+    }
     if postcopy {
         // Urgent pages on a channel of their own, where this QEMU has it (7.1 on).
         let preempt = json!({"capabilities": [{"capability": "postcopy-preempt", "state": true}]});
@@ -564,6 +588,22 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
         variants.push((first_mode, a.dirty_log[0], true));
     }
     let qemu_postcopy = qemu.is_some() && modes.iter().any(|m| *m != Mode::Precopy);
+    // QEMU's sides: each binary (the first, then the extras) in each configuration.
+    let mut cfgs = vec![QemuCfg::Precopy];
+    if a.qemu_multifd > 0 {
+        cfgs.push(QemuCfg::Multifd(a.qemu_multifd));
+    }
+    if qemu_postcopy {
+        cfgs.push(QemuCfg::Postcopy);
+    }
+    let bins: Vec<&str> = qemu
+        .iter()
+        .map(|_| a.peer.qemu.as_str())
+        .chain(extras.iter().map(|(b, _)| b.as_str()))
+        .collect();
+    let qsides: Vec<(usize, QemuCfg)> = (0..bins.len())
+        .flat_map(|b| cfgs.iter().map(move |&c| (b, c)))
+        .collect();
     let mut cells = Vec::new();
     let total = mems.len() * workloads.len() * limits.len();
     for &mem in &mems {
@@ -572,20 +612,10 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                 return Err(format!("workload {} does not fit {mem} MiB", w.name));
             }
             for &limit in &limits {
-                // One list of samples per godwit mode, and QEMU's.
+                // One list of samples per godwit side, and per QEMU side.
                 let mut g: Vec<Vec<Sample>> = variants.iter().map(|_| Vec::new()).collect();
-                let mut q = Vec::new();
-                let mut qp = Vec::new();
-                // Each extra QEMU: pre-copy, and post-copy where godwit runs it.
-                let per_extra = 1 + usize::from(qemu_postcopy);
-                let mut xs: Vec<(Vec<Sample>, Vec<Sample>)> =
-                    extras.iter().map(|_| (Vec::new(), Vec::new())).collect();
-                let sides = variants.len()
-                    + usize::from(qemu.is_some())
-                    + usize::from(qemu_postcopy)
-                    + extras.len() * per_extra;
-                let first_extra =
-                    variants.len() + usize::from(qemu.is_some()) + usize::from(qemu_postcopy);
+                let mut q: Vec<Vec<Sample>> = qsides.iter().map(|_| Vec::new()).collect();
+                let sides = variants.len() + qsides.len();
                 for i in 0..runs {
                     if !a.json {
                         crate::output::progress(&format!(
@@ -616,65 +646,56 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                                 a.prefault,
                                 a.page_checks.into(),
                             )?),
-                            None if turn >= first_extra => {
-                                let k = (turn - first_extra) / per_extra;
-                                let post = (turn - first_extra) % per_extra == 1;
-                                let s = qemu_run(
-                                    &dir,
-                                    &extras[k].0,
-                                    &image,
-                                    mem,
-                                    w,
-                                    limit,
-                                    post,
-                                    a.prefault,
-                                )?;
-                                if post {
-                                    xs[k].1.push(s)
-                                } else {
-                                    xs[k].0.push(s)
-                                }
+                            None => {
+                                let j = turn - variants.len();
+                                let (b, cfg) = qsides[j];
+                                q[j].push(qemu_run(
+                                    &dir, bins[b], &image, mem, w, limit, cfg, a.prefault,
+                                )?)
                             }
-                            None if turn == variants.len() => q.push(qemu_run(
-                                &dir,
-                                &a.peer.qemu,
-                                &image,
-                                mem,
-                                w,
-                                limit,
-                                false,
-                                a.prefault,
-                            )?),
-                            None => qp.push(qemu_run(
-                                &dir,
-                                &a.peer.qemu,
-                                &image,
-                                mem,
-                                w,
-                                limit,
-                                true,
-                                a.prefault,
-                            )?),
                         }
                     }
                 }
-                let qs = qemu.as_ref().map(|_| side(q));
-                let qps = qemu_postcopy.then(|| side(qp));
-                let others: Vec<OtherQemu> = xs
-                    .into_iter()
+                // Back to each binary's configurations.
+                let mut per_bin: Vec<Vec<(QemuCfg, Side)>> =
+                    bins.iter().map(|_| Vec::new()).collect();
+                for ((b, cfg), samples) in qsides.iter().zip(q) {
+                    per_bin[*b].push((*cfg, side(samples)));
+                }
+                let take = |v: &mut Vec<(QemuCfg, Side)>, want: fn(QemuCfg) -> bool| {
+                    v.iter().position(|(c, _)| want(*c)).map(|i| v.remove(i).1)
+                };
+                let is_pre: fn(QemuCfg) -> bool = |c| c == QemuCfg::Precopy;
+                let is_multifd: fn(QemuCfg) -> bool = |c| matches!(c, QemuCfg::Multifd(_));
+                let is_post: fn(QemuCfg) -> bool = |c| c == QemuCfg::Postcopy;
+                let mut per_bin = per_bin.into_iter();
+                let (qs, qms, qps) = match qemu {
+                    Some(_) => {
+                        let mut v = per_bin.next().expect("the first QEMU's sides");
+                        (
+                            take(&mut v, is_pre),
+                            take(&mut v, is_multifd),
+                            take(&mut v, is_post),
+                        )
+                    }
+                    None => (None, None, None),
+                };
+                let others: Vec<OtherQemu> = per_bin
                     .zip(&extras)
-                    .map(|((pre, post), (_, v))| OtherQemu {
-                        version: v.clone(),
-                        precopy: side(pre),
-                        postcopy: qemu_postcopy.then(|| side(post)),
+                    .map(|(mut v, (_, version))| OtherQemu {
+                        version: version.clone(),
+                        precopy: take(&mut v, is_pre).expect("pre-copy runs for every binary"),
+                        multifd: take(&mut v, is_multifd),
+                        postcopy: take(&mut v, is_post),
                     })
                     .collect();
                 // The best QEMU configuration's median total time in this cell.
-                let best_qemu = [&qs, &qps]
+                let best_qemu = [&qs, &qms, &qps]
                     .iter()
                     .filter_map(|s| s.as_ref().map(|s| s.total_ms.median))
                     .chain(others.iter().flat_map(|o| {
                         std::iter::once(o.precopy.total_ms.median)
+                            .chain(o.multifd.as_ref().map(|p| p.total_ms.median))
                             .chain(o.postcopy.as_ref().map(|p| p.total_ms.median))
                     }))
                     .fold(f64::INFINITY, f64::min);
@@ -721,6 +742,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                     godwit: gs,
                     godwit_alternatives: alternatives,
                     qemu: qs,
+                    qemu_multifd: qms,
                     qemu_postcopy: qps,
                     other_qemus: others,
                     qemu_over_godwit: ratios,
@@ -820,6 +842,9 @@ fn print_table(r: &BenchReport) {
         if let Some(q) = &c.qemu {
             row("qemu", q);
         }
+        if let Some(q) = &c.qemu_multifd {
+            row("qemu-multifd", q);
+        }
         if let Some(q) = &c.qemu_postcopy {
             row("qemu-postcopy", q);
         }
@@ -831,6 +856,9 @@ fn print_table(r: &BenchReport) {
                 .unwrap_or("?")
                 .to_string();
             row(&format!("qemu-{v}"), &o.precopy);
+            if let Some(p) = &o.multifd {
+                row(&format!("qemu-{v}-mfd"), p);
+            }
             if let Some(p) = &o.postcopy {
                 row(&format!("qemu-{v}-pc"), p);
             }

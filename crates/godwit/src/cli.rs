@@ -292,7 +292,9 @@ pub struct MigrateArgs {
     /// GiB per second).
     #[arg(long)]
     pub max_bandwidth: Option<String>,
-    /// TCP or Unix connections carrying pages in parallel.
+    /// TCP or Unix connections carrying pages in parallel. With one, pages go from guest
+    /// memory to the socket with no copy; with two, each end takes them in on two
+    /// threads (faster where one receiving thread is the limit, see the README).
     #[arg(long, default_value_t = 1)]
     pub connections: u32,
     /// off: the GPU function skips pre-copy and keeps computing until the switchover;
@@ -474,6 +476,10 @@ pub struct MigrateBenchArgs {
     /// (../share/qemu) is given that directory with -L.
     #[arg(long, value_delimiter = ',')]
     pub qemu_extra: Vec<String>,
+    /// Each QEMU binary also migrates with multifd on this many channels, a side of its
+    /// own (0: not).
+    #[arg(long, default_value_t = 2)]
+    pub qemu_multifd: u32,
     /// Guest RAM sizes in MiB (comma separated).
     #[arg(long, value_delimiter = ',', default_values_t = [1024u64, 4096])]
     pub memory: Vec<u64>,
