@@ -198,8 +198,8 @@ impl Trend {
     /// Whether another round will not shrink the set either. A set that stays the same
     /// (a few pages the guest writes all the time) will not; one round that did not
     /// shrink it well (the guest's or the host's scheduling made it slow) says little,
-    /// and stopping on it had pre-copy pause for 30 MiB where one more round would have
-    /// left a few.
+    /// and stopping on it had pre-copy pause for 30 to 280 MiB where one more round
+    /// (held back, in pre-copy) would have left a few.
     fn stalled(&self) -> bool {
         self.stalls >= STALLS
     }
