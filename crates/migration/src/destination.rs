@@ -236,6 +236,34 @@ pub enum Event<'a> {
 /// Takes each event as it arrives.
 pub type OnEvent<'a> = dyn FnMut(Event) -> Result<(), String> + 'a;
 
+/// Why a connection's stream ended short.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Ended {
+    pub why: String,
+    /// The source closed it between two frames. That says nothing of why: a source
+    /// that gives up says so on the main connection (ABORT) before it closes the
+    /// others, so a data connection that closed defers to what the main one heard.
+    pub closed: bool,
+}
+
+impl From<String> for Ended {
+    fn from(why: String) -> Ended {
+        Ended { why, closed: false }
+    }
+}
+
+impl From<Ended> for String {
+    fn from(e: Ended) -> String {
+        e.why
+    }
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
 /// Reads one connection's frames until `until` (END on a data connection, COMPLETE on
 /// the main one, which also carries the states and data streams), feeding each to its
 /// section's component; then checks the sender's totals against what arrived.
@@ -246,7 +274,7 @@ pub fn drain(
     damaged: &Damaged,
     until: Kind,
     on_event: &mut OnEvent,
-) -> Result<Totals, String> {
+) -> Result<Totals, Ended> {
     let mut buf = Vec::new();
     let mut got = Totals::default();
     let section = |s: u32| {
@@ -256,8 +284,11 @@ pub fn drain(
             .ok_or_else(|| format!("a frame for section {s}, of {} sections", parts.len()))
     };
     let stream = |e| match e {
-        WireError::Closed => "the source closed the connection before the end".to_string(),
-        e => format!("migration stream: {e}"),
+        WireError::Closed => Ended {
+            why: "the source closed the connection before the end".into(),
+            closed: true,
+        },
+        e => format!("migration stream: {e}").into(),
     };
     loop {
         let h = wire::read_header(r).map_err(stream)?;
@@ -306,17 +337,13 @@ pub fn drain(
                 if t != got {
                     return Err(format!(
                         "the source sent {t:?} on this connection but {got:?} arrived"
-                    ));
+                    )
+                    .into());
                 }
                 return Ok(got);
             }
-            Frame::Abort(m) => return Err(format!("the source aborted: {m}")),
-            f => {
-                return Err(format!(
-                    "unexpected {:?} frame in the page stream",
-                    f.kind()
-                ))
-            }
+            Frame::Abort(m) => return Err(format!("the source aborted: {m}").into()),
+            f => return Err(format!("unexpected {:?} frame in the page stream", f.kind()).into()),
         }
     }
 }
@@ -635,7 +662,7 @@ pub fn receive_with(
                 }
             },
         );
-        let mut first_err = None;
+        let mut first_err: Option<Ended> = None;
         for w in workers {
             match w.join() {
                 Ok(Ok(c)) => kept.push(c),
@@ -643,13 +670,16 @@ pub fn receive_with(
                     first_err.get_or_insert(e);
                 }
                 Err(_) => {
-                    first_err.get_or_insert("a receiver thread failed".into());
+                    first_err.get_or_insert("a receiver thread failed".to_string().into());
                 }
             }
         }
         match (first_err, main_result) {
-            (Some(e), _) => Err(e),
-            (None, r) => r.map(|_| ()),
+            // A data connection that only closed: the main one says why (the source's
+            // ABORT, read even after the wake-up above, which leaves what arrived).
+            (Some(e), Err(m)) if e.closed => Err(m.why),
+            (Some(e), _) => Err(e.why),
+            (None, r) => r.map(|_| ()).map_err(String::from),
         }
     });
     received.map_err(|e| abort(&mut main, e))?;

@@ -242,6 +242,7 @@ impl Dest {
             },
         )
         .map(|_| ())
+        .map_err(String::from)
     }
 }
 
