@@ -329,7 +329,7 @@ fn one_run(
         to: format!("tcp:127.0.0.1:{port}"),
         downtime_ms: limit,
         max_bandwidth: None,
-        connections: 1,
+        connections: None,
         stop_copy: match mode {
             Mode::StopCopy => vec!["gpu".into()],
             _ => vec![],

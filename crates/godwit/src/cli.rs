@@ -292,11 +292,13 @@ pub struct MigrateArgs {
     /// GiB per second).
     #[arg(long)]
     pub max_bandwidth: Option<String>,
-    /// TCP or Unix connections carrying pages in parallel. With one, pages go from guest
-    /// memory to the socket with no copy; with two, each end takes them in on two
-    /// threads (faster where one receiving thread is the limit, see the README).
-    #[arg(long, default_value_t = 1)]
-    pub connections: u32,
+    /// TCP or Unix connections carrying pages in parallel [default: 2; 1 into a file].
+    /// With one, pages go from guest memory to the socket with no copy; with two, each
+    /// end takes them in on two threads (faster where one receiving thread is the
+    /// limit, see the README). Post-copy modes open one more, kept for the pages a
+    /// touch waits for.
+    #[arg(long)]
+    pub connections: Option<u32>,
     /// off: the GPU function skips pre-copy and keeps computing until the switchover;
     /// all its VRAM then moves inside the pause (stop-and-copy, the way VFIO GPUs
     /// without pre-copy migrate).
@@ -489,9 +491,9 @@ pub struct MigrateBenchArgs {
     /// Workloads (comma separated): idle, 64m@100m, 512m@1g.
     #[arg(long, value_delimiter = ',', default_values_t = ["idle".to_string(), "64m@100m".to_string(), "512m@1g".to_string()])]
     pub workloads: Vec<String>,
-    /// godwit's page connections.
-    #[arg(long, default_value_t = 1)]
-    pub connections: u32,
+    /// godwit's page connections [default: 2] (post-copy modes open one more).
+    #[arg(long)]
+    pub connections: Option<u32>,
     /// Who checks godwit's page data on the way (`godwit migrate --page-checks`).
     #[arg(long, value_enum, default_value_t = PageChecksArg::Crc)]
     pub page_checks: PageChecksArg,

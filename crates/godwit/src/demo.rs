@@ -165,7 +165,7 @@ fn demo(a: &DemoArgs) -> Result<bool, String> {
         downtime_ms: a.downtime_ms,
         mode: "precopy".into(),
         max_bandwidth: None,
-        connections: 1,
+        connections: None,
         gpu_precopy: crate::cli::OnOff::On,
         tls_dir: None,
         insecure: false,

@@ -38,5 +38,5 @@ pub use destination::{receive, Incoming, ReceiveError};
 pub use error::MigrationError;
 pub use godwit_vmm::migratable::incoming::Host;
 pub use report::{Mode, Outcome, Phase, Progress, Report, Status};
-pub use source::{migrate, Options};
+pub use source::{migrate, Options, DEFAULT_CONNECTIONS};
 pub use transport::{Listener, Target};

@@ -20,7 +20,7 @@ use crate::bench::{
 };
 use crate::cli::MigrateBenchArgs;
 use godwit_migration::wire::PageChecks;
-use godwit_migration::{Mode, Options};
+use godwit_migration::{Mode, Options, DEFAULT_CONNECTIONS};
 use godwit_vmm::dirty::DirtyLogMode;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -187,6 +187,7 @@ struct BenchReport {
     bench: &'static str,
     runs: usize,
     qemu: Option<String>,
+    /// godwit's page connections (pre-copy's; post-copy modes open one more).
     connections: u32,
     /// Who checked godwit's page data (`--page-checks`).
     page_checks: PageChecks,
@@ -295,7 +296,7 @@ fn godwit_run(
         to: format!("tcp:127.0.0.1:{port}"),
         downtime_ms: limit,
         max_bandwidth: None,
-        connections: conns,
+        connections: Some(conns),
         stop_copy: vec![],
         tls_dir: tls.map(Path::to_path_buf),
         insecure: false,
@@ -504,7 +505,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                                 mem,
                                 w,
                                 limit,
-                                a.connections,
+                                a.connections.unwrap_or(DEFAULT_CONNECTIONS),
                                 mode,
                                 log,
                                 tls.then_some(creds.as_path()),
@@ -625,7 +626,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
         bench: "migrate",
         runs,
         qemu,
-        connections: a.connections,
+        connections: a.connections.unwrap_or(DEFAULT_CONNECTIONS),
         page_checks: a.page_checks.into(),
         prefault: a.prefault,
         cells,

@@ -206,6 +206,7 @@ pub fn proxy(to: String, keep: usize, how: &'static str) -> String {
     std::thread::spawn(move || {
         let (mut a, _) = l.accept().unwrap();
         let mut b = TcpStream::connect(to.strip_prefix("tcp:").unwrap()).unwrap();
+        relay_the_rest(l, to.clone());
         let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -247,6 +248,25 @@ pub fn proxy(to: String, keep: usize, how: &'static str) -> String {
         let _ = b.shutdown(std::net::Shutdown::Both);
     });
     addr
+}
+
+/// Passes every further connection to `l` on to `to` as it is, both ways: the data
+/// connections a migration opens after its main one (`--connections`), which a man in
+/// the middle that watches the main one leaves alone.
+pub fn relay_the_rest(l: TcpListener, to: String) {
+    std::thread::spawn(move || {
+        while let Ok((a, _)) = l.accept() {
+            let Ok(b) = TcpStream::connect(to.strip_prefix("tcp:").unwrap()) else {
+                continue;
+            };
+            for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
 }
 
 /// A man in the middle that damages one byte of the first page of every PAGES frame
@@ -314,6 +334,12 @@ pub fn unconfirming_destination() -> (String, std::thread::JoinHandle<Vec<Kind>>
     let addr = format!("tcp:{}", l.local_addr().unwrap());
     let fake = std::thread::spawn(move || {
         let (mut c, _) = l.accept().unwrap();
+        // The data connections (`--connections`): taken in and read to their end.
+        std::thread::spawn(move || {
+            while let Ok((mut d, _)) = l.accept() {
+                std::thread::spawn(move || std::io::copy(&mut d, &mut std::io::sink()));
+            }
+        });
         let mut buf = Vec::new();
         let mut kinds = Vec::new();
         loop {
@@ -375,6 +401,7 @@ pub fn handshake_proxy(
     std::thread::spawn(move || {
         let Ok((a, _)) = l.accept() else { return };
         let b = TcpStream::connect(to.strip_prefix("tcp:").unwrap()).unwrap();
+        relay_the_rest(l, to.clone());
         let _ = a.set_nodelay(true);
         let _ = b.set_nodelay(true);
         let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
