@@ -363,6 +363,8 @@ impl Driver<'_> {
             self.register(&c);
             self.out().add_lane(c).map_err(unreachable_at(target))?;
         }
+        // Set up before anything is timed: a post-copy stops the VM right after this.
+        self.out().ready();
         Ok(())
     }
 
