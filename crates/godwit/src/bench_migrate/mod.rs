@@ -329,7 +329,16 @@ fn godwit_run(
             .collect(),
         pause_parts: serde_json::to_value(&r.downtime).ok().map(|mut v| {
             if let Some(o) = v.as_object_mut() {
+                // Of each component only what stopping it took: which one held the
+                // pause up.
+                let stops: serde_json::Map<String, Value> = r
+                    .downtime
+                    .components
+                    .iter()
+                    .map(|(name, p)| (name.clone(), json!(p.stop_ms)))
+                    .collect();
                 o.remove("components");
+                o.insert("stop_ms".into(), Value::Object(stops));
             }
             v
         }),
