@@ -17,12 +17,12 @@ use godwit_vmm::migratable::incoming::{self, Host};
 use godwit_vmm::migratable::{step_to, Component, MigState};
 use godwit_vmm::{Console, Vm};
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 mod drain;
 use drain::Lanes;
 pub use drain::{drain, Ended, Event, OnEvent};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 /// A source that sends nothing for this long is given up.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
