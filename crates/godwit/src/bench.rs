@@ -400,41 +400,59 @@ pub fn bench(cmd: BenchCmd) -> ExitCode {
         BenchCmd::Restore(a) => crate::bench_restore::run(a),
         BenchCmd::Boot(a) => {
             let json = a.json;
-            match boot(a) {
-                Ok(r) if json => {
-                    outln!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
-                    ExitCode::SUCCESS
-                }
-                Ok(r) => {
-                    outln!("time from process start to the guest's first console line ({} runs, {} MiB):", r.runs, r.memory_mib);
-                    outln!(
-                        "{:<8} {:>10} {:>10} {:>10}",
-                        "",
-                        "min ms",
-                        "median ms",
-                        "max ms"
-                    );
-                    let row = |n: &str, s: &Summary| {
-                        outln!("{n:<8} {:>10.1} {:>10.1} {:>10.1}", s.min, s.median, s.max)
-                    };
-                    row("godwit", &r.godwit_ms);
-                    if let (Some(q), Some(ratio)) = (&r.qemu_ms, &r.qemu_over_godwit) {
-                        row("qemu", q);
-                        outln!(
-                            "qemu/godwit: median {:.0}x (min {:.0}x, max {:.0}x)",
-                            ratio.median,
-                            ratio.min,
-                            ratio.max
-                        );
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    crate::output::say(&format!("bench boot: {e}"));
-                    ExitCode::from(1)
-                }
-            }
+            finish("boot", json, boot(a), print_boot)
         }
+    }
+}
+
+/// How a benchmark ends: its report as JSON (`--json`) or as `table` prints it, and
+/// exit status 0; or its error on stderr and exit status 1.
+pub(crate) fn finish<R: Serialize>(
+    name: &str,
+    json: bool,
+    result: Result<R, String>,
+    table: impl FnOnce(&R),
+) -> ExitCode {
+    match result {
+        Ok(r) => {
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
+            } else {
+                table(&r);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            crate::output::say(&format!("bench {name}: {e}"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn print_boot(r: &BootReport) {
+    outln!(
+        "time from process start to the guest's first console line ({} runs, {} MiB):",
+        r.runs,
+        r.memory_mib
+    );
+    outln!(
+        "{:<8} {:>10} {:>10} {:>10}",
+        "",
+        "min ms",
+        "median ms",
+        "max ms"
+    );
+    let row =
+        |n: &str, s: &Summary| outln!("{n:<8} {:>10.1} {:>10.1} {:>10.1}", s.min, s.median, s.max);
+    row("godwit", &r.godwit_ms);
+    if let (Some(q), Some(ratio)) = (&r.qemu_ms, &r.qemu_over_godwit) {
+        row("qemu", q);
+        outln!(
+            "qemu/godwit: median {:.0}x (min {:.0}x, max {:.0}x)",
+            ratio.median,
+            ratio.min,
+            ratio.max
+        );
     }
 }
 

@@ -249,74 +249,65 @@ fn bench(a: &GpuBenchArgs) -> Result<Value, String> {
 }
 
 pub fn run(a: GpuBenchArgs) -> ExitCode {
-    match bench(&a) {
-        Ok(v) if a.json => {
-            outln!("{}", serde_json::to_string_pretty(&v).expect("plain data"));
-            ExitCode::SUCCESS
-        }
-        Ok(v) => {
-            outln!("virtual GPU ({PROFILE}, cpu backend), measured in the guest; host-native reference in the same run");
-            outln!(
-                "{:<28} {:>8} {:>10} {:>10} {:>10} {:>12}",
-                "",
-                "unit",
-                "min",
-                "median",
-                "max",
-                "host median"
-            );
-            let host = &v["host_native"];
-            for (k, base) in [
-                ("copy_ram_to_vram", "memcpy"),
-                ("copy_vram_to_ram", "memcpy"),
-                ("copy_vram_to_vram", "memcpy"),
-                ("sgemm_256", "sgemm_256"),
-                ("axpy", "axpy"),
-                ("submit_to_fence_latency", ""),
-                ("submit_to_fence_latency_irq", ""),
-                ("fill_4m_wait_fence", ""),
-                ("fill_4m_wait_irq", ""),
-            ] {
-                let g = &v["guest"][k];
-                outln!(
-                    "{:<28} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>12}",
-                    k,
-                    g["unit"].as_str().unwrap_or(""),
-                    g["min"].as_f64().unwrap_or(f64::NAN),
-                    g["median"].as_f64().unwrap_or(f64::NAN),
-                    g["max"].as_f64().unwrap_or(f64::NAN),
-                    host[base]["median"]
-                        .as_f64()
-                        .map(|m| format!("{m:.1}"))
-                        .unwrap_or_default()
-                );
-            }
-            for s in v["shares"].as_array().into_iter().flatten() {
-                let parts: Vec<String> = s["vfs"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|x| {
-                        format!(
-                            "vf{} {:.1}%",
-                            x["slot"],
-                            x["share"].as_f64().unwrap_or(0.0) * 100.0
-                        )
-                    })
-                    .collect();
-                outln!(
-                    "two busy VFs, {:<12} {} (engine busy {:.1}%; expected: {})",
-                    s["policy"].as_str().unwrap_or(""),
-                    parts.join(", "),
-                    s["engine_busy"].as_f64().unwrap_or(0.0) * 100.0,
-                    s["expected_share"].as_str().unwrap_or("")
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            crate::output::say(&format!("bench gpu: {e}"));
-            ExitCode::from(1)
-        }
+    crate::bench::finish("gpu", a.json, bench(&a), print_table)
+}
+
+fn print_table(v: &Value) {
+    outln!("virtual GPU ({PROFILE}, cpu backend), measured in the guest; host-native reference in the same run");
+    outln!(
+        "{:<28} {:>8} {:>10} {:>10} {:>10} {:>12}",
+        "",
+        "unit",
+        "min",
+        "median",
+        "max",
+        "host median"
+    );
+    let host = &v["host_native"];
+    for (k, base) in [
+        ("copy_ram_to_vram", "memcpy"),
+        ("copy_vram_to_ram", "memcpy"),
+        ("copy_vram_to_vram", "memcpy"),
+        ("sgemm_256", "sgemm_256"),
+        ("axpy", "axpy"),
+        ("submit_to_fence_latency", ""),
+        ("submit_to_fence_latency_irq", ""),
+        ("fill_4m_wait_fence", ""),
+        ("fill_4m_wait_irq", ""),
+    ] {
+        let g = &v["guest"][k];
+        outln!(
+            "{:<28} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>12}",
+            k,
+            g["unit"].as_str().unwrap_or(""),
+            g["min"].as_f64().unwrap_or(f64::NAN),
+            g["median"].as_f64().unwrap_or(f64::NAN),
+            g["max"].as_f64().unwrap_or(f64::NAN),
+            host[base]["median"]
+                .as_f64()
+                .map(|m| format!("{m:.1}"))
+                .unwrap_or_default()
+        );
+    }
+    for s in v["shares"].as_array().into_iter().flatten() {
+        let parts: Vec<String> = s["vfs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| {
+                format!(
+                    "vf{} {:.1}%",
+                    x["slot"],
+                    x["share"].as_f64().unwrap_or(0.0) * 100.0
+                )
+            })
+            .collect();
+        outln!(
+            "two busy VFs, {:<12} {} (engine busy {:.1}%; expected: {})",
+            s["policy"].as_str().unwrap_or(""),
+            parts.join(", "),
+            s["engine_busy"].as_f64().unwrap_or(0.0) * 100.0,
+            s["expected_share"].as_str().unwrap_or("")
+        );
     }
 }

@@ -605,18 +605,5 @@ fn print_table(r: &BenchReport) {
 
 pub fn run(a: GpuMigrateBenchArgs) -> ExitCode {
     let json = a.json;
-    match bench(a) {
-        Ok(r) => {
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
-            } else {
-                print_table(&r);
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            crate::output::say(&format!("bench gpu-migrate: {e}"));
-            ExitCode::from(1)
-        }
-    }
+    crate::bench::finish("gpu-migrate", json, bench(a), print_table)
 }

@@ -320,18 +320,5 @@ fn print_table(r: &Report) {
 
 pub fn run(a: RestoreBenchArgs) -> ExitCode {
     let json = a.json;
-    match bench(a) {
-        Ok(r) if json => {
-            outln!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
-            ExitCode::SUCCESS
-        }
-        Ok(r) => {
-            print_table(&r);
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            crate::output::say(&format!("bench restore: {e}"));
-            ExitCode::FAILURE
-        }
-    }
+    crate::bench::finish("restore", json, bench(a), print_table)
 }

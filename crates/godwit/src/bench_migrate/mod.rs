@@ -758,20 +758,7 @@ fn print_table(r: &BenchReport) {
 
 pub fn run(a: MigrateBenchArgs) -> ExitCode {
     let json = a.json;
-    match bench(a) {
-        Ok(r) => {
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&r).expect("plain data"));
-            } else {
-                print_table(&r);
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            crate::output::say(&format!("bench migrate: {e}"));
-            ExitCode::from(1)
-        }
-    }
+    crate::bench::finish("migrate", json, bench(a), print_table)
 }
 
 #[cfg(test)]
