@@ -306,6 +306,56 @@ impl Pair {
         Ok((r, gap))
     }
 
+    /// The destination's command line up to what a benchmark adds: incoming on this
+    /// pair's port, its console into its log.
+    pub fn destination_args(&self) -> Vec<String> {
+        vec![
+            "run".into(),
+            "--incoming".into(),
+            self.to(),
+            "--console".into(),
+            format!("file:{}", self.dst_log.display()),
+        ]
+    }
+
+    /// The source's: `memory` MiB, its API socket and its console into its log.
+    pub fn source_args(&self, memory: u64) -> Vec<String> {
+        vec![
+            "run".into(),
+            "--memory".into(),
+            memory.to_string(),
+            "--api-socket".into(),
+            self.sock.display().to_string(),
+            "--console".into(),
+            format!("file:{}", self.src_log.display()),
+        ]
+    }
+
+    /// Where the source migrates to.
+    pub fn to(&self) -> String {
+        format!("tcp:127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the destination, then the source, and returns once the source's guest
+    /// runs steadily and the destination listens (a prefaulting one only once its
+    /// memory is in place), each within `wait`.
+    pub fn start(
+        &mut self,
+        dst: Vec<String>,
+        src: Vec<String>,
+        wait: std::time::Duration,
+    ) -> Result<(), String> {
+        self.spawn(dst)?;
+        self.spawn(src)?;
+        let (procs, log, port) = (&mut self.procs, &self.src_log, self.port);
+        wait_for("the godwit source guest", wait, || {
+            alive(procs).then(|| steady(log))
+        })?;
+        wait_for("the godwit destination", wait, || {
+            alive(procs).then(|| listening(port))
+        })
+    }
+
     /// Starts a godwit with `args`, quiet, kept until the pair drops.
     pub fn spawn(&mut self, args: Vec<String>) -> Result<(), String> {
         let c = std::process::Command::new(&self.exe)

@@ -10,7 +10,7 @@
 //! (how far the GPU and the vCPUs were held back, and the GPU's engine time per second
 //! while held against before), and the link speed the pre-copy rounds showed.
 
-use crate::bench::{alive, steady, summary, wait_for, Pair, Summary};
+use crate::bench::{summary, Pair, Summary};
 use crate::cli::GpuMigrateBenchArgs;
 use godwit_gpu::profile;
 use godwit_migration::{Options, Report};
@@ -262,22 +262,9 @@ fn one_run(
     prefault: bool,
 ) -> Result<Sample, String> {
     let mut pair = Pair::new(dir, "")?;
-    let (src_log, dst_log, sock, port) = (
-        pair.src_log.clone(),
-        pair.dst_log.clone(),
-        pair.sock.clone(),
-        pair.port,
-    );
     let gd = gpu_dir.display().to_string();
-    let mut dst = vec![
-        "run".into(),
-        "--incoming".into(),
-        format!("tcp:127.0.0.1:{port}"),
-        "--gpu-dir".into(),
-        gd.clone(),
-        "--console".into(),
-        format!("file:{}", dst_log.display()),
-    ];
+    let mut dst = pair.destination_args();
+    dst.extend(["--gpu-dir".into(), gd.clone()]);
     if prefault {
         dst.extend([
             "--memory".into(),
@@ -287,37 +274,24 @@ fn one_run(
             "--prefault".into(),
         ]);
     }
-    pair.spawn(dst)?;
-    let mut src: Vec<String> = [
-        "run",
-        "--memory",
-        &GUEST_MIB.to_string(),
-        "--gpu",
-        prof,
-        "--gpu-dir",
-        &gd,
-        "--api-socket",
-        &sock.display().to_string(),
-        "--console",
-        &format!("file:{}", src_log.display()),
-        "gpu-dirtier",
-        "--",
-        "seconds=0",
-        "report-every=100",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut src = pair.source_args(GUEST_MIB);
+    src.extend(
+        [
+            "--gpu",
+            prof,
+            "--gpu-dir",
+            &gd,
+            "gpu-dirtier",
+            "--",
+            "seconds=0",
+            "report-every=100",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
     src.extend(w.args.split(' ').map(String::from));
-    pair.spawn(src)?;
-    let procs = &mut pair.procs;
-    wait_for("the source guest", STEADY_TIMEOUT, || {
-        alive(procs).then(|| steady(&src_log))
-    })?;
     // A prefaulting destination listens once its memory and VRAM are in place.
-    wait_for("the destination", STEADY_TIMEOUT, || {
-        alive(procs).then(|| crate::bench::listening(port))
-    })?;
+    pair.start(dst, src, STEADY_TIMEOUT)?;
     // Let a busy GPU reach its steady state (a few SGD steps).
     std::thread::sleep(Duration::from_millis(500));
     let o = Options {
@@ -326,7 +300,7 @@ fn one_run(
             Mode::Hybrid => godwit_migration::Mode::Hybrid,
             _ => godwit_migration::Mode::Precopy,
         },
-        to: format!("tcp:127.0.0.1:{port}"),
+        to: pair.to(),
         downtime_ms: limit,
         max_bandwidth: None,
         connections: None,

@@ -247,53 +247,26 @@ fn godwit_run(
     page_checks: PageChecks,
 ) -> Result<Sample, String> {
     let mut pair = Pair::new(dir, "g-")?;
-    let (src_log, dst_log, sock, port) = (
-        pair.src_log.clone(),
-        pair.dst_log.clone(),
-        pair.sock.clone(),
-        pair.port,
-    );
-    let mut dst = vec![
-        "run".into(),
-        "--incoming".into(),
-        format!("tcp:127.0.0.1:{port}"),
-        "--console".into(),
-        format!("file:{}", dst_log.display()),
-        "--dirty-log".into(),
-        dirty_log.to_string(),
-    ];
+    let mut dst = pair.destination_args();
+    dst.extend(["--dirty-log".into(), dirty_log.to_string()]);
     if let Some(d) = tls {
         dst.extend(["--tls-dir".into(), d.display().to_string()]);
     }
     if prefault {
         dst.extend(["--memory".into(), mem.to_string(), "--prefault".into()]);
     }
-    pair.spawn(dst)?;
-    let mut src = vec![
-        "run".into(),
-        "--memory".into(),
-        mem.to_string(),
-        "--api-socket".into(),
-        sock.display().to_string(),
-        "--console".into(),
-        format!("file:{}", src_log.display()),
+    let mut src = pair.source_args(mem);
+    src.extend([
         "--dirty-log".into(),
         dirty_log.to_string(),
         "dirtier".into(),
         "--".into(),
-    ];
+    ]);
     src.extend(dirtier_args(w).split(' ').map(String::from));
-    pair.spawn(src)?;
-    let procs = &mut pair.procs;
-    wait_for("the godwit source guest", STEADY_TIMEOUT, || {
-        alive(procs).then(|| steady(&src_log))
-    })?;
-    wait_for("the godwit destination", STEADY_TIMEOUT, || {
-        alive(procs).then(|| crate::bench::listening(port))
-    })?;
+    pair.start(dst, src, STEADY_TIMEOUT)?;
     let o = Options {
         mode,
-        to: format!("tcp:127.0.0.1:{port}"),
+        to: pair.to(),
         downtime_ms: limit,
         max_bandwidth: None,
         connections: Some(conns),
