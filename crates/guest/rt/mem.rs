@@ -19,7 +19,7 @@ fn free_regions() -> impl Iterator<Item = (u64, u64)> {
     i.ram[..i.nr_ram as usize].iter().filter_map(move |r| {
         let start = r.start.max(floor);
         let end = r.start + r.size;
-        (end > start).then_some((start, end - start))
+        (end > start).then(|| (start, end - start))
     })
 }
 
