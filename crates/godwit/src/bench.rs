@@ -258,11 +258,11 @@ pub(crate) struct Procs(pub Vec<Child>);
 /// the source's API socket under `dir` (named with `prefix`, cleared), a free loopback
 /// port for the destination, and the processes started so far.
 pub(crate) struct Pair {
-    pub src_log: std::path::PathBuf,
-    pub dst_log: std::path::PathBuf,
-    pub sock: std::path::PathBuf,
-    pub port: u16,
-    pub procs: Procs,
+    src_log: std::path::PathBuf,
+    dst_log: std::path::PathBuf,
+    sock: std::path::PathBuf,
+    port: u16,
+    procs: Procs,
     exe: std::path::PathBuf,
 }
 
