@@ -295,7 +295,7 @@ pub struct MigrateArgs {
     /// TCP or Unix connections carrying pages in parallel [default: 2; 1 into a file].
     /// With one, pages go from guest memory to the socket with no copy; with two, each
     /// end takes them in on two threads (faster where one receiving thread is the
-    /// limit, see the README). Post-copy modes open one more, kept for the pages a
+    /// limit, see docs/benchmarks.md). Post-copy modes open one more, kept for the pages a
     /// touch waits for.
     #[arg(long)]
     pub connections: Option<u32>,

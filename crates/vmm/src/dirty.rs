@@ -11,8 +11,9 @@
 //! Both give the caller the same thing: one bitmap per memory slot it names, bit i =
 //! page i of the slot.
 //! Which one pays off is measured by `godwit bench migrate --dirty-log bitmap,ring`
-//! (README, "Dirty bitmap or dirty ring"): up to 16 GiB neither does end to end, and the
-//! ring's reads cost more for a guest that writes steadily, so the bitmap is the default.
+//! (docs/benchmarks.md, "Dirty bitmap or dirty ring"): up to 16 GiB neither does end to
+//! end, and the ring's reads cost more for a guest that writes steadily, so the bitmap is
+//! the default.
 
 use crate::error::{Error, KvmContext, Result};
 use crate::memory::PAGE_SIZE;

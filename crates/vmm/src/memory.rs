@@ -255,9 +255,9 @@ pub const PAGE_SIZE: u64 = 4096;
 /// `prefault=on`, QEMU's `prealloc=on`), and the VRAM of its GPU function when one is
 /// named. The first touch of a page costs the kernel's allocation and clearing, and on
 /// a host that hands free memory back to its own hypervisor (free page reporting, a
-/// balloon) a fault there as well: 5 to 15 times what reused memory costs (README,
-/// "Why the total time is bimodal"). A destination that knows the sizes pays it before
-/// the source connects, so the migration does not.
+/// balloon) a fault there as well: 5 to 15 times what reused memory costs
+/// (docs/benchmarks.md, "Why the total time is bimodal"). A destination that knows the
+/// sizes pays it before the source connects, so the migration does not.
 ///
 /// Clones share one memory, which the first VM built on it takes: a second VM never
 /// sees what the first wrote (a destination takes the source's first pass to be laid

@@ -47,7 +47,7 @@ fn default_downtime() -> u64 {
 
 /// Page connections to a live destination unless told: on this 2-core host two cut
 /// pre-copy's total time by a quarter against one (a single receiving thread was the
-/// limit; README, "One connection or two").
+/// limit; docs/benchmarks.md, "One connection or two").
 pub const DEFAULT_CONNECTIONS: u32 = 2;
 
 pub const MAX_CONNECTIONS: u32 = 16;

@@ -161,7 +161,7 @@ pub(super) fn push(
 /// asked again), and they come in a burst (its page tables, code and stack), each a
 /// round trip the guest waits for. On a small host the pusher's reads and sends, and
 /// the destination's placing of what it sends, took the cores their answers needed
-/// (README, "Post-copy's background holds off for the first touches").
+/// (docs/benchmarks.md, "Post-copy's background holds off for the first touches").
 fn settle(shared: &Shared) {
     let start = Instant::now();
     let (mut seen, mut since) = (shared.requests.load(Ordering::SeqCst), start);
