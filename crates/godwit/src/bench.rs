@@ -357,7 +357,7 @@ impl Pair {
     }
 
     /// Starts a godwit with `args`, quiet, kept until the pair drops.
-    pub fn spawn(&mut self, args: Vec<String>) -> Result<(), String> {
+    fn spawn(&mut self, args: Vec<String>) -> Result<(), String> {
         let c = std::process::Command::new(&self.exe)
             .args(args)
             .stdin(std::process::Stdio::null())
