@@ -109,3 +109,79 @@ fn a_vram_dirtier_verifies_after_postcopy_and_hybrid() {
     }
     dirtier_shut_down(cur);
 }
+
+/// Pages a lazily filled component still lacks, as the destination's API counts them.
+fn left(incoming: &Value, name: &str) -> u64 {
+    let s = &incoming["sections"][name];
+    let placed = ["remote_faults", "prepaged", "fetched_ahead"]
+        .iter()
+        .map(|k| s[k].as_u64().unwrap())
+        .sum::<u64>();
+    s["missing_at_start"].as_u64().unwrap() - placed
+}
+
+/// The link dies while the VRAM dirtier's GPU function runs at the destination with
+/// VRAM still at the source: neither side exits, the engine's work waits for its pages
+/// where it touches them, `migrate-recover` on a new connection brings the rest, and
+/// every region (VRAM written by the engine and through the aperture, RAM written by
+/// the GPU's DMA) checks out.
+#[test]
+fn a_link_cut_mid_postcopy_with_vram_missing_is_recovered_and_the_gpu_work_verifies() {
+    if !kvm_available() {
+        return;
+    }
+    let d = host("gpc-recover", 1, &[]);
+    let g = gpu_dir(&d);
+    let mut src = source(
+        &d,
+        "src",
+        &gpu_vm(&g, "GW8-1C", "gpu-dirtier", &DIRTIER_ARGS),
+    );
+    wait_log(&src.log, "verify ok");
+    let (dst, direct) = destination(&d, "dst", &["--gpu-dir", &g]);
+    let link = link_proxy(direct.clone());
+    // 4 MiB/s: the 36 MiB the dirtier wrote take seconds to follow, so the cut below
+    // falls well inside post-copy.
+    let m = migrating(
+        &src,
+        &link.addr,
+        &["--mode", "postcopy", "--max-bandwidth", "4M"],
+    );
+    wait_for(LIMIT, || {
+        (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
+    })
+    .expect("post-copy never began");
+    link.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_for(LIMIT, || {
+        migration(&src)["postcopy_paused"].as_str().map(|_| ())
+    })
+    .expect("post-copy did not pause");
+    let i = wait_for(LIMIT, || {
+        let i = migration(&dst)["incoming"].clone();
+        i["paused"].is_string().then_some(i)
+    })
+    .expect("the destination did not say post-copy paused");
+    assert!(left(&i, "gpu") > 0, "no VRAM was missing at the cut: {i}");
+    // The destination's GPU function waits where it touches what is missing; the
+    // source keeps its copy and refuses to run it.
+    let (c, _) = godwit_vmm::api::call(&src.sock, "PUT", "vm.resume").unwrap();
+    assert_eq!(c, 409);
+    assert_eq!(info(&dst)["state"], "running");
+    let sock = src.sock.to_str().unwrap().to_string();
+    let o = run(
+        &["migrate-recover", "--api-socket", &sock, "--to", &direct],
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}\n{}", stderr(&o), read(&dst.err));
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+    whole(&out, &r, &["ram", "gpu"]);
+    assert_eq!(r["postcopy"]["recoveries"], 1, "{r}");
+    let i = &migration(&dst)["incoming"];
+    assert_eq!(i["pages_left"], 0, "{i}");
+    assert_eq!(i["recoveries"], 1, "{i}");
+    assert_listener_let_go(&direct);
+    dirtier_arrived(&mut src, &dst, 1);
+    dirtier_shut_down(dst);
+    assert_eq!(status(&d)[0]["vfs"].as_array().unwrap().len(), 0);
+}

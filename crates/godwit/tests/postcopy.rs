@@ -68,15 +68,6 @@ fn a_dirtier_moved_in_postcopy_verifies_all_its_memory() {
     assert_verified(&mut dst, 16384);
 }
 
-/// Once post-copy has ended (the source answered DONE with RELEASED), the destination
-/// no longer listens for the source to come back: its port is free for another
-/// migration. (It would listen for minutes after DONE otherwise.)
-fn assert_listener_let_go(addr: &str) {
-    let a = addr.strip_prefix("tcp:").unwrap_or(addr);
-    let free = wait_for(Duration::from_secs(30), || TcpListener::bind(a).ok());
-    assert!(free.is_some(), "the destination still listens on {a}");
-}
-
 /// The dirtier at 100 MiB/s over a 32 MiB/s link, 50 ms limit, in `mode`: pre-copy
 /// alone would throttle it. Post-copy takes over, for the reason `why` names, and the
 /// guest's memory checks out.
@@ -481,12 +472,6 @@ fn hostile_page_requests_are_refused_and_the_rest_are_served() {
         "{}",
         read(&src.err)
     );
-}
-
-/// The migration's progress as the source's API reports it.
-fn migration(src: &Vm) -> Value {
-    let (_, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").unwrap();
-    serde_json::from_str(&b).unwrap()
 }
 
 /// A post-copy through `link_proxy` under way, for a test to do something to the link.

@@ -644,3 +644,19 @@ pub fn assert_postcopy_whole(r: &Value) {
     assert_eq!(p["refused_requests"], 0, "{r}");
     assert!(p["vm_ended"].is_null(), "{r}");
 }
+
+/// A migration as a VM's API reports it (`GET vm.migration`): its progress on a
+/// source, `incoming` on a destination.
+pub fn migration(vm: &Vm) -> Value {
+    let (_, b) = godwit_vmm::api::call(&vm.sock, "GET", "vm.migration").unwrap();
+    serde_json::from_str(&b).unwrap()
+}
+
+/// Once post-copy has ended (the source answered DONE with RELEASED), the destination
+/// no longer listens for the source to come back: its port is free for another
+/// migration. (It would listen for minutes after DONE otherwise.)
+pub fn assert_listener_let_go(addr: &str) {
+    let a = addr.strip_prefix("tcp:").unwrap_or(addr);
+    let free = wait_for(Duration::from_secs(30), || TcpListener::bind(a).ok());
+    assert!(free.is_some(), "the destination still listens on {a}");
+}
