@@ -59,6 +59,15 @@ pub fn print_report(r: &Report) {
     if let Some(e) = &r.error {
         outln!("  error: {e}");
     }
+    let moved = r.bytes.pages_sent + r.bytes.zero_pages + r.bytes.state > 0;
+    if r.status != Outcome::Completed && !moved && r.rounds.is_empty() && r.postcopy.is_none() {
+        // It failed before any of the VM moved (no destination there, one that refused
+        // it at the handshake): the rest of the report would be zeros and an empty
+        // table.
+        outln!("  nothing of the VM was sent ({:.1} ms)", r.total_ms);
+        source_running(r);
+        return;
+    }
     outln!(
         "  total {:.1} ms, downtime {:.1} ms (limit {} ms), setup {:.1} ms, mode {} (ran {})",
         r.total_ms,
@@ -219,15 +228,19 @@ pub fn print_report(r: &Report) {
         }
     }
     if r.status != Outcome::Completed {
-        outln!(
-            "  the VM {}",
-            if r.source_running {
-                "keeps running on the source"
-            } else {
-                "is not running on the source"
-            }
-        );
+        source_running(r);
     }
+}
+
+fn source_running(r: &Report) {
+    outln!(
+        "  the VM {}",
+        if r.source_running {
+            "keeps running on the source"
+        } else {
+            "is not running on the source"
+        }
+    );
 }
 
 pub fn migrate(a: MigrateArgs) -> ExitCode {

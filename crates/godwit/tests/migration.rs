@@ -529,6 +529,18 @@ fn a_migration_can_be_cancelled_through_the_api() {
     assert_eq!(info(&src)["state"], "running");
     let (c, _) = godwit_vmm::api::call(&src.sock, "PUT", "vm.migrate-cancel").unwrap();
     assert_eq!(c, 409);
+    // Nobody listens there: the report says so in a few lines, not a table of zeros.
+    let o = run(
+        &["migrate", "--api-socket", sock, "--to", "tcp:127.0.0.1:1"],
+        LIMIT,
+    );
+    assert!(!o.status.success());
+    let said = stdout(&o);
+    assert!(said.contains("cannot reach tcp:127.0.0.1:1"), "{said}");
+    assert!(said.contains("nothing of the VM was sent"), "{said}");
+    assert!(said.contains("keeps running on the source"), "{said}");
+    assert!(!said.contains("round"), "{said}");
+    assert_eq!(info(&src)["state"], "running");
 }
 
 #[test]
