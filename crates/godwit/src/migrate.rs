@@ -59,12 +59,16 @@ pub fn print_report(r: &Report) {
     if let Some(e) = &r.error {
         outln!("  error: {e}");
     }
-    let moved = r.bytes.pages_sent + r.bytes.zero_pages + r.bytes.state > 0;
-    if r.status != Outcome::Completed && !moved && r.rounds.is_empty() && r.postcopy.is_none() {
-        // It failed before any of the VM moved (no destination there, one that refused
-        // it at the handshake): the rest of the report would be zeros and an empty
-        // table.
-        outln!("  nothing of the VM was sent ({:.1} ms)", r.total_ms);
+    let counted = r.bytes.pages_sent + r.bytes.zero_pages + r.bytes.state > 0;
+    if r.status != Outcome::Completed && !counted && r.rounds.is_empty() && r.postcopy.is_none() {
+        // It ended before its first round did (no destination there, one that refused
+        // it at the handshake, a cancel): the rest of the report would be zeros and an
+        // empty table.
+        outln!(
+            "  sent {:.1} MiB in {:.1} ms, no round completed",
+            mib(r.bytes.total),
+            r.total_ms
+        );
         source_running(r);
         return;
     }

@@ -629,6 +629,12 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         Ok(())
     })();
     let mut report = std::mem::take(&mut d.report);
+    // Everything that went on the wire, an unfinished round's too (the components'
+    // counts are taken at each round's end; a cancel or a failure mid-round left the
+    // total at the last one's).
+    let wire =
+        d.bytes_base + d.out.as_ref().map_or(0, |o| o.bytes) + d.bg.as_ref().map_or(0, |o| o.bytes);
+    report.bytes.total = report.bytes.total.max(wire);
     report.throttle = d.converge.report();
     report.ring_full_exits = m.dirty_stats().ring_full_exits - ring_full_before;
     report.total_ms = ms(t0.elapsed());
