@@ -861,3 +861,47 @@ fn a_vm_still_arriving_moves_on_once_it_is_whole() {
     );
     exit_code(&mut c, LIMIT);
 }
+
+/// The source dies mid-post-copy (its process killed, as with its host): what it had
+/// not delivered is gone. The destination says post-copy is paused and what it lacks,
+/// runs on where the guest does not touch those pages, and still shuts down at once
+/// when told, though a vCPU waits on a page that will never come.
+#[test]
+fn a_source_killed_mid_postcopy_leaves_a_destination_that_says_so_and_shuts_down() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-source-killed");
+    let mut src = checking_dirtier(&dir, "src");
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    let m = migrating(
+        &src,
+        &addr,
+        &["--mode", "postcopy", "--max-bandwidth", "4M"],
+    );
+    wait_for(LIMIT, || {
+        (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
+    })
+    .expect("post-copy never began");
+    src.proc.0.kill().unwrap();
+    let _ = src.proc.0.wait();
+    let _ = m.join();
+    let i = wait_for(LIMIT, || {
+        let i = migration(&dst)["incoming"].clone();
+        i["paused"].is_string().then_some(i)
+    })
+    .expect("the destination did not say post-copy paused");
+    assert!(i["pages_left"].as_u64() > Some(0), "{i}");
+    assert_eq!(info(&dst)["state"], "running");
+    let o = run(
+        &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    exit_code(&mut dst, LIMIT);
+    assert!(
+        read(&dst.err).contains("post-copy paused"),
+        "{}",
+        read(&dst.err)
+    );
+}
