@@ -1,0 +1,358 @@
+//! Post-copy when the link or the source fails: neither side exits, the source keeps
+//! every page the destination lacks, and `migrate-recover` finishes the transfer on new
+//! connections (a link cut, gone silent, a DONE lost on the way); a frame that stalls
+//! halfway only delays it; what cannot be saved (the source gone) is said and ends
+//! cleanly.
+
+mod common;
+
+use common::mig::*;
+use common::*;
+use serde_json::Value;
+use std::time::Duration;
+
+/// A post-copy through `link_proxy` under way, for a test to do something to the link.
+struct Linked {
+    dir: TempDir,
+    src: Vm,
+    dst: Vm,
+    /// The destination's own address, for a recovery that goes around the proxy.
+    direct: String,
+    link: Link,
+    /// The `migrate` command's thread.
+    m: std::thread::JoinHandle<std::process::Output>,
+    /// What the guest says when all of its memory checks out.
+    verified: String,
+}
+
+/// A dirtier that runs until shut down, rewriting `wss_mib` MiB and checking all of it
+/// every second, moving in post-copy through a proxy at a 16 MiB/s cap that keeps the
+/// background flowing for seconds; returns once post-copy has begun (None: no KVM
+/// here).
+fn postcopy_through_a_proxy(tag: &str, wss_mib: u64) -> Option<Linked> {
+    if !kvm_available() {
+        return None;
+    }
+    let dir = TempDir::new(tag);
+    let wss = format!("wss={wss_mib}");
+    let src = dirtier_source(
+        &dir,
+        "src",
+        "512",
+        &[
+            &wss,
+            "rate=200",
+            "seconds=0",
+            "verify-every=1",
+            "report-every=250",
+        ],
+    );
+    let (dst, direct) = destination(&dir, "dst", &[]);
+    let link = link_proxy(direct.clone());
+    // Time for a broken link to show (a minute or more at the source), then the rest.
+    let m = migrating_within(
+        &src,
+        &link.addr,
+        &["--mode", "postcopy", "--max-bandwidth", "16M"],
+        Duration::from_secs(300),
+    );
+    wait_for(LIMIT, || {
+        (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
+    })
+    .expect("post-copy never began");
+    // The source's progress moves while the guest faults back to back.
+    let elapsed = || migration(&src)["progress"]["elapsed_ms"].as_f64().unwrap();
+    let before = elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(elapsed() > before, "vm.migration's progress stood still");
+    Some(Linked {
+        dir,
+        src,
+        dst,
+        direct,
+        link,
+        m,
+        verified: format!("verify ok pages={}", wss_mib << 8),
+    })
+}
+
+/// Every page is there: the guest's next two full checks (`verified`) pass. Then the
+/// VM ends.
+fn verified_and_shut_down(dst: &mut Vm, verified: &str) {
+    gains(&dst.log, verified, 2);
+    assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
+    run(
+        &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    exit_code(dst, LIMIT);
+}
+
+/// `migrate-recover` straight to the destination; then the migration ends whole after
+/// one recovery, the source exits, the destination's log says `said`, and the guest
+/// verifies.
+fn recovered_around_the_proxy(mut t: Linked, said: &str) {
+    let sock = t.src.sock.to_str().unwrap().to_string();
+    let o = run(
+        &["migrate-recover", "--api-socket", &sock, "--to", &t.direct],
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}\n{}", stderr(&o), read(&t.dst.err));
+    let out = t.m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_postcopy_whole(&r);
+    assert_eq!(r["postcopy"]["recoveries"], 1, "{r}");
+    assert_eq!(exit_code(&mut t.src, LIMIT), 0, "{}", read(&t.src.err));
+    assert!(read(&t.dst.err).contains(said), "{}", read(&t.dst.err));
+    // The destination's own account: whole, after one recovery.
+    let i = &migration(&t.dst)["incoming"];
+    assert_eq!(i["pages_left"], 0, "{i}");
+    assert_eq!(i["paused"], Value::Null, "{i}");
+    assert_eq!(i["recoveries"], 1, "{i}");
+    assert!(
+        i["sections"]["ram"]["missing_at_start"].as_u64() > Some(0),
+        "{i}"
+    );
+    assert_listener_let_go(&t.direct);
+    verified_and_shut_down(&mut t.dst, &t.verified);
+}
+
+#[test]
+fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
+    let Some(t) = postcopy_through_a_proxy("pc-recover", 64) else {
+        return;
+    };
+    let cut = t.link.cut.clone();
+    // The threads a touch waits on run with a short scheduler slice, so a wake-up
+    // preempts the background stream: the destination's fault thread and the reader
+    // of its main connection, and the source's serving thread.
+    for (vm, name) in [
+        (&t.dst, "postcopy-faults"),
+        (&t.dst, "postcopy-in0"),
+        (&t.src, "migration"),
+    ] {
+        let short = || {
+            let s = thread_slices(vm.proc.0.id(), name)?;
+            (!s.is_empty() && s.iter().all(|&x| x == 100_000)).then_some(())
+        };
+        if thread_slices(vm.proc.0.id(), name).is_some() {
+            assert!(
+                wait_for(LIMIT, short).is_some(),
+                "{name} did not run with a short slice during post-copy (slices now: {:?})",
+                thread_slices(vm.proc.0.id(), name)
+            );
+        }
+    }
+    // Recovery is refused while nothing is broken.
+    let sock = t.src.sock.to_str().unwrap().to_string();
+    let o = run(&["migrate-recover", "--api-socket", &sock], LIMIT);
+    assert!(stderr(&o).contains("nothing to recover"), "{}", stderr(&o));
+    cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_for(LIMIT, || {
+        migration(&t.src)["postcopy_paused"].as_str().map(|_| ())
+    })
+    .expect("post-copy did not pause");
+    assert_eq!(migration(&t.src)["progress"]["phase"], "postcopy_paused");
+    // The destination says so too, and how much it still lacks.
+    let i = wait_for(LIMIT, || {
+        let i = migration(&t.dst)["incoming"].clone();
+        i["paused"].is_string().then_some(i)
+    })
+    .expect("the destination did not say post-copy paused");
+    assert!(i["pages_left"].as_u64() > Some(0), "{i}");
+    assert_eq!(i["recoveries"], 0, "{i}");
+    // The source stays stopped and refuses to run its stale copy.
+    let (c, _) = godwit_vmm::api::call(&t.src.sock, "PUT", "vm.resume").unwrap();
+    assert_eq!(c, 409);
+    // Nothing arrives at the destination now: asked to move on, it waits for its
+    // memory, then gives up with a clear error and runs on.
+    let snap = format!("file:{}", t.dir.path("snap").display());
+    let (out, r) = migrate(&t.dst, &snap, &[]);
+    assert!(!out.status.success(), "{r}");
+    assert_eq!(r["error_kind"], "still_arriving", "{r}");
+    assert_eq!(r["source_running"], true, "{r}");
+    assert_eq!(info(&t.dst)["state"], "running");
+    // A recovery to where no destination listens fails and says so; post-copy stays
+    // paused, ready for the next one.
+    let o = run(
+        &[
+            "migrate-recover",
+            "--api-socket",
+            &sock,
+            "--to",
+            &t.link.addr,
+        ],
+        LIMIT,
+    );
+    assert!(!o.status.success(), "{}", stdout(&o));
+    let said = stderr(&o);
+    assert!(
+        said.contains(&format!("recovery to {}", t.link.addr)),
+        "{said}"
+    );
+    assert!(said.contains("stays paused"), "{said}");
+    assert_eq!(migration(&t.src)["progress"]["phase"], "postcopy_paused");
+    // The destination runs on; the guest waits only where it touches a missing page.
+    recovered_around_the_proxy(t, "post-copy resumed");
+}
+
+/// A link that stalls inside a frame for longer than the destination waits for one
+/// (TCP retransmitting on a lossy link backs off to seconds) delays post-copy but breaks
+/// nothing: the frame is waited for, not given up halfway, which would lose the
+/// stream's frame boundaries.
+#[test]
+fn a_frame_that_stalls_halfway_delays_postcopy_but_does_not_break_it() {
+    let Some(mut t) = postcopy_through_a_proxy("pc-stall", 64) else {
+        return;
+    };
+    t.link
+        .stall
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let out = t.m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stderr(&out),
+        read(&t.dst.err)
+    );
+    assert_postcopy_whole(&r);
+    assert_eq!(r["postcopy"]["recoveries"], 0, "{r}");
+    assert!(
+        t.link.stalled.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "no chunk stalled during post-copy"
+    );
+    assert!(
+        !read(&t.dst.err).contains("post-copy paused"),
+        "{}",
+        read(&t.dst.err)
+    );
+    assert_eq!(exit_code(&mut t.src, LIMIT), 0, "{}", read(&t.src.err));
+    verified_and_shut_down(&mut t.dst, &t.verified);
+}
+
+/// A link gone silent during post-copy (nothing passes, nothing is reset): the source
+/// pauses when its writes stop making progress (30 s; with 128 MiB to move, the
+/// background has plenty left to write when the link goes) or, everything written,
+/// when DONE does not come (60 s); the destination, whose connections break neither,
+/// when nothing has come for 30 s while pages are missing. Both say so in their API;
+/// the source comes back on new connections, and the guest verifies.
+#[test]
+fn a_link_gone_silent_mid_postcopy_is_recovered_and_the_guest_verifies() {
+    let Some(t) = postcopy_through_a_proxy("pc-silent", 128) else {
+        return;
+    };
+    t.link.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    // No connection breaks: each side must see for itself that nothing comes through.
+    let paused = |vm: &Vm, at: &[&str]| -> Option<String> {
+        let (_, b) = godwit_vmm::api::call(&vm.sock, "GET", "vm.migration").ok()?;
+        let v: Value = serde_json::from_str(&b).ok()?;
+        at.iter().fold(&v, |v, k| &v[k]).as_str().map(String::from)
+    };
+    let both = wait_for(Duration::from_secs(240), || {
+        Some((
+            paused(&t.dst, &["incoming", "paused"])?,
+            paused(&t.src, &["postcopy_paused"])?,
+        ))
+    });
+    let Some((dst_why, _)) = both else {
+        let out = t.m.join().unwrap();
+        panic!(
+            "post-copy did not pause on both sides:\n{}\n{}\nsource:\n{}\ndestination:\n{}",
+            stdout(&out),
+            stderr(&out),
+            read(&t.src.err),
+            read(&t.dst.err)
+        );
+    };
+    assert!(dst_why.contains("went silent"), "{dst_why}");
+    let i = &migration(&t.dst)["incoming"];
+    assert!(i["pages_left"].as_u64() > Some(0), "{i}");
+    recovered_around_the_proxy(t, "post-copy paused: nothing came from the source");
+}
+
+/// DONE lost on the way: every page reaches the destination, which says DONE, but
+/// nothing comes back from it any more (the source's data still goes through). The
+/// source, everything written, pauses when DONE does not come within 60 s; the
+/// destination, whole, has nothing to report broken. When the source comes back, the
+/// destination tells it DONE again: the migration ends whole and the guest verifies.
+#[test]
+fn a_done_lost_on_the_way_is_told_again_when_the_source_comes_back() {
+    let Some(t) = postcopy_through_a_proxy("pc-done-lost", 64) else {
+        return;
+    };
+    t.link
+        .hold_back
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // Requests are lost now: the background stream brings the rest.
+    let whole = wait_for(Duration::from_secs(120), || {
+        (migration(&t.dst)["incoming"]["pages_left"] == 0).then_some(())
+    });
+    assert!(whole.is_some(), "{}", migration(&t.dst));
+    let paused = wait_for(Duration::from_secs(240), || {
+        migration(&t.src)["postcopy_paused"]
+            .as_str()
+            .map(String::from)
+    });
+    let Some(why) = paused else {
+        let out = t.m.join().unwrap();
+        panic!(
+            "the source did not pause:\n{}\n{}\n{}",
+            stdout(&out),
+            stderr(&out),
+            read(&t.src.err)
+        );
+    };
+    assert!(why.contains("not confirmed"), "{why}");
+    assert_eq!(migration(&t.dst)["incoming"]["paused"], Value::Null);
+    recovered_around_the_proxy(t, "DONE was lost with the old connections");
+}
+
+/// The source dies mid-post-copy (its process killed, as with its host): what it had
+/// not delivered is gone. The destination says post-copy is paused and what it lacks,
+/// runs on where the guest does not touch those pages, and still shuts down at once
+/// when told, though a vCPU waits on a page that will never come.
+#[test]
+fn a_source_killed_mid_postcopy_leaves_a_destination_that_says_so_and_shuts_down() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-source-killed");
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "256",
+        &["wss=32", "rate=20", "seconds=0", "verify-every=1"],
+    );
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    let m = migrating(
+        &src,
+        &addr,
+        &["--mode", "postcopy", "--max-bandwidth", "4M"],
+    );
+    wait_for(LIMIT, || {
+        (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
+    })
+    .expect("post-copy never began");
+    src.proc.0.kill().unwrap();
+    let _ = src.proc.0.wait();
+    let _ = m.join();
+    let i = wait_for(LIMIT, || {
+        let i = migration(&dst)["incoming"].clone();
+        i["paused"].is_string().then_some(i)
+    })
+    .expect("the destination did not say post-copy paused");
+    assert!(i["pages_left"].as_u64() > Some(0), "{i}");
+    assert_eq!(info(&dst)["state"], "running");
+    let o = run(
+        &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    exit_code(&mut dst, LIMIT);
+    assert!(
+        read(&dst.err).contains("post-copy paused"),
+        "{}",
+        read(&dst.err)
+    );
+}
