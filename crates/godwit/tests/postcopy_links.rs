@@ -356,3 +356,64 @@ fn a_source_killed_mid_postcopy_leaves_a_destination_that_says_so_and_shuts_down
         read(&dst.err)
     );
 }
+
+/// Pages on their way when the link dies are lost with it: the source counted them
+/// sent, so only the destination's own account of what it lacks (its answer to
+/// RESUME) brings them again. The link holds everything for a second first, so that
+/// megabytes of the background are in its buffers when it is cut; the guest rewrites
+/// its memory at 1 MiB/s and touches few of them itself, so the migration can only
+/// end whole if the source sends them again on its own.
+#[test]
+fn pages_lost_in_flight_at_a_cut_are_sent_again_after_the_recovery() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-in-flight");
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "256",
+        &["wss=128", "rate=1", "seconds=0", "check-writes=1"],
+    );
+    let (mut dst, direct) = destination(&dir, "dst", &[]);
+    let link = link_proxy(direct.clone());
+    let m = migrating(
+        &src,
+        &link.addr,
+        &["--mode", "postcopy", "--max-bandwidth", "16M"],
+    );
+    wait_for(LIMIT, || {
+        (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
+    })
+    .expect("post-copy never began");
+    link.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(1));
+    link.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_for(LIMIT, || {
+        migration(&src)["postcopy_paused"].as_str().map(|_| ())
+    })
+    .expect("post-copy did not pause");
+    wait_for(LIMIT, || {
+        migration(&dst)["incoming"]["paused"].as_str().map(|_| ())
+    })
+    .expect("the destination did not say post-copy paused");
+    let sock = src.sock.to_str().unwrap().to_string();
+    let o = run(
+        &["migrate-recover", "--api-socket", &sock, "--to", &direct],
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}\n{}", stderr(&o), read(&dst.err));
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_postcopy_whole(&r);
+    assert_eq!(r["postcopy"]["recoveries"], 1, "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_eq!(migration(&dst)["incoming"]["pages_left"], 0);
+    run(
+        &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    exit_code(&mut dst, LIMIT);
+    assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
+}
