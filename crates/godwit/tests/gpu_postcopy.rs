@@ -147,20 +147,10 @@ fn a_link_cut_mid_postcopy_with_vram_missing_is_recovered_and_the_gpu_work_verif
         &link.addr,
         &["--mode", "postcopy", "--max-bandwidth", "4M"],
     );
-    wait_for(LIMIT, || {
-        (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
-    })
-    .expect("post-copy never began");
+    wait_postcopy(&src);
     link.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-    wait_for(LIMIT, || {
-        migration(&src)["postcopy_paused"].as_str().map(|_| ())
-    })
-    .expect("post-copy did not pause");
-    let i = wait_for(LIMIT, || {
-        let i = migration(&dst)["incoming"].clone();
-        i["paused"].is_string().then_some(i)
-    })
-    .expect("the destination did not say post-copy paused");
+    wait_source_paused(&src);
+    let i = wait_destination_paused(&dst);
     assert!(left(&i, "gpu") > 0, "no VRAM was missing at the cut: {i}");
     // The destination's GPU function waits where it touches what is missing; the
     // source keeps its copy and refuses to run it.

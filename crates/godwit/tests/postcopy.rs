@@ -532,10 +532,7 @@ fn a_vm_still_arriving_moves_on_once_it_is_whole() {
         &addr_b,
         &["--mode", "postcopy", "--max-bandwidth", "4M"],
     );
-    wait_for(LIMIT, || {
-        (migration(&a)["progress"]["phase"] == "postcopy").then_some(())
-    })
-    .expect("post-copy never began");
+    wait_postcopy(&a);
     wait_for(LIMIT, || b.sock.exists().then_some(())).expect("no API on b");
     let (mut c, addr_c) = destination(&dir, "c", &[]);
     let onward = migrating(&b, &addr_c, &[]);

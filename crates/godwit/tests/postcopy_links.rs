@@ -56,10 +56,7 @@ fn postcopy_through_a_proxy(tag: &str, wss_mib: u64) -> Option<Linked> {
         &["--mode", "postcopy", "--max-bandwidth", "16M"],
         Duration::from_secs(300),
     );
-    wait_for(LIMIT, || {
-        (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
-    })
-    .expect("post-copy never began");
+    wait_postcopy(&src);
     // The source's progress moves while the guest faults back to back.
     let elapsed = || migration(&src)["progress"]["elapsed_ms"].as_f64().unwrap();
     let before = elapsed();
@@ -148,17 +145,10 @@ fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
     let o = run(&["migrate-recover", "--api-socket", &sock], LIMIT);
     assert!(stderr(&o).contains("nothing to recover"), "{}", stderr(&o));
     cut.store(true, std::sync::atomic::Ordering::SeqCst);
-    wait_for(LIMIT, || {
-        migration(&t.src)["postcopy_paused"].as_str().map(|_| ())
-    })
-    .expect("post-copy did not pause");
+    wait_source_paused(&t.src);
     assert_eq!(migration(&t.src)["progress"]["phase"], "postcopy_paused");
     // The destination says so too, and how much it still lacks.
-    let i = wait_for(LIMIT, || {
-        let i = migration(&t.dst)["incoming"].clone();
-        i["paused"].is_string().then_some(i)
-    })
-    .expect("the destination did not say post-copy paused");
+    let i = wait_destination_paused(&t.dst);
     assert!(i["pages_left"].as_u64() > Some(0), "{i}");
     assert_eq!(i["recoveries"], 0, "{i}");
     // The source stays stopped and refuses to run its stale copy.
@@ -330,18 +320,11 @@ fn a_source_killed_mid_postcopy_leaves_a_destination_that_says_so_and_shuts_down
         &addr,
         &["--mode", "postcopy", "--max-bandwidth", "4M"],
     );
-    wait_for(LIMIT, || {
-        (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
-    })
-    .expect("post-copy never began");
+    wait_postcopy(&src);
     src.proc.0.kill().unwrap();
     let _ = src.proc.0.wait();
     let _ = m.join();
-    let i = wait_for(LIMIT, || {
-        let i = migration(&dst)["incoming"].clone();
-        i["paused"].is_string().then_some(i)
-    })
-    .expect("the destination did not say post-copy paused");
+    let i = wait_destination_paused(&dst);
     assert!(i["pages_left"].as_u64() > Some(0), "{i}");
     assert_eq!(info(&dst)["state"], "running");
     let o = run(
@@ -382,21 +365,12 @@ fn pages_lost_in_flight_at_a_cut_are_sent_again_after_the_recovery() {
         &link.addr,
         &["--mode", "postcopy", "--max-bandwidth", "16M"],
     );
-    wait_for(LIMIT, || {
-        (migration(&src)["progress"]["phase"] == "postcopy").then_some(())
-    })
-    .expect("post-copy never began");
+    wait_postcopy(&src);
     link.hold.store(true, std::sync::atomic::Ordering::SeqCst);
     std::thread::sleep(Duration::from_secs(1));
     link.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-    wait_for(LIMIT, || {
-        migration(&src)["postcopy_paused"].as_str().map(|_| ())
-    })
-    .expect("post-copy did not pause");
-    wait_for(LIMIT, || {
-        migration(&dst)["incoming"]["paused"].as_str().map(|_| ())
-    })
-    .expect("the destination did not say post-copy paused");
+    wait_source_paused(&src);
+    wait_destination_paused(&dst);
     let sock = src.sock.to_str().unwrap().to_string();
     let o = run(
         &["migrate-recover", "--api-socket", &sock, "--to", &direct],

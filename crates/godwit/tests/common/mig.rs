@@ -660,3 +660,30 @@ pub fn assert_listener_let_go(addr: &str) {
     let free = wait_for(Duration::from_secs(30), || TcpListener::bind(a).ok());
     assert!(free.is_some(), "the destination still listens on {a}");
 }
+
+/// Waits until the migration out of `src` is in post-copy (the VM runs at the
+/// destination).
+pub fn wait_postcopy(src: &Vm) {
+    wait_for(LIMIT, || {
+        (migration(src)["progress"]["phase"] == "postcopy").then_some(())
+    })
+    .expect("post-copy never began");
+}
+
+/// Waits until the source says its post-copy is paused (broken connections).
+pub fn wait_source_paused(src: &Vm) {
+    wait_for(LIMIT, || {
+        migration(src)["postcopy_paused"].as_str().map(|_| ())
+    })
+    .expect("post-copy did not pause at the source");
+}
+
+/// Waits until the destination says its post-copy is paused; returns its account
+/// (`incoming`: pages left, why, recoveries, per component).
+pub fn wait_destination_paused(dst: &Vm) -> Value {
+    wait_for(LIMIT, || {
+        let i = migration(dst)["incoming"].clone();
+        i["paused"].is_string().then_some(i)
+    })
+    .expect("the destination did not say post-copy paused")
+}
