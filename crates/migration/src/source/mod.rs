@@ -422,6 +422,7 @@ impl Driver<'_> {
 
     /// What part `i` sent, into the report's byte counts.
     fn count_sent(&mut self, i: usize, r: &ReadReport) {
+        let total = self.wire_bytes();
         let b = &mut self.report.bytes;
         let c = b.components.entry(self.parts[i].name.clone()).or_default();
         c.pages_sent += r.pages;
@@ -430,9 +431,15 @@ impl Driver<'_> {
         b.pages_sent += r.pages;
         b.memory_data += r.pages * PAGE_SIZE as u64;
         b.zero_pages += r.zero_pages;
-        b.total = self.bytes_base
-            + self.out.as_ref().expect("connected").bytes
-            + self.bg.as_ref().map_or(0, |o| o.bytes);
+        b.total = total;
+    }
+
+    /// Every byte the connections carried so far: those given up (post-copy
+    /// recovery), the ones in use and post-copy's background.
+    fn wire_bytes(&self) -> u64 {
+        self.bytes_base
+            + self.out.as_ref().map_or(0, |o| o.bytes)
+            + self.bg.as_ref().map_or(0, |o| o.bytes)
     }
 
     /// Ends a round: it is over once the destination has taken in all of it (SYNC on
@@ -632,9 +639,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
     // Everything that went on the wire, an unfinished round's too (the components'
     // counts are taken at each round's end; a cancel or a failure mid-round left the
     // total at the last one's).
-    let wire =
-        d.bytes_base + d.out.as_ref().map_or(0, |o| o.bytes) + d.bg.as_ref().map_or(0, |o| o.bytes);
-    report.bytes.total = report.bytes.total.max(wire);
+    report.bytes.total = report.bytes.total.max(d.wire_bytes());
     report.throttle = d.converge.report();
     report.ring_full_exits = m.dirty_stats().ring_full_exits - ring_full_before;
     report.total_ms = ms(t0.elapsed());

@@ -183,7 +183,7 @@ impl Driver<'_> {
         }
         self.out().complete().map_err(|e| self.send_error(e))?;
         self.report.downtime.final_pages_ms = ms(t.elapsed());
-        self.report.bytes.total = self.out.as_ref().expect("connected").bytes;
+        self.report.bytes.total = self.wire_bytes();
         if self.target.is_file() {
             self.out().seal().map_err(|e| self.send_error(e))?;
             self.report.downtime_ms = ms(tp.elapsed());
