@@ -7,8 +7,14 @@
 //! section always travels on the same connection, so TCP's ordering keeps a page's
 //! newest copy last); everything else (states, data streams, COMPLETE, GO) goes on the
 //! main lane, in order.
+//!
+//! On sockets, a pre-copy round's pages go from guest memory to every connection with
+//! no copy of godwit's own (`Sink::pages_in_place`): a writer thread gets where the
+//! pages are, takes their CRCs and writes them, and the component's read waits at its
+//! end until each writer is done with them (`Sink::settle`). Post-copy's background
+//! copies them into frames: its reads are a frame each, between requests.
 
-use crate::transport::Stream;
+use crate::transport::{PageRuns, Stream};
 use crate::wire::{self, Checked, Frame, PageChecks, PagesFrame, Totals, PAGE_SIZE};
 use godwit_vmm::migratable::Sink;
 use std::io::{self, Write};
@@ -46,8 +52,20 @@ fn reusable(buf: &Vec<u8>) -> bool {
 
 enum Msg {
     Data(Vec<u8>, Range<usize>),
+    /// A PAGES frame whose pages go from where they are in memory: mapped until the
+    /// sender's next `settle` returns, which waits for this to be written.
+    InPlace(InPlaceFrame),
     /// Flush (and for a file, make durable), then answer.
     Sync(SyncSender<io::Result<()>>),
+}
+
+struct InPlaceFrame {
+    section: u32,
+    addrs: Vec<u64>,
+    runs: PageRuns,
+    /// Each page with its own CRC, taken by the writer right before the kernel's copy
+    /// (the page is then in cache for it, and the lanes' threads share the CRCs).
+    crcs: bool,
 }
 
 enum Io {
@@ -80,6 +98,8 @@ struct Lane {
     /// their data is checked then: by the transport (`Head`) or by a CRC of each page
     /// taken as it goes (`Pages`).
     in_place: Option<Checked>,
+    /// Pages handed to its writer thread in place since the last `settle`.
+    unsettled: bool,
 }
 
 /// Keeps the lanes of one migration under `rate` bytes per second, together (post-copy's
@@ -145,6 +165,17 @@ fn writer(
                 if reusable(&buf) {
                     let _ = spare.try_send(buf);
                 }
+            }
+            Msg::InPlace(f) => {
+                // SAFETY (both): the sender keeps the pages mapped until its `settle`,
+                // which returns only once this thread has answered a `Sync` queued
+                // after this frame, or has ended.
+                let crcs = f
+                    .crcs
+                    .then(|| unsafe { crate::inplace::crcs_of_runs(&f.runs) });
+                let head = wire::pages_head(f.section, &f.addrs, crcs.as_deref());
+                unsafe { s.write_runs(&head, &f.runs) }?;
+                queued.fetch_sub(1, Ordering::Relaxed);
             }
             Msg::Sync(reply) => {
                 let r = s.finish();
@@ -217,9 +248,9 @@ impl Outbound {
         } else {
             Checked::All
         };
-        // Only a lane its sender writes itself: a writer thread would write the pages
-        // after the component's read returned.
-        let in_place = (self.lanes.is_empty() && s.writes_in_place()).then_some(match checked {
+        // A writer thread writes them after the sink has handed them over, before the
+        // component's read returns (`Sink::settle`).
+        let in_place = s.writes_in_place().then_some(match checked {
             Checked::Head => Checked::Head,
             _ => Checked::Pages,
         });
@@ -252,6 +283,7 @@ impl Outbound {
             totals: Totals::default(),
             checked,
             in_place,
+            unsettled: false,
         });
         Ok(())
     }
@@ -311,8 +343,9 @@ impl Outbound {
         Ok(())
     }
 
-    /// Pages of `section` straight from memory, written before this returns, after
-    /// whatever lane `i` held back. Only on a lane that takes them in place.
+    /// Pages of `section` straight from memory, after whatever lane `i` held back:
+    /// written before this returns on the main lane, before the next `settle` on one
+    /// with a writer thread. Only on a lane that takes them in place.
     fn send_in_place(
         &mut self,
         i: usize,
@@ -322,20 +355,65 @@ impl Outbound {
     ) -> io::Result<()> {
         self.flush_pages(i)?;
         let lane = &mut self.lanes[i];
-        let (Io::Direct(s), Some(checked)) = (&mut lane.io, lane.in_place) else {
+        let Some(checked) = lane.in_place else {
             return Err(io::Error::other(
                 "pages in place on a lane that cannot take them",
             ));
         };
-        let crcs = (checked == Checked::Pages).then(|| pages_crcs(pages));
-        let head = wire::pages_head(section, addrs, crcs.as_deref());
-        s.write_pages(&head, pages)?;
-        lane.totals.pages += addrs.len() as u64;
-        let n = head.len() + addrs.len() * PAGE_SIZE;
+        let n = wire::pages_frame_len(addrs.len(), checked);
+        match &mut lane.io {
+            Io::Direct(s) => {
+                let crcs = (checked == Checked::Pages).then(|| pages_crcs(pages));
+                let head = wire::pages_head(section, addrs, crcs.as_deref());
+                s.write_pages(&head, pages)?
+            }
+            Io::Thread { tx, queued, .. } => {
+                let f = InPlaceFrame {
+                    section,
+                    addrs: addrs.to_vec(),
+                    runs: PageRuns::new(pages.iter().map(|p| (p.ptr_guard().as_ptr(), p.len()))),
+                    crcs: checked == Checked::Pages,
+                };
+                queued.fetch_add(1, Ordering::Relaxed);
+                lane.unsettled = true;
+                let sent = tx.as_ref().is_some_and(|t| t.send(Msg::InPlace(f)).is_ok());
+                if !sent {
+                    return Err(self.lane_error(i));
+                }
+            }
+        }
+        self.lanes[i].totals.pages += addrs.len() as u64;
         self.bytes += n as u64;
         self.live.fetch_add(n as u64, Ordering::Relaxed);
         self.limiter.account(n);
         Ok(())
+    }
+
+    /// Returns once every page handed to a writer thread in place has been written
+    /// (or its writer has ended): the memory they are in may change hands after.
+    fn settle(&mut self) -> io::Result<()> {
+        let mut first_error = None;
+        for i in 0..self.lanes.len() {
+            if !std::mem::take(&mut self.lanes[i].unsettled) {
+                continue;
+            }
+            let Io::Thread { tx, .. } = &self.lanes[i].io else {
+                continue;
+            };
+            let (rtx, rx) = sync_channel(1);
+            let asked = tx.as_ref().is_some_and(|t| t.send(Msg::Sync(rtx)).is_ok());
+            // An answer, or the writer gone (the reply's sender dropped with it):
+            // either way it no longer reads the pages.
+            let r = if asked { rx.recv().ok() } else { None };
+            let r = match r {
+                Some(r) => r,
+                None => Err(self.lane_error(i)),
+            };
+            if let Err(e) = r {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     fn spare(&mut self, i: usize) -> Vec<u8> {
@@ -508,7 +586,12 @@ impl Outbound {
         if self.lanes.len() < 2 {
             return None;
         }
-        let lanes = self.lanes.split_off(1);
+        let mut lanes = self.lanes.split_off(1);
+        // Its reads are small (a frame, between requests), and each would wait for
+        // the writers to settle.
+        for l in &mut lanes {
+            l.in_place = None;
+        }
         Some(Outbound {
             lanes,
             limiter: Limiter {
@@ -578,15 +661,22 @@ pub struct SectionSink<'a> {
     route: Route,
 }
 
-impl Sink for SectionSink<'_> {
-    fn slot(&mut self, addr: u64) -> &mut [u8] {
+impl SectionSink<'_> {
+    /// The lane the page at `addr` goes on: a 2 MiB chunk always the same one.
+    fn lane_of(&self, addr: u64) -> usize {
         let lanes = self.out.lanes.len() as u64;
         let chunk = addr / PAGE_SIZE as u64 / CHUNK_PAGES + self.section as u64;
-        self.lane = match self.route {
+        match self.route {
             Route::Main => 0,
             Route::Background if lanes > 1 => (1 + chunk % (lanes - 1)) as usize,
             _ => (chunk % lanes) as usize,
-        };
+        }
+    }
+}
+
+impl Sink for SectionSink<'_> {
+    fn slot(&mut self, addr: u64) -> &mut [u8] {
+        self.lane = self.lane_of(addr);
         self.addr = addr;
         let section = self.section;
         let f = &mut self.out.lanes[self.lane].frame;
@@ -632,9 +722,13 @@ impl Sink for SectionSink<'_> {
     }
 
     fn in_place(&self) -> bool {
-        // Every page this sink sends goes to the first lane.
-        let one = self.out.lanes.len() == 1 || self.route == Route::Main;
-        one && self.out.in_place().is_some()
+        let lanes = &self.out.lanes;
+        match self.route {
+            Route::Main => lanes[0].in_place.is_some(),
+            Route::Spread => lanes.iter().all(|l| l.in_place.is_some()),
+            // Post-copy's background on the main connection (the only one).
+            Route::Background => lanes.len() == 1 && lanes[0].in_place.is_some(),
+        }
     }
 
     fn pages_in_place(
@@ -648,7 +742,24 @@ impl Sink for SectionSink<'_> {
         if !self.in_place() || addrs.len() != pages.len() || addrs.len() > wire::PAGES_PER_FRAME {
             return Err(io::Error::other("pages in place where they cannot go"));
         }
-        self.out.send_in_place(0, self.section, addrs, pages)
+        // One frame per run of pages bound for the same lane.
+        let mut from = 0;
+        while from < addrs.len() {
+            let lane = self.lane_of(addrs[from]);
+            let to = from
+                + addrs[from..]
+                    .iter()
+                    .take_while(|&&a| self.lane_of(a) == lane)
+                    .count();
+            self.out
+                .send_in_place(lane, self.section, &addrs[from..to], &pages[from..to])?;
+            from = to;
+        }
+        Ok(())
+    }
+
+    fn settle(&mut self) -> io::Result<()> {
+        self.out.settle()
     }
 
     fn data(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -668,155 +779,4 @@ impl Sink for SectionSink<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::transport::Target;
-
-    #[test]
-    fn pages_zeros_and_control_frames_reach_the_file_in_order() {
-        let dir = std::env::temp_dir().join(format!("godwit-outbound-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("s");
-        let s = Stream::connect(&Target::File(path.clone()), Duration::from_secs(1)).unwrap();
-        let mut out = Outbound::new(vec![s], None, Arc::default()).unwrap();
-        let cancel = AtomicBool::new(false);
-        {
-            let mut k = out.sink(3, &cancel);
-            for p in 0..100u64 {
-                k.slot(p * 4096).fill(p as u8 + 1);
-                k.page().unwrap();
-            }
-            k.slot(200 * 4096);
-            k.zero().unwrap();
-            k.slot(201 * 4096);
-            k.zero().unwrap();
-        }
-        out.control(&Frame::State {
-            section: 3,
-            data: b"st",
-        })
-        .unwrap();
-        out.complete().unwrap();
-        // A snapshot file replaces its path only when sealed.
-        out.seal().unwrap();
-        drop(out);
-        let bytes = std::fs::read(&path).unwrap();
-        let mut r = bytes.as_slice();
-        let mut buf = Vec::new();
-        let mut kinds = Vec::new();
-        let mut pages = 0;
-        while let Ok(f) = wire::read_frame(&mut r, &mut buf) {
-            match &f {
-                Frame::Pages { section, addrs, .. } => {
-                    assert_eq!(*section, 3);
-                    pages += addrs.len();
-                }
-                Frame::Zero { runs, .. } => assert_eq!(runs, &vec![(200 * 4096, 2)]),
-                Frame::Complete(t) => assert_eq!((t.pages, t.zero_pages), (100, 2)),
-                _ => {}
-            }
-            kinds.push(f.kind());
-        }
-        use wire::Kind::*;
-        assert_eq!(pages, 100);
-        assert_eq!(kinds, vec![Pages, Pages, Zero, State, Complete]);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn frame_buffers_are_kept_and_control_frames_do_not_take_their_place() {
-        let dir = std::env::temp_dir().join(format!("godwit-outbound-b-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let open =
-            |n: &str| Stream::connect(&Target::File(dir.join(n)), Duration::from_secs(1)).unwrap();
-        // The main lane, written directly, and one with a writer thread.
-        let mut out = Outbound::new(vec![open("a"), open("b")], None, Arc::default()).unwrap();
-        let cancel = AtomicBool::new(false);
-        let mut main_buffers = std::collections::HashSet::new();
-        for round in 0..4u64 {
-            {
-                let mut k = out.sink(0, &cancel);
-                // Chunks of 512 pages alternate between the two lanes.
-                for p in 0..4 * 512u64 {
-                    k.slot(p * 4096).fill(1);
-                    k.page().unwrap();
-                }
-            }
-            // SYNC on both lanes and a state on the main one: small frames.
-            out.round_end(round).unwrap();
-            out.control(&Frame::Synced(round)).unwrap();
-            out.sync().unwrap();
-            let main = &out.lanes[0];
-            main_buffers.insert(main.recycled.as_ref().expect("a buffer kept").as_ptr());
-            assert!(main.recycled.as_ref().unwrap().capacity() >= PagesFrame::BUFFER);
-        }
-        // The main lane's frames take turns in the same two buffers.
-        assert!(main_buffers.len() <= 2, "{}", main_buffers.len());
-        // What the writer kept for the other lane are frame buffers, all of them.
-        let Io::Thread { spare, .. } = &out.lanes[1].io else {
-            panic!("the second lane has a writer thread");
-        };
-        let kept: Vec<usize> = std::iter::from_fn(|| spare.try_recv().ok())
-            .map(|b| b.capacity())
-            .collect();
-        assert!(!kept.is_empty());
-        assert!(kept.iter().all(|&c| c >= PagesFrame::BUFFER), "{kept:?}");
-        drop(out);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn once_ready_every_writer_thread_has_its_buffers() {
-        let (main, _main_peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        let (lane, _lane_peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut out = Outbound::new(
-            vec![Stream::Unix(main), Stream::Unix(lane)],
-            None,
-            Arc::default(),
-        )
-        .unwrap();
-        out.ready();
-        let Io::Thread { spare, .. } = &out.lanes[1].io else {
-            panic!("the second lane has a writer thread");
-        };
-        assert_eq!(std::iter::from_fn(|| spare.try_recv().ok()).count(), SPARE);
-    }
-
-    #[test]
-    fn a_lane_whose_connection_failed_has_room_and_its_next_frame_brings_the_error() {
-        let (main, _main_peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        // Its peer never reads: the writer blocks with frames queued, then gives up.
-        let (lane, _lane_peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        lane.set_write_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut out = Outbound::new(
-            vec![Stream::Unix(main), Stream::Unix(lane)],
-            None,
-            Arc::default(),
-        )
-        .unwrap();
-        let mut bg = out.split_background().unwrap();
-        let cancel = AtomicBool::new(false);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut p = 0u64;
-        let e = loop {
-            assert!(
-                Instant::now() < deadline,
-                "the lane neither had room again nor failed"
-            );
-            if !bg.room() {
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            let mut k = bg.sink(0, &cancel);
-            k.slot(p * 4096).fill(1);
-            p += 1;
-            if let Err(e) = k.page() {
-                break e;
-            }
-        };
-        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
-    }
-}
+mod tests;

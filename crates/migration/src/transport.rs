@@ -237,6 +237,19 @@ impl Stream {
     /// `pages` straight from the memory they are in: the kernel copies them into the
     /// socket, in as few system calls as it takes them. Only where `writes_in_place`.
     pub fn write_pages(&mut self, head: &[u8], pages: &[VolatileSlice<'_>]) -> io::Result<()> {
+        let guards: Vec<_> = pages.iter().map(|p| p.ptr_guard()).collect();
+        let runs = PageRuns::new(guards.iter().zip(pages).map(|(g, p)| (g.as_ptr(), p.len())));
+        // SAFETY: the guards keep every page mapped until after the write.
+        let r = unsafe { self.write_runs(head, &runs) };
+        drop(guards);
+        r
+    }
+
+    /// `write_pages` for pages whose borrow is held elsewhere (a writer thread's).
+    ///
+    /// # Safety
+    /// Every run of `runs` must stay mapped, readable memory until this returns.
+    pub unsafe fn write_runs(&mut self, head: &[u8], runs: &PageRuns) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         let fd = match self {
             Stream::Tcp(s) => s.as_raw_fd(),
@@ -248,28 +261,20 @@ impl Stream {
                 ))
             }
         };
-        let guards: Vec<_> = pages.iter().map(|p| p.ptr_guard()).collect();
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(1 + pages.len());
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(1 + runs.0.len());
         iov.push(libc::iovec {
             iov_base: head.as_ptr() as *mut libc::c_void,
             iov_len: head.len(),
         });
-        for (g, p) in guards.iter().zip(pages) {
-            let base = g.as_ptr() as *mut libc::c_void;
-            match iov.last_mut() {
-                // Pages next to each other in memory as in the frame: one entry.
-                Some(l) if l.iov_base as usize + l.iov_len == base as usize => l.iov_len += p.len(),
-                _ => iov.push(libc::iovec {
-                    iov_base: base,
-                    iov_len: p.len(),
-                }),
-            }
-        }
+        iov.extend(runs.0.iter().map(|&(base, len)| libc::iovec {
+            iov_base: base as *mut libc::c_void,
+            iov_len: len,
+        }));
         let mut at = 0;
         while at < iov.len() {
             let count = (iov.len() - at).min(1024) as libc::c_int;
             // SAFETY: every entry points into memory that stays mapped for this call:
-            // `head`, and the pages, which their guards keep. The kernel only reads it;
+            // `head`, and the runs, as the caller promises. The kernel only reads it;
             // no Rust reference to the pages exists, so a guest that writes one
             // meanwhile races with nothing here (the page is then dirty, and goes
             // again).
@@ -286,7 +291,6 @@ impl Stream {
             }
             advance(&mut iov, &mut at, n as usize);
         }
-        drop(guards);
         Ok(())
     }
 
@@ -364,6 +368,32 @@ impl Write for Stream {
 
 /// Moves `iov[*at..]` past `n` bytes written from it: a write may stop anywhere, inside
 /// an entry too.
+/// Where pages lie in memory, as (address, length) runs: pages next to each other in
+/// memory as in the frame make one run. Addresses without the borrow that keeps them
+/// mapped, so that another thread may write them (`Stream::write_runs` says who keeps
+/// them mapped).
+#[derive(Debug, Default)]
+pub struct PageRuns(Vec<(usize, usize)>);
+
+impl PageRuns {
+    pub fn new(pages: impl IntoIterator<Item = (*const u8, usize)>) -> PageRuns {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (p, len) in pages {
+            let base = p as usize;
+            match runs.last_mut() {
+                Some(l) if l.0 + l.1 == base => l.1 += len,
+                _ => runs.push((base, len)),
+            }
+        }
+        PageRuns(runs)
+    }
+
+    /// (address, length) of each run.
+    pub fn runs(&self) -> &[(usize, usize)] {
+        &self.0
+    }
+}
+
 fn advance(iov: &mut [libc::iovec], at: &mut usize, mut n: usize) {
     while n > 0 && *at < iov.len() {
         let e = &mut iov[*at];

@@ -32,7 +32,9 @@
 //! migration with a reason. A snapshot file is the same stream without the answers.
 
 pub use crate::lacks::Lacks;
-pub use pages::{decode_pages_head, pages_head, pages_head_len, PagesFrame, PagesHead};
+pub use pages::{
+    decode_pages_head, pages_frame_len, pages_head, pages_head_len, PagesFrame, PagesHead,
+};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 

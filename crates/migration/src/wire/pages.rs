@@ -40,6 +40,12 @@ pub fn pages_head(section: u32, addrs: &[u64], crcs: Option<&[u32]>) -> Vec<u8> 
     p
 }
 
+/// The length on the wire of a PAGES frame of `pages` pages whose head is laid out as
+/// `checked` says.
+pub fn pages_frame_len(pages: usize, checked: Checked) -> usize {
+    HEADER_LEN + 8 + pages * (checked.head_per_page() + PAGE_SIZE)
+}
+
 /// Builds a PAGES frame of one section in one buffer: header, section, count,
 /// addresses, then data, so that it goes out in a single write.
 pub struct PagesFrame {

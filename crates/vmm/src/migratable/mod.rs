@@ -239,15 +239,22 @@ pub trait Sink {
         false
     }
     /// Sends the pages at `addrs` (at most a frame's worth), read from `pages` (each a
-    /// page of the component's memory, as the host maps it) before this returns. A
-    /// page written meanwhile may go torn: only for memory whose writes are tracked
-    /// (it is dirty again, and goes again), or whose writers are stopped.
+    /// page of the component's memory, as the host maps it) before the next `settle`
+    /// returns: the caller keeps that memory mapped until then. A page written
+    /// meanwhile may go torn: only for memory whose writes are tracked (it is dirty
+    /// again, and goes again), or whose writers are stopped.
     fn pages_in_place(
         &mut self,
         _addrs: &[u64],
         _pages: &[vm_memory::VolatileSlice<'_>],
     ) -> io::Result<()> {
         Err(io::Error::other("this sink copies every page"))
+    }
+    /// Returns once every page given to `pages_in_place` has been read from memory.
+    /// A reader that used `pages_in_place` calls it before the pages' borrow ends,
+    /// whether it failed or not.
+    fn settle(&mut self) -> io::Result<()> {
+        Ok(())
     }
     /// Sends bytes of an opaque data stream (a device that is not memory, such as a
     /// VFIO device streaming its internal state in PRE_COPY), in order.

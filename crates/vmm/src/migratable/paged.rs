@@ -655,6 +655,21 @@ impl Paged {
         sink: &mut dyn Sink,
         budget: u64,
     ) -> Result<ReadReport> {
+        let r = self.read_unsettled(mem, sink, budget);
+        // Pages handed over in place are read before `mem`'s borrow ends, however the
+        // read ended.
+        let settled = sink.settle();
+        let r = r?;
+        settled?;
+        Ok(r)
+    }
+
+    fn read_unsettled(
+        &mut self,
+        mem: &dyn Memory,
+        sink: &mut dyn Sink,
+        budget: u64,
+    ) -> Result<ReadReport> {
         let mut r = ReadReport::default();
         let bases: Vec<u64> = (0..self.pending.len()).map(|i| mem.base(i)).collect();
         let mut sent = 0u64;

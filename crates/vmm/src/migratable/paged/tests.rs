@@ -225,6 +225,11 @@ struct Frames {
     at: u64,
     frames: Vec<Vec<(u64, u64)>>,
     zeros: Vec<u64>,
+    /// Frames handed over in place and not yet settled (a writer thread may still be
+    /// reading their pages).
+    unsettled: usize,
+    /// Frames it takes before its connection fails.
+    fails_after: Option<usize>,
 }
 
 impl Sink for Frames {
@@ -248,6 +253,9 @@ impl Sink for Frames {
         addrs: &[u64],
         pages: &[vm_memory::VolatileSlice<'_>],
     ) -> std::io::Result<()> {
+        if self.fails_after == Some(self.frames.len()) {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
         assert!(!addrs.is_empty() && addrs.len() <= IN_PLACE_BATCH);
         assert_eq!(addrs.len(), pages.len());
         let mut f = Vec::new();
@@ -257,6 +265,11 @@ impl Sink for Frames {
             f.push((*a, u64::from_le_bytes(w)));
         }
         self.frames.push(f);
+        self.unsettled += 1;
+        Ok(())
+    }
+    fn settle(&mut self) -> std::io::Result<()> {
+        self.unsettled = 0;
         Ok(())
     }
     fn data(&mut self, _bytes: &[u8]) -> std::io::Result<()> {
@@ -277,6 +290,9 @@ fn pages_go_in_place_a_frame_at_a_time_and_none_is_left_behind() {
     // Budgets that end reads in the middle of a frame.
     while p.left().0 > 0 {
         total += p.read(&m, &mut out, 37).unwrap();
+        // Every read lets its sink finish with the pages before the memory's borrow
+        // ends.
+        assert_eq!(out.unsettled, 0);
     }
     assert_eq!(
         (total.pages, total.zero_pages, total.zero_sent),
@@ -300,7 +316,25 @@ fn pages_go_in_place_a_frame_at_a_time_and_none_is_left_behind() {
     p.sync(vec![round]);
     out.frames.clear();
     let r = p.read(&m, &mut out, 1000).unwrap();
+    assert_eq!(out.unsettled, 0);
     assert_eq!((r.pages, r.zero_sent), (2, 1));
     assert_eq!(out.frames, vec![vec![(7 * 4096, 1000), (299 * 4096, 2000)]]);
     assert_eq!(out.zeros, vec![9 * 4096]);
+}
+
+/// A read whose sink fails mid-way still lets the sink finish with the frames it
+/// took, before the error goes back.
+#[test]
+fn a_read_that_fails_settles_what_it_handed_over() {
+    let m = Mapped::new();
+    let mut p = Paged::default();
+    p.begin(&m);
+    let mut out = Frames {
+        fails_after: Some(2),
+        ..Default::default()
+    };
+    let e = p.read(&m, &mut out, 1000).unwrap_err();
+    assert!(e.to_string().contains("pipe"), "{e}");
+    assert_eq!(out.frames.len(), 2);
+    assert_eq!(out.unsettled, 0);
 }

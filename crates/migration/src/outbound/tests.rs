@@ -1,0 +1,270 @@
+use super::*;
+use crate::transport::Target;
+
+#[test]
+fn pages_zeros_and_control_frames_reach_the_file_in_order() {
+    let dir = std::env::temp_dir().join(format!("godwit-outbound-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("s");
+    let s = Stream::connect(&Target::File(path.clone()), Duration::from_secs(1)).unwrap();
+    let mut out = Outbound::new(vec![s], None, Arc::default()).unwrap();
+    let cancel = AtomicBool::new(false);
+    {
+        let mut k = out.sink(3, &cancel);
+        for p in 0..100u64 {
+            k.slot(p * 4096).fill(p as u8 + 1);
+            k.page().unwrap();
+        }
+        k.slot(200 * 4096);
+        k.zero().unwrap();
+        k.slot(201 * 4096);
+        k.zero().unwrap();
+    }
+    out.control(&Frame::State {
+        section: 3,
+        data: b"st",
+    })
+    .unwrap();
+    out.complete().unwrap();
+    // A snapshot file replaces its path only when sealed.
+    out.seal().unwrap();
+    drop(out);
+    let bytes = std::fs::read(&path).unwrap();
+    let mut r = bytes.as_slice();
+    let mut buf = Vec::new();
+    let mut kinds = Vec::new();
+    let mut pages = 0;
+    while let Ok(f) = wire::read_frame(&mut r, &mut buf) {
+        match &f {
+            Frame::Pages { section, addrs, .. } => {
+                assert_eq!(*section, 3);
+                pages += addrs.len();
+            }
+            Frame::Zero { runs, .. } => assert_eq!(runs, &vec![(200 * 4096, 2)]),
+            Frame::Complete(t) => assert_eq!((t.pages, t.zero_pages), (100, 2)),
+            _ => {}
+        }
+        kinds.push(f.kind());
+    }
+    use wire::Kind::*;
+    assert_eq!(pages, 100);
+    assert_eq!(kinds, vec![Pages, Pages, Zero, State, Complete]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn frame_buffers_are_kept_and_control_frames_do_not_take_their_place() {
+    let dir = std::env::temp_dir().join(format!("godwit-outbound-b-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let open =
+        |n: &str| Stream::connect(&Target::File(dir.join(n)), Duration::from_secs(1)).unwrap();
+    // The main lane, written directly, and one with a writer thread.
+    let mut out = Outbound::new(vec![open("a"), open("b")], None, Arc::default()).unwrap();
+    let cancel = AtomicBool::new(false);
+    let mut main_buffers = std::collections::HashSet::new();
+    for round in 0..4u64 {
+        {
+            let mut k = out.sink(0, &cancel);
+            // Chunks of 512 pages alternate between the two lanes.
+            for p in 0..4 * 512u64 {
+                k.slot(p * 4096).fill(1);
+                k.page().unwrap();
+            }
+        }
+        // SYNC on both lanes and a state on the main one: small frames.
+        out.round_end(round).unwrap();
+        out.control(&Frame::Synced(round)).unwrap();
+        out.sync().unwrap();
+        let main = &out.lanes[0];
+        main_buffers.insert(main.recycled.as_ref().expect("a buffer kept").as_ptr());
+        assert!(main.recycled.as_ref().unwrap().capacity() >= PagesFrame::BUFFER);
+    }
+    // The main lane's frames take turns in the same two buffers.
+    assert!(main_buffers.len() <= 2, "{}", main_buffers.len());
+    // What the writer kept for the other lane are frame buffers, all of them.
+    let Io::Thread { spare, .. } = &out.lanes[1].io else {
+        panic!("the second lane has a writer thread");
+    };
+    let kept: Vec<usize> = std::iter::from_fn(|| spare.try_recv().ok())
+        .map(|b| b.capacity())
+        .collect();
+    assert!(!kept.is_empty());
+    assert!(kept.iter().all(|&c| c >= PagesFrame::BUFFER), "{kept:?}");
+    drop(out);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Reads PAGES frames off `s`, from `after` on, until END or COMPLETE: (section,
+/// address, data).
+fn pages_off(
+    mut s: std::os::unix::net::UnixStream,
+    after: Duration,
+) -> std::thread::JoinHandle<Vec<(u32, u64, Vec<u8>)>> {
+    std::thread::spawn(move || {
+        std::thread::sleep(after);
+        let mut got = Vec::new();
+        let mut buf = Vec::new();
+        loop {
+            match wire::read_frame(&mut s, &mut buf) {
+                Ok(Frame::Pages {
+                    section,
+                    addrs,
+                    data,
+                }) => {
+                    for (i, a) in addrs.iter().enumerate() {
+                        let d = data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].to_vec();
+                        got.push((section, *a, d));
+                    }
+                }
+                Ok(Frame::End(_) | Frame::Complete(_)) => return got,
+                Ok(_) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+}
+
+/// Pages in place go to the lane their address chunk says, the main one written
+/// at once and the other by its writer thread; once the sink has settled, the
+/// memory may change and what went is what was there when it was handed over.
+#[test]
+fn pages_in_place_go_on_every_lane_and_are_written_once_settled() {
+    let (main, main_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (lane, lane_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut out = Outbound::new(
+        vec![Stream::Unix(main), Stream::Unix(lane)],
+        None,
+        Arc::default(),
+    )
+    .unwrap();
+    // The second lane's reader comes late: its writer is still blocked, pages in
+    // hand, when the main lane is done, and the sink must wait for it to settle.
+    let on_main = pages_off(main_peer, Duration::ZERO);
+    let on_lane = pages_off(lane_peer, Duration::from_millis(200));
+    let cancel = AtomicBool::new(false);
+    // A chunk on the main lane, then 200 pages on the other: batches of 60 cross
+    // from one to the other, and the second lane's four frames all fit its queue
+    // (the sink never waits for that writer, which its socket blocks).
+    let n = CHUNK_PAGES as usize + 200;
+    let mut mem = vec![0u8; n * PAGE_SIZE];
+    for (i, p) in mem.chunks_mut(PAGE_SIZE).enumerate() {
+        p.fill(i as u8 ^ 0x5a);
+        p[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    }
+    {
+        let whole = vm_memory::VolatileSlice::from(&mut mem[..]);
+        let mut k = out.sink(2, &cancel);
+        assert!(k.in_place());
+        let mut at = 0;
+        while at < n {
+            // Batches of 60 pages straddle the 512-page chunks.
+            let to = (at + 60).min(n);
+            let addrs: Vec<u64> = (at..to).map(|p| (p * PAGE_SIZE) as u64).collect();
+            let pages: Vec<_> = (at..to)
+                .map(|p| whole.subslice(p * PAGE_SIZE, PAGE_SIZE).unwrap())
+                .collect();
+            k.pages_in_place(&addrs, &pages).unwrap();
+            at = to;
+        }
+        k.settle().unwrap();
+    }
+    // Settled: nothing reads the memory any more.
+    mem.fill(0xee);
+    out.complete().unwrap();
+    drop(out);
+    let (on_main, on_lane) = (on_main.join().unwrap(), on_lane.join().unwrap());
+    assert!(!on_lane.is_empty(), "the second lane carried pages");
+    let chunk = |a: u64| a / PAGE_SIZE as u64 / CHUNK_PAGES + 2;
+    assert!(on_main.iter().all(|p| chunk(p.1) % 2 == 0));
+    assert!(on_lane.iter().all(|p| chunk(p.1) % 2 == 1));
+    let mut all: Vec<_> = on_main.into_iter().chain(on_lane).collect();
+    all.sort_by_key(|p| p.1);
+    assert_eq!(all.len(), n);
+    for (i, (section, a, d)) in all.iter().enumerate() {
+        assert_eq!((*section, *a), (2, (i * PAGE_SIZE) as u64));
+        assert_eq!(u64::from_le_bytes(d[..8].try_into().unwrap()), i as u64);
+        assert!(d[8..].iter().all(|&b| b == i as u8 ^ 0x5a), "page {i}");
+    }
+}
+
+/// A writer whose connection failed is settled at once, with its error, and never
+/// touches the pages afterwards.
+#[test]
+fn settling_a_lane_whose_connection_failed_brings_its_error() {
+    let (main, _main_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (lane, lane_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    drop(lane_peer);
+    let mut out = Outbound::new(
+        vec![Stream::Unix(main), Stream::Unix(lane)],
+        None,
+        Arc::default(),
+    )
+    .unwrap();
+    let cancel = AtomicBool::new(false);
+    let mut mem = vec![1u8; 2 * PAGE_SIZE];
+    let whole = vm_memory::VolatileSlice::from(&mut mem[..]);
+    let mut k = out.sink(0, &cancel);
+    // Section 0's second chunk goes on the second lane.
+    let a = CHUNK_PAGES * PAGE_SIZE as u64;
+    let pages = [whole.subslice(0, PAGE_SIZE).unwrap()];
+    // The frame may be handed over before the writer has found out.
+    let handed = k.pages_in_place(&[a], &pages);
+    let settled = k.settle();
+    let e = handed.and(settled).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
+}
+
+#[test]
+fn once_ready_every_writer_thread_has_its_buffers() {
+    let (main, _main_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (lane, _lane_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut out = Outbound::new(
+        vec![Stream::Unix(main), Stream::Unix(lane)],
+        None,
+        Arc::default(),
+    )
+    .unwrap();
+    out.ready();
+    let Io::Thread { spare, .. } = &out.lanes[1].io else {
+        panic!("the second lane has a writer thread");
+    };
+    assert_eq!(std::iter::from_fn(|| spare.try_recv().ok()).count(), SPARE);
+}
+
+#[test]
+fn a_lane_whose_connection_failed_has_room_and_its_next_frame_brings_the_error() {
+    let (main, _main_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    // Its peer never reads: the writer blocks with frames queued, then gives up.
+    let (lane, _lane_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    lane.set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut out = Outbound::new(
+        vec![Stream::Unix(main), Stream::Unix(lane)],
+        None,
+        Arc::default(),
+    )
+    .unwrap();
+    let mut bg = out.split_background().unwrap();
+    let cancel = AtomicBool::new(false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut p = 0u64;
+    let e = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the lane neither had room again nor failed"
+        );
+        if !bg.room() {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let mut k = bg.sink(0, &cancel);
+        k.slot(p * 4096).fill(1);
+        p += 1;
+        if let Err(e) = k.page() {
+            break e;
+        }
+    };
+    assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+}
