@@ -13,8 +13,9 @@ use common::*;
 /// (`--page-checks transport`). A page torn on the way is dirty, so it goes again; with
 /// its own CRC the destination also holds it as damaged until then. A dirtier writing
 /// flat out, and checking each page before it rewrites it, verifies all of its memory
-/// after the move, either way. A snapshot file keeps every page's CRC: `transport` is
-/// refused there.
+/// after the move, either way (with `transport` over two connections, the second one's
+/// pages written from guest memory by its writer thread). A snapshot file keeps every
+/// page's CRC: `transport` is refused there.
 #[test]
 fn pages_sent_straight_from_guest_memory_while_it_is_written_arrive_whole() {
     if !kvm_available() {
@@ -56,22 +57,26 @@ fn pages_sent_straight_from_guest_memory_while_it_is_written_arrive_whole() {
             );
             assert_eq!(info(&src)["state"], "running");
         }
+        // The connections whose pages go from guest memory to the socket: with CRCs,
+        // the main one alone; with the transport's checks, two, the second written
+        // by its own thread.
+        let connections = if checks == "crc" { "1" } else { "2" };
         let (out, r) = migrate(
             &src,
             &addr,
-            // One connection: the one whose pages go from guest memory to the socket.
             &[
                 "--downtime-ms",
                 "100",
                 "--page-checks",
                 checks,
                 "--connections",
-                "1",
+                connections,
             ],
         );
         assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
         assert_eq!(r["status"], "completed");
         assert_eq!(r["page_checks"], checks, "{r}");
+        assert_eq!(r["connections"].to_string(), connections, "{r}");
         assert!(r["round_count"].as_u64().unwrap() >= 2, "{r}");
         assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
         let said = read(&src.err);

@@ -11,7 +11,6 @@
 //! each page whole (post-copy) declines, and the frame is read into a buffer as every
 //! other one is; a damaged page in it is not placed.
 
-use crate::transport::PageRuns;
 use crate::wire::{self, Header, PagesHead, WireError, PAGE_SIZE};
 use godwit_vmm::migratable::{Component, PageSource};
 use std::io::{self, Read};
@@ -82,24 +81,6 @@ impl<R: ReadVolatile> PageSource for Source<'_, '_, R> {
 /// The CRC32 of `s`, guest memory, read where it is.
 pub fn crc_in_place(s: &VolatileSlice<'_>) -> u32 {
     with_bytes(s, crc32fast::hash)
-}
-
-/// The CRC32 of each page of `runs`, in their order, read where they are.
-///
-/// # Safety
-/// Every run must stay mapped, readable memory until this returns.
-pub unsafe fn crcs_of_runs(runs: &PageRuns) -> Vec<u32> {
-    let mut crcs = Vec::new();
-    for &(base, len) in runs.runs() {
-        for at in (0..len).step_by(PAGE_SIZE) {
-            let n = PAGE_SIZE.min(len - at);
-            // SAFETY: mapped, as the caller promises; read only for the hash, as in
-            // `with_bytes` (a byte the guest changes meanwhile changes only the CRC).
-            let bytes = unsafe { std::slice::from_raw_parts((base + at) as *const u8, n) };
-            crcs.push(crc32fast::hash(bytes));
-        }
-    }
-    crcs
 }
 
 /// `hash` over the bytes of `s`, guest memory, read where they are. The guest (on the

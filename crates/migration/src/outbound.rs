@@ -8,11 +8,12 @@
 //! newest copy last); everything else (states, data streams, COMPLETE, GO) goes on the
 //! main lane, in order.
 //!
-//! On sockets, a pre-copy round's pages go from guest memory to every connection with
-//! no copy of godwit's own (`Sink::pages_in_place`): a writer thread gets where the
-//! pages are, takes their CRCs and writes them, and the component's read waits at its
-//! end until each writer is done with them (`Sink::settle`). Post-copy's background
-//! copies them into frames: its reads are a frame each, between requests.
+//! On sockets whose transport checks the data (`--page-checks transport`), a pre-copy
+//! round's pages go from guest memory to every connection with no copy of godwit's
+//! own (`Sink::pages_in_place`): a writer thread gets where the pages are and writes
+//! them, and the component's read waits at its end until each writer is done with
+//! them (`Sink::settle`). Post-copy's background copies them into frames: its reads
+//! are a frame each, between requests.
 
 use crate::transport::{PageRuns, Stream};
 use crate::wire::{self, Checked, Frame, PageChecks, PagesFrame, Totals, PAGE_SIZE};
@@ -59,13 +60,11 @@ enum Msg {
     Sync(SyncSender<io::Result<()>>),
 }
 
+/// Pages whose data only the transport checks (`Checked::Head`).
 struct InPlaceFrame {
     section: u32,
     addrs: Vec<u64>,
     runs: PageRuns,
-    /// Each page with its own CRC, taken by the writer right before the kernel's copy
-    /// (the page is then in cache for it, and the lanes' threads share the CRCs).
-    crcs: bool,
 }
 
 enum Io {
@@ -167,13 +166,10 @@ fn writer(
                 }
             }
             Msg::InPlace(f) => {
-                // SAFETY (both): the sender keeps the pages mapped until its `settle`,
-                // which returns only once this thread has answered a `Sync` queued
-                // after this frame, or has ended.
-                let crcs = f
-                    .crcs
-                    .then(|| unsafe { crate::inplace::crcs_of_runs(&f.runs) });
-                let head = wire::pages_head(f.section, &f.addrs, crcs.as_deref());
+                let head = wire::pages_head(f.section, &f.addrs, None);
+                // SAFETY: the sender keeps the pages mapped until its `settle`, which
+                // returns only once this thread has answered a `Sync` queued after
+                // this frame, or has ended.
                 unsafe { s.write_runs(&head, &f.runs) }?;
                 queued.fetch_sub(1, Ordering::Relaxed);
             }
@@ -249,11 +245,19 @@ impl Outbound {
             Checked::All
         };
         // A writer thread writes them after the sink has handed them over, before the
-        // component's read returns (`Sink::settle`).
-        let in_place = s.writes_in_place().then_some(match checked {
-            Checked::Head => Checked::Head,
-            _ => Checked::Pages,
-        });
+        // component's read returns (`Sink::settle`); only where the transport checks
+        // them. With a CRC of each page to take from guest memory, pages in place on
+        // every connection went no faster than copied into frames (the CRC's read of
+        // memory costs what the copy did; docs/benchmarks.md, "One connection or
+        // two"), and the main connection alone takes them in place.
+        let in_place = if self.lanes.is_empty() {
+            s.writes_in_place().then_some(match checked {
+                Checked::Head => Checked::Head,
+                _ => Checked::Pages,
+            })
+        } else {
+            (s.writes_in_place() && checked == Checked::Head).then_some(Checked::Head)
+        };
         let io = if self.lanes.is_empty() {
             Io::Direct(s)
         } else {
@@ -368,11 +372,15 @@ impl Outbound {
                 s.write_pages(&head, pages)?
             }
             Io::Thread { tx, queued, .. } => {
+                if checked != Checked::Head {
+                    return Err(io::Error::other(
+                        "pages in place with CRCs on a lane with a writer thread",
+                    ));
+                }
                 let f = InPlaceFrame {
                     section,
                     addrs: addrs.to_vec(),
                     runs: PageRuns::new(pages.iter().map(|p| (p.ptr_guard().as_ptr(), p.len()))),
-                    crcs: checked == Checked::Pages,
                 };
                 queued.fetch_add(1, Ordering::Relaxed);
                 lane.unsettled = true;

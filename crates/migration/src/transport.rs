@@ -387,11 +387,6 @@ impl PageRuns {
         }
         PageRuns(runs)
     }
-
-    /// (address, length) of each run.
-    pub fn runs(&self) -> &[(usize, usize)] {
-        &self.0
-    }
 }
 
 fn advance(iov: &mut [libc::iovec], at: &mut usize, mut n: usize) {

@@ -126,6 +126,24 @@ fn pages_off(
     })
 }
 
+/// With a CRC of each page to take, only a sink whose pages all go on the main lane
+/// takes them in place; the transport's checks let every lane take them.
+#[test]
+fn pages_go_in_place_on_every_lane_only_where_the_transport_checks_them() {
+    let sinks = |checks| {
+        let (main, _m) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (lane, _l) = std::os::unix::net::UnixStream::pair().unwrap();
+        let streams = vec![Stream::Unix(main), Stream::Unix(lane)];
+        let mut out = Outbound::checked_by(streams, None, Arc::default(), checks).unwrap();
+        let cancel = AtomicBool::new(false);
+        let spread = out.sink(0, &cancel).in_place();
+        let main = out.routed(0, &cancel, Route::Main).in_place();
+        (spread, main)
+    };
+    assert_eq!(sinks(PageChecks::Crc), (false, true));
+    assert_eq!(sinks(PageChecks::Transport), (true, true));
+}
+
 /// Pages in place go to the lane their address chunk says, the main one written
 /// at once and the other by its writer thread; once the sink has settled, the
 /// memory may change and what went is what was there when it was handed over.
@@ -133,10 +151,11 @@ fn pages_off(
 fn pages_in_place_go_on_every_lane_and_are_written_once_settled() {
     let (main, main_peer) = std::os::unix::net::UnixStream::pair().unwrap();
     let (lane, lane_peer) = std::os::unix::net::UnixStream::pair().unwrap();
-    let mut out = Outbound::new(
+    let mut out = Outbound::checked_by(
         vec![Stream::Unix(main), Stream::Unix(lane)],
         None,
         Arc::default(),
+        PageChecks::Transport,
     )
     .unwrap();
     // The second lane's reader comes late: its writer is still blocked, pages in
@@ -196,10 +215,11 @@ fn settling_a_lane_whose_connection_failed_brings_its_error() {
     let (main, _main_peer) = std::os::unix::net::UnixStream::pair().unwrap();
     let (lane, lane_peer) = std::os::unix::net::UnixStream::pair().unwrap();
     drop(lane_peer);
-    let mut out = Outbound::new(
+    let mut out = Outbound::checked_by(
         vec![Stream::Unix(main), Stream::Unix(lane)],
         None,
         Arc::default(),
+        PageChecks::Transport,
     )
     .unwrap();
     let cancel = AtomicBool::new(false);
