@@ -1,5 +1,16 @@
 use super::*;
 use crate::transport::Target;
+use std::os::unix::net::UnixStream;
+
+/// Lanes over two socket pairs, the main one and one with a writer thread, their pages
+/// checked as `checks` says; and the peers' ends (main, other).
+fn two_lanes(checks: PageChecks) -> (Outbound, UnixStream, UnixStream) {
+    let (main, main_peer) = UnixStream::pair().unwrap();
+    let (lane, lane_peer) = UnixStream::pair().unwrap();
+    let streams = vec![Stream::Unix(main), Stream::Unix(lane)];
+    let out = Outbound::checked_by(streams, None, Arc::default(), checks).unwrap();
+    (out, main_peer, lane_peer)
+}
 
 #[test]
 fn pages_zeros_and_control_frames_reach_the_file_in_order() {
@@ -99,7 +110,7 @@ fn frame_buffers_are_kept_and_control_frames_do_not_take_their_place() {
 /// Reads PAGES frames off `s`, from `after` on, until END or COMPLETE: (section,
 /// address, data).
 fn pages_off(
-    mut s: std::os::unix::net::UnixStream,
+    mut s: UnixStream,
     after: Duration,
 ) -> std::thread::JoinHandle<Vec<(u32, u64, Vec<u8>)>> {
     std::thread::spawn(move || {
@@ -131,10 +142,7 @@ fn pages_off(
 #[test]
 fn pages_go_in_place_on_every_lane_only_where_the_transport_checks_them() {
     let sinks = |checks| {
-        let (main, _m) = std::os::unix::net::UnixStream::pair().unwrap();
-        let (lane, _l) = std::os::unix::net::UnixStream::pair().unwrap();
-        let streams = vec![Stream::Unix(main), Stream::Unix(lane)];
-        let mut out = Outbound::checked_by(streams, None, Arc::default(), checks).unwrap();
+        let (mut out, _m, _l) = two_lanes(checks);
         let cancel = AtomicBool::new(false);
         let spread = out.sink(0, &cancel).in_place();
         let main = out.routed(0, &cancel, Route::Main).in_place();
@@ -149,15 +157,7 @@ fn pages_go_in_place_on_every_lane_only_where_the_transport_checks_them() {
 /// memory may change and what went is what was there when it was handed over.
 #[test]
 fn pages_in_place_go_on_every_lane_and_are_written_once_settled() {
-    let (main, main_peer) = std::os::unix::net::UnixStream::pair().unwrap();
-    let (lane, lane_peer) = std::os::unix::net::UnixStream::pair().unwrap();
-    let mut out = Outbound::checked_by(
-        vec![Stream::Unix(main), Stream::Unix(lane)],
-        None,
-        Arc::default(),
-        PageChecks::Transport,
-    )
-    .unwrap();
+    let (mut out, main_peer, lane_peer) = two_lanes(PageChecks::Transport);
     // The second lane's reader comes late: its writer is still blocked, pages in
     // hand, when the main lane is done, and the sink must wait for it to settle.
     let on_main = pages_off(main_peer, Duration::ZERO);
@@ -212,16 +212,8 @@ fn pages_in_place_go_on_every_lane_and_are_written_once_settled() {
 /// touches the pages afterwards.
 #[test]
 fn settling_a_lane_whose_connection_failed_brings_its_error() {
-    let (main, _main_peer) = std::os::unix::net::UnixStream::pair().unwrap();
-    let (lane, lane_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (mut out, _main_peer, lane_peer) = two_lanes(PageChecks::Transport);
     drop(lane_peer);
-    let mut out = Outbound::checked_by(
-        vec![Stream::Unix(main), Stream::Unix(lane)],
-        None,
-        Arc::default(),
-        PageChecks::Transport,
-    )
-    .unwrap();
     let cancel = AtomicBool::new(false);
     let mut mem = vec![1u8; 2 * PAGE_SIZE];
     let whole = vm_memory::VolatileSlice::from(&mut mem[..]);
@@ -238,14 +230,7 @@ fn settling_a_lane_whose_connection_failed_brings_its_error() {
 
 #[test]
 fn once_ready_every_writer_thread_has_its_buffers() {
-    let (main, _main_peer) = std::os::unix::net::UnixStream::pair().unwrap();
-    let (lane, _lane_peer) = std::os::unix::net::UnixStream::pair().unwrap();
-    let mut out = Outbound::new(
-        vec![Stream::Unix(main), Stream::Unix(lane)],
-        None,
-        Arc::default(),
-    )
-    .unwrap();
+    let (mut out, _main_peer, _lane_peer) = two_lanes(PageChecks::Crc);
     out.ready();
     let Io::Thread { spare, .. } = &out.lanes[1].io else {
         panic!("the second lane has a writer thread");
@@ -255,9 +240,9 @@ fn once_ready_every_writer_thread_has_its_buffers() {
 
 #[test]
 fn a_lane_whose_connection_failed_has_room_and_its_next_frame_brings_the_error() {
-    let (main, _main_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (main, _main_peer) = UnixStream::pair().unwrap();
     // Its peer never reads: the writer blocks with frames queued, then gives up.
-    let (lane, _lane_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (lane, _lane_peer) = UnixStream::pair().unwrap();
     lane.set_write_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let mut out = Outbound::new(
