@@ -249,7 +249,7 @@ impl Stream {
     ///
     /// # Safety
     /// Every run of `runs` must stay mapped, readable memory until this returns.
-    pub unsafe fn write_runs(&mut self, head: &[u8], runs: &PageRuns) -> io::Result<()> {
+    pub(crate) unsafe fn write_runs(&mut self, head: &[u8], runs: &PageRuns) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         let fd = match self {
             Stream::Tcp(s) => s.as_raw_fd(),
@@ -373,10 +373,10 @@ impl Write for Stream {
 /// mapped, so that another thread may write them (`Stream::write_runs` says who keeps
 /// them mapped).
 #[derive(Debug, Default)]
-pub struct PageRuns(Vec<(usize, usize)>);
+pub(crate) struct PageRuns(Vec<(usize, usize)>);
 
 impl PageRuns {
-    pub fn new(pages: impl IntoIterator<Item = (*const u8, usize)>) -> PageRuns {
+    pub(crate) fn new(pages: impl IntoIterator<Item = (*const u8, usize)>) -> PageRuns {
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for (p, len) in pages {
             let base = p as usize;
