@@ -186,16 +186,23 @@ fn a_vram_dirtier_verifies_every_kind_of_write_after_migration() {
     let args = DIRTIER_ARGS;
     let src = source(&d, "src", &gpu_vm(&g, "GW8-1C", "gpu-dirtier", &args));
     wait_log(&src.log, "verify ok");
-    // To a host that tracks writes with the dirty ring, and on to one with the bitmap.
+    // To a host that tracks writes with the dirty ring, and on to one with the bitmap;
+    // the second hop leaves page data to the transport, so that VRAM and RAM go from
+    // memory to both connections (the second one's by its writer thread).
     let mut cur = src;
-    for (hop, mode) in [(1, "ring:512"), (2, "bitmap")] {
+    for (hop, mode, checks) in [(1, "ring:512", "crc"), (2, "bitmap", "transport")] {
         let (next, addr) = destination(
             &d,
             &format!("hop{hop}"),
             &["--gpu-dir", &g, "--dirty-log", mode],
         );
-        let (out, r) = migrate(&cur, &addr, &["--downtime-ms", "50"]);
+        let (out, r) = migrate(
+            &cur,
+            &addr,
+            &["--downtime-ms", "50", "--page-checks", checks],
+        );
         completed(&out, &r);
+        assert_eq!(r["page_checks"], checks, "{r}");
         assert!(r["round_count"].as_u64().unwrap() >= 2, "{r}");
         // Each kind of write was seen while the VM ran.
         assert!(round_extra(&r, "gpu", "aperture_pages") > 0, "{r}");
