@@ -442,3 +442,20 @@ fn a_crc_per_page_in_the_head_checks_each_page() {
     c[4] = 2;
     assert!(decode_pages_head(&c, Checked::Pages).is_err());
 }
+
+/// What a sender counts for a frame whose pages go apart (`pages_frame_len`) is what
+/// the head and the pages make on the wire, with each page's CRC or without.
+#[test]
+fn a_pages_frame_s_length_is_its_head_and_its_pages() {
+    let addrs = [0u64, 4096, 65536];
+    for (crcs, checked) in [
+        (Some(&[1u32, 2, 3][..]), Checked::Pages),
+        (None, Checked::Head),
+    ] {
+        let head = pages_head(2, &addrs, crcs);
+        assert_eq!(
+            head.len() + addrs.len() * PAGE_SIZE,
+            pages_frame_len(addrs.len(), checked)
+        );
+    }
+}
