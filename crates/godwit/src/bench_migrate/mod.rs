@@ -86,6 +86,11 @@ struct Sample {
     bytes: u64,
     rounds: Option<u32>,
     throttled: Option<bool>,
+    /// The most the guest's vCPUs were held back (auto-converge), in percent: godwit's
+    /// report, or the most QEMU's `cpu-throttle-percentage` showed while it was polled.
+    /// What a longer pause does not show: how much of the guest's CPU the migration
+    /// took instead.
+    max_throttle_pct: Option<u32>,
     /// godwit only: reading the dirty log at the end of a round (median over the
     /// migration's rounds), the last read at the switchover, and full dirty rings.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -283,6 +288,7 @@ fn godwit_run(
         bytes: r.bytes.total,
         rounds: Some(r.round_count),
         throttled: Some(r.throttled),
+        max_throttle_pct: Some(r.max_throttle_pct),
         dirty_log_us: Some(if r.rounds.is_empty() {
             0.0
         } else {

@@ -93,8 +93,11 @@ pub(super) fn qemu_run(
     sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
     let end = Instant::now() + MIGRATE_TIMEOUT;
     let mut switched = !postcopy;
+    // QEMU shows its throttle only while it migrates, not once it has completed.
+    let mut throttle = 0;
     let (info, wall_ms) = loop {
         let v = sq.cmd("query-migrate", json!({}))?;
+        throttle = throttle.max(v["cpu-throttle-percentage"].as_u64().unwrap_or(0));
         // Post-copy once the first pass is done (its second dirty sync).
         if !switched && v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
             sq.cmd("migrate-start-postcopy", json!({}))?;
@@ -127,7 +130,8 @@ pub(super) fn qemu_run(
             .map(|_| info["ram"]["transferred"].as_u64().unwrap_or(0))
             .unwrap_or(0),
         rounds: info["ram"]["dirty-sync-count"].as_u64().map(|n| n as u32),
-        throttled: info["cpu-throttle-percentage"].as_u64().map(|p| p > 0),
+        throttled: Some(throttle > 0),
+        max_throttle_pct: Some(throttle as u32),
         dirty_log_us: None,
         last_dirty_log_us: None,
         ring_full_exits: None,
