@@ -11,6 +11,11 @@ use common::*;
 use serde_json::Value;
 use std::time::Duration;
 
+/// A destination whose memory is in place before the source comes: post-copy places
+/// pages through its alias (a frame whose bytes have all arrived straight from the
+/// socket), so a cut or a stall lands among those placements.
+const PREFAULTED: &[&str] = &["--memory", "512", "--prefault"];
+
 /// A post-copy through `link_proxy` under way, for a test to do something to the link.
 struct Linked {
     dir: TempDir,
@@ -27,9 +32,9 @@ struct Linked {
 
 /// A dirtier that runs until shut down, rewriting `wss_mib` MiB and checking all of it
 /// every second, moving in post-copy through a proxy at a 16 MiB/s cap that keeps the
-/// background flowing for seconds; returns once post-copy has begun (None: no KVM
-/// here).
-fn postcopy_through_a_proxy(tag: &str, wss_mib: u64) -> Option<Linked> {
+/// background flowing for seconds, into a destination started with `dst` as well;
+/// returns once post-copy has begun (None: no KVM here).
+fn postcopy_through_a_proxy(tag: &str, wss_mib: u64, dst: &[&str]) -> Option<Linked> {
     if !kvm_available() {
         return None;
     }
@@ -47,7 +52,7 @@ fn postcopy_through_a_proxy(tag: &str, wss_mib: u64) -> Option<Linked> {
             "report-every=250",
         ],
     );
-    let (dst, direct) = destination(&dir, "dst", &[]);
+    let (dst, direct) = destination(&dir, "dst", dst);
     let link = link_proxy(direct.clone());
     // Time for a broken link to show (a minute or more at the source), then the rest.
     let m = migrating_within(
@@ -116,7 +121,7 @@ fn recovered_around_the_proxy(mut t: Linked, said: &str) {
 
 #[test]
 fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
-    let Some(t) = postcopy_through_a_proxy("pc-recover", 64) else {
+    let Some(t) = postcopy_through_a_proxy("pc-recover", 64, PREFAULTED) else {
         return;
     };
     let cut = t.link.cut.clone();
@@ -192,7 +197,7 @@ fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
 /// stream's frame boundaries.
 #[test]
 fn a_frame_that_stalls_halfway_delays_postcopy_but_does_not_break_it() {
-    let Some(mut t) = postcopy_through_a_proxy("pc-stall", 64) else {
+    let Some(mut t) = postcopy_through_a_proxy("pc-stall", 64, PREFAULTED) else {
         return;
     };
     t.link
@@ -229,7 +234,7 @@ fn a_frame_that_stalls_halfway_delays_postcopy_but_does_not_break_it() {
 /// the source comes back on new connections, and the guest verifies.
 #[test]
 fn a_link_gone_silent_mid_postcopy_is_recovered_and_the_guest_verifies() {
-    let Some(t) = postcopy_through_a_proxy("pc-silent", 128) else {
+    let Some(t) = postcopy_through_a_proxy("pc-silent", 128, &[]) else {
         return;
     };
     t.link.hold.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -268,7 +273,7 @@ fn a_link_gone_silent_mid_postcopy_is_recovered_and_the_guest_verifies() {
 /// destination tells it DONE again: the migration ends whole and the guest verifies.
 #[test]
 fn a_done_lost_on_the_way_is_told_again_when_the_source_comes_back() {
-    let Some(t) = postcopy_through_a_proxy("pc-done-lost", 64) else {
+    let Some(t) = postcopy_through_a_proxy("pc-done-lost", 64, &[]) else {
         return;
     };
     t.link

@@ -7,9 +7,11 @@
 //! once its pages are in place, and a frame that fails it ends the migration with the
 //! error as any bad frame does (the pages it wrote are in a VM that has not run and
 //! never will). A page that fails its own CRC (`PAGE_CRCS`) is torn or damaged: it is
-//! left to `crate::damaged`, which a later copy mends. A component that must place
-//! each page whole (post-copy) declines, and the frame is read into a buffer as every
-//! other one is; a damaged page in it is not placed.
+//! left to `crate::damaged`, which a later copy mends. In post-copy, where the VM runs,
+//! a component reads pages into place only where the guest cannot see them yet, and
+//! maps them once `PageSource::verify` says the frame checked out; one that must place
+//! each page whole from a buffer (UFFDIO_COPY) declines, and the frame is read into a
+//! buffer as every other one is; a damaged page in it is not placed.
 
 use crate::wire::{self, Header, PagesHead, WireError, PAGE_SIZE};
 use godwit_vmm::migratable::{Component, PageSource};
@@ -33,8 +35,11 @@ struct Source<'r, 'h, R> {
     addrs: &'h [u64],
     /// Pages filled so far (the component fills them in the frame's order).
     next: usize,
-    /// Those that failed their own CRC.
+    /// Those that failed their own CRC, and the first one's CRC and the one it carried.
     bad: Vec<u64>,
+    first_bad: Option<(u32, u32)>,
+    /// The CRC the frame carries (`Check::Frame`).
+    frame_crc: u32,
     /// What went wrong with the stream itself (the component sees only an I/O error).
     failed: Option<WireError>,
 }
@@ -68,13 +73,36 @@ impl<R: ReadVolatile> PageSource for Source<'_, '_, R> {
             let (Some(&want), Some(&addr)) = (crcs.get(i), self.addrs.get(i)) else {
                 return Err(io::Error::other("more pages filled than the frame holds"));
             };
-            if crc_in_place(&page) != want {
+            let got = crc_in_place(&page);
+            if got != want {
                 self.bad.push(addr);
+                self.first_bad.get_or_insert((got, want));
             }
             self.next += 1;
             at += n;
         }
         Ok(())
+    }
+
+    fn verify(&mut self) -> io::Result<()> {
+        let bad = match &self.check {
+            Check::Frame(crc) => {
+                Some((crc.clone().finalize(), self.frame_crc)).filter(|(got, want)| got != want)
+            }
+            Check::Pages(_) => self.first_bad,
+            Check::Transport => None,
+        };
+        let Some((got, want)) = bad else {
+            return Ok(());
+        };
+        let e = WireError::BadCrc {
+            kind: wire::Kind::Pages,
+            got,
+            want,
+        };
+        let kept = io::Error::other(e.to_string());
+        self.failed = Some(e);
+        Err(kept)
     }
 }
 
@@ -108,12 +136,13 @@ pub struct Landed {
 }
 
 /// Reads the rest of the PAGES frame whose header is `h` into component `c` (`buf` for
-/// its head, and for its data where `c` cannot take them in place). `c` comes from the
-/// head's section through `section`.
+/// its head, and for its data where `c` cannot take them in place, or `in_place` says
+/// not to offer them). `c` comes from the head's section through `section`.
 pub fn read_pages<'p, R: Read + ReadVolatile>(
     r: &mut R,
     h: &Header,
     buf: &mut Vec<u8>,
+    in_place: bool,
     section: impl FnOnce(u32) -> Result<(&'p dyn Component, &'p str), String>,
 ) -> Result<Landed, String> {
     let stream = |e: WireError| format!("migration stream: {e}");
@@ -147,9 +176,15 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
         addrs: &addrs,
         next: 0,
         bad: Vec::new(),
+        first_bad: None,
+        frame_crc: h.crc,
         failed: None,
     };
-    let placed = c.load_pages_from(&addrs, &mut src);
+    let placed = if in_place {
+        c.load_pages_from(&addrs, &mut src)
+    } else {
+        Ok(false)
+    };
     let Source {
         r,
         check,

@@ -541,44 +541,63 @@ const READ_WAIT: Duration = Duration::from_secs(1);
 /// taken for broken (a page frame is 260 KiB: a minute is a link of 35 kbit/s).
 const FRAME_WAIT: Duration = Duration::from_secs(60);
 
-/// Places the pages one connection brings until the source closes it.
+/// Places the pages one connection brings until the source closes it. Pages go
+/// straight from the socket into place where the memory allows (`crate::inplace`).
 fn read_pages(mut s: Stream, pc: &PostcopyIn, generation: u64) {
     let mut buf = Vec::new();
     let _ = s.set_read_timeout(Some(READ_WAIT));
+    let current = || generation == pc.generation.load(Ordering::SeqCst);
     let why = loop {
         let since = std::time::Instant::now();
-        let go_on =
-            || generation == pc.generation.load(Ordering::SeqCst) && since.elapsed() < FRAME_WAIT;
-        let r = match wire::read_frame_between(&mut Heard { s: &mut s, pc }, &mut buf, go_on) {
-            Ok(Frame::Pages {
-                section,
-                addrs,
-                data,
-            }) => match pc.parts.get(section as usize) {
-                Some(c) => c.load_pages(&addrs, data).map_err(|e| e.to_string()),
-                None => Err(format!("pages of section {section}")),
-            },
-            Ok(Frame::Zero { section, runs }) => match pc.parts.get(section as usize) {
-                Some(c) => c.load_zero(&runs).map_err(|e| e.to_string()),
-                None => Err(format!("zero pages of section {section}")),
-            },
-            Ok(Frame::Abort(m)) => Err(format!("the source aborted: {m}")),
-            Ok(Frame::Released) if pc.done.load(Ordering::SeqCst) => {
-                pc.source_let_go();
-                return;
-            }
-            Ok(f) => Err(format!("unexpected {:?} frame", f.kind())),
-            Err(WireError::Timeout) if generation == pc.generation.load(Ordering::SeqCst) => {
-                continue
-            }
+        let go_on = || current() && since.elapsed() < FRAME_WAIT;
+        let mut heard = Heard { s: &mut s, pc };
+        let mut r = wire::Between::new(&mut heard, go_on);
+        let h = match wire::read_header(&mut r) {
+            Ok(h) => h,
+            Err(WireError::Timeout) if current() => continue,
             // Given up for newer connections.
-            Err(_) if generation != pc.generation.load(Ordering::SeqCst) => return,
+            Err(_) if !current() => return,
             // The source closes the connections once DONE has reached it.
             Err(WireError::Closed) if pc.done.load(Ordering::SeqCst) => return,
-            Err(e) => Err(e.to_string()),
+            Err(e) => break e.to_string(),
         };
-        if let Err(e) = r {
-            break e;
+        let placed = if h.kind == wire::Kind::Pages {
+            // Into place only when the whole frame is here already: its pages are taken
+            // before they are read, and a touch of one waits until they are in. Read as
+            // it trickles in, a frame held them for as long as its bytes took (or its
+            // reader was kept off a core): fault latencies' p99 rose from 1.8 to 4.5 ms.
+            let whole = r.get_ref().s.queued() >= h.len;
+            crate::inplace::read_pages(&mut r, &h, &mut buf, whole, |section| {
+                let c = pc
+                    .parts
+                    .get(section as usize)
+                    .ok_or_else(|| format!("pages of section {section}"))?;
+                let name = pc.lazy.iter().find(|l| l.section == section);
+                Ok((&**c, name.map_or("a component", |l| l.name.as_str())))
+            })
+            .and_then(|l| match l.bad.len() {
+                0 => Ok(()),
+                n => Err(format!("{n} pages failed their CRCs")),
+            })
+        } else {
+            match wire::read_payload(&mut r, &h, &mut buf) {
+                Ok(Frame::Zero { section, runs }) => match pc.parts.get(section as usize) {
+                    Some(c) => c.load_zero(&runs).map_err(|e| e.to_string()),
+                    None => Err(format!("zero pages of section {section}")),
+                },
+                Ok(Frame::Abort(m)) => Err(format!("the source aborted: {m}")),
+                Ok(Frame::Released) if pc.done.load(Ordering::SeqCst) => {
+                    pc.source_let_go();
+                    return;
+                }
+                Ok(f) => Err(format!("unexpected {:?} frame", f.kind())),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        match placed {
+            Ok(()) => {}
+            Err(_) if !current() => return,
+            Err(e) => break e,
         }
     };
     pc.broke(generation, why);
@@ -593,6 +612,19 @@ struct Heard<'a> {
 impl Read for Heard<'_> {
     fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
         let n = self.s.read(b)?;
+        if n > 0 {
+            self.pc.heard();
+        }
+        Ok(n)
+    }
+}
+
+impl vm_memory::ReadVolatile for Heard<'_> {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        b: &mut vm_memory::VolatileSlice<B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        let n = self.s.read_volatile(b)?;
         if n > 0 {
             self.pc.heard();
         }

@@ -188,6 +188,25 @@ impl Stream {
         r > 0 && p.revents != 0
     }
 
+    /// Bytes that reads return now without waiting: what the socket holds (FIONREAD).
+    /// 0 for TLS, whose plaintext is not known before it is decrypted, and for files.
+    pub fn queued(&self) -> usize {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+            _ => return 0,
+        };
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD on a socket this stream owns writes one int.
+        let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+        if rc == 0 {
+            n.max(0) as usize
+        } else {
+            0
+        }
+    }
+
     /// Shuts a socket down both ways: reads and writes blocked on it (in any thread)
     /// return at once.
     pub fn shutdown(&self) {

@@ -158,10 +158,39 @@ pub(crate) fn io_err(e: io::Error) -> WireError {
 /// has begun, a timeout waits on while `go_on` says so. A slow or lossy link (TCP's
 /// retransmissions back off to seconds) can stall one frame for longer than the
 /// timeout, and a frame given up halfway would lose the stream's frame boundaries.
-struct Between<'r, R, F> {
+/// One frame's reads: a new one for each frame.
+pub struct Between<'r, R, F> {
     r: &'r mut R,
     started: bool,
     go_on: F,
+}
+
+impl<'r, R, F: FnMut() -> bool> Between<'r, R, F> {
+    pub fn new(r: &'r mut R, go_on: F) -> Self {
+        Between {
+            r,
+            started: false,
+            go_on,
+        }
+    }
+
+    /// The reader underneath.
+    pub fn get_ref(&self) -> &R {
+        self.r
+    }
+
+    /// Whether a read that failed with `kind` waits on: inside a frame, a timeout does
+    /// while `go_on` says so.
+    fn waits_on(&mut self, kind: io::ErrorKind) -> io::Result<bool> {
+        if !self.started || !matches!(kind, io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            return Ok(false);
+        }
+        if !(self.go_on)() {
+            // Not `Timeout`: the stream is cut inside a frame.
+            return Err(io::Error::other("a frame began but did not finish"));
+        }
+        Ok(true)
+    }
 }
 
 impl<R: Read, F: FnMut() -> bool> Read for Between<'_, R, F> {
@@ -172,18 +201,27 @@ impl<R: Read, F: FnMut() -> bool> Read for Between<'_, R, F> {
                     self.started |= n > 0;
                     return Ok(n);
                 }
-                Err(e)
-                    if self.started
-                        && matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) =>
-                {
-                    if !(self.go_on)() {
-                        // Not `Timeout`: the stream is cut inside a frame.
-                        return Err(io::Error::other("a frame began but did not finish"));
-                    }
+                Err(e) if self.waits_on(e.kind())? => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Pages read into place (`crate::inplace`) wait on inside a frame the same way.
+impl<R: vm_memory::ReadVolatile, F: FnMut() -> bool> vm_memory::ReadVolatile for Between<'_, R, F> {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        b: &mut vm_memory::VolatileSlice<B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        use vm_memory::VolatileMemoryError::IOError;
+        loop {
+            match self.r.read_volatile(b) {
+                Ok(n) => {
+                    self.started |= n > 0;
+                    return Ok(n);
                 }
+                Err(IOError(e)) if self.waits_on(e.kind()).map_err(IOError)? => {}
                 Err(e) => return Err(e),
             }
         }
@@ -198,12 +236,7 @@ pub fn read_frame_between<'a>(
     buf: &'a mut Vec<u8>,
     go_on: impl FnMut() -> bool,
 ) -> Result<Frame<'a>, WireError> {
-    let mut b = Between {
-        r,
-        started: false,
-        go_on,
-    };
-    read_frame(&mut b, buf)
+    read_frame(&mut Between::new(r, go_on), buf)
 }
 
 /// What the source tells the destination first.

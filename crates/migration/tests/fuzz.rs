@@ -486,6 +486,10 @@ impl PageSource for Counted {
         pages.write_slice(&vec![0x5a; pages.len()], 0).unwrap();
         Ok(())
     }
+
+    fn verify(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The main stream with its RAM pages (`which` 0, three pages) or VRAM pages (1, two)

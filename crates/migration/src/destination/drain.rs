@@ -79,7 +79,7 @@ pub fn drain(
     loop {
         let h = wire::read_header(r).map_err(stream)?;
         if h.kind == Kind::Pages {
-            let l = crate::inplace::read_pages(r, &h, &mut buf, |s| {
+            let l = crate::inplace::read_pages(r, &h, &mut buf, true, |s| {
                 section(s).map(|(c, name)| (&**c, name.as_str()))
             })?;
             damaged.landed(l.section, &l.addrs, &l.bad)?;

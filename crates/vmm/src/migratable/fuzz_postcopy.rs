@@ -2,8 +2,8 @@
 //! small private memory. The source side takes page requests (`read_requested`, as
 //! REQUEST and AHEAD frames bring them); the destination side takes a bitmap of missing
 //! pages, then pages and zero runs to place (as POSTCOPY, PAGES and ZERO frames bring
-//! them) and its own account for a recovery. Nothing touches the memory meanwhile, so
-//! nothing waits.
+//! them; into shared memory, pages read from the stream through its alias) and its own
+//! account for a recovery. Nothing touches the memory meanwhile, so nothing waits.
 
 use super::lazy::{HostRegion, Lazy};
 use super::paged::{Bitmap, Memory, MemoryState, PAGE_SIZE};
@@ -46,6 +46,90 @@ impl Drop for AnonMap {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`.
         unsafe { libc::munmap(self.host as *mut _, self.len) };
+    }
+}
+
+/// A memfd mapped twice, the second the alias, as prefaulted RAM is; unmapped on drop
+/// (also the lazy memory's unit tests'). Its pages exist once something writes them.
+pub struct SharedMap {
+    pub host: u64,
+    pub alias: u64,
+    len: usize,
+}
+
+impl SharedMap {
+    pub fn new(pages: usize) -> Option<SharedMap> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let len = pages * PAGE_SIZE;
+        // SAFETY: a NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"shared".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a new descriptor, ours alone; closed when this drops (the mappings
+        // keep the file).
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: `fd` is ours.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) } != 0 {
+            return None;
+        }
+        let map = || {
+            // SAFETY: a new shared mapping of the file, unmapped on drop.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    0,
+                )
+            };
+            (p != libc::MAP_FAILED).then_some(p as u64)
+        };
+        let host = map()?;
+        let Some(alias) = map() else {
+            // SAFETY: the mapping made just above.
+            unsafe { libc::munmap(host as *mut libc::c_void, len) };
+            return None;
+        };
+        Some(SharedMap { host, alias, len })
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: the mappings made in `new`.
+        unsafe {
+            libc::munmap(self.host as *mut libc::c_void, self.len);
+            libc::munmap(self.alias as *mut libc::c_void, self.len);
+        }
+    }
+}
+
+/// Page data from the fuzzer's bytes, as a stream hands it over; it checks out or not
+/// as they say.
+struct Stream<'a> {
+    data: &'a [u8],
+    whole: bool,
+}
+
+impl super::PageSource for Stream<'_> {
+    fn fill(&mut self, pages: &mut vm_memory::VolatileSlice<'_>) -> std::io::Result<()> {
+        let n = pages.len().min(self.data.len());
+        pages.copy_from(&self.data[..n]);
+        self.data = &self.data[n..];
+        if n < pages.len() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+
+    fn verify(&mut self) -> std::io::Result<()> {
+        if !self.whole {
+            return Err(std::io::Error::other("bad CRC"));
+        }
+        Ok(())
     }
 }
 
@@ -182,6 +266,36 @@ pub fn fuzz_postcopy(bytes: &[u8]) {
         } else {
             let _ = lazy.place(&[w], &page);
         }
+    }
+    let _ = lazy.take(&mut super::Wanted::default());
+    let _ = (lazy.left(), lazy.missing(), lazy.stats());
+    // The same into shared memory, pages read from a stream through its alias: frames
+    // of up to 4 pages for any addresses, some of which fail their check or end short.
+    let Some(shared) = SharedMap::new(PAGES as usize) else {
+        return;
+    };
+    let region = HostRegion {
+        host: shared.host,
+        len: PAGES * PAGE_SIZE as u64,
+        base: BASE,
+        alias: Some(shared.alias),
+    };
+    let missing: Bitmap = words(head).take(PAGES as usize / 64).collect();
+    let Ok(lazy) = Lazy::new("fuzzed shared memory", vec![region], vec![missing], false) else {
+        return;
+    };
+    let data = [0xa5u8; 4 * PAGE_SIZE];
+    for (k, w) in words(rest).enumerate().take(256) {
+        let n = 1 + (w >> 62) as usize;
+        let addrs: Vec<u64> = (0..n as u64)
+            .map(|j| (w & 0xffff_ffff_ffff).wrapping_add(j * PAGE_SIZE as u64))
+            .collect();
+        let short = (w >> 56) as usize & 0x3;
+        let mut src = Stream {
+            data: &data[..n * PAGE_SIZE - short * 100],
+            whole: k % 5 != 0,
+        };
+        let _ = lazy.place_from(&addrs, &mut src);
     }
     let _ = lazy.take(&mut super::Wanted::default());
     let _ = (lazy.left(), lazy.missing(), lazy.stats());

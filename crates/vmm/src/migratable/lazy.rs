@@ -107,6 +107,20 @@ struct Inner {
     window: u64,
 }
 
+impl Inner {
+    /// Whether page `p` of region `r` is still at the source.
+    fn lacks(&self, r: usize, p: u64) -> bool {
+        self.missing[r][(p / 64) as usize] & (1 << (p % 64)) != 0
+    }
+
+    /// Whether page `p` of region `r` is being placed (taken off `missing`, not yet in).
+    fn flies(&self, r: usize, p: u64) -> bool {
+        self.flying
+            .iter()
+            .any(|&(fr, fp, n)| fr == r && (fp..fp + n).contains(&p))
+    }
+}
+
 /// Pages asked for after a touch that follows the last one in a row: at first, and
 /// at most (16 pages is a 64 KiB answer, still a few tens of microseconds on the wire).
 const READ_AHEAD_MIN: u64 = 4;
@@ -371,13 +385,15 @@ impl Lazy {
                 at += PAGE_SIZE as u64;
                 continue;
             };
-            if i.missing[r][(p / 64) as usize] & (1 << (p % 64)) != 0 {
+            if i.lacks(r, p) {
                 wait.push((r, p));
                 if let std::collections::hash_map::Entry::Vacant(e) = i.asked.entry(at) {
                     e.insert((Instant::now(), true));
                     i.stats.fetched_ahead += 1;
                     i.queued.push(at);
                 }
+            } else if i.flies(r, p) {
+                wait.push((r, p));
             }
             at += PAGE_SIZE as u64;
         }
@@ -388,7 +404,7 @@ impl Lazy {
             let _ = self.wake.write(1);
         }
         loop {
-            wait.retain(|&(r, p)| i.missing[r][(p / 64) as usize] & (1 << (p % 64)) != 0);
+            wait.retain(|&(r, p)| i.lacks(r, p) || i.flies(r, p));
             if wait.is_empty() || !i.registered {
                 return;
             }
@@ -418,7 +434,7 @@ impl Lazy {
         let reg = self.regions[r];
         let pages = reg.len / PAGE_SIZE as u64;
         for q in p + 1..(p + 1 + i.window).min(pages) {
-            if i.missing[r][(q / 64) as usize] & (1 << (q % 64)) == 0 {
+            if !i.lacks(r, q) {
                 continue;
             }
             let a = reg.base + q * PAGE_SIZE as u64;
@@ -447,8 +463,17 @@ impl Lazy {
         }
     }
 
-    /// Takes a page that was missing; false if it was already here.
+    /// Takes a page that was missing and counts it in; false if it was already here.
     fn arrived(&self, i: &mut Inner, region: usize, page: u64, addr: u64) -> bool {
+        if !self.claim(i, region, page) {
+            return false;
+        }
+        self.count_in(i, addr);
+        true
+    }
+
+    /// Takes a page off `missing`; false if it was not missing.
+    fn claim(&self, i: &mut Inner, region: usize, page: u64) -> bool {
         let w = &mut i.missing[region][(page / 64) as usize];
         let bit = 1u64 << (page % 64);
         if *w & bit == 0 {
@@ -457,12 +482,16 @@ impl Lazy {
         }
         *w &= !bit;
         i.left -= 1;
+        true
+    }
+
+    /// A page taken off `missing` is in: a request for it is answered.
+    fn count_in(&self, i: &mut Inner, addr: u64) {
         match i.asked.remove(&addr) {
             Some((t, false)) => i.latencies.push(t.elapsed().as_secs_f64() * 1e6),
             Some((_, true)) => {}
             None => i.stats.prepaged += 1,
         }
-        true
     }
 
     /// Pages from the source: `data` holds one page per address. All are checked
@@ -471,38 +500,59 @@ impl Lazy {
         if data.len() != addrs.len() * PAGE_SIZE {
             return Err(refused("page data does not match its addresses".into()));
         }
-        let at: Vec<(usize, u64)> = addrs
+        let at = self.locate_all(addrs)?;
+        let runs = self.take_missing(&at, addrs, true);
+        let copied = runs.iter().try_for_each(|&x| self.copy_run(x, data));
+        self.landed(runs.iter().map(|&(r, p, _, n)| (r, p, n as u64)));
+        copied
+    }
+
+    /// (region, page) of each of `addrs`, all checked: one outside refuses them all.
+    fn locate_all(&self, addrs: &[u64]) -> Result<Vec<(usize, u64)>> {
+        addrs
             .iter()
             .map(|&a| {
                 self.locate(a)
                     .ok_or_else(|| refused(format!("page {a:#x} is not inside {}", self.what)))
             })
-            .collect::<Result<_>>()?;
-        // Runs of pages that were missing, next to each other here and in `data`: one
-        // UFFDIO_COPY each (a page at a time costs a system call and a wake-up each).
-        // They are taken under the lock and copied outside it: a touch answered
-        // meanwhile does not wait for a large placement (fresh host memory can take a
-        // millisecond per frame to fault in).
+            .collect()
+    }
+
+    /// Takes the pages of `addrs` (a frame's, at `at`) that are missing, for the caller
+    /// to place and then hand to `landed`: runs (region, first page, index of that page
+    /// in `addrs`, count) of pages next to each other here and in the frame. One
+    /// UFFDIO_COPY or UFFDIO_CONTINUE each: a page at a time costs a system call and a
+    /// wake-up each. They are taken under the lock and placed outside it: a touch
+    /// answered meanwhile does not wait for a large placement (fresh host memory can
+    /// take a millisecond per frame to fault in). `count`: counted in now (else by the
+    /// caller once they are placed, `count_in`).
+    fn take_missing(
+        &self,
+        at: &[(usize, u64)],
+        addrs: &[u64],
+        count: bool,
+    ) -> Vec<(usize, u64, usize, usize)> {
         let mut runs: Vec<(usize, u64, usize, usize)> = Vec::new();
-        {
-            let mut i = self.lock();
-            for (k, (&(r, p), &a)) in at.iter().zip(addrs).enumerate() {
-                if !self.arrived(&mut i, r, p, a) {
-                    continue;
-                }
-                match runs.last_mut() {
-                    Some((rr, p0, k0, n)) if *rr == r && *p0 + *n as u64 == p && *k0 + *n == k => {
-                        *n += 1
-                    }
-                    _ => runs.push((r, p, k, 1)),
-                }
+        let mut i = self.lock();
+        for (k, (&(r, p), &a)) in at.iter().zip(addrs).enumerate() {
+            let taken = if count {
+                self.arrived(&mut i, r, p, a)
+            } else {
+                self.claim(&mut i, r, p)
+            };
+            if !taken {
+                continue;
             }
-            i.flying
-                .extend(runs.iter().map(|&(r, p, _, n)| (r, p, n as u64)));
+            match runs.last_mut() {
+                Some((rr, p0, k0, n)) if *rr == r && *p0 + *n as u64 == p && *k0 + *n == k => {
+                    *n += 1
+                }
+                _ => runs.push((r, p, k, 1)),
+            }
         }
-        let copied = runs.iter().try_for_each(|&x| self.copy_run(x, data));
-        self.landed(runs.iter().map(|&(r, p, _, n)| (r, p, n as u64)));
-        copied
+        i.flying
+            .extend(runs.iter().map(|&(r, p, _, n)| (r, p, n as u64)));
+        runs
     }
 
     /// Runs taken by `place` or `zero` are in place (or failed): the memory is whole
@@ -704,8 +754,7 @@ impl Faults for Lazy {
                 let page = (host - reg.host) / PAGE_SIZE as u64;
                 let addr = reg.base + page * PAGE_SIZE as u64;
                 let mut i = self.lock();
-                let missing =
-                    i.registered && i.missing[r][(page / 64) as usize] & (1 << (page % 64)) != 0;
+                let missing = i.registered && i.lacks(r, page);
                 if missing {
                     match i.asked.get(&addr).copied() {
                         None => {
@@ -726,10 +775,7 @@ impl Faults for Lazy {
                     continue;
                 }
                 // Being placed right now: that copy wakes the toucher.
-                if i.flying
-                    .iter()
-                    .any(|&(fr, fp, n)| fr == r && (fp..fp + n).contains(&page))
-                {
+                if i.flies(r, page) {
                     continue;
                 }
                 drop(i);
@@ -753,12 +799,24 @@ impl Faults for Lazy {
         }
     }
 
+    /// Pages in flight (taken, not yet placed) count as still to come: a read into
+    /// place that fails gives them back (`place_from`), so DONE must wait for them.
     fn left(&self) -> u64 {
-        self.lock().left
+        let i = self.lock();
+        i.left + i.flying.iter().map(|f| f.2).sum::<u64>()
     }
 
+    /// With the pages in flight, for the same reason: a source told what is missing
+    /// (a recovery) sends them again, and the copy that lands second is dropped.
     fn missing(&self) -> Vec<Bitmap> {
-        self.lock().missing.clone()
+        let i = self.lock();
+        let mut m = i.missing.clone();
+        for &(r, p, n) in &i.flying {
+            for q in p..p + n {
+                m[r][(q / 64) as usize] |= 1 << (q % 64);
+            }
+        }
+        m
     }
 
     fn asked(&self) -> Vec<u64> {
@@ -809,5 +867,6 @@ pub fn runs(b: &[u64]) -> Vec<(u64, u64)> {
     out
 }
 
+mod from_stream;
 #[cfg(test)]
 mod tests;

@@ -272,6 +272,10 @@ pub trait PageSource {
     /// Fills `pages` (whole pages of the component's memory, which nothing runs on
     /// while the component is RESUMING) with the stream's next bytes.
     fn fill(&mut self, pages: &mut vm_memory::VolatileSlice<'_>) -> io::Result<()>;
+    /// Whether every byte filled so far checked out against the stream's CRCs. Asked
+    /// where pages must not be seen before they are known whole: post-copy maps them
+    /// for a guest that runs.
+    fn verify(&mut self) -> io::Result<()>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -387,10 +391,11 @@ pub trait Component: Send + Sync {
         )))
     }
     /// RESUMING: as `load_pages`, each page read from `src` straight into place, in
-    /// order, with no buffer between (pre-copy's bulk). False, with nothing read: the
-    /// component takes its pages only whole now (post-copy places each page at once;
-    /// a memory the host does not map here), and the caller reads them and calls
-    /// `load_pages`.
+    /// order, with no buffer between (pre-copy's bulk; post-copy's into memory with an
+    /// alias, mapped for the guest once `src` verifies them). False, with nothing read:
+    /// the component takes its pages only whole now (post-copy into memory that
+    /// UFFDIO_COPY fills; a memory the host does not map here), and the caller reads
+    /// them and calls `load_pages`.
     fn load_pages_from(&self, _addrs: &[u64], _src: &mut dyn PageSource) -> Result<bool> {
         Ok(false)
     }

@@ -358,6 +358,10 @@ impl Component for Ram {
     }
 
     fn load_pages_from(&self, addrs: &[u64], src: &mut dyn PageSource) -> Result<bool> {
+        let filler = self.lock().filler();
+        if let Some(l) = filler {
+            return l.place_from(addrs, src);
+        }
         // Admitted under the lock, read without it (see `MemoryState::read_in_place`).
         if !self.lock().admit_in_place(&self.m, addrs)? {
             return Ok(false);

@@ -19,7 +19,7 @@ fn latencies_summarised() {
     assert_eq!(Latency::of(vec![]), Latency::default());
 }
 
-use crate::migratable::fuzz_postcopy::AnonMap;
+use crate::migratable::fuzz_postcopy::{AnonMap, SharedMap};
 
 fn peek(host: u64, page: usize) -> u64 {
     // SAFETY: the callers' pages lie inside their mapping.
@@ -102,55 +102,6 @@ fn touches_in_a_row_bring_the_next_pages_with_them() {
     t.join().unwrap();
 }
 
-/// A memfd mapped twice (the second the alias), as prefaulted RAM is; unmapped on
-/// drop. Its pages exist once something writes them.
-struct SharedMap {
-    host: u64,
-    alias: u64,
-    len: usize,
-}
-
-impl SharedMap {
-    fn new(pages: usize) -> SharedMap {
-        let len = pages * PAGE_SIZE;
-        // SAFETY: a NUL-terminated name; the fd is closed below, the mappings keep
-        // the file.
-        let fd = unsafe { libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: `fd` is ours.
-        assert_eq!(unsafe { libc::ftruncate(fd, len as i64) }, 0);
-        let map = || {
-            // SAFETY: a new shared mapping of the file, unmapped on drop.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    fd,
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
-            p as u64
-        };
-        let (host, alias) = (map(), map());
-        // SAFETY: `fd` is ours and no longer needed.
-        unsafe { libc::close(fd) };
-        SharedMap { host, alias, len }
-    }
-}
-
-impl Drop for SharedMap {
-    fn drop(&mut self) {
-        // SAFETY: the mappings made in `new`.
-        unsafe {
-            libc::munmap(self.host as *mut _, self.len);
-            libc::munmap(self.alias as *mut _, self.len);
-        }
-    }
-}
-
 #[test]
 fn missing_pages_wait_for_the_source_and_the_rest_is_kept_or_zero() {
     let m = AnonMap::new(128).unwrap();
@@ -162,7 +113,7 @@ fn missing_pages_wait_for_the_source_and_the_rest_is_kept_or_zero() {
 /// missing faults and are filled all the same.
 #[test]
 fn missing_pages_of_shared_memory_are_placed_through_its_alias() {
-    let m = SharedMap::new(128);
+    let m = SharedMap::new(128).unwrap();
     missing_pages_wait(m.host, Some(m.alias));
     // Page 1's old copy was overwritten in the file itself, not beside it.
     assert_eq!(peek(m.alias, 1), 7);
@@ -172,7 +123,7 @@ fn missing_pages_of_shared_memory_are_placed_through_its_alias() {
 /// (zeros), unmapped; a touch maps one; a touch that waited for one reads zero.
 #[test]
 fn zero_pages_of_fresh_shared_memory_are_left_for_a_touch_to_map() {
-    let m = SharedMap::new(64);
+    let m = SharedMap::new(64).unwrap();
     for p in 0..64 {
         poke(m.alias, p, 0);
     }
@@ -297,4 +248,214 @@ fn hostile_bitmaps_are_refused() {
     assert!(Lazy::new("t", vec![region], vec![vec![0, 1 << 40]], false).is_err());
     assert!(Lazy::new("t", vec![], vec![vec![0, 0]], false).is_err());
     assert!(Lazy::new("t", vec![region], vec![vec![0, 1 << 35]], false).is_ok());
+}
+
+/// A frame's page data as a stream hands it over, and what it says of its checks.
+struct Frame<'a> {
+    data: &'a [u8],
+    at: usize,
+    whole: bool,
+}
+
+impl crate::migratable::PageSource for Frame<'_> {
+    fn fill(&mut self, pages: &mut vm_memory::VolatileSlice<'_>) -> std::io::Result<()> {
+        let end = self.at + pages.len();
+        pages.copy_from(&self.data[self.at..end]);
+        self.at = end;
+        Ok(())
+    }
+
+    fn verify(&mut self) -> std::io::Result<()> {
+        if !self.whole {
+            return Err(std::io::Error::other("the frame failed its CRC"));
+        }
+        Ok(())
+    }
+}
+
+/// Pages 1, 2, 3 and 5 missing, `k` of them written `10 + k` through the alias
+/// beforehand (what the file held before the switch).
+fn frame_pages(addrs: &[usize]) -> Vec<u8> {
+    let mut d = vec![0u8; addrs.len() * PAGE_SIZE];
+    for (i, &p) in addrs.iter().enumerate() {
+        d[i * PAGE_SIZE..][..8].copy_from_slice(&(1000 + p as u64).to_le_bytes());
+    }
+    d
+}
+
+/// Pages read from the stream straight into memory with an alias: the missing ones
+/// land through the alias and are mapped only once the frame checks out; a page that
+/// is here already is read over, not written. A frame that fails its check leaves its
+/// pages missing, cleared in the file and unmapped, and a touch that waited on one
+/// touches again; the next good copy places them. Memory without an alias declines,
+/// reading nothing.
+#[test]
+fn pages_read_into_the_alias_are_mapped_only_once_checked() {
+    let m = SharedMap::new(64).unwrap();
+    for p in 0..64 {
+        poke(m.alias, p, 10 + p as u64);
+    }
+    let region = HostRegion {
+        host: m.host,
+        len: 64 * PAGE_SIZE as u64,
+        base: 0,
+        alias: Some(m.alias),
+    };
+    let lazy =
+        std::sync::Arc::new(Lazy::new("test", vec![region], vec![vec![0b10_1110]], false).unwrap());
+    let addr = |p: usize| (p * PAGE_SIZE) as u64;
+    let mapped = || crate::pagemap::populated(m.host, 8 * PAGE_SIZE as u64).unwrap()[0] & 0xff;
+    assert_eq!(mapped() & 0b10_1110, 0, "missing pages still mapped");
+
+    // Page 5's frame fails its check: nothing of it is mapped or kept.
+    let d = frame_pages(&[5]);
+    let mut bad = Frame {
+        data: &d,
+        at: 0,
+        whole: false,
+    };
+    assert!(lazy.place_from(&[addr(5)], &mut bad).is_err());
+    assert_eq!(bad.at, PAGE_SIZE, "the frame was not read whole");
+    assert_eq!((lazy.left(), peek(m.alias, 5)), (4, 0));
+    assert_eq!(mapped() & 0b10_0000, 0, "a page of a bad frame was mapped");
+
+    // Pages 1-3, then 6 (here already) and 2 again: 1-3 placed, the rest read over.
+    let pages = [1, 2, 3, 6, 2];
+    let d = frame_pages(&pages);
+    let mut good = Frame {
+        data: &d,
+        at: 0,
+        whole: true,
+    };
+    let a: Vec<u64> = pages.iter().map(|&p| addr(p)).collect();
+    assert!(lazy.place_from(&a, &mut good).unwrap());
+    assert_eq!(good.at, d.len(), "the frame was not read whole");
+    assert_eq!(lazy.left(), 1);
+    assert_eq!(
+        (
+            peek(m.host, 1),
+            peek(m.host, 2),
+            peek(m.host, 3),
+            peek(m.alias, 6)
+        ),
+        (1001, 1002, 1003, 16)
+    );
+    assert_eq!(mapped() & 0b1110, 0b1110);
+
+    // A touch of page 5 waits; its good copy wakes it.
+    let host = m.host;
+    let toucher = std::thread::spawn(move || peek(host, 5));
+    let mut w = Wanted::default();
+    let t = Instant::now();
+    while w.ask.is_empty() {
+        lazy.take(&mut w).unwrap();
+        assert!(t.elapsed().as_secs() < 20, "no fault seen");
+    }
+    assert_eq!(w.ask, vec![addr(5)]);
+    let d = frame_pages(&[5]);
+    let mut good = Frame {
+        data: &d,
+        at: 0,
+        whole: true,
+    };
+    assert!(lazy.place_from(&[addr(5)], &mut good).unwrap());
+    assert_eq!(toucher.join().unwrap(), 1005);
+    assert_eq!(lazy.left(), 0);
+    let s = lazy.stats();
+    assert_eq!(
+        (
+            s.remote_faults,
+            s.prepaged,
+            s.duplicates,
+            s.fault_latency.count
+        ),
+        (1, 3, 2, 1)
+    );
+
+    // Outside the memory: refused, nothing read.
+    let mut none = Frame {
+        data: &d,
+        at: 0,
+        whole: true,
+    };
+    assert!(lazy.place_from(&[addr(64)], &mut none).is_err());
+    assert_eq!(none.at, 0);
+    // Without an alias: declined, nothing read.
+    let anon = AnonMap::new(8).unwrap();
+    let plain = Lazy::new("test", vec![region_of(&anon, 8, 0)], vec![vec![1]], true).unwrap();
+    assert!(!plain.place_from(&[0], &mut none).unwrap());
+    assert_eq!((none.at, plain.left()), (0, 1));
+}
+
+/// A touch of a page whose frame is being read waits for it, and the page counts as
+/// still to come; when that frame fails its check the toucher is woken, touches again,
+/// and that touch is asked for.
+#[test]
+fn a_touch_behind_a_frame_that_fails_is_asked_for_again() {
+    let m = SharedMap::new(8).unwrap();
+    for p in 0..8 {
+        poke(m.alias, p, 0);
+    }
+    let region = HostRegion {
+        host: m.host,
+        len: 8 * PAGE_SIZE as u64,
+        base: 0,
+        alias: Some(m.alias),
+    };
+    let lazy =
+        std::sync::Arc::new(Lazy::new("test", vec![region], vec![vec![0b10]], true).unwrap());
+    // The frame's read stops halfway until the touch is seen, then fails.
+    struct Held<'a> {
+        lazy: &'a Lazy,
+        host: u64,
+        toucher: Option<std::thread::JoinHandle<u64>>,
+    }
+    impl crate::migratable::PageSource for Held<'_> {
+        fn fill(&mut self, pages: &mut vm_memory::VolatileSlice<'_>) -> std::io::Result<()> {
+            pages.copy_from(&[0xab; PAGE_SIZE][..]);
+            let host = self.host;
+            self.toucher = Some(std::thread::spawn(move || peek(host, 1)));
+            // The touch is seen while the page flies: nothing to ask for yet.
+            let mut fd = libc::pollfd {
+                fd: self.lazy.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            assert_eq!(unsafe { libc::poll(&mut fd, 1, 20_000) }, 1, "no touch");
+            let mut w = Wanted::default();
+            self.lazy.take(&mut w).unwrap();
+            assert!(w.ask.is_empty(), "a flying page asked for: {:?}", w.ask);
+            // Until it lands it is still to come: no DONE, and a source that comes
+            // back (a recovery) is told to send it again.
+            assert_eq!(self.lazy.left(), 1);
+            assert_eq!(self.lazy.missing(), vec![vec![0b10]]);
+            Ok(())
+        }
+
+        fn verify(&mut self) -> std::io::Result<()> {
+            Err(std::io::Error::other("the frame failed its CRC"))
+        }
+    }
+    let mut held = Held {
+        lazy: &lazy,
+        host: m.host,
+        toucher: None,
+    };
+    assert!(lazy.place_from(&[PAGE_SIZE as u64], &mut held).is_err());
+    let toucher = held.toucher.take().unwrap();
+    let mut w = Wanted::default();
+    let t = Instant::now();
+    while w.ask.is_empty() {
+        lazy.take(&mut w).unwrap();
+        assert!(
+            t.elapsed().as_secs() < 20,
+            "the toucher was not woken to ask"
+        );
+    }
+    assert_eq!(w.ask, vec![PAGE_SIZE as u64]);
+    assert!(!toucher.is_finished(), "a page of a bad frame was read");
+    let page = frame_pages(&[1]);
+    lazy.place(&[PAGE_SIZE as u64], &page).unwrap();
+    assert_eq!(toucher.join().unwrap(), 1001);
 }
