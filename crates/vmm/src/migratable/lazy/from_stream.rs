@@ -4,7 +4,7 @@
 //! the stream has checked them. Into memory without an alias there is no such place:
 //! UFFDIO_COPY takes a page whole from a buffer.
 
-use super::{Lazy, Result, PAGE_SIZE};
+use super::{ComponentError, Lazy, Result, PAGE_SIZE};
 use crate::migratable::PageSource;
 use vm_memory::VolatileSlice;
 
@@ -60,9 +60,9 @@ impl Lazy {
                 src.fill(&mut VolatileSlice::from(&mut skipped[..]))?;
             }
             if len > 0 {
-                let Some(alias) = self.regions[r].alias else {
-                    unreachable!("place_from reads only into memory with an alias")
-                };
+                let alias = self.regions[r].alias.ok_or_else(|| {
+                    ComponentError::Refused(format!("{}: no alias to read into", self.what))
+                })?;
                 let at = (alias + p * PAGE_SIZE as u64) as *mut u8;
                 // SAFETY: `len` pages of this region's alias, a shared mapping that
                 // `_keep` keeps mapped (each page was located inside the region); no

@@ -41,6 +41,31 @@ fn region_of(m: &AnonMap, pages: u64, base: u64) -> HostRegion {
     }
 }
 
+/// What the touches ask for, once one has: waits up to 20 s for it (`why` if none).
+fn asked(lazy: &Lazy, why: &str) -> Wanted {
+    let mut w = Wanted::default();
+    let t = Instant::now();
+    while w.ask.is_empty() {
+        lazy.take(&mut w).unwrap();
+        assert!(t.elapsed().as_secs() < 20, "{why}");
+    }
+    w
+}
+
+/// `m`'s `pages` pages, at 0 in the component's space, each first written `fill(page)`
+/// through the alias (what the file held before the switch).
+fn shared_region(m: &SharedMap, pages: usize, fill: impl Fn(usize) -> u64) -> HostRegion {
+    for p in 0..pages {
+        poke(m.alias, p, fill(p));
+    }
+    HostRegion {
+        host: m.host,
+        len: (pages * PAGE_SIZE) as u64,
+        base: 0,
+        alias: Some(m.alias),
+    }
+}
+
 /// Touches in a row bring the pages after them, asked for apart from the touch
 /// (twice as many each time, up to READ_AHEAD_MAX); a touch that then waits for
 /// one of those is a remote fault after all; a touch elsewhere starts over.
@@ -124,25 +149,12 @@ fn missing_pages_of_shared_memory_are_placed_through_its_alias() {
 #[test]
 fn zero_pages_of_fresh_shared_memory_are_left_for_a_touch_to_map() {
     let m = SharedMap::new(64).unwrap();
-    for p in 0..64 {
-        poke(m.alias, p, 0);
-    }
-    let region = HostRegion {
-        host: m.host,
-        len: 64 * PAGE_SIZE as u64,
-        base: 0,
-        alias: Some(m.alias),
-    };
+    let region = shared_region(&m, 64, |_| 0);
     let lazy =
         std::sync::Arc::new(Lazy::new("test", vec![region], vec![vec![0b1111]], true).unwrap());
     let host = m.host;
     let waiter = std::thread::spawn(move || peek(host, 2));
-    let mut w = Wanted::default();
-    let t = Instant::now();
-    while w.ask.is_empty() {
-        lazy.take(&mut w).unwrap();
-        assert!(t.elapsed().as_secs() < 20, "no fault seen");
-    }
+    let w = asked(&lazy, "no fault seen");
     assert_eq!(w.ask, vec![2 * PAGE_SIZE as u64]);
     lazy.zero(&[(0, 3)]).unwrap();
     // Woken, the waiter touches again: that touch maps the page.
@@ -198,12 +210,7 @@ fn missing_pages_wait(host: u64, alias: Option<u64>) {
             .unwrap();
     });
     // The toucher zero-fills pages 70 and 80, then waits for page 1.
-    let mut w = Wanted::default();
-    let t = Instant::now();
-    while w.ask.is_empty() {
-        lazy.take(&mut w).unwrap();
-        assert!(t.elapsed().as_secs() < 20, "no fault seen");
-    }
+    let w = asked(&lazy, "no fault seen");
     assert_eq!(w.ask, vec![0x10_0000 + 4096]);
     assert!(w.after.is_empty(), "one touch is not a run: {:?}", w.after);
     assert!(rx.try_recv().is_err(), "a missing page read before it came");
@@ -273,11 +280,10 @@ impl crate::migratable::PageSource for Frame<'_> {
     }
 }
 
-/// Pages 1, 2, 3 and 5 missing, `k` of them written `10 + k` through the alias
-/// beforehand (what the file held before the switch).
-fn frame_pages(addrs: &[usize]) -> Vec<u8> {
-    let mut d = vec![0u8; addrs.len() * PAGE_SIZE];
-    for (i, &p) in addrs.iter().enumerate() {
+/// The data of a frame of pages `pages`: each page's first word is 1000 + its number.
+fn frame_pages(pages: &[usize]) -> Vec<u8> {
+    let mut d = vec![0u8; pages.len() * PAGE_SIZE];
+    for (i, &p) in pages.iter().enumerate() {
         d[i * PAGE_SIZE..][..8].copy_from_slice(&(1000 + p as u64).to_le_bytes());
     }
     d
@@ -292,15 +298,7 @@ fn frame_pages(addrs: &[usize]) -> Vec<u8> {
 #[test]
 fn pages_read_into_the_alias_are_mapped_only_once_checked() {
     let m = SharedMap::new(64).unwrap();
-    for p in 0..64 {
-        poke(m.alias, p, 10 + p as u64);
-    }
-    let region = HostRegion {
-        host: m.host,
-        len: 64 * PAGE_SIZE as u64,
-        base: 0,
-        alias: Some(m.alias),
-    };
+    let region = shared_region(&m, 64, |p| 10 + p as u64);
     let lazy =
         std::sync::Arc::new(Lazy::new("test", vec![region], vec![vec![0b10_1110]], false).unwrap());
     let addr = |p: usize| (p * PAGE_SIZE) as u64;
@@ -345,12 +343,7 @@ fn pages_read_into_the_alias_are_mapped_only_once_checked() {
     // A touch of page 5 waits; its good copy wakes it.
     let host = m.host;
     let toucher = std::thread::spawn(move || peek(host, 5));
-    let mut w = Wanted::default();
-    let t = Instant::now();
-    while w.ask.is_empty() {
-        lazy.take(&mut w).unwrap();
-        assert!(t.elapsed().as_secs() < 20, "no fault seen");
-    }
+    let w = asked(&lazy, "no fault seen");
     assert_eq!(w.ask, vec![addr(5)]);
     let d = frame_pages(&[5]);
     let mut good = Frame {
@@ -393,15 +386,7 @@ fn pages_read_into_the_alias_are_mapped_only_once_checked() {
 #[test]
 fn a_touch_behind_a_frame_that_fails_is_asked_for_again() {
     let m = SharedMap::new(8).unwrap();
-    for p in 0..8 {
-        poke(m.alias, p, 0);
-    }
-    let region = HostRegion {
-        host: m.host,
-        len: 8 * PAGE_SIZE as u64,
-        base: 0,
-        alias: Some(m.alias),
-    };
+    let region = shared_region(&m, 8, |_| 0);
     let lazy =
         std::sync::Arc::new(Lazy::new("test", vec![region], vec![vec![0b10]], true).unwrap());
     // The frame's read stops halfway until the touch is seen, then fails.
@@ -444,15 +429,7 @@ fn a_touch_behind_a_frame_that_fails_is_asked_for_again() {
     };
     assert!(lazy.place_from(&[PAGE_SIZE as u64], &mut held).is_err());
     let toucher = held.toucher.take().unwrap();
-    let mut w = Wanted::default();
-    let t = Instant::now();
-    while w.ask.is_empty() {
-        lazy.take(&mut w).unwrap();
-        assert!(
-            t.elapsed().as_secs() < 20,
-            "the toucher was not woken to ask"
-        );
-    }
+    let w = asked(&lazy, "the toucher was not woken to ask");
     assert_eq!(w.ask, vec![PAGE_SIZE as u64]);
     assert!(!toucher.is_finished(), "a page of a bad frame was read");
     let page = frame_pages(&[1]);
