@@ -158,7 +158,9 @@ pub(crate) fn io_err(e: io::Error) -> WireError {
 /// has begun, a timeout waits on while `go_on` says so. A slow or lossy link (TCP's
 /// retransmissions back off to seconds) can stall one frame for longer than the
 /// timeout, and a frame given up halfway would lose the stream's frame boundaries.
-/// One frame's reads: a new one for each frame.
+/// One frame's reads, a new one for each frame: `read_frame` through it says `Timeout`
+/// only when no byte of the frame came in time; inside the frame it waits on while
+/// `go_on()` holds, and fails with `Io` when it no longer does.
 pub struct Between<'r, R, F> {
     r: &'r mut R,
     started: bool,
@@ -226,17 +228,6 @@ impl<R: vm_memory::ReadVolatile, F: FnMut() -> bool> vm_memory::ReadVolatile for
             }
         }
     }
-}
-
-/// `read_frame` on a reader with a read timeout: `Timeout` only when no byte of the
-/// next frame came in time; inside a frame it waits on while `go_on()` holds, and
-/// fails with `Io` when it no longer does.
-pub fn read_frame_between<'a>(
-    r: &mut impl Read,
-    buf: &'a mut Vec<u8>,
-    go_on: impl FnMut() -> bool,
-) -> Result<Frame<'a>, WireError> {
-    read_frame(&mut Between::new(r, go_on), buf)
 }
 
 /// What the source tells the destination first.

@@ -256,20 +256,20 @@ fn a_timeout_between_frames_is_nothing_yet_but_inside_one_the_frame_waits_on() {
         true
     };
     assert!(matches!(
-        read_frame_between(&mut r, &mut buf, &go_on),
+        read_frame(&mut Between::new(&mut r, &go_on), &mut buf),
         Err(WireError::Timeout)
     ));
     assert!(matches!(
-        read_frame_between(&mut r, &mut buf, &go_on),
+        read_frame(&mut Between::new(&mut r, &go_on), &mut buf),
         Ok(Frame::Accept)
     ));
     assert!(matches!(
-        read_frame_between(&mut r, &mut buf, &go_on),
+        read_frame(&mut Between::new(&mut r, &go_on), &mut buf),
         Ok(Frame::Done(_))
     ));
     assert_eq!(asked.get(), 3);
     assert!(matches!(
-        read_frame_between(&mut r, &mut buf, &go_on),
+        read_frame(&mut Between::new(&mut r, &go_on), &mut buf),
         Err(WireError::Closed)
     ));
 
@@ -277,7 +277,7 @@ fn a_timeout_between_frames_is_nothing_yet_but_inside_one_the_frame_waits_on() {
     let pieces = vec![Some(frames[..5].to_vec()), None, Some(frames[5..].to_vec())];
     let mut r = Stalling(pieces.into());
     assert!(matches!(
-        read_frame_between(&mut r, &mut buf, || false),
+        read_frame(&mut Between::new(&mut r, || false), &mut buf),
         Err(WireError::Io(_))
     ));
     // A plain read loses the frame there (why the readers with a timeout use the other).

@@ -264,6 +264,13 @@ struct Frame<'a> {
     whole: bool,
 }
 
+impl<'a> Frame<'a> {
+    /// A frame of `data` that checks out (`whole`) or not.
+    fn of(data: &'a [u8], whole: bool) -> Frame<'a> {
+        Frame { data, at: 0, whole }
+    }
+}
+
 impl crate::migratable::PageSource for Frame<'_> {
     fn fill(&mut self, pages: &mut vm_memory::VolatileSlice<'_>) -> std::io::Result<()> {
         let end = self.at + pages.len();
@@ -307,11 +314,7 @@ fn pages_read_into_the_alias_are_mapped_only_once_checked() {
 
     // Page 5's frame fails its check: nothing of it is mapped or kept.
     let d = frame_pages(&[5]);
-    let mut bad = Frame {
-        data: &d,
-        at: 0,
-        whole: false,
-    };
+    let mut bad = Frame::of(&d, false);
     assert!(lazy.place_from(&[addr(5)], &mut bad).is_err());
     assert_eq!(bad.at, PAGE_SIZE, "the frame was not read whole");
     assert_eq!((lazy.left(), peek(m.alias, 5)), (4, 0));
@@ -320,11 +323,7 @@ fn pages_read_into_the_alias_are_mapped_only_once_checked() {
     // Pages 1-3, then 6 (here already) and 2 again: 1-3 placed, the rest read over.
     let pages = [1, 2, 3, 6, 2];
     let d = frame_pages(&pages);
-    let mut good = Frame {
-        data: &d,
-        at: 0,
-        whole: true,
-    };
+    let mut good = Frame::of(&d, true);
     let a: Vec<u64> = pages.iter().map(|&p| addr(p)).collect();
     assert!(lazy.place_from(&a, &mut good).unwrap());
     assert_eq!(good.at, d.len(), "the frame was not read whole");
@@ -346,11 +345,7 @@ fn pages_read_into_the_alias_are_mapped_only_once_checked() {
     let w = asked(&lazy, "no fault seen");
     assert_eq!(w.ask, vec![addr(5)]);
     let d = frame_pages(&[5]);
-    let mut good = Frame {
-        data: &d,
-        at: 0,
-        whole: true,
-    };
+    let mut good = Frame::of(&d, true);
     assert!(lazy.place_from(&[addr(5)], &mut good).unwrap());
     assert_eq!(toucher.join().unwrap(), 1005);
     assert_eq!(lazy.left(), 0);
@@ -366,11 +361,7 @@ fn pages_read_into_the_alias_are_mapped_only_once_checked() {
     );
 
     // Outside the memory: refused, nothing read.
-    let mut none = Frame {
-        data: &d,
-        at: 0,
-        whole: true,
-    };
+    let mut none = Frame::of(&d, true);
     assert!(lazy.place_from(&[addr(64)], &mut none).is_err());
     assert_eq!(none.at, 0);
     // Without an alias: declined, nothing read.
