@@ -14,10 +14,10 @@ impl Lazy {
     /// the alias, the rest (here already, or twice in the frame) into a buffer that is
     /// dropped. None is mapped for the guest before `src` verifies every byte; when it
     /// does not, or the stream fails, they are all missing again. False, with nothing
-    /// read: memory without an alias.
+    /// read: memory without an alias, or a frame holding a page a touch waits for.
     pub fn place_from(&self, addrs: &[u64], src: &mut dyn PageSource) -> Result<bool> {
         let at = self.locate_all(addrs)?;
-        if at.iter().any(|&(r, _)| self.regions[r].alias.is_none()) {
+        if at.iter().any(|&(r, _)| self.regions[r].alias.is_none()) || self.awaited(addrs) {
             return Ok(false);
         }
         let runs = self.take_missing(&at, addrs, false);
@@ -74,6 +74,19 @@ impl Lazy {
             k = k0 + len;
         }
         Ok(src.verify()?)
+    }
+
+    /// Whether a touch waits for one of `addrs`. Read in place, such a frame would hold
+    /// that page from its head to its check, and a reader kept off a core meanwhile
+    /// would hold the touch with it. Read into a buffer, the page is taken only once
+    /// the frame is read and checked, and the copy asked for on the urgent lane can
+    /// answer first.
+    fn awaited(&self, addrs: &[u64]) -> bool {
+        let i = self.lock();
+        !i.asked.is_empty()
+            && addrs
+                .iter()
+                .any(|a| matches!(i.asked.get(a), Some((_, false))))
     }
 
     /// Pages taken for a read that failed are missing again. What the read left in
