@@ -298,7 +298,7 @@ impl PostcopyIn {
                 .spawn(move || {
                     // Answers to touches come on the main connection.
                     let _urgent = (k == 0)
-                        .then(|| crate::priority::Urgent::new("post-copy's placing of answers"));
+                        .then(|| crate::priority::Urgent::fair("post-copy's placing of answers"));
                     read_pages(s, &pc, generation)
                 })?;
         }
@@ -635,7 +635,7 @@ impl vm_memory::ReadVolatile for Heard<'_> {
 /// Sends a request for every page a touch waits for, and DONE once none is missing;
 /// takes a silent link for broken.
 fn watch(pc: &PostcopyIn) {
-    let _urgent = crate::priority::Urgent::new("post-copy's fault watch");
+    let _urgent = crate::priority::Urgent::fair("post-copy's fault watch");
     let mut w = Wanted::default();
     let mut watch = FaultWatch::new(pc.lazy.iter().map(|l| &*l.faults));
     loop {

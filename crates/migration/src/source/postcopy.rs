@@ -70,7 +70,7 @@ impl Driver<'_> {
     pub(super) fn serve_postcopy(&mut self) -> Res<()> {
         self.phase = Phase::Postcopy;
         // This thread answers the touches that wait: it goes ahead of the background.
-        let _urgent = crate::priority::Urgent::new("the source's post-copy answers");
+        let _urgent = crate::priority::Urgent::fair("the source's post-copy answers");
         self.progress(self.lazy_left(), 0.0);
         let switched = self.paused_at.unwrap_or(self.t0);
         // Under a bandwidth cap the background stream waits its turn listening for
