@@ -97,9 +97,7 @@ pub enum Class {
 impl Urgent {
     /// `who`: the thread, for the log.
     pub fn new(who: &str) -> Urgent {
-        let u = Self::with(true);
-        tracing::debug!(class = ?u.class(), "{who}: scheduling");
-        u
+        Self::logged(who, true)
     }
 
     /// Urgent in the fair class only (a short slice), for the threads a running guest's
@@ -108,7 +106,12 @@ impl Urgent {
     /// that often made no progress: the guest stood still for up to the whole post-copy
     /// window (docs/benchmarks.md, "Post-copy's guest stalls").
     pub fn fair(who: &str) -> Urgent {
-        let u = Self::with(false);
+        Self::logged(who, false)
+    }
+
+    /// `with`, and what the thread got, in the log.
+    fn logged(who: &str, realtime: bool) -> Urgent {
+        let u = Self::with(realtime);
         tracing::debug!(class = ?u.class(), "{who}: scheduling");
         u
     }
