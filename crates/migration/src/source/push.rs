@@ -8,9 +8,11 @@
 //! arrives.
 //!
 //! The pusher owns the connections but the main one (`Outbound::split_background`)
-//! and reads the lazy components in slices. It reads only when its connections have
-//! room: a read holds the component's lock, which an answer to a request needs too,
-//! and a send that waited for a full connection would hold it for that long.
+//! and reads the lazy components in slices. It holds a component's lock only to take
+//! a slice's pages off what is left, and reads and sends them after it (the memory no
+//! longer changes; `paged/unlocked.rs`), so an answer to a request never waits for its
+//! copy or its send. It reads only when its connections have room, so that it hears a
+//! request's hold-off or the stop between slices rather than inside a send.
 
 use crate::outbound::Outbound;
 use crate::wire;
@@ -20,8 +22,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Background pages read at a time (one frame): what an answer to a request may wait
-/// for, the component's lock being held meanwhile.
+/// Background pages read at a time (one frame): the pusher hears a request's hold-off
+/// and the stop only between them.
 pub(super) const PUSH_PAGES: u64 = wire::PAGES_PER_FRAME as u64;
 /// How long the pusher sleeps while its connections are full.
 const ROOM_WAIT: Duration = Duration::from_micros(50);
@@ -110,8 +112,8 @@ pub(super) fn push(
                 std::thread::sleep(ROOM_WAIT);
                 continue;
             }
-            // Under a bandwidth cap, waiting here, between reads (a read holds the
-            // component's lock), a slice at a time to hear the stop.
+            // Under a bandwidth cap, waiting here, between reads, a slice at a time to
+            // hear the stop.
             let due = out.due();
             if !due.is_zero() {
                 std::thread::sleep(due.min(DUE_SLICE));

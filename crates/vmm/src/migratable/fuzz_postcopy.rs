@@ -243,7 +243,13 @@ pub fn fuzz_postcopy(bytes: &[u8]) {
     src.state = MigState::StopCopy;
     if let Ok(Some(_)) = src.postcopy_switch(&m) {
         let addrs: Vec<u64> = words(rest).take(128).collect();
-        let _ = src.read_requested(&m, &mut Count::default(), &addrs);
+        // The background between requests, read outside the lock as the pusher does.
+        for (k, a) in addrs.chunks(16).enumerate() {
+            let _ = src.read_requested(&m, &mut Count::default(), a);
+            if let Ok(Some(t)) = src.take_postcopy(&m, 1 + k as u64 * 7, false) {
+                let _ = super::paged::send_taken(&m, &mut Count::default(), &t);
+            }
+        }
         let account: Bitmap = words(head).collect();
         let _ = src.postcopy_resume(&m, vec![account]);
         let _ = src.read(&m, &mut Count::default(), PAGES);
@@ -342,6 +348,67 @@ mod tests {
         assert!(resident(m.0.host));
         dst.postcopy_expect(&m, vec![missing]).unwrap();
         assert!(!resident(m.0.host), "the owner's copy is still there");
+    }
+
+    /// A post-copy source takes what is left a frame at a time, in order and from where
+    /// the last request moved it, outside the component's lock: every page goes once,
+    /// whether asked for or in the background. A sink that sends in place is left to
+    /// `read`, and a request with an address outside the memory takes only the pages
+    /// before it.
+    #[test]
+    fn a_postcopy_source_takes_each_page_once_in_order() {
+        let m = Mem::new().unwrap();
+        m.write_at(BASE + 3 * PAGE_SIZE as u64, &[0x33; PAGE_SIZE])
+            .unwrap();
+        let mut src = MemoryState::default();
+        src.state = MigState::Stop;
+        src.arc(&m, MigState::StopCopy).unwrap();
+        src.state = MigState::StopCopy;
+        // Not switched yet: pre-copy's final pass reads under the lock, as before.
+        assert_eq!(src.take_postcopy(&m, 64, false).unwrap(), None);
+        src.postcopy_switch(&m).unwrap().unwrap();
+        assert_eq!(src.take_postcopy(&m, 64, true).unwrap(), None);
+        let addrs = |t: &[super::super::paged::Taken]| -> Vec<u64> {
+            t.iter()
+                .map(|t| (t.addr - BASE) / PAGE_SIZE as u64)
+                .collect()
+        };
+        let first = src.take_postcopy(&m, 10, false).unwrap().unwrap();
+        assert_eq!(addrs(&first), (0..10).collect::<Vec<_>>());
+        let mut out = Count::default();
+        let r = super::super::paged::send_taken(&m, &mut out, &first).unwrap();
+        // Page 3 holds data, the rest are zero (said as such).
+        assert_eq!((r.pages, r.zero_sent, out.pages), (1, 9, 10));
+        let (asked, checked) = src.take_requested(&m, &[BASE + 40 * 4096]).unwrap();
+        checked.unwrap();
+        assert_eq!(addrs(&asked), [40]);
+        // On from the request's word, without the page it took.
+        let next = src.take_postcopy(&m, 64, false).unwrap().unwrap();
+        let want: Vec<u64> = (10..40).chain(41..75).collect();
+        assert_eq!(addrs(&next), want);
+        let (partly, checked) = src
+            .take_requested(&m, &[BASE + 200 * 4096, BASE - 4096, BASE + 201 * 4096])
+            .unwrap();
+        assert!(checked.is_err());
+        assert_eq!(addrs(&partly), [200]);
+        let mut seen: Vec<u64> = [first, asked, next, partly]
+            .iter()
+            .flat_map(|t| addrs(t))
+            .collect();
+        while let Some(t) = src.take_postcopy(&m, 64, false).unwrap() {
+            if t.is_empty() {
+                break;
+            }
+            assert!(t.len() <= 64);
+            seen.extend(addrs(&t));
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            (0..PAGES).collect::<Vec<_>>(),
+            "a page twice or never"
+        );
+        assert_eq!(src.info().unwrap().total(), 0);
     }
 
     #[test]

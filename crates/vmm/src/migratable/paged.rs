@@ -339,37 +339,9 @@ impl MemoryState {
         sink: &mut dyn Sink,
         addrs: &[u64],
     ) -> Result<ReadReport> {
-        super::expect(self.state, MigState::StopCopy, "pages asked for")?;
-        let regions = mem
-            .host_regions()
-            .ok_or_else(|| ComponentError::Refused(format!("{} is not lazy", mem.what())))?;
-        let mut r = ReadReport::default();
-        for &a in addrs {
-            check(mem, a, 1)?;
-            let Some((i, reg)) = regions
-                .iter()
-                .enumerate()
-                .find(|(_, g)| a >= g.base && a - g.base < g.len)
-            else {
-                return Err(ComponentError::Refused(format!(
-                    "page {a:#x} is not inside {}",
-                    mem.what()
-                )));
-            };
-            let page = (a - reg.base) / PAGE_SIZE as u64;
-            self.paged.take_page(i, page);
-            let slot = sink.slot(a);
-            mem.read_page(i, page, slot)?;
-            if is_zero(slot) {
-                sink.zero()?;
-                r.zero_pages += 1;
-                r.zero_sent += 1;
-            } else {
-                sink.page()?;
-                r.pages += 1;
-            }
-        }
-        Ok(r)
+        let (taken, checked) = self.take_requested(mem, addrs)?;
+        let r = send_taken(mem, sink, &taken)?;
+        checked.map(|_| r)
     }
 
     /// In post-copy, what fills the missing pages. It places pages under its own lock
@@ -549,6 +521,8 @@ pub struct Paged {
     since_look: u64,
     /// The writers are stopped: nothing is written again, no look is needed.
     last: bool,
+    /// A post-copy source: read outside the component's lock (`unlocked`).
+    lazy_source: bool,
 }
 
 impl Paged {
@@ -619,6 +593,7 @@ impl Paged {
         self.left = count(&self.pending);
         self.first = false;
         self.last = true;
+        self.lazy_source = true;
         self.cursor = 0;
         self.pending.clone()
     }
@@ -777,6 +752,9 @@ impl Paged {
         None
     }
 }
+
+mod unlocked;
+pub use unlocked::{send_taken, Taken};
 
 #[cfg(test)]
 mod tests;

@@ -328,7 +328,12 @@ impl Component for Ram {
     }
 
     fn read(&self, sink: &mut dyn Sink, pages: u64) -> Result<ReadReport> {
-        self.lock().read(&self.m, sink, pages)
+        // A post-copy source sends outside the lock, which requests need too.
+        let taken = self.lock().take_postcopy(&self.m, pages, sink.in_place())?;
+        match taken {
+            Some(t) => super::paged::send_taken(&self.m, sink, &t),
+            None => self.lock().read(&self.m, sink, pages),
+        }
     }
 
     fn save(&self) -> Result<Vec<u8>> {
@@ -383,7 +388,9 @@ impl Component for Ram {
     }
 
     fn read_requested(&self, sink: &mut dyn Sink, addrs: &[u64]) -> Result<ReadReport> {
-        self.lock().read_requested(&self.m, sink, addrs)
+        let (taken, checked) = self.lock().take_requested(&self.m, addrs)?;
+        let r = super::paged::send_taken(&self.m, sink, &taken)?;
+        checked.map(|_| r)
     }
 
     fn postcopy_resume(&self, missing: Vec<Bitmap>) -> Result<()> {
