@@ -673,22 +673,10 @@ impl Paged {
                     "cancelled",
                 )));
             }
-            let Some((region, word)) = self.locate(self.cursor) else {
-                // Past the end: what is left lies behind the cursor (post-copy moves
-                // it to where the destination touched), so once more from the start.
-                if wrapped || self.cursor == 0 {
-                    self.left = 0;
-                    break;
-                }
-                wrapped = true;
-                self.cursor = 0;
-                continue;
+            let Some((region, word)) = self.next_word(&mut wrapped) else {
+                break;
             };
             let bits = self.pending[region][word];
-            if bits == 0 {
-                self.cursor += 1;
-                continue;
-            }
             let first = word as u64 * 64;
             let mut b = bits;
             while b != 0 {
@@ -739,6 +727,28 @@ impl Paged {
             sink.pages_in_place(&batch.0, &batch.1)?;
         }
         Ok(r)
+    }
+
+    /// (region, word) of the next word with pages left, from the cursor on (where it
+    /// stops). Past the end, what is left lies behind the cursor (post-copy moves it to
+    /// where the destination touched), so once more from the start (`wrapped`); None
+    /// once nothing is left.
+    fn next_word(&mut self, wrapped: &mut bool) -> Option<(usize, usize)> {
+        loop {
+            let Some((region, word)) = self.locate(self.cursor) else {
+                if *wrapped || self.cursor == 0 {
+                    self.left = 0;
+                    return None;
+                }
+                *wrapped = true;
+                self.cursor = 0;
+                continue;
+            };
+            if self.pending[region][word] != 0 {
+                return Some((region, word));
+            }
+            self.cursor += 1;
+        }
     }
 
     /// (region, word) of flat word `at`.

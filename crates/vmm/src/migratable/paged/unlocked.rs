@@ -27,15 +27,8 @@ impl Paged {
         let mut out = Vec::new();
         let mut wrapped = false;
         while self.left > 0 && (out.len() as u64) < budget {
-            let Some((region, word)) = self.locate(self.cursor) else {
-                // Past the end: what is left lies behind the cursor (a request moved it).
-                if wrapped || self.cursor == 0 {
-                    self.left = 0;
-                    break;
-                }
-                wrapped = true;
-                self.cursor = 0;
-                continue;
+            let Some((region, word)) = self.next_word(&mut wrapped) else {
+                break;
             };
             let bits = self.pending[region][word];
             let mut rest = bits;
