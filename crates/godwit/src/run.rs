@@ -246,6 +246,14 @@ pub fn run(a: RunArgs) -> ExitCode {
     if let Some(pc) = &postcopy {
         migration.set_incoming(pc.clone());
     }
+    if let Some(pc) = &postcopy {
+        // A vCPU that waits on a page still at the source leaves only once it stops
+        // waiting: the source may be gone for good, and the VM ends either way.
+        vm.handle().ctl.wait_exit_requested();
+        if pc.left() > 0 {
+            pc.abandon();
+        }
+    }
     let exit = vm.wait();
     if let Some(pc) = postcopy.filter(|pc| pc.left() > 0) {
         // The VM ended before all of its memory arrived: the source keeps nothing.

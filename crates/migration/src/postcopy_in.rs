@@ -261,6 +261,14 @@ impl PostcopyIn {
         }
     }
 
+    /// The VM is ending before all its memory arrived: whatever waits on a page still
+    /// at the source goes on, so that it can stop (`Faults::abandon`).
+    pub fn abandon(&self) {
+        for l in &self.lazy {
+            l.faults.abandon();
+        }
+    }
+
     /// Pages still at the source.
     pub fn left(&self) -> u64 {
         self.lazy.iter().map(|l| l.faults.left()).sum()

@@ -13,13 +13,15 @@
 
 use super::paged::{Bitmap, PAGE_SIZE};
 use super::{ComponentError, Faults, Result, Wanted};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use userfaultfd::{Event, EventBuffer, RegisterMode, Uffd, UffdBuilder};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+mod stats;
+pub use stats::{FaultStats, Latency};
 
 /// Where a component that is filled lazily puts its `Lazy`, for another that must
 /// reach the same memory ahead of a touch (the GPU engine reads guest RAM by DMA).
@@ -38,55 +40,6 @@ pub struct HostRegion {
     pub alias: Option<u64>,
 }
 
-/// Latencies, in microseconds.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Latency {
-    pub count: u64,
-    pub min_us: f64,
-    pub median_us: f64,
-    pub p99_us: f64,
-    pub max_us: f64,
-}
-
-impl Latency {
-    pub fn of(mut v: Vec<f64>) -> Latency {
-        if v.is_empty() {
-            return Latency::default();
-        }
-        v.sort_by(f64::total_cmp);
-        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        Latency {
-            count: v.len() as u64,
-            min_us: v[0],
-            median_us: at(0.5),
-            p99_us: at(0.99),
-            max_us: v[v.len() - 1],
-        }
-    }
-}
-
-/// What post-copy did on the destination, per component.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct FaultStats {
-    /// Pages missing when the VM started here.
-    pub missing_at_start: u64,
-    /// Touches of a missing page that had to be asked for (a page asked for once).
-    pub remote_faults: u64,
-    /// Pages the background stream placed before anything touched them.
-    pub prepaged: u64,
-    /// Pages touched here that the source never had, filled with zeros.
-    pub zero_filled: u64,
-    /// Copies of a page that was already placed (an answer and the background copy).
-    pub duplicates: u64,
-    /// Pages asked for ahead of a touch, not counted as remote faults unless a touch
-    /// then waited for one: what the GPU engine's next command will touch, brought in
-    /// before it runs, and the pages after touches in a row (read ahead).
-    #[serde(default)]
-    pub fetched_ahead: u64,
-    /// From a remote fault read here to its page placed.
-    pub fault_latency: Latency,
-}
-
 struct Inner {
     /// Pages still at the source.
     missing: Vec<Bitmap>,
@@ -98,6 +51,8 @@ struct Inner {
     stats: FaultStats,
     latencies: Vec<f64>,
     registered: bool,
+    /// The missing pages will never come (`abandon`): nothing is placed any more.
+    abandoned: bool,
     /// Runs (region, first page, count) taken off `missing` whose copy is under way
     /// outside the lock: a touch of one waits for that copy, which wakes it.
     flying: Vec<(usize, u64, u64)>,
@@ -263,6 +218,7 @@ impl Lazy {
                 stats,
                 latencies: Vec::new(),
                 registered: true,
+                abandoned: false,
                 flying: Vec::new(),
                 last_touch: None,
                 window: 0,
@@ -504,7 +460,37 @@ impl Lazy {
         let runs = self.take_missing(&at, addrs, true);
         let copied = runs.iter().try_for_each(|&x| self.copy_run(x, data));
         self.landed(runs.iter().map(|&(r, p, _, n)| (r, p, n as u64)));
-        copied
+        self.unless_abandoned(copied)
+    }
+
+    /// A placement that failed because the memory was abandoned meanwhile (it is no
+    /// longer registered) is no failure: the VM ends, and the page was not needed.
+    fn unless_abandoned(&self, r: Result<()>) -> Result<()> {
+        match r {
+            Err(_) if self.lock().abandoned => Ok(()),
+            r => r,
+        }
+    }
+
+    /// See `Faults::abandon`. Unregistering wakes whoever waits on a missing page: its
+    /// touch then maps what the memory holds there (zeros, or a page placed in part).
+    /// A kick alone does not free a vCPU: under PVM one whose guest page table is
+    /// missing was seen to spin in the host's shadow-paging walk with the kick
+    /// pending, the walk's read of the table failing at once and being retried.
+    pub fn abandon(&self) {
+        let mut i = self.lock();
+        i.abandoned = true;
+        if std::mem::take(&mut i.registered) {
+            for r in &self.regions {
+                let _ = self
+                    .uffd
+                    .unregister(r.host as *mut libc::c_void, r.len as usize);
+            }
+        }
+        drop(i);
+        // Those waiting in `fetch` (the GPU engine) go on too.
+        self.placed.notify_all();
+        let _ = self.wake.write(1);
     }
 
     /// (region, page) of each of `addrs`, all checked: one outside refuses them all.
@@ -534,6 +520,9 @@ impl Lazy {
     ) -> Vec<(usize, u64, usize, usize)> {
         let mut runs: Vec<(usize, u64, usize, usize)> = Vec::new();
         let mut i = self.lock();
+        if i.abandoned {
+            return runs;
+        }
         for (k, (&(r, p), &a)) in at.iter().zip(addrs).enumerate() {
             let taken = if count {
                 self.arrived(&mut i, r, p, a)
@@ -694,6 +683,9 @@ impl Lazy {
         let mut runs: Vec<(usize, u64, u64)> = Vec::new();
         {
             let mut i = self.lock();
+            if i.abandoned {
+                return Ok(());
+            }
             for (r, p, addr) in at {
                 if !self.arrived(&mut i, r, p, addr) {
                     continue;
@@ -707,7 +699,7 @@ impl Lazy {
         }
         let done = runs.iter().try_for_each(|&x| self.zero_run(x));
         self.landed(runs.into_iter());
-        done
+        self.unless_abandoned(done)
     }
 }
 
@@ -829,6 +821,10 @@ impl Faults for Lazy {
 
     fn zero(&self, runs: &[(u64, u32)]) -> Result<()> {
         Lazy::zero(self, runs)
+    }
+
+    fn abandon(&self) {
+        Lazy::abandon(self)
     }
 
     fn stats(&self) -> FaultStats {

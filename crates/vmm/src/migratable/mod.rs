@@ -344,6 +344,10 @@ pub trait Faults: Send + Sync {
     fn place(&self, addrs: &[u64], data: &[u8]) -> Result<()>;
     /// Fills runs (first address, count) of missing pages with zeros.
     fn zero(&self, runs: &[(u64, u32)]) -> Result<()>;
+    /// The pages still missing will never come: the VM ends first. Stops catching
+    /// touches, so that whoever waits on one (a vCPU, a device) goes on and can be
+    /// stopped; pages that arrive later are dropped. They still count as missing.
+    fn abandon(&self);
 }
 
 /// A part of a VM that migrates. Implementations keep their own state machine and

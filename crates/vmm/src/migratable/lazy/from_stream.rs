@@ -40,7 +40,7 @@ impl Lazy {
             .iter()
             .try_for_each(|&(r, p, _, n)| self.map_run(r, p, n as u64));
         self.landed(flying());
-        mapped.map(|()| true)
+        self.unless_abandoned(mapped).map(|()| true)
     }
 
     /// Reads the frame's `n` pages from `src`: `runs` (taken by `take_missing`, in the

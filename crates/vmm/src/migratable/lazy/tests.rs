@@ -447,3 +447,38 @@ fn touch_behind_a_frame(whole: bool) {
     lazy.place(&[PAGE_SIZE as u64], &page).unwrap();
     assert_eq!(toucher.join().unwrap(), 1001);
 }
+
+/// The VM ends before its memory arrived: a touch that waits on a missing page goes
+/// on (reading zero: the page was never here), and so does a device's `fetch`; pages
+/// that come later are dropped, without an error, and still count as missing.
+#[test]
+fn an_abandoned_memory_lets_whoever_waits_go_on() {
+    let m = AnonMap::new(64).unwrap();
+    let region = region_of(&m, 64, 0);
+    let lazy =
+        std::sync::Arc::new(Lazy::new("test", vec![region], vec![vec![0b10_1000]], false).unwrap());
+    let host = m.host;
+    let toucher = std::thread::spawn(move || peek(host, 3));
+    asked(&lazy, "no fault seen");
+    let l = lazy.clone();
+    let fetcher = std::thread::spawn(move || l.fetch(5 * PAGE_SIZE as u64, PAGE_SIZE as u64));
+    let t = Instant::now();
+    while lazy.stats().fetched_ahead == 0 {
+        assert!(t.elapsed().as_secs() < 20, "the fetch asked for nothing");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!toucher.is_finished() && !fetcher.is_finished());
+    lazy.abandon();
+    let t = Instant::now();
+    while !(toucher.is_finished() && fetcher.is_finished()) {
+        assert!(t.elapsed().as_secs() < 20, "a waiter was left waiting");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(toucher.join().unwrap(), 0);
+    fetcher.join().unwrap();
+    lazy.place(&[5 * PAGE_SIZE as u64], &[9; PAGE_SIZE])
+        .unwrap();
+    lazy.zero(&[(3 * PAGE_SIZE as u64, 1)]).unwrap();
+    assert_eq!(peek(host, 5), 0, "a page placed after the end");
+    assert_eq!(lazy.left(), 2);
+}
