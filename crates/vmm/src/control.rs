@@ -3,6 +3,7 @@
 //! from KVM_RUN; a thread inside KVM_RUN is kicked out with a signal.
 
 use serde::Serialize;
+use std::cell::Cell;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -55,7 +56,33 @@ pub fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// The `immediate_exit` byte of the `kvm_run` of the vCPU this thread runs, if any.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// A kick that lands after a vCPU thread's checkpoint but before its KVM_RUN would
+/// otherwise be lost: the guest would run on until its next exit, which for a halted
+/// vCPU, or one waiting on a page that never comes, may be never. Setting
+/// `immediate_exit` makes that KVM_RUN return EINTR at once.
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // A const-initialised Cell without a destructor: no allocation, no lazy set-up,
+    // safe in a signal handler.
+    let p = IMMEDIATE_EXIT
+        .try_with(Cell::get)
+        .unwrap_or(std::ptr::null_mut());
+    if !p.is_null() {
+        // SAFETY: `arm_kicks` registered a byte that stays valid until this thread
+        // clears it.
+        unsafe { std::ptr::write_volatile(p, 1) };
+    }
+}
+
+/// Makes kicks of this thread set `flag` (its vCPU's `kvm_run.immediate_exit`); null
+/// stops that. The byte must stay valid until this thread clears it.
+pub fn arm_kicks(flag: *mut u8) {
+    IMMEDIATE_EXIT.with(|c| c.set(flag));
+}
 
 /// Installs the (empty) kick handler; KVM_RUN then returns EINTR on a kick.
 pub fn install_kick_handler() -> std::io::Result<()> {
@@ -296,6 +323,17 @@ impl Control {
         Ok(())
     }
 
+    /// Waits until the VM is told to stop (its vCPU threads may still be leaving).
+    pub fn wait_exit_requested(&self) -> VmExit {
+        let mut s = self.lock();
+        loop {
+            if let Some(e) = &s.exit {
+                return e.clone();
+            }
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     /// Waits until the VM has stopped and every vCPU thread has left.
     pub fn wait_exit(&self) -> VmExit {
         let mut s = self.lock();
@@ -324,6 +362,36 @@ mod tests {
             }
             ctl.vcpu_stopped();
         })
+    }
+
+    /// A kick that lands outside KVM_RUN is not lost: it sets the armed byte, which
+    /// the next KVM_RUN (`immediate_exit`) answers with EINTR at once.
+    #[test]
+    fn a_kick_sets_the_armed_immediate_exit_of_its_thread_only() {
+        install_kick_handler().unwrap();
+        let kick_me = || {
+            // SAFETY: signals this very thread, whose handler is installed.
+            assert_eq!(
+                unsafe { libc::pthread_kill(libc::pthread_self(), kick_signal()) },
+                0
+            )
+        };
+        let mut flag = Box::new(0u8);
+        let other = Box::new(0u8);
+        arm_kicks(&mut *flag);
+        let p = &*other as *const u8 as usize;
+        std::thread::spawn(move || arm_kicks(p as *mut u8))
+            .join()
+            .unwrap();
+        kick_me();
+        // SAFETY: the byte is alive; the handler wrote it on this thread.
+        assert_eq!(unsafe { std::ptr::read_volatile(&*flag) }, 1);
+        assert_eq!(*other, 0, "another thread's byte was set");
+        *flag = 0;
+        arm_kicks(std::ptr::null_mut());
+        kick_me();
+        // SAFETY: as above.
+        assert_eq!(unsafe { std::ptr::read_volatile(&*flag) }, 0);
     }
 
     #[test]

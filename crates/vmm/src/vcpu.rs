@@ -152,6 +152,13 @@ enum Step {
 /// The vCPU thread: run until the VM stops. The vCPU is locked only while this thread
 /// uses it, so a paused vCPU can be saved or restored from another thread.
 pub fn run(vcpu: Arc<Mutex<Vcpu>>, ctx: VcpuContext, stats: Arc<VcpuStats>) {
+    // The kvm_run mapping lives as long as the vCPU, which `vcpu` keeps past the
+    // disarming below.
+    let flag: *mut u8 = {
+        let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+        &mut v.fd.get_kvm_run().immediate_exit
+    };
+    crate::control::arm_kicks(flag);
     ctx.ctl.vcpu_started();
     while ctx.ctl.vcpu_checkpoint() {
         let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
@@ -168,6 +175,7 @@ pub fn run(vcpu: Arc<Mutex<Vcpu>>, ctx: VcpuContext, stats: Arc<VcpuStats>) {
             }
         }
     }
+    crate::control::arm_kicks(std::ptr::null_mut());
     ctx.ctl.vcpu_stopped();
 }
 
