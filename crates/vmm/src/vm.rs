@@ -121,6 +121,13 @@ impl Vm {
     pub fn create(cfg: VmConfig) -> Result<Vm> {
         cfg.validate()?;
         let kvm = open_kvm()?;
+        // KVM_GET_SUPPORTED_CPUID needs only /dev/kvm and took a millisecond on some
+        // hosts: it runs on a thread of its own beside the VM's creation and the
+        // registration of its memory, which is KVM's own work on the other core.
+        let cpuid = std::thread::Builder::new()
+            .name("cpuid".into())
+            .spawn(|| cpu::supported_cpuid(&Kvm::new().map_err(Error::KvmOpen)?))
+            .map_err(Error::Thread)?;
         // Shared with devices that signal interrupts from their own threads.
         let fd = Arc::new(kvm.create_vm().kvm("KVM_CREATE_VM")?);
         let bytes = cfg
@@ -221,7 +228,9 @@ impl Vm {
             .map(|g| g.info.vram_bar + g.info.framebuffer)
             .unwrap_or(0);
 
-        let base_cpuid = cpu::supported_cpuid(&kvm)?;
+        let base_cpuid = cpuid
+            .join()
+            .map_err(|_| Error::State("the CPUID query's thread panicked".into()))??;
         let mut vcpu_fds = Vec::new();
         for i in 0..cfg.vcpus {
             let v = fd.create_vcpu(i as u64).kvm("KVM_CREATE_VCPU")?;
