@@ -202,6 +202,12 @@ impl Restore {
             if self.vm.ctl.state() == godwit_vmm::RunState::Stopped
                 && !self.failed.load(Ordering::SeqCst)
             {
+                // The VM ends before its memory is in: whatever waits on a page goes
+                // on, so that it can stop (a kick alone does not free every vCPU:
+                // `Faults::abandon`).
+                for p in &self.parts {
+                    p.faults.abandon();
+                }
                 return;
             }
             watch.wait(100);
