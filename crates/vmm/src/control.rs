@@ -56,6 +56,12 @@ pub fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
+/// How long a pause waits for every vCPU to park. A vCPU parks within milliseconds
+/// unless the host kernel holds it: under PVM, one whose touch of a page still at a
+/// post-copy source walks the guest's page tables spins there with the kick pending,
+/// until the page comes.
+pub const PAUSE_LIMIT: Duration = Duration::from_secs(10);
+
 thread_local! {
     /// The `immediate_exit` byte of the `kvm_run` of the vCPU this thread runs, if any.
     static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
@@ -284,8 +290,15 @@ impl Control {
         s.exit.is_none()
     }
 
-    /// Pauses every vCPU and returns once all are parked (or the VM stopped).
+    /// Pauses every vCPU and returns once all are parked (or the VM stopped), or fails
+    /// after `PAUSE_LIMIT`.
     pub fn pause(&self) -> Result<(), &'static str> {
+        self.pause_within(PAUSE_LIMIT)
+    }
+
+    /// `pause`, giving up after `limit`: the vCPUs then run on, as they did.
+    pub fn pause_within(&self, limit: Duration) -> Result<(), &'static str> {
+        let end = Instant::now() + limit;
         let mut s = self.lock();
         match (s.exit.is_some(), s.want) {
             (true, _) | (_, RunState::Stopped) => return Err("the VM has stopped"),
@@ -297,6 +310,14 @@ impl Control {
         self.cv.notify_all();
         // A kick can land just before a thread enters KVM_RUN; kick again until all park.
         while s.parked < s.active && s.exit.is_none() {
+            if Instant::now() >= end {
+                s.want = RunState::Running;
+                self.cv.notify_all();
+                return Err(
+                    "a vCPU did not stop in time (it may wait for memory still at a \
+                            post-copy source); the VM runs on",
+                );
+            }
             Self::kick(&s);
             s = self
                 .cv
@@ -392,6 +413,49 @@ mod tests {
         kick_me();
         // SAFETY: as above.
         assert_eq!(unsafe { std::ptr::read_volatile(&*flag) }, 0);
+    }
+
+    /// A vCPU that does not come out of the guest fails the pause, after its limit,
+    /// and the others run on: nothing is left half-paused.
+    #[test]
+    fn a_pause_that_cannot_park_every_vcpu_gives_up_and_runs_on() {
+        install_kick_handler().unwrap();
+        let ctl = Arc::new(Control::new());
+        ctl.launched();
+        let runs = Arc::new(AtomicU32::new(0));
+        let free = vcpu(ctl.clone(), runs.clone());
+        // Stuck: registered, deaf to kicks, not at its checkpoint until let go.
+        let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stuck = {
+            let (ctl, go) = (ctl.clone(), go.clone());
+            std::thread::spawn(move || {
+                ctl.vcpu_started();
+                while !go.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                while ctl.vcpu_checkpoint() {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                ctl.vcpu_stopped();
+            })
+        };
+        while runs.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let e = ctl.pause_within(Duration::from_millis(200)).unwrap_err();
+        assert!(e.contains("did not stop"), "{e}");
+        assert_eq!(ctl.state(), RunState::Running);
+        let before = runs.load(Ordering::SeqCst);
+        while runs.load(Ordering::SeqCst) == before {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Once it comes out, a pause parks both.
+        go.store(true, Ordering::SeqCst);
+        ctl.pause().unwrap();
+        assert_eq!(ctl.state(), RunState::Paused);
+        ctl.request_exit(VmExit::Shutdown);
+        free.join().unwrap();
+        stuck.join().unwrap();
     }
 
     #[test]
