@@ -174,23 +174,29 @@ impl Restore {
                 .place(&addrs[k..=k], page(k))
                 .map_err(|e| e.to_string())?;
         }
-        let r = if first.is_none() && current.iter().all(|&c| c) {
-            p.faults.place(&addrs, data)
-        } else {
-            let mut keep = Vec::new();
-            let mut bytes = Vec::new();
-            for (k, a) in addrs.iter().enumerate() {
-                if current[k] && Some(k) != first {
-                    keep.push(*a);
-                    bytes.extend_from_slice(page(k));
-                }
+        // The rest straight from the frame, a run of its pages at a time: copying them
+        // into a buffer of their own first took a fifth of a lazy restore's page faults
+        // (a perf profile of one, to its first line) for nothing.
+        let mut k = 0;
+        while k < addrs.len() {
+            if !current[k] || Some(k) == first {
+                k += 1;
+                continue;
             }
-            if keep.is_empty() {
-                return Ok(());
-            }
-            p.faults.place(&keep, &bytes)
-        };
-        r.map_err(|e| e.to_string())
+            let run = addrs[k..]
+                .iter()
+                .enumerate()
+                .take_while(|&(j, _)| current[k + j] && Some(k + j) != first)
+                .count();
+            p.faults
+                .place(
+                    &addrs[k..k + run],
+                    &data[k * PAGE_SIZE..(k + run) * PAGE_SIZE],
+                )
+                .map_err(|e| e.to_string())?;
+            k += run;
+        }
+        Ok(())
     }
 
     /// Answers touches until every page is in, or the VM ends.
