@@ -264,8 +264,15 @@ pub fn fuzz_postcopy(bytes: &[u8]) {
     ) else {
         return;
     };
+    // The VM ends at some point (or never): from then on nothing is placed.
+    let end_at = head.first().map_or(usize::MAX, |&b| b as usize);
+    let mut left_at_end = None;
     let page = [0x5au8; PAGE_SIZE];
     for (k, w) in words(rest).enumerate().take(256) {
+        if k == end_at {
+            lazy.abandon();
+            left_at_end = Some(lazy.left());
+        }
         if k % 3 == 0 {
             let n = (w >> 48) as u32 & 0xff;
             let _ = lazy.zero(&[(w & 0xffff_ffff_ffff, n)]);
@@ -275,6 +282,9 @@ pub fn fuzz_postcopy(bytes: &[u8]) {
     }
     let _ = lazy.take(&mut super::Wanted::default());
     let _ = (lazy.left(), lazy.missing(), lazy.stats());
+    if let Some(left) = left_at_end {
+        assert_eq!(lazy.left(), left, "pages placed after the end");
+    }
     // The same into shared memory, pages read from a stream through its alias: frames
     // of up to 4 pages for any addresses, some of which fail their check or end short.
     let Some(shared) = SharedMap::new(PAGES as usize) else {
@@ -291,7 +301,12 @@ pub fn fuzz_postcopy(bytes: &[u8]) {
         return;
     };
     let data = [0xa5u8; 4 * PAGE_SIZE];
+    let mut left_at_end = None;
     for (k, w) in words(rest).enumerate().take(256) {
+        if k == end_at {
+            lazy.abandon();
+            left_at_end = Some(lazy.left());
+        }
         let n = 1 + (w >> 62) as usize;
         let addrs: Vec<u64> = (0..n as u64)
             .map(|j| (w & 0xffff_ffff_ffff).wrapping_add(j * PAGE_SIZE as u64))
@@ -305,6 +320,9 @@ pub fn fuzz_postcopy(bytes: &[u8]) {
     }
     let _ = lazy.take(&mut super::Wanted::default());
     let _ = (lazy.left(), lazy.missing(), lazy.stats());
+    if let Some(left) = left_at_end {
+        assert_eq!(lazy.left(), left, "pages read in after the end");
+    }
 }
 
 #[cfg(test)]
@@ -432,7 +450,11 @@ mod tests {
         for p in 0..64u64 {
             real.extend_from_slice(&(super::BASE + p * 4096).to_le_bytes());
         }
+        // The same, the VM ending after its tenth operation.
+        let mut ended = real.clone();
+        ended[0] = 10;
         cases.push(real);
+        cases.push(ended);
         for c in cases {
             super::fuzz_postcopy(&c);
         }
