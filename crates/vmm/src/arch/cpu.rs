@@ -1,7 +1,7 @@
 //! vCPU set-up shared by every kind of guest: CPUID, FPU, local APIC, the MSRs to save.
 
 use crate::error::{KvmContext, Result};
-use kvm_bindings::{kvm_fpu, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd};
 
 /// The host's supported CPUID with this vCPU's APIC ID and the vCPU count filled in.
@@ -78,18 +78,88 @@ pub fn enable_lapic(vcpu: &VcpuFd) -> Result<()> {
 }
 
 /// The MSRs KVM lists that this vCPU can actually read: what a save must capture.
+///
+/// KVM_GET_MSRS reads its entries in order and stops at the first it cannot read,
+/// returning how many it read; so one call tells apart a whole run of readable MSRs, and
+/// the one it stopped at is dropped. Where every MSR reads (the usual case) this is one
+/// ioctl per `KVM_MAX_MSR_ENTRIES`, not one per MSR, which a VM's start pays.
 pub fn savable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
     let list = kvm.get_msr_index_list().kvm("KVM_GET_MSR_INDEX_LIST")?;
-    let mut ok = Vec::new();
-    for &index in list.as_slice() {
-        let mut msrs = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-            index,
-            ..Default::default()
-        }])
-        .expect("one entry fits");
-        if matches!(vcpu.get_msrs(&mut msrs), Ok(1)) {
-            ok.push(index);
-        }
+    readable_prefixes(list.as_slice(), |indices| {
+        let entries: Vec<kvm_msr_entry> = indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).expect("at most KVM_MAX_MSR_ENTRIES");
+        // An error reads nothing: the first MSR is the one dropped.
+        vcpu.get_msrs(&mut msrs).unwrap_or(0)
+    })
+}
+
+/// The indices `read` can read, where `read(indices)` says how many of `indices` in a row,
+/// from the first, it read (at most `KVM_MAX_MSR_ENTRIES` asked at once).
+fn readable_prefixes(list: &[u32], mut read: impl FnMut(&[u32]) -> usize) -> Result<Vec<u32>> {
+    let mut ok = Vec::with_capacity(list.len());
+    let mut rest = list;
+    while !rest.is_empty() {
+        let ask = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
+        let n = read(ask).min(ask.len());
+        ok.extend_from_slice(&ask[..n]);
+        // The entry it stopped at cannot be read; a full read stops at none.
+        rest = &rest[(n + usize::from(n < ask.len()))..];
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader that reads, in a row from the first, every index not in `unreadable`.
+    fn reader<'a>(unreadable: &'a [u32], calls: &'a mut usize) -> impl FnMut(&[u32]) -> usize + 'a {
+        move |ask| {
+            *calls += 1;
+            assert!(ask.len() <= KVM_MAX_MSR_ENTRIES);
+            ask.iter().take_while(|i| !unreadable.contains(i)).count()
+        }
+    }
+
+    #[test]
+    fn every_readable_msr_is_kept_and_only_those() {
+        let list: Vec<u32> = (0..600).collect();
+        for unreadable in [vec![], vec![0], vec![599], vec![3, 4, 5, 255, 256, 511]] {
+            let mut calls = 0;
+            let ok = readable_prefixes(&list, reader(&unreadable, &mut calls)).unwrap();
+            let want: Vec<u32> = list.iter().copied().filter(|i| !unreadable.contains(i)).collect();
+            assert_eq!(ok, want, "unreadable {unreadable:?}");
+            // One call per run of readable MSRs, not one per MSR.
+            assert!(calls <= 3 + unreadable.len(), "{calls} calls for {unreadable:?}");
+        }
+    }
+
+    #[test]
+    fn the_batched_probe_finds_what_probing_one_at_a_time_finds() {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+        let list = kvm.get_msr_index_list().unwrap();
+        let one_by_one: Vec<u32> = list
+            .as_slice()
+            .iter()
+            .copied()
+            .filter(|&index| {
+                let entry = kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                };
+                let mut msrs = Msrs::from_entries(&[entry]).unwrap();
+                matches!(vcpu.get_msrs(&mut msrs), Ok(1))
+            })
+            .collect();
+        assert!(!one_by_one.is_empty());
+        assert_eq!(savable_msrs(&kvm, &vcpu).unwrap(), one_by_one);
+    }
 }
