@@ -185,7 +185,7 @@ impl Component for Platform {
             .restore(&s.pci)
             .map_err(ComponentError::Refused)?;
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-        let out = std::mem::replace(serial.uart.writer_mut(), Box::new(std::io::sink()));
+        let out = serial.uart.writer_mut().take();
         let irq = serial
             .uart
             .interrupt_evt()
