@@ -1,5 +1,5 @@
 //! A snapshot's page index as a lazy restore reads it: any file gives an index whose
-//! every entry and frame read is checked, or a clear refusal, never a panic or an
+//! every entry, frame and page read is checked, or a clear refusal, never a panic or an
 //! allocation the file chose.
 #![no_main]
 use godwit_migration::snapshot_index::{Found, Index};
@@ -23,6 +23,14 @@ fuzz_target!(|data: &[u8]| {
         if ix.entries(t, 0, &mut e).is_ok() {
             for &at in e.iter().filter(|&&a| a != 0).take(16) {
                 let _ = ix.frame_at(at, &mut buf);
+                // A touch's read: the head, then one page and the run after it.
+                if let Ok(Some(p)) = ix.pages_at(at) {
+                    let n = p.addrs.len();
+                    let k = (at as usize) % n.max(1);
+                    let _ = ix.read_pages(&p, k..k + 1, &mut buf);
+                    let _ = ix.read_pages(&p, k..n, &mut buf);
+                    let _ = ix.read_pages(&p, n..n + 1, &mut buf);
+                }
             }
         }
         let _ = ix.entries(t, t.pages.saturating_sub(1), &mut e);

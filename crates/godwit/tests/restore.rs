@@ -106,6 +106,64 @@ fn a_snapshot_restored_lazily_or_eagerly_gives_back_every_page() {
     assert!(stderr(&o).contains("no page index"), "{}", stderr(&o));
 }
 
+/// A snapshot's pages carry a CRC each, so that a lazy restore's touch reads and
+/// checks its page alone; one written before they did (every frame checked whole by
+/// one CRC) is restored as well, lazily and eagerly.
+#[test]
+fn a_snapshot_whose_frames_are_checked_whole_is_restored_too() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("restore-whole-frames");
+    let snap = dirtier_snapshot(&dir);
+    let ix = index(&snap);
+    let t = ix.tables()[0].clone();
+    let mut e = vec![0u64; t.pages as usize];
+    ix.entries(&t, 0, &mut e).unwrap();
+    let named: Vec<u64> = e.iter().copied().filter(|&a| a != 0).collect();
+    assert!(!named.is_empty());
+    for &at in &named {
+        assert!(
+            ix.pages_at(at).unwrap().is_some(),
+            "the frame at {at} has no CRC of each page"
+        );
+    }
+    // The same stream, every frame written again as before (PAGES checked whole), and
+    // its index built anew.
+    let bytes = std::fs::read(&snap).unwrap();
+    let mut r = &bytes[..ix.stream_len() as usize];
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    while !r.is_empty() {
+        let f = wire::read_frame(&mut r, &mut buf).unwrap();
+        wire::write_frame(&mut out, &f).unwrap();
+    }
+    let old = dir.path("whole.snap");
+    std::fs::write(&old, &out).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&old)
+        .unwrap();
+    godwit_migration::snapshot_index::append(&f, out.len() as u64).unwrap();
+    drop(f);
+    let ix = index(&old);
+    let t = ix.tables()[0].clone();
+    ix.entries(&t, 0, &mut e).unwrap();
+    assert!(e
+        .iter()
+        .filter(|&&a| a != 0)
+        .all(|&at| ix.pages_at(at).unwrap().is_none()));
+    let o = restore(&old, "lazy");
+    assert_verified(&o);
+    assert!(
+        stderr(&o).contains("the VM runs before its memory is read"),
+        "{}",
+        stderr(&o)
+    );
+    assert_verified(&restore(&old, "eager"));
+}
+
 /// A snapshot file outlives the godwit that wrote it: one whose HELLO names the oldest
 /// wire version this godwit takes is restored, lazily and eagerly; one older than
 /// that is refused with both versions named, before any guest runs.
@@ -169,11 +227,13 @@ fn a_damaged_page_is_never_placed() {
     ix.entries(&t, 0, &mut e).unwrap();
     let at = *e.iter().find(|&&x| x != 0).unwrap();
     let mut buf = Vec::new();
-    let Ok(Frame::Pages { addrs, .. }) = ix.frame_at(at, &mut buf) else {
+    let Ok(Frame::Pages { .. }) = ix.frame_at(at, &mut buf) else {
         panic!("the index does not name a PAGES frame")
     };
-    let data_at = at as usize + wire::HEADER_LEN + 8 + 8 * addrs.len();
     let mut bytes = std::fs::read(&snap).unwrap();
+    let at = at as usize;
+    let h = wire::parse_header(bytes[at..at + wire::HEADER_LEN].try_into().unwrap()).unwrap();
+    let data_at = at + wire::HEADER_LEN + wire::pages_head_len(h.len, h.checked).unwrap();
     bytes[data_at + 100] ^= 0x55;
     std::fs::write(&snap, &bytes).unwrap();
     let o = restore(&snap, "lazy");

@@ -90,8 +90,8 @@ struct Lane {
     zeros: Vec<(u64, u32)>,
     zero_section: u32,
     totals: Totals,
-    /// What the CRC of the PAGES frames it builds covers (the transport's own checks
-    /// suffice?).
+    /// What the CRCs of the PAGES frames it builds cover: all of a frame, its head (the
+    /// transport's own checks suffice) or its head and each page apart (files).
     checked: Checked,
     /// Whether it may take pages straight from memory (`Stream::write_pages`), and how
     /// their data is checked then: by the transport (`Head`) or by a CRC of each page
@@ -241,6 +241,10 @@ impl Outbound {
         let transport = self.checks == PageChecks::Transport && s.checks_in_transit();
         let checked = if transport {
             Checked::Head
+        } else if matches!(s, Stream::File(_)) {
+            // A snapshot file's pages each carry their CRC: a lazy restore's touch reads
+            // and checks its own page, not the 256 KiB frame around it.
+            Checked::Pages
         } else {
             Checked::All
         };

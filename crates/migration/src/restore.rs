@@ -5,12 +5,14 @@
 //! is filled from the file at once: the page's latest copy, found through the index,
 //! together with the rest of its frame that is still current (the pages around a
 //! touched one are likely next). A background thread reads everything else in address
-//! order. Pages are placed only from frames whose CRC passes: a damaged or unreadable
-//! page stops the VM with the reason, since it cannot go on without that memory.
+//! order. A page is placed only once its CRC passes (its own, which a touch reads and
+//! checks alone; in snapshots from before pages carried one, its whole frame's): a
+//! damaged or unreadable page stops the VM with the reason, since it cannot go on
+//! without that memory.
 
 use crate::destination::{Incoming, ReceiveError};
 use crate::postcopy_in::FaultWatch;
-use crate::snapshot_index::{Found, Index, Table};
+use crate::snapshot_index::{Found, Index, PagesAt, Table};
 use crate::wire::{Frame, Totals, WireError, PAGE_SIZE};
 use godwit_vmm::control::VmExit;
 use godwit_vmm::migratable::incoming::Host;
@@ -55,6 +57,14 @@ pub(crate) struct Restore {
 const QUIET: Duration = Duration::from_millis(2);
 /// ... but starts this long after the VM at the latest, whatever the guest does.
 const QUIET_AT_MOST: Duration = Duration::from_millis(20);
+
+/// What a touch left for when no touch waits.
+enum Later {
+    /// (part, frame offset, page placed): the rest of a touched page's frame.
+    Rest(usize, u64, u64),
+    /// (part, address): a page read ahead, with its frame.
+    Page(usize, u64),
+}
 
 impl Restore {
     pub fn new(index: Index, parts: Vec<Part>, vm: VmHandle, what: String) -> Restore {
@@ -118,7 +128,52 @@ impl Restore {
         must_hold: Option<u64>,
         buf: &mut Vec<u8>,
     ) -> Result<(), String> {
-        let t = &p.table;
+        let bad = |e: WireError| format!("the frame at byte {at}: {e}");
+        let Some(f) = self.index.pages_at(at).map_err(bad)? else {
+            return self.place_whole_frame(p, at, must_hold, buf);
+        };
+        let first = self.held(p, at, f.section, &f.addrs, must_hold)?;
+        if let Some(k) = first {
+            let data = self.index.read_pages(&f, k..k + 1, buf).map_err(bad)?;
+            p.faults
+                .place(&f.addrs[k..=k], data)
+                .map_err(|e| e.to_string())?;
+        }
+        self.place_runs(p, at, &f, first, buf)
+    }
+
+    /// Places the current pages of `f`, the frame at `at`, but for `skip`: a run of
+    /// pages in a row at a time, each page checked against its CRC.
+    fn place_runs(
+        &self,
+        p: &Part,
+        at: u64,
+        f: &PagesAt,
+        skip: Option<usize>,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        let current = self.current(p, at, &f.addrs)?;
+        for r in runs(&current, skip) {
+            let data = self
+                .index
+                .read_pages(f, r.clone(), buf)
+                .map_err(|e| format!("the frame at byte {at}: {e}"))?;
+            p.faults
+                .place(&f.addrs[r], data)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// `place_frame` for a frame checked whole by one CRC (snapshots written before
+    /// pages carried their own): all of it is read and checked before any page goes.
+    fn place_whole_frame(
+        &self,
+        p: &Part,
+        at: u64,
+        must_hold: Option<u64>,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), String> {
         let f = self
             .index
             .frame_at(at, buf)
@@ -134,41 +189,8 @@ impl Restore {
                 f.kind()
             ));
         };
-        if section != p.section {
-            return Err(format!(
-                "the index names pages of section {section} at byte {at}"
-            ));
-        }
-        if let Some(a) = must_hold.filter(|a| !addrs.contains(a)) {
-            return Err(format!("the frame at byte {at} does not hold page {a:#x}"));
-        }
-        // Which of its pages are current: those whose entry names this frame.
-        let lo = addrs.iter().min().copied().unwrap_or(0) / PAGE;
-        let hi = addrs.iter().max().copied().unwrap_or(0) / PAGE;
-        let current: Vec<bool> = if hi - lo < CHUNK as u64 {
-            let mut e = vec![0u64; (hi - lo + 1) as usize];
-            self.index
-                .entries(t, lo, &mut e)
-                .map_err(|e| format!("reading the index: {e}"))?;
-            addrs
-                .iter()
-                .map(|a| e[(a / PAGE - lo) as usize] == at)
-                .collect()
-        } else {
-            let mut v = Vec::with_capacity(addrs.len());
-            for a in &addrs {
-                let mut e = [0u64];
-                self.index
-                    .entries(t, a / PAGE, &mut e)
-                    .map_err(|e| format!("reading the index: {e}"))?;
-                v.push(e[0] == at);
-            }
-            v
-        };
+        let first = self.held(p, at, section, &addrs, must_hold)?;
         let page = |k: usize| &data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
-        // The touched page first, alone: whoever waits for it runs on while the rest of
-        // its frame is placed.
-        let first = must_hold.and_then(|a| addrs.iter().position(|&x| x == a));
         if let Some(k) = first {
             p.faults
                 .place(&addrs[k..=k], page(k))
@@ -177,33 +199,76 @@ impl Restore {
         // The rest straight from the frame, a run of its pages at a time: copying them
         // into a buffer of their own first took a fifth of a lazy restore's page faults
         // (a perf profile of one, to its first line) for nothing.
-        let mut k = 0;
-        while k < addrs.len() {
-            if !current[k] || Some(k) == first {
-                k += 1;
-                continue;
-            }
-            let run = addrs[k..]
-                .iter()
-                .enumerate()
-                .take_while(|&(j, _)| current[k + j] && Some(k + j) != first)
-                .count();
+        let current = self.current(p, at, &addrs)?;
+        for r in runs(&current, first) {
             p.faults
                 .place(
-                    &addrs[k..k + run],
-                    &data[k * PAGE_SIZE..(k + run) * PAGE_SIZE],
+                    &addrs[r.clone()],
+                    &data[r.start * PAGE_SIZE..r.end * PAGE_SIZE],
                 )
                 .map_err(|e| e.to_string())?;
-            k += run;
         }
         Ok(())
     }
 
-    /// Answers touches until every page is in, or the VM ends.
+    /// Checks that the frame at `at`, of `section` with pages `addrs`, is one of `p`'s
+    /// and holds `must_hold`; returns where it holds it.
+    fn held(
+        &self,
+        p: &Part,
+        at: u64,
+        section: u32,
+        addrs: &[u64],
+        must_hold: Option<u64>,
+    ) -> Result<Option<usize>, String> {
+        if section != p.section {
+            return Err(format!(
+                "the index names pages of section {section} at byte {at}"
+            ));
+        }
+        match must_hold {
+            None => Ok(None),
+            Some(a) => match addrs.iter().position(|&x| x == a) {
+                Some(k) => Ok(Some(k)),
+                None => Err(format!("the frame at byte {at} does not hold page {a:#x}")),
+            },
+        }
+    }
+
+    /// Which of `addrs`, the pages of the frame at `at`, are current: those whose
+    /// entry names this frame.
+    fn current(&self, p: &Part, at: u64, addrs: &[u64]) -> Result<Vec<bool>, String> {
+        let t = &p.table;
+        let lo = addrs.iter().min().copied().unwrap_or(0) / PAGE;
+        let hi = addrs.iter().max().copied().unwrap_or(0) / PAGE;
+        let index = |e: std::io::Error| format!("reading the index: {e}");
+        if hi - lo < CHUNK as u64 {
+            let mut e = vec![0u64; (hi - lo + 1) as usize];
+            self.index.entries(t, lo, &mut e).map_err(index)?;
+            return Ok(addrs
+                .iter()
+                .map(|a| e[(a / PAGE - lo) as usize] == at)
+                .collect());
+        }
+        let mut v = Vec::with_capacity(addrs.len());
+        for a in addrs {
+            let mut e = [0u64];
+            self.index.entries(t, a / PAGE, &mut e).map_err(index)?;
+            v.push(e[0] == at);
+        }
+        Ok(v)
+    }
+
+    /// Answers touches until every page is in, or the VM ends. A touch gets its own
+    /// page at once; the rest of its frame, and the pages read ahead, wait until no
+    /// touch does (`Later`): a vCPU touches its next page microseconds after the last
+    /// one came in, and would otherwise wait behind some 250 KiB read for pages it may
+    /// never use.
     fn serve_faults(&self) {
         let mut w = godwit_vmm::migratable::Wanted::default();
         let mut buf = Vec::new();
         let mut watch = FaultWatch::new(self.parts.iter().map(|p| &*p.faults));
+        let mut later = std::collections::VecDeque::new();
         while self.left() > 0 {
             if self.vm.ctl.state() == godwit_vmm::RunState::Stopped
                 && !self.failed.load(Ordering::SeqCst)
@@ -216,37 +281,113 @@ impl Restore {
                 }
                 return;
             }
-            watch.wait(100);
+            watch.wait(if later.is_empty() { 100 } else { 0 });
             let mut touched = false;
-            for p in &self.parts {
+            for (i, p) in self.parts.iter().enumerate() {
                 w.clear();
                 if let Err(e) = p.faults.take(&mut w) {
                     self.fail(p, format!("reading faults: {e}"));
                     continue;
                 }
                 touched |= !w.is_empty();
-                self.urgent.store(!w.is_empty(), Ordering::SeqCst);
-                // Each page is placed (waking whoever waits for it) as it is read: the
-                // touches first.
-                for &a in w.ask.iter().chain(&w.after).chain(&w.ahead) {
-                    if self.failed.load(Ordering::SeqCst) {
-                        // Whoever waits is let go (on zeros) to find the VM stopping: it
-                        // stops at its next entry and never runs on.
-                        let _ = p.faults.zero(&[(a, 1)]);
-                        continue;
-                    }
-                    if let Err(why) = self.fill(p, a, &mut buf) {
-                        self.fail(p, why);
-                        let _ = p.faults.zero(&[(a, 1)]);
+                if !w.is_empty() {
+                    self.urgent.store(true, Ordering::SeqCst);
+                }
+                for &a in &w.ask {
+                    match self.touch(p, a, &mut buf) {
+                        Ok(Some(at)) => later.push_back(Later::Rest(i, at, a)),
+                        Ok(None) => {}
+                        Err(why) => {
+                            self.fail(p, why);
+                            let _ = p.faults.zero(&[(a, 1)]);
+                        }
                     }
                 }
+                // Pages read ahead are asked for: a touch of one waits for it without
+                // a fault of its own, so they go first when no touch waits.
+                for &a in w.after.iter().rev() {
+                    later.push_front(Later::Page(i, a));
+                }
+                later.extend(w.ahead.iter().map(|&a| Later::Page(i, a)));
             }
             if touched {
                 self.last_touch_us
                     .store(self.t0.elapsed().as_micros() as u64, Ordering::SeqCst);
+            } else if let Some(l) = later.pop_front() {
+                // No touch waits: one frame's worth of what waited.
+                match l {
+                    Later::Rest(i, at, placed) => {
+                        if let Err(why) = self.rest(&self.parts[i], at, placed, &mut buf) {
+                            self.fail(&self.parts[i], why);
+                        }
+                    }
+                    Later::Page(i, a) => {
+                        let p = &self.parts[i];
+                        let r = match self.failed.load(Ordering::SeqCst) {
+                            true => Ok(()),
+                            false => self.fill(p, a, &mut buf),
+                        };
+                        if let Err(why) = r {
+                            self.fail(p, why);
+                        }
+                        if self.failed.load(Ordering::SeqCst) {
+                            // A touch may wait for it: let go on zeros, as in `touch`.
+                            let _ = p.faults.zero(&[(a, 1)]);
+                        }
+                    }
+                }
             }
-            self.urgent.store(false, Ordering::SeqCst);
+            self.urgent.store(!later.is_empty(), Ordering::SeqCst);
         }
+    }
+
+    /// Places the touched page `addr` of `p` alone, checked by itself where its frame
+    /// carries a CRC of each page, and returns that frame's offset for the rest of it
+    /// (`rest`); `None` where nothing is left (a zero page, or a frame checked whole and
+    /// placed whole). After a failure, whoever waits is let go on zeros.
+    fn touch(&self, p: &Part, addr: u64, buf: &mut Vec<u8>) -> Result<Option<u64>, String> {
+        if self.failed.load(Ordering::SeqCst) {
+            // Whoever waits is let go (on zeros) to find the VM stopping: it stops at
+            // its next entry and never runs on.
+            let _ = p.faults.zero(&[(addr, 1)]);
+            return Ok(None);
+        }
+        let mut e = [0u64];
+        self.index
+            .entries(&p.table, addr / PAGE, &mut e)
+            .map_err(|e| format!("reading the index: {e}"))?;
+        let at = e[0];
+        if at == 0 {
+            p.faults.zero(&[(addr, 1)]).map_err(|e| e.to_string())?;
+            return Ok(None);
+        }
+        let bad = |e: WireError| format!("the frame at byte {at}: {e}");
+        let Some(f) = self.index.pages_at(at).map_err(bad)? else {
+            self.place_whole_frame(p, at, Some(addr), buf)?;
+            return Ok(None);
+        };
+        let k = self.held(p, at, f.section, &f.addrs, Some(addr))?;
+        let k = k.expect("held asks for the page");
+        let data = self.index.read_pages(&f, k..k + 1, buf).map_err(bad)?;
+        p.faults
+            .place(&f.addrs[k..=k], data)
+            .map_err(|e| e.to_string())?;
+        Ok(Some(at))
+    }
+
+    /// The current pages of the frame at `at` other than `placed` (its touched page).
+    fn rest(&self, p: &Part, at: u64, placed: u64, buf: &mut Vec<u8>) -> Result<(), String> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let bad = |e: WireError| format!("the frame at byte {at}: {e}");
+        let f = self
+            .index
+            .pages_at(at)
+            .map_err(bad)?
+            .ok_or_else(|| format!("the frame at byte {at} changed"))?;
+        let first = f.addrs.iter().position(|&a| a == placed);
+        self.place_runs(p, at, &f, first, buf)
     }
 
     /// Says once, when every page is in, how long that took and what brought them.
@@ -361,6 +502,25 @@ impl Restore {
 }
 
 /// Every page of memory of this shape missing.
+/// The runs of pages in a row that are `current`, leaving out `skip` (placed already).
+fn runs(current: &[bool], skip: Option<usize>) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut k = 0;
+    while k < current.len() {
+        let take = |j: usize| current[j] && Some(j) != skip;
+        if !take(k) {
+            k += 1;
+            continue;
+        }
+        let end = (k..current.len())
+            .find(|&j| !take(j))
+            .unwrap_or(current.len());
+        out.push(k..end);
+        k = end;
+    }
+    out
+}
+
 fn all_pages(regions: &[(u64, u64)]) -> Vec<Bitmap> {
     regions
         .iter()
@@ -540,4 +700,19 @@ pub(crate) fn start(r: Restore) -> std::io::Result<()> {
             r.report_whole();
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    fn runs_are_the_current_pages_in_a_row_less_the_one_placed() {
+        let (t, f) = (true, false);
+        assert_eq!(runs(&[t, t, f, t, t, t, f], None), [0..2, 3..6]);
+        assert_eq!(runs(&[t, t, f, t, t, t, f], Some(4)), [0..2, 3..4, 5..6]);
+        assert_eq!(runs(&[t, t, t, f, t], Some(0)), [1..3, 4..5]);
+        assert_eq!(runs(&[f, f], None), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(runs(&[], Some(0)), Vec::<std::ops::Range<usize>>::new());
+    }
 }

@@ -14,7 +14,7 @@
 //! name a PAGES frame of its section, inside the stream, whose CRC passes, that holds
 //! the page). A restore therefore never places a page it has not checked.
 
-use crate::wire::{self, Frame, Kind, Totals, WireError, HEADER_LEN, PAGE_SIZE};
+use crate::wire::{self, Checked, Frame, Kind, Totals, WireError, HEADER_LEN, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -240,6 +240,21 @@ impl Index {
 
     /// The whole frame at `at` in the stream, its CRC checked.
     pub fn frame_at<'b>(&self, at: u64, buf: &'b mut Vec<u8>) -> Result<Frame<'b>, WireError> {
+        let head = self.header_at(at)?;
+        // Every byte is read over: only growth needs filling.
+        if buf.len() < head.len {
+            buf.resize(head.len, 0);
+        }
+        buf.truncate(head.len);
+        self.f
+            .read_exact_at(buf, at + HEADER_LEN as u64)
+            .map_err(WireError::Io)?;
+        head.check(buf)?;
+        wire::decode_checked(head.kind, head.checked, buf)
+    }
+
+    /// The header of the frame at `at`, checked, and the frame inside the stream.
+    fn header_at(&self, at: u64) -> Result<wire::Header, WireError> {
         let mut h = [0u8; HEADER_LEN];
         if at
             .checked_add(HEADER_LEN as u64)
@@ -249,18 +264,80 @@ impl Index {
         }
         self.f.read_exact_at(&mut h, at).map_err(WireError::Io)?;
         let head = wire::parse_header(&h)?;
-        let (kind, len) = (head.kind, head.len);
-        if at + (HEADER_LEN + len) as u64 > self.dir.stream_len {
+        if at + (HEADER_LEN + head.len) as u64 > self.dir.stream_len {
             return Err(WireError::Truncated);
         }
-        buf.clear();
-        buf.resize(len, 0);
-        self.f
-            .read_exact_at(buf, at + HEADER_LEN as u64)
-            .map_err(WireError::Io)?;
-        head.check(buf)?;
-        wire::decode(kind, buf)
+        Ok(head)
     }
+
+    /// The head of the PAGES frame at `at`, read and checked, where its pages carry a
+    /// CRC each (snapshots since they do): their data stays in the file, for
+    /// `read_pages` to read a page or a run of them alone. `None` for any other frame
+    /// (read it whole with `frame_at`).
+    pub fn pages_at(&self, at: u64) -> Result<Option<PagesAt>, WireError> {
+        let head = self.header_at(at)?;
+        if head.kind != Kind::Pages || head.checked != Checked::Pages {
+            return Ok(None);
+        }
+        let len = wire::pages_head_len(head.len, head.checked)?;
+        let mut b = vec![0u8; len];
+        self.f
+            .read_exact_at(&mut b, at + HEADER_LEN as u64)
+            .map_err(WireError::Io)?;
+        head.matches(crc32fast::hash(&b))?;
+        let h = wire::decode_pages_head(&b, head.checked)?;
+        Ok(Some(PagesAt {
+            section: h.section,
+            addrs: h.addrs,
+            crcs: h.crcs,
+            data_at: at + (HEADER_LEN + len) as u64,
+        }))
+    }
+
+    /// Pages `pages` of `p` (indices into its `addrs`) read into `buf`, each checked
+    /// against its CRC.
+    pub fn read_pages<'b>(
+        &self,
+        p: &PagesAt,
+        pages: std::ops::Range<usize>,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<&'b [u8], WireError> {
+        if pages.start > pages.end || pages.end > p.addrs.len() {
+            return Err(WireError::Malformed(
+                Kind::Pages,
+                format!("pages {pages:?} of a frame of {}", p.addrs.len()),
+            ));
+        }
+        let len = pages.len() * PAGE_SIZE;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let b = &mut buf[..len];
+        self.f
+            .read_exact_at(b, p.data_at + (pages.start * PAGE_SIZE) as u64)
+            .map_err(WireError::Io)?;
+        for (page, &want) in b.chunks_exact(PAGE_SIZE).zip(&p.crcs[pages]) {
+            let got = crc32fast::hash(page);
+            if got != want {
+                return Err(WireError::BadCrc {
+                    kind: Kind::Pages,
+                    got,
+                    want,
+                });
+            }
+        }
+        Ok(b)
+    }
+}
+
+/// A PAGES frame's head, checked, whose pages (each with its CRC) are still in the file.
+#[derive(Debug)]
+pub struct PagesAt {
+    pub section: u32,
+    pub addrs: Vec<u64>,
+    crcs: Vec<u32>,
+    /// Where its first page's data starts in the file.
+    data_at: u64,
 }
 
 #[cfg(test)]
@@ -367,8 +444,77 @@ mod tests {
         assert!(ix.frame_at(s.len() as u64 - 4, &mut buf).is_err());
     }
 
-    /// The fuzzer's seed (written by hand, as a snapshot of two rounds) is an index
-    /// this reader takes: fuzzing starts from inside the format, not at its door.
+    /// A frame whose pages carry their own CRCs (as a snapshot's do): its head says
+    /// which pages it holds, each page is read and checked by itself, and damage to
+    /// one page fails that page alone (and the frame read whole).
+    #[test]
+    fn a_page_with_its_own_crc_is_read_and_checked_alone() {
+        let mut s = Vec::new();
+        wire::write_frame(&mut s, &Frame::Sync(1)).unwrap();
+        let at = s.len();
+        let mut f = wire::PagesFrame::new();
+        for (i, a) in [0x3000u64, 0x4000, 0x9000].into_iter().enumerate() {
+            f.next_slot().fill(i as u8 + 1);
+            f.commit(a);
+        }
+        let (b, r) = f.take(Vec::new(), Checked::Pages).unwrap();
+        s.extend_from_slice(&b[r]);
+        let totals = Totals {
+            pages: 3,
+            zero_pages: 0,
+            data: 0,
+        };
+        wire::write_frame(&mut s, &Frame::Complete(totals)).unwrap();
+        let open = |s: &[u8]| {
+            let (p, f) = file_with(s);
+            append(&f, s.len() as u64).unwrap();
+            let Found::Index(ix) = Index::open(File::open(&p.0).unwrap()).unwrap() else {
+                panic!("no index")
+            };
+            (p, ix)
+        };
+        let (_p, ix) = open(&s);
+        let mut b = Vec::new();
+        let p = ix.pages_at(at as u64).unwrap().expect("pages with CRCs");
+        assert_eq!(p.addrs, [0x3000, 0x4000, 0x9000]);
+        assert_eq!(
+            ix.read_pages(&p, 1..2, &mut b).unwrap(),
+            &[2u8; PAGE_SIZE][..]
+        );
+        let all = ix.read_pages(&p, 0..3, &mut b).unwrap();
+        assert_eq!((all[0], all[PAGE_SIZE], all[3 * PAGE_SIZE - 1]), (1, 2, 3));
+        assert!(ix.read_pages(&p, 2..4, &mut b).is_err());
+        let Frame::Pages { addrs, data, .. } = ix.frame_at(at as u64, &mut b).unwrap() else {
+            panic!("not read whole")
+        };
+        assert_eq!((addrs.len(), data[2 * PAGE_SIZE]), (3, 3));
+        // Any other frame is read whole.
+        assert!(ix.pages_at(0).unwrap().is_none());
+        // The third page damaged: it fails; the first two still read.
+        let data_at = at + HEADER_LEN + 8 + 12 * 3;
+        let mut d = s.clone();
+        d[data_at + 2 * PAGE_SIZE + 7] ^= 1;
+        let (_q, ix) = open(&d);
+        let p = ix.pages_at(at as u64).unwrap().unwrap();
+        assert!(matches!(
+            ix.read_pages(&p, 2..3, &mut b),
+            Err(WireError::BadCrc { .. })
+        ));
+        assert!(ix.read_pages(&p, 0..2, &mut b).is_ok());
+        assert!(ix.frame_at(at as u64, &mut b).is_err());
+        // A damaged CRC in the head: no page of the frame is read.
+        let mut d = s.clone();
+        d[at + HEADER_LEN + 8 + 24 + 1] ^= 1;
+        let (_r, ix) = open(&d);
+        assert!(matches!(
+            ix.pages_at(at as u64),
+            Err(WireError::BadCrc { .. })
+        ));
+    }
+
+    /// The fuzzer's seeds (written by hand, as a snapshot of two rounds; and the same
+    /// with a CRC of each page) are indexes this reader takes: fuzzing starts from
+    /// inside the format, not at its door.
     #[test]
     fn the_fuzz_seed_is_an_index() {
         let seed = concat!(
@@ -387,6 +533,21 @@ mod tests {
             Ok(Frame::Pages { .. })
         ));
         assert_eq!(e[5], 0);
+        // Its twin whose pages carry a CRC each, as snapshots do since.
+        let seed = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fuzz/corpus/snapshot_index/two_rounds_page_crcs"
+        );
+        let Found::Index(ix) = Index::open(File::open(seed).unwrap()).unwrap() else {
+            panic!("the seed is not an index")
+        };
+        let mut e2 = [0u64; 6];
+        ix.entries(&ix.tables()[0].clone(), 0, &mut e2).unwrap();
+        assert_eq!(e2.map(|a| a == 0), e.map(|a| a == 0));
+        for at in e2.into_iter().filter(|&a| a != 0) {
+            let p = ix.pages_at(at).unwrap().expect("pages with CRCs");
+            assert!(ix.read_pages(&p, 0..p.addrs.len(), &mut buf).is_ok());
+        }
     }
 
     #[test]

@@ -426,8 +426,10 @@ fn header_with(kind: Kind, flags: u8, len: usize, crc: u32) -> [u8; HEADER_LEN] 
 #[serde(rename_all = "snake_case")]
 pub enum PageChecks {
     /// godwit: every byte checked end to end. Pages sent straight from guest memory
-    /// (one TCP or Unix connection) carry a CRC each (`PAGE_CRCS`), checked where they
-    /// land; a frame built in a buffer (other lanes, TLS, files) a CRC of all of it.
+    /// (one TCP or Unix connection) and pages in a snapshot file carry a CRC each
+    /// (`PAGE_CRCS`), checked where they land (a lazy restore's touch reads and checks
+    /// its page alone); a frame built in a buffer for another lane or TLS, a CRC of all
+    /// of it.
     #[default]
     Crc,
     /// The transport (TCP's checksum, TLS's AEAD; a local socket has no wire): frames

@@ -4,8 +4,8 @@
 //! `decode_pages_head`), so that the data can go straight into place.
 
 use super::{
-    header, header_with, u32_at, u64_at, Checked, Kind, WireError, HEADER_LEN, HEAD_ONLY,
-    PAGES_PER_FRAME, PAGE_SIZE,
+    header, header_with, u32_at, u64_at, Checked, Kind, WireError, HEADER_LEN, PAGES_PER_FRAME,
+    PAGE_SIZE,
 };
 use std::io::{self, Write};
 
@@ -62,7 +62,8 @@ impl Default for PagesFrame {
 
 impl PagesFrame {
     const ADDRS: usize = HEADER_LEN + 8;
-    const DATA: usize = Self::ADDRS + 8 * PAGES_PER_FRAME;
+    /// Room for the longest head: an address and a CRC for each page.
+    const DATA: usize = Self::ADDRS + 12 * PAGES_PER_FRAME;
     pub const BUFFER: usize = Self::DATA + PAGES_PER_FRAME * PAGE_SIZE;
 
     pub fn new() -> Self {
@@ -116,8 +117,10 @@ impl PagesFrame {
         self.count += 1;
     }
 
-    /// Completes the frame in place (addresses packed against the data) and hands out
+    /// Completes the frame in place (its head packed against the data) and hands out
     /// its buffer and the range to write, leaving `next` (a spare buffer) in its place.
+    /// `Checked::Pages` puts a CRC of each page in the head, so that a reader can check
+    /// one page without reading the others (a lazy restore's touch).
     pub fn take(
         &mut self,
         next: Vec<u8>,
@@ -127,22 +130,31 @@ impl PagesFrame {
         if n == 0 {
             return None;
         }
-        // Close the gap between the used address slots and the data.
-        let addr_end = Self::ADDRS + 8 * n;
-        let start = Self::DATA - addr_end;
-        self.buf
-            .copy_within(Self::ADDRS..addr_end, start + Self::ADDRS);
-        let payload_start = start + HEADER_LEN;
         let end = Self::DATA + n * PAGE_SIZE;
+        if checked == Checked::Pages {
+            // After the addresses, where the unused address slots were.
+            let crcs_at = Self::ADDRS + 8 * n;
+            for k in 0..n {
+                let data = Self::DATA + k * PAGE_SIZE;
+                let crc = crc32fast::hash(&self.buf[data..data + PAGE_SIZE]);
+                self.buf[crcs_at + 4 * k..crcs_at + 4 * k + 4].copy_from_slice(&crc.to_le_bytes());
+            }
+        }
+        // Close the gap between the head and the data.
+        let head_end = Self::ADDRS + checked.head_per_page() * n;
+        let start = Self::DATA - head_end;
+        self.buf
+            .copy_within(Self::ADDRS..head_end, start + Self::ADDRS);
+        let payload_start = start + HEADER_LEN;
         self.buf[payload_start..payload_start + 4].copy_from_slice(&self.section.to_le_bytes());
         self.buf[payload_start + 4..payload_start + 8].copy_from_slice(&(n as u32).to_le_bytes());
         let h = match checked {
             // Copied, its pages cannot tear: a CRC over all of it is as good as one per
-            // page.
-            Checked::All | Checked::Pages => header(Kind::Pages, &self.buf[payload_start..end]),
-            Checked::Head => header_with(
+            // page, where nobody reads a page alone.
+            Checked::All => header(Kind::Pages, &self.buf[payload_start..end]),
+            Checked::Head | Checked::Pages => header_with(
                 Kind::Pages,
-                HEAD_ONLY,
+                checked.flags(),
                 end - payload_start,
                 crc32fast::hash(&self.buf[payload_start..Self::DATA]),
             ),

@@ -1,7 +1,9 @@
 //! vCPU set-up shared by every kind of guest: CPUID, FPU, local APIC, the MSRs to save.
 
 use crate::error::{KvmContext, Result};
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES};
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VcpuFd};
 
 /// The host's supported CPUID with this vCPU's APIC ID and the vCPU count filled in.
@@ -133,10 +135,17 @@ mod tests {
         for unreadable in [vec![], vec![0], vec![599], vec![3, 4, 5, 255, 256, 511]] {
             let mut calls = 0;
             let ok = readable_prefixes(&list, reader(&unreadable, &mut calls)).unwrap();
-            let want: Vec<u32> = list.iter().copied().filter(|i| !unreadable.contains(i)).collect();
+            let want: Vec<u32> = list
+                .iter()
+                .copied()
+                .filter(|i| !unreadable.contains(i))
+                .collect();
             assert_eq!(ok, want, "unreadable {unreadable:?}");
             // One call per run of readable MSRs, not one per MSR.
-            assert!(calls <= 3 + unreadable.len(), "{calls} calls for {unreadable:?}");
+            assert!(
+                calls <= 3 + unreadable.len(),
+                "{calls} calls for {unreadable:?}"
+            );
         }
     }
 
