@@ -60,8 +60,9 @@ const QUIET_AT_MOST: Duration = Duration::from_millis(20);
 
 /// What a touch left for when no touch waits.
 enum Later {
-    /// (part, frame offset, page placed): the rest of a touched page's frame.
-    Rest(usize, u64, u64),
+    /// (part, frame offset, its head, the page placed): the rest of a touched page's
+    /// frame.
+    Rest(usize, u64, PagesAt, usize),
     /// (part, address): a page read ahead, with its frame.
     Page(usize, u64),
 }
@@ -295,7 +296,7 @@ impl Restore {
                 }
                 for &a in &w.ask {
                     match self.touch(p, a, &mut buf) {
-                        Ok(Some(at)) => later.push_back(Later::Rest(i, at, a)),
+                        Ok(Some((at, f, k))) => later.push_back(Later::Rest(i, at, f, k)),
                         Ok(None) => {}
                         Err(why) => {
                             self.fail(p, why);
@@ -316,9 +317,14 @@ impl Restore {
             } else if let Some(l) = later.pop_front() {
                 // No touch waits: one frame's worth of what waited.
                 match l {
-                    Later::Rest(i, at, placed) => {
-                        if let Err(why) = self.rest(&self.parts[i], at, placed, &mut buf) {
-                            self.fail(&self.parts[i], why);
+                    Later::Rest(i, at, f, k) => {
+                        let p = &self.parts[i];
+                        let r = match self.failed.load(Ordering::SeqCst) {
+                            true => Ok(()),
+                            false => self.place_runs(p, at, &f, Some(k), &mut buf),
+                        };
+                        if let Err(why) = r {
+                            self.fail(p, why);
                         }
                     }
                     Later::Page(i, a) => {
@@ -342,10 +348,16 @@ impl Restore {
     }
 
     /// Places the touched page `addr` of `p` alone, checked by itself where its frame
-    /// carries a CRC of each page, and returns that frame's offset for the rest of it
-    /// (`rest`); `None` where nothing is left (a zero page, or a frame checked whole and
-    /// placed whole). After a failure, whoever waits is let go on zeros.
-    fn touch(&self, p: &Part, addr: u64, buf: &mut Vec<u8>) -> Result<Option<u64>, String> {
+    /// carries a CRC of each page, and returns that frame (its offset, its head, where
+    /// in it the page was) for the rest of it; `None` where nothing is left (a zero
+    /// page, or a frame checked whole and placed whole). After a failure, whoever waits
+    /// is let go on zeros.
+    fn touch(
+        &self,
+        p: &Part,
+        addr: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<(u64, PagesAt, usize)>, String> {
         if self.failed.load(Ordering::SeqCst) {
             // Whoever waits is let go (on zeros) to find the VM stopping: it stops at
             // its next entry and never runs on.
@@ -372,22 +384,7 @@ impl Restore {
         p.faults
             .place(&f.addrs[k..=k], data)
             .map_err(|e| e.to_string())?;
-        Ok(Some(at))
-    }
-
-    /// The current pages of the frame at `at` other than `placed` (its touched page).
-    fn rest(&self, p: &Part, at: u64, placed: u64, buf: &mut Vec<u8>) -> Result<(), String> {
-        if self.failed.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        let bad = |e: WireError| format!("the frame at byte {at}: {e}");
-        let f = self
-            .index
-            .pages_at(at)
-            .map_err(bad)?
-            .ok_or_else(|| format!("the frame at byte {at} changed"))?;
-        let first = f.addrs.iter().position(|&a| a == placed);
-        self.place_runs(p, at, &f, first, buf)
+        Ok(Some((at, f, k)))
     }
 
     /// Says once, when every page is in, how long that took and what brought them.
