@@ -108,39 +108,23 @@ impl Restore {
         }
     }
 
-    /// Fills the page at `addr` of `p` (a touch waits for it).
+    /// Fills the page at `addr` of `p` (a touch waits for it) and the rest of its frame
+    /// that is current.
     fn fill(&self, p: &Part, addr: u64, buf: &mut Vec<u8>) -> Result<(), String> {
-        let mut e = [0u64];
-        self.index
-            .entries(&p.table, addr / PAGE, &mut e)
-            .map_err(|e| format!("reading the index: {e}"))?;
-        if e[0] == 0 {
-            return p.faults.zero(&[(addr, 1)]).map_err(|e| e.to_string());
+        match self.touch(p, addr, buf)? {
+            Some((at, f, k)) => self.place_runs(p, at, &f, Some(k), buf),
+            None => Ok(()),
         }
-        self.place_frame(p, e[0], Some(addr), buf)
     }
 
-    /// Places the pages of the frame at `at` whose latest copy it holds; `must_hold`
-    /// is the page the index sent us there for.
-    fn place_frame(
-        &self,
-        p: &Part,
-        at: u64,
-        must_hold: Option<u64>,
-        buf: &mut Vec<u8>,
-    ) -> Result<(), String> {
+    /// Places the pages of the frame at `at` whose latest copy it holds.
+    fn place_frame(&self, p: &Part, at: u64, buf: &mut Vec<u8>) -> Result<(), String> {
         let bad = |e: WireError| format!("the frame at byte {at}: {e}");
         let Some(f) = self.index.pages_at(at).map_err(bad)? else {
-            return self.place_whole_frame(p, at, must_hold, buf);
+            return self.place_whole_frame(p, at, None, buf);
         };
-        let first = self.held(p, at, f.section, &f.addrs, must_hold)?;
-        if let Some(k) = first {
-            let data = self.index.read_pages(&f, k..k + 1, buf).map_err(bad)?;
-            p.faults
-                .place(&f.addrs[k..=k], data)
-                .map_err(|e| e.to_string())?;
-        }
-        self.place_runs(p, at, &f, first, buf)
+        self.held(p, at, f.section, &f.addrs, None)?;
+        self.place_runs(p, at, &f, None, buf)
     }
 
     /// Places the current pages of `f`, the frame at `at`, but for `skip`: a run of
@@ -491,7 +475,7 @@ impl Restore {
         for &en in entries {
             if en != 0 && seen.insert(en) {
                 self.step_aside();
-                self.place_frame(p, en, None, buf)?;
+                self.place_frame(p, en, buf)?;
             }
         }
         Ok(())
