@@ -303,25 +303,18 @@ impl Restore {
                 match l {
                     Later::Rest(i, at, f, k) => {
                         let p = &self.parts[i];
-                        let r = match self.failed.load(Ordering::SeqCst) {
-                            true => Ok(()),
-                            false => self.place_runs(p, at, &f, Some(k), &mut buf),
-                        };
-                        if let Err(why) = r {
-                            self.fail(p, why);
+                        if !self.failed.load(Ordering::SeqCst) {
+                            if let Err(why) = self.place_runs(p, at, &f, Some(k), &mut buf) {
+                                self.fail(p, why);
+                            }
                         }
                     }
+                    // Asked for: a touch may wait for it, let go on zeros after a
+                    // failure as a touch is (`touch`).
                     Later::Page(i, a) => {
                         let p = &self.parts[i];
-                        let r = match self.failed.load(Ordering::SeqCst) {
-                            true => Ok(()),
-                            false => self.fill(p, a, &mut buf),
-                        };
-                        if let Err(why) = r {
+                        if let Err(why) = self.fill(p, a, &mut buf) {
                             self.fail(p, why);
-                        }
-                        if self.failed.load(Ordering::SeqCst) {
-                            // A touch may wait for it: let go on zeros, as in `touch`.
                             let _ = p.faults.zero(&[(a, 1)]);
                         }
                     }
