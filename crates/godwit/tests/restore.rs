@@ -44,7 +44,9 @@ fn index(snap: &Path) -> Index {
 /// The dirtier saved while it rewrites its pages: pre-copy rounds leave several copies
 /// of some pages in the file, and only the last may come back. The guest's clock runs
 /// on while it is saved: by the time it is restored its time is up, and it checks every
-/// page before it rewrites more than a few (a rewrite would hide a stale copy).
+/// page before it rewrites more than a few (a rewrite would hide a stale copy). Its
+/// time leaves the snapshot seconds to be written: a guest that ends first fails the
+/// migration, and on a loaded host 2 s were once not enough.
 fn dirtier_snapshot(dir: &TempDir) -> std::path::PathBuf {
     let snap = dir.path("vm.snap");
     let t0 = std::time::Instant::now();
@@ -52,7 +54,7 @@ fn dirtier_snapshot(dir: &TempDir) -> std::path::PathBuf {
         dir,
         "src",
         "256",
-        &["wss=64", "rate=100", "seconds=2", "report-every=250"],
+        &["wss=64", "rate=100", "seconds=5", "report-every=250"],
     );
     let (out, r) = migrate(&src, &format!("file:{}", snap.display()), &[]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -63,7 +65,7 @@ fn dirtier_snapshot(dir: &TempDir) -> std::path::PathBuf {
         "no page was sent twice: {r}"
     );
     assert_eq!(exit_code(&mut src, LIMIT), 0);
-    std::thread::sleep(std::time::Duration::from_secs(3).saturating_sub(t0.elapsed()));
+    std::thread::sleep(std::time::Duration::from_secs(6).saturating_sub(t0.elapsed()));
     snap
 }
 
