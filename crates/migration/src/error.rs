@@ -43,6 +43,8 @@ pub enum MigrationError {
     },
     #[error("cancelled")]
     Cancelled,
+    #[error("the VM ended while it migrated ({0}): there is nothing left to move")]
+    VmEnded(String),
     #[error(
         "GO was sent but the destination did not confirm its start ({0}); the VM stays \
          stopped here and refuses resume and migrate: if the destination does not run \
@@ -85,6 +87,7 @@ impl MigrationError {
             MigrationError::Wire(_) => "protocol",
             MigrationError::Component { .. } => "component",
             MigrationError::Cancelled => "cancelled",
+            MigrationError::VmEnded(_) => "vm_ended",
             MigrationError::Unconfirmed(_) => "unconfirmed",
             MigrationError::PauseExceeded { .. } => "pause_exceeded",
             MigrationError::PostcopyBroken { .. } => "postcopy_broken",

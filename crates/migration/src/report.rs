@@ -440,6 +440,16 @@ impl Status {
         Ok(())
     }
 
+    /// The VM ended while it migrated: unless it is being handed over already, the
+    /// migration stops at its next check, as for a cancel (the driver then says why).
+    pub fn vm_ended(&self) {
+        // Under the lock `commit` takes: either the cancel is seen there, or GO went first.
+        let i = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
+        if !i.committed {
+            self.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// The point of no return: after this a cancel is refused. False if a cancel came
     /// first.
     pub fn commit(&self) -> bool {

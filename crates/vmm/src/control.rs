@@ -355,6 +355,16 @@ impl Control {
         }
     }
 
+    /// `wait_exit_requested`, for at most `limit`.
+    pub fn exit_requested_within(&self, limit: Duration) -> Option<VmExit> {
+        let s = self.lock();
+        let (s, _) = self
+            .cv
+            .wait_timeout_while(s, limit, |s| s.exit.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        s.exit.clone()
+    }
+
     /// Waits until the VM has stopped and every vCPU thread has left.
     pub fn wait_exit(&self) -> VmExit {
         let mut s = self.lock();

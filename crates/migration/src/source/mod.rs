@@ -23,10 +23,10 @@ use crate::report::{
 };
 use crate::transport::{Stream, Target};
 use crate::wire::{self, Frame, Hello, Ready, PAGE_SIZE};
-use godwit_vmm::control::RunState;
+use godwit_vmm::control::{RunState, VmExit};
 use godwit_vmm::migratable::{step_to, Component, MigState, ReadReport};
 use godwit_vmm::VmHandle;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,6 +105,8 @@ struct Part {
 
 struct Driver<'a> {
     o: &'a Options,
+    /// The VM that moves: whether it still runs here.
+    vm: VmHandle,
     target: Target,
     status: &'a Status,
     parts: Vec<Part>,
@@ -225,11 +227,17 @@ impl Driver<'_> {
         }
     }
 
-    /// Between two slices of work: a cancel, or anything the destination said, ends
+    /// Between two slices of work: a cancel, the VM's end (before it is handed over:
+    /// its guest exited, or it was shut down), or anything the destination said, ends
     /// the migration now.
     fn check_in(&mut self) -> Res<()> {
         if self.status.cancelled() {
             return Err(MigrationError::Cancelled);
+        }
+        if matches!(self.phase, Phase::Setup | Phase::Precopy) {
+            if let Some(why) = ended(&self.vm) {
+                return Err(MigrationError::VmEnded(why));
+            }
         }
         match self.back.as_mut().and_then(|b| b.poll()) {
             None => Ok(()),
@@ -556,6 +564,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
     let space_pages = parts.iter().map(|p| p.c.pages()).sum();
     let mut d = Driver {
         o,
+        vm: h.clone(),
         target: Target::File(Default::default()),
         status,
         parts,
@@ -635,6 +644,22 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         }
         Ok(())
     })();
+    // A VM that ended here before it was handed over is why the rounds stopped (its
+    // end cancels them: `watch_end`) or its vCPUs could not be stopped. Once GO is on
+    // its way the VM is the destination's, and what broke is said as it is.
+    let committed = || {
+        status
+            .interrupt
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .committed
+    };
+    let result = match result {
+        Err(e @ (MigrationError::Cancelled | MigrationError::Component { .. })) if !committed() => {
+            Err(ended(h).map_or(e, MigrationError::VmEnded))
+        }
+        r => r,
+    };
     let mut report = std::mem::take(&mut d.report);
     // Everything that went on the wire, an unfinished round's too (the components'
     // counts are taken at each round's end; a cancel or a failure mid-round left the
@@ -699,7 +724,12 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
             } else {
                 let mut running = true;
                 for p in d.parts.iter().rev() {
-                    if let Err(err) = step_to(&*p.c, MigState::Running) {
+                    // A VM that ended does not run again: each component still closes
+                    // its data session, and its refusal to run says nothing new.
+                    let r = step_to(&*p.c, MigState::Running);
+                    if matches!(e, MigrationError::VmEnded(_)) {
+                        running = false;
+                    } else if let Err(err) = r {
                         tracing::error!(
                             component = p.name,
                             "cannot resume after a failed migration: {err}"
@@ -738,6 +768,35 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
     (report, kept)
 }
 
+/// Why the VM has stopped for good here, if it has (not paused, not moved away).
+fn ended(h: &VmHandle) -> Option<String> {
+    if h.state() != RunState::Stopped {
+        return None;
+    }
+    Some(match h.ctl.exit_requested_within(Duration::ZERO)? {
+        VmExit::Guest(code) => format!("its guest exited with status {code}"),
+        VmExit::Shutdown => "it was shut down".into(),
+        VmExit::Crash(m) => format!("its guest crashed: {m}"),
+        VmExit::Error(m) => format!("it failed: {m}"),
+        VmExit::Signal(s) => format!("godwit was stopped by signal {s}"),
+        VmExit::Migrated(_) => return None,
+    })
+}
+
+/// Until `done`, watches for the VM's end: a guest that exits (or a VM shut down)
+/// while it migrates leaves nothing to move, and the slice being read (up to
+/// SLICE_PAGES, seconds under a bandwidth cap) stops at its next page, as for a cancel.
+fn watch_end(h: VmHandle, status: Arc<Status>, done: Arc<AtomicBool>) {
+    while !done.load(Ordering::SeqCst) {
+        if let Some(e) = h.ctl.exit_requested_within(Duration::from_millis(50)) {
+            if !matches!(e, VmExit::Migrated(_)) {
+                status.vm_ended();
+            }
+            return;
+        }
+    }
+}
+
 /// Starts `migrate` on its own thread. The caller (the API) owns `status.active`.
 pub fn start(
     h: VmHandle,
@@ -747,7 +806,18 @@ pub fn start(
     std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
+            let done = Arc::new(AtomicBool::new(false));
+            let watch = {
+                let (h, status, done) = (h.clone(), status.clone(), done.clone());
+                std::thread::Builder::new()
+                    .name("migration-watch".into())
+                    .spawn(move || watch_end(h, status, done))
+            };
             let (r, back) = migrate_keeping(&h, &o, &status);
+            done.store(true, Ordering::SeqCst);
+            if let Ok(w) = watch {
+                let _ = w.join();
+            }
             if r.error_kind.as_deref() == Some("postcopy_broken") {
                 // The VM runs at the destination; this stale copy must never run, and
                 // it holds pages the destination still lacks.

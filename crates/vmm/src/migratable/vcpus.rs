@@ -130,10 +130,17 @@ impl Vcpus {
                 i.user_paused = false;
             }
             RunState::Paused => i.user_paused = true,
-            s => {
-                return Err(ComponentError::Refused(format!(
-                    "the vCPUs cannot stop: the VM is {s:?}"
-                )))
+            // The guest exited (or was shut down) while the migration ran: there is no
+            // VM left to move, and saying so beats naming a state.
+            RunState::Stopped => {
+                return Err(ComponentError::Refused(
+                    "the VM ended before its vCPUs could be stopped for the migration".into(),
+                ))
+            }
+            RunState::Created => {
+                return Err(ComponentError::Refused(
+                    "the vCPUs cannot stop: the VM has not started".into(),
+                ))
             }
         }
         Ok(())
