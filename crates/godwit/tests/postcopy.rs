@@ -38,7 +38,7 @@ fn a_dirtier_moved_in_postcopy_verifies_all_its_memory() {
         &dir,
         "src",
         "512",
-        &["wss=64", "rate=200", "seconds=6", "report-every=250"],
+        &["wss=64", "rate=200", "seconds=10", "report-every=250"],
     );
     let (mut dst, addr) = destination(&dir, "dst", &[]);
     // The background stream capped well below the guest's pace: the guest must touch

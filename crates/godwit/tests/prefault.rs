@@ -72,7 +72,7 @@ fn a_prefaulted_destination_places_a_postcopy_from_the_start_through_its_alias()
         &dir,
         "src",
         "512",
-        &["wss=64", "rate=200", "seconds=6", "report-every=250"],
+        &["wss=64", "rate=200", "seconds=10", "report-every=250"],
     );
     let (mut dst, addr) = destination_with(
         &dir,

@@ -627,6 +627,9 @@ pub fn assert_postcopy_whole(r: &Value) {
     assert_eq!(r["status"], "completed", "{r}");
     assert_eq!(r["ran"], "postcopy", "{r}");
     let p = &r["postcopy"];
+    // First: a guest whose time ran out at the destination before every page arrived
+    // (a test's budget too short for a loaded host) leaves the counts below short.
+    assert!(p["vm_ended"].is_null(), "{r}");
     let missing = p["missing_pages"]["ram"].as_u64().unwrap();
     assert!(missing > 0, "{r}");
     let d = &p["destination"]["ram"];
@@ -642,7 +645,6 @@ pub fn assert_postcopy_whole(r: &Value) {
     );
     assert!(p["window_ms"].as_f64().unwrap() > 0.0, "{r}");
     assert_eq!(p["refused_requests"], 0, "{r}");
-    assert!(p["vm_ended"].is_null(), "{r}");
 }
 
 /// A migration as a VM's API reports it (`GET vm.migration`): its progress on a
