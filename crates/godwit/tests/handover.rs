@@ -411,7 +411,7 @@ fn a_destination_whose_stderr_nobody_reads_takes_a_vm_in_postcopy() {
         &dir,
         "src",
         "256",
-        &["wss=32", "rate=50", "seconds=4", "report-every=250"],
+        &["wss=32", "rate=50", "seconds=8", "report-every=250"],
     );
     let log = dir.path("dst.log");
     let args: Vec<String> = ["run", "--incoming", "tcp:127.0.0.1:0", "--console"]
