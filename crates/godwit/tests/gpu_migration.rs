@@ -401,6 +401,10 @@ fn refused_destinations_leave_the_source_running_and_verifying() {
     let g = gpu_dir(&d);
     let args = ["rounds=0", "mib=1", "report-every=10"];
     let big = source(&d, "big", &gpu_vm(&g, "GW8-4C", "gpu-verify", &args));
+    // `big` leases GPU 0 before `small` asks: its API socket is there before its VM
+    // (and its lease), and a `small` that leased first would take GPU 0 itself (a
+    // loaded CI host once did), leaving room there for the pinned GW8-1C below.
+    wait_log(&big.log, "round 10 ok");
     let small = source(&d, "small", &gpu_vm(&g, "GW8-1C", "gpu-verify", &args));
     // Another host, whose one GPU runs two GW8-4C VMs: full for that profile, and
     // busy with another profile for GW8-1C.
