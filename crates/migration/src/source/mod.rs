@@ -770,9 +770,6 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
 
 /// Why the VM has stopped for good here, if it has (not paused, not moved away).
 fn ended(h: &VmHandle) -> Option<String> {
-    if h.state() != RunState::Stopped {
-        return None;
-    }
     Some(match h.ctl.exit_requested_within(Duration::ZERO)? {
         VmExit::Guest(code) => format!("its guest exited with status {code}"),
         VmExit::Shutdown => "it was shut down".into(),
