@@ -584,6 +584,14 @@ impl Status {
             .clone()
     }
 
+    /// GO is on its way: the VM is the destination's.
+    pub fn committed(&self) -> bool {
+        self.interrupt
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .committed
+    }
+
     pub fn expired(&self) -> bool {
         self.interrupt
             .lock()

@@ -647,15 +647,10 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
     // A VM that ended here before it was handed over is why the rounds stopped (its
     // end cancels them: `watch_end`) or its vCPUs could not be stopped. Once GO is on
     // its way the VM is the destination's, and what broke is said as it is.
-    let committed = || {
-        status
-            .interrupt
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .committed
-    };
     let result = match result {
-        Err(e @ (MigrationError::Cancelled | MigrationError::Component { .. })) if !committed() => {
+        Err(e @ (MigrationError::Cancelled | MigrationError::Component { .. }))
+            if !status.committed() =>
+        {
             Err(ended(h).map_or(e, MigrationError::VmEnded))
         }
         r => r,
