@@ -78,7 +78,13 @@ impl Driver {
     }
 
     pub fn with(vf: Arc<Vf>, ram: GuestRam, setup: bool) -> Driver {
-        let thread = Some(vf.start("test-engine").unwrap());
+        Self::named(vf, ram, setup, "test-engine")
+    }
+
+    /// As `with`, its engine thread named `engine` (at most 15 bytes, Linux's limit), so
+    /// that a test can find it in /proc.
+    pub fn named(vf: Arc<Vf>, ram: GuestRam, setup: bool, engine: &str) -> Driver {
+        let thread = Some(vf.start(engine).unwrap());
         if setup {
             identity_tables(&vf);
             w(&vf, reg::RING_BASE, RING);
