@@ -201,14 +201,24 @@ impl Driver<'_> {
         let urgent = Urgent::new("the source's migration thread at the end of the pause");
         let t = Instant::now();
         let left = deadline.saturating_duration_since(t);
-        let ready: Ready = match self.answer_within("READY", left)? {
-            Answer::Ready(r) => r,
-            a => {
+        let ready: Ready = match self.answer_within("READY", left) {
+            Ok(Answer::Ready(r)) => r,
+            Err(MigrationError::Timeout { .. }) => {
+                // The wait ran to the pause's deadline: the budget is spent. The
+                // watchdog, which says so too, may not have woken yet on a busy host
+                // (this thread is in the real-time class, it is not).
+                self.status.expire();
+                return Err(MigrationError::PauseExceeded {
+                    budget: self.pause_budget,
+                });
+            }
+            Ok(a) => {
                 return Err(MigrationError::Unexpected {
                     want: "READY",
                     got: format!("{a:?}"),
                 })
             }
+            Err(e) => return Err(e),
         };
         self.report.downtime.confirm_ms = ms(t.elapsed());
         self.report.downtime.restore_ms = ready.restore_ms;
