@@ -8,7 +8,8 @@
 //! Arguments: wss=MiB (64), rate=MiB/s (100), seconds=S (run time, 0 = forever; 5),
 //! verify-every=S (0 = only at the end; 0), report-every=MS (1000), check-writes=1
 //! (checks each page before it rewrites it: a page lost on the way is caught at its next
-//! rewrite, which would otherwise hide it; 0).
+//! rewrite, which would otherwise hide it; 0), end=crash (once done, take an invalid-opcode
+//! exception instead of exiting: a guest that crashes, for tests).
 //! Exit code 0 when every check passed, 1 on corruption.
 #![no_std]
 #![no_main]
@@ -111,6 +112,7 @@ fn main() -> i32 {
     let verify_every = args::get_u64("verify-every", 0);
     let report_ms = args::get_u64("report-every", 1000);
     let check = args::get_u64("check-writes", 0) != 0;
+    let crash = args::get("end") == Some("crash");
 
     let npages = (wss as usize) << 8;
     let (Some(pages), Some(gens)) = (mem::alloc(wss << 20), mem::alloc(npages as u64 * 4)) else {
@@ -184,6 +186,11 @@ fn main() -> i32 {
         pace.max_gap_us(),
         if ok { "ok" } else { "CORRUPT" }
     );
+    if crash {
+        println!("dirtier: crashing as asked (end=crash)");
+        // SAFETY: raises #UD on purpose; it does not return.
+        unsafe { core::arch::asm!("ud2") };
+    }
     if ok {
         0
     } else {
