@@ -49,7 +49,8 @@ impl Stopper {
             std::process::exit(128 + sig);
         };
         if status.active.load(std::sync::atomic::Ordering::SeqCst) {
-            match status.request_cancel(Duration::from_secs(1)) {
+            let why = format!("godwit was stopped by {}", name(sig));
+            match status.request_stop(why, Duration::from_secs(1)) {
                 Ok(()) => {
                     say(&format!("{}: cancelling the migration", name(sig)));
                     // Its end resumes the VM; the stop below follows it.

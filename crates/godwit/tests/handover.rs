@@ -313,6 +313,14 @@ fn signals_end_godwit_cleanly() {
     );
     let r: Value = serde_json::from_str(&stdout(&m.join().unwrap())).unwrap_or_default();
     assert_eq!(r["status"], "cancelled", "{r}");
+    assert_eq!(r["error_kind"], "cancelled", "{r}");
+    // The report is the last word on the VM: it does not run on here.
+    assert_eq!(r["source_running"], false, "{r}");
+    let why = r["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("godwit was stopped by SIGTERM, and the VM stops with it"),
+        "{r}"
+    );
     assert_ne!(exit_code(&mut dst, LIMIT), 0);
     assert!(!read(&dst.log).contains("verify"), "the destination ran it");
     assert!(!src.sock.exists());

@@ -43,6 +43,9 @@ pub enum MigrationError {
     },
     #[error("cancelled")]
     Cancelled,
+    /// Cancelled because this godwit stops: the VM does not run on here either.
+    #[error("cancelled: {0}, and the VM stops with it")]
+    Stopping(String),
     #[error("the VM ended while it migrated ({0}): there is nothing left to move")]
     VmEnded(String),
     #[error(
@@ -86,7 +89,7 @@ impl MigrationError {
             MigrationError::Unexpected { .. } => "protocol",
             MigrationError::Wire(_) => "protocol",
             MigrationError::Component { .. } => "component",
-            MigrationError::Cancelled => "cancelled",
+            MigrationError::Cancelled | MigrationError::Stopping(_) => "cancelled",
             MigrationError::VmEnded(_) => "vm_ended",
             MigrationError::Unconfirmed(_) => "unconfirmed",
             MigrationError::PauseExceeded { .. } => "pause_exceeded",

@@ -365,6 +365,9 @@ pub struct Status {
     /// A post-copy whose connections broke, and the user's answer (`migrate-recover`).
     pub recovery: Mutex<Recovery>,
     pub recovery_cv: std::sync::Condvar,
+    /// Why this godwit stops, once it does (a signal): the VM will not run on here
+    /// after a migration that this cancels.
+    stopping: Mutex<Option<String>>,
 }
 
 /// A paused post-copy and the user's answer to it.
@@ -404,6 +407,25 @@ pub struct Interrupt {
 impl Status {
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// As `request_cancel`, for a godwit that stops (`why`): the VM stops here too once
+    /// the migration has ended, and its report says so rather than that the VM runs on.
+    pub fn request_stop(
+        &self,
+        why: String,
+        grace: std::time::Duration,
+    ) -> Result<(), &'static str> {
+        *self.stopping.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        self.request_cancel(grace)
+    }
+
+    /// Why this godwit stops, if it does.
+    pub fn stopping(&self) -> Option<String> {
+        self.stopping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Asks the migration in progress to stop; refused once the VM is being handed

@@ -645,13 +645,18 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         Ok(())
     })();
     // A VM that ended here before it was handed over is why the rounds stopped (its
-    // end cancels them: `watch_end`) or its vCPUs could not be stopped. Once GO is on
-    // its way the VM is the destination's, and what broke is said as it is.
+    // end cancels them: `watch_end`) or its vCPUs could not be stopped; a cancel that
+    // came with this godwit's own stop ends the VM here too. Once GO is on its way the
+    // VM is the destination's, and what broke is said as it is.
     let result = match result {
         Err(e @ (MigrationError::Cancelled | MigrationError::Component { .. }))
             if !status.committed() =>
         {
-            Err(ended(h).map_or(e, MigrationError::VmEnded))
+            Err(match (ended(h), e, status.stopping()) {
+                (Some(why), _, _) => MigrationError::VmEnded(why),
+                (None, MigrationError::Cancelled, Some(why)) => MigrationError::Stopping(why),
+                (None, e, _) => e,
+            })
         }
         r => r,
     };
@@ -722,7 +727,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
                     // A VM that ended does not run again: each component still closes
                     // its data session, and its refusal to run says nothing new.
                     let r = step_to(&*p.c, MigState::Running);
-                    if matches!(e, MigrationError::VmEnded(_)) {
+                    if matches!(e, MigrationError::VmEnded(_) | MigrationError::Stopping(_)) {
                         running = false;
                     } else if let Err(err) = r {
                         tracing::error!(
@@ -738,7 +743,8 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
                     report.downtime_ms = ms(tp.elapsed());
                 }
             }
-            report.status = if matches!(e, MigrationError::Cancelled) {
+            report.status = if matches!(e, MigrationError::Cancelled | MigrationError::Stopping(_))
+            {
                 Outcome::Cancelled
             } else {
                 Outcome::Failed
