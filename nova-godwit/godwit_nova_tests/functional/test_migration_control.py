@@ -65,3 +65,32 @@ class TestMigrationControl(base.GodwitTestCase):
         self.assertEqual({0: []}, self.hosts['host1'].gpus())
         self.assertEqual({0: [server['id']]}, self.hosts['host2'].gpus())
         self.gains(server, 'verify ok', 2)
+
+
+class TestGuestEndsMidMigration(base.GodwitTestCase):
+    """A guest that exits while it moves: the migration fails at once, the
+    destination keeps nothing, and Nova rolls back to the source host, where
+    the VM has ended as it would have without a migration."""
+    HOSTS = ('host1', 'host2')
+
+    def test_the_migration_fails_and_nothing_is_left_at_the_destination(self):
+        for name in self.HOSTS:
+            self.start_host(name, ['GW8-1C'], bandwidth=16)
+        # 192 MiB take twelve seconds on the capped link; the guest's time
+        # is up eight seconds after it starts.
+        server = self.boot(self.flavor(256, 'GW8-1C'),
+                           self.image('dirtier', 'wss=192 rate=8 seconds=8 '
+                                      'verify-every=1 report-every=250'),
+                           host='host1')
+        self.gains(server, 'verify ok', 1)
+        self.live_migrate(server, 'host2')
+        self.wait_migration(server, ['failed'])
+        self.assertIn('%s ended while it migrated to host2' % server['id'],
+                      self.stdlog.logger.output)
+        self.assertIn('the VM ended while it migrated (its guest exited with '
+                      'status 0)', self.stdlog.logger.output)
+        self.assertNotIn('may run on host2', self.stdlog.logger.output)
+        self.assertEqual('host1', self.host_of(server))
+        self.assertEqual([], os.listdir(self.hosts['host2'].run_dir))
+        self.assertEqual({0: []}, self.hosts['host2'].gpus())
+        self.assertIn('dirtier: done', self.console(server))

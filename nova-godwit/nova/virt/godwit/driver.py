@@ -626,6 +626,25 @@ class GodwitDriver(driver.ComputeDriver):
                         migrate_data)
             return
         why = report.get('error') or err.strip() or 'exit %d' % p.returncode
+        kind = report.get('error_kind')
+        if kind == 'vm_ended':
+            # The guest exited or crashed while it moved: it runs on neither
+            # host and nothing was handed over; the destination has dropped
+            # what it had. Nova learns the power state as for any ended VM.
+            LOG.warning('godwit: %s ended while it migrated to %s: %s',
+                        instance.uuid, dest, why, instance=instance)
+            recover_method(context, instance, dest, migrate_data)
+            return
+        if kind == 'cancelled':
+            # By the operator (it runs on here), or because the godwit here
+            # was stopped (a signal: it stops with it).
+            LOG.info('godwit: live migration of %s to %s cancelled; %s',
+                     instance.uuid, dest,
+                     'it runs on here' if report.get('source_running')
+                     else 'it stops here: %s' % why, instance=instance)
+            recover_method(context, instance, dest, migrate_data,
+                           migration_status='cancelled')
+            return
         if report.get('source_running') is False:
             # Handed over without a confirmation: the VM may run at the
             # destination. Rolling back could run it twice, or lose it.
@@ -633,15 +652,9 @@ class GodwitDriver(driver.ComputeDriver):
                 reason='godwit: %s (the VM is stopped on this host and may '
                        'run on %s: check it there before resuming it here '
                        'with `godwit resume --force`)' % (why, dest))
-        if report.get('error_kind') == 'cancelled':
-            LOG.info('godwit: live migration of %s to %s cancelled; it runs '
-                     'on here', instance.uuid, dest, instance=instance)
-            recover_method(context, instance, dest, migrate_data,
-                           migration_status='cancelled')
-            return
         LOG.error('godwit: live migration of %s to %s failed (%s): %s; it '
-                  'runs on here', instance.uuid, dest,
-                  report.get('error_kind'), why, instance=instance)
+                  'runs on here', instance.uuid, dest, kind, why,
+                  instance=instance)
         recover_method(context, instance, dest, migrate_data)
 
     def _progress(self, sock, migration):
