@@ -82,6 +82,13 @@ impl Driver<'_> {
             watch.0.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(deadline);
             watch.1.notify_all();
             let r = self.stop_and_send(tp, deadline);
+            // A failure at or past the deadline is the budget spent, whether or not the
+            // watchdog has woken to say so: on a busy host it may not have (this thread
+            // is in the real-time class after COMPLETE, it is not), and once told to
+            // stand down it never would.
+            if r.is_err() && Instant::now() >= deadline {
+                status.expire();
+            }
             watch.0.lock().unwrap_or_else(|e| e.into_inner()).0 = false;
             watch.1.notify_all();
             (r, tp)
@@ -201,24 +208,14 @@ impl Driver<'_> {
         let urgent = Urgent::new("the source's migration thread at the end of the pause");
         let t = Instant::now();
         let left = deadline.saturating_duration_since(t);
-        let ready: Ready = match self.answer_within("READY", left) {
-            Ok(Answer::Ready(r)) => r,
-            Err(MigrationError::Timeout { .. }) => {
-                // The wait ran to the pause's deadline: the budget is spent. The
-                // watchdog, which says so too, may not have woken yet on a busy host
-                // (this thread is in the real-time class, it is not).
-                self.status.expire();
-                return Err(MigrationError::PauseExceeded {
-                    budget: self.pause_budget,
-                });
-            }
-            Ok(a) => {
+        let ready: Ready = match self.answer_within("READY", left)? {
+            Answer::Ready(r) => r,
+            a => {
                 return Err(MigrationError::Unexpected {
                     want: "READY",
                     got: format!("{a:?}"),
                 })
             }
-            Err(e) => return Err(e),
         };
         self.report.downtime.confirm_ms = ms(t.elapsed());
         self.report.downtime.restore_ms = ready.restore_ms;
