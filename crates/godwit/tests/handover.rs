@@ -250,6 +250,38 @@ fn cancel_interrupts_a_blocked_migration() {
     }
 }
 
+/// A source cancelled while its destination still waits for its data connections: the
+/// destination learns why from the main connection and ends on that, rather than
+/// waiting out its deadline for them and blaming the connections that never came.
+#[test]
+fn a_destination_awaiting_its_data_connections_hears_the_source_end() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("handover-joins");
+    let src = dirtier_source(&dir, "src", "256", &["wss=96", "rate=20", "seconds=0"]);
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    let m = migrating(&src, &main_only_proxy(addr), &[]);
+    wait_progress(&src);
+    let o = cli(&src, &["migrate-cancel"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+    assert_eq!(r["status"], "cancelled", "{r} {}", stderr(&out));
+    assert_eq!(r["source_running"], true, "{r}");
+    assert_ne!(exit_code(&mut dst, LIMIT), 0);
+    let e = read(&dst.err);
+    // An ABORT gets through unless the pages ahead of it filled the connection; the
+    // close does in any case.
+    assert!(
+        e.contains("the source aborted: cancelled")
+            || e.contains("the source closed the connection before its data connections came"),
+        "{e}"
+    );
+    assert!(!read(&dst.log).contains("verify"), "the destination ran it");
+    assert_eq!(info(&src)["state"], "running");
+}
+
 fn signal(vm: &Vm, sig: i32) {
     // SAFETY: kill(2) on a child this test spawned and still reaps.
     assert_eq!(unsafe { libc::kill(vm.proc.0.id() as i32, sig) }, 0);

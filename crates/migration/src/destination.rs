@@ -325,6 +325,30 @@ pub enum RestoreMode {
     Eager,
 }
 
+/// How long the wait for data connections goes between looks at the main one.
+const JOIN_LOOK: Duration = Duration::from_millis(50);
+
+/// Why a source that closed its main connection while its data connections were
+/// awaited went: its ABORT where one came through, else the close. None while the main
+/// connection is open: its frames are left for the receiver.
+fn gone_before_joining(first: &mut Stream, buf: &mut Vec<u8>) -> Option<String> {
+    if !first.peer_closed() {
+        return None;
+    }
+    // The source writes nothing more: what is left is what was in flight, and it ends.
+    loop {
+        match wire::read_frame(first, buf) {
+            Ok(Frame::Abort(m)) => return Some(format!("the source aborted: {m}")),
+            Ok(_) => {}
+            Err(_) => {
+                return Some(
+                    "the source closed the connection before its data connections came".into(),
+                )
+            }
+        }
+    }
+}
+
 /// Waits for a source on `l`, then receives and loads its VM (a snapshot lazily).
 pub fn receive(l: &Listener, host: &Host, console: Console) -> Result<Incoming, ReceiveError> {
     receive_with(l, host, console, RestoreMode::Lazy)
@@ -387,10 +411,16 @@ pub fn receive_with(
     let joined_by = Instant::now() + JOIN_TIMEOUT;
     while data.len() + 1 < hello.connections as usize {
         let left = joined_by.saturating_duration_since(Instant::now());
-        let mut c = match l.accept(Some(left)) {
+        let mut c = match l.accept(Some(left.min(JOIN_LOOK))) {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {
                 tracing::warn!("dropped a connection: {e}");
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut && left > JOIN_LOOK => {
+                if let Some(why) = gone_before_joining(&mut first, &mut buf) {
+                    return Err(abort(&mut main, why));
+                }
                 continue;
             }
             Err(e) => {

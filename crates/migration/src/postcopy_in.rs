@@ -517,10 +517,23 @@ fn resumed(r: &Recovery) -> Result<Option<Vec<Stream>>, String> {
     let mut seen = std::collections::HashSet::new();
     while streams.len() < connections as usize {
         let left = by.saturating_duration_since(std::time::Instant::now());
-        let mut c = r
-            .listener
-            .accept(Some(left))
-            .map_err(|e| format!("{} of {connections} connections came: {e}", streams.len()))?;
+        let look = Duration::from_millis(50);
+        let mut c = match r.listener.accept(Some(left.min(look))) {
+            Ok(c) => c,
+            // A source that gave up on this try is not waited for.
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut && left > look => {
+                if streams[0].peer_closed() {
+                    return Err("the source closed the connection before the others joined".into());
+                }
+                continue;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{} of {connections} connections came: {e}",
+                    streams.len()
+                ))
+            }
+        };
         match crate::destination::first_frame(&mut c, &mut buf) {
             Ok(Frame::Join { session, index })
                 if session == r.session

@@ -188,6 +188,30 @@ impl Stream {
         r > 0 && p.revents != 0
     }
 
+    /// Whether the peer has shut its side down (or the connection broke), whatever data
+    /// of its is still queued here: a look that never waits and reads nothing, so the
+    /// stream is left as it was for its reader. Files say false.
+    pub fn peer_closed(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.sock.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+            _ => return false,
+        };
+        // POLLRDHUP is raised by the peer's FIN even with data ahead of it, where
+        // POLLIN cannot tell the end from more data.
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one pollfd for a descriptor this stream owns; a timeout of 0 never
+        // waits.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
     /// Bytes that reads return now without waiting: what the socket holds (FIONREAD).
     /// 0 for TLS, whose plaintext is not known before it is decrypted, and for files.
     pub fn queued(&self) -> usize {
@@ -598,6 +622,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A peer that shut its side down is seen at once, though its last bytes are still
+    /// queued, and the look leaves them for the reader.
+    #[test]
+    fn a_closed_peer_is_seen_ahead_of_its_last_bytes() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut a, mut b) = (Stream::Unix(a), Stream::Unix(b));
+        assert!(!b.peer_closed());
+        a.write_all(b"last words").unwrap();
+        assert!(!b.peer_closed(), "data alone is not a close");
+        a.shutdown();
+        assert!(b.peer_closed());
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"last words");
+        let t = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(t.local_addr().unwrap()).unwrap();
+        let (d, _) = t.accept().unwrap();
+        let d = Stream::Tcp(d);
+        assert!(!d.peer_closed());
+        drop(c);
+        assert!(wait_until(|| d.peer_closed()), "a TCP close is not seen");
+    }
+
+    fn wait_until(f: impl Fn() -> bool) -> bool {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < end {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
     }
 
     /// Pages written straight from memory arrive as the frame the reader expects,

@@ -269,6 +269,29 @@ pub fn relay_the_rest(l: TcpListener, to: String) {
     });
 }
 
+/// A man in the middle that passes the first connection (a migration's main one) both
+/// ways, as it is, and takes every later one (its data connections) without reading it
+/// or passing it on: a destination whose data connections never come.
+pub fn main_only_proxy(to: String) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let Ok((a, _)) = l.accept() else { return };
+        let b = TcpStream::connect(to.strip_prefix("tcp:").unwrap()).unwrap();
+        for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut into);
+                let _ = into.shutdown(std::net::Shutdown::Write);
+            });
+        }
+        let mut held = Vec::new();
+        while let Ok((c, _)) = l.accept() {
+            held.push(c);
+        }
+    });
+    addr
+}
+
 /// A man in the middle that damages one byte of the first page of every PAGES frame
 /// whose pages carry their own CRCs (`wire::PAGE_CRCS`), as a link whose damage slips
 /// past its own checks would, and forwards everything else as it came; returns the
