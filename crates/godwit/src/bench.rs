@@ -219,6 +219,8 @@ pub(crate) fn qemu_guest(qemu: &str, image: &Path, mem: u64, append: &str) -> Co
         &mem.to_string(),
     ]);
     c.args(["-nodefaults", "-nographic", "-monitor", "none"]);
+    // Threads named for what they run ("CPU 0/KVM"), for `crate::guest_cpu`.
+    c.args(["-name", "guest,debug-threads=on"]);
     c.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
     c.arg("-append").arg(append);
     c.arg("-kernel").arg(image);
@@ -264,6 +266,8 @@ pub(crate) struct Pair {
     port: u16,
     procs: Procs,
     exe: std::path::PathBuf,
+    /// The guest's CPU over the last migration (`crate::guest_cpu`).
+    pub guest_cpu: f64,
 }
 
 impl Pair {
@@ -281,6 +285,7 @@ impl Pair {
             port: free_port()?,
             procs: Procs(vec![]),
             exe,
+            guest_cpu: f64::NAN,
         })
     }
 
@@ -292,8 +297,10 @@ impl Pair {
         limit: std::time::Duration,
     ) -> Result<(godwit_migration::Report, f64), String> {
         let body = serde_json::to_string(o).expect("plain data");
+        let cpu = crate::guest_cpu::GuestCpu::watch(self.procs.0.iter().map(|c| c.id()).collect());
         let (code, out) =
             godwit_vmm::api::call_with(&self.sock, "PUT", "vm.migrate", &body, Some(limit))?;
+        self.guest_cpu = cpu.share();
         if code != 200 {
             return Err(format!("godwit migration failed (HTTP {code}): {out}"));
         }

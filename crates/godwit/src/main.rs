@@ -12,6 +12,7 @@ mod bench_restore;
 mod cli;
 mod demo;
 mod gpu;
+mod guest_cpu;
 mod list;
 mod migrate;
 mod run;

@@ -77,3 +77,41 @@ fn guest_images_boot_under_qemu_too() {
     let o = qemu(&dir.path("fault.elf"), "kind=ud");
     assert_eq!(o.status.code(), Some(((0x80 + 6) << 1 | 1) & 0xff));
 }
+
+/// `bench migrate` migrates the same guest with godwit and with QEMU and reports, for
+/// each run of each, how much of a CPU the guest's vCPU got meanwhile: something for
+/// a guest that keeps writing, and never more than its one vCPU can take, whichever
+/// VMM's threads it had to find by name.
+#[test]
+fn the_migration_bench_sees_the_guests_cpu_under_both_vmms() {
+    if !kvm_available() {
+        return;
+    }
+    let o = run(
+        &[
+            "bench",
+            "migrate",
+            "--runs",
+            "1",
+            "--memory",
+            "256",
+            "--workloads",
+            "64m@100m",
+            "--downtime-ms",
+            "300",
+            "--qemu-multifd",
+            "0",
+            "--json",
+        ],
+        Duration::from_secs(300),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON");
+    let cell = &r["cells"][0];
+    for side in ["godwit", "qemu"] {
+        let s = &cell[side]["samples"];
+        assert_eq!(s.as_array().map(Vec::len), Some(1), "{side}: {cell}");
+        let cpu = s[0]["guest_cpu"].as_f64().unwrap_or(f64::NAN);
+        assert!(cpu > 0.0 && cpu <= 1.05, "{side}: guest_cpu {cpu}");
+    }
+}

@@ -91,6 +91,10 @@ struct Sample {
     /// What a longer pause does not show: how much of the guest's CPU the migration
     /// took instead.
     max_throttle_pct: Option<u32>,
+    /// The guest's vCPU time while it migrated, over the migration's wall time (1.0: a
+    /// whole CPU throughout; `crate::guest_cpu`): how much of its CPU the migration's
+    /// threads and pause took, which no throttle figure shows.
+    guest_cpu: f64,
     /// godwit only: reading the dirty log at the end of a round (median over the
     /// migration's rounds), the last read at the switchover, and full dirty rings.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,6 +132,7 @@ struct Side {
     downtime_ms: Summary,
     guest_gap_ms: Summary,
     bytes: Summary,
+    guest_cpu: Summary,
     #[serde(skip_serializing_if = "Option::is_none")]
     dirty_log_us: Option<Summary>,
     samples: Vec<Sample>,
@@ -208,6 +213,7 @@ fn side(samples: Vec<Sample>) -> Side {
         downtime_ms: f(|s| s.downtime_ms),
         guest_gap_ms: f(|s| s.guest_gap_ms),
         bytes: f(|s| s.bytes as f64),
+        guest_cpu: f(|s| s.guest_cpu),
         dirty_log_us: samples
             .iter()
             .map(|s| s.dirty_log_us)
@@ -289,6 +295,7 @@ fn godwit_run(
         rounds: Some(r.round_count),
         throttled: Some(r.throttled),
         max_throttle_pct: Some(r.max_throttle_pct),
+        guest_cpu: pair.guest_cpu,
         dirty_log_us: Some(if r.rounds.is_empty() {
             0.0
         } else {
@@ -632,7 +639,7 @@ fn print_table(r: &BenchReport) {
         }
     );
     outln!(
-        "{:>6} {:>9} {:>6} {:>12} | {:>20} {:>20} {:>20} {:>9} {:>12}",
+        "{:>6} {:>9} {:>6} {:>12} | {:>20} {:>20} {:>20} {:>9} {:>12} {:>15}",
         "MiB",
         "workload",
         "limit",
@@ -641,7 +648,8 @@ fn print_table(r: &BenchReport) {
         "downtime ms",
         "guest gap ms",
         "MiB sent",
-        "log read us"
+        "log read us",
+        "guest CPU"
     );
     let s3 = |s: &Summary| format!("{:.0}/{:.0}/{:.0}", s.min, s.median, s.max);
     let s3f = |s: &Summary| format!("{:.1}/{:.1}/{:.1}", s.min, s.median, s.max);
@@ -649,7 +657,7 @@ fn print_table(r: &BenchReport) {
     for c in &r.cells {
         let row = |name: &str, s: &Side| {
             outln!(
-                "{:>6} {:>9} {:>6} {:>12} | {:>20} {:>20} {:>20} {:>9.0} {:>12}",
+                "{:>6} {:>9} {:>6} {:>12} | {:>20} {:>20} {:>20} {:>9.0} {:>12} {:>15}",
                 c.memory_mib,
                 c.workload,
                 c.downtime_limit_ms,
@@ -660,7 +668,11 @@ fn print_table(r: &BenchReport) {
                 s.bytes.median / (1 << 20) as f64,
                 s.dirty_log_us
                     .as_ref()
-                    .map_or(String::new(), |d| format!("{:.0}", d.median))
+                    .map_or(String::new(), |d| format!("{:.0}", d.median)),
+                format!(
+                    "{:.2}/{:.2}/{:.2}",
+                    s.guest_cpu.min, s.guest_cpu.median, s.guest_cpu.max
+                )
             )
         };
         let first = if c.godwit_alternatives.is_empty() {
