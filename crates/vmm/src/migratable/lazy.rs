@@ -639,6 +639,9 @@ impl Lazy {
     /// pre-copy (through the guest's mapping, which maps it, so that it does not fault)
     /// or by placing (which maps it). It is mapped as it is:
     /// writing zeros first could overwrite a page placed since the touch was read.
+    /// So is a page that arrived whole in pre-copy but lost its mapping with the rest of
+    /// its huge page when a stale page beside it was dropped (the kernel unmaps a huge
+    /// page of a file whole): the file holds its current bytes.
     fn map_unsent(&self, r: usize, page: u64) {
         match self.uffd.r#continue(self.host(r, page), PAGE_SIZE, true) {
             Ok(_) => self.lock().stats.zero_filled += 1,
