@@ -326,7 +326,7 @@ pub enum RestoreMode {
 }
 
 /// How long the wait for data connections goes between looks at the main one.
-const JOIN_LOOK: Duration = Duration::from_millis(50);
+pub(crate) const JOIN_LOOK: Duration = Duration::from_millis(50);
 
 /// Why a source that closed its main connection while its data connections were
 /// awaited went: its ABORT where one came through, else the close. None while the main

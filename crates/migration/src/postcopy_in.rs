@@ -517,7 +517,7 @@ fn resumed(r: &Recovery) -> Result<Option<Vec<Stream>>, String> {
     let mut seen = std::collections::HashSet::new();
     while streams.len() < connections as usize {
         let left = by.saturating_duration_since(std::time::Instant::now());
-        let look = Duration::from_millis(50);
+        let look = crate::destination::JOIN_LOOK;
         let mut c = match r.listener.accept(Some(left.min(look))) {
             Ok(c) => c,
             // A source that gave up on this try is not waited for.

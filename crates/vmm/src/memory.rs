@@ -211,6 +211,8 @@ fn create_shared(bytes: u64) -> Result<(GuestMemory, SharedRam)> {
 /// runs one VM per process, and a mapping any clone of the memory may still reach
 /// cannot be unmapped safely before the process ends. The one replaced during a
 /// post-copy (`retire`) gives up its page-table entries and keeps only its addresses.
+/// Nor does a failure part way give back the regions mapped so far: it ends the
+/// process (a `--prefault` that cannot be had, a destination that refuses).
 fn map_guest_side(file: &std::fs::File, bytes: u64) -> Result<(GuestMemory, Vec<u64>)> {
     let mut offsets = Vec::new();
     let mut regions = Vec::new();
