@@ -2,7 +2,8 @@
 """The README's tables and goal count from `godwit bench migrate --modes ... --json`.
 
 Usage: tools/matrix-tables.py FILE.json
-Prints the downtime and total tables (median (min-max) per side) in Markdown, then per
+Prints the downtime and total tables (median (min-max) per side) in Markdown, and the
+guest's CPU where the report has it, then per
 godwit mode-cell what the issue's goal asks: median downtime at most 5 ms, no run above
 10 ms, every run's total at most the best QEMU side's median; and the fault-latency
 medians of post-copy runs, split at 10 faults.
@@ -48,13 +49,18 @@ def main():
     cells = d["cells"]
     g0, q0 = sides(cells[0], first_qemu)
     names = [n for n, _ in g0 + q0]
-    for metric, title in [("downtime_ms", "Downtime ms"), ("total_ms", "Total ms")]:
+    metrics = [("downtime_ms", "Downtime ms"), ("total_ms", "Total ms")]
+    # Reports from 2026-12-04 on also say how much of a CPU the guest had meanwhile.
+    if "guest_cpu" in cells[0]["godwit"]:
+        metrics.append(("guest_cpu", "Guest CPU while migrating (1.0: one whole CPU)"))
+    for metric, title in metrics:
         print(f"{title}, median (min-max):\n")
         print("| cell (RAM, workload, limit) | " + " | ".join(names) + " |")
         print("|---" * (len(names) + 1) + "|")
         for c in cells:
             g, q = sides(c, first_qemu)
-            row = [f"{fmt(s[metric]['median'])} ({fmt(s[metric]['min'])}-{fmt(s[metric]['max'])})" for _, s in g + q]
+            f = (lambda v: f"{v:.2f}") if metric == "guest_cpu" else fmt
+            row = [f"{f(s[metric]['median'])} ({f(s[metric]['min'])}-{f(s[metric]['max'])})" for _, s in g + q]
             print(f"| {cell_name(c)} | " + " | ".join(row) + " |")
         print()
     ok = {"median": 0, "max": 0, "total": 0}
