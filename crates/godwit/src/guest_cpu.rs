@@ -71,7 +71,7 @@ impl Drop for GuestCpu {
 }
 
 /// The CPU time (ns) of each of `pid`'s vCPU threads: godwit's `vcpuN`, QEMU's
-/// `CPU N/KVM`. None for a process that has ended.
+/// `CPU N/KVM`. Nothing for a process that has ended.
 fn vcpu_times(pid: u32) -> Vec<(u32, u64)> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return vec![];
@@ -119,7 +119,7 @@ mod tests {
         let other = spin("worker", stop.clone());
         // Named before it is watched, so its whole life is seen.
         let vcpu = spin("vcpu0", stop.clone());
-        while !vcpu_times(pid).iter().any(|_| true) {
+        while vcpu_times(pid).is_empty() {
             std::thread::yield_now();
         }
         let w = GuestCpu::watch(vec![pid]);
