@@ -264,7 +264,7 @@ fn a_destination_awaiting_its_data_connections_hears_the_source_end() {
     let dir = TempDir::new("handover-joins");
     let src = dirtier_source(&dir, "src", "256", &["wss=96", "rate=20", "seconds=0"]);
     let (mut dst, addr) = destination(&dir, "dst", &[]);
-    let m = slow_migration(&src, main_only_proxy(addr));
+    let m = slow_migration(&src, main_only_proxy(addr, false));
     wait_progress(&src);
     let o = cli(&src, &["migrate-cancel"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -283,6 +283,58 @@ fn a_destination_awaiting_its_data_connections_hears_the_source_end() {
     );
     assert!(!read(&dst.log).contains("verify"), "the destination ran it");
     assert_eq!(info(&src)["state"], "running");
+}
+
+/// As above, with nothing to slow the migration and the data connections drained
+/// (so writing to them never holds the source back): the pages fill the main
+/// connection, which that destination does not read yet, before the cancel comes, so
+/// neither the ABORT nor a close can reach it. The source resets the connection instead, and the
+/// destination hears that at once rather than waiting out its deadline for the data
+/// connections (and blaming them).
+#[test]
+fn a_destination_that_reads_nothing_yet_hears_a_reset_of_the_source() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("handover-joins-full");
+    let src = dirtier_source(&dir, "src", "256", &["wss=96", "rate=20", "seconds=0"]);
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    let m = migrating(&src, &main_only_proxy(addr, true), &[]);
+    wait_stalled(&src);
+    let o = cli(&src, &["migrate-cancel"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+    assert_eq!(r["status"], "cancelled", "{r} {}", stderr(&out));
+    assert_eq!(r["source_running"], true, "{r}");
+    assert_ne!(exit_code(&mut dst, LIMIT), 0);
+    let e = read(&dst.err);
+    assert!(
+        e.contains("the source reset the connection before its data connections came")
+            || e.contains("the source aborted: cancelled"),
+        "{e}"
+    );
+    assert!(!read(&dst.log).contains("verify"), "the destination ran it");
+    assert_eq!(info(&src)["state"], "running");
+}
+
+/// Waits until `src`'s migration has sent some MiB and then sent nothing more for a
+/// while: its connections are full.
+fn wait_stalled(src: &Vm) {
+    let sent = || -> Option<u64> {
+        let (_, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").ok()?;
+        let v: Value = serde_json::from_str(&b).ok()?;
+        v["progress"]["bytes_sent"].as_u64()
+    };
+    let (mut last, mut same) = (0, 0);
+    wait_for(LIMIT, || {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = sent()?;
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+        (now > 4 << 20 && same >= 3).then_some(())
+    })
+    .expect("the migration never stalled");
 }
 
 fn signal(vm: &Vm, sig: i32) {

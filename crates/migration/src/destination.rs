@@ -340,6 +340,12 @@ fn gone_before_joining(first: &mut Stream, buf: &mut Vec<u8>) -> Option<String> 
         match wire::read_frame(first, buf) {
             Ok(Frame::Abort(m)) => return Some(format!("the source aborted: {m}")),
             Ok(_) => {}
+            Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                // What a source does when its end cannot get through.
+                return Some(
+                    "the source reset the connection before its data connections came".into(),
+                );
+            }
             Err(_) => {
                 return Some(
                     "the source closed the connection before its data connections came".into(),

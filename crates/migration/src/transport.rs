@@ -212,6 +212,67 @@ impl Stream {
         r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 
+    /// The TCP socket under this stream, if there is one.
+    fn tcp_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match self {
+            Stream::Tcp(s) => Some(s.as_raw_fd()),
+            Stream::Tls(s) => Some(s.sock.as_raw_fd()),
+            _ => None,
+        }
+    }
+
+    /// Whether every byte written to this stream has reached the peer (its TCP stack
+    /// acknowledged it), waiting up to `d` for that. A close queues behind what is not:
+    /// a peer that does not read hears neither. Sockets whose close the peer sees at
+    /// once (Unix) say true; files too.
+    pub fn delivered_within(&self, d: Duration) -> bool {
+        let Some(fd) = self.tcp_fd() else {
+            return true;
+        };
+        let end = std::time::Instant::now() + d;
+        loop {
+            let mut n: libc::c_int = 0;
+            // SAFETY: SIOCOUTQ on a socket this stream owns writes one int.
+            if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) } != 0 {
+                return false;
+            }
+            if n == 0 {
+                return true;
+            }
+            if std::time::Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Makes the socket's last close reset the connection (SO_LINGER with no time)
+    /// instead of ending it in order: what is still queued is dropped, and the peer
+    /// hears of the end at once instead of after bytes it is not reading. For a peer
+    /// that cannot be told otherwise; Unix sockets (whose close the peer sees at once)
+    /// and files are left as they are.
+    pub fn reset_on_close(&self) {
+        let Some(fd) = self.tcp_fd() else { return };
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: SO_LINGER on a socket this stream owns, from a linger of its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &l as *const libc::linger as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!("SO_LINGER for a reset: {}", std::io::Error::last_os_error());
+        }
+    }
+
     /// Bytes that reads return now without waiting: what the socket holds (FIONREAD).
     /// 0 for TLS, whose plaintext is not known before it is decrypted, and for files.
     pub fn queued(&self) -> usize {
@@ -645,6 +706,49 @@ mod tests {
         assert!(!d.peer_closed());
         drop(c);
         assert!(wait_until(|| d.peer_closed()), "a TCP close is not seen");
+    }
+
+    /// Bytes a peer has taken count as delivered; bytes queued behind a full connection
+    /// do not, and neither would a close behind them. A reset gets through at once.
+    #[test]
+    fn a_peer_that_reads_nothing_hears_a_reset_but_not_a_close() {
+        let t = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = Stream::Tcp(TcpStream::connect(t.local_addr().unwrap()).unwrap());
+        let (d, _) = t.accept().unwrap();
+        let mut d = Stream::Tcp(d);
+        let Stream::Tcp(mut w) = c.try_clone().unwrap() else {
+            unreachable!()
+        };
+        w.write_all(b"hello").unwrap();
+        assert!(c.delivered_within(Duration::from_secs(10)));
+        // Fill both ends' buffers: the peer reads nothing.
+        w.set_nonblocking(true).unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        let mut stuck = 0;
+        while stuck < 20 {
+            match w.write(&chunk) {
+                Ok(_) => stuck = 0,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    stuck += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(!c.delivered_within(Duration::from_millis(50)));
+        assert!(!d.peer_closed());
+        c.reset_on_close();
+        drop((c, w));
+        assert!(wait_until(|| d.peer_closed()), "the reset is not seen");
+        let mut sink = vec![0u8; 1 << 20];
+        let e = loop {
+            match d.read(&mut sink) {
+                Ok(0) => panic!("an orderly end where a reset was sent"),
+                Ok(_) => {}
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
     }
 
     fn wait_until(f: impl Fn() -> bool) -> bool {

@@ -270,26 +270,104 @@ pub fn relay_the_rest(l: TcpListener, to: String) {
 }
 
 /// A man in the middle that passes the first connection (a migration's main one) both
-/// ways, as it is, and takes every later one (its data connections) without reading it
-/// or passing it on: a destination whose data connections never come.
-pub fn main_only_proxy(to: String) -> String {
+/// ways, as it is (a reset too), and takes every later one (its data connections)
+/// without passing it on: a destination whose data connections never come. With
+/// `drain` it reads them (and drops what it reads), so that the source's writes to
+/// them never block; else it reads nothing.
+pub fn main_only_proxy(to: String, drain: bool) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("tcp:{}", l.local_addr().unwrap());
     std::thread::spawn(move || {
         let Ok((a, _)) = l.accept() else { return };
         let b = TcpStream::connect(to.strip_prefix("tcp:").unwrap()).unwrap();
-        for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut from, &mut into);
-                let _ = into.shutdown(std::net::Shutdown::Write);
-            });
+        pass_resets(&a, &b);
+        for (from, into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+            std::thread::spawn(move || relay(from, into));
         }
         let mut held = Vec::new();
         while let Ok((c, _)) = l.accept() {
-            held.push(c);
+            if drain {
+                let mut c = c;
+                std::thread::spawn(move || std::io::copy(&mut c, &mut std::io::sink()));
+            } else {
+                held.push(c);
+            }
         }
     });
     addr
+}
+
+/// Makes the last close of `s` reset its connection.
+fn reset_on_close(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: SO_LINGER on a socket `s` owns, from a linger of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+/// Resets `into` (once every handle on it is gone) and stops whatever blocks on it.
+fn reset(into: &TcpStream) {
+    reset_on_close(into);
+    let _ = into.shutdown(std::net::Shutdown::Both);
+}
+
+/// Copies `from` into `into` until `from` ends, which ends `into` the same way: a close
+/// with a close, a reset with a reset.
+fn relay(mut from: TcpStream, mut into: TcpStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => {
+                let _ = into.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if into.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::ConnectionReset {
+                    reset(&into);
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// A reset of `a` resets `b` even while the relay into `b` is blocked on a full `b`
+/// (it then reads nothing from `a` to find it).
+fn pass_resets(a: &TcpStream, b: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let (a, b) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+    std::thread::spawn(move || {
+        // No events asked for: poll returns on an error or a hang-up only.
+        let mut p = libc::pollfd {
+            fd: a.as_raw_fd(),
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one pollfd for a socket this thread holds; no timeout.
+        while unsafe { libc::poll(&mut p, 1, -1) } <= 0 {}
+        if matches!(a.take_error(), Ok(Some(e)) if e.kind() == std::io::ErrorKind::ConnectionReset)
+        {
+            reset(&b);
+        }
+    });
 }
 
 /// A man in the middle that damages one byte of the first page of every PAGES frame

@@ -55,6 +55,9 @@ const STARTED_TIMEOUT: Duration = Duration::from_secs(10);
 const LATE_ANSWER_WAIT: Duration = Duration::from_secs(600);
 /// A write that makes no progress for this long means the destination is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a failed migration's ABORT may take to be written, and then to reach the
+/// destination, before the connection is reset instead.
+const ABORT_WAIT: Duration = Duration::from_millis(200);
 /// A VM whose memory is still arriving waits for it to be whole before it moves on, as
 /// long as some page arrives within this (a lazy restore's background reads one every
 /// few microseconds; a post-copy into it whose link broke delivers nothing).
@@ -696,17 +699,30 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
             // back, unless it may be running there. In post-copy it does run there,
             // and an ABORT would only tell it to give up pages it still needs.
             if let Some(out) = d.out.as_mut().filter(|_| !e.split()) {
-                if let Some(s) = status
+                let main = status
                     .interrupt
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .sockets
                     .first()
-                {
-                    let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+                    .and_then(|s| s.try_clone());
+                if let Some(s) = &main {
+                    let _ = s.set_write_timeout(Some(ABORT_WAIT));
                 }
-                let _ = out.control(&Frame::Abort(e.to_string()));
-                let _ = out.sync();
+                let told = out
+                    .control(&Frame::Abort(e.to_string()))
+                    .and_then(|()| out.sync())
+                    .is_ok();
+                // A destination that has not read what came before (the connection is
+                // full) would hear neither the ABORT nor the close behind it: it is
+                // reset instead, which it hears at once.
+                if let Some(s) = main.filter(|s| !(told && s.delivered_within(ABORT_WAIT))) {
+                    tracing::info!(
+                        "the destination has not taken the migration's end: its connection \
+                         is reset"
+                    );
+                    s.reset_on_close();
+                }
                 out.close();
             }
             if e.split() {
