@@ -84,6 +84,9 @@ struct Sample {
     gpu_quiesce_ms: f64,
     vram_bytes: u64,
     ram_bytes: u64,
+    /// The guest's vCPUs' time on a CPU over the migration's wall time, both hosts'
+    /// processes together (`crate::guest_cpu`); the GPU's engine is not in it.
+    guest_cpu: f64,
     /// VRAM the first pass found written (sent, or left for the next round because
     /// it was written again meanwhile): what a migration must send at least.
     vram_touched_bytes: u64,
@@ -113,6 +116,7 @@ struct Side {
     gpu_quiesce_ms: Summary,
     vram_mib: Summary,
     ram_mib: Summary,
+    guest_cpu: Summary,
     samples: Vec<Sample>,
 }
 
@@ -169,6 +173,7 @@ fn side(samples: Vec<Sample>) -> Side {
         gpu_quiesce_ms: f(|s| s.gpu_quiesce_ms),
         vram_mib: f(|s| s.vram_bytes as f64 / MIB),
         ram_mib: f(|s| s.ram_bytes as f64 / MIB),
+        guest_cpu: f(|s| s.guest_cpu),
         samples,
     }
 }
@@ -207,7 +212,7 @@ fn throughput_while_held(r: &Report) -> Option<f64> {
     Some(rate(true)? / rate(false)?)
 }
 
-fn sample(r: &Report, gap: f64) -> Sample {
+fn sample(r: &Report, gap: f64, guest_cpu: f64) -> Sample {
     let part = |name: &str| r.bytes.components.get(name).map_or(0, |c| c.page_bytes);
     let touched = r
         .rounds
@@ -229,6 +234,7 @@ fn sample(r: &Report, gap: f64) -> Sample {
         gpu_quiesce_ms: r.downtime.components.get("gpu").map_or(0.0, |c| c.stop_ms),
         vram_bytes: part("gpu"),
         ram_bytes: part("ram"),
+        guest_cpu,
         vram_touched_bytes: touched,
         rounds: r.round_count,
         link_mib_s: r.throughput_mib_s,
@@ -313,7 +319,7 @@ fn one_run(
         page_checks: Default::default(),
     };
     let (r, gap) = pair.migrate(&o, MIGRATE_TIMEOUT)?;
-    Ok(sample(&r, gap))
+    Ok(sample(&r, gap, pair.guest_cpu))
 }
 
 fn bench(a: GpuMigrateBenchArgs) -> Result<BenchReport, String> {

@@ -714,6 +714,11 @@ fn the_gpu_migration_benchmark_runs_both_modes() {
     };
     assert!(last(stop) >= touched, "{stop}");
     assert!(pre["vram_bytes"].as_u64().unwrap() >= touched, "{pre}");
+    // The guest's share of a CPU was measured (null where it was not).
+    for s in [pre, stop] {
+        let cpu = s["guest_cpu"].as_f64();
+        assert!(cpu.is_some_and(|x| (0.0..=2.0).contains(&x)), "{s}");
+    }
     assert!(
         c["precopy_over_stop_copy"]["downtime_ms"]["median"].is_number(),
         "{c}"
