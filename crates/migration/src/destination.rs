@@ -76,6 +76,11 @@ fn first_source(l: &Listener) -> Result<(Stream, Hello, Instant), ReceiveError> 
     let done = AtomicBool::new(false);
     let opening = Arc::new(AtomicUsize::new(0));
     let tls = l.tls();
+    // The source found, the acceptor must end before the listener takes its other
+    // connections: closing `stop_tx` ends its wait at once (a wait that only ran out
+    // added up to its length to every setup).
+    let (stop_tx, stop_rx) =
+        std::os::unix::net::UnixStream::pair().map_err(ReceiveError::Listen)?;
     std::thread::scope(|s| {
         let acceptor = s.spawn(|| -> Result<(), ReceiveError> {
             while !done.load(Ordering::SeqCst) {
@@ -83,12 +88,9 @@ fn first_source(l: &Listener) -> Result<(Stream, Hello, Instant), ReceiveError> 
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 }
-                // Short: the source found, this thread must end before the listener
-                // takes its other connections, and it looks at `done` only between
-                // waits (a wait of 100 ms here added up to 100 ms to every setup).
-                let c = match l.accept_raw(Some(Duration::from_millis(5))) {
-                    Ok(c) => c,
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+                let c = match l.accept_raw_unless(&stop_rx) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
                     Err(e) => return Err(ReceiveError::Listen(e)),
                 };
                 let (tx, tls, mine) = (tx.clone(), tls.clone(), opening.clone());
@@ -144,6 +146,7 @@ fn first_source(l: &Listener) -> Result<(Stream, Hello, Instant), ReceiveError> 
             }
         };
         done.store(true, Ordering::SeqCst);
+        drop(stop_tx);
         let accepted = acceptor.join();
         match (got, accepted) {
             (Ok(x), _) => Ok(x),

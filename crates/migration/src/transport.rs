@@ -5,11 +5,14 @@
 use crate::wire;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 use vm_memory::VolatileSlice;
+
+mod listener;
+pub use listener::{secure, Listener};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -507,145 +510,10 @@ fn advance(iov: &mut [libc::iovec], at: &mut usize, mut n: usize) {
     }
 }
 
-/// The destination's end: a listening socket, or a snapshot to read.
-pub enum Listener {
-    Tcp(TcpListener, Option<crate::tls::Creds>),
-    Unix(UnixListener, PathBuf),
-    File(PathBuf),
-}
-
-impl Listener {
-    pub fn bind(t: &Target) -> io::Result<Listener> {
-        Listener::bind_with(t, None)
-    }
-
-    /// Listens; TCP peers must pass a TLS handshake with `tls` when it is given.
-    pub fn bind_with(t: &Target, tls: Option<crate::tls::Creds>) -> io::Result<Listener> {
-        match t {
-            Target::Tcp(a) => TcpListener::bind(a.as_str()).map(|l| Listener::Tcp(l, tls)),
-            Target::Unix(p) => {
-                // A stale socket from a dead process is replaced; a live one, or
-                // anything that is not a socket, is not.
-                godwit_vmm::files::claim_socket_path(p)?;
-                UnixListener::bind(p).map(|l| Listener::Unix(l, p.clone()))
-            }
-            Target::File(p) => {
-                godwit_vmm::files::open_regular(p, u64::MAX)?;
-                Ok(Listener::File(p.clone()))
-            }
-        }
-    }
-
-    /// The address a source should use (with the real port when asked for port 0).
-    pub fn local(&self) -> String {
-        match self {
-            Listener::Tcp(l, _) => l
-                .local_addr()
-                .map(|a| format!("tcp:{a}"))
-                .unwrap_or_default(),
-            Listener::Unix(_, p) => format!("unix:{}", p.display()),
-            Listener::File(p) => format!("file:{}", p.display()),
-        }
-    }
-
-    /// The next connection, waiting at most `timeout` (None = forever). A peer that
-    /// fails the TLS handshake is an error of kind ConnectionAborted: that peer's, not
-    /// the listener's.
-    pub fn accept(&self, timeout: Option<Duration>) -> io::Result<Stream> {
-        let s = self.accept_raw(timeout)?;
-        secure(self.tls().as_ref(), s)
-    }
-
-    /// The TLS credentials peers must pass, if any.
-    pub fn tls(&self) -> Option<crate::tls::Creds> {
-        match self {
-            Listener::Tcp(_, c) => c.clone(),
-            _ => None,
-        }
-    }
-
-    /// The next connection as accepted, before any TLS handshake (`secure` does it, so
-    /// that a slow peer's handshake can run apart from the accepting thread).
-    pub fn accept_raw(&self, timeout: Option<Duration>) -> io::Result<Stream> {
-        let deadline = timeout.map(|t| std::time::Instant::now() + t);
-        // With a deadline, poll a non-blocking listener; without one, block.
-        match self {
-            Listener::Tcp(l, _) => l.set_nonblocking(deadline.is_some())?,
-            Listener::Unix(l, _) => l.set_nonblocking(deadline.is_some())?,
-            Listener::File(_) => {}
-        }
-        loop {
-            let r = match self {
-                Listener::Tcp(l, _) => l.accept().map(|(s, _)| {
-                    let _ = s.set_nodelay(true);
-                    Stream::Tcp(s)
-                }),
-                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
-                Listener::File(p) => {
-                    return File::open(p)
-                        .map(|f| Stream::FileIn(io::BufReader::with_capacity(1 << 20, f)))
-                }
-            };
-            match r {
-                Ok(s) => {
-                    // Accepted sockets may inherit non-blocking mode: undo it.
-                    match &s {
-                        Stream::Tcp(t) => t.set_nonblocking(false)?,
-                        Stream::Unix(u) => u.set_nonblocking(false)?,
-                        _ => {}
-                    }
-                    return Ok(s);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "no connection came in time",
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-/// The TLS handshake of an accepted TCP connection, when the listener asks for one. A
-/// peer that fails it is an error of kind ConnectionAborted: that peer's, not the
-/// listener's.
-pub fn secure(tls: Option<&crate::tls::Creds>, s: Stream) -> io::Result<Stream> {
-    let (Some(creds), Stream::Tcp(t)) = (tls, &s) else {
-        return Ok(s);
-    };
-    let peer = t.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let aborted = |e: io::Error| {
-        io::Error::new(
-            io::ErrorKind::ConnectionAborted,
-            format!("TLS handshake with {peer}: {e}"),
-        )
-    };
-    let Stream::Tcp(t) = s else { unreachable!() };
-    t.set_read_timeout(Some(TLS_HANDSHAKE_TIMEOUT))
-        .map_err(aborted)?;
-    t.set_write_timeout(Some(TLS_HANDSHAKE_TIMEOUT))
-        .map_err(aborted)?;
-    let t = creds.accept(t).map_err(aborted)?;
-    t.sock.set_write_timeout(None).map_err(aborted)?;
-    Ok(Stream::Tls(t))
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Listener::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
 
     /// However writes split it, what is left of a vectored write is the rest of its
     /// bytes, in order.
