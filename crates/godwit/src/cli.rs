@@ -318,6 +318,12 @@ pub struct MigrateArgs {
     /// keeps crc.
     #[arg(long, value_enum, default_value_t = PageChecksArg::Crc)]
     pub page_checks: PageChecksArg,
+    /// The vCPUs' weight while pre-copy runs: low (the lowest of the fair scheduler,
+    /// nice 19: on cores they share, the migration's threads come first and the guest
+    /// gets what they leave idle; given back when the migration ends, which takes
+    /// CAP_SYS_NICE: without it the vCPUs keep their weight) or normal.
+    #[arg(long, value_enum, default_value_t = VcpuPriorityArg::Low)]
+    pub vcpu_priority: VcpuPriorityArg,
     /// Print the final report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -346,6 +352,25 @@ pub enum PageChecksArg {
     /// The transport's own (TCP's checksum, TLS's AEAD), as QEMU's stream: the destination
     /// reads nothing back.
     Transport,
+}
+
+/// The vCPUs' weight while pre-copy runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum VcpuPriorityArg {
+    /// The lowest of the fair scheduler while pre-copy runs: the migration first.
+    #[default]
+    Low,
+    /// As they are.
+    Normal,
+}
+
+impl From<VcpuPriorityArg> for godwit_migration::vcpu_priority::VcpuPriority {
+    fn from(a: VcpuPriorityArg) -> Self {
+        match a {
+            VcpuPriorityArg::Low => Self::Low,
+            VcpuPriorityArg::Normal => Self::Normal,
+        }
+    }
 }
 
 impl From<PageChecksArg> for godwit_migration::wire::PageChecks {
@@ -497,6 +522,9 @@ pub struct MigrateBenchArgs {
     /// Who checks godwit's page data on the way (`godwit migrate --page-checks`).
     #[arg(long, value_enum, default_value_t = PageChecksArg::Crc)]
     pub page_checks: PageChecksArg,
+    /// godwit's vCPUs' weight while pre-copy runs (`godwit migrate --vcpu-priority`).
+    #[arg(long, value_enum, default_value_t = VcpuPriorityArg::Low)]
+    pub vcpu_priority: VcpuPriorityArg,
     /// godwit's dirty tracking, one side per mode (comma separated): bitmap, ring,
     /// ring:ENTRIES. The first is the one held against QEMU; the others are compared
     /// with it.

@@ -170,6 +170,7 @@ fn demo(a: &DemoArgs) -> Result<bool, String> {
         tls_dir: None,
         insecure: false,
         page_checks: Default::default(),
+        vcpu_priority: Default::default(),
         json: false,
     });
     if code != ExitCode::SUCCESS {

@@ -268,6 +268,7 @@ pub fn migrate(a: MigrateArgs) -> ExitCode {
         tls_dir: a.tls_dir.clone(),
         insecure: a.insecure,
         page_checks: a.page_checks.into(),
+        vcpu_priority: a.vcpu_priority.into(),
     };
     if let Err(e) = o.check() {
         return fail(e);

@@ -318,6 +318,89 @@ fn a_destination_that_reads_nothing_yet_hears_a_reset_of_the_source() {
     assert_eq!(info(&src)["state"], "running");
 }
 
+/// The nice value of `vm`'s vCPU 0 thread, from /proc.
+fn vcpu0_nice(vm: &Vm) -> i64 {
+    let pid = vm.proc.0.id();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        if std::fs::read_to_string(t.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            == "vcpu0"
+        {
+            let stat = std::fs::read_to_string(t.join("stat")).unwrap();
+            // After the command's closing parenthesis: state is field 3, nice field 19.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            return rest.split(' ').nth(16).unwrap().parse().unwrap();
+        }
+    }
+    panic!("no vcpu0 thread in {pid}");
+}
+
+/// Whether a thread of this process may take a lower nice value again after 19, as
+/// godwit must to lower its vCPUs (CAP_SYS_NICE), tried on a scratch thread.
+fn may_raise_nice() -> bool {
+    std::thread::spawn(|| {
+        // SAFETY: setpriority on this scratch thread alone (who 0: the caller).
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 19) == 0
+                && libc::setpriority(libc::PRIO_PROCESS, 0, 0) == 0
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+/// With `--vcpu-priority low` (the default) the source's vCPUs run at the lowest fair
+/// weight while pre-copy runs, and a migration that ends without moving the VM (here a
+/// cancel) gives them their weight back; `normal` leaves them alone. A process that may
+/// not give the weight back (no CAP_SYS_NICE) keeps its vCPUs as they are, and its
+/// report says `normal`.
+#[test]
+fn the_vcpus_yield_to_pre_copy_and_get_their_weight_back() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("handover-yield");
+    let src = dirtier_source(&dir, "src", "256", &["wss=96", "rate=20", "seconds=0"]);
+    assert_eq!(vcpu0_nice(&src), 0);
+    for (asked, nth) in [("normal", 1), ("low", 2)] {
+        let (mut dst, addr) = destination(&dir, &format!("dst{nth}"), &[]);
+        let m = migrating(
+            &src,
+            &addr,
+            &["--max-bandwidth", "8M", "--vcpu-priority", asked],
+        );
+        // Pages flow: this migration's pre-copy has begun (the vCPUs are lowered before
+        // its first page; the last one's progress ended in another phase).
+        wait_for(LIMIT, || {
+            let (_, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").ok()?;
+            let v: Value = serde_json::from_str(&b).ok()?;
+            let p = &v["progress"];
+            (v["active"] == true && p["phase"] == "precopy" && p["bytes_sent"].as_u64()? > 1 << 20)
+                .then_some(())
+        })
+        .expect("no pages sent");
+        let during = vcpu0_nice(&src);
+        let o = cli(&src, &["migrate-cancel"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = m.join().unwrap();
+        let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        assert_eq!(r["status"], "cancelled", "{r} {}", stderr(&out));
+        let got = r["vcpu_priority"].as_str().unwrap();
+        let expected = if asked == "low" && may_raise_nice() {
+            "low"
+        } else {
+            "normal"
+        };
+        assert_eq!(got, expected, "{asked}: {r}");
+        assert_eq!(during, if got == "low" { 19 } else { 0 }, "{asked}: {r}");
+        assert_eq!(vcpu0_nice(&src), 0, "{asked}: the weight did not come back");
+        assert_ne!(exit_code(&mut dst, LIMIT), 0);
+        assert_eq!(info(&src)["state"], "running");
+    }
+}
+
 /// Waits until `src`'s migration has sent some MiB and then sent nothing more for a
 /// while: its connections are full.
 fn wait_stalled(src: &Vm) {

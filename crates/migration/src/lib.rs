@@ -32,6 +32,7 @@ pub mod snapshot_index;
 pub mod source;
 pub mod tls;
 pub mod transport;
+pub mod vcpu_priority;
 pub mod wire;
 
 pub use destination::{receive, Incoming, ReceiveError};

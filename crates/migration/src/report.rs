@@ -290,6 +290,10 @@ pub struct Report {
     pub connections: u32,
     /// Who checked the pages' data on the way.
     pub page_checks: crate::wire::PageChecks,
+    /// The vCPUs' weight while pre-copy ran: `low` only where it was asked for, the
+    /// guest ran pre-copy rounds, and the vCPUs could be given their weight back.
+    #[serde(default)]
+    pub vcpu_priority: crate::vcpu_priority::VcpuPriority,
     pub downtime_limit_ms: u64,
     pub max_bandwidth: Option<u64>,
     pub memory_mib: u64,

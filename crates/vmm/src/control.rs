@@ -40,6 +40,8 @@ struct Inner {
     parked: u32,
     exit: Option<VmExit>,
     threads: Vec<libc::pthread_t>,
+    /// Their kernel thread ids, in the order they started.
+    tids: Vec<libc::pid_t>,
     /// vCPUs wait at their next checkpoint until then (auto-converge throttling).
     hold_until: Option<Instant>,
     /// Who owns pause/resume for now (a migration), refusing them to the API.
@@ -111,6 +113,7 @@ impl Control {
                 parked: 0,
                 exit: None,
                 threads: Vec::new(),
+                tids: Vec::new(),
                 hold_until: None,
                 owner: None,
             }),
@@ -137,6 +140,13 @@ impl Control {
         s.active += 1;
         // SAFETY: pthread_self has no preconditions.
         s.threads.push(unsafe { libc::pthread_self() });
+        // SAFETY: gettid has no preconditions.
+        s.tids.push(unsafe { libc::gettid() });
+    }
+
+    /// The kernel thread ids of the vCPU threads running now (for their scheduling).
+    pub fn vcpu_tids(&self) -> Vec<libc::pid_t> {
+        self.lock().tids.clone()
     }
 
     pub fn vcpu_stopped(&self) {
@@ -145,6 +155,9 @@ impl Control {
         // SAFETY: as above.
         let me = unsafe { libc::pthread_self() };
         s.threads.retain(|t| *t != me);
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        s.tids.retain(|t| *t != tid);
         self.cv.notify_all();
     }
 

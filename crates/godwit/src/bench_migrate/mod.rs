@@ -19,6 +19,7 @@ use crate::bench::{
     alive, free_port, guest_gap, qemu_guest, steady, summary, wait_for, Pair, Procs, Summary,
 };
 use crate::cli::MigrateBenchArgs;
+use godwit_migration::vcpu_priority::VcpuPriority;
 use godwit_migration::wire::PageChecks;
 use godwit_migration::{Mode, Options, DEFAULT_CONNECTIONS};
 use godwit_vmm::dirty::DirtyLogMode;
@@ -201,6 +202,9 @@ struct BenchReport {
     connections: u32,
     /// Who checked godwit's page data (`--page-checks`).
     page_checks: PageChecks,
+    /// godwit's vCPUs' weight while pre-copy ran (`--vcpu-priority`; each run's
+    /// report says what it got).
+    vcpu_priority: VcpuPriority,
     /// Destinations got their memory before each migration (`--prefault`).
     prefault: bool,
     cells: Vec<Cell>,
@@ -256,6 +260,7 @@ fn godwit_run(
     tls: Option<&Path>,
     prefault: bool,
     page_checks: PageChecks,
+    vcpu_priority: VcpuPriority,
 ) -> Result<Sample, String> {
     let mut pair = Pair::new(dir, "g-")?;
     let mut dst = pair.destination_args();
@@ -285,6 +290,7 @@ fn godwit_run(
         tls_dir: tls.map(Path::to_path_buf),
         insecure: false,
         page_checks,
+        vcpu_priority,
     };
     let (r, gap) = pair.migrate(&o, MIGRATE_TIMEOUT)?;
     Ok(Sample {
@@ -506,6 +512,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                                 tls.then_some(creds.as_path()),
                                 a.prefault,
                                 a.page_checks.into(),
+                                a.vcpu_priority.into(),
                             )?),
                             None => {
                                 let j = turn - variants.len();
@@ -623,6 +630,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
         qemu,
         connections: a.connections.unwrap_or(DEFAULT_CONNECTIONS),
         page_checks: a.page_checks.into(),
+        vcpu_priority: a.vcpu_priority.into(),
         prefault: a.prefault,
         cells,
     })

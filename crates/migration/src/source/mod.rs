@@ -22,6 +22,7 @@ use crate::report::{
     DowntimePart, Handover, Outcome, Phase, Progress, Report, Round, RoundPart, Status,
 };
 use crate::transport::{Stream, Target};
+use crate::vcpu_priority::{Lowered, VcpuPriority};
 use crate::wire::{self, Frame, Hello, Ready, PAGE_SIZE};
 use godwit_vmm::control::{RunState, VmExit};
 use godwit_vmm::migratable::{step_to, Component, MigState, ReadReport};
@@ -551,6 +552,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         to: o.to.clone(),
         connections: o.lanes(),
         page_checks: o.page_checks,
+        vcpu_priority: VcpuPriority::Normal,
         downtime_limit_ms: o.downtime_ms,
         max_bandwidth: o.max_bandwidth,
         memory_mib: m.description().memory_mib,
@@ -627,6 +629,17 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
             step_to(&*p.c, MigState::PreCopy).map_err(MigrationError::component(&p.name))?;
         }
         d.report.dirty_log_start_ms = ms(t.elapsed());
+        // Until this closure returns, whatever the outcome: a VM that stays here runs on
+        // with its own weight.
+        let _lowered = (o.vcpu_priority == VcpuPriority::Low && o.mode != Mode::Postcopy)
+            .then(|| Lowered::vcpus(&h.ctl.vcpu_tids()))
+            .and_then(|r| {
+                r.map_err(|why| tracing::warn!("the vCPUs keep their weight: {why}"))
+                    .ok()
+            });
+        if _lowered.is_some() {
+            d.report.vcpu_priority = VcpuPriority::Low;
+        }
         d.converge = Converge::new(
             d.parts
                 .iter()

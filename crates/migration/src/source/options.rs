@@ -39,6 +39,9 @@ pub struct Options {
     /// Who checks the pages' data on the way (`wire::PageChecks`).
     #[serde(default)]
     pub page_checks: wire::PageChecks,
+    /// The vCPUs' weight while pre-copy runs (`vcpu_priority`).
+    #[serde(default)]
+    pub vcpu_priority: crate::vcpu_priority::VcpuPriority,
 }
 
 fn default_downtime() -> u64 {
