@@ -297,29 +297,10 @@ pub fn main_only_proxy(to: String, drain: bool) -> String {
     addr
 }
 
-/// Makes the last close of `s` reset its connection.
-fn reset_on_close(s: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: SO_LINGER on a socket `s` owns, from a linger of its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &l as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-}
-
 /// Resets `into` (once every handle on it is gone) and stops whatever blocks on it.
 fn reset(into: &TcpStream) {
-    reset_on_close(into);
+    // SO_LINGER holds for the socket, whichever of its handles sets it.
+    godwit_migration::transport::Stream::Tcp(into.try_clone().unwrap()).reset_on_close();
     let _ = into.shutdown(std::net::Shutdown::Both);
 }
 
