@@ -631,13 +631,14 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         d.report.dirty_log_start_ms = ms(t.elapsed());
         // Until this closure returns, whatever the outcome: a VM that stays here runs on
         // with its own weight.
-        let _lowered = (o.vcpu_priority == VcpuPriority::Low && o.mode != Mode::Postcopy)
-            .then(|| Lowered::vcpus(&h.ctl.vcpu_tids()))
-            .and_then(|r| {
-                r.map_err(|why| tracing::warn!("the vCPUs keep their weight: {why}"))
-                    .ok()
-            });
-        if _lowered.is_some() {
+        let lowered = match (o.vcpu_priority, o.mode) {
+            // Post-copy moves the VM first: no pre-copy to yield to.
+            (VcpuPriority::Normal, _) | (_, Mode::Postcopy) => None,
+            (VcpuPriority::Low, _) => Lowered::vcpus(&h.ctl.vcpu_tids())
+                .map_err(|why| tracing::warn!("the vCPUs keep their weight: {why}"))
+                .ok(),
+        };
+        if lowered.is_some() {
             d.report.vcpu_priority = VcpuPriority::Low;
         }
         d.converge = Converge::new(
