@@ -91,6 +91,11 @@ impl Lowered {
         }
         Ok(l)
     }
+
+    /// How many threads were lowered (none where every one is under another policy).
+    pub fn count(&self) -> usize {
+        self.saved.len()
+    }
 }
 
 impl Drop for Lowered {
@@ -154,6 +159,7 @@ mod tests {
             0
         );
         let l = Lowered::vcpus(&[t]);
+        assert!(l.as_ref().map_or(true, |l| l.count() == 0));
         assert_eq!(nice_of(t).unwrap(), 0);
         drop(l);
         drop(go);

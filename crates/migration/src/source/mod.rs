@@ -638,7 +638,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
                 .map_err(|why| tracing::warn!("the vCPUs keep their weight: {why}"))
                 .ok(),
         };
-        if lowered.is_some() {
+        if lowered.as_ref().is_some_and(|l| l.count() > 0) {
             d.report.vcpu_priority = VcpuPriority::Low;
         }
         d.converge = Converge::new(
