@@ -318,11 +318,12 @@ pub struct MigrateArgs {
     /// keeps crc.
     #[arg(long, value_enum, default_value_t = PageChecksArg::Crc)]
     pub page_checks: PageChecksArg,
-    /// The vCPUs' weight while pre-copy runs: low (the lowest of the fair scheduler,
-    /// nice 19: on cores they share, the migration's threads come first and the guest
-    /// gets what they leave idle; given back when the migration ends, which takes
-    /// CAP_SYS_NICE: without it the vCPUs keep their weight) or normal.
-    #[arg(long, value_enum, default_value_t = VcpuPriorityArg::Low)]
+    /// The vCPUs' weight while pre-copy runs: normal, or low (the lowest of the fair
+    /// scheduler, nice 19: on cores they share, the migration's threads come first and
+    /// the guest gets what they leave idle; so does every other process on the host;
+    /// given back before the pause and at the end, which takes CAP_SYS_NICE: without it
+    /// the vCPUs keep their weight).
+    #[arg(long, value_enum, default_value_t = VcpuPriorityArg::Normal)]
     pub vcpu_priority: VcpuPriorityArg,
     /// Print the final report as JSON.
     #[arg(long)]
@@ -357,11 +358,12 @@ pub enum PageChecksArg {
 /// The vCPUs' weight while pre-copy runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum VcpuPriorityArg {
-    /// The lowest of the fair scheduler while pre-copy runs: the migration first.
-    #[default]
-    Low,
     /// As they are.
+    #[default]
     Normal,
+    /// The lowest of the fair scheduler while pre-copy runs: the migration first (and
+    /// every other process on the host too).
+    Low,
 }
 
 impl From<VcpuPriorityArg> for godwit_migration::vcpu_priority::VcpuPriority {
@@ -523,7 +525,7 @@ pub struct MigrateBenchArgs {
     #[arg(long, value_enum, default_value_t = PageChecksArg::Crc)]
     pub page_checks: PageChecksArg,
     /// godwit's vCPUs' weight while pre-copy runs (`godwit migrate --vcpu-priority`).
-    #[arg(long, value_enum, default_value_t = VcpuPriorityArg::Low)]
+    #[arg(long, value_enum, default_value_t = VcpuPriorityArg::Normal)]
     pub vcpu_priority: VcpuPriorityArg,
     /// godwit's dirty tracking, one side per mode (comma separated): bitmap, ring,
     /// ring:ENTRIES. The first is the one held against QEMU; the others are compared

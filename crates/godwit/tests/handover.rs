@@ -356,9 +356,9 @@ fn may_raise_nice() -> bool {
     .unwrap()
 }
 
-/// With `--vcpu-priority low` (the default) the source's vCPUs run at the lowest fair
-/// weight while pre-copy runs, and a migration that ends without moving the VM (here a
-/// cancel) gives them their weight back; `normal` leaves them alone. A process that may
+/// With `--vcpu-priority low` the source's vCPUs run at the lowest fair weight while
+/// pre-copy runs, and a migration that ends without moving the VM (here a cancel) gives
+/// them their weight back; `normal` (the default) leaves them alone. A process that may
 /// not give the weight back (no CAP_SYS_NICE) keeps its vCPUs as they are, and its
 /// report says `normal`.
 #[test]

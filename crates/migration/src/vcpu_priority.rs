@@ -10,9 +10,16 @@
 //! cores of their own sees no difference. QEMU's multifd takes the cores by running
 //! more threads; this takes them only while the migration can use them.
 //!
-//! The vCPUs get their weight back when the migration ends, whatever its outcome.
-//! Raising a nice value again takes CAP_SYS_NICE (or an RLIMIT_NICE that allows it): a
-//! process that could not do it leaves its vCPUs as they are.
+//! A nice value counts against every thread on the host, not only the migration's: on
+//! a host with other work (other guests), the vCPUs yield to all of it while pre-copy
+//! runs. That is why `Low` is asked for, never the default: the test suite's CPU hog
+//! held a lowered guest to a few MiB/s of its writes. (Yielding to the migration alone
+//! would take a cgroup of the VM's own, with its vCPUs in a child group.)
+//!
+//! The vCPUs get their weight back before the pause (they must run to stop: lowered,
+//! beside the hog, they took 88 ms to park) and when the migration ends, whatever its
+//! outcome. Raising a nice value again takes CAP_SYS_NICE (or an RLIMIT_NICE that
+//! allows it): a process that could not do it leaves its vCPUs as they are.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,9 +28,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 pub enum VcpuPriority {
     /// As they are: the guest competes with the migration on equal terms.
+    #[default]
     Normal,
     /// The lowest fair-class weight: the migration first (see the module's notes).
-    #[default]
     Low,
 }
 

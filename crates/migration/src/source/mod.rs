@@ -152,6 +152,9 @@ struct Driver<'a> {
     /// Post-copy: the connections but the main one, once the background stream has
     /// had them (given up with the rest).
     bg: Option<Outbound>,
+    /// The vCPUs at the lowest weight while pre-copy runs (`--vcpu-priority low`);
+    /// given back before the pause, where they must run to stop, and at the end.
+    lowered: Option<Lowered>,
 }
 
 type Res<T> = Result<T, MigrationError>;
@@ -592,6 +595,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         tls: None,
         arriving: 0,
         bg: None,
+        lowered: None,
     };
     status.live_bytes.store(0, Ordering::Relaxed);
     status.postcopy_now.store(false, Ordering::SeqCst);
@@ -629,16 +633,14 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
             step_to(&*p.c, MigState::PreCopy).map_err(MigrationError::component(&p.name))?;
         }
         d.report.dirty_log_start_ms = ms(t.elapsed());
-        // Until this closure returns, whatever the outcome: a VM that stays here runs on
-        // with its own weight.
-        let lowered = match (o.vcpu_priority, o.mode) {
+        d.lowered = match (o.vcpu_priority, o.mode) {
             // Post-copy moves the VM first: no pre-copy to yield to.
             (VcpuPriority::Normal, _) | (_, Mode::Postcopy) => None,
             (VcpuPriority::Low, _) => Lowered::vcpus(&h.ctl.vcpu_tids())
                 .map_err(|why| tracing::warn!("the vCPUs keep their weight: {why}"))
                 .ok(),
         };
-        if lowered.as_ref().is_some_and(|l| l.count() > 0) {
+        if d.lowered.as_ref().is_some_and(|l| l.count() > 0) {
             d.report.vcpu_priority = VcpuPriority::Low;
         }
         d.converge = Converge::new(
@@ -661,6 +663,8 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         }
         Ok(())
     })();
+    // Whatever the outcome: a VM that stays here runs on with its own weight.
+    d.lowered = None;
     // A VM that ended here before it was handed over is why the rounds stopped (its
     // end cancels them: `watch_end`) or its vCPUs could not be stopped; a cancel that
     // came with this godwit's own stop ends the VM here too. Once GO is on its way the

@@ -44,6 +44,9 @@ impl Driver<'_> {
         // pauses) that the last round's estimate never counted. Only the report's
         // account of the throttle ends now.
         self.converge.release();
+        // The vCPUs must run to stop: at the lowest weight, on a host with other work,
+        // they waited up to 88 ms for a core to park on.
+        self.lowered = None;
         self.progress(self.pending(), 0.0);
         self.pause_budget = self.pause_budget();
         let status = self.status;
