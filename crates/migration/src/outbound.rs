@@ -8,12 +8,14 @@
 //! newest copy last); everything else (states, data streams, COMPLETE, GO) goes on the
 //! main lane, in order.
 //!
-//! On sockets whose transport checks the data (`--page-checks transport`), a pre-copy
-//! round's pages go from guest memory to every connection with no copy of godwit's
-//! own (`Sink::pages_in_place`): a writer thread gets where the pages are and writes
-//! them, and the component's read waits at its end until each writer is done with
-//! them (`Sink::settle`). Post-copy's background copies them into frames: its reads
-//! are a frame each, between requests.
+//! On sockets (TCP, Unix), a pre-copy round's pages go from guest memory to every
+//! connection with no copy of godwit's own (`Sink::pages_in_place`): a writer thread
+//! gets where the pages are, takes each page's CRC there (unless the transport checks
+//! the data, `--page-checks transport`) and writes them, and the component's read
+//! waits at its end until each writer is done with them (`Sink::settle`). So the
+//! reading of every page, for its CRC and for the kernel's copy, is spread over the
+//! connections' threads, as QEMU's multifd channels spread theirs. Post-copy's
+//! background copies them into frames: its reads are a frame each, between requests.
 
 use crate::transport::{PageRuns, Stream};
 use crate::wire::{self, Checked, Frame, PageChecks, PagesFrame, Totals, PAGE_SIZE};
@@ -28,11 +30,16 @@ use std::time::{Duration, Instant};
 
 /// Pages per chunk of a section's address space given to one connection.
 const CHUNK_PAGES: u64 = 512;
-/// Frames queued per lane before the reader waits for its writer.
-const QUEUE: usize = 4;
-/// Frame buffers a writer keeps for its lane: enough that the sending thread never
-/// finds none free (one being filled, QUEUE queued, one being written, one spare).
-const SPARE: usize = QUEUE + 2;
+/// Frames queued per lane before the reader waits for its writer. Pages in place are
+/// only where they lie, so a deep queue costs nothing and lets the writer go on while
+/// the sending thread writes the main connection's share itself: with 4, on a host
+/// with cores to spare, the writer sat idle for that long and the sending thread
+/// waited for it in turn (docs/benchmarks.md, "On a host with cores to spare").
+const QUEUE: usize = 16;
+/// Frame buffers a writer keeps for its lane (one being filled, four queued, one
+/// being written); once all are on their way, the sending thread waits for one to
+/// come back rather than touch fresh memory (see `frame_buffer`).
+const SPARE: usize = 6;
 /// The longest a sender waits for a writer thread to get ready.
 const READY_WAIT: Duration = Duration::from_secs(2);
 
@@ -60,11 +67,13 @@ enum Msg {
     Sync(SyncSender<io::Result<()>>),
 }
 
-/// Pages whose data only the transport checks (`Checked::Head`).
+/// Pages that go from where they are in memory, checked by the transport
+/// (`Checked::Head`) or by a CRC of each that the writer takes (`Checked::Pages`).
 struct InPlaceFrame {
     section: u32,
     addrs: Vec<u64>,
     runs: PageRuns,
+    checked: Checked,
 }
 
 enum Io {
@@ -166,10 +175,11 @@ fn writer(
                 }
             }
             Msg::InPlace(f) => {
-                let head = wire::pages_head(f.section, &f.addrs, None);
-                // SAFETY: the sender keeps the pages mapped until its `settle`, which
-                // returns only once this thread has answered a `Sync` queued after
-                // this frame, or has ended.
+                // SAFETY (both): the sender keeps the pages mapped until its `settle`,
+                // which returns only once this thread has answered a `Sync` queued
+                // after this frame, or has ended.
+                let crcs = (f.checked == Checked::Pages).then(|| unsafe { f.runs.page_crcs() });
+                let head = wire::pages_head(f.section, &f.addrs, crcs.as_deref());
                 unsafe { s.write_runs(&head, &f.runs) }?;
                 queued.fetch_sub(1, Ordering::Relaxed);
             }
@@ -248,20 +258,16 @@ impl Outbound {
         } else {
             Checked::All
         };
-        // A writer thread writes them after the sink has handed them over, before the
-        // component's read returns (`Sink::settle`); only where the transport checks
-        // them. With a CRC of each page to take from guest memory, pages in place on
-        // every connection went no faster than copied into frames (the CRC's read of
-        // memory costs what the copy did; docs/benchmarks.md, "One connection or
-        // two"), and the main connection alone takes them in place.
-        let in_place = if self.lanes.is_empty() {
-            s.writes_in_place().then_some(match checked {
-                Checked::Head => Checked::Head,
-                _ => Checked::Pages,
-            })
-        } else {
-            (s.writes_in_place() && checked == Checked::Head).then_some(Checked::Head)
-        };
+        // On a lane with a writer thread, that thread reads the pages (for their CRCs
+        // and the kernel's copy) after the sink has handed them over, before the
+        // component's read returns (`Sink::settle`). On a host of two cores this went
+        // no faster than frames copied by the sending thread; with cores to spare the
+        // sending thread, which read every page of every lane, was what limited the
+        // rate (docs/benchmarks.md, "On a host with cores to spare").
+        let in_place = s.writes_in_place().then_some(match checked {
+            Checked::Head => Checked::Head,
+            _ => Checked::Pages,
+        });
         let io = if self.lanes.is_empty() {
             Io::Direct(s)
         } else {
@@ -376,15 +382,11 @@ impl Outbound {
                 s.write_pages(&head, pages)?
             }
             Io::Thread { tx, queued, .. } => {
-                if checked != Checked::Head {
-                    return Err(io::Error::other(
-                        "pages in place with CRCs on a lane with a writer thread",
-                    ));
-                }
                 let f = InPlaceFrame {
                     section,
                     addrs: addrs.to_vec(),
                     runs: PageRuns::new(pages.iter().map(|p| (p.ptr_guard().as_ptr(), p.len()))),
+                    checked,
                 };
                 queued.fetch_add(1, Ordering::Relaxed);
                 lane.unsettled = true;
@@ -432,7 +434,8 @@ impl Outbound {
         let lane = &mut self.lanes[i];
         match &lane.io {
             Io::Direct(_) => lane.recycled.take(),
-            Io::Thread { spare, .. } => spare.try_recv().ok(),
+            // None back when the writer has ended: its error comes with the next send.
+            Io::Thread { spare, .. } => spare.try_recv().or_else(|_| spare.recv()).ok(),
         }
         .unwrap_or_default()
     }

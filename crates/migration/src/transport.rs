@@ -494,6 +494,23 @@ impl PageRuns {
         }
         PageRuns(runs)
     }
+
+    /// The CRC32 of each page of the runs (`PAGE_SIZE` each, in order), read where it
+    /// is: a page the guest writes meanwhile gets a CRC of some mix of old and new, and
+    /// arrives failing it or not, as `crate::inplace::crc_in_place` says.
+    ///
+    /// # Safety
+    /// Every run must stay mapped, readable memory until this returns.
+    pub(crate) unsafe fn page_crcs(&self) -> Vec<u32> {
+        let mut crcs = Vec::new();
+        for &(base, len) in &self.0 {
+            // SAFETY: mapped and readable (the caller's word); only hashed, so a byte
+            // that changes under the read changes nothing but the result.
+            let bytes = unsafe { std::slice::from_raw_parts(base as *const u8, len) };
+            crcs.extend(bytes.chunks(crate::wire::PAGE_SIZE).map(crc32fast::hash));
+        }
+        crcs
+    }
 }
 
 fn advance(iov: &mut [libc::iovec], at: &mut usize, mut n: usize) {

@@ -107,18 +107,19 @@ fn frame_buffers_are_kept_and_control_frames_do_not_take_their_place() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Reads PAGES frames off `s`, from `after` on, until END or COMPLETE: (section,
-/// address, data).
-fn pages_off(
-    mut s: UnixStream,
-    after: Duration,
-) -> std::thread::JoinHandle<Vec<(u32, u64, Vec<u8>)>> {
+/// A page off the wire: (section, address, data, what its frame's CRCs covered).
+type PageOff = (u32, u64, Vec<u8>, Checked);
+
+/// Reads PAGES frames off `s`, from `after` on, until END or COMPLETE, every CRC
+/// checked (each page's own where the frame carries them).
+fn pages_off(mut s: UnixStream, after: Duration) -> std::thread::JoinHandle<Vec<PageOff>> {
     std::thread::spawn(move || {
         std::thread::sleep(after);
         let mut got = Vec::new();
         let mut buf = Vec::new();
         loop {
-            match wire::read_frame(&mut s, &mut buf) {
+            let h = wire::read_header(&mut s).unwrap();
+            match wire::read_payload(&mut s, &h, &mut buf) {
                 Ok(Frame::Pages {
                     section,
                     addrs,
@@ -126,7 +127,7 @@ fn pages_off(
                 }) => {
                     for (i, a) in addrs.iter().enumerate() {
                         let d = data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].to_vec();
-                        got.push((section, *a, d));
+                        got.push((section, *a, d, h.checked));
                     }
                 }
                 Ok(Frame::End(_) | Frame::Complete(_)) => return got,
@@ -137,10 +138,9 @@ fn pages_off(
     })
 }
 
-/// With a CRC of each page to take, only a sink whose pages all go on the main lane
-/// takes them in place; the transport's checks let every lane take them.
+/// On sockets every lane takes pages in place, whoever checks them.
 #[test]
-fn pages_go_in_place_on_every_lane_only_where_the_transport_checks_them() {
+fn pages_go_in_place_on_every_lane_of_sockets() {
     let sinks = |checks| {
         let (mut out, _m, _l) = two_lanes(checks);
         let cancel = AtomicBool::new(false);
@@ -148,16 +148,26 @@ fn pages_go_in_place_on_every_lane_only_where_the_transport_checks_them() {
         let main = out.routed(0, &cancel, Route::Main).in_place();
         (spread, main)
     };
-    assert_eq!(sinks(PageChecks::Crc), (false, true));
+    assert_eq!(sinks(PageChecks::Crc), (true, true));
     assert_eq!(sinks(PageChecks::Transport), (true, true));
 }
 
 /// Pages in place go to the lane their address chunk says, the main one written
 /// at once and the other by its writer thread; once the sink has settled, the
-/// memory may change and what went is what was there when it was handed over.
+/// memory may change and what went is what was there when it was handed over, with
+/// a CRC of each page unless the transport checks them.
 #[test]
 fn pages_in_place_go_on_every_lane_and_are_written_once_settled() {
-    let (mut out, main_peer, lane_peer) = two_lanes(PageChecks::Transport);
+    for (checks, checked) in [
+        (PageChecks::Crc, Checked::Pages),
+        (PageChecks::Transport, Checked::Head),
+    ] {
+        pages_in_place_on_two_lanes(checks, checked);
+    }
+}
+
+fn pages_in_place_on_two_lanes(checks: PageChecks, checked: Checked) {
+    let (mut out, main_peer, lane_peer) = two_lanes(checks);
     // The second lane's reader comes late: its writer is still blocked, pages in
     // hand, when the main lane is done, and the sink must wait for it to settle.
     let on_main = pages_off(main_peer, Duration::ZERO);
@@ -198,10 +208,14 @@ fn pages_in_place_go_on_every_lane_and_are_written_once_settled() {
     let chunk = |a: u64| a / PAGE_SIZE as u64 / CHUNK_PAGES + 2;
     assert!(on_main.iter().all(|p| chunk(p.1) % 2 == 0));
     assert!(on_lane.iter().all(|p| chunk(p.1) % 2 == 1));
+    assert!(
+        on_main.iter().chain(&on_lane).all(|p| p.3 == checked),
+        "{checks:?}"
+    );
     let mut all: Vec<_> = on_main.into_iter().chain(on_lane).collect();
     all.sort_by_key(|p| p.1);
     assert_eq!(all.len(), n);
-    for (i, (section, a, d)) in all.iter().enumerate() {
+    for (i, (section, a, d, _)) in all.iter().enumerate() {
         assert_eq!((*section, *a), (2, (i * PAGE_SIZE) as u64));
         assert_eq!(u64::from_le_bytes(d[..8].try_into().unwrap()), i as u64);
         assert!(d[8..].iter().all(|&b| b == i as u8 ^ 0x5a), "page {i}");
@@ -272,4 +286,54 @@ fn a_lane_whose_connection_failed_has_room_and_its_next_frame_brings_the_error()
         }
     };
     assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+}
+
+/// Frames copied into buffers stay bounded by the writer's buffers, however deep the
+/// queue that pages in place use: once all are on their way, the sending thread waits
+/// for one to come back instead of filling fresh memory.
+#[test]
+fn copied_frames_wait_for_a_buffer_rather_than_fill_the_queue() {
+    let (mut out, _main_peer, mut lane_peer) = two_lanes(PageChecks::Crc);
+    out.ready();
+    let Io::Thread { queued, .. } = &out.lanes[1].io else {
+        panic!("the second lane has a writer thread");
+    };
+    let queued = queued.clone();
+    let most = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    // The peer reads nothing for a while (the writer blocks on its first frame and the
+    // queue fills as far as it will), then everything.
+    let reader = std::thread::spawn({
+        let (queued, most, done) = (queued.clone(), most.clone(), done.clone());
+        move || {
+            let until = Instant::now() + Duration::from_millis(300);
+            while Instant::now() < until {
+                most.fetch_max(queued.load(Ordering::Relaxed), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            done.store(true, Ordering::Relaxed);
+            io::copy(&mut lane_peer, &mut io::sink()).unwrap();
+        }
+    });
+    let cancel = AtomicBool::new(false);
+    {
+        let mut k = out.sink(0, &cancel);
+        // Odd 512-page chunks go on the second lane: 64 frames of 64 pages.
+        for c in (1..16u64).step_by(2) {
+            for p in 0..CHUNK_PAGES {
+                k.slot((c * CHUNK_PAGES + p) * PAGE_SIZE as u64)
+                    .fill(p as u8);
+                k.page().unwrap();
+            }
+        }
+    }
+    assert!(
+        done.load(Ordering::Relaxed),
+        "the sender waited for the peer"
+    );
+    out.complete().unwrap();
+    drop(out);
+    reader.join().unwrap();
+    let most = most.load(Ordering::Relaxed);
+    assert!(most > 0 && most <= SPARE as u64, "{most} frames queued");
 }
