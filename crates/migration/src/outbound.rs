@@ -19,7 +19,7 @@
 
 use crate::transport::{PageRuns, Stream};
 use crate::wire::{self, Checked, Frame, PageChecks, PagesFrame, Totals, PAGE_SIZE};
-use godwit_vmm::migratable::Sink;
+use godwit_vmm::migratable::{Kept, Sink};
 use std::io::{self, Write};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -74,6 +74,9 @@ struct InPlaceFrame {
     addrs: Vec<u64>,
     runs: PageRuns,
     checked: Checked,
+    /// What keeps the pages mapped until this frame is written and dropped, where the
+    /// sender does not settle (`Sink::pages_kept`).
+    _kept: Option<Kept>,
 }
 
 enum Io {
@@ -175,9 +178,10 @@ fn writer(
                 }
             }
             Msg::InPlace(f) => {
-                // SAFETY (both): the sender keeps the pages mapped until its `settle`,
-                // which returns only once this thread has answered a `Sync` queued
-                // after this frame, or has ended.
+                // SAFETY (both): the pages stay mapped while this frame lives: the
+                // frame holds what keeps them mapped (`_kept`), or the sender keeps
+                // them until its `settle`, which returns only once this thread has
+                // answered a `Sync` queued after this frame, or has ended.
                 let crcs = (f.checked == Checked::Pages).then(|| unsafe { f.runs.page_crcs() });
                 let head = wire::pages_head(f.section, &f.addrs, crcs.as_deref());
                 unsafe { s.write_runs(&head, &f.runs) }?;
@@ -359,13 +363,16 @@ impl Outbound {
 
     /// Pages of `section` straight from memory, after whatever lane `i` held back:
     /// written before this returns on the main lane, before the next `settle` on one
-    /// with a writer thread. Only on a lane that takes them in place.
+    /// with a writer thread, or whenever its writer comes to them where `kept` keeps
+    /// them mapped (the frame holds it until then). Only on a lane that takes them in
+    /// place.
     fn send_in_place(
         &mut self,
         i: usize,
         section: u32,
         addrs: &[u64],
         pages: &[vm_memory::VolatileSlice<'_>],
+        kept: Option<&Kept>,
     ) -> io::Result<()> {
         self.flush_pages(i)?;
         let lane = &mut self.lanes[i];
@@ -387,9 +394,10 @@ impl Outbound {
                     addrs: addrs.to_vec(),
                     runs: PageRuns::new(pages.iter().map(|p| (p.ptr_guard().as_ptr(), p.len()))),
                     checked,
+                    _kept: kept.cloned(),
                 };
                 queued.fetch_add(1, Ordering::Relaxed);
-                lane.unsettled = true;
+                lane.unsettled |= kept.is_none();
                 let sent = tx.as_ref().is_some_and(|t| t.send(Msg::InPlace(f)).is_ok());
                 if !sent {
                     return Err(self.lane_error(i));
@@ -601,12 +609,10 @@ impl Outbound {
         if self.lanes.len() < 2 {
             return None;
         }
-        let mut lanes = self.lanes.split_off(1);
-        // Its reads are small (a frame, between requests), and each would wait for
-        // the writers to settle.
-        for l in &mut lanes {
-            l.in_place = None;
-        }
+        // Pages go in place on them as on the main one: the memory they are read from
+        // no longer changes, and each frame keeps it mapped (`Sink::pages_kept`), so a
+        // read of a frame between requests waits for no writer.
+        let lanes = self.lanes.split_off(1);
         Some(Outbound {
             lanes,
             limiter: Limiter {
@@ -687,6 +693,35 @@ impl SectionSink<'_> {
             _ => (chunk % lanes) as usize,
         }
     }
+
+    /// Pages in place, one frame per run of them bound for the same lane; `kept` as in
+    /// `Sink::pages_kept`.
+    fn spread_in_place(
+        &mut self,
+        addrs: &[u64],
+        pages: &[vm_memory::VolatileSlice<'_>],
+        kept: Option<&Kept>,
+    ) -> io::Result<()> {
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        if !self.in_place() || addrs.len() != pages.len() || addrs.len() > wire::PAGES_PER_FRAME {
+            return Err(io::Error::other("pages in place where they cannot go"));
+        }
+        let mut from = 0;
+        while from < addrs.len() {
+            let lane = self.lane_of(addrs[from]);
+            let to = from
+                + addrs[from..]
+                    .iter()
+                    .take_while(|&&a| self.lane_of(a) == lane)
+                    .count();
+            self.out
+                .send_in_place(lane, self.section, &addrs[from..to], &pages[from..to], kept)?;
+            from = to;
+        }
+        Ok(())
+    }
 }
 
 impl Sink for SectionSink<'_> {
@@ -751,26 +786,16 @@ impl Sink for SectionSink<'_> {
         addrs: &[u64],
         pages: &[vm_memory::VolatileSlice<'_>],
     ) -> io::Result<()> {
-        if addrs.is_empty() {
-            return Ok(());
-        }
-        if !self.in_place() || addrs.len() != pages.len() || addrs.len() > wire::PAGES_PER_FRAME {
-            return Err(io::Error::other("pages in place where they cannot go"));
-        }
-        // One frame per run of pages bound for the same lane.
-        let mut from = 0;
-        while from < addrs.len() {
-            let lane = self.lane_of(addrs[from]);
-            let to = from
-                + addrs[from..]
-                    .iter()
-                    .take_while(|&&a| self.lane_of(a) == lane)
-                    .count();
-            self.out
-                .send_in_place(lane, self.section, &addrs[from..to], &pages[from..to])?;
-            from = to;
-        }
-        Ok(())
+        self.spread_in_place(addrs, pages, None)
+    }
+
+    fn pages_kept(
+        &mut self,
+        addrs: &[u64],
+        pages: &[vm_memory::VolatileSlice<'_>],
+        kept: &Kept,
+    ) -> io::Result<()> {
+        self.spread_in_place(addrs, pages, Some(kept))
     }
 
     fn settle(&mut self) -> io::Result<()> {

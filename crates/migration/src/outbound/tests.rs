@@ -222,6 +222,65 @@ fn pages_in_place_on_two_lanes(checks: PageChecks, checked: Checked) {
     }
 }
 
+/// Post-copy's background: pages of a memory that no longer changes go in place on the
+/// connections but the main one, each frame holding what keeps that memory mapped
+/// until it is written; the sender never waits for a writer, and what arrives is the
+/// memory, checked page by page, after the sender has let go of it.
+#[test]
+fn background_pages_go_in_place_holding_their_memory_until_written() {
+    let (mut out, _main_peer, lane_peer) = two_lanes(PageChecks::Crc);
+    let mut bg = out.split_background().unwrap();
+    // The reader comes late: every frame is still queued when the sender is done.
+    let on_lane = pages_off(lane_peer, Duration::from_millis(200));
+    let n = 3 * 64;
+    let mem: Arc<Vec<u8>> = Arc::new(
+        (0..n * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE) as u8 ^ 0x3c)
+            .collect(),
+    );
+    let kept: Kept = mem.clone();
+    let cancel = AtomicBool::new(false);
+    {
+        let mut k = bg.sink(1, &cancel);
+        assert!(k.in_place());
+        for f in 0..3 {
+            let addrs: Vec<u64> = (f * 64..(f + 1) * 64)
+                .map(|p| (p * PAGE_SIZE) as u64)
+                .collect();
+            let pages: Vec<_> = (f * 64..(f + 1) * 64)
+                .map(|p| {
+                    // SAFETY: a page of `mem`, which `kept` keeps; only read.
+                    unsafe {
+                        vm_memory::VolatileSlice::new(
+                            mem.as_ptr().add(p * PAGE_SIZE) as *mut u8,
+                            PAGE_SIZE,
+                        )
+                    }
+                })
+                .collect();
+            k.pages_kept(&addrs, &pages, &kept).unwrap();
+        }
+    }
+    // Handed over, not written: the frames hold the memory.
+    assert!(
+        Arc::strong_count(&mem) > 2,
+        "the frames let go of the memory"
+    );
+    drop(kept);
+    bg.complete().unwrap();
+    drop(bg);
+    assert_eq!(Arc::strong_count(&mem), 1, "a frame still holds the memory");
+    let got = on_lane.join().unwrap();
+    assert_eq!(got.len(), n);
+    for (i, (section, a, d, checked)) in got.iter().enumerate() {
+        assert_eq!(
+            (*section, *a, *checked),
+            (1, (i * PAGE_SIZE) as u64, Checked::Pages)
+        );
+        assert!(d.iter().all(|&b| b == i as u8 ^ 0x3c), "page {i}");
+    }
+}
+
 /// A writer whose connection failed is settled at once, with its error, and never
 /// touches the pages afterwards.
 #[test]

@@ -133,12 +133,13 @@ impl super::PageSource for Stream<'_> {
     }
 }
 
-/// `PAGES` pages, at `BASE` in their space.
-struct Mem(AnonMap);
+/// `PAGES` pages, at `BASE` in their space; whether the mapping can be held past a
+/// borrow (`Memory::mapping`), as RAM's can.
+struct Mem(std::sync::Arc<AnonMap>, bool);
 
 impl Mem {
     fn new() -> Option<Mem> {
-        AnonMap::new(PAGES as usize).map(Mem)
+        AnonMap::new(PAGES as usize).map(|a| Mem(std::sync::Arc::new(a), true))
     }
 
     fn at(&self, addr: u64, len: usize) -> Option<*mut u8> {
@@ -191,6 +192,16 @@ impl Memory for Mem {
         // SAFETY: as in read_at.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
         Ok(())
+    }
+    fn pages_slice(&self, addr: u64, pages: usize) -> Option<vm_memory::VolatileSlice<'_>> {
+        let len = pages.checked_mul(PAGE_SIZE)?;
+        let p = self.at(addr, len)?;
+        // SAFETY: [p, p + len) lies inside the mapping (checked by `at`), which lives
+        // as long as `self`.
+        Some(unsafe { vm_memory::VolatileSlice::new(p, len) })
+    }
+    fn mapping(&self) -> Option<super::Kept> {
+        self.1.then(|| self.0.clone() as super::Kept)
     }
     fn host_regions(&self) -> Option<Vec<HostRegion>> {
         Some(vec![HostRegion {
@@ -246,7 +257,7 @@ pub fn fuzz_postcopy(bytes: &[u8]) {
         // The background between requests, read outside the lock as the pusher does.
         for (k, a) in addrs.chunks(16).enumerate() {
             let _ = src.read_requested(&m, &mut Count::default(), a);
-            if let Ok(Some(t)) = src.take_postcopy(&m, 1 + k as u64 * 7, false) {
+            if let Ok(Some(t)) = src.take_postcopy(&m, 1 + k as u64 * 7) {
                 let _ = super::paged::send_taken(&m, &mut Count::default(), &t);
             }
         }
@@ -370,9 +381,8 @@ mod tests {
 
     /// A post-copy source takes what is left a frame at a time, in order and from where
     /// the last request moved it, outside the component's lock: every page goes once,
-    /// whether asked for or in the background. A sink that sends in place is left to
-    /// `read`, and a request with an address outside the memory takes only the pages
-    /// before it.
+    /// whether asked for or in the background. A request with an address outside the
+    /// memory takes only the pages before it.
     #[test]
     fn a_postcopy_source_takes_each_page_once_in_order() {
         let m = Mem::new().unwrap();
@@ -383,15 +393,14 @@ mod tests {
         src.arc(&m, MigState::StopCopy).unwrap();
         src.state = MigState::StopCopy;
         // Not switched yet: pre-copy's final pass reads under the lock, as before.
-        assert_eq!(src.take_postcopy(&m, 64, false).unwrap(), None);
+        assert_eq!(src.take_postcopy(&m, 64).unwrap(), None);
         src.postcopy_switch(&m).unwrap().unwrap();
-        assert_eq!(src.take_postcopy(&m, 64, true).unwrap(), None);
         let addrs = |t: &[super::super::paged::Taken]| -> Vec<u64> {
             t.iter()
                 .map(|t| (t.addr - BASE) / PAGE_SIZE as u64)
                 .collect()
         };
-        let first = src.take_postcopy(&m, 10, false).unwrap().unwrap();
+        let first = src.take_postcopy(&m, 10).unwrap().unwrap();
         assert_eq!(addrs(&first), (0..10).collect::<Vec<_>>());
         let mut out = Count::default();
         let r = super::super::paged::send_taken(&m, &mut out, &first).unwrap();
@@ -401,7 +410,7 @@ mod tests {
         checked.unwrap();
         assert_eq!(addrs(&asked), [40]);
         // On from the request's word, without the page it took.
-        let next = src.take_postcopy(&m, 64, false).unwrap().unwrap();
+        let next = src.take_postcopy(&m, 64).unwrap().unwrap();
         let want: Vec<u64> = (10..40).chain(41..75).collect();
         assert_eq!(addrs(&next), want);
         let (partly, checked) = src
@@ -413,7 +422,7 @@ mod tests {
             .iter()
             .flat_map(|t| addrs(t))
             .collect();
-        while let Some(t) = src.take_postcopy(&m, 64, false).unwrap() {
+        while let Some(t) = src.take_postcopy(&m, 64).unwrap() {
             if t.is_empty() {
                 break;
             }
@@ -427,6 +436,112 @@ mod tests {
             "a page twice or never"
         );
         assert_eq!(src.info().unwrap().total(), 0);
+    }
+
+    /// A sink that takes pages in place and reads them only after the sender has let
+    /// go of its borrow, as a connection's writer thread does.
+    #[derive(Default)]
+    struct Later {
+        held: Vec<(u64, usize, super::super::Kept)>,
+        zeros: Vec<u64>,
+        addr: u64,
+        copied: u64,
+        buf: Vec<u8>,
+    }
+
+    impl Sink for Later {
+        fn slot(&mut self, addr: u64) -> &mut [u8] {
+            self.addr = addr;
+            self.buf.resize(PAGE_SIZE, 0);
+            &mut self.buf
+        }
+        fn page(&mut self) -> std::io::Result<()> {
+            self.copied += 1;
+            Ok(())
+        }
+        fn zero(&mut self) -> std::io::Result<()> {
+            self.zeros.push(self.addr);
+            Ok(())
+        }
+        fn in_place(&self) -> bool {
+            true
+        }
+        fn pages_in_place(
+            &mut self,
+            _addrs: &[u64],
+            _pages: &[vm_memory::VolatileSlice<'_>],
+        ) -> std::io::Result<()> {
+            panic!("pages of a stopped memory that can be held go without a settle");
+        }
+        fn pages_kept(
+            &mut self,
+            addrs: &[u64],
+            pages: &[vm_memory::VolatileSlice<'_>],
+            kept: &super::super::Kept,
+        ) -> std::io::Result<()> {
+            assert!(addrs.len() == pages.len() && addrs.len() <= 64);
+            for (a, p) in addrs.iter().zip(pages) {
+                self.held
+                    .push((*a, p.ptr_guard().as_ptr() as usize, kept.clone()));
+            }
+            Ok(())
+        }
+        fn data(&mut self, _bytes: &[u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A post-copy source's background goes from memory, with no copy: each page that
+    /// holds data is handed over where it is, with what keeps its mapping, and read
+    /// after `send_taken` returns; zero pages are said as such. A memory whose mapping
+    /// cannot be held is copied.
+    #[test]
+    fn a_postcopy_source_hands_its_pages_over_in_place_with_their_mapping() {
+        let m = Mem::new().unwrap();
+        for p in [3u64, 5, 70] {
+            m.write_at(BASE + p * PAGE_SIZE as u64, &[p as u8; PAGE_SIZE])
+                .unwrap();
+        }
+        let mut src = MemoryState::default();
+        src.state = MigState::Stop;
+        src.arc(&m, MigState::StopCopy).unwrap();
+        src.state = MigState::StopCopy;
+        src.postcopy_switch(&m).unwrap().unwrap();
+        let mut out = Later::default();
+        let mut r = super::super::ReadReport::default();
+        while let Some(t) = src.take_postcopy(&m, 100).unwrap() {
+            if t.is_empty() {
+                break;
+            }
+            r += super::super::paged::send_taken(&m, &mut out, &t).unwrap();
+        }
+        assert_eq!((r.pages, r.zero_sent, out.copied), (3, PAGES - 3, 0));
+        assert_eq!(out.zeros.len() as u64, PAGES - 3);
+        let page = |a: u64| (a - BASE) / PAGE_SIZE as u64;
+        let held: Vec<u64> = out.held.iter().map(|h| page(h.0)).collect();
+        assert_eq!(held, [3, 5, 70]);
+        // The sender's borrows are over; the memory stays mapped for whoever holds a
+        // page of it, even once its owner lets go.
+        drop(m);
+        for (a, ptr, kept) in &out.held {
+            assert!(kept.downcast_ref::<AnonMap>().is_some());
+            // SAFETY: a page of the mapping that `kept` keeps mapped.
+            let b = unsafe { std::slice::from_raw_parts(*ptr as *const u8, PAGE_SIZE) };
+            assert!(b.iter().all(|&x| x == page(*a) as u8));
+        }
+        // Memory that cannot be held goes through the sink's buffer.
+        let mut m = Mem::new().unwrap();
+        m.1 = false;
+        m.write_at(BASE, &[9; PAGE_SIZE]).unwrap();
+        let mut src = MemoryState::default();
+        src.state = MigState::Stop;
+        src.arc(&m, MigState::StopCopy).unwrap();
+        src.state = MigState::StopCopy;
+        src.postcopy_switch(&m).unwrap().unwrap();
+        let t = src.take_postcopy(&m, 8).unwrap().unwrap();
+        let mut out = Later::default();
+        let r = super::super::paged::send_taken(&m, &mut out, &t).unwrap();
+        assert_eq!((r.pages, out.copied, out.held.len()), (1, 1, 0));
     }
 
     #[test]

@@ -356,10 +356,7 @@ impl Component for GpuFunction {
 
     fn read(&self, sink: &mut dyn Sink, pages: u64) -> Result<ReadReport> {
         // A post-copy source sends outside the lock, which requests need too.
-        let taken = self
-            .lock()
-            .mem
-            .take_postcopy(&self.m, pages, sink.in_place())?;
+        let taken = self.lock().mem.take_postcopy(&self.m, pages)?;
         match taken {
             Some(t) => super::paged::send_taken(&self.m, sink, &t),
             None => self.lock().mem.read(&self.m, sink, pages),

@@ -38,6 +38,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io;
 
+/// What keeps a component's memory mapped (a handle on its mapping) while a page read
+/// from it in place waits to be written (`Sink::pages_kept`).
+pub type Kept = std::sync::Arc<dyn std::any::Any + Send + Sync>;
+
 pub use lazy::{FaultStats, Latency};
 pub use paged::{Bitmap, PAGE_SIZE};
 
@@ -249,6 +253,21 @@ pub trait Sink {
         _pages: &[vm_memory::VolatileSlice<'_>],
     ) -> io::Result<()> {
         Err(io::Error::other("this sink copies every page"))
+    }
+    /// Sends the pages at `addrs` as `pages_in_place` does, from memory that nothing
+    /// writes any more (a post-copy source's, stopped for good) and that `kept` keeps
+    /// mapped: the sink may read them after this returns and after the caller's borrow
+    /// ends, holding `kept` until it has, so no `settle` is needed (a post-copy source
+    /// reads a frame at a time between requests, and would wait for each to be
+    /// written). By default they go in place and are settled before this returns.
+    fn pages_kept(
+        &mut self,
+        addrs: &[u64],
+        pages: &[vm_memory::VolatileSlice<'_>],
+        _kept: &Kept,
+    ) -> io::Result<()> {
+        self.pages_in_place(addrs, pages)?;
+        self.settle()
     }
     /// Returns once every page given to `pages_in_place` has been read from memory.
     /// A reader that used `pages_in_place` calls it before the pages' borrow ends,

@@ -92,11 +92,11 @@ pub fn is_zero(page: &[u8]) -> bool {
 }
 
 /// Pages sent straight from memory per frame (a PAGES frame's most).
-const IN_PLACE_BATCH: usize = 64;
+pub(super) const IN_PLACE_BATCH: usize = 64;
 
 /// Whether a page of memory that others may write meanwhile reads as zero: its first
 /// bytes decide almost every page, and are all that is read of it then.
-fn zero_in_place(page: &vm_memory::VolatileSlice<'_>) -> bool {
+pub(super) fn zero_in_place(page: &vm_memory::VolatileSlice<'_>) -> bool {
     let mut buf = [0u8; PAGE_SIZE];
     let head = page.len().min(64);
     page.copy_to(&mut buf[..head]);
@@ -139,6 +139,11 @@ pub trait Memory {
     /// The regions as the host maps them, in order (None: this memory cannot be
     /// filled lazily, so it takes no part in post-copy).
     fn host_regions(&self) -> Option<Vec<HostRegion>> {
+        None
+    }
+    /// What keeps the mappings `pages_slice` gives mapped, held by whoever still has a
+    /// page of them to write (None: they go in place only until the sink settles).
+    fn mapping(&self) -> Option<super::Kept> {
         None
     }
     /// What must outlive whoever places pages through `host_regions`' aliases.

@@ -187,6 +187,11 @@ impl Memory for Mem {
         old.map(|m| Box::new(move || crate::memory::retire(m)) as Box<dyn FnOnce() + Send>)
     }
 
+    fn mapping(&self) -> Option<super::Kept> {
+        // A clone holds the regions' mappings (each an `Arc`) until it drops.
+        Some(Arc::new(self.mem.clone()))
+    }
+
     fn keep_alive(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
         self.shared
             .clone()
@@ -329,7 +334,7 @@ impl Component for Ram {
 
     fn read(&self, sink: &mut dyn Sink, pages: u64) -> Result<ReadReport> {
         // A post-copy source sends outside the lock, which requests need too.
-        let taken = self.lock().take_postcopy(&self.m, pages, sink.in_place())?;
+        let taken = self.lock().take_postcopy(&self.m, pages)?;
         match taken {
             Some(t) => super::paged::send_taken(&self.m, sink, &t),
             None => self.lock().read(&self.m, sink, pages),

@@ -54,15 +54,9 @@ impl Paged {
 impl MemoryState {
     /// Post-copy, on the source: up to `pages` pages taken off what is left, for
     /// `send_taken` to send outside the component's lock. None when this memory is not
-    /// a post-copy source, or for a sink that sends pages in place (the borrow of the
-    /// memory must then last until it settles): `read` sends those.
-    pub fn take_postcopy(
-        &mut self,
-        mem: &dyn Memory,
-        pages: u64,
-        in_place: bool,
-    ) -> Result<Option<Vec<Taken>>> {
-        if self.state != MigState::StopCopy || !self.paged.lazy_source || in_place {
+    /// a post-copy source: `read` sends its pages.
+    pub fn take_postcopy(&mut self, mem: &dyn Memory, pages: u64) -> Result<Option<Vec<Taken>>> {
+        if self.state != MigState::StopCopy || !self.paged.lazy_source {
             return Ok(None);
         }
         let bases: Vec<u64> = (0..self.paged.pending.len()).map(|i| mem.base(i)).collect();
@@ -106,7 +100,12 @@ impl MemoryState {
 
 /// Sends pages taken with `take_postcopy` or `take_requested`, read from `mem` (whose
 /// writers have stopped for good) without the component's lock. Zero pages are said as
-/// such: the destination's copy is missing, not zero.
+/// such: the destination's copy is missing, not zero. To a sink that takes pages in
+/// place they go from where they are, each frame holding the memory's mapping until
+/// it is written (`Sink::pages_kept`), where a copy of each on the sending thread was
+/// what a many-core host's post-copy waited for (the background stream's one thread
+/// copied and checked every page while the connections' writers waited for it); a
+/// memory that cannot be held so is copied.
 pub fn send_taken(mem: &dyn Memory, sink: &mut dyn Sink, taken: &[Taken]) -> Result<ReadReport> {
     let mut r = ReadReport::default();
     if sink.cancelled() {
@@ -115,7 +114,28 @@ pub fn send_taken(mem: &dyn Memory, sink: &mut dyn Sink, taken: &[Taken]) -> Res
             "cancelled",
         )));
     }
+    let kept = sink.in_place().then(|| mem.mapping()).flatten();
+    let mut batch: (Vec<u64>, Vec<vm_memory::VolatileSlice<'_>>) = Default::default();
     for t in taken {
+        let page = kept.as_ref().and_then(|_| mem.pages_slice(t.addr, 1));
+        if let (Some(kept), Some(page)) = (&kept, page) {
+            if super::zero_in_place(&page) {
+                sink.slot(t.addr);
+                sink.zero()?;
+                r.zero_pages += 1;
+                r.zero_sent += 1;
+                continue;
+            }
+            batch.0.push(t.addr);
+            batch.1.push(page);
+            r.pages += 1;
+            if batch.0.len() == super::IN_PLACE_BATCH {
+                sink.pages_kept(&batch.0, &batch.1, kept)?;
+                batch.0.clear();
+                batch.1.clear();
+            }
+            continue;
+        }
         let slot = sink.slot(t.addr);
         mem.read_page(t.region, t.page, slot)?;
         if is_zero(slot) {
@@ -126,6 +146,9 @@ pub fn send_taken(mem: &dyn Memory, sink: &mut dyn Sink, taken: &[Taken]) -> Res
             sink.page()?;
             r.pages += 1;
         }
+    }
+    if let (Some(kept), false) = (&kept, batch.0.is_empty()) {
+        sink.pages_kept(&batch.0, &batch.1, kept)?;
     }
     Ok(r)
 }
