@@ -281,6 +281,52 @@ fn background_pages_go_in_place_holding_their_memory_until_written() {
     }
 }
 
+/// A sender waiting for room is woken by the writer as its queue goes down, or as it
+/// ends, not by the end of its wait.
+#[test]
+fn waiting_for_room_ends_when_a_writer_takes_a_frame_or_ends() {
+    for peer_fails in [false, true] {
+        let (main, _main_peer) = UnixStream::pair().unwrap();
+        let (lane, mut lane_peer) = UnixStream::pair().unwrap();
+        let mut out = Outbound::new(
+            vec![Stream::Unix(main), Stream::Unix(lane)],
+            None,
+            Arc::default(),
+        )
+        .unwrap();
+        let mut bg = out.split_background().unwrap();
+        let cancel = AtomicBool::new(false);
+        // Frames until the writer, blocked on a peer that reads nothing yet, has no room.
+        let mut p = 0u64;
+        while bg.room() {
+            let mut k = bg.sink(0, &cancel);
+            for _ in 0..64 {
+                k.slot(p * 4096).fill(7);
+                k.page().unwrap();
+                p += 1;
+            }
+        }
+        let peer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            if peer_fails {
+                drop(lane_peer);
+            } else {
+                io::copy(&mut lane_peer, &mut io::sink()).unwrap();
+            }
+        });
+        let t = Instant::now();
+        bg.wait_room(Duration::from_secs(60));
+        assert!(bg.room(), "woken without room");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "not woken: the wait ran out"
+        );
+        drop(bg);
+        drop(out);
+        peer.join().unwrap();
+    }
+}
+
 /// A writer whose connection failed is settled at once, with its error, and never
 /// touches the pages afterwards.
 #[test]

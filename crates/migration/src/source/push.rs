@@ -25,8 +25,11 @@ use std::time::{Duration, Instant};
 /// Background pages read at a time (one frame): the pusher hears a request's hold-off
 /// and the stop only between them.
 pub(super) const PUSH_PAGES: u64 = wire::PAGES_PER_FRAME as u64;
-/// How long the pusher sleeps while its connections are full.
-const ROOM_WAIT: Duration = Duration::from_micros(50);
+/// How long the pusher sleeps while a request is answered.
+const ANSWER_WAIT: Duration = Duration::from_micros(50);
+/// The longest it waits for its connections to have room before it looks at the stop
+/// again (their writers wake it as soon as they have).
+const ROOM_WAIT: Duration = Duration::from_millis(1);
 /// The longest single sleep under a bandwidth cap.
 const DUE_SLICE: Duration = Duration::from_millis(10);
 /// How long it waits for pages wanted ahead once everything is pushed.
@@ -108,8 +111,12 @@ pub(super) fn push(
             if shared.stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            if !out.room() || shared.answering.load(Ordering::SeqCst) {
-                std::thread::sleep(ROOM_WAIT);
+            if shared.answering.load(Ordering::SeqCst) {
+                std::thread::sleep(ANSWER_WAIT);
+                continue;
+            }
+            if !out.room() {
+                out.wait_room(ROOM_WAIT);
                 continue;
             }
             // Under a bandwidth cap, waiting here, between reads, a slice at a time to
