@@ -193,7 +193,11 @@ fn writer(
         }
     };
     let r = write_all(s, rx, spare, ready, written);
-    // A writer that ended has room (its next frame brings the error).
+    // A writer that ended has room (its next frame brings the error), and a sender
+    // woken now must see that before this thread is seen to have finished: woken by
+    // the nudge alone, it found the frames still counted and the thread still running,
+    // and waited on (seen with the suite beside a busy core).
+    queued.store(0, Ordering::Relaxed);
     room.nudge();
     r
 }
@@ -629,8 +633,8 @@ impl Outbound {
     }
 
     /// Whether every connection could take another frame without waiting for its
-    /// writer. A writer that stopped (its connection failed, and frames stay counted
-    /// as queued) has room: the next frame handed to it brings its error back, where
+    /// writer. A writer that stopped (its connection failed) has room, its frames no
+    /// longer counted: the next frame handed to it brings its error back, where
     /// waiting for room would wait forever.
     pub fn room(&self) -> bool {
         self.lanes.iter().all(|l| match &l.io {

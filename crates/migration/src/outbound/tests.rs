@@ -286,14 +286,7 @@ fn background_pages_go_in_place_holding_their_memory_until_written() {
 #[test]
 fn waiting_for_room_ends_when_a_writer_takes_a_frame_or_ends() {
     for peer_fails in [false, true] {
-        let (main, _main_peer) = UnixStream::pair().unwrap();
-        let (lane, mut lane_peer) = UnixStream::pair().unwrap();
-        let mut out = Outbound::new(
-            vec![Stream::Unix(main), Stream::Unix(lane)],
-            None,
-            Arc::default(),
-        )
-        .unwrap();
+        let (mut out, _main_peer, mut lane_peer) = two_lanes(PageChecks::Crc);
         let mut bg = out.split_background().unwrap();
         let cancel = AtomicBool::new(false);
         // Frames until the writer, blocked on a peer that reads nothing yet, has no room.
