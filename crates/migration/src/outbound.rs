@@ -160,7 +160,7 @@ pub struct Outbound {
 
 /// Where a sender that must not block in a send (post-copy's background, which hears
 /// requests between frames) waits for the writers to take more: each nudges it as its
-/// queue goes below `room`'s mark, or as it ends. The background's thread used to
+/// queue goes below `ROOM` frames, or as it ends. The background's thread used to
 /// sleep 50 us at a time and look again: 2,600 wake-ups in a 1 GiB post-copy whose
 /// frames went in place (traced), each costing CPU the guest and both ends share.
 #[derive(Default)]
