@@ -92,11 +92,11 @@ pub fn is_zero(page: &[u8]) -> bool {
 }
 
 /// Pages sent straight from memory per frame (a PAGES frame's most).
-pub(super) const IN_PLACE_BATCH: usize = 64;
+const IN_PLACE_BATCH: usize = 64;
 
 /// Whether a page of memory that others may write meanwhile reads as zero: its first
 /// bytes decide almost every page, and are all that is read of it then.
-pub(super) fn zero_in_place(page: &vm_memory::VolatileSlice<'_>) -> bool {
+fn zero_in_place(page: &vm_memory::VolatileSlice<'_>) -> bool {
     let mut buf = [0u8; PAGE_SIZE];
     let head = page.len().min(64);
     page.copy_to(&mut buf[..head]);
@@ -106,6 +106,52 @@ pub(super) fn zero_in_place(page: &vm_memory::VolatileSlice<'_>) -> bool {
     let n = page.len().min(PAGE_SIZE);
     page.copy_to(&mut buf[..n]);
     is_zero(&buf[..n])
+}
+
+/// Pages bound for a sink in place, handed over a frame at a time: with what keeps
+/// their memory mapped where there is such a thing (`Sink::pages_kept`), else for the
+/// caller to settle (`Sink::pages_in_place`).
+struct InPlace<'m> {
+    addrs: Vec<u64>,
+    pages: Vec<vm_memory::VolatileSlice<'m>>,
+    kept: Option<super::Kept>,
+}
+
+impl<'m> InPlace<'m> {
+    fn new(kept: Option<super::Kept>) -> InPlace<'m> {
+        InPlace {
+            addrs: Vec::new(),
+            pages: Vec::new(),
+            kept,
+        }
+    }
+
+    fn push(
+        &mut self,
+        sink: &mut dyn Sink,
+        addr: u64,
+        page: vm_memory::VolatileSlice<'m>,
+    ) -> std::io::Result<()> {
+        self.addrs.push(addr);
+        self.pages.push(page);
+        if self.addrs.len() == IN_PLACE_BATCH {
+            self.flush(sink)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, sink: &mut dyn Sink) -> std::io::Result<()> {
+        if self.addrs.is_empty() {
+            return Ok(());
+        }
+        match &self.kept {
+            Some(k) => sink.pages_kept(&self.addrs, &self.pages, k)?,
+            None => sink.pages_in_place(&self.addrs, &self.pages)?,
+        }
+        self.addrs.clear();
+        self.pages.clear();
+        Ok(())
+    }
 }
 
 /// Access to a component's memory and its record of writes.
@@ -147,7 +193,7 @@ pub trait Memory {
         None
     }
     /// What must outlive whoever places pages through `host_regions`' aliases.
-    fn keep_alive(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+    fn keep_alive(&self) -> Option<super::Kept> {
         None
     }
     /// What to do once post-copy is over, not before: let go of what is costly to
@@ -657,7 +703,7 @@ impl Paged {
         // Pages that go straight from memory, a frame at a time: they stay where they
         // are until the sink writes them (see `Sink::pages_in_place`).
         let in_place = sink.in_place();
-        let mut batch: (Vec<u64>, Vec<vm_memory::VolatileSlice<'_>>) = Default::default();
+        let mut batch = InPlace::new(None);
         while self.left > 0 && sent < budget {
             if !self.last && self.since_look >= SLICE_PAGES {
                 // Pages the guest has written again since the round began are left
@@ -690,13 +736,7 @@ impl Paged {
                 let a = bases[region] + p * PAGE_SIZE as u64;
                 if let Some(page) = in_place.then(|| mem.pages_slice(a, 1)).flatten() {
                     if !zero_in_place(&page) {
-                        batch.0.push(a);
-                        batch.1.push(page);
-                        if batch.0.len() == IN_PLACE_BATCH {
-                            sink.pages_in_place(&batch.0, &batch.1)?;
-                            batch.0.clear();
-                            batch.1.clear();
-                        }
+                        batch.push(sink, a, page)?;
                         r.pages += 1;
                         continue;
                     }
@@ -728,9 +768,7 @@ impl Paged {
             sent += n;
             self.cursor += 1;
         }
-        if !batch.0.is_empty() {
-            sink.pages_in_place(&batch.0, &batch.1)?;
-        }
+        batch.flush(sink)?;
         Ok(r)
     }
 

@@ -192,10 +192,8 @@ impl Memory for Mem {
         Some(Arc::new(self.mem.clone()))
     }
 
-    fn keep_alive(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
-        self.shared
-            .clone()
-            .map(|s| s as Arc<dyn std::any::Any + Send + Sync>)
+    fn keep_alive(&self) -> Option<super::Kept> {
+        self.shared.clone().map(|s| s as super::Kept)
     }
 }
 

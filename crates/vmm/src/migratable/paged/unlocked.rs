@@ -10,7 +10,7 @@
 //! (the cores shared with the guest's vCPU) kept the lock until it ran again.
 
 use super::super::{ComponentError, MigState, ReadReport, Result, Sink};
-use super::{check, is_zero, Memory, MemoryState, Paged, PAGE_SIZE};
+use super::{check, is_zero, zero_in_place, InPlace, Memory, MemoryState, Paged, PAGE_SIZE};
 
 /// A page taken off what is left, to be sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,25 +115,19 @@ pub fn send_taken(mem: &dyn Memory, sink: &mut dyn Sink, taken: &[Taken]) -> Res
         )));
     }
     let kept = sink.in_place().then(|| mem.mapping()).flatten();
-    let mut batch: (Vec<u64>, Vec<vm_memory::VolatileSlice<'_>>) = Default::default();
+    let held = kept.is_some();
+    let mut batch = InPlace::new(kept);
     for t in taken {
-        let page = kept.as_ref().and_then(|_| mem.pages_slice(t.addr, 1));
-        if let (Some(kept), Some(page)) = (&kept, page) {
-            if super::zero_in_place(&page) {
+        if let Some(page) = held.then(|| mem.pages_slice(t.addr, 1)).flatten() {
+            if zero_in_place(&page) {
                 sink.slot(t.addr);
                 sink.zero()?;
                 r.zero_pages += 1;
                 r.zero_sent += 1;
                 continue;
             }
-            batch.0.push(t.addr);
-            batch.1.push(page);
+            batch.push(sink, t.addr, page)?;
             r.pages += 1;
-            if batch.0.len() == super::IN_PLACE_BATCH {
-                sink.pages_kept(&batch.0, &batch.1, kept)?;
-                batch.0.clear();
-                batch.1.clear();
-            }
             continue;
         }
         let slot = sink.slot(t.addr);
@@ -147,8 +141,6 @@ pub fn send_taken(mem: &dyn Memory, sink: &mut dyn Sink, taken: &[Taken]) -> Res
             r.pages += 1;
         }
     }
-    if let (Some(kept), false) = (&kept, batch.0.is_empty()) {
-        sink.pages_kept(&batch.0, &batch.1, kept)?;
-    }
+    batch.flush(sink)?;
     Ok(r)
 }
