@@ -112,8 +112,14 @@ impl Driver<'_> {
                         "rounds stopped converging ({expected:.1} ms expected): post-copy \
                          instead of throttling"
                     )),
-                    // With nothing left to send there is no rest to follow the VM.
-                    Mode::Hybrid if n > 0 => reason.as_ref().map(|r| {
+                    // With nothing left to send there is no rest to follow the VM; with
+                    // a rest that the pause carries in a millisecond or less, pre-copy
+                    // ends it too. Left to post-copy, those pages were the ones the
+                    // guest was writing as it stopped: the vCPU touched two or three of
+                    // them at once at the destination, one remote fault after another
+                    // (100-300 us each here), and the switch itself costs the pause
+                    // about what sending them does.
+                    Mode::Hybrid if n > 0 && !(good_enough && fits) => reason.as_ref().map(|r| {
                         format!("pre-copy would stop here ({r}): the rest follows the VM")
                     }),
                     Mode::Auto if (stalled || reason.is_some()) && !fits => Some(format!(
@@ -147,7 +153,12 @@ impl Driver<'_> {
             self.progress(n, expected);
             self.check_in()?;
             if let Some(r) = reason {
-                self.report.switchover_reason = r;
+                self.report.switchover_reason = match self.o.mode {
+                    Mode::Hybrid if n > 0 => {
+                        format!("{r}; hybrid: a rest this small goes in the pause")
+                    }
+                    _ => r,
+                };
                 return Ok(());
             }
         }
