@@ -284,8 +284,9 @@ pub struct MigrateArgs {
     /// How memory moves: precopy (rounds while the VM runs, the rest in the pause),
     /// postcopy (the VM moves first, its memory follows: fetched where touched, pushed
     /// in the background), hybrid (pre-copy rounds while they converge, then
-    /// post-copy instead of throttling the guest), auto (pre-copy when it fits the
-    /// downtime limit, else hybrid).
+    /// post-copy instead of throttling the guest; a rest the pause carries in a
+    /// millisecond ends it as pre-copy), auto (pre-copy when it fits the downtime
+    /// limit, else hybrid).
     #[arg(long, default_value = "precopy", value_parser = ["precopy", "postcopy", "hybrid", "auto"])]
     pub mode: String,
     /// Bandwidth cap over all connections, bytes per second (suffixes K, M, G: KiB, MiB,

@@ -199,7 +199,8 @@ pub enum Mode {
     /// The VM starts at the destination at once; its memory follows, asked for where
     /// touched and pushed in the background.
     Postcopy,
-    /// Pre-copy rounds while they converge, then post-copy instead of throttling.
+    /// Pre-copy rounds while they converge, then post-copy instead of throttling; a
+    /// rest the pause carries in a millisecond or less ends it as pre-copy.
     Hybrid,
     /// Pre-copy when it fits the downtime limit, else hybrid.
     Auto,
