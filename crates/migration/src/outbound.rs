@@ -23,7 +23,7 @@ use godwit_vmm::migratable::{Kept, Sink};
 use std::io::{self, Write};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -91,6 +91,8 @@ enum Io {
         queued: Arc<AtomicU64>,
         /// Closed by the writer once its buffers are ready (`Outbound::ready`).
         ready: Option<Receiver<()>>,
+        /// Buffers put in circulation on this lane so far (at most `SPARE`).
+        made: usize,
     },
 }
 
@@ -183,6 +185,7 @@ fn writer(
     s: Stream,
     rx: Receiver<Msg>,
     spare: SyncSender<Vec<u8>>,
+    touched: usize,
     queued: Arc<AtomicU64>,
     ready: SyncSender<()>,
     room: Arc<Room>,
@@ -192,7 +195,7 @@ fn writer(
             room.nudge();
         }
     };
-    let r = write_all(s, rx, spare, ready, written);
+    let r = write_all(s, rx, spare, touched, ready, written);
     // A writer that ended has room (its next frame brings the error), and a sender
     // woken now must see that before this thread is seen to have finished: woken by
     // the nudge alone, it found the frames still counted and the thread still running,
@@ -206,11 +209,12 @@ fn write_all(
     mut s: Stream,
     rx: Receiver<Msg>,
     spare: SyncSender<Vec<u8>>,
+    touched: usize,
     ready: SyncSender<()>,
     written: impl Fn(),
 ) -> io::Result<()> {
     // Here, not in the sending thread: the connection is set up meanwhile.
-    for _ in 0..SPARE {
+    for _ in 0..touched {
         let _ = spare.try_send(frame_buffer());
     }
     drop(ready);
@@ -319,6 +323,11 @@ impl Outbound {
             Checked::Head => Checked::Head,
             _ => Checked::Pages,
         });
+        // A writer's lane that takes pages in place copies only what cannot go so (VRAM
+        // in post-copy): its buffers are made, untouched, as first needed. Touching six
+        // up front took 0.9-5.7 ms of a post-copy's setup here, the sender waiting.
+        let lazy = !self.lanes.is_empty() && in_place.is_some();
+        let touched = if lazy { 0 } else { SPARE };
         let io = if self.lanes.is_empty() {
             Io::Direct(s)
         } else {
@@ -330,20 +339,22 @@ impl Outbound {
             let room = self.room.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("migration-send{}", self.lanes.len()))
-                .spawn(move || writer(s, rx, spare_tx, q, ready_tx, room))?;
+                .spawn(move || writer(s, rx, spare_tx, touched, q, ready_tx, room))?;
             Io::Thread {
                 tx: Some(tx),
                 spare,
                 thread: Some(thread),
                 queued,
                 ready: Some(ready),
+                made: touched,
             }
         };
         let recycled = matches!(io, Io::Direct(_)).then(frame_buffer);
+        let first = if lazy { Vec::new() } else { frame_buffer() };
         self.lanes.push(Lane {
             io,
             recycled,
-            frame: PagesFrame::with_buffer(frame_buffer()),
+            frame: PagesFrame::with_buffer(first),
             zeros: Vec::new(),
             zero_section: 0,
             totals: Totals::default(),
@@ -488,10 +499,19 @@ impl Outbound {
 
     fn spare(&mut self, i: usize) -> Vec<u8> {
         let lane = &mut self.lanes[i];
-        match &lane.io {
+        match &mut lane.io {
             Io::Direct(_) => lane.recycled.take(),
-            // None back when the writer has ended: its error comes with the next send.
-            Io::Thread { spare, .. } => spare.try_recv().or_else(|_| spare.recv()).ok(),
+            Io::Thread { spare, made, .. } => match spare.try_recv() {
+                Ok(b) => Some(b),
+                // One more while fewer are in circulation (it grows in the frame).
+                Err(TryRecvError::Empty) if *made < SPARE => {
+                    *made += 1;
+                    None
+                }
+                // None back when the writer has ended: its error comes with the next
+                // send.
+                Err(_) => spare.recv().ok(),
+            },
         }
         .unwrap_or_default()
     }

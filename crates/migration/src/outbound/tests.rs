@@ -340,14 +340,43 @@ fn settling_a_lane_whose_connection_failed_brings_its_error() {
     assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
 }
 
+/// A writer whose lane copies its pages (TLS) has its buffers touched by the time it
+/// is ready; one whose lane takes them in place touches none: its sender makes them as
+/// copies first need them, never more than `SPARE` (see
+/// `copied_frames_wait_for_a_buffer_rather_than_fill_the_queue`).
 #[test]
-fn once_ready_every_writer_thread_has_its_buffers() {
+fn once_ready_a_copying_writer_has_its_buffers_and_an_in_place_one_none() {
+    let (s, _peer) = UnixStream::pair().unwrap();
+    let (tx, rx) = sync_channel(QUEUE);
+    let (spare_tx, spare) = sync_channel(SPARE);
+    let (ready_tx, ready) = sync_channel(0);
+    let room = Arc::new(Room::default());
+    let t = std::thread::spawn(move || {
+        writer(
+            Stream::Unix(s),
+            rx,
+            spare_tx,
+            SPARE,
+            Arc::default(),
+            ready_tx,
+            room,
+        )
+    });
+    // Closed, not timed out, once ready.
+    assert_eq!(
+        ready.recv_timeout(Duration::from_secs(60)),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+    );
+    assert_eq!(std::iter::from_fn(|| spare.try_recv().ok()).count(), SPARE);
+    drop(tx);
+    t.join().unwrap().unwrap();
+
     let (mut out, _main_peer, _lane_peer) = two_lanes(PageChecks::Crc);
     out.ready();
-    let Io::Thread { spare, .. } = &out.lanes[1].io else {
+    let Io::Thread { spare, made, .. } = &out.lanes[1].io else {
         panic!("the second lane has a writer thread");
     };
-    assert_eq!(std::iter::from_fn(|| spare.try_recv().ok()).count(), SPARE);
+    assert_eq!((spare.try_recv().ok(), *made), (None, 0));
 }
 
 #[test]
