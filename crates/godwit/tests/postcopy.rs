@@ -173,34 +173,47 @@ fn hybrid_with_nothing_left_to_send_stays_precopy() {
     exit_code(&mut dst, LIMIT);
 }
 
-/// Hybrid where the rounds converge to a rest the pause carries in a millisecond (16
-/// MiB rewritten at 5 MiB/s, no bandwidth cap): pre-copy ends it, and no page is left
-/// for the guest to fault on at the destination.
+/// Hybrid where the rounds converge to a rest the pause carries in a millisecond (32
+/// MiB rewritten at 20 MiB/s, no bandwidth cap): pre-copy ends it, and no page is left
+/// for the guest to fault on at the destination. A last round the guest did not run in
+/// (a loaded host) leaves no rest at all, which says nothing either way: the VM moves on
+/// until a hop had one.
 #[test]
 fn hybrid_with_a_rest_the_pause_carries_at_once_stays_precopy() {
     if !kvm_available() {
         return;
     }
     let dir = TempDir::new("pc-hybrid-small");
-    let mut src = dirtier_source(
-        &dir,
-        "src",
-        "256",
-        &["wss=16", "rate=5", "seconds=5", "report-every=250"],
-    );
-    let (mut dst, addr) = destination(&dir, "dst", &[]);
-    let (out, r) = migrate(&src, &addr, &["--mode", "hybrid", "--downtime-ms", "50"]);
-    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
-    assert_eq!(r["status"], "completed", "{r}");
-    assert_eq!(r["mode"], "hybrid", "{r}");
-    assert_eq!(r["ran"], "precopy", "{r}");
-    assert!(r["postcopy"].is_null(), "{r}");
-    // The guest wrote during the rounds: the pause carried a rest, not nothing.
-    assert!(r["downtime"]["final_pages"].as_u64().unwrap() > 0, "{r}");
-    let why = r["switchover_reason"].as_str().unwrap();
-    assert!(why.contains("goes in the pause"), "{why}");
-    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
-    assert_verified(&mut dst, 4096);
+    let mut cur = checking_dirtier(&dir, "src");
+    let mut carried = false;
+    for hop in 1..=4 {
+        let (next, addr) = destination(&dir, &format!("hop{hop}"), &[]);
+        let (out, r) = migrate(&cur, &addr, &["--mode", "hybrid", "--downtime-ms", "50"]);
+        assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+        assert_eq!(r["status"], "completed", "{r}");
+        assert_eq!(r["mode"], "hybrid", "{r}");
+        assert_eq!(r["ran"], "precopy", "{r}");
+        assert!(r["postcopy"].is_null(), "{r}");
+        let why = r["switchover_reason"].as_str().unwrap();
+        if r["downtime"]["final_pages"].as_u64().unwrap() > 0 {
+            assert!(why.contains("goes in the pause"), "{why}");
+            carried = true;
+        } else {
+            assert_eq!(why, "no dirty pages left", "{r}");
+        }
+        assert_eq!(exit_code(&mut cur, LIMIT), 0, "{}", read(&cur.err));
+        cur = next;
+        if carried {
+            break;
+        }
+    }
+    assert!(carried, "no hop of four left a rest for the pause to carry");
+    // The guest checks all of its memory every second.
+    gains(&cur.log, "verify ok", 2);
+    assert!(!read(&cur.log).contains("FAILED"), "{}", read(&cur.log));
+    let sock = cur.sock.to_str().unwrap().to_string();
+    run(&["shutdown", "--api-socket", &sock], LIMIT);
+    exit_code(&mut cur, LIMIT);
 }
 
 #[test]
