@@ -134,6 +134,19 @@ fn hybrid_with_page_data_left_to_the_transport_verifies() {
     }
 }
 
+/// Migrates `src` to `addr` in hybrid mode (with `extra` options); it must complete
+/// having run pre-copy. Returns the report.
+fn hybrid_stays_precopy(src: &Vm, addr: &str, extra: &[&str]) -> Value {
+    let mut a = vec!["--mode", "hybrid"];
+    a.extend_from_slice(extra);
+    let (out, r) = migrate(src, addr, &a);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["mode"], "hybrid", "{r}");
+    assert_eq!(r["ran"], "precopy", "{r}");
+    r
+}
+
 /// Hybrid where pre-copy's first round leaves nothing to send (a paused VM writes
 /// nothing): there is no rest to follow the VM, so it stays pre-copy. It used to switch
 /// to post-copy with nothing missing, and the destination, with every page in at once,
@@ -151,11 +164,7 @@ fn hybrid_with_nothing_left_to_send_stays_precopy() {
         .status
         .success());
     let (mut dst, addr) = destination(&dir, "dst", &[]);
-    let (out, r) = migrate(&src, &addr, &["--mode", "hybrid"]);
-    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
-    assert_eq!(r["status"], "completed", "{r}");
-    assert_eq!(r["mode"], "hybrid", "{r}");
-    assert_eq!(r["ran"], "precopy", "{r}");
+    let r = hybrid_stays_precopy(&src, &addr, &[]);
     assert_eq!(
         r["rounds"].as_array().unwrap().last().unwrap()["dirty_pages"],
         0
@@ -188,11 +197,7 @@ fn hybrid_with_a_rest_the_pause_carries_at_once_stays_precopy() {
     let mut carried = false;
     for hop in 1..=4 {
         let (next, addr) = destination(&dir, &format!("hop{hop}"), &[]);
-        let (out, r) = migrate(&cur, &addr, &["--mode", "hybrid", "--downtime-ms", "50"]);
-        assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
-        assert_eq!(r["status"], "completed", "{r}");
-        assert_eq!(r["mode"], "hybrid", "{r}");
-        assert_eq!(r["ran"], "precopy", "{r}");
+        let r = hybrid_stays_precopy(&cur, &addr, &["--downtime-ms", "50"]);
         assert!(r["postcopy"].is_null(), "{r}");
         let why = r["switchover_reason"].as_str().unwrap();
         if r["downtime"]["final_pages"].as_u64().unwrap() > 0 {
