@@ -134,19 +134,6 @@ fn hybrid_with_page_data_left_to_the_transport_verifies() {
     }
 }
 
-/// Migrates `src` to `addr` in hybrid mode (with `extra` options); it must complete
-/// having run pre-copy. Returns the report.
-fn hybrid_stays_precopy(src: &Vm, addr: &str, extra: &[&str]) -> Value {
-    let mut a = vec!["--mode", "hybrid"];
-    a.extend_from_slice(extra);
-    let (out, r) = migrate(src, addr, &a);
-    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
-    assert_eq!(r["status"], "completed", "{r}");
-    assert_eq!(r["mode"], "hybrid", "{r}");
-    assert_eq!(r["ran"], "precopy", "{r}");
-    r
-}
-
 /// Hybrid where pre-copy's first round leaves nothing to send (a paused VM writes
 /// nothing): there is no rest to follow the VM, so it stays pre-copy. It used to switch
 /// to post-copy with nothing missing, and the destination, with every page in at once,
@@ -164,7 +151,10 @@ fn hybrid_with_nothing_left_to_send_stays_precopy() {
         .status
         .success());
     let (mut dst, addr) = destination(&dir, "dst", &[]);
-    let r = hybrid_stays_precopy(&src, &addr, &[]);
+    let (out, r) = migrate(&src, &addr, &["--mode", "hybrid"]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["ran"], "precopy", "{r}");
     assert_eq!(
         r["rounds"].as_array().unwrap().last().unwrap()["dirty_pages"],
         0
@@ -184,9 +174,12 @@ fn hybrid_with_nothing_left_to_send_stays_precopy() {
 
 /// Hybrid where the rounds converge to a rest the pause carries in a millisecond (32
 /// MiB rewritten at 20 MiB/s, no bandwidth cap): pre-copy ends it, and no page is left
-/// for the guest to fault on at the destination. A last round the guest did not run in
-/// (a loaded host) leaves no rest at all, which says nothing either way: the VM moves on
-/// until a hop had one.
+/// for the guest to fault on at the destination. How small the rest gets is the host's
+/// doing (its load, the bandwidth the driver learnt from it): a last round the guest
+/// did not run in leaves none, which says nothing either way, and one the guest wrote
+/// in bursts may leave more than a millisecond's worth, which hybrid rightly follows
+/// in post-copy; then the driver must have expected more than that rule's bound. The
+/// VM moves on until a hop had a rest its pause carried.
 #[test]
 fn hybrid_with_a_rest_the_pause_carries_at_once_stays_precopy() {
     if !kvm_available() {
@@ -197,14 +190,31 @@ fn hybrid_with_a_rest_the_pause_carries_at_once_stays_precopy() {
     let mut carried = false;
     for hop in 1..=4 {
         let (next, addr) = destination(&dir, &format!("hop{hop}"), &[]);
-        let r = hybrid_stays_precopy(&cur, &addr, &["--downtime-ms", "50"]);
-        assert!(r["postcopy"].is_null(), "{r}");
+        let (out, r) = migrate(&cur, &addr, &["--mode", "hybrid", "--downtime-ms", "50"]);
+        assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+        assert_eq!(r["mode"], "hybrid", "{r}");
         let why = r["switchover_reason"].as_str().unwrap();
-        if r["downtime"]["final_pages"].as_u64().unwrap() > 0 {
-            assert!(why.contains("goes in the pause"), "{why}");
-            carried = true;
+        let rounds = r["rounds"].as_array().unwrap();
+        let expected = rounds.last().unwrap()["expected_downtime_ms"]
+            .as_f64()
+            .unwrap();
+        if r["ran"] == "postcopy" {
+            // A rest carried in 1 ms expects at most that plus the fixed 1 ms.
+            assert!(
+                expected > 2.0,
+                "switched with a rest the pause carries: {r}"
+            );
+            assert_postcopy_whole(&r);
         } else {
-            assert_eq!(why, "no dirty pages left", "{r}");
+            assert_eq!(r["status"], "completed", "{r}");
+            assert_eq!(r["ran"], "precopy", "{r}");
+            assert!(r["postcopy"].is_null(), "{r}");
+            if r["downtime"]["final_pages"].as_u64().unwrap() > 0 {
+                assert!(why.contains("goes in the pause"), "{why}");
+                carried = true;
+            } else {
+                assert_eq!(why, "no dirty pages left", "{r}");
+            }
         }
         assert_eq!(exit_code(&mut cur, LIMIT), 0, "{}", read(&cur.err));
         cur = next;

@@ -198,10 +198,21 @@ struct Trend {
 impl Trend {
     /// A round left `n` dirty pages, written at `rate` against a link of `bandwidth`
     /// (bytes/s): true if it shrank the set well.
+    ///
+    /// After the first pass the round itself says so: it left `n` of the `last` pages
+    /// it sent. The rate against the bandwidth predicts the same share from a longer
+    /// view, but over a round of a few ms it measures the guest's bursts (a paced
+    /// writer catching up after a stall wrote 108 pages in a 2 ms round, "194 MiB/s"
+    /// against 228 learnt from the first pass, while the round took 762 down to 108)
+    /// and the bandwidth learnt from large rounds, not this one: either saying it
+    /// converged is enough.
     fn round(&mut self, n: u64, rate: f64, bandwidth: f64) -> bool {
         let shrank = self.last.is_none_or(|last| n < last);
+        let left_little = self
+            .last
+            .is_some_and(|last| n as f64 <= last as f64 * CONVERGING);
         self.last = Some(n);
-        let shrinking = shrank && rate <= bandwidth * CONVERGING;
+        let shrinking = shrank && (left_little || rate <= bandwidth * CONVERGING);
         self.stalls = if shrinking { 0 } else { self.stalls + 1 };
         shrinking
     }
@@ -231,7 +242,7 @@ mod tests {
         assert!(t.round(100_000, 0.4 * LINK, LINK));
         assert!(t.round(40_000, 0.4 * LINK, LINK));
         // The guest dirtied most of what the link carried: not converging, once.
-        assert!(!t.round(30_000, 0.8 * LINK, LINK));
+        assert!(!t.round(32_000, 0.8 * LINK, LINK));
         assert!(!t.stalled());
         // The next round shrinks well again: the count starts over.
         assert!(t.round(8_000, 0.3 * LINK, LINK));
@@ -239,6 +250,18 @@ mod tests {
         assert!(!t.stalled());
         assert!(!t.round(6_500, 0.9 * LINK, LINK));
         assert!(t.stalled());
+    }
+
+    #[test]
+    fn a_round_that_left_little_of_its_set_converged_whatever_the_rate() {
+        let mut t = Trend::default();
+        assert!(t.round(8_000, 0.2 * LINK, LINK));
+        assert!(t.round(762, 0.3 * LINK, LINK));
+        // A burst in a short round reads as a high rate; the set still went down 7x.
+        assert!(t.round(108, 0.85 * LINK, LINK));
+        // Not down by a quarter and written fast: that one did not.
+        assert!(!t.round(100, 0.85 * LINK, LINK));
+        assert!(!t.stalled());
     }
 
     #[test]
