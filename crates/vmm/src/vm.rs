@@ -142,7 +142,10 @@ impl Vm {
         };
         let ram = memory::layout(bytes);
         // The tracker owns the memory slots; the ring (if any) must exist before the
-        // vCPUs.
+        // vCPUs. The slots come first, on this thread: made once the irqchip or a vCPU
+        // exists, or beside them on another thread, a slot took 5-10 ms here against
+        // 0.1-1 ms (KVM's slots lock and a grace period; tried three times, see
+        // docs/benchmarks.md, "Registering the memory slots beside the rest").
         let mut dirty = DirtyLog::new(fd.clone(), cfg.dirty_log)?;
         let mut ram_slots = Vec::new();
         for (i, region) in mem.iter().enumerate() {
