@@ -248,7 +248,7 @@ mod tests {
         assert!(t.round(100_000, 0.4 * LINK, LINK));
         assert!(t.round(40_000, 0.4 * LINK, LINK));
         // The guest dirtied most of what the link carried: not converging, once.
-        assert!(!t.round(32_000, 0.8 * LINK, LINK));
+        assert!(!t.round(30_000, 0.8 * LINK, LINK));
         assert!(!t.stalled());
         // The next round shrinks well again: the count starts over.
         assert!(t.round(8_000, 0.3 * LINK, LINK));
