@@ -320,13 +320,16 @@ impl Vm {
         let mut dma: Vec<Arc<dyn migratable::ram::DmaLog>> = Vec::new();
         let lazy_ram = migratable::lazy::Shared::default();
         if let Some(g) = &gpu {
-            components.push(Arc::new(migratable::gpu::GpuFunction::new(
-                g.vf.clone(),
-                &g.info.profile,
-                gpu::APERTURE_SLOT,
-                dirty.clone(),
-                lazy_ram.clone(),
-            )));
+            components.push(Arc::new(
+                migratable::gpu::GpuFunction::new(
+                    g.vf.clone(),
+                    &g.info.profile,
+                    gpu::APERTURE_SLOT,
+                    dirty.clone(),
+                    lazy_ram.clone(),
+                )
+                .fresh(matches!(cfg.payload, Payload::Incoming { .. }) && g.vram_untouched),
+            ));
             dma.push(g.vf.clone());
         }
         components.push(Arc::new(

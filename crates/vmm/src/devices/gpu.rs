@@ -112,6 +112,8 @@ impl SharedDevice for Registers {
 pub struct AttachedGpu {
     pub info: GpuInfo,
     pub vf: Arc<Vf>,
+    /// Its VRAM was mapped just now and nothing has touched it (not prefaulted).
+    pub vram_untouched: bool,
     engine: Option<JoinHandle<()>>,
     _lease: Lease,
 }
@@ -160,12 +162,15 @@ pub fn attach(req: &GpuRequest, at: Slots) -> Result<Parts> {
             at.ram_end.div_ceil(GIB)
         )));
     }
-    let backend = match at.prefaulted.take_vram(fb)? {
+    let (backend, vram_untouched) = match at.prefaulted.take_vram(fb)? {
         Some(b) => {
             tracing::info!("the GPU function's VRAM is the one prefaulted");
-            b
+            (b, false)
         }
-        None => CpuBackend::new(fb).map_err(|e| Error::Gpu(format!("VRAM: {e}")))?,
+        None => (
+            CpuBackend::new(fb).map_err(|e| Error::Gpu(format!("VRAM: {e}")))?,
+            true,
+        ),
     };
     let ap = godwit_gpu::backend::Backend::aperture(&backend)
         .ok_or_else(|| Error::Gpu("the backend cannot map VRAM into the guest".into()))?;
@@ -216,6 +221,7 @@ pub fn attach(req: &GpuRequest, at: Slots) -> Result<Parts> {
         gpu: AttachedGpu {
             info,
             vf,
+            vram_untouched,
             engine: Some(engine),
             _lease: lease,
         },

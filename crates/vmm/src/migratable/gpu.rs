@@ -245,6 +245,17 @@ impl GpuFunction {
         }
     }
 
+    /// Says whether its VRAM was mapped just now with nothing written to it (an
+    /// incoming VM's, not prefaulted: its pages come later, through this component).
+    /// Post-copy then has no stale copies to drop at the switch, where dropping them
+    /// walked KVM's reverse map over all of VRAM inside the pause (2.3 ms at 8 GiB).
+    pub fn fresh(mut self, fresh: bool) -> GpuFunction {
+        if fresh {
+            self.inner.get_mut().unwrap_or_else(|e| e.into_inner()).mem = MemoryState::fresh();
+        }
+        self
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }

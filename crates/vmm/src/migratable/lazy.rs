@@ -164,12 +164,14 @@ impl Lazy {
             .user_mode_only(false)
             .create()
             .map_err(|e| uffd_err("create", e))?;
+        let mut dropped = 0;
         for (r, b) in regions.iter().zip(&missing) {
             // Pages that changed at the source since they were sent: the copy here is
             // stale. Dropped, they read as missing once the range is registered (with
             // an alias, only the guest's page-table entries go: a touch then is a
             // minor fault). A fresh mapping has none.
             for (first, n) in if fresh { Vec::new() } else { runs(b) } {
+                dropped += n;
                 let at = r.host + first * PAGE_SIZE as u64;
                 // SAFETY: [at, at + n pages) lies inside this memory's mapping (the
                 // bitmap was checked against the region's size above); dropping the
@@ -199,6 +201,7 @@ impl Lazy {
         }
         let stats = FaultStats {
             missing_at_start: left,
+            dropped_at_start: dropped,
             ..Default::default()
         };
         let lazy = Lazy {

@@ -34,6 +34,12 @@ impl Latency {
 pub struct FaultStats {
     /// Pages missing when the VM started here.
     pub missing_at_start: u64,
+    /// Of those, pages whose stale copy here was dropped first (sent earlier and
+    /// written at the source since). None where the memory was fresh (nothing loaded
+    /// into it): dropping costs a walk of KVM's reverse map over the range, inside the
+    /// pause, and grows with the memory.
+    #[serde(default)]
+    pub dropped_at_start: u64,
     /// Touches of a missing page that had to be asked for (a page asked for once).
     pub remote_faults: u64,
     /// Pages the background stream placed before anything touched them.
