@@ -235,6 +235,12 @@ impl Vf {
         self.dirty.vram.take()
     }
 
+    /// The same, added to `into` (one bit per VRAM page) rather than into a bitmap of
+    /// its own; returns how many pages.
+    pub fn take_vram_dirty_into(&self, into: &mut [u64]) -> u64 {
+        self.dirty.vram.take_into(into)
+    }
+
     /// The same without clearing.
     pub fn peek_vram_dirty(&self) -> Vec<u64> {
         self.dirty.vram.peek()
