@@ -462,7 +462,10 @@ mod tests {
                 ctl.vcpu_stopped();
             })
         };
-        while runs.load(Ordering::SeqCst) == 0 {
+        // Both registered (on a loaded host the stuck one may start late: paused
+        // before it counts, the pause parks only the free one and succeeds), and the
+        // free one running.
+        while runs.load(Ordering::SeqCst) == 0 || ctl.vcpu_tids().len() < 2 {
             std::thread::sleep(Duration::from_millis(1));
         }
         let e = ctl.pause_within(Duration::from_millis(200)).unwrap_err();
