@@ -319,6 +319,9 @@ impl Vm {
         )];
         let mut dma: Vec<Arc<dyn migratable::ram::DmaLog>> = Vec::new();
         let lazy_ram = migratable::lazy::Shared::default();
+        // Memory made for an incoming VM and untouched since holds nothing to drop when
+        // it goes lazy (`MemoryState::fresh`).
+        let incoming = matches!(cfg.payload, Payload::Incoming { .. });
         if let Some(g) = &gpu {
             components.push(Arc::new(
                 migratable::gpu::GpuFunction::new(
@@ -328,7 +331,7 @@ impl Vm {
                     dirty.clone(),
                     lazy_ram.clone(),
                 )
-                .fresh(matches!(cfg.payload, Payload::Incoming { .. }) && g.vram_untouched),
+                .fresh(incoming && g.vram_untouched),
             ));
             dma.push(g.vf.clone());
         }
@@ -342,7 +345,7 @@ impl Vm {
                 cfg.memory_mib,
                 lazy_ram,
             )
-            .fresh(matches!(cfg.payload, Payload::Incoming { .. }) && untouched)
+            .fresh(incoming && untouched)
             .shared(shared, retired),
         ));
         components.push(Arc::new(migratable::platform::Platform::new(
