@@ -338,6 +338,7 @@ pub fn fuzz_postcopy(bytes: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::held_sink::HeldSink;
     use super::*;
 
     /// Whether the page at `host` holds memory (mincore).
@@ -438,59 +439,6 @@ mod tests {
         assert_eq!(src.info().unwrap().total(), 0);
     }
 
-    /// A sink that takes pages in place and reads them only after the sender has let
-    /// go of its borrow, as a connection's writer thread does.
-    #[derive(Default)]
-    struct Later {
-        held: Vec<(u64, usize, super::super::Kept)>,
-        zeros: Vec<u64>,
-        addr: u64,
-        copied: u64,
-        buf: Vec<u8>,
-    }
-
-    impl Sink for Later {
-        fn slot(&mut self, addr: u64) -> &mut [u8] {
-            self.addr = addr;
-            self.buf.resize(PAGE_SIZE, 0);
-            &mut self.buf
-        }
-        fn page(&mut self) -> std::io::Result<()> {
-            self.copied += 1;
-            Ok(())
-        }
-        fn zero(&mut self) -> std::io::Result<()> {
-            self.zeros.push(self.addr);
-            Ok(())
-        }
-        fn in_place(&self) -> bool {
-            true
-        }
-        fn pages_in_place(
-            &mut self,
-            _addrs: &[u64],
-            _pages: &[vm_memory::VolatileSlice<'_>],
-        ) -> std::io::Result<()> {
-            panic!("pages of a stopped memory that can be held go without a settle");
-        }
-        fn pages_kept(
-            &mut self,
-            addrs: &[u64],
-            pages: &[vm_memory::VolatileSlice<'_>],
-            kept: &super::super::Kept,
-        ) -> std::io::Result<()> {
-            assert!(addrs.len() == pages.len() && addrs.len() <= 64);
-            for (a, p) in addrs.iter().zip(pages) {
-                self.held
-                    .push((*a, p.ptr_guard().as_ptr() as usize, kept.clone()));
-            }
-            Ok(())
-        }
-        fn data(&mut self, _bytes: &[u8]) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// A post-copy source's background goes from memory, with no copy: each page that
     /// holds data is handed over where it is, with what keeps its mapping, and read
     /// after `send_taken` returns; zero pages are said as such. A memory whose mapping
@@ -507,7 +455,7 @@ mod tests {
         src.arc(&m, MigState::StopCopy).unwrap();
         src.state = MigState::StopCopy;
         src.postcopy_switch(&m).unwrap().unwrap();
-        let mut out = Later::default();
+        let mut out = HeldSink::default();
         let mut r = super::super::ReadReport::default();
         while let Some(t) = src.take_postcopy(&m, 100).unwrap() {
             if t.is_empty() {
@@ -539,7 +487,7 @@ mod tests {
         src.state = MigState::StopCopy;
         src.postcopy_switch(&m).unwrap().unwrap();
         let t = src.take_postcopy(&m, 8).unwrap().unwrap();
-        let mut out = Later::default();
+        let mut out = HeldSink::default();
         let r = super::super::paged::send_taken(&m, &mut out, &t).unwrap();
         assert_eq!((r.pages, out.copied, out.held.len()), (1, 1, 0));
     }

@@ -149,6 +149,12 @@ impl Memory for Vram {
         self.vf.backend().slice(off, len).ok().flatten()
     }
 
+    /// The VF owns its backend, and the backend its aperture's mapping: a writer that
+    /// holds the VF keeps the pages `pages_slice` gave it mapped.
+    fn mapping(&self) -> Option<super::Kept> {
+        Some(self.vf.clone())
+    }
+
     /// A backend whose VRAM the host maps can run ahead of it (post-copy).
     fn host_regions(&self) -> Option<Vec<HostRegion>> {
         let a = self.vf.backend().aperture()?;
@@ -454,5 +460,72 @@ impl Component for GpuFunction {
         let l = self.lock().mem.postcopy_expect(&self.m, missing)?;
         *self.prefetch.vram.lock().unwrap_or_else(|e| e.into_inner()) = Some(l.clone());
         Ok(l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::held_sink::HeldSink;
+    use super::*;
+    use crate::dirty::{DirtyLogMode, Slot};
+    use godwit_gpu::backend::Backend;
+
+    const PAGES: u64 = 32;
+
+    /// A post-copy source sends VRAM from where the VF maps it, as it does guest RAM:
+    /// each page with data is handed over in place with what keeps the aperture
+    /// mapped, and still reads right once the component has let go of the VF.
+    #[test]
+    fn a_postcopy_source_hands_vram_over_in_place_with_the_vf() {
+        let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+        let mut log = DirtyLog::new(vm, DirtyLogMode::Bitmap).unwrap();
+        let backend = godwit_gpu::cpu::CpuBackend::new(PAGES * PAGE_SIZE as u64).unwrap();
+        for p in [2u64, 9, 30] {
+            backend
+                .write(p * PAGE_SIZE as u64, &[p as u8 + 1; PAGE_SIZE])
+                .unwrap();
+        }
+        let ap = backend.aperture().unwrap();
+        // SAFETY: the aperture is owned by the backend inside the VF below, which
+        // outlives the VM's use of the slot (the test's end drops the log first).
+        unsafe {
+            log.add_slot(Slot {
+                id: 1,
+                guest_phys_addr: 1 << 32,
+                size: ap.len,
+                host: ap.host,
+            })
+        }
+        .unwrap();
+        let ram = crate::memory::create(16 << 20).unwrap();
+        let vf = Vf::new(
+            Box::new(backend),
+            ram,
+            Box::new(godwit_gpu::sched::Unshared),
+        );
+        let m = Vram {
+            vf,
+            slot: 1,
+            dirty: Arc::new(Mutex::new(log)),
+        };
+        let mut src = MemoryState::default();
+        src.state = MigState::Stop;
+        src.arc(&m, MigState::StopCopy).unwrap();
+        src.state = MigState::StopCopy;
+        src.postcopy_switch(&m).unwrap().unwrap();
+        let mut out = HeldSink::default();
+        let mut r = super::super::ReadReport::default();
+        while let Some(t) = src.take_postcopy(&m, 8).unwrap() {
+            if t.is_empty() {
+                break;
+            }
+            r += paged::send_taken(&m, &mut out, &t).unwrap();
+        }
+        assert_eq!((r.pages, out.copied), (3, 0), "every page in place");
+        drop(m);
+        for p in [2u64, 9, 30] {
+            let at = p * PAGE_SIZE as u64;
+            assert_eq!(out.page(at), Some(vec![p as u8 + 1; PAGE_SIZE]), "page {p}");
+        }
     }
 }

@@ -27,6 +27,8 @@
 
 pub mod fuzz_postcopy;
 pub mod gpu;
+#[cfg(test)]
+mod held_sink;
 pub mod incoming;
 pub mod lazy;
 pub mod paged;
