@@ -1,5 +1,6 @@
-//! The CPU backend: VRAM is an anonymous host mapping (also mapped into the guest as the
-//! aperture), kernels run on the VF's engine thread.
+//! The CPU backend: VRAM is a host mapping (anonymous, or shared memory a prefaulted
+//! destination made; also mapped into the guest as the aperture), kernels run on the
+//! VF's engine thread.
 
 use crate::backend::{Acc, Aperture, Backend, OutOfRange};
 use crate::command::Kernel;
@@ -9,6 +10,9 @@ use std::ops::Range;
 pub struct CpuBackend {
     ptr: *mut u8,
     len: u64,
+    /// The file a shared mapping maps (`from_mapping`): what the VRAM holds is there,
+    /// not in the mapping's pages.
+    file: Option<std::fs::File>,
 }
 
 // SAFETY: the mapping is owned by this struct for its whole life and only reached
@@ -47,25 +51,23 @@ impl CpuBackend {
         Ok(CpuBackend {
             ptr: p as *mut u8,
             len,
+            file: None,
         })
     }
 
-    /// Allocates every page of VRAM now (zeros, as VRAM not yet written reads), so
-    /// that neither the guest nor an incoming migration pays for first touches later.
-    pub fn prefault(&self) -> std::io::Result<()> {
-        // SAFETY: the whole mapping made in `new` and owned by this struct; populating
-        // only allocates its pages, as the first write to each would, and changes no
-        // byte of what it holds.
-        let rc = unsafe {
-            libc::madvise(
-                self.ptr as *mut libc::c_void,
-                self.len as usize,
-                libc::MADV_POPULATE_WRITE,
-            )
-        };
-        match rc {
-            0 => Ok(()),
-            _ => Err(std::io::Error::last_os_error()),
+    /// VRAM in a shared mapping of `file` the caller made (a second mapping of the
+    /// caller's also reaches it: a destination's post-copy places pages through it).
+    /// The backend owns the mapping from now on and unmaps it when dropped.
+    ///
+    /// # Safety
+    /// `ptr` must be the start of a shared mapping of all of `file`, exactly `len`
+    /// bytes (a non-zero multiple of 4 KiB), readable and writable, that nothing else
+    /// unmaps or uses as its own.
+    pub unsafe fn from_mapping(ptr: *mut u8, len: u64, file: std::fs::File) -> CpuBackend {
+        CpuBackend {
+            ptr,
+            len,
+            file: Some(file),
         }
     }
 
@@ -347,17 +349,27 @@ impl Backend for CpuBackend {
     }
 
     fn scrub(&self) {
-        // SAFETY: the whole mapping; private anonymous pages read as zero afterwards.
-        unsafe {
-            libc::madvise(
-                self.ptr as *mut libc::c_void,
-                self.len as usize,
-                libc::MADV_DONTNEED,
-            )
+        // Private anonymous pages read as zero once dropped; shared ones only once
+        // their file's pages are freed too (MADV_REMOVE), or the next VM would read
+        // the last one's data.
+        let advice = match self.file {
+            Some(_) => libc::MADV_REMOVE,
+            None => libc::MADV_DONTNEED,
         };
+        // SAFETY: the whole mapping, which this backend owns; the advice only frees
+        // pages, which then read as zero.
+        unsafe { libc::madvise(self.ptr as *mut libc::c_void, self.len as usize, advice) };
     }
 
     fn resident_bytes(&self) -> u64 {
+        // A shared VRAM's memory is its file's: its size on the host, at once. mincore
+        // over the mapping looks every page not mapped up in the file, one by one: 50
+        // ms of the engine's thread at 8 GiB after a post-copy from the start, whose
+        // new mapping maps only the pages placed, with the guest waiting on its fences.
+        if let Some(f) = &self.file {
+            use std::os::unix::fs::MetadataExt;
+            return f.metadata().map_or(0, |m| (m.blocks() * 512).min(self.len));
+        }
         let pages = self.len.div_ceil(4096) as usize;
         let mut v = vec![0u8; pages];
         // SAFETY: the mapping and a vector of one byte per page.

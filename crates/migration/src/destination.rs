@@ -288,9 +288,8 @@ pub(crate) fn build(
     if lazy_from_start {
         // Every page will be placed through userfaultfd, which needs it unmapped for
         // the guest: prefaulted memory would have to be unmapped page run by page run
-        // inside the pause (1.5-2 ms for 512 MiB here). Done now, whole: the RAM's
-        // pages stay, placed through their alias; the VRAM's go back to the host, warm
-        // when UFFDIO_COPY places them again.
+        // inside the pause (1.5-2 ms for 512 MiB here). Done now, whole: the pages of
+        // the RAM and the VRAM stay, placed through their aliases.
         match cfg.prefaulted.unmap_for_postcopy() {
             Ok(true) => tracing::info!(
                 "prefaulted memory readied for post-copy: every page comes through userfaultfd"

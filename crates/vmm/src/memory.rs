@@ -3,9 +3,11 @@
 
 use crate::error::{Error, Result};
 use godwit_gpu::backend::Backend;
-use godwit_gpu::cpu::CpuBackend;
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+mod shared_vram;
+pub use shared_vram::{retire as retire_vram, Vram};
 
 pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
 
@@ -138,13 +140,13 @@ fn check_size(bytes: u64) -> Result<()> {
     Ok(())
 }
 
-/// Guest RAM made of shared memory (a memfd) that a second mapping, the alias, also
-/// reaches. Post-copy writes a page through the alias, where nothing faults, and then
-/// maps it for the guest with UFFDIO_CONTINUE: the page exists already, so placing it
-/// costs a copy and a page-table entry. UFFDIO_COPY into private memory allocates,
-/// charges and clears a page each time, half of a destination's time in post-copy
-/// here. Only prefaulted memory is made this way: its pages exist before the source
-/// connects.
+/// Guest RAM (or a GPU function's VRAM: `Vram`) made of shared memory (a memfd) that a
+/// second mapping, the alias, also reaches. Post-copy writes a page through the alias,
+/// where nothing faults, and then maps it for the guest with UFFDIO_CONTINUE: the page
+/// exists already, so placing it costs a copy and a page-table entry. UFFDIO_COPY into
+/// private memory allocates, charges and clears a page each time, half of a
+/// destination's time in post-copy here. Only prefaulted memory is made this way: its
+/// pages exist before the source connects.
 pub struct SharedRam {
     /// The memfd, to map the guest's side anew (`unmap_for_postcopy`).
     file: std::fs::File,
@@ -180,15 +182,7 @@ impl Drop for SharedRam {
 /// (shared) and once more as the alias.
 fn create_shared(bytes: u64) -> Result<(GuestMemory, SharedRam)> {
     let io = |what: &str, e: std::io::Error| Error::Memory(format!("guest memory: {what}: {e}"));
-    // SAFETY: a NUL-terminated name and valid flags; the fd returned is new and owned
-    // by the File below.
-    let fd = unsafe { libc::memfd_create(c"godwit-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io("memfd_create", std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` is a new descriptor nothing else owns.
-    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    file.set_len(bytes).map_err(|e| io("size", e))?;
+    let file = memfd(c"godwit-ram", bytes).map_err(|e| io("memfd", e))?;
     let (mem, offsets) = map_guest_side(&file, bytes)?;
     // Owned by the SharedRam below.
     let alias = map_shared_aligned(&file, bytes as usize, 0).map_err(|e| io("mmap", e))?;
@@ -199,6 +193,20 @@ fn create_shared(bytes: u64) -> Result<(GuestMemory, SharedRam)> {
         offsets,
     };
     Ok((mem, shared))
+}
+
+/// A new memfd of `bytes`, named `name`.
+fn memfd(name: &std::ffi::CStr, bytes: u64) -> std::io::Result<std::fs::File> {
+    // SAFETY: a NUL-terminated name and valid flags; the fd returned is new and owned
+    // by the File below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(bytes)?;
+    Ok(file)
 }
 
 /// The guest's mapping of `bytes` of RAM in `file`, regions one after another in it,
@@ -329,7 +337,7 @@ pub struct Prefaulted(std::sync::Arc<std::sync::Mutex<Readied>>);
 #[derive(Default)]
 struct Readied {
     ram: Option<Ram>,
-    vram: Option<CpuBackend>,
+    vram: Option<Vram>,
 }
 
 /// Prefaulted RAM, as a VM takes it.
@@ -353,7 +361,7 @@ impl std::fmt::Debug for Prefaulted {
             .map(|g| {
                 (
                     g.ram.as_ref().map(|r| r.bytes),
-                    g.vram.as_ref().map(|v| v.vram_size()),
+                    g.vram.as_ref().map(|v| v.backend.vram_size()),
                 )
             })
             .unwrap_or_default();
@@ -458,23 +466,25 @@ impl Prefaulted {
         ))))
     }
 
-    /// Also maps `bytes` of VRAM for the VM's GPU function and touches every page.
+    /// Also maps `bytes` of VRAM for the VM's GPU function (shared, as the RAM is:
+    /// see `Vram`) and touches every page.
     pub fn with_vram(self, bytes: u64) -> Result<Prefaulted> {
         fits("VRAM", bytes, available_mib())?;
-        let vram = CpuBackend::new(bytes).map_err(|e| Error::Gpu(format!("VRAM: {e}")))?;
-        vram.prefault()
-            .map_err(|e| populate_error(e, "VRAM", bytes))?;
+        let vram = Vram::new(bytes)?;
         self.0.lock().unwrap_or_else(|e| e.into_inner()).vram = Some(vram);
         Ok(self)
     }
 
-    /// Before a VM is built whose every page comes through userfaultfd: the RAM's
-    /// pages stay (placed through the alias), and the guest gets a new mapping of them
-    /// that maps none yet, so that every first touch faults; the VRAM, private memory
-    /// that UFFDIO_COPY fills, is given back. Whether there was any.
+    /// Before a VM is built whose every page comes through userfaultfd: the pages of
+    /// the RAM and the VRAM stay (placed through their aliases), and the guest and the
+    /// GPU's engine get new mappings of them that map none yet, so that every first
+    /// touch faults. Whether there was any.
     pub fn unmap_for_postcopy(&self) -> Result<bool> {
         let mut r = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let had_vram = r.vram.take().is_some();
+        let had_vram = match r.vram.as_mut() {
+            Some(v) => v.remap_bare().map(|()| true)?,
+            None => false,
+        };
         // A new mapping of the RAM's pages maps none of them yet. The old one maps them
         // all, and tearing its page-table entries down takes about 25 ms of CPU per GiB
         // here: done now (or on another thread of this two-core host, or at the
@@ -507,14 +517,14 @@ impl Prefaulted {
 
     /// The VRAM, for a GPU function of `bytes`: None when there is none (or it was
     /// taken).
-    pub fn take_vram(&self, bytes: u64) -> Result<Option<CpuBackend>> {
+    pub fn take_vram(&self, bytes: u64) -> Result<Option<Vram>> {
         let mut r = self.0.lock().unwrap_or_else(|e| e.into_inner());
         match r.vram.take() {
             None => Ok(None),
-            Some(v) if v.vram_size() == bytes => Ok(Some(v)),
+            Some(v) if v.backend.vram_size() == bytes => Ok(Some(v)),
             Some(v) => Err(Error::Config(format!(
                 "the VRAM was prefaulted for {} MiB, the GPU function has {} MiB",
-                v.vram_size() / MIB,
+                v.backend.vram_size() / MIB,
                 bytes / MIB
             ))),
         }
@@ -617,8 +627,8 @@ mod tests {
         assert!(other.take(32 * MIB).is_err(), "another size is refused");
     }
 
-    /// Readied for post-copy: the guest's mapping maps nothing (every touch faults),
-    /// the pages stay in the file behind the alias, and the VRAM is given back.
+    /// Readied for post-copy: the guest's mapping and the VRAM's map nothing (every
+    /// touch faults), and the pages stay in their files behind the aliases.
     #[test]
     fn prefaulted_memory_unmapped_for_postcopy_keeps_its_pages_behind_the_alias() {
         let p = Prefaulted::new(16 * MIB)
@@ -626,7 +636,18 @@ mod tests {
             .with_vram(8 * MIB)
             .unwrap();
         assert!(p.unmap_for_postcopy().unwrap());
-        assert!(p.take_vram(8 * MIB).unwrap().is_none(), "VRAM given back");
+        let vram = p.take_vram(8 * MIB).unwrap().expect("the VRAM stays");
+        assert!(vram.bare && vram.retired.is_some());
+        let ap = vram.backend.aperture().unwrap();
+        let mapped = crate::pagemap::populated(ap.host, ap.len).expect("pagemap");
+        assert!(mapped.iter().all(|&w| w == 0), "a VRAM page still mapped");
+        let behind = crate::pagemap::populated(vram.shared.alias(0).unwrap(), ap.len).unwrap();
+        let n: u32 = behind.iter().map(|w| w.count_ones()).sum();
+        assert_eq!(
+            u64::from(n),
+            ap.len / PAGE_SIZE,
+            "every VRAM page is behind the alias"
+        );
         let ram = p.take(16 * MIB).unwrap().expect("the memory stays");
         assert!(ram.bare);
         let r = ram.mem.iter().next().unwrap();
@@ -661,12 +682,53 @@ mod tests {
             .with_vram(8 * MIB)
             .unwrap();
         let vram = p.take_vram(8 * MIB).unwrap().expect("the VRAM");
-        let ap = vram.aperture().expect("a CPU backend maps its VRAM");
+        assert!(!vram.bare && vram.retired.is_none());
+        let ap = vram
+            .backend
+            .aperture()
+            .expect("a CPU backend maps its VRAM");
         let pages = crate::pagemap::populated(ap.host, ap.len).expect("pagemap");
         let n: u32 = pages.iter().map(|w| w.count_ones()).sum();
         assert_eq!(u64::from(n), 8 * MIB / PAGE_SIZE, "every page is in");
         assert!(p.take_vram(8 * MIB).unwrap().is_none(), "taken once");
         assert!(p.take(16 * MIB).unwrap().is_some(), "the memory stays");
+    }
+
+    /// Shared VRAM counts as resident what its file holds (a post-copy's new mapping
+    /// maps nothing at first; mincore says the same, but looks every unmapped page up
+    /// in the file), and a scrub frees the file's pages too, so that the next VM reads
+    /// zeros there, through either mapping.
+    #[test]
+    fn prefaulted_vram_is_counted_by_its_file_and_scrubbed_to_zero() {
+        let p = Prefaulted::new(16 * MIB)
+            .unwrap()
+            .with_vram(8 * MIB)
+            .unwrap();
+        assert!(p.unmap_for_postcopy().unwrap());
+        let v = p.take_vram(8 * MIB).unwrap().expect("the VRAM");
+        assert_eq!(
+            v.backend.resident_bytes(),
+            8 * MIB,
+            "every page is in the file"
+        );
+        v.backend
+            .write(PAGE_SIZE, &[7; PAGE_SIZE as usize])
+            .unwrap();
+        v.backend.scrub();
+        assert_eq!(v.backend.resident_bytes(), 0, "the file's pages are freed");
+        let mut b = [1u8; PAGE_SIZE as usize];
+        v.backend.read(PAGE_SIZE, &mut b).unwrap();
+        assert!(
+            b.iter().all(|&x| x == 0),
+            "the last VM's data through the mapping"
+        );
+        let alias = v.shared.alias(0).unwrap() + PAGE_SIZE;
+        // SAFETY: a page of the alias, which `v.shared` keeps mapped; only read.
+        let through = unsafe { std::slice::from_raw_parts(alias as *const u8, 4096) };
+        assert!(
+            through.iter().all(|&x| x == 0),
+            "the last VM's data through the alias"
+        );
     }
 
     #[test]

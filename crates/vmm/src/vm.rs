@@ -331,7 +331,8 @@ impl Vm {
                     dirty.clone(),
                     lazy_ram.clone(),
                 )
-                .fresh(incoming && g.vram_untouched),
+                .fresh(incoming && g.vram_untouched)
+                .shared(g.vram_shared.clone(), g.take_retired_vram()),
             ));
             dma.push(g.vf.clone());
         }

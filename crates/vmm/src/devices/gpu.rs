@@ -10,7 +10,7 @@ use crate::config::GpuRequest;
 use crate::control::Control;
 use crate::dirty::{DirtyLog, Slot, SlotId};
 use crate::error::{Error, Result};
-use crate::memory::{self, GuestMemory, GIB};
+use crate::memory::{self, GuestMemory, SharedRam, GIB};
 use godwit_gpu::abi;
 use godwit_gpu::cpu::CpuBackend;
 use godwit_gpu::{IrqLine, Lease, Manager, Vf};
@@ -112,10 +112,25 @@ impl SharedDevice for Registers {
 pub struct AttachedGpu {
     pub info: GpuInfo,
     pub vf: Arc<Vf>,
-    /// Its VRAM was mapped just now and nothing has touched it (not prefaulted).
+    /// Its VRAM maps no page and holds nothing: mapped just now, not prefaulted, or
+    /// prefaulted and mapped anew for post-copy.
     pub vram_untouched: bool,
+    /// Prefaulted VRAM is shared memory with an alias, which post-copy fills through.
+    pub vram_shared: Option<Arc<SharedRam>>,
+    /// Its old mapping, if post-copy had it mapped anew, until post-copy ends.
+    vram_retired: Mutex<Option<CpuBackend>>,
     engine: Option<JoinHandle<()>>,
     _lease: Lease,
+}
+
+impl AttachedGpu {
+    /// The VRAM's old mapping, for whoever drops it once post-copy is over (taken once).
+    pub fn take_retired_vram(&self) -> Option<CpuBackend> {
+        self.vram_retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
 }
 
 impl Drop for AttachedGpu {
@@ -162,14 +177,16 @@ pub fn attach(req: &GpuRequest, at: Slots) -> Result<Parts> {
             at.ram_end.div_ceil(GIB)
         )));
     }
-    let (backend, vram_untouched) = match at.prefaulted.take_vram(fb)? {
-        Some(b) => {
+    let (backend, vram_untouched, vram_shared, vram_retired) = match at.prefaulted.take_vram(fb)? {
+        Some(v) => {
             tracing::info!("the GPU function's VRAM is the one prefaulted");
-            (b, false)
+            (v.backend, v.bare, Some(v.shared), v.retired)
         }
         None => (
             CpuBackend::new(fb).map_err(|e| Error::Gpu(format!("VRAM: {e}")))?,
             true,
+            None,
+            None,
         ),
     };
     let ap = godwit_gpu::backend::Backend::aperture(&backend)
@@ -222,6 +239,8 @@ pub fn attach(req: &GpuRequest, at: Slots) -> Result<Parts> {
             info,
             vf,
             vram_untouched,
+            vram_shared,
+            vram_retired: Mutex::new(vram_retired),
             engine: Some(engine),
             _lease: lease,
         },

@@ -16,6 +16,8 @@ use super::{
     Result, Section, Sink, SyncReport,
 };
 use crate::dirty::{DirtyLog, SlotId, Written};
+use crate::memory::SharedRam;
+use godwit_gpu::cpu::CpuBackend;
 use godwit_gpu::{Hold, Vf, VfState};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,6 +42,10 @@ struct Vram {
     vf: Arc<Vf>,
     slot: SlotId,
     dirty: Arc<Mutex<DirtyLog>>,
+    /// The alias of shared (prefaulted) VRAM, where post-copy writes pages.
+    shared: Option<Arc<SharedRam>>,
+    /// Its old mapping (`memory::Prefaulted::unmap_for_postcopy`), until post-copy ends.
+    retired: Mutex<Option<CpuBackend>>,
 }
 
 impl Vram {
@@ -70,7 +76,13 @@ impl Memory for Vram {
     }
 
     fn populated(&self) -> Vec<Bitmap> {
-        // What the backend ever backed; a backend VRAM the host cannot see is sent whole.
+        // What the backend ever backed; a backend VRAM the host cannot see is sent whole,
+        // and so is shared VRAM, whose pages the engine's mapping may not map while they
+        // hold data (reached through the alias, or unmapped with their huge page), as
+        // RAM's.
+        if self.shared.is_some() {
+            return vec![crate::pagemap::all(self.pages())];
+        }
         let bits = self
             .vf
             .backend()
@@ -162,8 +174,21 @@ impl Memory for Vram {
             host: a.host,
             len: a.len,
             base: 0,
-            alias: None,
+            alias: self.shared.as_ref().and_then(|s| s.alias(0)),
         }])
+    }
+
+    fn keep_alive(&self) -> Option<super::Kept> {
+        self.shared.clone().map(|s| s as super::Kept)
+    }
+
+    fn retire(&self) -> Option<Box<dyn FnOnce() + Send>> {
+        let old = self
+            .retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        old.map(|b| Box::new(move || crate::memory::retire_vram(b)) as Box<dyn FnOnce() + Send>)
     }
 }
 
@@ -243,7 +268,13 @@ impl GpuFunction {
         }
         GpuFunction {
             prefetch,
-            m: Vram { vf, slot, dirty },
+            m: Vram {
+                vf,
+                slot,
+                dirty,
+                shared: None,
+                retired: Mutex::new(None),
+            },
             profile: profile.into(),
             backend,
             inner: Mutex::new(Inner {
@@ -257,14 +288,23 @@ impl GpuFunction {
         }
     }
 
-    /// Says whether its VRAM was mapped just now with nothing written to it (an
-    /// incoming VM's, not prefaulted: its pages come later, through this component).
+    /// Says whether its VRAM maps no page and holds nothing (an incoming VM's, mapped
+    /// just now or anew for post-copy: its pages come later, through this component).
     /// Post-copy then has no stale copies to drop at the switch, where dropping them
     /// walked KVM's reverse map over all of VRAM inside the pause (2.3 ms at 8 GiB).
     pub fn fresh(mut self, fresh: bool) -> GpuFunction {
         if fresh {
             self.inner.get_mut().unwrap_or_else(|e| e.into_inner()).mem = MemoryState::fresh();
         }
+        self
+    }
+
+    /// Says that its VRAM is shared memory with an alias (prefaulted), which post-copy
+    /// fills through, and gives it the VRAM's old mapping, if it was replaced, to drop
+    /// once post-copy is over.
+    pub fn shared(mut self, shared: Option<Arc<SharedRam>>, retired: Option<CpuBackend>) -> Self {
+        self.m.shared = shared;
+        self.m.retired = Mutex::new(retired);
         self
     }
 
@@ -507,6 +547,8 @@ mod tests {
             vf,
             slot: 1,
             dirty: Arc::new(Mutex::new(log)),
+            shared: None,
+            retired: Mutex::new(None),
         };
         let mut src = MemoryState::default();
         src.state = MigState::Stop;
