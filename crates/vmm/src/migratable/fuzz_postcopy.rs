@@ -338,7 +338,7 @@ pub fn fuzz_postcopy(bytes: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::held_sink::HeldSink;
+    use super::super::held_sink::{drain, HeldSink};
     use super::*;
 
     /// Whether the page at `host` holds memory (mincore).
@@ -450,19 +450,7 @@ mod tests {
             m.write_at(BASE + p * PAGE_SIZE as u64, &[p as u8; PAGE_SIZE])
                 .unwrap();
         }
-        let mut src = MemoryState::default();
-        src.state = MigState::Stop;
-        src.arc(&m, MigState::StopCopy).unwrap();
-        src.state = MigState::StopCopy;
-        src.postcopy_switch(&m).unwrap().unwrap();
-        let mut out = HeldSink::default();
-        let mut r = super::super::ReadReport::default();
-        while let Some(t) = src.take_postcopy(&m, 100).unwrap() {
-            if t.is_empty() {
-                break;
-            }
-            r += super::super::paged::send_taken(&m, &mut out, &t).unwrap();
-        }
+        let (r, out) = drain(&m, 100);
         assert_eq!((r.pages, r.zero_sent, out.copied), (3, PAGES - 3, 0));
         assert_eq!(out.zeros.len() as u64, PAGES - 3);
         let page = |a: u64| (a - BASE) / PAGE_SIZE as u64;

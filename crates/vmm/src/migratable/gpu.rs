@@ -183,12 +183,7 @@ impl Memory for Vram {
     }
 
     fn retire(&self) -> Option<Box<dyn FnOnce() + Send>> {
-        let old = self
-            .retired
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        old.map(|b| Box::new(move || crate::memory::retire_vram(b)) as Box<dyn FnOnce() + Send>)
+        paged::retiring(&self.retired, crate::memory::retire_vram)
     }
 }
 
@@ -505,7 +500,7 @@ impl Component for GpuFunction {
 
 #[cfg(test)]
 mod tests {
-    use super::super::held_sink::HeldSink;
+    use super::super::held_sink::drain;
     use super::*;
     use crate::dirty::{DirtyLogMode, Slot};
     use godwit_gpu::backend::Backend;
@@ -550,19 +545,7 @@ mod tests {
             shared: None,
             retired: Mutex::new(None),
         };
-        let mut src = MemoryState::default();
-        src.state = MigState::Stop;
-        src.arc(&m, MigState::StopCopy).unwrap();
-        src.state = MigState::StopCopy;
-        src.postcopy_switch(&m).unwrap().unwrap();
-        let mut out = HeldSink::default();
-        let mut r = super::super::ReadReport::default();
-        while let Some(t) = src.take_postcopy(&m, 8).unwrap() {
-            if t.is_empty() {
-                break;
-            }
-            r += paged::send_taken(&m, &mut out, &t).unwrap();
-        }
+        let (r, out) = drain(&m, 8);
         assert_eq!((r.pages, out.copied), (3, 0), "every page in place");
         drop(m);
         for p in [2u64, 9, 30] {

@@ -1,8 +1,8 @@
 //! A sink for tests of a post-copy source: it takes pages in place and reads them only
 //! after the sender has let go of its borrow, as a connection's writer thread does.
 
-use super::paged::PAGE_SIZE;
-use super::{Kept, Sink};
+use super::paged::{send_taken, Memory, MemoryState, PAGE_SIZE};
+use super::{Kept, MigState, ReadReport, Sink};
 
 #[derive(Default)]
 pub struct HeldSink {
@@ -66,4 +66,23 @@ impl Sink for HeldSink {
     fn data(&mut self, _bytes: &[u8]) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Everything a stopped memory `m` holds, as a post-copy source sends it (from the
+/// switch, `frame` pages a take), into a `HeldSink`.
+pub fn drain(m: &dyn Memory, frame: u64) -> (ReadReport, HeldSink) {
+    let mut src = MemoryState::default();
+    src.state = MigState::Stop;
+    src.arc(m, MigState::StopCopy).unwrap();
+    src.state = MigState::StopCopy;
+    src.postcopy_switch(m).unwrap().unwrap();
+    let mut out = HeldSink::default();
+    let mut r = ReadReport::default();
+    while let Some(t) = src.take_postcopy(m, frame).unwrap() {
+        if t.is_empty() {
+            break;
+        }
+        r += send_taken(m, &mut out, &t).unwrap();
+    }
+    (r, out)
 }

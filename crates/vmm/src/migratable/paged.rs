@@ -203,6 +203,16 @@ pub trait Memory {
     }
 }
 
+/// `Memory::retire` for a memory that keeps what it replaced in `old`: `drop_it` on
+/// it, once, whenever post-copy is over.
+pub fn retiring<T: Send + 'static>(
+    old: &std::sync::Mutex<Option<T>>,
+    drop_it: fn(T),
+) -> Option<Box<dyn FnOnce() + Send>> {
+    let old = old.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+    Some(Box::new(move || drop_it(old)))
+}
+
 /// A memory's regions as `Component::lazy_regions` gives them: (first address, bytes)
 /// of each one the host maps (none if it cannot be filled lazily).
 pub fn lazy_regions(mem: &dyn Memory) -> Vec<(u64, u64)> {

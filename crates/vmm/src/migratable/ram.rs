@@ -179,12 +179,7 @@ impl Memory for Mem {
     }
 
     fn retire(&self) -> Option<Box<dyn FnOnce() + Send>> {
-        let old = self
-            .retired
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        old.map(|m| Box::new(move || crate::memory::retire(m)) as Box<dyn FnOnce() + Send>)
+        paged::retiring(&self.retired, crate::memory::retire)
     }
 
     fn mapping(&self) -> Option<super::Kept> {
