@@ -199,6 +199,7 @@ impl Vm {
 
         let ctl = Arc::new(Control::new());
         let ram_end = ram.iter().map(|r| r.end()).max().unwrap_or(0);
+        let (mut vram_shared, mut vram_retired) = (None, None);
         let gpu = match &cfg.gpu {
             None => None,
             Some(req) => {
@@ -206,6 +207,8 @@ impl Vm {
                     gpu: g,
                     function,
                     regs,
+                    vram_shared: shared,
+                    vram_retired: retired,
                 } = gpu::attach(
                     req,
                     gpu::Slots {
@@ -223,6 +226,7 @@ impl Vm {
                     .unwrap()
                     .add(function)
                     .ok_or_else(|| Error::Config("no free PCI slot".into()))?;
+                (vram_shared, vram_retired) = (shared, retired);
                 Some(g)
             }
         };
@@ -332,7 +336,7 @@ impl Vm {
                     lazy_ram.clone(),
                 )
                 .fresh(incoming && g.vram_untouched)
-                .shared(g.vram_shared.clone(), g.take_retired_vram()),
+                .shared(vram_shared.take(), vram_retired.take()),
             ));
             dma.push(g.vf.clone());
         }

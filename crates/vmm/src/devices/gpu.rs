@@ -115,22 +115,8 @@ pub struct AttachedGpu {
     /// Its VRAM maps no page and holds nothing: mapped just now, not prefaulted, or
     /// prefaulted and mapped anew for post-copy.
     pub vram_untouched: bool,
-    /// Prefaulted VRAM is shared memory with an alias, which post-copy fills through.
-    pub vram_shared: Option<Arc<SharedRam>>,
-    /// Its old mapping, if post-copy had it mapped anew, until post-copy ends.
-    vram_retired: Mutex<Option<CpuBackend>>,
     engine: Option<JoinHandle<()>>,
     _lease: Lease,
-}
-
-impl AttachedGpu {
-    /// The VRAM's old mapping, for whoever drops it once post-copy is over (taken once).
-    pub fn take_retired_vram(&self) -> Option<CpuBackend> {
-        self.vram_retired
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-    }
 }
 
 impl Drop for AttachedGpu {
@@ -160,6 +146,10 @@ pub struct Parts {
     pub function: Box<dyn PciDevice>,
     /// The register BAR's handler, for the MMIO bus at REGS_BASE.
     pub regs: Arc<dyn SharedDevice>,
+    /// Prefaulted VRAM is shared memory with an alias, which post-copy fills through.
+    pub vram_shared: Option<Arc<SharedRam>>,
+    /// Its old mapping, if post-copy had it mapped anew: to drop once post-copy ends.
+    pub vram_retired: Option<CpuBackend>,
 }
 
 /// Takes a VF from the host's manager and builds the device.
@@ -239,12 +229,12 @@ pub fn attach(req: &GpuRequest, at: Slots) -> Result<Parts> {
             info,
             vf,
             vram_untouched,
-            vram_shared,
-            vram_retired: Mutex::new(vram_retired),
             engine: Some(engine),
             _lease: lease,
         },
         function: Box::new(Function { config, msi }),
         regs,
+        vram_shared,
+        vram_retired,
     })
 }
