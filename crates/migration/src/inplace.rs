@@ -147,10 +147,11 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
 ) -> Result<Landed, String> {
     let stream = |e: WireError| format!("migration stream: {e}");
     let head = wire::pages_head_len(h.len, h.checked).map_err(stream)?;
-    buf.resize(head, 0);
-    r.read_exact(buf).map_err(|e| stream(wire::io_err(e)))?;
+    let head_bytes = wire::room(buf, head);
+    r.read_exact(head_bytes)
+        .map_err(|e| stream(wire::io_err(e)))?;
     let mut crc = crc32fast::Hasher::new();
-    crc.update(buf);
+    crc.update(head_bytes);
     let frame_crc = match h.checked {
         wire::Checked::All => Some(crc),
         wire::Checked::Head | wire::Checked::Pages => {
@@ -163,7 +164,7 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
         section: s,
         addrs,
         crcs,
-    } = wire::decode_pages_head(buf, h.checked).map_err(stream)?;
+    } = wire::decode_pages_head(&buf[..head], h.checked).map_err(stream)?;
     let (c, name) = section(s)?;
     let check = match frame_crc {
         Some(crc) => Check::Frame(crc),
@@ -206,10 +207,9 @@ pub fn read_pages<'p, R: Read + ReadVolatile>(
         }
     } else {
         // Into the buffer, checked, and only the pages that are whole placed.
-        buf.resize(h.len, 0);
-        r.read_exact(&mut buf[head..])
+        r.read_exact(&mut wire::room(buf, h.len)[head..])
             .map_err(|e| stream(wire::io_err(e)))?;
-        let data = &buf[head..];
+        let data = &buf[head..h.len];
         if let Check::Frame(mut crc) = check {
             crc.update(data);
             h.matches(crc.finalize()).map_err(stream)?;

@@ -669,14 +669,20 @@ pub fn read_payload<'a>(
     h: &Header,
     buf: &'a mut Vec<u8>,
 ) -> Result<Frame<'a>, WireError> {
-    // Every byte is read over: only growth needs filling.
-    if buf.len() < h.len {
-        buf.resize(h.len, 0);
-    }
-    buf.truncate(h.len);
+    let buf = room(buf, h.len);
     r.read_exact(buf).map_err(io_err)?;
     h.check(buf)?;
     decode_checked(h.kind, h.checked, buf)
+}
+
+/// The first `len` bytes of `buf`, for a read to fill. Every byte is read over, so only
+/// growth is filled, and `buf` never shrinks: shortened for a small frame, it was
+/// filled again for the next page frame, 256 KiB of zeros written and then read over.
+pub fn room(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    &mut buf[..len]
 }
 
 /// Reads one frame into `buf` and decodes it. A clean end of stream before a header is

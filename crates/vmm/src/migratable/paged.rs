@@ -95,17 +95,26 @@ pub fn is_zero(page: &[u8]) -> bool {
 const IN_PLACE_BATCH: usize = 64;
 
 /// Whether a page of memory that others may write meanwhile reads as zero: its first
-/// bytes decide almost every page, and are all that is read of it then.
+/// bytes decide almost every page, and are all that is read of it then. Read a piece
+/// at a time into a buffer that stays in the L1 cache: a page-sized buffer cost every
+/// page a 4 KiB fill before its first 64 bytes were even looked at (half the time of a
+/// pass over pages that hold data).
 fn zero_in_place(page: &vm_memory::VolatileSlice<'_>) -> bool {
-    let mut buf = [0u8; PAGE_SIZE];
-    let head = page.len().min(64);
-    page.copy_to(&mut buf[..head]);
-    if !is_zero(&buf[..head]) {
-        return false;
-    }
+    let mut buf = [0u8; 256];
     let n = page.len().min(PAGE_SIZE);
-    page.copy_to(&mut buf[..n]);
-    is_zero(&buf[..n])
+    let (mut at, mut piece) = (0, 64);
+    while at < n {
+        let Ok(rest) = page.offset(at) else {
+            return false;
+        };
+        let got = rest.copy_to(&mut buf[..piece.min(n - at)]);
+        if got == 0 || !is_zero(&buf[..got]) {
+            return false;
+        }
+        at += got;
+        piece = buf.len();
+    }
+    true
 }
 
 /// Pages bound for a sink in place, handed over a frame at a time: with what keeps

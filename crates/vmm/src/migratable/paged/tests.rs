@@ -32,6 +32,28 @@ fn zero_pages_are_recognised() {
     assert!(!is_zero(&p[1..]));
 }
 
+#[test]
+fn a_page_in_memory_is_zero_only_if_every_byte_is() {
+    let mut p = vec![0u8; PAGE_SIZE];
+    let zero = |p: &mut [u8]| {
+        // SAFETY: `p` is a live buffer of its length, not otherwise used meanwhile.
+        let s = unsafe { vm_memory::VolatileSlice::new(p.as_mut_ptr(), p.len()) };
+        zero_in_place(&s)
+    };
+    assert!(zero(&mut p));
+    // A byte anywhere, the edges of the pieces it is read in among them.
+    for at in [0, 63, 64, 65, 319, 320, 2048, PAGE_SIZE - 1] {
+        p[at] = 0x80;
+        assert!(!zero(&mut p), "data at byte {at} read as a zero page");
+        p[at] = 0;
+    }
+    assert!(zero(&mut p));
+    // A slice shorter than a page: only its bytes count.
+    p[100] = 1;
+    assert!(zero(&mut p[..100]));
+    assert!(!zero(&mut p[..101]));
+}
+
 /// Two regions of 100 pages at 0 and 1 MiB; page i holds i + 1 (page 7 is zero).
 struct Mem {
     written: RefCell<Vec<(u32, u64)>>,
