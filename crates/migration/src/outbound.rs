@@ -15,7 +15,9 @@
 //! waits at its end until each writer is done with them (`Sink::settle`). So the
 //! reading of every page, for its CRC and for the kernel's copy, is spread over the
 //! connections' threads, as QEMU's multifd channels spread theirs. Post-copy's
-//! background copies them into frames: its reads are a frame each, between requests.
+//! background, whose memory no longer changes and whose pages each go once, sends
+//! them in place too, a frame at a time between requests, on each of its connections
+//! in turn (`Route::Frames`).
 
 use crate::transport::{PageRuns, Stream};
 use crate::wire::{self, Checked, Frame, PageChecks, PagesFrame, Totals, PAGE_SIZE};

@@ -12,6 +12,12 @@ pub enum Route {
     Main,
     /// All but the main one (where there are others): post-copy's background stream.
     Background,
+    /// All of them, a frame's worth of addresses each in turn: post-copy's background
+    /// on the connections split off for it, whose pages each go once (the destination
+    /// never overwrites a page it holds, so one sent again may take another). By 2 MiB
+    /// chunks, one connection took eight frames in a row while the pusher, which reads
+    /// only while every connection has room, left the others idle.
+    Frames,
 }
 
 impl Outbound {
@@ -56,6 +62,10 @@ impl SectionSink<'_> {
         match self.route {
             Route::Main => 0,
             Route::Background if lanes > 1 => (1 + chunk % (lanes - 1)) as usize,
+            Route::Frames => {
+                let frame = addr / PAGE_SIZE as u64 / wire::PAGES_PER_FRAME as u64;
+                ((frame + self.section as u64) % lanes) as usize
+            }
             _ => (chunk % lanes) as usize,
         }
     }
@@ -141,7 +151,7 @@ impl Sink for SectionSink<'_> {
         let lanes = &self.out.lanes;
         match self.route {
             Route::Main => lanes[0].in_place.is_some(),
-            Route::Spread => lanes.iter().all(|l| l.in_place.is_some()),
+            Route::Spread | Route::Frames => lanes.iter().all(|l| l.in_place.is_some()),
             // Post-copy's background on the main connection (the only one).
             Route::Background => lanes.len() == 1 && lanes[0].in_place.is_some(),
         }

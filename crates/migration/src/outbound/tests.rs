@@ -222,6 +222,41 @@ fn pages_in_place_on_two_lanes(checks: PageChecks, checked: Checked) {
     }
 }
 
+/// Post-copy's background takes the connections a frame at a time: the first 2 MiB of a
+/// memory, which pre-copy's spread gives to one, reaches both, frames alternating.
+#[test]
+fn the_background_takes_the_connections_a_frame_at_a_time() {
+    let (mut out, main_peer, lane_peer) = two_lanes(PageChecks::Crc);
+    let (on_main, on_lane) = (
+        pages_off(main_peer, Duration::ZERO),
+        pages_off(lane_peer, Duration::ZERO),
+    );
+    let cancel = AtomicBool::new(false);
+    let n = CHUNK_PAGES as usize;
+    let mut mem = vec![7u8; n * PAGE_SIZE];
+    {
+        let whole = vm_memory::VolatileSlice::from(&mut mem[..]);
+        let mut k = out.routed(0, &cancel, Route::Frames);
+        assert!(k.in_place());
+        for at in (0..n).step_by(wire::PAGES_PER_FRAME) {
+            let to = at + wire::PAGES_PER_FRAME;
+            let addrs: Vec<u64> = (at..to).map(|p| (p * PAGE_SIZE) as u64).collect();
+            let pages: Vec<_> = (at..to)
+                .map(|p| whole.subslice(p * PAGE_SIZE, PAGE_SIZE).unwrap())
+                .collect();
+            k.pages_in_place(&addrs, &pages).unwrap();
+        }
+        k.settle().unwrap();
+    }
+    out.complete().unwrap();
+    drop(out);
+    let frame = |p: &PageOff| p.1 / PAGE_SIZE as u64 / wire::PAGES_PER_FRAME as u64;
+    let (on_main, on_lane) = (on_main.join().unwrap(), on_lane.join().unwrap());
+    assert_eq!((on_main.len(), on_lane.len()), (n / 2, n / 2));
+    assert!(on_main.iter().all(|p| frame(p) % 2 == 0));
+    assert!(on_lane.iter().all(|p| frame(p) % 2 == 1));
+}
+
 /// Post-copy's background: pages of a memory that no longer changes go in place on the
 /// connections but the main one, each frame holding what keeps that memory mapped
 /// until it is written; the sender never waits for a writer, and what arrives is the

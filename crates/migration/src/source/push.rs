@@ -14,7 +14,7 @@
 //! copy or its send. It reads only when its connections have room, so that it hears a
 //! request's hold-off or the stop between slices rather than inside a send.
 
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, Route};
 use crate::wire;
 use godwit_vmm::migratable::{Component, ComponentError, ReadReport};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -148,7 +148,10 @@ pub(super) fn push(
                 continue;
             };
             let (section, name, c) = &lazy[k];
-            match c.read(&mut out.sink(*section as u32, cancel), PUSH_PAGES) {
+            match c.read(
+                &mut out.routed(*section as u32, cancel, Route::Frames),
+                PUSH_PAGES,
+            ) {
                 Ok(r) => {
                     p.background_pages += r.pages + r.zero_sent;
                     sent[k] += r;
@@ -217,7 +220,7 @@ fn wanted_ahead(
     };
     match lazy[k]
         .2
-        .read_requested(&mut out.sink(section, cancel), &addrs)
+        .read_requested(&mut out.routed(section, cancel, Route::Frames), &addrs)
     {
         Ok(r) => {
             p.ahead_pages += r.pages + r.zero_sent;
