@@ -55,7 +55,8 @@ pub struct SectionSink<'a> {
 }
 
 impl SectionSink<'_> {
-    /// The lane the page at `addr` goes on: a 2 MiB chunk always the same one.
+    /// The lane the page at `addr` goes on: a 2 MiB chunk always the same one, but for
+    /// `Route::Frames`.
     fn lane_of(&self, addr: u64) -> usize {
         let lanes = self.out.lanes.len() as u64;
         let chunk = addr / PAGE_SIZE as u64 / CHUNK_PAGES + self.section as u64;
