@@ -241,11 +241,7 @@ impl Index {
     /// The whole frame at `at` in the stream, its CRC checked.
     pub fn frame_at<'b>(&self, at: u64, buf: &'b mut Vec<u8>) -> Result<Frame<'b>, WireError> {
         let head = self.header_at(at)?;
-        // Every byte is read over: only growth needs filling.
-        if buf.len() < head.len {
-            buf.resize(head.len, 0);
-        }
-        buf.truncate(head.len);
+        let buf = wire::room(buf, head.len);
         self.f
             .read_exact_at(buf, at + HEADER_LEN as u64)
             .map_err(WireError::Io)?;
@@ -308,11 +304,7 @@ impl Index {
                 format!("pages {pages:?} of a frame of {}", p.addrs.len()),
             ));
         }
-        let len = pages.len() * PAGE_SIZE;
-        if buf.len() < len {
-            buf.resize(len, 0);
-        }
-        let b = &mut buf[..len];
+        let b = wire::room(buf, pages.len() * PAGE_SIZE);
         self.f
             .read_exact_at(b, p.data_at + (pages.start * PAGE_SIZE) as u64)
             .map_err(WireError::Io)?;
