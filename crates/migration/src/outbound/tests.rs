@@ -138,6 +138,19 @@ fn pages_off(mut s: UnixStream, after: Duration) -> std::thread::JoinHandle<Vec<
     })
 }
 
+/// Pages `range` of `whole` (page i at address i * PAGE_SIZE) handed to `k` in place.
+fn pages_in_place(
+    k: &mut SectionSink<'_>,
+    whole: &vm_memory::VolatileSlice<'_>,
+    range: Range<usize>,
+) {
+    let addrs: Vec<u64> = range.clone().map(|p| (p * PAGE_SIZE) as u64).collect();
+    let pages: Vec<_> = range
+        .map(|p| whole.subslice(p * PAGE_SIZE, PAGE_SIZE).unwrap())
+        .collect();
+    k.pages_in_place(&addrs, &pages).unwrap();
+}
+
 /// On sockets every lane takes pages in place, whoever checks them.
 #[test]
 fn pages_go_in_place_on_every_lane_of_sockets() {
@@ -190,11 +203,7 @@ fn pages_in_place_on_two_lanes(checks: PageChecks, checked: Checked) {
         while at < n {
             // Batches of 60 pages straddle the 512-page chunks.
             let to = (at + 60).min(n);
-            let addrs: Vec<u64> = (at..to).map(|p| (p * PAGE_SIZE) as u64).collect();
-            let pages: Vec<_> = (at..to)
-                .map(|p| whole.subslice(p * PAGE_SIZE, PAGE_SIZE).unwrap())
-                .collect();
-            k.pages_in_place(&addrs, &pages).unwrap();
+            pages_in_place(&mut k, &whole, at..to);
             at = to;
         }
         k.settle().unwrap();
@@ -240,11 +249,7 @@ fn the_background_takes_the_connections_a_frame_at_a_time() {
         assert!(k.in_place());
         for at in (0..n).step_by(wire::PAGES_PER_FRAME) {
             let to = at + wire::PAGES_PER_FRAME;
-            let addrs: Vec<u64> = (at..to).map(|p| (p * PAGE_SIZE) as u64).collect();
-            let pages: Vec<_> = (at..to)
-                .map(|p| whole.subslice(p * PAGE_SIZE, PAGE_SIZE).unwrap())
-                .collect();
-            k.pages_in_place(&addrs, &pages).unwrap();
+            pages_in_place(&mut k, &whole, at..to);
         }
         k.settle().unwrap();
     }
