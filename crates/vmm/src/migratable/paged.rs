@@ -25,11 +25,39 @@ pub type Bitmap = Vec<u64>;
 const SLICE_PAGES: u64 = 16384;
 
 pub fn count(bitmaps: &[Bitmap]) -> u64 {
+    // Most words of a take are clear: a test is cheaper than a count (no POPCNT in the
+    // baseline x86-64 target), and the pause counts a whole VRAM's bitmap.
     bitmaps
         .iter()
         .flatten()
+        .filter(|w| **w != 0)
         .map(|w| w.count_ones() as u64)
         .sum()
+}
+
+/// ORs `from` into `into` (an empty `into` takes it whole) and counts in the same pass:
+/// (pages set in `from`, pages set in the result). The last take of a memory happens
+/// in the pause, and three passes over an 8 GiB VRAM's bitmap (the take's count, the
+/// union, the count of what is left) cost three times one.
+pub fn merge(into: &mut Vec<Bitmap>, from: Vec<Bitmap>) -> (u64, u64) {
+    if into.is_empty() {
+        *into = from;
+        let n = count(into);
+        return (n, n);
+    }
+    let (mut taken, mut left) = (0, 0);
+    for (r, a) in into.iter_mut().enumerate() {
+        let b = from.get(r).map_or(&[][..], |b| &b[..]);
+        for (i, x) in a.iter_mut().enumerate() {
+            let y = b.get(i).copied().unwrap_or(0);
+            *x |= y;
+            if *x != 0 {
+                taken += y.count_ones() as u64;
+                left += x.count_ones() as u64;
+            }
+        }
+    }
+    (taken, left)
 }
 
 pub fn union(into: &mut [Bitmap], from: &[Bitmap]) {
@@ -624,8 +652,11 @@ impl Paged {
     /// The end of a round: pages written since join what is left. Returns how many
     /// were written.
     pub fn sync(&mut self, dirty: Vec<Bitmap>) -> u64 {
-        let n = count(&dirty);
-        self.add(dirty);
+        let (n, left) = merge(&mut self.pending, dirty);
+        self.left = left;
+        self.first = false;
+        self.cursor = 0;
+        self.since_look = 0;
         n
     }
 
@@ -633,18 +664,6 @@ impl Paged {
     pub fn finish(&mut self, dirty: Vec<Bitmap>) -> u64 {
         self.last = true;
         self.sync(dirty)
-    }
-
-    fn add(&mut self, dirty: Vec<Bitmap>) {
-        if self.pending.is_empty() {
-            self.pending = dirty;
-        } else {
-            union(&mut self.pending, &dirty);
-        }
-        self.left = count(&self.pending);
-        self.first = false;
-        self.cursor = 0;
-        self.since_look = 0;
     }
 
     /// Post-copy: what is left is what the destination lacks, in the shape of

@@ -24,6 +24,18 @@ fn a_look_at_the_log_drops_only_pages_not_yet_sent() {
 }
 
 #[test]
+fn a_take_merges_in_and_is_counted_in_one_pass() {
+    // Two regions of two words; the take has fewer words in its second region.
+    let mut left = vec![vec![0b1, 0], vec![0, 1 << 63]];
+    assert_eq!(merge(&mut left, vec![vec![0b11, 0], vec![0b1000]]), (3, 4));
+    assert_eq!(left, vec![vec![0b11, 0], vec![0b1000, 1 << 63]]);
+    // Into nothing: the take is what is left.
+    let mut empty = Vec::new();
+    assert_eq!(merge(&mut empty, vec![vec![0, u64::MAX]]), (64, 64));
+    assert_eq!(count(&empty), 64);
+}
+
+#[test]
 fn zero_pages_are_recognised() {
     let mut p = vec![0u8; PAGE_SIZE];
     assert!(is_zero(&p));
