@@ -108,9 +108,7 @@ impl Memory for Mem {
         };
         let mut dma = 0;
         for d in &self.dma {
-            let t = d.take_dma_log();
-            dma += paged::count(&t);
-            paged::union(&mut b, &t);
+            dma += paged::merge(&mut b, d.take_dma_log()).0;
         }
         Ok((b, [("dma_pages".to_string(), dma)].into()))
     }
