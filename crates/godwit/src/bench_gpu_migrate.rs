@@ -318,6 +318,7 @@ fn one_run(
         insecure: false,
         page_checks: Default::default(),
         vcpu_priority: Default::default(),
+        migration_priority: Default::default(),
     };
     let (r, gap) = pair.migrate(&o, MIGRATE_TIMEOUT)?;
     Ok(sample(&r, gap, pair.guest_cpu))

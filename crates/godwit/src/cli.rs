@@ -326,6 +326,15 @@ pub struct MigrateArgs {
     /// the vCPUs keep their weight).
     #[arg(long, value_enum, default_value_t = VcpuPriorityArg::Normal)]
     pub vcpu_priority: VcpuPriorityArg,
+    /// Which ends' migration threads have the fair scheduler's highest weight (nice
+    /// -20) while pre-copy runs, so that a woken one runs at once on a core it shares:
+    /// destination (its readers; its VM does not run yet), source (the migration
+    /// thread and its writers: they take the CPU from the guest), both, or normal
+    /// (neither). Given back before the pause, on the destination once the pause's
+    /// last frame is in, and at the end; an end without CAP_SYS_NICE keeps its
+    /// threads' weight. Post-copy raises nothing.
+    #[arg(long, value_enum, default_value_t = MigrationPriorityArg::Destination)]
+    pub migration_priority: MigrationPriorityArg,
     /// Print the final report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -372,6 +381,31 @@ impl From<VcpuPriorityArg> for godwit_migration::vcpu_priority::VcpuPriority {
         match a {
             VcpuPriorityArg::Low => Self::Low,
             VcpuPriorityArg::Normal => Self::Normal,
+        }
+    }
+}
+
+/// Which ends' migration threads go first while pre-copy runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MigrationPriorityArg {
+    /// Neither end's: as they are.
+    Normal,
+    /// The destination's readers (its VM does not run yet).
+    #[default]
+    Destination,
+    /// The source's migration thread and writers (taken from the guest).
+    Source,
+    /// Both ends'.
+    Both,
+}
+
+impl From<MigrationPriorityArg> for godwit_migration::migration_priority::MigrationPriority {
+    fn from(a: MigrationPriorityArg) -> Self {
+        match a {
+            MigrationPriorityArg::Normal => Self::Normal,
+            MigrationPriorityArg::Destination => Self::Destination,
+            MigrationPriorityArg::Source => Self::Source,
+            MigrationPriorityArg::Both => Self::Both,
         }
     }
 }
@@ -528,6 +562,10 @@ pub struct MigrateBenchArgs {
     /// godwit's vCPUs' weight while pre-copy runs (`godwit migrate --vcpu-priority`).
     #[arg(long, value_enum, default_value_t = VcpuPriorityArg::Normal)]
     pub vcpu_priority: VcpuPriorityArg,
+    /// Which ends' godwit migration threads go first while pre-copy runs (`godwit
+    /// migrate --migration-priority`).
+    #[arg(long, value_enum, default_value_t = MigrationPriorityArg::Destination)]
+    pub migration_priority: MigrationPriorityArg,
     /// godwit's dirty tracking, one side per mode (comma separated): bitmap, ring,
     /// ring:ENTRIES. The first is the one held against QEMU; the others are compared
     /// with it.

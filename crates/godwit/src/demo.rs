@@ -171,6 +171,7 @@ fn demo(a: &DemoArgs) -> Result<bool, String> {
         insecure: false,
         page_checks: Default::default(),
         vcpu_priority: Default::default(),
+        migration_priority: Default::default(),
         json: false,
     });
     if code != ExitCode::SUCCESS {

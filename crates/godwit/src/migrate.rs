@@ -269,6 +269,7 @@ pub fn migrate(a: MigrateArgs) -> ExitCode {
         insecure: a.insecure,
         page_checks: a.page_checks.into(),
         vcpu_priority: a.vcpu_priority.into(),
+        migration_priority: a.migration_priority.into(),
     };
     if let Err(e) = o.check() {
         return fail(e);

@@ -7,6 +7,7 @@
 
 use crate::damaged::{self, Damaged};
 use crate::lacks::{self, Lacks};
+use crate::migration_priority::raise_this_thread;
 use crate::postcopy_in::LazyPart;
 pub use crate::postcopy_in::PostcopyIn;
 use crate::restore::Restore;
@@ -469,6 +470,10 @@ pub fn receive_with(
     // answers SYNCED only once all of them have taken in the round.
     let lanes = Lanes::new(data.len());
     let damaged = Damaged::default();
+    // Pre-copy's readers first (`migration_priority`), until the pause's last frame is
+    // in: the VM runs here only after, and what they spawn ends with them.
+    let raise = hello.raise_readers;
+    let mut readers_raised = false;
     let received: Result<(), String> = std::thread::scope(|s| {
         let workers: Vec<_> = data
             .into_iter()
@@ -477,6 +482,7 @@ pub fn receive_with(
                 let (parts, names, wake, lanes, damaged) =
                     (&parts, &names, &wake, &lanes, &damaged);
                 s.spawn(move || {
+                    let _raised = raise.then(|| raise_this_thread("a reader")).flatten();
                     let r = drain(&mut c, parts, names, damaged, Kind::End, &mut |e| match e {
                         Event::Sync(n) => {
                             lanes.passed(k, n);
@@ -501,6 +507,10 @@ pub fn receive_with(
         // The states come before the last pages: each is loaded as it arrives, on this
         // thread, while the source is still sending them (a helper thread would only
         // wait for a core on a small host).
+        let raised = raise
+            .then(|| raise_this_thread("the main reader"))
+            .flatten();
+        readers_raised = raised.as_ref().is_some_and(|r| r.count() > 0);
         let main_result = drain(
             &mut first,
             &parts,
@@ -532,6 +542,7 @@ pub fn receive_with(
                 }
             },
         );
+        drop(raised);
         let mut first_err: Option<Ended> = None;
         for w in workers {
             match w.join() {
@@ -627,6 +638,7 @@ pub fn receive_with(
     let ready = Ready {
         restore_ms: restore.as_secs_f64() * 1e3,
         check_ms: t.elapsed().as_secs_f64() * 1e3,
+        readers_raised,
     };
     if let Some(m) = &mut main {
         wire::write_frame(m, &Frame::Ready(ready))

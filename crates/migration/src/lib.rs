@@ -22,6 +22,8 @@ pub mod destination;
 pub mod error;
 mod inplace;
 pub mod lacks;
+pub mod migration_priority;
+pub mod nice;
 pub mod outbound;
 pub mod postcopy_in;
 mod priority;

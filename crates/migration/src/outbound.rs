@@ -19,6 +19,7 @@
 //! them in place too, a frame at a time between requests, on each of its connections
 //! in turn (`Route::Frames`).
 
+use crate::nice::Tid;
 use crate::transport::{PageRuns, Stream};
 use crate::wire::{self, Checked, Frame, PageChecks, PagesFrame, Totals, PAGE_SIZE};
 use godwit_vmm::migratable::{Kept, Sink};
@@ -94,8 +95,10 @@ enum Io {
         thread: Option<JoinHandle<io::Result<()>>>,
         /// Frames handed to the writer and not yet written.
         queued: Arc<AtomicU64>,
-        /// Closed by the writer once its buffers are ready (`Outbound::ready`).
-        ready: Option<Receiver<()>>,
+        /// The writer's thread id, sent once its buffers are ready (`Outbound::ready`).
+        ready: Option<Receiver<Tid>>,
+        /// That id, once it came (`Outbound::writer_tids`).
+        tid: Option<Tid>,
         /// Buffers put in circulation on this lane so far (at most `SPARE`).
         made: usize,
     },
@@ -192,7 +195,7 @@ fn writer(
     spare: SyncSender<Vec<u8>>,
     touched: usize,
     queued: Arc<AtomicU64>,
-    ready: SyncSender<()>,
+    ready: SyncSender<Tid>,
     room: Arc<Room>,
 ) -> io::Result<()> {
     let written = || {
@@ -215,13 +218,14 @@ fn write_all(
     rx: Receiver<Msg>,
     spare: SyncSender<Vec<u8>>,
     touched: usize,
-    ready: SyncSender<()>,
+    ready: SyncSender<Tid>,
     written: impl Fn(),
 ) -> io::Result<()> {
     // Here, not in the sending thread: the connection is set up meanwhile.
     for _ in 0..touched {
         let _ = spare.try_send(frame_buffer());
     }
+    let _ = ready.try_send(crate::nice::this_thread());
     drop(ready);
     while let Ok(m) = rx.recv() {
         match m {
@@ -340,7 +344,7 @@ impl Outbound {
             let (spare_tx, spare) = sync_channel(SPARE);
             let queued = Arc::new(AtomicU64::new(0));
             let q = queued.clone();
-            let (ready_tx, ready) = sync_channel(0);
+            let (ready_tx, ready) = sync_channel(1);
             let room = self.room.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("migration-send{}", self.lanes.len()))
@@ -351,6 +355,7 @@ impl Outbound {
                 thread: Some(thread),
                 queued,
                 ready: Some(ready),
+                tid: None,
                 made: touched,
             }
         };
@@ -377,13 +382,24 @@ impl Outbound {
     /// (traced, 4 GiB).
     pub fn ready(&mut self) {
         for l in &mut self.lanes {
-            if let Io::Thread { ready, .. } = &mut l.io {
+            if let Io::Thread { ready, tid, .. } = &mut l.io {
                 if let Some(r) = ready.take() {
-                    // Closed when ready (or when the writer ended).
-                    let _ = r.recv_timeout(READY_WAIT);
+                    // Its id when ready (closed instead if the writer ended).
+                    *tid = r.recv_timeout(READY_WAIT).ok();
                 }
             }
         }
+    }
+
+    /// The writer threads that were ready (`ready`).
+    pub fn writer_tids(&self) -> Vec<Tid> {
+        self.lanes
+            .iter()
+            .filter_map(|l| match l.io {
+                Io::Thread { tid, .. } => tid,
+                Io::Direct(_) => None,
+            })
+            .collect()
     }
 
     /// The error that ended lane `i`'s writer thread.

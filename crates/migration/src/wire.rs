@@ -250,6 +250,10 @@ pub struct Hello {
     /// the pause. Older sources do not say; their destinations keep what they readied.
     #[serde(default)]
     pub postcopy_first: bool,
+    /// The destination's readers take the fair scheduler's highest weight until the
+    /// pause's last frame is in (`migration_priority`). Older sources do not say.
+    #[serde(default)]
+    pub raise_readers: bool,
 }
 
 /// The destination's READY: it holds and has loaded everything.
@@ -259,6 +263,9 @@ pub struct Ready {
     pub restore_ms: f64,
     /// From the last frame received to READY (the components' final checks).
     pub check_ms: f64,
+    /// Its readers had the highest weight (`Hello::raise_readers`, and allowed).
+    #[serde(default)]
+    pub readers_raised: bool,
 }
 
 /// The destination's STARTED: the VM runs there.

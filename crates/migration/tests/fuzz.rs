@@ -417,6 +417,7 @@ fn hello() -> Hello {
         session: 7,
         snapshot: false,
         postcopy_first: false,
+        raise_readers: true,
     }
 }
 

@@ -19,6 +19,7 @@ use crate::bench::{
     alive, free_port, guest_gap, qemu_guest, steady, summary, wait_for, Pair, Procs, Summary,
 };
 use crate::cli::MigrateBenchArgs;
+use godwit_migration::migration_priority::MigrationPriority;
 use godwit_migration::vcpu_priority::VcpuPriority;
 use godwit_migration::wire::PageChecks;
 use godwit_migration::{Mode, Options, DEFAULT_CONNECTIONS};
@@ -205,6 +206,9 @@ struct BenchReport {
     /// godwit's vCPUs' weight while pre-copy ran (`--vcpu-priority`; each run's
     /// report says what it got).
     vcpu_priority: VcpuPriority,
+    /// godwit's migration threads' weight while pre-copy ran (`--migration-priority`;
+    /// each run's report says what it got).
+    migration_priority: MigrationPriority,
     /// Destinations got their memory before each migration (`--prefault`).
     prefault: bool,
     cells: Vec<Cell>,
@@ -254,13 +258,12 @@ fn godwit_run(
     mem: u64,
     w: &Workload,
     limit: u64,
-    conns: u32,
     mode: Mode,
     dirty_log: DirtyLogMode,
     tls: Option<&Path>,
     prefault: bool,
-    page_checks: PageChecks,
-    vcpu_priority: VcpuPriority,
+    // What every run asks for besides (connections, page checks, weights).
+    base: &Options,
 ) -> Result<Sample, String> {
     let mut pair = Pair::new(dir, "g-")?;
     let mut dst = pair.destination_args();
@@ -284,13 +287,8 @@ fn godwit_run(
         mode,
         to: pair.to(),
         downtime_ms: limit,
-        max_bandwidth: None,
-        connections: Some(conns),
-        stop_copy: vec![],
         tls_dir: tls.map(Path::to_path_buf),
-        insecure: false,
-        page_checks,
-        vcpu_priority,
+        ..base.clone()
     };
     let (r, gap) = pair.migrate(&o, MIGRATE_TIMEOUT)?;
     Ok(Sample {
@@ -449,6 +447,19 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
         modes.iter().map(|&m| (m, a.dirty_log[0], false)).collect();
     variants.extend(a.dirty_log[1..].iter().map(|&d| (first_mode, d, false)));
     let creds = dir.join("tls");
+    let base = Options {
+        to: String::new(),
+        mode: first_mode,
+        downtime_ms: 0,
+        max_bandwidth: None,
+        connections: Some(a.connections.unwrap_or(DEFAULT_CONNECTIONS)),
+        stop_copy: vec![],
+        tls_dir: None,
+        insecure: false,
+        page_checks: a.page_checks.into(),
+        vcpu_priority: a.vcpu_priority.into(),
+        migration_priority: a.migration_priority.into(),
+    };
     if a.tls {
         godwit_migration::tls::generate(&creds, &["127.0.0.1".into()])
             .map_err(|e| format!("TLS credentials: {e}"))?;
@@ -506,13 +517,11 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                                 mem,
                                 w,
                                 limit,
-                                a.connections.unwrap_or(DEFAULT_CONNECTIONS),
                                 mode,
                                 log,
                                 tls.then_some(creds.as_path()),
                                 a.prefault,
-                                a.page_checks.into(),
-                                a.vcpu_priority.into(),
+                                &base,
                             )?),
                             None => {
                                 let j = turn - variants.len();
@@ -631,6 +640,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
         connections: a.connections.unwrap_or(DEFAULT_CONNECTIONS),
         page_checks: a.page_checks.into(),
         vcpu_priority: a.vcpu_priority.into(),
+        migration_priority: a.migration_priority.into(),
         prefault: a.prefault,
         cells,
     })

@@ -389,7 +389,7 @@ fn once_ready_a_copying_writer_has_its_buffers_and_an_in_place_one_none() {
     let (s, _peer) = UnixStream::pair().unwrap();
     let (tx, rx) = sync_channel(QUEUE);
     let (spare_tx, spare) = sync_channel(SPARE);
-    let (ready_tx, ready) = sync_channel(0);
+    let (ready_tx, ready) = sync_channel(1);
     let room = Arc::new(Room::default());
     let t = std::thread::spawn(move || {
         writer(
@@ -402,7 +402,9 @@ fn once_ready_a_copying_writer_has_its_buffers_and_an_in_place_one_none() {
             room,
         )
     });
-    // Closed, not timed out, once ready.
+    // Its id, and then closed, once ready.
+    let tid = ready.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert_ne!(tid, crate::nice::this_thread());
     assert_eq!(
         ready.recv_timeout(Duration::from_secs(60)),
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
@@ -417,6 +419,10 @@ fn once_ready_a_copying_writer_has_its_buffers_and_an_in_place_one_none() {
         panic!("the second lane has a writer thread");
     };
     assert_eq!((spare.try_recv().ok(), *made), (None, 0));
+    // One writer, the second lane's (the main one is written by the sending thread).
+    let tids = out.writer_tids();
+    assert_eq!(tids.len(), 1);
+    assert_ne!(tids[0], crate::nice::this_thread());
 }
 
 #[test]

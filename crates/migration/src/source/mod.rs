@@ -22,7 +22,6 @@ use crate::report::{
     DowntimePart, Handover, Outcome, Phase, Progress, Report, Round, RoundPart, Status,
 };
 use crate::transport::{Stream, Target};
-use crate::vcpu_priority::{Lowered, VcpuPriority};
 use crate::wire::{self, Frame, Hello, Ready, PAGE_SIZE};
 use godwit_vmm::control::{RunState, VmExit};
 use godwit_vmm::migratable::{step_to, Component, MigState, ReadReport};
@@ -37,6 +36,7 @@ mod postcopy;
 mod precopy;
 mod push;
 mod switchover;
+mod weights;
 use handover::await_late_answer;
 pub use handover::{take_back, unconfirmed_message};
 pub use options::{Options, DEFAULT_CONNECTIONS, MAX_CONNECTIONS};
@@ -152,9 +152,9 @@ struct Driver<'a> {
     /// Post-copy: the connections but the main one, once the background stream has
     /// had them (given up with the rest).
     bg: Option<Outbound>,
-    /// The vCPUs at the lowest weight while pre-copy runs (`--vcpu-priority low`);
-    /// given back before the pause, where they must run to stop, and at the end.
-    lowered: Option<Lowered>,
+    /// The vCPUs lowered and the migration's threads raised while pre-copy runs
+    /// (`weights`).
+    weights: weights::Weights,
 }
 
 type Res<T> = Result<T, MigrationError>;
@@ -305,6 +305,7 @@ impl Driver<'_> {
             session,
             snapshot: self.target.is_file(),
             postcopy_first: self.o.mode == Mode::Postcopy,
+            raise_readers: self.raises_readers(),
         };
         let target = self.target.clone();
         self.tls = match &self.o.tls_dir {
@@ -555,7 +556,8 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         to: o.to.clone(),
         connections: o.lanes(),
         page_checks: o.page_checks,
-        vcpu_priority: VcpuPriority::Normal,
+        vcpu_priority: crate::vcpu_priority::VcpuPriority::Normal,
+        migration_priority: crate::migration_priority::MigrationPriority::Normal,
         downtime_limit_ms: o.downtime_ms,
         max_bandwidth: o.max_bandwidth,
         memory_mib: m.description().memory_mib,
@@ -595,7 +597,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         tls: None,
         arriving: 0,
         bg: None,
-        lowered: None,
+        weights: Default::default(),
     };
     status.live_bytes.store(0, Ordering::Relaxed);
     status.postcopy_now.store(false, Ordering::SeqCst);
@@ -633,16 +635,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
             step_to(&*p.c, MigState::PreCopy).map_err(MigrationError::component(&p.name))?;
         }
         d.report.dirty_log_start_ms = ms(t.elapsed());
-        d.lowered = match (o.vcpu_priority, o.mode) {
-            // Post-copy moves the VM first: no pre-copy to yield to.
-            (VcpuPriority::Normal, _) | (_, Mode::Postcopy) => None,
-            (VcpuPriority::Low, _) => Lowered::vcpus(&h.ctl.vcpu_tids())
-                .map_err(|why| tracing::warn!("the vCPUs keep their weight: {why}"))
-                .ok(),
-        };
-        if d.lowered.as_ref().is_some_and(|l| l.count() > 0) {
-            d.report.vcpu_priority = VcpuPriority::Low;
-        }
+        d.take_weights(h);
         d.converge = Converge::new(
             d.parts
                 .iter()
@@ -664,7 +657,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         Ok(())
     })();
     // Whatever the outcome: a VM that stays here runs on with its own weight.
-    d.lowered = None;
+    d.give_weights_back();
     // A VM that ended here before it was handed over is why the rounds stopped (its
     // end cancels them: `watch_end`) or its vCPUs could not be stopped; a cancel that
     // came with this godwit's own stop ends the VM here too. Once GO is on its way the

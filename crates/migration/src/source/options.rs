@@ -42,6 +42,10 @@ pub struct Options {
     /// The vCPUs' weight while pre-copy runs (`vcpu_priority`).
     #[serde(default)]
     pub vcpu_priority: crate::vcpu_priority::VcpuPriority,
+    /// The migration's own threads' weight while pre-copy runs, at both ends
+    /// (`migration_priority`).
+    #[serde(default)]
+    pub migration_priority: crate::migration_priority::MigrationPriority,
 }
 
 fn default_downtime() -> u64 {

@@ -45,8 +45,9 @@ impl Driver<'_> {
         // account of the throttle ends now.
         self.converge.release();
         // The vCPUs must run to stop: at the lowest weight, on a host with other work,
-        // they waited up to 88 ms for a core to park on.
-        self.lowered = None;
+        // they waited up to 88 ms for a core to park on. The migration's threads need
+        // no weight once the guest stops.
+        self.give_weights_back();
         self.progress(self.pending(), 0.0);
         self.pause_budget = self.pause_budget();
         let status = self.status;
@@ -222,6 +223,10 @@ impl Driver<'_> {
         };
         self.report.downtime.confirm_ms = ms(t.elapsed());
         self.report.downtime.restore_ms = ready.restore_ms;
+        self.report.migration_priority = crate::migration_priority::MigrationPriority::of(
+            self.report.migration_priority.source(),
+            ready.readers_raised,
+        );
         // The destination holds everything: from here the VM is the destination's.
         if !self.status.commit() {
             return Err(if self.status.expired() {

@@ -34,6 +34,7 @@ fn frames_round_trip() {
     roundtrip(&Frame::Ready(Ready {
         restore_ms: 1.5,
         check_ms: 0.25,
+        readers_raised: true,
     }));
     roundtrip(&Frame::Join {
         session: 42,
