@@ -157,6 +157,9 @@ struct BenchReport {
     runs: usize,
     /// Destinations got their memory and VRAM before each migration (`--prefault`).
     prefault: bool,
+    /// Which ends' migration threads went first while pre-copy ran
+    /// (`--migration-priority`; each run's report says what it got).
+    migration_priority: godwit_migration::migration_priority::MigrationPriority,
     downtime_limit_ms: u64,
     workloads: Value,
     skipped: Vec<String>,
@@ -264,9 +267,9 @@ fn one_run(
     prof: &str,
     w: &Workload,
     mode: Mode,
-    limit: u64,
-    prefault: bool,
+    a: &GpuMigrateBenchArgs,
 ) -> Result<Sample, String> {
+    let (limit, prefault) = (a.downtime_ms, a.prefault);
     let mut pair = Pair::new(dir, "")?;
     let gd = gpu_dir.display().to_string();
     let mut dst = pair.destination_args();
@@ -318,7 +321,7 @@ fn one_run(
         insecure: false,
         page_checks: Default::default(),
         vcpu_priority: Default::default(),
-        migration_priority: Default::default(),
+        migration_priority: a.migration_priority.into(),
     };
     let (r, gap) = pair.migrate(&o, MIGRATE_TIMEOUT)?;
     Ok(sample(&r, gap, pair.guest_cpu))
@@ -397,16 +400,8 @@ fn bench(a: GpuMigrateBenchArgs) -> Result<BenchReport, String> {
                 // Alternate which mode goes first.
                 for k in 0..modes.len() {
                     let m = (k + i) % modes.len();
-                    let s = one_run(
-                        &dir,
-                        &gpu_dir,
-                        p.name,
-                        w,
-                        modes[m],
-                        a.downtime_ms,
-                        a.prefault,
-                    )
-                    .map_err(|e| format!("{} {} {}: {e}", p.name, w.name, modes[m].name()))?;
+                    let s = one_run(&dir, &gpu_dir, p.name, w, modes[m], &a)
+                        .map_err(|e| format!("{} {} {}: {e}", p.name, w.name, modes[m].name()))?;
                     by_mode[m].push(s);
                     done += 1;
                     if !a.json {
@@ -481,6 +476,7 @@ fn bench(a: GpuMigrateBenchArgs) -> Result<BenchReport, String> {
         bench: "gpu-migrate",
         runs: a.runs,
         prefault: a.prefault,
+        migration_priority: a.migration_priority.into(),
         downtime_limit_ms: a.downtime_ms,
         workloads: workloads
             .iter()

@@ -328,12 +328,12 @@ pub struct MigrateArgs {
     pub vcpu_priority: VcpuPriorityArg,
     /// Which ends' migration threads have the fair scheduler's highest weight (nice
     /// -20) while pre-copy runs, so that a woken one runs at once on a core it shares:
-    /// destination (its readers; its VM does not run yet), source (the migration
-    /// thread and its writers: they take the CPU from the guest), both, or normal
-    /// (neither). Given back before the pause, on the destination once the pause's
-    /// last frame is in, and at the end; an end without CAP_SYS_NICE keeps its
+    /// normal (neither, the default), destination (its readers; its VM does not run
+    /// yet), source (the migration thread and its writers: they take the CPU from the
+    /// guest), or both. Given back before the pause, on the destination once the
+    /// pause's last frame is in, and at the end; an end without CAP_SYS_NICE keeps its
     /// threads' weight. Post-copy raises nothing.
-    #[arg(long, value_enum, default_value_t = MigrationPriorityArg::Destination)]
+    #[arg(long, value_enum, default_value_t = MigrationPriorityArg::Normal)]
     pub migration_priority: MigrationPriorityArg,
     /// Print the final report as JSON.
     #[arg(long)]
@@ -389,9 +389,9 @@ impl From<VcpuPriorityArg> for godwit_migration::vcpu_priority::VcpuPriority {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum MigrationPriorityArg {
     /// Neither end's: as they are.
+    #[default]
     Normal,
     /// The destination's readers (its VM does not run yet).
-    #[default]
     Destination,
     /// The source's migration thread and writers (taken from the guest).
     Source,
@@ -504,6 +504,10 @@ pub struct GpuMigrateBenchArgs {
     /// first touch of the host's memory out of the total time.
     #[arg(long)]
     pub prefault: bool,
+    /// Which ends' godwit migration threads go first while pre-copy runs (`godwit
+    /// migrate --migration-priority`).
+    #[arg(long, value_enum, default_value_t = MigrationPriorityArg::Normal)]
+    pub migration_priority: MigrationPriorityArg,
 }
 
 #[derive(Args)]
@@ -564,7 +568,7 @@ pub struct MigrateBenchArgs {
     pub vcpu_priority: VcpuPriorityArg,
     /// Which ends' godwit migration threads go first while pre-copy runs (`godwit
     /// migrate --migration-priority`).
-    #[arg(long, value_enum, default_value_t = MigrationPriorityArg::Destination)]
+    #[arg(long, value_enum, default_value_t = MigrationPriorityArg::Normal)]
     pub migration_priority: MigrationPriorityArg,
     /// godwit's dirty tracking, one side per mode (comma separated): bitmap, ring,
     /// ring:ENTRIES. The first is the one held against QEMU; the others are compared

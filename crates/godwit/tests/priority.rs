@@ -1,6 +1,6 @@
 //! Who comes first on a shared core while pre-copy runs: the source's vCPUs lowered
-//! when asked (`--vcpu-priority low`), the migration's own threads raised (the
-//! destination's by default, `--migration-priority`), and every thread's weight given
+//! when asked (`--vcpu-priority low`), the migration's own threads raised when asked
+//! (`--migration-priority`), and every thread's weight given
 //! back whatever the outcome, none of it inherited by the VM's threads.
 
 mod common;
@@ -124,13 +124,13 @@ fn the_vcpus_yield_to_pre_copy_and_get_their_weight_back() {
     }
 }
 
-/// By default (`--migration-priority destination`) the destination's readers run at
-/// the highest fair weight while pre-copy runs; asked (`source`, `both`), so do the
+/// With `--migration-priority destination` the destination's readers run at the
+/// highest fair weight while pre-copy runs; with `both` (or `source`), so do the
 /// source's migration thread and its connection's writer, the guest's vCPU at its own
 /// weight either way. A cancel gives every thread of the source its weight back, and a
 /// VM that arrives runs with no thread raised (none of its threads inherited the
-/// readers' weight). `normal` raises none. Without CAP_SYS_NICE nothing is raised and
-/// the report says `normal`.
+/// readers' weight). `normal`, the default, raises none. Without CAP_SYS_NICE nothing
+/// is raised and the report says `normal`.
 #[test]
 fn the_migration_threads_go_first_in_pre_copy_and_get_their_weight_back() {
     if !kvm_available() {
@@ -141,11 +141,12 @@ fn the_migration_threads_go_first_in_pre_copy_and_get_their_weight_back() {
     let allowed = may_go_and_come_back(-20);
     for (asked, nth) in [("normal", 1), ("destination", 2), ("both", 3)] {
         let (mut dst, addr) = destination(&dir, &format!("dst{nth}"), &[]);
-        let m = migrating(
-            &src,
-            &addr,
-            &["--max-bandwidth", "8M", "--migration-priority", asked],
-        );
+        // `normal` as the default: not named.
+        let mut args = vec!["--max-bandwidth", "8M"];
+        if asked != "normal" {
+            args.extend(["--migration-priority", asked]);
+        }
+        let m = migrating(&src, &addr, &args);
         wait_precopy_pages(&src);
         let here = allowed && asked == "both";
         let there = allowed && asked != "normal";
@@ -176,7 +177,7 @@ fn the_migration_threads_go_first_in_pre_copy_and_get_their_weight_back() {
     }
     // Moved for good: what runs at the destination has its own weight.
     let (dst, addr) = destination(&dir, "dst4", &[]);
-    let (out, r) = migrate(&src, &addr, &[]);
+    let (out, r) = migrate(&src, &addr, &["--migration-priority", "destination"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let got = if allowed { "destination" } else { "normal" };
     assert_eq!(r["migration_priority"], got, "{r}");

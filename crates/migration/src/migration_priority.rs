@@ -8,19 +8,26 @@
 //! lowest weight"). A raised end's threads get the highest weight of the fair class
 //! (nice -20) while pre-copy runs: a woken one runs at once.
 //!
-//! - **The destination's** (the default). Its VM does not run before the pause ends, so
-//!   its readers take nothing from this guest; on another host they come first against
-//!   that host's other work, and where both ends share a host (a local migration, this
-//!   project's benchmarks) they no longer wait behind the source's vCPU. They can go no
-//!   faster than the source sends.
-//! - **The source's**, when asked: there they take the CPU from the guest itself, as
-//!   QEMU's multifd threads do by their number. Measured by hand on this 2-core host
-//!   (1 GiB, 512 MiB rewritten at 1 GiB/s, both ends here, 8 runs a side alternated):
-//!   pre-copy's median total 393 ms with neither end raised, 333 with the destination's,
-//!   282 with both; the guest's vCPU 0.51, 0.44 and 0.36 of a CPU, its largest gap
-//!   5.7, 5.6 and 34.5 ms at most. With both raised beside other tests, a guest that
-//!   had to fill its dirty ring in a round barely ran at all: that is the trade the
-//!   source's raise makes, so it is asked for.
+//! - **The destination's**. Its VM does not run before the pause ends; on another host
+//!   its readers come first against that host's other work, and where both ends share a
+//!   host (a local migration, this project's benchmarks) they no longer wait behind the
+//!   source's vCPU, which then waits for them instead. They can go no faster than the
+//!   source sends.
+//! - **The source's**: there they take the CPU from the guest itself, as QEMU's multifd
+//!   threads do by their number.
+//!
+//! Neither is the default: on this 2-core host (both ends here) each helps and each
+//! costs (docs/benchmarks.md, "The migration's threads at the highest weight"). With a
+//! guest rewriting 512 MiB at 1 GiB/s, pre-copy's median total fell 4-20% with the
+//! destination's readers raised and 16-26% with both ends, the guest's vCPU keeping
+//! 0.51-0.63 of a CPU with both (QEMU 10.0's multifd leaves its guest about that), and
+//! its largest gap up to 23 ms. But moving an idle GPU VM's filled VRAM, where no guest
+//! competes and both ends are busy, the destination's raise made pre-copy and hybrid
+//! 7-9% slower (most likely a raised reader preempting the sender at each wake-up),
+//! and a busy GPU guest's largest gap rose to 21-32 ms in runs where it stayed under
+//! 15 ms without.
+//! And with both ends raised, a test guest that had to fill its dirty ring during a
+//! migration run beside other tests did not get to run enough to fill it once.
 //!
 //! The threads get their weight back when pre-copy's rounds end on the source (before
 //! the pause: nothing competes once the guest stops), once the pause's last frame is in
@@ -39,9 +46,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 pub enum MigrationPriority {
     /// Neither: the migration competes with the guest on equal terms.
+    #[default]
     Normal,
     /// The destination's readers (see the module's notes).
-    #[default]
     Destination,
     /// The source's migration thread and writers.
     Source,
@@ -67,11 +74,6 @@ impl MigrationPriority {
     pub fn destination(self) -> bool {
         matches!(self, Self::Destination | Self::Both)
     }
-}
-
-/// `Normal`, for what says what a migration got (where nothing was raised).
-pub fn normal() -> MigrationPriority {
-    MigrationPriority::Normal
 }
 
 /// The nice value a raised thread gets.

@@ -296,9 +296,9 @@ pub struct Report {
     #[serde(default)]
     pub vcpu_priority: crate::vcpu_priority::VcpuPriority,
     /// Which ends' migration threads had the highest weight while pre-copy ran: those
-    /// asked for (the destination's by default) where pre-copy ran and the end could
-    /// raise them (the destination's say so with READY).
-    #[serde(default = "crate::migration_priority::normal")]
+    /// asked for, where pre-copy ran and the end could raise them (the destination's
+    /// say so with READY).
+    #[serde(default)]
     pub migration_priority: crate::migration_priority::MigrationPriority,
     pub downtime_limit_ms: u64,
     pub max_bandwidth: Option<u64>,

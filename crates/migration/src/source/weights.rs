@@ -24,8 +24,8 @@ impl Driver<'_> {
         self.o.migration_priority.source() && self.o.mode != Mode::Postcopy
     }
 
-    /// Whether HELLO asks the destination to raise its readers (the default): pre-copy
-    /// runs, and a live destination reads it.
+    /// Whether HELLO asks the destination to raise its readers: asked, pre-copy runs,
+    /// and a live destination reads it.
     pub(super) fn raises_readers(&self) -> bool {
         self.o.migration_priority.destination()
             && self.o.mode != Mode::Postcopy
