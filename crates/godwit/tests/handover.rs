@@ -16,12 +16,6 @@ fn heartbeat_source(dir: &TempDir) -> Vm {
     src
 }
 
-fn cli(vm: &Vm, args: &[&str]) -> std::process::Output {
-    let mut a = args.to_vec();
-    a.extend_from_slice(&["--api-socket", vm.sock.to_str().unwrap()]);
-    run(&a, LIMIT)
-}
-
 fn still_running(vm: &mut Vm) -> bool {
     vm.proc.0.try_wait().unwrap().is_none()
 }

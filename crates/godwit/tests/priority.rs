@@ -8,12 +8,6 @@ use common::mig::*;
 use common::*;
 use serde_json::Value;
 
-fn cli(vm: &Vm, args: &[&str]) -> std::process::Output {
-    let mut a = args.to_vec();
-    a.extend_from_slice(&["--api-socket", vm.sock.to_str().unwrap()]);
-    run(&a, LIMIT)
-}
-
 /// Every thread of `vm`'s process: its name and its nice value.
 fn nices(vm: &Vm) -> Vec<(String, i64)> {
     let pid = vm.proc.0.id();

@@ -117,6 +117,13 @@ pub fn destination_with(
     )
 }
 
+/// `godwit ARGS --api-socket` of `vm`, to completion.
+pub fn cli(vm: &Vm, args: &[&str]) -> Output {
+    let mut a = args.to_vec();
+    a.extend_from_slice(&["--api-socket", vm.sock.to_str().unwrap()]);
+    run(&a, LIMIT)
+}
+
 pub fn migrate(src: &Vm, to: &str, extra: &[&str]) -> (Output, Value) {
     let mut a = vec![
         "migrate",
