@@ -16,7 +16,7 @@ pub fn this_thread() -> Tid {
     unsafe { libc::gettid() }
 }
 
-pub fn nice_of(tid: Tid) -> std::io::Result<i32> {
+fn nice_of(tid: Tid) -> std::io::Result<i32> {
     // getpriority returns the nice value itself, which may be -1: errno tells.
     // SAFETY: errno is this thread's; getpriority only reads the thread's scheduling.
     let n = unsafe {
@@ -29,7 +29,7 @@ pub fn nice_of(tid: Tid) -> std::io::Result<i32> {
     }
 }
 
-pub fn set_nice(tid: Tid, nice: i32) -> std::io::Result<()> {
+fn set_nice(tid: Tid, nice: i32) -> std::io::Result<()> {
     // SAFETY: setpriority changes only the named thread's scheduling.
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -44,7 +44,7 @@ fn fair(tid: Tid) -> bool {
 
 /// Whether a thread of this process may go to `nice` and then back to `back`: tried on
 /// a scratch thread, so that none of the caller's is left changed.
-pub fn can_go_and_come_back(nice: i32, back: i32) -> std::io::Result<()> {
+fn can_go_and_come_back(nice: i32, back: i32) -> std::io::Result<()> {
     std::thread::spawn(move || set_nice(0, nice).and_then(|()| set_nice(0, back)))
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("the probe's thread panicked")))
