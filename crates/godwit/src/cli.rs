@@ -321,7 +321,8 @@ pub struct MigrateArgs {
     pub page_checks: PageChecksArg,
     /// The vCPUs' weight while pre-copy runs: normal, or low (the lowest of the fair
     /// scheduler, nice 19: on cores they share, the migration's threads come first and
-    /// the guest gets what they leave idle; so does every other process on the host;
+    /// the guest gets what they leave idle; so does every other process of their
+    /// scheduling group, the cgroup or with autogroup the session;
     /// given back before the pause and at the end, which takes CAP_SYS_NICE: without it
     /// the vCPUs keep their weight).
     #[arg(long, value_enum, default_value_t = VcpuPriorityArg::Normal)]
@@ -372,7 +373,7 @@ pub enum VcpuPriorityArg {
     #[default]
     Normal,
     /// The lowest of the fair scheduler while pre-copy runs: the migration first (and
-    /// every other process on the host too).
+    /// every other process of the vCPUs' scheduling group too).
     Low,
 }
 

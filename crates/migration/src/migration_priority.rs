@@ -8,11 +8,12 @@
 //! lowest weight"). A raised end's threads get the highest weight of the fair class
 //! (nice -20) while pre-copy runs: a woken one runs at once.
 //!
-//! - **The destination's**. Its VM does not run before the pause ends; on another host
-//!   its readers come first against that host's other work, and where both ends share a
-//!   host (a local migration, this project's benchmarks) they no longer wait behind the
-//!   source's vCPU, which then waits for them instead. They can go no faster than the
-//!   source sends.
+//! - **The destination's**. Its VM does not run before the pause ends; its readers come
+//!   first against the other work of their scheduling group (the cgroup, or with the
+//!   kernel's autogroup the session: nice ranks threads only within one), and where both
+//!   ends share a host and a group (a local migration started from one session, this
+//!   project's benchmarks) they no longer wait behind the source's vCPU, which then
+//!   waits for them instead. They can go no faster than the source sends.
 //! - **The source's**: there they take the CPU from the guest itself, as QEMU's multifd
 //!   threads do by their number.
 //!

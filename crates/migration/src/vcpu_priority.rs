@@ -10,10 +10,11 @@
 //! cores of their own sees no difference. QEMU's multifd takes the cores by running
 //! more threads; this takes them only while the migration can use them.
 //!
-//! A nice value counts against every thread on the host, not only the migration's: on
-//! a host with other work (other guests), the vCPUs yield to all of it while pre-copy
-//! runs. That is why `Low` is asked for, never the default: the test suite's CPU hog
-//! held a lowered guest to a few MiB/s of its writes. The migration's threads raised
+//! A nice value counts against every thread of its scheduling group (the cgroup, or with
+//! the kernel's autogroup the session), not only the migration's: where other work
+//! (other guests) shares that group, the vCPUs yield to all of it while pre-copy runs.
+//! That is why `Low` is asked for, never the default: a CPU hog started in the test
+//! suite's session held a lowered guest to a few MiB/s of its writes. The migration's threads raised
 //! instead (`migration_priority`'s `source`) yield the guest to the migration alone.
 //!
 //! The vCPUs get their weight back before the pause (they must run to stop: lowered,
