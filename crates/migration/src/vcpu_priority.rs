@@ -14,8 +14,9 @@
 //! the kernel's autogroup the session), not only the migration's: where other work
 //! (other guests) shares that group, the vCPUs yield to all of it while pre-copy runs.
 //! That is why `Low` is asked for, never the default: a CPU hog started in the test
-//! suite's session held a lowered guest to a few MiB/s of its writes. The migration's threads raised
-//! instead (`migration_priority`'s `source`) yield the guest to the migration alone.
+//! suite's session held a lowered guest to a few MiB/s of its writes. The migration's
+//! threads raised instead (`migration_priority`'s `source`) yield the guest to the
+//! migration alone.
 //!
 //! The vCPUs get their weight back before the pause (they must run to stop: lowered,
 //! beside the hog, they took 88 ms to park) and when the migration ends, whatever its
