@@ -1,7 +1,7 @@
 //! Who comes first on a shared core while pre-copy runs: the source's vCPUs lowered
 //! when asked (`--vcpu-priority low`), the migration's own threads raised when asked
-//! (`--migration-priority`), and every thread's weight given
-//! back whatever the outcome, none of it inherited by the VM's threads.
+//! (`--migration-priority`), and every thread's weight given back whatever the outcome,
+//! none of it inherited by the VM's threads.
 
 mod common;
 use common::mig::*;
