@@ -46,7 +46,7 @@ rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup compon
 
 echo "== format"
 cargo fmt --all -- --check
-rustfmt --edition 2021 --check crates/guest/rt/lib.rs crates/guest/programs/*.rs fuzz/fuzz_targets/*.rs
+rustfmt --edition 2021 --check crates/guest/rt/lib.rs crates/guest/programs/*.rs fuzz/fuzz_targets/*.rs fuzz/checks/*.rs
 echo "== lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== test"

@@ -7,22 +7,40 @@
 #   http_request  the API server's request reading and limits
 #   postcopy      post-copy page requests (source) and page placement (destination)
 #   snapshot_index  a snapshot's page index as a lazy restore reads it
+# What must hold for each is in fuzz/checks/TARGET.rs.
 # Usage: fuzz/run.sh [SECONDS per target, default 60] [TARGET...]
-# Seeds are in fuzz/corpus/TARGET (from a real GPU VM's snapshot and real requests);
-# what the fuzzer finds goes to target/fuzz-corpus/TARGET, crashes to
-# fuzz/artifacts/TARGET (turn each into a regression test). Needs cargo-fuzz
-# (`cargo install cargo-fuzz`); RUSTC_BOOTSTRAP lets the stable toolchain take the
-# sanitizer flags.
+#        fuzz/run.sh --keep [TARGET...]
+# The corpus in fuzz/corpus/TARGET (seeds from a real GPU VM's snapshot and real
+# requests, and what earlier runs found that reached new code) is what `cargo test`
+# replays (crates/godwit/tests/fuzz_corpus.rs). A run adds what it finds to
+# target/fuzz-corpus/TARGET and crashes to fuzz/artifacts/TARGET (copy each into
+# fuzz/corpus/TARGET once fixed: it stays as a regression test). `--keep` merges into
+# fuzz/corpus/TARGET only those found inputs that reach code the corpus does not
+# (libFuzzer's -merge=1), for committing. Needs cargo-fuzz (`cargo install
+# cargo-fuzz`); RUSTC_BOOTSTRAP lets the stable toolchain take the sanitizer flags.
 set -euo pipefail
 cd "$(dirname "$0")"
-secs=${1:-60}
-shift || true
+keep=false
+if [ "${1:-}" = --keep ]; then
+    keep=true
+    shift
+    secs=0
+else
+    secs=${1:-60}
+    shift || true
+fi
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(wire_frame vm_state vf_state gpu_command http_request postcopy snapshot_index)
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
 for t in "${targets[@]}"; do
     mkdir -p "../target/fuzz-corpus/$t"
+    if $keep; then
+        echo "== $t: merging target/fuzz-corpus/$t into corpus/$t"
+        cargo fuzz run -O "$t" "corpus/$t" "../target/fuzz-corpus/$t" -- \
+            -merge=1 -max_len=65536 2>&1 | grep -E "MERGE-OUTER: [0-9]+ new files" || true
+        continue
+    fi
     echo "== $t: $secs s"
     cargo fuzz run -O "$t" "../target/fuzz-corpus/$t" "corpus/$t" -- \
         -max_total_time="$secs" -max_len=65536 -print_final_stats=1 2>&1 |

@@ -1,14 +1,8 @@
-//! The API server's request reading on any bytes a client sends: a request within the
-//! limits, or the status the server answers, never a panic.
+//! The fuzz target for what checks/http_request.rs says must hold. `cargo test` replays the
+//! corpus through the same check (crates/godwit/tests/fuzz_corpus.rs).
 #![no_main]
-use godwit_vmm::api::{parse_request, Limits};
-use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    let l = Limits::default();
-    match parse_request(data, &l) {
-        Ok((_, _, body)) => assert!(body.len() <= l.max_body),
-        Err(Some((code, _))) => assert!((400..500).contains(&code)),
-        Err(None) => {}
-    }
-});
+#[path = "../checks/http_request.rs"]
+mod check;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::check(data));

@@ -1,9 +1,8 @@
-//! Post-copy's hostile page traffic: the source taking page requests (REQUEST and AHEAD
-//! frames) and a recovery's account of missing pages; the destination taking a
-//! bitmap of missing pages, then pages and zero runs for any address.
+//! The fuzz target for what checks/postcopy.rs says must hold. `cargo test` replays the
+//! corpus through the same check (crates/godwit/tests/fuzz_corpus.rs).
 #![no_main]
-use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    godwit_vmm::migratable::fuzz_postcopy::fuzz_postcopy(data);
-});
+#[path = "../checks/postcopy.rs"]
+mod check;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::check(data));

@@ -1,38 +1,8 @@
-//! A snapshot's page index as a lazy restore reads it: any file gives an index whose
-//! every entry, frame and page read is checked, or a clear refusal, never a panic or an
-//! allocation the file chose.
+//! The fuzz target for what checks/snapshot_index.rs says must hold. `cargo test` replays the
+//! corpus through the same check (crates/godwit/tests/fuzz_corpus.rs).
 #![no_main]
-use godwit_migration::snapshot_index::{Found, Index};
-use libfuzzer_sys::fuzz_target;
-use std::io::Write;
 
-fuzz_target!(|data: &[u8]| {
-    let path = std::env::temp_dir().join(format!("godwit-fuzz-index-{}", std::process::id()));
-    let mut f = std::fs::File::create(&path).expect("scratch file");
-    f.write_all(data).expect("scratch file");
-    let Ok(Found::Index(ix)) = Index::open(std::fs::File::open(&path).expect("scratch file"))
-    else {
-        return;
-    };
-    let mut buf = Vec::new();
-    for &at in ix.control().iter().take(64) {
-        let _ = ix.frame_at(at, &mut buf);
-    }
-    for t in ix.tables().iter().take(8) {
-        let mut e = [0u64; 64];
-        if ix.entries(t, 0, &mut e).is_ok() {
-            for &at in e.iter().filter(|&&a| a != 0).take(16) {
-                let _ = ix.frame_at(at, &mut buf);
-                // A touch's read: the head, then one page and the run after it.
-                if let Ok(Some(p)) = ix.pages_at(at) {
-                    let n = p.addrs.len();
-                    let k = (at as usize) % n.max(1);
-                    let _ = ix.read_pages(&p, k..k + 1, &mut buf);
-                    let _ = ix.read_pages(&p, k..n, &mut buf);
-                    let _ = ix.read_pages(&p, n..n + 1, &mut buf);
-                }
-            }
-        }
-        let _ = ix.entries(t, t.pages.saturating_sub(1), &mut e);
-    }
-});
+#[path = "../checks/snapshot_index.rs"]
+mod check;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::check(data));

@@ -510,18 +510,4 @@ mod tests {
             super::fuzz_postcopy(&c);
         }
     }
-
-    /// The fuzzer's seeds and what it found, kept in its corpus: among them a request
-    /// for a page near the top of the address space, whose offset into this memory the
-    /// harness once added to the mapping's address before checking it.
-    #[test]
-    fn the_fuzz_corpus_is_taken_without_harm() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/postcopy");
-        let mut n = 0;
-        for e in std::fs::read_dir(dir).unwrap() {
-            super::fuzz_postcopy(&std::fs::read(e.unwrap().path()).unwrap());
-            n += 1;
-        }
-        assert!(n >= 3, "{n} seeds in {dir}");
-    }
 }

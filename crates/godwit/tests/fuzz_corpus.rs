@@ -1,0 +1,94 @@
+//! The fuzzers' corpora, replayed through the checks their targets run (fuzz/checks):
+//! the seeds and every input the fuzzers kept because it reached new code (merged in
+//! with `fuzz/run.sh --keep`). An input that once found a bug stays here as its
+//! regression test, and a parser change that breaks what held on any of them fails
+//! `cargo test`, with no fuzzer or nightly flags needed.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+#[path = "../../../fuzz/checks/gpu_command.rs"]
+mod gpu_command;
+#[path = "../../../fuzz/checks/http_request.rs"]
+mod http_request;
+#[path = "../../../fuzz/checks/postcopy.rs"]
+mod postcopy;
+#[path = "../../../fuzz/checks/snapshot_index.rs"]
+mod snapshot_index;
+#[path = "../../../fuzz/checks/vf_state.rs"]
+mod vf_state;
+#[path = "../../../fuzz/checks/vm_state.rs"]
+mod vm_state;
+#[path = "../../../fuzz/checks/wire_frame.rs"]
+mod wire_frame;
+
+/// Every input in fuzz/corpus/TARGET through `check`; fails naming each input on which
+/// it panicked. A corpus that shrank below `at_least` inputs fails too, so the replay
+/// cannot pass by finding nothing to replay.
+fn replay(target: &str, at_least: usize, check: fn(&[u8])) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/corpus")
+        .join(target);
+    let mut inputs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    inputs.sort();
+    assert!(
+        inputs.len() >= at_least,
+        "{} inputs in {}, expected at least {at_least}",
+        inputs.len(),
+        dir.display()
+    );
+    let failed: Vec<String> = inputs
+        .iter()
+        .filter(|p| {
+            let data = std::fs::read(p).unwrap();
+            catch_unwind(AssertUnwindSafe(|| check(&data))).is_err()
+        })
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{target}: {} of {} inputs broke what must hold: {failed:?}",
+        failed.len(),
+        inputs.len()
+    );
+}
+
+#[test]
+fn the_migration_stream_corpus_holds() {
+    replay("wire_frame", 300, wire_frame::check);
+}
+
+#[test]
+fn the_vm_state_corpus_holds() {
+    replay("vm_state", 300, vm_state::check);
+}
+
+#[test]
+fn the_gpu_function_state_corpus_holds() {
+    replay("vf_state", 200, vf_state::check);
+}
+
+#[test]
+fn the_gpu_command_corpus_holds() {
+    replay("gpu_command", 200, gpu_command::check);
+}
+
+#[test]
+fn the_api_request_corpus_holds() {
+    replay("http_request", 500, http_request::check);
+}
+
+/// Among them a request for a page near the top of the address space, whose offset into
+/// this memory the harness once added to the mapping's address before checking it.
+#[test]
+fn the_postcopy_page_traffic_corpus_holds() {
+    replay("postcopy", 200, postcopy::check);
+}
+
+#[test]
+fn the_snapshot_index_corpus_holds() {
+    replay("snapshot_index", 100, snapshot_index::check);
+}
