@@ -326,8 +326,16 @@ fn a_waiting_destination_answers_its_api() {
     .expect("no answer");
     assert_eq!(code, 200, "{body}");
     // The address it bound (the port the kernel chose), for a manager to hand to the
-    // source: in vmm.ping and beside the 503 of every other endpoint.
+    // source: in vmm.ping and beside the 503 of every other endpoint. The API answers
+    // before the address is bound (while the memory is prefaulted), so a manager asks
+    // until it is there, as the Nova driver does.
+    let body = wait_for(Duration::from_secs(10), || {
+        let (_, body) = godwit_vmm::api::call(&sock, "GET", "vmm.ping").ok()?;
+        body.contains("\"incoming\"").then_some(body)
+    })
+    .unwrap_or_else(|| panic!("no incoming address in vmm.ping: {body}"));
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["vm"], "none yet", "{body}");
     let at = v["incoming"].as_str().expect("incoming").to_string();
     assert!(
         at.starts_with("tcp:127.0.0.1:") && !at.ends_with(":0"),
@@ -402,10 +410,14 @@ fn list_finds_vms_by_id_and_sockets_left_behind() {
     ]);
     // A socket whose process is gone.
     drop(std::os::unix::net::UnixListener::bind(sock("c.sock")).unwrap());
+    // The destination says where it listens once it is bound (not merely once its socket
+    // file exists: it says so just after).
     assert!(wait_for(Duration::from_secs(10), || {
         let (c, _) =
             godwit_vmm::api::call(std::path::Path::new(&sock("a.sock")), "GET", "vm.info").ok()?;
-        (c == 200 && std::path::Path::new(&mig).exists()).then_some(())
+        let (_, ping) =
+            godwit_vmm::api::call(std::path::Path::new(&sock("b.sock")), "GET", "vmm.ping").ok()?;
+        (c == 200 && ping.contains("\"incoming\"")).then_some(())
     })
     .is_some());
     let o = run(
