@@ -9,7 +9,7 @@ pub fn check(data: &[u8]) {
     let mut f = std::fs::File::create(&path).expect("scratch file");
     f.write_all(data).expect("scratch file");
     let file = std::fs::File::open(&path).expect("scratch file");
-    // Open, it needs no name: none is left behind.
+    // Unlinked once open, so that no input leaves a file behind.
     let _ = std::fs::remove_file(&path);
     let Ok(Found::Index(ix)) = Index::open(file) else {
         return;
