@@ -24,7 +24,6 @@ keep=false
 if [ "${1:-}" = --keep ]; then
     keep=true
     shift
-    secs=0
 else
     secs=${1:-60}
     shift || true
