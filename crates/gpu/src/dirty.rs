@@ -144,18 +144,20 @@ impl Tracking {
         }
     }
 
-    /// The engine wrote guest bytes [gpa, gpa + len) (one region: the caller wrote them).
+    /// The engine wrote guest bytes [gpa, gpa + len): RAM, since the caller wrote them,
+    /// but not always one region's (one write may run on into a region that starts
+    /// where the last ends).
     pub fn ram_written(&self, gpa: u64, len: u64) {
         if !self.ram_on.load(Ordering::Acquire) || len == 0 {
             return;
         }
-        if let Some(r) = self
-            .ram
-            .iter()
-            .find(|r| gpa >= r.start && gpa - r.start < r.len)
-        {
-            let off = gpa - r.start;
-            r.bits.set(off / PAGE, (off + len).div_ceil(PAGE));
+        let end = gpa.saturating_add(len);
+        for r in &self.ram {
+            let (from, to) = (gpa.max(r.start), end.min(r.start + r.len));
+            if from < to {
+                r.bits
+                    .set((from - r.start) / PAGE, (to - r.start).div_ceil(PAGE));
+            }
         }
     }
 }
@@ -204,6 +206,12 @@ mod tests {
         assert_eq!(t.vram.take()[0], 0b11);
         assert_eq!(t.ram[1].bits.take()[0], 1 << 3);
         assert_eq!(t.ram[0].bits.take()[0], 0);
+        // A write that runs from one region into the next, where they touch.
+        let u = Tracking::new(4096, [(0, 8 * PAGE), (8 * PAGE, 8 * PAGE)].into_iter());
+        u.start_ram();
+        u.ram_written(7 * PAGE + 1, 2 * PAGE);
+        assert_eq!(u.ram[0].bits.take()[0], 1 << 7);
+        assert_eq!(u.ram[1].bits.take()[0], 0b11);
         t.stop_vram();
         t.vram_written(0, 1);
         t.ram_written(0, 1);

@@ -78,7 +78,7 @@ impl Mmu<'_> {
         let within = va & (size - 1);
         let left = size - within;
         let target = if leaf & pte::SYSTEM != 0 {
-            // The whole page must be this VM's RAM (one region: regions are GiB-aligned).
+            // The whole page must be this VM's RAM (regions that touch count as one).
             if !self.ram.check_range(GuestAddress(base), size as usize) {
                 return Err(Fault { va });
             }

@@ -18,12 +18,14 @@ use vm_memory::{Bytes, GuestAddress};
 const RESOLVE_PAGES_PER_STEP: u64 = 8192;
 
 /// The amount of work in a command: bytes for copies and fills, units for kernels, and
-/// None for commands that finish in one step (never in flight at a chunk boundary).
-pub(super) fn work(e: &Entry) -> Option<u64> {
+/// 0 for commands that finish in the step that runs them. Any command can be in flight
+/// at a chunk boundary, these too: the engine takes an entry in one step and runs it in
+/// the next, and a hold can park it in between.
+pub(super) fn work(e: &Entry) -> u64 {
     match e.cmd {
-        Command::Copy { bytes, .. } | Command::Fill { bytes, .. } => Some(bytes),
-        Command::Kernel(k) => Some(k.units()),
-        _ => None,
+        Command::Copy { bytes, .. } | Command::Fill { bytes, .. } => bytes,
+        Command::Kernel(k) => k.units(),
+        _ => 0,
     }
 }
 
@@ -141,7 +143,7 @@ impl Vf {
 
     /// Runs one chunk of the current command, or takes the next entry if none is in
     /// flight. Returns whether there may be more to do.
-    fn step(&self) -> bool {
+    pub(super) fn step(&self) -> bool {
         let (mut fl, mut resolved, mut resolving, root, generation) = {
             let i = self.lock();
             if !Self::has_work(&i) || i.holds != 0 {

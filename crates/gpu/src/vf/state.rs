@@ -144,9 +144,14 @@ impl Vf {
         let Some(f) = &s.in_flight else {
             return Ok((r.clone(), None));
         };
-        if !r.enabled || r.error != 0 {
+        // A command that fails leaves nothing in flight. An error from a register write
+        // (a doorbell outside the ring, a configuration write while enabled) stops the
+        // ring with its command still in flight, which goes on after CLEAR_ERROR.
+        let command_failed = r.error != 0 && r.error >> 32 != 0xffff_ffff;
+        if !r.enabled || command_failed {
             return Err(
-                "a command in flight on a VF that is disabled or stopped by an error".into(),
+                "a command in flight on a VF that is disabled or stopped by a failed command"
+                    .into(),
             );
         }
         if f.index != r.head {
@@ -163,7 +168,7 @@ impl Vf {
                 e.value
             )
         })?;
-        let total = work(&entry).ok_or("a single-step command cannot be in flight")?;
+        let total = work(&entry);
         let aligned = match entry.cmd {
             Command::Fill { .. } => f.done.is_multiple_of(4),
             _ => true,
