@@ -4,6 +4,7 @@
 #   vm_state      the VM's state decoders: vCPUs, platform devices
 #   vf_state      the GPU function's saved state decoder
 #   gpu_command   the GPU command decoder (ring entries a guest writes)
+#   gpu_engine    the GPU function driven by a hostile guest, migrated mid-command
 #   http_request  the API server's request reading and limits
 #   postcopy      post-copy page requests (source) and page placement (destination)
 #   snapshot_index  a snapshot's page index as a lazy restore reads it
@@ -11,8 +12,10 @@
 # Usage: fuzz/run.sh [SECONDS per target, default 60] [TARGET...]
 #        fuzz/run.sh --keep [TARGET...]
 # The corpus in fuzz/corpus/TARGET (seeds from a real GPU VM's snapshot and real
-# requests, and what earlier runs found that reached new code) is what `cargo test`
-# replays (crates/godwit/tests/fuzz_corpus.rs). A run adds what it finds to
+# requests; gpu_engine's are built by code, and `GODWIT_WRITE_SEEDS=1 cargo test -p
+# godwit --test fuzz_corpus` rewrites them; and what earlier runs found that reached
+# new code) is what `cargo test` replays (crates/godwit/tests/fuzz_corpus.rs).
+# A run adds what it finds to
 # target/fuzz-corpus/TARGET and crashes to fuzz/artifacts/TARGET (copy each into
 # fuzz/corpus/TARGET once fixed: it stays as a regression test). `--keep` merges into
 # fuzz/corpus/TARGET only those found inputs that reach code the corpus does not
@@ -29,7 +32,7 @@ else
     shift || true
 fi
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(wire_frame vm_state vf_state gpu_command http_request postcopy snapshot_index)
+[ ${#targets[@]} -gt 0 ] || targets=(wire_frame vm_state vf_state gpu_command gpu_engine http_request postcopy snapshot_index)
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
 for t in "${targets[@]}"; do

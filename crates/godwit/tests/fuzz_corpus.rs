@@ -9,6 +9,8 @@ use std::path::Path;
 
 #[path = "../../../fuzz/checks/gpu_command.rs"]
 mod gpu_command;
+#[path = "../../../fuzz/checks/gpu_engine.rs"]
+mod gpu_engine;
 #[path = "../../../fuzz/checks/http_request.rs"]
 mod http_request;
 #[path = "../../../fuzz/checks/postcopy.rs"]
@@ -91,4 +93,45 @@ fn the_postcopy_page_traffic_corpus_holds() {
 #[test]
 fn the_snapshot_index_corpus_holds() {
     replay("snapshot_index", 100, snapshot_index::check);
+}
+
+#[test]
+fn the_gpu_engine_corpus_holds() {
+    replay("gpu_engine", 4, gpu_engine::check);
+}
+
+/// The GPU engine's seeds are built by code (`godwit_gpu::vf::fuzz::seeds`), so they
+/// follow its input format: each must be in the corpus as built (GODWIT_WRITE_SEEDS=1
+/// writes them there) and reach what it is there for.
+#[test]
+fn the_gpu_engine_seeds_are_in_the_corpus_and_reach_their_commands() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/gpu_engine");
+    for (name, data) in godwit_gpu::vf::fuzz::seeds() {
+        let file = dir.join(name);
+        if std::env::var_os("GODWIT_WRITE_SEEDS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&file, &data).unwrap();
+        }
+        let kept = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            kept == data,
+            "{name} in {} is not the seed as built",
+            dir.display()
+        );
+        let out = godwit_gpu::vf::fuzz::engine(&data);
+        // (commands completed, migrations, a command failed): the engine runs on the
+        // test's thread, so these are exact.
+        let want = match name {
+            "seed_aliased" => (1, 1, false),
+            "seed_fill_copy" => (7, 0, false),
+            "seed_kernels" => (10, 0, false),
+            "seed_migrate" => (3, 2, false),
+            _ => (0, 0, true),
+        };
+        assert_eq!(
+            (out.completed, out.migrations, out.errors > 0),
+            want,
+            "{name}: {out:?}"
+        );
+    }
 }

@@ -74,6 +74,7 @@ pub enum Hold {
 }
 
 mod engine;
+pub mod fuzz;
 mod prefetch;
 mod state;
 

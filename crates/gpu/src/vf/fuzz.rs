@@ -1,0 +1,652 @@
+//! For the fuzz targets (fuzz/): a VF driven by hostile bytes the way a guest drives
+//! it, through register writes, ring entries in its RAM and page tables in its VRAM,
+//! with its engine stepped on the calling thread (no engine thread, so a run is
+//! repeatable), and migrated mid-way. What must hold whatever the guest does:
+//! - the model hands the backend no access outside VRAM (it checks every range first);
+//! - every VRAM and guest page the engine changes is in its record of writes, or a
+//!   migration that relies on the record would leave the old bytes at the destination;
+//! - a state the VF saved is one a VF restores, at any point (or the guest could make
+//!   its own VM unmovable), and the restored VF holds the same registers;
+//! - a VF migrated mid-way and the one it left, given the same operations after, stay
+//!   the same: registers, command in flight, and memory (unless a TIMESTAMP wrote its
+//!   clock there);
+//! - the ring head stays inside the ring, and the VF still computes right after RESET.
+//!
+//! The input is a list of operations, one byte each and then its arguments (see
+//! `engine`); `seeds` builds the corpus's starting points.
+
+use super::Vf;
+use crate::abi::{control, kernel, op, pte, reg, ENTRY_SIZE};
+use crate::backend::{Acc, Aperture, Backend, OutOfRange};
+use crate::command::{encode, Command, Kernel};
+use crate::cpu::CpuBackend;
+use crate::mmu::GuestRam;
+use crate::sched::Unshared;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+const PAGE: u64 = 4096;
+/// 32 pages: small enough that no operand is slow, large enough for tables and data.
+pub const VRAM: u64 = 32 * PAGE;
+/// Guest RAM: two regions side by side (a DMA write may run from one into the next)
+/// and one after a gap.
+pub const RAM: [(u64, u64); 3] = [(0, 8 * PAGE), (8 * PAGE, 8 * PAGE), (1 << 20, 8 * PAGE)];
+/// Operations taken from one input, and engine steps per run: bounds on its time.
+const MAX_OPS: usize = 1024;
+const MAX_STEPS: usize = 64;
+
+/// The seeds' page tables: the root and an L1 and an L0 table in the last three VRAM
+/// pages, mapping VA 0.. to the first 29 VRAM pages (writable) and `SYS`.. to the 24
+/// RAM pages in order (writable; the first two regions are contiguous), and `RO` to
+/// VRAM page 0 read-only.
+pub const ROOT: u64 = VRAM - 3 * PAGE;
+pub const SYS: u64 = 64 * PAGE;
+pub const RO: u64 = 128 * PAGE;
+/// Where the seeds put the ring (16 entries, in RAM page 0).
+pub const RING: u64 = 0;
+
+/// What an input did: for the seeds' own test that they reach what they are for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub completed: u64,
+    pub errors: u64,
+    pub steps: u64,
+    pub migrations: u64,
+}
+
+/// A backend that counts any access outside VRAM: the model checks every range before
+/// it reaches a backend, so one is a broken invariant.
+struct Guarded {
+    inner: CpuBackend,
+    broken: Arc<AtomicBool>,
+}
+
+impl Guarded {
+    fn note<T>(&self, r: Result<T, OutOfRange>) -> Result<T, OutOfRange> {
+        if r.is_err() {
+            self.broken.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+}
+
+impl Backend for Guarded {
+    fn name(&self) -> &'static str {
+        "guarded"
+    }
+    fn vram_size(&self) -> u64 {
+        self.inner.vram_size()
+    }
+    fn aperture(&self) -> Option<Aperture> {
+        self.inner.aperture()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), OutOfRange> {
+        self.note(self.inner.read(offset, buf))
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), OutOfRange> {
+        self.note(self.inner.write(offset, data))
+    }
+    fn fill(&self, offset: u64, len: u64, pattern: u32) -> Result<(), OutOfRange> {
+        self.note(self.inner.fill(offset, len, pattern))
+    }
+    fn copy(&self, dst: u64, src: u64, len: u64) -> Result<(), OutOfRange> {
+        self.note(self.inner.copy(dst, src, len))
+    }
+    fn kernel(&self, k: &Kernel, units: Range<u64>, acc: &mut Acc) -> Result<(), OutOfRange> {
+        self.note(self.inner.kernel(k, units, acc))
+    }
+    fn scrub(&self) {
+        self.inner.scrub()
+    }
+    fn resident_bytes(&self) -> u64 {
+        self.inner.resident_bytes()
+    }
+}
+
+/// The input, read front to back; past its end every read is 0.
+struct Input<'a>(&'a [u8]);
+
+impl Input<'_> {
+    fn bytes<const N: usize>(&mut self) -> [u8; N] {
+        let mut b = [0u8; N];
+        let n = N.min(self.0.len());
+        b[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        b
+    }
+    fn u8(&mut self) -> u8 {
+        self.bytes::<1>()[0]
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.bytes())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.bytes())
+    }
+}
+
+/// A VF with its own VRAM and guest RAM, tracking every engine write.
+struct Rig {
+    vf: Arc<Vf>,
+    ram: GuestRam,
+    broken: Arc<AtomicBool>,
+    /// A TIMESTAMP command was taken: memory may hold this VF's clock.
+    clock_seen: bool,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let ranges: Vec<_> = RAM
+            .iter()
+            .map(|&(s, l)| (GuestAddress(s), l as usize))
+            .collect();
+        let ram = GuestRam::from_ranges(&ranges).expect("guest RAM maps");
+        let broken = Arc::new(AtomicBool::new(false));
+        let backend = Guarded {
+            inner: CpuBackend::new(VRAM).expect("VRAM maps"),
+            broken: broken.clone(),
+        };
+        let vf = Vf::new(Box::new(backend), ram.clone(), Box::new(Unshared));
+        vf.start_vram_tracking();
+        vf.start_dma_tracking();
+        Rig {
+            vf,
+            ram,
+            broken,
+            clock_seen: false,
+        }
+    }
+
+    fn vram(&self) -> Vec<u8> {
+        let mut b = vec![0u8; VRAM as usize];
+        self.vf.backend().read(0, &mut b).expect("all of VRAM");
+        b
+    }
+
+    fn ram_bytes(&self) -> Vec<Vec<u8>> {
+        self.ram
+            .iter()
+            .map(|r| {
+                let mut b = vec![0u8; r.len() as usize];
+                self.ram
+                    .read_slice(&mut b, r.start_addr())
+                    .expect("a whole region");
+                b
+            })
+            .collect()
+    }
+
+    fn write_reg(&self, offset: u64, data: &[u8]) {
+        // A WAIT_FENCE returns at once: nothing runs the engine while it would wait.
+        self.vf.mmio_write(offset, data, &|| true);
+    }
+
+    /// Runs up to `steps` engine steps and checks that what changed was recorded.
+    fn run(&mut self, steps: usize, out: &mut Outcome) {
+        self.vf.take_vram_dirty();
+        self.vf.take_dma_dirty();
+        let (vram0, ram0) = (self.vram(), self.ram_bytes());
+        let before = self.vf.regs();
+        let mut n = 0;
+        while n < steps && self.vf.step() {
+            self.vf.deliver_irq();
+            n += 1;
+            let i = self.vf.lock();
+            if let Some(f) = &i.in_flight {
+                self.clock_seen |= matches!(f.entry.cmd, Command::Timestamp { .. });
+            }
+        }
+        if n == 0 {
+            return;
+        }
+        out.steps += n as u64;
+        let after = self.vf.regs();
+        out.completed += after.completed.saturating_sub(before.completed);
+        out.errors += u64::from(after.error != 0 && before.error == 0);
+        assert!(
+            !after.enabled || after.head < after.ring_size,
+            "ring head {} outside a ring of {}",
+            after.head,
+            after.ring_size
+        );
+        let dirty = self.vf.take_vram_dirty();
+        for (p, (a, b)) in vram0
+            .chunks(PAGE as usize)
+            .zip(self.vram().chunks(PAGE as usize))
+            .enumerate()
+        {
+            assert!(
+                a == b || dirty[p / 64] >> (p % 64) & 1 == 1,
+                "the engine changed VRAM page {p} and did not record it"
+            );
+        }
+        let dirty = self.vf.take_dma_dirty();
+        for (r, (a, b)) in ram0.iter().zip(self.ram_bytes()).enumerate() {
+            for (p, (x, y)) in a
+                .chunks(PAGE as usize)
+                .zip(b.chunks(PAGE as usize))
+                .enumerate()
+            {
+                assert!(
+                    x == y || dirty[r][p / 64] >> (p % 64) & 1 == 1,
+                    "the engine changed page {p} of RAM region {r} and did not record it"
+                );
+            }
+        }
+    }
+
+    /// Saves the VF and restores it on a new one with a copy of its memory, as a
+    /// migration does.
+    fn migrate(&self, out: &mut Outcome) -> Rig {
+        let s = self
+            .vf
+            .save_state()
+            .expect("a VF with no engine thread saves");
+        let s2 = super::VfState::decode(&s.encode()).expect("a saved state decodes");
+        let mut to = Rig::new();
+        to.vf.backend().write(0, &self.vram()).expect("all of VRAM");
+        for (r, b) in self.ram.iter().zip(self.ram_bytes()) {
+            to.ram.write_slice(&b, r.start_addr()).expect("a region");
+        }
+        if let Err(e) = to.vf.restore_state(&s2) {
+            panic!("a state the VF saved was refused: {e}\n{s:?}");
+        }
+        let back = to.vf.save_state().expect("saves");
+        assert_eq!(back.regs, s.regs, "the restored VF's registers differ");
+        assert_eq!(back.in_flight, s.in_flight, "the restored command differs");
+        out.migrations += 1;
+        to.clock_seen = self.clock_seen;
+        to
+    }
+
+    /// RESET, the seeds' tables and ring, and a sum the VF must get right.
+    fn still_computes(&self) {
+        self.write_reg(reg::CONTROL, &control::RESET.to_le_bytes());
+        for (off, v) in tables() {
+            self.vf
+                .backend()
+                .write(off, &v.to_le_bytes())
+                .expect("VRAM");
+        }
+        for (r, v) in [
+            (reg::RING_BASE, RING),
+            (reg::RING_SIZE, 16),
+            (reg::PT_ROOT, ROOT),
+        ] {
+            self.write_reg(r, &v.to_le_bytes());
+        }
+        self.write_reg(
+            reg::CONTROL,
+            &(control::CLEAR_ERROR | control::ENABLE).to_le_bytes(),
+        );
+        let one = 1.0f32.to_bits() as u64;
+        let cmds = [
+            encode(op::FILL, None, [0, 4096, one, 0, 0, 0]),
+            encode(
+                op::KERNEL,
+                Some(7),
+                [kernel::REDUCE_SUM, 0, 1024, 8192, 0, 0],
+            ),
+        ];
+        for (k, e) in cmds.iter().enumerate() {
+            self.ram
+                .write_slice(e, GuestAddress(RING + k as u64 * ENTRY_SIZE as u64))
+                .expect("RAM");
+        }
+        self.write_reg(reg::RING_TAIL, &2u64.to_le_bytes());
+        let mut n = 0;
+        while self.vf.step() {
+            n += 1;
+            assert!(n < 16, "two small commands took more than 16 steps");
+        }
+        let r = self.vf.regs();
+        assert_eq!(
+            (r.error, r.fence),
+            (0, 7),
+            "after RESET the VF fails: {r:?}"
+        );
+        let mut s = [0u8; 8];
+        self.vf.backend().read(8192, &mut s).expect("VRAM");
+        assert_eq!(
+            f64::from_le_bytes(s),
+            1024.0,
+            "after RESET the VF sums wrong"
+        );
+    }
+}
+
+/// The seeds' page tables, as (VRAM offset, entry).
+fn tables() -> Vec<(u64, u64)> {
+    let (l1, l0) = (ROOT + PAGE, ROOT + 2 * PAGE);
+    let mut t = vec![(ROOT, l1 | pte::VALID), (l1, l0 | pte::VALID)];
+    for p in 0..29 {
+        t.push((l0 + p * 8, (p * PAGE) | pte::VALID | pte::WRITE));
+    }
+    let ram_pages = RAM
+        .iter()
+        .flat_map(|&(s, l)| (0..l / PAGE).map(move |p| s + p * PAGE));
+    for (k, gpa) in ram_pages.enumerate() {
+        let e = gpa | pte::VALID | pte::WRITE | pte::SYSTEM;
+        t.push((l0 + (SYS / PAGE + k as u64) * 8, e));
+    }
+    t.push((l0 + RO / PAGE * 8, pte::VALID));
+    t
+}
+
+/// One operation of an input (see `engine`).
+enum Op {
+    PokeVram(u64, u64),
+    PokeRam(u64, u64),
+    Entry(u64, [u8; ENTRY_SIZE]),
+    WriteReg(u64, [u8; 8], usize),
+    ReadReg(u64, usize),
+    Run(usize),
+    Migrate,
+    Submit(u16, u8, [u64; 6]),
+}
+
+impl Op {
+    fn read(input: &mut Input) -> Op {
+        match input.u8() % 8 {
+            0 => Op::PokeVram((u64::from(input.u32()) % VRAM) & !7, input.u64()),
+            1 => {
+                let off = (u64::from(input.u32()) % (24 * PAGE)) & !7;
+                let (start, _) = RAM[(off / (8 * PAGE)) as usize];
+                Op::PokeRam(start + off % (8 * PAGE), input.u64())
+            }
+            2 => Op::Entry(u64::from(input.u8()), input.bytes()),
+            3 => {
+                let sel = input.u8();
+                let v = input.u64().to_le_bytes();
+                let (offset, width) = if sel & 0x40 != 0 {
+                    (u64::from(sel) * 37 % 0x1010, 1 + usize::from(sel % 8))
+                } else if sel & 0x20 != 0 {
+                    (u64::from(sel & 0x1f) * 8 + 4, 4)
+                } else {
+                    (
+                        u64::from(sel & 0x1f) * 8,
+                        if sel & 0x80 != 0 { 4 } else { 8 },
+                    )
+                };
+                Op::WriteReg(offset, v, width)
+            }
+            4 => {
+                let sel = input.u8();
+                Op::ReadReg(
+                    u64::from(sel & 0x3f) * 4,
+                    [1, 2, 4, 8][usize::from(sel >> 6)],
+                )
+            }
+            5 => Op::Run(usize::from(input.u8()) % MAX_STEPS + 1),
+            6 => Op::Migrate,
+            _ => {
+                let (opc, fence) = (u16::from(input.u8() % 8), input.u8());
+                let mut args = [0u64; 6];
+                for a in args.iter_mut() {
+                    *a = u64::from(input.u32());
+                }
+                Op::Submit(opc, fence, args)
+            }
+        }
+    }
+}
+
+impl Rig {
+    fn apply(&mut self, op: &Op, out: &mut Outcome) {
+        match *op {
+            Op::PokeVram(off, v) => self
+                .vf
+                .backend()
+                .write(off, &v.to_le_bytes())
+                .expect("VRAM"),
+            Op::PokeRam(gpa, v) => self.ram.write_obj(v, GuestAddress(gpa)).expect("RAM"),
+            Op::Entry(slot, e) => {
+                let r = self.vf.regs();
+                let at = r.ring_base.wrapping_add(slot % r.ring_size.max(1) * 64);
+                let _ = self.ram.write_slice(&e, GuestAddress(at));
+            }
+            Op::WriteReg(offset, v, width) => self.write_reg(offset, &v[..width]),
+            Op::ReadReg(offset, width) => self.vf.mmio_read(offset, &mut [0u8; 8][..width]),
+            Op::Run(steps) => self.run(steps, out),
+            Op::Migrate => unreachable!("the caller migrates"),
+            Op::Submit(opc, fence, args) => {
+                let r = self.vf.regs();
+                let e = encode(opc, (fence != 0).then_some(u64::from(fence)), args);
+                let at = r.ring_base.wrapping_add(r.tail * 64);
+                let _ = self.ram.write_slice(&e, GuestAddress(at));
+                let tail = (r.tail + 1) % r.ring_size.max(1);
+                self.write_reg(reg::RING_TAIL, &tail.to_le_bytes());
+            }
+        }
+    }
+
+    /// The migrated VF and the one it came from, given the same operations since, are
+    /// in the same state: registers (but for engine time), the command in flight, and
+    /// memory, unless a TIMESTAMP wrote either clock into it.
+    fn same_as(&self, twin: &Rig) {
+        let (mut a, mut b) = (self.vf.regs(), twin.vf.regs());
+        (a.engine_ns, b.engine_ns) = (0, 0);
+        assert_eq!(a, b, "migrated and unmoved VFs' registers differ");
+        let fl = |r: &Rig| r.vf.lock().in_flight.clone();
+        assert_eq!(
+            fl(self),
+            fl(twin),
+            "migrated and unmoved VFs' commands differ"
+        );
+        if !self.clock_seen && !twin.clock_seen {
+            assert!(
+                self.vram() == twin.vram(),
+                "migrated and unmoved VRAM differ"
+            );
+            assert!(
+                self.ram_bytes() == twin.ram_bytes(),
+                "migrated and unmoved guest RAM differ"
+            );
+        }
+    }
+}
+
+/// Runs the operations in `data`:
+/// - 0 `off: u32, v: u64`: the guest writes `v` to VRAM (through its aperture);
+/// - 1 `off: u32, v: u64`: the guest writes `v` to its RAM (`off` over all regions);
+/// - 2 `slot: u8, entry: [u8; 64]`: the guest writes a ring entry at RING_BASE;
+/// - 3 `sel: u8, v: u64`: a register write (`sel` picks the register, half, width);
+/// - 4 `sel: u8`: a register read;
+/// - 5 `n: u8`: the engine runs up to n % 64 + 1 steps, then the record is checked;
+/// - 6: the VF is migrated; the one it left goes on beside it, given the same
+///   operations, and each run compares the two;
+/// - 7 `op: u8, fence: u8, args: [u32; 6]`: a ring entry from small numbers (opcode
+///   `op % 8`, no fence if 0) written at RING_TAIL, and the doorbell after it.
+///
+/// then checks the VF still computes after RESET.
+pub fn engine(data: &[u8]) -> Outcome {
+    let mut input = Input(data);
+    let mut rig = Rig::new();
+    let mut twin: Option<Rig> = None;
+    let mut out = Outcome::default();
+    for _ in 0..MAX_OPS {
+        if input.0.is_empty() {
+            break;
+        }
+        let op = Op::read(&mut input);
+        if let Op::Migrate = op {
+            let to = rig.migrate(&mut out);
+            twin = Some(std::mem::replace(&mut rig, to));
+            continue;
+        }
+        rig.apply(&op, &mut out);
+        if let Some(t) = &mut twin {
+            t.apply(&op, &mut Outcome::default());
+            if let Op::Run(_) = op {
+                rig.same_as(t);
+            }
+        }
+    }
+    rig.run(MAX_STEPS, &mut out);
+    for r in std::iter::once(&mut rig).chain(twin.as_mut()) {
+        r.still_computes();
+        assert!(
+            !r.broken.load(Ordering::SeqCst),
+            "the model handed its backend an access outside VRAM"
+        );
+    }
+    out
+}
+
+/// Builds seed inputs: the operations of `engine`, written out.
+struct Seed {
+    b: Vec<u8>,
+    tail: u64,
+}
+
+impl Seed {
+    /// The seeds' tables and ring, set up and enabled.
+    fn new() -> Seed {
+        let mut s = Seed {
+            b: Vec::new(),
+            tail: 0,
+        };
+        for (off, v) in tables() {
+            s.poke(off, v);
+        }
+        s.reg(reg::RING_BASE, RING);
+        s.reg(reg::RING_SIZE, 16);
+        s.reg(reg::PT_ROOT, ROOT);
+        s.reg(reg::INT_MASK, 3);
+        s.reg(reg::CONTROL, control::ENABLE);
+        s
+    }
+
+    fn reg(&mut self, r: u64, v: u64) -> &mut Seed {
+        self.b.extend([3, (r / 8) as u8]);
+        self.b.extend(v.to_le_bytes());
+        self
+    }
+
+    /// A command at the tail, and the doorbell.
+    fn cmd(&mut self, opcode: u16, fence: u64, args: [u64; 6]) -> &mut Seed {
+        self.b.extend([2, self.tail as u8]);
+        self.b.extend(encode(opcode, Some(fence), args));
+        self.tail = (self.tail + 1) % 16;
+        self.reg(reg::RING_TAIL, self.tail)
+    }
+
+    fn poke(&mut self, off: u64, v: u64) -> &mut Seed {
+        self.b.push(0);
+        self.b.extend((off as u32).to_le_bytes());
+        self.b.extend(v.to_le_bytes());
+        self
+    }
+
+    fn run(&mut self, steps: u8) -> &mut Seed {
+        self.b.extend([5, steps]);
+        self
+    }
+}
+
+/// Starting points for the fuzzer, each named: the seeds' tables and ring set up, then
+/// commands of every kind, runs cut short, migrations mid-command and register abuse.
+pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let one = u64::from(1.0f32.to_bits());
+    let k = |id: u64, a: [u64; 5]| [id, a[0], a[1], a[2], a[3], a[4]];
+
+    let mut fill_copy = Seed::new();
+    fill_copy
+        .cmd(op::FILL, 1, [0, 8 * PAGE, 0x1234_5678, 0, 0, 0])
+        // Eight pages from RAM page 1 on: from the first region into the next.
+        .cmd(op::COPY, 2, [SYS + PAGE, 0, 8 * PAGE, 0, 0, 0])
+        .cmd(op::COPY, 3, [4 * PAGE, SYS + 2 * PAGE, PAGE, 0, 0, 0])
+        .cmd(op::WRITE, 4, [SYS + 20 * PAGE, 0xdead, 0, 0, 0, 0])
+        .cmd(op::TIMESTAMP, 5, [6 * PAGE, 0, 0, 0, 0, 0])
+        .cmd(op::TLB_INVALIDATE, 6, [0; 6])
+        .run(63);
+    // The small-number form of a command (operation 7).
+    fill_copy.b.extend([7, op::NOP as u8, 7]);
+    fill_copy.b.extend([0; 24]);
+    fill_copy.run(63);
+
+    let mut kernels = Seed::new();
+    let p = PAGE;
+    kernels
+        .cmd(op::FILL, 1, [0, 8 * p, one, 0, 0, 0])
+        .cmd(op::KERNEL, 2, k(kernel::VEC_ADD, [0, p, 2 * p, 1024, 0]))
+        .cmd(op::KERNEL, 3, k(kernel::VEC_MUL, [0, p, 3 * p, 1024, 0]))
+        .cmd(op::KERNEL, 4, k(kernel::AXPY, [0, 4 * p, 1024, one, 0]))
+        .cmd(op::KERNEL, 5, k(kernel::RELU, [p, 5 * p, 1024, 0, 0]))
+        .cmd(op::KERNEL, 6, k(kernel::REDUCE_SUM, [0, 1024, 6 * p, 0, 0]))
+        .cmd(op::KERNEL, 7, k(kernel::DOT, [0, p, 1024, 6 * p + 8, 0]))
+        .cmd(op::KERNEL, 8, k(kernel::HASH, [0, p, 6 * p + 16, 0, 0]))
+        .run(63)
+        .cmd(
+            op::KERNEL,
+            9,
+            k(kernel::STENCIL, [0, 8 * p, p, 32 | 32 << 32, 6 * p + 24]),
+        )
+        .cmd(
+            op::KERNEL,
+            10,
+            k(kernel::SGEMM, [0, p, 9 * p, 16 | 16 << 21 | 16 << 42, one]),
+        )
+        .run(63);
+
+    let mut migrate = Seed::new();
+    migrate
+        .cmd(op::FILL, 1, [0, 8 * p, one, 0, 0, 0])
+        .run(63)
+        // One step takes the entry, the next checks its operands: mid-command.
+        .cmd(op::KERNEL, 2, k(kernel::AXPY, [0, 4 * p, 1024, one, 0]))
+        .run(1);
+    migrate.b.push(6);
+    migrate
+        .run(63)
+        .cmd(op::KERNEL, 3, k(kernel::VEC_ADD, [0, p, 2 * p, 1024, 0]))
+        .run(0)
+        // A bad doorbell while a command is in flight, then a migration and a clear.
+        .reg(reg::RING_TAIL, 999);
+    migrate.b.push(6);
+    migrate.reg(reg::CONTROL, control::CLEAR_ERROR).run(63);
+
+    let mut abuse = Seed::new();
+    abuse
+        .cmd(op::COPY, 1, [RO, 0, 8, 0, 0, 0])
+        .run(3)
+        .reg(reg::CONTROL, control::CLEAR_ERROR)
+        .reg(reg::PT_ROOT, 0)
+        .cmd(op::FILL, 2, [0, 3 * p, 0, 0, 0, 0])
+        .run(1)
+        .reg(reg::CONTROL, control::RESET)
+        .reg(reg::RING_SIZE, 4096)
+        .reg(reg::CONTROL, control::ENABLE);
+    abuse.b.extend([4, 0x40 | 3, 4, 0xc0 | 2]);
+    abuse.b.extend([3, 0x5a, 1, 2, 3, 4, 5, 6, 7, 8]);
+    abuse.run(8);
+
+    // VA 1 MiB.. 2 MiB all maps VRAM page 1: commands long enough to take several
+    // chunks, caught part done by a migration and by RESET.
+    let mut aliased = Seed::new();
+    for i in 256..512 {
+        aliased.poke(ROOT + 2 * PAGE + i * 8, PAGE | pte::VALID | pte::WRITE);
+    }
+    let mib = 1 << 20;
+    aliased
+        .cmd(op::FILL, 1, [mib, mib, 0x0102_0304, 0, 0, 0])
+        .run(1);
+    aliased.b.push(6);
+    aliased
+        .run(63)
+        .cmd(op::COPY, 2, [mib, mib + mib / 2, mib / 2, 0, 0, 0])
+        .run(1)
+        .reg(reg::CONTROL, control::RESET)
+        .reg(reg::CONTROL, control::ENABLE)
+        .run(63);
+
+    vec![
+        ("seed_aliased", aliased.b),
+        ("seed_fill_copy", fill_copy.b),
+        ("seed_kernels", kernels.b),
+        ("seed_migrate", migrate.b),
+        ("seed_abuse", abuse.b),
+    ]
+}
