@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use godwit_gpu::abi::{op, reg};
 use godwit_gpu::command::encode;
-use godwit_gpu::Prefetch;
+use godwit_gpu::{Hold, Prefetch};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -140,4 +140,57 @@ fn waiting_for_a_missing_ring_page_holds_up_no_register_access() {
     );
     d.wait(1).unwrap();
     assert_eq!(r(&d.vf, reg::ERROR), 0);
+}
+
+/// Holds an ask that touches one VRAM page until opened; records every ask.
+#[derive(Default)]
+struct PageGate {
+    page: u64,
+    asked: Mutex<(Vec<(u64, u64)>, bool)>,
+    cv: Condvar,
+}
+
+impl Prefetch for PageGate {
+    fn active(&self) -> bool {
+        true
+    }
+    fn vram(&self, off: u64, len: u64) {
+        let mut g = self.asked.lock().unwrap();
+        g.0.push((off, len));
+        while off <= self.page && self.page < off + len && !g.1 {
+            g = self.cv.wait(g).unwrap();
+        }
+    }
+    fn ram(&self, _gpa: u64, _len: u64) {}
+}
+
+/// Commands rung in one doorbell: each is brought in before it runs, not only the first
+/// of those the engine runs in one turn at the GPU.
+#[test]
+fn every_command_of_a_batch_is_brought_in_before_it_runs() {
+    let mut d = Driver::new();
+    let gate = Arc::new(PageGate {
+        page: 5 << 20,
+        ..Default::default()
+    });
+    d.vf.set_prefetch(Some(gate.clone()), true);
+    // Both are in the ring before the engine looks.
+    d.vf.pause(Hold::User);
+    let first = d.submit(op::FILL, [1 << 20, 4096, 7, 0, 0, 0]);
+    // Its source is the gated page: it must not run until that page is "here".
+    let second = d.submit(op::COPY, [3 << 20, 5 << 20, 4096, 0, 0, 0]);
+    d.vf.resume(Hold::User);
+    d.wait(first).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        r(&d.vf, reg::FENCE) < second,
+        "the second command ran before its pages were brought in"
+    );
+    {
+        let mut g = gate.asked.lock().unwrap();
+        assert!(covers(&g.0, 5 << 20, 4096), "{:?}", g.0);
+        g.1 = true;
+    }
+    gate.cv.notify_all();
+    d.wait(second).unwrap();
 }

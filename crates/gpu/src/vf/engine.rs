@@ -119,7 +119,8 @@ impl Vf {
             let Some(slice) = self.arbiter.acquire(&stop) else {
                 continue;
             };
-            // Run chunks until the slice ends, the work runs out, or a hold.
+            // Run chunks until the slice ends, the work runs out, a hold, or (post-copy)
+            // a next command that is not brought in yet.
             let mut used = 0;
             loop {
                 let t0 = Instant::now();
@@ -129,7 +130,8 @@ impl Vf {
                 used += dt;
                 self.arbiter.used(dt);
                 self.lock().regs.engine_ns += dt;
-                if !more || stop() || sched::now_ns() >= slice.end_ns {
+                if !more || stop() || sched::now_ns() >= slice.end_ns || self.next_not_brought_in()
+                {
                     break;
                 }
             }

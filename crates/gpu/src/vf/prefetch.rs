@@ -31,20 +31,40 @@ impl Vf {
         *self.prefetch.lock().unwrap_or_else(|e| e.into_inner()) = p.map(|p| (p, always));
     }
 
-    /// Brings in every page the next command touches, holding nothing: not the shared
-    /// engine, not this VF's state lock (the vCPUs take it for every register access).
-    pub(super) fn prefetch_next(&self) {
+    /// Whether a prefetch is in force now: pages may be missing, and the engine is
+    /// told to bring them in always or someone else wants the engine.
+    fn prefetching(&self) -> Option<Arc<dyn Prefetch>> {
         let p = self
             .prefetch
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let Some((p, always)) = p.filter(|(p, _)| p.active()) else {
+        let (p, always) = p.filter(|(p, _)| p.active())?;
+        (always || self.arbiter.contended()).then_some(p)
+    }
+
+    /// Whether the engine must give up the GPU before it goes on: a prefetch is in
+    /// force and the command at the ring's head (the next one, once a command
+    /// completes, or a new one after a reset) is not the one brought in. Its next turn
+    /// brings that one in first, holding nothing.
+    pub(super) fn next_not_brought_in(&self) -> bool {
+        if self.prefetching().is_none() {
+            return false;
+        }
+        let i = self.lock();
+        if !Self::has_work(&i) {
+            return false;
+        }
+        let done = *self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+        done.is_none_or(|(head, generation, _)| head != i.regs.head || generation != i.generation)
+    }
+
+    /// Brings in every page the next command touches, holding nothing: not the shared
+    /// engine, not this VF's state lock (the vCPUs take it for every register access).
+    pub(super) fn prefetch_next(&self) {
+        let Some(p) = self.prefetching() else {
             return;
         };
-        if !always && !self.arbiter.contended() {
-            return;
-        }
         let (key, cmd, entry_at, root) = {
             let i = self.lock();
             if !Self::has_work(&i) || i.holds != 0 {
