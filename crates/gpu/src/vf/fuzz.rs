@@ -9,7 +9,8 @@
 //!   its own VM unmovable), and the restored VF holds the same registers;
 //! - a VF migrated mid-way and the one it left, given the same operations after, stay
 //!   the same: registers, command in flight, and memory (unless a TIMESTAMP wrote its
-//!   clock there);
+//!   clock there, or the guest changed the page tables under its own kernel, whose
+//!   operands the new VF translates again);
 //! - the ring head stays inside the ring, and the VF still computes right after RESET.
 //!
 //! The input is a list of operations, one byte each and then its arguments (see
@@ -238,8 +239,11 @@ impl Rig {
     }
 
     /// Saves the VF and restores it on a new one with a copy of its memory, as a
-    /// migration does.
-    fn migrate(&self, out: &mut Outcome) -> Rig {
+    /// migration does. Also says whether the two must go on alike: a kernel's operands,
+    /// once translated, are not part of the state, and the new VF translates them again
+    /// (here at once, the step its engine would take first), so the two differ where the
+    /// guest changed the page tables under its own kernel.
+    fn migrate(&self, out: &mut Outcome) -> (Rig, bool) {
         let s = self
             .vf
             .save_state()
@@ -258,7 +262,18 @@ impl Rig {
         assert_eq!(back.in_flight, s.in_flight, "the restored command differs");
         out.migrations += 1;
         to.clock_seen = self.clock_seen;
-        to
+        let (resolved, resolving) = {
+            let i = self.vf.lock();
+            (i.resolved, i.resolving.is_some())
+        };
+        let alike = match resolved {
+            Some(k) if !resolving => {
+                to.vf.step();
+                to.vf.lock().resolved == Some(k)
+            }
+            _ => !resolving,
+        };
+        (to, alike)
     }
 
     /// RESET, the seeds' tables and ring, and a sum the VF must get right.
@@ -472,8 +487,9 @@ pub fn engine(data: &[u8]) -> Outcome {
         }
         let op = Op::read(&mut input);
         if let Op::Migrate = op {
-            let to = rig.migrate(&mut out);
-            twin = Some(std::mem::replace(&mut rig, to));
+            let (to, alike) = rig.migrate(&mut out);
+            let from = std::mem::replace(&mut rig, to);
+            twin = alike.then_some(from);
             continue;
         }
         rig.apply(&op, &mut out);
