@@ -11,12 +11,13 @@
 //!   the same: registers, command in flight, and memory (unless a TIMESTAMP wrote its
 //!   clock there, or the guest changed the page tables under its own kernel, whose
 //!   operands the new VF translates again);
+//! - no interrupt is lost: a cause that becomes pending and enabled sends a message;
 //! - the ring head stays inside the ring, and the VF still computes right after RESET.
 //!
 //! The input is a list of operations, one byte each and then its arguments (see
 //! `engine`); `seeds` builds the corpus's starting points.
 
-use super::Vf;
+use super::{IrqLine, Vf};
 use crate::abi::{control, kernel, op, pte, reg, ENTRY_SIZE};
 use crate::backend::{Acc, Aperture, Backend, OutOfRange};
 use crate::command::{encode, Command, Kernel};
@@ -24,7 +25,7 @@ use crate::cpu::CpuBackend;
 use crate::mmu::GuestRam;
 use crate::sched::Unshared;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -106,6 +107,16 @@ impl Backend for Guarded {
     }
 }
 
+/// Counts the VF's interrupt messages.
+#[derive(Default)]
+struct Irqs(AtomicU64);
+
+impl IrqLine for Irqs {
+    fn raise(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 /// The input, read front to back; past its end every read is 0.
 struct Input<'a>(&'a [u8]);
 
@@ -133,6 +144,7 @@ struct Rig {
     vf: Arc<Vf>,
     ram: GuestRam,
     broken: Arc<AtomicBool>,
+    irqs: Arc<Irqs>,
     /// A TIMESTAMP command was taken: memory may hold this VF's clock.
     clock_seen: bool,
 }
@@ -152,10 +164,13 @@ impl Rig {
         let vf = Vf::new(Box::new(backend), ram.clone(), Box::new(Unshared));
         vf.start_vram_tracking();
         vf.start_dma_tracking();
+        let irqs = Arc::new(Irqs::default());
+        vf.connect_irq(irqs.clone());
         Rig {
             vf,
             ram,
             broken,
+            irqs,
             clock_seen: false,
         }
     }
@@ -186,23 +201,26 @@ impl Rig {
 
     /// Runs up to `steps` engine steps and checks that what changed was recorded.
     fn run(&mut self, steps: usize, out: &mut Outcome) {
+        if !Vf::has_work(&self.vf.lock()) {
+            return;
+        }
         self.vf.take_vram_dirty();
         self.vf.take_dma_dirty();
         let (vram0, ram0) = (self.vram(), self.ram_bytes());
         let before = self.vf.regs();
-        let mut n = 0;
-        while n < steps && self.vf.step() {
+        for _ in 0..steps {
+            // As the engine thread does: the interrupt a step made due goes after it,
+            // whether or not there is more (a step that fails a command has none).
+            let more = self.vf.step();
             self.vf.deliver_irq();
-            n += 1;
-            let i = self.vf.lock();
-            if let Some(f) = &i.in_flight {
+            out.steps += 1;
+            if let Some(f) = &self.vf.lock().in_flight {
                 self.clock_seen |= matches!(f.entry.cmd, Command::Timestamp { .. });
             }
+            if !more {
+                break;
+            }
         }
-        if n == 0 {
-            return;
-        }
-        out.steps += n as u64;
         let after = self.vf.regs();
         out.completed += after.completed.saturating_sub(before.completed);
         out.errors += u64::from(after.error != 0 && before.error == 0);
@@ -351,6 +369,7 @@ fn tables() -> Vec<(u64, u64)> {
 }
 
 /// One operation of an input (see `engine`).
+#[derive(Debug)]
 enum Op {
     PokeVram(u64, u64),
     PokeRam(u64, u64),
@@ -409,7 +428,23 @@ impl Op {
 }
 
 impl Rig {
+    /// Applies `op`, and checks that no interrupt was lost: a cause that became
+    /// pending and enabled sent a message (see `abi::irq`).
     fn apply(&mut self, op: &Op, out: &mut Outcome) {
+        let pending = |r: &Rig| {
+            let r = r.vf.regs();
+            r.int_status & r.int_mask
+        };
+        let (before, sent) = (pending(self), self.irqs.0.load(Ordering::SeqCst));
+        self.apply_op(op, out);
+        let new = pending(self) & !before;
+        assert!(
+            new == 0 || self.irqs.0.load(Ordering::SeqCst) > sent,
+            "interrupt causes {new:#x} became pending and enabled, and no message went: {op:?}"
+        );
+    }
+
+    fn apply_op(&mut self, op: &Op, out: &mut Outcome) {
         match *op {
             Op::PokeVram(off, v) => self
                 .vf
