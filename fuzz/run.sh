@@ -19,7 +19,9 @@
 # target/fuzz-corpus/TARGET and crashes to fuzz/artifacts/TARGET (copy each into
 # fuzz/corpus/TARGET once fixed: it stays as a regression test). `--keep` merges into
 # fuzz/corpus/TARGET only those found inputs that reach code the corpus does not
-# (libFuzzer's -merge=1), for committing. Needs cargo-fuzz (`cargo install
+# (libFuzzer's -merge=1), for committing. Builds are optimised with debug assertions
+# and overflow checks on (-O -a), as `cargo test` builds are: an overflow a hostile
+# input causes is a crash here, not a silent wrap. Needs cargo-fuzz (`cargo install
 # cargo-fuzz`); RUSTC_BOOTSTRAP lets the stable toolchain take the sanitizer flags.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -34,17 +36,17 @@ fi
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(wire_frame vm_state vf_state gpu_command gpu_engine http_request postcopy snapshot_index)
 export RUSTC_BOOTSTRAP=1
-cargo fuzz build -O
+cargo fuzz build -O -a
 for t in "${targets[@]}"; do
     mkdir -p "../target/fuzz-corpus/$t"
     if $keep; then
         echo "== $t: merging target/fuzz-corpus/$t into corpus/$t"
-        cargo fuzz run -O "$t" "corpus/$t" "../target/fuzz-corpus/$t" -- \
+        cargo fuzz run -O -a "$t" "corpus/$t" "../target/fuzz-corpus/$t" -- \
             -merge=1 -max_len=65536 2>&1 | grep -E "MERGE-OUTER: [0-9]+ new files" || true
         continue
     fi
     echo "== $t: $secs s"
-    cargo fuzz run -O "$t" "../target/fuzz-corpus/$t" "corpus/$t" -- \
+    cargo fuzz run -O -a "$t" "../target/fuzz-corpus/$t" "corpus/$t" -- \
         -max_total_time="$secs" -max_len=65536 -print_final_stats=1 2>&1 |
         grep -E "^(#[0-9]+.*DONE|stat::|==[0-9]+==|SUMMARY|Done)" || true
 done

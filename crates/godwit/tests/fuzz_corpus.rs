@@ -119,17 +119,18 @@ fn the_gpu_engine_seeds_are_in_the_corpus_and_reach_their_commands() {
             dir.display()
         );
         let out = godwit_gpu::vf::fuzz::engine(&data);
-        // (commands completed, migrations, a command failed): the engine runs on the
-        // test's thread, so these are exact.
+        // (commands completed, migrations, hostile states taken, a command failed): the
+        // engine runs on the test's thread, so these are exact.
         let want = match name {
-            "seed_aliased" => (1, 1, false),
-            "seed_fill_copy" => (7, 0, false),
-            "seed_kernels" => (10, 0, false),
-            "seed_migrate" => (3, 2, false),
-            _ => (0, 0, true),
+            "seed_aliased" => (1, 1, 0, false),
+            "seed_fill_copy" => (7, 0, 0, false),
+            "seed_kernels" => (10, 0, 0, false),
+            "seed_migrate" => (3, 2, 0, false),
+            "seed_tamper" => (2, 0, 4, false),
+            _ => (0, 0, 0, true),
         };
         assert_eq!(
-            (out.completed, out.migrations, out.errors > 0),
+            (out.completed, out.migrations, out.tampered, out.errors > 0),
             want,
             "{name}: {out:?}"
         );

@@ -56,6 +56,8 @@ pub struct Outcome {
     pub errors: u64,
     pub steps: u64,
     pub migrations: u64,
+    /// Hostile states restored (not refused).
+    pub tampered: u64,
 }
 
 /// A backend that counts any access outside VRAM: the model checks every range before
@@ -379,11 +381,12 @@ enum Op {
     Run(usize),
     Migrate,
     Submit(u16, u8, [u64; 6]),
+    Tamper(u8, u64),
 }
 
 impl Op {
     fn read(input: &mut Input) -> Op {
-        match input.u8() % 8 {
+        match input.u8() % 9 {
             0 => Op::PokeVram((u64::from(input.u32()) % VRAM) & !7, input.u64()),
             1 => {
                 let off = (u64::from(input.u32()) % (24 * PAGE)) & !7;
@@ -415,6 +418,7 @@ impl Op {
             }
             5 => Op::Run(usize::from(input.u8()) % MAX_STEPS + 1),
             6 => Op::Migrate,
+            8 => Op::Tamper(input.u8(), input.u64()),
             _ => {
                 let (opc, fence) = (u16::from(input.u8() % 8), input.u8());
                 let mut args = [0u64; 6];
@@ -460,7 +464,7 @@ impl Rig {
             Op::WriteReg(offset, v, width) => self.write_reg(offset, &v[..width]),
             Op::ReadReg(offset, width) => self.vf.mmio_read(offset, &mut [0u8; 8][..width]),
             Op::Run(steps) => self.run(steps, out),
-            Op::Migrate => unreachable!("the caller migrates"),
+            Op::Migrate | Op::Tamper(..) => unreachable!("the caller does these"),
             Op::Submit(opc, fence, args) => {
                 let r = self.vf.regs();
                 let e = encode(opc, (fence != 0).then_some(u64::from(fence)), args);
@@ -468,6 +472,72 @@ impl Rig {
                 let _ = self.ram.write_slice(&e, GuestAddress(at));
                 let tail = (r.tail + 1) % r.ring_size.max(1);
                 self.write_reg(reg::RING_TAIL, &tail.to_le_bytes());
+            }
+        }
+    }
+
+    /// Restores the VF's own state with one field set to `v` (`field % 20` picks it;
+    /// a command in flight is made up from the ring entry at the head if there is
+    /// none): it is refused and changes nothing, or taken, and the engine goes on from
+    /// it under the same checks. A VF restored as paused (`user_held`) is resumed, as
+    /// its VM would be.
+    fn tamper(&mut self, field: u8, v: u64, out: &mut Outcome) {
+        let good = self
+            .vf
+            .save_state()
+            .expect("a VF with no engine thread saves");
+        let mut s = good.clone();
+        let r = &mut s.regs;
+        match field % 20 {
+            0 => r.enabled = v & 1 != 0,
+            1 => r.error = v,
+            2 => r.error_addr = v,
+            3 => r.ring_base = v,
+            4 => r.ring_size = v,
+            5 => r.head = v,
+            6 => r.tail = v,
+            7 => r.fence = v,
+            8 => r.pt_root = v,
+            9 => r.completed = v,
+            10 => r.int_status = v,
+            11 => r.int_mask = v,
+            12 => s.user_held = v & 1 != 0,
+            13 => s.vram_size = v,
+            14 => s.clock_ns = v,
+            f => {
+                let at = r.ring_base.wrapping_add(r.head.wrapping_mul(64));
+                let mut raw = [0u8; ENTRY_SIZE];
+                let _ = self.ram.read_slice(&mut raw, GuestAddress(at));
+                let index = r.head;
+                let fl = s.in_flight.get_or_insert_with(|| super::InFlightState {
+                    index,
+                    entry: std::array::from_fn(|k| {
+                        u64::from_le_bytes(raw[8 * k..8 * k + 8].try_into().expect("8"))
+                    }),
+                    done: 0,
+                    acc: Acc::default(),
+                });
+                match f {
+                    15 => fl.index = v,
+                    16 => fl.done = v,
+                    17 => fl.acc.u = v,
+                    18 => fl.acc.f = f64::from_bits(v),
+                    _ => fl.entry[usize::from(field / 20 % 8)] = v,
+                }
+            }
+        }
+        match self.vf.restore_state(&s) {
+            Ok(()) => {
+                self.vf.resume(super::Hold::User);
+                out.tampered += 1;
+            }
+            Err(_) => {
+                let now = self.vf.save_state().expect("saves");
+                assert_eq!(
+                    (now.regs, now.in_flight, now.user_held),
+                    (good.regs, good.in_flight, good.user_held),
+                    "a refused state changed the VF"
+                );
             }
         }
     }
@@ -508,7 +578,9 @@ impl Rig {
 /// - 6: the VF is migrated; the one it left goes on beside it, given the same
 ///   operations, and each run compares the two;
 /// - 7 `op: u8, fence: u8, args: [u32; 6]`: a ring entry from small numbers (opcode
-///   `op % 8`, no fence if 0) written at RING_TAIL, and the doorbell after it.
+///   `op % 8`, no fence if 0) written at RING_TAIL, and the doorbell after it;
+/// - 8 `field: u8, v: u64`: the VF's saved state with one field set to `v` (see
+///   `tamper`) is restored, as a hostile migration stream would have it.
 ///
 /// then checks the VF still computes after RESET.
 pub fn engine(data: &[u8]) -> Outcome {
@@ -525,6 +597,12 @@ pub fn engine(data: &[u8]) -> Outcome {
             let (to, alike) = rig.migrate(&mut out);
             let from = std::mem::replace(&mut rig, to);
             twin = alike.then_some(from);
+            continue;
+        }
+        if let Op::Tamper(field, v) = op {
+            // The two part ways here.
+            twin = None;
+            rig.tamper(field, v, &mut out);
             continue;
         }
         rig.apply(&op, &mut out);
@@ -693,8 +771,28 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         .reg(reg::CONTROL, control::ENABLE)
         .run(63);
 
+    // Hostile saved states, refused and taken, with a command in flight.
+    let mut tamper = Seed::new();
+    tamper
+        .cmd(op::FILL, 1, [0, 8 * p, one, 0, 0, 0])
+        .cmd(op::KERNEL, 2, k(kernel::AXPY, [0, 4 * p, 1024, one, 0]))
+        .run(1);
+    for (field, v) in [
+        (4, 3),                     // a ring size no ENABLE takes: refused
+        (16, 1 << 40),              // done past the end: refused
+        (1, 2 | 0xffff_ffff << 32), // a register error: taken
+        (7, 1000),                  // a fence: taken
+        (14, u64::MAX),             // a clock at the top: taken
+        (12, 1),                    // paused: taken
+    ] {
+        tamper.b.extend([8, field]);
+        tamper.b.extend(u64::to_le_bytes(v));
+    }
+    tamper.reg(reg::CONTROL, control::CLEAR_ERROR).run(63);
+
     vec![
         ("seed_aliased", aliased.b),
+        ("seed_tamper", tamper.b),
         ("seed_fill_copy", fill_copy.b),
         ("seed_kernels", kernels.b),
         ("seed_migrate", migrate.b),

@@ -210,12 +210,14 @@ impl Vf {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The GPU clock: a 64-bit nanosecond counter that wraps, as hardware's do. It
+    /// goes on from a restored state's, and a hostile state's near the top only makes
+    /// its own guest's clock wrap (it once overflowed the addition).
     pub fn clock_ns(&self) -> u64 {
-        *self
-            .clock_offset_ns
+        self.clock_offset_ns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            + self.clock0.elapsed().as_nanos() as u64
+            .wrapping_add(self.clock0.elapsed().as_nanos() as u64)
     }
 
     pub fn regs(&self) -> Regs {
