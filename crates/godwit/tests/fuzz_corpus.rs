@@ -97,7 +97,7 @@ fn the_snapshot_index_corpus_holds() {
 
 #[test]
 fn the_gpu_engine_corpus_holds() {
-    replay("gpu_engine", 4, gpu_engine::check);
+    replay("gpu_engine", 1000, gpu_engine::check);
 }
 
 /// The GPU engine's seeds are built by code (`godwit_gpu::vf::fuzz::seeds`), so they
