@@ -1,7 +1,8 @@
 //! For the fuzz targets (fuzz/): a VF driven by hostile bytes the way a guest drives
 //! it, through register writes, ring entries in its RAM and page tables in its VRAM,
 //! with its engine stepped on the calling thread (no engine thread, so a run is
-//! repeatable), and migrated mid-way. What must hold whatever the guest does:
+//! repeatable), migrated mid-way, and restored from hostile saved states. What must
+//! hold whatever the guest (or the stream) does:
 //! - the model hands the backend no access outside VRAM (it checks every range first);
 //! - every VRAM and guest page the engine changes is in its record of writes, or a
 //!   migration that relies on the record would leave the old bytes at the destination;
@@ -11,6 +12,8 @@
 //!   the same: registers, command in flight, and memory (unless a TIMESTAMP wrote its
 //!   clock there, or the guest changed the page tables under its own kernel, whose
 //!   operands the new VF translates again);
+//! - a hostile saved state is refused and changes nothing, or is taken and run under
+//!   all these checks;
 //! - no interrupt is lost: a cause that becomes pending and enabled sends a message;
 //! - the ring head stays inside the ring, and the VF still computes right after RESET.
 //!
