@@ -21,6 +21,14 @@ pub const VRAM: u64 = 64 << 20;
 /// Page tables live in the last MiB of VRAM.
 pub const PT: u64 = VRAM - (1 << 20);
 
+/// n test values in -5.0..5.0, different for each seed.
+pub fn data(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) % 1000)
+        .map(|v| v as f32 / 100.0 - 5.0)
+        .collect()
+}
+
 pub struct Driver {
     pub vf: Arc<Vf>,
     pub ram: GuestRam,
