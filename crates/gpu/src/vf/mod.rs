@@ -73,6 +73,13 @@ pub enum Hold {
     Migration = 2,
 }
 
+/// Whether ERROR holds a failed command's error (with its ring index), not one a
+/// register write set (index 0xffff_ffff). A failed command leaves nothing in flight
+/// and is skipped by CLEAR_ERROR; a register write's error leaves the ring as it was.
+fn command_failed(error: u64) -> bool {
+    error != 0 && error >> 32 != 0xffff_ffff
+}
+
 mod engine;
 pub mod fuzz;
 mod prefetch;
@@ -327,7 +334,8 @@ impl Vf {
         }
     }
 
-    /// Records the first error since the last clear.
+    /// Records the first error since the last clear (`index` u64::MAX: not a ring
+    /// entry's, but a register write's; see `command_failed`).
     fn set_error(i: &mut Inner, code: u32, index: u64, addr: u64) {
         let r = &mut i.regs;
         if r.error == 0 {
@@ -377,7 +385,7 @@ impl Vf {
             i.generation += 1;
         }
         if v & control::CLEAR_ERROR != 0 && i.regs.error != 0 {
-            let failed_in_ring = i.regs.error >> 32 != 0xffff_ffff;
+            let failed_in_ring = command_failed(i.regs.error);
             i.regs.error = 0;
             i.regs.error_addr = 0;
             if failed_in_ring

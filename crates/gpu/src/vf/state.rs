@@ -147,8 +147,7 @@ impl Vf {
         // A command that fails leaves nothing in flight. An error from a register write
         // (a doorbell outside the ring, a configuration write while enabled) stops the
         // ring with its command still in flight, which goes on after CLEAR_ERROR.
-        let command_failed = r.error != 0 && r.error >> 32 != 0xffff_ffff;
-        if !r.enabled || command_failed {
+        if !r.enabled || super::command_failed(r.error) {
             return Err(
                 "a command in flight on a VF that is disabled or stopped by a failed command"
                     .into(),
