@@ -14,12 +14,11 @@
 # The corpus in fuzz/corpus/TARGET (seeds from a real GPU VM's snapshot and real
 # requests; gpu_engine's are built by code, and `GODWIT_WRITE_SEEDS=1 cargo test -p
 # godwit --test fuzz_corpus` rewrites them; and what earlier runs found that reached
-# new code) is what `cargo test` replays (crates/godwit/tests/fuzz_corpus.rs).
-# A run adds what it finds to
-# target/fuzz-corpus/TARGET and crashes to fuzz/artifacts/TARGET (copy each into
-# fuzz/corpus/TARGET once fixed: it stays as a regression test). `--keep` merges into
-# fuzz/corpus/TARGET only those found inputs that reach code the corpus does not
-# (libFuzzer's -merge=1), for committing. Builds are optimised with debug assertions
+# new code) is what `cargo test` replays (crates/godwit/tests/fuzz_corpus.rs). A run
+# adds what it finds to target/fuzz-corpus/TARGET and crashes to
+# fuzz/artifacts/TARGET (copy each into fuzz/corpus/TARGET once fixed: it stays as a
+# regression test). `--keep` merges into fuzz/corpus/TARGET only those found inputs
+# that reach code the corpus does not (libFuzzer's -merge=1), for committing. Builds are optimised with debug assertions
 # and overflow checks on (-O -a), as `cargo test` builds are: an overflow a hostile
 # input causes is a crash here, not a silent wrap. Needs cargo-fuzz (`cargo install
 # cargo-fuzz`); RUSTC_BOOTSTRAP lets the stable toolchain take the sanitizer flags.
