@@ -95,11 +95,30 @@ impl Mmu<'_> {
     /// The segments of [va, va + len), merged where contiguous. A range that wraps or
     /// leaves the address space faults at its first bad byte.
     pub fn segments(&self, va: u64, len: u64, write: bool) -> Result<Vec<Segment>, Fault> {
+        match self.walk(va, len, write) {
+            (segs, None) => Ok(segs),
+            (_, Some(f)) => Err(f),
+        }
+    }
+
+    /// The segments of [va, va + len) that come before its first bad byte: what a
+    /// command working through the range chunk by chunk may touch before it faults.
+    pub fn segments_before_fault(&self, va: u64, len: u64, write: bool) -> Vec<Segment> {
+        self.walk(va, len, write).0
+    }
+
+    /// The segments of [va, va + len) up to its first fault, and that fault if any.
+    fn walk(&self, va: u64, len: u64, write: bool) -> (Vec<Segment>, Option<Fault>) {
         let mut out: Vec<Segment> = Vec::new();
         let mut at = va;
-        let end = va.checked_add(len).ok_or(Fault { va })?;
+        let Some(end) = va.checked_add(len) else {
+            return (out, Some(Fault { va }));
+        };
         while at < end {
-            let (target, left) = self.translate(at, write)?;
+            let (target, left) = match self.translate(at, write) {
+                Ok(t) => t,
+                Err(f) => return (out, Some(f)),
+            };
             let n = left.min(end - at);
             let joined = out.last_mut().is_some_and(|s| {
                 let next = match (s.target, target) {
@@ -117,7 +136,7 @@ impl Mmu<'_> {
             }
             at += n;
         }
-        Ok(out)
+        (out, None)
     }
 
     /// The VRAM offset of [va, va + len), which must be one contiguous VRAM run (what
@@ -193,6 +212,14 @@ mod tests {
         assert_eq!(
             m.segments((2 << 20) - 16, 32, true),
             Err(Fault { va: 2 << 20 })
+        );
+        // What comes before the fault is still there to bring in.
+        assert_eq!(
+            m.segments_before_fault((2 << 20) - 16, 32, true),
+            vec![Segment {
+                target: Target::Vram((4 << 20) - 16),
+                len: 16
+            }]
         );
         assert_eq!(m.vram_range(0, 4096, true).unwrap(), Some(2 << 20));
         assert_eq!(m.vram_range((2 << 20) - 16, 32, false).unwrap(), None);

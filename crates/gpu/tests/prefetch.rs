@@ -142,12 +142,32 @@ fn waiting_for_a_missing_ring_page_holds_up_no_register_access() {
     assert_eq!(r(&d.vf, reg::ERROR), 0);
 }
 
-/// Holds an ask that touches one VRAM page until opened; records every ask.
+/// Holds an ask that touches one page (of VRAM, or of guest RAM if `system`) until
+/// opened; records every ask of that memory.
 #[derive(Default)]
 struct PageGate {
     page: u64,
+    system: bool,
     asked: Mutex<(Vec<(u64, u64)>, bool)>,
     cv: Condvar,
+}
+
+impl PageGate {
+    fn ask(&self, system: bool, at: u64, len: u64) {
+        if system != self.system {
+            return;
+        }
+        let mut g = self.asked.lock().unwrap();
+        g.0.push((at, len));
+        while at <= self.page && self.page < at + len && !g.1 {
+            g = self.cv.wait(g).unwrap();
+        }
+    }
+
+    fn open(&self) {
+        self.asked.lock().unwrap().1 = true;
+        self.cv.notify_all();
+    }
 }
 
 impl Prefetch for PageGate {
@@ -155,13 +175,11 @@ impl Prefetch for PageGate {
         true
     }
     fn vram(&self, off: u64, len: u64) {
-        let mut g = self.asked.lock().unwrap();
-        g.0.push((off, len));
-        while off <= self.page && self.page < off + len && !g.1 {
-            g = self.cv.wait(g).unwrap();
-        }
+        self.ask(false, off, len)
     }
-    fn ram(&self, _gpa: u64, _len: u64) {}
+    fn ram(&self, gpa: u64, len: u64) {
+        self.ask(true, gpa, len)
+    }
 }
 
 /// Commands rung in one doorbell: each is brought in before it runs, not only the first
@@ -186,11 +204,42 @@ fn every_command_of_a_batch_is_brought_in_before_it_runs() {
         r(&d.vf, reg::FENCE) < second,
         "the second command ran before its pages were brought in"
     );
-    {
-        let mut g = gate.asked.lock().unwrap();
-        assert!(covers(&g.0, 5 << 20, 4096), "{:?}", g.0);
-        g.1 = true;
-    }
-    gate.cv.notify_all();
+    assert!(covers(&gate.asked.lock().unwrap().0, 5 << 20, 4096));
+    gate.open();
     d.wait(second).unwrap();
+}
+
+/// A COPY whose source runs off the end of what is mapped: the engine copies the chunks
+/// before that, then faults. Those chunks are brought in before it runs, as a whole
+/// range's are.
+#[test]
+fn the_part_of_a_range_before_its_fault_is_brought_in_before_it_runs() {
+    let mut d = Driver::new();
+    // The last 256 KiB of guest RAM (mapped at SYS) and one page past it, unmapped.
+    let src = SYS + RAM - (256 << 10);
+    let gate = Arc::new(PageGate {
+        page: RAM - (256 << 10),
+        system: true,
+        ..Default::default()
+    });
+    let x = data(64 << 10, 3);
+    d.put_f32(RAM - (256 << 10), &x);
+    d.vf.set_prefetch(Some(gate.clone()), true);
+    let f = d.submit(op::COPY, [3 << 20, src, (256 << 10) + 4096, 0, 0, 0]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        r(&d.vf, reg::ERROR),
+        0,
+        "the command ran into its fault before its first chunk was brought in"
+    );
+    assert!(covers(
+        &gate.asked.lock().unwrap().0,
+        RAM - (256 << 10),
+        256 << 10
+    ));
+    gate.open();
+    let (_, at) = d.wait(f).unwrap_err();
+    assert_eq!(at, SYS + RAM, "the fault is where the mapping ends");
+    // The chunk before the fault was copied.
+    assert_eq!(d.vram_f32(3 << 20, 64 << 10), x);
 }

@@ -119,11 +119,10 @@ impl Vf {
         };
         for (va, len, write) in ranges {
             // The walk reads the page tables (VRAM): those come in as it goes. A range
-            // that does not translate is the command's error, which it reports itself.
-            let Ok(segs) = mmu.segments(va, len, write) else {
-                continue;
-            };
-            for s in segs {
+            // that does not translate is the command's error, which it reports itself
+            // once it gets there; a COPY or FILL works through what comes before that
+            // first, chunk by chunk, so that part is brought in all the same.
+            for s in mmu.segments_before_fault(va, len, write) {
                 match s.target {
                     Target::Vram(o) => p.vram(o, s.len),
                     Target::System(g) => p.ram(g, s.len),
