@@ -234,6 +234,61 @@ pub(crate) fn qemu_guest(qemu: &str, image: &Path, mem: u64, append: &str) -> Co
     c
 }
 
+/// `c` in a session of its own: util-linux's `setsid`, which executes it in place (a
+/// freshly spawned child leads no process group, so it does not fork), so the child's
+/// pid is the VMM's. With the kernel's autogroup on, a session is a scheduling group of
+/// its own, as a VM in a cgroup of its own is: the fair scheduler shares a core between
+/// groups first, and weights rank threads only within one.
+pub(crate) fn in_own_session(c: &Command) -> Command {
+    let mut s = Command::new("setsid");
+    s.arg(c.get_program()).args(c.get_args());
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => s.env(k, v),
+            None => s.env_remove(k),
+        };
+    }
+    if let Some(d) = c.get_current_dir() {
+        s.current_dir(d);
+    }
+    s
+}
+
+/// Whether sessions are scheduling groups here and `setsid` is there
+/// (`in_own_session`).
+pub(crate) fn sessions_are_groups() -> Result<(), String> {
+    let f = "/proc/sys/kernel/sched_autogroup_enabled";
+    let no = "a session of its own is no scheduling group of its own here";
+    match std::fs::read_to_string(f) {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(v) => return Err(format!("{no}: {f} is {}", v.trim())),
+        Err(e) => return Err(format!("{no}: {f}: {e}")),
+    }
+    match Command::new("setsid").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => Err("setsid not found (util-linux)".into()),
+    }
+}
+
+/// Checks that each of `pids` is in a scheduling group (autogroup) of its own, none of
+/// them this process's.
+pub(crate) fn own_groups(pids: &[u32]) -> Result<(), String> {
+    let group = |pid: String| -> Result<String, String> {
+        let f = format!("/proc/{pid}/autogroup");
+        let s = std::fs::read_to_string(&f).map_err(|e| format!("{f}: {e}"))?;
+        Ok(s.split_whitespace().next().unwrap_or_default().to_string())
+    };
+    let mut seen = vec![group("self".into())?];
+    for &p in pids {
+        let g = group(p.to_string())?;
+        if seen.contains(&g) {
+            return Err(format!("process {p} shares its scheduling group {g}"));
+        }
+        seen.push(g);
+    }
+    Ok(())
+}
+
 pub(crate) fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -266,6 +321,8 @@ pub(crate) struct Pair {
     port: u16,
     procs: Procs,
     exe: std::path::PathBuf,
+    /// Each end starts in a session of its own (`in_own_session`).
+    pub own_sessions: bool,
     /// The guest's CPU over the last migration (`crate::guest_cpu`).
     pub guest_cpu: f64,
 }
@@ -285,6 +342,7 @@ impl Pair {
             port: free_port()?,
             procs: Procs(vec![]),
             exe,
+            own_sessions: false,
             guest_cpu: f64::NAN,
         })
     }
@@ -360,13 +418,22 @@ impl Pair {
         })?;
         wait_for("the godwit destination", wait, || {
             alive(procs).then(|| listening(port))
-        })
+        })?;
+        // Both have long since left `setsid` for godwit.
+        if self.own_sessions {
+            own_groups(&self.procs.0.iter().map(Child::id).collect::<Vec<_>>())?;
+        }
+        Ok(())
     }
 
     /// Starts a godwit with `args`, quiet, kept until the pair drops.
     fn spawn(&mut self, args: Vec<String>) -> Result<(), String> {
-        let c = std::process::Command::new(&self.exe)
-            .args(args)
+        let mut c = std::process::Command::new(&self.exe);
+        c.args(args);
+        if self.own_sessions {
+            c = in_own_session(&c);
+        }
+        let c = c
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -590,6 +590,13 @@ pub struct MigrateBenchArgs {
     /// beneath) out of the total time, for both.
     #[arg(long)]
     pub prefault: bool,
+    /// Every VMM process (godwit's and QEMU's, source and destination) starts in a
+    /// session of its own, which with the kernel's autogroup on is a scheduling group
+    /// of its own, as a VM in a cgroup of its own is: the fair scheduler then shares a
+    /// core between the two ends before it weighs their threads. Without it both ends
+    /// share the bench's group.
+    #[arg(long)]
+    pub own_sessions: bool,
 }
 
 #[derive(Args)]

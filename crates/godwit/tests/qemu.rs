@@ -115,3 +115,49 @@ fn the_migration_bench_sees_the_guests_cpu_under_both_vmms() {
         assert!(cpu > 0.0 && cpu <= 1.05, "{side}: guest_cpu {cpu}");
     }
 }
+
+/// `bench migrate --own-sessions` starts every VMM process, godwit's and QEMU's, source
+/// and destination, in a scheduling group of its own (the bench checks each one's
+/// autogroup and fails if any shares one); where sessions are no scheduling groups
+/// (autogroup off) it refuses at once and says why.
+#[test]
+fn the_migration_bench_can_give_each_vmm_a_scheduling_group_of_its_own() {
+    if !kvm_available() {
+        return;
+    }
+    let o = run(
+        &[
+            "bench",
+            "migrate",
+            "--runs",
+            "1",
+            "--memory",
+            "256",
+            "--workloads",
+            "idle",
+            "--downtime-ms",
+            "300",
+            "--own-sessions",
+            "--json",
+        ],
+        Duration::from_secs(300),
+    );
+    let autogroup = std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled").ok();
+    if autogroup.as_deref().map(str::trim) != Some("1") {
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("no scheduling group of its own"),
+            "{}",
+            stderr(&o)
+        );
+        return;
+    }
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON");
+    assert_eq!(r["own_sessions"], true, "{r}");
+    let cell = &r["cells"][0];
+    for side in ["godwit", "qemu", "qemu_multifd"] {
+        let s = &cell[side]["samples"];
+        assert_eq!(s.as_array().map(Vec::len), Some(1), "{side}: {cell}");
+    }
+}

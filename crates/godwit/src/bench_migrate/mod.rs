@@ -16,7 +16,8 @@
 //! none), the configuration QEMU offers for more than one stream of pages.
 
 use crate::bench::{
-    alive, free_port, guest_gap, qemu_guest, steady, summary, wait_for, Pair, Procs, Summary,
+    alive, free_port, guest_gap, in_own_session, own_groups, qemu_guest, steady, summary, wait_for,
+    Pair, Procs, Summary,
 };
 use crate::cli::MigrateBenchArgs;
 use godwit_migration::migration_priority::MigrationPriority;
@@ -37,6 +38,16 @@ use qemu::{qemu_run, QemuCfg};
 
 const STEADY_TIMEOUT: Duration = Duration::from_secs(90);
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How both ends of every run start, whichever VMM.
+#[derive(Clone, Copy, Debug)]
+struct Start {
+    /// The destination gets its memory, touched, before the migration (`--prefault`).
+    prefault: bool,
+    /// Each VMM process in a session, so a scheduling group, of its own
+    /// (`--own-sessions`).
+    own_sessions: bool,
+}
 
 #[derive(Clone, Debug)]
 struct Workload {
@@ -211,6 +222,9 @@ struct BenchReport {
     migration_priority: MigrationPriority,
     /// Destinations got their memory before each migration (`--prefault`).
     prefault: bool,
+    /// Each VMM process ran in a session, so a scheduling group, of its own
+    /// (`--own-sessions`).
+    own_sessions: bool,
     cells: Vec<Cell>,
 }
 
@@ -261,11 +275,13 @@ fn godwit_run(
     mode: Mode,
     dirty_log: DirtyLogMode,
     tls: Option<&Path>,
-    prefault: bool,
+    start: Start,
     // What every run asks for besides (connections, page checks, weights).
     base: &Options,
 ) -> Result<Sample, String> {
+    let prefault = start.prefault;
     let mut pair = Pair::new(dir, "g-")?;
+    pair.own_sessions = start.own_sessions;
     let mut dst = pair.destination_args();
     dst.extend(["--dirty-log".into(), dirty_log.to_string()]);
     if let Some(d) = tls {
@@ -434,6 +450,13 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
         .iter()
         .map(|b| Ok((b.clone(), version(b)?)))
         .collect::<Result<_, String>>()?;
+    let setup = Start {
+        prefault: a.prefault,
+        own_sessions: a.own_sessions,
+    };
+    if setup.own_sessions {
+        crate::bench::sessions_are_groups()?;
+    }
     let (dir, image) = crate::bench::scratch("migrate-", "dirtier")?;
     let modes = a
         .modes
@@ -520,14 +543,14 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                                 mode,
                                 log,
                                 tls.then_some(creds.as_path()),
-                                a.prefault,
+                                setup,
                                 &base,
                             )?),
                             None => {
                                 let j = turn - variants.len();
                                 let (b, cfg) = qsides[j];
                                 q[j].push(qemu_run(
-                                    &dir, bins[b], &image, mem, w, limit, cfg, a.prefault,
+                                    &dir, bins[b], &image, mem, w, limit, cfg, setup,
                                 )?)
                             }
                         }
@@ -642,16 +665,22 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
         vcpu_priority: a.vcpu_priority.into(),
         migration_priority: a.migration_priority.into(),
         prefault: a.prefault,
+        own_sessions: a.own_sessions,
         cells,
     })
 }
 
 fn print_table(r: &BenchReport) {
     outln!(
-        "live migration over TCP loopback, dirtier guest, {} run(s) per cell; min/median/max{}",
+        "live migration over TCP loopback, dirtier guest, {} run(s) per cell; min/median/max{}{}",
         r.runs,
         if r.prefault {
             "; destinations prefaulted"
+        } else {
+            ""
+        },
+        if r.own_sessions {
+            "; each VMM in a scheduling group of its own"
         } else {
             ""
         }
