@@ -26,6 +26,18 @@ pub struct Segment {
     pub len: u64,
 }
 
+impl Segment {
+    /// Whether `next` starts where this segment ends, in the same memory.
+    fn continues_at(&self, next: Target) -> bool {
+        match (self.target, next) {
+            (Target::Vram(a), Target::Vram(b)) | (Target::System(a), Target::System(b)) => {
+                a + self.len == b
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A fault: the VA at which translation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
@@ -95,48 +107,54 @@ impl Mmu<'_> {
     /// The segments of [va, va + len), merged where contiguous. A range that wraps or
     /// leaves the address space faults at its first bad byte.
     pub fn segments(&self, va: u64, len: u64, write: bool) -> Result<Vec<Segment>, Fault> {
-        match self.walk(va, len, write) {
-            (segs, None) => Ok(segs),
-            (_, Some(f)) => Err(f),
+        let mut out = Vec::new();
+        match self.walk(va, len, write, |s| out.push(s)) {
+            None => Ok(out),
+            Some(f) => Err(f),
         }
     }
 
-    /// The segments of [va, va + len) that come before its first bad byte: what a
-    /// command working through the range chunk by chunk may touch before it faults.
-    pub fn segments_before_fault(&self, va: u64, len: u64, write: bool) -> Vec<Segment> {
-        self.walk(va, len, write).0
-    }
-
-    /// The segments of [va, va + len) up to its first fault, and that fault if any.
-    fn walk(&self, va: u64, len: u64, write: bool) -> (Vec<Segment>, Option<Fault>) {
-        let mut out: Vec<Segment> = Vec::new();
-        let mut at = va;
+    /// Hands `f` the segments of [va, va + len), merged where contiguous, one at a time
+    /// and up to the range's first bad byte (what a command working through it chunk
+    /// by chunk may touch before it faults); returns that fault, if any. Nothing is
+    /// kept: a range that the guest's page tables alias over and over costs time, not
+    /// memory.
+    pub fn walk(
+        &self,
+        va: u64,
+        len: u64,
+        write: bool,
+        mut f: impl FnMut(Segment),
+    ) -> Option<Fault> {
         let Some(end) = va.checked_add(len) else {
-            return (out, Some(Fault { va }));
+            return Some(Fault { va });
         };
+        let mut run: Option<Segment> = None;
+        let mut at = va;
+        let mut fault = None;
         while at < end {
             let (target, left) = match self.translate(at, write) {
                 Ok(t) => t,
-                Err(f) => return (out, Some(f)),
+                Err(e) => {
+                    fault = Some(e);
+                    break;
+                }
             };
             let n = left.min(end - at);
-            let joined = out.last_mut().is_some_and(|s| {
-                let next = match (s.target, target) {
-                    (Target::Vram(a), Target::Vram(b)) => a + s.len == b,
-                    (Target::System(a), Target::System(b)) => a + s.len == b,
-                    _ => false,
-                };
-                if next {
-                    s.len += n;
+            match &mut run {
+                Some(s) if s.continues_at(target) => s.len += n,
+                _ => {
+                    if let Some(s) = run.replace(Segment { target, len: n }) {
+                        f(s);
+                    }
                 }
-                next
-            });
-            if !joined {
-                out.push(Segment { target, len: n });
             }
             at += n;
         }
-        (out, None)
+        if let Some(s) = run {
+            f(s);
+        }
+        fault
     }
 
     /// The VRAM offset of [va, va + len), which must be one contiguous VRAM run (what
@@ -214,8 +232,11 @@ mod tests {
             Err(Fault { va: 2 << 20 })
         );
         // What comes before the fault is still there to bring in.
+        let mut before = Vec::new();
+        let fault = m.walk((2 << 20) - 16, 32, true, |s| before.push(s));
+        assert_eq!(fault, Some(Fault { va: 2 << 20 }));
         assert_eq!(
-            m.segments_before_fault((2 << 20) - 16, 32, true),
+            before,
             vec![Segment {
                 target: Target::Vram((4 << 20) - 16),
                 len: 16

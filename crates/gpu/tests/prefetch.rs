@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use godwit_gpu::abi::{op, reg};
+use godwit_gpu::abi::{op, pte, reg};
 use godwit_gpu::command::encode;
 use godwit_gpu::{Hold, Prefetch};
 use std::sync::{Arc, Condvar, Mutex};
@@ -242,4 +242,55 @@ fn the_part_of_a_range_before_its_fault_is_brought_in_before_it_runs() {
     assert_eq!(at, SYS + RAM, "the fault is where the mapping ends");
     // The chunk before the fault was copied.
     assert_eq!(d.vram_f32(3 << 20, 64 << 10), x);
+}
+
+/// Counts the engine's asks.
+#[derive(Default)]
+struct Counter {
+    vram: Mutex<Vec<(u64, u64)>>,
+}
+
+impl Prefetch for Counter {
+    fn active(&self) -> bool {
+        true
+    }
+    fn vram(&self, off: u64, len: u64) {
+        self.vram.lock().unwrap().push((off, len));
+    }
+    fn ram(&self, _gpa: u64, _len: u64) {}
+}
+
+/// A FILL over 1 GiB of VA that the guest's page tables map, page after page, to one
+/// VRAM page: bringing it in walks no further than the VF's memory reaches (a range
+/// longer than that goes over pages it has seen), not over each of its 262,144 pages,
+/// and the command still runs.
+#[test]
+fn an_aliased_range_is_walked_no_further_than_the_memory_it_reaches() {
+    let mut d = Driver::new();
+    // VA 1 GiB..2 GiB: one L1 table whose 512 entries all point at one L0 table whose
+    // 512 entries all map VRAM page 8 MiB.
+    let (l1, l0, page) = (PT + 0x3000, PT + 0x4000, 8 << 20);
+    put(&d.vf, PT + 8, l1 | pte::VALID);
+    for i in 0..512 {
+        put(&d.vf, l1 + i * 8, l0 | pte::VALID);
+        put(&d.vf, l0 + i * 8, page | pte::VALID | pte::WRITE);
+    }
+    let counter = Arc::new(Counter::default());
+    d.vf.set_prefetch(Some(counter.clone()), true);
+    d.run(op::FILL, [1 << 30, 1 << 30, 0x5a5a_5a5a, 0, 0, 0])
+        .unwrap();
+    let asks = counter.vram.lock().unwrap();
+    assert!(
+        covers(&asks, page, 4096),
+        "the aliased page was not asked for"
+    );
+    // Brought in twice: as the entry waits in the ring, and as the command taken (the
+    // guest may have rewritten the entry in between).
+    let reach = (VRAM + RAM) / 4096;
+    assert!(
+        asks.len() as u64 <= 2 * reach,
+        "{} asks, more than twice the {reach} pages the VF reaches",
+        asks.len()
+    );
+    assert_eq!(d.vram_f32(page, 1)[0].to_bits(), 0x5a5a_5a5a);
 }

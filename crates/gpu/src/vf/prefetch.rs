@@ -12,7 +12,7 @@ use crate::abi::ENTRY_SIZE;
 use crate::command::{self, Command};
 use crate::mmu::{Mmu, Target};
 use std::sync::Arc;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// The pages of a VF's memory that may not have arrived.
 pub trait Prefetch: Send + Sync {
@@ -117,17 +117,21 @@ impl Vf {
                 .collect(),
             _ => Vec::new(),
         };
+        // A range longer than all the memory this VF reaches goes over some pages more
+        // than once (the guest's page tables alias them), which no command needs to:
+        // it is brought in only that far, and the engine fetches the rest as it gets
+        // there. A walk over all of it (up to 512 GiB, page by page) would be the
+        // guest's way to keep this thread busy for minutes.
+        let reach = self.backend.vram_size() + self.ram.iter().map(|r| r.len()).sum::<u64>();
         for (va, len, write) in ranges {
             // The walk reads the page tables (VRAM): those come in as it goes. A range
             // that does not translate is the command's error, which it reports itself
             // once it gets there; a COPY or FILL works through what comes before that
             // first, chunk by chunk, so that part is brought in all the same.
-            for s in mmu.segments_before_fault(va, len, write) {
-                match s.target {
-                    Target::Vram(o) => p.vram(o, s.len),
-                    Target::System(g) => p.ram(g, s.len),
-                }
-            }
+            mmu.walk(va, len.min(reach), write, |s| match s.target {
+                Target::Vram(o) => p.vram(o, s.len),
+                Target::System(g) => p.ram(g, s.len),
+            });
         }
         *self.prefetched.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
     }
