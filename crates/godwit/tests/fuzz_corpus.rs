@@ -119,18 +119,26 @@ fn the_gpu_engine_seeds_are_in_the_corpus_and_reach_their_commands() {
             dir.display()
         );
         let out = godwit_gpu::vf::fuzz::engine(&data);
-        // (commands completed, migrations, hostile states taken, a command failed): the
+        // (commands completed, migrations, hostile states taken, a command failed,
+        // steps of a migrated VF checked for what post-copy brought in first): the
         // engine runs on the test's thread, so these are exact.
         let want = match name {
-            "seed_aliased" => (1, 1, 0, false),
-            "seed_fill_copy" => (7, 0, 0, false),
-            "seed_kernels" => (10, 0, 0, false),
-            "seed_migrate" => (3, 2, 0, false),
-            "seed_tamper" => (2, 0, 4, false),
-            _ => (0, 0, 0, true),
+            "seed_aliased" => (1, 1, 0, false, 2),
+            "seed_postcopy" => (8, 1, 0, false, 20),
+            "seed_fill_copy" => (7, 0, 0, false, 0),
+            "seed_kernels" => (10, 0, 0, false, 0),
+            "seed_migrate" => (3, 2, 0, false, 6),
+            "seed_tamper" => (2, 0, 4, false, 0),
+            _ => (0, 0, 0, true, 0),
         };
         assert_eq!(
-            (out.completed, out.migrations, out.tampered, out.errors > 0),
+            (
+                out.completed,
+                out.migrations,
+                out.tampered,
+                out.errors > 0,
+                out.brought_in
+            ),
             want,
             "{name}: {out:?}"
         );

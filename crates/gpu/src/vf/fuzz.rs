@@ -15,7 +15,9 @@
 //! - a hostile saved state is refused and changes nothing, or is taken and run under
 //!   all these checks;
 //! - no interrupt is lost: a cause that becomes pending and enabled sends a message;
-//! - the ring head stays inside the ring, and the VF still computes right after RESET.
+//! - the ring head stays inside the ring, and the VF still computes right after RESET;
+//! - the migrated VF, a post-copy destination whose memory has not come, brings in what
+//!   each command touches before it runs it (`postcopy`).
 //!
 //! The input is a list of operations, one byte each and then its arguments (see
 //! `engine`); `seeds` builds the corpus's starting points.
@@ -29,7 +31,7 @@ use crate::mmu::GuestRam;
 use crate::sched::Unshared;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 const PAGE: u64 = 4096;
@@ -52,6 +54,21 @@ pub const RO: u64 = 128 * PAGE;
 /// Where the seeds put the ring (16 entries, in RAM page 0).
 pub const RING: u64 = 0;
 
+mod postcopy;
+mod seeds;
+
+pub use seeds::seeds;
+
+/// Where a `Guarded` backend notes the VRAM ranges it is handed, while it is asked to.
+type Seen = Arc<Mutex<Option<Vec<(u64, u64)>>>>;
+
+/// Runs `f` and returns the VRAM ranges the backend was handed meanwhile.
+fn record<T>(seen: &Seen, f: impl FnOnce() -> T) -> (T, Vec<(u64, u64)>) {
+    *seen.lock().unwrap() = Some(Vec::new());
+    let r = f();
+    (r, seen.lock().unwrap().take().unwrap_or_default())
+}
+
 /// What an input did: for the seeds' own test that they reach what they are for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
@@ -61,6 +78,8 @@ pub struct Outcome {
     pub migrations: u64,
     /// Hostile states restored (not refused).
     pub tampered: u64,
+    /// Engine steps of a migrated VF checked for what post-copy brought in first.
+    pub brought_in: u64,
 }
 
 /// A backend that counts any access outside VRAM: the model checks every range before
@@ -68,9 +87,18 @@ pub struct Outcome {
 struct Guarded {
     inner: CpuBackend,
     broken: Arc<AtomicBool>,
+    seen: Seen,
 }
 
 impl Guarded {
+    /// Notes [off, off + len) as handed over, if asked to (no more than all of VRAM:
+    /// a range beyond it is `broken` anyway).
+    fn saw(&self, off: u64, len: u64) {
+        if let Some(v) = self.seen.lock().unwrap().as_mut() {
+            v.push((off, len.min(VRAM)));
+        }
+    }
+
     fn note<T>(&self, r: Result<T, OutOfRange>) -> Result<T, OutOfRange> {
         if r.is_err() {
             self.broken.store(true, Ordering::SeqCst);
@@ -90,18 +118,28 @@ impl Backend for Guarded {
         self.inner.aperture()
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), OutOfRange> {
+        self.saw(offset, buf.len() as u64);
         self.note(self.inner.read(offset, buf))
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), OutOfRange> {
+        self.saw(offset, data.len() as u64);
         self.note(self.inner.write(offset, data))
     }
     fn fill(&self, offset: u64, len: u64, pattern: u32) -> Result<(), OutOfRange> {
+        self.saw(offset, len);
         self.note(self.inner.fill(offset, len, pattern))
     }
     fn copy(&self, dst: u64, src: u64, len: u64) -> Result<(), OutOfRange> {
+        self.saw(dst, len);
+        self.saw(src, len);
         self.note(self.inner.copy(dst, src, len))
     }
     fn kernel(&self, k: &Kernel, units: Range<u64>, acc: &mut Acc) -> Result<(), OutOfRange> {
+        // Its operands, resolved, are VRAM ranges: all of each, a bound on what these
+        // units touch.
+        for o in k.operands() {
+            self.saw(o.va, o.bytes);
+        }
         self.note(self.inner.kernel(k, units, acc))
     }
     fn scrub(&self) {
@@ -152,6 +190,9 @@ struct Rig {
     irqs: Arc<Irqs>,
     /// A TIMESTAMP command was taken: memory may hold this VF's clock.
     clock_seen: bool,
+    seen: Seen,
+    /// A migrated VF: post-copy's destination (see `postcopy`).
+    postcopy: Option<postcopy::Destination>,
 }
 
 impl Rig {
@@ -162,9 +203,11 @@ impl Rig {
             .collect();
         let ram = GuestRam::from_ranges(&ranges).expect("guest RAM maps");
         let broken = Arc::new(AtomicBool::new(false));
+        let seen = Seen::default();
         let backend = Guarded {
             inner: CpuBackend::new(VRAM).expect("VRAM maps"),
             broken: broken.clone(),
+            seen: seen.clone(),
         };
         let vf = Vf::new(Box::new(backend), ram.clone(), Box::new(Unshared));
         vf.start_vram_tracking();
@@ -177,6 +220,8 @@ impl Rig {
             broken,
             irqs,
             clock_seen: false,
+            seen,
+            postcopy: None,
         }
     }
 
@@ -199,6 +244,13 @@ impl Rig {
             .collect()
     }
 
+    /// The guest wrote its RAM [gpa, gpa + len) (see `postcopy`).
+    fn wrote_ram(&mut self, gpa: u64, len: u64) {
+        if let Some(pc) = &mut self.postcopy {
+            pc.guest_wrote_ram(&self.vf, gpa, len);
+        }
+    }
+
     fn write_reg(&self, offset: u64, data: &[u8]) {
         // A WAIT_FENCE returns at once: nothing runs the engine while it would wait.
         self.vf.mmio_write(offset, data, &|| true);
@@ -213,10 +265,16 @@ impl Rig {
         self.vf.take_dma_dirty();
         let (vram0, ram0) = (self.vram(), self.ram_bytes());
         let before = self.vf.regs();
-        for _ in 0..steps {
+        for k in 0..steps {
             // As the engine thread does: the interrupt a step made due goes after it,
             // whether or not there is more (a step that fails a command has none).
-            let more = self.vf.step();
+            let more = match &mut self.postcopy {
+                Some(pc) => {
+                    pc.turn(&self.vf, &self.seen, k == 0);
+                    pc.step(&self.vf, &self.seen, &self.ram)
+                }
+                None => self.vf.step(),
+            };
             self.vf.deliver_irq();
             out.steps += 1;
             if let Some(f) = &self.vf.lock().in_flight {
@@ -453,18 +511,31 @@ impl Rig {
 
     fn apply_op(&mut self, op: &Op, out: &mut Outcome) {
         match *op {
-            Op::PokeVram(off, v) => self
-                .vf
-                .backend()
-                .write(off, &v.to_le_bytes())
-                .expect("VRAM"),
-            Op::PokeRam(gpa, v) => self.ram.write_obj(v, GuestAddress(gpa)).expect("RAM"),
+            Op::PokeVram(off, v) => {
+                self.vf
+                    .backend()
+                    .write(off, &v.to_le_bytes())
+                    .expect("VRAM");
+                if let Some(pc) = &mut self.postcopy {
+                    pc.guest_wrote_vram(off, 8);
+                }
+            }
+            Op::PokeRam(gpa, v) => {
+                self.ram.write_obj(v, GuestAddress(gpa)).expect("RAM");
+                self.wrote_ram(gpa, 8);
+            }
             Op::Entry(slot, e) => {
                 let r = self.vf.regs();
                 let at = r.ring_base.wrapping_add(slot % r.ring_size.max(1) * 64);
                 let _ = self.ram.write_slice(&e, GuestAddress(at));
+                self.wrote_ram(at, 64);
             }
-            Op::WriteReg(offset, v, width) => self.write_reg(offset, &v[..width]),
+            Op::WriteReg(offset, v, width) => {
+                self.write_reg(offset, &v[..width]);
+                if let Some(pc) = &mut self.postcopy {
+                    pc.guest_wrote_reg(offset);
+                }
+            }
             Op::ReadReg(offset, width) => self.vf.mmio_read(offset, &mut [0u8; 8][..width]),
             Op::Run(steps) => self.run(steps, out),
             Op::Migrate | Op::Tamper(..) => unreachable!("the caller does these"),
@@ -473,6 +544,7 @@ impl Rig {
                 let e = encode(opc, (fence != 0).then_some(u64::from(fence)), args);
                 let at = r.ring_base.wrapping_add(r.tail * 64);
                 let _ = self.ram.write_slice(&e, GuestAddress(at));
+                self.wrote_ram(at, 64);
                 let tail = (r.tail + 1) % r.ring_size.max(1);
                 self.write_reg(reg::RING_TAIL, &tail.to_le_bytes());
             }
@@ -533,6 +605,9 @@ impl Rig {
             Ok(()) => {
                 self.vf.resume(super::Hold::User);
                 out.tampered += 1;
+                if let Some(pc) = &mut self.postcopy {
+                    pc.restored();
+                }
             }
             Err(_) => {
                 let now = self.vf.save_state().expect("saves");
@@ -597,8 +672,10 @@ pub fn engine(data: &[u8]) -> Outcome {
         }
         let op = Op::read(&mut input);
         if let Op::Migrate = op {
-            let (to, alike) = rig.migrate(&mut out);
+            let (mut to, alike) = rig.migrate(&mut out);
+            to.postcopy = Some(postcopy::Destination::new(&to.vf));
             let from = std::mem::replace(&mut rig, to);
+            out.brought_in += from.postcopy.as_ref().map_or(0, |pc| pc.checked);
             twin = alike.then_some(from);
             continue;
         }
@@ -617,6 +694,7 @@ pub fn engine(data: &[u8]) -> Outcome {
         }
     }
     rig.run(MAX_STEPS, &mut out);
+    out.brought_in += rig.postcopy.as_ref().map_or(0, |pc| pc.checked);
     for r in std::iter::once(&mut rig).chain(twin.as_mut()) {
         r.still_computes();
         assert!(
@@ -625,180 +703,4 @@ pub fn engine(data: &[u8]) -> Outcome {
         );
     }
     out
-}
-
-/// Builds seed inputs: the operations of `engine`, written out.
-struct Seed {
-    b: Vec<u8>,
-    tail: u64,
-}
-
-impl Seed {
-    /// The seeds' tables and ring, set up and enabled.
-    fn new() -> Seed {
-        let mut s = Seed {
-            b: Vec::new(),
-            tail: 0,
-        };
-        for (off, v) in tables() {
-            s.poke(off, v);
-        }
-        s.reg(reg::RING_BASE, RING);
-        s.reg(reg::RING_SIZE, 16);
-        s.reg(reg::PT_ROOT, ROOT);
-        s.reg(reg::INT_MASK, 3);
-        s.reg(reg::CONTROL, control::ENABLE);
-        s
-    }
-
-    fn reg(&mut self, r: u64, v: u64) -> &mut Seed {
-        self.b.extend([3, (r / 8) as u8]);
-        self.b.extend(v.to_le_bytes());
-        self
-    }
-
-    /// A command at the tail, and the doorbell.
-    fn cmd(&mut self, opcode: u16, fence: u64, args: [u64; 6]) -> &mut Seed {
-        self.b.extend([2, self.tail as u8]);
-        self.b.extend(encode(opcode, Some(fence), args));
-        self.tail = (self.tail + 1) % 16;
-        self.reg(reg::RING_TAIL, self.tail)
-    }
-
-    fn poke(&mut self, off: u64, v: u64) -> &mut Seed {
-        self.b.push(0);
-        self.b.extend((off as u32).to_le_bytes());
-        self.b.extend(v.to_le_bytes());
-        self
-    }
-
-    fn run(&mut self, steps: u8) -> &mut Seed {
-        self.b.extend([5, steps]);
-        self
-    }
-}
-
-/// Starting points for the fuzzer, each named: the seeds' tables and ring set up, then
-/// commands of every kind, runs cut short, migrations mid-command and register abuse.
-pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    let one = u64::from(1.0f32.to_bits());
-    let k = |id: u64, a: [u64; 5]| [id, a[0], a[1], a[2], a[3], a[4]];
-
-    let mut fill_copy = Seed::new();
-    fill_copy
-        .cmd(op::FILL, 1, [0, 8 * PAGE, 0x1234_5678, 0, 0, 0])
-        // Eight pages from RAM page 1 on: from the first region into the next.
-        .cmd(op::COPY, 2, [SYS + PAGE, 0, 8 * PAGE, 0, 0, 0])
-        .cmd(op::COPY, 3, [4 * PAGE, SYS + 2 * PAGE, PAGE, 0, 0, 0])
-        .cmd(op::WRITE, 4, [SYS + 20 * PAGE, 0xdead, 0, 0, 0, 0])
-        .cmd(op::TIMESTAMP, 5, [6 * PAGE, 0, 0, 0, 0, 0])
-        .cmd(op::TLB_INVALIDATE, 6, [0; 6])
-        .run(63);
-    // The small-number form of a command (operation 7).
-    fill_copy.b.extend([7, op::NOP as u8, 7]);
-    fill_copy.b.extend([0; 24]);
-    fill_copy.run(63);
-
-    let mut kernels = Seed::new();
-    let p = PAGE;
-    kernels
-        .cmd(op::FILL, 1, [0, 8 * p, one, 0, 0, 0])
-        .cmd(op::KERNEL, 2, k(kernel::VEC_ADD, [0, p, 2 * p, 1024, 0]))
-        .cmd(op::KERNEL, 3, k(kernel::VEC_MUL, [0, p, 3 * p, 1024, 0]))
-        .cmd(op::KERNEL, 4, k(kernel::AXPY, [0, 4 * p, 1024, one, 0]))
-        .cmd(op::KERNEL, 5, k(kernel::RELU, [p, 5 * p, 1024, 0, 0]))
-        .cmd(op::KERNEL, 6, k(kernel::REDUCE_SUM, [0, 1024, 6 * p, 0, 0]))
-        .cmd(op::KERNEL, 7, k(kernel::DOT, [0, p, 1024, 6 * p + 8, 0]))
-        .cmd(op::KERNEL, 8, k(kernel::HASH, [0, p, 6 * p + 16, 0, 0]))
-        .run(63)
-        .cmd(
-            op::KERNEL,
-            9,
-            k(kernel::STENCIL, [0, 8 * p, p, 32 | 32 << 32, 6 * p + 24]),
-        )
-        .cmd(
-            op::KERNEL,
-            10,
-            k(kernel::SGEMM, [0, p, 9 * p, 16 | 16 << 21 | 16 << 42, one]),
-        )
-        .run(63);
-
-    let mut migrate = Seed::new();
-    migrate
-        .cmd(op::FILL, 1, [0, 8 * p, one, 0, 0, 0])
-        .run(63)
-        // One step takes the entry, the next checks its operands: mid-command.
-        .cmd(op::KERNEL, 2, k(kernel::AXPY, [0, 4 * p, 1024, one, 0]))
-        .run(1);
-    migrate.b.push(6);
-    migrate
-        .run(63)
-        .cmd(op::KERNEL, 3, k(kernel::VEC_ADD, [0, p, 2 * p, 1024, 0]))
-        .run(0)
-        // A bad doorbell while a command is in flight, then a migration and a clear.
-        .reg(reg::RING_TAIL, 999);
-    migrate.b.push(6);
-    migrate.reg(reg::CONTROL, control::CLEAR_ERROR).run(63);
-
-    let mut abuse = Seed::new();
-    abuse
-        .cmd(op::COPY, 1, [RO, 0, 8, 0, 0, 0])
-        .run(3)
-        .reg(reg::CONTROL, control::CLEAR_ERROR)
-        .reg(reg::PT_ROOT, 0)
-        .cmd(op::FILL, 2, [0, 3 * p, 0, 0, 0, 0])
-        .run(1)
-        .reg(reg::CONTROL, control::RESET)
-        .reg(reg::RING_SIZE, 4096)
-        .reg(reg::CONTROL, control::ENABLE);
-    abuse.b.extend([4, 0x40 | 3, 4, 0xc0 | 2]);
-    abuse.b.extend([3, 0x5a, 1, 2, 3, 4, 5, 6, 7, 8]);
-    abuse.run(8);
-
-    // VA 1 MiB.. 2 MiB all maps VRAM page 1: commands long enough to take several
-    // chunks, caught part done by a migration and by RESET.
-    let mut aliased = Seed::new();
-    for i in 256..512 {
-        aliased.poke(ROOT + 2 * PAGE + i * 8, PAGE | pte::VALID | pte::WRITE);
-    }
-    let mib = 1 << 20;
-    aliased
-        .cmd(op::FILL, 1, [mib, mib, 0x0102_0304, 0, 0, 0])
-        .run(1);
-    aliased.b.push(6);
-    aliased
-        .run(63)
-        .cmd(op::COPY, 2, [mib, mib + mib / 2, mib / 2, 0, 0, 0])
-        .run(1)
-        .reg(reg::CONTROL, control::RESET)
-        .reg(reg::CONTROL, control::ENABLE)
-        .run(63);
-
-    // Hostile saved states, refused and taken, with a command in flight.
-    let mut tamper = Seed::new();
-    tamper
-        .cmd(op::FILL, 1, [0, 8 * p, one, 0, 0, 0])
-        .cmd(op::KERNEL, 2, k(kernel::AXPY, [0, 4 * p, 1024, one, 0]))
-        .run(1);
-    for (field, v) in [
-        (4, 3),                     // a ring size no ENABLE takes: refused
-        (16, 1 << 40),              // done past the end: refused
-        (1, 2 | 0xffff_ffff << 32), // a register error: taken
-        (7, 1000),                  // a fence: taken
-        (14, u64::MAX),             // a clock at the top: taken
-        (12, 1),                    // paused: taken
-    ] {
-        tamper.b.extend([8, field]);
-        tamper.b.extend(u64::to_le_bytes(v));
-    }
-    tamper.reg(reg::CONTROL, control::CLEAR_ERROR).run(63);
-
-    vec![
-        ("seed_aliased", aliased.b),
-        ("seed_tamper", tamper.b),
-        ("seed_fill_copy", fill_copy.b),
-        ("seed_kernels", kernels.b),
-        ("seed_migrate", migrate.b),
-        ("seed_abuse", abuse.b),
-    ]
 }
