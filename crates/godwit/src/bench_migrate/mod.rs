@@ -13,7 +13,9 @@
 //! done, postcopy-preempt where the binary has it); post-copy runs also report their
 //! window (switch to last page), remote faults and their latency, and pages pre-paged.
 //! Each QEMU binary also runs pre-copy with multifd (`--qemu-multifd N` channels, 0 for
-//! none), the configuration QEMU offers for more than one stream of pages.
+//! none), the configuration QEMU offers for more than one stream of pages. Both ends
+//! of every run share the bench's scheduling group unless `--own-sessions` gives each
+//! VMM process one of its own, as VMs in cgroups of their own have.
 
 use crate::bench::{
     alive, free_port, guest_gap, in_own_session, own_groups, qemu_guest, steady, summary, wait_for,
@@ -41,7 +43,7 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How both ends of every run start, whichever VMM.
 #[derive(Clone, Copy, Debug)]
-struct Start {
+struct Setup {
     /// The destination gets its memory, touched, before the migration (`--prefault`).
     prefault: bool,
     /// Each VMM process in a session, so a scheduling group, of its own
@@ -275,13 +277,13 @@ fn godwit_run(
     mode: Mode,
     dirty_log: DirtyLogMode,
     tls: Option<&Path>,
-    start: Start,
+    setup: Setup,
     // What every run asks for besides (connections, page checks, weights).
     base: &Options,
 ) -> Result<Sample, String> {
-    let prefault = start.prefault;
+    let prefault = setup.prefault;
     let mut pair = Pair::new(dir, "g-")?;
-    pair.own_sessions = start.own_sessions;
+    pair.own_sessions = setup.own_sessions;
     let mut dst = pair.destination_args();
     dst.extend(["--dirty-log".into(), dirty_log.to_string()]);
     if let Some(d) = tls {
@@ -450,7 +452,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
         .iter()
         .map(|b| Ok((b.clone(), version(b)?)))
         .collect::<Result<_, String>>()?;
-    let setup = Start {
+    let setup = Setup {
         prefault: a.prefault,
         own_sessions: a.own_sessions,
     };

@@ -22,9 +22,9 @@ pub(super) fn qemu_run(
     w: &Workload,
     limit: u64,
     cfg: QemuCfg,
-    start: Start,
+    setup: Setup,
 ) -> Result<Sample, String> {
-    let prefault = start.prefault;
+    let prefault = setup.prefault;
     let postcopy = cfg == QemuCfg::Postcopy;
     let (src_log, dst_log) = (dir.join("q-src.log"), dir.join("q-dst.log"));
     let (src_qmp, dst_qmp) = (dir.join("q-src.qmp"), dir.join("q-dst.qmp"));
@@ -45,7 +45,7 @@ pub(super) fn qemu_run(
                 c.arg("-mem-prealloc");
             }
         }
-        if start.own_sessions {
+        if setup.own_sessions {
             c = in_own_session(&c);
         }
         c.stdin(Stdio::null())
@@ -60,7 +60,7 @@ pub(super) fn qemu_run(
     let mut sq = Qmp::connect(&src_qmp)?;
     let mut dq = Qmp::connect(&dst_qmp)?;
     // Both answer QMP: each is QEMU by now, no longer `setsid`.
-    if start.own_sessions {
+    if setup.own_sessions {
         own_groups(&procs.0.iter().map(|c| c.id()).collect::<Vec<_>>())?;
     }
     // Every capability set explicitly on both sides; auto-converge on, as godwit's.
