@@ -78,6 +78,23 @@ fn guest_images_boot_under_qemu_too() {
     assert_eq!(o.status.code(), Some(((0x80 + 6) << 1 | 1) & 0xff));
 }
 
+/// `bench migrate`, one run of 256 MiB at a 300 ms limit, with `args` besides, as JSON.
+fn bench_migrate(args: &[&str]) -> std::process::Output {
+    let mut a = vec![
+        "bench",
+        "migrate",
+        "--runs",
+        "1",
+        "--memory",
+        "256",
+        "--downtime-ms",
+        "300",
+        "--json",
+    ];
+    a.extend(args);
+    run(&a, Duration::from_secs(300))
+}
+
 /// `bench migrate` migrates the same guest with godwit and with QEMU and reports, for
 /// each run of each, how much of a CPU the guest's vCPU got meanwhile: something for
 /// a guest that keeps writing, and never more than its one vCPU can take, whichever
@@ -87,24 +104,7 @@ fn the_migration_bench_sees_the_guests_cpu_under_both_vmms() {
     if !kvm_available() {
         return;
     }
-    let o = run(
-        &[
-            "bench",
-            "migrate",
-            "--runs",
-            "1",
-            "--memory",
-            "256",
-            "--workloads",
-            "64m@100m",
-            "--downtime-ms",
-            "300",
-            "--qemu-multifd",
-            "0",
-            "--json",
-        ],
-        Duration::from_secs(300),
-    );
+    let o = bench_migrate(&["--workloads", "64m@100m", "--qemu-multifd", "0"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON");
     let cell = &r["cells"][0];
@@ -125,23 +125,7 @@ fn the_migration_bench_can_give_each_vmm_a_scheduling_group_of_its_own() {
     if !kvm_available() {
         return;
     }
-    let o = run(
-        &[
-            "bench",
-            "migrate",
-            "--runs",
-            "1",
-            "--memory",
-            "256",
-            "--workloads",
-            "idle",
-            "--downtime-ms",
-            "300",
-            "--own-sessions",
-            "--json",
-        ],
-        Duration::from_secs(300),
-    );
+    let o = bench_migrate(&["--workloads", "idle", "--own-sessions"]);
     let autogroup = std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled").ok();
     if autogroup.as_deref().map(str::trim) != Some("1") {
         assert!(!o.status.success());
