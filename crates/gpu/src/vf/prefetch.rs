@@ -59,6 +59,11 @@ impl Vf {
         done.is_none_or(|(head, generation, _)| head != i.regs.head || generation != i.generation)
     }
 
+    /// The bytes of memory this VF reaches: its VRAM and its VM's RAM.
+    pub(super) fn reach(&self) -> u64 {
+        self.backend.vram_size() + self.ram.iter().map(|r| r.len()).sum::<u64>()
+    }
+
     /// Brings in every page the next command touches, holding nothing: not the shared
     /// engine, not this VF's state lock (the vCPUs take it for every register access).
     pub(super) fn prefetch_next(&self) {
@@ -122,7 +127,7 @@ impl Vf {
         // it is brought in only that far, and the engine fetches the rest as it gets
         // there. A walk over all of it (up to 512 GiB, page by page) would be the
         // guest's way to keep this thread busy for minutes.
-        let reach = self.backend.vram_size() + self.ram.iter().map(|r| r.len()).sum::<u64>();
+        let reach = self.reach();
         for (va, len, write) in ranges {
             // The walk reads the page tables (VRAM): those come in as it goes. A range
             // that does not translate is the command's error, which it reports itself

@@ -109,7 +109,7 @@ impl Destination {
                 .collect()
         };
         let before = snapshot(ram);
-        let beyond = Self::beyond_reach(vf, ram);
+        let beyond = Self::beyond_reach(vf);
         let (more, touched) = record(seen, || vf.step());
         if self.stale || beyond {
             return more;
@@ -135,8 +135,8 @@ impl Destination {
     /// Whether the command in flight has a range longer than all the memory the VF
     /// reaches: its page tables alias pages over and over, and the prefetch brings it
     /// in only that far (`prefetch_next`), leaving the rest to be fetched as it runs.
-    fn beyond_reach(vf: &Vf, ram: &GuestRam) -> bool {
-        let reach = vf.backend().vram_size() + ram.iter().map(|r| r.len()).sum::<u64>();
+    fn beyond_reach(vf: &Vf) -> bool {
+        let reach = vf.reach();
         match vf.lock().in_flight.as_ref().map(|f| f.entry.cmd) {
             Some(Command::Copy { bytes, .. } | Command::Fill { bytes, .. }) => bytes > reach,
             Some(Command::Kernel(k)) => k.operands().iter().any(|o| o.bytes > reach),
