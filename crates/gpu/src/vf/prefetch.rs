@@ -70,7 +70,7 @@ impl Vf {
         let Some(p) = self.prefetching() else {
             return;
         };
-        let (key, cmd, entry_at, root) = {
+        let (key, cmd, resolved, entry_at, root) = {
             let i = self.lock();
             if !Self::has_work(&i) || i.holds != 0 {
                 return;
@@ -83,10 +83,20 @@ impl Vf {
             (
                 key,
                 i.in_flight.as_ref().map(|f| f.entry.cmd),
+                i.in_flight.as_ref().and(i.resolved),
                 at,
                 i.regs.pt_root,
             )
         };
+        // A kernel in flight whose operands are translated works on those VRAM ranges,
+        // whatever the page tables say now (the guest may have changed them since).
+        if let Some(k) = resolved {
+            for o in k.operands() {
+                p.vram(o.va, o.bytes);
+            }
+            *self.prefetched.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+            return;
+        }
         let cmd = match cmd {
             Some(c) => c,
             None => {
