@@ -69,6 +69,18 @@ fn record<T>(seen: &Seen, f: impl FnOnce() -> T) -> (T, Vec<(u64, u64)>) {
     (r, seen.lock().unwrap().take().unwrap_or_default())
 }
 
+/// Each region of `ram`, whole.
+fn ram_bytes(ram: &GuestRam) -> Vec<Vec<u8>> {
+    ram.iter()
+        .map(|r| {
+            let mut b = vec![0u8; r.len() as usize];
+            ram.read_slice(&mut b, r.start_addr())
+                .expect("a whole region");
+            b
+        })
+        .collect()
+}
+
 /// What an input did: for the seeds' own test that they reach what they are for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
@@ -232,16 +244,7 @@ impl Rig {
     }
 
     fn ram_bytes(&self) -> Vec<Vec<u8>> {
-        self.ram
-            .iter()
-            .map(|r| {
-                let mut b = vec![0u8; r.len() as usize];
-                self.ram
-                    .read_slice(&mut b, r.start_addr())
-                    .expect("a whole region");
-                b
-            })
-            .collect()
+        ram_bytes(&self.ram)
     }
 
     /// The guest wrote its RAM [gpa, gpa + len) (see `postcopy`).

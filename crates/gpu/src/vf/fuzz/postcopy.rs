@@ -8,22 +8,22 @@
 //! engine holds the GPU every VF shares.
 //!
 //! Not checked: guest RAM that a step only reads (the model reads guest memory
-//! directly, past the backend); a command with a range longer than all the memory the
-//! VF reaches, which the prefetch brings in only that far; and the steps after the guest did something the
-//! prefetch could not have seen, until the next command is brought in: it wrote a
-//! page table the walk read, the ring entry at the head, or a register that moves
-//! the ring or the tables, or a hostile state was restored. The engine then meets
+//! directly, past the backend); a command with a range longer than all the memory
+//! the VF reaches, which the prefetch brings in only that far; and the steps after
+//! the guest did something the prefetch could not have seen, until the next command
+//! is brought in: it wrote a page table the walk read, the ring entry at the head, or
+//! a register that moves the ring or the tables, or a hostile state was restored. The engine then meets
 //! pages nobody asked for, as a GPU meets a TLB miss; real post-copy fetches them as
 //! they are touched.
 
-use super::{record, Seen};
+use super::{ram_bytes, record, Seen};
 use crate::abi::{reg, ENTRY_SIZE};
 use crate::command::Command;
 use crate::mmu::GuestRam;
 use crate::vf::{Prefetch, Vf};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 const PAGE: u64 = 4096;
 
@@ -94,21 +94,7 @@ impl Destination {
 
     /// Runs one engine step and checks that what it touched was here.
     pub fn step(&mut self, vf: &Vf, seen: &Seen, ram: &GuestRam) -> bool {
-        let snapshot = |ram: &GuestRam| -> Vec<(u64, Vec<u8>)> {
-            ram.iter()
-                .flat_map(|r| {
-                    let start = r.start_addr().raw_value();
-                    (0..r.len() / PAGE).map(move |p| start + p * PAGE)
-                })
-                .map(|gpa| {
-                    let mut b = vec![0u8; PAGE as usize];
-                    ram.read_slice(&mut b, GuestAddress(gpa))
-                        .expect("a RAM page");
-                    (gpa, b)
-                })
-                .collect()
-        };
-        let before = snapshot(ram);
+        let before = ram_bytes(ram);
         let beyond = Self::beyond_reach(vf);
         let (more, touched) = record(seen, || vf.step());
         if self.stale || beyond {
@@ -123,11 +109,18 @@ impl Destination {
             );
         }
         let here = self.here.ram.lock().unwrap();
-        for ((gpa, a), (_, b)) in before.iter().zip(snapshot(ram)) {
-            assert!(
-                *a == b || here.contains(&(gpa / PAGE)),
-                "the engine wrote guest page {gpa:#x}, which was not brought in first"
-            );
+        for ((r, a), b) in ram.iter().zip(&before).zip(ram_bytes(ram)) {
+            for (p, (x, y)) in a
+                .chunks(PAGE as usize)
+                .zip(b.chunks(PAGE as usize))
+                .enumerate()
+            {
+                let gpa = r.start_addr().raw_value() + p as u64 * PAGE;
+                assert!(
+                    x == y || here.contains(&(gpa / PAGE)),
+                    "the engine wrote guest page {gpa:#x}, which was not brought in first"
+                );
+            }
         }
         more
     }
