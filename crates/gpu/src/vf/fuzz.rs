@@ -250,7 +250,7 @@ impl Rig {
     /// The guest wrote its RAM [gpa, gpa + len) (see `postcopy`).
     fn wrote_ram(&mut self, gpa: u64, len: u64) {
         if let Some(pc) = &mut self.postcopy {
-            pc.guest_wrote_ram(&self.vf, gpa, len);
+            pc.guest_wrote_ram(gpa, len);
         }
     }
 

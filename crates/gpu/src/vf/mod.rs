@@ -138,8 +138,8 @@ pub struct Vf {
     irq: Mutex<Option<Arc<dyn IrqLine>>>,
     /// Post-copy: the pages that may be missing, brought in before a command runs.
     prefetch: Mutex<Option<(Arc<dyn Prefetch>, bool)>>,
-    /// The command (ring head, generation, in flight) last brought in.
-    prefetched: Mutex<Option<(u64, u64, bool)>>,
+    /// The command last brought in.
+    prefetched: Mutex<Option<prefetch::Brought>>,
 }
 
 impl Vf {

@@ -7,7 +7,7 @@
 //! the command runs through. With nobody else at the engine it runs at once and fetches
 //! what it touches as it goes: bringing whole operands in first would only delay it.
 
-use super::Vf;
+use super::{Inner, Vf};
 use crate::abi::ENTRY_SIZE;
 use crate::command::{self, Command};
 use crate::mmu::{Mmu, Target};
@@ -22,6 +22,16 @@ pub trait Prefetch: Send + Sync {
     fn vram(&self, off: u64, len: u64);
     /// Returns once guest RAM [gpa, gpa + len) is all here.
     fn ram(&self, gpa: u64, len: u64);
+}
+
+/// The command the last prefetch brought in: the entry at ring index `head` of the
+/// ring's `generation`, as it read it. The guest may rewrite an entry until the engine
+/// takes it; a command taken that is not the one read then is brought in again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Brought {
+    head: u64,
+    generation: u64,
+    raw: [u8; ENTRY_SIZE],
 }
 
 impl Vf {
@@ -44,19 +54,28 @@ impl Vf {
     }
 
     /// Whether the engine must give up the GPU before it goes on: a prefetch is in
-    /// force and the command at the ring's head (the next one, once a command
-    /// completes, or a new one after a reset) is not the one brought in. Its next turn
-    /// brings that one in first, holding nothing.
+    /// force and the command it runs next (at the ring's head once a command
+    /// completes, a new one after a reset, or one taken whose entry the guest rewrote
+    /// after it was brought in) is not the one brought in. Its next turn brings that
+    /// one in first, holding nothing.
     pub(super) fn next_not_brought_in(&self) -> bool {
         if self.prefetching().is_none() {
             return false;
         }
         let i = self.lock();
-        if !Self::has_work(&i) {
-            return false;
-        }
+        Self::has_work(&i) && !self.brought_in(&i)
+    }
+
+    /// Whether the command the engine runs next is the one last brought in: the entry
+    /// at the ring's head, and once taken, that entry as it was read then. So a command
+    /// is brought in once, while it waits in the ring, and not walked again when taken.
+    fn brought_in(&self, i: &Inner) -> bool {
         let done = *self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
-        done.is_none_or(|(head, generation, _)| head != i.regs.head || generation != i.generation)
+        done.is_some_and(|b| {
+            b.head == i.regs.head
+                && b.generation == i.generation
+                && i.in_flight.as_ref().is_none_or(|f| f.raw == b.raw)
+        })
     }
 
     /// The bytes of memory this VF reaches: its VRAM and its VM's RAM.
@@ -70,23 +89,26 @@ impl Vf {
         let Some(p) = self.prefetching() else {
             return;
         };
-        let (key, cmd, resolved, entry_at, root) = {
+        let (head, generation, taken, resolved, entry_at, root) = {
             let i = self.lock();
-            if !Self::has_work(&i) || i.holds != 0 {
+            if !Self::has_work(&i) || i.holds != 0 || self.brought_in(&i) {
                 return;
             }
-            let key = (i.regs.head, i.generation, i.in_flight.is_some());
-            if *self.prefetched.lock().unwrap_or_else(|e| e.into_inner()) == Some(key) {
-                return;
-            }
-            let at = Self::entry_at(&i, i.regs.head);
             (
-                key,
-                i.in_flight.as_ref().map(|f| f.entry.cmd),
+                i.regs.head,
+                i.generation,
+                i.in_flight.as_ref().map(|f| (f.raw, f.entry.cmd)),
                 i.in_flight.as_ref().and(i.resolved),
-                at,
+                Self::entry_at(&i, i.regs.head),
                 i.regs.pt_root,
             )
+        };
+        let brought = |raw| {
+            *self.prefetched.lock().unwrap_or_else(|e| e.into_inner()) = Some(Brought {
+                head,
+                generation,
+                raw,
+            });
         };
         // A kernel in flight whose operands are translated works on those VRAM ranges,
         // whatever the page tables say now (the guest may have changed them since).
@@ -94,11 +116,13 @@ impl Vf {
             for o in k.operands() {
                 p.vram(o.va, o.bytes);
             }
-            *self.prefetched.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+            if let Some((raw, _)) = taken {
+                brought(raw);
+            }
             return;
         }
-        let cmd = match cmd {
-            Some(c) => c,
+        let (raw, cmd) = match taken {
+            Some(t) => t,
             None => {
                 p.ram(entry_at, ENTRY_SIZE as u64);
                 let mut raw = [0u8; ENTRY_SIZE];
@@ -110,7 +134,7 @@ impl Vf {
                     return;
                 }
                 match command::decode(&raw) {
-                    Ok(e) => e.cmd,
+                    Ok(e) => (raw, e.cmd),
                     // The engine reports it when it takes the entry.
                     Err(_) => return,
                 }
@@ -148,6 +172,6 @@ impl Vf {
                 Target::System(g) => p.ram(g, s.len),
             });
         }
-        *self.prefetched.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+        brought(raw);
     }
 }

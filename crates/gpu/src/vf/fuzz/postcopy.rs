@@ -11,13 +11,13 @@
 //! directly, past the backend); a command with a range longer than all the memory
 //! the VF reaches, which the prefetch brings in only that far; and the steps after
 //! the guest did something the prefetch could not have seen, until the next command
-//! is brought in: it wrote a page table the walk read, the ring entry at the head, or
-//! a register that moves the ring or the tables, or a hostile state was restored. The engine then meets
+//! is brought in: it wrote a page table the walk read or a register that moves the
+//! ring or the tables, or a hostile state was restored. The engine then meets
 //! pages nobody asked for, as a GPU meets a TLB miss; real post-copy fetches them as
 //! they are touched.
 
 use super::{ram_bytes, record, Seen};
-use crate::abi::{reg, ENTRY_SIZE};
+use crate::abi::reg;
 use crate::command::Command;
 use crate::mmu::GuestRam;
 use crate::vf::{Prefetch, Vf};
@@ -146,17 +146,11 @@ impl Destination {
         }
     }
 
-    /// The guest wrote its RAM [gpa, gpa + len): the page is here now; if that is the
-    /// ring entry at the head, the engine may take another command than the one
-    /// brought in.
-    pub fn guest_wrote_ram(&mut self, vf: &Vf, gpa: u64, len: u64) {
+    /// The guest wrote its RAM [gpa, gpa + len): the page is here now. A rewritten
+    /// ring entry needs no exemption: the engine brings in a command taken that is not
+    /// the one it read before (`Vf::next_not_brought_in`).
+    pub fn guest_wrote_ram(&mut self, gpa: u64, len: u64) {
         self.here.ram.lock().unwrap().extend(pages(gpa, len));
-        let r = vf.regs();
-        let head = r
-            .ring_base
-            .wrapping_add(r.head.wrapping_mul(ENTRY_SIZE as u64));
-        self.stale |=
-            gpa < head.saturating_add(ENTRY_SIZE as u64) && head < gpa.saturating_add(len);
     }
 
     /// A register write: one that moves the ring or the tables, or resets or enables
