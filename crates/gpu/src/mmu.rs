@@ -156,19 +156,6 @@ impl Mmu<'_> {
         }
         fault
     }
-
-    /// The VRAM offset of [va, va + len), which must be one contiguous VRAM run (what
-    /// the compute engine needs). A system-memory or split range faults at its start.
-    pub fn vram_range(&self, va: u64, len: u64, write: bool) -> Result<Option<u64>, Fault> {
-        let segs = self.segments(va, len, write)?;
-        Ok(match segs.as_slice() {
-            [Segment {
-                target: Target::Vram(off),
-                ..
-            }] => Some(*off),
-            _ => None,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -242,8 +229,13 @@ mod tests {
                 len: 16
             }]
         );
-        assert_eq!(m.vram_range(0, 4096, true).unwrap(), Some(2 << 20));
-        assert_eq!(m.vram_range((2 << 20) - 16, 32, false).unwrap(), None);
+        assert_eq!(
+            m.segments(0, 4096, true).unwrap(),
+            vec![Segment {
+                target: Target::Vram(2 << 20),
+                len: 4096
+            }]
+        );
         assert!(m.segments(u64::MAX - 4, 8, false).is_err());
         // A table pointer outside VRAM faults, too.
         put(&b, root + 8, (64 << 20) | pte::VALID);
