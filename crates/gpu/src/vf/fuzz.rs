@@ -287,6 +287,12 @@ impl Rig {
                 break;
             }
         }
+        // As the engine thread does before it waits for the GPU again, it brings in what
+        // comes next now; the guest runs on meanwhile (the operations before the next
+        // run) and may rewrite what was read.
+        if let Some(pc) = &mut self.postcopy {
+            pc.turn(&self.vf, &self.seen, true);
+        }
         let after = self.vf.regs();
         out.completed += after.completed.saturating_sub(before.completed);
         out.errors += u64::from(after.error != 0 && before.error == 0);

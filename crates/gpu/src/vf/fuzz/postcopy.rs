@@ -1,7 +1,8 @@
 //! The migrated VF as post-copy's destination has it: none of its memory has come
 //! yet, and the engine, told to bring in what its next command touches before it runs
-//! it (`Vf::prefetch_next`, at the start of each turn at the GPU and whenever
-//! `next_not_brought_in` ends one), must find every VRAM page a step then touches,
+//! it (`Vf::prefetch_next`, at the start of each turn at the GPU, whenever
+//! `next_not_brought_in` ends one, and after each run, as the engine thread does
+//! before it waits for the GPU again), must find every VRAM page a step then touches,
 //! and every guest page it changes, here: asked for, read by the prefetch's own walk
 //! of the page tables, or written by the guest (whose vCPU faults a page in before it
 //! writes it). A page that is not here would be fetched over the network while the
