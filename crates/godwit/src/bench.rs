@@ -325,6 +325,8 @@ pub(crate) struct Pair {
     pub own_sessions: bool,
     /// The guest's CPU over the last migration (`crate::guest_cpu`).
     pub guest_cpu: f64,
+    /// Both ends' threads over the last migration (`crate::guest_cpu`).
+    pub threads: Vec<crate::guest_cpu::ThreadTime>,
 }
 
 impl Pair {
@@ -344,6 +346,7 @@ impl Pair {
             exe,
             own_sessions: false,
             guest_cpu: f64::NAN,
+            threads: vec![],
         })
     }
 
@@ -355,10 +358,18 @@ impl Pair {
         limit: std::time::Duration,
     ) -> Result<(godwit_migration::Report, f64), String> {
         let body = serde_json::to_string(o).expect("plain data");
-        let cpu = crate::guest_cpu::GuestCpu::watch(self.procs.0.iter().map(|c| c.id()).collect());
+        // Started destination first, then the source.
+        let ends = ["destination", "source"];
+        let cpu = crate::guest_cpu::GuestCpu::watch(
+            ends.into_iter()
+                .zip(self.procs.0.iter().map(|c| c.id()))
+                .collect(),
+        );
         let (code, out) =
             godwit_vmm::api::call_with(&self.sock, "PUT", "vm.migrate", &body, Some(limit))?;
-        self.guest_cpu = cpu.share();
+        let seen = cpu.share();
+        self.guest_cpu = seen.guest_cpu;
+        self.threads = seen.threads;
         if code != 200 {
             return Err(format!("godwit migration failed (HTTP {code}): {out}"));
         }

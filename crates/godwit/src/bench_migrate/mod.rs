@@ -110,6 +110,11 @@ struct Sample {
     /// whole CPU throughout; `crate::guest_cpu`): how much of its CPU the migration's
     /// threads and pause took, which no throttle figure shows.
     guest_cpu: f64,
+    /// Both ends' threads while it migrated, by name: time on a CPU and time runnable
+    /// but waiting for one (`crate::guest_cpu`), to tell which thread the sharing of
+    /// the cores held up from the JSON alone.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    threads: Vec<crate::guest_cpu::ThreadTime>,
     /// godwit only: reading the dirty log at the end of a round (median over the
     /// migration's rounds), the last read at the switchover, and full dirty rings.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -318,6 +323,7 @@ fn godwit_run(
         throttled: Some(r.throttled),
         max_throttle_pct: Some(r.max_throttle_pct),
         guest_cpu: pair.guest_cpu,
+        threads: std::mem::take(&mut pair.threads),
         dirty_log_us: Some(if r.rounds.is_empty() {
             0.0
         } else {

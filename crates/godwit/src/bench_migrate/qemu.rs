@@ -97,7 +97,13 @@ pub(super) fn qemu_run(
     wait_for("the QEMU source guest", STEADY_TIMEOUT, || {
         alive(&mut procs).then(|| steady(&src_log))
     })?;
-    let cpu = crate::guest_cpu::GuestCpu::watch(procs.0.iter().map(|c| c.id()).collect());
+    // Started source first, then the destination.
+    let cpu = crate::guest_cpu::GuestCpu::watch(
+        ["source", "destination"]
+            .into_iter()
+            .zip(procs.0.iter().map(|c| c.id()))
+            .collect(),
+    );
     let started = Instant::now();
     sq.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
     let end = Instant::now() + MIGRATE_TIMEOUT;
@@ -119,7 +125,7 @@ pub(super) fn qemu_run(
             _ => std::thread::sleep(Duration::from_millis(5)),
         }
     };
-    let guest_cpu = cpu.share();
+    let seen = cpu.share();
     drop(sq);
     let mut src = procs.0.remove(0);
     let _ = src.kill();
@@ -142,7 +148,8 @@ pub(super) fn qemu_run(
         rounds: info["ram"]["dirty-sync-count"].as_u64().map(|n| n as u32),
         throttled: Some(throttle > 0),
         max_throttle_pct: Some(throttle as u32),
-        guest_cpu,
+        guest_cpu: seen.guest_cpu,
+        threads: seen.threads,
         dirty_log_us: None,
         last_dirty_log_us: None,
         ring_full_exits: None,
