@@ -1,7 +1,8 @@
 //! The gpu_engine target's seeds, built by code so that they follow `engine`'s input
 //! format: the seeds' tables and ring set up, then commands of every kind, runs cut
-//! short, migrations mid-command and before any command, register abuse, aliased page
-//! tables and hostile saved states.
+//! short, migrations mid-command and before any command, a command rewritten after
+//! post-copy brought it in, register abuse, aliased page tables and hostile saved
+//! states.
 
 use super::{tables, PAGE, RING, RO, ROOT, SYS};
 use crate::abi::{control, kernel, op, pte, reg};
@@ -39,10 +40,16 @@ impl Seed {
 
     /// A command at the tail, and the doorbell.
     fn cmd(&mut self, opcode: u16, fence: u64, args: [u64; 6]) -> &mut Seed {
-        self.b.extend([2, self.tail as u8]);
-        self.b.extend(encode(opcode, Some(fence), args));
+        self.entry(self.tail, opcode, fence, args);
         self.tail = (self.tail + 1) % 16;
         self.reg(reg::RING_TAIL, self.tail)
+    }
+
+    /// A command written into ring slot `slot`, no doorbell.
+    fn entry(&mut self, slot: u64, opcode: u16, fence: u64, args: [u64; 6]) -> &mut Seed {
+        self.b.extend([2, slot as u8]);
+        self.b.extend(encode(opcode, Some(fence), args));
+        self
     }
 
     fn poke(&mut self, off: u64, v: u64) -> &mut Seed {
@@ -173,6 +180,19 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         .cmd(op::KERNEL, 8, k(kernel::HASH, [0, 4 * p, 13 * p, 0, 0]))
         .run(63);
 
+    // Post-copy: the engine brings in the next command before it waits for the GPU
+    // (the end of a run: here two steps, taking the first FILL and running it), and
+    // the guest then rewrites that entry: what the engine takes is another command,
+    // brought in before it runs.
+    let mut rewrite = Seed::new();
+    rewrite.b.push(6);
+    rewrite
+        .cmd(op::FILL, 1, [26 * p, p, 7, 0, 0, 0])
+        .cmd(op::FILL, 2, [27 * p, p, 8, 0, 0, 0])
+        .run(1)
+        .entry(1, op::FILL, 2, [24 * p, 2 * p, 9, 0, 0, 0])
+        .run(63);
+
     // Hostile saved states, refused and taken, with a command in flight.
     let mut tamper = Seed::new();
     tamper
@@ -195,6 +215,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("seed_aliased", aliased.b),
         ("seed_postcopy", postcopy.b),
+        ("seed_postcopy_rewrite", rewrite.b),
         ("seed_tamper", tamper.b),
         ("seed_fill_copy", fill_copy.b),
         ("seed_kernels", kernels.b),
