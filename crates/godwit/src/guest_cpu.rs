@@ -6,8 +6,9 @@
 //! migration's own threads also take cores the vCPUs would have had, and a VMM that
 //! runs more of them converges sooner by slowing its guest down without ever saying it
 //! throttles. This makes that cost visible beside the totals, the same way for godwit
-//! and QEMU. The threads' waits say which of them the sharing of the cores held up
-//! (by hand, until 2026-12-05: `perf sched`, or /proc read in a loop beside the bench).
+//! and QEMU. The threads' waits say which of them the sharing of the cores held up,
+//! and how often each ran (by hand, until 2026-12-05: `perf sched`, or /proc read in a
+//! loop beside the bench).
 
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -32,6 +33,9 @@ pub(crate) struct ThreadTime {
     pub cpu_ms: f64,
     /// Runnable but waiting for a CPU, ms: what sharing the cores cost it.
     pub wait_ms: f64,
+    /// Times it was put on a CPU: about once per wake-up for a thread that blocks, so
+    /// this against `cpu_ms` says how it worked, in many short goes or a few long ones.
+    pub runs: u64,
 }
 
 /// What a watch saw.
@@ -54,6 +58,7 @@ struct Task {
     name: String,
     cpu: u64,
     wait: u64,
+    runs: u64,
 }
 
 impl GuestCpu {
@@ -66,18 +71,18 @@ impl GuestCpu {
             // Per thread: its end, name, and (cpu, wait) when first and last seen, in ns.
             // A thread that was not there at the first read started since: all of its
             // time counts.
-            type Seen = (&'static str, String, (u64, u64), (u64, u64));
+            type Seen = (&'static str, String, [u64; 3], [u64; 3]);
             let mut seen: HashMap<(u32, u32), Seen> = HashMap::new();
             let mut first = true;
             loop {
                 let done = s.load(Ordering::SeqCst);
                 for &(end, pid) in &procs {
                     for t in tasks(pid) {
-                        let now = (t.cpu, t.wait);
+                        let now = [t.cpu, t.wait, t.runs];
                         seen.entry((pid, t.tid))
                             .and_modify(|e| e.3 = now)
                             .or_insert_with(|| {
-                                let from = if first { now } else { (0, 0) };
+                                let from = if first { now } else { [0; 3] };
                                 (end, t.name, from, now)
                             });
                     }
@@ -90,9 +95,9 @@ impl GuestCpu {
             }
             let wall = t0.elapsed().as_nanos().max(1) as f64;
             let mut vcpus = 0;
-            let mut rows: BTreeMap<(&'static str, String), (u64, u64)> = BTreeMap::new();
+            let mut rows: BTreeMap<(&'static str, String), [u64; 3]> = BTreeMap::new();
             for (end, name, a, b) in seen.into_values() {
-                let (cpu, wait) = (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1));
+                let [cpu, wait, runs] = [0, 1, 2].map(|k| b[k].saturating_sub(a[k]));
                 if cpu == 0 && wait == 0 {
                     // Asleep throughout (the API's listener, the signal thread).
                     continue;
@@ -101,18 +106,20 @@ impl GuestCpu {
                     vcpus += cpu;
                 }
                 let r = rows.entry((end, name)).or_default();
-                r.0 += cpu;
-                r.1 += wait;
+                r[0] += cpu;
+                r[1] += wait;
+                r[2] += runs;
             }
             Watched {
                 guest_cpu: vcpus as f64 / wall,
                 threads: rows
                     .into_iter()
-                    .map(|((end, name), (cpu, wait))| ThreadTime {
+                    .map(|((end, name), [cpu, wait, runs])| ThreadTime {
                         end,
                         name,
                         cpu_ms: cpu as f64 / 1e6,
                         wait_ms: wait as f64 / 1e6,
+                        runs,
                     })
                     .collect(),
             }
@@ -165,6 +172,7 @@ fn tasks(pid: u32) -> Vec<Task> {
                 name: comm.trim_end().to_string(),
                 cpu: f.next()??,
                 wait: f.next()??,
+                runs: f.next()??,
             })
         })
         .collect()
@@ -214,7 +222,7 @@ mod tests {
                 .cloned()
         };
         let worker = row(&seen, "worker").expect("the worker's row");
-        assert!(worker.cpu_ms > 0.0, "{worker:?}");
+        assert!(worker.cpu_ms > 0.0 && worker.runs > 0, "{worker:?}");
         assert!(row(&seen, "vcpu0").is_some_and(|t| t.cpu_ms > 0.0));
         let idle = std::thread::Builder::new()
             .name("vcpu1".into())

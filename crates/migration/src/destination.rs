@@ -481,27 +481,39 @@ pub fn receive_with(
             .map(|(k, mut c)| {
                 let (parts, names, wake, lanes, damaged) =
                     (&parts, &names, &wake, &lanes, &damaged);
-                s.spawn(move || {
-                    let _raised = raise.then(|| raise_this_thread("a reader")).flatten();
-                    let r = drain(&mut c, parts, names, damaged, Kind::End, &mut |e| match e {
-                        Event::Sync(n) => {
-                            lanes.passed(k, n);
-                            Ok(())
+                // Named as the source's senders are, for whoever reads the host's threads.
+                let spawned = std::thread::Builder::new()
+                    .name(format!("migration-recv{}", k + 1))
+                    .spawn_scoped(s, move || {
+                        let _raised = raise.then(|| raise_this_thread("a reader")).flatten();
+                        let r = drain(&mut c, parts, names, damaged, Kind::End, &mut |e| match e {
+                            Event::Sync(n) => {
+                                lanes.passed(k, n);
+                                Ok(())
+                            }
+                            Event::State(..) | Event::Postcopy(..) => {
+                                Err("a state on a data connection".into())
+                            }
+                        });
+                        if r.is_err() {
+                            lanes.failed();
+                            // Wake the main connection so the failure is reported now.
+                            if let Some(m) = wake {
+                                m.shutdown_read();
+                            }
                         }
-                        Event::State(..) | Event::Postcopy(..) => {
-                            Err("a state on a data connection".into())
-                        }
+                        // Post-copy's background stream goes on on it.
+                        r.map(|_| c)
                     });
-                    if r.is_err() {
-                        lanes.failed();
-                        // Wake the main connection so the failure is reported now.
-                        if let Some(m) = wake {
-                            m.shutdown_read();
-                        }
+                if spawned.is_err() {
+                    // No reader will pass this lane: as when one fails, the main
+                    // connection is woken to report it now.
+                    lanes.failed();
+                    if let Some(m) = wake {
+                        m.shutdown_read();
                     }
-                    // Post-copy's background stream goes on on it.
-                    r.map(|_| c)
-                })
+                }
+                spawned
             })
             .collect();
         // The states come before the last pages: each is loaded as it arrives, on this
@@ -545,6 +557,13 @@ pub fn receive_with(
         drop(raised);
         let mut first_err: Option<Ended> = None;
         for w in workers {
+            let w = match w {
+                Ok(w) => w,
+                Err(e) => {
+                    first_err.get_or_insert(format!("cannot start a receiver thread: {e}").into());
+                    continue;
+                }
+            };
             match w.join() {
                 Ok(Ok(c)) => kept.push(c),
                 Ok(Err(e)) => {
