@@ -79,12 +79,14 @@ impl GuestCpu {
                 for &(end, pid) in &procs {
                     for t in tasks(pid) {
                         let now = [t.cpu, t.wait, t.runs];
-                        seen.entry((pid, t.tid))
-                            .and_modify(|e| e.3 = now)
-                            .or_insert_with(|| {
-                                let from = if first { now } else { [0; 3] };
-                                (end, t.name, from, now)
-                            });
+                        let e = seen.entry((pid, t.tid)).or_insert_with(|| {
+                            let from = if first { now } else { [0; 3] };
+                            (end, String::new(), from, now)
+                        });
+                        // The name last read: a thread names itself once it runs, and a
+                        // read before that finds its creator's name.
+                        e.1 = t.name;
+                        e.3 = now;
                     }
                 }
                 first = false;
@@ -236,6 +238,26 @@ mod tests {
         let seen = w.share();
         idle.join().unwrap();
         assert!(seen.guest_cpu < 0.05, "{}", seen.guest_cpu);
+
+        // A thread seen before it names itself is counted under the name it takes.
+        let w = GuestCpu::watch(vec![("here", pid)]);
+        let late = std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(50));
+            let name = c"late";
+            // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+            assert_eq!(unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) }, 0);
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_millis(50) {
+                std::hint::spin_loop();
+            }
+        });
+        late.join().unwrap();
+        let seen = w.share();
+        assert!(
+            row(&seen, "late").is_some_and(|t| t.cpu_ms > 0.0),
+            "{:?}",
+            seen.threads
+        );
         assert!(
             row(&seen, "vcpu1").is_none_or(|t| t.cpu_ms < 15.0),
             "{:?}",
