@@ -68,7 +68,8 @@ impl GuestCpu {
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
             let t0 = Instant::now();
-            // Per thread: its end, name, and (cpu, wait) when first and last seen, in ns.
+            // Per thread: its end, name, and (cpu ns, wait ns, runs) when first and last
+            // seen.
             // A thread that was not there at the first read started since: all of its
             // time counts.
             type Seen = (&'static str, String, [u64; 3], [u64; 3]);
