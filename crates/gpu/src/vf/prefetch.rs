@@ -89,7 +89,7 @@ impl Vf {
         let Some(p) = self.prefetching() else {
             return;
         };
-        let (head, generation, taken, resolved, entry_at, root) = {
+        let (head, generation, taken, entry_at, root) = {
             let i = self.lock();
             if !Self::has_work(&i) || i.holds != 0 || self.brought_in(&i) {
                 return;
@@ -97,8 +97,9 @@ impl Vf {
             (
                 i.regs.head,
                 i.generation,
-                i.in_flight.as_ref().map(|f| (f.raw, f.entry.cmd)),
-                i.in_flight.as_ref().and(i.resolved),
+                i.in_flight
+                    .as_ref()
+                    .map(|f| (f.raw, f.entry.cmd, i.resolved)),
                 Self::entry_at(&i, i.regs.head),
                 i.regs.pt_root,
             )
@@ -112,17 +113,15 @@ impl Vf {
         };
         // A kernel in flight whose operands are translated works on those VRAM ranges,
         // whatever the page tables say now (the guest may have changed them since).
-        if let Some(k) = resolved {
+        if let Some((raw, _, Some(k))) = taken {
             for o in k.operands() {
                 p.vram(o.va, o.bytes);
             }
-            if let Some((raw, _)) = taken {
-                brought(raw);
-            }
+            brought(raw);
             return;
         }
         let (raw, cmd) = match taken {
-            Some(t) => t,
+            Some((raw, cmd, _)) => (raw, cmd),
             None => {
                 p.ram(entry_at, ENTRY_SIZE as u64);
                 let mut raw = [0u8; ENTRY_SIZE];
