@@ -5,6 +5,7 @@
 
 use crate::abi::pte;
 use crate::backend::Backend;
+use crate::vf::Prefetch;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 pub type GuestRam = vm_memory::GuestMemoryMmap<()>;
@@ -42,6 +43,15 @@ impl Segment {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
     pub va: u64,
+    /// Not a fault of the guest's: translation stopped at memory that is not here yet
+    /// (`Mmu::here`). The engine brings it in, holding nothing, and tries again.
+    pub missing: bool,
+}
+
+impl Fault {
+    pub fn at(va: u64) -> Fault {
+        Fault { va, missing: false }
+    }
 }
 
 pub struct Mmu<'a> {
@@ -49,14 +59,23 @@ pub struct Mmu<'a> {
     pub ram: &'a GuestRam,
     /// VRAM offset of the L2 table.
     pub root: u64,
+    /// Post-copy, on the shared GPU: what is here now. Translation then stops, missing,
+    /// at a table or a target that is not here, rather than wait for it there.
+    pub here: Option<&'a dyn Prefetch>,
 }
 
 impl Mmu<'_> {
     fn entry(&self, table: u64, index: u64, va: u64) -> Result<u64, Fault> {
+        if self
+            .here
+            .is_some_and(|h| !h.vram_here(table + index * 8, 8))
+        {
+            return Err(Fault { va, missing: true });
+        }
         let mut b = [0u8; 8];
         self.backend
             .read(table + index * 8, &mut b)
-            .map_err(|_| Fault { va })?;
+            .map_err(|_| Fault::at(va))?;
         Ok(u64::from_le_bytes(b))
     }
 
@@ -64,7 +83,7 @@ impl Mmu<'_> {
     fn table(&self, e: u64, va: u64) -> Result<u64, Fault> {
         let t = e & pte::ADDR_MASK;
         if e & pte::VALID == 0 || e & pte::SYSTEM != 0 || t + PAGE > self.backend.vram_size() {
-            return Err(Fault { va });
+            return Err(Fault::at(va));
         }
         Ok(t)
     }
@@ -72,7 +91,7 @@ impl Mmu<'_> {
     /// Translates one VA: its target and the bytes left in its page.
     pub fn translate(&self, va: u64, write: bool) -> Result<(Target, u64), Fault> {
         if va >> pte::VA_BITS != 0 || self.root.saturating_add(PAGE) > self.backend.vram_size() {
-            return Err(Fault { va });
+            return Err(Fault::at(va));
         }
         let l2 = self.entry(self.root, va >> 30 & 0x1ff, va)?;
         let l1t = self.table(l2, va)?;
@@ -84,7 +103,7 @@ impl Mmu<'_> {
             (self.entry(l0t, va >> 12 & 0x1ff, va)?, PAGE)
         };
         if leaf & pte::VALID == 0 || (write && leaf & pte::WRITE == 0) {
-            return Err(Fault { va });
+            return Err(Fault::at(va));
         }
         let base = leaf & pte::ADDR_MASK & !(size - 1);
         let within = va & (size - 1);
@@ -92,12 +111,12 @@ impl Mmu<'_> {
         let target = if leaf & pte::SYSTEM != 0 {
             // The whole page must be this VM's RAM (regions that touch count as one).
             if !self.ram.check_range(GuestAddress(base), size as usize) {
-                return Err(Fault { va });
+                return Err(Fault::at(va));
             }
             Target::System(base + within)
         } else {
             if base + size > self.backend.vram_size() {
-                return Err(Fault { va });
+                return Err(Fault::at(va));
             }
             Target::Vram(base + within)
         };
@@ -127,7 +146,7 @@ impl Mmu<'_> {
         mut f: impl FnMut(Segment),
     ) -> Option<Fault> {
         let Some(end) = va.checked_add(len) else {
-            return Some(Fault { va });
+            return Some(Fault::at(va));
         };
         let mut run: Option<Segment> = None;
         let mut at = va;
@@ -141,6 +160,17 @@ impl Mmu<'_> {
                 }
             };
             let n = left.min(end - at);
+            let here = |h: &dyn Prefetch| match target {
+                Target::Vram(o) => h.vram_here(o, n),
+                Target::System(g) => h.ram_here(g, n),
+            };
+            if self.here.is_some_and(|h| !here(h)) {
+                fault = Some(Fault {
+                    va: at,
+                    missing: true,
+                });
+                break;
+            }
             match &mut run {
                 Some(s) if s.continues_at(target) => s.len += n,
                 _ => {
@@ -187,6 +217,7 @@ mod tests {
             backend: &b,
             ram: &ram,
             root,
+            here: None,
         };
         assert_eq!(
             m.translate(0x1234, true).unwrap(),
@@ -198,30 +229,28 @@ mod tests {
         );
         assert_eq!(
             m.translate((2 << 20) + 5, true),
-            Err(Fault { va: (2 << 20) + 5 })
+            Err(Fault::at((2 << 20) + 5))
         );
-        assert_eq!(m.translate(4 << 20, false), Err(Fault { va: 4 << 20 }));
+        assert_eq!(m.translate(4 << 20, false), Err(Fault::at(4 << 20)));
         assert_eq!(
             m.translate((2 << 20) + 0x2000, false),
-            Err(Fault {
-                va: (2 << 20) + 0x2000
-            })
+            Err(Fault::at((2 << 20) + 0x2000))
         );
-        assert_eq!(m.translate(1 << 39, false), Err(Fault { va: 1 << 39 }));
+        assert_eq!(m.translate(1 << 39, false), Err(Fault::at(1 << 39)));
         // Unmapped L2 slot.
-        assert_eq!(m.translate(1 << 30, false), Err(Fault { va: 1 << 30 }));
+        assert_eq!(m.translate(1 << 30, false), Err(Fault::at(1 << 30)));
         // A range crossing from VRAM into the read-only system page: two segments, and a
         // write to it faults where the read-only page starts.
         let segs = m.segments((2 << 20) - 16, 32, false).unwrap();
         assert_eq!(segs.len(), 2);
         assert_eq!(
             m.segments((2 << 20) - 16, 32, true),
-            Err(Fault { va: 2 << 20 })
+            Err(Fault::at(2 << 20))
         );
         // What comes before the fault is still there to bring in.
         let mut before = Vec::new();
         let fault = m.walk((2 << 20) - 16, 32, true, |s| before.push(s));
-        assert_eq!(fault, Some(Fault { va: 2 << 20 }));
+        assert_eq!(fault, Some(Fault::at(2 << 20)));
         assert_eq!(
             before,
             vec![Segment {
@@ -239,6 +268,6 @@ mod tests {
         assert!(m.segments(u64::MAX - 4, 8, false).is_err());
         // A table pointer outside VRAM faults, too.
         put(&b, root + 8, (64 << 20) | pte::VALID);
-        assert_eq!(m.translate(1 << 30, false), Err(Fault { va: 1 << 30 }));
+        assert_eq!(m.translate(1 << 30, false), Err(Fault::at(1 << 30)));
     }
 }

@@ -48,6 +48,13 @@ impl Prefetch for Gate {
         self.asked.lock().unwrap().1.push((gpa, len));
         self.wait_open();
     }
+    // Nothing is here until the gate opens; then all of it is.
+    fn vram_here(&self, _off: u64, _len: u64) -> bool {
+        self.asked.lock().unwrap().2
+    }
+    fn ram_here(&self, _gpa: u64, _len: u64) -> bool {
+        self.asked.lock().unwrap().2
+    }
 }
 
 fn covers(ranges: &[(u64, u64)], at: u64, len: u64) -> bool {
@@ -168,6 +175,13 @@ impl PageGate {
         self.asked.lock().unwrap().1 = true;
         self.cv.notify_all();
     }
+
+    /// Every page is here but the gated one, until opened.
+    fn here(&self, system: bool, at: u64, len: u64) -> bool {
+        system != self.system
+            || !(at <= self.page && self.page < at + len)
+            || self.asked.lock().unwrap().1
+    }
 }
 
 impl Prefetch for PageGate {
@@ -179,6 +193,12 @@ impl Prefetch for PageGate {
     }
     fn ram(&self, gpa: u64, len: u64) {
         self.ask(true, gpa, len)
+    }
+    fn vram_here(&self, off: u64, len: u64) -> bool {
+        self.here(false, off, len)
+    }
+    fn ram_here(&self, gpa: u64, len: u64) -> bool {
+        self.here(true, gpa, len)
     }
 }
 
@@ -258,6 +278,12 @@ impl Prefetch for Counter {
         self.vram.lock().unwrap().push((off, len));
     }
     fn ram(&self, _gpa: u64, _len: u64) {}
+    fn vram_here(&self, _off: u64, _len: u64) -> bool {
+        true
+    }
+    fn ram_here(&self, _gpa: u64, _len: u64) -> bool {
+        true
+    }
 }
 
 /// A FILL over 1 GiB of VA that the guest's page tables map, page after page, to one
@@ -331,6 +357,14 @@ impl Prefetch for Holds {
         }
     }
     fn ram(&self, _gpa: u64, _len: u64) {}
+    // Every page is here but those held.
+    fn vram_here(&self, off: u64, len: u64) -> bool {
+        let g = self.state.lock().unwrap();
+        !g.1.iter().any(|&p| off <= p && p < off + len)
+    }
+    fn ram_here(&self, _gpa: u64, _len: u64) -> bool {
+        true
+    }
 }
 
 /// The guest rewrites its queued entry while the engine brings it in: the command the
@@ -369,4 +403,64 @@ fn a_command_rewritten_while_it_was_brought_in_is_brought_in_again() {
     d.wait(f).unwrap();
     assert_eq!(d.vram_f32(second, 1)[0].to_bits(), 9);
     assert_eq!(d.vram_f32(first, 1)[0].to_bits(), 0, "the first FILL ran");
+}
+
+/// The guest rewrites a page table under a command already brought in: the FILL's last
+/// page now maps VRAM that is not here. The engine does not fetch it while it holds
+/// the GPU: the step that would touch it stops first, and the page is brought in
+/// holding nothing, before the FILL goes on.
+#[test]
+fn a_page_table_rewritten_under_a_command_brought_in_is_brought_in_before_it_is_touched() {
+    let mut d = Driver::new();
+    // VA 1 GiB..+2 MiB in 4 KiB pages, onto VRAM 16 MiB..18 MiB.
+    let (l1, l0, va, was, now) = (PT + 0x3000, PT + 0x4000, 1 << 30, 16 << 20, 40 << 20);
+    put(&d.vf, PT + 8, l1 | pte::VALID);
+    put(&d.vf, l1, l0 | pte::VALID);
+    for i in 0..512 {
+        put(
+            &d.vf,
+            l0 + i * 8,
+            (was + i * 4096) | pte::VALID | pte::WRITE,
+        );
+    }
+    let holds = Arc::new(Holds::default());
+    holds.hold(was);
+    d.vf.set_prefetch(Some(holds.clone()), true);
+    // 2 MiB: eight steps of the engine.
+    let f = d.submit(op::FILL, [va, 2 << 20, 7, 0, 0, 0]);
+    let waited = |what: &str, done: &dyn Fn() -> bool| {
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(std::time::Instant::now() < end, "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    waited("the FILL was never brought in", &|| holds.asked(was, 4096));
+    // The walk has read the tables. Now the last page maps VRAM that is not here.
+    let last = was + 511 * 4096;
+    put(&d.vf, l0 + 511 * 8, now | pte::VALID | pte::WRITE);
+    holds.hold(now);
+    holds.let_go(was);
+    waited("the FILL neither asked for the page nor wrote it", &|| {
+        holds.asked(now, 4096) || d.vram_f32(now, 1)[0].to_bits() == 7
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    // Looked at, then let go: a failed assertion must not leave the engine held.
+    let (seen, fence, before) = (
+        d.vram_f32(now, 1)[0].to_bits(),
+        r(&d.vf, reg::FENCE),
+        d.vram_f32(was + 448 * 4096 - 4, 1)[0].to_bits(),
+    );
+    holds.let_go(now);
+    assert_eq!(seen, 0, "the FILL wrote a page before it was brought in");
+    assert!(fence < f);
+    // The steps before the one that touches it ran.
+    assert_eq!(before, 7);
+    d.wait(f).unwrap();
+    assert_eq!(d.vram_f32(now + 4092, 1)[0].to_bits(), 7);
+    assert_eq!(
+        d.vram_f32(last, 1)[0].to_bits(),
+        0,
+        "the old mapping was written"
+    );
 }

@@ -48,6 +48,18 @@ const RESIDENT_EVERY: Duration = Duration::from_secs(2);
 /// Why a command stopped early.
 enum Stop {
     Error(u32, u64),
+    /// Post-copy: what the step would touch is not here (`Mmu::here`); nothing was
+    /// done, and the step runs again once it is.
+    Missing,
+}
+
+impl From<crate::mmu::Fault> for Stop {
+    fn from(f: crate::mmu::Fault) -> Stop {
+        match f.missing {
+            true => Stop::Missing,
+            false => Stop::Error(err::GPU_FAULT, f.va),
+        }
+    }
 }
 
 impl Vf {
@@ -154,6 +166,13 @@ impl Vf {
             let Some(fl) = i.in_flight.clone() else {
                 let next = (i.regs.head, Self::entry_at(&i, i.regs.head), i.generation);
                 drop(i);
+                if self
+                    .prefetching()
+                    .is_some_and(|p| !p.ram_here(next.1, ENTRY_SIZE as u64))
+                {
+                    self.forget_brought_in();
+                    return true;
+                }
                 return self.take_next(next);
             };
             (
@@ -164,10 +183,12 @@ impl Vf {
                 i.generation,
             )
         };
+        let prefetch = self.prefetching();
         let mmu = Mmu {
             backend: &*self.backend,
             ram: &self.ram,
             root,
+            here: prefetch.as_deref(),
         };
         let result = self.run_chunk(&mmu, &mut fl, &mut resolved, &mut resolving);
         let mut i = self.lock();
@@ -176,6 +197,13 @@ impl Vf {
             return true;
         }
         match result {
+            Err(Stop::Missing) => {
+                // Kept as far as it got (an operand check resumes where it stopped).
+                i.resolving = resolving;
+                drop(i);
+                self.forget_brought_in();
+                true
+            }
             Ok(finished) => {
                 if finished {
                     if let Some(f) = fl.entry.fence {
@@ -272,7 +300,6 @@ impl Vf {
         resolved: &mut Option<Kernel>,
         resolving: &mut Option<Resolving>,
     ) -> Result<bool, Stop> {
-        let fault = |f: crate::mmu::Fault| Stop::Error(err::GPU_FAULT, f.va);
         let broken = |_: crate::backend::OutOfRange| Stop::Error(err::GPU_FAULT, u64::MAX);
         let dma = |_: ()| Stop::Error(err::GPU_FAULT, u64::MAX);
         match fl.entry.cmd {
@@ -285,8 +312,8 @@ impl Vf {
                     return Err(Stop::Error(err::BAD_ARGS, dst));
                 }
                 let n = (bytes - fl.done).min(COPY_CHUNK);
-                let s = mmu.segments(src + fl.done, n, false).map_err(fault)?;
-                let d = mmu.segments(dst + fl.done, n, true).map_err(fault)?;
+                let s = mmu.segments(src + fl.done, n, false).map_err(Stop::from)?;
+                let d = mmu.segments(dst + fl.done, n, true).map_err(Stop::from)?;
                 self.copy_segments(&d, &s).map_err(dma)?;
                 fl.done += n;
                 Ok(fl.done == bytes)
@@ -297,7 +324,7 @@ impl Vf {
                 pattern,
             } => {
                 let n = (bytes - fl.done).min(COPY_CHUNK);
-                for seg in mmu.segments(dst + fl.done, n, true).map_err(fault)? {
+                for seg in mmu.segments(dst + fl.done, n, true).map_err(Stop::from)? {
                     match seg.target {
                         Target::Vram(o) => self.vram_fill(o, seg.len, pattern).map_err(broken)?,
                         Target::System(g) => {
@@ -313,12 +340,12 @@ impl Vf {
             }
             Command::Timestamp { dst } => {
                 self.write_va(mmu, dst, &self.clock_ns().to_le_bytes())
-                    .map_err(fault)?;
+                    .map_err(Stop::from)?;
                 Ok(true)
             }
             Command::Write { dst, value } => {
                 self.write_va(mmu, dst, &value.to_le_bytes())
-                    .map_err(fault)?;
+                    .map_err(Stop::from)?;
                 Ok(true)
             }
             Command::Kernel(k) => {
@@ -336,6 +363,13 @@ impl Vf {
                     }
                     return Ok(false);
                 };
+                // Its operands were translated to VRAM once; what the guest's tables
+                // say now does not matter, only that those ranges are here.
+                if let Some(h) = mmu.here {
+                    if !r.operands().iter().all(|o| h.vram_here(o.va, o.bytes)) {
+                        return Err(Stop::Missing);
+                    }
+                }
                 let units = k.units();
                 let end = (fl.done + k.chunk()).min(units);
                 self.backend
@@ -375,9 +409,7 @@ impl Vf {
                 let va =
                     o.va.checked_add(s.at)
                         .ok_or(Stop::Error(err::GPU_FAULT, o.va))?;
-                let (t, left) = mmu
-                    .translate(va, o.write)
-                    .map_err(|f| Stop::Error(err::GPU_FAULT, f.va))?;
+                let (t, left) = mmu.translate(va, o.write)?;
                 let Target::Vram(off) = t else {
                     return Err(Stop::Error(err::BAD_OPERAND, o.va));
                 };
@@ -459,7 +491,7 @@ impl Vf {
                 Target::System(g) => self.write_guest(g, part).is_ok(),
             };
             if !ok {
-                return Err(crate::mmu::Fault { va: va + at as u64 });
+                return Err(crate::mmu::Fault::at(va + at as u64));
             }
             at += seg.len as usize;
         }

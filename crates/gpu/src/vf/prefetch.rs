@@ -4,8 +4,12 @@
 //! holds it when another VF wants it: then, before it asks for the engine, it brings in
 //! every page the next command will touch (the ring entry, the page tables on the way,
 //! every operand), and only then runs it. Pages never go missing again once here, so
-//! the command runs through. With nobody else at the engine it runs at once and fetches
-//! what it touches as it goes: bringing whole operands in first would only delay it.
+//! the command runs through, unless the guest changed what it touches after it was
+//! brought in (a page table, the ring): each step checks, without waiting, that what
+//! it touches is here, and one that finds a page missing stops before it touches
+//! anything; the engine gives the GPU up and brings in what the command has left.
+//! With nobody else at the engine it runs at once and fetches what it touches as it
+//! goes: bringing whole operands in first would only delay it.
 
 use super::{Inner, Vf};
 use crate::abi::ENTRY_SIZE;
@@ -22,6 +26,10 @@ pub trait Prefetch: Send + Sync {
     fn vram(&self, off: u64, len: u64);
     /// Returns once guest RAM [gpa, gpa + len) is all here.
     fn ram(&self, gpa: u64, len: u64);
+    /// Whether VRAM [off, off + len) is all here now; never waits.
+    fn vram_here(&self, off: u64, len: u64) -> bool;
+    /// Whether guest RAM [gpa, gpa + len) is all here now; never waits.
+    fn ram_here(&self, gpa: u64, len: u64) -> bool;
 }
 
 /// The command the last prefetch brought in: the entry at ring index `head` of the
@@ -43,7 +51,7 @@ impl Vf {
 
     /// Whether a prefetch is in force now: pages may be missing, and the engine is
     /// told to bring them in always or someone else wants the engine.
-    fn prefetching(&self) -> Option<Arc<dyn Prefetch>> {
+    pub(super) fn prefetching(&self) -> Option<Arc<dyn Prefetch>> {
         let p = self
             .prefetch
             .lock()
@@ -64,6 +72,15 @@ impl Vf {
         }
         let i = self.lock();
         Self::has_work(&i) && !self.brought_in(&i)
+    }
+
+    /// A step found memory it touches not here (the guest changed its page tables or
+    /// its ring after the command was brought in, or a range went past what a walk
+    /// brings in): the engine gives the GPU up and brings in, holding nothing, what the
+    /// command has left to touch. Each time brings in what the step found missing, and
+    /// a page never goes missing again, so the guest cannot keep this up.
+    pub(super) fn forget_brought_in(&self) {
+        *self.prefetched.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Whether the command the engine runs next is the one last brought in: the entry
@@ -99,7 +116,7 @@ impl Vf {
                 i.generation,
                 i.in_flight
                     .as_ref()
-                    .map(|f| (f.raw, f.entry.cmd, i.resolved)),
+                    .map(|f| (f.raw, f.entry.cmd, f.done, i.resolved)),
                 Self::entry_at(&i, i.regs.head),
                 i.regs.pt_root,
             )
@@ -113,15 +130,17 @@ impl Vf {
         };
         // A kernel in flight whose operands are translated works on those VRAM ranges,
         // whatever the page tables say now (the guest may have changed them since).
-        if let Some((raw, _, Some(k))) = taken {
+        if let Some((raw, _, _, Some(k))) = taken {
             for o in k.operands() {
                 p.vram(o.va, o.bytes);
             }
             brought(raw);
             return;
         }
-        let (raw, cmd) = match taken {
-            Some((raw, cmd, _)) => (raw, cmd),
+        // A copy or fill under way has what it did behind it: what is left is brought
+        // in (again, when a step found some of it missing).
+        let (raw, cmd, done) = match taken {
+            Some((raw, cmd, done, _)) => (raw, cmd, done),
             None => {
                 p.ram(entry_at, ENTRY_SIZE as u64);
                 let mut raw = [0u8; ENTRY_SIZE];
@@ -133,7 +152,7 @@ impl Vf {
                     return;
                 }
                 match command::decode(&raw) {
-                    Ok(e) => (raw, e.cmd),
+                    Ok(e) => (raw, e.cmd, 0),
                     // The engine reports it when it takes the entry.
                     Err(_) => return,
                 }
@@ -143,10 +162,17 @@ impl Vf {
             backend: &*self.backend,
             ram: &self.ram,
             root,
+            // This walk is what brings the pages in: it waits for each.
+            here: None,
         };
         let ranges: Vec<(u64, u64, bool)> = match cmd {
-            Command::Copy { dst, src, bytes } => vec![(src, bytes, false), (dst, bytes, true)],
-            Command::Fill { dst, bytes, .. } => vec![(dst, bytes, true)],
+            Command::Copy { dst, src, bytes } => vec![
+                (src.saturating_add(done), bytes.saturating_sub(done), false),
+                (dst.saturating_add(done), bytes.saturating_sub(done), true),
+            ],
+            Command::Fill { dst, bytes, .. } => {
+                vec![(dst.saturating_add(done), bytes.saturating_sub(done), true)]
+            }
             Command::Timestamp { dst } | Command::Write { dst, .. } => vec![(dst, 8, true)],
             Command::Kernel(k) => k
                 .operands()
@@ -157,8 +183,8 @@ impl Vf {
         };
         // A range longer than all the memory this VF reaches goes over some pages more
         // than once (the guest's page tables alias them), which no command needs to:
-        // it is brought in only that far, and the engine fetches the rest as it gets
-        // there. A walk over all of it (up to 512 GiB, page by page) would be the
+        // it is brought in only that far, and if a step gets to a page beyond that
+        // which is not here, it stops and the rest is brought in from there. A walk over all of it (up to 512 GiB, page by page) would be the
         // guest's way to keep this thread busy for minutes.
         let reach = self.reach();
         for (va, len, write) in ranges {

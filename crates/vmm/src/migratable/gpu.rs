@@ -238,6 +238,12 @@ impl godwit_gpu::Prefetch for Ahead {
             l.fetch(gpa, len);
         }
     }
+    fn vram_here(&self, off: u64, len: u64) -> bool {
+        Ahead::get(&self.vram).is_none_or(|l| l.here(off, len))
+    }
+    fn ram_here(&self, gpa: u64, len: u64) -> bool {
+        Ahead::get(&self.ram).is_none_or(|l| l.here(gpa, len))
+    }
 }
 
 impl GpuFunction {

@@ -375,6 +375,38 @@ impl Lazy {
         }
     }
 
+    /// Whether a touch of [addr, addr + len) would find all of it here now; never
+    /// waits. A page still at the source, or on its way in, is not here. For the GPU
+    /// engine, which checks what a step touches before it runs the step on the shared
+    /// GPU, and gives the GPU up to bring it in (`fetch`) when it is not.
+    pub fn here(&self, addr: u64, len: u64) -> bool {
+        let i = self.lock();
+        if !i.registered || len == 0 {
+            return true;
+        }
+        let end = addr.saturating_add(len);
+        let page = PAGE_SIZE as u64;
+        self.regions.iter().enumerate().all(|(r, reg)| {
+            let (from, to) = (addr.max(reg.base), end.min(reg.base + reg.len));
+            if from >= to {
+                return true;
+            }
+            // Whole words at a time: a kernel's operand can be a GiB (262,144 pages),
+            // checked before every chunk of it.
+            let (p0, p1) = ((from - reg.base) / page, (to - reg.base).div_ceil(page));
+            let lacks = (p0 / 64..p1.div_ceil(64)).any(|w| {
+                let lo = if w == p0 / 64 { p0 % 64 } else { 0 };
+                let hi = if w == p1 / 64 { p1 % 64 } else { 64 };
+                hi > lo && i.missing[r][w as usize] & ((u64::MAX >> (64 - (hi - lo))) << lo) != 0
+            });
+            let flies = i
+                .flying
+                .iter()
+                .any(|&(fr, fp, n)| fr == r && fp < p1 && p0 < fp + n);
+            !lacks && !flies
+        })
+    }
+
     /// A touch of (region `r`, page `p`) is asked for: when it follows the last one
     /// in a row (the next page, or just past the pages asked for with it), the pages
     /// after it come with it, twice as many each time up to `READ_AHEAD_MAX`. A guest

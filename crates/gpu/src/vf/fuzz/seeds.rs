@@ -1,7 +1,7 @@
 //! The gpu_engine target's seeds, built by code so that they follow `engine`'s input
 //! format: the seeds' tables and ring set up, then commands of every kind, runs cut
-//! short, migrations mid-command and before any command, a command rewritten after
-//! post-copy brought it in, register abuse, aliased page tables and hostile saved
+//! short, migrations mid-command and before any command, a command or a page table
+//! rewritten after post-copy brought it in, register abuse, aliased page tables and hostile saved
 //! states.
 
 use super::{tables, PAGE, RING, RO, ROOT, SYS};
@@ -193,6 +193,17 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         .entry(1, op::FILL, 2, [24 * p, 2 * p, 9, 0, 0, 0])
         .run(63);
 
+    // Post-copy: a FILL brought in (a run of no steps: only what the engine does
+    // before it waits for the GPU), then the guest points the page it fills at
+    // another, which nothing brought in: the step that would fill it stops first.
+    let mut retable = Seed::new();
+    retable.b.push(6);
+    retable
+        .cmd(op::FILL, 1, [26 * p, p, 7, 0, 0, 0])
+        .run(0)
+        .poke(ROOT + 2 * PAGE + 26 * 8, (28 * p) | pte::VALID | pte::WRITE)
+        .run(63);
+
     // Hostile saved states, refused and taken, with a command in flight.
     let mut tamper = Seed::new();
     tamper
@@ -216,6 +227,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("seed_aliased", aliased.b),
         ("seed_postcopy", postcopy.b),
         ("seed_postcopy_rewrite", rewrite.b),
+        ("seed_postcopy_retable", retable.b),
         ("seed_tamper", tamper.b),
         ("seed_fill_copy", fill_copy.b),
         ("seed_kernels", kernels.b),

@@ -482,3 +482,37 @@ fn an_abandoned_memory_lets_whoever_waits_go_on() {
     assert_eq!(peek(host, 5), 0, "a page placed after the end");
     assert_eq!(lazy.left(), 2);
 }
+
+/// What the GPU engine checks before each step: whether a range is all here, page by
+/// page across words of the bitmap and across regions, without waiting.
+#[test]
+fn a_range_is_here_once_every_page_of_it_is() {
+    let m = AnonMap::new(200).unwrap();
+    let page = PAGE_SIZE as u64;
+    // Region 0: pages 0..130 at 0; region 1: its next 8 pages at 1 GiB.
+    let r0 = region_of(&m, 130, 0);
+    let r1 = HostRegion {
+        host: m.host + 130 * page,
+        len: 8 * page,
+        base: 1 << 30,
+        alias: None,
+    };
+    let missing = vec![vec![0, 1, 1 << 1], vec![1 << 7]];
+    let lazy = Lazy::new("test", vec![r0, r1], missing, false).unwrap();
+    assert!(lazy.here(0, 64 * page));
+    assert!(!lazy.here(63 * page, 2 * page), "page 64 is missing");
+    assert!(!lazy.here(64 * page + 4095, 1), "its last byte");
+    assert!(lazy.here(65 * page, 64 * page), "pages 65..129");
+    assert!(!lazy.here(65 * page, 65 * page), "page 129 is missing");
+    assert!(lazy.here(130 * page, 1 << 20), "between the regions");
+    assert!(lazy.here(1 << 30, 7 * page));
+    assert!(!lazy.here((1 << 30) + 7 * page, 1), "region 1's page 7");
+    assert!(!lazy.here(0, u64::MAX), "everything, clipped");
+    assert!(lazy.here(64 * page, 0), "nothing");
+    lazy.place(&[64 * page], &[1; PAGE_SIZE]).unwrap();
+    assert!(lazy.here(0, 129 * page));
+    assert!(!lazy.here(0, u64::MAX));
+    // Abandoned: nothing waits any more, so a touch would not wait either.
+    lazy.abandon();
+    assert!(lazy.here(0, u64::MAX));
+}
