@@ -6,6 +6,7 @@
 use crate::abi::pte;
 use crate::backend::Backend;
 use crate::vf::Prefetch;
+use std::cell::Cell;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 pub type GuestRam = vm_memory::GuestMemoryMmap<()>;
@@ -62,14 +63,48 @@ pub struct Mmu<'a> {
     /// Post-copy, on the shared GPU: what is here now. Translation then stops, missing,
     /// at a table or a target that is not here, rather than wait for it there.
     pub here: Option<&'a dyn Prefetch>,
+    /// Table pages found here, so that each is asked about once, not at every
+    /// translation (a page never goes missing again): a ring of the last few.
+    known: Cell<[u64; 4]>,
 }
 
-impl Mmu<'_> {
+impl<'a> Mmu<'a> {
+    pub fn new(
+        backend: &'a dyn Backend,
+        ram: &'a GuestRam,
+        root: u64,
+        here: Option<&'a dyn Prefetch>,
+    ) -> Mmu<'a> {
+        Mmu {
+            backend,
+            ram,
+            root,
+            here,
+            known: Cell::new([u64::MAX; 4]),
+        }
+    }
+
+    /// Whether the table page holding `at` is here (always, but in post-copy).
+    fn table_here(&self, at: u64) -> bool {
+        let Some(h) = self.here else {
+            return true;
+        };
+        let page = at / PAGE;
+        let mut known = self.known.get();
+        if known.contains(&page) {
+            return true;
+        }
+        if !h.vram_here(page * PAGE, PAGE) {
+            return false;
+        }
+        known.rotate_right(1);
+        known[0] = page;
+        self.known.set(known);
+        true
+    }
+
     fn entry(&self, table: u64, index: u64, va: u64) -> Result<u64, Fault> {
-        if self
-            .here
-            .is_some_and(|h| !h.vram_here(table + index * 8, 8))
-        {
+        if !self.table_here(table + index * 8) {
             return Err(Fault { va, missing: true });
         }
         let mut b = [0u8; 8];
@@ -160,21 +195,13 @@ impl Mmu<'_> {
                 }
             };
             let n = left.min(end - at);
-            let here = |h: &dyn Prefetch| match target {
-                Target::Vram(o) => h.vram_here(o, n),
-                Target::System(g) => h.ram_here(g, n),
-            };
-            if self.here.is_some_and(|h| !here(h)) {
-                fault = Some(Fault {
-                    va: at,
-                    missing: true,
-                });
-                break;
-            }
             match &mut run {
                 Some(s) if s.continues_at(target) => s.len += n,
                 _ => {
                     if let Some(s) = run.replace(Segment { target, len: n }) {
+                        if let Err(missing) = self.segment_here(&s, at - s.len) {
+                            return Some(missing);
+                        }
                         f(s);
                     }
                 }
@@ -182,9 +209,25 @@ impl Mmu<'_> {
             at += n;
         }
         if let Some(s) = run {
+            if let Err(missing) = self.segment_here(&s, at - s.len) {
+                return Some(missing);
+            }
             f(s);
         }
         fault
+    }
+
+    /// A segment (at `va`) is handed on only once all of it is here: one question per
+    /// run of pages, not one per page.
+    fn segment_here(&self, s: &Segment, va: u64) -> Result<(), Fault> {
+        let here = self.here.is_none_or(|h| match s.target {
+            Target::Vram(o) => h.vram_here(o, s.len),
+            Target::System(g) => h.ram_here(g, s.len),
+        });
+        match here {
+            true => Ok(()),
+            false => Err(Fault { va, missing: true }),
+        }
     }
 }
 
@@ -213,12 +256,7 @@ mod tests {
         // VA 4 MiB: a huge page past the end of VRAM; VA 6 MiB: guest RAM beyond RAM.
         put(&b, l1 + 16, (8 << 20) | pte::VALID | pte::HUGE);
         put(&b, l0 + 16, (16 << 20) | pte::VALID | pte::SYSTEM);
-        let m = Mmu {
-            backend: &b,
-            ram: &ram,
-            root,
-            here: None,
-        };
+        let m = Mmu::new(&b, &ram, root, None);
         assert_eq!(
             m.translate(0x1234, true).unwrap(),
             (Target::Vram((2 << 20) + 0x1234), (2 << 20) - 0x1234)

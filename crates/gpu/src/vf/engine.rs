@@ -184,12 +184,7 @@ impl Vf {
             )
         };
         let prefetch = self.prefetching();
-        let mmu = Mmu {
-            backend: &*self.backend,
-            ram: &self.ram,
-            root,
-            here: prefetch.as_deref(),
-        };
+        let mmu = Mmu::new(&*self.backend, &self.ram, root, prefetch.as_deref());
         let result = self.run_chunk(&mmu, &mut fl, &mut resolved, &mut resolving);
         let mut i = self.lock();
         if i.generation != generation || i.in_flight.is_none() {

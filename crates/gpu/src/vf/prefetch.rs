@@ -158,13 +158,8 @@ impl Vf {
                 }
             }
         };
-        let mmu = Mmu {
-            backend: &*self.backend,
-            ram: &self.ram,
-            root,
-            // This walk is what brings the pages in: it waits for each.
-            here: None,
-        };
+        // This walk is what brings the pages in: it waits for each.
+        let mmu = Mmu::new(&*self.backend, &self.ram, root, None);
         let ranges: Vec<(u64, u64, bool)> = match cmd {
             Command::Copy { dst, src, bytes } => vec![
                 (src.saturating_add(done), bytes.saturating_sub(done), false),
