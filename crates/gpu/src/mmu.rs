@@ -172,7 +172,8 @@ impl<'a> Mmu<'a> {
     /// and up to the range's first bad byte (what a command working through it chunk
     /// by chunk may touch before it faults); returns that fault, if any. Nothing is
     /// kept: a range that the guest's page tables alias over and over costs time, not
-    /// memory.
+    /// memory. With `here`, it stops, missing, at the first table or run of pages that
+    /// is not here, before it hands that run on.
     pub fn walk(
         &self,
         va: u64,
@@ -307,5 +308,69 @@ mod tests {
         // A table pointer outside VRAM faults, too.
         put(&b, root + 8, (64 << 20) | pte::VALID);
         assert_eq!(m.translate(1 << 30, false), Err(Fault::at(1 << 30)));
+    }
+
+    /// Post-copy: VRAM pages not here, and how often it was asked.
+    struct Missing(Vec<u64>, std::sync::Mutex<u64>);
+
+    impl Prefetch for Missing {
+        fn active(&self) -> bool {
+            true
+        }
+        fn vram(&self, _off: u64, _len: u64) {}
+        fn ram(&self, _gpa: u64, _len: u64) {}
+        fn vram_here(&self, off: u64, len: u64) -> bool {
+            *self.1.lock().unwrap() += 1;
+            !self.0.iter().any(|&p| off < p + PAGE && p < off + len)
+        }
+        fn ram_here(&self, _gpa: u64, _len: u64) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn with_pages_missing_translation_stops_before_them_and_asks_once_per_table_and_run() {
+        let b = CpuBackend::new(8 << 20).unwrap();
+        let ram = GuestRam::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let (root, l1, l0) = (7 << 20, (7 << 20) + 4096, (7 << 20) + 8192);
+        put(&b, root, l1 | pte::VALID);
+        put(&b, l1, l0 | pte::VALID);
+        // VA 0..64 KiB: 4 KiB pages onto VRAM 1 MiB.. (one run).
+        for i in 0..16 {
+            put(
+                &b,
+                l0 + i * 8,
+                ((1 << 20) + i * PAGE) | pte::VALID | pte::WRITE,
+            );
+        }
+        let missing = |pages: Vec<u64>| Missing(pages, Default::default());
+        let all_here = missing(vec![]);
+        let m = Mmu::new(&b, &ram, root, Some(&all_here));
+        let whole = vec![Segment {
+            target: Target::Vram(1 << 20),
+            len: 16 * PAGE,
+        }];
+        assert_eq!(m.segments(0, 16 * PAGE, true), Ok(whole));
+        // Three table pages and one run, not 3 x 16 tables and 16 pages.
+        assert_eq!(*all_here.1.lock().unwrap(), 4);
+        // A target page not here: nothing from its run on is handed on.
+        let target = missing(vec![(1 << 20) + 5 * PAGE]);
+        let m = Mmu::new(&b, &ram, root, Some(&target));
+        let mut got = Vec::new();
+        let stop = m.walk(0, 16 * PAGE, true, |s| got.push(s));
+        assert!(stop.is_some_and(|f| f.missing), "{stop:?}");
+        assert!(got.is_empty());
+        // A table page not here: translation stops there, as missing, not as a fault.
+        let table = missing(vec![l0]);
+        let m = Mmu::new(&b, &ram, root, Some(&table));
+        assert_eq!(
+            m.translate(0, false),
+            Err(Fault {
+                va: 0,
+                missing: true
+            })
+        );
+        // Without `here`, the same tables translate.
+        assert!(Mmu::new(&b, &ram, root, None).translate(0, false).is_ok());
     }
 }

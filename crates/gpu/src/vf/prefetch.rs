@@ -178,9 +178,10 @@ impl Vf {
         };
         // A range longer than all the memory this VF reaches goes over some pages more
         // than once (the guest's page tables alias them), which no command needs to:
-        // it is brought in only that far, and if a step gets to a page beyond that
-        // which is not here, it stops and the rest is brought in from there. A walk over all of it (up to 512 GiB, page by page) would be the
-        // guest's way to keep this thread busy for minutes.
+        // it is brought in only that far, and a step that gets to a page beyond that
+        // which is not here stops, and the rest is brought in from there. A walk over
+        // all of it (up to 512 GiB, page by page) would be the guest's way to keep
+        // this thread busy for minutes.
         let reach = self.reach();
         for (va, len, write) in ranges {
             // The walk reads the page tables (VRAM): those come in as it goes. A range

@@ -1,8 +1,8 @@
 //! The gpu_engine target's seeds, built by code so that they follow `engine`'s input
 //! format: the seeds' tables and ring set up, then commands of every kind, runs cut
 //! short, migrations mid-command and before any command, a command or a page table
-//! rewritten after post-copy brought it in, register abuse, aliased page tables and hostile saved
-//! states.
+//! rewritten after post-copy brought it in, register abuse, aliased page tables and
+//! hostile saved states.
 
 use super::{tables, PAGE, RING, RO, ROOT, SYS};
 use crate::abi::{control, kernel, op, pte, reg};
