@@ -243,6 +243,32 @@ fn words(b: &[u8]) -> impl Iterator<Item = u64> + '_ {
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
 }
 
+/// What the GPU engine asks before each step in post-copy: whether a range is all here.
+/// For any range (around the memory, across it, to the top of the address space) the
+/// answer is what the missing pages say; once abandoned, nothing waits, so it is yes.
+fn says_what_is_here(lazy: &Lazy, words_from: &[u8], abandoned: bool) {
+    let gone = lazy.missing();
+    let page = PAGE_SIZE as u64;
+    for w in words(words_from).take(32) {
+        let at = (BASE - 2 * page).wrapping_add(w & 0xf_ffff);
+        let len = match w >> 62 {
+            3 => u64::MAX,
+            _ => (w >> 20) & 0x1f_ffff,
+        };
+        let end = at.saturating_add(len);
+        let lacks = len > 0
+            && (0..PAGES).any(|p| {
+                let a = BASE + p * page;
+                a < end && at < a + page && gone[0][(p / 64) as usize] >> (p % 64) & 1 == 1
+            });
+        assert_eq!(
+            lazy.here(at, len),
+            abandoned || !lacks,
+            "here({at:#x}, {len:#x}), abandoned {abandoned}"
+        );
+    }
+}
+
 /// Hostile page traffic for both sides of post-copy; never panics or touches memory
 /// outside the mapping.
 #[doc(hidden)]
@@ -296,6 +322,7 @@ pub fn fuzz_postcopy(bytes: &[u8]) {
     if let Some(left) = left_at_end {
         assert_eq!(lazy.left(), left, "pages placed after the end");
     }
+    says_what_is_here(&lazy, rest, left_at_end.is_some());
     // The same into shared memory, pages read from a stream through its alias: frames
     // of up to 4 pages for any addresses, some of which fail their check or end short.
     let Some(shared) = SharedMap::new(PAGES as usize) else {
