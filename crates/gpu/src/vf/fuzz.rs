@@ -355,7 +355,11 @@ impl Rig {
         }
         let back = to.vf.save_state().expect("saves");
         assert_eq!(back.regs, s.regs, "the restored VF's registers differ");
-        assert_eq!(back.in_flight, s.in_flight, "the restored command differs");
+        assert_eq!(
+            flight_bits(&back.in_flight),
+            flight_bits(&s.in_flight),
+            "the restored command differs"
+        );
         out.migrations += 1;
         to.clock_seen = self.clock_seen;
         let (resolved, resolving) = {
@@ -622,8 +626,8 @@ impl Rig {
             Err(_) => {
                 let now = self.vf.save_state().expect("saves");
                 assert_eq!(
-                    (now.regs, now.in_flight, now.user_held),
-                    (good.regs, good.in_flight, good.user_held),
+                    (now.regs, flight_bits(&now.in_flight), now.user_held),
+                    (good.regs, flight_bits(&good.in_flight), good.user_held),
                     "a refused state changed the VF"
                 );
             }
@@ -637,7 +641,11 @@ impl Rig {
         let (mut a, mut b) = (self.vf.regs(), twin.vf.regs());
         (a.engine_ns, b.engine_ns) = (0, 0);
         assert_eq!(a, b, "migrated and unmoved VFs' registers differ");
-        let fl = |r: &Rig| r.vf.lock().in_flight.clone();
+        let fl = |r: &Rig| {
+            let i = r.vf.lock();
+            let f = i.in_flight.as_ref();
+            f.map(|f| (f.index, f.raw, f.done, f.acc.f.to_bits(), f.acc.u))
+        };
         assert_eq!(
             fl(self),
             fl(twin),
@@ -654,6 +662,13 @@ impl Rig {
             );
         }
     }
+}
+
+/// A command in flight, compared by its bits: its accumulator may be NaN (a kernel's
+/// sum, or a hostile state's), which is not equal to itself.
+fn flight_bits(f: &Option<super::InFlightState>) -> Option<(u64, [u64; 8], u64, u64, u64)> {
+    f.as_ref()
+        .map(|f| (f.index, f.entry, f.done, f.acc.f.to_bits(), f.acc.u))
 }
 
 /// Runs the operations in `data`:
