@@ -77,8 +77,9 @@ impl Vf {
     /// A step found memory it touches not here (the guest changed its page tables or
     /// its ring after the command was brought in, or a range went past what a walk
     /// brings in): the engine gives the GPU up and brings in, holding nothing, what the
-    /// command has left to touch. Each time brings in what the step found missing, and
-    /// a page never goes missing again, so the guest cannot keep this up.
+    /// command has left to touch. A guest cannot keep this up: each time brings in the
+    /// pages the command then maps, a page never goes missing again, so the pages it
+    /// can point the command at run out (and the background brings them all anyway).
     pub(super) fn forget_brought_in(&self) {
         *self.prefetched.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
