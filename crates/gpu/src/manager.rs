@@ -164,6 +164,26 @@ fn reset_engine(page: &crate::shm::GpuPage) {
     crate::sched::wake_all(&page.owner);
 }
 
+/// Takes a free slot's lock. Under the global lock no other allocation can take it,
+/// but `live` (a status, another allocation's look) holds each slot's lock shared for
+/// a moment to see whether anybody holds it: a slot found locked is looked at again
+/// for a while before it counts as taken. Without this a status taken at that moment
+/// made an allocation pass a free VF over, or fail when it was the last one.
+fn take(f: &File) -> std::io::Result<bool> {
+    for _ in 0..TAKE_TRIES {
+        if flock(f, libc::LOCK_EX | libc::LOCK_NB)? {
+            return Ok(true);
+        }
+        std::thread::sleep(TAKE_WAIT);
+    }
+    Ok(false)
+}
+
+/// How long `take` looks again at a slot another process looks at (20 ms in all): a
+/// look holds the lock for microseconds, a holder for its VM's life.
+const TAKE_TRIES: u32 = 100;
+const TAKE_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
+
 fn flock(f: &File, how: i32) -> std::io::Result<bool> {
     // SAFETY: flock on an fd this process owns.
     if unsafe { libc::flock(f.as_raw_fd(), how) } == 0 {
@@ -393,7 +413,7 @@ impl Manager {
                         continue;
                     }
                 };
-                match flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+                match take(&f) {
                     Ok(true) => {
                         if live.is_empty() {
                             // Nobody holds a VF of this GPU: an engine owner left by a
@@ -596,6 +616,47 @@ mod tests {
         // Reconfiguring is refused while VFs are held.
         assert!(Manager::init(&d, HostConfig::default()).is_err());
         drop(v);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A status taken while a VM leases its VF looks at every slot's lock: the lease
+    /// must not take that look for another holder. The last free VF of a GPU (GW8-8C:
+    /// one per GPU), taken and let go over and over while two threads take statuses
+    /// back to back. (Without `take`'s second looks it failed within 500 leases.)
+    #[test]
+    fn a_status_taken_meanwhile_never_makes_a_free_vf_look_taken() {
+        let d = tmpdir("status-race");
+        let m = Manager::open(&d).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let looks: Vec<_> = (0..2)
+            .map(|_| {
+                let (stop, d) = (stop.clone(), d.clone());
+                std::thread::spawn(move || {
+                    let m = Manager::open(&d).unwrap();
+                    let mut n = 0u64;
+                    loop {
+                        m.status().unwrap();
+                        n += 1;
+                        if stop.load(Relaxed) {
+                            return n;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for i in 0..10000 {
+            match m.allocate_on("GW8-8C", "last", Some(0)) {
+                Ok(l) => drop(l),
+                Err(e) => {
+                    stop.store(true, Relaxed);
+                    panic!("allocation {i} of a free VF failed while statuses ran: {e}");
+                }
+            }
+        }
+        stop.store(true, Relaxed);
+        for l in looks {
+            assert!(l.join().unwrap() > 0);
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 }
