@@ -119,15 +119,24 @@ pub(super) fn push(
                 out.wait_room(ROOM_WAIT);
                 continue;
             }
-            // Under a bandwidth cap, waiting here, between reads, a slice at a time to
-            // hear the stop.
-            let due = out.due();
-            if !due.is_zero() {
-                std::thread::sleep(due.min(DUE_SLICE));
-                continue;
-            }
+            // Pages wanted ahead go at once, as the pages a touch waits for do: a
+            // device waits for them (the GPU engine's next command does not run until
+            // they are here). They count into the cap, so the rest waits longer after.
             if let Ok(a) = ahead.try_recv() {
                 wanted_ahead(lazy, out, cancel, a, &mut p, &mut sent)?;
+                continue;
+            }
+            // Under a bandwidth cap, waiting here, between reads, a slice at a time to
+            // hear the stop (and pages wanted ahead).
+            let due = out.due();
+            if !due.is_zero() {
+                let slice = due.min(DUE_SLICE);
+                match ahead.recv_timeout(slice) {
+                    Ok(a) => wanted_ahead(lazy, out, cancel, a, &mut p, &mut sent)?,
+                    // No more can come: the slice is slept all the same.
+                    Err(RecvTimeoutError::Disconnected) => std::thread::sleep(slice),
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
                 continue;
             }
             let next = lazy
