@@ -327,6 +327,9 @@ pub(crate) struct Pair {
     pub guest_cpu: f64,
     /// Both ends' threads over the last migration (`crate::guest_cpu`).
     pub threads: Vec<crate::guest_cpu::ThreadTime>,
+    /// When the last migration's command returned (before the guest's reports after
+    /// it were waited for).
+    pub migrated_at: Option<Instant>,
 }
 
 impl Pair {
@@ -347,6 +350,7 @@ impl Pair {
             own_sessions: false,
             guest_cpu: f64::NAN,
             threads: vec![],
+            migrated_at: None,
         })
     }
 
@@ -367,6 +371,7 @@ impl Pair {
         );
         let (code, out) =
             godwit_vmm::api::call_with(&self.sock, "PUT", "vm.migrate", &body, Some(limit))?;
+        self.migrated_at = Some(Instant::now());
         let seen = cpu.share();
         self.guest_cpu = seen.guest_cpu;
         self.threads = seen.threads;
@@ -405,6 +410,11 @@ impl Pair {
             "--console".into(),
             format!("file:{}", self.src_log.display()),
         ]
+    }
+
+    /// The processes started so far, by pid: the destination, then the source.
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.0.iter().map(Child::id).collect()
     }
 
     /// Where the source migrates to.
@@ -532,6 +542,7 @@ pub fn bench(cmd: BenchCmd) -> ExitCode {
         BenchCmd::Migrate(a) => crate::bench_migrate::run(a),
         BenchCmd::Gpu(a) => crate::bench_gpu::run(a),
         BenchCmd::GpuMigrate(a) => crate::bench_gpu_migrate::run(a),
+        BenchCmd::GpuPostcopy(a) => crate::bench_gpu_postcopy::run(a),
         BenchCmd::Restore(a) => crate::bench_restore::run(a),
         BenchCmd::Boot(a) => {
             let json = a.json;

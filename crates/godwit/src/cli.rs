@@ -143,6 +143,13 @@ pub struct RunArgs {
     /// Placement). With --gpu, or with --incoming for a source that brings one.
     #[arg(long, value_name = "N")]
     pub gpu_index: Option<usize>,
+    /// With --incoming, in post-copy: how the GPU engine meets pages still at the
+    /// source. auto: while another VF wants the shared GPU, a command's pages are
+    /// brought in before it runs, holding nothing; alone, it runs at once. always: they
+    /// are brought in first even alone. off: the engine fetches a page as it touches
+    /// it, holding the GPU every VF on it shares (to measure what the others lose).
+    #[arg(long, default_value = "auto", requires = "incoming")]
+    pub gpu_prefetch: godwit_vmm::config::GpuPrefetch,
     #[command(flatten)]
     pub gpu_dir: GpuDirArg,
     /// How guest writes are tracked when this VM migrates: bitmap (KVM's dirty bitmap,
@@ -443,6 +450,11 @@ pub enum BenchCmd {
     /// Live migration of a VM with a GPU function: VRAM pre-copied against stopped and
     /// copied, over VRAM profiles and GPU loads.
     GpuMigrate(GpuMigrateBenchArgs),
+    /// What a GPU engine waiting for post-copy costs the VMs it shares its GPU with:
+    /// two busy VMs on one GPU, one moved in post-copy over a capped link; the other
+    /// VM's engine share and the moved VM's own progress while its pages follow it, with
+    /// a command's pages brought in before it runs against fetched as they are touched.
+    GpuPostcopy(GpuPostcopyBenchArgs),
     /// Restoring a snapshot: time to the guest's first line against memory size, lazy
     /// against eager, beside QEMU restoring its own snapshot of the same guest.
     Restore(RestoreBenchArgs),
@@ -509,6 +521,31 @@ pub struct GpuMigrateBenchArgs {
     /// migrate --migration-priority`).
     #[arg(long, value_enum, default_value_t = MigrationPriorityArg::Normal)]
     pub migration_priority: MigrationPriorityArg,
+}
+
+#[derive(Args)]
+pub struct GpuPostcopyBenchArgs {
+    /// Repetitions per side.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// The VMs' vGPU profile (all three on one GPU).
+    #[arg(long, default_value = "GW8-1C")]
+    pub profile: String,
+    /// The moved VM's weights in MiB of VRAM (gpu-dirtier busy=N): what its commands
+    /// touch, and so what post-copy has to bring.
+    #[arg(long, default_value_t = 256)]
+    pub weights_mib: u64,
+    /// The migration's bandwidth cap (K, M or G per second): long enough a window to
+    /// measure the shares in.
+    #[arg(long, default_value = "64M")]
+    pub max_bandwidth: String,
+    /// The destination's engine policies to compare, each a side of its own (`run
+    /// --gpu-prefetch`; comma separated).
+    #[arg(long, value_delimiter = ',', default_values_t = ["auto".to_string(), "off".to_string()])]
+    pub prefetch: Vec<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

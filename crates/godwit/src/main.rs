@@ -7,6 +7,7 @@ mod output;
 mod bench;
 mod bench_gpu;
 mod bench_gpu_migrate;
+mod bench_gpu_postcopy;
 mod bench_migrate;
 mod bench_restore;
 mod cli;

@@ -180,6 +180,7 @@ pub fn run(a: RunArgs) -> ExitCode {
                             manager_dir: a.gpu_dir.dir(),
                             vm_name: vm_name(&a),
                             gpu_index: a.gpu_index,
+                            prefetch: a.gpu_prefetch,
                         }),
                     dirty_log: a.dirty_log,
                     id: a.id.clone(),
@@ -386,6 +387,7 @@ fn receive(
         id: a.id.clone(),
         gpu_index: a.gpu_index,
         gpu_profile: a.gpu.clone(),
+        gpu_prefetch: a.gpu_prefetch,
         prefaulted,
     };
     let mut inc = godwit_migration::destination::receive_with(&l, &host, console, how)

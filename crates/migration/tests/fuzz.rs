@@ -85,6 +85,7 @@ fn vm(gpu_dir: &Path) -> Vm {
             manager_dir: gpu_dir.into(),
             vm_name: "fuzz".into(),
             gpu_index: None,
+            prefetch: Default::default(),
         }),
         dirty_log: Default::default(),
         id: None,

@@ -72,6 +72,48 @@ pub struct GpuRequest {
     /// Lease on this GPU only (a manager such as Nova's Placement chose it), instead of
     /// by the host's placement rule.
     pub gpu_index: Option<usize>,
+    /// In post-copy, how the GPU engine meets VRAM and RAM still at the source.
+    pub prefetch: GpuPrefetch,
+}
+
+/// What an incoming VM's GPU engine does in post-copy about the pages a command will
+/// touch that are still at the source. The engine is one GPU that every VF on it
+/// shares, so a command that waits for the network while it holds the engine stalls
+/// every other VM there: bringing its pages in first, holding nothing, spares them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GpuPrefetch {
+    /// Brings a command's pages in before it runs while another VF wants the engine;
+    /// alone at the engine, it runs at once and fetches what it touches as it goes.
+    #[default]
+    Auto,
+    /// Brings them in first whatever the other VFs do.
+    Always,
+    /// Never: the engine fetches a missing page as it touches it, holding the GPU, as
+    /// a GPU meets a TLB miss. For measuring what bringing them in first saves.
+    Off,
+}
+
+impl std::str::FromStr for GpuPrefetch {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(GpuPrefetch::Auto),
+            "always" => Ok(GpuPrefetch::Always),
+            "off" => Ok(GpuPrefetch::Off),
+            _ => Err(format!("GPU prefetch {s:?}: use auto, always or off")),
+        }
+    }
+}
+
+impl std::fmt::Display for GpuPrefetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            GpuPrefetch::Auto => "auto",
+            GpuPrefetch::Always => "always",
+            GpuPrefetch::Off => "off",
+        })
+    }
 }
 
 pub struct VmConfig {

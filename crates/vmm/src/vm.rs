@@ -334,6 +334,7 @@ impl Vm {
                     gpu::APERTURE_SLOT,
                     dirty.clone(),
                     lazy_ram.clone(),
+                    cfg.gpu.as_ref().map(|r| r.prefetch).unwrap_or_default(),
                 )
                 .fresh(incoming && g.vram_untouched)
                 .shared(vram_shared.take(), vram_retired.take()),

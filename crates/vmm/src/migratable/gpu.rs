@@ -15,6 +15,7 @@ use super::{
     check_arc, expect, Component, ComponentError, MigState, PageSource, PreCopyInfo, ReadReport,
     Result, Section, Sink, SyncReport,
 };
+use crate::config::GpuPrefetch;
 use crate::dirty::{DirtyLog, SlotId, Written};
 use crate::memory::SharedRam;
 use godwit_gpu::cpu::CpuBackend;
@@ -253,19 +254,17 @@ impl GpuFunction {
         slot: SlotId,
         dirty: Arc<Mutex<DirtyLog>>,
         ram: super::lazy::Shared,
+        how: GpuPrefetch,
     ) -> GpuFunction {
         let backend = vf.backend().name().to_string();
         let prefetch = Arc::new(Ahead {
             vram: Default::default(),
             ram,
         });
-        // GODWIT_GPU_PREFETCH: auto (the default) brings a command's pages in first
-        // while another VF wants the engine; always does it whatever the others do;
-        // off never (the engine then faults while it holds the shared GPU: to measure
-        // what bringing them in first saves).
-        let mode = std::env::var("GODWIT_GPU_PREFETCH").unwrap_or_default();
-        if mode != "off" {
-            vf.set_prefetch(Some(prefetch.clone()), mode == "always");
+        match how {
+            GpuPrefetch::Off => {}
+            GpuPrefetch::Auto => vf.set_prefetch(Some(prefetch.clone()), false),
+            GpuPrefetch::Always => vf.set_prefetch(Some(prefetch.clone()), true),
         }
         GpuFunction {
             prefetch,

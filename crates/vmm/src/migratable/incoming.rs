@@ -29,6 +29,9 @@ pub struct Host {
     /// The GPU profile the user said the source must bring (`--gpu` with `--incoming`;
     /// unset: whatever it brings, or none).
     pub gpu_profile: Option<String>,
+    /// In post-copy, how its GPU engine meets pages still at the source (`run
+    /// --gpu-prefetch`).
+    pub gpu_prefetch: crate::config::GpuPrefetch,
     /// Memory (and VRAM) readied before the source connected (`--memory`, and `--gpu`,
     /// with `--prefault`).
     pub prefaulted: crate::memory::Prefaulted,
@@ -116,6 +119,7 @@ pub fn config(
             .unwrap_or_else(godwit_gpu::Manager::default_dir),
         vm_name: host.name.clone(),
         gpu_index: host.gpu_index,
+        prefetch: host.gpu_prefetch,
     });
     let cfg = VmConfig {
         memory_mib,
