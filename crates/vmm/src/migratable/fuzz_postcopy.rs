@@ -361,6 +361,7 @@ pub fn fuzz_postcopy(bytes: &[u8]) {
     if let Some(left) = left_at_end {
         assert_eq!(lazy.left(), left, "pages read in after the end");
     }
+    says_what_is_here(&lazy, rest, left_at_end.is_some());
 }
 
 #[cfg(test)]
