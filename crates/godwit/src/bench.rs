@@ -308,6 +308,20 @@ pub(crate) fn listening(port: u16) -> bool {
     })
 }
 
+/// A private GPU manager directory at `dir` with `gpus` GPUs, for a benchmark's VMs.
+pub(crate) fn gpu_host(dir: &Path, gpus: usize) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let init = Command::new(&exe)
+        .args(["gpu", "init", "--gpus", &gpus.to_string(), "--gpu-dir"])
+        .arg(dir)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !init.status.success() {
+        return Err(String::from_utf8_lossy(&init.stderr).into());
+    }
+    Ok(())
+}
+
 /// Kills the processes of one run whatever happens.
 pub(crate) struct Procs(pub Vec<Child>);
 

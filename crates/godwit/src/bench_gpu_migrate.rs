@@ -17,7 +17,7 @@ use godwit_migration::{Options, Report};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::Duration;
 
 /// Filling 8 GiB of VRAM on a host that backs memory on first touch takes a while.
@@ -349,15 +349,7 @@ fn bench(a: GpuMigrateBenchArgs) -> Result<BenchReport, String> {
     let dir = std::env::temp_dir().join(format!("godwit-bench-gpu-mig-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let gpu_dir = dir.join("gpu");
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let init = Command::new(&exe)
-        .args(["gpu", "init", "--gpus", "2", "--gpu-dir"])
-        .arg(&gpu_dir)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !init.status.success() {
-        return Err(String::from_utf8_lossy(&init.stderr).into());
-    }
+    crate::bench::gpu_host(&gpu_dir, 2)?;
     // Both sides hold a filled VRAM at once, and each guest's RAM.
     let mut skipped = Vec::new();
     let avail = available_mib();

@@ -438,16 +438,8 @@ fn measure(
     a: &GpuPostcopyBenchArgs,
 ) -> Result<Vec<Vec<Sample>>, String> {
     let gpu_dir = dir.join("gpu");
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     // One GPU: every VF shares its engine.
-    let init = Command::new(&exe)
-        .args(["gpu", "init", "--gpus", "1", "--gpu-dir"])
-        .arg(&gpu_dir)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !init.status.success() {
-        return Err(String::from_utf8_lossy(&init.stderr).into());
-    }
+    crate::bench::gpu_host(&gpu_dir, 1)?;
     let mut by_side: Vec<Vec<Sample>> = vec![Vec::new(); sides.len()];
     let total = a.runs * sides.len();
     for i in 0..a.runs {
