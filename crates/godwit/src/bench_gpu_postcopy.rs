@@ -134,6 +134,8 @@ struct BenchReport {
     profile: String,
     weights_mib: u64,
     max_bandwidth: u64,
+    /// Each byte between the ends held this long, each way (`--link-delay-us`).
+    link_delay_us: u64,
     /// What every VM runs (gpu-dirtier's arguments).
     workload: String,
     sides: Vec<Side>,
@@ -279,6 +281,22 @@ fn one_run(
         [d, s] => (d, s),
         _ => return Err("the pair did not start two processes".into()),
     };
+    // Between two hosts apart: the source reaches the destination through a relay that
+    // holds every byte, each way.
+    let link = match a.link_delay_us {
+        0 => None,
+        us => {
+            let to = pair.to();
+            let at = to
+                .strip_prefix("tcp:")
+                .and_then(|x| x.parse().ok())
+                .ok_or_else(|| format!("not a TCP address: {to}"))?;
+            Some(
+                crate::delay_link::DelayLink::start(at, Duration::from_micros(us))
+                    .map_err(|e| format!("the delayed link: {e}"))?,
+            )
+        }
+    };
     let poll = Poller::start(gpu_dir)?;
     std::thread::sleep(SETTLE);
     let b0 = Instant::now();
@@ -286,7 +304,9 @@ fn one_run(
     let b1 = Instant::now();
     let o = Options {
         mode: godwit_migration::Mode::Postcopy,
-        to: pair.to(),
+        to: link
+            .as_ref()
+            .map_or_else(|| pair.to(), |l| format!("tcp:{}", l.addr)),
         downtime_ms: 50,
         max_bandwidth: Some(bandwidth),
         connections: None,
@@ -422,6 +442,7 @@ fn bench(a: GpuPostcopyBenchArgs) -> Result<BenchReport, String> {
         profile: a.profile.clone(),
         weights_mib: a.weights_mib,
         max_bandwidth: bandwidth,
+        link_delay_us: a.link_delay_us,
         workload: workload(a.weights_mib),
         sides: sides
             .iter()
@@ -468,10 +489,11 @@ fn mmm(s: &Summary, digits: usize) -> String {
 
 fn print_table(r: &BenchReport) {
     outln!(
-        "GPU post-copy beside a busy neighbour: {} ({} MiB of weights), link capped at {} MiB/s, {} runs per side (min/median/max)",
+        "GPU post-copy beside a busy neighbour: {} ({} MiB of weights), link capped at {} MiB/s, delayed {} us each way, {} runs per side (min/median/max)",
         r.profile,
         r.weights_mib,
         r.max_bandwidth >> 20,
+        r.link_delay_us,
         r.runs
     );
     outln!(

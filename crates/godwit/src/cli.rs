@@ -539,6 +539,10 @@ pub struct GpuPostcopyBenchArgs {
     /// measure the shares in.
     #[arg(long, default_value = "64M")]
     pub max_bandwidth: String,
+    /// Each byte between the two ends held this long, each way (a relay on loopback):
+    /// a fault's round trip then takes at least twice it, as between two hosts apart.
+    #[arg(long, default_value_t = 0)]
+    pub link_delay_us: u64,
     /// The destination's engine policies to compare, each a side of its own (`run
     /// --gpu-prefetch`; comma separated).
     #[arg(long, value_delimiter = ',', default_values_t = ["auto".to_string(), "off".to_string()])]

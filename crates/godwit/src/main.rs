@@ -11,6 +11,7 @@ mod bench_gpu_postcopy;
 mod bench_migrate;
 mod bench_restore;
 mod cli;
+mod delay_link;
 mod demo;
 mod gpu;
 mod guest_cpu;
