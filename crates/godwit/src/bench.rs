@@ -19,6 +19,19 @@ pub struct Summary {
     pub max: f64,
 }
 
+impl Summary {
+    /// "min/median/max" with `digits` decimals, for a table's cell.
+    pub fn mmm(&self, digits: usize) -> String {
+        format!(
+            "{:.d$}/{:.d$}/{:.d$}",
+            self.min,
+            self.median,
+            self.max,
+            d = digits
+        )
+    }
+}
+
 pub fn summary(samples: &[f64]) -> Summary {
     let mut s = samples.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));

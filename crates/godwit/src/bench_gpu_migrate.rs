@@ -492,10 +492,6 @@ fn bench(a: GpuMigrateBenchArgs) -> Result<BenchReport, String> {
     })
 }
 
-fn mmm(s: &Summary, digits: usize) -> String {
-    format!("{:.d$}/{:.d$}/{:.d$}", s.min, s.median, s.max, d = digits)
-}
-
 fn print_table(r: &BenchReport) {
     outln!(
         "GPU live migration, downtime limit {} ms, {} runs per cell (min/median/max){}",
@@ -536,11 +532,11 @@ fn print_table(r: &BenchReport) {
                 c.profile,
                 c.workload,
                 mode,
-                mmm(&s.total_ms, 0),
-                mmm(&s.downtime_ms, 1),
-                mmm(&s.guest_gap_ms, 1),
-                mmm(&s.gpu_quiesce_ms, 2),
-                mmm(&s.vram_mib, 0),
+                s.total_ms.mmm(0),
+                s.downtime_ms.mmm(1),
+                s.guest_gap_ms.mmm(1),
+                s.gpu_quiesce_ms.mmm(2),
+                s.vram_mib.mmm(0),
                 held,
                 extra
             );

@@ -483,10 +483,6 @@ fn measure(
     Ok(by_side)
 }
 
-fn mmm(s: &Summary, digits: usize) -> String {
-    format!("{:.d$}/{:.d$}/{:.d$}", s.min, s.median, s.max, d = digits)
-}
-
 fn print_table(r: &BenchReport) {
     outln!(
         "GPU post-copy beside a busy neighbour: {} ({} MiB of weights), link capped at {} MiB/s, delayed {} us each way, {} runs per side (min/median/max)",
@@ -511,13 +507,13 @@ fn print_table(r: &BenchReport) {
         outln!(
             "{:<8} {:>18} {:>18} {:>18} {:>18} {:>18} {:>18} {:>14}",
             s.prefetch,
-            mmm(&s.neighbour_engine_share_during, 3),
-            mmm(&s.neighbour_kept, 3),
-            mmm(&s.moved_engine_share_during, 3),
-            mmm(&s.moved_kept, 3),
-            mmm(&s.gpu_held_during, 3),
-            mmm(&s.window_ms, 0),
-            mmm(&s.gpu_remote_faults, 0)
+            s.neighbour_engine_share_during.mmm(3),
+            s.neighbour_kept.mmm(3),
+            s.moved_engine_share_during.mmm(3),
+            s.moved_kept.mmm(3),
+            s.gpu_held_during.mmm(3),
+            s.window_ms.mmm(0),
+            s.gpu_remote_faults.mmm(0)
         );
     }
     outln!("share: engine time over wall time during the window; kept: commands per second during it over before the migration");
