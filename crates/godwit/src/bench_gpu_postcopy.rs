@@ -421,8 +421,7 @@ fn bench(a: GpuPostcopyBenchArgs) -> Result<BenchReport, String> {
     }
     let bandwidth = crate::migrate::parse_bandwidth(&a.max_bandwidth)?;
     let mut sides = Vec::new();
-    for p in &a.prefetch {
-        let p: godwit_vmm::config::GpuPrefetch = p.parse()?;
+    for &p in &a.prefetch {
         if !sides.contains(&p) {
             sides.push(p);
         }

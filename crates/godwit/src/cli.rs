@@ -545,8 +545,8 @@ pub struct GpuPostcopyBenchArgs {
     pub link_delay_us: u64,
     /// The destination's engine policies to compare, each a side of its own (`run
     /// --gpu-prefetch`; comma separated).
-    #[arg(long, value_delimiter = ',', default_values_t = ["auto".to_string(), "off".to_string()])]
-    pub prefetch: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_values_t = [godwit_vmm::config::GpuPrefetch::Auto, godwit_vmm::config::GpuPrefetch::Off])]
+    pub prefetch: Vec<godwit_vmm::config::GpuPrefetch>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
