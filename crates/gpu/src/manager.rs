@@ -1,7 +1,9 @@
 //! The host's GPU manager, shared by every godwit process on the host without a daemon:
 //! a directory (default /run/godwit/gpu, or $GODWIT_GPU_DIR) holding
 //! - `host.json`: the GPUs (model), the placement rule and each GPU's policy;
-//! - `manager.lock`: flock'd around every placement, so two VMs never take one VF;
+//! - `manager.lock`: flock'd around every placement, every look at the leases and every
+//!   lease let go, so two VMs never take one VF and no look sees a lease half made or
+//!   half gone;
 //! - `gpuG.shm`: each GPU's shared scheduler page (see `shm`, `sched`);
 //! - `gpuG-vfS.lock`/`.json`: a VF lease. The owning process holds an flock on the lock
 //!   file for as long as it lives; the kernel drops it when the process exits or
@@ -99,7 +101,9 @@ pub struct Lease {
     pub profile: &'static Profile,
     shm: Arc<GpuShm>,
     json: PathBuf,
-    _lock: File,
+    /// The manager's lock file, taken again to let the lease go.
+    manager_lock: PathBuf,
+    lock: File,
 }
 
 impl Lease {
@@ -118,9 +122,16 @@ impl Lease {
 }
 
 impl Drop for Lease {
+    /// The record goes and the slot's lock is let go together, under the manager's
+    /// lock: a look between the two took the VF for held by nobody known, and an
+    /// allocation then took it for a VF of another profile and refused the GPU. If the
+    /// manager's lock cannot be had (its directory removed), the lease is let go all
+    /// the same: the slot's lock alone says who holds it.
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.json);
+        let _manager = lock_manager(&self.manager_lock).ok();
         self.shm.page().vf[self.slot].attached.store(0, Release);
+        let _ = std::fs::remove_file(&self.json);
+        let _ = flock(&self.lock, libc::LOCK_UN);
     }
 }
 
@@ -164,25 +175,17 @@ fn reset_engine(page: &crate::shm::GpuPage) {
     crate::sched::wake_all(&page.owner);
 }
 
-/// Takes a free slot's lock. Under the global lock no other allocation can take it,
-/// but `live` (a status, another allocation's look) holds each slot's lock shared for
-/// a moment to see whether anybody holds it: a slot found locked is looked at again
-/// for a while before it counts as taken. Without this a status taken at that moment
-/// made an allocation pass a free VF over, or fail when it was the last one.
-fn take(f: &File) -> std::io::Result<bool> {
-    for _ in 0..TAKE_TRIES {
-        if flock(f, libc::LOCK_EX | libc::LOCK_NB)? {
-            return Ok(true);
-        }
-        std::thread::sleep(TAKE_WAIT);
-    }
-    Ok(false)
+/// Takes the manager's lock (`manager.lock`), waiting for whoever holds it: every
+/// holder holds it for a placement, a look at the leases or a lease let go.
+fn lock_manager(path: &Path) -> std::io::Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    flock(&f, libc::LOCK_EX)?;
+    Ok(f)
 }
-
-/// How long `take` looks again at a slot another process looks at (20 ms in all): a
-/// look holds the lock for microseconds, a holder for its VM's life.
-const TAKE_TRIES: u32 = 100;
-const TAKE_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
 
 fn flock(f: &File, how: i32) -> std::io::Result<bool> {
     // SAFETY: flock on an fd this process owns.
@@ -300,14 +303,11 @@ impl Manager {
     }
 
     fn global_lock(&self) -> Result<File> {
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join("manager.lock"))
-            .map_err(|e| self.io(e))?;
-        flock(&f, libc::LOCK_EX).map_err(|e| self.io(e))?;
-        Ok(f)
+        lock_manager(&self.manager_lock()).map_err(|e| self.io(e))
+    }
+
+    fn manager_lock(&self) -> PathBuf {
+        self.dir.join("manager.lock")
     }
 
     fn shm(&self, g: usize) -> Result<GpuShm> {
@@ -321,7 +321,10 @@ impl Manager {
         )
     }
 
-    /// The held VFs of GPU `g`: (slot, holder).
+    /// The held VFs of GPU `g`: (slot, holder). Only under the manager's lock
+    /// (`global_lock`): a lease's slot lock and its record change together under it,
+    /// and a look holds each slot's lock shared for a moment, which an allocation
+    /// beside it would take for a holder.
     fn live(&self, g: usize) -> Result<Vec<(usize, Holder)>> {
         let mut out = Vec::new();
         for s in 0..MAX_VFS {
@@ -413,7 +416,7 @@ impl Manager {
                         continue;
                     }
                 };
-                match take(&f) {
+                match flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
                     Ok(true) => {
                         if live.is_empty() {
                             // Nobody holds a VF of this GPU: an engine owner left by a
@@ -466,7 +469,8 @@ impl Manager {
             profile: p,
             shm,
             json,
-            _lock: f,
+            manager_lock: self.manager_lock(),
+            lock: f,
         })
     }
 
@@ -485,6 +489,7 @@ impl Manager {
     }
 
     pub fn status(&self) -> Result<Vec<GpuStatus>> {
+        let _g = self.global_lock()?;
         let mut out = Vec::new();
         for (g, spec) in self.cfg.gpus.iter().enumerate() {
             let model = profile::model(&spec.model).expect("checked on open");
@@ -559,6 +564,9 @@ impl Manager {
 mod tests {
     use super::*;
 
+    /// Between one status and the next in the race tests.
+    const LOOK_GAP: std::time::Duration = std::time::Duration::from_micros(50);
+
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("godwit-gpu-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -622,7 +630,8 @@ mod tests {
     /// A status taken while a VM leases its VF looks at every slot's lock: the lease
     /// must not take that look for another holder. The last free VF of a GPU (GW8-8C:
     /// one per GPU), taken and let go over and over while two threads take statuses
-    /// back to back. (Without `take`'s second looks it failed within 500 leases.)
+    /// back to back. (When a status looked without the manager's lock, it failed
+    /// within 500 leases.)
     #[test]
     fn a_status_taken_meanwhile_never_makes_a_free_vf_look_taken() {
         let d = tmpdir("status-race");
@@ -637,6 +646,9 @@ mod tests {
                     loop {
                         m.status().unwrap();
                         n += 1;
+                        // Looks hold the manager's lock: back to back they would
+                        // starve the allocations of it (flock is not fair).
+                        std::thread::sleep(LOOK_GAP);
                         if stop.load(Relaxed) {
                             return n;
                         }
@@ -658,5 +670,57 @@ mod tests {
             assert!(l.join().unwrap() > 0);
         }
         let _ = std::fs::remove_dir_all(&d);
+    }
+    /// Leases of one GPU taken and let go by two threads while a third takes statuses:
+    /// no look may see a lease half made or half gone. A status must name every holder
+    /// (never pid 0, "?"), and an allocation must not take a lease being let go for a
+    /// holder of another profile and refuse the GPU ("runs ? VFs").
+    #[test]
+    fn a_lease_taken_or_let_go_is_never_seen_half_done() {
+        let d = tmpdir("half-seen");
+        let _m = Manager::open(&d).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let looker = {
+            let (stop, d) = (stop.clone(), d.clone());
+            std::thread::spawn(move || {
+                let m = Manager::open(&d).unwrap();
+                let mut n = 0u64;
+                while !stop.load(Relaxed) {
+                    for g in m.status().unwrap() {
+                        for v in g.vfs {
+                            if v.holder.pid == 0 || v.holder.profile != "GW8-2C" {
+                                return Err(format!("look {n}: VF {}: {:?}", v.slot, v.holder));
+                            }
+                        }
+                    }
+                    n += 1;
+                    std::thread::sleep(LOOK_GAP);
+                }
+                Ok(n)
+            })
+        };
+        let leasers: Vec<_> = (0..2)
+            .map(|t| {
+                let d = d.clone();
+                std::thread::spawn(move || {
+                    let m = Manager::open(&d).unwrap();
+                    for i in 0..3000 {
+                        match m.allocate_on("GW8-2C", &format!("vm{t}"), Some(0)) {
+                            Ok(l) => drop(l),
+                            Err(e) => return Err(format!("thread {t}, lease {i}: {e}")),
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let leased: Vec<_> = leasers.into_iter().map(|l| l.join().unwrap()).collect();
+        stop.store(true, Relaxed);
+        let looked = looker.join().unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+        for r in leased {
+            r.unwrap();
+        }
+        assert!(looked.unwrap() > 0);
     }
 }
