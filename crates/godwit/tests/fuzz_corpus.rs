@@ -127,6 +127,7 @@ fn the_gpu_engine_seeds_are_in_the_corpus_and_reach_their_commands() {
             "seed_postcopy" => (8, 1, 0, false, 20),
             "seed_postcopy_rewrite" => (2, 1, 0, false, 5),
             "seed_postcopy_retable" => (1, 1, 0, false, 4),
+            "seed_postcopy_retable_ram" => (1, 1, 0, false, 4),
             "seed_fill_copy" => (7, 0, 0, false, 0),
             "seed_kernels" => (10, 0, 0, false, 0),
             "seed_migrate" => (3, 2, 0, false, 6),

@@ -56,6 +56,7 @@ pub const RING: u64 = 0;
 
 mod postcopy;
 mod seeds;
+mod unread;
 
 pub use seeds::seeds;
 

@@ -14,8 +14,8 @@
 //! step that would touch what is not here stops before it touches anything, and the
 //! engine gives the GPU up to bring it in (`Vf::forget_brought_in`).
 //!
-//! Not checked: guest RAM that a step only reads (the model reads guest memory
-//! directly, past the backend).
+//! Guest RAM a step only reads is checked too: the pages not here are unreadable
+//! while it runs (`unread`).
 
 use super::{ram_bytes, record, Seen};
 use crate::mmu::GuestRam;
@@ -92,7 +92,21 @@ impl Destination {
     /// Runs one engine step and checks that what it touched was here.
     pub fn step(&mut self, vf: &Vf, seen: &Seen, ram: &GuestRam) -> bool {
         let before = ram_bytes(ram);
-        let (more, touched) = record(seen, || vf.step());
+        let missing: Vec<u64> = {
+            let here = self.here.ram.lock().unwrap();
+            ram.iter()
+                .flat_map(|r| pages(r.start_addr().raw_value(), r.len()))
+                .filter(|p| !here.contains(p))
+                .collect()
+        };
+        let ((more, touched), read) =
+            super::unread::guard(ram, &missing, || record(seen, || vf.step()));
+        if let Some(p) = read.first() {
+            panic!(
+                "the engine touched guest page {:#x}, which was not brought in first",
+                p * PAGE
+            );
+        }
         self.checked += 1;
         let here = self.here.vram.lock().unwrap();
         for p in touched.iter().flat_map(|&(o, l)| pages(o, l)) {

@@ -1,8 +1,8 @@
 //! The gpu_engine target's seeds, built by code so that they follow `engine`'s input
 //! format: the seeds' tables and ring set up, then commands of every kind, runs cut
 //! short, migrations mid-command and before any command, a command or a page table
-//! rewritten after post-copy brought it in, register abuse, aliased page tables and
-//! hostile saved states.
+//! (or the guest RAM a copy reads) rewritten after post-copy brought it in, register
+//! abuse, aliased page tables and hostile saved states.
 
 use super::{tables, PAGE, RING, RO, ROOT, SYS};
 use crate::abi::{control, kernel, op, pte, reg};
@@ -204,6 +204,21 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         .poke(ROOT + 2 * PAGE + 26 * 8, (28 * p) | pte::VALID | pte::WRITE)
         .run(63);
 
+    // Post-copy: a COPY out of guest RAM brought in, then the guest points its source
+    // at a RAM page nothing brought in (RAM page 18, where it was 16): the step that
+    // would read it stops first, and the page comes in before the copy runs.
+    let mut retable_ram = Seed::new();
+    retable_ram.b.push(6);
+    let sys_pte = |k: u64| ROOT + 2 * PAGE + (SYS / PAGE + k) * 8;
+    retable_ram
+        .cmd(op::COPY, 1, [SYS + 16 * p, 20 * p, p, 0, 0, 0])
+        .run(0)
+        .poke(
+            sys_pte(16),
+            ((1 << 20) + 2 * p) | pte::VALID | pte::WRITE | pte::SYSTEM,
+        )
+        .run(63);
+
     // Hostile saved states, refused and taken, with a command in flight.
     let mut tamper = Seed::new();
     tamper
@@ -228,6 +243,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("seed_postcopy", postcopy.b),
         ("seed_postcopy_rewrite", rewrite.b),
         ("seed_postcopy_retable", retable.b),
+        ("seed_postcopy_retable_ram", retable_ram.b),
         ("seed_tamper", tamper.b),
         ("seed_fill_copy", fill_copy.b),
         ("seed_kernels", kernels.b),
