@@ -134,6 +134,52 @@ fn hybrid_with_page_data_left_to_the_transport_verifies() {
     }
 }
 
+/// The dirtier flat out (no rate: its vCPU writes as fast as it can), checking each page
+/// before it rewrites it, moved in post-copy and in hybrid over a 64 MiB/s link: pre-copy
+/// cannot follow it, so hybrid switches, and in both the guest runs on at the
+/// destination faulting in the pages it writes, and all of its memory checks out.
+#[test]
+fn a_dirtier_flat_out_moved_in_postcopy_and_hybrid_verifies() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-flat");
+    for mode in ["postcopy", "hybrid"] {
+        let mut src = dirtier_source(
+            &dir,
+            &format!("src-{mode}"),
+            "512",
+            &[
+                "wss=64",
+                "rate=0",
+                "seconds=6",
+                "report-every=250",
+                "check-writes=1",
+            ],
+        );
+        let (mut dst, addr) = destination(&dir, &format!("dst-{mode}"), &[]);
+        let (out, r) = migrate(
+            &src,
+            &addr,
+            &[
+                "--mode",
+                mode,
+                "--max-bandwidth",
+                "64M",
+                "--downtime-ms",
+                "50",
+            ],
+        );
+        assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+        assert_postcopy_whole(&r);
+        assert_eq!(r["mode"], mode, "{r}");
+        assert_eq!(r["throttled"], false, "{r}");
+        assert!(r["postcopy"]["remote_faults"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+        assert_verified(&mut dst, 16384);
+    }
+}
+
 /// Hybrid where pre-copy's first round leaves nothing to send (a paused VM writes
 /// nothing): there is no rest to follow the VM, so it stays pre-copy. It used to switch
 /// to post-copy with nothing missing, and the destination, with every page in at once,
