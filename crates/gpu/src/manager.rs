@@ -125,10 +125,12 @@ impl Drop for Lease {
     /// The record goes and the slot's lock is let go together, under the manager's
     /// lock: a look between the two took the VF for held by nobody known, and an
     /// allocation then took it for a VF of another profile and refused the GPU. If the
-    /// manager's lock cannot be had (its directory removed), the lease is let go all
-    /// the same: the slot's lock alone says who holds it.
+    /// manager's lock cannot be had (its directory removed, or a holder stopped with
+    /// it: a VM's exit must not wait on a `godwit gpu status` held in a debugger), the
+    /// lease is let go all the same after `DROP_WAIT`: the slot's lock alone says who
+    /// holds it, and a look may then see the moment between the two.
     fn drop(&mut self) {
-        let _manager = lock_manager(&self.manager_lock).ok();
+        let _manager = lock_manager_within(&self.manager_lock, DROP_WAIT);
         self.shm.page().vf[self.slot].attached.store(0, Release);
         let _ = std::fs::remove_file(&self.json);
         let _ = flock(&self.lock, libc::LOCK_UN);
@@ -178,14 +180,37 @@ fn reset_engine(page: &crate::shm::GpuPage) {
 /// Takes the manager's lock (`manager.lock`), waiting for whoever holds it: every
 /// holder holds it for a placement, a look at the leases or a lease let go.
 fn lock_manager(path: &Path) -> std::io::Result<File> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)?;
+    let f = open_manager_lock(path)?;
     flock(&f, libc::LOCK_EX)?;
     Ok(f)
 }
+
+fn open_manager_lock(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+}
+
+/// `lock_manager`, giving up after `wait` (None then).
+fn lock_manager_within(path: &Path, wait: std::time::Duration) -> Option<File> {
+    let f = open_manager_lock(path).ok()?;
+    let end = std::time::Instant::now() + wait;
+    loop {
+        match flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(true) => return Some(f),
+            Ok(false) if std::time::Instant::now() < end => {
+                std::thread::sleep(std::time::Duration::from_micros(500))
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// How long a lease let go waits for the manager's lock: its holders hold it for
+/// microseconds to milliseconds.
+const DROP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn flock(f: &File, how: i32) -> std::io::Result<bool> {
     // SAFETY: flock on an fd this process owns.
@@ -671,6 +696,30 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(&d);
     }
+    /// A lease let go while the manager's lock is held elsewhere and not let go (a
+    /// `godwit gpu status` stopped in a debugger) still goes, after its wait: a VM's
+    /// exit never hangs on the manager, and its VF is free afterwards.
+    #[test]
+    fn a_lease_is_let_go_even_when_the_managers_lock_is_held_for_good() {
+        let d = tmpdir("held-lock");
+        let m = Manager::open(&d).unwrap();
+        let l = m.allocate("GW8-8C", "vm").unwrap();
+        let held = lock_manager(&m.manager_lock()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(l);
+            let _ = tx.send(());
+        });
+        let gone = rx.recv_timeout(DROP_WAIT * 5);
+        drop(held);
+        assert!(
+            gone.is_ok(),
+            "the lease was not let go while the lock was held"
+        );
+        assert!(m.status().unwrap().iter().all(|g| g.vfs.is_empty()));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     /// Leases of one GPU taken and let go by two threads while a third takes statuses:
     /// no look may see a lease half made or half gone. A status must name every holder
     /// (never pid 0, "?"), and an allocation must not take a lease being let go for a
