@@ -30,6 +30,17 @@ pub enum Error {
     Io { dir: PathBuf, err: std::io::Error },
     #[error("GPU manager: {0}")]
     Config(String),
+    #[error(
+        "GPU manager directory {}: its lock (manager.lock) was held by another process for {} s; \
+         a placement or a status holds it for milliseconds, so that process is stopped or \
+         stuck (`lslocks` names it)",
+        dir.display(),
+        waited.as_secs()
+    )]
+    Busy {
+        dir: PathBuf,
+        waited: std::time::Duration,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -92,6 +103,8 @@ pub struct Holder {
 pub struct Manager {
     dir: PathBuf,
     cfg: HostConfig,
+    /// How long a placement or a look waits for the manager's lock (`LOCK_WAIT`).
+    lock_wait: std::time::Duration,
 }
 
 /// A VF held by this process; dropping it (or dying) frees the VF.
@@ -130,7 +143,9 @@ impl Drop for Lease {
     /// lease is let go all the same after `DROP_WAIT`: the slot's lock alone says who
     /// holds it, and a look may then see the moment between the two.
     fn drop(&mut self) {
-        let _manager = lock_manager_within(&self.manager_lock, DROP_WAIT);
+        let _manager = lock_manager_within(&self.manager_lock, DROP_WAIT)
+            .ok()
+            .flatten();
         self.shm.page().vf[self.slot].attached.store(0, Release);
         let _ = std::fs::remove_file(&self.json);
         let _ = flock(&self.lock, libc::LOCK_UN);
@@ -177,14 +192,6 @@ fn reset_engine(page: &crate::shm::GpuPage) {
     crate::sched::wake_all(&page.owner);
 }
 
-/// Takes the manager's lock (`manager.lock`), waiting for whoever holds it: every
-/// holder holds it for a placement, a look at the leases or a lease let go.
-fn lock_manager(path: &Path) -> std::io::Result<File> {
-    let f = open_manager_lock(path)?;
-    flock(&f, libc::LOCK_EX)?;
-    Ok(f)
-}
-
 fn open_manager_lock(path: &Path) -> std::io::Result<File> {
     OpenOptions::new()
         .create(true)
@@ -193,23 +200,27 @@ fn open_manager_lock(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-/// `lock_manager`, giving up after `wait` (None then).
-fn lock_manager_within(path: &Path, wait: std::time::Duration) -> Option<File> {
-    let f = open_manager_lock(path).ok()?;
+/// Takes the manager's lock (`manager.lock`), waiting up to `wait` for whoever holds
+/// it (None then): every holder holds it for a placement, a look at the leases or a
+/// lease let go, microseconds to milliseconds, unless it is stopped or stuck.
+fn lock_manager_within(path: &Path, wait: std::time::Duration) -> std::io::Result<Option<File>> {
+    let f = open_manager_lock(path)?;
     let end = std::time::Instant::now() + wait;
     loop {
-        match flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
-            Ok(true) => return Some(f),
-            Ok(false) if std::time::Instant::now() < end => {
-                std::thread::sleep(std::time::Duration::from_micros(500))
-            }
-            _ => return None,
+        if flock(&f, libc::LOCK_EX | libc::LOCK_NB)? {
+            return Ok(Some(f));
         }
+        if std::time::Instant::now() >= end {
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(500));
     }
 }
 
-/// How long a lease let go waits for the manager's lock: its holders hold it for
-/// microseconds to milliseconds.
+/// How long a placement or a look waits for the manager's lock before it says who is
+/// in the way, and how long a lease let go waits before it goes without it (a VM's
+/// exit must not wait long).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 const DROP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn flock(f: &File, how: i32) -> std::io::Result<bool> {
@@ -251,6 +262,7 @@ impl Manager {
         let mut m = Manager {
             dir: dir.to_path_buf(),
             cfg: HostConfig::default(),
+            lock_wait: LOCK_WAIT,
         };
         if let Ok(meta) = std::fs::metadata(dir) {
             if !meta.is_dir() {
@@ -328,7 +340,12 @@ impl Manager {
     }
 
     fn global_lock(&self) -> Result<File> {
-        lock_manager(&self.manager_lock()).map_err(|e| self.io(e))
+        lock_manager_within(&self.manager_lock(), self.lock_wait)
+            .map_err(|e| self.io(e))?
+            .ok_or_else(|| Error::Busy {
+                dir: self.dir.clone(),
+                waited: self.lock_wait,
+            })
     }
 
     fn manager_lock(&self) -> PathBuf {
@@ -698,19 +715,30 @@ mod tests {
     }
     /// A lease let go while the manager's lock is held elsewhere and not let go (a
     /// `godwit gpu status` stopped in a debugger) still goes, after its wait: a VM's
-    /// exit never hangs on the manager, and its VF is free afterwards.
+    /// exit never hangs on the manager, and its VF is free afterwards. A placement and
+    /// a status meanwhile end with an error that says so.
     #[test]
-    fn a_lease_is_let_go_even_when_the_managers_lock_is_held_for_good() {
+    fn a_lock_held_for_good_neither_keeps_a_lease_nor_hangs_a_placement() {
         let d = tmpdir("held-lock");
         let m = Manager::open(&d).unwrap();
         let l = m.allocate("GW8-8C", "vm").unwrap();
-        let held = lock_manager(&m.manager_lock()).unwrap();
+        let mut other = Manager::open(&d).unwrap();
+        other.lock_wait = std::time::Duration::from_millis(300);
+        let held = m.global_lock().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             drop(l);
             let _ = tx.send(());
         });
         let gone = rx.recv_timeout(DROP_WAIT * 5);
+        // Nor do a placement and a status wait for good: they say who is in the way.
+        for e in [
+            other.allocate("GW8-8C", "next").err().unwrap(),
+            other.status().err().unwrap(),
+        ] {
+            assert!(matches!(e, Error::Busy { .. }), "{e}");
+            assert!(e.to_string().contains("held by another process"), "{e}");
+        }
         drop(held);
         assert!(
             gone.is_ok(),
