@@ -383,3 +383,53 @@ fn a_stale_scheduler_never_hangs_the_gpu() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// Another process holds the manager's lock for good (a `godwit gpu status` stopped in
+/// a debugger, say): a GPU VM's start and a status each wait their bound, then fail
+/// naming the lock, and the start leaves nothing behind (no VF held, no API socket);
+/// once the lock is let go, VMs start again.
+#[test]
+fn a_manager_lock_held_elsewhere_fails_a_start_clearly_and_leaves_nothing() {
+    use std::os::fd::AsRawFd;
+    if !kvm_available() {
+        return;
+    }
+    let d = host("gpu-busy", 1, &[]);
+    let g = gpu_dir(&d);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(d.path("gpu").join("manager.lock"))
+        .unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let sock = d.path("busy.sock");
+    let start = {
+        let (g, sock) = (g.clone(), sock.clone());
+        std::thread::spawn(move || {
+            let s = sock.to_str().unwrap();
+            let args = ["--api-socket", s, "gpu-verify", "--", "rounds=1", "mib=1"];
+            run_vm(&g, "GW8-1C", &args, 120)
+        })
+    };
+    let o = run(
+        &["gpu", "status", "--gpu-dir", &g],
+        Duration::from_secs(120),
+    );
+    let o2 = start.join().unwrap();
+    for (what, o) in [("status", &o), ("run", &o2)] {
+        assert_eq!(o.status.code(), Some(1), "{what}: {}", stderr(o));
+        assert!(
+            stderr(o).contains("its lock (manager.lock) was held by another process for 30 s"),
+            "{what}: {}",
+            stderr(o)
+        );
+        assert!(!stderr(o).contains("panick"), "{what}: {}", stderr(o));
+    }
+    assert!(!sock.exists(), "the refused VM left its API socket");
+    drop(lock);
+    assert_eq!(status(&d)[0]["vfs"].as_array().unwrap().len(), 0);
+    let o = run_vm(&g, "GW8-1C", &["gpu-verify", "--", "rounds=1", "mib=1"], 60);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
