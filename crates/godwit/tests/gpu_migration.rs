@@ -45,10 +45,15 @@ fn gpu_train_migrated_mid_run_ends_with_the_reference_answer() {
     let mut src = source(
         &d,
         "src",
-        // Long enough that a loaded host still migrates it mid-run (this test takes
-        // about 5 s alone here, 2.6 s with grid=96, where a clean clone's run beside a
-        // fuzzer once saw the training end 2 s into the migration, before any round).
-        &gpu_vm(&g, "GW8-1C", "gpu-train", &["grid=128", "tol-exp=10"]),
+        // Long enough that a loaded host still migrates it mid-run: paced, it lasts at
+        // least 8 s however fast the host is (with grid=96 and no pace, a clean clone's
+        // run beside a fuzzer once saw the training end 2 s into the migration).
+        &gpu_vm(
+            &g,
+            "GW8-1C",
+            "gpu-train",
+            &["grid=128", "tol-exp=10", "pace-ms=3"],
+        ),
     );
     let (mut dst, addr) = destination(&d, "dst", &["--gpu-dir", &g]);
     wait_log(&src.log, "iteration 2000 ");

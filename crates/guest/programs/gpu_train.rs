@@ -4,7 +4,10 @@
 //! solution's hash is the deterministic answer (tests recompute it on the host).
 //!
 //! Arguments: grid=W (64), tol-exp=E (stop when the squared change < 10^-E; 9),
-//! max-iters=N (200000).
+//! max-iters=N (200000), pace-ms=P (0: the guest sleeps P ms after each check, so that
+//! the job lasts at least P ms per ten steps however fast the host runs it; a test that
+//! moves the VM mid-job needs the job to outlast the migration's start on a loaded host,
+//! and the answer does not change).
 #![no_std]
 #![no_main]
 
@@ -20,6 +23,7 @@ fn main() -> i32 {
     let w = args::get_u64("grid", 64).clamp(3, 2048);
     let tol_exp = args::get_u64("tol-exp", 9).min(30) as i32;
     let max_iters = args::get_u64("max-iters", 200_000);
+    let pace_ns = args::get_u64("pace-ms", 0).min(1000) * 1_000_000;
     let mut tol = 1.0f64;
     for _ in 0..tol_exp {
         tol /= 10.0;
@@ -74,6 +78,9 @@ fn main() -> i32 {
         }
         if change < tol || iters >= max_iters {
             break;
+        }
+        if pace_ns > 0 {
+            time::sleep_until_ns(time::now_ns() + pace_ns);
         }
     }
     let solution = if iters % 2 == 0 { u0 } else { u1 };
