@@ -42,19 +42,7 @@ fn gpu_train_migrated_mid_run_ends_with_the_reference_answer() {
     }
     let d = host("gm-train", 1, &[]);
     let g = gpu_dir(&d);
-    let mut src = source(
-        &d,
-        "src",
-        // Long enough that a loaded host still migrates it mid-run: paced, it lasts at
-        // least 8 s however fast the host is (with grid=96 and no pace, a clean clone's
-        // run beside a fuzzer once saw the training end 2 s into the migration).
-        &gpu_vm(
-            &g,
-            "GW8-1C",
-            "gpu-train",
-            &["grid=128", "tol-exp=10", "pace-ms=3"],
-        ),
-    );
+    let mut src = source(&d, "src", &gpu_vm(&g, "GW8-1C", "gpu-train", TRAIN));
     let (mut dst, addr) = destination(&d, "dst", &["--gpu-dir", &g]);
     wait_log(&src.log, "iteration 2000 ");
     let (out, r) = migrate(&src, &addr, &["--downtime-ms", "50"]);

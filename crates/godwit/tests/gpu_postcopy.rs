@@ -9,10 +9,6 @@ use common::mig::*;
 use common::*;
 use serde_json::Value;
 
-/// gpu-train's arguments in the tests that move it mid-job (the answer is `jacobi(128,
-/// 1e-10)`).
-const TRAIN: &[&str] = &["grid=128", "tol-exp=10", "pace-ms=3"];
-
 fn gpu_vm<'a>(g: &'a str, profile: &'a str, guest: &'a str, args: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec!["--gpu", profile, "--gpu-dir", g, guest, "--"];
     a.extend_from_slice(args);
@@ -74,15 +70,7 @@ fn gpu_train_moved_in_hybrid_ends_with_the_reference_answer() {
 fn gpu_train_moved(tag: &str, options: &[&str]) {
     let d = host(tag, 1, &[]);
     let g = gpu_dir(&d);
-    let mut src = source(
-        &d,
-        "src",
-        // Long enough that on a loaded host the training still runs when the migration
-        // gets going: paced, it lasts at least 8 s however fast the host is. Unpaced (3 s
-        // alone in a debug build), a clean clone's suite beside a CPU hog saw both of
-        // these tests' trainings end first, the migration's start taking over 3 s there.
-        &gpu_vm(&g, "GW8-1C", "gpu-train", TRAIN),
-    );
+    let mut src = source(&d, "src", &gpu_vm(&g, "GW8-1C", "gpu-train", TRAIN));
     let (mut dst, addr) = destination(&d, "dst", &["--gpu-dir", &g]);
     wait_log(&src.log, "iteration 2000 ");
     let (out, r) = migrate(&src, &addr, options);

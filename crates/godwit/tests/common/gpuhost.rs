@@ -32,6 +32,12 @@ pub fn status(d: &TempDir) -> serde_json::Value {
     serde_json::from_str(&stdout(&o)).unwrap()
 }
 
+/// gpu-train's arguments in the tests that move it mid-job, whose answer is
+/// `jacobi(128, 1e-10)`. Paced, it lasts at least 8 s however fast the host is: a loaded
+/// host's migration must still find it running (unpaced, about 3 s in a debug build, a
+/// clean clone's suite beside a CPU hog saw it end before the migration got going).
+pub const TRAIN: &[&str] = &["grid=128", "tol-exp=10", "pace-ms=3"];
+
 /// The Jacobi solve gpu-train runs, on the host in the same f32 arithmetic.
 pub fn jacobi(w: usize, tol: f64) -> (u64, u64) {
     let source = 1.0e-3f32;
