@@ -93,7 +93,7 @@ fn workload(s: &str) -> Result<Workload, String> {
     }
 }
 
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Clone, Debug, Default)]
 struct Sample {
     total_ms: f64,
     downtime_ms: f64,
@@ -198,7 +198,7 @@ struct Cell {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     fast_goal: Vec<Value>,
     /// godwit's median downtime within the limit, and median total time, downtime and
-    /// bytes at or below QEMU's.
+    /// bytes at or below QEMU's (`meets_goal`).
     godwit_meets_goal: Option<bool>,
 }
 
@@ -250,6 +250,23 @@ fn side(samples: Vec<Sample>) -> Side {
             .map(|v| summary(&v)),
         samples,
     }
+}
+
+/// How finely QEMU reports a pause: `downtime` in query-migrate is the difference of
+/// two clock readings in whole milliseconds, so a true pause of 1.9 ms may read 1, as
+/// may one of 0.1 ms.
+const QEMU_DOWNTIME_RESOLUTION_MS: f64 = 1.0;
+
+/// The goal against QEMU pre-copy (`godwit_meets_goal`): godwit's median pause within
+/// the limit, and its median total time, pause and bytes at or below QEMU's. A pause
+/// counts as longer than QEMU's only beyond the resolution QEMU reports it in: godwit's
+/// 1.13 ms against a QEMU "1" (whose guest saw 2.9-4.9 ms gaps in that cell, 4 GiB,
+/// 64m@100m, 2026-12-06) says nothing about which paused longer.
+fn meets_goal(g: &Side, q: &Side, limit_ms: u64) -> bool {
+    g.downtime_ms.median <= limit_ms as f64
+        && g.downtime_ms.median <= q.downtime_ms.median + QEMU_DOWNTIME_RESOLUTION_MS
+        && g.total_ms.median <= q.total_ms.median
+        && g.bytes.median <= q.bytes.median
 }
 
 fn ratios(q: &Side, g: &Side) -> Value {
@@ -636,12 +653,7 @@ fn bench(a: MigrateBenchArgs) -> Result<BenchReport, String> {
                     })
                     .collect();
                 let ratios = qs.as_ref().map(|q| ratios(q, &gs));
-                let goal = qs.as_ref().map(|q| {
-                    gs.downtime_ms.median <= limit as f64
-                        && gs.downtime_ms.median <= q.downtime_ms.median
-                        && gs.total_ms.median <= q.total_ms.median
-                        && gs.bytes.median <= q.bytes.median
-                });
+                let goal = qs.as_ref().map(|q| meets_goal(&gs, q, limit));
                 cells.push(Cell {
                     memory_mib: mem,
                     workload: w.name.clone(),
@@ -818,5 +830,31 @@ mod tests {
         assert_eq!(workload("idle").unwrap().wss_mib, 1);
         assert!(workload("512m").is_err());
         assert!(workload("0@1").is_err());
+    }
+
+    /// One run a side with these figures: (total ms, downtime ms, bytes).
+    fn one(total: f64, downtime: f64, bytes: u64) -> Side {
+        side(vec![Sample {
+            total_ms: total,
+            downtime_ms: downtime,
+            bytes,
+            ..Default::default()
+        }])
+    }
+
+    #[test]
+    fn a_pause_is_longer_than_qemus_only_beyond_the_millisecond_qemu_reports_in() {
+        let qemu = one(600.0, 1.0, 140 << 20);
+        assert!(meets_goal(&one(28.0, 1.13, 70 << 20), &qemu, 50));
+        assert!(meets_goal(&one(28.0, 2.0, 70 << 20), &qemu, 50));
+        assert!(!meets_goal(&one(28.0, 2.2, 70 << 20), &qemu, 50));
+        // The other counts as they were: total, bytes, and the limit itself.
+        assert!(!meets_goal(&one(601.0, 0.5, 70 << 20), &qemu, 50));
+        assert!(!meets_goal(&one(28.0, 0.5, 141 << 20), &qemu, 50));
+        assert!(!meets_goal(
+            &one(28.0, 1.5, 70 << 20),
+            &one(600.0, 3.0, 140 << 20),
+            1
+        ));
     }
 }
