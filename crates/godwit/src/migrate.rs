@@ -3,7 +3,7 @@
 
 use crate::cli::{MigrateArgs, OnOff};
 use crate::run::fail;
-use godwit_migration::{Options, Outcome, Progress, Report};
+use godwit_migration::{Mode, Options, Outcome, Progress, Report};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -81,6 +81,14 @@ pub fn print_report(r: &Report) {
         r.mode,
         r.ran
     );
+    // Where it decided what ran (a pre-copy asked for ran as asked either way).
+    if let Some(why) = r
+        .postcopy_unavailable
+        .as_ref()
+        .filter(|_| r.mode == Mode::Auto)
+    {
+        outln!("  post-copy could not come to the destination, nothing switched to it: {why}");
+    }
     if let Some(p) = &r.postcopy {
         let l = &p.fault_latency;
         outln!(

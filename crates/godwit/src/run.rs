@@ -355,9 +355,23 @@ fn receive(
         }
         _ => None,
     };
+    use crate::cli::RestoreArg;
+    let lazy = || godwit_vmm::migratable::lazy::postcopy_support();
     let how = match (t, a.restore) {
-        (Target::File(_), Some(crate::cli::RestoreArg::Eager)) => RestoreMode::Eager,
-        (Target::File(_), _) => RestoreMode::Lazy,
+        (Target::File(_), Some(RestoreArg::Eager)) => RestoreMode::Eager,
+        (Target::File(_), Some(RestoreArg::Lazy)) => {
+            lazy().map_err(|why| format!("--restore lazy: {why}; or --restore eager"))?;
+            RestoreMode::Lazy
+        }
+        // Lazy where it can be: a restore that cannot catch page faults reads the whole
+        // snapshot first rather than fail once it has built the VM.
+        (Target::File(_), None) => match lazy() {
+            Ok(()) => RestoreMode::Lazy,
+            Err(why) => {
+                say(&format!("restoring eagerly (all memory read first): {why}"));
+                RestoreMode::Eager
+            }
+        },
         (_, Some(_)) => return Err("--restore is for --incoming file:".into()),
         (_, None) => RestoreMode::Lazy,
     };
@@ -377,6 +391,10 @@ fn receive(
     }
     if !t.is_file() {
         say(&format!("waiting for a migration on {}", l.local()));
+        // Said now, where whoever runs it looks: a source learns it at the handshake.
+        if let Err(why) = lazy() {
+            say(&format!("post-copy cannot come here, pre-copy can: {why}"));
+        }
     }
     let host = Host {
         memory_mib: a.memory,

@@ -771,7 +771,7 @@ fn a_peer_cannot_make_the_destination_eat_the_host_or_end_it() {
     let mut buf = Vec::new();
     assert!(matches!(
         wire::read_frame(&mut c, &mut buf).unwrap(),
-        wire::Frame::Accept
+        wire::Frame::Accept(_)
     ));
     for mut i in &idle {
         i.set_nonblocking(true).unwrap();

@@ -482,7 +482,7 @@ fn hostile_destination() -> (String, std::thread::JoinHandle<(u64, u64)>) {
             Frame::Hello(h) => h.sections,
             f => panic!("{:?}", f.kind()),
         };
-        wire::write_frame(&mut c, &Frame::Accept).unwrap();
+        wire::write_frame(&mut c, &Frame::Accept(Default::default())).unwrap();
         // The background connection: taken in and dropped.
         let (mut lane, _) = l.accept().unwrap();
         std::thread::spawn(move || {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 pub enum Answer {
-    Accept,
+    Accept(crate::wire::Accept),
     Refuse(String),
     Ready(Ready),
     Started(Started),
@@ -84,7 +84,7 @@ impl BackChannel {
         }
         let mut payload = Vec::new();
         let a = match wire::read_frame(&mut &self.buf[..len], &mut payload) {
-            Ok(Frame::Accept) => Answer::Accept,
+            Ok(Frame::Accept(a)) => Answer::Accept(a),
             Ok(Frame::Refuse(m)) => Answer::Refuse(m),
             Ok(Frame::Ready(x)) => Answer::Ready(x),
             Ok(Frame::Started(x)) => Answer::Started(x),

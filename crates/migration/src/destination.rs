@@ -400,6 +400,18 @@ pub fn receive_with(
         .set_read_timeout(Some(IDLE_TIMEOUT))
         .map_err(ReceiveError::Listen)?;
     let mut main = first.try_clone();
+    // Asked before anything is built: a VM that moves first needs post-copy, and a
+    // source that asks is told (it then never switches to it).
+    let no_postcopy = match snapshot {
+        true => None,
+        false => godwit_vmm::migratable::lazy::postcopy_support().err(),
+    };
+    if let (true, Some(why)) = (hello.postcopy_first, &no_postcopy) {
+        return Err(refuse(
+            &mut main,
+            format!("post-copy cannot come here: {why}"),
+        ));
+    }
     let (vm, parts, names) = build(
         &hello,
         snapshot,
@@ -409,7 +421,10 @@ pub fn receive_with(
         hello.postcopy_first,
     )?;
     if let Some(m) = &mut main {
-        wire::write_frame(m, &Frame::Accept)
+        let accept = wire::Accept {
+            no_postcopy: no_postcopy.filter(|_| hello.asks_postcopy),
+        };
+        wire::write_frame(m, &Frame::Accept(accept))
             .map_err(|e| ReceiveError::Stream(format!("answering the source: {e}")))?;
     }
 

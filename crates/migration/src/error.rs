@@ -21,6 +21,16 @@ pub enum MigrationError {
     Refused(String),
     #[error("the destination aborted: {0}")]
     Aborted(String),
+    /// The mode asked for switches to post-copy, and the destination said at the
+    /// handshake that it cannot take it: nothing was paused or sent.
+    #[error(
+        "--mode {mode} needs post-copy, which the destination cannot take: {why}; --mode \
+         precopy or auto moves the VM without it"
+    )]
+    NoPostcopy {
+        mode: crate::report::Mode,
+        why: String,
+    },
     #[error("sending to {target}: {source}")]
     Send {
         target: String,
@@ -83,6 +93,7 @@ impl MigrationError {
             MigrationError::Unreachable { .. } => "unreachable",
             MigrationError::Refused(_) => "refused",
             MigrationError::Aborted(_) => "aborted",
+            MigrationError::NoPostcopy { .. } => "no_postcopy",
             MigrationError::Send { .. } => "send",
             MigrationError::Timeout { .. } => "timeout",
             MigrationError::Closed(_) => "closed",

@@ -283,6 +283,11 @@ pub struct Report {
     /// Set when post-copy ran.
     #[serde(default)]
     pub postcopy: Option<Postcopy>,
+    /// Why post-copy could not come to the destination, where it said so: nothing
+    /// switched to it (`auto` ran as pre-copy, throttling where it had to; `hybrid`
+    /// and `postcopy` were refused before the VM paused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_unavailable: Option<String>,
     pub status: Outcome,
     pub error: Option<String>,
     /// The error's kind, for programs (see `MigrationError::kind`).
@@ -372,6 +377,9 @@ pub struct Status {
     /// Whether the migration in progress can switch to post-copy (a live destination,
     /// still in pre-copy).
     pub postcopy_possible: AtomicBool,
+    /// Why the migration in progress cannot switch to post-copy (its destination
+    /// said so), for `migrate-postcopy`'s answer.
+    pub no_postcopy: Mutex<Option<String>>,
     /// A post-copy whose connections broke, and the user's answer (`migrate-recover`).
     pub recovery: Mutex<Recovery>,
     pub recovery_cv: std::sync::Condvar,
@@ -510,6 +518,14 @@ impl Status {
     /// `migrate-postcopy`: refused unless the migration in progress is still in its
     /// pre-copy rounds to a live destination.
     pub fn ask_postcopy(&self) -> Result<(), String> {
+        if let Some(why) = self
+            .no_postcopy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            return Err(format!("the destination cannot take post-copy: {why}"));
+        }
         if !self.postcopy_possible.load(Ordering::SeqCst) {
             return Err(
                 "post-copy needs a migration in its pre-copy rounds to a live destination \

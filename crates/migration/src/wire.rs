@@ -18,9 +18,10 @@
 //! built in a buffer (other lanes, TLS, snapshot files) carry a CRC of every byte.
 //!
 //! A stream: the source sends HELLO (the VM's sections: each migrating component, its
-//! data version and what the destination needs); the destination answers ACCEPT or
-//! REFUSE. Extra data connections open with JOIN. Then PAGES and ZERO frames, each for
-//! one section (pre-copy rounds); at switchover one STATE frame per section on the main
+//! data version and what the destination needs); the destination answers ACCEPT (with,
+//! where the source asks, why post-copy cannot come there if it cannot) or REFUSE.
+//! Extra data connections open with JOIN. Then PAGES and ZERO frames, each for one
+//! section (pre-copy rounds); at switchover one STATE frame per section on the main
 //! connection, the last pages, END on every data connection and COMPLETE on the main
 //! one. A component that streams opaque bytes (as a VFIO device does) sends DATA frames
 //! on the main connection, in order, whenever it has some. Each pre-copy round ends
@@ -254,6 +255,21 @@ pub struct Hello {
     /// pause's last frame is in (`migration_priority`). Older sources do not say.
     #[serde(default)]
     pub raise_readers: bool,
+    /// The source reads from ACCEPT whether post-copy can come here. Older sources do
+    /// not ask, and take an ACCEPT without a payload only.
+    #[serde(default)]
+    pub asks_postcopy: bool,
+}
+
+/// The destination's ACCEPT. Its default goes as an empty payload, all that sources
+/// that do not ask (`Hello::asks_postcopy`) take.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Accept {
+    /// Why post-copy cannot come here (this process may not catch page faults with
+    /// userfaultfd); None where it can. A source then neither switches to it nor
+    /// starts a mode that would.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_postcopy: Option<String>,
 }
 
 /// The destination's READY: it holds and has loaded everything.
@@ -305,7 +321,7 @@ pub struct Done {
 #[derive(Debug, PartialEq)]
 pub enum Frame<'a> {
     Hello(Hello),
-    Accept,
+    Accept(Accept),
     Refuse(String),
     Join {
         session: u64,
@@ -387,7 +403,7 @@ impl Frame<'_> {
     pub fn kind(&self) -> Kind {
         match self {
             Frame::Hello(_) => Kind::Hello,
-            Frame::Accept => Kind::Accept,
+            Frame::Accept(_) => Kind::Accept,
             Frame::Refuse(_) => Kind::Refuse,
             Frame::Join { .. } => Kind::Join,
             Frame::Pages { .. } => Kind::Pages,
@@ -490,7 +506,9 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
 pub fn write_frame(w: &mut impl Write, f: &Frame) -> io::Result<()> {
     let payload: Vec<u8> = match f {
         Frame::Hello(h) => json(h),
-        Frame::Accept | Frame::Go | Frame::Resumed | Frame::Released => Vec::new(),
+        Frame::Accept(a) if *a == Accept::default() => Vec::new(),
+        Frame::Accept(a) => json(a),
+        Frame::Go | Frame::Resumed | Frame::Released => Vec::new(),
         Frame::Resume {
             session,
             connections,
@@ -745,7 +763,15 @@ pub fn decode_checked(kind: Kind, checked: Checked, p: &[u8]) -> Result<Frame<'_
         Kind::Hello => serde_json::from_slice(p)
             .map(Frame::Hello)
             .map_err(|e| bad(e.to_string())),
-        Kind::Accept => empty(Frame::Accept),
+        Kind::Accept if p.is_empty() => Ok(Frame::Accept(Accept::default())),
+        Kind::Accept => serde_json::from_slice::<Accept>(p)
+            .map(|mut a| {
+                // Shown to the source's user as it came: as long as an ABORT's text at
+                // most.
+                a.no_postcopy = a.no_postcopy.map(|w| w.chars().take(1000).collect());
+                Frame::Accept(a)
+            })
+            .map_err(|e| bad(e.to_string())),
         Kind::Go => empty(Frame::Go),
         Kind::Resumed => empty(Frame::Resumed),
         Kind::Released => empty(Frame::Released),

@@ -419,6 +419,7 @@ fn hello() -> Hello {
         snapshot: false,
         postcopy_first: false,
         raise_readers: true,
+        asks_postcopy: true,
     }
 }
 

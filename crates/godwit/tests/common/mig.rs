@@ -25,15 +25,34 @@ pub fn spawn(args: &[String], log: &Path, err: &Path) -> Reaper {
 
 /// `spawn` with environment variables set for the process.
 pub fn spawn_with(args: &[String], log: &Path, err: &Path, env: &[(&str, &str)]) -> Reaper {
+    spawn_through(&[], args, log, err, env)
+}
+
+/// `spawn_with`, godwit started by `wrapper` where it names a command (one that runs
+/// the rest of its arguments as `setpriv` does).
+pub fn spawn_through(
+    wrapper: &[String],
+    args: &[String],
+    log: &Path,
+    err: &Path,
+    env: &[(&str, &str)],
+) -> Reaper {
     // The console option goes before any guest arguments (which follow `--`).
     let i = args.iter().position(|x| x == "--").unwrap_or(args.len());
     let mut a = args[..i].to_vec();
     a.push("--console".into());
     a.push(format!("file:{}", log.display()));
     a.extend_from_slice(&args[i..]);
+    let mut cmd = match wrapper.split_first() {
+        None => godwit(),
+        Some((w, rest)) => {
+            let mut c = std::process::Command::new(w);
+            c.args(rest).arg(env!("CARGO_BIN_EXE_godwit"));
+            c
+        }
+    };
     Reaper(
-        godwit()
-            .args(&a)
+        cmd.args(&a)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -82,6 +101,17 @@ pub fn destination_with(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> (Vm, String) {
+    destination_through(&[], dir, name, extra, env)
+}
+
+/// `destination_with`, started by `wrapper` (see `spawn_through`).
+pub fn destination_through(
+    wrapper: &[String],
+    dir: &TempDir,
+    name: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Vm, String) {
     let (log, err, sock) = (
         dir.path(&format!("{name}.log")),
         dir.path(&format!("{name}.err")),
@@ -95,7 +125,7 @@ pub fn destination_with(
         sock.display().to_string(),
     ];
     a.extend(extra.iter().map(|s| s.to_string()));
-    let proc = spawn_with(&a, &log, &err, env);
+    let proc = spawn_through(wrapper, &a, &log, &err, env);
     // Whole lines only: stderr is unbuffered, and a line may be read half written.
     let addr = wait_for(LIMIT, || {
         read(&err).split_inclusive('\n').find_map(|l| {
@@ -434,7 +464,7 @@ pub fn unconfirming_destination() -> (String, std::thread::JoinHandle<Vec<Kind>>
         loop {
             match read_frame_as_destination(&mut c, &mut buf) {
                 Ok(Frame::Hello(_)) => {
-                    wire::write_frame(&mut c, &Frame::Accept).unwrap();
+                    wire::write_frame(&mut c, &Frame::Accept(Default::default())).unwrap();
                     kinds.push(Kind::Hello);
                 }
                 Ok(Frame::Sync(n)) => {

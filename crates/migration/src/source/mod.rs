@@ -306,6 +306,7 @@ impl Driver<'_> {
             snapshot: self.target.is_file(),
             postcopy_first: self.o.mode == Mode::Postcopy,
             raise_readers: self.raises_readers(),
+            asks_postcopy: true,
         };
         let target = self.target.clone();
         self.tls = match &self.o.tls_dir {
@@ -316,7 +317,7 @@ impl Driver<'_> {
         self.open_main(&target, &Frame::Hello(hello))?;
         if !self.target.is_file() {
             match self.answer("ACCEPT")? {
-                Answer::Accept => {}
+                Answer::Accept(a) => self.report.postcopy_unavailable = a.no_postcopy,
                 Answer::Refuse(why) => return Err(MigrationError::Refused(why)),
                 a => {
                     return Err(MigrationError::Unexpected {
@@ -602,15 +603,12 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
     status.live_bytes.store(0, Ordering::Relaxed);
     status.postcopy_now.store(false, Ordering::SeqCst);
     status.postcopy_possible.store(false, Ordering::SeqCst);
+    *status.no_postcopy.lock().unwrap_or_else(|e| e.into_inner()) = None;
     *status.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
     let ring_full_before = m.dirty_stats().ring_full_exits;
     d.progress(0, 0.0);
     let result = (|| {
         d.target = o.check().map_err(MigrationError::BadOptions)?;
-        // From here on `migrate-postcopy` is heard (at the first round's slices).
-        status
-            .postcopy_possible
-            .store(!d.target.is_file(), Ordering::SeqCst);
         if let Some(n) = o
             .stop_copy
             .iter()
@@ -630,6 +628,20 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         d.connect(h)?;
         d.report.setup_ms = ms(t0.elapsed());
         d.check_in()?;
+        if let Some(why) = &d.report.postcopy_unavailable {
+            *status.no_postcopy.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+            if matches!(o.mode, Mode::Hybrid | Mode::Postcopy) {
+                return Err(MigrationError::NoPostcopy {
+                    mode: o.mode,
+                    why: why.clone(),
+                });
+            }
+        }
+        // From here on `migrate-postcopy` is heard (at the first round's slices).
+        status.postcopy_possible.store(
+            !d.target.is_file() && d.report.postcopy_unavailable.is_none(),
+            Ordering::SeqCst,
+        );
         let t = Instant::now();
         for p in d.parts.iter().filter(|p| p.precopy) {
             step_to(&*p.c, MigState::PreCopy).map_err(MigrationError::component(&p.name))?;

@@ -123,10 +123,14 @@ impl Driver<'_> {
                     Mode::Hybrid if n > 0 && !(good_enough && fits) => reason.as_ref().map(|r| {
                         format!("pre-copy would stop here ({r}): the rest follows the VM")
                     }),
-                    Mode::Auto if (stalled || reason.is_some()) && !fits => Some(format!(
-                        "expected downtime {expected:.1} ms does not fit the {limit} ms limit \
+                    Mode::Auto
+                        if (stalled || reason.is_some()) && !fits && self.postcopy_comes() =>
+                    {
+                        Some(format!(
+                            "expected downtime {expected:.1} ms does not fit the {limit} ms limit \
                          and rounds stopped converging: post-copy instead of throttling"
-                    )),
+                        ))
+                    }
                     _ => None,
                 }
             };
@@ -138,7 +142,7 @@ impl Driver<'_> {
                 self.postcopy = Some(why);
                 return Ok(());
             }
-            if reason.is_none() && index > 0 && self.o.mode == Mode::Precopy {
+            if reason.is_none() && index > 0 && self.throttles() {
                 // The VM may dirty its memory faster than more rounds alone can follow:
                 // hold back what writes (see `converge`).
                 let changes = self.converge.round(rate, self.bandwidth_cap());
@@ -162,6 +166,21 @@ impl Driver<'_> {
                 };
                 return Ok(());
             }
+        }
+    }
+
+    /// Post-copy may follow these rounds: the destination did not say it cannot.
+    fn postcopy_comes(&self) -> bool {
+        self.report.postcopy_unavailable.is_none()
+    }
+
+    /// Rounds that stop converging hold back what writes: in pre-copy, and in auto
+    /// where post-copy cannot come (elsewhere post-copy takes over instead).
+    fn throttles(&self) -> bool {
+        match self.o.mode {
+            Mode::Precopy => true,
+            Mode::Auto => !self.postcopy_comes(),
+            Mode::Hybrid | Mode::Postcopy => false,
         }
     }
 

@@ -11,6 +11,36 @@ fn roundtrip(f: &Frame) {
     assert_eq!(&got, f);
 }
 
+/// An ACCEPT that says nothing is an empty payload, all an older source (which does
+/// not ask) takes; one that says post-copy cannot come carries why, cut to 1000
+/// characters as an ABORT's text is.
+#[test]
+fn accept_is_empty_unless_post_copy_cannot_come() {
+    let mut out = Vec::new();
+    write_frame(&mut out, &Frame::Accept(Accept::default())).unwrap();
+    assert_eq!(out.len(), HEADER_LEN);
+    let why = Accept {
+        no_postcopy: Some("no userfaultfd here".into()),
+    };
+    roundtrip(&Frame::Accept(why));
+    let long = Accept {
+        no_postcopy: Some("x".repeat(5000)),
+    };
+    let mut out = Vec::new();
+    write_frame(&mut out, &Frame::Accept(long)).unwrap();
+    let mut buf = Vec::new();
+    match read_frame(&mut out.as_slice(), &mut buf).unwrap() {
+        Frame::Accept(a) => assert_eq!(a.no_postcopy.unwrap().len(), 1000),
+        f => panic!("{:?}", f.kind()),
+    }
+    let mut out = Vec::new();
+    write_raw(&mut out, Kind::Accept, b"[1]").unwrap();
+    assert!(matches!(
+        read_frame(&mut out.as_slice(), &mut buf),
+        Err(WireError::Malformed(Kind::Accept, _))
+    ));
+}
+
 #[test]
 fn frames_round_trip() {
     let data = vec![7u8; 2 * PAGE_SIZE];
@@ -234,7 +264,10 @@ impl Read for Stalling {
 #[test]
 fn a_timeout_between_frames_is_nothing_yet_but_inside_one_the_frame_waits_on() {
     let mut frames = Vec::new();
-    for f in [Frame::Accept, Frame::Done(Done::default())] {
+    for f in [
+        Frame::Accept(Accept::default()),
+        Frame::Done(Done::default()),
+    ] {
         write_frame(&mut frames, &f).unwrap();
     }
     // The second frame's payload begins after two headers.
@@ -262,7 +295,7 @@ fn a_timeout_between_frames_is_nothing_yet_but_inside_one_the_frame_waits_on() {
     ));
     assert!(matches!(
         read_frame(&mut Between::new(&mut r, &go_on), &mut buf),
-        Ok(Frame::Accept)
+        Ok(Frame::Accept(_))
     ));
     assert!(matches!(
         read_frame(&mut Between::new(&mut r, &go_on), &mut buf),

@@ -17,10 +17,12 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
-use userfaultfd::{Event, EventBuffer, RegisterMode, Uffd, UffdBuilder};
+use userfaultfd::{Event, EventBuffer, RegisterMode, Uffd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+mod access;
 mod stats;
+pub use access::postcopy_support;
 pub use stats::{FaultStats, Latency};
 
 /// Where a component that is filled lazily puts its `Lazy`, for another that must
@@ -157,13 +159,7 @@ impl Lazy {
             }
             left += b.iter().map(|w| w.count_ones() as u64).sum::<u64>();
         }
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            // vCPUs touch guest memory from inside KVM (kernel mode).
-            .user_mode_only(false)
-            .create()
-            .map_err(|e| uffd_err("create", e))?;
+        let uffd = access::open().map_err(|why| ComponentError::Io(std::io::Error::other(why)))?;
         let mut dropped = 0;
         for (r, b) in regions.iter().zip(&missing) {
             // Pages that changed at the source since they were sent: the copy here is

@@ -1,0 +1,211 @@
+//! A godwit that may not catch page faults with userfaultfd: run by an unprivileged
+//! user (here `nobody`, with /dev/kvm's group) where /dev/userfaultfd is root's, as
+//! Linux makes it. Post-copy cannot come to such a destination, and a snapshot cannot
+//! be restored lazily there. Each says so before anything is paused or built, and
+//! what can go on does: a pre-copy, an eager restore.
+//!
+//! Run as root only (the test drops to `nobody` with setpriv), and only where `nobody`
+//! may really not catch them; elsewhere each test says why it skips.
+
+mod common;
+
+use common::mig::*;
+use common::*;
+use serde_json::Value;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+/// `setpriv` arguments that run the rest as `nobody` with /dev/kvm's group and no
+/// capabilities, where that user may open /dev/kvm but not catch page faults; None
+/// (said) where this cannot be shown here.
+fn as_nobody() -> Option<Vec<String>> {
+    if !kvm_available() {
+        return None;
+    }
+    let skip = |why: &str| {
+        eprintln!("skipping: {why}");
+        None
+    };
+    if !std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+        return skip("not root: cannot run a process as another user");
+    }
+    if !Path::new("/usr/bin/setpriv").exists() {
+        return skip("no setpriv (util-linux)");
+    }
+    let kvm = std::fs::metadata("/dev/kvm").unwrap().gid();
+    let may_catch = match std::fs::metadata("/dev/userfaultfd") {
+        Ok(m) => m.mode() & 0o006 == 0o006 || (m.gid() == kvm && m.mode() & 0o060 == 0o060),
+        // Without the device the system call decides.
+        Err(_) => read(Path::new("/proc/sys/vm/unprivileged_userfaultfd")).trim() == "1",
+    };
+    if may_catch {
+        return skip("an unprivileged user may catch page faults on this host");
+    }
+    Some(
+        [
+            "/usr/bin/setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            &format!("--groups={kvm}"),
+            "--inh-caps=-all",
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+}
+
+/// A test directory the unprivileged godwit can write its console and socket into.
+fn shared_dir(tag: &str) -> TempDir {
+    let d = TempDir::new(tag);
+    std::fs::set_permissions(&d.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    d
+}
+
+/// The report of a migration refused before the VM paused: nothing sent, the VM
+/// still running here, the error of `kind` naming userfaultfd and what to change.
+fn refused_up_front(out: &std::process::Output, r: &Value, kind: &str) {
+    assert!(!out.status.success(), "{r}");
+    assert_eq!(r["error_kind"], kind, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(
+        e.contains("/dev/userfaultfd") && e.contains("run godwit as root"),
+        "{e}"
+    );
+    assert_eq!(r["downtime_ms"].as_f64(), Some(0.0), "{r}");
+    assert_eq!(r["rounds"].as_array().map(Vec::len), Some(0), "{r}");
+    assert_eq!(r["source_running"], true, "{r}");
+}
+
+/// `--mode postcopy` is refused by the destination at the handshake, `--mode hybrid`
+/// by the source once ACCEPT says post-copy cannot come: neither pauses the VM, which
+/// runs on here. `--mode auto` then moves it in pre-copy, where `migrate-postcopy` is
+/// refused with the destination's reason, and the guest checks all of its memory at
+/// the destination.
+#[test]
+fn post_copy_to_a_destination_that_cannot_take_it_is_refused_before_the_vm_pauses() {
+    let Some(nobody) = as_nobody() else {
+        return;
+    };
+    let dir = shared_dir("uf-modes");
+    // 16 MiB rewritten at 10 MiB/s over a link of 8: auto must hold the guest back
+    // (or would have switched), and is slow enough to be asked to switch by hand.
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "256",
+        &["wss=16", "rate=10", "seconds=25", "report-every=250"],
+    );
+    let (mut dst, addr) = destination_through(&nobody, &dir, "dst-postcopy", &[], &[]);
+    // Whoever started it is told at once.
+    wait_log(&dst.err, "post-copy cannot come here, pre-copy can: ");
+    let (out, r) = migrate(&src, &addr, &["--mode", "postcopy"]);
+    refused_up_front(&out, &r, "refused");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("post-copy cannot come here"),
+        "{r}"
+    );
+    assert_ne!(exit_code(&mut dst, LIMIT), 0);
+
+    let (mut dst, addr) = destination_through(&nobody, &dir, "dst-hybrid", &[], &[]);
+    let (out, r) = migrate(&src, &addr, &["--mode", "hybrid"]);
+    refused_up_front(&out, &r, "no_postcopy");
+    assert_ne!(exit_code(&mut dst, LIMIT), 0);
+    // Still running here, and writing.
+    gains(&src.log, "dirtier: t_ms=", 2);
+
+    let (mut dst, addr) = destination_through(&nobody, &dir, "dst-auto", &[], &[]);
+    let m = migrating(
+        &src,
+        &addr,
+        &[
+            "--mode",
+            "auto",
+            "--max-bandwidth",
+            "8M",
+            "--downtime-ms",
+            "50",
+        ],
+    );
+    wait_progress(&src);
+    let sock = src.sock.to_str().unwrap().to_string();
+    let o = run(&["migrate-postcopy", "--api-socket", &sock], LIMIT);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("the destination cannot take post-copy")
+            && stderr(&o).contains("/dev/userfaultfd"),
+        "{}",
+        stderr(&o)
+    );
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(out.status.success(), "{r}");
+    assert_eq!(r["mode"], "auto", "{r}");
+    assert_eq!(r["ran"], "precopy", "{r}");
+    assert!(
+        r["postcopy_unavailable"]
+            .as_str()
+            .unwrap()
+            .contains("/dev/userfaultfd"),
+        "{r}"
+    );
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_verified(&mut dst, 4096);
+}
+
+/// A snapshot restored where page faults cannot be caught: read whole first (said on
+/// stderr) when no way was asked for, the guest then checking all of its memory; with
+/// `--restore lazy` refused at once, nothing started.
+#[test]
+fn a_snapshot_restored_without_userfaultfd_is_read_eagerly_or_refused_if_lazy_is_asked() {
+    let Some(nobody) = as_nobody() else {
+        return;
+    };
+    let dir = shared_dir("uf-restore");
+    let src = dirtier_source(
+        &dir,
+        "src",
+        "256",
+        &["wss=16", "rate=10", "seconds=4", "report-every=250"],
+    );
+    let snap = dir.path("vm.snap");
+    let (out, r) = migrate(&src, &format!("file:{}", snap.display()), &[]);
+    assert!(out.status.success(), "{r}");
+    std::fs::set_permissions(&snap, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let incoming = format!("file:{}", snap.display());
+
+    let (log, err) = (dir.path("lazy.log"), dir.path("lazy.err"));
+    let a = ["run", "--incoming", &incoming, "--restore", "lazy"].map(String::from);
+    let mut lazy = Vm {
+        proc: spawn_through(&nobody, &a, &log, &err, &[]),
+        log,
+        err,
+        sock: dir.path("none"),
+    };
+    assert_eq!(exit_code(&mut lazy, LIMIT), 1);
+    let e = read(&lazy.err);
+    assert!(
+        e.contains("--restore lazy:")
+            && e.contains("/dev/userfaultfd")
+            && e.contains("--restore eager"),
+        "{e}"
+    );
+    assert!(read(&lazy.log).is_empty(), "{}", read(&lazy.log));
+
+    let (log, err) = (dir.path("dst.log"), dir.path("dst.err"));
+    let a = ["run", "--incoming", &incoming].map(String::from);
+    let mut dst = Vm {
+        proc: spawn_through(&nobody, &a, &log, &err, &[]),
+        log,
+        err,
+        sock: dir.path("none"),
+    };
+    assert_verified(&mut dst, 4096);
+    assert!(
+        read(&dst.err).contains("restoring eagerly (all memory read first)"),
+        "{}",
+        read(&dst.err)
+    );
+}
