@@ -72,8 +72,9 @@ fn why(c: &Cause) -> String {
             device: false,
         } => format!(
             "{NEED}, and the kernel refused this process faults from inside KVM (not root, \
-             no CAP_SYS_PTRACE, vm.unprivileged_userfaultfd is 0): run godwit as root or \
-             with CAP_SYS_PTRACE, or set the sysctl vm.unprivileged_userfaultfd=1"
+             no CAP_SYS_PTRACE, vm.unprivileged_userfaultfd is 0; or a seccomp filter, as \
+             a container's, forbids the call): run godwit as root or with CAP_SYS_PTRACE, \
+             or set the sysctl vm.unprivileged_userfaultfd=1"
         ),
         Cause::Errno {
             errno: libc::ENOSYS,
