@@ -129,7 +129,13 @@ fn post_copy_to_a_destination_that_cannot_take_it_is_refused_before_the_vm_pause
             "50",
         ],
     );
-    wait_progress(&src);
+    // In its rounds (bytes already count while it connects, before ACCEPT is read).
+    wait_for(LIMIT, || {
+        let (_, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").ok()?;
+        let v: Value = serde_json::from_str(&b).ok()?;
+        (v["progress"]["phase"] == "precopy").then_some(())
+    })
+    .expect("the migration never reached its rounds");
     let sock = src.sock.to_str().unwrap().to_string();
     let o = run(&["migrate-postcopy", "--api-socket", &sock], LIMIT);
     assert!(!o.status.success());
