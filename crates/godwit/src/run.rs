@@ -356,7 +356,7 @@ fn receive(
         _ => None,
     };
     use crate::cli::RestoreArg;
-    let lazy = || godwit_vmm::migratable::lazy::postcopy_support();
+    let lazy = godwit_vmm::migratable::lazy::postcopy_support;
     let how = match (t, a.restore) {
         (Target::File(_), Some(RestoreArg::Eager)) => RestoreMode::Eager,
         (Target::File(_), Some(RestoreArg::Lazy)) => {

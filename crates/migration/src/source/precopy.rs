@@ -128,7 +128,7 @@ impl Driver<'_> {
                     {
                         Some(format!(
                             "expected downtime {expected:.1} ms does not fit the {limit} ms limit \
-                         and rounds stopped converging: post-copy instead of throttling"
+                             and rounds stopped converging: post-copy instead of throttling"
                         ))
                     }
                     _ => None,
