@@ -717,6 +717,12 @@ pub fn read_frame<'a>(r: &mut impl Read, buf: &'a mut Vec<u8>) -> Result<Frame<'
     read_payload(r, &h, buf)
 }
 
+/// A peer's text (REFUSE, ABORT, ACCEPT's reason) as shown to a user: its first 1000
+/// characters.
+fn shown(s: &str) -> String {
+    s.chars().take(1000).collect()
+}
+
 /// Decodes a payload whose length and CRC have been checked (a PAGES frame's CRC over
 /// all of it).
 pub fn decode(kind: Kind, p: &[u8]) -> Result<Frame<'_>, WireError> {
@@ -736,7 +742,7 @@ pub fn decode_checked(kind: Kind, checked: Checked, p: &[u8]) -> Result<Frame<'_
     };
     let text = || {
         std::str::from_utf8(p)
-            .map(|s| s.chars().take(1000).collect::<String>())
+            .map(shown)
             .map_err(|_| WireError::Malformed(kind, "text is not UTF-8".into()))
     };
     let counted = |p: &[u8], item: usize| -> Result<usize, WireError> {
@@ -766,9 +772,7 @@ pub fn decode_checked(kind: Kind, checked: Checked, p: &[u8]) -> Result<Frame<'_
         Kind::Accept if p.is_empty() => Ok(Frame::Accept(Accept::default())),
         Kind::Accept => serde_json::from_slice::<Accept>(p)
             .map(|mut a| {
-                // Shown to the source's user as it came: as long as an ABORT's text at
-                // most.
-                a.no_postcopy = a.no_postcopy.map(|w| w.chars().take(1000).collect());
+                a.no_postcopy = a.no_postcopy.as_deref().map(shown);
                 Frame::Accept(a)
             })
             .map_err(|e| bad(e.to_string())),
