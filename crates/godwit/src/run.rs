@@ -356,7 +356,8 @@ fn receive(
         _ => None,
     };
     use crate::cli::RestoreArg;
-    let lazy = godwit_vmm::migratable::lazy::postcopy_support;
+    // Prefaulted memory is shared: pages go there through minor faults.
+    let lazy = || godwit_vmm::migratable::lazy::postcopy_support(a.prefault);
     let how = match (t, a.restore) {
         (Target::File(_), Some(RestoreArg::Eager)) => RestoreMode::Eager,
         (Target::File(_), Some(RestoreArg::Lazy)) => {

@@ -11,9 +11,15 @@ mod common;
 
 use common::mig::*;
 use common::*;
+use godwit_migration::wire::Kind;
 use serde_json::Value;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// How long the proxy holds the destination's ACCEPT back from the source.
+const ACCEPT_LATE: Duration = Duration::from_secs(3);
 
 /// `setpriv` arguments that run the rest as `nobody` with /dev/kvm's group and no
 /// capabilities, where that user may open /dev/kvm but not catch page faults; None
@@ -117,9 +123,12 @@ fn post_copy_to_a_destination_that_cannot_take_it_is_refused_before_the_vm_pause
     gains(&src.log, "dirtier: t_ms=", 2);
 
     let (mut dst, addr) = destination_through(&nobody, &dir, "dst-auto", &[], &[]);
+    // ACCEPT held back on its way to the source: `migrate-postcopy` comes while the
+    // migration still connects, and waits to hear why post-copy cannot come.
+    let (via, accepted) = handshake_proxy(addr, false, Kind::Accept, Hold::Delay(ACCEPT_LATE));
     let m = migrating(
         &src,
-        &addr,
+        &via,
         &[
             "--mode",
             "auto",
@@ -129,19 +138,26 @@ fn post_copy_to_a_destination_that_cannot_take_it_is_refused_before_the_vm_pause
             "50",
         ],
     );
-    // In its rounds (bytes already count while it connects, before ACCEPT is read).
-    wait_for(LIMIT, || {
-        let (_, b) = godwit_vmm::api::call(&src.sock, "GET", "vm.migration").ok()?;
-        let v: Value = serde_json::from_str(&b).ok()?;
-        (v["progress"]["phase"] == "precopy").then_some(())
-    })
-    .expect("the migration never reached its rounds");
+    wait_progress(&src);
     let sock = src.sock.to_str().unwrap().to_string();
+    assert!(!accepted.load(Ordering::SeqCst), "ACCEPT came too early");
     let o = run(&["migrate-postcopy", "--api-socket", &sock], LIMIT);
+    // The reason came with ACCEPT: the answer waited for it.
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("the destination cannot take post-copy")
             && stderr(&o).contains("/dev/userfaultfd"),
+        "{}",
+        stderr(&o)
+    );
+    // And in its rounds, the same.
+    wait_for(LIMIT, || {
+        (migration(&src)["progress"]["phase"] == "precopy").then_some(())
+    })
+    .expect("the migration never reached its rounds");
+    let o = run(&["migrate-postcopy", "--api-socket", &sock], LIMIT);
+    assert!(
+        !o.status.success() && stderr(&o).contains("the destination cannot take post-copy"),
         "{}",
         stderr(&o)
     );

@@ -23,6 +23,9 @@ use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// How long `migrate-postcopy` waits for a connecting migration's destination to say
+/// whether it takes post-copy (within the CLI's 30 s wait for an answer).
+const POSTCOPY_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 /// How long `vm.migrate-recover` waits for the attempt's outcome before it answers
 /// that it still runs (within the CLI's 30 s wait for an answer).
 const RECOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
@@ -240,7 +243,7 @@ impl Extension for MigrationApi {
                 if !self.status.active.load(Ordering::SeqCst) {
                     return Some(err(409, "no migration is running".into()));
                 }
-                match self.status.ask_postcopy() {
+                match self.status.ask_postcopy(POSTCOPY_WAIT) {
                     Ok(()) => (200, json!({"switching": true})),
                     Err(m) => err(409, m),
                 }

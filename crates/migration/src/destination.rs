@@ -404,7 +404,7 @@ pub fn receive_with(
     // source that asks is told (it then never switches to it).
     let no_postcopy = match snapshot {
         true => None,
-        false => godwit_vmm::migratable::lazy::postcopy_support().err(),
+        false => godwit_vmm::migratable::lazy::postcopy_support(host.prefaulted.holds_any()).err(),
     };
     if let (true, Some(why)) = (hello.postcopy_first, &no_postcopy) {
         return Err(refuse(

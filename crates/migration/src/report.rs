@@ -380,6 +380,10 @@ pub struct Status {
     /// Why the migration in progress cannot switch to post-copy (its destination
     /// said so), for `migrate-postcopy`'s answer.
     pub no_postcopy: Mutex<Option<String>>,
+    /// The migration in progress has not yet heard whether its destination takes
+    /// post-copy (it connects): `migrate-postcopy` waits for the answer.
+    settling: Mutex<bool>,
+    settled_cv: std::sync::Condvar,
     /// A post-copy whose connections broke, and the user's answer (`migrate-recover`).
     pub recovery: Mutex<Recovery>,
     pub recovery_cv: std::sync::Condvar,
@@ -515,9 +519,40 @@ impl Status {
         }
     }
 
+    /// A migration starts: until `settled`, `migrate-postcopy` waits to hear whether
+    /// post-copy can come.
+    pub fn settling(&self) {
+        *self.settling.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    /// Whether post-copy can come is known (or the migration ended first).
+    pub fn settled(&self) {
+        *self.settling.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.settled_cv.notify_all();
+    }
+
     /// `migrate-postcopy`: refused unless the migration in progress is still in its
-    /// pre-copy rounds to a live destination.
-    pub fn ask_postcopy(&self) -> Result<(), String> {
+    /// pre-copy rounds to a live destination. One that still connects is waited for
+    /// (up to `wait`), so that a destination's refusal is told with its reason.
+    pub fn ask_postcopy(&self, wait: std::time::Duration) -> Result<(), String> {
+        {
+            let end = std::time::Instant::now() + wait;
+            let mut s = self.settling.lock().unwrap_or_else(|e| e.into_inner());
+            while *s && !self.cancelled() {
+                let left = end.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err("the migration still connects to its destination, which \
+                                has not yet said whether it takes post-copy: ask again once \
+                                the migration copies"
+                        .into());
+                }
+                s = self
+                    .settled_cv
+                    .wait_timeout(s, left.min(std::time::Duration::from_millis(100)))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
         if let Some(why) = self
             .no_postcopy
             .lock()
@@ -666,6 +701,36 @@ impl Status {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// `migrate-postcopy` during the handshake waits for the destination's answer and
+    /// is told its reason; one that waits too long is told the migration still connects.
+    #[test]
+    fn a_switch_asked_while_connecting_waits_for_the_destinations_answer() {
+        let s = Arc::new(Status::default());
+        s.settling();
+        let e = s.ask_postcopy(Duration::from_millis(20)).unwrap_err();
+        assert!(e.contains("still connects"), "{e}");
+        assert!(!s.postcopy_now.load(Ordering::SeqCst));
+        let asker = {
+            let s = s.clone();
+            std::thread::spawn(move || s.ask_postcopy(Duration::from_secs(60)))
+        };
+        *s.no_postcopy.lock().unwrap() = Some("no userfaultfd".into());
+        s.settled();
+        let e = asker.join().unwrap().unwrap_err();
+        assert_eq!(e, "the destination cannot take post-copy: no userfaultfd");
+
+        let s = Arc::new(Status::default());
+        s.settling();
+        let asker = {
+            let s = s.clone();
+            std::thread::spawn(move || s.ask_postcopy(Duration::from_secs(60)))
+        };
+        s.postcopy_possible.store(true, Ordering::SeqCst);
+        s.settled();
+        asker.join().unwrap().unwrap();
+        assert!(s.postcopy_now.load(Ordering::SeqCst));
+    }
 
     /// `migrate-recover` answers with the outcome of the attempt it asked for; a request
     /// that comes while an attempt runs is kept for the next, and answered by it.

@@ -196,7 +196,7 @@ fn create_shared(bytes: u64) -> Result<(GuestMemory, SharedRam)> {
 }
 
 /// A new memfd of `bytes`, named `name`.
-fn memfd(name: &std::ffi::CStr, bytes: u64) -> std::io::Result<std::fs::File> {
+pub(crate) fn memfd(name: &std::ffi::CStr, bytes: u64) -> std::io::Result<std::fs::File> {
     // SAFETY: a NUL-terminated name and valid flags; the fd returned is new and owned
     // by the File below.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -499,6 +499,13 @@ impl Prefaulted {
             None => false,
         };
         Ok(had_ram || had_vram)
+    }
+
+    /// Whether any memory or VRAM is readied here (post-copy then places pages in
+    /// shared memory).
+    pub fn holds_any(&self) -> bool {
+        let r = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        r.ram.is_some() || r.vram.is_some()
     }
 
     /// The memory, for a VM of `bytes`: None when there is none (or it was taken).

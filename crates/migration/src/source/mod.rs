@@ -642,6 +642,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
             !d.target.is_file() && d.report.postcopy_unavailable.is_none(),
             Ordering::SeqCst,
         );
+        status.settled();
         let t = Instant::now();
         for p in d.parts.iter().filter(|p| p.precopy) {
             step_to(&*p.c, MigState::PreCopy).map_err(MigrationError::component(&p.name))?;
@@ -668,6 +669,8 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         }
         Ok(())
     })();
+    // A migration that failed before its rounds answers a waiting `migrate-postcopy`.
+    status.settled();
     // Whatever the outcome: a VM that stays here runs on with its own weight.
     d.give_weights_back();
     // A VM that ended here before it was handed over is why the rounds stopped (its
@@ -840,6 +843,8 @@ pub fn start(
     o: Options,
     status: Arc<Status>,
 ) -> std::io::Result<std::thread::JoinHandle<Report>> {
+    // Before the thread: a `migrate-postcopy` right after this returns must wait.
+    status.settling();
     std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {

@@ -11,7 +11,7 @@
 //! exists and then does not fall back to the system call, so there the device's
 //! permissions alone decide.
 
-use userfaultfd::{Uffd, UffdBuilder};
+use userfaultfd::{RegisterMode, Uffd, UffdBuilder};
 
 /// A userfaultfd for faults from any mode, or why there is none here, said so that an
 /// operator knows what to change.
@@ -28,9 +28,52 @@ pub(super) fn open() -> Result<Uffd, String> {
 const DEVICE: &str = "/dev/userfaultfd";
 
 /// Ok where this process can take post-copy (or a lazy restore): it may open a
-/// userfaultfd for faults from inside KVM. Cheap (a descriptor opened and closed).
-pub fn postcopy_support() -> Result<(), String> {
-    open().map(drop)
+/// userfaultfd for faults from inside KVM, and, for memory that is `shared`
+/// (prefaulted), catch minor faults there. Cheap (a descriptor and a page made and
+/// dropped).
+pub fn postcopy_support(shared: bool) -> Result<(), String> {
+    let uffd = open()?;
+    if shared {
+        minor_faults(&uffd)?;
+    }
+    Ok(())
+}
+
+/// Whether minor faults in shared memory can be caught (Linux 5.14 on), as post-copy
+/// into prefaulted memory needs (its pages exist and are placed through their alias):
+/// a page of a memfd registered for them.
+fn minor_faults(uffd: &Uffd) -> Result<(), String> {
+    let fail = |e: &dyn std::fmt::Display| {
+        format!("post-copy into prefaulted memory could not be tried: {e}")
+    };
+    let page = crate::memory::PAGE_SIZE as usize;
+    let file = crate::memory::memfd(c"godwit-probe", page as u64).map_err(|e| fail(&e))?;
+    let map = vm_memory::MmapRegion::<()>::from_file(vm_memory::FileOffset::new(file, 0), page)
+        .map_err(|e| fail(&e))?;
+    // Unregistered when `uffd` closes, before `map` goes.
+    register_minor(uffd, &map)
+}
+
+/// Registers `map` for minor faults, or says why it cannot be (a kernel that refuses:
+/// EINVAL, as for memory that is not shared).
+fn register_minor(uffd: &Uffd, map: &vm_memory::MmapRegion) -> Result<(), String> {
+    let fail = |e: &dyn std::fmt::Display| {
+        format!("post-copy into prefaulted memory could not be tried: {e}")
+    };
+    uffd.register_with_mode(map.as_ptr().cast(), map.size(), RegisterMode::MINOR)
+        .map(drop)
+        .map_err(|e| match e {
+            userfaultfd::Error::SystemError(n) if n as i32 == libc::EINVAL => {
+                "post-copy into prefaulted (shared) memory catches minor faults there with \
+                 userfaultfd, which this kernel cannot (Linux 5.14 or later can): run the \
+                 destination without --prefault"
+                    .to_string()
+            }
+            userfaultfd::Error::SystemError(n) => {
+                fail(&std::io::Error::from_raw_os_error(n as i32))
+            }
+            e => fail(&e),
+        })
 }
 
 /// What stopped a userfaultfd from being made.
@@ -110,12 +153,31 @@ mod tests {
         assert!(m.contains("creating one failed: Invalid argument"), "{m}");
     }
 
+    /// A kernel that will not catch minor faults there (as none does in private
+    /// memory) is told as one that cannot take post-copy into prefaulted memory.
+    #[test]
+    fn memory_without_minor_faults_is_refused_with_the_way_out() {
+        if std::fs::metadata("/proc/self")
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) != 0)
+        {
+            return;
+        }
+        let uffd = open().unwrap();
+        let private = vm_memory::MmapRegion::<()>::new(4096).unwrap();
+        let m = register_minor(&uffd, &private).unwrap_err();
+        assert!(
+            m.contains("Linux 5.14") && m.contains("without --prefault"),
+            "{m}"
+        );
+    }
+
     /// As root (the suite's user) both ways are open.
     #[test]
     fn root_may_take_post_copy() {
         use std::os::unix::fs::MetadataExt;
         if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
-            postcopy_support().unwrap();
+            postcopy_support(false).unwrap();
+            postcopy_support(true).unwrap();
         }
     }
 }
