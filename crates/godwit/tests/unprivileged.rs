@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::gpuhost::*;
 use common::mig::*;
 use common::*;
 use godwit_migration::wire::Kind;
@@ -230,4 +231,74 @@ fn a_snapshot_restored_without_userfaultfd_is_read_eagerly_or_refused_if_lazy_is
         "{}",
         read(&dst.err)
     );
+}
+
+/// A VM with a GPU function, gpu-train mid-job, moved to such a destination (its own
+/// GPU host, which `nobody` runs too): hybrid is refused before anything pauses (the
+/// job runs on here), `auto` moves RAM and VRAM in pre-copy, and the job ends at the
+/// destination with the answer of a run that never moved; no GPU function is left
+/// leased on either host.
+#[test]
+fn a_gpu_vm_moves_in_pre_copy_to_a_destination_that_cannot_take_post_copy() {
+    let Some(nobody) = as_nobody() else {
+        return;
+    };
+    let dir = shared_dir("uf-gpu");
+    let src_host = host("uf-gpu-src", 1, &[]);
+    let g = gpu_dir(&src_host);
+    let mut src = source(
+        &src_host,
+        "src",
+        &[
+            &["--gpu", "GW8-1C", "--gpu-dir", &g, "gpu-train", "--"],
+            TRAIN,
+        ]
+        .concat(),
+    );
+    // The destination's GPU host is made, and used, by the unprivileged user.
+    let dst_gpu = dir.path("gpu").display().to_string();
+    let mut init = nobody.clone();
+    init.push(env!("CARGO_BIN_EXE_godwit").into());
+    let init_args = ["gpu", "init", "--gpus", "1", "--gpu-dir", &dst_gpu];
+    let o = std::process::Command::new(&init[0])
+        .args(&init[1..])
+        .args(init_args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_log(&src.log, "iteration 2000 ");
+
+    let (mut dst, addr) =
+        destination_through(&nobody, &dir, "dst-hybrid", &["--gpu-dir", &dst_gpu], &[]);
+    let (out, r) = migrate(&src, &addr, &["--mode", "hybrid"]);
+    refused_up_front(&out, &r, "no_postcopy");
+    assert_ne!(exit_code(&mut dst, LIMIT), 0);
+    // The job runs on here.
+    gains(&src.log, "iteration ", 2);
+
+    let (mut dst, addr) =
+        destination_through(&nobody, &dir, "dst-auto", &["--gpu-dir", &dst_gpu], &[]);
+    let (out, r) = migrate(&src, &addr, &["--mode", "auto", "--max-bandwidth", "32M"]);
+    assert!(out.status.success(), "{r}");
+    assert_eq!(r["ran"], "precopy", "{r}");
+    assert!(
+        r["postcopy_unavailable"]
+            .as_str()
+            .unwrap()
+            .contains("/dev/userfaultfd"),
+        "{r}"
+    );
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
+    let (iters, hash) = jacobi(128, 1e-10);
+    let log = read(&dst.log);
+    assert!(
+        log.contains(&format!("converged iterations={iters} "))
+            && log.contains(&format!("hash={hash:#018x}")),
+        "expected {iters} iterations and hash {hash:#018x}:\n{log}"
+    );
+    assert_eq!(status(&src_host)[0]["vfs"].as_array().unwrap().len(), 0);
+    let o = run(&["gpu", "status", "--json", "--gpu-dir", &dst_gpu], LIMIT);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v[0]["vfs"].as_array().unwrap().len(), 0, "{v}");
 }
