@@ -69,13 +69,8 @@ fn gpu_train_migrated_mid_run_ends_with_the_reference_answer() {
     assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
     // Training went on where it was: the destination finishes with exactly the answer
     // of an uninterrupted run (recomputed here), and never started over.
-    let (iters, hash) = jacobi(128, 1e-10);
     let log = read(&dst.log);
-    assert!(
-        log.contains(&format!("converged iterations={iters} "))
-            && log.contains(&format!("hash={hash:#018x}")),
-        "expected {iters} iterations and hash {hash:#018x}:\n{log}"
-    );
+    assert_trained(&log);
     assert!(!log.contains("starting"), "{log}");
     // Both VFs are free again.
     assert_eq!(status(&d)[0]["vfs"].as_array().unwrap().len(), 0);

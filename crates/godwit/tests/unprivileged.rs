@@ -290,13 +290,7 @@ fn a_gpu_vm_moves_in_pre_copy_to_a_destination_that_cannot_take_post_copy() {
     );
     assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
     assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
-    let (iters, hash) = jacobi(128, 1e-10);
-    let log = read(&dst.log);
-    assert!(
-        log.contains(&format!("converged iterations={iters} "))
-            && log.contains(&format!("hash={hash:#018x}")),
-        "expected {iters} iterations and hash {hash:#018x}:\n{log}"
-    );
+    assert_trained(&read(&dst.log));
     assert_eq!(status(&src_host)[0]["vfs"].as_array().unwrap().len(), 0);
     let o = run(&["gpu", "status", "--json", "--gpu-dir", &dst_gpu], LIMIT);
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();

@@ -85,6 +85,17 @@ pub fn jacobi(w: usize, tol: f64) -> (u64, u64) {
     (iters, h)
 }
 
+/// gpu-train (`TRAIN`) ended in `log` with exactly the answer of a run that was never
+/// moved.
+pub fn assert_trained(log: &str) {
+    let (iters, hash) = jacobi(128, 1e-10);
+    assert!(
+        log.contains(&format!("converged iterations={iters} "))
+            && log.contains(&format!("hash={hash:#018x}")),
+        "expected {iters} iterations and hash {hash:#018x}:\n{log}"
+    );
+}
+
 /// The GPU dirtier's load in the migration tests: 16 MiB rewritten through the aperture
 /// and 16 MiB by the engine, 4 MiB of GPU DMA into RAM, 48 MiB/s in all, every region
 /// verified every second.
