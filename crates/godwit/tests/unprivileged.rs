@@ -83,6 +83,21 @@ fn refused_up_front(out: &std::process::Output, r: &Value, kind: &str) {
     assert_eq!(r["source_running"], true, "{r}");
 }
 
+/// The report of `--mode auto` to such a destination: it moved the VM in pre-copy and
+/// says why post-copy could not come.
+fn moved_in_precopy(out: &std::process::Output, r: &Value) {
+    assert!(out.status.success(), "{r}");
+    assert_eq!(r["mode"], "auto", "{r}");
+    assert_eq!(r["ran"], "precopy", "{r}");
+    assert!(
+        r["postcopy_unavailable"]
+            .as_str()
+            .unwrap()
+            .contains("/dev/userfaultfd"),
+        "{r}"
+    );
+}
+
 /// `--mode postcopy` is refused by the destination at the handshake, `--mode hybrid`
 /// by the source once ACCEPT says post-copy cannot come: neither pauses the VM, which
 /// runs on here. `--mode auto` then moves it in pre-copy, where `migrate-postcopy` is
@@ -164,16 +179,7 @@ fn post_copy_to_a_destination_that_cannot_take_it_is_refused_before_the_vm_pause
     );
     let out = m.join().unwrap();
     let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert!(out.status.success(), "{r}");
-    assert_eq!(r["mode"], "auto", "{r}");
-    assert_eq!(r["ran"], "precopy", "{r}");
-    assert!(
-        r["postcopy_unavailable"]
-            .as_str()
-            .unwrap()
-            .contains("/dev/userfaultfd"),
-        "{r}"
-    );
+    moved_in_precopy(&out, &r);
     assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
     assert_verified(&mut dst, 4096);
 }
@@ -279,15 +285,7 @@ fn a_gpu_vm_moves_in_pre_copy_to_a_destination_that_cannot_take_post_copy() {
     let (mut dst, addr) =
         destination_through(&nobody, &dir, "dst-auto", &["--gpu-dir", &dst_gpu], &[]);
     let (out, r) = migrate(&src, &addr, &["--mode", "auto", "--max-bandwidth", "32M"]);
-    assert!(out.status.success(), "{r}");
-    assert_eq!(r["ran"], "precopy", "{r}");
-    assert!(
-        r["postcopy_unavailable"]
-            .as_str()
-            .unwrap()
-            .contains("/dev/userfaultfd"),
-        "{r}"
-    );
+    moved_in_precopy(&out, &r);
     assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
     assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
     assert_trained(&read(&dst.log));
