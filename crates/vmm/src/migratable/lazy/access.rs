@@ -8,21 +8,53 @@
 //! handling through /dev/userfaultfd to whoever may open it (Linux 6.1 on), and through
 //! the system call to a process with CAP_SYS_PTRACE or where the sysctl
 //! vm.unprivileged_userfaultfd is 1. The userfaultfd crate opens the device where it
-//! exists and then does not fall back to the system call, so there the device's
-//! permissions alone decide.
+//! exists and does not fall back to the system call when the device will not open;
+//! godwit does, as QEMU does, so that either grant is enough.
 
+use std::os::fd::FromRawFd;
 use userfaultfd::{RegisterMode, Uffd, UffdBuilder};
 
 /// A userfaultfd for faults from any mode, or why there is none here, said so that an
 /// operator knows what to change.
 pub(super) fn open() -> Result<Uffd, String> {
-    UffdBuilder::new()
+    match UffdBuilder::new()
         .close_on_exec(true)
         .non_blocking(true)
         // vCPUs touch guest memory from inside KVM (kernel mode).
         .user_mode_only(false)
         .create()
-        .map_err(|e| why(&Cause::of(e)))
+    {
+        Ok(u) => Ok(u),
+        Err(userfaultfd::Error::OpenDevUserfaultfd(device)) => {
+            from_syscall().map_err(|errno| why(&Cause::Neither { device, errno }))
+        }
+        Err(e) => Err(why(&Cause::of(e))),
+    }
+}
+
+/// A userfaultfd from the system call (the kernel decides by CAP_SYS_PTRACE or the
+/// sysctl), set up as the crate's builder sets one up; the errno where it is refused.
+fn from_syscall() -> Result<Uffd, i32> {
+    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    // SAFETY: userfaultfd(2) takes only flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: `fd` is a new userfaultfd that nothing else owns; the Uffd closes it.
+    let uffd = unsafe { Uffd::from_raw_fd(fd as i32) };
+    let mut api = userfaultfd_sys::uffdio_api {
+        api: userfaultfd_sys::UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API on that descriptor, with a struct of the kernel's layout that
+    // outlives the call.
+    let rc = unsafe { libc::ioctl(fd as i32, userfaultfd_sys::UFFDIO_API as _, &mut api) };
+    if rc != 0 {
+        return Err(errno());
+    }
+    Ok(uffd)
 }
 
 const DEVICE: &str = "/dev/userfaultfd";
@@ -79,12 +111,15 @@ fn register_minor(uffd: &Uffd, map: &vm_memory::MmapRegion) -> Result<(), String
 /// What stopped a userfaultfd from being made.
 #[derive(Debug)]
 enum Cause {
-    /// /dev/userfaultfd exists and would not open.
-    Device(std::io::Error),
+    /// /dev/userfaultfd exists and would not open, and the system call was refused
+    /// with this errno.
+    Neither {
+        device: std::io::Error,
+        errno: i32,
+    },
     /// The system call failed with this errno (no device, or a later step).
     Errno {
         errno: i32,
-        device: bool,
     },
     Other(String),
 }
@@ -92,11 +127,7 @@ enum Cause {
 impl Cause {
     fn of(e: userfaultfd::Error) -> Cause {
         match e {
-            userfaultfd::Error::OpenDevUserfaultfd(io) => Cause::Device(io),
-            userfaultfd::Error::SystemError(n) => Cause::Errno {
-                errno: n as i32,
-                device: std::path::Path::new(DEVICE).exists(),
-            },
+            userfaultfd::Error::SystemError(n) => Cause::Errno { errno: n as i32 },
             e => Cause::Other(e.to_string()),
         }
     }
@@ -105,28 +136,34 @@ impl Cause {
 /// What `c` means for post-copy, and what to change.
 fn why(c: &Cause) -> String {
     const NEED: &str = "post-copy and lazy restore catch the guest's page faults with userfaultfd";
+    const GRANT: &str = "run godwit as root, or let its user read and write /dev/userfaultfd \
+                         (for example group kvm, mode 0660), or give it CAP_SYS_PTRACE, or \
+                         set the sysctl vm.unprivileged_userfaultfd=1";
+    let os = |errno: i32| std::io::Error::from_raw_os_error(errno);
     match c {
-        Cause::Device(io) => format!(
-            "{NEED}, and this process may not open {DEVICE}: {io}; run godwit as root, or \
-             let its user read and write {DEVICE} (for example group kvm, mode 0660)"
-        ),
-        Cause::Errno {
+        Cause::Neither {
+            device,
             errno: libc::EPERM,
-            device: false,
         } => format!(
+            "{NEED}, and this process may not open {DEVICE} ({device}) nor make one for \
+             faults from inside KVM with the system call (not root, no CAP_SYS_PTRACE, \
+             vm.unprivileged_userfaultfd is 0; or a seccomp filter, as a container's, \
+             forbids the call): {GRANT}"
+        ),
+        Cause::Neither { device, errno } => format!(
+            "{NEED}, and this process may not open {DEVICE} ({device}), and the system \
+             call failed: {}; {GRANT}",
+            os(*errno)
+        ),
+        Cause::Errno { errno: libc::EPERM } => format!(
             "{NEED}, and the kernel refused this process faults from inside KVM (not root, \
              no CAP_SYS_PTRACE, vm.unprivileged_userfaultfd is 0; or a seccomp filter, as \
-             a container's, forbids the call): run godwit as root or with CAP_SYS_PTRACE, \
-             or set the sysctl vm.unprivileged_userfaultfd=1"
+             a container's, forbids the call): {GRANT}"
         ),
         Cause::Errno {
             errno: libc::ENOSYS,
-            ..
         } => format!("{NEED}, and this kernel has none (built without CONFIG_USERFAULTFD)"),
-        Cause::Errno { errno, .. } => format!(
-            "{NEED}, and creating one failed: {}",
-            std::io::Error::from_raw_os_error(*errno)
-        ),
+        Cause::Errno { errno } => format!("{NEED}, and creating one failed: {}", os(*errno)),
         Cause::Other(e) => format!("{NEED}, and creating one failed: {e}"),
     }
 }
@@ -137,20 +174,44 @@ mod tests {
 
     #[test]
     fn each_refusal_says_what_to_change() {
-        let denied = Cause::Device(std::io::Error::from_raw_os_error(libc::EACCES));
+        let denied = Cause::Neither {
+            device: std::io::Error::from_raw_os_error(libc::EACCES),
+            errno: libc::EPERM,
+        };
         let m = why(&denied);
         assert!(
-            m.contains("may not open /dev/userfaultfd: Permission denied"),
+            m.contains("may not open /dev/userfaultfd (Permission denied")
+                && m.contains("nor make one for faults from inside KVM with the system call"),
             "{m}"
         );
         assert!(m.contains("read and write /dev/userfaultfd"), "{m}");
-        let errno = |errno, device| why(&Cause::Errno { errno, device });
-        let m = errno(libc::EPERM, false);
+        assert!(m.contains("CAP_SYS_PTRACE") && m.contains("vm.unprivileged_userfaultfd=1"));
+        let errno = |errno| why(&Cause::Errno { errno });
+        let m = errno(libc::EPERM);
         assert!(m.contains("vm.unprivileged_userfaultfd=1"), "{m}");
-        let m = errno(libc::ENOSYS, false);
+        let m = errno(libc::ENOSYS);
         assert!(m.contains("CONFIG_USERFAULTFD"), "{m}");
-        let m = errno(libc::EINVAL, true);
+        let m = errno(libc::EINVAL);
         assert!(m.contains("creating one failed: Invalid argument"), "{m}");
+    }
+
+    /// The system call's userfaultfd is one the crate can use: a page registered for
+    /// missing faults is filled by a copy.
+    #[test]
+    fn a_userfaultfd_from_the_system_call_works() {
+        if std::fs::metadata("/proc/self")
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) != 0)
+        {
+            return;
+        }
+        let uffd = from_syscall().unwrap();
+        let map = vm_memory::MmapRegion::<()>::new(4096).unwrap();
+        uffd.register(map.as_ptr().cast(), 4096).unwrap();
+        let page = [7u8; 4096];
+        // SAFETY: both ranges are one page, `map`'s registered and missing.
+        unsafe { uffd.copy(page.as_ptr().cast(), map.as_ptr().cast(), 4096, true) }.unwrap();
+        // SAFETY: the page is mapped now, and nothing else writes it.
+        assert_eq!(unsafe { *map.as_ptr().add(100) }, 7);
     }
 
     /// A kernel that will not catch minor faults there (as none does in private
