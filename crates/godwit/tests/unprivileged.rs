@@ -193,26 +193,8 @@ fn a_snapshot_restored_without_userfaultfd_is_read_eagerly_or_refused_if_lazy_is
         return;
     };
     let dir = shared_dir("uf-restore");
-    let src = dirtier_source(
-        &dir,
-        "src",
-        "256",
-        &["wss=16", "rate=10", "seconds=4", "report-every=250"],
-    );
-    let snap = dir.path("vm.snap");
-    let (out, r) = migrate(&src, &format!("file:{}", snap.display()), &[]);
-    assert!(out.status.success(), "{r}");
-    std::fs::set_permissions(&snap, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let incoming = format!("file:{}", snap.display());
-
-    let (log, err) = (dir.path("lazy.log"), dir.path("lazy.err"));
-    let a = ["run", "--incoming", &incoming, "--restore", "lazy"].map(String::from);
-    let mut lazy = Vm {
-        proc: spawn_through(&nobody, &a, &log, &err, &[]),
-        log,
-        err,
-        sock: dir.path("none"),
-    };
+    let incoming = dirtier_snapshot(&dir);
+    let mut lazy = restored_through(&nobody, &dir, "lazy", &incoming, &["--restore", "lazy"]);
     assert_eq!(exit_code(&mut lazy, LIMIT), 1);
     let e = read(&lazy.err);
     assert!(
@@ -223,20 +205,52 @@ fn a_snapshot_restored_without_userfaultfd_is_read_eagerly_or_refused_if_lazy_is
     );
     assert!(read(&lazy.log).is_empty(), "{}", read(&lazy.log));
 
-    let (log, err) = (dir.path("dst.log"), dir.path("dst.err"));
-    let a = ["run", "--incoming", &incoming].map(String::from);
-    let mut dst = Vm {
-        proc: spawn_through(&nobody, &a, &log, &err, &[]),
-        log,
-        err,
-        sock: dir.path("none"),
-    };
+    let mut dst = restored_through(&nobody, &dir, "dst", &incoming, &[]);
     assert_verified(&mut dst, 4096);
     assert!(
         read(&dst.err).contains("restoring eagerly (all memory read first)"),
         "{}",
         read(&dst.err)
     );
+}
+
+/// A snapshot of the dirtier (16 MiB rewritten) in `dir`, readable by all: the address
+/// to restore it from.
+fn dirtier_snapshot(dir: &TempDir) -> String {
+    let src = dirtier_source(
+        dir,
+        "src",
+        "256",
+        &["wss=16", "rate=10", "seconds=4", "report-every=250"],
+    );
+    let snap = dir.path("vm.snap");
+    let (out, r) = migrate(&src, &format!("file:{}", snap.display()), &[]);
+    assert!(out.status.success(), "{r}");
+    std::fs::set_permissions(&snap, std::fs::Permissions::from_mode(0o644)).unwrap();
+    format!("file:{}", snap.display())
+}
+
+/// `godwit run --incoming <incoming> <extra>` started by `who`, its console and stderr
+/// in `dir` as `name`.
+fn restored_through(
+    who: &[String],
+    dir: &TempDir,
+    name: &str,
+    incoming: &str,
+    extra: &[&str],
+) -> Vm {
+    let (log, err) = (
+        dir.path(&format!("{name}.log")),
+        dir.path(&format!("{name}.err")),
+    );
+    let mut a = vec!["run".to_string(), "--incoming".into(), incoming.into()];
+    a.extend(extra.iter().map(|x| x.to_string()));
+    Vm {
+        proc: spawn_through(who, &a, &log, &err, &[]),
+        log,
+        err,
+        sock: dir.path("none"),
+    }
 }
 
 /// A VM with a GPU function, gpu-train mid-job, moved to such a destination (its own
@@ -250,28 +264,8 @@ fn a_gpu_vm_moves_in_pre_copy_to_a_destination_that_cannot_take_post_copy() {
         return;
     };
     let dir = shared_dir("uf-gpu");
-    let src_host = host("uf-gpu-src", 1, &[]);
-    let g = gpu_dir(&src_host);
-    let mut src = source(
-        &src_host,
-        "src",
-        &[
-            &["--gpu", "GW8-1C", "--gpu-dir", &g, "gpu-train", "--"],
-            TRAIN,
-        ]
-        .concat(),
-    );
-    // The destination's GPU host is made, and used, by the unprivileged user.
-    let dst_gpu = dir.path("gpu").display().to_string();
-    let mut init = nobody.clone();
-    init.push(env!("CARGO_BIN_EXE_godwit").into());
-    let init_args = ["gpu", "init", "--gpus", "1", "--gpu-dir", &dst_gpu];
-    let o = std::process::Command::new(&init[0])
-        .args(&init[1..])
-        .args(init_args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (src_host, mut src) = gpu_train_source("uf-gpu-src");
+    let dst_gpu = gpu_host_of(&nobody, &dir);
     wait_log(&src.log, "iteration 2000 ");
 
     let (mut dst, addr) =
@@ -290,9 +284,56 @@ fn a_gpu_vm_moves_in_pre_copy_to_a_destination_that_cannot_take_post_copy() {
     assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
     assert_trained(&read(&dst.log));
     assert_eq!(status(&src_host)[0]["vfs"].as_array().unwrap().len(), 0);
-    let o = run(&["gpu", "status", "--json", "--gpu-dir", &dst_gpu], LIMIT);
+    assert_no_vf_leased(&dst_gpu);
+}
+
+/// gpu-train on a GPU host of its own, past its first 2000 iterations.
+fn gpu_train_source(tag: &str) -> (TempDir, Vm) {
+    let d = host(tag, 1, &[]);
+    let g = gpu_dir(&d);
+    let src = source(
+        &d,
+        "src",
+        &[
+            &["--gpu", "GW8-1C", "--gpu-dir", &g, "gpu-train", "--"],
+            TRAIN,
+        ]
+        .concat(),
+    );
+    wait_log(&src.log, "iteration 2000 ");
+    (d, src)
+}
+
+/// A GPU host in `dir` made by the user `who` runs as (`gpu init` through it), which
+/// that user's destination then leases from.
+fn gpu_host_of(who: &[String], dir: &TempDir) -> String {
+    let g = dir.path("gpu").display().to_string();
+    let o = std::process::Command::new(&who[0])
+        .args(&who[1..])
+        .arg(env!("CARGO_BIN_EXE_godwit"))
+        .args(["gpu", "init", "--gpus", "1", "--gpu-dir", &g])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    g
+}
+
+fn assert_no_vf_leased(gpu_dir: &str) {
+    let o = run(&["gpu", "status", "--json", "--gpu-dir", gpu_dir], LIMIT);
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v[0]["vfs"].as_array().unwrap().len(), 0, "{v}");
+}
+
+/// `as_nobody`'s user, given CAP_SYS_PTRACE (and still no access to /dev/userfaultfd).
+fn with_ptrace(nobody: &[String]) -> Vec<String> {
+    nobody
+        .iter()
+        .map(|a| match a.as_str() {
+            "--inh-caps=-all" => "--inh-caps=-all,+sys_ptrace".into(),
+            a => a.into(),
+        })
+        .chain(["--ambient-caps=-all,+sys_ptrace".to_string()])
+        .collect()
 }
 
 /// The same user with CAP_SYS_PTRACE, and still no access to /dev/userfaultfd: the
@@ -303,14 +344,7 @@ fn with_cap_sys_ptrace_post_copy_comes_through_the_system_call() {
     let Some(nobody) = as_nobody() else {
         return;
     };
-    let ptrace: Vec<String> = nobody
-        .iter()
-        .map(|a| match a.as_str() {
-            "--inh-caps=-all" => "--inh-caps=-all,+sys_ptrace".into(),
-            a => a.into(),
-        })
-        .chain(["--ambient-caps=-all,+sys_ptrace".to_string()])
-        .collect();
+    let ptrace = with_ptrace(&nobody);
     let dir = shared_dir("uf-ptrace");
     let mut src = dirtier_source(
         &dir,
@@ -331,30 +365,44 @@ fn with_cap_sys_ptrace_post_copy_comes_through_the_system_call() {
     );
 
     let dir = shared_dir("uf-ptrace-restore");
-    let src = dirtier_source(
-        &dir,
-        "src",
-        "256",
-        &["wss=16", "rate=10", "seconds=4", "report-every=250"],
-    );
-    let snap = dir.path("vm.snap");
-    let (out, r) = migrate(&src, &format!("file:{}", snap.display()), &[]);
-    assert!(out.status.success(), "{r}");
-    std::fs::set_permissions(&snap, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let a = [
-        "run",
-        "--incoming",
-        &format!("file:{}", snap.display()),
-        "--restore",
-        "lazy",
-    ]
-    .map(String::from);
-    let (log, err) = (dir.path("lazy.log"), dir.path("lazy.err"));
-    let mut lazy = Vm {
-        proc: spawn_through(&ptrace, &a, &log, &err, &[]),
-        log,
-        err,
-        sock: dir.path("none"),
-    };
+    let incoming = dirtier_snapshot(&dir);
+    let mut lazy = restored_through(&ptrace, &dir, "lazy", &incoming, &["--restore", "lazy"]);
     assert_verified(&mut lazy, 4096);
+}
+
+/// A VM with a GPU function, gpu-train mid-job, moved in post-copy to a destination run
+/// as that user with CAP_SYS_PTRACE on its own GPU host: VRAM still at the source is
+/// fetched as the guest and its GPU engine touch it (6 remote faults and 32 pages
+/// fetched ahead of 1,024 in the run that added this), the job ends with the reference
+/// answer, and every page the destination lacked reached it.
+#[test]
+fn a_gpu_vm_moves_in_post_copy_to_a_destination_with_cap_sys_ptrace() {
+    let Some(nobody) = as_nobody() else {
+        return;
+    };
+    let ptrace = with_ptrace(&nobody);
+    let dir = shared_dir("uf-gpu-ptrace");
+    let (src_host, mut src) = gpu_train_source("uf-gpu-ptrace-src");
+    let dst_gpu = gpu_host_of(&ptrace, &dir);
+    let (mut dst, addr) = destination_through(&ptrace, &dir, "dst", &["--gpu-dir", &dst_gpu], &[]);
+    let (out, r) = migrate(
+        &src,
+        &addr,
+        &["--mode", "postcopy", "--max-bandwidth", "32M"],
+    );
+    assert!(out.status.success(), "{r}");
+    assert_postcopy_whole(&r);
+    let p = &r["postcopy"];
+    let vram = p["missing_pages"]["gpu"].as_u64().unwrap();
+    assert!(vram > 0, "{r}");
+    let d = &p["destination"]["gpu"];
+    let placed = d["remote_faults"].as_u64().unwrap()
+        + d["prepaged"].as_u64().unwrap()
+        + d["fetched_ahead"].as_u64().unwrap();
+    assert_eq!(placed, vram, "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
+    assert_trained(&read(&dst.log));
+    assert_eq!(status(&src_host)[0]["vfs"].as_array().unwrap().len(), 0);
+    assert_no_vf_leased(&dst_gpu);
 }

@@ -199,9 +199,7 @@ mod tests {
     /// missing faults is filled by a copy.
     #[test]
     fn a_userfaultfd_from_the_system_call_works() {
-        if std::fs::metadata("/proc/self")
-            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) != 0)
-        {
+        if !root() {
             return;
         }
         let uffd = from_syscall().unwrap();
@@ -218,9 +216,7 @@ mod tests {
     /// memory) is told as one that cannot take post-copy into prefaulted memory.
     #[test]
     fn memory_without_minor_faults_is_refused_with_the_way_out() {
-        if std::fs::metadata("/proc/self")
-            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) != 0)
-        {
+        if !root() {
             return;
         }
         let uffd = open().unwrap();
@@ -235,10 +231,16 @@ mod tests {
     /// As root (the suite's user) both ways are open.
     #[test]
     fn root_may_take_post_copy() {
-        use std::os::unix::fs::MetadataExt;
-        if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+        if root() {
             postcopy_support(false).unwrap();
             postcopy_support(true).unwrap();
         }
+    }
+
+    /// Whether these tests run as root (the suite's user), which may make a userfaultfd
+    /// every way.
+    fn root() -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
     }
 }
