@@ -338,31 +338,41 @@ fn with_ptrace(nobody: &[String]) -> Vec<String> {
 
 /// The same user with CAP_SYS_PTRACE, and still no access to /dev/userfaultfd: the
 /// system call gives it a userfaultfd for faults from inside KVM (godwit falls back to
-/// it as QEMU does), so post-copy comes, and a snapshot is restored lazily.
+/// it as QEMU does), so post-copy comes (into prefaulted memory too), and a snapshot is
+/// restored lazily.
 #[test]
 fn with_cap_sys_ptrace_post_copy_comes_through_the_system_call() {
     let Some(nobody) = as_nobody() else {
         return;
     };
     let ptrace = with_ptrace(&nobody);
-    let dir = shared_dir("uf-ptrace");
-    let mut src = dirtier_source(
-        &dir,
-        "src",
-        "256",
-        &["wss=16", "rate=10", "seconds=4", "report-every=250"],
-    );
-    let (mut dst, addr) = destination_through(&ptrace, &dir, "dst", &[], &[]);
-    let (out, r) = migrate(&src, &addr, &["--mode", "postcopy"]);
-    assert!(out.status.success(), "{r}");
-    assert_postcopy_whole(&r);
-    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
-    assert_verified(&mut dst, 4096);
-    assert!(
-        !read(&dst.err).contains("cannot come"),
-        "{}",
-        read(&dst.err)
-    );
+    // Into private memory, and into prefaulted (shared) memory, whose pages are
+    // placed through minor faults.
+    for (tag, extra) in [
+        ("uf-ptrace", &[][..]),
+        ("uf-ptrace-prefault", &["--memory", "256", "--prefault"][..]),
+    ] {
+        let dir = shared_dir(tag);
+        let mut src = dirtier_source(
+            &dir,
+            "src",
+            "256",
+            &["wss=16", "rate=10", "seconds=4", "report-every=250"],
+        );
+        let (mut dst, addr) = destination_through(&ptrace, &dir, "dst", extra, &[]);
+        let (out, r) = migrate(&src, &addr, &["--mode", "postcopy"]);
+        assert!(out.status.success(), "{tag}: {r}");
+        assert_postcopy_whole(&r);
+        assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+        assert_verified(&mut dst, 4096);
+        let e = read(&dst.err);
+        assert!(!e.contains("cannot come"), "{e}");
+        assert_eq!(
+            e.contains("guest memory prefaulted"),
+            !extra.is_empty(),
+            "{e}"
+        );
+    }
 
     let dir = shared_dir("uf-ptrace-restore");
     let incoming = dirtier_snapshot(&dir);
