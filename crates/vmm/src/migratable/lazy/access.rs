@@ -75,13 +75,10 @@ pub fn postcopy_support(shared: bool) -> Result<(), String> {
 /// into prefaulted memory needs (its pages exist and are placed through their alias):
 /// a page of a memfd registered for them.
 fn minor_faults(uffd: &Uffd) -> Result<(), String> {
-    let fail = |e: &dyn std::fmt::Display| {
-        format!("post-copy into prefaulted memory could not be tried: {e}")
-    };
     let page = crate::memory::PAGE_SIZE as usize;
-    let file = crate::memory::memfd(c"godwit-probe", page as u64).map_err(|e| fail(&e))?;
+    let file = crate::memory::memfd(c"godwit-probe", page as u64).map_err(|e| untried(&e))?;
     let map = vm_memory::MmapRegion::<()>::from_file(vm_memory::FileOffset::new(file, 0), page)
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| untried(&e))?;
     // Unregistered when `uffd` closes, before `map` goes.
     register_minor(uffd, &map)
 }
@@ -89,9 +86,6 @@ fn minor_faults(uffd: &Uffd) -> Result<(), String> {
 /// Registers `map` for minor faults, or says why it cannot be (a kernel that refuses:
 /// EINVAL, as for memory that is not shared).
 fn register_minor(uffd: &Uffd, map: &vm_memory::MmapRegion) -> Result<(), String> {
-    let fail = |e: &dyn std::fmt::Display| {
-        format!("post-copy into prefaulted memory could not be tried: {e}")
-    };
     uffd.register_with_mode(map.as_ptr().cast(), map.size(), RegisterMode::MINOR)
         .map(drop)
         .map_err(|e| match e {
@@ -102,10 +96,15 @@ fn register_minor(uffd: &Uffd, map: &vm_memory::MmapRegion) -> Result<(), String
                     .to_string()
             }
             userfaultfd::Error::SystemError(n) => {
-                fail(&std::io::Error::from_raw_os_error(n as i32))
+                untried(&std::io::Error::from_raw_os_error(n as i32))
             }
-            e => fail(&e),
+            e => untried(&e),
         })
+}
+
+/// The probe of minor faults failed for a reason of its own.
+fn untried(e: &dyn std::fmt::Display) -> String {
+    format!("post-copy into prefaulted memory could not be tried: {e}")
 }
 
 /// What stopped a userfaultfd from being made.
@@ -136,29 +135,33 @@ impl Cause {
 /// What `c` means for post-copy, and what to change.
 fn why(c: &Cause) -> String {
     const NEED: &str = "post-copy and lazy restore catch the guest's page faults with userfaultfd";
-    const GRANT: &str = "run godwit as root, or let its user read and write /dev/userfaultfd \
-                         (for example group kvm, mode 0660), or give it CAP_SYS_PTRACE, or \
-                         set the sysctl vm.unprivileged_userfaultfd=1";
+    // What the system call's refusal means, and what grants it.
+    const REFUSED: &str = "not root, no CAP_SYS_PTRACE, vm.unprivileged_userfaultfd is 0; \
+                           or a seccomp filter, as a container's, forbids the call";
+    const SYSCALL: &str = "give it CAP_SYS_PTRACE, or set the sysctl vm.unprivileged_userfaultfd=1";
     let os = |errno: i32| std::io::Error::from_raw_os_error(errno);
+    // With the device there, opening it to the user grants it too.
+    let grant = format!(
+        "run godwit as root, or let its user read and write {DEVICE} (for example group \
+         kvm, mode 0660), or {SYSCALL}"
+    );
     match c {
         Cause::Neither {
             device,
             errno: libc::EPERM,
         } => format!(
             "{NEED}, and this process may not open {DEVICE} ({device}) nor make one for \
-             faults from inside KVM with the system call (not root, no CAP_SYS_PTRACE, \
-             vm.unprivileged_userfaultfd is 0; or a seccomp filter, as a container's, \
-             forbids the call): {GRANT}"
+             faults from inside KVM with the system call ({REFUSED}): {grant}"
         ),
         Cause::Neither { device, errno } => format!(
             "{NEED}, and this process may not open {DEVICE} ({device}), and the system \
-             call failed: {}; {GRANT}",
+             call failed: {}; {grant}",
             os(*errno)
         ),
+        // No device (before Linux 6.1): the system call alone decides.
         Cause::Errno { errno: libc::EPERM } => format!(
-            "{NEED}, and the kernel refused this process faults from inside KVM (not root, \
-             no CAP_SYS_PTRACE, vm.unprivileged_userfaultfd is 0; or a seccomp filter, as \
-             a container's, forbids the call): {GRANT}"
+            "{NEED}, and the kernel refused this process faults from inside KVM \
+             ({REFUSED}): run godwit as root, or {SYSCALL}"
         ),
         Cause::Errno {
             errno: libc::ENOSYS,
