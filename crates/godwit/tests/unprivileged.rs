@@ -416,3 +416,142 @@ fn a_gpu_vm_moves_in_post_copy_to_a_destination_with_cap_sys_ptrace() {
     assert_eq!(status(&src_host)[0]["vfs"].as_array().unwrap().len(), 0);
     assert_no_vf_leased(&dst_gpu);
 }
+
+/// The same user with CAP_SYS_PTRACE, under a seccomp filter that refuses
+/// userfaultfd(2) with EPERM, as a container runtime's default profile does: neither
+/// the device nor the system call gives it a userfaultfd, so post-copy is refused
+/// before the VM pauses and a lazy restore at once, each naming the filter among the
+/// causes; `--mode auto` moves the VM in pre-copy and the guest checks all of its
+/// memory.
+#[test]
+fn under_a_seccomp_filter_that_refuses_userfaultfd_post_copy_is_refused_up_front() {
+    let Some(nobody) = as_nobody() else {
+        return;
+    };
+    let ptrace = with_ptrace(&nobody);
+    // The refusal is the filter's: under it, the user still has CAP_SYS_PTRACE (which
+    // grants the call without it, as the test above shows).
+    let status = seccomp_without_userfaultfd(|| {
+        std::process::Command::new(&ptrace[0])
+            .args(&ptrace[1..])
+            .args(["cat", "/proc/self/status"])
+            .output()
+            .unwrap()
+    });
+    let status = stdout(&status);
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .trim()
+            .to_string()
+    };
+    // CAP_SYS_PTRACE is capability 19.
+    let cap_eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+    assert_ne!(cap_eff & 1 << 19, 0, "{status}");
+    assert_eq!(field("Seccomp:"), "2", "{status}");
+
+    let dir = shared_dir("uf-seccomp");
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "256",
+        &["wss=16", "rate=10", "seconds=8", "report-every=250"],
+    );
+    let named_filter = |e: &str| {
+        assert!(
+            e.contains("a seccomp filter") && e.contains("CAP_SYS_PTRACE"),
+            "{e}"
+        )
+    };
+    let (mut dst, addr) = seccomp_without_userfaultfd(|| {
+        destination_through(&ptrace, &dir, "dst-postcopy", &[], &[])
+    });
+    wait_log(&dst.err, "post-copy cannot come here, pre-copy can: ");
+    named_filter(&read(&dst.err));
+    let (out, r) = migrate(&src, &addr, &["--mode", "postcopy"]);
+    refused_up_front(&out, &r, "refused");
+    named_filter(r["error"].as_str().unwrap());
+    assert_ne!(exit_code(&mut dst, LIMIT), 0);
+
+    let (mut dst, addr) =
+        seccomp_without_userfaultfd(|| destination_through(&ptrace, &dir, "dst-auto", &[], &[]));
+    let (out, r) = migrate(&src, &addr, &["--mode", "auto"]);
+    moved_in_precopy(&out, &r);
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_verified(&mut dst, 4096);
+
+    let incoming = dirtier_snapshot(&dir);
+    let mut lazy = seccomp_without_userfaultfd(|| {
+        restored_through(&ptrace, &dir, "lazy", &incoming, &["--restore", "lazy"])
+    });
+    assert_eq!(exit_code(&mut lazy, LIMIT), 1);
+    let e = read(&lazy.err);
+    assert!(e.contains("--restore lazy:"), "{e}");
+    named_filter(&e);
+}
+
+/// `f` on a thread of its own that a seccomp filter keeps from userfaultfd(2) (EPERM;
+/// every other call allowed): what `f` starts inherits the filter, through setpriv and
+/// into godwit.
+fn seccomp_without_userfaultfd<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let stmt = |code: u32, k: u32| libc::sock_filter {
+                code: code as u16,
+                jt: 0,
+                jf: 0,
+                k,
+            };
+            let nr = std::mem::offset_of!(libc::seccomp_data, nr) as u32;
+            let arch = std::mem::offset_of!(libc::seccomp_data, arch) as u32;
+            // AUDIT_ARCH_X86_64: another ABI's call numbers mean other calls.
+            const X86_64: u32 = 0xc000_003e;
+            let mut prog = [
+                stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, arch),
+                libc::sock_filter {
+                    jt: 0,
+                    jf: 3,
+                    ..stmt(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, X86_64)
+                },
+                stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, nr),
+                libc::sock_filter {
+                    jt: 0,
+                    jf: 1,
+                    ..stmt(
+                        libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+                        libc::SYS_userfaultfd as u32,
+                    )
+                },
+                stmt(
+                    libc::BPF_RET | libc::BPF_K,
+                    libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+                ),
+                stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+            ];
+            let fprog = libc::sock_fprog {
+                len: prog.len() as u16,
+                filter: prog.as_mut_ptr(),
+            };
+            // SAFETY: prctl with integer arguments, then with a filter program that
+            // outlives the call (the kernel copies it); both affect this thread only.
+            unsafe {
+                assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+                assert_eq!(
+                    libc::prctl(
+                        libc::PR_SET_SECCOMP,
+                        libc::SECCOMP_MODE_FILTER,
+                        &fprog as *const libc::sock_fprog
+                    ),
+                    0,
+                    "{}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
