@@ -7,6 +7,7 @@ mod common;
 
 use common::gpuhost::*;
 use common::mig::*;
+use common::seccomp;
 use common::*;
 use serde_json::Value;
 
@@ -186,4 +187,60 @@ fn a_destination_readied_for_a_gpu_vm_takes_only_that_profile_and_its_vram() {
         cur = next;
     }
     dirtier_shut_down(cur);
+}
+
+/// UFFDIO_REGISTER's request number (_IOWR(0xAA, 0x00, struct uffdio_register)).
+const UFFDIO_REGISTER: u32 = 0xc020_aa00;
+
+/// A kernel that cannot catch minor faults in shared memory (before Linux 5.14), as a
+/// seccomp filter makes this one look: UFFDIO_REGISTER fails with EINVAL, as those
+/// kernels answer a registration for minor faults. A prefaulted destination says at
+/// once that post-copy cannot come there and what to change; `--mode postcopy` is
+/// refused before the VM pauses (it runs on at the source), and `--mode auto` moves it
+/// in pre-copy onto the prefaulted memory, where the guest checks all of its memory.
+#[test]
+fn a_prefaulted_destination_on_a_kernel_without_minor_faults_takes_pre_copy_only() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pc-prefault-no-minor");
+    let mut src = dirtier_source(
+        &dir,
+        "src",
+        "256",
+        &["wss=16", "rate=10", "seconds=8", "report-every=250"],
+    );
+    let old_kernel = |name: &str| {
+        seccomp::under_filter(
+            seccomp::Refuse::Ioctl(UFFDIO_REGISTER),
+            libc::EINVAL,
+            || destination(&dir, name, &["--memory", "256", "--prefault"]),
+        )
+    };
+    const WAY_OUT: &str = "(Linux 5.14 or later can): run the destination without --prefault";
+    let (mut dst, addr) = old_kernel("dst-postcopy");
+    wait_log(&dst.err, "post-copy cannot come here, pre-copy can: ");
+    assert!(read(&dst.err).contains(WAY_OUT), "{}", read(&dst.err));
+    let (out, r) = migrate(&src, &addr, &["--mode", "postcopy"]);
+    assert!(!out.status.success(), "{r}");
+    assert_eq!(r["error_kind"], "refused", "{r}");
+    assert!(r["error"].as_str().unwrap().contains(WAY_OUT), "{r}");
+    assert_eq!(r["downtime_ms"].as_f64(), Some(0.0), "{r}");
+    assert_eq!(r["source_running"], true, "{r}");
+    assert_ne!(exit_code(&mut dst, LIMIT), 0);
+    gains(&src.log, "dirtier: t_ms=", 2);
+
+    let (mut dst, addr) = old_kernel("dst-auto");
+    let (out, r) = migrate(&src, &addr, &["--mode", "auto"]);
+    assert!(out.status.success(), "{r}");
+    assert_eq!(r["ran"], "precopy", "{r}");
+    assert!(
+        r["postcopy_unavailable"]
+            .as_str()
+            .unwrap()
+            .contains(WAY_OUT),
+        "{r}"
+    );
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_verified(&mut dst, 4096);
 }

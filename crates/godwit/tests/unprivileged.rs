@@ -11,6 +11,7 @@ mod common;
 
 use common::gpuhost::*;
 use common::mig::*;
+use common::seccomp;
 use common::*;
 use godwit_migration::wire::Kind;
 use serde_json::Value;
@@ -492,66 +493,8 @@ fn under_a_seccomp_filter_that_refuses_userfaultfd_post_copy_is_refused_up_front
     named_filter(&e);
 }
 
-/// `f` on a thread of its own that a seccomp filter keeps from userfaultfd(2) (EPERM;
-/// every other call allowed): what `f` starts inherits the filter, through setpriv and
-/// into godwit.
+/// `f` where userfaultfd(2) fails with EPERM, as a seccomp profile that forbids it
+/// answers.
 fn seccomp_without_userfaultfd<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let stmt = |code: u32, k: u32| libc::sock_filter {
-                code: code as u16,
-                jt: 0,
-                jf: 0,
-                k,
-            };
-            let nr = std::mem::offset_of!(libc::seccomp_data, nr) as u32;
-            let arch = std::mem::offset_of!(libc::seccomp_data, arch) as u32;
-            // AUDIT_ARCH_X86_64: another ABI's call numbers mean other calls.
-            const X86_64: u32 = 0xc000_003e;
-            let mut prog = [
-                stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, arch),
-                libc::sock_filter {
-                    jt: 0,
-                    jf: 3,
-                    ..stmt(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, X86_64)
-                },
-                stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, nr),
-                libc::sock_filter {
-                    jt: 0,
-                    jf: 1,
-                    ..stmt(
-                        libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
-                        libc::SYS_userfaultfd as u32,
-                    )
-                },
-                stmt(
-                    libc::BPF_RET | libc::BPF_K,
-                    libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
-                ),
-                stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
-            ];
-            let fprog = libc::sock_fprog {
-                len: prog.len() as u16,
-                filter: prog.as_mut_ptr(),
-            };
-            // SAFETY: prctl with integer arguments, then with a filter program that
-            // outlives the call (the kernel copies it); both affect this thread only.
-            unsafe {
-                assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
-                assert_eq!(
-                    libc::prctl(
-                        libc::PR_SET_SECCOMP,
-                        libc::SECCOMP_MODE_FILTER,
-                        &fprog as *const libc::sock_fprog
-                    ),
-                    0,
-                    "{}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            f()
-        })
-        .join()
-        .unwrap()
-    })
+    seccomp::under_filter(seccomp::Refuse::Call(libc::SYS_userfaultfd), libc::EPERM, f)
 }

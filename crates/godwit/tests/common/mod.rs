@@ -3,6 +3,7 @@
 
 pub mod gpuhost;
 pub mod mig;
+pub mod seccomp;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
