@@ -200,7 +200,7 @@ const UFFDIO_REGISTER: u32 = 0xc020_aa00;
 /// in pre-copy onto the prefaulted memory, where the guest checks all of its memory.
 #[test]
 fn a_prefaulted_destination_on_a_kernel_without_minor_faults_takes_pre_copy_only() {
-    if !kvm_available() {
+    if !kvm_available() || !seccomp::available() {
         return;
     }
     let dir = TempDir::new("pc-prefault-no-minor");

@@ -14,6 +14,16 @@ pub enum Refuse {
     Ioctl(u32),
 }
 
+/// Whether this kernel takes seccomp filters (CONFIG_SECCOMP_FILTER); said where not.
+pub fn available() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let yes = status.lines().any(|l| l.starts_with("Seccomp_filters:"));
+    if !yes {
+        eprintln!("skipping: this kernel takes no seccomp filters");
+    }
+    yes
+}
+
 /// `f` on a thread of its own under a filter that answers `what` with `errno`.
 pub fn under_filter<T: Send>(what: Refuse, errno: i32, f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| {
