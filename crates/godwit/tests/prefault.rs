@@ -204,11 +204,12 @@ fn a_prefaulted_destination_on_a_kernel_without_minor_faults_takes_pre_copy_only
         return;
     }
     let dir = TempDir::new("pc-prefault-no-minor");
+    // Running long enough for a refusal and a second destination on a busy host.
     let mut src = dirtier_source(
         &dir,
         "src",
         "256",
-        &["wss=16", "rate=10", "seconds=8", "report-every=250"],
+        &["wss=16", "rate=10", "seconds=12", "report-every=250"],
     );
     let old_kernel = |name: &str| {
         seccomp::under_filter(

@@ -454,11 +454,12 @@ fn under_a_seccomp_filter_that_refuses_userfaultfd_post_copy_is_refused_up_front
     assert_eq!(field("Seccomp:"), "2", "{status}");
 
     let dir = shared_dir("uf-seccomp");
+    // Running long enough for a refusal and a second destination on a busy host.
     let mut src = dirtier_source(
         &dir,
         "src",
         "256",
-        &["wss=16", "rate=10", "seconds=8", "report-every=250"],
+        &["wss=16", "rate=10", "seconds=12", "report-every=250"],
     );
     let named_filter = |e: &str| {
         assert!(
