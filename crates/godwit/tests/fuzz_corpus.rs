@@ -95,6 +95,9 @@ fn the_snapshot_index_corpus_holds() {
     replay("snapshot_index", 100, snapshot_index::check);
 }
 
+/// Among them a FILL that the guest's page tables alias past all of the VF's memory,
+/// migrated mid-way to a post-copy destination, whose engine once stopped at the same
+/// missing page forever: its prefetch walked less than one step's chunk.
 #[test]
 fn the_gpu_engine_corpus_holds() {
     replay("gpu_engine", 1000, gpu_engine::check);

@@ -11,7 +11,7 @@
 //! With nobody else at the engine it runs at once and fetches what it touches as it
 //! goes: bringing whole operands in first would only delay it.
 
-use super::{Inner, Vf};
+use super::{Inner, Vf, COPY_CHUNK};
 use crate::abi::ENTRY_SIZE;
 use crate::command::{self, Command};
 use crate::mmu::{Mmu, Target};
@@ -182,8 +182,11 @@ impl Vf {
         // it is brought in only that far, and a step that gets to a page beyond that
         // which is not here stops, and the rest is brought in from there. A walk over
         // all of it (up to 512 GiB, page by page) would be the guest's way to keep
-        // this thread busy for minutes.
-        let reach = self.reach();
+        // this thread busy for minutes. Never less than a step's chunk, though: the
+        // rest is brought in from where the command got to, and a step that stopped
+        // inside its first chunk got nowhere, so a shorter walk would bring in the same
+        // pages again and again while the step stopped at the same page.
+        let reach = self.reach().max(COPY_CHUNK);
         for (va, len, write) in ranges {
             // The walk reads the page tables (VRAM): those come in as it goes. A range
             // that does not translate is the command's error, which it reports itself
