@@ -163,6 +163,12 @@ pub struct RunArgs {
     /// for first touches later. Commits the memory up front.
     #[arg(long)]
     pub prefault: bool,
+    /// The system-call filter (seccomp) over this process, on before it reads anything a
+    /// guest, a client or a peer sends: a call godwit never makes is refused (it fails
+    /// with EPERM and godwit names it on stderr), or kills the process (kill, as
+    /// Firecracker does); off runs without a filter.
+    #[arg(long, value_enum, default_value_t = crate::seccomp::Seccomp::Refuse)]
+    pub seccomp: crate::seccomp::Seccomp,
 }
 
 #[derive(Args, Clone)]

@@ -18,6 +18,7 @@ mod guest_cpu;
 mod list;
 mod migrate;
 mod run;
+mod seccomp;
 mod signals;
 
 use clap::Parser;

@@ -90,6 +90,9 @@ impl Drop for SocketGuard {
 }
 
 pub fn run(a: RunArgs) -> ExitCode {
+    if let Err(e) = crate::seccomp::install(a.seccomp) {
+        return fail(e);
+    }
     let stopper = match crate::signals::install() {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot watch for signals: {e}")),

@@ -1,0 +1,320 @@
+//! `godwit run`'s system-call filter (seccomp), as Firecracker and Cloud Hypervisor have:
+//! the process that holds a guest and reads a migration stream can make only the calls a
+//! VMM makes. A guest or a peer that took over a thread through a bug in godwit still
+//! could not start a program, trace or signal another process, mount, load a module or a
+//! BPF program, change its credentials or enter another namespace.
+//!
+//! One filter for the whole process (every thread, TSYNC), installed before godwit reads
+//! anything a guest, a client or a peer sends. A call outside it, by default, fails with
+//! EPERM and godwit says which one on stderr: the VM and a migration in flight live on
+//! and the caller's own error says what failed (a killed process would lose the guest);
+//! `--seccomp kill` ends the process instead, as Firecracker does.
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+/// What a call outside the filter meets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Seccomp {
+    /// It fails with EPERM and godwit names it on stderr; the VM runs on.
+    #[default]
+    Refuse,
+    /// The kernel kills the process (SIGSYS).
+    Kill,
+    /// No filter.
+    Off,
+}
+
+/// The calls godwit makes, with no condition on their arguments. Everything a VMM does:
+/// memory (guest RAM and VRAM mappings, prefaulting, userfaultfd), KVM's ioctls, files
+/// (images, snapshots, the GPU manager's directory, /proc), sockets (the API, migration
+/// over Unix, TCP and TLS), threads and their scheduling, signals within the process.
+const ALLOWED: &[libc::c_long] = &[
+    // Memory.
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_mincore,
+    libc::SYS_memfd_create,
+    libc::SYS_userfaultfd,
+    // Files and descriptors.
+    libc::SYS_openat,
+    libc::SYS_close,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_pread64,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_pwrite64,
+    libc::SYS_lseek,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_access,
+    libc::SYS_faccessat2,
+    libc::SYS_readlink,
+    libc::SYS_getdents64,
+    libc::SYS_ftruncate,
+    libc::SYS_fallocate,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_flock,
+    libc::SYS_fcntl,
+    libc::SYS_ioctl,
+    libc::SYS_dup,
+    libc::SYS_dup2,
+    libc::SYS_dup3,
+    libc::SYS_pipe2,
+    libc::SYS_eventfd2,
+    libc::SYS_mkdir,
+    libc::SYS_rename,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_fchmod,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    // Sockets (their domains: below).
+    libc::SYS_socketpair,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_shutdown,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    // Threads, time and scheduling (clone: below); uname for the C library's resolver.
+    libc::SYS_uname,
+    libc::SYS_clone3,
+    libc::SYS_futex,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_set_tid_address,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_prctl,
+    libc::SYS_arch_prctl,
+    libc::SYS_prlimit64,
+    libc::SYS_getrusage,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_setscheduler,
+    libc::SYS_sched_getscheduler,
+    libc::SYS_sched_setattr,
+    libc::SYS_sched_getattr,
+    libc::SYS_setpriority,
+    libc::SYS_getpriority,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getrandom,
+    // Signals, within this process.
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_tgkill,
+    libc::SYS_restart_syscall,
+];
+
+/// The socket domains godwit opens: the API and Unix migrations, TCP over IPv4 and IPv6.
+const SOCKET_DOMAINS: &[libc::c_int] = &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6];
+
+/// Where the refusal lines go (a test points it at a pipe).
+static REPORT_FD: AtomicI32 = AtomicI32::new(libc::STDERR_FILENO);
+/// Calls refused since the filter went in.
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot build the system-call filter: {0}")]
+    Build(#[from] seccompiler::BackendError),
+    #[error("cannot handle SIGSYS: {0}")]
+    Handler(std::io::Error),
+    #[error(
+        "cannot install the system-call filter ({0}): this kernel may take no seccomp \
+         filters; --seccomp off runs without one"
+    )]
+    Install(#[from] seccompiler::Error),
+}
+
+/// The filter's two programs, in the order they go in: clone3 answered ENOSYS, then the
+/// allow-list (which refuses seccomp(2) itself). A clone3's flags are in memory, out of a
+/// filter's reach, so the C library is made to create threads with clone, whose flags it
+/// can check (a thread, never a new process).
+fn programs(on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
+    let arch = TargetArch::x86_64;
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    let arg = |index, op, value| SeccompCondition::new(index, SeccompCmpArgLen::Qword, op, value);
+    let thread = libc::CLONE_THREAD as u64;
+    rules.insert(
+        libc::SYS_clone,
+        vec![SeccompRule::new(vec![arg(
+            0,
+            SeccompCmpOp::MaskedEq(thread),
+            thread,
+        )?])?],
+    );
+    let domains = SOCKET_DOMAINS
+        .iter()
+        .map(|&d| SeccompRule::new(vec![arg(0, SeccompCmpOp::Eq, d as u64)?]))
+        .collect::<Result<_, _>>()?;
+    rules.insert(libc::SYS_socket, domains);
+    let allow = SeccompFilter::new(rules, on_other, SeccompAction::Allow, arch)?;
+    let clone3 = SeccompFilter::new(
+        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )?;
+    Ok([clone3.try_into()?, allow.try_into()?])
+}
+
+/// Installs the filter on every thread of this process, for the rest of its life.
+pub fn install(mode: Seccomp) -> Result<(), Error> {
+    let on_other = match mode {
+        Seccomp::Off => return Ok(()),
+        Seccomp::Kill => SeccompAction::KillProcess,
+        Seccomp::Refuse => {
+            handle_sigsys()?;
+            SeccompAction::Trap
+        }
+    };
+    for p in programs(on_other)? {
+        seccompiler::apply_filter_all_threads(&p)?;
+    }
+    Ok(())
+}
+
+/// How many calls the filter has refused in this process.
+#[cfg(test)]
+fn refused() -> u64 {
+    REFUSED.load(Ordering::Relaxed)
+}
+
+fn handle_sigsys() -> Result<(), Error> {
+    // SAFETY: a zeroed sigaction is valid; the handler only touches its own arguments,
+    // atomics and write(2)/prctl(2), which are async-signal-safe.
+    let r = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigsys as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut())
+    };
+    if r != 0 {
+        return Err(Error::Handler(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The head of a SIGSYS `siginfo_t` (the kernel's `_sigsys` member), which the libc
+/// crate does not spell out.
+#[repr(C)]
+struct SigsysInfo {
+    signo: libc::c_int,
+    errno: libc::c_int,
+    code: libc::c_int,
+    call_addr: *mut libc::c_void,
+    syscall: libc::c_int,
+    arch: libc::c_uint,
+}
+
+/// `si_code` of a SIGSYS sent by seccomp.
+const SYS_SECCOMP: libc::c_int = 1;
+
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel hands a SA_SIGINFO handler a valid siginfo and the interrupted
+    // thread's ucontext; a SIGSYS's siginfo holds `_sigsys`.
+    let nr = unsafe {
+        let info = &*info.cast::<SigsysInfo>();
+        if info.code != SYS_SECCOMP {
+            // Sent by kill(1), not by the filter: there is no call to answer.
+            return;
+        }
+        let uc = &mut *ctx.cast::<libc::ucontext_t>();
+        // The call was not made; this is what it returns.
+        uc.uc_mcontext.gregs[libc::REG_RAX as usize] = -(libc::EPERM as i64);
+        info.syscall
+    };
+    REFUSED.fetch_add(1, Ordering::Relaxed);
+    let mut name = [0u8; 17];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer.
+    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr(), 0, 0, 0) };
+    let mut line = Line::default();
+    line.push(b"godwit: seccomp refused system call ");
+    line.number(nr as u64);
+    line.push(b" (x86_64) in thread \"");
+    line.push(name.split(|&b| b == 0).next().unwrap_or_default());
+    line.push(b"\": it failed with EPERM (`godwit run --seccomp off` allows it)");
+    let line = line.end();
+    // SAFETY: the line is valid for its length.
+    unsafe {
+        libc::write(
+            REPORT_FD.load(Ordering::Relaxed),
+            line.as_ptr().cast(),
+            line.len(),
+        )
+    };
+}
+
+/// A line built without allocating (a signal handler may not).
+struct Line {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Self {
+            buf: [0; 256],
+            len: 0,
+        }
+    }
+}
+
+impl Line {
+    fn push(&mut self, s: &[u8]) {
+        let n = s.len().min(self.buf.len() - 1 - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s[..n]);
+        self.len += n;
+    }
+
+    /// The newline, in the byte kept for it: a line cut short is still a line.
+    fn end(&mut self) -> &[u8] {
+        self.buf[self.len] = b'\n';
+        &self.buf[..=self.len]
+    }
+
+    fn number(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,220 @@
+//! The filter under the real kernel, on a thread of its own (a filter stays with its
+//! thread and the threads that thread creates; the rest of the test process is free).
+
+use super::*;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// The refusal count and where refusals are reported are the process's: one test at a
+/// time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Whether this kernel takes seccomp filters (and counts them, Linux 5.9 on).
+fn available() -> bool {
+    let yes = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .contains("Seccomp_filters:");
+    if !yes {
+        eprintln!("skipping: this kernel takes no seccomp filters");
+    }
+    yes
+}
+
+/// What a raw system call returned: its value, or its errno.
+fn call(f: impl FnOnce() -> libc::c_long) -> Result<libc::c_long, i32> {
+    let r = f();
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(r)
+    }
+}
+
+fn status_field(name: &str) -> String {
+    let s = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Runs `f` on a thread named `name` under the filter that refuses with EPERM.
+fn filtered<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            handle_sigsys().unwrap();
+            for p in programs(SeccompAction::Trap).unwrap() {
+                seccompiler::apply_filter(&p).unwrap();
+            }
+            f()
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+#[test]
+fn calls_outside_the_filter_fail_with_eperm_and_are_named_and_the_rest_work() {
+    if !available() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors it is given.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both are this test's own, just made.
+    let (mut reader, writer) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    REPORT_FD.store(writer.as_raw_fd(), Ordering::Relaxed);
+    let before = refused();
+    // A test runner may be under filters of its own.
+    let own: u32 = status_field("Seccomp_filters:").parse().unwrap_or(0);
+    let seen = filtered("filtered-test", || {
+        let nowhere = c"/nonexistent/godwit-seccomp-test";
+        let argv = [nowhere.as_ptr(), std::ptr::null()];
+        // SAFETY: each call is given valid arguments (or none it reads); the fork, were
+        // it allowed, ends its child at once.
+        unsafe {
+            let exec = call(|| {
+                libc::syscall(
+                    libc::SYS_execve,
+                    nowhere.as_ptr(),
+                    argv.as_ptr(),
+                    std::ptr::null::<*const libc::c_char>(),
+                )
+            });
+            let fork = call(|| {
+                let r = libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0);
+                if r == 0 {
+                    libc::_exit(0);
+                }
+                r
+            });
+            // Allowed, it would answer ESRCH: init is no tracee of this thread.
+            let ptrace = call(|| libc::syscall(libc::SYS_ptrace, libc::PTRACE_PEEKDATA, 1, 0, 0));
+            let unshare = call(|| libc::syscall(libc::SYS_unshare, 0));
+            let packet = call(|| libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) as libc::c_long);
+            let clone3 = call(|| libc::syscall(libc::SYS_clone3, 0, 0));
+            let unix = call(|| libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) as libc::c_long);
+            if let Ok(fd) = unix {
+                libc::close(fd as i32);
+            }
+            // A thread made under the filter (clone3 refused, clone with CLONE_THREAD
+            // allowed) works, and is under it too.
+            let child = std::thread::spawn(|| {
+                (
+                    call(|| libc::syscall(libc::SYS_unshare, 0)),
+                    status_field("Seccomp_filters:"),
+                )
+            })
+            .join()
+            .unwrap();
+            (
+                [exec, fork, ptrace, unshare, packet, clone3],
+                unix.is_ok(),
+                child,
+                status_field("Seccomp_filters:"),
+            )
+        }
+    });
+    REPORT_FD.store(libc::STDERR_FILENO, Ordering::Relaxed);
+    drop(writer);
+    let (refusals, unix_ok, (child_unshare, child_filters), filters) = seen;
+    let [exec, fork, ptrace, unshare, packet, clone3] = refusals;
+    assert_eq!(exec, Err(libc::EPERM), "execve");
+    assert_eq!(fork, Err(libc::EPERM), "clone without CLONE_THREAD");
+    assert_eq!(ptrace, Err(libc::EPERM), "ptrace");
+    assert_eq!(unshare, Err(libc::EPERM), "unshare");
+    assert_eq!(packet, Err(libc::EPERM), "socket(AF_PACKET)");
+    assert_eq!(clone3, Err(libc::ENOSYS), "clone3");
+    assert!(unix_ok, "socket(AF_UNIX) must be allowed");
+    assert_eq!(
+        child_unshare,
+        Err(libc::EPERM),
+        "a thread made under the filter"
+    );
+    let n = (own + 2).to_string();
+    assert_eq!((filters.as_str(), child_filters.as_str()), (&*n, &*n));
+    // Not this thread's, which has none of godwit's.
+    assert_eq!(status_field("Seccomp_filters:"), own.to_string());
+    assert_eq!(refused() - before, 6, "clone3's ENOSYS is not a refusal");
+    let mut lines = String::new();
+    reader.read_to_string(&mut lines).unwrap();
+    let want = |nr: libc::c_long, thread: &str| {
+        format!(
+            "godwit: seccomp refused system call {nr} (x86_64) in thread \"{thread}\": it \
+             failed with EPERM (`godwit run --seccomp off` allows it)"
+        )
+    };
+    let got: Vec<&str> = lines.lines().collect();
+    assert_eq!(got.len(), 6, "{lines}");
+    assert_eq!(got[0], want(libc::SYS_execve, "filtered-test"));
+    assert_eq!(got[1], want(libc::SYS_clone, "filtered-test"));
+    assert_eq!(got[2], want(libc::SYS_ptrace, "filtered-test"));
+    assert_eq!(got[4], want(libc::SYS_socket, "filtered-test"));
+    assert!(
+        got[5].contains(&format!("call {} ", libc::SYS_unshare)),
+        "{lines}"
+    );
+}
+
+#[test]
+fn a_sigsys_that_the_filter_did_not_send_changes_nothing() {
+    if !available() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let before = refused();
+    filtered("sigsys-by-hand", || {
+        // SAFETY: a signal to this very thread, which handles SIGSYS.
+        unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                libc::getpid(),
+                libc::gettid(),
+                libc::SIGSYS,
+            )
+        };
+    });
+    assert_eq!(refused(), before);
+}
+
+/// `--seccomp kill`: the kernel kills the whole process at the first call outside it. Run
+/// in a child (this test binary again, this test alone), which the call must kill.
+#[test]
+fn in_kill_mode_a_call_outside_the_filter_kills_the_process() {
+    if !available() {
+        return;
+    }
+    const CHILD: &str = "GODWIT_SECCOMP_KILL_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        for p in programs(SeccompAction::KillProcess).unwrap() {
+            seccompiler::apply_filter(&p).unwrap();
+        }
+        println!("filter in");
+        // SAFETY: a call with no argument it reads.
+        unsafe { libc::syscall(libc::SYS_unshare, 0) };
+        println!("still alive");
+        std::process::exit(0);
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "seccomp::tests::in_kill_mode_a_call_outside_the_filter_kills_the_process",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("filter in"), "{:?} {stdout}", out.status);
+    assert!(!stdout.contains("still alive"), "{stdout}");
+    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{stdout}");
+}

@@ -1,0 +1,135 @@
+//! `godwit run`'s system-call filter (seccomp) on real processes: every thread of a VM is
+//! under it, and a migration that uses most of what godwit does (a guest's vCPU and its
+//! memory, the API, TCP, userfaultfd and post-copy's threads at the destination, the
+//! background stream and page requests at the source) goes through with both ends in
+//! `--seccomp kill` mode, where a single call outside the filter would kill a process.
+//! (The filter's refusals themselves: `seccomp::tests` in the godwit crate.)
+
+mod common;
+
+use common::mig::*;
+use common::*;
+use serde_json::Value;
+
+/// A field of /proc/`path`/status.
+fn field(path: &str, name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{path}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {name} in /proc/{path}/status"))
+}
+
+/// The filters over this test itself (a CI runner may have its own): a godwit started
+/// from here has these and its own on top.
+fn inherited_filters() -> u32 {
+    field("self", "Seccomp_filters:").parse().unwrap_or(0)
+}
+
+/// Each thread of `pid`: its name, seccomp mode, filters and no_new_privs.
+fn threads(pid: u32) -> Vec<(String, String, u32, String)> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = t.unwrap().file_name().into_string().unwrap();
+        let path = format!("{pid}/task/{tid}");
+        let name = std::fs::read_to_string(format!("/proc/{path}/comm")).unwrap_or_default();
+        v.push((
+            name.trim().to_string(),
+            field(&path, "Seccomp:"),
+            field(&path, "Seccomp_filters:").parse().unwrap(),
+            field(&path, "NoNewPrivs:"),
+        ));
+    }
+    v
+}
+
+#[test]
+fn a_postcopy_migration_with_both_ends_killed_at_any_call_outside_the_filter_verifies() {
+    if !kvm_available() || !common::seccomp::available() {
+        return;
+    }
+    let own = inherited_filters();
+    let dir = TempDir::new("filter-kill");
+    let mut src = source(
+        &dir,
+        "src",
+        &[
+            "--seccomp",
+            "kill",
+            "-m",
+            "256",
+            "dirtier",
+            "--",
+            "wss=32",
+            "rate=50",
+            "seconds=10",
+            "report-every=250",
+        ],
+    );
+    wait_log(&src.log, "touched");
+    let (mut dst, addr) = destination(&dir, "dst", &["--seccomp", "kill"]);
+    // Slow enough that the guest faults on pages not yet pushed.
+    let m = migrating(
+        &src,
+        &addr,
+        &["--mode", "postcopy", "--max-bandwidth", "16M"],
+    );
+    // While post-copy runs, every thread of both ends (vCPU, API, migration, userfaultfd
+    // and background threads among them) is under godwit's two filters.
+    wait_for(LIMIT, || info(&dst)["arriving"]["ram"].as_u64())
+        .expect("the destination never showed its memory arriving");
+    for (end, pid) in [
+        ("source", src.proc.0.id()),
+        ("destination", dst.proc.0.id()),
+    ] {
+        let threads = threads(pid);
+        assert!(threads.len() >= 3, "{end}: {threads:?}");
+        for t in &threads {
+            assert_eq!(
+                (t.1.as_str(), t.2, t.3.as_str()),
+                ("2", own + 2, "1"),
+                "{end}: {t:?}"
+            );
+        }
+    }
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_postcopy_whole(&r);
+    assert!(r["postcopy"]["remote_faults"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_verified(&mut dst, 8192);
+}
+
+#[test]
+fn a_vm_is_under_the_filter_by_default_and_under_none_with_seccomp_off() {
+    if !kvm_available() || !common::seccomp::available() {
+        return;
+    }
+    let own = inherited_filters();
+    let dir = TempDir::new("filter-off");
+    for (name, extra, filters) in [("default", None, own + 2), ("off", Some("off"), own)] {
+        let mut args = vec![];
+        if let Some(mode) = extra {
+            args.extend(["--seccomp", mode]);
+        }
+        args.extend(["heartbeat", "--", "count=0"]);
+        let vm = source(&dir, name, &args);
+        wait_log(&vm.log, "heartbeat");
+        for t in threads(vm.proc.0.id()) {
+            assert_eq!(t.2, filters, "{name}: {t:?}");
+            let mode = if filters == 0 { "0" } else { "2" };
+            assert_eq!(t.1, mode, "{name}: {t:?}");
+        }
+        let off = cli(&vm, &["shutdown"]);
+        assert!(off.status.success(), "{}", stderr(&off));
+    }
+    let bad = run(&["run", "--seccomp", "sometimes"], LIMIT);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("invalid value 'sometimes' for '--seccomp"),
+        "{}",
+        stderr(&bad)
+    );
+}
