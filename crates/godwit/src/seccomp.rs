@@ -5,10 +5,13 @@
 //! BPF program, change its credentials or enter another namespace.
 //!
 //! One filter for the whole process (every thread, TSYNC), installed before godwit reads
-//! anything a guest, a client or a peer sends. A call outside it, by default, fails with
-//! EPERM and godwit says which one on stderr: the VM and a migration in flight live on
-//! and the caller's own error says what failed (a killed process would lose the guest);
-//! `--seccomp kill` ends the process instead, as Firecracker does.
+//! anything a guest, a client or a peer sends, and a narrower one that each vCPU thread
+//! adds for itself. A call outside them, by default, fails with EPERM and godwit says
+//! which one on stderr: the VM and a migration in flight live on and the caller's own
+//! error says what failed (a killed process would lose the guest); `--seccomp kill` ends
+//! the process instead, as Firecracker does. A refusal is a SIGSYS, and the kernel kills
+//! a process whose thread has SIGSYS blocked: the C library blocks every signal while it
+//! makes a thread, so what that takes is allowed everywhere.
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -131,6 +134,46 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_restart_syscall,
 ];
 
+/// What a vCPU thread may call, on top of the process's filter: the thread that runs
+/// guest code and handles its exits (port and MMIO accesses, the GPU function's
+/// registers, the console) is the one a guest reaches first. It opens and connects
+/// nothing. It may make threads, as the process's filter allows them (clone3 answered
+/// ENOSYS, clone for a thread only): each is under the vCPU's filter too, and refusing
+/// them here would be fatal, since the C library blocks every signal (SIGSYS too, which
+/// a refusal sends) around them.
+const VCPU_ALLOWED: &[libc::c_long] = &[
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_rseq,
+    libc::SYS_set_robust_list,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_ioctl,
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_getrandom,
+    libc::SYS_sched_yield,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_tgkill,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_restart_syscall,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
 /// The socket domains godwit opens: the API and Unix migrations, TCP over IPv4 and IPv6.
 const SOCKET_DOMAINS: &[libc::c_int] = &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6];
 
@@ -152,8 +195,8 @@ pub enum Error {
     Install(#[from] seccompiler::Error),
 }
 
-/// The filter's two programs, in the order they go in: clone3 answered ENOSYS, then the
-/// allow-list (which refuses seccomp(2) itself). A clone3's flags are in memory, out of a
+/// The process's two programs, in the order they go in: clone3 answered ENOSYS, then the
+/// allow-list (which lets a thread add a filter to itself, nothing more). A clone3's flags are in memory, out of a
 /// filter's reach, so the C library is made to create threads with clone, whose flags it
 /// can check (a thread, never a new process).
 fn programs(on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
@@ -175,6 +218,15 @@ fn programs(on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
         .map(|&d| SeccompRule::new(vec![arg(0, SeccompCmpOp::Eq, d as u64)?]))
         .collect::<Result<_, _>>()?;
     rules.insert(libc::SYS_socket, domains);
+    // A vCPU thread adds its own filter, to itself alone: no flags (no TSYNC, no
+    // listener), nothing a filter could loosen.
+    rules.insert(
+        libc::SYS_seccomp,
+        vec![SeccompRule::new(vec![
+            arg(0, SeccompCmpOp::Eq, libc::SECCOMP_SET_MODE_FILTER as u64)?,
+            arg(1, SeccompCmpOp::Eq, 0)?,
+        ])?],
+    );
     let allow = SeccompFilter::new(rules, on_other, SeccompAction::Allow, arch)?;
     let clone3 = SeccompFilter::new(
         [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
@@ -185,7 +237,26 @@ fn programs(on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
     Ok([clone3.try_into()?, allow.try_into()?])
 }
 
-/// Installs the filter on every thread of this process, for the rest of its life.
+/// The vCPU threads' own filter, on top of the process's.
+fn vcpu_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        VCPU_ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    // A refusal's line names the thread (a second refusal inside the SIGSYS handler
+    // would kill the process), and a new thread names itself.
+    let names = [libc::PR_GET_NAME, libc::PR_SET_NAME]
+        .iter()
+        .map(|&op| {
+            let op = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, op as u64);
+            SeccompRule::new(vec![op?])
+        })
+        .collect::<Result<_, _>>()?;
+    rules.insert(libc::SYS_prctl, names);
+    let f = SeccompFilter::new(rules, on_other, SeccompAction::Allow, TargetArch::x86_64)?;
+    Ok(f.try_into()?)
+}
+
+/// Installs the filter on every thread of this process, for the rest of its life, and
+/// has every vCPU thread add its own.
 pub fn install(mode: Seccomp) -> Result<(), Error> {
     let on_other = match mode {
         Seccomp::Off => return Ok(()),
@@ -195,9 +266,14 @@ pub fn install(mode: Seccomp) -> Result<(), Error> {
             SeccompAction::Trap
         }
     };
+    let vcpu = vcpu_program(on_other.clone())?;
     for p in programs(on_other)? {
         seccompiler::apply_filter_all_threads(&p)?;
     }
+    godwit_vmm::vcpu::on_thread_start(move || {
+        seccompiler::apply_filter(&vcpu)
+            .map_err(|e| format!("cannot add its system-call filter: {e}"))
+    });
     Ok(())
 }
 

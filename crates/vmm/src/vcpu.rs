@@ -141,6 +141,20 @@ pub struct VcpuContext {
     pub dirty: Arc<Mutex<DirtyLog>>,
 }
 
+/// What each vCPU thread of this process runs first, before it touches its vCPU.
+type ThreadStart = Box<dyn Fn() -> std::result::Result<(), String> + Send + Sync>;
+static THREAD_START: std::sync::OnceLock<ThreadStart> = std::sync::OnceLock::new();
+
+/// Has every vCPU thread of this process run `f` first (the process's policy for the
+/// threads that handle a guest's exits: godwit's CLI holds them to fewer system calls).
+/// Once per process: false if it was set already. A thread whose `f` fails stops the VM
+/// with that error before it runs guest code.
+pub fn on_thread_start(
+    f: impl Fn() -> std::result::Result<(), String> + Send + Sync + 'static,
+) -> bool {
+    THREAD_START.set(Box::new(f)).is_ok()
+}
+
 /// Longest single sleep a guest can ask for; it loops for longer ones.
 const MAX_SLEEP: Duration = Duration::from_secs(10);
 
@@ -152,14 +166,19 @@ enum Step {
 /// The vCPU thread: run until the VM stops. The vCPU is locked only while this thread
 /// uses it, so a paused vCPU can be saved or restored from another thread.
 pub fn run(vcpu: Arc<Mutex<Vcpu>>, ctx: VcpuContext, stats: Arc<VcpuStats>) {
+    let started = THREAD_START.get().map_or(Ok(()), |f| f());
     // The kvm_run mapping lives as long as the vCPU, which `vcpu` keeps past the
     // disarming below.
-    let flag: *mut u8 = {
+    let (flag, index): (*mut u8, u32) = {
         let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
-        &mut v.fd.get_kvm_run().immediate_exit
+        (&mut v.fd.get_kvm_run().immediate_exit, v.index)
     };
     crate::control::arm_kicks(flag);
     ctx.ctl.vcpu_started();
+    if let Err(e) = started {
+        ctx.ctl
+            .request_exit(VmExit::Error(format!("vCPU {index}'s thread: {e}")));
+    }
     while ctx.ctl.vcpu_checkpoint() {
         let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
         stats.exits.fetch_add(1, Ordering::Relaxed);

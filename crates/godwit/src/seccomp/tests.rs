@@ -163,6 +163,94 @@ fn calls_outside_the_filter_fail_with_eperm_and_are_named_and_the_rest_work() {
     );
 }
 
+/// A vCPU thread's own filter on top: it may still write, wait and run its vCPU, but
+/// opens and connects nothing, nor does a thread it makes. The process's filter lets a
+/// thread add a filter to itself, never to every thread (TSYNC).
+#[test]
+fn a_vcpu_thread_and_the_threads_it_makes_open_nothing() {
+    if !available() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let own: u32 = status_field("Seccomp_filters:").parse().unwrap_or(0);
+    let before = refused();
+    // The thread cannot read its own /proc entry once filtered: this one reads it, while
+    // the thread waits.
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::Builder::new()
+        .name("vcpu-test".into())
+        .spawn(move || {
+            handle_sigsys().unwrap();
+            for p in programs(SeccompAction::Trap).unwrap() {
+                seccompiler::apply_filter(&p).unwrap();
+            }
+            let prog = vcpu_program(SeccompAction::Trap).unwrap();
+            let everyone = call(|| {
+                let p = libc::sock_fprog {
+                    len: prog.len() as u16,
+                    filter: prog.as_ptr() as *mut libc::sock_filter,
+                };
+                // SAFETY: a valid program the kernel copies.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_seccomp,
+                        libc::SECCOMP_SET_MODE_FILTER,
+                        libc::SECCOMP_FILTER_FLAG_TSYNC,
+                        &p as *const libc::sock_fprog,
+                    )
+                }
+            });
+            seccompiler::apply_filter(&prog).unwrap();
+            // SAFETY: valid arguments; the descriptors, were they made, are closed.
+            let seen = unsafe {
+                let open = call(|| {
+                    libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY) as libc::c_long
+                });
+                let unix =
+                    call(|| libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) as libc::c_long);
+                for fd in [open, unix].into_iter().flatten() {
+                    libc::close(fd as i32);
+                }
+                let written =
+                    call(|| libc::write(libc::STDERR_FILENO, b"".as_ptr().cast(), 0) as _);
+                // A thread it makes is under its filter too.
+                let thread = std::thread::spawn(|| {
+                    call(|| libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY) as _)
+                })
+                .join()
+                .unwrap();
+                (everyone, open, unix, written, thread)
+            };
+            // SAFETY: no arguments.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = go_rx.recv();
+            seen
+        })
+        .unwrap();
+    let tid = tid_rx.recv().unwrap();
+    let filters = std::fs::read_to_string(format!("/proc/thread-self/../{tid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default();
+    go_tx.send(()).unwrap();
+    let (everyone, open, unix, written, thread) = t.join().unwrap();
+    assert_eq!(everyone, Err(libc::EPERM), "seccomp(2) with TSYNC");
+    assert_eq!(filters, (own + 3).to_string());
+    assert_eq!(open, Err(libc::EPERM), "open");
+    assert_eq!(unix, Err(libc::EPERM), "socket(AF_UNIX)");
+    assert_eq!(written, Ok(0), "write");
+    assert_eq!(
+        thread,
+        Err(libc::EPERM),
+        "open, in a thread a vCPU thread made"
+    );
+    // seccomp with TSYNC, open (openat) twice, socket.
+    assert_eq!(refused() - before, 4);
+}
+
 #[test]
 fn a_sigsys_that_the_filter_did_not_send_changes_nothing() {
     if !available() {
