@@ -18,7 +18,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 /// What a call outside the filter meets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -179,8 +179,6 @@ const SOCKET_DOMAINS: &[libc::c_int] = &[libc::AF_UNIX, libc::AF_INET, libc::AF_
 
 /// Where the refusal lines go (a test points it at a pipe).
 static REPORT_FD: AtomicI32 = AtomicI32::new(libc::STDERR_FILENO);
-/// Calls refused since the filter went in.
-static REFUSED: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -277,15 +275,9 @@ pub fn install(mode: Seccomp) -> Result<(), Error> {
     Ok(())
 }
 
-/// How many calls the filter has refused in this process.
-#[cfg(test)]
-fn refused() -> u64 {
-    REFUSED.load(Ordering::Relaxed)
-}
-
 fn handle_sigsys() -> Result<(), Error> {
     // SAFETY: a zeroed sigaction is valid; the handler only touches its own arguments,
-    // atomics and write(2)/prctl(2), which are async-signal-safe.
+    // an atomic and write(2)/prctl(2), which are async-signal-safe.
     let r = unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_sigsys as *const () as usize;
@@ -328,7 +320,6 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
         uc.uc_mcontext.gregs[libc::REG_RAX as usize] = -(libc::EPERM as i64);
         info.syscall
     };
-    REFUSED.fetch_add(1, Ordering::Relaxed);
     let mut name = [0u8; 17];
     // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer.
     unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr(), 0, 0, 0) };
