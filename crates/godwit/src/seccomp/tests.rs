@@ -247,7 +247,7 @@ fn a_vcpu_thread_and_the_threads_it_makes_open_nothing() {
         })
         .unwrap();
     let tid = tid_rx.recv().unwrap();
-    let filters = std::fs::read_to_string(format!("/proc/thread-self/../{tid}/status"))
+    let filters = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
         .unwrap()
         .lines()
         .find_map(|l| l.strip_prefix("Seccomp_filters:"))
