@@ -105,7 +105,8 @@ class GodwitTestCase(integrated_helpers.ProviderUsageBaseTestCase):
 
     # -- hosts ----------------------------------------------------------------
 
-    def start_host(self, name, profiles, bandwidth=0, prefault=False):
+    def start_host(self, name, profiles, bandwidth=0, prefault=False,
+                   seccomp='refuse'):
         """A compute service on the godwit driver with GPUs offering `profiles`
         (one per GPU, by index)."""
         ns, addr = self.network.hosts[name]
@@ -114,6 +115,7 @@ class GodwitTestCase(integrated_helpers.ProviderUsageBaseTestCase):
         h.profiles = profiles
         h.bandwidth = bandwidth
         h.prefault = prefault
+        h.seccomp = seccomp
         os.makedirs(h.run_dir)
         godwit('gpu', 'init', '--gpus', str(len(profiles)), '--gpu-dir',
                h.gpu_dir)
@@ -133,6 +135,7 @@ class GodwitTestCase(integrated_helpers.ProviderUsageBaseTestCase):
                    live_migration_tls_dir=self.tls,
                    live_migration_bandwidth=h.bandwidth,
                    live_migration_prefault=h.prefault,
+                   seccomp=h.seccomp,
                    node_uuid=str(uuid.uuid5(uuid.NAMESPACE_URL,
                                             self.id() + h.name)))
 
@@ -145,8 +148,10 @@ class GodwitTestCase(integrated_helpers.ProviderUsageBaseTestCase):
             h.service, keep_hypervisor_state=False)
         return h
 
-    def _stop_godwits(self, h):
+    def _pids(self, h):
+        """{instance id: pid} of the host's running godwits."""
         p = godwit('list', h.run_dir, '--json', check=False)
+        pids = {}
         for e in json.loads(p.stdout or '[]'):
             pid = e.get('pid')
             if pid is None:
@@ -156,6 +161,11 @@ class GodwitTestCase(integrated_helpers.ProviderUsageBaseTestCase):
                         capture_output=True, text=True).stdout)['pid']
                 except (ValueError, KeyError):
                     continue
+            pids[e.get('id')] = pid
+        return pids
+
+    def _stop_godwits(self, h):
+        for pid in self._pids(h).values():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -16,9 +16,12 @@ class TestLiveMigration(base.GodwitTestCase):
 
     def setUp(self):
         super().setUp()
-        # host2 readies an arriving instance's memory before it listens.
+        # host2 readies an arriving instance's memory before it listens, and
+        # runs its godwits with --seccomp kill: a system call outside godwit's
+        # filter would kill the instance there (on arrival, or leaving again).
         for name in self.HOSTS:
-            self.start_host(name, ['GW8-1C'], prefault=name == 'host2')
+            self.start_host(name, ['GW8-1C'], prefault=name == 'host2',
+                            seccomp='kill' if name == 'host2' else 'refuse')
         self.gpu_image = self.image('gpu-dirtier', base.GPU_DIRTIER_ARGS)
         self.gpu_flavor = self.flavor(256, 'GW8-1C')
 
@@ -67,6 +70,12 @@ class TestLiveMigration(base.GodwitTestCase):
         # on checking every page of RAM and VRAM it wrote before the move.
         self.gains(server, 'verify ok', 2)
         self.assertEqual([], os.listdir(self.hosts['host1'].run_dir))
+        # Under its filter, in the mode host2's option (seccomp) says.
+        pid = self._pids(self.hosts['host2'])[server['id']]
+        with open('/proc/%d/status' % pid) as f:
+            self.assertIn('Seccomp:\t2', f.read())
+        with open('/proc/%d/cmdline' % pid) as f:
+            self.assertIn('\0--seccomp\0kill\0', '\0' + f.read())
         # And on to a host the scheduler picks.
         self.live_migrate(server)
         self.wait_migration(server, ['completed'])

@@ -65,6 +65,7 @@ class GodwitDriver(driver.ComputeDriver):
         self.mode = opts.live_migration_mode
         self.bandwidth = opts.live_migration_bandwidth
         self.prefault = opts.live_migration_prefault
+        self.seccomp = opts.seccomp
         self.migration_timeout = opts.live_migration_timeout
         self.boot_timeout = opts.boot_timeout
         self.node_uuid = opts.node_uuid
@@ -347,7 +348,8 @@ class GodwitDriver(driver.ComputeDriver):
                 '--id', instance.uuid,
                 '--console', 'file:' + os.path.join(self._dir(instance),
                                                     'console.log'),
-                '--gpu-dir', self.gpu_dir]
+                '--gpu-dir', self.gpu_dir,
+                '--seccomp', self.seccomp]
 
     def _launch(self, instance, argv, want):
         """Starts the instance's godwit and waits until it serves its API:
