@@ -201,7 +201,6 @@ fn programs(on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
     let arch = TargetArch::x86_64;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
-    let arg = |index, op, value| SeccompCondition::new(index, SeccompCmpArgLen::Qword, op, value);
     let thread = libc::CLONE_THREAD as u64;
     rules.insert(
         libc::SYS_clone,
@@ -213,8 +212,8 @@ fn programs(on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
     );
     let domains = SOCKET_DOMAINS
         .iter()
-        .map(|&d| SeccompRule::new(vec![arg(0, SeccompCmpOp::Eq, d as u64)?]))
-        .collect::<Result<_, _>>()?;
+        .map(|&d| Ok(SeccompRule::new(vec![arg(0, SeccompCmpOp::Eq, d as u64)?])?))
+        .collect::<Result<_, Error>>()?;
     rules.insert(libc::SYS_socket, domains);
     // A vCPU thread adds its own filter, to itself alone: no flags (no TSYNC, no
     // listener), nothing a filter could loosen.
@@ -235,6 +234,16 @@ fn programs(on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
     Ok([clone3.try_into()?, allow.try_into()?])
 }
 
+/// A condition on a call's argument `index` (the whole 64 bits).
+fn arg(index: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, Error> {
+    Ok(SeccompCondition::new(
+        index,
+        SeccompCmpArgLen::Qword,
+        op,
+        value,
+    )?)
+}
+
 /// The vCPU threads' own filter, on top of the process's.
 fn vcpu_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
@@ -244,10 +253,13 @@ fn vcpu_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
     let names = [libc::PR_GET_NAME, libc::PR_SET_NAME]
         .iter()
         .map(|&op| {
-            let op = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, op as u64);
-            SeccompRule::new(vec![op?])
+            Ok(SeccompRule::new(vec![arg(
+                0,
+                SeccompCmpOp::Eq,
+                op as u64,
+            )?])?)
         })
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, Error>>()?;
     rules.insert(libc::SYS_prctl, names);
     let f = SeccompFilter::new(rules, on_other, SeccompAction::Allow, TargetArch::x86_64)?;
     Ok(f.try_into()?)

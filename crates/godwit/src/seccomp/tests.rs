@@ -71,15 +71,21 @@ impl Report {
     }
 }
 
+/// Puts this thread (and the threads it makes) under the process's filter, refusing
+/// with EPERM.
+fn under_process_filter() {
+    handle_sigsys().unwrap();
+    for p in programs(SeccompAction::Trap).unwrap() {
+        seccompiler::apply_filter(&p).unwrap();
+    }
+}
+
 /// Runs `f` on a thread named `name` under the filter that refuses with EPERM.
 fn filtered<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            handle_sigsys().unwrap();
-            for p in programs(SeccompAction::Trap).unwrap() {
-                seccompiler::apply_filter(&p).unwrap();
-            }
+            under_process_filter();
             f()
         })
         .unwrap()
@@ -199,10 +205,7 @@ fn a_vcpu_thread_and_the_threads_it_makes_open_nothing() {
     let t = std::thread::Builder::new()
         .name("vcpu-test".into())
         .spawn(move || {
-            handle_sigsys().unwrap();
-            for p in programs(SeccompAction::Trap).unwrap() {
-                seccompiler::apply_filter(&p).unwrap();
-            }
+            under_process_filter();
             let prog = vcpu_program(SeccompAction::Trap).unwrap();
             let everyone = call(|| {
                 let p = libc::sock_fprog {
