@@ -70,7 +70,6 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_fdatasync,
     libc::SYS_flock,
     libc::SYS_fcntl,
-    libc::SYS_ioctl,
     libc::SYS_dup,
     libc::SYS_dup2,
     libc::SYS_dup3,
@@ -147,7 +146,6 @@ const VCPU_ALLOWED: &[libc::c_long] = &[
     libc::SYS_rseq,
     libc::SYS_set_robust_list,
     libc::SYS_sched_getaffinity,
-    libc::SYS_ioctl,
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_writev,
@@ -172,6 +170,18 @@ const VCPU_ALLOWED: &[libc::c_long] = &[
     libc::SYS_restart_syscall,
     libc::SYS_exit,
     libc::SYS_exit_group,
+];
+
+/// The ioctl families godwit drives, by the type byte of their request (bits 8-15):
+/// KVM's (/dev/kvm, the VM, its vCPUs) and userfaultfd's (post-copy, lazy restore).
+const IOCTL_TYPES: &[u32] = &[0xAE, 0xAA];
+
+/// Single ioctl requests on sockets: the standard library's `set_nonblocking`, and how
+/// much a connection has queued each way (the migration's flow control).
+const IOCTL_REQUESTS: &[u32] = &[
+    libc::FIONBIO as u32,
+    libc::FIONREAD as u32,
+    libc::TIOCOUTQ as u32,
 ];
 
 /// The socket domains godwit opens: the API and Unix migrations, TCP over IPv4 and IPv6.
@@ -215,6 +225,7 @@ fn programs(on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
         .map(|&d| Ok(SeccompRule::new(vec![arg(0, SeccompCmpOp::Eq, d as u64)?])?))
         .collect::<Result<_, Error>>()?;
     rules.insert(libc::SYS_socket, domains);
+    rules.insert(libc::SYS_ioctl, ioctl_rules(IOCTL_TYPES, IOCTL_REQUESTS)?);
     // A vCPU thread adds its own filter, to itself alone: no flags (no TSYNC, no
     // listener), nothing a filter could loosen.
     rules.insert(
@@ -232,6 +243,26 @@ fn programs(on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
         arch,
     )?;
     Ok([clone3.try_into()?, allow.try_into()?])
+}
+
+/// ioctl(2) for the families in `types` and the single `requests`. The kernel reads a
+/// request as 32 bits, and so does the filter: bits above cannot smuggle one past it.
+/// A terminal's requests (TIOCSTI types into one), a block device's, a network
+/// interface's or another driver's are refused.
+fn ioctl_rules(types: &[u32], requests: &[u32]) -> Result<Vec<SeccompRule>, Error> {
+    let request = |op, value: u32| {
+        Ok(SeccompRule::new(vec![SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            op,
+            value.into(),
+        )?])?)
+    };
+    types
+        .iter()
+        .map(|&t| request(SeccompCmpOp::MaskedEq(0xff00), t << 8))
+        .chain(requests.iter().map(|&r| request(SeccompCmpOp::Eq, r)))
+        .collect()
 }
 
 /// A condition on a call's argument `index` (the whole 64 bits).
@@ -261,6 +292,8 @@ fn vcpu_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
         })
         .collect::<Result<_, Error>>()?;
     rules.insert(libc::SYS_prctl, names);
+    // Its vCPU's and the VM's ioctls, no socket's.
+    rules.insert(libc::SYS_ioctl, ioctl_rules(&[0xAE], &[])?);
     let f = SeccompFilter::new(rules, on_other, SeccompAction::Allow, TargetArch::x86_64)?;
     Ok(f.try_into()?)
 }
@@ -319,9 +352,10 @@ struct SigsysInfo {
 const SYS_SECCOMP: libc::c_int = 1;
 
 extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // The call's number, and its second argument (an ioctl's request).
     // SAFETY: the kernel hands a SA_SIGINFO handler a valid siginfo and the interrupted
     // thread's ucontext; a SIGSYS's siginfo holds `_sigsys`.
-    let nr = unsafe {
+    let (nr, second) = unsafe {
         let info = &*info.cast::<SigsysInfo>();
         if info.code != SYS_SECCOMP {
             // Sent by kill(1), not by the filter: there is no call to answer.
@@ -329,8 +363,9 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
         }
         let uc = &mut *ctx.cast::<libc::ucontext_t>();
         // The call was not made; this is what it returns.
-        uc.uc_mcontext.gregs[libc::REG_RAX as usize] = -(libc::EPERM as i64);
-        info.syscall
+        let gregs = &mut uc.uc_mcontext.gregs;
+        gregs[libc::REG_RAX as usize] = -(libc::EPERM as i64);
+        (info.syscall, gregs[libc::REG_RSI as usize] as u32)
     };
     let mut name = [0u8; 17];
     // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer.
@@ -338,7 +373,12 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     let mut line = Line::default();
     line.push(b"godwit: seccomp refused system call ");
     line.number(nr as u64);
-    line.push(b" (x86_64) in thread \"");
+    line.push(b" (x86_64");
+    if nr as libc::c_long == libc::SYS_ioctl {
+        line.push(b", ioctl request 0x");
+        line.hex(second);
+    }
+    line.push(b") in thread \"");
     line.push(name.split(|&b| b == 0).next().unwrap_or_default());
     line.push(b"\": it failed with EPERM (`godwit run --seccomp off` allows it)");
     let line = line.end();
@@ -392,6 +432,12 @@ impl Line {
             }
         }
         self.push(&digits[i..]);
+    }
+
+    fn hex(&mut self, n: u32) {
+        let digits: [u8; 8] =
+            std::array::from_fn(|i| b"0123456789abcdef"[(n >> (28 - 4 * i)) as usize & 0xf]);
+        self.push(&digits);
     }
 }
 
