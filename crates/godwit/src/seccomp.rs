@@ -6,13 +6,15 @@
 //!
 //! One filter for the whole process (every thread, TSYNC), installed before godwit reads
 //! anything a guest, a client or a peer sends, and a narrower one that each vCPU thread
-//! adds for itself. A call outside them, by default, fails with EPERM and godwit says
+//! and each page reader (the threads that parse a migration stream or a snapshot) adds
+//! for itself (`godwit_vmm::confine`). A call outside them, by default, fails with EPERM and godwit says
 //! which one on stderr: the VM and a migration in flight live on and the caller's own
 //! error says what failed (a killed process would lose the guest); `--seccomp kill` ends
 //! the process instead, as Firecracker does. A refusal is a SIGSYS, and the kernel kills
 //! a process whose thread has SIGSYS blocked: the C library blocks every signal while it
 //! makes a thread, so what that takes is allowed everywhere.
 
+use godwit_vmm::confine::Role;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
@@ -141,6 +143,8 @@ const ALLOWED: &[libc::c_long] = &[
 /// them here would be fatal, since the C library blocks every signal (SIGSYS too, which
 /// a refusal sends) around them.
 const VCPU_ALLOWED: &[libc::c_long] = &[
+    // Answered EACCES by `quiet_program`.
+    libc::SYS_openat,
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_rseq,
@@ -170,6 +174,26 @@ const VCPU_ALLOWED: &[libc::c_long] = &[
     libc::SYS_restart_syscall,
     libc::SYS_exit,
     libc::SYS_exit_group,
+];
+
+/// What a page reader (a destination's migration readers, a lazy restore's: the threads
+/// that parse what a peer or a snapshot file sends) may not call of what the process may:
+/// it makes, binds, accepts or connects no socket, renames, removes or creates nothing in
+/// the file system, and makes no memory file or userfaultfd. Nor does it open a file
+/// ([`quiet_program`]).
+const READER_DENIED: &[libc::c_long] = &[
+    libc::SYS_mkdir,
+    libc::SYS_rename,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_fchmod,
+    libc::SYS_memfd_create,
+    libc::SYS_userfaultfd,
+    libc::SYS_socketpair,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept4,
+    libc::SYS_connect,
 ];
 
 /// The ioctl families godwit drives, by the type byte of their request (bits 8-15):
@@ -275,7 +299,7 @@ fn arg(index: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, Erro
     )?)
 }
 
-/// The vCPU threads' own filter, on top of the process's.
+/// The vCPU threads' own filter, on top of the process's (after [`quiet_program`]).
 fn vcpu_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         VCPU_ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
@@ -292,14 +316,80 @@ fn vcpu_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
         })
         .collect::<Result<_, Error>>()?;
     rules.insert(libc::SYS_prctl, names);
+    // A process-directed signal may land on a vCPU thread, and the handler of godwit's
+    // termination signals (signal-hook's) wakes its thread with a send(2) of one byte
+    // that must not block: on a connected socket only, never waiting.
+    rules.insert(
+        libc::SYS_sendto,
+        vec![SeccompRule::new(vec![
+            arg(3, SeccompCmpOp::Eq, libc::MSG_DONTWAIT as u64)?,
+            arg(4, SeccompCmpOp::Eq, 0)?,
+        ])?],
+    );
     // Its vCPU's and the VM's ioctls, no socket's.
     rules.insert(libc::SYS_ioctl, ioctl_rules(&[0xAE], &[])?);
     let f = SeccompFilter::new(rules, on_other, SeccompAction::Allow, TargetArch::x86_64)?;
     Ok(f.try_into()?)
 }
 
+/// A page reader's own filter, on top of the process's (after [`quiet_program`]): the
+/// process's calls less [`READER_DENIED`] (and no socket, no seccomp). ioctl and clone
+/// are allowed here as the process's filter allows them, which still checks their
+/// arguments; clone3 too, for the process's filter to answer ENOSYS (a refusal from this
+/// one would take precedence, and come while the C library blocks SIGSYS).
+fn reader_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
+        .iter()
+        .chain(&[libc::SYS_ioctl, libc::SYS_clone])
+        .filter(|nr| !READER_DENIED.contains(nr))
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
+    let f = SeccompFilter::new(rules, on_other, SeccompAction::Allow, TargetArch::x86_64)?;
+    Ok(f.try_into()?)
+}
+
+/// The first of a vCPU thread's or page reader's own two filters: openat fails with
+/// EACCES, without a SIGSYS or a line. The C library opens files on its own, once per
+/// process, in whichever thread first needs what they say: malloc reads
+/// /proc/sys/vm/overcommit_memory the first time it gives a thread's heap back, and
+/// takes a failure as its default. Refused through the handler, that thread would
+/// report a call godwit never made (and in kill mode end the process); the thread's
+/// allow-list lets openat through to this answer instead.
+fn quiet_program() -> Result<BpfProgram, Error> {
+    let f = SeccompFilter::new(
+        [(libc::SYS_openat, Vec::new())].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )?;
+    Ok(f.try_into()?)
+}
+
+/// A vCPU thread's or page reader's own filters, in the order they go in.
+fn thread_programs(role: Role, on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
+    let own = match role {
+        Role::Vcpu => vcpu_program(on_other)?,
+        Role::PageReader => reader_program(on_other)?,
+    };
+    Ok([quiet_program()?, own])
+}
+
+/// malloc also asks how many CPUs the host has (opening /sys/devices/system/cpu/online)
+/// the first time the process's threads need a ninth arena. Its limit set now, before
+/// the filters, at the C library's own default (8 arenas per online CPU), it never
+/// asks, and the limit does not depend on which thread got there first.
+fn fix_malloc_arenas() {
+    // SAFETY: sysconf and mallopt take and return plain integers.
+    unsafe {
+        let cpus = libc::sysconf(libc::_SC_NPROCESSORS_ONLN);
+        if cpus > 0 {
+            libc::mallopt(libc::M_ARENA_MAX, (8 * cpus).min(i32::MAX.into()) as i32);
+        }
+    }
+}
+
 /// Installs the filter on every thread of this process, for the rest of its life, and
-/// has every vCPU thread add its own.
+/// has every vCPU thread and page reader add its own.
 pub fn install(mode: Seccomp) -> Result<(), Error> {
     let on_other = match mode {
         Seccomp::Off => return Ok(()),
@@ -309,13 +399,21 @@ pub fn install(mode: Seccomp) -> Result<(), Error> {
             SeccompAction::Trap
         }
     };
-    let vcpu = vcpu_program(on_other.clone())?;
+    let vcpu = thread_programs(Role::Vcpu, on_other.clone())?;
+    let reader = thread_programs(Role::PageReader, on_other.clone())?;
+    fix_malloc_arenas();
     for p in programs(on_other)? {
         seccompiler::apply_filter_all_threads(&p)?;
     }
-    godwit_vmm::vcpu::on_thread_start(move || {
-        seccompiler::apply_filter(&vcpu)
-            .map_err(|e| format!("cannot add its system-call filter: {e}"))
+    godwit_vmm::confine::on_thread_start(move |role| {
+        let programs = match role {
+            Role::Vcpu => &vcpu,
+            Role::PageReader => &reader,
+        };
+        programs
+            .iter()
+            .try_for_each(|p| seccompiler::apply_filter(p))
+            .map_err(|e| format!("cannot add its system-call filters: {e}"))
     });
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! `godwit run`'s system-call filter (seccomp) on real processes: every thread of a VM is
-//! under it (each vCPU thread under its own narrower one too), and a migration that uses most of what godwit does (a guest's vCPU and its
+//! under it (each vCPU thread and page reader under its own narrower one too), and a migration that uses most of what godwit does (a guest's vCPU and its
 //! memory, the API, TCP, userfaultfd and post-copy's threads at the destination, the
 //! background stream and page requests at the source) goes through with both ends in
 //! `--seccomp kill` mode, where a single call outside the filter would kill a process.
@@ -49,6 +49,13 @@ fn threads(pid: u32) -> Vec<(String, String, u32, String)> {
     v
 }
 
+/// Whether a thread adds two filters of its own: a vCPU thread, a page reader.
+fn confined(name: &str) -> bool {
+    ["vcpu", "migration-recv", "postcopy-in", "restore-"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
 #[test]
 fn a_postcopy_migration_with_both_ends_killed_at_any_call_outside_the_filter_verifies() {
     if !kvm_available() || !common::seccomp::available() {
@@ -82,7 +89,7 @@ fn a_postcopy_migration_with_both_ends_killed_at_any_call_outside_the_filter_ver
     );
     // While post-copy runs, every thread of both ends (API, migration, userfaultfd and
     // background threads among them) is under godwit's two filters, and each vCPU thread
-    // under its own too.
+    // and page reader (the destination's post-copy readers) under its own too.
     wait_for(LIMIT, || info(&dst)["arriving"]["ram"].as_u64())
         .expect("the destination never showed its memory arriving");
     for (end, pid) in [
@@ -92,8 +99,14 @@ fn a_postcopy_migration_with_both_ends_killed_at_any_call_outside_the_filter_ver
         let threads = threads(pid);
         assert!(threads.iter().any(|t| t.0 == "vcpu0"), "{end}: {threads:?}");
         assert!(threads.len() >= 3, "{end}: {threads:?}");
+        if end == "destination" {
+            assert!(
+                threads.iter().any(|t| t.0.starts_with("postcopy-in")),
+                "{end}: {threads:?}"
+            );
+        }
         for t in &threads {
-            let n = own + 2 + u32::from(t.0.starts_with("vcpu"));
+            let n = own + 2 + 2 * u32::from(confined(&t.0));
             assert_eq!(
                 (t.1.as_str(), t.2, t.3.as_str()),
                 ("2", n, "1"),
@@ -126,7 +139,7 @@ fn a_vm_is_under_the_filter_by_default_and_under_none_with_seccomp_off() {
         let vm = source(&dir, name, &args);
         wait_log(&vm.log, "heartbeat");
         for t in threads(vm.proc.0.id()) {
-            let vcpu = u32::from(filters > own && t.0.starts_with("vcpu"));
+            let vcpu = 2 * u32::from(filters > own && confined(&t.0));
             assert_eq!(t.2, filters + vcpu, "{name}: {t:?}");
             let mode = if filters == 0 { "0" } else { "2" };
             assert_eq!(t.1, mode, "{name}: {t:?}");
@@ -141,4 +154,45 @@ fn a_vm_is_under_the_filter_by_default_and_under_none_with_seccomp_off() {
         "{}",
         stderr(&bad)
     );
+}
+
+/// A SIGTERM sent to the process may land on any thread that does not block it, a vCPU
+/// thread among them: its handler (which wakes godwit's signal thread with a send(2))
+/// runs there under the vCPU's own filter. In kill mode a refusal would kill the
+/// process; it must end as a SIGTERM ends it, the VM stopped and the reason said.
+#[test]
+fn a_sigterm_that_lands_on_a_vcpu_thread_ends_the_vm_cleanly_in_kill_mode() {
+    if !kvm_available() || !common::seccomp::available() {
+        return;
+    }
+    let dir = TempDir::new("filter-sigterm");
+    let mut vm = source(
+        &dir,
+        "vm",
+        &["--seccomp", "kill", "heartbeat", "--", "count=0"],
+    );
+    wait_log(&vm.log, "heartbeat");
+    let pid = vm.proc.0.id();
+    let vcpu = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| t.unwrap().file_name().into_string().unwrap())
+        .find(|tid| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .is_ok_and(|c| c.trim() == "vcpu0")
+        })
+        .expect("no vcpu0 thread");
+    // SAFETY: a signal to a thread of the child this test started and has not reaped.
+    let sent = unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            pid,
+            vcpu.parse::<i32>().unwrap(),
+            libc::SIGTERM,
+        )
+    };
+    assert_eq!(sent, 0);
+    let code = exit_code(&mut vm, LIMIT);
+    let err = read(&vm.err);
+    assert_eq!(code, 128 + libc::SIGTERM, "{err}");
+    assert!(err.contains("SIGTERM: stopping the VM"), "{err}");
 }

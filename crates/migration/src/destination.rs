@@ -501,15 +501,19 @@ pub fn receive_with(
                     .name(format!("migration-recv{}", k + 1))
                     .spawn_scoped(s, move || {
                         let _raised = raise.then(|| raise_this_thread("a reader")).flatten();
-                        let r = drain(&mut c, parts, names, damaged, Kind::End, &mut |e| match e {
-                            Event::Sync(n) => {
-                                lanes.passed(k, n);
-                                Ok(())
-                            }
-                            Event::State(..) | Event::Postcopy(..) => {
-                                Err("a state on a data connection".into())
-                            }
-                        });
+                        let r = godwit_vmm::confine::enter(godwit_vmm::confine::Role::PageReader)
+                            .map_err(Ended::from)
+                            .and_then(|()| {
+                                drain(&mut c, parts, names, damaged, Kind::End, &mut |e| match e {
+                                    Event::Sync(n) => {
+                                        lanes.passed(k, n);
+                                        Ok(())
+                                    }
+                                    Event::State(..) | Event::Postcopy(..) => {
+                                        Err("a state on a data connection".into())
+                                    }
+                                })
+                            });
                         if r.is_err() {
                             lanes.failed();
                             // Wake the main connection so the failure is reported now.

@@ -565,6 +565,10 @@ const FRAME_WAIT: Duration = Duration::from_secs(60);
 /// Places the pages one connection brings until the source closes it. Pages go
 /// straight from the socket into place where the memory allows (`crate::inplace`).
 fn read_pages(mut s: Stream, pc: &PostcopyIn, generation: u64) {
+    if let Err(e) = godwit_vmm::confine::enter(godwit_vmm::confine::Role::PageReader) {
+        pc.broke(generation, e);
+        return;
+    }
     let mut buf = Vec::new();
     let _ = s.set_read_timeout(Some(READ_WAIT));
     let current = || generation == pc.generation.load(Ordering::SeqCst);

@@ -108,6 +108,18 @@ impl Restore {
         }
     }
 
+    /// Holds this thread to what a page reader may do (the file it reads is a stranger's);
+    /// false, the VM stopped with why, if it cannot be.
+    fn confined(&self) -> bool {
+        let Err(e) = godwit_vmm::confine::enter(godwit_vmm::confine::Role::PageReader) else {
+            return true;
+        };
+        if let Some(p) = self.parts.first() {
+            self.fail(p, e);
+        }
+        false
+    }
+
     /// Fills the page at `addr` of `p` (a touch waits for it) and the rest of its frame
     /// that is current.
     fn fill(&self, p: &Part, addr: u64, buf: &mut Vec<u8>) -> Result<(), String> {
@@ -664,12 +676,18 @@ pub(crate) fn start(r: Restore) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("restore-faults".into())
         .spawn(move || {
+            if !f.confined() {
+                return;
+            }
             f.serve_faults();
             f.report_whole();
         })?;
     std::thread::Builder::new()
         .name("restore-fill".into())
         .spawn(move || {
+            if !r.confined() {
+                return;
+            }
             r.background();
             r.report_whole();
         })?;

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod arch;
 pub mod config;
+pub mod confine;
 pub mod control;
 pub mod devices;
 pub mod dirty;

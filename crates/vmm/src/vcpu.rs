@@ -141,20 +141,6 @@ pub struct VcpuContext {
     pub dirty: Arc<Mutex<DirtyLog>>,
 }
 
-/// What each vCPU thread of this process runs first, before it touches its vCPU.
-type ThreadStart = Box<dyn Fn() -> std::result::Result<(), String> + Send + Sync>;
-static THREAD_START: std::sync::OnceLock<ThreadStart> = std::sync::OnceLock::new();
-
-/// Has every vCPU thread of this process run `f` first (the process's policy for the
-/// threads that handle a guest's exits: godwit's CLI holds them to fewer system calls).
-/// Once per process: false if it was set already. A thread whose `f` fails stops the VM
-/// with that error before it runs guest code.
-pub fn on_thread_start(
-    f: impl Fn() -> std::result::Result<(), String> + Send + Sync + 'static,
-) -> bool {
-    THREAD_START.set(Box::new(f)).is_ok()
-}
-
 /// Longest single sleep a guest can ask for; it loops for longer ones.
 const MAX_SLEEP: Duration = Duration::from_secs(10);
 
@@ -166,7 +152,7 @@ enum Step {
 /// The vCPU thread: run until the VM stops. The vCPU is locked only while this thread
 /// uses it, so a paused vCPU can be saved or restored from another thread.
 pub fn run(vcpu: Arc<Mutex<Vcpu>>, ctx: VcpuContext, stats: Arc<VcpuStats>) {
-    let started = THREAD_START.get().map_or(Ok(()), |f| f());
+    let started = crate::confine::enter(crate::confine::Role::Vcpu);
     // The kvm_run mapping lives as long as the vCPU, which `vcpu` keeps past the
     // disarming below.
     let (flag, index): (*mut u8, u32) = {

@@ -1,0 +1,33 @@
+//! The threads that take in what a guest or a migration peer sends, by what they do, so
+//! that the process's manager (godwit's CLI: a seccomp filter for each) can hold each to
+//! the system calls that work needs. The crates that make those threads say which they
+//! are; they know nothing of how they are held.
+
+use std::sync::OnceLock;
+
+/// What a thread that takes in hostile input does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Runs a vCPU and handles its exits (port and MMIO accesses, the GPU function's
+    /// registers, the console): the thread a guest reaches first.
+    Vcpu,
+    /// Reads a migration stream or a snapshot and places its pages (a destination's
+    /// pre-copy and post-copy readers, a lazy restore's): what a peer or a file sends.
+    PageReader,
+}
+
+type Hook = Box<dyn Fn(Role) -> Result<(), String> + Send + Sync>;
+static HOOK: OnceLock<Hook> = OnceLock::new();
+
+/// Has every thread that says its role run `f` with it first. Once per process: false if
+/// it was set already.
+pub fn on_thread_start(f: impl Fn(Role) -> Result<(), String> + Send + Sync + 'static) -> bool {
+    HOOK.set(Box::new(f)).is_ok()
+}
+
+/// Called by a thread as it starts, before it reads anything it was made for. An error
+/// (the thread could not be held as the process asks) is the thread's to report as its
+/// own failure, before it does its work.
+pub fn enter(role: Role) -> Result<(), String> {
+    HOOK.get().map_or(Ok(()), |f| f(role))
+}
