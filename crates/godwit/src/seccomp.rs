@@ -5,10 +5,10 @@
 //! BPF program, change its credentials or enter another namespace.
 //!
 //! One filter for the whole process (every thread, TSYNC), installed before godwit reads
-//! anything a guest, a client or a peer sends, and a narrower one that each vCPU thread
-//! and each page reader (the threads that parse a migration stream or a snapshot) adds
-//! for itself (`godwit_vmm::confine`). A call outside them, by default, fails with EPERM and godwit says
-//! which one on stderr: the VM and a migration in flight live on and the caller's own
+//! anything a guest, a client or a peer sends, and narrower ones that each vCPU thread
+//! and each page reader (the threads that parse a migration stream or a snapshot) add
+//! for themselves (`godwit_vmm::confine`). A call outside them, by default, fails with
+//! EPERM and godwit says which one on stderr: the VM and a migration in flight live on and the caller's own
 //! error says what failed (a killed process would lose the guest); `--seccomp kill` ends
 //! the process instead, as Firecracker does. A refusal is a SIGSYS, and the kernel kills
 //! a process whose thread has SIGSYS blocked: the C library blocks every signal while it
@@ -196,9 +196,13 @@ const READER_DENIED: &[libc::c_long] = &[
     libc::SYS_connect,
 ];
 
-/// The ioctl families godwit drives, by the type byte of their request (bits 8-15):
-/// KVM's (/dev/kvm, the VM, its vCPUs) and userfaultfd's (post-copy, lazy restore).
-const IOCTL_TYPES: &[u32] = &[0xAE, 0xAA];
+/// The type byte (bits 8-15) of KVM's ioctl requests (/dev/kvm, the VM, its vCPUs).
+const KVM_IOCTLS: u32 = 0xAE;
+/// ... and of userfaultfd's (post-copy, lazy restore).
+const USERFAULTFD_IOCTLS: u32 = 0xAA;
+
+/// The ioctl families the process drives.
+const IOCTL_TYPES: &[u32] = &[KVM_IOCTLS, USERFAULTFD_IOCTLS];
 
 /// Single ioctl requests on sockets: the standard library's `set_nonblocking`, and how
 /// much a connection has queued each way (the migration's flow control).
@@ -232,7 +236,6 @@ pub enum Error {
 /// filter's reach, so the C library is made to create threads with clone, whose flags it
 /// can check (a thread, never a new process).
 fn programs(on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
-    let arch = TargetArch::x86_64;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
     let thread = libc::CLONE_THREAD as u64;
@@ -250,8 +253,8 @@ fn programs(on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
         .collect::<Result<_, Error>>()?;
     rules.insert(libc::SYS_socket, domains);
     rules.insert(libc::SYS_ioctl, ioctl_rules(IOCTL_TYPES, IOCTL_REQUESTS)?);
-    // A vCPU thread adds its own filter, to itself alone: no flags (no TSYNC, no
-    // listener), nothing a filter could loosen.
+    // A vCPU thread or page reader adds its own filters, to itself alone: no flags (no
+    // TSYNC, no listener), nothing a filter could loosen.
     rules.insert(
         libc::SYS_seccomp,
         vec![SeccompRule::new(vec![
@@ -259,14 +262,10 @@ fn programs(on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
             arg(1, SeccompCmpOp::Eq, 0)?,
         ])?],
     );
-    let allow = SeccompFilter::new(rules, on_other, SeccompAction::Allow, arch)?;
-    let clone3 = SeccompFilter::new(
-        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
-    )?;
-    Ok([clone3.try_into()?, allow.try_into()?])
+    Ok([
+        answer_with(libc::SYS_clone3, libc::ENOSYS)?,
+        allow_only(rules, on_other)?,
+    ])
 }
 
 /// ioctl(2) for the families in `types` and the single `requests`. The kernel reads a
@@ -327,9 +326,8 @@ fn vcpu_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
         ])?],
     );
     // Its vCPU's and the VM's ioctls, no socket's.
-    rules.insert(libc::SYS_ioctl, ioctl_rules(&[0xAE], &[])?);
-    let f = SeccompFilter::new(rules, on_other, SeccompAction::Allow, TargetArch::x86_64)?;
-    Ok(f.try_into()?)
+    rules.insert(libc::SYS_ioctl, ioctl_rules(&[KVM_IOCTLS], &[])?);
+    allow_only(rules, on_other)
 }
 
 /// A page reader's own filter, on top of the process's (after [`quiet_program`]): the
@@ -344,6 +342,14 @@ fn reader_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
         .filter(|nr| !READER_DENIED.contains(nr))
         .map(|&nr| (nr, Vec::new()))
         .collect();
+    allow_only(rules, on_other)
+}
+
+/// A program that allows `rules` and meets any other call with `on_other`.
+fn allow_only(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    on_other: SeccompAction,
+) -> Result<BpfProgram, Error> {
     let f = SeccompFilter::new(rules, on_other, SeccompAction::Allow, TargetArch::x86_64)?;
     Ok(f.try_into()?)
 }
@@ -356,10 +362,15 @@ fn reader_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
 /// report a call godwit never made (and in kill mode end the process); the thread's
 /// allow-list lets openat through to this answer instead.
 fn quiet_program() -> Result<BpfProgram, Error> {
+    answer_with(libc::SYS_openat, libc::EACCES)
+}
+
+/// A program that answers call `nr` with `errno`, without making it, and allows the rest.
+fn answer_with(nr: libc::c_long, errno: libc::c_int) -> Result<BpfProgram, Error> {
     let f = SeccompFilter::new(
-        [(libc::SYS_openat, Vec::new())].into_iter().collect(),
+        [(nr, Vec::new())].into_iter().collect(),
         SeccompAction::Allow,
-        SeccompAction::Errno(libc::EACCES as u32),
+        SeccompAction::Errno(errno as u32),
         TargetArch::x86_64,
     )?;
     Ok(f.try_into()?)
