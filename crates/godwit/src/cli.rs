@@ -166,7 +166,9 @@ pub struct RunArgs {
     /// The system-call filter (seccomp) over this process, on before it reads anything a
     /// guest, a client or a peer sends: a call godwit never makes is refused (it fails
     /// with EPERM and godwit names it on stderr), or kills the process (kill, as
-    /// Firecracker does); off runs without a filter.
+    /// Firecracker does); log lets every call run and names those outside the filter
+    /// (to find what another kernel or C library needs; it protects nothing); off runs
+    /// without a filter.
     #[arg(long, value_enum, default_value_t = crate::seccomp::Seccomp::Refuse)]
     pub seccomp: crate::seccomp::Seccomp,
 }

@@ -8,11 +8,12 @@
 //! anything a guest, a client or a peer sends, and narrower ones that each vCPU thread
 //! and each page reader (the threads that parse a migration stream or a snapshot) add
 //! for themselves (`godwit_vmm::confine`). A call outside them, by default, fails with
-//! EPERM and godwit says which one on stderr: the VM and a migration in flight live on and the caller's own
-//! error says what failed (a killed process would lose the guest); `--seccomp kill` ends
-//! the process instead, as Firecracker does. A refusal is a SIGSYS, and the kernel kills
-//! a process whose thread has SIGSYS blocked: the C library blocks every signal while it
-//! makes a thread, so what that takes is allowed everywhere.
+//! EPERM and godwit says which one on stderr: the VM and a migration in flight live on
+//! and the caller's own error says what failed (a killed process would lose the guest);
+//! `--seccomp kill` ends the process instead, as Firecracker does; `--seccomp log` lets
+//! every call run and names those outside the filter (`log`). A refusal is a SIGSYS, and
+//! the kernel kills a process whose thread has SIGSYS blocked: the C library blocks every
+//! signal while it makes a thread, so what that takes is allowed everywhere.
 
 use godwit_vmm::confine::Role;
 use seccompiler::{
@@ -30,6 +31,10 @@ pub enum Seccomp {
     Refuse,
     /// The kernel kills the process (SIGSYS).
     Kill,
+    /// It runs, and godwit names it on stderr (one outside a vCPU thread's or page
+    /// reader's own list: the kernel's audit log does). For finding what another kernel
+    /// or C library needs before refuse or kill; it protects nothing.
+    Log,
     /// No filter.
     Off,
 }
@@ -229,13 +234,19 @@ pub enum Error {
          filters; --seccomp off runs without one"
     )]
     Install(#[from] seccompiler::Error),
+    #[error(
+        "cannot listen for calls outside the system-call filter ({0}): --seccomp log \
+         needs Linux 5.7 or later"
+    )]
+    Listen(std::io::Error),
 }
 
 /// The process's two programs, in the order they go in: clone3 answered ENOSYS, then the
-/// allow-list (which lets a thread add a filter to itself, nothing more). A clone3's flags are in memory, out of a
-/// filter's reach, so the C library is made to create threads with clone, whose flags it
-/// can check (a thread, never a new process).
-fn programs(on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
+/// allow-list (which lets a thread add a filter to itself, nothing more). A clone3's
+/// flags are in memory, out of a filter's reach, so the C library is made to create
+/// threads with clone, whose flags it can check (a thread, never a new process).
+/// `listening`: in log mode, the listener's own ioctls are allowed too.
+fn programs(on_other: SeccompAction, listening: bool) -> Result<[BpfProgram; 2], Error> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
     let thread = libc::CLONE_THREAD as u64;
@@ -252,7 +263,11 @@ fn programs(on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
         .map(|&d| Ok(SeccompRule::new(vec![arg(0, SeccompCmpOp::Eq, d as u64)?])?))
         .collect::<Result<_, Error>>()?;
     rules.insert(libc::SYS_socket, domains);
-    rules.insert(libc::SYS_ioctl, ioctl_rules(IOCTL_TYPES, IOCTL_REQUESTS)?);
+    let mut requests = IOCTL_REQUESTS.to_vec();
+    if listening {
+        requests.extend(log::LISTENER_IOCTLS);
+    }
+    rules.insert(libc::SYS_ioctl, ioctl_rules(IOCTL_TYPES, &requests)?);
     // A vCPU thread or page reader adds its own filters, to itself alone: no flags (no
     // TSYNC, no listener), nothing a filter could loosen.
     rules.insert(
@@ -402,19 +417,32 @@ fn fix_malloc_arenas() {
 /// Installs the filter on every thread of this process, for the rest of its life, and
 /// has every vCPU thread and page reader add its own.
 pub fn install(mode: Seccomp) -> Result<(), Error> {
-    let on_other = match mode {
+    // The process's and the threads' own (see `log` for why they differ in log mode).
+    let (on_other, threads_other) = match mode {
         Seccomp::Off => return Ok(()),
-        Seccomp::Kill => SeccompAction::KillProcess,
+        Seccomp::Kill => (SeccompAction::KillProcess, SeccompAction::KillProcess),
         Seccomp::Refuse => {
             handle_sigsys()?;
-            SeccompAction::Trap
+            (SeccompAction::Trap, SeccompAction::Trap)
         }
+        // The traps are handed to the listener as the filter goes in.
+        Seccomp::Log => (SeccompAction::Trap, SeccompAction::Log),
     };
-    let vcpu = thread_programs(Role::Vcpu, on_other.clone())?;
-    let reader = thread_programs(Role::PageReader, on_other.clone())?;
+    let vcpu = thread_programs(Role::Vcpu, threads_other.clone())?;
+    let reader = thread_programs(Role::PageReader, threads_other)?;
     fix_malloc_arenas();
-    for p in programs(on_other)? {
-        seccompiler::apply_filter_all_threads(&p)?;
+    let [first, allow_list] = programs(on_other, mode == Seccomp::Log)?;
+    seccompiler::apply_filter_all_threads(&first)?;
+    if mode == Seccomp::Log {
+        let flags = libc::SECCOMP_FILTER_FLAG_TSYNC | libc::SECCOMP_FILTER_FLAG_TSYNC_ESRCH;
+        log::serve(log::listen(allow_list, flags)?)?;
+        tracing::warn!(
+            "--seccomp log: calls outside the system-call filter run (each named here, or \
+             by the kernel's audit log for a vCPU thread's or page reader's own list); \
+             nothing is refused"
+        );
+    } else {
+        seccompiler::apply_filter_all_threads(&allow_list)?;
     }
     godwit_vmm::confine::on_thread_start(move |role| {
         let programs = match role {
@@ -480,7 +508,21 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer.
     unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr(), 0, 0, 0) };
     let mut line = Line::default();
-    line.push(b"godwit: seccomp refused system call ");
+    line.push(b"godwit: seccomp refused ");
+    describe(
+        &mut line,
+        nr,
+        second,
+        name.split(|&b| b == 0).next().unwrap_or_default(),
+    );
+    line.push(b": it failed with EPERM (`godwit run --seccomp off` allows it)");
+    report(line.end());
+}
+
+/// "system call N (x86_64[, ioctl request 0x...]) in thread "name"": a call outside the
+/// filter, as the refusal and log lines name it.
+fn describe(line: &mut Line, nr: i32, second: u32, thread: &[u8]) {
+    line.push(b"system call ");
     line.number(nr as u64);
     line.push(b" (x86_64");
     if nr as libc::c_long == libc::SYS_ioctl {
@@ -488,9 +530,12 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
         line.hex(second);
     }
     line.push(b") in thread \"");
-    line.push(name.split(|&b| b == 0).next().unwrap_or_default());
-    line.push(b"\": it failed with EPERM (`godwit run --seccomp off` allows it)");
-    let line = line.end();
+    line.push(thread);
+    line.push(b"\"");
+}
+
+/// Writes a refusal's or log line, without allocating.
+fn report(line: &[u8]) {
     // SAFETY: the line is valid for its length.
     unsafe {
         libc::write(
@@ -550,5 +595,6 @@ impl Line {
     }
 }
 
+mod log;
 #[cfg(test)]
 mod tests;

@@ -1,9 +1,11 @@
 //! `godwit run`'s system-call filter (seccomp) on real processes: every thread of a VM is
-//! under it (each vCPU thread and page reader under its own narrower one too), and a migration that uses most of what godwit does (a guest's vCPU and its
-//! memory, the API, TCP, userfaultfd and post-copy's threads at the destination, the
-//! background stream and page requests at the source) goes through with both ends in
-//! `--seccomp kill` mode, where a single call outside the filter would kill a process.
-//! (The filter's refusals themselves: `seccomp::tests` in the godwit crate.)
+//! under it (each vCPU thread and page reader under its own narrower one too), and a
+//! migration that uses most of what godwit does (a guest's vCPU and its memory, the API,
+//! TCP, userfaultfd and post-copy's threads at the destination, the background stream
+//! and page requests at the source) goes through with both ends in `--seccomp kill`
+//! mode, where a single call outside the filter would kill a process, and in
+//! `--seccomp log` mode, where one would be named. (The filter's refusals themselves:
+//! `seccomp::tests` in the godwit crate.)
 
 mod common;
 
@@ -195,4 +197,58 @@ fn a_sigterm_that_lands_on_a_vcpu_thread_ends_the_vm_cleanly_in_kill_mode() {
     let err = read(&vm.err);
     assert_eq!(code, 128 + libc::SIGTERM, "{err}");
     assert!(err.contains("SIGTERM: stopping the VM"), "{err}");
+}
+
+/// `--seccomp log` on both ends of a hybrid migration: the listener thread is there,
+/// under the filter like the rest, and a migration that goes through pre-copy and
+/// post-copy makes no call outside the filter, so neither end names one.
+#[test]
+fn a_hybrid_migration_with_both_ends_in_log_mode_verifies_and_names_no_call() {
+    if !kvm_available() || !common::seccomp::available() {
+        return;
+    }
+    let own = inherited_filters();
+    let dir = TempDir::new("filter-log");
+    let mut src = source(
+        &dir,
+        "src",
+        &[
+            "--seccomp",
+            "log",
+            "-m",
+            "256",
+            "dirtier",
+            "--",
+            "wss=32",
+            "rate=50",
+            "seconds=10",
+            "report-every=250",
+        ],
+    );
+    wait_log(&src.log, "touched");
+    let (mut dst, addr) = destination(&dir, "dst", &["--seccomp", "log"]);
+    let m = migrating(&src, &addr, &["--mode", "hybrid", "--max-bandwidth", "16M"]);
+    wait_for(LIMIT, || info(&dst)["arriving"]["ram"].as_u64())
+        .expect("the destination never showed its memory arriving");
+    for (end, pid) in [
+        ("source", src.proc.0.id()),
+        ("destination", dst.proc.0.id()),
+    ] {
+        let threads = threads(pid);
+        let log = threads.iter().find(|t| t.0 == "seccomp-log");
+        assert_eq!(log.map(|t| t.2), Some(own + 2), "{end}: {threads:?}");
+    }
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(r["mode"], "hybrid", "{r}");
+    // A guest rewriting faster than the link: pre-copy rounds, then post-copy.
+    assert!(!r["rounds"].as_array().unwrap().is_empty(), "{r}");
+    assert_postcopy_whole(&r);
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_verified(&mut dst, 8192);
+    for (end, err) in [("source", read(&src.err)), ("destination", read(&dst.err))] {
+        assert!(err.contains("--seccomp log: calls outside"), "{end}: {err}");
+        assert!(!err.contains("godwit: seccomp"), "{end}: {err}");
+    }
 }

@@ -75,7 +75,7 @@ impl Report {
 /// with EPERM.
 fn under_process_filter() {
     handle_sigsys().unwrap();
-    for p in programs(SeccompAction::Trap).unwrap() {
+    for p in programs(SeccompAction::Trap, false).unwrap() {
         seccompiler::apply_filter(&p).unwrap();
     }
 }
@@ -442,7 +442,7 @@ fn in_kill_mode_a_call_outside_the_filter_kills_the_process() {
     }
     const CHILD: &str = "GODWIT_SECCOMP_KILL_CHILD";
     if std::env::var_os(CHILD).is_some() {
-        for p in programs(SeccompAction::KillProcess).unwrap() {
+        for p in programs(SeccompAction::KillProcess, false).unwrap() {
             seccompiler::apply_filter(&p).unwrap();
         }
         println!("filter in");
@@ -466,4 +466,188 @@ fn in_kill_mode_a_call_outside_the_filter_kills_the_process() {
     assert!(stdout.contains("filter in"), "{:?} {stdout}", out.status);
     assert!(!stdout.contains("still alive"), "{stdout}");
     assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{stdout}");
+}
+
+/// `--seccomp log`: every call runs, and one outside the process's filter is named by
+/// godwit's listener thread (itself under the filter); one outside only a page reader's
+/// own list runs and is left to the kernel's audit log. Run in a child (this test binary
+/// again, this test alone), since `install` puts the whole process under the filter.
+#[test]
+fn in_log_mode_calls_outside_the_filter_run_and_are_named() {
+    if !available() {
+        return;
+    }
+    const CHILD: &str = "GODWIT_SECCOMP_LOG_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        return log_child();
+    }
+    let kmsg_before = kernel_log();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "seccomp::tests::in_log_mode_calls_outside_the_filter_run_and_are_named",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // A listener that waited on itself would hang the child: bounded.
+    let (done, out) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output()));
+    let out = match out.recv_timeout(std::time::Duration::from_secs(120)) {
+        Ok(o) => o.unwrap(),
+        Err(_) => {
+            // SAFETY: a signal to the child this test started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("the log-mode child hung: a call waited for a listener that never answered");
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}\n{stdout}\n{stderr}", out.status);
+    assert!(stdout.contains("log child: all ran"), "{stdout}\n{stderr}");
+    let logged: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("godwit: seccomp"))
+        .collect();
+    let want = |nr: libc::c_long, extra: &str, thread: &str| {
+        format!(
+            "godwit: seccomp logged system call {nr} (x86_64{extra}) in thread \"{thread}\": \
+             it ran, outside the filter (under --seccomp refuse it would fail with EPERM)"
+        )
+    };
+    let winsz = format!(", ioctl request 0x{:08x}", libc::TIOCGWINSZ);
+    assert_eq!(
+        logged,
+        [
+            want(libc::SYS_ioctl, &winsz, "log-main"),
+            want(libc::SYS_unshare, "", "log-main"),
+            want(libc::SYS_execve, "", "log-main"),
+            want(libc::SYS_ioctl, &winsz, "log-reader"),
+        ],
+        "{stderr}"
+    );
+    // The reader's socket(2), outside its own list only, in the kernel's audit log
+    // where this test can read it (root, no audit daemon taking the records).
+    let Some(before) = kmsg_before else {
+        eprintln!("skipping the audit-log check: /dev/kmsg cannot be read here");
+        return;
+    };
+    let logs_log = std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_logged")
+        .is_ok_and(|a| a.split_whitespace().any(|w| w == "log"));
+    if !logs_log || auditd_running() {
+        eprintln!("skipping the audit-log check: SECCOMP_RET_LOG is not logged to dmesg here");
+        return;
+    }
+    let record = |r: &&String| {
+        r.contains(&format!(" pid={pid} "))
+            && r.contains("comm=\"log-reader\"")
+            && r.contains(&format!(" syscall={} ", libc::SYS_socket))
+    };
+    // The kernel's audit thread prints its records when it runs: waited for.
+    let mut new = Vec::new();
+    for _ in 0..100 {
+        let after = kernel_log().unwrap();
+        new = after.into_iter().filter(|r| !before.contains(r)).collect();
+        if new.iter().any(|r| record(&r)) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("no audit record of the reader's socket(2) in dmesg: {new:#?}");
+}
+
+/// The log-mode child: godwit's `install`, then calls outside the filter on the main
+/// thread and in a page reader.
+fn log_child() {
+    install(Seccomp::Log).unwrap();
+    let name = |n: &std::ffi::CStr| {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated name.
+        unsafe { libc::prctl(libc::PR_SET_NAME, n.as_ptr(), 0, 0, 0) };
+    };
+    name(c"log-main");
+    let mut fds = [0; 2];
+    let nowhere = c"/nonexistent/godwit-seccomp-log-test";
+    let argv = [nowhere.as_ptr(), std::ptr::null()];
+    // SAFETY: valid arguments; the execve, which runs, finds no program.
+    unsafe {
+        assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
+        assert_eq!(ioctl(fds[0], libc::FIONREAD), Ok(0), "FIONREAD");
+        assert_eq!(ioctl(fds[0], libc::TIOCGWINSZ), Err(libc::ENOTTY));
+        assert_eq!(call(|| libc::syscall(libc::SYS_unshare, 0)), Ok(0));
+        let exec = call(|| {
+            libc::syscall(
+                libc::SYS_execve,
+                nowhere.as_ptr(),
+                argv.as_ptr(),
+                std::ptr::null::<*const libc::c_char>(),
+            )
+        });
+        assert_eq!(exec, Err(libc::ENOENT), "execve");
+    }
+    // The reader's filters are read by this thread (a reader opens nothing) while it waits.
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let reader = std::thread::spawn(move || {
+        name(c"log-reader");
+        godwit_vmm::confine::enter(Role::PageReader).unwrap();
+        // SAFETY: valid arguments; the socket made is closed.
+        unsafe {
+            assert_eq!(ioctl(fds[0], libc::TIOCGWINSZ), Err(libc::ENOTTY));
+            let unix = call(|| libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) as _);
+            assert!(unix.is_ok(), "socket(AF_UNIX) in a page reader: {unix:?}");
+            libc::close(unix.unwrap() as i32);
+            let open =
+                call(|| libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY) as libc::c_long);
+            assert_eq!(open, Err(libc::EACCES), "open in a page reader");
+            tid_tx.send(libc::gettid()).unwrap();
+        }
+        let _ = go_rx.recv();
+    });
+    let filters = |path: &str| {
+        let s = std::fs::read_to_string(path).unwrap();
+        let n = s.lines().find_map(|l| l.strip_prefix("Seccomp_filters:"));
+        n.unwrap().trim().parse::<u32>().unwrap()
+    };
+    let tid = tid_rx.recv().unwrap();
+    let theirs = filters(&format!("/proc/self/task/{tid}/status"));
+    drop(go_tx);
+    reader.join().unwrap();
+    assert_eq!(theirs, filters("/proc/thread-self/status") + 2);
+    println!("log child: all ran");
+}
+
+/// The kernel log's records now, or None where it cannot be read.
+fn kernel_log() -> Option<Vec<String>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .ok()?;
+    let mut records = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => records.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            // Overwritten while read: go on from the oldest left.
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => return None,
+        }
+    }
+    Some(records)
+}
+
+fn auditd_running() -> bool {
+    std::fs::read_dir("/proc").is_ok_and(|d| {
+        d.flatten().any(|p| {
+            std::fs::read_to_string(p.path().join("comm")).is_ok_and(|c| c.trim() == "auditd")
+        })
+    })
 }

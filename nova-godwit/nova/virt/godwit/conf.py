@@ -27,13 +27,15 @@ godwit_opts = [
                      'named here are not offered; when empty, every GPU '
                      'offers the smallest profile of its model.'),
     cfg.StrOpt('seccomp', default='refuse',
-               choices=['refuse', 'kill', 'off'],
+               choices=['refuse', 'kill', 'log', 'off'],
                help="What an instance's godwit does with a system call "
                     "outside its seccomp filter (godwit run --seccomp): "
                     "refuse (the call fails with EPERM and godwit names it "
                     "in its log; the instance runs on), kill (the kernel "
                     "kills the process, and the instance with it, as "
-                    "Firecracker does) or off (no filter)."),
+                    "Firecracker does), log (the call runs and godwit "
+                    "names it: for finding what a new kernel or C library "
+                    "needs; it protects nothing) or off (no filter)."),
     cfg.StrOpt('netns',
                help='Start the instances\' godwit processes in this network '
                     'namespace (ip netns exec), so that their migration '
