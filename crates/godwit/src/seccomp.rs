@@ -5,9 +5,9 @@
 //! BPF program, change its credentials or enter another namespace.
 //!
 //! One filter for the whole process (every thread, TSYNC), installed before godwit reads
-//! anything a guest, a client or a peer sends, and narrower ones that each vCPU thread
-//! and each page reader (the threads that parse a migration stream or a snapshot) add
-//! for themselves (`godwit_vmm::confine`). A call outside them, by default, fails with
+//! anything a guest, a client or a peer sends, and narrower ones that each vCPU thread,
+//! each page reader (the threads that parse a migration stream or a snapshot) and each
+//! GPU engine (which runs a guest's GPU commands) add for themselves (`godwit_vmm::confine`). A call outside them, by default, fails with
 //! EPERM and godwit says which one on stderr: the VM and a migration in flight live on
 //! and the caller's own error says what failed (a killed process would lose the guest);
 //! `--seccomp kill` ends the process instead, as Firecracker does; `--seccomp log` lets
@@ -31,8 +31,8 @@ pub enum Seccomp {
     Refuse,
     /// The kernel kills the process (SIGSYS).
     Kill,
-    /// It runs, and godwit names it on stderr (one outside a vCPU thread's or page
-    /// reader's own list: the kernel's audit log does). For finding what another kernel
+    /// It runs, and godwit names it on stderr (one outside a vCPU thread's, page
+    /// reader's or GPU engine's own list: the kernel's audit log does). For finding what another kernel
     /// or C library needs before refuse or kill; it protects nothing.
     Log,
     /// No filter.
@@ -182,11 +182,11 @@ const VCPU_ALLOWED: &[libc::c_long] = &[
 ];
 
 /// What a page reader (a destination's migration readers, a lazy restore's: the threads
-/// that parse what a peer or a snapshot file sends) may not call of what the process may:
-/// it makes, binds, accepts or connects no socket, renames, removes or creates nothing in
+/// that parse what a peer or a snapshot file sends) or a GPU engine (which runs what a
+/// guest's driver submits) may not call of what the process may: it makes, binds, accepts or connects no socket, renames, removes or creates nothing in
 /// the file system, and makes no memory file or userfaultfd. Nor does it open a file
 /// ([`quiet_program`]).
-const READER_DENIED: &[libc::c_long] = &[
+const WORKER_DENIED: &[libc::c_long] = &[
     libc::SYS_mkdir,
     libc::SYS_rename,
     libc::SYS_unlink,
@@ -268,7 +268,7 @@ fn programs(on_other: SeccompAction, listening: bool) -> Result<[BpfProgram; 2],
         requests.extend(log::LISTENER_IOCTLS);
     }
     rules.insert(libc::SYS_ioctl, ioctl_rules(IOCTL_TYPES, &requests)?);
-    // A vCPU thread or page reader adds its own filters, to itself alone: no flags (no
+    // A vCPU thread, page reader or GPU engine adds its own filters, to itself alone: no flags (no
     // TSYNC, no listener), nothing a filter could loosen.
     rules.insert(
         libc::SYS_seccomp,
@@ -345,16 +345,16 @@ fn vcpu_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
     allow_only(rules, on_other)
 }
 
-/// A page reader's own filter, on top of the process's (after [`quiet_program`]): the
-/// process's calls less [`READER_DENIED`] (and no socket, no seccomp). ioctl and clone
+/// A page reader's or GPU engine's own filter, on top of the process's (after [`quiet_program`]): the
+/// process's calls less [`WORKER_DENIED`] (and no socket, no seccomp). ioctl and clone
 /// are allowed here as the process's filter allows them, which still checks their
 /// arguments; clone3 too, for the process's filter to answer ENOSYS (a refusal from this
 /// one would take precedence, and come while the C library blocks SIGSYS).
-fn reader_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
+fn worker_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
     let rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
         .iter()
         .chain(&[libc::SYS_ioctl, libc::SYS_clone])
-        .filter(|nr| !READER_DENIED.contains(nr))
+        .filter(|nr| !WORKER_DENIED.contains(nr))
         .map(|&nr| (nr, Vec::new()))
         .collect();
     allow_only(rules, on_other)
@@ -369,7 +369,7 @@ fn allow_only(
     Ok(f.try_into()?)
 }
 
-/// The first of a vCPU thread's or page reader's own two filters: openat fails with
+/// The first of a vCPU thread's, page reader's or GPU engine's own two filters: openat fails with
 /// EACCES, without a SIGSYS or a line. The C library opens files on its own, once per
 /// process, in whichever thread first needs what they say: malloc reads
 /// /proc/sys/vm/overcommit_memory the first time it gives a thread's heap back, and
@@ -391,11 +391,11 @@ fn answer_with(nr: libc::c_long, errno: libc::c_int) -> Result<BpfProgram, Error
     Ok(f.try_into()?)
 }
 
-/// A vCPU thread's or page reader's own filters, in the order they go in.
+/// A vCPU thread's, page reader's or GPU engine's own filters, in the order they go in.
 fn thread_programs(role: Role, on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
     let own = match role {
         Role::Vcpu => vcpu_program(on_other)?,
-        Role::PageReader => reader_program(on_other)?,
+        Role::PageReader | Role::GpuEngine => worker_program(on_other)?,
     };
     Ok([quiet_program()?, own])
 }
@@ -415,7 +415,7 @@ fn fix_malloc_arenas() {
 }
 
 /// Installs the filter on every thread of this process, for the rest of its life, and
-/// has every vCPU thread and page reader add its own.
+/// has every vCPU thread, page reader and GPU engine add its own.
 pub fn install(mode: Seccomp) -> Result<(), Error> {
     // The process's and the threads' own (see `log` for why they differ in log mode).
     let (on_other, threads_other) = match mode {
@@ -429,7 +429,7 @@ pub fn install(mode: Seccomp) -> Result<(), Error> {
         Seccomp::Log => (SeccompAction::Trap, SeccompAction::Log),
     };
     let vcpu = thread_programs(Role::Vcpu, threads_other.clone())?;
-    let reader = thread_programs(Role::PageReader, threads_other)?;
+    let worker = thread_programs(Role::PageReader, threads_other)?;
     fix_malloc_arenas();
     let [first, allow_list] = programs(on_other, mode == Seccomp::Log)?;
     seccompiler::apply_filter_all_threads(&first)?;
@@ -438,7 +438,8 @@ pub fn install(mode: Seccomp) -> Result<(), Error> {
         log::serve(log::listen(allow_list, flags)?)?;
         tracing::warn!(
             "--seccomp log: calls outside the system-call filter run (each named here, or \
-             by the kernel's audit log for a vCPU thread's or page reader's own list); \
+             by the kernel's audit log for a vCPU thread's, page reader's or GPU \
+             engine's own list); \
              nothing is refused"
         );
     } else {
@@ -447,7 +448,7 @@ pub fn install(mode: Seccomp) -> Result<(), Error> {
     godwit_vmm::confine::on_thread_start(move |role| {
         let programs = match role {
             Role::Vcpu => &vcpu,
-            Role::PageReader => &reader,
+            Role::PageReader | Role::GpuEngine => &worker,
         };
         programs
             .iter()

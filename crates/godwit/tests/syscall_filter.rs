@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::gpuhost::*;
 use common::mig::*;
 use common::*;
 use serde_json::Value;
@@ -51,9 +52,10 @@ fn threads(pid: u32) -> Vec<(String, String, u32, String)> {
     v
 }
 
-/// Whether a thread adds two filters of its own: a vCPU thread, a page reader.
+/// Whether a thread adds two filters of its own: a vCPU thread, a page reader, a GPU
+/// engine (`gpuN-vfM`).
 fn confined(name: &str) -> bool {
-    ["vcpu", "migration-recv", "postcopy-in", "restore-"]
+    ["vcpu", "migration-recv", "postcopy-in", "restore-", "gpu"]
         .iter()
         .any(|p| name.starts_with(p))
 }
@@ -251,4 +253,64 @@ fn a_hybrid_migration_with_both_ends_in_log_mode_verifies_and_names_no_call() {
         assert!(err.contains("--seccomp log: calls outside"), "{end}: {err}");
         assert!(!err.contains("godwit: seccomp"), "{end}: {err}");
     }
+}
+
+/// A GPU VM moved in post-copy with both ends in kill mode: each end's GPU engine (which
+/// runs what the guest's driver submits) is under its own filter too, and at the
+/// destination it brings in every page a command touches before running it
+/// (`--gpu-prefetch always`) and faults on the rest, all within that filter; gpu-train
+/// ends with the answer of a run never moved.
+#[test]
+fn a_gpu_vm_moved_in_postcopy_with_both_ends_in_kill_mode_ends_right() {
+    if !kvm_available() || !common::seccomp::available() {
+        return;
+    }
+    let own = inherited_filters();
+    let d = host("filter-gpu", 1, &[]);
+    let g = gpu_dir(&d);
+    let mut args = vec!["--seccomp", "kill", "--gpu", "GW8-1C", "--gpu-dir", &g];
+    args.extend(["gpu-train", "--"]);
+    args.extend(TRAIN);
+    let mut src = source(&d, "src", &args);
+    let (mut dst, addr) = destination(
+        &d,
+        "dst",
+        &[
+            "--seccomp",
+            "kill",
+            "--gpu-dir",
+            &g,
+            "--gpu-prefetch",
+            "always",
+        ],
+    );
+    wait_log(&src.log, "iteration 2000 ");
+    let engine = |pid: u32| {
+        let threads = threads(pid);
+        let t = threads.iter().find(|t| t.0.starts_with("gpu0-vf")).cloned();
+        (t.map(|t| t.2), threads)
+    };
+    let (n, threads) = engine(src.proc.0.id());
+    assert_eq!(n, Some(own + 4), "source: {threads:?}");
+    let m = migrating(
+        &src,
+        &addr,
+        &["--mode", "postcopy", "--max-bandwidth", "32M"],
+    );
+    // Its engine starts as the GPU's state arrives, before the VM runs there.
+    wait_for(LIMIT, || engine(dst.proc.0.id()).0)
+        .expect("the destination never started its GPU engine");
+    let (n, threads) = engine(dst.proc.0.id());
+    assert_eq!(n, Some(own + 4), "destination: {threads:?}");
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_postcopy_whole(&r);
+    assert!(
+        r["postcopy"]["missing_pages"]["gpu"].as_u64().unwrap() > 0,
+        "{r}"
+    );
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
+    assert_trained(&read(&dst.log));
 }

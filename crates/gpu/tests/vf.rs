@@ -824,7 +824,7 @@ fn a_held_engine_never_counts_its_vram() {
         ram,
         Box::new(Unshared),
     );
-    let engine = vf.start("test-engine").unwrap();
+    let engine = vf.start("test-engine", || Ok(())).unwrap();
     vf.pause(Hold::Migration);
     let before = asked.load(SeqCst);
     // Five of the engine's 100 ms signs of life.
@@ -837,6 +837,42 @@ fn a_held_engine_never_counts_its_vram() {
             Instant::now() < end,
             "a running engine never counted its VRAM"
         );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vf.shutdown();
+    engine.join().unwrap();
+}
+
+/// The VMM holds an engine thread to the calls an engine makes before it reads a
+/// command; when that fails, `start` says why, no engine runs, and the VF is as if
+/// never started (a pause does not wait for an engine that is not there).
+#[test]
+fn an_engine_that_cannot_be_confined_never_runs() {
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    let asked = Arc::new(AtomicU32::new(0));
+    let ram = GuestRam::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let vf = Vf::new(
+        Box::new(Counting {
+            inner: CpuBackend::new(VRAM).unwrap(),
+            asked: asked.clone(),
+        }),
+        ram,
+        Box::new(Unshared),
+    );
+    let err = vf
+        .start("test-engine", || Err("cannot add its filters".into()))
+        .unwrap_err();
+    assert_eq!(err.to_string(), "cannot add its filters");
+    vf.pause(Hold::Migration);
+    vf.resume(Hold::Migration);
+    // Three of a running engine's 100 ms signs of life.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(asked.load(SeqCst), 0, "an engine ran");
+    // Started again, it runs.
+    let engine = vf.start("test-engine", || Ok(())).unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    while asked.load(SeqCst) == 0 {
+        assert!(Instant::now() < end, "the engine never ran");
         std::thread::sleep(Duration::from_millis(10));
     }
     vf.shutdown();

@@ -14,6 +14,9 @@ pub enum Role {
     /// Reads a migration stream or a snapshot and places its pages (a destination's
     /// pre-copy and post-copy readers, a lazy restore's): what a peer or a file sends.
     PageReader,
+    /// Runs a GPU function's commands: what a guest's driver puts in its ring, its GPU
+    /// page tables and the addresses it has the engine read and write.
+    GpuEngine,
 }
 
 type Hook = Box<dyn Fn(Role) -> Result<(), String> + Send + Sync>;

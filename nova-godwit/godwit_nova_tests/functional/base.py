@@ -254,6 +254,15 @@ class GodwitTestCase(integrated_helpers.ProviderUsageBaseTestCase):
         self.fail('migration of %s: %s, not %s' % (
             server['id'], seen, statuses))
 
+    def assert_emptied(self, path):
+        """Waits until directory `path` holds nothing: after a failed live
+        migration, Nova sets the migration's status before its rollback at
+        the destination (a cast) has cleaned up there."""
+        end = time.monotonic() + WAIT
+        while os.listdir(path) and time.monotonic() < end:
+            time.sleep(0.2)
+        self.assertEqual([], os.listdir(path))
+
     def live_migrate(self, server, host=None):
         self.admin_api.post_server_action(
             server['id'], {'os-migrateLive': {'host': host,

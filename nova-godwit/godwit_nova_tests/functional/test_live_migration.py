@@ -113,7 +113,7 @@ class TestLiveMigration(base.GodwitTestCase):
         self.assertTrue(killed)
         server = self._wait_for_state_change(server, 'ACTIVE')
         self.assert_runs_on(server, 'host1')
-        self.assertEqual([], os.listdir(dest.run_dir))
+        self.assert_emptied(dest.run_dir)
         self.gains(server, 'verify ok', 2)
         # Nothing was left behind that stops a later migration.
         del drv.pre_live_migration

@@ -3,8 +3,6 @@ abort it (the VM stays where it was), or force it to complete (godwit
 switches to post-copy: the VM runs at the destination at once, its memory
 follows)."""
 
-import os
-
 from godwit_nova_tests.functional import base
 
 # A working set the capped link needs seconds to carry: the migration is still
@@ -46,7 +44,7 @@ class TestMigrationControl(base.GodwitTestCase):
         self.wait_migration(self.server, ['cancelled'])
         server = self._wait_for_state_change(self.server, 'ACTIVE')
         self.assertEqual('host1', self.host_of(server))
-        self.assertEqual([], os.listdir(self.hosts['host2'].run_dir))
+        self.assert_emptied(self.hosts['host2'].run_dir)
         self.assertEqual({0: []}, self.hosts['host2'].gpus())
         self.assertEqual({0: [server['id']]}, self.hosts['host1'].gpus())
         self.gains(server, 'verify ok', 2)
@@ -91,6 +89,6 @@ class TestGuestEndsMidMigration(base.GodwitTestCase):
                       'status 0)', self.stdlog.logger.output)
         self.assertNotIn('may run on host2', self.stdlog.logger.output)
         self.assertEqual('host1', self.host_of(server))
-        self.assertEqual([], os.listdir(self.hosts['host2'].run_dir))
+        self.assert_emptied(self.hosts['host2'].run_dir)
         self.assertEqual({0: []}, self.hosts['host2'].gpus())
         self.assertIn('dirtier: done', self.console(server))

@@ -11,9 +11,9 @@
 //! the filter would trap again while SIGSYS is blocked.
 //!
 //! A filter chain has one listener, and of two equal actions the newer filter's wins, so
-//! the narrower filters a vCPU thread or page reader adds cannot hand their refusals to
-//! it: theirs go to the kernel's audit log instead (SECCOMP_RET_LOG: dmesg, naming the
-//! thread and the call's number, rate-limited), and the call runs.
+//! the narrower filters a vCPU thread, page reader or GPU engine adds cannot hand their
+//! refusals to it: theirs go to the kernel's audit log instead (SECCOMP_RET_LOG: dmesg,
+//! naming the thread and the call's number, rate-limited), and the call runs.
 
 use super::{describe, report, Error, Line};
 use seccompiler::BpfProgram;

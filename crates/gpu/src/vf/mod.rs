@@ -192,14 +192,41 @@ impl Vf {
         }
     }
 
-    /// Starts the engine thread. It holds a reference until `shutdown`.
-    pub fn start(self: &Arc<Vf>, name: &str) -> std::io::Result<JoinHandle<()>> {
+    /// Starts the engine thread. It holds a reference until `shutdown`. The thread runs
+    /// `first` before it reads a command (the VMM holds it to the calls an engine
+    /// makes): its error is this call's, and the engine never runs.
+    pub fn start(
+        self: &Arc<Vf>,
+        name: &str,
+        first: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) -> std::io::Result<JoinHandle<()>> {
         let vf = self.clone();
         self.lock().started = true;
-        std::thread::Builder::new()
+        let (ready, readied) = std::sync::mpsc::sync_channel(1);
+        let started = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || vf.engine())
-            .inspect_err(|_| self.lock().started = false)
+            .spawn(move || {
+                let r = first();
+                let ok = r.is_ok();
+                let _ = ready.send(r);
+                if ok {
+                    vf.engine();
+                }
+            })
+            .and_then(|t| match readied.recv() {
+                Ok(Ok(())) => Ok(t),
+                Ok(Err(e)) => {
+                    let _ = t.join();
+                    Err(std::io::Error::other(e))
+                }
+                Err(_) => {
+                    let _ = t.join();
+                    Err(std::io::Error::other(
+                        "the engine thread failed as it started",
+                    ))
+                }
+            });
+        started.inspect_err(|_| self.lock().started = false)
     }
 
     /// Stops the engine thread for good.

@@ -207,8 +207,10 @@ pub fn attach(req: &GpuRequest, at: Slots) -> Result<Parts> {
     });
     vf.connect_irq(msi.clone());
     let engine = vf
-        .start(&format!("gpu{}-vf{}", lease.gpu, lease.slot))
-        .map_err(Error::Thread)?;
+        .start(&format!("gpu{}-vf{}", lease.gpu, lease.slot), || {
+            crate::confine::enter(crate::confine::Role::GpuEngine)
+        })
+        .map_err(|e| Error::Gpu(format!("the engine thread: {e}")))?;
     let info = GpuInfo {
         gpu: lease.gpu,
         vf: lease.slot,
