@@ -39,6 +39,18 @@ pub enum Seccomp {
     Off,
 }
 
+impl Seccomp {
+    /// As `--seccomp` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Seccomp::Refuse => "refuse",
+            Seccomp::Kill => "kill",
+            Seccomp::Log => "log",
+            Seccomp::Off => "off",
+        }
+    }
+}
+
 /// The calls godwit makes, with no condition on their arguments. Everything a VMM does:
 /// memory (guest RAM and VRAM mappings, prefaulting, userfaultfd), KVM's ioctls, files
 /// (images, snapshots, the GPU manager's directory, /proc), sockets (the API, migration
@@ -417,6 +429,7 @@ fn fix_malloc_arenas() {
 /// Installs the filter on every thread of this process, for the rest of its life, and
 /// has every vCPU thread, page reader and GPU engine add its own.
 pub fn install(mode: Seccomp) -> Result<(), Error> {
+    godwit_vmm::confine::set_mode(mode.name());
     // The process's and the threads' own (see `log` for why they differ in log mode).
     let (on_other, threads_other) = match mode {
         Seccomp::Off => return Ok(()),

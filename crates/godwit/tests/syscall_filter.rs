@@ -142,6 +142,10 @@ fn a_vm_is_under_the_filter_by_default_and_under_none_with_seccomp_off() {
         args.extend(["heartbeat", "--", "count=0"]);
         let vm = source(&dir, name, &args);
         wait_log(&vm.log, "heartbeat");
+        assert_eq!(
+            info(&vm)["seccomp"],
+            if name == "off" { "off" } else { "refuse" }
+        );
         for t in threads(vm.proc.0.id()) {
             let vcpu = 2 * u32::from(filters > own && confined(&t.0));
             assert_eq!(t.2, filters + vcpu, "{name}: {t:?}");
@@ -232,11 +236,9 @@ fn a_hybrid_migration_with_both_ends_in_log_mode_verifies_and_names_no_call() {
     let m = migrating(&src, &addr, &["--mode", "hybrid", "--max-bandwidth", "16M"]);
     wait_for(LIMIT, || info(&dst)["arriving"]["ram"].as_u64())
         .expect("the destination never showed its memory arriving");
-    for (end, pid) in [
-        ("source", src.proc.0.id()),
-        ("destination", dst.proc.0.id()),
-    ] {
-        let threads = threads(pid);
+    for (end, vm) in [("source", &src), ("destination", &dst)] {
+        assert_eq!(info(vm)["seccomp"], "log", "{end}");
+        let threads = threads(vm.proc.0.id());
         let log = threads.iter().find(|t| t.0 == "seccomp-log");
         assert_eq!(log.map(|t| t.2), Some(own + 2), "{end}: {threads:?}");
     }

@@ -21,6 +21,18 @@ pub enum Role {
 
 type Hook = Box<dyn Fn(Role) -> Result<(), String> + Send + Sync>;
 static HOOK: OnceLock<Hook> = OnceLock::new();
+static MODE: OnceLock<&'static str> = OnceLock::new();
+
+/// Names how the process holds its threads (godwit's CLI: its seccomp mode), for
+/// `vm.info`. Once per process: false if it was named already.
+pub fn set_mode(mode: &'static str) -> bool {
+    MODE.set(mode).is_ok()
+}
+
+/// How the process holds its threads; "off" where nothing said.
+pub fn mode() -> &'static str {
+    MODE.get().copied().unwrap_or("off")
+}
 
 /// Has every thread that says its role run `f` with it first. Once per process: false if
 /// it was set already.

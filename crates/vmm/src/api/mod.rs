@@ -33,6 +33,8 @@ pub struct VmInfo {
     #[serde(flatten)]
     pub desc: crate::vm::VmDescription,
     pub vcpu_stats: Vec<VcpuInfo>,
+    /// The system-call filter's mode over this process (`godwit run --seccomp`).
+    pub seccomp: &'static str,
     /// Pages per memory still arriving (post-copy, or a snapshot restored lazily);
     /// absent once the VM's memory is whole here.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -57,6 +59,7 @@ pub fn info(h: &VmHandle) -> VmInfo {
                 sleeps: s.sleeps.load(Ordering::Relaxed),
             })
             .collect(),
+        seccomp: crate::confine::mode(),
         arriving: h
             .machine
             .components()
