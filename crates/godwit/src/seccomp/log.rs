@@ -1,5 +1,5 @@
 //! `--seccomp log`: every call runs, and one outside the process's filter is named on
-//! stderr as it is made, as a refusal would be. For finding what a kernel or a C library
+//! stderr the first time it is made, as a refusal would be. For finding what a kernel or a C library
 //! other than the ones godwit was checked on needs, before refuse or kill is turned on;
 //! it protects nothing.
 //!
@@ -75,11 +75,16 @@ pub(super) fn serve(listener: OwnedFd) -> Result<(), Error> {
         .map_err(Error::Listen)
 }
 
-/// Names each call as it comes and lets it run. Should the listener fail, the
-/// descriptor is closed, and the kernel then answers a call outside the filter ENOSYS:
-/// said once, on the same stream.
+/// Calls named: beyond this many, a call is named every time it comes.
+const REMEMBERED: usize = 4096;
+
+/// Names each call the first time it comes (a call: its number, an ioctl's request, the
+/// thread's name; a loop making one would otherwise flood the log) and lets every one
+/// run. Should the listener fail, the descriptor is closed, and the kernel then answers
+/// a call outside the filter ENOSYS: said once, on the same stream.
 fn answer_all(listener: OwnedFd) {
     let fd = listener.as_raw_fd();
+    let mut named = std::collections::HashSet::new();
     let why = loop {
         // SAFETY: the kernel requires a zeroed `seccomp_notif`, which is plain data.
         let mut n: libc::seccomp_notif = unsafe { std::mem::zeroed() };
@@ -92,18 +97,24 @@ fn answer_all(listener: OwnedFd) {
                 _ => break e,
             }
         }
-        let mut line = Line::default();
-        line.push(b"godwit: seccomp logged ");
-        describe(
-            &mut line,
-            n.data.nr,
-            n.data.args[1] as u32,
-            &thread_name(n.pid),
-        );
-        line.push(
-            b": it ran, outside the filter (under --seccomp refuse it would fail with EPERM)",
-        );
-        report(line.end());
+        let request = if n.data.nr as libc::c_long == libc::SYS_ioctl {
+            n.data.args[1] as u32
+        } else {
+            0
+        };
+        let call = (n.data.nr, request, thread_name(n.pid));
+        if named.len() >= REMEMBERED || !named.contains(&call) {
+            let mut line = Line::default();
+            line.push(b"godwit: seccomp logged ");
+            describe(&mut line, call.0, call.1, &call.2);
+            line.push(
+                b": it ran, outside the filter (under --seccomp refuse it would fail with EPERM)",
+            );
+            report(line.end());
+            if named.len() < REMEMBERED {
+                named.insert(call);
+            }
+        }
         let mut go = libc::seccomp_notif_resp {
             id: n.id,
             val: 0,

@@ -469,7 +469,7 @@ fn in_kill_mode_a_call_outside_the_filter_kills_the_process() {
 }
 
 /// `--seccomp log`: every call runs, and one outside the process's filter is named by
-/// godwit's listener thread (itself under the filter); one outside only a page reader's
+/// godwit's listener thread (itself under the filter), once; one outside only a page reader's
 /// own list runs and is left to the kernel's audit log. Run in a child (this test binary
 /// again, this test alone), since `install` puts the whole process under the filter.
 #[test]
@@ -577,6 +577,8 @@ fn log_child() {
     unsafe {
         assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
         assert_eq!(ioctl(fds[0], libc::FIONREAD), Ok(0), "FIONREAD");
+        assert_eq!(ioctl(fds[0], libc::TIOCGWINSZ), Err(libc::ENOTTY));
+        // The same call again runs and is not named again.
         assert_eq!(ioctl(fds[0], libc::TIOCGWINSZ), Err(libc::ENOTTY));
         assert_eq!(call(|| libc::syscall(libc::SYS_unshare, 0)), Ok(0));
         let exec = call(|| {
