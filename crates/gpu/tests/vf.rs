@@ -809,12 +809,9 @@ impl godwit_gpu::backend::Backend for Counting {
     }
 }
 
-/// Counting resident VRAM walks the whole mapping (milliseconds of a core at 8 GiB): a
-/// held engine, as in a migration's pause, never does it; a running one does, seldom.
-#[test]
-fn a_held_engine_never_counts_its_vram() {
-    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
-    let asked = Arc::new(AtomicU32::new(0));
+/// A VF whose backend counts how often its resident VRAM is asked for.
+fn counted_vf() -> (Arc<Vf>, Arc<std::sync::atomic::AtomicU32>) {
+    let asked = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let ram = GuestRam::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
     let vf = Vf::new(
         Box::new(Counting {
@@ -824,6 +821,15 @@ fn a_held_engine_never_counts_its_vram() {
         ram,
         Box::new(Unshared),
     );
+    (vf, asked)
+}
+
+/// Counting resident VRAM walks the whole mapping (milliseconds of a core at 8 GiB): a
+/// held engine, as in a migration's pause, never does it; a running one does, seldom.
+#[test]
+fn a_held_engine_never_counts_its_vram() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (vf, asked) = counted_vf();
     let engine = vf.start("test-engine", || Ok(())).unwrap();
     vf.pause(Hold::Migration);
     let before = asked.load(SeqCst);
@@ -848,17 +854,8 @@ fn a_held_engine_never_counts_its_vram() {
 /// never started (a pause does not wait for an engine that is not there).
 #[test]
 fn an_engine_that_cannot_be_confined_never_runs() {
-    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
-    let asked = Arc::new(AtomicU32::new(0));
-    let ram = GuestRam::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
-    let vf = Vf::new(
-        Box::new(Counting {
-            inner: CpuBackend::new(VRAM).unwrap(),
-            asked: asked.clone(),
-        }),
-        ram,
-        Box::new(Unshared),
-    );
+    use std::sync::atomic::Ordering::SeqCst;
+    let (vf, asked) = counted_vf();
     let err = vf
         .start("test-engine", || Err("cannot add its filters".into()))
         .unwrap_err();

@@ -433,6 +433,16 @@ fn a_sigsys_that_the_filter_did_not_send_changes_nothing() {
     assert_eq!(report.lines(), Vec::<String>::new());
 }
 
+/// This test binary again, running test `name` (of this module) alone with `env` set: a
+/// child for a test that puts the whole process under a filter.
+fn this_test_alone(name: &str, env: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", &format!("seccomp::tests::{name}")])
+        .args(["--test-threads=1", "--nocapture"])
+        .env(env, "1");
+    c
+}
+
 /// `--seccomp kill`: the kernel kills the whole process at the first call outside it. Run
 /// in a child (this test binary again, this test alone), which the call must kill.
 #[test]
@@ -451,16 +461,12 @@ fn in_kill_mode_a_call_outside_the_filter_kills_the_process() {
         println!("still alive");
         std::process::exit(0);
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "seccomp::tests::in_kill_mode_a_call_outside_the_filter_kills_the_process",
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .env(CHILD, "1")
-        .output()
-        .unwrap();
+    let out = this_test_alone(
+        "in_kill_mode_a_call_outside_the_filter_kills_the_process",
+        CHILD,
+    )
+    .output()
+    .unwrap();
     use std::os::unix::process::ExitStatusExt;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("filter in"), "{:?} {stdout}", out.status);
@@ -482,18 +488,14 @@ fn in_log_mode_calls_outside_the_filter_run_and_are_named() {
         return log_child();
     }
     let kmsg_before = kernel_log();
-    let child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "seccomp::tests::in_log_mode_calls_outside_the_filter_run_and_are_named",
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .env(CHILD, "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = this_test_alone(
+        "in_log_mode_calls_outside_the_filter_run_and_are_named",
+        CHILD,
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
     let pid = child.id();
     // A listener that waited on itself would hang the child: bounded.
     let (done, out) = std::sync::mpsc::channel();
