@@ -29,6 +29,9 @@ struct Entry {
     memory_mib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     vcpus: Option<u64>,
+    /// The system-call filter's mode over it (`godwit run --seccomp`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seccomp: Option<String>,
     /// The GPU function it holds, as `vm.info` gives it.
     #[serde(skip_serializing_if = "Value::is_null")]
     gpu: Value,
@@ -49,6 +52,7 @@ fn entry(socket: PathBuf) -> Entry {
         guest: None,
         memory_mib: None,
         vcpus: None,
+        seccomp: None,
         gpu: Value::Null,
         message: None,
         incoming: None,
@@ -62,6 +66,7 @@ fn entry(socket: PathBuf) -> Entry {
             e.guest = v["guest"].as_str().map(String::from);
             e.memory_mib = v["memory_mib"].as_u64();
             e.vcpus = v["vcpus"].as_u64();
+            e.seccomp = v["seccomp"].as_str().map(String::from);
             e.gpu = v["gpu"].clone();
         }
         Ok((code, body)) => {

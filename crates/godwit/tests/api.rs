@@ -436,6 +436,7 @@ fn list_finds_vms_by_id_and_sockets_left_behind() {
     assert_eq!(l[0]["state"], "running");
     assert!(l[0]["pid"].as_u64().unwrap() > 0);
     assert_eq!(l[0]["gpu"]["profile"], "GW8-1C", "{l:?}");
+    assert_eq!(l[0]["seccomp"], "refuse", "{l:?}");
     assert_eq!(l[1]["state"], "waiting");
     assert_eq!(
         l[1]["incoming"].as_str(),
