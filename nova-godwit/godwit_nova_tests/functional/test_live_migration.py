@@ -76,6 +76,10 @@ class TestLiveMigration(base.GodwitTestCase):
             self.assertIn('Seccomp:\t2', f.read())
         with open('/proc/%d/cmdline' % pid) as f:
             self.assertIn('\0--seccomp\0kill\0', '\0' + f.read())
+        sock = os.path.join(self.hosts['host2'].run_dir,
+                            server['id'] + '.sock')
+        self.assertEqual(
+            'kill', client.api_ok(sock, 'GET', 'vm.info')['seccomp'])
         # And on to a host the scheduler picks.
         self.live_migrate(server)
         self.wait_migration(server, ['completed'])
