@@ -6,8 +6,9 @@
 //!
 //! One filter for the whole process (every thread, TSYNC), installed before godwit reads
 //! anything a guest, a client or a peer sends, and narrower ones that each vCPU thread,
-//! each page reader (the threads that parse a migration stream or a snapshot) and each
-//! GPU engine (which runs a guest's GPU commands) add for themselves (`godwit_vmm::confine`). A call outside them, by default, fails with
+//! each page reader (the threads that parse a migration stream or a snapshot), each
+//! reader of a new connection to a destination and each GPU engine (which runs a
+//! guest's GPU commands) add for themselves (`godwit_vmm::confine`). A call outside them, by default, fails with
 //! EPERM and godwit says which one on stderr: the VM and a migration in flight live on
 //! and the caller's own error says what failed (a killed process would lose the guest);
 //! `--seccomp kill` ends the process instead, as Firecracker does; `--seccomp log` lets
@@ -194,8 +195,10 @@ const VCPU_ALLOWED: &[libc::c_long] = &[
 ];
 
 /// What a page reader (a destination's migration readers, a lazy restore's: the threads
-/// that parse what a peer or a snapshot file sends) or a GPU engine (which runs what a
-/// guest's driver submits) may not call of what the process may: it makes, binds, accepts or connects no socket, renames, removes or creates nothing in
+/// that parse what a peer or a snapshot file sends), a new connection's reader (its TLS
+/// handshake and first frame, before anything shows it is a source) or a GPU engine
+/// (which runs what a guest's driver submits) may not call of what the process may: it
+/// makes, binds, accepts or connects no socket, renames, removes or creates nothing in
 /// the file system, and makes no memory file or userfaultfd. Nor does it open a file
 /// ([`quiet_program`]).
 const WORKER_DENIED: &[libc::c_long] = &[
@@ -407,7 +410,7 @@ fn answer_with(nr: libc::c_long, errno: libc::c_int) -> Result<BpfProgram, Error
 fn thread_programs(role: Role, on_other: SeccompAction) -> Result<[BpfProgram; 2], Error> {
     let own = match role {
         Role::Vcpu => vcpu_program(on_other)?,
-        Role::PageReader | Role::GpuEngine => worker_program(on_other)?,
+        Role::PageReader | Role::Handshake | Role::GpuEngine => worker_program(on_other)?,
     };
     Ok([quiet_program()?, own])
 }
@@ -461,7 +464,7 @@ pub fn install(mode: Seccomp) -> Result<(), Error> {
     godwit_vmm::confine::on_thread_start(move |role| {
         let programs = match role {
             Role::Vcpu => &vcpu,
-            Role::PageReader | Role::GpuEngine => &worker,
+            Role::PageReader | Role::Handshake | Role::GpuEngine => &worker,
         };
         programs
             .iter()

@@ -60,11 +60,18 @@ fn threads(pid: u32) -> Vec<(String, String, u32, String)> {
 }
 
 /// Whether a thread adds two filters of its own: a vCPU thread, a page reader, a GPU
-/// engine (`gpuN-vfM`).
+/// engine (`gpuN-vfM`), a new connection's reader (`opening`).
 fn confined(name: &str) -> bool {
-    ["vcpu", "migration-recv", "postcopy-in", "restore-", "gpu"]
-        .iter()
-        .any(|p| name.starts_with(p))
+    [
+        "vcpu",
+        "migration-recv",
+        "postcopy-in",
+        "restore-",
+        "gpu",
+        "opening",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
 }
 
 /// A source under `--seccomp mode` whose guest rewrites 32 MiB at 50 MB/s for 10 s
@@ -97,26 +104,29 @@ fn a_postcopy_migration_with_both_ends_killed_at_any_call_outside_the_filter_ver
     // and page reader (the destination's post-copy readers) under its own too.
     wait_for(LIMIT, || info(&dst)["arriving"]["ram"].as_u64())
         .expect("the destination never showed its memory arriving");
+    // A thread shows in /proc as it is made, before it adds its own filters: a check
+    // that finds one so is made again.
+    let check = |end: &str, pid: u32| -> Result<(), String> {
+        let threads = threads(pid);
+        let has = |p: &str| threads.iter().any(|t| t.0.starts_with(p));
+        let want_reader = end == "destination";
+        if !has("vcpu0") || threads.len() < 3 || (want_reader && !has("postcopy-in")) {
+            return Err(format!("{end}: {threads:?}"));
+        }
+        for t in &threads {
+            let n = own + 2 + 2 * u32::from(confined(&t.0));
+            if (t.1.as_str(), t.2, t.3.as_str()) != ("2", n, "1") {
+                return Err(format!("{end}: {t:?}, not {n} filters"));
+            }
+        }
+        Ok(())
+    };
     for (end, pid) in [
         ("source", src.proc.0.id()),
         ("destination", dst.proc.0.id()),
     ] {
-        let threads = threads(pid);
-        assert!(threads.iter().any(|t| t.0 == "vcpu0"), "{end}: {threads:?}");
-        assert!(threads.len() >= 3, "{end}: {threads:?}");
-        if end == "destination" {
-            assert!(
-                threads.iter().any(|t| t.0.starts_with("postcopy-in")),
-                "{end}: {threads:?}"
-            );
-        }
-        for t in &threads {
-            let n = own + 2 + 2 * u32::from(confined(&t.0));
-            assert_eq!(
-                (t.1.as_str(), t.2, t.3.as_str()),
-                ("2", n, "1"),
-                "{end}: {t:?}"
-            );
+        if wait_for(LIMIT, || check(end, pid).ok()).is_none() {
+            panic!("{}", check(end, pid).unwrap_err());
         }
     }
     let out = m.join().unwrap();
@@ -285,10 +295,14 @@ fn a_gpu_vm_moved_in_postcopy_with_both_ends_in_kill_mode_ends_right() {
         &["--mode", "postcopy", "--max-bandwidth", "32M"],
     );
     // Its engine starts as the GPU's state arrives, before the VM runs there.
-    wait_for(LIMIT, || engine(dst.proc.0.id()).0)
-        .expect("the destination never started its GPU engine");
-    let (n, threads) = engine(dst.proc.0.id());
-    assert_eq!(n, Some(own + 4), "destination: {threads:?}");
+    // A thread shows in /proc as it is made, before it adds its filters: waited for.
+    if wait_for(LIMIT, || {
+        (engine(dst.proc.0.id()).0 == Some(own + 4)).then_some(())
+    })
+    .is_none()
+    {
+        panic!("destination: {:?}", engine(dst.proc.0.id()).1);
+    }
     let out = m.join().unwrap();
     let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
@@ -300,4 +314,49 @@ fn a_gpu_vm_moved_in_postcopy_with_both_ends_in_kill_mode_ends_right() {
     assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
     assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
     assert_trained(&read(&dst.log));
+}
+
+/// Whoever reaches a destination's listener is read first by an `opening` thread (the
+/// TLS handshake, the first frame) under the narrower filters: before it says HELLO,
+/// nothing shows it is a godwit source. One that says something else is dropped, and a
+/// source that comes after it migrates its VM in.
+#[test]
+fn a_connection_not_yet_shown_to_be_a_source_is_read_under_a_narrower_filter() {
+    use std::io::Write;
+    if !kvm_available() || !common::seccomp::available() {
+        return;
+    }
+    let own = inherited_filters();
+    let dir = TempDir::new("filter-opening");
+    let (mut dst, addr) = destination(&dir, "dst", &[]);
+    let mut stranger = std::net::TcpStream::connect(addr.strip_prefix("tcp:").unwrap()).unwrap();
+    // A thread shows in /proc as it is made, before it adds its filters: waited for.
+    let opening = |t: &(String, String, u32, String)| t.0 == "opening";
+    let held = wait_for(LIMIT, || {
+        let t = threads(dst.proc.0.id()).into_iter().find(opening)?;
+        (t.1 == "2" && t.2 == own + 4).then_some(())
+    });
+    if held.is_none() {
+        let seen: Vec<_> = threads(dst.proc.0.id())
+            .into_iter()
+            .filter(opening)
+            .collect();
+        panic!("no opening thread under its own filters: {seen:?}");
+    }
+    stranger.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    wait_log(
+        &dst.err,
+        "dropped a connection that did not open as a godwit source",
+    );
+    let mut src = source(&dir, "src", &["heartbeat", "--", "count=0"]);
+    wait_log(&src.log, "heartbeat");
+    let (out, r) = migrate(&src, &addr, &[]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    wait_for(LIMIT, || (info(&dst)["state"] == "running").then_some(()))
+        .expect("the VM never ran at the destination");
+    let off = cli(&dst, &["shutdown"]);
+    assert!(off.status.success(), "{}", stderr(&off));
+    exit_code(&mut dst, LIMIT);
 }

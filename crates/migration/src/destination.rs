@@ -100,7 +100,12 @@ fn first_source(l: &Listener) -> Result<(Stream, Hello, Instant), ReceiveError> 
                     .name("opening".into())
                     .spawn(move || {
                         let t0 = Instant::now();
-                        let why = match crate::transport::secure(tls.as_ref(), c) {
+                        let confined =
+                            godwit_vmm::confine::enter(godwit_vmm::confine::Role::Handshake);
+                        let why = match confined
+                            .map_err(std::io::Error::other)
+                            .and_then(|()| crate::transport::secure(tls.as_ref(), c))
+                        {
                             Err(e) => e.to_string(),
                             Ok(mut c) => {
                                 let mut buf = Vec::new();

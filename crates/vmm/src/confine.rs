@@ -14,6 +14,9 @@ pub enum Role {
     /// Reads a migration stream or a snapshot and places its pages (a destination's
     /// pre-copy and post-copy readers, a lazy restore's): what a peer or a file sends.
     PageReader,
+    /// Reads a new connection's first bytes (its TLS handshake, its first frame) from
+    /// whoever reached a destination's listener, before anything shows it is a source.
+    Handshake,
     /// Runs a GPU function's commands: what a guest's driver puts in its ring, its GPU
     /// page tables and the addresses it has the engine read and write.
     GpuEngine,
