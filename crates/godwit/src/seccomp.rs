@@ -283,15 +283,7 @@ fn programs(on_other: SeccompAction, listening: bool) -> Result<[BpfProgram; 2],
         requests.extend(log::LISTENER_IOCTLS);
     }
     rules.insert(libc::SYS_ioctl, ioctl_rules(IOCTL_TYPES, &requests)?);
-    // A vCPU thread, page reader or GPU engine adds its own filters, to itself alone: no flags (no
-    // TSYNC, no listener), nothing a filter could loosen.
-    rules.insert(
-        libc::SYS_seccomp,
-        vec![SeccompRule::new(vec![
-            arg(0, SeccompCmpOp::Eq, libc::SECCOMP_SET_MODE_FILTER as u64)?,
-            arg(1, SeccompCmpOp::Eq, 0)?,
-        ])?],
-    );
+    rules.insert(libc::SYS_seccomp, own_filters()?);
     Ok([
         answer_with(libc::SYS_clone3, libc::ENOSYS)?,
         allow_only(rules, on_other)?,
@@ -360,19 +352,45 @@ fn vcpu_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
     allow_only(rules, on_other)
 }
 
-/// A page reader's or GPU engine's own filter, on top of the process's (after [`quiet_program`]): the
-/// process's calls less [`WORKER_DENIED`] (and no socket, no seccomp). ioctl and clone
-/// are allowed here as the process's filter allows them, which still checks their
-/// arguments; clone3 too, for the process's filter to answer ENOSYS (a refusal from this
-/// one would take precedence, and come while the C library blocks SIGSYS).
+/// A page reader's, new connection's reader's or GPU engine's own filter, on top of the
+/// process's (after [`quiet_program`]): the process's calls less [`WORKER_DENIED`] (and
+/// no socket, no seccomp). ioctl and clone are allowed here as the
+/// process's filter allows them, which still checks their arguments; clone3 too, for
+/// the process's filter to answer ENOSYS (a refusal from this one would take
+/// precedence, and come while the C library blocks SIGSYS).
 fn worker_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
+    allow_only(worker_rules(&[]), on_other)
+}
+
+/// The process's calls less [`WORKER_DENIED`] but `also`, with no condition.
+fn worker_rules(also: &[libc::c_long]) -> BTreeMap<i64, Vec<SeccompRule>> {
+    ALLOWED
         .iter()
         .chain(&[libc::SYS_ioctl, libc::SYS_clone])
-        .filter(|nr| !WORKER_DENIED.contains(nr))
+        .filter(|nr| !WORKER_DENIED.contains(nr) || also.contains(nr))
         .map(|&nr| (nr, Vec::new()))
-        .collect();
+        .collect()
+}
+
+/// What a post-copy recovery thread may call beyond a page reader: it accepts the
+/// source's new connections, and removes a Unix listener's socket file as it ends.
+const RECOVERY_ALSO: &[libc::c_long] = &[libc::SYS_accept4, libc::SYS_unlink, libc::SYS_unlinkat];
+
+/// A post-copy recovery thread's own filter: a page reader's, with [`RECOVERY_ALSO`];
+/// and the post-copy readers it starts on the new connections add their own.
+fn recovery_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
+    let mut rules = worker_rules(RECOVERY_ALSO);
+    rules.insert(libc::SYS_seccomp, own_filters()?);
     allow_only(rules, on_other)
+}
+
+/// seccomp(2) as a thread adds its own filters, to itself alone: no flags (no TSYNC, no
+/// listener), nothing a filter could loosen.
+fn own_filters() -> Result<Vec<SeccompRule>, Error> {
+    Ok(vec![SeccompRule::new(vec![
+        arg(0, SeccompCmpOp::Eq, libc::SECCOMP_SET_MODE_FILTER as u64)?,
+        arg(1, SeccompCmpOp::Eq, 0)?,
+    ])?])
 }
 
 /// A program that allows `rules` and meets any other call with `on_other`.
@@ -411,6 +429,7 @@ fn thread_programs(role: Role, on_other: SeccompAction) -> Result<[BpfProgram; 2
     let own = match role {
         Role::Vcpu => vcpu_program(on_other)?,
         Role::PageReader | Role::Handshake | Role::GpuEngine => worker_program(on_other)?,
+        Role::Recovery => recovery_program(on_other)?,
     };
     Ok([quiet_program()?, own])
 }
@@ -445,7 +464,8 @@ pub fn install(mode: Seccomp) -> Result<(), Error> {
         Seccomp::Log => (SeccompAction::Trap, SeccompAction::Log),
     };
     let vcpu = thread_programs(Role::Vcpu, threads_other.clone())?;
-    let worker = thread_programs(Role::PageReader, threads_other)?;
+    let worker = thread_programs(Role::PageReader, threads_other.clone())?;
+    let recovery = thread_programs(Role::Recovery, threads_other)?;
     fix_malloc_arenas();
     let [first, allow_list] = programs(on_other, mode == Seccomp::Log)?;
     seccompiler::apply_filter_all_threads(&first)?;
@@ -465,6 +485,7 @@ pub fn install(mode: Seccomp) -> Result<(), Error> {
         let programs = match role {
             Role::Vcpu => &vcpu,
             Role::PageReader | Role::Handshake | Role::GpuEngine => &worker,
+            Role::Recovery => &recovery,
         };
         programs
             .iter()

@@ -388,7 +388,15 @@ pub(crate) fn start(
         let pc = pc.clone();
         std::thread::Builder::new()
             .name("postcopy-recovery".into())
-            .spawn(move || supervise(&pc, r))?;
+            .spawn(move || {
+                match godwit_vmm::confine::enter(godwit_vmm::confine::Role::Recovery) {
+                    Ok(()) => supervise(&pc, r),
+                    Err(e) => tracing::error!(
+                        "post-copy cannot recover from a broken link: its listener's thread \
+                         {e}"
+                    ),
+                }
+            })?;
     }
     Ok(pc)
 }

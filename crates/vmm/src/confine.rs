@@ -17,6 +17,10 @@ pub enum Role {
     /// Reads a new connection's first bytes (its TLS handshake, its first frame) from
     /// whoever reached a destination's listener, before anything shows it is a source.
     Handshake,
+    /// Waits on a destination's listener for the source's new connections after a
+    /// post-copy link broke: accepts them and reads their first frames, from whoever
+    /// reaches the port.
+    Recovery,
     /// Runs a GPU function's commands: what a guest's driver puts in its ring, its GPU
     /// page tables and the addresses it has the engine read and write.
     GpuEngine,
