@@ -7,9 +7,10 @@
 //! One filter for the whole process (every thread, TSYNC), installed before godwit reads
 //! anything a guest, a client or a peer sends, and narrower ones that each vCPU thread,
 //! each page reader (the threads that parse a migration stream or a snapshot), each
-//! reader of a new connection to a destination and each GPU engine (which runs a
-//! guest's GPU commands) add for themselves (`godwit_vmm::confine`). A call outside them, by default, fails with
-//! EPERM and godwit says which one on stderr: the VM and a migration in flight live on
+//! reader of a new connection to a destination, a destination's post-copy recovery
+//! thread and each GPU engine (which runs a guest's GPU commands) add for themselves
+//! (`godwit_vmm::confine`). A call outside them, by default, fails with EPERM and
+//! godwit says which one on stderr: the VM and a migration in flight live on
 //! and the caller's own error says what failed (a killed process would lose the guest);
 //! `--seccomp kill` ends the process instead, as Firecracker does; `--seccomp log` lets
 //! every call run and names those outside the filter (`log`). A refusal is a SIGSYS, and

@@ -475,9 +475,10 @@ fn in_kill_mode_a_call_outside_the_filter_kills_the_process() {
 }
 
 /// `--seccomp log`: every call runs, and one outside the process's filter is named by
-/// godwit's listener thread (itself under the filter), once; one outside only a page reader's
-/// own list runs and is left to the kernel's audit log. Run in a child (this test binary
-/// again, this test alone), since `install` puts the whole process under the filter.
+/// godwit's listener thread (itself under the filter), once; one outside only a page
+/// reader's own list runs and is left to the kernel's audit log. Run in a child (this
+/// test binary again, this test alone), since `install` puts the whole process under
+/// the filter.
 #[test]
 fn in_log_mode_calls_outside_the_filter_run_and_are_named() {
     if !available() {
