@@ -34,15 +34,21 @@ struct Linked {
 /// every second, moving in post-copy through a proxy at a 16 MiB/s cap that keeps the
 /// background flowing for seconds, into a destination started with `dst` as well;
 /// returns once post-copy has begun (None: no KVM here).
-fn postcopy_through_a_proxy(tag: &str, wss_mib: u64, dst: &[&str]) -> Option<Linked> {
+fn postcopy_through_a_proxy(
+    tag: &str,
+    wss_mib: u64,
+    both: &[&str],
+    dst: &[&str],
+) -> Option<Linked> {
     if !kvm_available() {
         return None;
     }
     let dir = TempDir::new(tag);
     let wss = format!("wss={wss_mib}");
-    let src = dirtier_source(
+    let src = dirtier_source_under(
         &dir,
         "src",
+        both,
         "512",
         &[
             &wss,
@@ -52,7 +58,7 @@ fn postcopy_through_a_proxy(tag: &str, wss_mib: u64, dst: &[&str]) -> Option<Lin
             "report-every=250",
         ],
     );
-    let (dst, direct) = destination(&dir, "dst", dst);
+    let (dst, direct) = destination(&dir, "dst", &[both, dst].concat());
     let link = link_proxy(direct.clone());
     // Time for a broken link to show (a minute or more at the source), then the rest.
     let m = migrating_within(
@@ -76,18 +82,6 @@ fn postcopy_through_a_proxy(tag: &str, wss_mib: u64, dst: &[&str]) -> Option<Lin
         m,
         verified: format!("verify ok pages={}", wss_mib << 8),
     })
-}
-
-/// Every page is there: the guest's next two full checks (`verified`) pass. Then the
-/// VM ends.
-fn verified_and_shut_down(dst: &mut Vm, verified: &str) {
-    gains(&dst.log, verified, 2);
-    assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
-    run(
-        &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
-        LIMIT,
-    );
-    exit_code(dst, LIMIT);
 }
 
 /// `migrate-recover` straight to the destination; then the migration ends whole after
@@ -121,7 +115,7 @@ fn recovered_around_the_proxy(mut t: Linked, said: &str, recoveries: u64) {
 
 #[test]
 fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
-    let Some(t) = postcopy_through_a_proxy("pc-recover", 64, PREFAULTED) else {
+    let Some(t) = postcopy_through_a_proxy("pc-recover", 64, &[], PREFAULTED) else {
         return;
     };
     let cut = t.link.cut.clone();
@@ -191,6 +185,26 @@ fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
     recovered_around_the_proxy(t, "post-copy resumed", 1);
 }
 
+/// A link cut mid-post-copy and recovered with both ends in `--seccomp kill` mode,
+/// where one call outside a thread's filters kills its process: the destination's
+/// recovery thread (it accepts the source's new connections and reads their first
+/// frames under its own filter) and the readers it starts, and the source that dials
+/// again, stay within theirs, and the guest verifies.
+#[test]
+fn a_link_cut_mid_postcopy_with_both_ends_in_kill_mode_is_recovered() {
+    if !common::seccomp::available() {
+        return;
+    }
+    let kill = ["--seccomp", "kill"];
+    let Some(t) = postcopy_through_a_proxy("pc-recover-kill", 64, &kill, PREFAULTED) else {
+        return;
+    };
+    t.link.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_source_paused(&t.src);
+    wait_destination_paused(&t.dst);
+    recovered_around_the_proxy(t, "post-copy resumed", 1);
+}
+
 /// A link that fails again after a recovery (a flaky path): post-copy pauses again on
 /// both sides, and a second recovery finishes it. Each recovery starts from the
 /// destination's own account of what it lacks, so the pages the second link lost on
@@ -198,7 +212,7 @@ fn a_link_cut_mid_postcopy_is_recovered_and_the_guest_verifies() {
 #[test]
 fn a_link_cut_again_after_a_recovery_is_recovered_again() {
     use std::sync::atomic::Ordering::SeqCst;
-    let Some(t) = postcopy_through_a_proxy("pc-recover-twice", 128, PREFAULTED) else {
+    let Some(t) = postcopy_through_a_proxy("pc-recover-twice", 128, &[], PREFAULTED) else {
         return;
     };
     let sock = t.src.sock.to_str().unwrap().to_string();
@@ -244,7 +258,7 @@ fn a_link_cut_again_after_a_recovery_is_recovered_again() {
 /// stream's frame boundaries.
 #[test]
 fn a_frame_that_stalls_halfway_delays_postcopy_but_does_not_break_it() {
-    let Some(mut t) = postcopy_through_a_proxy("pc-stall", 64, PREFAULTED) else {
+    let Some(mut t) = postcopy_through_a_proxy("pc-stall", 64, &[], PREFAULTED) else {
         return;
     };
     t.link
@@ -281,7 +295,7 @@ fn a_frame_that_stalls_halfway_delays_postcopy_but_does_not_break_it() {
 /// the source comes back on new connections, and the guest verifies.
 #[test]
 fn a_link_gone_silent_mid_postcopy_is_recovered_and_the_guest_verifies() {
-    let Some(t) = postcopy_through_a_proxy("pc-silent", 128, &[]) else {
+    let Some(t) = postcopy_through_a_proxy("pc-silent", 128, &[], &[]) else {
         return;
     };
     t.link.hold.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -320,7 +334,7 @@ fn a_link_gone_silent_mid_postcopy_is_recovered_and_the_guest_verifies() {
 /// destination tells it DONE again: the migration ends whole and the guest verifies.
 #[test]
 fn a_done_lost_on_the_way_is_told_again_when_the_source_comes_back() {
-    let Some(t) = postcopy_through_a_proxy("pc-done-lost", 64, &[]) else {
+    let Some(t) = postcopy_through_a_proxy("pc-done-lost", 64, &[], &[]) else {
         return;
     };
     t.link

@@ -225,6 +225,72 @@ fn a_sigterm_that_lands_on_a_vcpu_thread_ends_the_vm_cleanly_in_kill_mode() {
     assert!(err.contains("SIGTERM: stopping the VM"), "{err}");
 }
 
+/// The source's pages, states and rounds are read at the destination by one reader per
+/// connection, the main one's too (it loads the states: the vCPUs', the platform's), each
+/// under the readers' narrower filters while pre-copy runs; in kill mode the dirtier
+/// moved over three connections verifies.
+#[test]
+fn a_precopy_migration_is_read_at_the_destination_under_the_readers_filters() {
+    if !kvm_available() || !common::seccomp::available() {
+        return;
+    }
+    let own = inherited_filters();
+    let dir = TempDir::new("filter-readers");
+    // Rewriting slower than the link carries: pre-copy converges while the guest runs.
+    let kill = ["--seccomp", "kill"];
+    let dirty = ["wss=32", "rate=4", "seconds=0", "verify-every=1"];
+    let mut src = dirtier_source_under(&dir, "src", &kill, "256", &dirty);
+    let (mut dst, addr) = destination(&dir, "dst", &kill);
+    let m = migrating(
+        &src,
+        &addr,
+        &[
+            "--mode",
+            "precopy",
+            "--connections",
+            "3",
+            "--max-bandwidth",
+            "16M",
+        ],
+    );
+    let want = ["migration-recv0", "migration-recv1", "migration-recv2"];
+    // A thread shows in /proc as it is made, before it adds its filters: waited for.
+    let mut first = None;
+    let held = wait_for(LIMIT, || {
+        let seen: Vec<_> = threads(dst.proc.0.id())
+            .into_iter()
+            .filter(|t| t.0.starts_with("migration-recv"))
+            .collect();
+        let mut names: Vec<&str> = seen.iter().map(|t| t.0.as_str()).collect();
+        names.sort_unstable();
+        let filtered = seen
+            .iter()
+            .all(|t| (t.1.as_str(), t.2, t.3.as_str()) == ("2", own + 4, "1"));
+        if names == want && filtered {
+            return Some(());
+        }
+        if !seen.is_empty() {
+            first.get_or_insert(seen);
+        }
+        None
+    });
+    assert!(
+        held.is_some(),
+        "the destination's readers, first seen: {first:?}"
+    );
+    let out = m.join().unwrap();
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        (&r["status"], &r["mode"]),
+        (&"completed".into(), &"precopy".into()),
+        "{r}"
+    );
+    assert_eq!(exit_code(&mut src, LIMIT), 0, "{}", read(&src.err));
+    verified_and_shut_down(&mut dst, "verify ok pages=8192");
+    assert_eq!(exit_code(&mut dst, LIMIT), 0, "{}", read(&dst.err));
+}
+
 /// `--seccomp log` on both ends of a hybrid migration: the listener thread is there,
 /// under the filter like the rest, and a migration that goes through pre-copy and
 /// post-copy makes no call outside the filter, so neither end names one.

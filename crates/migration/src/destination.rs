@@ -6,7 +6,7 @@
 //! migration with a clear error and the VM is never started.
 
 use crate::damaged::{self, Damaged};
-use crate::lacks::{self, Lacks};
+use crate::lacks;
 use crate::migration_priority::raise_this_thread;
 use crate::postcopy_in::LazyPart;
 pub use crate::postcopy_in::PostcopyIn;
@@ -22,8 +22,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod drain;
+mod main_reader;
 use drain::Lanes;
 pub use drain::{drain, Ended, Event, OnEvent};
+use main_reader::{read_main, Sections, Taken};
 
 /// A source that sends nothing for this long is given up.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -482,9 +484,6 @@ pub fn receive_with(
         data.push(c);
     }
     let wake = first.try_clone();
-    let mut restore = Duration::ZERO;
-    let mut states = vec![false; parts.len()];
-    let mut postcopy: Vec<Option<Vec<Lacks>>> = vec![None; parts.len()];
     let mut kept = Vec::new();
     // How far each data connection has got (the last SYNC it passed), so the main one
     // answers SYNCED only once all of them have taken in the round.
@@ -493,8 +492,7 @@ pub fn receive_with(
     // Pre-copy's readers first (`migration_priority`), until the pause's last frame is
     // in: the VM runs here only after, and what they spawn ends with them.
     let raise = hello.raise_readers;
-    let mut readers_raised = false;
-    let received: Result<(), String> = std::thread::scope(|s| {
+    let received: Result<Taken, String> = std::thread::scope(|s| {
         let workers: Vec<_> = data
             .into_iter()
             .enumerate()
@@ -540,45 +538,13 @@ pub fn receive_with(
                 spawned
             })
             .collect();
-        // The states come before the last pages: each is loaded as it arrives, on this
-        // thread, while the source is still sending them (a helper thread would only
-        // wait for a core on a small host).
-        let raised = raise
-            .then(|| raise_this_thread("the main reader"))
-            .flatten();
-        readers_raised = raised.as_ref().is_some_and(|r| r.count() > 0);
-        let main_result = drain(
-            &mut first,
-            &parts,
-            &names,
-            &damaged,
-            Kind::Complete,
-            &mut |e| match e {
-                Event::State(i, bytes) => {
-                    if std::mem::replace(&mut states[i], true) {
-                        return Err(format!("{}: a second state", names[i]));
-                    }
-                    let t = Instant::now();
-                    parts[i]
-                        .load(bytes)
-                        .map_err(|e| format!("{}: {e}", names[i]))?;
-                    restore += t.elapsed();
-                    Ok(())
-                }
-                Event::Sync(n) => {
-                    lanes.wait(n)?;
-                    answer(&mut main, &Frame::Synced(n));
-                    Ok(())
-                }
-                Event::Postcopy(i, missing) => {
-                    if postcopy[i].replace(missing).is_some() {
-                        return Err(format!("{}: post-copy said twice", names[i]));
-                    }
-                    Ok(())
-                }
-            },
-        );
-        drop(raised);
+        let at = Sections {
+            parts: &parts,
+            names: &names,
+            damaged: &damaged,
+            lanes: &lanes,
+        };
+        let main_result = read_main(&mut first, &mut main, at, raise);
         let mut first_err: Option<Ended> = None;
         for w in workers {
             let w = match w {
@@ -603,10 +569,15 @@ pub fn receive_with(
             // ABORT, read even after the wake-up above, which leaves what arrived).
             (Some(e), Err(m)) if e.closed => Err(m.why),
             (Some(e), _) => Err(e.why),
-            (None, r) => r.map(|_| ()).map_err(String::from),
+            (None, r) => r.map_err(String::from),
         }
     });
-    received.map_err(|e| abort(&mut main, e))?;
+    let Taken {
+        states,
+        restore,
+        postcopy,
+        raised: readers_raised,
+    } = received.map_err(|e| abort(&mut main, e))?;
     let t = Instant::now();
     if let Some(i) = states.iter().position(|s| !s) {
         return Err(abort(

@@ -11,8 +11,10 @@ pub enum Role {
     /// Runs a vCPU and handles its exits (port and MMIO accesses, the GPU function's
     /// registers, the console): the thread a guest reaches first.
     Vcpu,
-    /// Reads a migration stream or a snapshot and places its pages (a destination's
-    /// pre-copy and post-copy readers, a lazy restore's): what a peer or a file sends.
+    /// Reads a migration stream or a snapshot and places its pages, and loads the
+    /// components' states from its main connection (a destination's pre-copy readers,
+    /// one per connection, its post-copy readers, a lazy restore's): what a peer or a
+    /// file sends.
     PageReader,
     /// Reads a new connection's first bytes (its TLS handshake, its first frame) from
     /// whoever reached a destination's listener, before anything shows it is a source.

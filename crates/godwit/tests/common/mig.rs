@@ -585,11 +585,35 @@ pub fn handshake_proxy(
 /// A source running the dirtier in `mib` MiB with the dirtier's arguments `args`, once
 /// it has touched its working set.
 pub fn dirtier_source(dir: &TempDir, name: &str, mib: &str, args: &[&str]) -> Vm {
-    let mut a = vec!["-m", mib, "dirtier", "--"];
+    dirtier_source_under(dir, name, &[], mib, args)
+}
+
+/// `dirtier_source` with `run`'s options for `godwit run` as well.
+pub fn dirtier_source_under(
+    dir: &TempDir,
+    name: &str,
+    run: &[&str],
+    mib: &str,
+    args: &[&str],
+) -> Vm {
+    let mut a = run.to_vec();
+    a.extend(["-m", mib, "dirtier", "--"]);
     a.extend_from_slice(args);
     let src = source(dir, name, &a);
     wait_log(&src.log, "touched");
     src
+}
+
+/// Every page is there: the guest's next two full checks (`verified`) pass. Then the
+/// VM ends.
+pub fn verified_and_shut_down(dst: &mut Vm, verified: &str) {
+    gains(&dst.log, verified, 2);
+    assert!(!read(&dst.log).contains("FAILED"), "{}", read(&dst.log));
+    run(
+        &["shutdown", "--api-socket", dst.sock.to_str().unwrap()],
+        LIMIT,
+    );
+    exit_code(dst, LIMIT);
 }
 
 pub fn count(p: &Path, what: &str) -> usize {
