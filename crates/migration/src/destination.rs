@@ -5,15 +5,13 @@
 //! reads is hostile: any malformed, truncated, corrupt or out-of-range input ends the
 //! migration with a clear error and the VM is never started.
 
-use crate::damaged::{self, Damaged};
-use crate::lacks;
+use crate::damaged::Damaged;
 use crate::migration_priority::raise_this_thread;
 use crate::postcopy_in::LazyPart;
 pub use crate::postcopy_in::PostcopyIn;
 use crate::restore::Restore;
-use crate::snapshot_index::{Found, Index};
 use crate::transport::{Listener, Stream};
-use crate::wire::{self, Frame, Hello, Kind, Ready, Started, WireError};
+use crate::wire::{self, Frame, Hello, Kind, Started, WireError};
 use godwit_vmm::migratable::incoming::{self, Host};
 use godwit_vmm::migratable::{step_to, Component, MigState};
 use godwit_vmm::{Console, Vm};
@@ -25,7 +23,7 @@ mod drain;
 mod main_reader;
 use drain::Lanes;
 pub use drain::{drain, Ended, Event, OnEvent};
-use main_reader::{read_main, Sections, Taken};
+use main_reader::{read_main, Sections, Then};
 
 /// A source that sends nothing for this long is given up.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -484,7 +482,6 @@ pub fn receive_with(
         data.push(c);
     }
     let wake = first.try_clone();
-    let mut kept = Vec::new();
     // How far each data connection has got (the last SYNC it passed), so the main one
     // answers SYNCED only once all of them have taken in the round.
     let lanes = Lanes::new(data.len());
@@ -492,7 +489,7 @@ pub fn receive_with(
     // Pre-copy's readers first (`migration_priority`), until the pause's last frame is
     // in: the VM runs here only after, and what they spawn ends with them.
     let raise = hello.raise_readers;
-    let received: Result<Taken, String> = std::thread::scope(|s| {
+    let received = std::thread::scope(|s| {
         let workers: Vec<_> = data
             .into_iter()
             .enumerate()
@@ -544,129 +541,23 @@ pub fn receive_with(
             damaged: &damaged,
             lanes: &lanes,
         };
-        let main_result = read_main(&mut first, &mut main, at, raise);
-        let mut first_err: Option<Ended> = None;
-        for w in workers {
-            let w = match w {
-                Ok(w) => w,
-                Err(e) => {
-                    first_err.get_or_insert(format!("cannot start a receiver thread: {e}").into());
-                    continue;
-                }
-            };
-            match w.join() {
-                Ok(Ok(c)) => kept.push(c),
-                Ok(Err(e)) => {
-                    first_err.get_or_insert(e);
-                }
-                Err(_) => {
-                    first_err.get_or_insert("a receiver thread failed".to_string().into());
-                }
-            }
+        read_main(&mut first, &mut main, at, workers, raise, snapshot)
+    })?;
+    let (lazy, ready_at) = match received.then {
+        Then::Ready(at) => (Vec::new(), at),
+        Then::Expect(missing, ready) => {
+            main_reader::expect(&mut main, &parts, &names, missing, ready)?
         }
-        match (first_err, main_result) {
-            // A data connection that only closed: the main one says why (the source's
-            // ABORT, read even after the wake-up above, which leaves what arrived).
-            (Some(e), Err(m)) if e.closed => Err(m.why),
-            (Some(e), _) => Err(e.why),
-            (None, r) => r.map_err(String::from),
-        }
-    });
-    let Taken {
-        states,
-        restore,
-        postcopy,
-        raised: readers_raised,
-    } = received.map_err(|e| abort(&mut main, e))?;
-    let t = Instant::now();
-    if let Some(i) = states.iter().position(|s| !s) {
-        return Err(abort(
-            &mut main,
-            format!("the stream ended without the {} state", names[i]),
-        ));
-    }
-    // A snapshot ends at its COMPLETE: anything after it (a file damaged, or two
-    // snapshots concatenated) means this is not the file that was written.
-    // Only its own page index may follow.
-    if snapshot {
-        let fits = match first.file_in() {
-            Some((at, f)) => match f.metadata() {
-                Ok(m) if m.len() == at => true,
-                Ok(_) => matches!(Index::open(f), Ok(Found::Index(ix)) if ix.stream_len() == at),
-                Err(e) => return Err(ReceiveError::Stream(format!("reading the snapshot: {e}"))),
-            },
-            None => false,
-        };
-        if !fits {
-            return Err(ReceiveError::Stream(
-                "bytes after the snapshot's end: the file is damaged or not one snapshot".into(),
-            ));
-        }
-    }
-    // RESUMING -> STOP: each component's last checks of what it took.
-    for (c, n) in parts.iter().zip(&names) {
-        step_to(&**c, MigState::Stop).map_err(|e| abort(&mut main, format!("{n}: {e}")))?;
-    }
-    // Post-copy: what is still at the source goes missing here, to be fetched when
-    // touched once the VM runs. A page still damaged must be one of those.
-    let seen = damaged.seen();
-    let mut damaged = damaged.left();
-    if seen > 0 {
-        tracing::info!(
-            "{seen} page copies arrived failing their CRC (torn by the guest's writes, or \
-             damaged); {} not sent again",
-            damaged.values().map(Vec::len).sum::<usize>()
-        );
-    }
-    let mut lazy = Vec::new();
-    for (i, missing) in postcopy.into_iter().enumerate() {
-        let Some(missing) = missing else { continue };
-        if snapshot {
-            return Err(ReceiveError::Stream(
-                "a snapshot cannot leave memory behind (post-copy)".into(),
-            ));
-        }
-        let regions = parts[i].lazy_regions();
-        let faults = lacks::bitmaps(missing, &regions)
-            .map_err(|e| format!("post-copy: {e}"))
-            .and_then(|m| {
-                let bad = damaged.remove(&(i as u32)).unwrap_or_default();
-                let kept = damaged::not_fetched(&bad, &regions, &m);
-                if !kept.is_empty() {
-                    return Err(damaged::refusal(&kept));
-                }
-                parts[i].postcopy_expect(m).map_err(|e| e.to_string())
-            })
-            .map_err(|e| abort(&mut main, format!("{}: {e}", names[i])))?;
-        lazy.push(LazyPart {
-            section: i as u32,
-            name: names[i].clone(),
-            faults,
-        });
-    }
-    if let Some((s, pages)) = damaged.into_iter().next() {
-        let name = names.get(s as usize).map_or("?", |n| n.as_str());
-        let e = format!("{name}: {}", damaged::refusal(&pages));
-        return Err(abort(&mut main, e));
-    }
-    let ready = Ready {
-        restore_ms: restore.as_secs_f64() * 1e3,
-        check_ms: t.elapsed().as_secs_f64() * 1e3,
-        readers_raised,
     };
-    if let Some(m) = &mut main {
-        wire::write_frame(m, &Frame::Ready(ready))
-            .map_err(|e| ReceiveError::Stream(format!("confirming to the source: {e}")))?;
-    }
     Ok(Incoming {
         vm,
         main,
         parts,
         source_guest: hello.guest,
         receive_ms: t0.elapsed().as_secs_f64() * 1e3,
-        ready_at: Instant::now(),
+        ready_at,
         lazy,
-        lanes: kept,
+        lanes: received.lanes,
         session: hello.session,
         wire_version: hello.wire_version,
         recovery: None,
