@@ -6,10 +6,11 @@
 //! and confirms to the source. It runs on a thread of its own under the page readers'
 //! narrower filters, as the data connections' readers do: the thread that called
 //! `receive` goes on to start the VM, which needs more. READY goes out from here, not
-//! from that thread, so no hand-over between threads lies in pre-copy's pause (one
-//! cost a tenth of a millisecond there: docs/benchmarks.md). Post-copy's sections need
-//! a userfaultfd each, which the reader's filters do not allow: for those the reader
-//! hands the checked lists back, and that thread makes them and sends READY (`expect`).
+//! from that thread, so no hand-over between threads lies in pre-copy's pause (with
+//! one there, its downtime measured a tenth of a millisecond longer: docs/benchmarks.md).
+//! Post-copy's sections need a userfaultfd each, which the reader's filters do not
+//! allow: for those the reader hands the checked lists back, and that thread makes them
+//! and sends READY (`expect`).
 
 use super::drain::{drain, Ended, Event, Lanes};
 use super::{abort, answer, ReceiveError};
