@@ -482,6 +482,7 @@ pub fn receive_with(
         data.push(c);
     }
     let wake = first.try_clone();
+    let data_ends: Vec<Stream> = data.iter().filter_map(Stream::try_clone).collect();
     // How far each data connection has got (the last SYNC it passed), so the main one
     // answers SYNCED only once all of them have taken in the round.
     let lanes = Lanes::new(data.len());
@@ -540,6 +541,7 @@ pub fn receive_with(
             names: &names,
             damaged: &damaged,
             lanes: &lanes,
+            data: &data_ends,
         };
         read_main(&mut first, &mut main, at, workers, raise, snapshot)
     })?;

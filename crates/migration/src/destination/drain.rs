@@ -159,6 +159,11 @@ impl Lanes {
         self.cv.notify_all();
     }
 
+    /// Whether a data connection has failed.
+    pub(super) fn any_failed(&self) -> bool {
+        self.m.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
     /// Waits until every data connection has passed round `n`.
     pub(super) fn wait(&self, n: u64) -> Result<(), String> {
         let end = Instant::now() + IDLE_TIMEOUT;

@@ -45,6 +45,8 @@ pub(super) struct Sections<'a> {
     pub names: &'a [String],
     pub damaged: &'a Damaged,
     pub lanes: &'a Lanes,
+    /// The data connections (clones), to end their readers' reads.
+    pub data: &'a [Stream],
 }
 
 /// A data connection's reader: its connection back once its stream has ended.
@@ -91,7 +93,14 @@ pub(super) fn read_main(
                 let read = confine::enter(Role::PageReader)
                     .map_err(Ended::from)
                     .and_then(|()| take(c, main, &at, raised));
-                let (lanes, taken) = joined(workers, read);
+                // Failed first (not woken by a data connection's failure): the data
+                // connections' readers are ended too, not waited for until the
+                // source gives up or they go idle.
+                let first = read.is_err() && !at.lanes.any_failed();
+                if first {
+                    at.data.iter().for_each(Stream::shutdown_read);
+                }
+                let (lanes, taken) = joined(workers, read, first);
                 let taken = taken.map_err(|e| abort(main, e))?;
                 let then = finish(c, main, &at, taken, snapshot)?;
                 Ok(Received { lanes, then })
@@ -131,11 +140,14 @@ fn take(
 }
 
 /// The data connections back from their readers, and why the stream failed if it did:
-/// a data connection that only closed defers to what the main one heard (the source's
-/// ABORT, read even after a failed reader woke it, which leaves what arrived).
+/// the main connection's reason where it failed first (`main_first`: the others were
+/// ended for it); a data connection that only closed defers to what the main one heard
+/// (the source's ABORT, read even after a failed reader woke it, which leaves what
+/// arrived).
 fn joined(
     workers: Vec<Worker>,
     main: Result<Taken, Ended>,
+    main_first: bool,
 ) -> (Vec<Stream>, Result<Taken, String>) {
     let mut lanes = Vec::new();
     let mut first_err: Option<Ended> = None;
@@ -154,6 +166,7 @@ fn joined(
         }
     }
     let r = match (first_err, main) {
+        (_, Err(m)) if main_first => Err(m.why),
         (Some(e), Err(m)) if e.closed => Err(m.why),
         (Some(e), _) => Err(e.why),
         (None, r) => r.map_err(String::from),
