@@ -105,11 +105,14 @@ pub(super) fn read_main(
                 let then = finish(c, main, &at, taken, snapshot)?;
                 Ok(Received { lanes, then })
             });
-        match reader.map(|h| h.join()) {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(_)) => Err("the main reader thread failed".to_string()),
-            Err(e) => Err(format!("cannot start the main reader thread: {e}")),
-        }
+        let why = match reader.map(|h| h.join()) {
+            Ok(Ok(r)) => return Ok(r),
+            Ok(Err(_)) => "the main reader thread failed".to_string(),
+            Err(e) => format!("cannot start the main reader thread: {e}"),
+        };
+        // Readers it did not join end now: the scope waits for them.
+        at.data.iter().for_each(Stream::shutdown_read);
+        Err(why)
     });
     ended.unwrap_or_else(|why| Err(abort(main, why)))
 }
