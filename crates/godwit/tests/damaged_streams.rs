@@ -8,27 +8,17 @@ use common::mig::*;
 use common::*;
 use std::time::Duration;
 
+/// A guest rewriting 32 MiB at 10 MB/s and checking all of it every second, until shut
+/// down: a stream that keeps going while a man in the middle damages it.
+const DIRTY: &[&str] = &["wss=32", "rate=10", "seconds=0", "verify-every=1"];
+
 #[test]
 fn corrupt_and_truncated_streams_are_refused_and_the_source_runs_on() {
     if !kvm_available() {
         return;
     }
     let dir = TempDir::new("mig-mitm");
-    let src = source(
-        &dir,
-        "src",
-        &[
-            "-m",
-            "128",
-            "dirtier",
-            "--",
-            "wss=32",
-            "rate=10",
-            "seconds=0",
-            "verify-every=1",
-        ],
-    );
-    wait_log(&src.log, "touched");
+    let src = dirtier_source(&dir, "src", "128", DIRTY);
     for (i, (how, keep, want)) in [
         ("flip", 3 << 20, "corrupt"),
         ("cut", 2 << 20, "closed"),
@@ -102,8 +92,7 @@ fn a_corrupt_main_connection_ends_the_receive_without_waiting_for_the_data_conne
         return;
     }
     let dir = TempDir::new("mig-mitm-main");
-    let dirty = ["wss=32", "rate=10", "seconds=0", "verify-every=1"];
-    let src = dirtier_source(&dir, "src", "128", &dirty);
+    let src = dirtier_source(&dir, "src", "128", DIRTY);
     let (mut dst, addr) = destination(&dir, "dst", &[]);
     // The proxy damages the first connection (the main one) only.
     let via = proxy(addr, 3 << 20, "flip");
