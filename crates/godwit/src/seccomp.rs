@@ -8,7 +8,8 @@
 //! anything a guest, a client or a peer sends, and narrower ones that each vCPU thread,
 //! each page reader (the threads that parse a migration stream or a snapshot), each
 //! reader of a new connection to a destination, a destination's post-copy recovery
-//! thread and each GPU engine (which runs a guest's GPU commands) add for themselves
+//! thread, a source's migration thread (which hears what a destination answers) and
+//! each GPU engine (which runs a guest's GPU commands) add for themselves
 //! (`godwit_vmm::confine`). A call outside them, by default, fails with EPERM and
 //! godwit says which one on stderr: the VM and a migration in flight live on
 //! and the caller's own error says what failed (a killed process would lose the guest);
@@ -274,11 +275,7 @@ fn programs(on_other: SeccompAction, listening: bool) -> Result<[BpfProgram; 2],
             thread,
         )?])?],
     );
-    let domains = SOCKET_DOMAINS
-        .iter()
-        .map(|&d| Ok(SeccompRule::new(vec![arg(0, SeccompCmpOp::Eq, d as u64)?])?))
-        .collect::<Result<_, Error>>()?;
-    rules.insert(libc::SYS_socket, domains);
+    rules.insert(libc::SYS_socket, socket_rules()?);
     let mut requests = IOCTL_REQUESTS.to_vec();
     if listening {
         requests.extend(log::LISTENER_IOCTLS);
@@ -385,6 +382,28 @@ fn recovery_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
     allow_only(rules, on_other)
 }
 
+/// What a source's migration thread (and the threads it starts) may call beyond a page
+/// reader: it dials the destination, again on a recovery (a socket of the process's
+/// domains, and connect).
+const SOURCE_ALSO: &[libc::c_long] = &[libc::SYS_connect];
+
+/// A source's migration thread's own filter: a page reader's, with [`SOURCE_ALSO`]. It
+/// hears what a destination sends back, post-copy's page requests among it; it opens no
+/// file, creates, renames or removes nothing, and listens for and accepts nothing.
+fn source_program(on_other: SeccompAction) -> Result<BpfProgram, Error> {
+    let mut rules = worker_rules(SOURCE_ALSO);
+    rules.insert(libc::SYS_socket, socket_rules()?);
+    allow_only(rules, on_other)
+}
+
+/// socket(2) in the domains godwit opens ([`SOCKET_DOMAINS`]).
+fn socket_rules() -> Result<Vec<SeccompRule>, Error> {
+    SOCKET_DOMAINS
+        .iter()
+        .map(|&d| Ok(SeccompRule::new(vec![arg(0, SeccompCmpOp::Eq, d as u64)?])?))
+        .collect()
+}
+
 /// seccomp(2) as a thread adds its own filters, to itself alone: no flags (no TSYNC, no
 /// listener), nothing a filter could loosen.
 fn own_filters() -> Result<Vec<SeccompRule>, Error> {
@@ -431,6 +450,7 @@ fn thread_programs(role: Role, on_other: SeccompAction) -> Result<[BpfProgram; 2
         Role::Vcpu => vcpu_program(on_other)?,
         Role::PageReader | Role::Handshake | Role::GpuEngine => worker_program(on_other)?,
         Role::Recovery => recovery_program(on_other)?,
+        Role::Source => source_program(on_other)?,
     };
     Ok([quiet_program()?, own])
 }
@@ -450,7 +470,8 @@ fn fix_malloc_arenas() {
 }
 
 /// Installs the filter on every thread of this process, for the rest of its life, and
-/// has every vCPU thread, page reader and GPU engine add its own.
+/// has every vCPU thread, page reader, source's migration thread and GPU engine add its
+/// own.
 pub fn install(mode: Seccomp) -> Result<(), Error> {
     godwit_vmm::confine::set_mode(mode.name());
     // The process's and the threads' own (see `log` for why they differ in log mode).
@@ -466,7 +487,8 @@ pub fn install(mode: Seccomp) -> Result<(), Error> {
     };
     let vcpu = thread_programs(Role::Vcpu, threads_other.clone())?;
     let worker = thread_programs(Role::PageReader, threads_other.clone())?;
-    let recovery = thread_programs(Role::Recovery, threads_other)?;
+    let recovery = thread_programs(Role::Recovery, threads_other.clone())?;
+    let source = thread_programs(Role::Source, threads_other)?;
     fix_malloc_arenas();
     let [first, allow_list] = programs(on_other, mode == Seccomp::Log)?;
     seccompiler::apply_filter_all_threads(&first)?;
@@ -487,6 +509,7 @@ pub fn install(mode: Seccomp) -> Result<(), Error> {
             Role::Vcpu => &vcpu,
             Role::PageReader | Role::Handshake | Role::GpuEngine => &worker,
             Role::Recovery => &recovery,
+            Role::Source => &source,
         };
         programs
             .iter()

@@ -61,20 +61,25 @@ fn threads(pid: u32) -> Vec<(String, String, u32, String)> {
 
 /// Whether a thread adds two filters of its own: a vCPU thread, a page reader, a GPU
 /// engine (`gpuN-vfM`), a new connection's reader (`opening`), a destination's
-/// post-copy recovery thread.
+/// post-copy recovery thread, a source's migration thread and those it starts (its
+/// connections' writers, post-copy's background stream; not the watcher of the VM's
+/// end, started before it).
 fn confined(name: &str) -> bool {
-    [
-        "vcpu",
-        "migration-recv",
-        "postcopy-in",
-        // postcopy-recovery, cut to 15 bytes by the kernel.
-        "postcopy-recov",
-        "restore-",
-        "gpu",
-        "opening",
-    ]
-    .iter()
-    .any(|p| name.starts_with(p))
+    name == "migration"
+        || [
+            "migration-send",
+            "migration-push",
+            "vcpu",
+            "migration-recv",
+            "postcopy-in",
+            // postcopy-recovery, cut to 15 bytes by the kernel.
+            "postcopy-recov",
+            "restore-",
+            "gpu",
+            "opening",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p))
 }
 
 /// A source under `--seccomp mode` whose guest rewrites 32 MiB at 50 MB/s for 10 s
@@ -103,8 +108,10 @@ fn a_postcopy_migration_with_both_ends_killed_at_any_call_outside_the_filter_ver
         &["--mode", "postcopy", "--max-bandwidth", "16M"],
     );
     // While post-copy runs, every thread of both ends (API, migration, userfaultfd and
-    // background threads among them) is under godwit's two filters, and each vCPU thread
-    // and page reader (the destination's post-copy readers) under its own too.
+    // background threads among them) is under godwit's two filters, and each vCPU thread,
+    // page reader (the destination's post-copy readers) and the source's migration
+    // threads (the one that answers page requests, its writers, its background stream)
+    // under its own too.
     wait_for(LIMIT, || info(&dst)["arriving"]["ram"].as_u64())
         .expect("the destination never showed its memory arriving");
     // A thread shows in /proc as it is made, before it adds its own filters: a check
@@ -112,8 +119,14 @@ fn a_postcopy_migration_with_both_ends_killed_at_any_call_outside_the_filter_ver
     let check = |end: &str, pid: u32| -> Result<(), String> {
         let threads = threads(pid);
         let has = |p: &str| threads.iter().any(|t| t.0.starts_with(p));
-        let want_reader = end == "destination";
-        if !has("vcpu0") || threads.len() < 3 || (want_reader && !has("postcopy-in")) {
+        let whole = if end == "destination" {
+            has("postcopy-in")
+        } else {
+            threads.iter().any(|t| t.0 == "migration")
+                && has("migration-send")
+                && has("migration-push")
+        };
+        if !has("vcpu0") || threads.len() < 3 || !whole {
             return Err(format!("{end}: {threads:?}"));
         }
         for t in &threads {
@@ -226,11 +239,13 @@ fn a_sigterm_that_lands_on_a_vcpu_thread_ends_the_vm_cleanly_in_kill_mode() {
 }
 
 /// The source's pages, states and rounds are read at the destination by one reader per
-/// connection, the main one's too (it loads the states: the vCPUs', the platform's), each
-/// under the readers' narrower filters while pre-copy runs; in kill mode the dirtier
-/// moved over three connections verifies.
+/// connection, the main one's too (it loads the states: the vCPUs', the platform's), and
+/// sent by the source's migration thread (which hears the destination's answers) and
+/// one writer per connection, each under its narrower filters while pre-copy runs; the
+/// source dials the destination by name (looked up before its thread may open the
+/// resolver's files). In kill mode the dirtier moved over three connections verifies.
 #[test]
-fn a_precopy_migration_is_read_at_the_destination_under_the_readers_filters() {
+fn a_precopy_migration_is_sent_and_read_under_the_migration_threads_filters() {
     if !kvm_available() || !common::seccomp::available() {
         return;
     }
@@ -241,9 +256,10 @@ fn a_precopy_migration_is_read_at_the_destination_under_the_readers_filters() {
     let dirty = ["wss=32", "rate=4", "seconds=0", "verify-every=1"];
     let mut src = dirtier_source_under(&dir, "src", &kill, "256", &dirty);
     let (mut dst, addr) = destination(&dir, "dst", &kill);
+    let by_name = addr.replace("127.0.0.1", "localhost");
     let m = migrating(
         &src,
-        &addr,
+        &by_name,
         &[
             "--mode",
             "precopy",
@@ -253,31 +269,42 @@ fn a_precopy_migration_is_read_at_the_destination_under_the_readers_filters() {
             "16M",
         ],
     );
-    let want = ["migration-recv0", "migration-recv1", "migration-recv2"];
-    // A thread shows in /proc as it is made, before it adds its filters: waited for.
-    let mut first = None;
-    let held = wait_for(LIMIT, || {
-        let seen: Vec<_> = threads(dst.proc.0.id())
-            .into_iter()
-            .filter(|t| t.0.starts_with("migration-recv"))
-            .collect();
-        let mut names: Vec<&str> = seen.iter().map(|t| t.0.as_str()).collect();
-        names.sort_unstable();
-        let filtered = seen
-            .iter()
-            .all(|t| (t.1.as_str(), t.2, t.3.as_str()) == ("2", own + 4, "1"));
-        if names == want && filtered {
-            return Some(());
-        }
-        if !seen.is_empty() {
-            first.get_or_insert(seen);
-        }
-        None
-    });
-    assert!(
-        held.is_some(),
-        "the destination's readers, first seen: {first:?}"
-    );
+    // The source's watcher of its VM's end starts before the migration thread holds
+    // itself, and reads nothing from the destination.
+    for (end, pid, want) in [
+        (
+            "destination",
+            dst.proc.0.id(),
+            ["migration-recv0", "migration-recv1", "migration-recv2"],
+        ),
+        (
+            "source",
+            src.proc.0.id(),
+            ["migration", "migration-send1", "migration-send2"],
+        ),
+    ] {
+        // A thread shows in /proc as it is made, before it adds its filters: waited for.
+        let mut first = None;
+        let held = wait_for(LIMIT, || {
+            let seen: Vec<_> = threads(pid)
+                .into_iter()
+                .filter(|t| t.0.starts_with("migration") && t.0 != "migration-watch")
+                .collect();
+            let mut names: Vec<&str> = seen.iter().map(|t| t.0.as_str()).collect();
+            names.sort_unstable();
+            let filtered = seen
+                .iter()
+                .all(|t| (t.1.as_str(), t.2, t.3.as_str()) == ("2", own + 4, "1"));
+            if names == want && filtered {
+                return Some(());
+            }
+            if !seen.is_empty() {
+                first.get_or_insert(seen);
+            }
+            None
+        });
+        assert!(held.is_some(), "the {end}'s threads, first seen: {first:?}");
+    }
     let out = m.join().unwrap();
     let r: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));

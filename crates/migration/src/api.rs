@@ -228,7 +228,8 @@ impl Extension for MigrationApi {
                 }
                 // Answers with the attempt's outcome, unless it takes longer (a
                 // destination slow to accept): then `vm.migration` tells.
-                match self.status.ask_recover(b.to.unwrap_or_default()) {
+                let to = crate::report::RecoverTo::resolve(b.to.unwrap_or_default());
+                match self.status.ask_recover(to) {
                     Ok(n) => match self.status.wait_recovered(n, RECOVER_WAIT) {
                         Some(Ok(())) => (200, json!({"recovered": true})),
                         Some(Err(e)) => {

@@ -17,6 +17,10 @@ pub enum MigrationError {
         #[source]
         source: std::io::Error,
     },
+    /// The migration thread could not be held to a source's system calls (godwit run
+    /// --seccomp): nothing was sent.
+    #[error("the migration thread {0}")]
+    Confine(String),
     #[error("the destination refused the VM: {0}")]
     Refused(String),
     #[error("the destination aborted: {0}")]
@@ -91,6 +95,7 @@ impl MigrationError {
             MigrationError::BadOptions(_) => "bad_options",
             MigrationError::NotRunning(_) => "not_running",
             MigrationError::Unreachable { .. } => "unreachable",
+            MigrationError::Confine(_) => "confine",
             MigrationError::Refused(_) => "refused",
             MigrationError::Aborted(_) => "aborted",
             MigrationError::NoPostcopy { .. } => "no_postcopy",

@@ -397,8 +397,8 @@ pub struct Status {
 pub struct Recovery {
     /// Why it is paused, while it is.
     pub paused: Option<String>,
-    /// Where to go on (empty: the address the migration started with).
-    pub to: Option<String>,
+    /// Where to go on.
+    pub to: Option<RecoverTo>,
     /// Recoveries asked for so far.
     pub asked: u64,
     /// How many had been asked for when the driver took the one it works on.
@@ -406,6 +406,27 @@ pub struct Recovery {
     /// The last attempt the driver finished: how many had been asked for when it
     /// began, and why it failed.
     pub finished: Option<(u64, Result<(), String>)>,
+}
+
+/// Where a `migrate-recover` goes: `to` (empty: where the migration went, at the
+/// addresses found as it began), and a TCP destination's addresses, looked up by the
+/// thread that took the request: the migration thread opens no file, a resolver's
+/// neither.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecoverTo {
+    pub to: String,
+    pub addrs: Result<Vec<std::net::SocketAddr>, String>,
+}
+
+impl RecoverTo {
+    /// `to`, its addresses looked up now.
+    pub fn resolve(to: String) -> RecoverTo {
+        let addrs = match crate::transport::Target::parse(&to) {
+            Ok(t) => t.resolve().map_err(|e| e.to_string()),
+            Err(_) => Ok(Vec::new()),
+        };
+        RecoverTo { to, addrs }
+    }
 }
 
 /// An unconfirmed hand-over: where GO went, and the connection on which a late answer
@@ -590,7 +611,7 @@ impl Status {
 
     /// The paused post-copy's driver waits here: the address to recover to, or None
     /// when the user gave up (migrate-cancel).
-    pub fn wait_recover(&self) -> Option<String> {
+    pub fn wait_recover(&self) -> Option<RecoverTo> {
         let mut r = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if self.cancelled() {
@@ -610,7 +631,7 @@ impl Status {
 
     /// `migrate-recover`: refused unless post-copy is paused. Returns the request's
     /// number, for `wait_recovered`.
-    pub fn ask_recover(&self, to: String) -> Result<u64, String> {
+    pub fn ask_recover(&self, to: RecoverTo) -> Result<u64, String> {
         let mut r = self.recovery.lock().unwrap_or_else(|e| e.into_inner());
         match &r.paused {
             None => Err("no post-copy is paused: there is nothing to recover".into()),
@@ -737,16 +758,21 @@ mod tests {
     #[test]
     fn a_recovery_request_gets_the_outcome_of_its_attempt() {
         let s = Status::default();
-        assert!(s.ask_recover(String::new()).is_err(), "nothing is paused");
+        let to = |t: &str| RecoverTo {
+            to: t.into(),
+            addrs: Ok(vec![]),
+        };
+        let got = || s.wait_recover().map(|r| r.to);
+        assert!(s.ask_recover(to("")).is_err(), "nothing is paused");
         s.set_paused(Some("link".into()));
-        let first = s.ask_recover("tcp:a:1".into()).unwrap();
-        assert_eq!(s.wait_recover().as_deref(), Some("tcp:a:1"));
+        let first = s.ask_recover(to("tcp:a:1")).unwrap();
+        assert_eq!(got().as_deref(), Some("tcp:a:1"));
         assert_eq!(
             s.wait_recovered(first, Duration::ZERO),
             None,
             "still running"
         );
-        let second = s.ask_recover("tcp:b:2".into()).unwrap();
+        let second = s.ask_recover(to("tcp:b:2")).unwrap();
         s.recovery_ended(Err("refused".into()));
         s.still_paused("link; recovery to tcp:a:1: refused".into());
         assert_eq!(
@@ -755,9 +781,9 @@ mod tests {
         );
         assert_eq!(s.wait_recovered(second, Duration::ZERO), None);
         // The second request survived the first's failure.
-        let kept = s.recovery.lock().unwrap().to.clone();
+        let kept = s.recovery.lock().unwrap().to.clone().map(|r| r.to);
         assert_eq!(kept.as_deref(), Some("tcp:b:2"));
-        assert_eq!(s.wait_recover().as_deref(), Some("tcp:b:2"));
+        assert_eq!(got().as_deref(), Some("tcp:b:2"));
         let waiter = std::thread::scope(|sc| {
             let w = sc.spawn(|| s.wait_recovered(second, Duration::from_secs(60)));
             std::thread::sleep(Duration::from_millis(50));

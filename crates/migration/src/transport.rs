@@ -5,7 +5,7 @@
 use crate::wire;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -47,6 +47,16 @@ impl Target {
     pub fn is_file(&self) -> bool {
         matches!(self, Target::File(_))
     }
+
+    /// A TCP target's addresses (none for the others). A host name is looked up here, by
+    /// the C library's resolver, which reads /etc/hosts and the like: a thread that may
+    /// open no file dials the addresses found before it was held to that.
+    pub fn resolve(&self) -> io::Result<Vec<SocketAddr>> {
+        match self {
+            Target::Tcp(a) => Ok(a.to_socket_addrs()?.collect()),
+            _ => Ok(Vec::new()),
+        }
+    }
 }
 
 impl std::fmt::Display for Target {
@@ -85,11 +95,22 @@ impl Stream {
         timeout: Duration,
         tls: Option<&crate::tls::Creds>,
     ) -> io::Result<Stream> {
+        Stream::dial(t, &t.resolve()?, timeout, tls)
+    }
+
+    /// Connects to `t`, at `addrs` if it is a TCP target (its [`Target::resolve`]; the
+    /// host name still names the peer that TLS must find).
+    pub fn dial(
+        t: &Target,
+        addrs: &[SocketAddr],
+        timeout: Duration,
+        tls: Option<&crate::tls::Creds>,
+    ) -> io::Result<Stream> {
         match t {
             Target::Tcp(a) => {
                 let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-                for addr in a.to_socket_addrs()? {
-                    match TcpStream::connect_timeout(&addr, timeout) {
+                for addr in addrs {
+                    match TcpStream::connect_timeout(addr, timeout) {
                         Ok(s) => {
                             s.set_nodelay(true)?;
                             let Some(creds) = tls else {

@@ -26,6 +26,13 @@ pub enum Role {
     /// Runs a GPU function's commands: what a guest's driver puts in its ring, its GPU
     /// page tables and the addresses it has the engine read and write.
     GpuEngine,
+    /// Sends a VM to a live destination and hears what it answers (its acceptance, its
+    /// confirmations, post-copy's page requests and lists of what it lacks): a source's
+    /// migration thread, from before it dials until the migration ends, and the threads
+    /// it starts (the connections' writers, post-copy's background stream). It dials
+    /// again on a recovery, but opens no file: what it needs of files (TLS credentials,
+    /// a host name's addresses) is read before it enters.
+    Source,
 }
 
 type Hook = Box<dyn Fn(Role) -> Result<(), String> + Send + Sync>;

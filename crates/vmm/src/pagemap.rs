@@ -3,16 +3,33 @@
 //! nor swapped (bit 62) was never written and reads as zero, so a migration's first pass
 //! need not even look at it.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::OnceLock;
 
 const PAGE: u64 = 4096;
 /// pagemap entries read per system call.
 const BATCH: usize = 65536;
 
+/// The process's pagemap, opened once: every thread reads it through one descriptor,
+/// and a thread held to open no file (a source's migration thread) reads it too.
+static PAGEMAP: OnceLock<Option<File>> = OnceLock::new();
+
+fn pagemap() -> Option<&'static File> {
+    PAGEMAP
+        .get_or_init(|| File::open("/proc/self/pagemap").ok())
+        .as_ref()
+}
+
+/// Opens the process's pagemap now, before a thread that will read it may open no file.
+pub fn prepare() {
+    pagemap();
+}
+
 /// One bit per 4 KiB page of [host, host + len): set where the page holds memory. None
 /// when pagemap cannot be read (the caller must then assume every page may).
 pub fn populated(host: u64, len: u64) -> Option<Vec<u64>> {
-    let mut f = std::fs::File::open("/proc/self/pagemap").ok()?;
+    let f = pagemap()?;
     let n = len.div_ceil(PAGE) as usize;
     let mut bits = vec![0u64; n.div_ceil(64)];
     let mut entries = vec![0u8; 8 * BATCH];
@@ -21,8 +38,7 @@ pub fn populated(host: u64, len: u64) -> Option<Vec<u64>> {
         let take = (n - done).min(BATCH);
         let off = (host / PAGE + done as u64) * 8;
         let buf = &mut entries[..take * 8];
-        f.seek(SeekFrom::Start(off)).ok()?;
-        f.read_exact(buf).ok()?;
+        f.read_exact_at(buf, off).ok()?;
         for (i, e) in buf.chunks_exact(8).enumerate() {
             let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
             if e & (3 << 62) != 0 {

@@ -409,6 +409,96 @@ fn a_page_reader_opens_nothing_and_makes_no_socket_nor_does_a_thread_it_makes() 
     }
 }
 
+/// A source's migration thread's own filter on top: it dials (a socket of the process's
+/// domains, connect) and a thread it makes may too, but it opens no file, listens for
+/// nothing, and creates, renames or removes nothing in the file system.
+#[test]
+fn a_source_connects_but_opens_binds_and_renames_nothing() {
+    if !available() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = listener.local_addr().unwrap();
+    let dir = std::env::temp_dir().join(format!("godwit-source-filter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (from, to) = (dir.join("a"), dir.join("b"));
+    std::fs::write(&from, b"x").unwrap();
+    let paths = (
+        std::ffi::CString::new(from.to_str().unwrap()).unwrap(),
+        std::ffi::CString::new(to.to_str().unwrap()).unwrap(),
+    );
+    let report = Report::new();
+    let seen = filtered("source-test", move || {
+        for p in thread_programs(Role::Source, SeccompAction::Trap).unwrap() {
+            seccompiler::apply_filter(&p).unwrap();
+        }
+        let dialled = std::net::TcpStream::connect(at)
+            .map(drop)
+            .map_err(|e| e.to_string());
+        let in_thread = std::thread::spawn(move || {
+            std::net::TcpStream::connect(at)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .join()
+        .unwrap();
+        // SAFETY: valid arguments; the descriptors, were they made, are closed.
+        unsafe {
+            let open =
+                call(|| libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY) as libc::c_long);
+            let netlink =
+                call(|| libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0) as libc::c_long);
+            let tcp = call(|| libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as libc::c_long);
+            let any: libc::sockaddr_in = std::mem::zeroed();
+            let bind = match tcp {
+                Ok(fd) => call(|| {
+                    libc::bind(
+                        fd as i32,
+                        (&any as *const libc::sockaddr_in).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as u32,
+                    ) as libc::c_long
+                }),
+                Err(e) => Err(e),
+            };
+            let rename =
+                call(|| libc::syscall(libc::SYS_rename, paths.0.as_ptr(), paths.1.as_ptr()));
+            for fd in [open, netlink, tcp].into_iter().flatten() {
+                libc::close(fd as i32);
+            }
+            (
+                dialled,
+                in_thread,
+                open,
+                netlink,
+                tcp.map(|_| ()),
+                bind,
+                rename,
+            )
+        }
+    });
+    let got = report.lines();
+    let (dialled, in_thread, open, netlink, tcp, bind, rename) = seen;
+    assert_eq!(dialled, Ok(()), "connect");
+    assert_eq!(in_thread, Ok(()), "connect, in a thread it made");
+    assert_eq!(open, Err(libc::EACCES), "open");
+    assert_eq!(netlink, Err(libc::EPERM), "socket(AF_NETLINK)");
+    assert_eq!(tcp, Ok(()), "socket(AF_INET)");
+    assert_eq!(bind, Err(libc::EPERM), "bind");
+    assert_eq!(rename, Err(libc::EPERM), "rename");
+    assert!(from.exists() && !to.exists(), "renamed");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let calls = [libc::SYS_socket, libc::SYS_bind, libc::SYS_rename];
+    assert_eq!(got.len(), calls.len(), "{got:?}");
+    for (line, nr) in got.iter().zip(calls) {
+        assert!(
+            line.starts_with(&format!("godwit: seccomp refused system call {nr} ")),
+            "{line}"
+        );
+        assert!(line.contains("source-test"), "{line}");
+    }
+}
+
 #[test]
 fn a_sigsys_that_the_filter_did_not_send_changes_nothing() {
     if !available() {

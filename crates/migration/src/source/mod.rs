@@ -26,10 +26,12 @@ use crate::wire::{self, Frame, Hello, Ready, PAGE_SIZE};
 use godwit_vmm::control::{RunState, VmExit};
 use godwit_vmm::migratable::{step_to, Component, MigState, ReadReport};
 use godwit_vmm::VmHandle;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod confined;
 mod handover;
 mod options;
 mod postcopy;
@@ -147,6 +149,8 @@ struct Driver<'a> {
     ahead: std::collections::VecDeque<(u32, Vec<u64>)>,
     /// TLS credentials for the connections (and a post-copy recovery's).
     tls: Option<crate::tls::Creds>,
+    /// The destination's addresses, looked up before this thread may open no file.
+    addrs: Vec<SocketAddr>,
     /// Setup: pages of this VM's memory still arriving, while it waits for them.
     arriving: u64,
     /// Post-copy: the connections but the main one, once the background stream has
@@ -308,13 +312,9 @@ impl Driver<'_> {
             raise_readers: self.raises_readers(),
             asks_postcopy: true,
         };
-        let target = self.target.clone();
-        self.tls = match &self.o.tls_dir {
-            Some(d) => Some(crate::tls::Creds::client(d).map_err(unreachable_at(&target))?),
-            None => None,
-        };
+        let (target, addrs) = (self.target.clone(), self.addrs.clone());
         let t = Instant::now();
-        self.open_main(&target, &Frame::Hello(hello))?;
+        self.open_main(&target, &addrs, &Frame::Hello(hello))?;
         if !self.target.is_file() {
             match self.answer("ACCEPT")? {
                 Answer::Accept(a) => self.report.postcopy_unavailable = a.no_postcopy,
@@ -328,14 +328,14 @@ impl Driver<'_> {
             }
             self.rtt = t.elapsed();
         }
-        self.join_lanes(&target)
+        self.join_lanes(&target, &addrs)
     }
 
     /// The main connection to `target`, opened with `first` (HELLO, or RESUME for a
     /// post-copy recovery): the sending lanes and the back channel start with it.
-    fn open_main(&mut self, target: &Target, first: &Frame) -> Res<()> {
+    fn open_main(&mut self, target: &Target, addrs: &[SocketAddr], first: &Frame) -> Res<()> {
         let unreachable = unreachable_at(target);
-        let main = Stream::connect_with(target, Duration::from_secs(5), self.tls.as_ref())
+        let main = Stream::dial(target, addrs, Duration::from_secs(5), self.tls.as_ref())
             .map_err(unreachable_at(target))?;
         if !target.is_file() {
             let _ = main.set_write_timeout(Some(WRITE_TIMEOUT));
@@ -367,9 +367,9 @@ impl Driver<'_> {
     }
 
     /// The data connections, each opened with JOIN.
-    fn join_lanes(&mut self, target: &Target) -> Res<()> {
+    fn join_lanes(&mut self, target: &Target, addrs: &[SocketAddr]) -> Res<()> {
         for index in 1..self.o.lanes() {
-            let mut c = Stream::connect_with(target, Duration::from_secs(5), self.tls.as_ref())
+            let mut c = Stream::dial(target, addrs, Duration::from_secs(5), self.tls.as_ref())
                 .map_err(unreachable_at(target))?;
             let _ = c.set_write_timeout(Some(WRITE_TIMEOUT));
             let join = Frame::Join {
@@ -596,6 +596,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
         bytes_base: 0,
         ahead: Default::default(),
         tls: None,
+        addrs: Vec::new(),
         arriving: 0,
         bg: None,
         weights: Default::default(),
@@ -625,6 +626,7 @@ fn migrate_keeping(h: &VmHandle, o: &Options, status: &Status) -> (Report, Optio
             s => return Err(MigrationError::NotRunning(format!("{s:?}").to_lowercase())),
         }
         d.wait_whole()?;
+        d.confine()?;
         d.connect(h)?;
         d.report.setup_ms = ms(t0.elapsed());
         d.check_in()?;

@@ -9,6 +9,7 @@ use super::push;
 use super::*;
 use crate::lacks;
 use crate::outbound::Route;
+use crate::report::RecoverTo;
 use crate::wire::Done;
 
 /// Why serving stopped short of DONE.
@@ -356,12 +357,16 @@ impl Driver<'_> {
         self.status.set_paused(Some(why.clone()));
         self.progress(self.lazy_left(), 0.0);
         let recovered = loop {
-            let Some(to) = self.status.wait_recover() else {
+            let Some(asked) = self.status.wait_recover() else {
                 break Err(self.broken(format!("{why}; given up by migrate-cancel")));
             };
-            let to = if to.is_empty() { self.o.to.clone() } else { to };
+            let to = if asked.to.is_empty() {
+                self.o.to.clone()
+            } else {
+                asked.to.clone()
+            };
             // `vm.migration` says how it ended before `migrate-recover` does.
-            match self.reconnect(&to) {
+            match self.reconnect(asked) {
                 Ok(()) => {
                     self.status.set_paused(None);
                     self.phase = Phase::Postcopy;
@@ -408,22 +413,31 @@ impl Driver<'_> {
         }
     }
 
-    /// New connections to `to`: RESUME on the main one, JOIN on the others; the
-    /// destination answers with what it still lacks, which is what is left to send.
-    fn reconnect(&mut self, to: &str) -> Res<()> {
-        let target = Target::parse(to).map_err(MigrationError::BadOptions)?;
-        if target.is_file() {
-            return Err(MigrationError::BadOptions(
-                "post-copy recovers to a live destination, not a file".into(),
-            ));
-        }
+    /// New connections to where `asked` says: RESUME on the main one, JOIN on the
+    /// others; the destination answers with what it still lacks, which is what is left
+    /// to send.
+    fn reconnect(&mut self, asked: RecoverTo) -> Res<()> {
+        let (target, addrs) = if asked.to.is_empty() {
+            (self.target.clone(), self.addrs.clone())
+        } else {
+            let target = Target::parse(&asked.to).map_err(MigrationError::BadOptions)?;
+            if target.is_file() {
+                return Err(MigrationError::BadOptions(
+                    "post-copy recovers to a live destination, not a file".into(),
+                ));
+            }
+            let addrs = asked
+                .addrs
+                .map_err(|e| unreachable_at(&target)(std::io::Error::other(e)))?;
+            (target, addrs)
+        };
         let resume = Frame::Resume {
             session: self.session,
             connections: self.o.lanes(),
         };
-        self.open_main(&target, &resume)?;
+        self.open_main(&target, &addrs, &resume)?;
         self.out().pace_by_caller();
-        self.join_lanes(&target)?;
+        self.join_lanes(&target, &addrs)?;
         self.out().sync().map_err(|e| self.send_error(e))?;
         loop {
             match self.answer("RESUMED")? {
