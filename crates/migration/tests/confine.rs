@@ -3,24 +3,15 @@
 //! nothing: it fails before it dials, says why, and the VM runs on where it was. (The
 //! hook is once per process: this file is a test binary of its own.)
 
+mod common;
+
+use common::kvm_available;
 use godwit_migration::{source, Options, Outcome, Status};
 use godwit_vmm::confine::{self, Role};
 use godwit_vmm::{Console, Payload, RunState, Vm, VmConfig};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(_) if std::env::var("GODWIT_SKIP_KVM_TESTS").as_deref() == Ok("1") => false,
-        Err(e) => panic!("/dev/kvm: {e}; set GODWIT_SKIP_KVM_TESTS=1 to skip KVM tests"),
-    }
-}
 
 #[test]
 fn a_source_that_cannot_be_confined_sends_nothing_and_its_vm_runs_on() {

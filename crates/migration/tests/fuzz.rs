@@ -6,6 +6,9 @@
 //! sets the length (default 20000 per shape; the stream shapes run a tenth of that,
 //! each feeding a VM).
 
+mod common;
+
+use common::kvm_available;
 use godwit_migration::damaged::Damaged;
 use godwit_migration::destination::{drain, in_order, Event};
 use godwit_migration::lacks;
@@ -37,18 +40,6 @@ fn iters() -> usize {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20000)
-}
-
-fn kvm() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(_) if std::env::var("GODWIT_SKIP_KVM_TESTS").as_deref() == Ok("1") => false,
-        Err(e) => panic!("/dev/kvm: {e}; set GODWIT_SKIP_KVM_TESTS=1 to skip KVM tests"),
-    }
 }
 
 const MEM_MIB: u64 = 16;
@@ -259,7 +250,7 @@ fn pair(tag: &str) -> (GpuDir, Vec<(String, Vec<u8>)>, Dest) {
 
 #[test]
 fn the_valid_stream_is_received_into_every_component() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let (_dir, s, d) = pair("valid");
@@ -282,7 +273,7 @@ fn the_valid_stream_is_received_into_every_component() {
 /// that says STARTED) and run at RUNNING.
 #[test]
 fn the_gpu_engine_goes_only_at_running() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let (_dir, s, d) = pair("order");
@@ -305,7 +296,7 @@ fn the_gpu_engine_goes_only_at_running() {
 
 #[test]
 fn fuzz_damaged_streams() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let (_dir, s, d) = pair("damaged");
@@ -328,7 +319,7 @@ fn fuzz_damaged_streams() {
 
 #[test]
 fn fuzz_payloads_behind_a_valid_crc() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let (_dir, s, d) = pair("payloads");
@@ -353,7 +344,7 @@ fn fuzz_payloads_behind_a_valid_crc() {
 /// Each component's state decoder and restore, with random and damaged states.
 #[test]
 fn fuzz_component_states() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let (_dir, s, d) = pair("states");
@@ -440,7 +431,7 @@ fn fuzz_hello() {
 
 #[test]
 fn out_of_range_pages_touch_nothing() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let (_dir, s, d) = pair("range");
@@ -526,7 +517,7 @@ fn marked(pages: &[u64]) -> (Vec<u64>, Vec<u8>) {
 /// together, the others one by one, each where its address says, whole.
 #[test]
 fn pages_read_in_place_land_where_their_addresses_say() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let (dir, s, d) = pair("inplace");
@@ -580,7 +571,7 @@ fn pages_read_in_place_land_where_their_addresses_say() {
 /// stream is refused as any corrupt frame is.
 #[test]
 fn a_page_damaged_on_the_way_is_refused_after_it_was_read_in_place() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let (_dir, s, d) = pair("inplace-crc");
@@ -605,7 +596,7 @@ fn a_page_damaged_on_the_way_is_refused_after_it_was_read_in_place() {
 /// damaged until a later copy of it lands whole; a damaged head is refused.
 #[test]
 fn a_page_that_fails_its_own_crc_stays_damaged_until_a_whole_copy_lands() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let (dir, s, d) = pair("page-crcs");
@@ -687,7 +678,7 @@ fn a_connection_waiting_inside_a_frame_holds_up_no_other() {
     use std::io::Write;
     use std::os::unix::net::UnixStream;
     use std::time::{Duration, Instant};
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let (_dir, s, d) = pair("lanes");
@@ -764,7 +755,7 @@ fn a_connection_waiting_inside_a_frame_holds_up_no_other() {
 /// allocate them: never-touched memory stays untouched.
 #[test]
 fn zero_runs_leave_untouched_memory_unallocated() {
-    if !kvm() {
+    if !kvm_available() {
         return;
     }
     let (_dir, s, d) = pair("zeros");
