@@ -410,8 +410,8 @@ pub struct Recovery {
 
 /// Where a `migrate-recover` goes: `to` (empty: where the migration went, at the
 /// addresses found as it began), and a TCP destination's addresses, looked up by the
-/// thread that took the request: the migration thread opens no file, a resolver's
-/// neither.
+/// thread that took the request: the migration thread may open no file, the resolver's
+/// among them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RecoverTo {
     pub to: String,
