@@ -86,20 +86,12 @@ impl Stream {
     /// Connects to a destination (a file is written beside the path, and replaces it
     /// when sealed).
     pub fn connect(t: &Target, timeout: Duration) -> io::Result<Stream> {
-        Stream::connect_with(t, timeout, None)
+        Stream::dial(t, &t.resolve()?, timeout, None)
     }
 
-    /// Connects, over TLS when `tls` is given (TCP only).
-    pub fn connect_with(
-        t: &Target,
-        timeout: Duration,
-        tls: Option<&crate::tls::Creds>,
-    ) -> io::Result<Stream> {
-        Stream::dial(t, &t.resolve()?, timeout, tls)
-    }
-
-    /// Connects to `t`, at `addrs` if it is a TCP target (its [`Target::resolve`]; the
-    /// host name still names the peer that TLS must find).
+    /// Connects to `t`, over TLS when `tls` is given (TCP only), at `addrs` if it is a
+    /// TCP target (its [`Target::resolve`]; the host name still names the peer that TLS
+    /// must find).
     pub fn dial(
         t: &Target,
         addrs: &[SocketAddr],
